@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Optional
 
 import torch
@@ -73,6 +74,13 @@ class QuantizedWeight(TorchAOBaseTensor):
 
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qdata, self.scale, self.zero))
+
+    def _stable_hash_for_caching(self) -> str:
+        """Metadata-only key for the AOT autograd cache (values never enter a compiled graph's key)."""
+        inner = [(tuple(t.shape), tuple(t.stride()), str(t.dtype)) for t in (self.qdata, self.scale, self.zero)]
+        meta = (type(self).__qualname__, tuple(self.shape), str(self.dtype), self.device.type,
+                self.bits, self.group_size, self.symmetric, inner)
+        return hashlib.blake2b(repr(meta).encode(), digest_size=16).hexdigest()
 
     def _quantization_type(self):
         return f"shape={tuple(self.shape)}, bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}"
