@@ -1,9 +1,23 @@
-"""spear_compile: gated low-rank error compensators for low-bit LLMs, compiled into fused kernels."""
+"""spear_compile: gated low-rank error compensators for low-bit LLMs, compiled into fused kernels.
+
+    spear_compile.quantize(model, "w4-pc-rtn")            # weight-only quantization (RTN / GPTQ)
+    model, manifest = spear_compile.calibrate(model, ...)  # diagnostic placement + EC training
+    fast = spear_compile.optimize(model, quant=..., ec=DIR, mode="reduce-overhead")
+    torch.compile(model, backend="spear")                  # the same compiler path
+    spear_compile.inspect(model)                           # what the pass matched, which kernel
+"""
+from . import backend  # noqa: F401  (registers the "spear" torch.compile backend)
+from .calibrate import calibrate
 from .config import QuantConfig
+from .debug import debug
 from .ec import CompensatedLinear
 from .errors import SpearError
+from .inspection import inspect
 from .memory import model_bytes
+from .optimize import optimize
 from .qtensor import QuantizedWeight
 from .quantize import quantize
 
-__all__ = ["QuantConfig", "CompensatedLinear", "SpearError", "model_bytes", "QuantizedWeight", "quantize"]
+
+__all__ = ["QuantConfig", "CompensatedLinear", "SpearError", "model_bytes", "QuantizedWeight", "quantize",
+           "calibrate", "optimize", "inspect", "debug"]

@@ -1,0 +1,317 @@
+"""End-to-end batch-1 greedy decode on GPU: bf16 + Inductor vs spear (W4 + fused EC kernels).
+
+    python bench/decode_e2e.py [--new 128] [--prompt 32] [--skip-e2e] [--skip-ref] [--out DIR]
+
+1. spear-ref-16m (bundled, W4-pc-RTN, with and without random ECs): greedy tokens compiled
+   (``optimize(..., mode="reduce-overhead")``, static KV cache) vs eager must be identical; the
+   decode step must compile once (no recompilation per token); per-decoder-layer hidden states
+   compiled vs eager: relative error.
+2. Llama-3.2-1B-shaped model, random weights, bf16: decode tokens/s for
+   bf16 (inductor, reduce-overhead), spear W4 (no EC), spear W4 + gated ECs r=32 on ~10% of linears.
+Prefill runs eagerly (not timed); decode is timed after a full warm-up generation.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import spear_compile  # noqa: E402
+from spear_compile import passes  # noqa: E402
+from spear_compile.ec import CompensatedLinear  # noqa: E402
+from spear_compile.optimize import optimize, warm_kernels  # noqa: E402
+
+REF = os.path.join(os.path.dirname(spear_compile.__file__), "assets", "spear-ref-16m")
+ROWS = []
+
+
+def row(**kw):
+    ROWS.append(kw)
+    print(json.dumps(kw), flush=True)
+
+
+def attach_random_ecs(model, fraction, rank, seed, gate="sigmoid", scale=0.02):
+    """Wrap a random ``fraction`` of the quantized linears with a random gated EC."""
+    rng = random.Random(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    chosen = sorted(rng.sample(names, max(1, round(fraction * len(names)))))
+    for name in chosen:
+        parent, attr = name.rsplit(".", 1)
+        par = model.get_submodule(parent)
+        ec = CompensatedLinear.wrap(getattr(par, attr), rank, gate=gate)
+        for p in ec.ec_parameters():
+            p.data = (torch.randn(p.shape, generator=gen) * scale).to(p.device, p.dtype)
+        setattr(par, attr, ec)
+    return chosen
+
+
+def make_cache(model, max_len):
+    from transformers import StaticCache
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
+@torch.no_grad()
+def greedy(prefill, step, prompt, n_new, cache, cudagraphs):
+    """Eager prefill via ``prefill`` then ``n_new - 1`` decode steps via ``step``; returns (tokens, decode_s)."""
+    cache.reset()
+    p = prompt.shape[1]
+    pos = torch.arange(p, device=prompt.device)
+    logits = prefill(input_ids=prompt, past_key_values=cache, cache_position=pos, use_cache=True).logits
+    tok = logits[:, -1:].argmax(-1)
+    toks = [tok]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(n_new - 1):
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        pos = torch.tensor([p + i], device=prompt.device)
+        logits = step(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+        tok = logits[:, -1:].argmax(-1)
+        toks.append(tok)
+    torch.cuda.synchronize()
+    return torch.cat(toks, 1), time.perf_counter() - t0
+
+
+def compiled_step(model, backend, quant=None):
+    """(eager forward, compiled forward) of ``model`` for the decode step."""
+    eager = model.forward
+    if backend.startswith("spear"):
+        warm_kernels(model, ms=(1,))  # tune + allocate kernel workspaces outside the CUDA-graph pool
+        if backend.endswith("-nopart"):  # A/B: CUDA graphs without Inductor's graph partitioning
+            optimize(model, quant=quant, options={"triton.cudagraphs": True, "graph_partition": False},
+                     fullgraph=True, dynamic=False)
+        else:
+            optimize(model, quant=quant, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    else:
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    return eager, model.forward
+
+
+def count_graphs():
+    return passes.registry._graph_counter[0]
+
+
+def ref_checks(args):
+    from transformers import AutoModelForCausalLM
+    for ecs in (False, True):
+        torch._dynamo.reset()
+        passes.clear()
+        model = AutoModelForCausalLM.from_pretrained(REF, dtype=torch.bfloat16).cuda().eval()
+        spear_compile.quantize(model, "w4-pc-rtn", progress=False)
+        chosen = attach_random_ecs(model, 0.15, 8, seed=1) if ecs else []
+        prompt = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0)).cuda()
+        cache = make_cache(model, 20 + 40)
+        eager_fwd = model.forward
+        ref_toks, _ = greedy(model, eager_fwd, prompt, 32, cache, False)
+        # per-layer: hidden states of a prompt forward, compiled (spear, no cudagraphs) vs eager
+        hs_ref = model(prompt, output_hidden_states=True).hidden_states
+        hs_fn = torch.compile(eager_fwd, backend="spear", dynamic=False)
+        hs = hs_fn(prompt, output_hidden_states=True).hidden_states
+        errs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(hs[1:], hs_ref[1:])]
+        g0 = count_graphs()
+        _, step = compiled_step(model, "spear")
+        # Inductor keeps bf16 intermediates in fp32 unless asked to round like eager does
+        with torch._inductor.config.patch(emulate_precision_casts=True):
+            toks, _ = greedy(eager_fwd, step, prompt, 32, cache, True)
+            g1 = count_graphs()
+            toks2, _ = greedy(eager_fwd, step, prompt, 32, cache, True)
+            g2 = count_graphs()
+        fused = [r for r in passes.RECORDS if r.graph > g0]
+        row(check="ref16m", ecs=len(chosen), identical=bool(torch.equal(toks, ref_toks)),
+            mismatches=int((toks != ref_toks).sum()), graphs_first_gen=g1 - g0, graphs_second_gen=g2 - g1,
+            identical_rerun=bool(torch.equal(toks, toks2)), max_layer_rel_err=max(errs),
+            layer_rel_err=[round(e, 5) for e in errs],
+            decode_graph_fused=sum(r.matched for r in fused), decode_graph_ec=sum(r.kind.startswith("ec") for r in fused),
+            decode_graph_unfused=sum(not r.matched for r in fused))
+        del model, cache
+
+
+def llama1b(seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                      max_position_embeddings=4096, head_dim=64)
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    return model
+
+
+@torch.no_grad()
+def profile_decode(step, model, cache, prompt, variant, n=5):
+    """Profile ``n`` decode steps: are they CUDA-graph replays, and where does the time go?"""
+    from torch.profiler import ProfilerActivity, profile
+    tok = prompt[:, -1:].clone()  # same layout as the decode loop's tokens: no recompilation
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(n):
+            torch.compiler.cudagraph_mark_step_begin()
+            pos = torch.tensor([prompt.shape[1] + i], device=prompt.device)
+            tok = step(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+    ev = prof.key_averages()
+    counts = {e.key: e.count for e in ev if e.key in ("cudaGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "spear::fused_linear", "aten::copy_")}
+    gpu_us = sum(e.self_device_time_total for e in ev) / n
+    row(check="profile", variant=variant, steps=n, counts=counts, gpu_busy_us_per_step=round(gpu_us, 1))
+    print(ev.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60), flush=True)
+
+
+@torch.no_grad()
+def variants_check(args):
+    """Each CompensatedLinear/quantized-linear layout on CUDA bf16: fused? (pre-pass graph dumped when not)."""
+    import warnings
+    from spear_compile.debug import debug
+    from spear_compile.quantize import quantize_linear_
+    from spear_compile.config import QuantConfig
+    for gate in ("sigmoid", "none", "plain"):
+        for shape in ((1, 1, 256), (1, 20, 256), (20, 256), (1, 256)):
+            torch._dynamo.reset()
+            passes.clear()
+            lin = torch.nn.Linear(256, 128, bias=False).cuda().to(torch.bfloat16)
+            quantize_linear_(lin, QuantConfig.from_spec("w4-pc-rtn"))
+            m = lin if gate == "plain" else CompensatedLinear.wrap(lin, 16, gate=gate)
+            for p in (m.ec_parameters() if gate != "plain" else []):
+                p.data.normal_(0, 0.05)
+            x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+            d = os.path.join(args.out, f"graphs_{gate}_{'x'.join(map(str, shape))}")
+            with warnings.catch_warnings(), debug(d):
+                warnings.simplefilter("ignore")
+                out = torch.compile(m, backend="spear")(x)
+            ref = m(x)
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            row(check="variant", gate=gate, shape=shape, kinds=[r.kind for r in passes.RECORDS],
+                reasons=[r.reason for r in passes.RECORDS if not r.matched], rel_err=round(err, 5))
+            if any(not r.matched for r in passes.RECORDS):
+                import glob
+                for f in glob.glob(os.path.join(d, "fx_graphs", "*_pre_spear.txt")):
+                    print(open(f).read()[-3000:])
+
+
+def kernel_probe(args):
+    """Per-op time at M=1: spear::fused_linear (no EC / gated EC r=32) vs a bf16 F.linear."""
+    from triton.testing import do_bench
+    from spear_compile.qtensor import QuantizedWeight
+    for k, n in ((2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        qw = QuantizedWeight.from_float(w, 4)
+        x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+        a, b = torch.randn(32, k, device="cuda", dtype=torch.bfloat16) * 0.02, torch.randn(n, 32, device="cuda", dtype=torch.bfloat16) * 0.02
+        gw, gb = torch.randn(32, 32, device="cuda", dtype=torch.bfloat16) * 0.02, torch.zeros(32, device="cuda", dtype=torch.bfloat16)
+        fl = torch.ops.spear.fused_linear
+        args_q = (x, qw.qdata, qw.scale, qw.zero, None, k)
+        t_bf16 = do_bench(lambda: torch.nn.functional.linear(x, w), return_mode="median")
+        t_q = do_bench(lambda: fl(*args_q, None, None, None, None), return_mode="median")
+        t_ec = do_bench(lambda: fl(*args_q, a, b, gw, gb), return_mode="median")
+        g = torch.cuda.CUDAGraph()
+        fl(*args_q, a, b, gw, gb)
+        with torch.cuda.graph(g):
+            for _ in range(10):
+                fl(*args_q, a, b, gw, gb)
+        t_ec_graph = do_bench(lambda: g.replay(), return_mode="median") / 10
+        from spear_compile.lowering.dispatch import choose
+        row(check="kernel", k=k, n=n, bf16_linear_us=round(1e3 * t_bf16, 1), w4_us=round(1e3 * t_q, 1),
+            w4_ec32_us=round(1e3 * t_ec, 1), w4_ec32_in_cudagraph_us=round(1e3 * t_ec_graph, 1),
+            kernel=choose(1, k, n, k, torch.bfloat16, 32, True))
+
+
+def e2e(args, variant):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    passes.clear()
+    model = llama1b(0)
+    chosen = []
+    if variant != "bf16":
+        spear_compile.quantize(model, "w4-pc-rtn", progress=False)
+        if variant.startswith("spear+ec"):
+            chosen = attach_random_ecs(model, 0.10, 32, seed=2)
+    prompt = torch.randint(0, 128256, (1, args.prompt), generator=torch.Generator().manual_seed(0)).cuda()
+    cache = make_cache(model, args.prompt + args.new + 8)
+    t0 = time.perf_counter()
+    eager, step = compiled_step(model, ("spear" + variant[len("spear+ec"):] if variant.startswith("spear+ec")
+                                        else variant) if variant != "bf16" else "inductor")
+    greedy(eager, step, prompt, args.new, cache, True)  # warm-up: compile + record
+    compile_s = time.perf_counter() - t0
+    g0 = count_graphs()
+    times = []
+    for _ in range(args.reps):
+        toks, dt = greedy(eager, step, prompt, args.new, cache, True)
+        times.append(dt)
+    best = min(times)
+    recs = passes.records()
+    row(check="e2e", variant=variant, ecs=len(chosen), new_tokens=args.new, prompt=args.prompt,
+        tok_per_s=round((args.new - 1) / best, 1), ms_per_tok=round(1e3 * best / (args.new - 1), 3),
+        all_reps_s=[round(t, 4) for t in times], warmup_compile_s=round(compile_s, 1),
+        recompiles_after_warmup=count_graphs() - g0,
+        fused=sum(r.matched for r in recs), fused_ec=sum(r.kind.startswith("ec") for r in recs),
+        unfused=sum(not r.matched for r in recs),
+        cudagraph_skips=int(torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)),
+        gpu_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    if args.profile:
+        profile_decode(step, model, cache, prompt, variant)
+    del model, cache
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--skip-ref", action="store_true")
+    ap.add_argument("--skip-kernel", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="profile 5 decode steps per variant")
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--variants", default="bf16,spear+ec,spear")
+    ap.add_argument("--deadline", type=float, default=1e9, help="skip steps starting after this many seconds")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch._logging.set_logs(perf_hints=True)  # "skipping cudagraphs due to ..." lands in the log
+    import triton
+    import transformers
+    row(check="env", device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        transformers=transformers.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join(sys.argv))
+    steps = [("variants", lambda: variants_check(args))] + \
+            ([] if args.skip_kernel else [("kernel", lambda: kernel_probe(args))]) + \
+            ([] if args.skip_ref else [("ref", lambda: ref_checks(args))]) + \
+            ([] if args.skip_e2e else [(v, (lambda v=v: e2e(args, v))) for v in args.variants.split(",")])
+    start = time.perf_counter()
+    for name, fn in steps:
+        if time.perf_counter() - start > args.deadline:
+            row(check=name, error=f"skipped: past --deadline {args.deadline}s")
+            continue
+        try:
+            # caches off: every graph really runs our pass, so the fused counts below are real
+            with torch._inductor.config.patch(fx_graph_cache=False), \
+                    torch._functorch.config.patch(enable_autograd_cache=False):
+                fn()
+        except Exception as e:  # noqa: BLE001  (report and go on with the next measurement)
+            traceback.print_exc()
+            row(check=name, error=f"{type(e).__name__}: {str(e)[:400]}")
+    base = next((r["tok_per_s"] for r in ROWS if r.get("variant") == "bf16" and "tok_per_s" in r), None)
+    with open(os.path.join(args.out, "decode_e2e.json"), "w") as f:
+        json.dump(ROWS, f, indent=1)
+    print("\n| variant | ECs | tok/s | ms/tok | speedup vs bf16 | fused (EC) | unfused | recompiles |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in ROWS:
+        if r.get("check") == "e2e" and "tok_per_s" in r:
+            sp = f"{r['tok_per_s'] / base:.2f}x" if base else "-"
+            print(f"| {r['variant']} | {r['ecs']} | {r['tok_per_s']} | {r['ms_per_tok']} | {sp} | {r['fused']} ({r['fused_ec']}) | {r['unfused']} | {r['recompiles_after_warmup']} |")
+    for r in ROWS:
+        if r.get("check") == "ref16m":
+            print(f"ref16m ecs={r['ecs']}: identical={r['identical']} (mismatches {r['mismatches']}), graphs gen1/gen2="
+                  f"{r['graphs_first_gen']}/{r['graphs_second_gen']}, max layer rel err={r['max_layer_rel_err']:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""``spear_compile.optimize``: quantize, attach ECs, compile with the ``spear`` backend.
+
+For a Hugging Face model the module's ``forward`` is compiled in place (the HF static-cache recipe,
+``model.forward = torch.compile(model.forward, ...)``) so ``generate`` and hand decode loops keep
+working, and HF's own auto-compile is turned off so it does not wrap our compiled forward in a
+plain-inductor one. Any other module is returned as ``torch.compile(module, backend="spear")``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from . import backend as _backend  # noqa: F401  (registers the "spear" backend)
+from .config import QuantConfig
+from .errors import SpearError
+from .qtensor import QuantizedWeight
+from .quantize import as_config, quantize
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(p, QuantizedWeight) for p in model.parameters())
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(model, "generation_config") and hasattr(model, "config")
+
+
+def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn", ec: Optional[str] = None,
+             mode: Optional[str] = None, fullgraph: bool = False, dynamic: Optional[bool] = None,
+             options: Optional[dict] = None, calib: Optional[torch.Tensor] = None):
+    """Quantize ``model`` (skipped when already quantized or ``quant=None``), load the ECs in
+    ``ec`` (a directory written by ``save_ecs``) and compile with the ``spear`` backend.
+
+    ``mode``: None/"default", "reduce-overhead" (CUDA graphs; use with a static KV cache for
+    decode; the decode kernels are warmed up first, see ``warm_kernels``), "max-autotune".
+    Compilation is lazy: it happens on the first call (wrap that call in ``spear_compile.debug(dir)``
+    to dump the graphs). ``options``: Inductor config patches (not together with ``mode``).
+    Returns the compiled module (HF models: the same object with a compiled ``forward``).
+    """
+    if not isinstance(model, nn.Module):
+        raise SpearError(f"optimize: expected an nn.Module, got {type(model).__name__}")
+    if mode not in _backend.MODES:
+        raise SpearError(f"optimize: unknown mode {mode!r}; supported: {_backend.MODES}")
+    if mode not in (None, "default") and options:
+        raise SpearError("optimize: give either mode= or options=, not both (as torch.compile)")
+    if quant is not None and not isinstance(quant, (str, QuantConfig)):
+        raise SpearError(f"optimize: quant must be a spec string like 'w4-pc-rtn', a QuantConfig or None, got {type(quant).__name__}")
+    config = as_config(quant) if quant is not None else None
+    if config is not None and not is_quantized(model):
+        quantize(model, config, calib=calib, progress=False)
+    if ec is not None:
+        if config is None:
+            raise SpearError("optimize: ec= needs quant= (the quantization config the ECs were calibrated for)")
+        if not is_quantized(model):
+            raise SpearError("optimize: ec= needs a quantized model")
+        from .ec_io import load_ecs
+        load_ecs(model, ec, config)
+    if mode in ("reduce-overhead", "max-autotune"):
+        warm_kernels(model, ms=(1,))  # tune + allocate kernel workspaces before CUDA-graph capture
+    kw = dict(backend="spear", fullgraph=fullgraph, dynamic=dynamic)
+    kw.update({"mode": mode} if mode not in (None, "default") else {"options": options} if options else {})
+    if _is_hf(model):
+        model.generation_config.disable_compile = True
+        model.forward = torch.compile(model.forward, **kw)
+        return model
+    return torch.compile(model, **kw)
+
+
+@torch.no_grad()
+def warm_kernels(model: nn.Module, ms=(1,)) -> int:
+    """Run ``spear::fused_linear`` once eagerly per distinct (shape, EC, M) of ``model``'s quantized
+    linears, so kernel tuning and the kernels' persistent workspaces happen before CUDA-graph
+    capture (``mode="reduce-overhead"``) rather than inside the graph's memory pool.
+    Returns the number of distinct calls made. A no-op off CUDA."""
+    from .ec import CompensatedLinear
+    seen = set()
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if not isinstance(mod, nn.Linear) or not isinstance(w, QuantizedWeight) or not w.qdata.is_cuda:
+            continue
+        ec = mod if isinstance(mod, CompensatedLinear) and mod.rank > 0 else None
+        tensors = (ec.ec_A, ec.ec_B, ec.ec_gate_w, ec.ec_gate_b) if ec is not None else (None,) * 4
+        for m in ms:
+            key = (tuple(w.shape), w.group_size, w.dtype, m, mod.bias is not None,
+                   ec.rank if ec else 0, ec is not None and ec.gate)
+            if key in seen:
+                continue
+            seen.add(key)
+            x = torch.randn(m, w.shape[1], dtype=w.dtype, device=w.qdata.device)
+            torch.ops.spear.fused_linear(x, w.qdata, w.scale, w.zero, mod.bias, w.group_size, *tensors)
+    if seen:
+        torch.cuda.synchronize()
+    return len(seen)

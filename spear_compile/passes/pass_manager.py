@@ -1,0 +1,43 @@
+"""``SpearPassManager``: the Inductor post-grad custom pass (the backend installs it as
+``post_grad_custom_pre_pass``, see ``backend.py``) that runs our passes.
+
+A ``CustomGraphPass`` whose ``uuid()`` hashes the pass sources, so Inductor's FX graph cache
+is reused across runs and invalidated when a pass changes. Optionally composes with a pass the
+user already installed (ours runs first) and dumps the graph before/after (``spear_compile.debug``).
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any, Callable, Optional
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from .fuse_quantized_linear import FuseQuantizedLinearPass
+
+_SOURCES = tuple(sorted(glob.glob(os.path.join(os.path.dirname(__file__), "*.py"))))
+
+
+class SpearPassManager(CustomGraphPass):
+    def __init__(self, user_pass: Optional[Callable] = None, dump_dir: Optional[str] = None):
+        self.passes = [FuseQuantizedLinearPass()]
+        self.user_pass = user_pass
+        self.dump_dir = dump_dir
+        self.last_count = 0
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        from ..debug import dump_graph  # (the package may export the function ``debug`` under that name)
+        tag = dump_graph(graph, "pre_spear", self.dump_dir)
+        self.last_count = sum(p(graph) for p in self.passes)
+        graph.lint()
+        dump_graph(graph, "post_spear", self.dump_dir, tag)
+        if self.user_pass is not None:
+            self.user_pass(graph)
+
+    def uuid(self) -> Optional[Any]:
+        ours = get_hash_for_files(_SOURCES)
+        if self.user_pass is None:
+            return ours
+        theirs = self.user_pass.uuid() if isinstance(self.user_pass, CustomGraphPass) else None
+        return None if theirs is None else (ours, theirs)   # None: Inductor bypasses the cache
