@@ -1,0 +1,385 @@
+"""Phase-aware dispatch for ``spear::fused_linear`` on the 4-bit container.
+
+``launch`` flattens x to ``[M, K]`` and picks, by M bucket (1, 2-4, 5-16: decode; 17-64, 65-256,
+257-1024, >1024: prefill):
+
+* ``decode``: split-K GEMV with the EC fused in the same launch (``w4_decode``);
+* ``prefill``: tensor-core W4A16 GEMM, EC in the epilogue (``w4_prefill``);
+* ``dequant+cublas``: dequantize to the activation dtype, cuBLAS, EC by torch ops (large M only).
+
+The config is timed on the first CUDA call of each key (K, N, group, dtype, M bucket, has EC,
+gated) and cached in-process; during CUDA-graph capture, under the interpreter, or with
+``SPEAR_AUTOTUNE=0`` the heuristic default is used. ``choose`` names what ``launch`` would run.
+CUDA-graph safe once warmed up (run each shape once before capture: that tunes and allocates the
+workspaces): no host sync, no ``.item()``; persistent per-device workspaces are reset by the kernels
+themselves; only the output (and prefill's small ``u``) is allocated. The workspaces are per device,
+not per stream: decode launches must not run concurrently on two streams of one device.
+
+Tensor parallelism hook: ``project_u`` is the separable u partial-sum step; a caller that
+all-reduces u across GPUs passes the reduced ``u=`` to ``launch``, and the kernels skip their own.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from ..errors import SpearError
+from .w4_decode import w4_decode_kernel
+from .w4_prefill import w4_dequantize_kernel, w4_prefill_kernel
+
+MAX_DECODE_M = 16
+MAX_EC_RANK = 256
+_BUCKETS = (1, 4, 16, 64, 256, 1024)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    two_launch: bool = False  # EC only: u = x Aᵀ by cuBLAS first, then the W kernel reads it
+
+    @property
+    def name(self):
+        u = ",u=cublas+2nd launch" if self.two_launch else ""
+        return f"decode[BN={self.block_n},BK={self.block_k},splitK={self.split_k},warps={self.num_warps}{u}]"
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def name(self):
+        return (f"prefill[BM={self.block_m},BN={self.block_n},BK={self.block_k},"
+                f"warps={self.num_warps},stages={self.num_stages}]")
+
+
+@dataclass(frozen=True)
+class DequantCublasConfig:
+    name: str = "dequant+cublas"
+
+
+def m_bucket(m: int) -> str:
+    for hi in _BUCKETS:
+        if m <= hi:
+            return str(hi)
+    return f">{_BUCKETS[-1]}"
+
+
+def _valid_block_k(bk: int, k: int, group_size: int) -> bool:
+    return bk <= group_size and group_size % bk == 0 if group_size < k else True
+
+
+def _num_sms(device) -> int:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def _split_for(n_tiles: int, k: int, block_k: int, sms: int) -> int:
+    """Enough programs to keep ~8 tiles of loads in flight per SM, each split >= 2 K blocks long."""
+    split = 1
+    while n_tiles * split < 8 * sms and triton.cdiv(k, block_k) >= 4 * split and split < 32:
+        split *= 2
+    return split
+
+
+def _block_k_choices(k, group_size, wanted):
+    ks = [bk for bk in wanted if _valid_block_k(bk, k, group_size)]
+    return ks or [min(group_size, 32)]
+
+
+def decode_candidates(k, n, group_size, sms=132, has_ec=False):
+    out = []
+    for bn, bk, warps in ((32, 128, 4), (32, 256, 4), (64, 128, 4), (64, 256, 8), (128, 128, 4), (128, 64, 4),
+                          (128, 256, 8)):
+        for bk2 in _block_k_choices(k, group_size, [bk]):
+            base = _split_for(triton.cdiv(n, bn), k, bk2, sms)
+            for split in sorted({base, max(1, base // 2)}):
+                if triton.cdiv(k, bk2) >= split:
+                    out.append(DecodeConfig(bn, bk2, split, warps))
+    # The two-launch EC variant (cuBLAS u, then the W kernel) lost to the one-launch kernel on every
+    # shape of bench run 2 (H100), so it is not a default candidate; pass it as `config=` to force it.
+    return list(dict.fromkeys(out))
+
+
+def prefill_candidates(m, k, group_size):
+    if m <= 64:
+        shapes = ((16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4))
+    else:
+        shapes = ((128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+                  (128, 256, 64, 8, 3))
+    out = []
+    for bm, bn, bk, warps, stages in shapes:
+        for bk2 in _block_k_choices(k, group_size, [bk, 32]):
+            out.append(PrefillConfig(bm, bn, bk2, warps, stages))
+            break
+    cands = list(dict.fromkeys(out))
+    if m > 64:
+        cands.append(DequantCublasConfig())
+    return cands
+
+
+def default_config(m, k, n, group_size, sms=132):
+    if m <= MAX_DECODE_M:
+        bk = _block_k_choices(k, group_size, [128, 64, 32])[0]
+        return DecodeConfig(32, bk, _split_for(triton.cdiv(n, 32), k, bk, sms), 4)
+    if m > 64:  # measured faster than our Triton GEMM at M=256/2048 on H100 (bench/results/kernels.md)
+        return DequantCublasConfig()
+    return prefill_candidates(m, k, group_size)[0]
+
+
+# ------------------------------------------------------------------ workspaces (per device)
+class _Workspace:
+    """Persistent buffers the decode kernel leaves zeroed after every launch."""
+
+    def __init__(self, device):
+        self.device = device
+        self.sync = torch.zeros(4, dtype=torch.int32, device=device)  # tile id, u arrivals, done
+        self.u = torch.zeros(MAX_DECODE_M * MAX_EC_RANK, dtype=torch.float32, device=device)
+        self.acc = {}     # N -> fp32 [16 * N] split-K accumulator
+        self.arrive = {}  # N -> int32 [cdiv(N, 16)] split arrival counters
+
+    def for_n(self, n):
+        if n not in self.acc:
+            self.acc[n] = torch.zeros(MAX_DECODE_M * n, dtype=torch.float32, device=self.device)
+            self.arrive[n] = torch.zeros(triton.cdiv(n, 16), dtype=torch.int32, device=self.device)
+        return self.acc[n], self.arrive[n]
+
+
+_WORKSPACES = {}
+
+
+def _workspace(device) -> _Workspace:
+    key = (device.type, device.index)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = _Workspace(device)
+    return _WORKSPACES[key]
+
+
+# ------------------------------------------------------------------ validation
+def _check(x, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u):
+    where = "spear_compile.lowering.dispatch.launch"
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise SpearError(f"{where}: activations must be bf16/fp16, got {x.dtype}")
+    k = x.shape[-1]
+    if qdata.dtype != torch.uint8 or qdata.dim() != 2 or qdata.shape[1] * 2 != k:
+        raise SpearError(f"{where}: qdata must be uint8 [N, K/2] for K={k}, got {qdata.dtype} {tuple(qdata.shape)}")
+    n = qdata.shape[0]
+    if group_size <= 0 or k % group_size:
+        raise SpearError(f"{where}: group_size={group_size} must divide K={k}")
+    if group_size < k and (group_size < 16 or group_size & (group_size - 1)):
+        raise SpearError(f"{where}: group_size={group_size} must be a power of two >= 16 (or K for per-channel)")
+    groups = k // group_size
+    for name, t in (("scale", scale), ("zero", zero)):
+        if tuple(t.shape) != (n, groups) or t.dtype != x.dtype:
+            raise SpearError(f"{where}: {name} must be {x.dtype} [{n}, {groups}], got {t.dtype} {tuple(t.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise SpearError(f"{where}: bias must be [{n}], got {tuple(bias.shape)}")
+    if ec_A is None and u is None:
+        if ec_B is not None or gate_w is not None:
+            raise SpearError(f"{where}: ec_B/gate_w given without ec_A")
+        return
+    if ec_B is None or ec_B.dim() != 2 or ec_B.shape[0] != n:
+        raise SpearError(f"{where}: ec_B must be [N={n}, r], got {None if ec_B is None else tuple(ec_B.shape)}")
+    r = ec_B.shape[1]
+    if r > MAX_EC_RANK:
+        raise SpearError(f"{where}: EC rank {r} exceeds the kernels' limit {MAX_EC_RANK}")
+    if ec_A is not None and tuple(ec_A.shape) != (r, k):
+        raise SpearError(f"{where}: ec_A must be [r={r}, K={k}], got {tuple(ec_A.shape)}")
+    if u is not None and u.shape[-1] != r:
+        raise SpearError(f"{where}: u must be [M, r={r}], got {tuple(u.shape)}")
+    if gate_w is not None and (tuple(gate_w.shape) != (r, r) or gate_b is None or tuple(gate_b.shape) != (r,)):
+        raise SpearError(f"{where}: gate_w must be [{r}, {r}] with gate_b [{r}]")
+
+
+# ------------------------------------------------------------------ runners
+def project_u(x2: torch.Tensor, ec_A: torch.Tensor) -> torch.Tensor:
+    """The separable EC step ``u = x Aᵀ`` (a tensor-parallel caller all-reduces this)."""
+    return F.linear(x2, ec_A)
+
+
+def _gate(u, gate_w, gate_b):
+    uf = u.float()
+    return uf * (2.0 * torch.sigmoid(F.linear(uf, gate_w.float(), gate_b.float())))
+
+
+def _block_r(r):
+    return max(16, triton.next_power_of_2(max(r, 1)))
+
+
+def _run_decode(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y):
+    m, k = x2.shape
+    n = qdata.shape[0]
+    ws = _workspace(x2.device)
+    acc, arrive = ws.for_n(n)
+    has_ec = ec_B is not None
+    if has_ec and u is None and cfg.two_launch:
+        u = project_u(x2, ec_A)
+    r = ec_B.shape[1] if has_ec else 0
+    block_r = _block_r(r)
+    block_ku = max(32, 8192 // block_r)
+    num_u_tiles = triton.cdiv(k, block_ku) if has_ec and u is None else 0
+    u_buf = ws.u if u is None else u.contiguous()
+    n_prog = num_u_tiles + triton.cdiv(n, cfg.block_n) * cfg.split_k
+    dummy = x2  # never read; same dtype as the real operands so every constexpr branch type-checks
+    w4_decode_kernel[(n_prog,)](
+        x2, qdata, scale, zero, bias if bias is not None else dummy, y,
+        ec_A if ec_A is not None else dummy, ec_B if has_ec else dummy,
+        gate_w if gate_w is not None else dummy, gate_b if gate_w is not None else dummy, u_buf,
+        acc, arrive, ws.sync,
+        m, n, k, r, group_size, k // group_size, x2.stride(0), y.stride(0), num_u_tiles, n_prog, cfg.split_k,
+        BLOCK_M=1 if m == 1 else 16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_KU=block_ku, BLOCK_R=block_r,
+        HAS_BIAS=bias is not None, HAS_EC=has_ec, GATED=gate_w is not None, U_READY=u is not None,
+        INTERPRET=_interpret(),
+        num_warps=cfg.num_warps,
+    )
+    return y
+
+
+def _run_prefill(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y):
+    m, k = x2.shape
+    n = qdata.shape[0]
+    has_ec = ec_B is not None
+    if has_ec and u is None:
+        u = project_u(x2, ec_A)
+    r = ec_B.shape[1] if has_ec else 0
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    w4_prefill_kernel[grid](
+        x2, qdata, scale, zero, bias if bias is not None else y, y,
+        u.contiguous() if has_ec else y, ec_B if has_ec else y,
+        gate_w if gate_w is not None else y, gate_b if gate_w is not None else y,
+        m, n, k, r, group_size, k // group_size, x2.stride(0), y.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8, BLOCK_R=_block_r(r),
+        HAS_BIAS=bias is not None, HAS_EC=has_ec, GATED=gate_w is not None, PER_CHANNEL=group_size == k,
+        INTERPRET=_interpret(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y
+
+
+def dequantize_w4(qdata, scale, zero, group_size, dtype):
+    n, k = qdata.shape[0], qdata.shape[1] * 2
+    w = torch.empty(n, k, dtype=dtype, device=qdata.device)
+    block_k = min(128, group_size)  # divides the group: one (scale, zero) per row per block
+    w4_dequantize_kernel[(triton.cdiv(n, 32), triton.cdiv(k, block_k))](
+        qdata, scale, zero, w, n, k, group_size, k // group_size, BLOCK_N=32, BLOCK_K=block_k, num_warps=4)
+    return w
+
+
+def _run_dequant_cublas(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y):
+    w = dequantize_w4(qdata, scale, zero, group_size, x2.dtype)
+    torch.addmm(bias, x2, w.t(), out=y) if bias is not None else torch.mm(x2, w.t(), out=y)
+    if ec_B is not None:
+        if u is None:
+            u = project_u(x2, ec_A)
+        if gate_w is not None:
+            u = _gate(u, gate_w, gate_b).to(x2.dtype)
+        y.addmm_(u.to(x2.dtype), ec_B.t())
+    return y
+
+
+def _runner(cfg):
+    if isinstance(cfg, DecodeConfig):
+        return _run_decode
+    if isinstance(cfg, PrefillConfig):
+        return _run_prefill
+    return _run_dequant_cublas
+
+
+# ------------------------------------------------------------------ choice + tuning cache
+_TUNED = {}
+TUNE_LOG = []  # (key, [(name, ms)...]) for the benchmark's notes
+
+
+def _key(m, k, n, group_size, dtype, has_ec, gated):
+    return (k, n, group_size, str(dtype), m_bucket(m), bool(has_ec), bool(gated))
+
+
+def _interpret():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _can_tune(x):
+    return (x.is_cuda and os.environ.get("SPEAR_AUTOTUNE", "1") != "0" and not _interpret()
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def _tune(key, args, cands):
+    from triton.testing import do_bench
+
+    results = []
+    for cfg in cands:
+        try:
+            ms = do_bench(lambda: _runner(cfg)(cfg, *args), warmup=3, rep=10, return_mode="median")
+        except Exception as e:  # a config the compiler refuses (shared memory, registers)
+            ms = float("inf")
+            results.append((cfg.name, f"failed: {type(e).__name__}"))
+            continue
+        results.append((cfg.name, ms))
+    TUNE_LOG.append((key, results))
+    timed = [(ms, i) for i, (_, ms) in enumerate(results) if isinstance(ms, float)]
+    if not timed:
+        raise SpearError(f"spear_compile.lowering.dispatch: no kernel config ran for {key}")
+    return cands[min(timed)[1]]
+
+
+def _config_for(x2, args, k, n, group_size, has_ec, gated):
+    m = x2.shape[0]
+    key = _key(m, k, n, group_size, x2.dtype, has_ec, gated)
+    if key in _TUNED:
+        return _TUNED[key]
+    sms = _num_sms(x2.device)
+    if not _can_tune(x2):
+        return default_config(m, k, n, group_size, sms)
+    cands = (decode_candidates(k, n, group_size, sms, has_ec) if m <= MAX_DECODE_M
+             else prefill_candidates(m, k, group_size))
+    _TUNED[key] = _tune(key, args, cands)
+    return _TUNED[key]
+
+
+def choose(m: int, k: int, n: int, group_size: int, dtype=torch.bfloat16, ec_rank: int = 0, gated: bool = False) -> str:
+    """Human-readable name of the kernel + config ``launch`` would use for this call."""
+    group_size = group_size or k
+    ec_rank = ec_rank or 0
+    key = _key(m, k, n, group_size, dtype, ec_rank > 0, gated)
+    ec = "" if ec_rank <= 0 else f" + EC r={ec_rank}{' gated' if gated else ' static'}"
+    if key in _TUNED:
+        return f"{_TUNED[key].name}{ec} (tuned, bucket M<={key[4]})"
+    return f"{default_config(m, k, n, group_size).name}{ec} (default; tuned on first CUDA call)"
+
+
+def launch(x, qdata, scale, zero, bias, group_size, ec_A=None, ec_B=None, gate_w=None, gate_b=None,
+           u: Optional[torch.Tensor] = None, config=None):
+    """Quantized linear (+ bias) (+ gated/static EC) on the 4-bit container; x is ``[..., K]``.
+
+    ``u``: precomputed ``x Aᵀ`` ``[M, r]`` (e.g. all-reduced across GPUs); ``config``: force one.
+    """
+    _check(x, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u)
+    k = x.shape[-1]
+    n = qdata.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    if u is not None:
+        u = u.reshape(m, -1)
+    args = (x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y)
+    cfg = config or _config_for(x2, args, k, n, group_size, ec_B is not None, gate_w is not None)
+    if isinstance(cfg, DecodeConfig) and m > MAX_DECODE_M:
+        raise SpearError(f"spear_compile.lowering.dispatch: decode config given for M={m} > {MAX_DECODE_M}")
+    _runner(cfg)(cfg, *args)
+    return y.reshape(*x.shape[:-1], n)

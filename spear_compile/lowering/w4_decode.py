@@ -1,0 +1,181 @@
+"""Decode kernel (M <= 16, memory-bound): split-K GEMV on the 4-bit container, EC fused in the same launch.
+
+One 1-D launch of ``NUM_U_TILES + n_tiles * SPLIT_K`` programs. Each program takes a *dynamic*
+tile id from an atomic counter (as CUB's decoupled look-back does), so every tile id below
+``NUM_U_TILES`` belongs to a program that already runs: no deadlock is possible, and the
+interpreter's sequential order works too.
+
+* u tiles (ids < NUM_U_TILES): ``u[m, :] += A[:, kchunk] x[m, kchunk]`` into an fp32 workspace
+  (relaxed atomics), then one release increment of the arrival counter.
+* W tiles: stream ``BLOCK_N`` rows of packed weights over this split's K range; with
+  ``SPLIT_K > 1`` add the partial into an fp32 accumulator and count arrivals per N tile; the
+  last split to arrive does the epilogue: read (then zero) the accumulator, wait (spin) on the
+  u-arrival counter — only here, at the very end — apply the gate and ``u Bᵀ``, add bias, store.
+* The last program of the launch resets the counters and the u workspace, so the next call and
+  every CUDA-graph replay start clean without a memset launch.
+
+With ``U_READY`` the kernel reads a precomputed ``u`` instead (two-launch fallback, and the hook
+for tensor parallelism: u partial sums all-reduced across GPUs before this launch).
+Weights: ``q`` uint8 ``[N, K/2]`` (low nibble = even k), ``w = (q - zero) * scale`` per group.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .tl_helpers import dot
+
+
+@triton.jit
+def _matmul_nt(a, b, USE_DOT: tl.constexpr):
+    """``a [BM, R] @ b[BN, R]ᵀ`` in fp32: tensor cores when BM >= 16, broadcast-sum otherwise."""
+    if USE_DOT:
+        return tl.dot(a, tl.trans(b), input_precision="ieee")
+    else:
+        return tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+
+
+@triton.jit
+def _ec_epilogue(acc, u_ptr, b_ptr, gw_ptr, gb_ptr, offs_m, offs_n, M, N, R,
+                 GATED: tl.constexpr, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr):
+    """``acc + (u ⊙ 2σ(u Wgᵀ + bg)) Bᵀ`` for this tile; u is fp32 ``[M, R]`` (coherent loads)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    u = tl.load(u_ptr + offs_m[:, None] * R + offs_r[None, :],
+                mask=(offs_m[:, None] < M) & r_mask[None, :], other=0.0, volatile=True).to(tl.float32)
+    if GATED:
+        gw = tl.load(gw_ptr + offs_r[:, None] * R + offs_r[None, :],
+                     mask=r_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+        gb = tl.load(gb_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+        g = _matmul_nt(u, gw, USE_DOT) + gb[None, :]
+        u = u * (2.0 * tl.sigmoid(g))
+    bt = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :],
+                 mask=(offs_n[:, None] < N) & r_mask[None, :], other=0.0).to(tl.float32)
+    return acc + _matmul_nt(u, bt, USE_DOT)
+
+
+@triton.jit
+def _u_partial_tile(x_ptr, a_ptr, u_ptr, tile, M, K, R, stride_xm,
+                    BLOCK_M: tl.constexpr, BLOCK_KU: tl.constexpr, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr,
+                    INTERPRET: tl.constexpr):
+    """``u[m, r] += sum_{k in chunk} x[m, k] A[r, k]`` (fp32 atomics into the workspace)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tile * BLOCK_KU + tl.arange(0, BLOCK_KU)
+    k_mask = offs_k < K
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                mask=(offs_m[:, None] < M) & k_mask[None, :], other=0.0)
+    a = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :],
+                mask=(offs_r[:, None] < R) & k_mask[None, :], other=0.0)
+    if USE_DOT:
+        part = dot(x, tl.trans(a), tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), INTERPRET)
+    else:
+        part = tl.sum(x.to(tl.float32)[:, None, :] * a.to(tl.float32)[None, :, :], axis=2)
+    tl.atomic_add(u_ptr + offs_m[:, None] * R + offs_r[None, :], part,
+                  mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), sem="relaxed")
+
+
+@triton.jit
+def w4_decode_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
+    a_ptr, b_ptr, gw_ptr, gb_ptr, u_ptr,
+    acc_ptr, arrive_ptr, sync_ptr,
+    M, N, K, R, group_size, n_groups, stride_xm, stride_ym, NUM_U_TILES, NUM_PROGRAMS, SPLIT_K,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_KU: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_EC: tl.constexpr, GATED: tl.constexpr, U_READY: tl.constexpr,
+    INTERPRET: tl.constexpr = False,
+):
+    USE_DOT: tl.constexpr = BLOCK_M >= 16
+    MAX_SPINS: tl.constexpr = 1 << 20
+    MAGIC_I: tl.constexpr = 0x4B000000
+    MAGIC_F: tl.constexpr = 8388608.0
+    IN_KERNEL_U: tl.constexpr = HAS_EC and not U_READY
+    if IN_KERNEL_U:
+        tile = tl.atomic_add(sync_ptr, 1)  # dynamic tile id: u tiles are handed out first
+    else:
+        tile = tl.program_id(0)
+
+    if tile < NUM_U_TILES:
+        _u_partial_tile(x_ptr, a_ptr, u_ptr, tile, M, K, R, stride_xm, BLOCK_M, BLOCK_KU, BLOCK_R, USE_DOT, INTERPRET)
+        tl.debug_barrier()
+        tl.atomic_add(sync_ptr + 1, 1)  # acq_rel, after the CTA barrier: publishes the u partial
+    else:
+        t = tile - NUM_U_TILES
+        pid_n = t // SPLIT_K
+        pid_k = t % SPLIT_K
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_j = tl.arange(0, BLOCK_K // 2)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        n_kb = tl.cdiv(K, BLOCK_K)
+        per_split = tl.cdiv(n_kb, SPLIT_K)
+        kb_lo = pid_k * per_split
+        kb_hi = tl.minimum(kb_lo + per_split, n_kb)
+        q_rows = q_ptr + offs_n[:, None] * (K // 2)
+        x_rows = x_ptr + offs_m[:, None] * stride_xm
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(kb_lo, kb_hi):
+            k0 = kb * BLOCK_K
+            j = k0 // 2 + offs_j
+            j_mask = j < K // 2
+            q = tl.load(q_rows + j[None, :], mask=n_mask[:, None] & j_mask[None, :], other=0)
+            g = k0 // group_size
+            s = tl.load(s_ptr + offs_n * n_groups + g, mask=n_mask, other=0.0).to(tl.float32)
+            zc = tl.load(z_ptr + offs_n * n_groups + g, mask=n_mask, other=0.0).to(tl.float32) + MAGIC_F
+            # Nibble -> float without I2F (quarter rate on Hopper): bits 0x4B00000q are the float 2^23 + q.
+            q32 = q.to(tl.int32)
+            w_lo = ((q32 & 0xF) | MAGIC_I).to(tl.float32, bitcast=True) - zc[:, None]  # q - zero, exact
+            w_hi = ((q32 >> 4) | MAGIC_I).to(tl.float32, bitcast=True) - zc[:, None]
+            xm = m_mask[:, None] & j_mask[None, :]
+            x_even = tl.load(x_rows + 2 * j[None, :], mask=xm, other=0.0)
+            x_odd = tl.load(x_rows + 2 * j[None, :] + 1, mask=xm, other=0.0)
+            if USE_DOT:  # (q - zero) is exact in bf16/fp16; the scale is applied to the fp32 partial
+                part = dot(x_even, tl.trans(w_lo.to(x_even.dtype)),
+                           tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRET)
+                part = dot(x_odd, tl.trans(w_hi.to(x_odd.dtype)), part, INTERPRET)
+                acc += part * s[None, :]
+            else:
+                part = tl.sum(w_lo * x_even.to(tl.float32) + w_hi * x_odd.to(tl.float32), axis=1)
+                acc += (part * s)[None, :]
+
+        out_mask = m_mask[:, None] & n_mask[None, :]
+        acc_ptrs = acc_ptr + offs_m[:, None] * N + offs_n[None, :]
+        if SPLIT_K > 1:
+            tl.atomic_add(acc_ptrs, acc, mask=out_mask, sem="relaxed")
+            tl.debug_barrier()
+            arrived = tl.atomic_add(arrive_ptr + pid_n, 1)
+        else:
+            arrived = SPLIT_K - 1
+        if arrived == SPLIT_K - 1:
+            if SPLIT_K > 1:
+                acc = tl.load(acc_ptrs, mask=out_mask, other=0.0, volatile=True)  # coherent (L2) read
+                tl.store(acc_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=out_mask)
+                tl.store(arrive_ptr + pid_n, 0)
+            if HAS_EC:
+                if IN_KERNEL_U:
+                    seen = tl.atomic_add(sync_ptr + 1, 0)
+                    spins = 0
+                    while (seen < NUM_U_TILES) & (spins < MAX_SPINS):  # the cap turns a bug into an error, not a hang
+                        seen = tl.atomic_add(sync_ptr + 1, 0)
+                        spins += 1
+                    tl.debug_barrier()
+                acc = _ec_epilogue(acc, u_ptr, b_ptr, gw_ptr, gb_ptr, offs_m, offs_n, M, N, R,
+                                   GATED, BLOCK_R, USE_DOT)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=out_mask)
+
+    if IN_KERNEL_U:
+        tl.debug_barrier()
+        done = tl.atomic_add(sync_ptr + 2, 1)
+        if done == NUM_PROGRAMS - 1:  # last program of the launch: leave the workspace clean
+            offs_m = tl.arange(0, BLOCK_M)
+            offs_r = tl.arange(0, BLOCK_R)
+            tl.store(u_ptr + offs_m[:, None] * R + offs_r[None, :], tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
+                     mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+            tl.store(sync_ptr + 1, 0)
+            tl.store(sync_ptr + 2, 0)
+            tl.store(sync_ptr, 0)
