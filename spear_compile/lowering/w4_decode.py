@@ -161,6 +161,8 @@ def w4_decode_kernel(
                         seen = tl.atomic_add(sync_ptr + 1, 0)
                         spins += 1
                     tl.debug_barrier()
+                    # Past the cap u is incomplete: poison the tile so the failure is loud, never a wrong number.
+                    acc = tl.where(seen >= NUM_U_TILES, acc, float("nan"))
                 acc = _ec_epilogue(acc, u_ptr, b_ptr, gw_ptr, gb_ptr, offs_m, offs_n, M, N, R,
                                    GATED, BLOCK_R, USE_DOT)
             if HAS_BIAS:
