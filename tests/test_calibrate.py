@@ -1,0 +1,82 @@
+import argparse
+import json
+
+import pytest
+import torch
+
+from spear_compile import CompensatedLinear, SpearError, model_bytes, quantize
+from spear_compile.calibrate import add_cli, calibrate
+from spear_compile.ec_io import load_ecs
+
+from test_ec_helpers import save_tiny, tiny_llama
+
+KW = dict(n_windows=4, seq_len=16, device="cpu", progress=False, batch_size=2)
+
+
+def _tokens(seed=0):
+    return torch.randint(0, 8192, (4, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def test_calibrate_fits_budget_trains_and_round_trips(tmp_path):
+    fp = tiny_llama()
+    model, man = calibrate(fp, "w4-pc-rtn", calib=_tokens(), budget=0.05, rank=4, steps=25, lr=3e-3, init="zero",
+                           out_dir=tmp_path, **KW)
+    ecs = {n: m for n, m in model.named_modules() if isinstance(m, CompensatedLinear)}
+    assert sorted(ecs) == sorted(man["ranks"]) and ecs
+    assert man["ec_bytes"] == sum(m.ec_bytes() for m in ecs.values()) <= man["budget_bytes"]
+    plain = quantize(tiny_llama(), "w4-pc-rtn")
+    assert man["budget_bytes"] == int(0.05 * model_bytes(plain)["total"])
+    assert man["loss_last"] < man["loss_first"]
+    assert man["quant"]["spec"] == "w4-pc-rtn" and man["gate"] == "sigmoid"
+    for f in ("manifest.json", "ecs.safetensors", "diagnostic.json", "diagnostic_heatmap.png", "per_token_error.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    ranking = json.loads((tmp_path / "diagnostic.json").read_text())["ranking"]
+    assert len(ranking) == 14  # 7 linears x 2 layers
+    load_ecs(plain, tmp_path, "w4-pc-rtn")
+    ids = _tokens(5)
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, model(ids).logits)
+
+
+def test_calibrate_is_deterministic_under_a_seed():
+    outs = []
+    for _ in range(2):
+        model, man = calibrate(tiny_llama(), "w4-pc-rtn", calib=_tokens(), budget=0.05, rank=2, steps=3,
+                               placement="random", seed=7, **KW)
+        outs.append([p.detach().clone() for m in model.modules() if isinstance(m, CompensatedLinear)
+                     for p in m.ec_parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_bad_input_fails_clearly(tmp_path):
+    for budget in (0, 1, -0.5, 2):
+        with pytest.raises(SpearError, match="budget"):
+            calibrate(tiny_llama(), calib=_tokens(), budget=budget, **KW)
+    with pytest.raises(SpearError, match="calibration"):
+        calibrate(tiny_llama(), calib=torch.zeros(0, 16, dtype=torch.long), **KW)
+    with pytest.raises(SpearError, match="rank=65"):
+        calibrate(tiny_llama(), calib=_tokens(), rank=65, placement="random", steps=0, **KW)
+    with pytest.raises(SpearError, match="gate"):
+        calibrate(tiny_llama(), calib=_tokens(), gate="tanh", **KW)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    path = save_tiny(tmp_path / "m")
+    with pytest.raises(SpearError, match="empty"):
+        calibrate(str(path), calib=str(empty), **KW)
+    with pytest.raises(SpearError, match="config.json"):
+        calibrate(str(tmp_path / "nomodel"), calib=_tokens(), **KW)
+
+
+def test_cli_writes_ecs_and_manifest(tmp_path, capsys):
+    path = save_tiny(tmp_path / "m")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    out = tmp_path / "ecs"
+    args = parser.parse_args(["calibrate", "--model", str(path), "--calib", str(calib), "--budget", "0.05",
+                              "--out", str(out), "--gate", "none", "--steps", "2", "--rank", "2", "--device", "cpu"])
+    assert args.func(args) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["gate"] == "none" and man["budget"] == 0.05 and man["modules"]
+    assert "wrote" in capsys.readouterr().out
