@@ -99,7 +99,12 @@ def prepare(model=DEFAULT_MODEL, quant: Union[str, QuantConfig] = "w4-pc-rtn", c
     all_wins = calibration_windows(calib, tok, seq_len, n_windows)
     n_heldout = min(n_heldout, all_wins.shape[0] // 4)
     wins, heldout = all_wins[:all_wins.shape[0] - n_heldout], all_wins[all_wins.shape[0] - n_heldout:]
-    q_model = quantize(copy.deepcopy(fp_model).to(device), cfg, calib=wins[:128], progress=progress)
+    gptq_calib = wins[:128]
+    if cfg.method == "gptq" and not isinstance(calib, torch.Tensor):
+        # The same samples `spear-compile eval` quantizes with, so ECs meet the W_q they were fitted on.
+        from .evaluate import calibration_tokens
+        gptq_calib = calibration_tokens(tok, calib, nsamples=128, seq_len=512)
+    q_model = quantize(copy.deepcopy(fp_model).to(device), cfg, calib=gptq_calib, progress=progress)
     names = [n for n, m in q_model.named_modules() if isinstance(getattr(m, "weight", None), QuantizedWeight)]
     quant_bytes = model_bytes(q_model)["total"]
     fp_work = cast_model_(copy.deepcopy(fp_model), torch.float32).to(device).eval()

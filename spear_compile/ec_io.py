@@ -38,6 +38,15 @@ def model_identity(model: nn.Module) -> dict:
     return {"name": Path(str(name)).name, "config_hash": hashlib.sha256(blob).hexdigest()[:16]}
 
 
+def weight_fingerprint(weight: QuantizedWeight) -> str:
+    """sha256 of a quantized weight's codes, scales and zeros: ECs are fitted to one exact W_q
+    (GPTQ on other samples or another device can round differently)."""
+    h = hashlib.sha256()
+    for t in (weight.qdata, weight.scale, weight.zero):
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -53,6 +62,8 @@ def save_ecs(model: nn.Module, out_dir: Union[str, Path], manifest: dict) -> dic
     for name, m in model.named_modules():
         if isinstance(m, CompensatedLinear):
             modules[name] = {"rank": m.rank, "gate": m.gate, "shape": [m.out_features, m.in_features]}
+            if isinstance(m.weight, QuantizedWeight):
+                modules[name]["weight_sha256"] = weight_fingerprint(m.weight)
             for pname in ("ec_A", "ec_B", "ec_gate_w", "ec_gate_b"):
                 p = getattr(m, pname)
                 if p is not None:
@@ -129,6 +140,11 @@ def load_ecs(model: nn.Module, ec_dir: Union[str, Path], config) -> dict:
         n, k = mod.out_features, mod.in_features
         if list(info.get("shape", [])) != [n, k]:
             raise SpearError(f"load_ecs: {name!r} has shape [{n}, {k}], the manifest says {info.get('shape')}")
+        want_fp = info.get("weight_sha256")
+        if want_fp is not None and want_fp != weight_fingerprint(mod.weight):
+            raise SpearError(f"load_ecs: {name!r}: the ECs were fitted on different quantized weights (same config "
+                             f"{manifest.get('quant', {}).get('spec')!r}, other codes: e.g. GPTQ on other calibration samples "
+                             f"or another device); re-run calibrate for this model")
         rank, gate = info.get("rank"), info.get("gate")
         if gate not in GATES or not isinstance(rank, int) or not 0 <= rank <= min(n, k):
             raise SpearError(f"load_ecs: {name!r}: bad rank {rank!r} or gate {gate!r} in the manifest")

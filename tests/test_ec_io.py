@@ -98,3 +98,14 @@ def test_shape_mismatch_in_file_is_refused(tmp_path, quantized):
     with pytest.raises(SpearError, match="should have shape"):
         load_ecs(m, tmp_path, "w4-pc-rtn")
     assert _untouched(m)
+
+
+def test_ecs_fitted_on_other_quantized_weights_are_refused(tmp_path, quantized):
+    """Same config and architecture, different codes (as GPTQ on other samples would give)."""
+    save_ecs(_with_random_ecs(quantized), tmp_path, _manifest(quantized))
+    m = copy.deepcopy(quantized)
+    w = dict(m.named_modules())[NAMES[1]].weight
+    w.qdata[0, 0] ^= 0x11  # flip one code pair of a module the ECs attach to
+    with pytest.raises(SpearError, match="different quantized weights"):
+        load_ecs(m, tmp_path, "w4-pc-rtn")
+    assert _untouched(m)
