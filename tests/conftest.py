@@ -2,8 +2,20 @@
 before anything imports triton: CPU CI runs every Triton kernel under the interpreter."""
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def fresh_compile():
+    """A clean compiler state per test: dynamo reset, pass match records cleared, graph caches off."""
+    from spear_compile import passes
+
+    torch._dynamo.reset()
+    passes.clear()
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        yield

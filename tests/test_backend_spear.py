@@ -12,12 +12,7 @@ from spear_compile.quantize import quantize_linear_
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def fresh():
-    torch._dynamo.reset()
-    passes.clear()
-    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
-        yield
+pytestmark = pytest.mark.usefixtures("fresh_compile")
 
 
 def qlinear(k=32, n=16, seed=0):

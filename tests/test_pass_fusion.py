@@ -17,12 +17,7 @@ from spear_compile.quantize import quantize_linear_
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def fresh():
-    torch._dynamo.reset()
-    passes.clear()
-    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
-        yield
+pytestmark = pytest.mark.usefixtures("fresh_compile")
 
 
 def make(gate, bias, dtype, k=64, n=48, rank=8, spec="w4-pc-rtn", seed=0):
