@@ -125,7 +125,8 @@ def inspect(model: nn.Module, example_input: Optional[torch.Tensor] = None, m: i
 # ---- CLI: spear-compile inspect ----------------------------------------------------------------
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("inspect", help="show which quantized linears the compiler fuses and which kernel each gets")
-    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    from .evaluate import DEFAULT_MODEL
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="Hugging Face model directory (default: bundled spear-ref-16m)")
     p.add_argument("--quant", default="w4-pc-rtn", help="quantization spec, e.g. w4-pc-rtn, w4-g128-rtn")
     p.add_argument("--ec", default=None, help="EC directory (save_ecs output) to attach")
     p.add_argument("--m", type=int, default=1, help="rows (tokens) per call: 1 = decode")
