@@ -224,7 +224,12 @@ def main():
     save_diagnostics(b)
     name = f"quality_{args.mode}"
     (out / f"{name}.json").write_text(json.dumps(b.rows, indent=1))
-    md = (f"# {name}\n\nfp ppl " + ", ".join(f"{e} {p:.3f}" for e, p in b.fp_ppl.items()) + "; quantized ppl "
+    import datetime
+    import triton
+    dev = torch.cuda.get_device_name() if b.device.type == "cuda" else "CPU"
+    provenance = (f"Device {dev}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
+                  f"triton {triton.__version__}. Command: `python {' '.join(sys.argv)}`\n\n")
+    md = (f"# {name}\n\n" + provenance + "fp ppl " + ", ".join(f"{e} {p:.3f}" for e, p in b.fp_ppl.items()) + "; quantized ppl "
           + ", ".join(f"{q} {e} {p:.3f}" for (q, e), p in b.q_ppl.items())
           + f"; eval windows of 512 ({args.max_windows or 'all'}); hyper-parameters {DEFAULTS}; "
           f"calibration {args.n_windows or 'all'} windows x {args.seq_len} tokens; device {b.device}; total {time.time() - b.t0:.0f}s\n\n"
