@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spear_compile.calibrate import ASSETS, DEFAULT_MODEL, _to_device_, fit, prepare  # noqa: E402
+from spear_compile.calibrate import _to_device_, fit, prepare  # noqa: E402
+from spear_compile.evaluate import ASSETS, DEFAULT_MODEL  # noqa: E402
 from spear_compile.errors import SpearError  # noqa: E402
 from spear_compile.perplexity import perplexity, tokenize_file, windows  # noqa: E402
 

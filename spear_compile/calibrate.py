@@ -23,15 +23,13 @@ from .ec_init import input_second_moments, svd_init_
 from .ec_io import model_identity, save_ecs
 from .ec_train import cast_model_, densify_, mean_kl, teacher_topk, train_ecs
 from .errors import SpearError
+from .evaluate import DEFAULT_CALIB, DEFAULT_MODEL, calibration_tokens
 from .memory import model_bytes
 from .perplexity import tokenize_file, windows
 from .placement import MODES, check_budget, place
 from .qtensor import QuantizedWeight
 from .quantize import quantize
 
-ASSETS = Path(__file__).parent / "assets"
-DEFAULT_MODEL = ASSETS / "spear-ref-16m"
-DEFAULT_CALIB = ASSETS / "calib.txt"
 
 
 @dataclass
@@ -102,7 +100,6 @@ def prepare(model=DEFAULT_MODEL, quant: Union[str, QuantConfig] = "w4-pc-rtn", c
     gptq_calib = wins[:128]
     if cfg.method == "gptq" and not isinstance(calib, torch.Tensor):
         # The same samples `spear-compile eval` quantizes with, so ECs meet the W_q they were fitted on.
-        from .evaluate import calibration_tokens
         gptq_calib = calibration_tokens(tok, calib, nsamples=128, seq_len=512)
     q_model = quantize(copy.deepcopy(fp_model).to(device), cfg, calib=gptq_calib, progress=progress)
     names = [n for n, m in q_model.named_modules() if isinstance(getattr(m, "weight", None), QuantizedWeight)]

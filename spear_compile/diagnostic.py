@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from .ec_init import dense_weight
 from .errors import SpearError
+from .perplexity import forward_windows
 
 MODULE_TYPES = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -107,14 +108,7 @@ def diagnose(fp_model: nn.Module, q_model: nn.Module, wins: torch.Tensor,
             stats[name].add(y, q)
         return fn
 
-    hooks = [fp_mods[n].register_forward_hook(hook(n)) for n in names]
-    device = next(fp_model.parameters()).device
-    try:
-        for i in range(0, wins.shape[0], batch_size):
-            fp_model(wins[i:i + batch_size].to(device))
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_windows(fp_model, wins, [fp_mods[n].register_forward_hook(hook(n)) for n in names], batch_size)
     out = {}
     for n, s in stats.items():
         err, rel = torch.cat(s.err), torch.cat(s.rel)

@@ -18,6 +18,15 @@ from .errors import SpearError
 GATES = ("sigmoid", "none")
 
 
+def ec_shapes(n: int, k: int, rank: int, gate: str) -> dict:
+    """``{param name: shape}`` of an EC on an ``[N, K]`` linear: ``A [r, K]``, ``B [N, r]`` and,
+    gated, ``W_g [r, r]``, ``b_g [r]``."""
+    shapes = {"ec_A": (rank, k), "ec_B": (n, rank)}
+    if gate == "sigmoid":
+        shapes.update(ec_gate_w=(rank, rank), ec_gate_b=(rank,))
+    return shapes
+
+
 class CompensatedLinear(nn.Linear):
     """An ``nn.Linear`` (weight usually a ``QuantizedWeight``) plus an EC.
 
@@ -37,14 +46,9 @@ class CompensatedLinear(nn.Linear):
         if rank < 0 or rank > min(n, k):
             raise SpearError(f"CompensatedLinear: rank={rank} must be in [0, min(N={n}, K={k})]")
         self.rank, self.gate = rank, gate
-        kw = dict(device=device, dtype=dtype)
-        self.ec_A = nn.Parameter(torch.zeros(rank, k, **kw))
-        self.ec_B = nn.Parameter(torch.zeros(n, rank, **kw))
-        if gate == "sigmoid":
-            self.ec_gate_w = nn.Parameter(torch.zeros(rank, rank, **kw))
-            self.ec_gate_b = nn.Parameter(torch.zeros(rank, **kw))
-        else:
-            self.ec_gate_w = self.ec_gate_b = None
+        self.ec_gate_w = self.ec_gate_b = None
+        for name, shape in ec_shapes(n, k, rank, gate).items():
+            setattr(self, name, nn.Parameter(torch.zeros(shape, device=device, dtype=dtype)))
 
     @classmethod
     def wrap(cls, linear: nn.Linear, rank: int, gate: str = "sigmoid", dtype=None) -> "CompensatedLinear":

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .ec import CompensatedLinear
 from .errors import SpearError
+from .perplexity import forward_windows
 from .qtensor import QuantizedWeight
 
 
@@ -42,13 +43,7 @@ def input_second_moments(model: nn.Module, wins: torch.Tensor, names: Iterable[s
         if name not in modules:
             raise SpearError(f"input_second_moments: {name!r} is not a module of {type(model).__name__}")
         hooks.append(modules[name].register_forward_pre_hook(hook(name)))
-    device = next(model.parameters()).device
-    try:
-        for i in range(0, wins.shape[0], batch_size):
-            model(wins[i:i + batch_size].to(device))
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_windows(model, wins, hooks, batch_size)
     return {n: (sums[n] / counts[n]).cpu() for n in sums}
 
 

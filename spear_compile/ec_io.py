@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .config import QuantConfig
-from .ec import GATES, CompensatedLinear
+from .ec import GATES, CompensatedLinear, ec_shapes
 from .errors import SpearError
 from .qtensor import QuantizedWeight
 
@@ -148,9 +148,7 @@ def load_ecs(model: nn.Module, ec_dir: Union[str, Path], config) -> dict:
         rank, gate = info.get("rank"), info.get("gate")
         if gate not in GATES or not isinstance(rank, int) or not 0 <= rank <= min(n, k):
             raise SpearError(f"load_ecs: {name!r}: bad rank {rank!r} or gate {gate!r} in the manifest")
-        want = {"ec_A": (rank, k), "ec_B": (n, rank)}
-        if gate == "sigmoid":
-            want.update(ec_gate_w=(rank, rank), ec_gate_b=(rank,))
+        want = ec_shapes(n, k, rank, gate)
         for pname, shape in want.items():
             t = tensors.get(f"{name}.{pname}")
             if t is None or tuple(t.shape) != shape:

@@ -39,6 +39,19 @@ def windows(ids: torch.Tensor, seq_len: int, max_windows: Optional[int] = None, 
 
 
 @torch.no_grad()
+def forward_windows(model: nn.Module, wins: torch.Tensor, hooks=(), batch_size: int = 8) -> None:
+    """Run ``model`` over token windows ``[W, T]`` in batches (for its hooks' sake), then remove
+    the hook handles ``hooks``, also when the forward fails."""
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, wins.shape[0], batch_size):
+            model(wins[i:i + batch_size].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@torch.no_grad()
 def perplexity(model: nn.Module, wins: torch.Tensor, batch_size: int = 8, progress: bool = True,
                desc: str = "ppl") -> float:
     """Token-weighted perplexity of ``model`` over windows ``[W, seq_len + 1]``."""

@@ -6,17 +6,19 @@ tried); ``"all"``: every module at the largest uniform rank that fits.
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Dict, Optional, Tuple
 
+from .ec import ec_shapes
 from .errors import SpearError
 
 MODES = ("diagnostic", "random", "all")
 
 
 def ec_params(n: int, k: int, rank: int, gate: str) -> int:
-    """Parameters of one EC: ``A [r, K]``, ``B [N, r]`` and, gated, ``W_g [r, r]``, ``b_g [r]``."""
-    return rank * (n + k) + (rank * rank + rank if gate == "sigmoid" else 0)
+    """Parameters of one EC (shapes from :func:`spear_compile.ec.ec_shapes`)."""
+    return sum(math.prod(s) for s in ec_shapes(n, k, rank, gate).values())
 
 
 def check_budget(budget: float) -> float:

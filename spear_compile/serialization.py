@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import QuantConfig
-from .ec import CompensatedLinear
+from .ec import CompensatedLinear, ec_shapes
 from .errors import SpearError
 from .qtensor import QuantizedWeight
 from .quantize import as_config
@@ -106,6 +106,15 @@ def _read(path: Path):
     return meta, tensors
 
 
+def _require(tensors: dict, want: dict, where: str, what: str) -> None:
+    """Every ``{key: shape}`` of ``want`` is in ``tensors`` with that shape."""
+    for key, shape in want.items():
+        if key not in tensors:
+            raise SpearError(f"{where}: missing {what} {key!r}")
+        if tuple(tensors[key].shape) != shape:
+            raise SpearError(f"{where}: {what} {key!r} has shape {tuple(tensors[key].shape)}, expected {shape}")
+
+
 def _validate(model: nn.Module, meta: dict, tensors: dict, path: Path) -> None:
     where = f"load_quantized({path.name})"
     sums = meta.get("sha256", {})
@@ -130,26 +139,13 @@ def _validate(model: nn.Module, meta: dict, tensors: dict, path: Path) -> None:
         gs = info["group_size"]
         cols = k // 2 if info["bits"] <= 4 else k
         want = {"qdata": (n, cols), "scale": (n, k // gs), "zero": (n, k // gs)}
-        for part, shape in want.items():
-            key = f"{name}.weight.{part}"
-            if key not in tensors:
-                raise SpearError(f"{where}: missing tensor {key!r}")
-            if tuple(tensors[key].shape) != shape:
-                raise SpearError(f"{where}: tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {shape}")
+        _require(tensors, {f"{name}.weight.{part}": shape for part, shape in want.items()}, where, "tensor")
     for name, info in meta["ec_modules"].items():
         m = modules.get(name)
         if not isinstance(m, nn.Linear):
             raise SpearError(f"{where}: EC module {name!r} is not an nn.Linear of {type(model).__name__}")
-        r, n, k = info["rank"], m.out_features, m.in_features
-        want = {"ec_A": (r, k), "ec_B": (n, r)}
-        if info["gate"] == "sigmoid":
-            want.update(ec_gate_w=(r, r), ec_gate_b=(r,))
-        for part, shape in want.items():
-            key = f"{name}.{part}"
-            if key not in tensors:
-                raise SpearError(f"{where}: missing EC tensor {key!r}")
-            if tuple(tensors[key].shape) != shape:
-                raise SpearError(f"{where}: EC tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {shape}")
+        want = ec_shapes(m.out_features, m.in_features, info["rank"], info["gate"])
+        _require(tensors, {f"{name}.{part}": shape for part, shape in want.items()}, where, "EC tensor")
 
     # every entry of the model's state dict must be covered, and nothing extra may be in the file
     expected = set()
