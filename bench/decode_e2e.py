@@ -162,6 +162,7 @@ def profile_decode(step, model, cache, prompt, variant, n=5):
     gpu_us = sum(e.self_device_time_total for e in ev) / n
     row(check="profile", variant=variant, steps=n, counts=counts, gpu_busy_us_per_step=round(gpu_us, 1))
     print(ev.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60), flush=True)
+    print(ev.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70), flush=True)
 
 
 @torch.no_grad()

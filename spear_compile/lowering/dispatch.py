@@ -20,6 +20,7 @@ all-reduces u across GPUs passes the reduced ``u=`` to ``launch``, and the kerne
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -30,10 +31,12 @@ import triton
 
 from ..errors import SpearError
 from .w4_decode import w4_decode_kernel
+from .w4_gemv import w4_gemv_kernel
 from .w4_prefill import w4_dequantize_kernel, w4_prefill_kernel
 
 MAX_DECODE_M = 16
 MAX_EC_RANK = 256
+MIN_BLOCK_N = 4
 _BUCKETS = (1, 4, 16, 64, 256, 1024)
 
 
@@ -44,11 +47,16 @@ class DecodeConfig:
     split_k: int
     num_warps: int
     two_launch: bool = False  # EC only: u = x Aᵀ by cuBLAS first, then the W kernel reads it
+    kernel: str = "gemv"  # "gemv" (w4_gemv, int32 words) or "v3" (w4_decode, bytes)
+    tc: bool = False  # gemv: tensor cores on bf16 (OFFSET + q) straight from the bits (M <= 16)
+    dynamic_ids: bool = False  # EC: tile ids from an atomic counter instead of the program id
 
     @property
     def name(self):
         u = ",u=cublas+2nd launch" if self.two_launch else ""
-        return f"decode[BN={self.block_n},BK={self.block_k},splitK={self.split_k},warps={self.num_warps}{u}]"
+        v = ("" if self.kernel == "gemv" else f",{self.kernel}") + (",tc" if self.tc else "") + \
+            (",dyn" if self.dynamic_ids else "")
+        return f"decode[BN={self.block_n},BK={self.block_k},splitK={self.split_k},warps={self.num_warps}{u}{v}]"
 
 
 @dataclass(frozen=True)
@@ -100,15 +108,43 @@ def _block_k_choices(k, group_size, wanted):
     return ks or [min(group_size, 32)]
 
 
-def decode_candidates(k, n, group_size, sms=132, has_ec=False):
+def _gemv_splits(n_tiles, k, block_k, sms):
+    """Split-K factors that bring the launch to ~1-4 waves of programs (1 when the N tiles already do)."""
+    n_kb = triton.cdiv(k, block_k)
     out = []
-    for bn, bk, warps in ((32, 128, 4), (32, 256, 4), (64, 128, 4), (64, 256, 8), (128, 128, 4), (128, 64, 4),
-                          (128, 256, 8)):
-        for bk2 in _block_k_choices(k, group_size, [bk]):
-            base = _split_for(triton.cdiv(n, bn), k, bk2, sms)
-            for split in sorted({base, max(1, base // 2)}):
-                if triton.cdiv(k, bk2) >= split:
-                    out.append(DecodeConfig(bn, bk2, split, warps))
+    for split in (1, 2, 4, 8, 16, 32):
+        if split > n_kb or (split > 1 and n_tiles * split > 4 * sms):
+            break
+        if n_tiles * split >= sms or split == n_kb:
+            out.append(split)
+            if len(out) == 2:
+                break
+    return out or [min(n_kb, 32)]
+
+
+def decode_candidates(k, n, group_size, sms=132, has_ec=False, m=1):
+    """Decode configs the tuner times. M = 1: the int32-word GEMV (FMA, or tensor cores on the bf16 bits);
+    M 2..16: the tensor-core GEMV and the byte kernel (v3). Ranges from bench/decode_sweep.py on H100."""
+    out = []
+    pc = group_size >= k
+    if m == 1:
+        bks = (256, 512, 1024) if pc else (128, 256, 512)
+        for bn, bk, warps in itertools.product((8, 16, 32, 64), bks, (2, 4)):
+            if bk <= max(k, 256) and bn * bk // 8 >= 32 * warps:
+                for split in _gemv_splits(triton.cdiv(n, bn), k, bk, sms):
+                    out.append(DecodeConfig(bn, bk, split, warps))
+    tc_bks = [bk for bk in ((128, 256) if pc else (128,)) if _valid_block_k(bk, k, group_size)]
+    for bn, bk, warps in itertools.product((16, 32, 64), tc_bks, (4,) if m == 1 else (4, 8)):
+        # split 1 only: fp32 atomics on a tensor-core accumulator layout summed replicated lanes on H100
+        # (bench/decode_sweep.py, run 1: rel err 0.1-0.3 with BN=64, 4 warps, split >= 2)
+        out.append(DecodeConfig(bn, bk, 1, warps, tc=True))
+    if m > 1:
+        for bn, bk, warps in ((32, 128, 4), (64, 128, 8), (64, 256, 8), (128, 128, 4)):
+            for bk2 in _block_k_choices(k, group_size, [bk]):
+                base = _split_for(triton.cdiv(n, bn), k, bk2, sms)
+                for split in sorted({base, max(1, base // 2)}):
+                    if triton.cdiv(k, bk2) >= split:
+                        out.append(DecodeConfig(bn, bk2, split, warps, kernel="v3"))
     # The two-launch EC variant (cuBLAS u, then the W kernel) lost to the one-launch kernel on every
     # shape of bench run 2 (H100), so it is not a default candidate; pass it as `config=` to force it.
     return list(dict.fromkeys(out))
@@ -134,7 +170,9 @@ def prefill_candidates(m, k, group_size):
 def default_config(m, k, n, group_size, sms=132):
     if m <= MAX_DECODE_M:
         bk = _block_k_choices(k, group_size, [128, 64, 32])[0]
-        return DecodeConfig(32, bk, _split_for(triton.cdiv(n, 32), k, bk, sms), 4)
+        if m == 1:
+            return DecodeConfig(32, bk, _gemv_splits(triton.cdiv(n, 32), k, bk, sms)[0], 2)
+        return DecodeConfig(32, bk, _split_for(triton.cdiv(n, 32), k, bk, sms), 4, kernel="v3")
     if m > 64:  # measured faster than our Triton GEMM at M=256/2048 on H100 (bench/results/kernels.md)
         return DequantCublasConfig()
     return prefill_candidates(m, k, group_size)[0]
@@ -154,7 +192,7 @@ class _Workspace:
     def for_n(self, n):
         if n not in self.acc:
             self.acc[n] = torch.zeros(MAX_DECODE_M * n, dtype=torch.float32, device=self.device)
-            self.arrive[n] = torch.zeros(triton.cdiv(n, 16), dtype=torch.int32, device=self.device)
+            self.arrive[n] = torch.zeros(triton.cdiv(n, MIN_BLOCK_N), dtype=torch.int32, device=self.device)
         return self.acc[n], self.arrive[n]
 
 
@@ -219,8 +257,18 @@ def _block_r(r):
     return max(16, triton.next_power_of_2(max(r, 1)))
 
 
+def gemv_ok(k, qdata) -> bool:
+    """The int32-word kernel needs K % 8 == 0 and 4-byte aligned rows."""
+    return k % 8 == 0 and qdata.data_ptr() % 4 == 0 and qdata.is_contiguous()
+
+
 def _run_decode(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y):
     m, k = x2.shape
+    if cfg.kernel == "gemv" and gemv_ok(k, qdata) and (m == 1 or cfg.tc):
+        return _run_gemv(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y)
+    if not _valid_block_k(cfg.block_k, k, group_size) or cfg.block_k % 16:
+        raise SpearError(f"spear_compile.lowering.dispatch: {cfg.name} cannot run the byte kernel here "
+                         f"(M={m}, K={k}, group {group_size}): its BLOCK_K must be a multiple of 16 within one group")
     n = qdata.shape[0]
     ws = _workspace(x2.device)
     acc, arrive = ws.for_n(n)
@@ -244,6 +292,38 @@ def _run_decode(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_
         HAS_BIAS=bias is not None, HAS_EC=has_ec, GATED=gate_w is not None, U_READY=u is not None,
         INTERPRET=_interpret(),
         num_warps=cfg.num_warps,
+    )
+    return y
+
+
+def _run_gemv(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y):
+    m, k = x2.shape
+    n = qdata.shape[0]
+    ws = _workspace(x2.device)
+    acc, arrive = ws.for_n(n)
+    has_ec = ec_B is not None
+    if has_ec and u is None and cfg.two_launch:
+        u = project_u(x2, ec_A)
+    r = ec_B.shape[1] if has_ec else 0
+    block_r = _block_r(r)
+    block_ku = max(32, 8192 // block_r)
+    num_u_tiles = triton.cdiv(k, block_ku) if has_ec and u is None else 0
+    u_buf = ws.u if u is None else u.contiguous()
+    n_tiles = triton.cdiv(n, cfg.block_n)
+    n_kb = triton.cdiv(k, cfg.block_k)
+    split = min(cfg.split_k, n_kb)
+    dummy = x2  # never read; same dtype as the real operands so every constexpr branch type-checks
+    w4_gemv_kernel[(num_u_tiles + n_tiles * split,)](
+        x2, qdata.view(torch.int32), scale, zero, bias if bias is not None else dummy, y,
+        ec_A if ec_A is not None else dummy, ec_B if has_ec else dummy,
+        gate_w if gate_w is not None else dummy, gate_b if gate_w is not None else dummy, u_buf,
+        acc, arrive, ws.sync,
+        m, n, k, r, group_size, k // group_size, x2.stride(0), y.stride(0), num_u_tiles, n_tiles, split,
+        BLOCK_M=16 if cfg.tc else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SPLIT=split > 1,
+        PER_CHANNEL=group_size == k, WIDE=group_size < k and cfg.block_k > group_size, TC=cfg.tc,
+        X_BF16=x2.dtype == torch.bfloat16, BLOCK_KU=block_ku, BLOCK_R=block_r,
+        HAS_BIAS=bias is not None, HAS_EC=has_ec, GATED=gate_w is not None, U_READY=u is not None,
+        DYNAMIC_IDS=cfg.dynamic_ids, INTERPRET=_interpret(), num_warps=cfg.num_warps,
     )
     return y
 
@@ -315,15 +395,64 @@ def _can_tune(x):
             and not torch.cuda.is_current_stream_capturing())
 
 
+_FLUSH = {}
+
+
+def _graph_ms(fn, device, reps=5):
+    """ms per call of ``fn`` as a CUDA-graph replay, each call after an in-graph 64 MB write that evicts
+    L2 (minus a graph of the writes alone): no host launch time inside the measurement, unlike
+    ``do_bench``, whose per-call timing let the launcher's Python time leak in (bench/results/decode_sweep.md)."""
+    if device not in _FLUSH:
+        _FLUSH[device] = torch.empty(1 << 26, dtype=torch.uint8, device=device)
+    buf = _FLUSH[device]
+    fn()
+    torch.cuda.synchronize(device)
+    graphs = []
+    for with_fn in (True, False):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                buf.zero_()
+                if with_fn:
+                    fn()
+        graphs.append(g)
+    times = []
+    for g in graphs:
+        best = float("inf")
+        for _ in range(3):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            best = min(best, a.elapsed_time(b))
+        times.append(best)
+    return max(times[0] - times[1], 1e-6) / reps
+
+
 def _tune(key, args, cands):
+    """Time every candidate (CUDA-graph replay, L2 flushed; ``do_bench`` if capture fails) and keep the
+    fastest whose output matches the dequantize + cuBLAS reference: a config the compiler gets wrong on
+    this GPU is dropped, never picked."""
     from triton.testing import do_bench
 
+    y = args[-1]
+    ref = _run_dequant_cublas(None, *args[:-1], torch.empty_like(y)).float()
+    ref_norm = ref.norm().clamp_min(1e-30)
     results = []
     for cfg in cands:
         try:
-            ms = do_bench(lambda: _runner(cfg)(cfg, *args), warmup=3, rep=10, return_mode="median")
+            _runner(cfg)(cfg, *args)
+            err = ((y.float() - ref).norm() / ref_norm).item()
+            if not err < 2e-2:
+                results.append((cfg.name, f"wrong: rel err {err:.2e}"))
+                continue
+            fn = lambda: _runner(cfg)(cfg, *args)  # noqa: E731
+            try:
+                ms = _graph_ms(fn, y.device)
+            except Exception:  # noqa: BLE001  (capture refused: time it eagerly)
+                ms = do_bench(fn, warmup=3, rep=10, return_mode="median")
         except Exception as e:  # a config the compiler refuses (shared memory, registers)
-            ms = float("inf")
             results.append((cfg.name, f"failed: {type(e).__name__}"))
             continue
         results.append((cfg.name, ms))
@@ -331,7 +460,8 @@ def _tune(key, args, cands):
     timed = [(ms, i) for i, (_, ms) in enumerate(results) if isinstance(ms, float)]
     if not timed:
         raise SpearError(f"spear_compile.lowering.dispatch: no kernel config ran for {key}")
-    return cands[min(timed)[1]]
+    best = min(timed)[1]
+    return next(c for c in cands if c.name == results[best][0])
 
 
 def _config_for(x2, args, k, n, group_size, has_ec, gated):
@@ -342,7 +472,7 @@ def _config_for(x2, args, k, n, group_size, has_ec, gated):
     sms = _num_sms(x2.device)
     if not _can_tune(x2):
         return default_config(m, k, n, group_size, sms)
-    cands = (decode_candidates(k, n, group_size, sms, has_ec) if m <= MAX_DECODE_M
+    cands = (decode_candidates(k, n, group_size, sms, has_ec, m) if m <= MAX_DECODE_M
              else prefill_candidates(m, k, group_size))
     _TUNED[key] = _tune(key, args, cands)
     return _TUNED[key]
