@@ -1,8 +1,10 @@
 """``calibrate``: quantize a model, diagnose it, place ECs under a byte budget, initialise them by
 activation-aware SVD and train them jointly against the FP model's logits.
 
-Two steps, so that sweeps reuse the expensive part: ``prepare`` (load, quantize, diagnose,
-second moments, cached FP logits) and ``fit`` (placement, init, training, export).
+Two steps, so that sweeps reuse the expensive part: ``prepare`` (load, quantize, local and
+model-level diagnostic, second moments and SVD factors, cached FP logits) and ``fit`` /
+``fit_many`` (placement, init, training, export). ``fit_many`` trains many fits of one prepared
+model together (:mod:`spear_compile.ec_train`): one larger step instead of many small ones.
 """
 from __future__ import annotations
 
@@ -11,17 +13,17 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from .config import QuantConfig
-from .diagnostic import diagnose, save_report
+from .diagnostic import SCORES, diagnose, model_level, save_report
 from .ec import GATES, CompensatedLinear
-from .ec_init import input_second_moments, svd_init_
+from .ec_init import captured_fraction, dense_weight, input_second_moments, svd_factors
 from .ec_io import model_identity, save_ecs
-from .ec_train import cast_model_, densify_, mean_kl, teacher_topk, train_ecs
+from .ec_train import cast_model_, densify_, mean_kl, stack_ecs_, teacher_topk, train_stacked
 from .errors import SpearError
 from .evaluate import DEFAULT_CALIB, DEFAULT_MODEL, calibration_tokens
 from .memory import model_bytes
@@ -30,6 +32,16 @@ from .placement import MODES, check_budget, place
 from .qtensor import QuantizedWeight
 from .quantize import quantize
 
+# The diagnostic placement's score and rank rule, chosen on held-out calibration KL (W4-pc RTN, 1%:
+# bench/results/quality_sweep.md, bench/NOTES_quality.md): the model-level CKA/entropy score of
+# quantizing one module alone, ranks allocated by score x captured error share per byte, up to 16.
+DIAGNOSTIC_SCORE = "solo_score"
+DIAGNOSTIC_ALLOC = "capture"
+DIAGNOSTIC_RANK = 16  # the fixed rank, or the largest rank of the "capture" rule
+DEFAULT_RANK = 8      # every other placement
+ALLOCS = ("fixed", "per_byte", "capture")  # fixed rank by score; fixed rank by score per byte; allocated ranks
+SVD_CACHE_RANK = 64
+EXPERIMENTAL_GATES = ("norm",)  # fit_many only, held-out KL only: no exportable EC form
 
 
 @dataclass
@@ -43,12 +55,24 @@ class Prepared:
     teacher: tuple                # FP top-k (log-probs, ids) [W, T, k] of wins
     heldout: torch.Tensor         # [H, T] held-out calibration tokens
     heldout_teacher: tuple
-    scores: Dict[str, dict]
+    scores: Dict[str, dict]       # per module: local and model-level diagnostic stats
     sigmas: Dict[str, torch.Tensor]
     quant_bytes: int
     identity: dict
     timings: dict = field(default_factory=dict)
     heldout_kl_quantized: Optional[float] = None
+    model_all: dict = field(default_factory=dict)     # the fully quantized model's output damage and KL
+    svd: Dict[str, tuple] = field(default_factory=dict)       # name -> (A [r, K], B [N, r]) at SVD_CACHE_RANK
+    capture: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> captured error share by rank
+
+    def svd_init(self, name: str, rank: int):
+        """``(A [rank, K], B [N, rank])`` of the activation-aware SVD of module ``name``'s error."""
+        a, b = self.svd[name]
+        if rank > a.shape[0]:
+            mods = dict(self.q_work.named_modules())
+            err = dict(self.fp_work.named_modules())[name].weight.detach().float() - dense_weight(mods[name].weight)
+            a, b = svd_factors(err, self.sigmas[name], rank)
+        return a[:rank], b[:, :rank]
 
 
 def _load(model_or_path, dtype):
@@ -81,10 +105,12 @@ def calibration_windows(calib, tokenizer, seq_len: int, n_windows: int) -> torch
 
 def prepare(model=DEFAULT_MODEL, quant: Union[str, QuantConfig] = "w4-pc-rtn", calib=DEFAULT_CALIB,
             seq_len: int = 256, n_windows: Optional[int] = None, n_diag: int = 64, n_heldout: int = 16,
-            topk: int = 64, device=None, dtype=torch.bfloat16, progress: bool = True) -> Prepared:
-    """Load and quantize ``model``; diagnose and take input second moments on the first
-    ``n_diag`` calibration windows; cache FP top-``topk`` outputs; hold out the last
-    ``n_heldout`` windows (never trained on) to report held-out KL."""
+            topk: int = 64, device=None, dtype=torch.bfloat16, progress: bool = True,
+            n_diag_model: int = 16, model_variants: Sequence[str] = ("restore", "solo")) -> Prepared:
+    """Load and quantize ``model``; local diagnostic and input second moments on the first
+    ``n_diag`` calibration windows, model-level diagnostic on the first ``n_diag_model``; cache FP
+    top-``topk`` outputs; hold out the last ``n_heldout`` windows (never trained on) to report
+    held-out KL."""
     t0 = time.time()
     cfg = QuantConfig.from_spec(quant) if isinstance(quant, str) else quant
     if not isinstance(cfg, QuantConfig):
@@ -110,14 +136,33 @@ def prepare(model=DEFAULT_MODEL, quant: Union[str, QuantConfig] = "w4-pc-rtn", c
     q_work.eval()
     t1 = time.time()
     scores = diagnose(fp_work, q_work, wins[:n_diag], names)
+    t2 = time.time()
+    model_all = {}
+    if model_variants:
+        ml = model_level(fp_work, q_work, wins[:n_diag_model], names, variants=model_variants, topk=topk,
+                         progress=progress)
+        model_all = ml.pop("_all")
+        for n in names:
+            scores[n].update(ml[n])
+            scores[n]["score"] = scores[n].get(DIAGNOSTIC_SCORE, scores[n]["local_score"])
+    t3 = time.time()
     sigmas = input_second_moments(fp_work, wins[:n_diag], names)
+    fp_mods, q_mods = dict(fp_work.named_modules()), dict(q_work.named_modules())
+    svd, capture = {}, {}
+    for n in names:
+        w_fp = fp_mods[n].weight.detach().float()
+        r = min(SVD_CACHE_RANK, *w_fp.shape)
+        a, b, s = svd_factors(w_fp - dense_weight(q_mods[n].weight), sigmas[n], r, spectrum=True)
+        svd[n], capture[n] = (a, b), captured_fraction(s)
+    t4 = time.time()
     teacher = teacher_topk(fp_work, wins, topk)
     heldout_teacher = teacher_topk(fp_work, heldout, topk) if n_heldout else None
     kl_q = mean_kl(q_work, heldout, heldout_teacher) if n_heldout else None
-    t2 = time.time()
+    t5 = time.time()
     return Prepared(cfg, q_model, fp_work, q_work, wins, teacher, heldout, heldout_teacher, scores, sigmas,
                     quant_bytes, model_identity(fp_model),
-                    {"load_quantize_s": t1 - t0, "diagnose_teacher_s": t2 - t1}, kl_q)
+                    {"load_quantize_s": t1 - t0, "diagnose_local_s": t2 - t1, "diagnose_model_s": t3 - t2,
+                     "svd_s": t4 - t3, "teacher_s": t5 - t4}, kl_q, model_all, svd, capture)
 
 
 def _to_device_(model: nn.Module, device) -> nn.Module:
@@ -140,91 +185,175 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def fit(prep: Prepared, budget: float = 0.01, gate: str = "sigmoid", placement: str = "diagnostic",
-        rank: int = 8, steps: int = 600, lr: float = 1e-3, batch_size: int = 8, gate_lr_mult: float = 1.0,
-        init: str = "svd", per_byte: bool = False, seed: int = 0, out_dir=None, progress: bool = True):
-    """Place, initialise and train ECs on a prepared model; returns ``(model, manifest)``:
-    a copy of the quantized model (storage dtype) with ``CompensatedLinear`` modules."""
-    check_budget(budget)
-    if gate not in GATES:
-        raise SpearError(f"calibrate: unknown gate {gate!r}; supported: {GATES}")
-    if placement not in MODES:
-        raise SpearError(f"calibrate: unknown placement {placement!r}; supported: {MODES}")
-    if init not in ("svd", "zero"):
-        raise SpearError(f"calibrate: unknown init {init!r}; supported: ('svd', 'zero')")
-    t0 = time.time()
-    torch.manual_seed(seed)
+FIT_DEFAULTS = dict(budget=0.01, gate="sigmoid", placement="diagnostic", rank=None, lr=1e-3, gate_lr_mult=1.0,
+                    init="svd", seed=0, score=None, alloc=None)
+
+
+def _spec(spec: dict) -> dict:
+    unknown = set(spec) - set(FIT_DEFAULTS)
+    if unknown:
+        raise SpearError(f"calibrate: unknown fit option(s) {sorted(unknown)}; supported: {sorted(FIT_DEFAULTS)}")
+    sp = dict(FIT_DEFAULTS, **spec)
+    check_budget(sp["budget"])
+    if sp["gate"] not in GATES + EXPERIMENTAL_GATES:
+        raise SpearError(f"calibrate: unknown gate {sp['gate']!r}; supported: {GATES}")
+    if sp["placement"] not in MODES:
+        raise SpearError(f"calibrate: unknown placement {sp['placement']!r}; supported: {MODES}")
+    if sp["init"] not in ("svd", "zero"):
+        raise SpearError(f"calibrate: unknown init {sp['init']!r}; supported: ('svd', 'zero')")
+    if sp["placement"] == "local":
+        sp["score"] = sp["score"] or "local_score"
+        sp["alloc"] = sp["alloc"] or "fixed"
+    sp["score"] = sp["score"] or DIAGNOSTIC_SCORE
+    sp["alloc"] = sp["alloc"] or DIAGNOSTIC_ALLOC
+    if sp["rank"] is None:
+        sp["rank"] = DIAGNOSTIC_RANK if sp["placement"] == "diagnostic" else DEFAULT_RANK
+    if sp["score"] not in SCORES:
+        raise SpearError(f"calibrate: unknown score {sp['score']!r}; supported: {SCORES}")
+    if sp["alloc"] not in ALLOCS:
+        raise SpearError(f"calibrate: unknown rank allocation {sp['alloc']!r}; supported: {ALLOCS}")
+    return sp
+
+
+def _placement(prep: Prepared, sp: dict, bytes_per_param: int) -> Dict[str, int]:
     modules = dict(prep.q_work.named_modules())
     shapes = {n: (modules[n].out_features, modules[n].in_features) for n in prep.scores}
+    scores = None
+    if sp["placement"] in ("diagnostic", "local"):
+        missing = [n for n in shapes if sp["score"] not in prep.scores[n]]
+        if missing:
+            raise SpearError(f"calibrate: score {sp['score']!r} was not computed (prepare's model_variants); "
+                             f"missing for {missing[0]!r}")
+        scores = {n: prep.scores[n][sp["score"]] for n in shapes}
+    ranked = scores is not None
+    capture = prep.capture if sp["alloc"] == "capture" and ranked else None
+    return place(shapes, int(math.floor(sp["budget"] * prep.quant_bytes)), sp["placement"], scores,
+                 rank=sp["rank"], gate="sigmoid" if sp["gate"] in EXPERIMENTAL_GATES else sp["gate"],
+                 bytes_per_param=bytes_per_param, seed=sp["seed"], per_byte=ranked and sp["alloc"] == "per_byte",
+                 capture=capture)
+
+
+def fit_many(prep: Prepared, specs: Sequence[dict], steps: int = 600, batch_size: int = 8,
+             max_stack: int = 16, out_dirs: Optional[Sequence] = None, progress: bool = True):
+    """Fit one EC set per spec (``{budget, gate, placement, rank, lr, gate_lr_mult, init, seed,
+    score, alloc}``, defaults ``FIT_DEFAULTS``; rank ``None``: ``DIAGNOSTIC_RANK`` for the
+    diagnostic placement, else ``DEFAULT_RANK``) on a prepared model, up to
+    ``max_stack`` of them trained together; returns ``[(model, manifest)]`` in spec order, each
+    model a copy of the quantized model (storage dtype) with ``CompensatedLinear`` modules."""
+    specs = [_spec(dict(sp)) for sp in specs]
+    if not specs:
+        raise SpearError("calibrate: no fit requested")
+    if out_dirs is not None and len(out_dirs) != len(specs):
+        raise SpearError(f"calibrate: {len(out_dirs)} output directories for {len(specs)} fits")
     store_dtype = next(p for p in prep.q_model.parameters() if not isinstance(p, QuantizedWeight)).dtype
     bpp = torch.empty((), dtype=store_dtype).element_size()
-    budget_bytes = int(math.floor(budget * prep.quant_bytes))
-    ranks = place(shapes, budget_bytes, placement, {n: s["score"] for n, s in prep.scores.items()},
-                  rank=rank, gate=gate, bytes_per_param=bpp, seed=seed, per_byte=per_byte)
+    placements = [_placement(prep, sp, bpp) for sp in specs]
+    results = []
+    for lo in range(0, len(specs), max(1, max_stack)):
+        chunk = list(range(lo, min(len(specs), lo + max(1, max_stack))))
+        results += _fit_stack(prep, [specs[i] for i in chunk], [placements[i] for i in chunk], steps, batch_size,
+                              [out_dirs[i] for i in chunk] if out_dirs is not None else None, progress)
+    return results
 
+
+def _fit_stack(prep, specs, placements, steps, batch_size, out_dirs, progress):
+    t0 = time.time()
     work = copy.deepcopy(prep.q_work)
-    fp_weights = dict(prep.fp_work.named_modules())
-    for name, r in ranks.items():
-        ec = CompensatedLinear.wrap(modules[name], r, gate, dtype=torch.float32)
-        _swap(work, name, ec)
-    work_mods = dict(work.named_modules())
-    for name in ranks:
-        ec = work_mods[name]
-        if init == "svd":
-            svd_init_(ec, fp_weights[name].weight.detach(), prep.sigmas[name])
-        else:  # small random A, zero B: output unchanged at start
+    stacked = stack_ecs_(work, placements, [sp["gate"] for sp in specs])
+    for f, (sp, ranks) in enumerate(zip(specs, placements)):
+        gen = torch.Generator().manual_seed(sp["seed"])
+        for name, r in ranks.items():
+            m = stacked[name]
+            if sp["init"] == "svd":
+                a, b = prep.svd_init(name, r)
+            else:  # small random A, zero B: output unchanged at start
+                a = torch.randn(r, m.in_features, generator=gen) / math.sqrt(m.in_features)
+                b = torch.zeros(m.out_features, r)
+            m.set_ec(f, a.to(m.A.device), b.to(m.B.device))
+    prec = torch.get_float32_matmul_precision()
+    if next(work.parameters()).is_cuda:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for training on the GPU
+    try:
+        losses = train_stacked(work, prep.wins, prep.teacher, [sp["seed"] for sp in specs], steps=steps,
+                               lr=[sp["lr"] for sp in specs], batch_size=batch_size,
+                               gate_lr_mult=[sp["gate_lr_mult"] for sp in specs], progress=progress)
+        kl_h = mean_kl(work, prep.heldout, prep.heldout_teacher, n_fits=len(specs)) if prep.heldout.numel() else None
+    finally:
+        torch.set_float32_matmul_precision(prec)
+    if kl_h is not None and len(specs) == 1:
+        kl_h = [kl_h]
+    fit_s = (time.time() - t0) / len(specs)
+    out = []
+    budget_bytes_of = lambda sp: int(math.floor(sp["budget"] * prep.quant_bytes))  # noqa: E731
+    for f, (sp, ranks) in enumerate(zip(specs, placements)):
+        if sp["gate"] in EXPERIMENTAL_GATES:
+            out.append((None, {"gate": sp["gate"], "ranks": ranks, "placement": sp["placement"], "rank": sp["rank"],
+                               "score": sp["score"] if sp["placement"] in ("diagnostic", "local") else None,
+                               "alloc": sp["alloc"] if sp["placement"] in ("diagnostic", "local") else None,
+                               "kl_heldout": {"quantized": prep.heldout_kl_quantized, "with_ecs": kl_h[f]} if kl_h else None,
+                               "loss_first": losses[f][0] if losses[f] else None,
+                               "loss_last": sum(losses[f][-10:]) / max(1, len(losses[f][-10:])) if losses[f] else None}))
+            continue
+        model = copy.deepcopy(prep.q_model)
+        mods = dict(model.named_modules())
+        for name, r in ranks.items():
+            dst = CompensatedLinear.wrap(mods[name], r, sp["gate"])
             with torch.no_grad():
-                ec.ec_A.normal_(0, 1 / math.sqrt(ec.in_features))
-    losses = train_ecs(work, prep.wins, prep.teacher, steps=steps, lr=lr, batch_size=batch_size,
-                       gate_lr_mult=gate_lr_mult, seed=seed, progress=progress)
+                for pname, t in stacked[name].ec_state(f).items():
+                    getattr(dst, pname).copy_(t)
+            _swap(model, name, dst)
+        ec_bytes = sum(m.ec_bytes() for m in model.modules() if isinstance(m, CompensatedLinear))
+        assert ec_bytes <= budget_bytes_of(sp), (ec_bytes, budget_bytes_of(sp))
+        ls = losses[f]
+        manifest = {
+            "quant": prep.config.to_dict(), "base_model": prep.identity, "gate": sp["gate"],
+            "placement": sp["placement"], "score": sp["score"] if sp["placement"] in ("diagnostic", "local") else None,
+            "alloc": sp["alloc"] if sp["placement"] in ("diagnostic", "local") else None, "rank": sp["rank"],
+            "budget": sp["budget"], "budget_bytes": budget_bytes_of(sp),
+            "quantized_model_bytes": prep.quant_bytes, "ec_bytes": ec_bytes, "ranks": ranks,
+            "init": sp["init"], "steps": steps, "lr": sp["lr"], "batch_size": batch_size,
+            "gate_lr_mult": sp["gate_lr_mult"], "seed": sp["seed"], "calib_tokens": int(prep.wins.numel()),
+            "fits_trained_together": len(specs),
+            "loss_first": ls[0] if ls else None, "loss_last": sum(ls[-10:]) / max(1, len(ls[-10:])) if ls else None,
+            "kl_heldout": {"quantized": prep.heldout_kl_quantized, "with_ecs": kl_h[f]} if kl_h is not None else None,
+            "scores": {n: {k: round(s[k], 8) for k in ("score",) + SCORES if k in s} for n, s in prep.scores.items()},
+            "model_level_all": prep.model_all,
+            "timings": dict(prep.timings, fit_s=fit_s),
+        }
+        if out_dirs is not None and out_dirs[f] is not None:
+            manifest = save_ecs(model, out_dirs[f], manifest)
+            save_report(prep.scores, out_dirs[f], title=prep.config.spec)
+        out.append((model, manifest))
+    return out
 
-    kl_heldout = None
-    if prep.heldout.numel():
-        kl_heldout = {"quantized": prep.heldout_kl_quantized,
-                      "with_ecs": mean_kl(work, prep.heldout, prep.heldout_teacher)}
-    out = copy.deepcopy(prep.q_model)
-    for name, r in ranks.items():
-        src = work_mods[name]
-        dst = CompensatedLinear.wrap(dict(out.named_modules())[name], r, gate)
-        with torch.no_grad():
-            for p_src, p_dst in zip(src.ec_parameters(), dst.ec_parameters()):
-                p_dst.copy_(p_src)
-        _swap(out, name, dst)
-    ec_bytes = sum(m.ec_bytes() for m in out.modules() if isinstance(m, CompensatedLinear))
-    assert ec_bytes <= budget_bytes, (ec_bytes, budget_bytes)
-    manifest = {
-        "quant": prep.config.to_dict(), "base_model": prep.identity, "gate": gate, "placement": placement,
-        "rank": rank, "budget": budget, "budget_bytes": budget_bytes, "quantized_model_bytes": prep.quant_bytes,
-        "ec_bytes": ec_bytes, "ranks": ranks, "per_byte": per_byte, "init": init, "steps": steps, "lr": lr, "batch_size": batch_size,
-        "gate_lr_mult": gate_lr_mult, "seed": seed, "calib_tokens": int(prep.wins.numel()),
-        "loss_first": losses[0] if losses else None, "loss_last": sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else None,
-        "kl_heldout": kl_heldout,
-        "scores": {n: round(s["score"], 6) for n, s in prep.scores.items()},
-        "timings": dict(prep.timings, fit_s=time.time() - t0),
-    }
-    if out_dir is not None:
-        manifest = save_ecs(out, out_dir, manifest)
-        save_report(prep.scores, out_dir, title=prep.config.spec)
-    return out, manifest
+
+def fit(prep: Prepared, budget: float = 0.01, gate: str = "sigmoid", placement: str = "diagnostic",
+        rank: Optional[int] = None, steps: int = 600, lr: float = 1e-3, batch_size: int = 8, gate_lr_mult: float = 1.0,
+        init: str = "svd", seed: int = 0, out_dir=None, progress: bool = True,
+        score: Optional[str] = None, alloc: Optional[str] = None):
+    """Place, initialise and train ECs on a prepared model; returns ``(model, manifest)``:
+    a copy of the quantized model (storage dtype) with ``CompensatedLinear`` modules."""
+    spec = dict(budget=budget, gate=gate, placement=placement, rank=rank, lr=lr, gate_lr_mult=gate_lr_mult,
+                init=init, seed=seed, score=score, alloc=alloc)
+    torch.manual_seed(seed)
+    return fit_many(prep, [spec], steps=steps, batch_size=batch_size, out_dirs=[out_dir], progress=progress)[0]
 
 
 def calibrate(model=DEFAULT_MODEL, quant: Union[str, QuantConfig] = "w4-pc-rtn", calib=DEFAULT_CALIB,
-              budget: float = 0.01, gate: str = "sigmoid", placement: str = "diagnostic", rank: int = 8,
+              budget: float = 0.01, gate: str = "sigmoid", placement: str = "diagnostic", rank: Optional[int] = None,
               steps: int = 600, lr: float = 1e-3, batch_size: int = 8, seed: int = 0, out_dir=None,
               device=None, progress: bool = True, seq_len: int = 256, n_windows: Optional[int] = None,
-              gate_lr_mult: float = 1.0, init: str = "svd"):
+              gate_lr_mult: float = 1.0, init: str = "svd", score: Optional[str] = None,
+              alloc: Optional[str] = None):
     """Quantize ``model`` (a path or an FP ``nn.Module``) with ``quant``, fit ECs on ``calib``
     within ``budget`` × the quantized model's bytes; returns ``(model_with_ecs, manifest)`` and,
     with ``out_dir``, writes ``ecs.safetensors``, ``manifest.json`` and the diagnostic report."""
-    check_budget(budget)
-    if gate not in GATES:
-        raise SpearError(f"calibrate: unknown gate {gate!r}; supported: {GATES}")
-    if placement not in MODES:
-        raise SpearError(f"calibrate: unknown placement {placement!r}; supported: {MODES}")
+    _spec(dict(budget=budget, gate=gate, placement=placement, init=init, score=score, alloc=alloc))
     torch.manual_seed(seed)
     prep = prepare(model, quant, calib, seq_len=seq_len, n_windows=n_windows, device=device, progress=progress)
     return fit(prep, budget, gate, placement, rank=rank, steps=steps, lr=lr, batch_size=batch_size,
-               gate_lr_mult=gate_lr_mult, init=init, seed=seed, out_dir=out_dir, progress=progress)
+               gate_lr_mult=gate_lr_mult, init=init, seed=seed, out_dir=out_dir, progress=progress,
+               score=score, alloc=alloc)
 
 
 def add_cli(subparsers) -> None:
@@ -237,7 +366,14 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--gate", default="sigmoid", choices=GATES)
     p.add_argument("--placement", default="diagnostic", choices=MODES)
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank", type=int, default=None,
+                   help=f"EC rank (with --alloc capture: the largest rank); default {DIAGNOSTIC_RANK} for the diagnostic "
+                        f"placement, else {DEFAULT_RANK}")
+    p.add_argument("--score", default=None, choices=SCORES,
+                   help=f"diagnostic score the placement ranks by (default {DIAGNOSTIC_SCORE}; 'local' placement: local_score)")
+    p.add_argument("--alloc", default=None, choices=ALLOCS,
+                   help="'fixed' rank by score, 'per_byte' fixed rank by score per byte, or 'capture': ranks allocated "
+                        f"by score x captured error share per byte (default {DIAGNOSTIC_ALLOC})")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -248,6 +384,6 @@ def add_cli(subparsers) -> None:
 def _run_cli(args) -> int:
     _, manifest = calibrate(args.model, args.quant, args.calib, budget=args.budget, gate=args.gate,
                             placement=args.placement, rank=args.rank, steps=args.steps, lr=args.lr,
-                            seed=args.seed, out_dir=args.out, device=args.device)
+                            seed=args.seed, out_dir=args.out, device=args.device, score=args.score, alloc=args.alloc)
     print(f"wrote {len(manifest['modules'])} ECs ({manifest['ec_bytes']} bytes, budget {manifest['budget_bytes']}) to {args.out}")
     return 0

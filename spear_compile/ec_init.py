@@ -47,9 +47,11 @@ def input_second_moments(model: nn.Module, wins: torch.Tensor, names: Iterable[s
     return {n: (sums[n] / counts[n]).cpu() for n in sums}
 
 
-def svd_factors(err: torch.Tensor, sigma: torch.Tensor, rank: int, damp: float = 1e-6):
+def svd_factors(err: torch.Tensor, sigma: torch.Tensor, rank: int, damp: float = 1e-6, spectrum: bool = False):
     """``(A [r, K], B [N, r])`` float32 with ``B A`` the Σ-weighted best rank-r approximation of
-    ``err [N, K]``. ``damp`` (relative to mean eigenvalue) keeps ``Σ^{-1/2}`` finite."""
+    ``err [N, K]``. ``damp`` (relative to mean eigenvalue) keeps ``Σ^{-1/2}`` finite. Rows of A and
+    columns of B come in decreasing singular value, so the rank-r' factors (r' < r) are their
+    first r' rows / columns. With ``spectrum`` also the singular values of ``err Σ^{1/2}`` (all)."""
     n, k = err.shape
     if sigma.shape != (k, k):
         raise SpearError(f"svd_factors: Σ shape {tuple(sigma.shape)} does not match error shape {tuple(err.shape)}")
@@ -64,7 +66,15 @@ def svd_factors(err: torch.Tensor, sigma: torch.Tensor, rank: int, damp: float =
     s_half = s[:rank].sqrt()
     b = u[:, :rank] * s_half
     a = (s_half[:, None] * vh[:rank]) @ inv_root
-    return a.float(), b.float()
+    return (a.float(), b.float(), s.float()) if spectrum else (a.float(), b.float())
+
+
+def captured_fraction(s: torch.Tensor) -> torch.Tensor:
+    """``c[r]`` (r = 0..len(s)): the share of ``||E Σ^{1/2}||_F²`` that the rank-r truncated SVD
+    (singular values ``s``) removes, i.e. how much of a module's output error (on the calibration
+    inputs) a rank-r EC initialised by :func:`svd_factors` cancels."""
+    e = s.double().square()
+    return torch.cat([e.new_zeros(1), e.cumsum(0) / e.sum().clamp(min=1e-300)])
 
 
 @torch.no_grad()

@@ -1,21 +1,28 @@
-"""Joint training of all ECs against the FP model's output distribution.
+"""Joint training of ECs against the FP model's output distribution, many fits at once.
 
-Base weights stay frozen; only ``ec_*`` parameters train. The loss is the token-mean
+Base weights stay frozen; only the EC parameters train. The loss is the token-mean
 ``KL(p_FP ‖ p_quant+EC)`` over the FP model's top-k tokens plus a rest-of-vocabulary bucket, with
 the FP top-k computed once and cached (fp16 log-probs + int16 ids: small enough to calibrate on
-the whole calibration file). AdamW, linear warm-up then cosine decay; batches drawn from a seeded generator.
+the whole calibration file). Adam (no weight decay), linear warm-up then cosine decay; batches
+drawn from a seeded generator per fit.
+
+Several fits (placements, gates, seeds, learning rates) of one quantized model train *together*:
+every linear that any fit compensates becomes a :class:`StackedEC` holding one EC per fit, the
+batch is the fits' batches stacked (fit-major), and each fit's EC sees only its own chunk. Fits
+share no parameter and Adam is element-wise, so the summed loss trains each fit exactly as if it
+ran alone (up to floating-point reduction order), at the cost of one larger step instead of
+F launch-bound small ones.
 """
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .ec import CompensatedLinear
 from .errors import SpearError
 from .qtensor import QuantizedWeight
 
@@ -33,10 +40,6 @@ def cast_model_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             elif p.dtype.is_floating_point and p.dtype != dtype:
                 p.data = p.data.to(dtype)
     return model
-
-
-def compensated(model: nn.Module) -> List[CompensatedLinear]:
-    return [m for m in model.modules() if isinstance(m, CompensatedLinear)]
 
 
 @torch.no_grad()
@@ -67,28 +70,38 @@ def teacher_topk(fp_model: nn.Module, wins: torch.Tensor, k: int = 64, batch_siz
     return torch.cat(vals), torch.cat(idxs)
 
 
-def kl_to_teacher(logits: torch.Tensor, top_logp: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
-    """Token-mean KL(p_FP ‖ p_model) over the teacher's top-k tokens plus one bucket for the rest
-    of the vocabulary (exact KL of the coarse-grained distributions; the full KL when k = V)."""
+def kl_per_token(logits: torch.Tensor, top_logp: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(p_FP ‖ p_model) ``[..., T]`` over the teacher's top-k tokens plus one bucket for
+    the rest of the vocabulary (exact KL of the coarse-grained distributions; the full KL when k = V)."""
     log_q = F.log_softmax(logits.float(), -1)
     lq = log_q.gather(-1, top_idx.long())
     lp = top_logp.float()
     p = lp.exp()
     p_rest = (1 - p.sum(-1)).clamp(min=1e-6)
     q_rest = (1 - lq.exp().sum(-1)).clamp(min=1e-6)
-    kl = (p * (lp - lq)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
-    return kl.mean()
+    return (p * (lp - lq)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+
+
+def kl_to_teacher(logits: torch.Tensor, top_logp: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+    """Token-mean of :func:`kl_per_token`."""
+    return kl_per_token(logits, top_logp, top_idx).mean()
 
 
 @torch.no_grad()
-def mean_kl(model: nn.Module, wins: torch.Tensor, teacher, batch_size: int = 8) -> float:
-    """``kl_to_teacher`` averaged over all windows (e.g. held-out calibration windows)."""
+def mean_kl(model: nn.Module, wins: torch.Tensor, teacher, batch_size: int = 8, n_fits: int = 1):
+    """``kl_to_teacher`` averaged over all windows (e.g. held-out calibration windows). With
+    ``n_fits > 1`` the model is a stacked one (:func:`stack_ecs_`): every batch is repeated once per
+    fit and a list of ``n_fits`` KLs is returned."""
     device = next(model.parameters()).device
-    total = 0.0
+    total = torch.zeros(n_fits, dtype=torch.float64)
     for i in range(0, wins.shape[0], batch_size):
         sl = slice(i, i + batch_size)
-        total += kl_to_teacher(model(wins[sl].to(device)).logits, teacher[0][sl], teacher[1][sl]).item() * wins[sl].shape[0]
-    return total / wins.shape[0]
+        x = wins[sl].to(device)
+        logits = model(x.repeat(n_fits, 1)).logits
+        kl = kl_per_token(logits, teacher[0][sl].repeat(n_fits, 1, 1), teacher[1][sl].repeat(n_fits, 1, 1))
+        total += kl.reshape(n_fits, -1).mean(1).double().cpu() * x.shape[0]
+    out = (total / wins.shape[0]).tolist()
+    return out[0] if n_fits == 1 else out
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: float = 0.05) -> float:
@@ -98,52 +111,178 @@ def lr_at(step: int, steps: int, lr: float, warmup: float = 0.05) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
 
 
-def train_ecs(model: nn.Module, wins: torch.Tensor, teacher, steps: int = 300,
-              lr: float = 1e-3, batch_size: int = 8, gate_lr_mult: float = 1.0, weight_decay: float = 0.0,
-              seed: int = 0, progress: bool = True) -> List[float]:
-    """Train the ECs of ``model`` (fp32 recommended) in place; returns the loss per step.
+class StackedEC(nn.Module):
+    """One frozen linear plus ``F`` independent ECs, one per fit, at ranks ``ranks[f]`` (0: none)
+    with gate ``gates[f]`` (``"sigmoid"``, ``"none"`` or the experimental ``"norm"``). The input's
+    leading (batch) dimension holds ``F`` equal chunks, fit-major; chunk ``f`` gets EC ``f``. Per
+    fit the same function as :class:`~spear_compile.ec.CompensatedLinear`:
+    ``W x + b + B (g(A x) ⊙ A x)``.
+
+    Ranks are padded to the largest with zeros, and zeros they stay: a padded coordinate has
+    ``A`` row = 0 and ``B`` column = 0 (and zero gate weights to and from it), so every gradient
+    reaching it is exactly 0 and Adam never moves it (no masks needed in the forward). A static
+    fit's gate parameters, where gated fits share the module, get their gradient masked to 0
+    (``g ≡ 1`` exactly).
+
+    ``"norm"`` (not exportable; the compiler pass does not match it): the sigmoid gate plus a
+    per-token input statistic, ``g = 2·sigmoid(W_g u + w_n·log(||x||²/K) + b)``, to test whether a
+    gate that sees the token's activation scale helps."""
+
+    GATE_KINDS = ("none", "sigmoid", "norm")
+
+    def __init__(self, linear: nn.Linear, ranks: Sequence[int], gates: Sequence[str]):
+        super().__init__()
+        if len(ranks) != len(gates) or not ranks:
+            raise SpearError(f"StackedEC: {len(ranks)} ranks vs {len(gates)} gates")
+        if any(g not in self.GATE_KINDS for g in gates):
+            raise SpearError(f"StackedEC: gates must be among {self.GATE_KINDS}, got {list(gates)}")
+        k, n = linear.in_features, linear.out_features
+        if any(r < 0 or r > min(n, k) for r in ranks):
+            raise SpearError(f"StackedEC: ranks {list(ranks)} must be in [0, min(N={n}, K={k})]")
+        self.linear, self.in_features, self.out_features = linear, k, n
+        nf, r = len(ranks), max(1, max(ranks))
+        dev = linear.weight.device
+        z = lambda *s: nn.Parameter(torch.zeros(*s, device=dev, dtype=torch.float32))  # noqa: E731
+        self.A, self.B, self.Wg, self.bg, self.Wn = z(nf, r, k), z(nf, n, r), z(nf, r, r), z(nf, r), z(nf, r)
+        self.ranks, self.gates = list(ranks), list(gates)
+        used = [g for g, rk in zip(gates, ranks) if rk]
+        self.any_gate = any(g != "none" for g in used)
+        self.any_norm = any(g == "norm" for g in used)
+        if self.any_gate and "none" in used:  # static fits beside gated ones: keep their gate at g ≡ 1
+            on = torch.tensor([float(g != "none") for g in gates], device=dev)
+            self.Wg.register_hook(lambda g, on=on: g * on[:, None, None])
+            self.bg.register_hook(lambda g, on=on: g * on[:, None])
+        if self.any_norm:
+            on = torch.tensor([float(g == "norm") for g in gates], device=dev)
+            self.Wn.register_hook(lambda g, on=on: g * on[:, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        nf = self.A.shape[0]
+        xs = x.reshape(nf, -1, x.shape[-1]).to(self.A.dtype)
+        u = torch.bmm(xs, self.A.transpose(1, 2))
+        if self.any_gate:
+            pre = torch.baddbmm(self.bg[:, None, :], u, self.Wg.transpose(1, 2))
+            if self.any_norm:
+                pre = pre + torch.log(xs.square().mean(-1, keepdim=True) + 1e-6) * self.Wn[:, None, :]
+            u = u * (2.0 * torch.sigmoid(pre))
+        out = torch.baddbmm(y.reshape(nf, -1, y.shape[-1]).to(self.A.dtype), u, self.B.transpose(1, 2))
+        return out.reshape(y.shape).to(y.dtype)
+
+    def gate_params(self) -> List[nn.Parameter]:
+        return ([self.Wg, self.bg] if self.any_gate else []) + ([self.Wn] if self.any_norm else [])
+
+    def ec_state(self, f: int) -> Dict[str, torch.Tensor]:
+        """Fit ``f``'s EC as ``CompensatedLinear`` parameters (``{}`` at rank 0)."""
+        r = self.ranks[f]
+        if r == 0:
+            return {}
+        if self.gates[f] == "norm":
+            raise SpearError("StackedEC: the experimental 'norm' gate has no CompensatedLinear form")
+        out = {"ec_A": self.A[f, :r].detach().clone(), "ec_B": self.B[f, :, :r].detach().clone()}
+        if self.gates[f] == "sigmoid":
+            out.update(ec_gate_w=self.Wg[f, :r, :r].detach().clone(), ec_gate_b=self.bg[f, :r].detach().clone())
+        return out
+
+    @torch.no_grad()
+    def set_ec(self, f: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Initialise fit ``f``'s ``A [r, K]`` and ``B [N, r]`` (gate stays at g ≡ 1)."""
+        r = self.ranks[f]
+        self.A[f, :r].copy_(a[:r])
+        self.B[f, :, :r].copy_(b[:, :r])
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def stack_ecs_(model: nn.Module, ranks: Sequence[Dict[str, int]], gates: Sequence[str]) -> Dict[str, StackedEC]:
+    """Replace, in place, every linear of ``model`` that some fit compensates (``ranks[f]``:
+    ``{module name: rank}``) by a :class:`StackedEC`; returns ``{name: StackedEC}``."""
+    names = [n for n, m in model.named_modules() if any(n in r for r in ranks)]
+    out = {}
+    for name in names:
+        lin = model.get_submodule(name)
+        if not isinstance(lin, nn.Linear):
+            raise SpearError(f"stack_ecs_: {name!r} is a {type(lin).__name__}, not an nn.Linear")
+        out[name] = StackedEC(lin, [r.get(name, 0) for r in ranks], gates)
+        _swap(model, name, out[name])
+    missing = sorted({n for r in ranks for n in r} - set(out))
+    if missing:
+        raise SpearError(f"stack_ecs_: no module named {missing[0]!r}")
+    return out
+
+
+def train_stacked(model: nn.Module, wins: torch.Tensor, teacher, seeds: Sequence[int], steps: int = 600,
+                  lr=1e-3, batch_size: int = 8, gate_lr_mult=1.0, progress: bool = True) -> List[List[float]]:
+    """Train the ``StackedEC`` modules of ``model`` (fp32) in place, ``F = len(seeds)`` fits at once;
+    ``lr`` and ``gate_lr_mult`` are scalars or one value per fit. Returns each fit's loss per step.
 
     ``wins [W, T]`` token windows and ``teacher`` their cached ``(top_logp, top_idx)`` from
-    ``teacher_topk``.
+    ``teacher_topk``. Fit ``f`` draws its batches from a generator seeded with ``seeds[f]``.
     """
-    ecs = compensated(model)
+    ecs = [m for m in model.modules() if isinstance(m, StackedEC)]
     if not ecs:
-        raise SpearError("train_ecs: the model has no CompensatedLinear to train")
+        raise SpearError("train_ecs: the model has no EC to train")
+    nf = len(seeds)
+    if any(m.A.shape[0] != nf for m in ecs):
+        raise SpearError(f"train_ecs: ECs stacked for {ecs[0].A.shape[0]} fits, {nf} seeds given")
     top_logp, top_idx = teacher
     if wins.numel() == 0 or wins.shape[:2] != top_logp.shape[:2]:
         raise SpearError(f"train_ecs: windows {tuple(wins.shape)} and teacher cache {tuple(top_logp.shape)} do not match")
     if steps < 0 or batch_size < 1:
         raise SpearError(f"train_ecs: steps={steps} must be >= 0 and batch_size={batch_size} >= 1")
+    device = ecs[0].A.device
+    per_fit = lambda v: torch.tensor([float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * nf)],  # noqa: E731
+                                     device=device, dtype=torch.float32)
+    lrs, glr = per_fit(lr), per_fit(gate_lr_mult) * per_fit(lr)
+    if lrs.numel() != nf or glr.numel() != nf:
+        raise SpearError(f"train_ecs: lr / gate_lr_mult need one value or {nf}")
     for p in model.parameters():
         p.requires_grad_(False)
-    main = [p for m in ecs for p in (m.ec_A, m.ec_B)]
-    gates = [p for m in ecs for p in (m.ec_gate_w, m.ec_gate_b) if p is not None]
-    for p in main + gates:
+    params, lr_full = [], []  # every trained tensor and its per-element learning rate (per fit)
+    for m in ecs:
+        for p, plr in [(m.A, lrs), (m.B, lrs)] + [(p, glr) for p in m.gate_params()]:
+            params.append(p)
+            lr_full.append(plr.view(-1, *([1] * (p.ndim - 1))).expand_as(p).contiguous())
+    for p in params:
         p.requires_grad_(True)
-    groups = [{"params": main, "lr_mult": 1.0}]
-    if gates:
-        groups.append({"params": gates, "lr_mult": gate_lr_mult})
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
-    gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
+    m1s, m2s = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    b1, b2, eps = 0.9, 0.99, 1e-8
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    wins_d = wins.to(device)
+    bs = min(batch_size, wins.shape[0])
     was_training = model.training
     model.train()
-    losses = []
-    bar = tqdm(range(steps), desc="train ECs", disable=not progress, leave=False)
+    losses = torch.zeros(steps, nf, device=device)
+    bar = tqdm(range(steps), desc=f"train ECs ({nf} fit{'s' * (nf > 1)})", disable=not progress, leave=False)
     for step in bar:
-        idx = torch.randint(0, wins.shape[0], (min(batch_size, wins.shape[0]),), generator=gen)
-        x = wins[idx].to(device)
+        idx = torch.cat([torch.randint(0, wins.shape[0], (bs,), generator=g) for g in gens])
         t_idx = idx.to(top_logp.device)
-        loss = kl_to_teacher(model(x).logits, top_logp[t_idx], top_idx[t_idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr) * g["lr_mult"]
-        opt.step()
-        losses.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(kl=f"{losses[-1]:.4f}")
+        kl = kl_per_token(model(wins_d[idx.to(device)]).logits, top_logp[t_idx], top_idx[t_idx])
+        loss = kl.reshape(nf, -1).mean(1)
+        for p in params:
+            p.grad = None
+        loss.sum().backward()
+        t = step + 1
+        with torch.no_grad():  # Adam (AdamW without decay), multi-tensor ops: one launch per op, not per tensor
+            grads = [p.grad for p in params]
+            torch._foreach_mul_(m1s, b1)
+            torch._foreach_add_(m1s, grads, alpha=1 - b1)
+            torch._foreach_mul_(m2s, b2)
+            torch._foreach_addcmul_(m2s, grads, grads, value=1 - b2)
+            denom = torch._foreach_mul(m2s, 1.0 / (1 - b2 ** t))
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, eps)
+            upd = torch._foreach_mul(m1s, lr_full)
+            torch._foreach_div_(upd, denom)
+            torch._foreach_add_(params, upd, alpha=-lr_at(step, steps, 1.0) / (1 - b1 ** t))
+        losses[step] = loss.detach()
+        if progress and step % 10 == 0:
+            bar.set_postfix(kl=f"{loss.detach().mean().item():.4f}")
     model.train(was_training)
-    for p in main + gates:
+    for p in params:
         p.requires_grad_(False)
-    return losses
+        p.grad = None
+    return losses.T.cpu().tolist()

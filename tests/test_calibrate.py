@@ -80,3 +80,40 @@ def test_cli_writes_ecs_and_manifest(tmp_path, capsys):
     man = json.loads((out / "manifest.json").read_text())
     assert man["gate"] == "none" and man["budget"] == 0.05 and man["modules"]
     assert "wrote" in capsys.readouterr().out
+
+
+def test_fit_many_records_both_diagnostics_and_follows_the_chosen_score():
+    from spear_compile.calibrate import fit, fit_many, prepare
+    prep = prepare(tiny_llama(), "w4-pc-rtn", calib=_tokens(), n_windows=4, seq_len=16, n_heldout=1,
+                   n_diag_model=2, device="cpu", progress=False)
+    s = next(iter(prep.scores.values()))
+    for key in ("local_score", "model_score", "kl_gain", "solo_score", "score"):
+        assert key in s
+    assert prep.model_all["tokens"] == 32
+    specs = [dict(budget=0.05, rank=2, score="kl_gain"), dict(budget=0.05, placement="local", rank=2),
+             dict(budget=0.05, rank=4, alloc="capture", gate="none"), dict(budget=0.05, placement="random", seed=3)]
+    res = fit_many(prep, specs, steps=2, batch_size=2, progress=False)
+    assert len(res) == 4
+    for (model, man), sp in zip(res, specs):
+        assert man["ec_bytes"] <= man["budget_bytes"] and man["fits_trained_together"] == 4
+        assert man["kl_heldout"]["with_ecs"] > 0
+        assert set(man["scores"][next(iter(man["ranks"]))]) >= {"local_score", "model_score", "kl_gain"}
+    top = lambda key: max(prep.scores, key=lambda n: prep.scores[n][key])  # noqa: E731
+    assert top("kl_gain") in res[0][1]["ranks"] and res[0][1]["score"] == "kl_gain"
+    assert top("local_score") in res[1][1]["ranks"] and res[1][1]["score"] == "local_score"
+    assert res[2][1]["alloc"] == "capture" and set(res[2][1]["ranks"].values()) <= {1, 2, 4}
+    assert res[3][1]["rank"] == 8  # placements other than the diagnostic default to rank 8
+    # one fit alone gives the same ECs as in the stack
+    model, man = fit(prep, budget=0.05, rank=2, score="kl_gain", steps=2, batch_size=2, progress=False)
+    a = [p for m in model.modules() if isinstance(m, CompensatedLinear) for p in m.ec_parameters()]
+    b = [p for m in res[0][0].modules() if isinstance(m, CompensatedLinear) for p in m.ec_parameters()]
+    assert all(torch.allclose(x.float(), y.float(), atol=1e-2, rtol=1e-2) for x, y in zip(a, b)) and a
+    with pytest.raises(SpearError, match="score"):
+        fit_many(prep, [dict(score="best")], steps=1)
+    with pytest.raises(SpearError, match="rank allocation"):
+        fit_many(prep, [dict(alloc="greedy")], steps=1)
+    with pytest.raises(SpearError, match="unknown fit option"):
+        fit_many(prep, [dict(per_module=True)], steps=1)
+    # the experimental gate trains (held-out KL) but has no exportable form
+    (none_model, man), = fit_many(prep, [dict(budget=0.05, rank=2, gate="norm")], steps=2, batch_size=2, progress=False)
+    assert none_model is None and man["kl_heldout"]["with_ecs"] > 0

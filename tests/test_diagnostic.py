@@ -67,3 +67,80 @@ def test_diagnose_ranks_the_damaged_module_and_writes_report(tmp_path):
         assert (tmp_path / p.split("/")[-1]).stat().st_size > 0
     with pytest.raises(SpearError, match="empty calibration"):
         diagnose(fp, q, torch.zeros(0, 16, dtype=torch.long))
+
+
+class _Chain(nn.Module):
+    """emb -> a -> relu -> b -> head: a tiny model with an output embedding (lm_head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(40, 32)
+        self.a = nn.Linear(32, 32, bias=False)
+        self.b = nn.Linear(32, 32, bias=False)
+        self.head = nn.Linear(32, 40, bias=False)
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, ids):
+        class Out:
+            pass
+        out = Out()
+        out.logits = self.head(self.b(torch.relu(self.a(self.emb(ids)))))
+        return out
+
+
+def _chain_pair():
+    import copy
+    from spear_compile.ec_train import densify_
+    torch.manual_seed(4)
+    fp = _Chain()
+    q = copy.deepcopy(fp)
+    quantize_linear_(q.a, QuantConfig(bits=8))
+    quantize_linear_(q.b, QuantConfig(bits=2))
+    return fp, densify_(q)
+
+
+def test_model_level_scores_downstream_damage():
+    from spear_compile.diagnostic import model_level
+    fp, q = _chain_pair()
+    wins = torch.randint(0, 40, (3, 20), generator=torch.Generator().manual_seed(0))
+    before = {n: p.clone() for n, p in q.state_dict().items()}
+    s = model_level(fp, q, wins, ["a", "b"])
+    assert all(torch.equal(before[n], p) for n, p in q.state_dict().items())  # weights swapped back
+    # b (2 bits) does far more damage than a (8 bits), in every view
+    for key in ("cka_gain", "model_score", "kl_gain", "solo_damage", "solo_score", "kl_solo"):
+        assert s["b"][key] > s["a"][key] and s["b"][key] > 0, key
+    assert s["a"]["model_score"] >= 0  # a negative gain (restoring a alone) is clipped to 0
+    allq = s["_all"]
+    assert allq["damage"] > 0 and allq["kl"] > 0 and allq["tokens"] == 60
+    # independent reference for "restore b": the quantized model with b's FP weight
+    with torch.no_grad():
+        h_fp = fp.b(torch.relu(fp.a(fp.emb(wins)))).reshape(-1, 32)
+        h_rb = fp.b(torch.relu(q.a(fp.emb(wins)))).reshape(-1, 32)
+        h_q = q.b(torch.relu(q.a(fp.emb(wins)))).reshape(-1, 32)
+    assert s["b"]["restore_cka"] == pytest.approx(linear_cka(h_fp, h_rb), abs=1e-6)
+    assert allq["damage"] == pytest.approx(1 - linear_cka(h_fp, h_q), abs=1e-6)
+    assert s["b"]["cka_gain"] == pytest.approx(allq["damage"] - (1 - linear_cka(h_fp, h_rb)), abs=1e-6)
+    d = (h_q - h_rb).norm(dim=-1)
+    u = entropy_unevenness(d)
+    assert s["b"]["model_score"] == pytest.approx(s["b"]["cka_gain"] * (1 + u * math.log(60)), rel=1e-5)
+    only = model_level(fp, q, wins, ["b"], variants=("restore",))
+    assert "solo_score" not in only["b"] and only["b"]["kl_gain"] == pytest.approx(s["b"]["kl_gain"], rel=1e-6)
+
+
+def test_model_level_bad_input_fails_clearly():
+    from spear_compile.diagnostic import model_level
+    fp, q = _chain_pair()
+    wins = torch.randint(0, 40, (2, 8))
+    with pytest.raises(SpearError, match="empty calibration"):
+        model_level(fp, q, wins[:0], ["a"])
+    with pytest.raises(SpearError, match="variants"):
+        model_level(fp, q, wins, ["a"], variants=("both",))
+    with pytest.raises(SpearError, match="missing"):
+        model_level(fp, q, wins, ["zz"])
+    import copy
+    qq = copy.deepcopy(fp)
+    quantize_linear_(qq.a, QuantConfig(bits=4))
+    with pytest.raises(SpearError, match="dense"):
+        model_level(fp, qq, wins, ["a"])

@@ -92,3 +92,22 @@ def test_input_second_moments_matches_direct_computation():
     sig = input_second_moments(model, wins, ["1"], batch_size=2)["1"]
     x = model[0](wins).reshape(-1, 16).double()
     torch.testing.assert_close(sig, x.T @ x / x.shape[0])
+
+
+def test_svd_factors_nest_by_rank_and_captured_fraction_is_a_cdf():
+    from spear_compile.ec_init import captured_fraction
+    err = torch.randn(24, 40, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    x = _correlated_inputs(512, 40, 7).double()
+    sigma = x.T @ x / x.shape[0]
+    a8, b8, s = svd_factors(err, sigma, 8, spectrum=True)
+    a3, b3 = svd_factors(err, sigma, 3)
+    torch.testing.assert_close(a8[:3], a3)
+    torch.testing.assert_close(b8[:, :3], b3)
+    c = captured_fraction(s)
+    assert c.shape == (25,) and c[0] == 0 and c[-1] == pytest.approx(1.0)
+    assert torch.all(c[1:] >= c[:-1])
+    # c[r] is the share of ||E Σ^½||² the rank-r EC removes
+    for r in (1, 3, 8):
+        a, b = svd_factors(err, sigma, r)
+        resid = ((err - b.double() @ a.double()) @ x.T).square().sum() / (err @ x.T).square().sum()
+        assert 1 - float(resid) == pytest.approx(float(c[r]), abs=2e-3)
