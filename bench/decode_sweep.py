@@ -67,23 +67,6 @@ def copy_bw():
     return 2 * n / (ms * 1e-3)
 
 
-def gemv_grid(m, k, n, pc, sms):
-    bns = (8, 16, 32, 64) if m == 1 else (16, 32, 64)
-    bks = ((256, 512, 1024) if pc else (128,)) if m == 1 else ((128, 256) if pc else (128,))
-    warps = (2, 4) if m == 1 else (4, 8)
-    out = []
-    for bn, bk, w in itertools.product(bns, bks, warps):
-        if m == 1 and bn * bk // 8 < 32 * w:  # fewer words than threads
-            continue
-        tiles = triton.cdiv(n, bn)
-        n_kb = triton.cdiv(k, bk)
-        for s in (1, 2, 4, 8, 16, 32):
-            if s > n_kb or tiles * s > 8 * sms or (tiles * s < sms and s < n_kb and s * 2 <= n_kb):
-                continue
-            out.append(dispatch.DecodeConfig(bn, bk, s, w))
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -151,7 +134,7 @@ def main():
                             timings.append((cfg.name, None, None, f"{type(e).__name__}: {str(e)[:80]}"))
                     ok = [t for t in timings if t[1] is not None]
                     ok.sort(key=lambda t: t[1])
-                    # the tuner's timer (do_bench, L2 flushed) over the 8 best by graph replay: does it agree?
+                    # do_bench (L2 flushed; the tuner's timer before session 3) over the 8 best by graph replay: does it agree?
                     ok[:8] = [(t[0], t[1], 1e3 * do_bench(lambda c=t[3]: run(c, lins[0], ys[0]), warmup=3, rep=10,
                                                           return_mode="median"), t[3]) for t in ok[:8]]
                     best = ok[0]

@@ -257,6 +257,34 @@ def _block_r(r):
     return max(16, triton.next_power_of_2(max(r, 1)))
 
 
+@dataclass(frozen=True)
+class _DecodeSetup:
+    """What both decode launchers need besides the config: workspaces and the EC's u-tile geometry."""
+    acc: torch.Tensor
+    arrive: torch.Tensor
+    sync: torch.Tensor
+    u_buf: torch.Tensor
+    u: Optional[torch.Tensor]
+    r: int
+    block_r: int
+    block_ku: int
+    num_u_tiles: int
+
+
+def _decode_setup(cfg, x2, n, ec_A, ec_B, u) -> _DecodeSetup:
+    ws = _workspace(x2.device)
+    acc, arrive = ws.for_n(n)
+    has_ec = ec_B is not None
+    if has_ec and u is None and cfg.two_launch:
+        u = project_u(x2, ec_A)
+    r = ec_B.shape[1] if has_ec else 0
+    block_r = _block_r(r)
+    block_ku = max(32, 8192 // block_r)
+    num_u_tiles = triton.cdiv(x2.shape[1], block_ku) if has_ec and u is None else 0
+    return _DecodeSetup(acc, arrive, ws.sync, ws.u if u is None else u.contiguous(), u, r, block_r, block_ku,
+                        num_u_tiles)
+
+
 def gemv_ok(k, qdata) -> bool:
     """The int32-word kernel needs K % 8 == 0 and 4-byte aligned rows."""
     return k % 8 == 0 and qdata.data_ptr() % 4 == 0 and qdata.is_contiguous()
@@ -270,23 +298,16 @@ def _run_decode(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_
         raise SpearError(f"spear_compile.lowering.dispatch: {cfg.name} cannot run the byte kernel here "
                          f"(M={m}, K={k}, group {group_size}): its BLOCK_K must be a multiple of 16 within one group")
     n = qdata.shape[0]
-    ws = _workspace(x2.device)
-    acc, arrive = ws.for_n(n)
+    d = _decode_setup(cfg, x2, n, ec_A, ec_B, u)
+    r, block_r, block_ku, num_u_tiles, u = d.r, d.block_r, d.block_ku, d.num_u_tiles, d.u
     has_ec = ec_B is not None
-    if has_ec and u is None and cfg.two_launch:
-        u = project_u(x2, ec_A)
-    r = ec_B.shape[1] if has_ec else 0
-    block_r = _block_r(r)
-    block_ku = max(32, 8192 // block_r)
-    num_u_tiles = triton.cdiv(k, block_ku) if has_ec and u is None else 0
-    u_buf = ws.u if u is None else u.contiguous()
     n_prog = num_u_tiles + triton.cdiv(n, cfg.block_n) * cfg.split_k
     dummy = x2  # never read; same dtype as the real operands so every constexpr branch type-checks
     w4_decode_kernel[(n_prog,)](
         x2, qdata, scale, zero, bias if bias is not None else dummy, y,
         ec_A if ec_A is not None else dummy, ec_B if has_ec else dummy,
-        gate_w if gate_w is not None else dummy, gate_b if gate_w is not None else dummy, u_buf,
-        acc, arrive, ws.sync,
+        gate_w if gate_w is not None else dummy, gate_b if gate_w is not None else dummy, d.u_buf,
+        d.acc, d.arrive, d.sync,
         m, n, k, r, group_size, k // group_size, x2.stride(0), y.stride(0), num_u_tiles, n_prog, cfg.split_k,
         BLOCK_M=1 if m == 1 else 16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_KU=block_ku, BLOCK_R=block_r,
         HAS_BIAS=bias is not None, HAS_EC=has_ec, GATED=gate_w is not None, U_READY=u is not None,
@@ -299,16 +320,9 @@ def _run_decode(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_
 def _run_gemv(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y):
     m, k = x2.shape
     n = qdata.shape[0]
-    ws = _workspace(x2.device)
-    acc, arrive = ws.for_n(n)
+    d = _decode_setup(cfg, x2, n, ec_A, ec_B, u)
+    r, block_r, block_ku, num_u_tiles, u = d.r, d.block_r, d.block_ku, d.num_u_tiles, d.u
     has_ec = ec_B is not None
-    if has_ec and u is None and cfg.two_launch:
-        u = project_u(x2, ec_A)
-    r = ec_B.shape[1] if has_ec else 0
-    block_r = _block_r(r)
-    block_ku = max(32, 8192 // block_r)
-    num_u_tiles = triton.cdiv(k, block_ku) if has_ec and u is None else 0
-    u_buf = ws.u if u is None else u.contiguous()
     n_tiles = triton.cdiv(n, cfg.block_n)
     n_kb = triton.cdiv(k, cfg.block_k)
     split = min(cfg.split_k, n_kb)
@@ -316,8 +330,8 @@ def _run_gemv(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w,
     w4_gemv_kernel[(num_u_tiles + n_tiles * split,)](
         x2, qdata.view(torch.int32), scale, zero, bias if bias is not None else dummy, y,
         ec_A if ec_A is not None else dummy, ec_B if has_ec else dummy,
-        gate_w if gate_w is not None else dummy, gate_b if gate_w is not None else dummy, u_buf,
-        acc, arrive, ws.sync,
+        gate_w if gate_w is not None else dummy, gate_b if gate_w is not None else dummy, d.u_buf,
+        d.acc, d.arrive, d.sync,
         m, n, k, r, group_size, k // group_size, x2.stride(0), y.stride(0), num_u_tiles, n_tiles, split,
         BLOCK_M=16 if cfg.tc else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SPLIT=split > 1,
         PER_CHANNEL=group_size == k, WIDE=group_size < k and cfg.block_k > group_size, TC=cfg.tc,

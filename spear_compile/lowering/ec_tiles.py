@@ -65,3 +65,17 @@ def _ec_epilogue(acc, u_ptr, bt, gw, gb, offs_m, M, R,
     if GATED:
         u = u * (2.0 * tl.sigmoid(_matmul_nt(u, gw, USE_DOT) + gb[None, :]))
     return acc + _matmul_nt(u, bt, USE_DOT)
+
+
+@triton.jit
+def _wait_for_u(acc, sync_ptr, NUM_U_TILES):
+    """Spin until every u tile has arrived (``sync_ptr[1]``). The cap turns a bug into an error, not a hang:
+    past it u is incomplete and the tile is poisoned with NaN, loud, never a wrong number."""
+    MAX_SPINS: tl.constexpr = 1 << 20
+    seen = tl.atomic_add(sync_ptr + 1, 0)
+    spins = 0
+    while (seen < NUM_U_TILES) & (spins < MAX_SPINS):
+        seen = tl.atomic_add(sync_ptr + 1, 0)
+        spins += 1
+    tl.debug_barrier()
+    return tl.where(seen >= NUM_U_TILES, acc, float("nan"))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ec_tiles import _ec_epilogue, _ec_operands, _u_partial_tile
+from .ec_tiles import _ec_epilogue, _ec_operands, _u_partial_tile, _wait_for_u
 from .tl_helpers import dot
 
 MAGIC_I = tl.constexpr(0x4B000000) # bits of the float 2^23; 0x4B00000q is 2^23 + q
@@ -84,7 +84,6 @@ def w4_gemv_kernel(
     DYNAMIC_IDS: tl.constexpr, INTERPRET: tl.constexpr = False,
 ):
     USE_DOT: tl.constexpr = BLOCK_M >= 16
-    MAX_SPINS: tl.constexpr = 1 << 20
     IN_KERNEL_U: tl.constexpr = HAS_EC and not U_READY
     if IN_KERNEL_U and DYNAMIC_IDS:
         tile = tl.atomic_add(sync_ptr, 1)  # dynamic tile id: u tiles are handed out first
@@ -194,14 +193,7 @@ def w4_gemv_kernel(
                 tl.store(arrive_ptr + pid_n, 0)
             if HAS_EC:
                 if IN_KERNEL_U:
-                    seen = tl.atomic_add(sync_ptr + 1, 0)
-                    spins = 0
-                    while (seen < NUM_U_TILES) & (spins < MAX_SPINS):  # the cap turns a bug into an error, not a hang
-                        seen = tl.atomic_add(sync_ptr + 1, 0)
-                        spins += 1
-                    tl.debug_barrier()
-                    # Past the cap u is incomplete: poison the tile so the failure is loud, never a wrong number.
-                    acc = tl.where(seen >= NUM_U_TILES, acc, float("nan"))
+                    acc = _wait_for_u(acc, sync_ptr, NUM_U_TILES)
                 acc = _ec_epilogue(acc, u_ptr, bt, gw, gb, offs_m, M, R, GATED, BLOCK_R, USE_DOT)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
