@@ -13,6 +13,7 @@ Prefill runs eagerly (not timed); decode is timed after a full warm-up generatio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -60,37 +61,49 @@ def make_cache(model, max_len):
 
 
 @torch.no_grad()
-def greedy(prefill, step, prompt, n_new, cache, cudagraphs):
-    """Eager prefill via ``prefill`` then ``n_new - 1`` decode steps via ``step``; returns (tokens, decode_s)."""
+def greedy(prefill, step, prompt, n_new, cache, cudagraphs, host=None, around=None):
+    """Eager prefill via ``prefill`` then ``n_new - 1`` decode steps via ``step``; returns (tokens, decode_s).
+
+    The position lives on the GPU and is advanced there (as gpt-fast does): a per-step
+    ``torch.tensor([pos], device="cuda")`` is a pageable host-to-device copy, which waits for the
+    stream, so host and GPU would serialize and every step would pay host time + GPU time.
+    ``host``: a list that receives the host-side seconds of the loop (before the final sync);
+    ``around``: a context manager (a profiler) entered around the decode loop only."""
     cache.reset()
     p = prompt.shape[1]
     pos = torch.arange(p, device=prompt.device)
     logits = prefill(input_ids=prompt, past_key_values=cache, cache_position=pos, use_cache=True).logits
     tok = logits[:, -1:].argmax(-1)
     toks = [tok]
+    pos = torch.full((1,), p, device=prompt.device, dtype=torch.long)
     torch.cuda.synchronize()
+    ctx = around if around is not None else contextlib.nullcontext()
+    ctx.__enter__()
     t0 = time.perf_counter()
     for i in range(n_new - 1):
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        pos = torch.tensor([p + i], device=prompt.device)
         logits = step(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
         tok = logits[:, -1:].argmax(-1)
+        pos = pos + 1
         toks.append(tok)
+    if host is not None:
+        host.append(time.perf_counter() - t0)
     torch.cuda.synchronize()
+    ctx.__exit__(None, None, None)
     return torch.cat(toks, 1), time.perf_counter() - t0
 
 
-def compiled_step(model, backend, quant=None):
+def compiled_step(model, backend, quant=None, unwrap=True):
     """(eager forward, compiled forward) of ``model`` for the decode step."""
     eager = model.forward
     if backend.startswith("spear"):
         warm_kernels(model, ms=(1,))  # tune + allocate kernel workspaces outside the CUDA-graph pool
         if backend.endswith("-nopart"):  # A/B: CUDA graphs without Inductor's graph partitioning
             optimize(model, quant=quant, options={"triton.cudagraphs": True, "graph_partition": False},
-                     fullgraph=True, dynamic=False)
+                     fullgraph=True, dynamic=False, unwrap=unwrap)
         else:
-            optimize(model, quant=quant, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            optimize(model, quant=quant, mode="reduce-overhead", fullgraph=True, dynamic=False, unwrap=unwrap)
     else:
         model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
     return eager, model.forward
@@ -146,22 +159,15 @@ def llama1b(seed):
     return model
 
 
-@torch.no_grad()
-def profile_decode(step, model, cache, prompt, variant, n=5):
-    """Profile ``n`` decode steps: are they CUDA-graph replays, and where does the time go?"""
+def profile_decode(eager, step, cache, prompt, variant, n=5):
+    """Profile ``n`` decode steps (the timed loop's own code): CUDA-graph replays? where does GPU time go?"""
     from torch.profiler import ProfilerActivity, profile
-    tok = prompt[:, -1:].clone()  # same layout as the decode loop's tokens: no recompilation
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for i in range(n):
-            torch.compiler.cudagraph_mark_step_begin()
-            pos = torch.tensor([prompt.shape[1] + i], device=prompt.device)
-            tok = step(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    greedy(eager, step, prompt, n + 1, cache, True, around=prof)
     ev = prof.key_averages()
     counts = {e.key: e.count for e in ev if e.key in ("cudaGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "spear::fused_linear", "aten::copy_")}
     gpu_us = sum(e.self_device_time_total for e in ev) / n
     row(check="profile", variant=variant, steps=n, counts=counts, gpu_busy_us_per_step=round(gpu_us, 1))
-    print(ev.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60), flush=True)
     print(ev.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70), flush=True)
 
 
@@ -223,32 +229,47 @@ def kernel_probe(args):
             kernel=choose(1, k, n, k, torch.bfloat16, 32, True))
 
 
+def parse_variant(variant):
+    """``bf16`` or ``spear[+ec][+lmhead][+wrapped][+nopart]``: ECs on 10% of the linears, the LM head
+    quantized too, the ``QuantizedWeight`` subclass compiled as is (no ``unwrap``), no graph partition."""
+    parts = variant.split("+")
+    if parts[0] not in ("bf16", "spear") or (parts[0] == "bf16" and len(parts) > 1):
+        raise SystemExit(f"unknown variant {variant!r}")
+    extra = set(parts[1:])
+    bad = extra - {"ec", "lmhead", "wrapped", "nopart"}
+    if bad:
+        raise SystemExit(f"unknown variant option(s) {sorted(bad)} in {variant!r}")
+    return parts[0], extra
+
+
 def e2e(args, variant):
+    base, opts = parse_variant(variant)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     passes.clear()
     model = llama1b(0)
     chosen = []
-    if variant != "bf16":
-        spear_compile.quantize(model, "w4-pc-rtn", progress=False)
-        if variant.startswith("spear+ec"):
+    if base == "spear":
+        spear_compile.quantize(model, "w4-pc-rtn", skip=() if "lmhead" in opts else ("lm_head",), progress=False)
+        if "ec" in opts:
             chosen = attach_random_ecs(model, 0.10, 32, seed=2)
     prompt = torch.randint(0, 128256, (1, args.prompt), generator=torch.Generator().manual_seed(0)).cuda()
     cache = make_cache(model, args.prompt + args.new + 8)
     t0 = time.perf_counter()
-    eager, step = compiled_step(model, ("spear" + variant[len("spear+ec"):] if variant.startswith("spear+ec")
-                                        else variant) if variant != "bf16" else "inductor")
+    eager, step = compiled_step(model, "inductor" if base == "bf16" else "spear-nopart" if "nopart" in opts else "spear",
+                                unwrap="wrapped" not in opts)
     greedy(eager, step, prompt, args.new, cache, True)  # warm-up: compile + record
     compile_s = time.perf_counter() - t0
     g0 = count_graphs()
-    times = []
+    times, host = [], []
     for _ in range(args.reps):
-        toks, dt = greedy(eager, step, prompt, args.new, cache, True)
+        toks, dt = greedy(eager, step, prompt, args.new, cache, True, host=host)
         times.append(dt)
     best = min(times)
     recs = passes.records()
     row(check="e2e", variant=variant, ecs=len(chosen), new_tokens=args.new, prompt=args.prompt,
         tok_per_s=round((args.new - 1) / best, 1), ms_per_tok=round(1e3 * best / (args.new - 1), 3),
+        host_ms_per_tok=round(1e3 * min(host) / (args.new - 1), 3),
         all_reps_s=[round(t, 4) for t in times], warmup_compile_s=round(compile_s, 1),
         recompiles_after_warmup=count_graphs() - g0,
         fused=sum(r.matched for r in recs), fused_ec=sum(r.kind.startswith("ec") for r in recs),
@@ -256,10 +277,24 @@ def e2e(args, variant):
         cudagraph_skips=int(torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)),
         gpu_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2))
     if args.profile:
-        profile_decode(step, model, cache, prompt, variant)
+        profile_decode(eager, step, cache, prompt, variant)
+    if args.cprofile:
+        host_profile(eager, step, cache, prompt, variant)
     del model, cache
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+
+
+def host_profile(eager, step, cache, prompt, variant, n=20):
+    """cProfile of ``n`` decode steps (host side): where the per-step CPU time goes."""
+    import cProfile
+    import io
+    import pstats
+    pr = cProfile.Profile()
+    greedy(eager, step, prompt, n + 1, cache, True, around=pr)
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(12)
+    print(f"--- host profile, {variant}, {n} decode steps ---\n" + buf.getvalue()[-4000:], flush=True)
 
 
 def main():
@@ -270,8 +305,10 @@ def main():
     ap.add_argument("--skip-ref", action="store_true")
     ap.add_argument("--skip-kernel", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile 5 decode steps per variant")
+    ap.add_argument("--cprofile", action="store_true", help="cProfile 20 decode steps per variant (host time)")
     ap.add_argument("--skip-e2e", action="store_true")
-    ap.add_argument("--variants", default="bf16,spear+ec,spear")
+    ap.add_argument("--skip-variants", action="store_true", help="skip the per-layout fusion check")
+    ap.add_argument("--variants", default="bf16,spear+ec,spear,spear+ec+lmhead,spear+lmhead")
     ap.add_argument("--deadline", type=float, default=1e9, help="skip steps starting after this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -282,7 +319,7 @@ def main():
     row(check="env", device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
         transformers=transformers.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=" ".join(sys.argv))
-    steps = [("variants", lambda: variants_check(args))] + \
+    steps = ([] if args.skip_variants else [("variants", lambda: variants_check(args))]) + \
             ([] if args.skip_kernel else [("kernel", lambda: kernel_probe(args))]) + \
             ([] if args.skip_ref else [("ref", lambda: ref_checks(args))]) + \
             ([] if args.skip_e2e else [(v, (lambda v=v: e2e(args, v))) for v in args.variants.split(",")])
@@ -302,12 +339,12 @@ def main():
     base = next((r["tok_per_s"] for r in ROWS if r.get("variant") == "bf16" and "tok_per_s" in r), None)
     with open(os.path.join(args.out, "decode_e2e.json"), "w") as f:
         json.dump(ROWS, f, indent=1)
-    print("\n| variant | ECs | tok/s | ms/tok | speedup vs bf16 | fused (EC) | unfused | recompiles |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| variant | ECs | tok/s | ms/tok | host ms/tok | speedup vs bf16 | fused (EC) | unfused | recompiles |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in ROWS:
         if r.get("check") == "e2e" and "tok_per_s" in r:
             sp = f"{r['tok_per_s'] / base:.2f}x" if base else "-"
-            print(f"| {r['variant']} | {r['ecs']} | {r['tok_per_s']} | {r['ms_per_tok']} | {sp} | {r['fused']} ({r['fused_ec']}) | {r['unfused']} | {r['recompiles_after_warmup']} |")
+            print(f"| {r['variant']} | {r['ecs']} | {r['tok_per_s']} | {r['ms_per_tok']} | {r['host_ms_per_tok']} | {sp} | {r['fused']} ({r['fused_ec']}) | {r['unfused']} | {r['recompiles_after_warmup']} |")
     for r in ROWS:
         if r.get("check") == "ref16m":
             print(f"ref16m ecs={r['ecs']}: identical={r['identical']} (mismatches {r['mismatches']}), graphs gen1/gen2="

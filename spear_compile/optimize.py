@@ -7,7 +7,7 @@ plain-inductor one. Any other module is returned as ``torch.compile(module, back
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,8 @@ from . import backend as _backend  # noqa: F401  (registers the "spear" backend)
 from .config import QuantConfig
 from .errors import SpearError
 from .qtensor import QuantizedWeight
-from .quantize import as_config, quantize
+from .quantize import DEFAULT_SKIP, as_config, quantize
+from .unwrap import unwrap_quantized
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -29,7 +30,8 @@ def _is_hf(model: nn.Module) -> bool:
 
 def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn", ec: Optional[str] = None,
              mode: Optional[str] = None, fullgraph: bool = False, dynamic: Optional[bool] = None,
-             options: Optional[dict] = None, calib: Optional[torch.Tensor] = None):
+             options: Optional[dict] = None, calib: Optional[torch.Tensor] = None,
+             skip: Iterable[str] = DEFAULT_SKIP, unwrap: bool = True):
     """Quantize ``model`` (skipped when already quantized or ``quant=None``), load the ECs in
     ``ec`` (a directory written by ``save_ecs``) and compile with the ``spear`` backend.
 
@@ -37,6 +39,10 @@ def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn
     decode; the decode kernels are warmed up first, see ``warm_kernels``), "max-autotune".
     Compilation is lazy: it happens on the first call (wrap that call in ``spear_compile.debug(dir)``
     to dump the graphs). ``options``: Inductor config patches (not together with ``mode``).
+    ``skip``: names of linears left unquantized (default ``("lm_head",)``; ``()`` quantizes the LM
+    head too, as gpt-fast and torchao do; a tied embedding keeps its float weight).
+    ``unwrap``: compile a forward that reads the quantized weights' inner tensors rather than the
+    ``QuantizedWeight`` subclass (see ``unwrap.py``: per-call host overhead); same graph, same pass.
     Returns the compiled module (HF models: the same object with a compiled ``forward``).
     """
     if not isinstance(model, nn.Module):
@@ -49,7 +55,7 @@ def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn
         raise SpearError(f"optimize: quant must be a spec string like 'w4-pc-rtn', a QuantConfig or None, got {type(quant).__name__}")
     config = as_config(quant) if quant is not None else None
     if config is not None and not is_quantized(model):
-        quantize(model, config, calib=calib, progress=False)
+        quantize(model, config, calib=calib, skip=skip, progress=False)
     if ec is not None:
         if config is None:
             raise SpearError("optimize: ec= needs quant= (the quantization config the ECs were calibrated for)")
@@ -57,6 +63,8 @@ def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn
             raise SpearError("optimize: ec= needs a quantized model")
         from .ec_io import load_ecs
         load_ecs(model, ec, config)
+    if unwrap:
+        unwrap_quantized(model)
     if mode in ("reduce-overhead", "max-autotune"):
         warm_kernels(model, ms=(1,))  # tune + allocate kernel workspaces before CUDA-graph capture
     kw = dict(backend="spear", fullgraph=fullgraph, dynamic=dynamic)
