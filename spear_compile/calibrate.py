@@ -23,7 +23,8 @@ from .diagnostic import SCORES, diagnose, model_level, save_report
 from .ec import GATES, CompensatedLinear
 from .ec_init import captured_fraction, dense_weight, input_second_moments, svd_factors
 from .ec_io import model_identity, save_ecs
-from .ec_train import cast_model_, densify_, mean_kl, stack_ecs_, teacher_topk, train_stacked
+from .ec_train import (cast_model_, densify_, gate_stats, mean_kl, mean_kl_full, stack_ecs_, teacher_topk,
+                       train_stacked)
 from .errors import SpearError
 from .evaluate import DEFAULT_CALIB, DEFAULT_MODEL, calibration_tokens
 from .memory import model_bytes
@@ -39,9 +40,21 @@ DIAGNOSTIC_SCORE = "solo_score"
 DIAGNOSTIC_ALLOC = "capture"
 DIAGNOSTIC_RANK = 16  # the fixed rank, or the largest rank of the "capture" rule
 DEFAULT_RANK = 8      # every other placement
+# Training defaults of `calibrate` / the CLI, and per quantization config the choice made on held-out calibration KL
+# (full vocabulary, 512-token windows; bench/results/quality_select_*.md, bench/NOTES_quality.md). W4-pc RTN keeps
+# the cached top-64 KL at lr 1e-3: the selected full-KL/lr 2e-3 design was 1.3% lower in held-out KL but the same on
+# test (56.8 ± 1.8 vs 56.6 ± 1.8%), and its FP forward per step would bring the 1-thread CPU path to ~30 min.
+TRAIN_DEFAULTS = dict(steps=600, lr=1e-3, topk=None)
+CONFIG_TRAIN = {
+    "w3-pc-rtn": dict(steps=1200, lr=2e-3, topk=0),   # held-out full KL 0.1660 -> 0.1601; test 53.2 -> 57.3%
+    "w4-pc-gptq": dict(lr=2e-3, topk=0),              # the W4-pc RTN selection: held-out 0.0231 -> 0.0228, test 42.2 -> 45.2%
+}
 ALLOCS = ("fixed", "per_byte", "capture")  # fixed rank by score; fixed rank by score per byte; allocated ranks
 SVD_CACHE_RANK = 64
-EXPERIMENTAL_GATES = ("norm",)  # fit_many only, held-out KL only: no exportable EC form
+EXPERIMENTAL_GATES = ("norm", "xgate")  # fit_many only, held-out KL only: no exportable EC form
+GATE_INITS = ("zero", "random")
+GATE_INIT_STD = 0.3  # "random" gate init: std of the initial gate pre-activation W_g u over calibration tokens
+FULL_CONTEXT = 512   # held-out full-vocabulary KL on windows of this many tokens (the perplexity eval's length)
 
 
 @dataclass
@@ -64,6 +77,15 @@ class Prepared:
     model_all: dict = field(default_factory=dict)     # the fully quantized model's output damage and KL
     svd: Dict[str, tuple] = field(default_factory=dict)       # name -> (A [r, K], B [N, r]) at SVD_CACHE_RANK
     capture: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> captured error share by rank
+    heldout_kl_full_quantized: Optional[float] = None  # set by the first fit (``heldout_long``)
+
+    def heldout_long(self) -> torch.Tensor:
+        """The held-out windows joined into ``FULL_CONTEXT``-token windows (consecutive windows are
+        consecutive text), for the full-vocabulary held-out KL at the perplexity eval's context."""
+        return join_windows(self.heldout, FULL_CONTEXT)
+
+    def train_windows(self, seq_len: Optional[int]) -> torch.Tensor:
+        return self.wins if not seq_len or seq_len == self.wins.shape[1] else join_windows(self.wins, seq_len)
 
     def svd_init(self, name: str, rank: int):
         """``(A [rank, K], B [N, rank])`` of the activation-aware SVD of module ``name``'s error."""
@@ -73,6 +95,20 @@ class Prepared:
             err = dict(self.fp_work.named_modules())[name].weight.detach().float() - dense_weight(mods[name].weight)
             a, b = svd_factors(err, self.sigmas[name], rank)
         return a[:rank], b[:, :rank]
+
+
+def join_windows(wins: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """``[W, T]`` consecutive windows of one token stream as ``[W·T // seq_len, seq_len]`` (``seq_len``
+    a multiple of ``T``; a trailing partial group is dropped). ``seq_len < T``: split instead."""
+    w, t = wins.shape
+    if seq_len % t and t % seq_len:
+        raise SpearError(f"calibrate: windows of {t} tokens cannot be joined into windows of {seq_len}")
+    if seq_len >= t:
+        g = seq_len // t
+        if w < g:
+            return wins
+        return wins[:w // g * g].reshape(w // g, seq_len)
+    return wins.reshape(-1, seq_len)
 
 
 def _load(model_or_path, dtype):
@@ -106,10 +142,12 @@ def calibration_windows(calib, tokenizer, seq_len: int, n_windows: int) -> torch
 def prepare(model=DEFAULT_MODEL, quant: Union[str, QuantConfig] = "w4-pc-rtn", calib=DEFAULT_CALIB,
             seq_len: int = 256, n_windows: Optional[int] = None, n_diag: int = 64, n_heldout: int = 16,
             topk: int = 64, device=None, dtype=torch.bfloat16, progress: bool = True,
-            n_diag_model: int = 16, model_variants: Sequence[str] = ("restore", "solo")) -> Prepared:
+            n_diag_model: int = 16, model_variants: Sequence[str] = ("restore", "solo"),
+            cache_teacher: bool = True) -> Prepared:
     """Load and quantize ``model``; local diagnostic and input second moments on the first
     ``n_diag`` calibration windows, model-level diagnostic on the first ``n_diag_model``; cache FP
-    top-``topk`` outputs; hold out the last ``n_heldout`` windows (never trained on) to report
+    top-``topk`` outputs over the training windows (``cache_teacher``; without it every fit runs the
+    FP model beside each step); hold out the last ``n_heldout`` windows (never trained on) to report
     held-out KL."""
     t0 = time.time()
     cfg = QuantConfig.from_spec(quant) if isinstance(quant, str) else quant
@@ -155,7 +193,7 @@ def prepare(model=DEFAULT_MODEL, quant: Union[str, QuantConfig] = "w4-pc-rtn", c
         a, b, s = svd_factors(w_fp - dense_weight(q_mods[n].weight), sigmas[n], r, spectrum=True)
         svd[n], capture[n] = (a, b), captured_fraction(s)
     t4 = time.time()
-    teacher = teacher_topk(fp_work, wins, topk)
+    teacher = teacher_topk(fp_work, wins, topk) if cache_teacher else None  # None: fits run the FP model beside
     heldout_teacher = teacher_topk(fp_work, heldout, topk) if n_heldout else None
     kl_q = mean_kl(q_work, heldout, heldout_teacher) if n_heldout else None
     t5 = time.time()
@@ -186,7 +224,13 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 FIT_DEFAULTS = dict(budget=0.01, gate="sigmoid", placement="diagnostic", rank=None, lr=1e-3, gate_lr_mult=1.0,
-                    init="svd", seed=0, score=None, alloc=None)
+                    init="svd", seed=0, score=None, alloc=None, topk=None, gate_init="zero", balance=False)
+# topk: the training loss's teacher. None: the cached top-k of ``prepare`` (64; the full-vocabulary KL if
+#   ``prepare`` cached none); 0: the full-vocabulary KL,
+#   the FP model run beside each step (no cache); k > 0: top-k + rest bucket, FP model run beside each step.
+# gate_init: "zero" (g ≡ 1) or "random" (W_g drawn so that W_g u has std GATE_INIT_STD; gated fits only).
+# balance: rescale A's rows / B's columns at init (same function) so every u = A x coordinate has unit
+#   variance over the calibration inputs (the SVD init gives var(u_i) = s_i).
 
 
 def _spec(spec: dict) -> dict:
@@ -201,6 +245,10 @@ def _spec(spec: dict) -> dict:
         raise SpearError(f"calibrate: unknown placement {sp['placement']!r}; supported: {MODES}")
     if sp["init"] not in ("svd", "zero"):
         raise SpearError(f"calibrate: unknown init {sp['init']!r}; supported: ('svd', 'zero')")
+    if sp["gate_init"] not in GATE_INITS:
+        raise SpearError(f"calibrate: unknown gate_init {sp['gate_init']!r}; supported: {GATE_INITS}")
+    if sp["topk"] is not None and (not isinstance(sp["topk"], int) or sp["topk"] < 0):
+        raise SpearError(f"calibrate: topk must be None (cached teacher), 0 (full vocabulary) or k > 0, got {sp['topk']!r}")
     if sp["placement"] == "local":
         sp["score"] = sp["score"] or "local_score"
         sp["alloc"] = sp["alloc"] or "fixed"
@@ -234,12 +282,15 @@ def _placement(prep: Prepared, sp: dict, bytes_per_param: int) -> Dict[str, int]
 
 
 def fit_many(prep: Prepared, specs: Sequence[dict], steps: int = 600, batch_size: int = 8,
-             max_stack: int = 16, out_dirs: Optional[Sequence] = None, progress: bool = True):
+             max_stack: int = 16, out_dirs: Optional[Sequence] = None, progress: bool = True,
+             seq_len: Optional[int] = None):
     """Fit one EC set per spec (``{budget, gate, placement, rank, lr, gate_lr_mult, init, seed,
-    score, alloc}``, defaults ``FIT_DEFAULTS``; rank ``None``: ``DIAGNOSTIC_RANK`` for the
-    diagnostic placement, else ``DEFAULT_RANK``) on a prepared model, up to
+    score, alloc, topk, gate_init, balance}``, defaults ``FIT_DEFAULTS``; rank ``None``:
+    ``DIAGNOSTIC_RANK`` for the diagnostic placement, else ``DEFAULT_RANK``) on a prepared model, up to
     ``max_stack`` of them trained together; returns ``[(model, manifest)]`` in spec order, each
-    model a copy of the quantized model (storage dtype) with ``CompensatedLinear`` modules."""
+    model a copy of the quantized model (storage dtype) with ``CompensatedLinear`` modules.
+    ``seq_len``: train on windows of this many tokens (consecutive calibration windows joined;
+    the teacher then runs beside each step); default the prepared windows' length."""
     specs = [_spec(dict(sp)) for sp in specs]
     if not specs:
         raise SpearError("calibrate: no fit requested")
@@ -252,16 +303,16 @@ def fit_many(prep: Prepared, specs: Sequence[dict], steps: int = 600, batch_size
     for lo in range(0, len(specs), max(1, max_stack)):
         chunk = list(range(lo, min(len(specs), lo + max(1, max_stack))))
         results += _fit_stack(prep, [specs[i] for i in chunk], [placements[i] for i in chunk], steps, batch_size,
-                              [out_dirs[i] for i in chunk] if out_dirs is not None else None, progress)
+                              [out_dirs[i] for i in chunk] if out_dirs is not None else None, progress, seq_len)
     return results
 
 
-def _fit_stack(prep, specs, placements, steps, batch_size, out_dirs, progress):
-    t0 = time.time()
-    work = copy.deepcopy(prep.q_work)
-    stacked = stack_ecs_(work, placements, [sp["gate"] for sp in specs])
+def _init_stack(prep: Prepared, stacked, specs, placements) -> None:
+    """SVD (or zero) init of every fit's ECs, then the optional rescaling (``balance``) and random
+    gate init (``gate_init``), both measured with the module's input second moment Σ."""
     for f, (sp, ranks) in enumerate(zip(specs, placements)):
         gen = torch.Generator().manual_seed(sp["seed"])
+        ggen = torch.Generator().manual_seed(10_000 + sp["seed"])
         for name, r in ranks.items():
             m = stacked[name]
             if sp["init"] == "svd":
@@ -269,19 +320,60 @@ def _fit_stack(prep, specs, placements, steps, batch_size, out_dirs, progress):
             else:  # small random A, zero B: output unchanged at start
                 a = torch.randn(r, m.in_features, generator=gen) / math.sqrt(m.in_features)
                 b = torch.zeros(m.out_features, r)
-            m.set_ec(f, a.to(m.A.device), b.to(m.B.device))
+            gate_w = None
+            if sp["balance"] or (sp["gate_init"] == "random" and sp["gate"] != "none"):
+                sig, a64 = prep.sigmas[name].to(torch.float64).cpu(), a.detach().double().cpu()
+                std_u = ((a64 @ sig) * a64).sum(1).clamp(min=1e-24).sqrt().float()  # [r], on the CPU
+                if sp["balance"]:
+                    su = std_u.to(a.device)
+                    a, b, std_u = a / su[:, None], b * su[None, :], torch.ones_like(std_u)
+                if sp["gate_init"] == "random" and sp["gate"] != "none":
+                    gate_w = torch.randn(r, r, generator=ggen) * GATE_INIT_STD / math.sqrt(r) / std_u[None, :]
+            m.set_ec(f, a.to(m.A.device), b.to(m.B.device), None if gate_w is None else gate_w.to(m.A.device))
+
+
+def _fit_stack(prep, specs, placements, steps, batch_size, out_dirs, progress, seq_len=None):
+    t0 = time.time()
+    work = copy.deepcopy(prep.q_work)
+    stacked = stack_ecs_(work, placements, [sp["gate"] for sp in specs])
+    _init_stack(prep, stacked, specs, placements)
+    wins = prep.train_windows(seq_len)
+    cache_k = prep.teacher[1].shape[-1] if prep.teacher is not None else 0
+    topks = [cache_k if sp["topk"] is None else sp["topk"] for sp in specs]
+    online = wins is not prep.wins or any(k == 0 or k > cache_k for k in topks)
     prec = torch.get_float32_matmul_precision()
     if next(work.parameters()).is_cuda:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for training on the GPU
+    kl_full, gstats = None, [None] * len(specs)
     try:
-        losses = train_stacked(work, prep.wins, prep.teacher, [sp["seed"] for sp in specs], steps=steps,
-                               lr=[sp["lr"] for sp in specs], batch_size=batch_size,
-                               gate_lr_mult=[sp["gate_lr_mult"] for sp in specs], progress=progress)
+        losses = train_stacked(work, wins, None if online else prep.teacher, [sp["seed"] for sp in specs],
+                               steps=steps, lr=[sp["lr"] for sp in specs], batch_size=batch_size,
+                               gate_lr_mult=[sp["gate_lr_mult"] for sp in specs], progress=progress,
+                               fp_model=prep.fp_work if online else None, topks=topks)
         kl_h = mean_kl(work, prep.heldout, prep.heldout_teacher, n_fits=len(specs)) if prep.heldout.numel() else None
+        if prep.heldout.numel():
+            long = prep.heldout_long()
+            if prep.heldout_kl_full_quantized is None:
+                prep.heldout_kl_full_quantized = mean_kl_full(prep.q_work, long, prep.fp_work, batch_size=4)
+            ecs = list(stacked.values())
+            for m in ecs:
+                m.stats = {}
+            kl_full = mean_kl_full(work, long, prep.fp_work, batch_size=4, n_fits=len(specs))
+            kl_full = [kl_full] if len(specs) == 1 else kl_full
+            gstats = gate_stats(ecs, len(specs))
+            for m in ecs:
+                m.stats = None
     finally:
         torch.set_float32_matmul_precision(prec)
     if kl_h is not None and len(specs) == 1:
         kl_h = [kl_h]
+
+    def heldout(f):
+        if kl_h is None:
+            return None
+        return {"quantized": prep.heldout_kl_quantized, "with_ecs": kl_h[f],
+                "full_quantized": prep.heldout_kl_full_quantized, "full_with_ecs": kl_full[f],
+                "full_context": int(prep.heldout_long().shape[1])}
     fit_s = (time.time() - t0) / len(specs)
     out = []
     budget_bytes_of = lambda sp: int(math.floor(sp["budget"] * prep.quant_bytes))  # noqa: E731
@@ -290,7 +382,8 @@ def _fit_stack(prep, specs, placements, steps, batch_size, out_dirs, progress):
             out.append((None, {"gate": sp["gate"], "ranks": ranks, "placement": sp["placement"], "rank": sp["rank"],
                                "score": sp["score"] if sp["placement"] in ("diagnostic", "local") else None,
                                "alloc": sp["alloc"] if sp["placement"] in ("diagnostic", "local") else None,
-                               "kl_heldout": {"quantized": prep.heldout_kl_quantized, "with_ecs": kl_h[f]} if kl_h else None,
+                               "kl_heldout": heldout(f), "gate_stats": gstats[f], "topk": sp["topk"],
+                               "seq_len": int(wins.shape[1]),
                                "loss_first": losses[f][0] if losses[f] else None,
                                "loss_last": sum(losses[f][-10:]) / max(1, len(losses[f][-10:])) if losses[f] else None}))
             continue
@@ -315,7 +408,9 @@ def _fit_stack(prep, specs, placements, steps, batch_size, out_dirs, progress):
             "gate_lr_mult": sp["gate_lr_mult"], "seed": sp["seed"], "calib_tokens": int(prep.wins.numel()),
             "fits_trained_together": len(specs),
             "loss_first": ls[0] if ls else None, "loss_last": sum(ls[-10:]) / max(1, len(ls[-10:])) if ls else None,
-            "kl_heldout": {"quantized": prep.heldout_kl_quantized, "with_ecs": kl_h[f]} if kl_h is not None else None,
+            "kl_heldout": heldout(f), "gate_stats": gstats[f], "topk": sp["topk"], "teacher_topk": topks[f] or None,
+            "teacher": "online" if online else "cached", "gate_init": sp["gate_init"],
+            "balance": sp["balance"], "seq_len": int(wins.shape[1]),
             "scores": {n: {k: round(s[k], 8) for k in ("score",) + SCORES if k in s} for n, s in prep.scores.items()},
             "model_level_all": prep.model_all,
             "timings": dict(prep.timings, fit_s=fit_s),
@@ -330,30 +425,43 @@ def _fit_stack(prep, specs, placements, steps, batch_size, out_dirs, progress):
 def fit(prep: Prepared, budget: float = 0.01, gate: str = "sigmoid", placement: str = "diagnostic",
         rank: Optional[int] = None, steps: int = 600, lr: float = 1e-3, batch_size: int = 8, gate_lr_mult: float = 1.0,
         init: str = "svd", seed: int = 0, out_dir=None, progress: bool = True,
-        score: Optional[str] = None, alloc: Optional[str] = None):
+        score: Optional[str] = None, alloc: Optional[str] = None, topk: Optional[int] = None):
     """Place, initialise and train ECs on a prepared model; returns ``(model, manifest)``:
     a copy of the quantized model (storage dtype) with ``CompensatedLinear`` modules."""
     spec = dict(budget=budget, gate=gate, placement=placement, rank=rank, lr=lr, gate_lr_mult=gate_lr_mult,
-                init=init, seed=seed, score=score, alloc=alloc)
+                init=init, seed=seed, score=score, alloc=alloc, topk=topk)
     torch.manual_seed(seed)
     return fit_many(prep, [spec], steps=steps, batch_size=batch_size, out_dirs=[out_dir], progress=progress)[0]
 
 
+def train_defaults(quant: Union[str, QuantConfig]) -> dict:
+    """``{steps, lr, topk}`` for ``calibrate`` on quantization config ``quant``: ``TRAIN_DEFAULTS``
+    updated with the configuration's own choice in ``CONFIG_TRAIN`` (if any)."""
+    spec = quant.spec if isinstance(quant, QuantConfig) else QuantConfig.from_spec(quant).spec
+    return dict(TRAIN_DEFAULTS, **CONFIG_TRAIN.get(spec, {}))
+
+
 def calibrate(model=DEFAULT_MODEL, quant: Union[str, QuantConfig] = "w4-pc-rtn", calib=DEFAULT_CALIB,
               budget: float = 0.01, gate: str = "sigmoid", placement: str = "diagnostic", rank: Optional[int] = None,
-              steps: int = 600, lr: float = 1e-3, batch_size: int = 8, seed: int = 0, out_dir=None,
+              steps: Optional[int] = None, lr: Optional[float] = None, batch_size: int = 8, seed: int = 0, out_dir=None,
               device=None, progress: bool = True, seq_len: int = 256, n_windows: Optional[int] = None,
               gate_lr_mult: float = 1.0, init: str = "svd", score: Optional[str] = None,
-              alloc: Optional[str] = None):
+              alloc: Optional[str] = None, topk: Union[int, None, str] = "auto"):
     """Quantize ``model`` (a path or an FP ``nn.Module``) with ``quant``, fit ECs on ``calib``
     within ``budget`` × the quantized model's bytes; returns ``(model_with_ecs, manifest)`` and,
-    with ``out_dir``, writes ``ecs.safetensors``, ``manifest.json`` and the diagnostic report."""
-    _spec(dict(budget=budget, gate=gate, placement=placement, init=init, score=score, alloc=alloc))
+    with ``out_dir``, writes ``ecs.safetensors``, ``manifest.json`` and the diagnostic report.
+    ``steps``/``lr`` ``None`` and ``topk`` ``"auto"``: the configuration's defaults (:func:`train_defaults`)."""
+    d = train_defaults(quant) if isinstance(quant, (str, QuantConfig)) else dict(TRAIN_DEFAULTS)
+    steps = d["steps"] if steps is None else steps
+    lr = d["lr"] if lr is None else lr
+    topk = d["topk"] if topk == "auto" else topk
+    _spec(dict(budget=budget, gate=gate, placement=placement, init=init, score=score, alloc=alloc, topk=topk))
     torch.manual_seed(seed)
-    prep = prepare(model, quant, calib, seq_len=seq_len, n_windows=n_windows, device=device, progress=progress)
+    prep = prepare(model, quant, calib, seq_len=seq_len, n_windows=n_windows, device=device, progress=progress,
+                   cache_teacher=topk is None or topk > 0)
     return fit(prep, budget, gate, placement, rank=rank, steps=steps, lr=lr, batch_size=batch_size,
                gate_lr_mult=gate_lr_mult, init=init, seed=seed, out_dir=out_dir, progress=progress,
-               score=score, alloc=alloc)
+               score=score, alloc=alloc, topk=topk)
 
 
 def add_cli(subparsers) -> None:
@@ -374,8 +482,17 @@ def add_cli(subparsers) -> None:
     p.add_argument("--alloc", default=None, choices=ALLOCS,
                    help="'fixed' rank by score, 'per_byte' fixed rank by score per byte, or 'capture': ranks allocated "
                         f"by score x captured error share per byte (default {DIAGNOSTIC_ALLOC})")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps (default {TRAIN_DEFAULTS['steps']}; per config: "
+                        + ", ".join(f"{k} {v['steps']}" for k, v in CONFIG_TRAIN.items() if "steps" in v) + ")")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default {TRAIN_DEFAULTS['lr']:g}; per config: "
+                        + ", ".join(f"{k} {v['lr']:g}" for k, v in CONFIG_TRAIN.items() if "lr" in v) + ")")
+    p.add_argument("--topk", type=int, default=None,
+                   help="training loss: KL over the FP model's top-k tokens + a rest bucket (cached), 0 = the "
+                        "full-vocabulary KL with the FP model run beside each step (default: per config, "
+                        + ", ".join(f"{k} {v['topk']}" for k, v in CONFIG_TRAIN.items() if "topk" in v)
+                        + "; else the cached top-64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.set_defaults(func=_run_cli)
@@ -384,6 +501,7 @@ def add_cli(subparsers) -> None:
 def _run_cli(args) -> int:
     _, manifest = calibrate(args.model, args.quant, args.calib, budget=args.budget, gate=args.gate,
                             placement=args.placement, rank=args.rank, steps=args.steps, lr=args.lr,
-                            seed=args.seed, out_dir=args.out, device=args.device, score=args.score, alloc=args.alloc)
+                            seed=args.seed, out_dir=args.out, device=args.device, score=args.score, alloc=args.alloc,
+                            topk="auto" if args.topk is None else args.topk)
     print(f"wrote {len(manifest['modules'])} ECs ({manifest['ec_bytes']} bytes, budget {manifest['budget_bytes']}) to {args.out}")
     return 0

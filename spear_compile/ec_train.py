@@ -3,8 +3,9 @@
 Base weights stay frozen; only the EC parameters train. The loss is the token-mean
 ``KL(p_FP ‖ p_quant+EC)`` over the FP model's top-k tokens plus a rest-of-vocabulary bucket, with
 the FP top-k computed once and cached (fp16 log-probs + int16 ids: small enough to calibrate on
-the whole calibration file). Adam (no weight decay), linear warm-up then cosine decay; batches
-drawn from a seeded generator per fit.
+the whole calibration file), or, with the FP model passed to :func:`train_stacked`, the
+full-vocabulary KL with the FP model run beside each step (no cache). Adam (no weight decay),
+linear warm-up then cosine decay; batches drawn from a seeded generator per fit.
 
 Several fits (placements, gates, seeds, learning rates) of one quantized model train *together*:
 every linear that any fit compensates becomes a :class:`StackedEC` holding one EC per fit, the
@@ -16,7 +17,7 @@ F launch-bound small ones.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -87,6 +88,45 @@ def kl_to_teacher(logits: torch.Tensor, top_logp: torch.Tensor, top_idx: torch.T
     return kl_per_token(logits, top_logp, top_idx).mean()
 
 
+def kl_full_per_token(logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(p_FP ‖ p_model) ``[..., T]`` over the whole vocabulary, from the teacher's
+    log-probabilities ``[..., T, V]``."""
+    lp = teacher_logp.float()
+    return (lp.exp() * (lp - F.log_softmax(logits.float(), -1))).sum(-1)
+
+
+def online_kl(logits: torch.Tensor, teacher_logp: torch.Tensor, topks: Sequence[int]) -> torch.Tensor:
+    """Per-fit token-mean KL ``[F]`` for a fit-major stacked batch (``logits``/``teacher_logp``
+    ``[F·b, T, V]``): fit ``f`` gets the full-vocabulary KL (``topks[f]`` 0) or the top-k
+    coarse-grained one of :func:`kl_per_token` with the top ``topks[f]`` FP tokens."""
+    nf = len(topks)
+    lg, lp = logits.reshape(nf, -1, *logits.shape[1:]), teacher_logp.reshape(nf, -1, *teacher_logp.shape[1:])
+    out = []
+    for f, k in enumerate(topks):
+        if not k or k >= lp.shape[-1]:
+            out.append(kl_full_per_token(lg[f], lp[f]).mean())
+        else:
+            top = lp[f].topk(int(k), dim=-1)
+            out.append(kl_per_token(lg[f], top.values, top.indices).mean())
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def mean_kl_full(model: nn.Module, wins: torch.Tensor, fp_model: nn.Module, batch_size: int = 8,
+                 n_fits: int = 1):
+    """Full-vocabulary KL(p_FP ‖ p_model), token mean over windows ``wins [W, T]``, the FP model run
+    alongside (no cache). ``n_fits > 1``: a stacked model, one KL per fit (as :func:`mean_kl`)."""
+    device = next(model.parameters()).device
+    total = torch.zeros(n_fits, dtype=torch.float64)
+    for i in range(0, wins.shape[0], batch_size):
+        x = wins[i:i + batch_size].to(device)
+        lp = F.log_softmax(fp_model(x).logits.float(), -1)
+        kl = kl_full_per_token(model(x.repeat(n_fits, 1)).logits, lp.repeat(n_fits, 1, 1))
+        total += kl.reshape(n_fits, -1).mean(1).double().cpu() * x.shape[0]
+    out = (total / wins.shape[0]).tolist()
+    return out[0] if n_fits == 1 else out
+
+
 @torch.no_grad()
 def mean_kl(model: nn.Module, wins: torch.Tensor, teacher, batch_size: int = 8, n_fits: int = 1):
     """``kl_to_teacher`` averaged over all windows (e.g. held-out calibration windows). With
@@ -113,9 +153,9 @@ def lr_at(step: int, steps: int, lr: float, warmup: float = 0.05) -> float:
 
 class StackedEC(nn.Module):
     """One frozen linear plus ``F`` independent ECs, one per fit, at ranks ``ranks[f]`` (0: none)
-    with gate ``gates[f]`` (``"sigmoid"``, ``"none"`` or the experimental ``"norm"``). The input's
-    leading (batch) dimension holds ``F`` equal chunks, fit-major; chunk ``f`` gets EC ``f``. Per
-    fit the same function as :class:`~spear_compile.ec.CompensatedLinear`:
+    with gate ``gates[f]`` (``"sigmoid"``, ``"none"`` or the experimental ``"norm"``/``"xgate"``). The
+    input's leading (batch) dimension holds ``F`` equal chunks, fit-major; chunk ``f`` gets EC ``f``.
+    Per fit the same function as :class:`~spear_compile.ec.CompensatedLinear`:
     ``W x + b + B (g(A x) ⊙ A x)``.
 
     Ranks are padded to the largest with zeros, and zeros they stay: a padded coordinate has
@@ -124,11 +164,15 @@ class StackedEC(nn.Module):
     fit's gate parameters, where gated fits share the module, get their gradient masked to 0
     (``g ≡ 1`` exactly).
 
-    ``"norm"`` (not exportable; the compiler pass does not match it): the sigmoid gate plus a
-    per-token input statistic, ``g = 2·sigmoid(W_g u + w_n·log(||x||²/K) + b)``, to test whether a
-    gate that sees the token's activation scale helps."""
+    Experimental gates (not exportable; the compiler pass does not match them), to measure whether
+    a gate that sees more of the token helps: ``"norm"``, the sigmoid gate plus a per-token input
+    statistic, ``g = 2·sigmoid(W_g u + w_n·log(||x||²/K) + b)``; ``"xgate"``, the sigmoid gate plus
+    the whole input, ``g = 2·sigmoid(W_g u + W_x x + b)`` (``W_x [r, K]``, not counted in the budget).
 
-    GATE_KINDS = ("none", "sigmoid", "norm")
+    With ``stats`` set to ``{}``, every forward adds per-fit gate statistics to it (``gate_stats``).
+    """
+
+    GATE_KINDS = ("none", "sigmoid", "norm", "xgate")
 
     def __init__(self, linear: nn.Linear, ranks: Sequence[int], gates: Sequence[str]):
         super().__init__()
@@ -148,6 +192,9 @@ class StackedEC(nn.Module):
         used = [g for g, rk in zip(gates, ranks) if rk]
         self.any_gate = any(g != "none" for g in used)
         self.any_norm = any(g == "norm" for g in used)
+        self.any_x = any(g == "xgate" for g in used)
+        self.Wx = z(nf, r, k) if self.any_x else None
+        self.stats = None
         if self.any_gate and "none" in used:  # static fits beside gated ones: keep their gate at g ≡ 1
             on = torch.tensor([float(g != "none") for g in gates], device=dev)
             self.Wg.register_hook(lambda g, on=on: g * on[:, None, None])
@@ -155,41 +202,92 @@ class StackedEC(nn.Module):
         if self.any_norm:
             on = torch.tensor([float(g == "norm") for g in gates], device=dev)
             self.Wn.register_hook(lambda g, on=on: g * on[:, None])
+        if self.any_x:
+            on = torch.tensor([float(g == "xgate") for g in gates], device=dev)
+            self.Wx.register_hook(lambda g, on=on: g * on[:, None, None])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)
         nf = self.A.shape[0]
         xs = x.reshape(nf, -1, x.shape[-1]).to(self.A.dtype)
         u = torch.bmm(xs, self.A.transpose(1, 2))
+        v = u
         if self.any_gate:
             pre = torch.baddbmm(self.bg[:, None, :], u, self.Wg.transpose(1, 2))
             if self.any_norm:
                 pre = pre + torch.log(xs.square().mean(-1, keepdim=True) + 1e-6) * self.Wn[:, None, :]
-            u = u * (2.0 * torch.sigmoid(pre))
-        out = torch.baddbmm(y.reshape(nf, -1, y.shape[-1]).to(self.A.dtype), u, self.B.transpose(1, 2))
+            if self.any_x:
+                pre = pre + torch.bmm(xs, self.Wx.transpose(1, 2))
+            g = 2.0 * torch.sigmoid(pre)
+            v = u * g
+            if self.stats is not None:
+                self._record(u, v, g)
+        out = torch.baddbmm(y.reshape(nf, -1, y.shape[-1]).to(self.A.dtype), v, self.B.transpose(1, 2))
         return out.reshape(y.shape).to(y.dtype)
 
+    @torch.no_grad()
+    def _record(self, u, v, g):
+        """Per fit: sums of |g − 1| over (token, real coordinate), and of the per-token modulation
+        ``ρ_t = ||B (g ⊙ u)|| / ||B u||`` of the correction (and of ρ²) over tokens."""
+        rk = torch.tensor(self.ranks, device=g.device)
+        cm = (torch.arange(g.shape[-1], device=g.device)[None, :] < rk[:, None]).to(g.dtype)  # [F, r]
+        dev = ((g - 1).abs() * cm[:, None, :]).sum((1, 2))
+        cs = torch.bmm(u, self.B.transpose(1, 2)).norm(dim=-1)
+        cg = torch.bmm(v, self.B.transpose(1, 2)).norm(dim=-1)
+        rho = cg / cs.clamp(min=1e-30)
+        ok = (cs > 0).to(g.dtype)
+        new = dict(abs_dev=dev, coords=rk.to(g.dtype) * g.shape[1], rho=(rho * ok).sum(1),
+                   rho2=(rho.square() * ok).sum(1), tokens=ok.sum(1))
+        for key, val in new.items():
+            self.stats[key] = self.stats.get(key, 0) + val.double().cpu()
+
     def gate_params(self) -> List[nn.Parameter]:
-        return ([self.Wg, self.bg] if self.any_gate else []) + ([self.Wn] if self.any_norm else [])
+        return (([self.Wg, self.bg] if self.any_gate else []) + ([self.Wn] if self.any_norm else [])
+                + ([self.Wx] if self.any_x else []))
 
     def ec_state(self, f: int) -> Dict[str, torch.Tensor]:
         """Fit ``f``'s EC as ``CompensatedLinear`` parameters (``{}`` at rank 0)."""
         r = self.ranks[f]
         if r == 0:
             return {}
-        if self.gates[f] == "norm":
-            raise SpearError("StackedEC: the experimental 'norm' gate has no CompensatedLinear form")
+        if self.gates[f] in ("norm", "xgate"):
+            raise SpearError(f"StackedEC: the experimental {self.gates[f]!r} gate has no CompensatedLinear form")
         out = {"ec_A": self.A[f, :r].detach().clone(), "ec_B": self.B[f, :, :r].detach().clone()}
         if self.gates[f] == "sigmoid":
             out.update(ec_gate_w=self.Wg[f, :r, :r].detach().clone(), ec_gate_b=self.bg[f, :r].detach().clone())
         return out
 
     @torch.no_grad()
-    def set_ec(self, f: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Initialise fit ``f``'s ``A [r, K]`` and ``B [N, r]`` (gate stays at g ≡ 1)."""
+    def set_ec(self, f: int, a: torch.Tensor, b: torch.Tensor, gate_w: Optional[torch.Tensor] = None) -> None:
+        """Initialise fit ``f``'s ``A [r, K]`` and ``B [N, r]``; the gate stays at g ≡ 1 unless
+        ``gate_w [r, r]`` is given (a gated fit's initial ``W_g``)."""
         r = self.ranks[f]
         self.A[f, :r].copy_(a[:r])
         self.B[f, :, :r].copy_(b[:, :r])
+        if gate_w is not None and self.gates[f] != "none":
+            self.Wg[f, :r, :r].copy_(gate_w[:r, :r])
+
+
+def gate_stats(ecs: Sequence[StackedEC], n_fits: int) -> List[Optional[dict]]:
+    """Per fit, over the ``StackedEC`` modules' recorded forwards (``stats``): ``gate_abs_dev`` =
+    mean |g − 1| over tokens and real coordinates; ``rho_mean`` / ``rho_cv`` = mean and coefficient
+    of variation over tokens (and modules) of the per-token modulation of the correction
+    ``||B (g ⊙ u)|| / ||B u||`` (1 and 0 for a static EC). ``None`` for fits with no gate."""
+    out = []
+    for f in range(n_fits):
+        acc = {}
+        for m in ecs:
+            if m.stats and m.gates[f] != "none" and m.ranks[f]:
+                for key, val in m.stats.items():
+                    acc[key] = acc.get(key, 0.0) + float(val[f])
+        if not acc or acc["tokens"] == 0:
+            out.append(None)
+            continue
+        mean = acc["rho"] / acc["tokens"]
+        var = max(0.0, acc["rho2"] / acc["tokens"] - mean * mean)
+        out.append(dict(gate_abs_dev=acc["abs_dev"] / max(1.0, acc["coords"]), rho_mean=mean,
+                        rho_cv=math.sqrt(var) / max(mean, 1e-30)))
+    return out
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -215,12 +313,17 @@ def stack_ecs_(model: nn.Module, ranks: Sequence[Dict[str, int]], gates: Sequenc
 
 
 def train_stacked(model: nn.Module, wins: torch.Tensor, teacher, seeds: Sequence[int], steps: int = 600,
-                  lr=1e-3, batch_size: int = 8, gate_lr_mult=1.0, progress: bool = True) -> List[List[float]]:
+                  lr=1e-3, batch_size: int = 8, gate_lr_mult=1.0, progress: bool = True,
+                  fp_model: Optional[nn.Module] = None, topks: Optional[Sequence[int]] = None) -> List[List[float]]:
     """Train the ``StackedEC`` modules of ``model`` (fp32) in place, ``F = len(seeds)`` fits at once;
     ``lr`` and ``gate_lr_mult`` are scalars or one value per fit. Returns each fit's loss per step.
 
     ``wins [W, T]`` token windows and ``teacher`` their cached ``(top_logp, top_idx)`` from
     ``teacher_topk``. Fit ``f`` draws its batches from a generator seeded with ``seeds[f]``.
+    With ``fp_model`` the teacher is not cached but run on every batch (``teacher`` may be
+    ``None``) and fit ``f``'s loss is the full-vocabulary KL (``topks[f]`` 0 or ``None``) or the
+    top-``topks[f]`` one (:func:`online_kl`). With the cached teacher, ``topks[f]`` (if given) keeps
+    the first ``topks[f]`` of the cached top-k (``teacher_topk`` sorts them; 0/``None``: all).
     """
     ecs = [m for m in model.modules() if isinstance(m, StackedEC)]
     if not ecs:
@@ -228,9 +331,24 @@ def train_stacked(model: nn.Module, wins: torch.Tensor, teacher, seeds: Sequence
     nf = len(seeds)
     if any(m.A.shape[0] != nf for m in ecs):
         raise SpearError(f"train_ecs: ECs stacked for {ecs[0].A.shape[0]} fits, {nf} seeds given")
-    top_logp, top_idx = teacher
-    if wins.numel() == 0 or wins.shape[:2] != top_logp.shape[:2]:
-        raise SpearError(f"train_ecs: windows {tuple(wins.shape)} and teacher cache {tuple(top_logp.shape)} do not match")
+    if fp_model is None:
+        if teacher is None:
+            raise SpearError("train_ecs: give the cached teacher or the FP model")
+        top_logp, top_idx = teacher
+        if wins.numel() == 0 or wins.shape[:2] != top_logp.shape[:2]:
+            raise SpearError(f"train_ecs: windows {tuple(wins.shape)} and teacher cache {tuple(top_logp.shape)} do not match")
+        cache_ks = None
+        if topks is not None and any(k and k != top_logp.shape[-1] for k in topks):
+            cache_ks = [int(k or top_logp.shape[-1]) for k in topks]
+            if len(cache_ks) != nf or any(k < 1 or k > top_logp.shape[-1] for k in cache_ks):
+                raise SpearError(f"train_ecs: topks {list(topks)} must be {nf} values in [1, {top_logp.shape[-1]}] "
+                                 "with a cached teacher")
+    else:
+        if wins.numel() == 0:
+            raise SpearError("train_ecs: empty calibration set")
+        topks = [int(k or 0) for k in (topks if topks is not None else [0] * nf)]
+        if len(topks) != nf or any(k < 0 for k in topks):
+            raise SpearError(f"train_ecs: topks {topks} must be {nf} values >= 0")
     if steps < 0 or batch_size < 1:
         raise SpearError(f"train_ecs: steps={steps} must be >= 0 and batch_size={batch_size} >= 1")
     device = ecs[0].A.device
@@ -259,9 +377,21 @@ def train_stacked(model: nn.Module, wins: torch.Tensor, teacher, seeds: Sequence
     bar = tqdm(range(steps), desc=f"train ECs ({nf} fit{'s' * (nf > 1)})", disable=not progress, leave=False)
     for step in bar:
         idx = torch.cat([torch.randint(0, wins.shape[0], (bs,), generator=g) for g in gens])
-        t_idx = idx.to(top_logp.device)
-        kl = kl_per_token(model(wins_d[idx.to(device)]).logits, top_logp[t_idx], top_idx[t_idx])
-        loss = kl.reshape(nf, -1).mean(1)
+        x = wins_d[idx.to(device)]
+        if fp_model is None:
+            t_idx = idx.to(top_logp.device)
+            logits = model(x).logits
+            if cache_ks is None:
+                loss = kl_per_token(logits, top_logp[t_idx], top_idx[t_idx]).reshape(nf, -1).mean(1)
+            else:  # fit f: the first (largest) cache_ks[f] of the cached top-k
+                lg, tl, ti = (t.reshape(nf, -1, *t.shape[1:]) for t in (logits, top_logp[t_idx], top_idx[t_idx]))
+                loss = torch.stack([kl_per_token(lg[f], tl[f][..., :k], ti[f][..., :k]).mean()
+                                    for f, k in enumerate(cache_ks)])
+        else:
+            with torch.no_grad():
+                t_logp = F.log_softmax(fp_model(x).logits.float(), -1)
+            loss = online_kl(model(x).logits, t_logp, topks)
+            del t_logp
         for p in params:
             p.grad = None
         loss.sum().backward()

@@ -117,3 +117,43 @@ def test_fit_many_records_both_diagnostics_and_follows_the_chosen_score():
     # the experimental gate trains (held-out KL) but has no exportable form
     (none_model, man), = fit_many(prep, [dict(budget=0.05, rank=2, gate="norm")], steps=2, batch_size=2, progress=False)
     assert none_model is None and man["kl_heldout"]["with_ecs"] > 0
+
+
+def test_fit_options_balance_gate_init_objective_and_long_windows():
+    from spear_compile.calibrate import fit_many, join_windows, prepare
+    calib = torch.randint(0, 8192, (8, 16), generator=torch.Generator().manual_seed(0))
+    prep = prepare(tiny_llama(), "w4-pc-rtn", calib=calib, n_windows=8, seq_len=16, n_heldout=2,
+                   n_diag_model=2, device="cpu", progress=False)
+    # held-out full-vocabulary KL on the held-out windows joined into 512-token windows (too few here: as they are)
+    assert torch.equal(prep.heldout_long(), prep.heldout) and prep.heldout.shape == (2, 16)
+    assert join_windows(torch.arange(12).reshape(4, 3), 6).tolist() == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]]
+    with pytest.raises(SpearError, match="joined"):
+        join_windows(torch.zeros(4, 3, dtype=torch.long), 4)
+    base = dict(budget=0.05, rank=2)
+    specs = [dict(base), dict(base, balance=True), dict(base, gate="none", balance=True),
+             dict(base, gate="none", gate_init="random"), dict(base, gate_init="random")]
+    res = fit_many(prep, specs, steps=0, progress=False)
+    kls = [man["kl_heldout"]["full_with_ecs"] for _, man in res]
+    # balancing rescales A and B (same function); a static fit ignores gate_init; a random gate changes g
+    tol = 1e-3 * kls[0]
+    assert abs(kls[1] - kls[0]) < tol and abs(kls[2] - kls[0]) < tol and abs(kls[3] - kls[0]) < tol
+    assert abs(kls[4] - kls[0]) > 2 * tol
+    assert res[0][1]["kl_heldout"]["full_quantized"] > 0 and res[0][1]["teacher"] == "cached"
+    assert res[4][1]["gate_stats"]["gate_abs_dev"] > 0 and res[2][1]["gate_stats"] is None
+    (_, m1), (_, m2) = fit_many(prep, [dict(base, topk=0), dict(base, topk=8, gate="none")], steps=2, batch_size=2,
+                                progress=False, seq_len=32)
+    assert m1["seq_len"] == 32 and m1["teacher"] == "online" and m1["loss_last"] > 0 and m2["teacher_topk"] == 8
+    with pytest.raises(SpearError, match="topk"):
+        fit_many(prep, [dict(base, topk=-1)], steps=1)
+    with pytest.raises(SpearError, match="gate_init"):
+        fit_many(prep, [dict(base, gate_init="ones")], steps=1)
+
+
+def test_per_config_training_defaults():
+    from spear_compile.calibrate import train_defaults
+    assert train_defaults("w3-pc-rtn") == dict(steps=1200, lr=2e-3, topk=0)
+    assert train_defaults("w4-pc-rtn") == dict(steps=600, lr=1e-3, topk=None)
+    _, man = calibrate(tiny_llama(), "w3-pc-rtn", calib=_tokens(), budget=0.05, rank=2, steps=2, **KW)
+    assert man["lr"] == 2e-3 and man["topk"] == 0 and man["teacher"] == "online" and man["steps"] == 2
+    _, man = calibrate(tiny_llama(), "w3-pc-rtn", calib=_tokens(), budget=0.05, rank=2, steps=1, topk=None, lr=1e-3, **KW)
+    assert man["lr"] == 1e-3 and man["teacher"] == "cached" and man["teacher_topk"] == 64

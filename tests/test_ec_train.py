@@ -100,3 +100,72 @@ def test_bad_input_fails_clearly():
         train_stacked(model, wins[:3], teacher, [0, 1])
     with pytest.raises(SpearError, match="no module named"):
         stack_ecs_(copy.deepcopy(q), [{"nope": 2}], ["none"])
+
+
+def test_online_teacher_full_and_topk_losses_stack_like_separate_fits():
+    fp, q, wins, _ = _setup()
+    import copy
+
+    def run(plans, gates, seeds, topks):
+        model = copy.deepcopy(q)
+        stacked = stack_ecs_(model, plans, gates)
+        for f, plan in enumerate(plans):
+            _init(stacked, f, plan, 100 + seeds[f])
+        return stacked, train_stacked(model, wins, None, seeds, steps=3, lr=3e-3, batch_size=2, progress=False,
+                                      fp_model=fp, topks=topks)
+    topks = [0, 16, 0]
+    stacked, losses = run(PLANS, GATES, [0, 1, 2], topks)
+    for f in range(3):
+        alone, alone_losses = run([PLANS[f]], [GATES[f]], [f], [topks[f]])
+        torch.testing.assert_close(torch.tensor(losses[f]), torch.tensor(alone_losses[0]), rtol=1e-4, atol=1e-6)
+    # the full KL exceeds the top-16 coarse-grained one at the same (initial) parameters
+    from spear_compile.ec_train import kl_full_per_token, kl_per_token
+    with torch.no_grad():
+        lq, lp = q(wins).logits, torch.log_softmax(fp(wins).logits.float(), -1)
+        top = lp.topk(16, -1)
+        assert kl_full_per_token(lq, lp).mean() >= kl_per_token(lq, top.values, top.indices).mean() - 1e-6
+
+
+def test_cached_teacher_keeps_the_first_k_per_fit():
+    fp, q, wins, _ = _setup()
+    import copy
+    teacher = teacher_topk(fp, wins, 16)
+    ref = teacher_topk(fp, wins, 4)
+    assert torch.equal(teacher[1][..., :4], ref[1])  # sorted: the top-4 are the cache's first 4
+
+    def run(plans, gates, seeds, teach, topks):
+        model = copy.deepcopy(q)
+        stacked = stack_ecs_(model, plans, gates)
+        for f, plan in enumerate(plans):
+            _init(stacked, f, plan, 100 + seeds[f])
+        return train_stacked(model, wins, teach, seeds, steps=3, lr=3e-3, batch_size=2, progress=False, topks=topks)
+    losses = run(PLANS[:2], GATES[:2], [0, 1], teacher, [4, None])
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(run(PLANS[:1], GATES[:1], [0], ref, None)[0]),
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(run(PLANS[1:2], GATES[1:2], [1], teacher, None)[0]),
+                               rtol=1e-4, atol=1e-6)
+    with pytest.raises(SpearError, match="topks"):
+        run(PLANS[:1], GATES[:1], [0], teacher, [32])
+
+
+def test_xgate_trains_is_not_exportable_and_gate_stats_are_recorded():
+    fp, q, wins, teacher = _setup()
+    import copy
+    from spear_compile.ec_train import gate_stats
+    model = copy.deepcopy(q)
+    stacked = stack_ecs_(model, PLANS, ["xgate", "none", "sigmoid"])
+    for f, plan in enumerate(PLANS):
+        _init(stacked, f, plan, 100 + f)
+    train_stacked(model, wins, teacher, [0, 1, 2], steps=3, lr=1e-2, batch_size=2, progress=False)
+    v = stacked["model.layers.0.self_attn.v_proj"]
+    assert v.Wx[0].abs().sum() > 0 and torch.all(v.Wx[1:] == 0)  # only the x-gated fit's W_x trains
+    with pytest.raises(SpearError, match="xgate"):
+        v.ec_state(0)
+    for m in stacked.values():
+        m.stats = {}
+    with torch.no_grad():
+        model(wins.repeat(3, 1))
+    st = gate_stats(list(stacked.values()), 3)
+    assert st[1] is None                                   # static: no gate
+    assert st[0]["gate_abs_dev"] > 0 and st[0]["rho_mean"] > 0 and st[0]["rho_cv"] >= 0
+    assert st[2]["gate_abs_dev"] > 0
