@@ -3,8 +3,10 @@
 ``torch.compile(model, backend="spear", mode=..., options=...)`` works like the inductor backend:
 ``mode`` maps to Inductor config exactly as for ``backend="inductor"`` ("reduce-overhead" ->
 CUDA graphs, "max-autotune" -> autotuning + CUDA graphs), ``options`` are Inductor config
-patches. Our ``SpearPassManager`` becomes ``post_grad_custom_pre_pass``, composed with one the
-user set (in ``options`` or globally; ours runs first).
+patches, plus ``spear_group_linears`` (bool, default on unless ``SPEAR_GROUP_LINEARS=0``: merge
+sibling quantized linears of one input, e.g. q|k|v, into one launch). Our ``SpearPassManager``
+becomes ``post_grad_custom_pre_pass``, composed with one the user set (in ``options`` or globally;
+ours runs first).
 
 Why the *pre* slot of the post-grad passes: Inductor's own post-grad pattern passes, which run
 between the pre and post slots, rewrite the very chains we match (``add`` folded into ``addmm``;
@@ -22,6 +24,7 @@ from .errors import SpearError
 from .passes import SpearPassManager
 
 SLOT = "post_grad_custom_pre_pass"
+GROUP_OPTION = "spear_group_linears"  # options={GROUP_OPTION: False}: no horizontal fusion of sibling linears
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -30,6 +33,7 @@ def config_patches(mode: Optional[str] = None, options: Optional[dict] = None, d
     if mode not in MODES:
         raise SpearError(f"spear backend: unknown mode {mode!r}; supported: {MODES}")
     options = {k.replace("-", "_"): v for k, v in (options or {}).items()}
+    group_linears = options.pop(GROUP_OPTION, None)
     known = torch._inductor.config.get_config_copy()
     unknown = sorted(k for k in options if k not in known)
     if unknown:
@@ -42,7 +46,7 @@ def config_patches(mode: Optional[str] = None, options: Optional[dict] = None, d
     user_pass = options.get(SLOT, getattr(torch._inductor.config, SLOT))
     if isinstance(user_pass, SpearPassManager):  # already ours (nested compile): do not stack
         user_pass = user_pass.user_pass
-    patches[SLOT] = SpearPassManager(user_pass=user_pass, dump_dir=dump_dir)
+    patches[SLOT] = SpearPassManager(user_pass=user_pass, dump_dir=dump_dir, group_linears=group_linears)
     return patches
 
 

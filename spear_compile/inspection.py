@@ -2,8 +2,10 @@
 
 Compiles the model once with the ``spear`` backend (caches off, so the pass really runs) on an
 example input, then reports one row per ``spear::qlinear`` the pass saw: module, matched or
-not and why, shapes, dtype, EC rank/gate, and the kernel ``lowering.dispatch.choose`` would pick
-for ``m`` rows (``"reference"`` where no kernel applies: CPU, fp32, or no dispatch module).
+not and why, shapes, dtype, EC rank/gate, the sibling group it was merged into (one launch for
+e.g. q|k|v, ``GroupSiblingLinearsPass``), and the kernel ``lowering.dispatch.choose`` (grouped:
+``choose_grouped``) would pick for ``m`` rows (``"reference"`` where no kernel applies: CPU, fp32,
+or no dispatch module).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class InspectionRow:
     gate: str
     bias: bool
     kernel: str
+    group: str = ""  # "g<i>" when merged with siblings into one grouped launch
 
 
 @dataclass
@@ -41,6 +44,7 @@ class InspectionReport:
     rows: List[InspectionRow] = field(default_factory=list)
     m: int = 1
     device: str = "cpu"
+    groups: List[registry.GroupRecord] = field(default_factory=list)
 
     @property
     def matched(self) -> int:
@@ -51,31 +55,39 @@ class InspectionReport:
         return [r for r in self.rows if not r.matched]
 
     def table(self) -> str:
-        head = ("module", "fused", "kind", "N", "K", "group", "dtype", "EC", "bias", f"kernel (m={self.m}, {self.device})")
+        head = ("module", "fused", "kind", "N", "K", "group", "dtype", "EC", "bias", "launch",
+                f"kernel (m={self.m}, {self.device})")
         body = [(r.module, "yes" if r.matched else "NO", r.kind, str(r.n), str(r.k), str(r.group_size), r.dtype,
-                 f"r={r.rank} {r.gate}" if r.rank else "-", "yes" if r.bias else "-",
+                 f"r={r.rank} {r.gate}" if r.rank else "-", "yes" if r.bias else "-", r.group or "own",
                  r.kernel if r.matched else f"reference ({r.reason})") for r in self.rows]
         widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
         line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
         out = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
         out.append(f"{self.matched}/{len(self.rows)} quantized linears fused")
+        launches = sum(1 for r in self.rows if r.matched and not r.group) + len(self.groups)
+        out.append(f"{len(self.groups)} sibling groups ({sum(len(g.members) for g in self.groups)} linears), "
+                   f"{launches} launches for {self.matched} fused linears")
+        for g in self.groups:
+            out.append(f"  g{g.index}: {' | '.join(g.modules)}  (N {'+'.join(map(str, g.ns))}, K {g.k})")
         return "\n".join(out)
 
     def __str__(self) -> str:
         return self.table()
 
 
-def kernel_for(m: int, rec: registry.MatchRecord, device: str) -> str:
-    """Name of the kernel ``dispatch.choose`` picks, or ``"reference"``."""
+def kernel_for(m: int, rec: registry.MatchRecord, device: str, group: Optional[registry.GroupRecord] = None) -> str:
+    """Name of the kernel ``dispatch.choose`` (``choose_grouped`` for a grouped member) picks, or ``"reference"``."""
     if not rec.matched:
         return "reference"
     if device != "cuda" or rec.dtype not in ("bfloat16", "float16"):
         return f"reference ({device}, {rec.dtype})"
     try:
-        from .lowering.dispatch import choose
+        from .lowering.dispatch import choose, choose_grouped
     except ImportError:
         return "reference"
     try:
+        if group is not None:
+            return choose_grouped(m, group.k, group.ns, group.group_size, getattr(torch, group.dtype), group.bias)
         return choose(m, rec.k, rec.n, rec.group_size, getattr(torch, rec.dtype), rec.rank, rec.gated)
     except Exception as e:  # noqa: BLE001  (inspection reports, it does not fail)
         return f"reference (dispatch.choose failed: {e})"
@@ -106,19 +118,21 @@ def inspect(model: nn.Module, example_input: Optional[torch.Tensor] = None, m: i
     if example_input is not None:
         m = int(x.shape[:-1].numel()) if x.is_floating_point() else int(x.numel())
     torch._dynamo.reset()
-    start = len(registry.RECORDS)
+    start, gstart = len(registry.RECORDS), len(registry.GROUPS)
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="spear_compile: .* left as the reference")
         torch.compile(model, backend="spear")(x)
     torch._dynamo.reset()
-    report = InspectionReport(m=m, device=device.type)
+    report = InspectionReport(m=m, device=device.type, groups=list(registry.GROUPS[gstart:]))
+    by_index = {g.index: g for g in report.groups}
     for rec in registry.RECORDS[start:]:
+        group = by_index.get(rec.group)
         report.rows.append(InspectionRow(
             module=rec.module or rec.node, node=rec.node, matched=rec.matched, kind=rec.kind, reason=rec.reason,
             n=rec.n, k=rec.k, group_size=rec.group_size, dtype=rec.dtype, rank=rec.rank,
             gate=("sigmoid" if rec.gated else "none") if rec.rank else "-", bias=rec.bias,
-            kernel=kernel_for(m, rec, device.type)))
+            kernel=kernel_for(m, rec, device.type, group), group=f"g{group.index}" if group else ""))
     return report
 
 

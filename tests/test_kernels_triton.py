@@ -135,6 +135,8 @@ GEMV_CASES = [  # (M, group, dtype, ec, gated, bias, config)
     (1, 64, torch.float16, True, True, False, dispatch.DecodeConfig(16, 64, 2, 4)),             # FMA, one group per block
     (1, 32, torch.bfloat16, True, False, True, dispatch.DecodeConfig(8, 128, 2, 2)),            # FMA, block spans groups
     (1, 128, torch.bfloat16, True, True, True, dispatch.DecodeConfig(16, 128, 2, 4, dynamic_ids=True)),
+    (1, 32, torch.bfloat16, False, False, True, dispatch.DecodeConfig(16, 128, 2, 2, seg=True)),  # 4 groups a block
+    (1, 64, torch.float16, True, True, False, dispatch.DecodeConfig(8, 256, 1, 2, seg=True)),
     (1, 128, torch.bfloat16, True, True, False, dispatch.DecodeConfig(32, 128, 1, 4, tc=True)),  # tensor cores, M=1
     (5, K, torch.float16, True, True, True, dispatch.DecodeConfig(16, 128, 1, 4, tc=True)),     # fp16 magic 1024
     (16, 128, torch.bfloat16, False, False, False, dispatch.DecodeConfig(32, 128, 1, 4, tc=True)),

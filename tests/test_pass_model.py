@@ -1,6 +1,7 @@
 """The pass on the bundled spear-ref-16m (W4-pc-RTN, bf16, CPU Inductor), compiled once:
-all 56 quantized linears fused, the EC pattern exactly on the wrapped modules, decode compiled
-once for all tokens, greedy tokens identical to eager."""
+all 56 quantized linears fused, the EC pattern exactly on the wrapped modules, q|k|v and gate|up
+grouped per layer (minus the EC-wrapped members), decode compiled once for all tokens, greedy
+tokens identical to eager."""
 import os
 
 import pytest
@@ -61,7 +62,7 @@ def run():
             graphs_after_first = passes.registry._graph_counter[0]
             with torch._dynamo.config.patch(error_on_recompile=True):
                 toks2, _ = greedy(eager, model.forward, cache, prompt, NEW)
-    return dict(records=list(passes.RECORDS), ref_toks=ref_toks, toks=toks, toks2=toks2, ref_logits=ref_logits,
+    return dict(records=list(passes.RECORDS), groups=list(passes.GROUPS), ref_toks=ref_toks, toks=toks, toks2=toks2, ref_logits=ref_logits,
                 logits=logits, graphs=graphs_after_first - g0, graphs2=passes.registry._graph_counter[0] - g0)
 
 
@@ -86,3 +87,18 @@ def test_greedy_tokens_identical_to_eager(run):
     assert torch.equal(run["toks2"], run["toks"])
     err = (run["logits"] - run["ref_logits"]).norm() / run["ref_logits"].norm()
     assert err < 2e-2
+
+
+def test_siblings_grouped_per_layer(run):
+    """The decode graph groups q|k|v and gate|up of every layer; EC members stay out."""
+    want = []
+    for i in range(8):
+        for names in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            members = tuple(f"model.layers.{i}.{n}" for n in names if f"model.layers.{i}.{n}" not in EC_MODULES)
+            if len(members) >= 2:
+                want.append(members)
+    assert len(want) == 15
+    assert len({g.graph for g in run["groups"]}) == 1
+    assert sorted(g.modules for g in run["groups"]) == sorted(want)
+    grouped = {r.module for r in run["records"] if r.group is not None}
+    assert grouped == {m for ms in want for m in ms}

@@ -15,6 +15,13 @@ workspaces): no host sync, no ``.item()``; persistent per-device workspaces are 
 themselves; only the output (and prefill's small ``u``) is allocated. The workspaces are per device,
 not per stream: decode launches must not run concurrently on two streams of one device.
 
+Grouped linears (``launch_grouped``, the op ``spear::grouped_linear`` that the pass
+``passes.group_sibling_linears`` makes of sibling linears such as q|k|v and gate|up): M = 1 runs the
+2-4 members in one launch of ``w4_gemv_grouped_kernel`` writing one ``[M, N_1 + ... + N_g]`` output;
+M 2..16 times that kernel's tensor-core configs against per-member launches; larger M launches the
+members one by one (their own tuned configs) into column slices of the same output. Keyed by
+(K, member Ns, group, dtype, M bucket, bias); candidates: ``grouped_candidates``.
+
 Tensor parallelism hook: ``project_u`` is the separable u partial-sum step; a caller that
 all-reduces u across GPUs passes the reduced ``u=`` to ``launch``, and the kernels skip their own.
 """
@@ -31,12 +38,13 @@ import triton
 
 from ..errors import SpearError
 from .w4_decode import w4_decode_kernel
-from .w4_gemv import w4_gemv_kernel
+from .w4_gemv import w4_gemv_grouped_kernel, w4_gemv_kernel
 from .w4_prefill import w4_dequantize_kernel, w4_prefill_kernel
 
 MAX_DECODE_M = 16
 MAX_EC_RANK = 256
 MIN_BLOCK_N = 4
+MAX_GROUP = 4  # members of one grouped launch (w4_gemv_grouped_kernel's pointer sets)
 _BUCKETS = (1, 4, 16, 64, 256, 1024)
 
 
@@ -50,12 +58,13 @@ class DecodeConfig:
     kernel: str = "gemv"  # "gemv" (w4_gemv, int32 words) or "v3" (w4_decode, bytes)
     tc: bool = False  # gemv: tensor cores on bf16 (OFFSET + q) straight from the bits (M <= 16)
     dynamic_ids: bool = False  # EC: tile ids from an atomic counter instead of the program id
+    seg: bool = False  # gemv M = 1, grouped scales: K blocks of several whole groups (3-D word tiles)
 
     @property
     def name(self):
         u = ",u=cublas+2nd launch" if self.two_launch else ""
         v = ("" if self.kernel == "gemv" else f",{self.kernel}") + (",tc" if self.tc else "") + \
-            (",dyn" if self.dynamic_ids else "")
+            (",dyn" if self.dynamic_ids else "") + (",seg" if self.seg else "")
         return f"decode[BN={self.block_n},BK={self.block_k},splitK={self.split_k},warps={self.num_warps}{u}{v}]"
 
 
@@ -78,11 +87,40 @@ class DequantCublasConfig:
     name: str = "dequant+cublas"
 
 
+@dataclass(frozen=True)
+class GroupedConfig:
+    """One launch of ``w4_gemv_grouped_kernel`` for every member, or (``per_member``) one launch per
+    member with its own tuned config, into column slices of the grouped output."""
+    block_n: int = 0
+    block_k: int = 0
+    split_k: int = 1
+    num_warps: int = 4
+    tc: bool = False
+    per_member: bool = False
+    seg: bool = False  # as DecodeConfig.seg
+
+    @property
+    def name(self):
+        if self.per_member:
+            return "grouped[per-member launches]"
+        return (f"grouped[BN={self.block_n},BK={self.block_k},splitK={self.split_k},warps={self.num_warps}"
+                f"{',tc' if self.tc else ''}{',seg' if self.seg else ''}]")
+
+
 def m_bucket(m: int) -> str:
     for hi in _BUCKETS:
         if m <= hi:
             return str(hi)
     return f">{_BUCKETS[-1]}"
+
+
+def _gpb(cfg, m, k, group_size) -> int:
+    """Groups per K block for a ``seg`` config that applies here (M = 1, grouped scales, the block a power-of-two
+    multiple of the group), else 0 (the regular paths)."""
+    if not getattr(cfg, "seg", False) or m != 1 or cfg.tc or group_size >= k or group_size % 16:
+        return 0
+    gpb = cfg.block_k // group_size
+    return gpb if gpb >= 2 and gpb * group_size == cfg.block_k and gpb & (gpb - 1) == 0 else 0
 
 
 def _valid_block_k(bk: int, k: int, group_size: int) -> bool:
@@ -128,11 +166,18 @@ def decode_candidates(k, n, group_size, sms=132, has_ec=False, m=1):
     out = []
     pc = group_size >= k
     if m == 1:
-        bks = (256, 512, 1024) if pc else (128, 256, 512)
+        # grouped scales: blocks of one group here; longer blocks as ``seg`` below (the per-word-scale WIDE
+        # blocks never won a shape in bench/results/decode_sweep.md; WIDE stays reachable as a forced config)
+        bks = (256, 512, 1024) if pc else (128,)
         for bn, bk, warps in itertools.product((8, 16, 32, 64), bks, (2, 4)):
             if bk <= max(k, 256) and bn * bk // 8 >= 32 * warps:
                 for split in _gemv_splits(triton.cdiv(n, bn), k, bk, sms):
                     out.append(DecodeConfig(bn, bk, split, warps))
+    if m == 1 and not pc:
+        for bn, bk, warps in _SEG_M1:
+            if bk < k and bk % group_size == 0 and bk > group_size:
+                for split in _gemv_splits(triton.cdiv(n, bn), k, bk, sms):
+                    out.append(DecodeConfig(bn, bk, split, warps, seg=True))
     tc_bks = [bk for bk in ((128, 256) if pc else (128,)) if _valid_block_k(bk, k, group_size)]
     for bn, bk, warps in itertools.product((16, 32, 64), tc_bks, (4,) if m == 1 else (4, 8)):
         # split 1 only: fp32 atomics on a tensor-core accumulator layout summed replicated lanes on H100
@@ -178,6 +223,48 @@ def default_config(m, k, n, group_size, sms=132):
     return prefill_candidates(m, k, group_size)[0]
 
 
+# M = 1 grouped GEMV shapes (BLOCK_N, BLOCK_K, warps): the per-linear winners of bench/results/decode_sweep.md
+# and their neighbours; a few split-K factors each (_gemv_splits over the group's total N tiles).
+_GROUPED_M1_PC = ((8, 1024, 4), (8, 512, 2), (16, 512, 2), (16, 512, 4), (32, 256, 4), (16, 1024, 4))
+_GROUPED_M1_G = ((16, 128, 2), (32, 128, 2), (64, 128, 2))
+# grouped scales, K blocks of several whole groups (seg): long contiguous rows as per-channel's best blocks
+_SEG_M1 = ((8, 512, 2), (16, 512, 2), (16, 256, 2), (32, 512, 4))
+_GROUPED_TC = ((16, 128, 4), (32, 128, 4), (64, 128, 8))
+
+
+def grouped_candidates(k, ns, group_size, sms=132, m=1):
+    """Grouped decode configs the tuner times (M <= 16): M = 1 the FMA GEMV over all members' tiles;
+    M 2..16 the tensor-core GEMV (split 1, see decode_candidates) and per-member launches."""
+    pc = group_size >= k
+    out = []
+    if m == 1:
+        for bn, bk, warps in (_GROUPED_M1_PC if pc else _GROUPED_M1_G):
+            if bk > max(k, 256) or bn * bk // 8 < 32 * warps:
+                continue
+            tiles = sum(triton.cdiv(n, bn) for n in ns)
+            for split in _gemv_splits(tiles, k, bk, sms):
+                out.append(GroupedConfig(bn, bk, split, warps))
+        for bn, bk, warps in (() if pc else _SEG_M1):
+            if bk < k and bk % group_size == 0 and bk > group_size:
+                tiles = sum(triton.cdiv(n, bn) for n in ns)
+                for split in _gemv_splits(tiles, k, bk, sms):
+                    out.append(GroupedConfig(bn, bk, split, warps, seg=True))
+    else:
+        tc_bks = [bk for bk in ((128, 256) if pc else (128,)) if _valid_block_k(bk, k, group_size)]
+        for (bn, bk, warps), bk2 in itertools.product(_GROUPED_TC, tc_bks[:1]):
+            out.append(GroupedConfig(bn, bk2, 1, warps, tc=True))
+        out.append(GroupedConfig(per_member=True))
+    return list(dict.fromkeys(out))
+
+
+def default_grouped_config(m, k, ns, group_size, sms=132):
+    if m == 1:
+        bk = _block_k_choices(k, group_size, [128, 64, 32])[0]
+        tiles = sum(triton.cdiv(n, 32) for n in ns)
+        return GroupedConfig(32, bk, _gemv_splits(tiles, k, bk, sms)[0], 2)
+    return GroupedConfig(per_member=True)
+
+
 # ------------------------------------------------------------------ workspaces (per device)
 class _Workspace:
     """Persistent buffers the decode kernel leaves zeroed after every launch."""
@@ -194,6 +281,15 @@ class _Workspace:
             self.acc[n] = torch.zeros(MAX_DECODE_M * n, dtype=torch.float32, device=self.device)
             self.arrive[n] = torch.zeros(triton.cdiv(n, MIN_BLOCK_N), dtype=torch.int32, device=self.device)
         return self.acc[n], self.arrive[n]
+
+    def for_group(self, n_total):
+        """Split-K buffers of a grouped launch: ``n_total`` columns, up to ``n_total / 4 + MAX_GROUP`` N tiles."""
+        key = ("group", n_total)
+        if key not in self.acc:
+            self.acc[key] = torch.zeros(MAX_DECODE_M * n_total, dtype=torch.float32, device=self.device)
+            self.arrive[key] = torch.zeros(triton.cdiv(n_total, MIN_BLOCK_N) + MAX_GROUP, dtype=torch.int32,
+                                           device=self.device)
+        return self.acc[key], self.arrive[key]
 
 
 _WORKSPACES = {}
@@ -337,7 +433,7 @@ def _run_gemv(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w,
         PER_CHANNEL=group_size == k, WIDE=group_size < k and cfg.block_k > group_size, TC=cfg.tc,
         X_BF16=x2.dtype == torch.bfloat16, BLOCK_KU=block_ku, BLOCK_R=block_r,
         HAS_BIAS=bias is not None, HAS_EC=has_ec, GATED=gate_w is not None, U_READY=u is not None,
-        DYNAMIC_IDS=cfg.dynamic_ids, INTERPRET=_interpret(), num_warps=cfg.num_warps,
+        DYNAMIC_IDS=cfg.dynamic_ids, INTERPRET=_interpret(), GPB=_gpb(cfg, m, k, group_size), num_warps=cfg.num_warps,
     )
     return y
 
@@ -444,24 +540,29 @@ def _graph_ms(fn, device, reps=5):
     return max(times[0] - times[1], 1e-6) / reps
 
 
-def _tune(key, args, cands):
+def _tune(key, args, cands, run=None, reference=None):
     """Time every candidate (CUDA-graph replay, L2 flushed; ``do_bench`` if capture fails) and keep the
     fastest whose output matches the dequantize + cuBLAS reference: a config the compiler gets wrong on
-    this GPU is dropped, never picked."""
+    this GPU is dropped, never picked. ``run(cfg)``/``reference()`` replace the single-linear runner and
+    reference (grouped launches); ``args[-1]`` is the output either way."""
     from triton.testing import do_bench
 
     y = args[-1]
-    ref = _run_dequant_cublas(None, *args[:-1], torch.empty_like(y)).float()
+    if run is None:
+        run = lambda cfg: _runner(cfg)(cfg, *args)  # noqa: E731
+    if reference is None:
+        reference = lambda: _run_dequant_cublas(None, *args[:-1], torch.empty_like(y))  # noqa: E731
+    ref = reference().float()
     ref_norm = ref.norm().clamp_min(1e-30)
     results = []
     for cfg in cands:
         try:
-            _runner(cfg)(cfg, *args)
+            run(cfg)
             err = ((y.float() - ref).norm() / ref_norm).item()
             if not err < 2e-2:
                 results.append((cfg.name, f"wrong: rel err {err:.2e}"))
                 continue
-            fn = lambda: _runner(cfg)(cfg, *args)  # noqa: E731
+            fn = lambda: run(cfg)  # noqa: E731
             try:
                 ms = _graph_ms(fn, y.device)
             except Exception:  # noqa: BLE001  (capture refused: time it eagerly)
@@ -527,3 +628,146 @@ def launch(x, qdata, scale, zero, bias, group_size, ec_A=None, ec_B=None, gate_w
         raise SpearError(f"spear_compile.lowering.dispatch: decode config given for M={m} > {MAX_DECODE_M}")
     _runner(cfg)(cfg, *args)
     return y.reshape(*x.shape[:-1], n)
+
+
+# ------------------------------------------------------------------ grouped linears (same x)
+def _check_group(x, qdatas, scales, zeros, biases, group_size):
+    where = "spear_compile.lowering.dispatch.launch_grouped"
+    g = len(qdatas)
+    if not 1 <= g or len(scales) != g or len(zeros) != g or (biases is not None and len(biases) != g):
+        raise SpearError(f"{where}: qdata/scale/zero/bias lists must have the same length >= 1, got "
+                         f"{g}/{len(scales)}/{len(zeros)}/{None if biases is None else len(biases)}")
+    for i in range(g):
+        _check(x, qdatas[i], scales[i], zeros[i], None if biases is None else biases[i], group_size,
+               None, None, None, None, None)
+
+
+def _members_into(x2, qdatas, scales, zeros, biases, group_size, y):
+    """One launch per member (its own tuned config) into column slices of ``y``."""
+    col = 0
+    for i, q in enumerate(qdatas):
+        n = q.shape[0]
+        yi = y[:, col:col + n]
+        args = (x2, q, scales[i], zeros[i], biases[i], group_size, None, None, None, None, None, yi)
+        cfg = _config_for(x2, args, x2.shape[1], n, group_size, False, False)
+        _runner(cfg)(cfg, *args)
+        col += n
+    return y
+
+
+def _grouped_kernel_ok(cfg, x2, qdatas):
+    m, k = x2.shape
+    return (not cfg.per_member and len(qdatas) <= MAX_GROUP and m <= MAX_DECODE_M and (m == 1 or cfg.tc)
+            and all(gemv_ok(k, q) for q in qdatas))
+
+
+def _run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y):
+    """``y [M, ΣN] = [x W_1ᵀ | x W_2ᵀ | ...] (+ biases)``: one grouped launch where the kernel applies, else per member."""
+    if not _grouped_kernel_ok(cfg, x2, qdatas):
+        return _members_into(x2, qdatas, scales, zeros, biases, group_size, y)
+    m, k = x2.shape
+    g = len(qdatas)
+    ns = [q.shape[0] for q in qdatas]
+    n_total = sum(ns)
+    split = min(cfg.split_k, triton.cdiv(k, cfg.block_k))
+    tiles = [triton.cdiv(n, cfg.block_n) * split for n in ns]
+    starts = list(itertools.accumulate(tiles))  # P_1, P_2, ... (first program of members 1..)
+    cols = list(itertools.accumulate(ns))
+    acc, arrive = _workspace(x2.device).for_group(n_total) if split > 1 else (y, y)
+    has_bias = biases[0] is not None
+    ptrs = []
+    for i in range(MAX_GROUP):
+        j = min(i, g - 1)  # unused slots repeat the last member (never read)
+        ptrs += [qdatas[j].view(torch.int32), scales[j], zeros[j], biases[j] if has_bias else x2]
+    pad = lambda v: (list(v) + [v[-1]] * MAX_GROUP)[:MAX_GROUP - 1]  # noqa: E731
+    w4_gemv_grouped_kernel[(starts[-1],)](
+        x2, y, acc, arrive, *ptrs,
+        *(ns + [ns[-1]] * (MAX_GROUP - g)), *pad(starts[:-1] or [starts[-1]]), *pad(cols[:-1] or [cols[-1]]),
+        m, k, group_size, k // group_size, x2.stride(0), n_total, split,
+        MEMBERS=g, BLOCK_M=16 if cfg.tc else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SPLIT=split > 1,
+        PER_CHANNEL=group_size == k, WIDE=group_size < k and cfg.block_k > group_size, TC=cfg.tc,
+        X_BF16=x2.dtype == torch.bfloat16, HAS_BIAS=has_bias, INTERPRET=_interpret(), GPB=_gpb(cfg, m, k, group_size),
+        num_warps=cfg.num_warps,
+    )
+    return y
+
+
+def _group_key(m, k, ns, group_size, dtype, has_bias):
+    return ("grouped", k, sum(ns), tuple(ns), group_size, str(dtype), m_bucket(m), bool(has_bias))
+
+
+def _grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y):
+    m, k = x2.shape
+    ns = [q.shape[0] for q in qdatas]
+    key = _group_key(m, k, ns, group_size, x2.dtype, biases[0] is not None)
+    if key in _TUNED:
+        return _TUNED[key]
+    if m > MAX_DECODE_M:
+        return GroupedConfig(per_member=True)  # prefill: each member its own tuned GEMM
+    sms = _num_sms(x2.device)
+    if not _can_tune(x2):
+        return default_grouped_config(m, k, ns, group_size, sms)
+    args = (x2, qdatas, scales, zeros, biases, group_size, y)
+
+    def reference():
+        out = torch.empty_like(y)
+        col = 0
+        for q, s, z, b in zip(qdatas, scales, zeros, biases):
+            _run_dequant_cublas(None, x2, q, s, z, b, group_size, None, None, None, None, None,
+                                out[:, col:col + q.shape[0]])
+            col += q.shape[0]
+        return out
+
+    cands = grouped_candidates(k, ns, group_size, sms, m)
+    _TUNED[key] = _tune(key, args, cands, run=lambda cfg: _run_grouped(cfg, *args), reference=reference)
+    return _TUNED[key]
+
+
+def choose_grouped(m: int, k: int, ns, group_size: int, dtype=torch.bfloat16, bias: bool = False) -> str:
+    """Human-readable name of what ``launch_grouped`` would run for members of widths ``ns``."""
+    group_size = group_size or k
+    key = _group_key(m, k, list(ns), group_size, dtype, bias)
+    if key in _TUNED:
+        return f"{_TUNED[key].name} (tuned, bucket M<={key[6]})"
+    if m > MAX_DECODE_M:
+        return "grouped[per-member launches] (prefill)"
+    return f"{default_grouped_config(m, k, list(ns), group_size).name} (default; tuned on first CUDA call)"
+
+
+def launch_grouped(x, qdatas, scales, zeros, biases, group_size, config=None):
+    """Several quantized linears of the same ``x [..., K]`` (same K, group size, dtype; biases all given or
+    all None) as one ``[..., N_1 + ... + N_g]`` output, member i in columns ``[C_i, C_i + N_i)``.
+
+    ``biases``: a list (entries None for no bias) or None; ``config``: a ``GroupedConfig`` to force one.
+    """
+    qdatas, scales, zeros = list(qdatas), list(scales), list(zeros)
+    biases = [None] * len(qdatas) if biases is None else list(biases)
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        raise SpearError("spear_compile.lowering.dispatch.launch_grouped: biases must be all given or all None")
+    _check_group(x, qdatas, scales, zeros, biases, group_size)
+    k = x.shape[-1]
+    n_total = sum(q.shape[0] for q in qdatas)
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty(m, n_total, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n_total)
+    cfg = config or _grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y)
+    _run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y)
+    return y.reshape(*x.shape[:-1], n_total)
+
+
+def warm_grouped(k: int, ns, group_size: int, dtype=torch.bfloat16, bias: bool = False, ms=(1,), device="cuda") -> None:
+    """Tune (and allocate the workspaces of) the grouped key for members of widths ``ns`` before CUDA-graph
+    capture, like ``optimize.warm_kernels`` does for single linears: tuning is keyed by shapes only, so
+    random weights of those shapes do."""
+    device = torch.device(device)
+    g = len(ns)
+    qs = [torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device) for n in ns]
+    ss = [torch.full((n, k // group_size), 0.01, dtype=dtype, device=device) for n in ns]
+    zs = [torch.full((n, k // group_size), 8.0, dtype=dtype, device=device) for n in ns]
+    bs = [torch.zeros(n, dtype=dtype, device=device) for n in ns] if bias else [None] * g
+    for m in ms:
+        launch_grouped(torch.randn(m, k, dtype=dtype, device=device), qs, ss, zs, bs, group_size)

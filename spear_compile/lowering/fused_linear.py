@@ -8,7 +8,7 @@ On CUDA with a 4-bit container and bf16/fp16 activations it runs the Triton kern
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,3 +54,29 @@ def fused_linear(
 @fused_linear.register_fake
 def _(x, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b):
     return x.new_empty(*x.shape[:-1], qdata.shape[0])
+
+
+# ---- horizontal fusion: sibling linears of the same x ------------------------------------------
+def reference_grouped_linear(x, qdata, scale, zero, bias, group_size):
+    return torch.cat([reference_fused_linear(x, q, s, z, b, group_size)
+                      for q, s, z, b in zip(qdata, scale, zero, bias)], dim=-1)
+
+
+@torch.library.custom_op("spear::grouped_linear", mutates_args=())
+def grouped_linear(
+    x: torch.Tensor, qdata: List[torch.Tensor], scale: List[torch.Tensor], zero: List[torch.Tensor],
+    bias: List[Optional[torch.Tensor]], group_size: int,
+) -> torch.Tensor:
+    """``cat([qlinear_i(x) + bias_i for i], -1)``: 2-4 quantized linears of the same ``x`` (same K, group size,
+    dtype; ``bias`` entries all tensors or all None) in one op. The pass ``group_sibling_linears`` makes it of sibling
+    ``spear::fused_linear``s without EC and slices its output per member; on CUDA one grouped kernel launch."""
+    launch = _kernel_path(x, qdata[0])
+    if launch is None:
+        return reference_grouped_linear(x, qdata, scale, zero, bias, group_size)
+    from .dispatch import launch_grouped
+    return launch_grouped(x, qdata, scale, zero, bias, group_size)
+
+
+@grouped_linear.register_fake
+def _(x, qdata, scale, zero, bias, group_size):
+    return x.new_empty(*x.shape[:-1], sum(q.shape[0] for q in qdata))

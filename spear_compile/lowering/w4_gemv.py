@@ -7,7 +7,8 @@ buffer: one DRAM latency per program, not one per K block).
 
 M = 1 (FMA path): ``sum_k q_k x_k`` by 8 nibble planes against 8 strided views of x, scale per
 block (grouped) or once at the end (per-channel); the zero point is one term per row,
-``zero * scale * sum(x)``, so the inner loop has no subtraction.
+``zero * scale * sum(x)``, so the inner loop has no subtraction. Grouped scales with K blocks of
+several whole groups (``GPB`` > 0, ``_w_tile_seg``): 3-D word tiles, one ``[BLOCK_N, GPB]`` scale tile.
 M 2..16 (tensor cores): per nibble plane ``tl.dot(x_i, (q_i - zero)ᵀ)`` ((q - zero) is exact in
 bf16/fp16), scaled per block.
 
@@ -72,6 +73,136 @@ def _half(t, HIGH: tl.constexpr, x_dtype: tl.constexpr):
 
 
 @triton.jit
+def _w_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, K, group_size, n_groups, stride_xm,
+            SPLIT_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr,
+            WIDE: tl.constexpr, TC: tl.constexpr, X_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 ``[BLOCK_M, BLOCK_N]`` partial of ``x Wᵀ`` over the ``pid_k``-th of ``SPLIT_K`` K ranges for the
+    rows ``offs_n`` of one W4 matrix (``q_ptr``: its int32 words): the body every W program of both GEMV
+    kernels (one linear, grouped linears) runs."""
+    K8 = K // 8
+    offs_j = tl.arange(0, BLOCK_K // 8)
+    n_kb = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(n_kb, SPLIT_K)
+    kb_lo = pid_k * per_split
+    kb_hi = tl.minimum(kb_lo + per_split, n_kb)
+    q_rows = q_ptr + offs_n[:, None] * K8
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    if TC:
+        # (OFFSET + q) as bf16/fp16 straight from the bits, two nibbles per mask-or; tensor cores sum
+        # Σ (OFFSET + q) x exactly in fp32; (OFFSET + zero)·Σx comes off per row below.
+        if X_BF16:  # 0x43 0x0q: the bf16 128 + q; fp16: 0x64 0x0q is 1024 + q
+            MAGIC16: tl.constexpr = 0x43004300
+            OFFSET: tl.constexpr = 128.0
+            X_DT: tl.constexpr = tl.bfloat16
+        else:
+            MAGIC16: tl.constexpr = 0x64006400
+            OFFSET: tl.constexpr = 1024.0
+            X_DT: tl.constexpr = tl.float16
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        xtot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    else:
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+        zacc2 = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+        xsum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+    q_nx, s_nx, z_nx = _load_block(q_rows, s_ptr, z_ptr, offs_n, n_mask, offs_j, kb_lo, kb_hi, K8, n_groups,
+                                   group_size, BLOCK_K, PER_CHANNEL, WIDE)
+    for kb in range(kb_lo, kb_hi):
+        q, s, z = q_nx, s_nx, z_nx
+        q_nx, s_nx, z_nx = _load_block(q_rows, s_ptr, z_ptr, offs_n, n_mask, offs_j, kb + 1, kb_hi, K8,
+                                       n_groups, group_size, BLOCK_K, PER_CHANNEL, WIDE)
+        k8 = kb * BLOCK_K + 8 * offs_j  # first k of each word
+        if TC:
+            xm = m_mask[:, None] & (k8 < K)[None, :]
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            xs = tl.zeros((BLOCK_M, BLOCK_K // 8), dtype=tl.float32)
+            for i in tl.static_range(4):
+                tw = ((q >> (4 * i)) & 0x000F000F) | MAGIC16  # nibbles i (low half) and i + 4 (high half)
+                x_lo = tl.load(x_rows + (k8 + i)[None, :], mask=xm, other=0.0)
+                x_hi = tl.load(x_rows + (k8 + i + 4)[None, :], mask=xm, other=0.0)
+                part = dot(x_lo, tl.trans(_half(tw, False, X_DT)), part, INTERPRET)
+                part = dot(x_hi, tl.trans(_half(tw, True, X_DT)), part, INTERPRET)
+                xs += x_lo.to(tl.float32) + x_hi.to(tl.float32)
+            xb = tl.sum(xs, axis=1)
+            if PER_CHANNEL:
+                acc += part
+                xtot += xb
+            else:
+                sr = tl.reshape(s, (BLOCK_N,))
+                zr = tl.reshape(z, (BLOCK_N,))
+                acc += sr[None, :] * (part - (OFFSET + zr)[None, :] * xb[:, None])
+        else:
+            d = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+            xs = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+            for i in tl.static_range(8):
+                x_i = tl.load(x_ptr + k8 + i, mask=k8 < K, other=0.0).to(tl.float32)
+                d += _nibble(q, i) * x_i[None, :]
+                xs += x_i
+            if PER_CHANNEL:
+                acc2 += d
+                xsum += xs
+            else:
+                acc2 += d * s
+                zacc2 += (s * z) * xs[None, :]
+    if PER_CHANNEL:  # one (scale, zero) per row: both after the loop
+        s0 = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        z0 = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if TC:
+            acc = s0[None, :] * (acc - (OFFSET + z0)[None, :] * xtot[:, None])
+        else:
+            acc = (s0 * (tl.sum(acc2, axis=1) - z0 * tl.sum(xsum, axis=0)))[None, :]
+    elif not TC:
+        acc = tl.sum(acc2 - zacc2, axis=1)[None, :]
+    return acc
+
+
+@triton.jit
+def _w_tile_seg(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_size, n_groups, SPLIT_K,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GPB: tl.constexpr):
+    """``_w_tile`` for M = 1 with K blocks of ``GPB`` whole groups (``BLOCK_K = GPB * group_size``): the words
+    as a 3-D tile ``[BLOCK_N, GPB, words per group]`` (each row one contiguous ``BLOCK_K / 2`` bytes, as
+    per-channel's long blocks) and the scales/zeros as one ``[BLOCK_N, GPB]`` tile per block, applied per
+    group by broadcast: no per-word scale gather (``WIDE``) and no register reshape."""
+    WPG: tl.constexpr = BLOCK_K // 8 // GPB  # int32 words per group
+    K8 = K // 8
+    offs_g = tl.arange(0, GPB)
+    offs_w = tl.arange(0, WPG)
+    word = offs_g[:, None] * WPG + offs_w[None, :]  # [GPB, WPG]: word index inside the block
+    n_kb = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(n_kb, SPLIT_K)
+    kb_lo = pid_k * per_split
+    kb_hi = tl.minimum(kb_lo + per_split, n_kb)
+    q_rows = q_ptr + offs_n[:, None, None] * K8
+    sz_rows = offs_n[:, None] * n_groups
+    acc3 = tl.zeros((BLOCK_N, GPB, WPG), dtype=tl.float32)
+    zacc = tl.zeros((BLOCK_N, GPB), dtype=tl.float32)
+    # prefetch of block kb_lo (register double buffer, as _w_tile)
+    j = kb_lo * (BLOCK_K // 8) + word
+    jm = (j < K8) & (word * 0 + kb_lo < kb_hi)
+    q_nx = tl.load(q_rows + j[None, :, :], mask=n_mask[:, None, None] & jm[None, :, :], other=0)
+    gm = n_mask[:, None] & (((offs_g * 0 + kb_lo) < kb_hi) & (kb_lo * GPB + offs_g < n_groups))[None, :]
+    s_nx = tl.load(s_ptr + sz_rows + (kb_lo * GPB + offs_g)[None, :], mask=gm, other=0.0).to(tl.float32)
+    z_nx = tl.load(z_ptr + sz_rows + (kb_lo * GPB + offs_g)[None, :], mask=gm, other=0.0).to(tl.float32)
+    for kb in range(kb_lo, kb_hi):
+        q, s, z = q_nx, s_nx, z_nx
+        j = (kb + 1) * (BLOCK_K // 8) + word
+        jm = (j < K8) & (word * 0 + kb + 1 < kb_hi)
+        q_nx = tl.load(q_rows + j[None, :, :], mask=n_mask[:, None, None] & jm[None, :, :], other=0)
+        gm = n_mask[:, None] & (((offs_g * 0 + kb + 1) < kb_hi) & ((kb + 1) * GPB + offs_g < n_groups))[None, :]
+        s_nx = tl.load(s_ptr + sz_rows + ((kb + 1) * GPB + offs_g)[None, :], mask=gm, other=0.0).to(tl.float32)
+        z_nx = tl.load(z_ptr + sz_rows + ((kb + 1) * GPB + offs_g)[None, :], mask=gm, other=0.0).to(tl.float32)
+        k8 = kb * BLOCK_K + 8 * word  # [GPB, WPG]: first k of each word
+        d = tl.zeros((BLOCK_N, GPB, WPG), dtype=tl.float32)
+        xs = tl.zeros((GPB, WPG), dtype=tl.float32)
+        for i in tl.static_range(8):
+            x_i = tl.load(x_ptr + k8 + i, mask=k8 < K, other=0.0).to(tl.float32)
+            d += _nibble(q, i) * x_i[None, :, :]
+            xs += x_i
+        acc3 += d * s[:, :, None]
+        zacc += (s * z) * tl.sum(xs, axis=1)[None, :]
+    return (tl.sum(tl.sum(acc3, axis=2), axis=1) - tl.sum(zacc, axis=1))[None, :]
+
+
+@triton.jit
 def w4_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     a_ptr, b_ptr, gw_ptr, gb_ptr, u_ptr,
@@ -81,7 +212,7 @@ def w4_gemv_kernel(
     PER_CHANNEL: tl.constexpr, WIDE: tl.constexpr, TC: tl.constexpr, X_BF16: tl.constexpr,
     BLOCK_KU: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_EC: tl.constexpr, GATED: tl.constexpr, U_READY: tl.constexpr,
-    DYNAMIC_IDS: tl.constexpr, INTERPRET: tl.constexpr = False,
+    DYNAMIC_IDS: tl.constexpr, INTERPRET: tl.constexpr = False, GPB: tl.constexpr = 0,
 ):
     USE_DOT: tl.constexpr = BLOCK_M >= 16
     IN_KERNEL_U: tl.constexpr = HAS_EC and not U_READY
@@ -98,85 +229,18 @@ def w4_gemv_kernel(
         t = tile - NUM_U_TILES
         pid_n = t // SPLIT_K
         pid_k = t % SPLIT_K
-        K8 = K // 8
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_j = tl.arange(0, BLOCK_K // 8)
         m_mask = offs_m < M
         n_mask = offs_n < N
         if HAS_EC:
             bt, gw, gb = _ec_operands(b_ptr, gw_ptr, gb_ptr, offs_n, N, R, GATED, BLOCK_R)
-        n_kb = tl.cdiv(K, BLOCK_K)
-        per_split = tl.cdiv(n_kb, SPLIT_K)
-        kb_lo = pid_k * per_split
-        kb_hi = tl.minimum(kb_lo + per_split, n_kb)
-        q_rows = q_ptr + offs_n[:, None] * K8
-        x_rows = x_ptr + offs_m[:, None] * stride_xm
-        if TC:
-            # (OFFSET + q) as bf16/fp16 straight from the bits, two nibbles per mask-or; tensor cores sum
-            # Σ (OFFSET + q) x exactly in fp32; (OFFSET + zero)·Σx comes off per row below.
-            if X_BF16:  # 0x43 0x0q: the bf16 128 + q; fp16: 0x64 0x0q is 1024 + q
-                MAGIC16: tl.constexpr = 0x43004300
-                OFFSET: tl.constexpr = 128.0
-                X_DT: tl.constexpr = tl.bfloat16
-            else:
-                MAGIC16: tl.constexpr = 0x64006400
-                OFFSET: tl.constexpr = 1024.0
-                X_DT: tl.constexpr = tl.float16
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            xtot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if GPB > 0:  # M = 1, grouped scales, K blocks of GPB whole groups
+            acc = _w_tile_seg(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_size, n_groups, SPLIT_K,
+                              BLOCK_N, BLOCK_K, GPB)
         else:
-            acc2 = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
-            zacc2 = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
-            xsum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
-        q_nx, s_nx, z_nx = _load_block(q_rows, s_ptr, z_ptr, offs_n, n_mask, offs_j, kb_lo, kb_hi, K8, n_groups,
-                                       group_size, BLOCK_K, PER_CHANNEL, WIDE)
-        for kb in range(kb_lo, kb_hi):
-            q, s, z = q_nx, s_nx, z_nx
-            q_nx, s_nx, z_nx = _load_block(q_rows, s_ptr, z_ptr, offs_n, n_mask, offs_j, kb + 1, kb_hi, K8,
-                                           n_groups, group_size, BLOCK_K, PER_CHANNEL, WIDE)
-            k8 = kb * BLOCK_K + 8 * offs_j  # first k of each word
-            if TC:
-                xm = m_mask[:, None] & (k8 < K)[None, :]
-                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                xs = tl.zeros((BLOCK_M, BLOCK_K // 8), dtype=tl.float32)
-                for i in tl.static_range(4):
-                    tw = ((q >> (4 * i)) & 0x000F000F) | MAGIC16  # nibbles i (low half) and i + 4 (high half)
-                    x_lo = tl.load(x_rows + (k8 + i)[None, :], mask=xm, other=0.0)
-                    x_hi = tl.load(x_rows + (k8 + i + 4)[None, :], mask=xm, other=0.0)
-                    part = dot(x_lo, tl.trans(_half(tw, False, X_DT)), part, INTERPRET)
-                    part = dot(x_hi, tl.trans(_half(tw, True, X_DT)), part, INTERPRET)
-                    xs += x_lo.to(tl.float32) + x_hi.to(tl.float32)
-                xb = tl.sum(xs, axis=1)
-                if PER_CHANNEL:
-                    acc += part
-                    xtot += xb
-                else:
-                    sr = tl.reshape(s, (BLOCK_N,))
-                    zr = tl.reshape(z, (BLOCK_N,))
-                    acc += sr[None, :] * (part - (OFFSET + zr)[None, :] * xb[:, None])
-            else:
-                d = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
-                xs = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
-                for i in tl.static_range(8):
-                    x_i = tl.load(x_ptr + k8 + i, mask=k8 < K, other=0.0).to(tl.float32)
-                    d += _nibble(q, i) * x_i[None, :]
-                    xs += x_i
-                if PER_CHANNEL:
-                    acc2 += d
-                    xsum += xs
-                else:
-                    acc2 += d * s
-                    zacc2 += (s * z) * xs[None, :]
-        if PER_CHANNEL:  # one (scale, zero) per row: both after the loop
-            s0 = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            z0 = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            if TC:
-                acc = s0[None, :] * (acc - (OFFSET + z0)[None, :] * xtot[:, None])
-            else:
-                acc = (s0 * (tl.sum(acc2, axis=1) - z0 * tl.sum(xsum, axis=0)))[None, :]
-        elif not TC:
-            acc = tl.sum(acc2 - zacc2, axis=1)[None, :]
+            acc = _w_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, K, group_size, n_groups,
+                          stride_xm, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, PER_CHANNEL, WIDE, TC, X_BF16, INTERPRET)
 
         out_mask = m_mask[:, None] & n_mask[None, :]
         acc_ptrs = acc_ptr + offs_m[:, None] * N + offs_n[None, :]
@@ -212,6 +276,70 @@ def w4_gemv_kernel(
                     tl.store(sync_ptr + 1, 0)
                     tl.store(sync_ptr + 2, 0)
                     tl.store(sync_ptr, 0)
+
+
+@triton.jit
+def w4_gemv_grouped_kernel(
+    x_ptr, y_ptr, acc_ptr, arrive_ptr,
+    q0, s0, z0, b0, q1, s1, z1, b1, q2, s2, z2, b2, q3, s3, z3, b3,
+    N0, N1, N2, N3, P1, P2, P3, C1, C2, C3,
+    M, K, group_size, n_groups, stride_xm, N_TOTAL, SPLIT_K,
+    MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_SPLIT: tl.constexpr, PER_CHANNEL: tl.constexpr, WIDE: tl.constexpr, TC: tl.constexpr,
+    X_BF16: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr = False, GPB: tl.constexpr = 0,
+):
+    """Horizontal fusion: ``MEMBERS`` (2..4) W4 linears of the same x (same K, group size, dtype) in one
+    launch, ``y[:, C_i : C_i + N_i] = x W_iᵀ (+ b_i)`` for a ``y`` of ``N_TOTAL`` columns. Member i owns the
+    program ids ``[P_i, P_{i+1})`` (``P_0 = 0``; ``cdiv(N_i, BLOCK_N) * SPLIT_K`` each); a program picks its
+    member's pointers by comparing its id with the ``P_i`` and then runs the single-linear W body
+    (``_w_tile``). Split-K partials go to the fp32 workspace at the member's column offset, arrival
+    counters are indexed by the global N tile, and the last split to arrive stores and resets both."""
+    pid = tl.program_id(0)
+    zero = pid * 0  # runtime scalars in every branch (an int argument equal to 1 is specialised to a constant)
+    q_ptr, s_ptr, z_ptr, b_ptr = q0, s0, z0, b0
+    n, p0, col = zero + N0, zero, zero
+    if pid >= P1:
+        q_ptr, s_ptr, z_ptr, b_ptr = q1, s1, z1, b1
+        n, p0, col = zero + N1, zero + P1, zero + C1
+    if MEMBERS >= 3:
+        if pid >= P2:
+            q_ptr, s_ptr, z_ptr, b_ptr = q2, s2, z2, b2
+            n, p0, col = zero + N2, zero + P2, zero + C2
+    if MEMBERS >= 4:
+        if pid >= P3:
+            q_ptr, s_ptr, z_ptr, b_ptr = q3, s3, z3, b3
+            n, p0, col = zero + N3, zero + P3, zero + C3
+    t = pid - p0
+    pid_n = t // SPLIT_K
+    pid_k = t % SPLIT_K
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < n
+    if GPB > 0:
+        acc = _w_tile_seg(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_size, n_groups, SPLIT_K,
+                          BLOCK_N, BLOCK_K, GPB)
+    else:
+        acc = _w_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, K, group_size, n_groups,
+                      stride_xm, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, PER_CHANNEL, WIDE, TC, X_BF16, INTERPRET)
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    cols = col + offs_n
+    if USE_SPLIT:
+        acc_ptrs = acc_ptr + offs_m[:, None] * N_TOTAL + cols[None, :]
+        tl.atomic_add(acc_ptrs, acc, mask=out_mask, sem="relaxed")
+        tl.debug_barrier()
+        tile_ctr = arrive_ptr + p0 // SPLIT_K + pid_n
+        arrived = tl.atomic_add(tile_ctr, 1)
+    else:
+        arrived = SPLIT_K - 1
+    if arrived == SPLIT_K - 1:
+        if USE_SPLIT:
+            acc = tl.load(acc_ptrs, mask=out_mask, other=0.0, volatile=True)  # coherent (L2) read
+            tl.store(acc_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=out_mask)
+            tl.store(tile_ctr, 0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * N_TOTAL + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit

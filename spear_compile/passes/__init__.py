@@ -1,4 +1,6 @@
-"""Inductor passes that lower ``spear::qlinear`` (+ EC) to ``spear::fused_linear``."""
+"""Inductor passes that lower ``spear::qlinear`` (+ EC) to ``spear::fused_linear`` and group sibling
+linears of one input into ``spear::grouped_linear``."""
 from .fuse_quantized_linear import FuseQuantizedLinearPass, check_operands, ec_patterns  # noqa: F401
+from .group_sibling_linears import GroupSiblingLinearsPass  # noqa: F401
 from .pass_manager import SpearPassManager  # noqa: F401
-from .registry import RECORDS, MatchRecord, clear, records  # noqa: F401
+from .registry import GROUPS, RECORDS, GroupRecord, MatchRecord, clear, groups, records  # noqa: F401

@@ -228,6 +228,7 @@ class FuseQuantizedLinearPass:
             with graph.inserting_before(root):
                 new = graph.call_function(FUSED, args)
             new.meta.update({k: v for k, v in root.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
+            new.meta["spear_qlinear"], new.meta["spear_module"] = q.name, module_of(q)  # for the grouping pass
             root.replace_all_uses_with(new)
             match.erase_nodes()
 

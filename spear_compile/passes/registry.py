@@ -1,6 +1,7 @@
-"""What the fusion pass saw: one ``MatchRecord`` per ``spear::qlinear`` node, matched or not.
+"""What the passes saw: one ``MatchRecord`` per ``spear::qlinear`` node, matched or not, and one
+``GroupRecord`` per group of sibling linears the grouping pass merged into one launch.
 
-``spear_compile.inspect`` and the tests read ``RECORDS``; ``clear()`` starts a fresh log.
+``spear_compile.inspect`` and the tests read ``RECORDS`` and ``GROUPS``; ``clear()`` starts a fresh log.
 """
 from __future__ import annotations
 
@@ -25,12 +26,31 @@ class MatchRecord:
     bias: bool = False
     graph: int = 0                 # index of the compiled graph (one per pass invocation)
     extra: dict = field(default_factory=dict)
+    group: Optional[int] = None    # GroupRecord.index when the grouping pass merged it with siblings
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GroupRecord:
+    index: int                     # position in GROUPS (MatchRecord.group refers to it)
+    graph: int                     # index of the compiled graph
+    node: str                      # the spear::grouped_linear node
+    members: Tuple[str, ...]       # the members' qlinear node names, in output-column order
+    modules: Tuple[Optional[str], ...]
+    ns: Tuple[int, ...]            # the members' output widths
+    k: int = 0
+    group_size: int = 0
+    dtype: str = ""
+    bias: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 RECORDS: List[MatchRecord] = []
+GROUPS: List[GroupRecord] = []
 _graph_counter = [0]
 
 
@@ -41,7 +61,12 @@ def next_graph_id() -> int:
 
 def clear() -> None:
     RECORDS.clear()
+    GROUPS.clear()
 
 
 def records(graph: Optional[int] = None) -> List[MatchRecord]:
     return [r for r in RECORDS if graph is None or r.graph == graph]
+
+
+def groups(graph: Optional[int] = None) -> List[GroupRecord]:
+    return [g for g in GROUPS if graph is None or g.graph == graph]
