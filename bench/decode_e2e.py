@@ -273,6 +273,7 @@ def e2e(args, variant):
         all_reps_s=[round(t, 4) for t in times], warmup_compile_s=round(compile_s, 1),
         recompiles_after_warmup=count_graphs() - g0,
         fused=sum(r.matched for r in recs), fused_ec=sum(r.kind.startswith("ec") for r in recs),
+        grouped_launches=len(passes.GROUPS), grouped_members=sum(len(g.members) for g in passes.GROUPS),
         unfused=sum(not r.matched for r in recs),
         cudagraph_skips=int(torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)),
         gpu_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2))
@@ -321,8 +322,8 @@ def main():
         command=" ".join(sys.argv))
     steps = ([] if args.skip_variants else [("variants", lambda: variants_check(args))]) + \
             ([] if args.skip_kernel else [("kernel", lambda: kernel_probe(args))]) + \
-            ([] if args.skip_ref else [("ref", lambda: ref_checks(args))]) + \
-            ([] if args.skip_e2e else [(v, (lambda v=v: e2e(args, v))) for v in args.variants.split(",")])
+            ([] if args.skip_e2e else [(v, (lambda v=v: e2e(args, v))) for v in args.variants.split(",")]) + \
+            ([] if args.skip_ref else [("ref", lambda: ref_checks(args))])
     start = time.perf_counter()
     for name, fn in steps:
         if time.perf_counter() - start > args.deadline:
@@ -339,12 +340,12 @@ def main():
     base = next((r["tok_per_s"] for r in ROWS if r.get("variant") == "bf16" and "tok_per_s" in r), None)
     with open(os.path.join(args.out, "decode_e2e.json"), "w") as f:
         json.dump(ROWS, f, indent=1)
-    print("\n| variant | ECs | tok/s | ms/tok | host ms/tok | speedup vs bf16 | fused (EC) | unfused | recompiles |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| variant | ECs | tok/s | ms/tok | host ms/tok | speedup vs bf16 | fused (EC) | grouped launches (members) | unfused | recompiles |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in ROWS:
         if r.get("check") == "e2e" and "tok_per_s" in r:
             sp = f"{r['tok_per_s'] / base:.2f}x" if base else "-"
-            print(f"| {r['variant']} | {r['ecs']} | {r['tok_per_s']} | {r['ms_per_tok']} | {r['host_ms_per_tok']} | {sp} | {r['fused']} ({r['fused_ec']}) | {r['unfused']} | {r['recompiles_after_warmup']} |")
+            print(f"| {r['variant']} | {r['ecs']} | {r['tok_per_s']} | {r['ms_per_tok']} | {r['host_ms_per_tok']} | {sp} | {r['fused']} ({r['fused_ec']}) | {r.get('grouped_launches', '-')} ({r.get('grouped_members', '-')}) | {r['unfused']} | {r['recompiles_after_warmup']} |")
     for r in ROWS:
         if r.get("check") == "ref16m":
             print(f"ref16m ecs={r['ecs']}: identical={r['identical']} (mismatches {r['mismatches']}), graphs gen1/gen2="

@@ -77,11 +77,15 @@ def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn
 
 
 @torch.no_grad()
-def warm_kernels(model: nn.Module, ms=(1,)) -> int:
+def warm_kernels(model: nn.Module, ms=(1,), example: Optional[dict] = None) -> int:
     """Run ``spear::fused_linear`` once eagerly per distinct (shape, EC, M) of ``model``'s quantized
-    linears, so kernel tuning and the kernels' persistent workspaces happen before CUDA-graph
-    capture (``mode="reduce-overhead"``) rather than inside the graph's memory pool.
-    Returns the number of distinct calls made. A no-op off CUDA."""
+    linears, and ``spear::grouped_linear`` once per distinct group of sibling linears (those reading
+    the same input, which the grouping pass fuses into one launch), so kernel tuning and the kernels'
+    persistent workspaces happen before CUDA-graph capture (``mode="reduce-overhead"``) rather than
+    inside the graph's memory pool. Siblings are found by one eager forward of ``example`` (keyword
+    inputs; for a Hugging Face causal LM a one-token ``input_ids`` is made up) with hooks that see
+    which linears receive the same input tensor. Returns the number of distinct calls made.
+    A no-op off CUDA."""
     from .ec import CompensatedLinear
     seen = set()
     for mod in model.modules():
@@ -98,6 +102,55 @@ def warm_kernels(model: nn.Module, ms=(1,)) -> int:
             seen.add(key)
             x = torch.randn(m, w.shape[1], dtype=w.dtype, device=w.qdata.device)
             torch.ops.spear.fused_linear(x, w.qdata, w.scale, w.zero, mod.bias, w.group_size, *tensors)
-    if seen:
-        torch.cuda.synchronize()
+    if not seen:
+        return 0
+    from .lowering.dispatch import warm_grouped
+    from .passes.group_sibling_linears import enabled_by_default
+    groups = sibling_groups(model, example) if enabled_by_default() else []
+    for members in groups:
+        w = members[0].weight
+        key = (w.shape[1], tuple(m.weight.shape[0] for m in members), w.group_size, w.dtype, members[0].bias is not None)
+        if key not in seen:
+            seen.add(key)
+            warm_grouped(key[0], key[1], key[2], key[3], key[4], ms, device=w.qdata.device)
+    torch.cuda.synchronize()
     return len(seen)
+
+
+@torch.no_grad()
+def sibling_groups(model: nn.Module, example: Optional[dict] = None) -> list:
+    """The groups of quantized, EC-free linears the grouping pass would fuse: those that read the same
+    input tensor (same K, group size, dtype and bias-ness), in call order, split like the pass does
+    (at most ``MAX_GROUP`` per group, balanced). Found by one eager forward with input hooks;
+    ``[]`` when no example can be made (not a Hugging Face model and no ``example`` given)."""
+    from .ec import CompensatedLinear
+    from .lowering.dispatch import MAX_GROUP
+    if example is None:
+        if not _is_hf(model):
+            return []
+        dev = next(model.parameters()).device
+        example = {"input_ids": torch.zeros(1, 1, dtype=torch.long, device=dev), "use_cache": False}
+    calls = []  # (id of input tensor, module) in call order
+    hooks = []
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(mod, nn.Linear) and isinstance(w, QuantizedWeight) and not (
+                isinstance(mod, CompensatedLinear) and mod.rank > 0):
+            hooks.append(mod.register_forward_pre_hook(lambda m, args: calls.append((args[0], m))))
+    try:
+        model(**example)
+    finally:
+        for h in hooks:
+            h.remove()
+    buckets: dict = {}
+    for x, mod in calls:
+        w = mod.weight
+        key = (id(x), w.shape[1], w.group_size, w.dtype, mod.bias is not None)
+        if mod not in buckets.setdefault(key, []):
+            buckets[key].append(mod)
+    groups = []
+    for mods in buckets.values():
+        n_chunks = -(-len(mods) // MAX_GROUP)
+        bounds = [len(mods) * i // n_chunks for i in range(n_chunks + 1)]
+        groups += [mods[lo:hi] for lo, hi in zip(bounds, bounds[1:]) if hi - lo >= 2]
+    return groups

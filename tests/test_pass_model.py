@@ -10,7 +10,7 @@ import torch
 import spear_compile
 from spear_compile import passes
 from spear_compile.ec import CompensatedLinear
-from spear_compile.optimize import optimize
+from spear_compile.optimize import optimize, sibling_groups
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,6 +48,8 @@ def run():
         for p in ec.ec_parameters():
             p.data = (torch.randn(p.shape, generator=g) * 0.05).to(p.dtype)
         setattr(par, attr, ec)
+    names = {m: n for n, m in model.named_modules()}
+    siblings = [tuple(names[m] for m in ms) for ms in sibling_groups(model)]  # what warm_kernels tunes
     cache = transformers.StaticCache(config=model.config, max_cache_len=PROMPT + NEW + 8)
     prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT), generator=g)
     eager = model.forward
@@ -62,7 +64,7 @@ def run():
             graphs_after_first = passes.registry._graph_counter[0]
             with torch._dynamo.config.patch(error_on_recompile=True):
                 toks2, _ = greedy(eager, model.forward, cache, prompt, NEW)
-    return dict(records=list(passes.RECORDS), groups=list(passes.GROUPS), ref_toks=ref_toks, toks=toks, toks2=toks2, ref_logits=ref_logits,
+    return dict(records=list(passes.RECORDS), groups=list(passes.GROUPS), siblings=siblings, ref_toks=ref_toks, toks=toks, toks2=toks2, ref_logits=ref_logits,
                 logits=logits, graphs=graphs_after_first - g0, graphs2=passes.registry._graph_counter[0] - g0)
 
 
@@ -102,3 +104,5 @@ def test_siblings_grouped_per_layer(run):
     assert sorted(g.modules for g in run["groups"]) == sorted(want)
     grouped = {r.module for r in run["records"] if r.group is not None}
     assert grouped == {m for ms in want for m in ms}
+    # warm_kernels' eager sibling detection finds exactly the pass's groups (so they are tuned before capture)
+    assert sorted(run["siblings"]) == sorted(want)
