@@ -94,7 +94,7 @@ def greedy(prefill, step, prompt, n_new, cache, cudagraphs, host=None, around=No
     return torch.cat(toks, 1), time.perf_counter() - t0
 
 
-def compiled_step(model, backend, quant=None, unwrap=True):
+def compiled_step(model, backend, quant=None, unwrap=True, skip_guards=False):
     """(eager forward, compiled forward) of ``model`` for the decode step."""
     eager = model.forward
     if backend.startswith("spear"):
@@ -103,7 +103,12 @@ def compiled_step(model, backend, quant=None, unwrap=True):
             optimize(model, quant=quant, options={"triton.cudagraphs": True, "graph_partition": False},
                      fullgraph=True, dynamic=False, unwrap=unwrap)
         else:
-            optimize(model, quant=quant, mode="reduce-overhead", fullgraph=True, dynamic=False, unwrap=unwrap)
+            optimize(model, quant=quant, mode="reduce-overhead", fullgraph=True, dynamic=False, unwrap=unwrap,
+                     skip_module_guards=skip_guards)
+    elif skip_guards:
+        from spear_compile.optimize import module_guard_free_options
+        model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False,
+                                      options=module_guard_free_options("reduce-overhead"))
     else:
         model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
     return eager, model.forward
@@ -230,13 +235,14 @@ def kernel_probe(args):
 
 
 def parse_variant(variant):
-    """``bf16`` or ``spear[+ec][+lmhead][+wrapped][+nopart]``: ECs on 10% of the linears, the LM head
-    quantized too, the ``QuantizedWeight`` subclass compiled as is (no ``unwrap``), no graph partition."""
+    """``bf16[+sg]`` or ``spear[+ec][+lmhead][+wrapped][+nopart][+sg]``: ECs on 10% of the linears, the LM
+    head quantized too, the ``QuantizedWeight`` subclass compiled as is (no ``unwrap``), no graph
+    partition, no Dynamo guards on nn-module state (``skip_module_guards``)."""
     parts = variant.split("+")
-    if parts[0] not in ("bf16", "spear") or (parts[0] == "bf16" and len(parts) > 1):
+    if parts[0] not in ("bf16", "spear") or (parts[0] == "bf16" and set(parts[1:]) - {"sg"}):
         raise SystemExit(f"unknown variant {variant!r}")
     extra = set(parts[1:])
-    bad = extra - {"ec", "lmhead", "wrapped", "nopart"}
+    bad = extra - {"ec", "lmhead", "wrapped", "nopart", "sg"}
     if bad:
         raise SystemExit(f"unknown variant option(s) {sorted(bad)} in {variant!r}")
     return parts[0], extra
@@ -257,7 +263,7 @@ def e2e(args, variant):
     cache = make_cache(model, args.prompt + args.new + 8)
     t0 = time.perf_counter()
     eager, step = compiled_step(model, "inductor" if base == "bf16" else "spear-nopart" if "nopart" in opts else "spear",
-                                unwrap="wrapped" not in opts)
+                                unwrap="wrapped" not in opts, skip_guards="sg" in opts)
     greedy(eager, step, prompt, args.new, cache, True)  # warm-up: compile + record
     compile_s = time.perf_counter() - t0
     g0 = count_graphs()

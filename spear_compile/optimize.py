@@ -31,7 +31,7 @@ def _is_hf(model: nn.Module) -> bool:
 def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn", ec: Optional[str] = None,
              mode: Optional[str] = None, fullgraph: bool = False, dynamic: Optional[bool] = None,
              options: Optional[dict] = None, calib: Optional[torch.Tensor] = None,
-             skip: Iterable[str] = DEFAULT_SKIP, unwrap: bool = True):
+             skip: Iterable[str] = DEFAULT_SKIP, unwrap: bool = True, skip_module_guards: bool = False):
     """Quantize ``model`` (skipped when already quantized or ``quant=None``), load the ECs in
     ``ec`` (a directory written by ``save_ecs``) and compile with the ``spear`` backend.
 
@@ -43,6 +43,10 @@ def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn
     head too, as gpt-fast and torchao do; a tied embedding keeps its float weight).
     ``unwrap``: compile a forward that reads the quantized weights' inner tensors rather than the
     ``QuantizedWeight`` subclass (see ``unwrap.py``: per-call host overhead); same graph, same pass.
+    ``skip_module_guards``: Dynamo does not guard the model's module attributes and parameters
+    (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``, as serving engines do): less host
+    time per call (the guard checks are a large part of a CUDA-graph decode step's host time), but
+    changing a module attribute after compiling is not detected. Off by default.
     Returns the compiled module (HF models: the same object with a compiled ``forward``).
     """
     if not isinstance(model, nn.Module):
@@ -69,11 +73,25 @@ def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn
         warm_kernels(model, ms=(1,))  # tune + allocate kernel workspaces before CUDA-graph capture
     kw = dict(backend="spear", fullgraph=fullgraph, dynamic=dynamic)
     kw.update({"mode": mode} if mode not in (None, "default") else {"options": options} if options else {})
+    if skip_module_guards:
+        kw.pop("mode", None)
+        kw["options"] = {**module_guard_free_options(mode), **(options or {})}
     if _is_hf(model):
         model.generation_config.disable_compile = True
         model.forward = torch.compile(model.forward, **kw)
         return model
     return torch.compile(model, **kw)
+
+
+def module_guard_free_options(mode: Optional[str] = None) -> dict:
+    """``torch.compile`` options equal to ``mode`` plus a guard filter that drops the guards on
+    nn-module state (``torch.compile`` takes either ``mode`` or ``options``, and the filter is an option)."""
+    fn = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+    if fn is None:
+        raise SpearError("skip_module_guards: this torch has no torch.compiler.skip_guard_on_all_nn_modules_unsafe")
+    opts = dict(torch._inductor.list_mode_options(mode)) if mode not in (None, "default") else {}
+    opts["guard_filter_fn"] = fn
+    return opts
 
 
 @torch.no_grad()

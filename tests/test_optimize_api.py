@@ -118,3 +118,18 @@ def test_inspect_cli_registers():
     add_cli(ap.add_subparsers())
     args = ap.parse_args(["inspect", "--model", "m", "--quant", "w4-pc-rtn", "--m", "4"])
     assert args.m == 4 and args.quant == "w4-pc-rtn" and callable(args.func)
+
+
+def test_optimize_without_module_guards_matches_and_is_one_graph():
+    """skip_module_guards: same fused graph and outputs; the compile takes options, not mode."""
+    m = mlp(5)
+    c = optimize(m, "w4-pc-rtn", skip_module_guards=True)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        h = torch.relu(x.double() @ m[0].weight.dequantize(torch.float64).T + m[0].bias.double())
+        ref = h @ m[2].weight.dequantize(torch.float64).T
+        out = c(x)
+        out2 = c(torch.randn(3, 64))
+    assert (out.double() - ref).norm() / ref.norm() < 1e-5 and out2.shape == out.shape
+    assert [r.kind for r in passes.RECORDS] == ["plain", "plain"]
+    assert passes.registry._graph_counter[0] >= 1
