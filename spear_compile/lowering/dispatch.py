@@ -604,6 +604,14 @@ def choose(m: int, k: int, n: int, group_size: int, dtype=torch.bfloat16, ec_ran
     return f"{default_config(m, k, n, group_size).name}{ec} (default; tuned on first CUDA call)"
 
 
+def _rows_and_out(x: torch.Tensor, n: int):
+    """``x`` as ``[M, K]`` rows with unit stride, M, and an empty ``[M, n]`` output in x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2, x2.shape[0], torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+
+
 def launch(x, qdata, scale, zero, bias, group_size, ec_A=None, ec_B=None, gate_w=None, gate_b=None,
            u: Optional[torch.Tensor] = None, config=None):
     """Quantized linear (+ bias) (+ gated/static EC) on the 4-bit container; x is ``[..., K]``.
@@ -613,11 +621,7 @@ def launch(x, qdata, scale, zero, bias, group_size, ec_A=None, ec_B=None, gate_w
     _check(x, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u)
     k = x.shape[-1]
     n = qdata.shape[0]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    x2, m, y = _rows_and_out(x, n)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     if u is not None:
@@ -745,13 +749,8 @@ def launch_grouped(x, qdatas, scales, zeros, biases, group_size, config=None):
     if any(b is None for b in biases) and any(b is not None for b in biases):
         raise SpearError("spear_compile.lowering.dispatch.launch_grouped: biases must be all given or all None")
     _check_group(x, qdatas, scales, zeros, biases, group_size)
-    k = x.shape[-1]
     n_total = sum(q.shape[0] for q in qdatas)
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    y = torch.empty(m, n_total, dtype=x.dtype, device=x.device)
+    x2, m, y = _rows_and_out(x, n_total)
     if m == 0:
         return y.reshape(*x.shape[:-1], n_total)
     cfg = config or _grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y)
