@@ -157,6 +157,11 @@ def sibling_groups(model: nn.Module, example: Optional[dict] = None) -> list:
             hooks.append(mod.register_forward_pre_hook(lambda m, args: calls.append((args[0], m))))
     try:
         model(**example)
+    except Exception as e:  # noqa: BLE001  (warm-up is best effort: the compiled model still works)
+        import warnings
+        warnings.warn(f"warm_kernels: could not run {type(model).__name__} on a made-up example to find sibling "
+                      f"linears ({type(e).__name__}: {e}); grouped launches will be tuned on first use")
+        return []
     finally:
         for h in hooks:
             h.remove()

@@ -133,3 +133,21 @@ def test_optimize_without_module_guards_matches_and_is_one_graph():
     assert (out.double() - ref).norm() / ref.norm() < 1e-5 and out2.shape == out.shape
     assert [r.kind for r in passes.RECORDS] == ["plain", "plain"]
     assert passes.registry._graph_counter[0] >= 1
+
+
+def test_sibling_groups_finds_shared_inputs_and_tolerates_a_failing_example():
+    from spear_compile.optimize import sibling_groups
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(64, n, bias=False) for n in (64, 32, 32, 64))
+
+        def forward(self, x):
+            return self.o(self.q(x) + torch.cat([self.k(x), self.v(x)], -1))
+
+    b = Block()
+    optimize(b, "w4-pc-rtn")  # quantize (and unwrap) in place
+    assert sibling_groups(b, {"x": torch.randn(2, 64)}) == [[b.q, b.k, b.v]]
+    with pytest.warns(UserWarning, match="sibling"):
+        assert sibling_groups(b, {"x": torch.randn(2, 7)}) == []
