@@ -72,10 +72,12 @@ def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn
     if mode in ("reduce-overhead", "max-autotune"):
         warm_kernels(model, ms=(1,))  # tune + allocate kernel workspaces before CUDA-graph capture
     kw = dict(backend="spear", fullgraph=fullgraph, dynamic=dynamic)
-    kw.update({"mode": mode} if mode not in (None, "default") else {"options": options} if options else {})
-    if skip_module_guards:
-        kw.pop("mode", None)
+    if skip_module_guards:  # the guard filter is an option, and torch.compile takes mode or options
         kw["options"] = {**module_guard_free_options(mode), **(options or {})}
+    elif mode not in (None, "default"):
+        kw["mode"] = mode
+    elif options:
+        kw["options"] = options
     if _is_hf(model):
         model.generation_config.disable_compile = True
         model.forward = torch.compile(model.forward, **kw)
@@ -139,10 +141,10 @@ def warm_kernels(model: nn.Module, ms=(1,), example: Optional[dict] = None) -> i
 def sibling_groups(model: nn.Module, example: Optional[dict] = None) -> list:
     """The groups of quantized, EC-free linears the grouping pass would fuse: those that read the same
     input tensor (same K, group size, dtype and bias-ness), in call order, split like the pass does
-    (at most ``MAX_GROUP`` per group, balanced). Found by one eager forward with input hooks;
+    (``balanced_chunks``). Found by one eager forward with input hooks;
     ``[]`` when no example can be made (not a Hugging Face model and no ``example`` given)."""
     from .ec import CompensatedLinear
-    from .lowering.dispatch import MAX_GROUP
+    from .passes.group_sibling_linears import balanced_chunks
     if example is None:
         if not _is_hf(model):
             return []
@@ -171,9 +173,4 @@ def sibling_groups(model: nn.Module, example: Optional[dict] = None) -> list:
         key = (id(x), w.shape[1], w.group_size, w.dtype, mod.bias is not None)
         if mod not in buckets.setdefault(key, []):
             buckets[key].append(mod)
-    groups = []
-    for mods in buckets.values():
-        n_chunks = -(-len(mods) // MAX_GROUP)
-        bounds = [len(mods) * i // n_chunks for i in range(n_chunks + 1)]
-        groups += [mods[lo:hi] for lo, hi in zip(bounds, bounds[1:]) if hi - lo >= 2]
-    return groups
+    return [chunk for mods in buckets.values() for chunk in balanced_chunks(mods) if len(chunk) >= 2]

@@ -90,15 +90,20 @@ implements = QuantizedWeight.implements
 implements_torch_function = QuantizedWeight.implements_torch_function
 
 
+def check_linear_input(x: torch.Tensor, weight_shape: tuple, dtype: torch.dtype) -> None:
+    """The input checks of a quantized linear (the subclass's ``F.linear`` and the unwrapped forward)."""
+    if x.shape[-1] != weight_shape[1]:
+        raise SpearError(f"quantized linear: input has {x.shape[-1]} features, weight expects K={weight_shape[1]} (weight shape {weight_shape})")
+    if x.dtype != dtype:
+        raise SpearError(f"quantized linear: activation dtype {x.dtype} does not match the weight's compute dtype {dtype}")
+
+
 @implements([aten.linear.default])
 @implements_torch_function([torch.nn.functional.linear])
 def _linear(func, types, args, kwargs):
     x, w = args[0], args[1]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    if x.shape[-1] != w.shape[1]:
-        raise SpearError(f"quantized linear: input has {x.shape[-1]} features, weight expects K={w.shape[1]} (weight shape {tuple(w.shape)})")
-    if x.dtype != w.dtype:
-        raise SpearError(f"quantized linear: activation dtype {x.dtype} does not match the weight's compute dtype {w.dtype}")
+    check_linear_input(x, tuple(w.shape), w.dtype)
     return torch.ops.spear.qlinear(x, w.qdata, w.scale, w.zero, bias, w.group_size)
 
 

@@ -14,15 +14,13 @@ import torch
 import torch.nn as nn
 
 from .ec import CompensatedLinear
-from .qtensor import QuantizedWeight
+from .qtensor import QuantizedWeight, check_linear_input
 
 _BUFFERS = ("_spear_qdata", "_spear_scale", "_spear_zero")
 
 
 def _qlinear(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.dtype != mod._spear_scale.dtype:  # the subclass's own check, kept on this path too
-        from .errors import SpearError
-        raise SpearError(f"quantized linear: activation dtype {x.dtype} does not match the weight's compute dtype {mod._spear_scale.dtype}")
+    check_linear_input(x, (mod.out_features, mod.in_features), mod._spear_scale.dtype)  # the subclass's checks
     return torch.ops.spear.qlinear(x, mod._spear_qdata, mod._spear_scale, mod._spear_zero, mod.bias, mod._spear_group_size)
 
 

@@ -86,9 +86,11 @@ def test_unwrapped_compiles_to_the_same_fused_ops_without_subclass_inputs():
     assert (out.double() - reference(m, x)).abs().max() < 1e-4
 
 
-def test_unwrap_refuses_wrong_dtype_like_the_subclass():
+def test_unwrap_refuses_wrong_dtype_and_width_like_the_subclass():
     from spear_compile import SpearError
     m, k = model(3)
     unwrap_quantized(m)
     with pytest.raises(SpearError, match="dtype"):
         m(torch.randn(2, k, dtype=torch.float64))
+    with pytest.raises(SpearError, match=f"input has {k + 8} features, weight expects K={k}"):
+        m(torch.randn(2, k + 8))

@@ -646,14 +646,14 @@ def _check_group(x, qdatas, scales, zeros, biases, group_size):
                None, None, None, None, None)
 
 
-def _members_into(x2, qdatas, scales, zeros, biases, group_size, y):
-    """One launch per member (its own tuned config) into column slices of ``y``."""
+def _members_into(x2, qdatas, scales, zeros, biases, group_size, y, config=None):
+    """One launch per member (its own tuned config, or ``config`` for all) into column slices of ``y``."""
     col = 0
     for i, q in enumerate(qdatas):
         n = q.shape[0]
         yi = y[:, col:col + n]
         args = (x2, q, scales[i], zeros[i], biases[i], group_size, None, None, None, None, None, yi)
-        cfg = _config_for(x2, args, x2.shape[1], n, group_size, False, False)
+        cfg = config or _config_for(x2, args, x2.shape[1], n, group_size, False, False)
         _runner(cfg)(cfg, *args)
         col += n
     return y
@@ -714,13 +714,7 @@ def _grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y):
     args = (x2, qdatas, scales, zeros, biases, group_size, y)
 
     def reference():
-        out = torch.empty_like(y)
-        col = 0
-        for q, s, z, b in zip(qdatas, scales, zeros, biases):
-            _run_dequant_cublas(None, x2, q, s, z, b, group_size, None, None, None, None, None,
-                                out[:, col:col + q.shape[0]])
-            col += q.shape[0]
-        return out
+        return _members_into(x2, qdatas, scales, zeros, biases, group_size, torch.empty_like(y), DequantCublasConfig())
 
     cands = grouped_candidates(k, ns, group_size, sms, m)
     _TUNED[key] = _tune(key, args, cands, run=lambda cfg: _run_grouped(cfg, *args), reference=reference)

@@ -34,6 +34,13 @@ def enabled_by_default() -> bool:
     return os.environ.get(ENV, "1") != "0"
 
 
+def balanced_chunks(items: list, size: int = MAX_GROUP) -> list:
+    """``items`` in order, split into the fewest chunks of at most ``size``, balanced (5 -> 3 + 2, not 4 + 1)."""
+    n_chunks = -(-len(items) // size)
+    bounds = [len(items) * i // n_chunks for i in range(n_chunks + 1)]
+    return [items[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+
+
 def _val(node):
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
@@ -65,10 +72,7 @@ class GroupSiblingLinearsPass:
         count = 0
         for nodes in buckets.values():
             nodes.sort(key=order.__getitem__)
-            n_chunks = -(-len(nodes) // MAX_GROUP)  # balanced: 5 siblings -> 3 + 2, not 4 + 1
-            bounds = [len(nodes) * i // n_chunks for i in range(n_chunks + 1)]
-            for lo, hi in zip(bounds, bounds[1:]):
-                chunk = nodes[lo:hi]
+            for chunk in balanced_chunks(nodes):
                 if len(chunk) >= 2 and self._inputs_ready(chunk, order):
                     self._rewrite(graph, chunk)
                     count += 1
