@@ -51,6 +51,8 @@ CONFIG_TRAIN = {
 }
 ALLOCS = ("fixed", "per_byte", "capture")  # fixed rank by score; fixed rank by score per byte; allocated ranks
 SVD_CACHE_RANK = 64
+# The model-level diagnostic variants a score needs (the local score needs none): `calibrate` runs only these.
+SCORE_VARIANTS = {"solo_score": ("solo",), "model_score": ("restore",), "kl_gain": ("restore",), "local_score": ()}
 EXPERIMENTAL_GATES = ("norm", "xgate")  # fit_many only, held-out KL only: no exportable EC form
 GATE_INITS = ("zero", "random")
 GATE_INIT_STD = 0.3  # "random" gate init: std of the initial gate pre-activation W_g u over calibration tokens
@@ -455,10 +457,13 @@ def calibrate(model=DEFAULT_MODEL, quant: Union[str, QuantConfig] = "w4-pc-rtn",
     steps = d["steps"] if steps is None else steps
     lr = d["lr"] if lr is None else lr
     topk = d["topk"] if topk == "auto" else topk
-    _spec(dict(budget=budget, gate=gate, placement=placement, init=init, score=score, alloc=alloc, topk=topk))
+    sp = _spec(dict(budget=budget, gate=gate, placement=placement, init=init, score=score, alloc=alloc, topk=topk))
     torch.manual_seed(seed)
+    # Only the model-level variant the placement ranks by (one forward per module instead of two): the placement
+    # is the same; the manifest then holds that variant's scores and the local ones.
+    variants = SCORE_VARIANTS[sp["score"]] if sp["placement"] in ("diagnostic", "local") else ()
     prep = prepare(model, quant, calib, seq_len=seq_len, n_windows=n_windows, device=device, progress=progress,
-                   cache_teacher=topk is None or topk > 0)
+                   cache_teacher=topk is None or topk > 0, model_variants=variants)
     return fit(prep, budget, gate, placement, rank=rank, steps=steps, lr=lr, batch_size=batch_size,
                gate_lr_mult=gate_lr_mult, init=init, seed=seed, out_dir=out_dir, progress=progress,
                score=score, alloc=alloc, topk=topk)

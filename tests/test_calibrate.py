@@ -157,3 +157,20 @@ def test_per_config_training_defaults():
     assert man["lr"] == 2e-3 and man["topk"] == 0 and man["teacher"] == "online" and man["steps"] == 2
     _, man = calibrate(tiny_llama(), "w3-pc-rtn", calib=_tokens(), budget=0.05, rank=2, steps=1, topk=None, lr=1e-3, **KW)
     assert man["lr"] == 1e-3 and man["teacher"] == "cached" and man["teacher_topk"] == 64
+
+
+def test_calibrate_runs_only_the_diagnostic_variant_its_score_needs():
+    """The default placement ranks by solo_score: `calibrate` skips the restore variant (half the model-level
+    forwards) and places exactly as a prepare that computed both variants."""
+    from spear_compile.calibrate import fit, prepare
+    kw = dict(budget=0.05, rank=2, steps=2, batch_size=2, progress=False)
+    model, man = calibrate(tiny_llama(), "w4-pc-rtn", calib=_tokens(), n_windows=4, seq_len=16, device="cpu", **kw)
+    some = next(iter(man["scores"].values()))
+    assert "solo_score" in some and "model_score" not in some and "kl_gain" not in some
+    both = prepare(tiny_llama(), "w4-pc-rtn", calib=_tokens(), n_windows=4, seq_len=16, device="cpu", progress=False)
+    _, man_both = fit(both, **kw)
+    assert man_both["ranks"] == man["ranks"] and man_both["score"] == man["score"] == "solo_score"
+    _, man_kl = calibrate(tiny_llama(), "w4-pc-rtn", calib=_tokens(), n_windows=4, seq_len=16, device="cpu",
+                          score="kl_gain", **kw)
+    some = next(iter(man_kl["scores"].values()))
+    assert "kl_gain" in some and "solo_score" not in some
