@@ -114,6 +114,10 @@ def op_fused(x, L):
     return dispatch.launch(x, L["q"], L["s_g"], L["z_g"], None, G, L["A"], L["B"], L["gw"], L["gb"])
 
 
+def op_fused_pc(x, L):
+    return dispatch.launch(x, L["q"], L["s_c"], L["z_c"], None, L["k"], L["A"], L["B"], L["gw"], L["gb"])
+
+
 def op_fused_2launch(x, L):
     return dispatch.launch(x, L["q"], L["s_g"], L["z_g"], None, G, L["A"], L["B"], L["gw"], L["gb"],
                            u=dispatch.project_u(x, L["A"]))
@@ -126,7 +130,7 @@ def op_naive(x, L):
     return y + F.linear(u, L["B"])
 
 
-def reference(x, L, pc=False, ec=False):
+def reference(x, L, pc=False, ec=False, bias=None, gated=True):
     d = torch.float64
     n, k = L["n"], L["k"]
     s, z = (L["s_c"], L["z_c"]) if pc else (L["s_g"], L["z_g"])
@@ -134,9 +138,12 @@ def reference(x, L, pc=False, ec=False):
     w = (L["codes"].to(d).reshape(n, groups, -1) - z.to(d)[..., None]) * s.to(d)[..., None]
     x64 = x.to(d)
     y = x64 @ w.reshape(n, k).T
+    if bias is not None:
+        y = y + bias.to(d)
     if ec:
         u = x64 @ L["A"].to(d).T
-        u = u * 2 * torch.sigmoid(u @ L["gw"].to(d).T + L["gb"].to(d))
+        if gated:
+            u = u * 2 * torch.sigmoid(u @ L["gw"].to(d).T + L["gb"].to(d))
         y = y + u @ L["B"].to(d).T
     return y
 
@@ -244,6 +251,9 @@ def main():
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; later timings are skipped past it")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--ops", default="", help="comma list of the ops to run (default: all)")
+    ap.add_argument("--detail", action="store_true",
+                    help="prefill M (> 64): every EC structure forced, per linear; dequantize TB/s; structure checks")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     fh = open(os.path.join(args.out, "kernels_log.txt"), "w")
@@ -267,17 +277,18 @@ def main():
     log(fh, "gemlite:", gemlite_note)
 
     gen = torch.Generator(device=dev).manual_seed(1234)
-    rows, errs, choices = [], [], []
+    rows, errs, choices, details = [], [], [], []
     for model in args.models.split(","):
         shapes = layer_shapes(MODELS[model])
         int4_bytes = layer_bytes(shapes, 1, "g128")
         copies = max(2, math.ceil(4 * L2_BYTES / int4_bytes))
         layers = [[make_linear(k, n, dev, gen) for _, k, n in shapes] for _ in range(copies)]
-        tg_note = None
-        for Ls in layers:
+        wanted = set(args.ops.split(",")) if args.ops else None
+        tg_note = None if wanted is None or "tinygemm" in wanted else "not requested (--ops)"
+        for Ls in (layers if tg_note is None else []):
             for L in Ls:
                 tg_note = tg_note or add_tinygemm(L)
-        use_gl = gemlite_note == "ok"
+        use_gl = gemlite_note == "ok" and (wanted is None or "gemlite" in wanted)
         if use_gl:
             try:
                 for Ls in layers:
@@ -290,13 +301,20 @@ def main():
         log(fh, f"== {model}: {copies} weight copies, int4 layer {int4_bytes / 1e6:.1f} MB; tinygemm: {tg_note or 'ok'}")
 
         ops = {"bf16": op_bf16, "ours_pc": op_ours_pc, "ours_g128": op_ours_g128, "fused": op_fused,
-               "fused_2launch": op_fused_2launch, "naive": op_naive}
+               "fused_pc": op_fused_pc, "fused_2launch": op_fused_2launch, "naive": op_naive}
         if tg_note is None:
             ops["tinygemm"] = op_tinygemm
         if use_gl:
             ops["gemlite"] = op_gemlite
+        if args.ops:
+            keep = set(args.ops.split(","))
+            ops = {k_: v for k_, v in ops.items() if k_ in keep}
+        if "bf16" in ops:
+            ops["bf16_again"] = op_bf16  # timed last: the baseline's run-to-run spread within this run
+        ops_all = dict(ops)
 
         for m in ms_list:
+            ops = dict(ops_all)  # a kernel found wrong at one M is dropped for that M only
             if time.time() - T0 > args.budget:
                 log(fh, f"budget reached: skip {model} M={m}")
                 continue
@@ -305,8 +323,9 @@ def main():
             for (name, k, n), L in zip(shapes, layers[0]):
                 x = xs[k]
                 ref_g, ref_c, ref_e = reference(x, L), reference(x, L, pc=True), reference(x, L, ec=True)
+                ref_ce = reference(x, L, pc=True, ec=True)
                 for opname, ref in (("ours_pc", ref_c), ("ours_g128", ref_g), ("fused", ref_e), ("fused_2launch", ref_e),
-                                    ("naive", ref_e),
+                                    ("fused_pc", ref_ce), ("naive", ref_e),
                                     ("bf16", ref_g), ("tinygemm", ref_g), ("gemlite", ref_g)):
                     if opname not in ops:
                         continue
@@ -323,6 +342,7 @@ def main():
                             ops.pop(opname, None)  # never time a wrong kernel
                 choices.append((model, name, m, dispatch.choose(m, k, n, G, torch.bfloat16, RANK, True),
                                 dispatch.choose(m, k, n, k, torch.bfloat16)))
+                del ref_g, ref_c, ref_e, ref_ce
             # ---- graph-replay correctness of the fused kernel (counters reset between replays) ----
             if "fused" in ops:
                 L = layers[0][0]
@@ -360,13 +380,190 @@ def main():
             res["flop_floor"] = sum(2 * m * k * n for _, k, n in shapes) / rate * 1e6
             rows.append(res)
             log(fh, json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items()}))
+            if args.detail and m > 64 and time.time() - T0 < args.budget:
+                try:
+                    check_structures(fh, model, shapes, layers[0], xs, m, errs, dev, gen)
+                    details.extend(prefill_detail(fh, model, shapes, layers, xs, m, copies, bw, args.budget))
+                except Exception as ex:  # noqa: BLE001
+                    log(fh, f"ERROR detail {model} M={m}: {type(ex).__name__}: {ex}")
+            if m > 64:
+                log_tune(fh, m)
             # written after every (model, M): a killed run still leaves its results
             with open(os.path.join(args.out, "kernels_tune.json"), "w") as f:
                 json.dump([[list(map(str, k)), r] for k, r in dispatch.TUNE_LOG], f, indent=0)
-            write_markdown(os.path.join(args.out, "kernels.md"), info, bw, rate, gemlite_note, rows, errs, choices)
+            write_markdown(os.path.join(args.out, "kernels.md"), info, bw, rate, gemlite_note, rows, errs, choices,
+                           details)
         del layers
         torch.cuda.empty_cache()
     print_table(rows, errs)
+
+
+# ------------------------------------------------------------------ prefill detail (--detail)
+STRUCTS = {  # forced configs of the prefill EC paths (g128 gated unless noted); _s: split prologue, _ov: overlapped
+    "after": dispatch.DequantCublasConfig("after"),
+    "after_s_ov": dispatch.DequantCublasConfig("after", overlap=True, split=True),
+    "c_in": dispatch.DequantCublasConfig("c_in"),
+    "c_in_s": dispatch.DequantCublasConfig("c_in", split=True),
+    "c_in_s_ov": dispatch.DequantCublasConfig("c_in", overlap=True, split=True),
+    "kcat": dispatch.DequantCublasConfig("kcat"),
+    "kcat64": dispatch.DequantCublasConfig("kcat", pad=64),
+    "kcat64_s": dispatch.DequantCublasConfig("kcat", pad=64, split=True),
+    "kcat64_s_ov": dispatch.DequantCublasConfig("kcat", pad=64, overlap=True, split=True),
+    "tri": dispatch.PrefillConfig(128, 128, 128, 8, 3),
+    "tri_swap": dispatch.PrefillConfig(128, 128, 64, 8, 3, swap=True),
+}
+
+
+def _lin_op(L, struct=None, pc=False, ec=True, gated=True, bias=None, u=None, L_=None):
+    cfg = STRUCTS[struct] if isinstance(struct, str) else struct
+    s, z, g = (L["s_c"], L["z_c"], L["k"]) if pc else (L["s_g"], L["z_g"], G)
+
+    def f(x):
+        return dispatch.launch(x, L["q"], s, z, bias, g, L["A"] if ec else None, L["B"] if ec else None,
+                               L["gw"] if ec and gated else None, L["gb"] if ec and gated else None, u=u, config=cfg)
+    return f
+
+
+def check_structures(fh, model, shapes, Ls, xs, m, errs, dev, gen):
+    """Every prefill path forced on the real shapes vs float64: g128/pc, gated/static EC, bias, given u; fp16 on q."""
+    worst = {}
+    for (name, k, n), L in zip(shapes, Ls):
+        x = xs[k]
+        bias = (torch.randn(n, device=dev, generator=gen) * 0.1).to(torch.bfloat16)
+        u = (x.double() @ L["A"].double().T).to(torch.bfloat16)
+        cases = [(f"{st}+bias", _lin_op(L, st, bias=bias), dict(ec=True, bias=bias)) for st in STRUCTS]
+        cases += [(f"{st}+u", _lin_op(L, st, u=u), dict(ec=True)) for st in ("after", "c_in_s", "kcat64_s_ov",
+                                                                               "kcat64", "tri_swap")]
+        cases += [("kcat64_s pc", _lin_op(L, "kcat64_s", pc=True), dict(ec=True, pc=True)),
+                  ("c_in_s_ov pc", _lin_op(L, "c_in_s_ov", pc=True), dict(ec=True, pc=True)),
+                  ("tri_swap pc", _lin_op(L, "tri_swap", pc=True), dict(ec=True, pc=True)),
+                  ("fold static", _lin_op(L, dispatch.DequantCublasConfig("fold"), gated=False),
+                   dict(ec=True, gated=False)),
+                  ("kcat static", _lin_op(L, "kcat", gated=False), dict(ec=True, gated=False)),
+                  ("kcat64_s static", _lin_op(L, "kcat64_s", gated=False), dict(ec=True, gated=False)),
+                  ("w4 g128", _lin_op(L, dispatch.DequantCublasConfig(), ec=False), dict()),
+                  ("w4 pc", _lin_op(L, dispatch.DequantCublasConfig(), pc=True, ec=False), dict(pc=True))]
+        refs = {}
+        for cname, f, rk in cases:
+            rkey = tuple(sorted((a, b is not None if a == "bias" else b) for a, b in rk.items()))
+            try:
+                if rkey not in refs:
+                    refs[rkey] = reference(x, L, **rk)
+                e = rel_err(f(x), refs[rkey])
+            except Exception as ex:  # noqa: BLE001
+                e = float("nan")
+                log(fh, f"ERROR structure {model} {name} M={m} {cname}: {type(ex).__name__}: {ex}")
+            errs.append((model, name, m, "s:" + cname, e))
+            worst[cname] = max(worst.get(cname, 0.0), e) if e == e else float("nan")
+            if not e < 1e-2:
+                log(fh, f"BAD structure {model} {name} M={m} {cname}: rel err {e}")
+    # fp16 activations / scales (q linear)
+    (name, k, n), L = shapes[0], Ls[0]
+    L16 = dict(L)
+    for key in ("s_g", "z_g", "s_c", "z_c", "A", "B", "gw", "gb"):
+        L16[key] = L[key].to(torch.float16)
+    x16 = xs[k].to(torch.float16)
+    for st in ("after", "c_in_s_ov", "kcat64_s_ov", "tri_swap"):
+        for pc in (False, True):
+            try:
+                e = rel_err(_lin_op(L16, st, pc=pc)(x16), reference(x16, L16, pc=pc, ec=True))
+            except Exception as ex:  # noqa: BLE001
+                e = float("nan")
+                log(fh, f"ERROR structure fp16 {model} {name} M={m} {st}: {type(ex).__name__}: {ex}")
+            errs.append((model, name, m, f"s:{st} fp16{' pc' if pc else ''}", e))
+            worst[f"{st} fp16"] = max(worst.get(f"{st} fp16", 0.0), e) if e == e else float("nan")
+    log(fh, f"structures {model} M={m} worst rel err: " + ", ".join(f"{k_} {v:.2e}" for k_, v in worst.items()))
+
+
+def _dequant_bytes(k, n, groups):
+    return n * k // 2 + 2 * 2 * n * groups + 2 * n * k
+
+
+def prefill_detail(fh, model, shapes, layers, xs, m, copies, bw, budget):
+    """Per linear µs (graph replays over the weight copies) of bf16, W4 (tuned), fused (tuned), every forced EC
+    structure, and the dequantize alone (with its TB/s); the layer sums; dequantize tile sweep over the layer."""
+    out = []
+    per_lin = {
+        "bf16": lambda L: (lambda x: op_bf16(x, L)),
+        "w4 g128": lambda L: (lambda x: op_ours_g128(x, L)),
+        "w4 pc": lambda L: (lambda x: op_ours_pc(x, L)),
+        "fused g128": lambda L: (lambda x: op_fused(x, L)),
+        "fused pc": lambda L: (lambda x: op_fused_pc(x, L)),
+        "naive": lambda L: (lambda x: op_naive(x, L)),
+        **{f"ec {st}": (lambda L, st=st: _lin_op(L, st)) for st in STRUCTS},
+        "ec kcat64_s pc": lambda L: _lin_op(L, "kcat64_s", pc=True),
+        "dequant g128": lambda L: (lambda x: dispatch.dequantize_w4(L["q"], L["s_g"], L["z_g"], G, torch.bfloat16)),
+        "dequant pc": lambda L: (lambda x: dispatch.dequantize_w4(L["q"], L["s_c"], L["z_c"], L["k"], torch.bfloat16)),
+        **{f"prologue {'kcat' if cx else 'v'}{' split' if sp else ''}": (
+            lambda L, cx=cx, sp=sp: (lambda x: dispatch.ec_prologue(
+                x, L["A"], None, L["gw"], L["gb"], RANK,
+                out=torch.empty(x.shape[0], x.shape[1] + 64 if cx else RANK, dtype=x.dtype, device=x.device),
+                col0=x.shape[1] if cx else 0, width=64 if cx else RANK, copy_x=cx, split=sp)))
+           for cx in (True, False) for sp in (False, True)},
+    }
+    table = {}
+    for i, (name, k, n) in enumerate(shapes):
+        if time.time() - T0 > budget:
+            log(fh, f"budget reached: detail {model} M={m} stops at {name}")
+            break
+        x = xs[k]
+        for op, mk in per_lin.items():
+            fns = [mk(layers[c][i]) for c in range(copies)]
+            try:
+                table[(name, op)] = time_graph(lambda c: fns[c](x), copies, reps=15)
+            except Exception as ex:  # noqa: BLE001
+                log(fh, f"ERROR detail timing {model} {name} M={m} {op}: {type(ex).__name__}: {ex}")
+    ops = list(per_lin)
+    names = [nm for nm, _, _ in shapes]
+    lines = [f"### {model}, M={m}: µs per linear (graph replays over {copies} weight copies)", "",
+             "| linear | " + " | ".join(ops) + " | dequant g128 TB/s | dequant pc TB/s |",
+             "|---|" + "---|" * (len(ops) + 2)]
+    for name, k, n in shapes:
+        tg, tp = table.get((name, "dequant g128")), table.get((name, "dequant pc"))
+        lines.append(f"| {name} {k}->{n} | " + " | ".join(fmt(table.get((name, op))) for op in ops)
+                     + f" | {fmt(_dequant_bytes(k, n, k // G) / tg / 1e6 if tg else None, 2)}"
+                     + f" | {fmt(_dequant_bytes(k, n, 1) / tp / 1e6 if tp else None, 2)} |")
+    sums = {op: sum(table[(nm, op)] for nm in names) if all((nm, op) in table for nm in names) else None for op in ops}
+    lines.append("| **layer (sum)** | " + " | ".join(fmt(sums[op]) for op in ops) + " | | |")
+    if sums.get("bf16"):
+        lines.append("| **/ bf16** | " + " | ".join(fmt(sums[op] / sums["bf16"] if sums[op] else None, 2) for op in ops)
+                     + " | | |")
+    # the dequantize over the whole layer (7 launches per copy: weights beyond L2), tile sweep
+    sweep = []
+    for pc, blocks in ((False, ((64, 16, False), (128, 16, False), (32, 16, False))),
+                       (True, ((16, 64, False), (32, 64, False), (16, 128, False), (8, 128, False)))):
+        nbytes = sum(_dequant_bytes(k, n, 1 if pc else k // G) for _, k, n in shapes)
+        for blk in blocks:
+            def layer_fn(c, blk=blk, pc=pc):
+                for (_, k, n), L in zip(shapes, layers[c]):
+                    s, z, g = (L["s_c"], L["z_c"], k) if pc else (L["s_g"], L["z_g"], G)
+                    dispatch.dequantize_w4(L["q"], s, z, g, torch.bfloat16, block=blk)
+            try:
+                t = time_graph(layer_fn, copies, reps=15)
+                sweep.append(f"dequantize layer {'pc' if pc else 'g128'} block(BN,BW)={blk[:2]}: {t:.1f} µs, "
+                             f"{nbytes / t / 1e6:.2f} TB/s ({nbytes / 1e6:.1f} MB; copy bw {bw / 1e12:.2f} TB/s)")
+            except Exception as ex:  # noqa: BLE001
+                sweep.append(f"dequantize sweep {blk}: ERROR {type(ex).__name__}: {ex}")
+    lines += [""] + sweep + [""]
+    for ln in lines:
+        log(fh, ln)
+    out += lines
+    return out
+
+
+_LOGGED = set()
+
+
+def log_tune(fh, m):
+    """The tuner's per-candidate times (graph replay, µs) for this M bucket's new keys, fastest first."""
+    b = dispatch.m_bucket(m)
+    for key, res in dispatch.TUNE_LOG:
+        if key[4] != b or key in _LOGGED:
+            continue
+        _LOGGED.add(key)
+        timed = sorted((t, nm) for nm, t in res if isinstance(t, float))
+        bad = [f"{nm}: {t}" for nm, t in res if not isinstance(t, float)]
+        log(fh, f"tune {key}: " + ", ".join(f"{nm} {t * 1e3:.1f}" for t, nm in timed) + (f" | {bad}" if bad else ""))
 
 
 def fmt(v, nd=1):
@@ -376,7 +573,8 @@ def fmt(v, nd=1):
 def summary_lines(rows):
     hdr = ("model", "M", "bf16", "tinygemm", "gemlite", "ours pc", "ours g128", "fused EC", "fused 2-launch",
            "naive graph", "naive eager",
-           "fused eager", "roof g128", "%roof g128", "%roof pc", "fused/g128", "naive_eager/fused", "fused/bf16")
+           "fused eager", "roof g128", "%roof g128", "%roof pc", "fused/g128", "naive_eager/fused", "fused/bf16",
+           "fused EC pc", "g128/bf16", "pc/bf16", "fused pc/bf16", "bf16 again")
     out = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
         g = r.get
@@ -386,7 +584,9 @@ def summary_lines(rows):
             "bf16", "tinygemm", "gemlite", "ours_pc", "ours_g128", "fused", "fused_2launch", "naive", "naive_eager",
             "fused_eager", "roof_g128")]
             + [fmt(pct("roof_g128", "ours_g128"), 0), fmt(pct("roof_pc", "ours_pc"), 0),
-               fmt(ratio("fused", "ours_g128"), 2), fmt(ratio("naive_eager", "fused"), 1), fmt(ratio("fused", "bf16"), 2)]) + " |")
+               fmt(ratio("fused", "ours_g128"), 2), fmt(ratio("naive_eager", "fused"), 1), fmt(ratio("fused", "bf16"), 2),
+               fmt(g("fused_pc")), fmt(ratio("ours_g128", "bf16"), 2), fmt(ratio("ours_pc", "bf16"), 2),
+               fmt(ratio("fused_pc", "bf16"), 2), fmt(g("bf16_again"))]) + " |")
     return out
 
 
@@ -398,7 +598,7 @@ def err_lines(errs):
     return [f"max rel err {op:10s} {ph:8s} {v:.2e}" for (op, ph), v in sorted(worst.items())]
 
 
-def write_markdown(path, info, bw, rate, gemlite_note, rows, errs, choices):
+def write_markdown(path, info, bw, rate, gemlite_note, rows, errs, choices, details=()):
     lines = [f"# Kernel benchmark ({info['device']}, {info['date']} UTC)", "",
              f"torch {info['torch']}, triton {info['triton']}, {info['sms']} SMs. Command: `{info['command']}`", "",
              f"Measured copy bandwidth {bw / 1e12:.3f} TB/s (read+write), bf16 matmul {rate / 1e12:.0f} TFLOP/s. "
@@ -412,6 +612,8 @@ def write_markdown(path, info, bw, rate, gemlite_note, rows, errs, choices):
     lines += [f"{m_} {n_} M={mm} {op}: {e:.2e}" for m_, n_, mm, op, e in errs] + ["```", "</details>", ""]
     lines += ["## Dispatch choices (fused g128 gated r=32 | W4 per-channel)", "", "```"]
     lines += [f"{m_} {n_} M={mm}: {a} | {b}" for m_, n_, mm, a, b in choices] + ["```"]
+    if details:
+        lines += ["", "## Prefill detail (--detail)", ""] + list(details)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -5,7 +5,8 @@
 
 * ``decode``: split-K GEMV with the EC fused in the same launch (``w4_decode``);
 * ``prefill``: tensor-core W4A16 GEMM, EC in the epilogue (``w4_prefill``);
-* ``dequant+cublas``: dequantize to the activation dtype, cuBLAS, EC by torch ops (large M only).
+* ``dequant+cublas``: dequantize to the activation dtype (int32-word kernel), cuBLAS, the EC joined as the
+  tuner picks per key (``DequantCublasConfig``: after / c_in / kcat / fold; large M only).
 
 The config is timed on the first CUDA call of each key (K, N, group, dtype, M bucket, has EC,
 gated) and cached in-process; during CUDA-graph capture, under the interpreter, or with
@@ -39,7 +40,8 @@ import triton
 from ..errors import SpearError
 from .w4_decode import w4_decode_kernel
 from .w4_gemv import w4_gemv_grouped_kernel, w4_gemv_kernel
-from .w4_prefill import w4_dequantize_kernel, w4_prefill_kernel
+from .w4_prefill import (ec_gate_kernel, ec_prologue_kernel, ec_xpass_kernel, w4_dequant_words_kernel,
+                         w4_dequantize_kernel, w4_prefill_kernel)
 
 MAX_DECODE_M = 16
 MAX_EC_RANK = 256
@@ -75,16 +77,43 @@ class PrefillConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    swap: bool = False  # yᵀ = W xᵀ: the dequantized W tile is the tensor-core A operand
 
     @property
     def name(self):
         return (f"prefill[BM={self.block_m},BN={self.block_n},BK={self.block_k},"
-                f"warps={self.num_warps},stages={self.num_stages}]")
+                f"warps={self.num_warps},stages={self.num_stages}{',swap' if self.swap else ''}]")
+
+
+EC_STRUCTURES = ("after", "c_in", "kcat", "fold")
 
 
 @dataclass(frozen=True)
 class DequantCublasConfig:
-    name: str = "dequant+cublas"
+    """Dequantize W (``w4_dequant_words_kernel``) then cuBLAS; ``ec`` is how the EC joins (ignored without one):
+
+    * ``after``: ``y = x Wᵀ (+ bias)``, then ``y += v Bᵀ`` (re-reads and re-writes y);
+    * ``c_in``: ``y = v Bᵀ (+ bias)`` first, then ``y += x Wᵀ``: cuBLAS reads the EC term as C (beta = 1)
+      in the compute-bound GEMM's epilogue;
+    * ``kcat``: one GEMM ``[x | v] [W | B]ᵀ`` over K + r (r rounded up to ``pad``, default 8): the prologue
+      writes ``[x | v]`` in its pass over x, the dequantize writes ``[W | B]``;
+    * ``fold``: static EC only (no gate, u not given): ``W + B A`` dequantized, one plain GEMM (else ``kcat``).
+
+    ``v = g(u) ⊙ u`` comes from ``ec_prologue_kernel`` (one pass over x, or the given u). ``overlap``: the prologue
+    runs on a side stream, concurrently with the dequantize (two memory-bound launches share the machine instead of
+    queueing, tails included); CUDA only, fork and join inside the call (CUDA-graph capture makes them branches).
+    ``split``: the prologue as a split-K pass over x with many programs plus a gate launch (``ec_prologue``)."""
+    ec: str = "after"
+    pad: int = 0
+    overlap: bool = False
+    split: bool = False
+
+    @property
+    def name(self):
+        if self.ec == "after" and not self.pad and not self.overlap and not self.split:
+            return "dequant+cublas"
+        return (f"dequant+cublas[ec={self.ec}{f',pad={self.pad}' if self.pad else ''}"
+                f"{',overlap' if self.overlap else ''}{',split' if self.split else ''}]")
 
 
 @dataclass(frozen=True)
@@ -195,20 +224,36 @@ def decode_candidates(k, n, group_size, sms=132, has_ec=False, m=1):
     return list(dict.fromkeys(out))
 
 
-def prefill_candidates(m, k, group_size):
+def prefill_candidates(m, k, group_size, has_ec=False, gated=False):
+    """Prefill configs the tuner times: the Triton W4 GEMM (M > 64 also swapped, W as the A operand) and, for
+    M > 64, dequantize + cuBLAS with each EC structure (``DequantCublasConfig``). The Triton GEMM never won a
+    M > 1024 key (bench/results/kernels_tune_*.json): one shape and two swapped ones stay there."""
     if m <= 64:
-        shapes = ((16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4))
+        shapes = ((16, 64, 128, 4, 4, False), (32, 64, 128, 4, 4, False), (64, 64, 64, 4, 4, False),
+                  (64, 128, 64, 4, 4, False))
+    elif m <= 1024:  # winners of M = 256 keys in bench/results/kernels_tune_*.json, and two swapped; all
+        # compile without spills on sm_90 with Triton 3.6 (the EC epilogue made (128, 128, 64, 4 warps) spill ~1 KB)
+        shapes = ((128, 128, 128, 8, 3, False), (64, 128, 64, 4, 4, False),
+                  (128, 128, 64, 8, 3, True), (64, 128, 64, 4, 4, True))
     else:
-        shapes = ((128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
-                  (128, 256, 64, 8, 3))
+        shapes = ((128, 128, 128, 8, 3, False), (128, 128, 64, 8, 3, True), (128, 256, 64, 8, 3, True))
     out = []
-    for bm, bn, bk, warps, stages in shapes:
+    for bm, bn, bk, warps, stages, swap in shapes:
         for bk2 in _block_k_choices(k, group_size, [bk, 32]):
-            out.append(PrefillConfig(bm, bn, bk2, warps, stages))
+            out.append(PrefillConfig(bm, bn, bk2, warps, stages, swap))
             break
     cands = list(dict.fromkeys(out))
     if m > 64:
-        cands.append(DequantCublasConfig())
+        if not has_ec:
+            cands.append(DequantCublasConfig())
+        else:
+            # bench/results/prefill_s5.md: the one-launch prologue (16 rows a program) streams x at 1.0-2.1 TB/s,
+            # the split one wins where K is long or x is copied; kcat K + 64 (128-byte rows) >= K + 8
+            for ec, pad in (("after", 0), ("c_in", 0), ("kcat", 64)):
+                cands += [DequantCublasConfig(ec, pad, ov, sp) for ov in (False, True) for sp in (False, True)]
+            cands.append(DequantCublasConfig("kcat", split=True))
+            if not gated:
+                cands.append(DequantCublasConfig("fold"))
     return cands
 
 
@@ -441,6 +486,9 @@ def _run_gemv(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w,
 def _run_prefill(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y):
     m, k = x2.shape
     n = qdata.shape[0]
+    if not _valid_block_k(cfg.block_k, k, group_size):
+        raise SpearError(f"spear_compile.lowering.dispatch: {cfg.name} needs BLOCK_K within one group "
+                         f"(K={k}, group {group_size})")
     has_ec = ec_B is not None
     if has_ec and u is None:
         u = project_u(x2, ec_A)
@@ -453,29 +501,211 @@ def _run_prefill(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate
         m, n, k, r, group_size, k // group_size, x2.stride(0), y.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8, BLOCK_R=_block_r(r),
         HAS_BIAS=bias is not None, HAS_EC=has_ec, GATED=gate_w is not None, PER_CHANNEL=group_size == k,
-        INTERPRET=_interpret(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        INTERPRET=_interpret(), SWAP=getattr(cfg, "swap", False), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
 
 
-def dequantize_w4(qdata, scale, zero, group_size, dtype):
+def _dequant_block(k, group_size):
+    """(BLOCK_N, BLOCK_W words, per-word scales) of ``w4_dequant_words_kernel``: 1024-word (4 KB) tiles; a tile
+    inside one group (one scale per row) unless the group is under 128 (then scales per word)."""
+    k8 = k // 8
+    if group_size >= k:  # per-channel: long rows
+        bw = min(64, triton.next_power_of_2(k8))
+    else:
+        bw = min(16, triton.next_power_of_2(k8))
+    per_word = group_size < k and group_size < 8 * bw
+    return max(16, 1024 // bw), bw, per_word
+
+
+def dequantize_w4(qdata, scale, zero, group_size, dtype, *, tail=None, tail_width=0, fold=None, block=None):
+    """``(q - zero) * scale`` as a ``[N, K]`` ``dtype`` matrix, or ``[N, K + tail_width]`` ``[W | tail]``
+    (``tail``: ``[N, r]``, zeros past r), or ``W + B A`` (``fold=(A, B)``). int32-word kernel where the rows
+    allow it (``gemv_ok``), else the byte kernel (plain W only). ``block``: force (BLOCK_N, BLOCK_W, per-word)."""
     n, k = qdata.shape[0], qdata.shape[1] * 2
-    w = torch.empty(n, k, dtype=dtype, device=qdata.device)
-    block_k = min(128, group_size)  # divides the group: one (scale, zero) per row per block
-    w4_dequantize_kernel[(triton.cdiv(n, 32), triton.cdiv(k, block_k))](
-        qdata, scale, zero, w, n, k, group_size, k // group_size, BLOCK_N=32, BLOCK_K=block_k, num_warps=4)
+    if not gemv_ok(k, qdata):
+        if tail is not None or fold is not None:
+            raise SpearError("spear_compile.lowering.dispatch.dequantize_w4: [W | B] / W + BA need K % 8 == 0 "
+                             "and 4-byte aligned packed rows")
+        w = torch.empty(n, k, dtype=dtype, device=qdata.device)
+        block_k = min(128, group_size) if group_size < k else 128  # in one group: one (scale, zero) per row
+        w4_dequantize_kernel[(triton.cdiv(n, 32), triton.cdiv(k, block_k))](
+            qdata, scale, zero, w, n, k, group_size, k // group_size, BLOCK_N=32, BLOCK_K=block_k, num_warps=4)
+        return w
+    tail_width = tail_width if tail is not None else 0
+    w = torch.empty(n, k + tail_width, dtype=dtype, device=qdata.device)
+    bn, bw, per_word = block or _dequant_block(k, group_size)
+    if group_size < k and group_size < 8 * bw:
+        per_word = True
+    ab = fold if fold is not None else (None, None)
+    extra = tail if tail is not None else ab[1]
+    r = extra.shape[1] if extra is not None else 0
+    dummy = scale  # never read; the activation dtype, like B and A
+    grid = (triton.cdiv(n, bn), triton.cdiv(k // 8, bw) + (1 if tail is not None else 0))
+    w4_dequant_words_kernel[grid](
+        qdata.view(torch.int32), scale, zero, w, extra if extra is not None else dummy,
+        ab[0] if fold is not None else dummy,
+        n, k, k // 8, r, tail_width, group_size, k // group_size, w.stride(0),
+        BLOCK_N=bn, BLOCK_W=bw, PER_WORD_SCALE=per_word, TAIL=tail is not None,
+        BLOCK_T=triton.next_power_of_2(max(tail_width, 16)), FOLD=fold is not None, BLOCK_R=_block_r(r),
+        INTERPRET=_interpret(), num_warps=4,
+    )
     return w
 
 
-def _run_dequant_cublas(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y):
-    w = dequantize_w4(qdata, scale, zero, group_size, x2.dtype)
-    torch.addmm(bias, x2, w.t(), out=y) if bias is not None else torch.mm(x2, w.t(), out=y)
+def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, copy_x=False, split=False):
+    """``v = g(u) ⊙ u`` (u = x Aᵀ in fp32, or the given ``u``) into columns ``col0 .. col0 + width`` of ``out``
+    (zeros past r; a new ``[M, r]`` tensor by default); ``copy_x``: x into columns ``0 .. K`` too.
+    ``split=False``: one launch, one program per 16 rows (``ec_prologue_kernel``); ``split=True``: a split-K
+    pass over x with ~2 programs per SM (``ec_xpass_kernel``: copy + fp32 partials) and the gate
+    (``ec_gate_kernel``) in a second launch."""
+    m, k = x2.shape
+    width = r if width is None else width
+    if out is None:
+        out = torch.empty(m, width, dtype=x2.dtype, device=x2.device)
+    if u is not None:
+        u = u.reshape(m, r)
+        if u.stride(-1) != 1:
+            u = u.contiguous()
+    block_r = _block_r(r)
+    pad = triton.next_power_of_2(width - block_r) if width > block_r else 0
+    dummy = x2  # never read
+    gw, gb = (gate_w, gate_b) if gate_w is not None else (dummy, dummy)
+    if not split:
+        ec_prologue_kernel[(triton.cdiv(m, 16),)](
+            x2, ec_A if ec_A is not None else dummy, u if u is not None else dummy, gw, gb, out,
+            m, k, r, width, x2.stride(0), u.stride(0) if u is not None else 0, out.stride(0), col0,
+            BLOCK_M=16, BLOCK_K=min(256, max(16, triton.next_power_of_2(k))), BLOCK_R=block_r,
+            COPY_X=copy_x, U_GIVEN=u is not None, GATED=gate_w is not None, LOOP=copy_x or u is None,
+            INTERPRET=_interpret(), BLOCK_PAD=pad, num_warps=4, num_stages=3,
+        )
+        return out
+    part = None
+    if copy_x or u is None:
+        bm = 64 if m >= 1024 else 16
+        bk = min(128, max(16, triton.next_power_of_2(k)))
+        m_tiles, n_kb = triton.cdiv(m, bm), triton.cdiv(k, bk)
+        per = triton.cdiv(n_kb, min(n_kb, max(1, triton.cdiv(2 * _num_sms(x2.device), m_tiles))))
+        n_split = triton.cdiv(n_kb, per)
+        if u is None:
+            part = torch.empty(n_split, m, block_r, dtype=torch.float32, device=x2.device)
+        ec_xpass_kernel[(m_tiles, n_split)](
+            x2, ec_A if ec_A is not None else dummy, part if part is not None else out, out,
+            m, k, r, x2.stride(0), out.stride(0), per * bk,
+            BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r, COPY_X=copy_x, PROJECT=u is None, INTERPRET=_interpret(),
+            num_warps=4, num_stages=2,
+        )
+    ec_gate_kernel[(triton.cdiv(m, 16),)](
+        part if part is not None else out, u if u is not None else dummy, gw, gb, out,
+        m, r, width, part.shape[0] if part is not None else 0, u.stride(0) if u is not None else 0,
+        out.stride(0), col0,
+        BLOCK_M=16, BLOCK_R=block_r, U_GIVEN=u is not None, GATED=gate_w is not None, BLOCK_PAD=pad, num_warps=4,
+    )
+    return out
+
+
+def _mm_into(a, b, bias, y):
+    """``y = a bᵀ (+ bias)`` by cuBLAS, written into ``y`` (which may be a column slice)."""
+    return torch.addmm(bias, a, b.t(), out=y) if bias is not None else torch.mm(a, b.t(), out=y)
+
+
+def _reference_linear(x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y):
+    """The tuner's reference: torch dequantize (independent of every Triton kernel), cuBLAS, EC by torch ops."""
+    from ..ops import dequantize_packed
+
+    w = dequantize_packed(qdata, scale, zero, x2.shape[1], x2.dtype)
+    _mm_into(x2, w, bias, y)
     if ec_B is not None:
         if u is None:
             u = project_u(x2, ec_A)
         if gate_w is not None:
-            u = _gate(u, gate_w, gate_b).to(x2.dtype)
+            u = _gate(u, gate_w, gate_b)
         y.addmm_(u.to(x2.dtype), ec_B.t())
+    return y
+
+
+_SIDE = {}
+
+
+def _side_stream(device):
+    key = (device.type, device.index)
+    if key not in _SIDE:
+        _SIDE[key] = torch.cuda.Stream(device)
+    return _SIDE[key]
+
+
+class _Fork:
+    """``with _Fork(on, device):`` runs the block on the device's side stream after it waited for the current one
+    (a CUDA-graph capture follows the fork); ``_join`` makes the current stream wait for the side stream. Tensors the
+    block writes must be allocated before it, on the current stream, and used on it only after the join."""
+
+    def __init__(self, on, device):
+        self.on, self.device, self.ctx = on, device, None
+
+    def __enter__(self):
+        if self.on:
+            side = _side_stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            self.ctx = torch.cuda.stream(side)
+            self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+        return False
+
+
+def _join(on, device):
+    if on:
+        torch.cuda.current_stream(device).wait_stream(_side_stream(device))
+
+
+def _run_dequant_cublas(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y):
+    """Dequantize + cuBLAS with the EC joined as ``cfg.ec`` says (``DequantCublasConfig``); ``cfg=None``: the
+    tuner's reference (``_reference_linear``)."""
+    if cfg is None:
+        return _reference_linear(x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y)
+    m, k = x2.shape
+    dt = x2.dtype
+    ec = cfg.ec if ec_B is not None else "none"
+    if ec == "fold" and (u is not None or gate_w is not None):
+        ec = "kcat"
+    if ec in ("kcat", "fold") and not gemv_ok(k, qdata):
+        ec = "after"
+    if ec == "none":
+        return _mm_into(x2, dequantize_w4(qdata, scale, zero, group_size, dt), bias, y)
+    r = ec_B.shape[1]
+    if ec == "fold":
+        return _mm_into(x2, dequantize_w4(qdata, scale, zero, group_size, dt, fold=(ec_A, ec_B)), bias, y)
+    overlap = cfg.overlap and x2.is_cuda
+    if ec == "kcat":
+        rp = -(-r // (cfg.pad or 8)) * (cfg.pad or 8)
+        xv = torch.empty(m, k + rp, dtype=dt, device=x2.device)  # [x | v]
+    else:
+        xv = torch.empty(m, r, dtype=dt, device=x2.device)  # v
+    if u is not None:
+        u = u.reshape(m, r)
+        u = u if u.stride(-1) == 1 else u.contiguous()
+    with _Fork(overlap, x2.device):  # the prologue (on the side stream when overlapping) ...
+        if ec == "kcat":
+            ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=xv, col0=k, width=rp, copy_x=True, split=cfg.split)
+        else:
+            ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=xv, split=cfg.split)
+    if ec == "kcat":  # ... and the dequantize (current stream) run concurrently
+        wc = dequantize_w4(qdata, scale, zero, group_size, dt, tail=ec_B, tail_width=rp)
+    else:
+        w = dequantize_w4(qdata, scale, zero, group_size, dt)
+    _join(overlap, x2.device)
+    if ec == "kcat":
+        return _mm_into(xv, wc, bias, y)
+    v = xv
+    if ec == "c_in":
+        _mm_into(v, ec_B, bias, y)
+        y.addmm_(x2, w.t())
+    else:  # after
+        _mm_into(x2, w, bias, y)
+        y.addmm_(v, ec_B.t())
     return y
 
 
@@ -588,7 +818,7 @@ def _config_for(x2, args, k, n, group_size, has_ec, gated):
     if not _can_tune(x2):
         return default_config(m, k, n, group_size, sms)
     cands = (decode_candidates(k, n, group_size, sms, has_ec, m) if m <= MAX_DECODE_M
-             else prefill_candidates(m, k, group_size))
+             else prefill_candidates(m, k, group_size, has_ec, gated))
     _TUNED[key] = _tune(key, args, cands)
     return _TUNED[key]
 

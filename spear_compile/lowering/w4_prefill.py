@@ -1,10 +1,18 @@
-"""Prefill kernel (large M, compute-bound): tensor-core W4A16 GEMM with the EC in its epilogue.
+"""Prefill kernels (large M, compute-bound): a tensor-core W4A16 GEMM with the EC in its epilogue, and
+the pieces of the dequantize + cuBLAS path (a bandwidth-class dequantize on int32 words, the EC's x-side
+prologue).
 
 Per K block: load the packed ``[BLOCK_N, BLOCK_K/2]`` bytes, unpack the nibbles with
 ``tl.join`` + reshape (low nibble = even k), dequantize ``(q - zero) * scale`` in fp32 registers,
 cast to the activation dtype and ``tl.dot`` with the x tile. ``BLOCK_K`` divides the group, so one
 (scale, zero) column per K block. Epilogue: ``+ (u ⊙ 2σ(u Wgᵀ + bg)) Bᵀ`` with ``u = x Aᵀ``
 precomputed by the launcher (a small matmul; the separable step for tensor parallelism) and bias.
+``SWAP``: the same GEMM as ``yᵀ = W xᵀ`` (dequantized W as the A operand, which Hopper's wgmma can read
+from registers; x as B), transposed back before the epilogue.
+
+Dequantize + cuBLAS (``dispatch._run_dequant_cublas``): ``w4_dequant_words_kernel`` writes the bf16/fp16
+weight (optionally ``[W | B]`` for the K-concatenated EC, or ``W + B A`` for a static EC), and
+``ec_prologue_kernel`` makes ``v = g(u) ⊙ u`` from one pass over x (optionally also the copy ``[x | v]``).
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ def w4_prefill_kernel(
     M, N, K, R, group_size, n_groups, stride_xm, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_EC: tl.constexpr, GATED: tl.constexpr,
-    PER_CHANNEL: tl.constexpr = False, INTERPRET: tl.constexpr = False,
+    PER_CHANNEL: tl.constexpr = False, INTERPRET: tl.constexpr = False, SWAP: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -40,7 +48,10 @@ def w4_prefill_kernel(
     n_mask = offs_n < N
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     q_rows = q_ptr + offs_n[:, None] * (K // 2)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:  # accumulate yᵀ = W xᵀ: the dequantized tile is the A operand (registers), x the B operand
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k0 = kb * BLOCK_K
         k_mask = (k0 + offs_k) < K
@@ -53,10 +64,16 @@ def w4_prefill_kernel(
         # Nibble -> float without I2F: bits 0x4B00000q are the float 2^23 + q; minus (2^23 + zero) is exact.
         w = (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - zc[:, None]
         if PER_CHANNEL:  # (q - zero) is exact in bf16/fp16: scale once, after the loop
-            acc = dot(x, tl.trans(w.to(x.dtype)), acc, INTERPRET)
+            wq = w.to(x.dtype)
         else:
             s = tl.load(s_ptr + offs_n * n_groups + g, mask=n_mask, other=0.0).to(tl.float32)
-            acc = dot(x, tl.trans((w * s[:, None]).to(x.dtype)), acc, INTERPRET)
+            wq = (w * s[:, None]).to(x.dtype)
+        if SWAP:
+            acc = dot(wq, tl.trans(x), acc, INTERPRET)
+        else:
+            acc = dot(x, tl.trans(wq), acc, INTERPRET)
+    if SWAP:
+        acc = tl.trans(acc)
     if PER_CHANNEL:
         acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
 
@@ -97,3 +114,189 @@ def w4_dequantize_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, group_size, n_groups,
     w = ((q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - zc[:, None]) * s[:, None]
     tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
              mask=n_mask[:, None] & (offs_k < K)[None, :])
+
+
+@triton.jit
+def _plane(words, i: tl.constexpr, zc, s):
+    """Nibble ``i`` of every int32 word dequantized in fp32: bits 0x4B00000q are the float 2^23 + q, minus
+    (2^23 + zero) is the exact q - zero (no I2F), times the scale."""
+    return ((((words >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zc) * s
+
+
+@triton.jit
+def w4_dequant_words_kernel(
+    q_ptr, s_ptr, z_ptr, w_ptr, b_ptr, a_ptr,
+    N, K, K8, R, TW, group_size, n_groups, stride_wn,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PER_WORD_SCALE: tl.constexpr,
+    TAIL: tl.constexpr, BLOCK_T: tl.constexpr, FOLD: tl.constexpr, BLOCK_R: tl.constexpr,
+    INTERPRET: tl.constexpr = False,
+):
+    """``w[n, k] = (q - zero) * scale`` in the output dtype, read as int32 words (8 nibbles; nibble i of word j
+    is k = 8j + i), written as rows of ``8 * BLOCK_W`` contiguous values (16-byte stores).
+
+    Scale/zero: one per row per tile when the tile sits in one group (per-channel: ``n_groups`` = 1), else one
+    per (row, word) (``PER_WORD_SCALE``, groups of 16-64). ``TAIL``: the grid has one extra column of programs
+    that writes ``B`` (``[N, R]``) into columns ``K .. K + TW`` of ``w`` (zeros past R): the ``[W | B]``
+    operand of the K-concatenated EC GEMM. ``FOLD``: ``w += B A`` (static EC folded into the weight).
+    ``K8`` = K / 8, an argument so that its divisibility by 16 (aligned rows: 16-byte word loads) is known."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    if pid_k >= tl.cdiv(K8, BLOCK_W):  # only the TAIL column of programs gets here
+        if TAIL:
+            offs_t = tl.arange(0, BLOCK_T)
+            b = tl.load(b_ptr + offs_n[:, None] * R + offs_t[None, :],
+                        mask=n_mask[:, None] & (offs_t < R)[None, :], other=0.0)
+            tl.store(w_ptr + offs_n[:, None] * stride_wn + K + offs_t[None, :], b.to(w_ptr.dtype.element_ty),
+                     mask=n_mask[:, None] & (offs_t < TW)[None, :])
+    else:
+        offs_w = pid_k * BLOCK_W + tl.arange(0, BLOCK_W)
+        mask = n_mask[:, None] & (offs_w < K8)[None, :]
+        words = tl.load(q_ptr + offs_n[:, None] * K8 + offs_w[None, :], mask=mask, other=0)
+        if PER_WORD_SCALE:
+            idx = offs_n[:, None] * n_groups + (offs_w * 8 // group_size)[None, :]
+            s = tl.load(s_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            zc = tl.load(z_ptr + idx, mask=mask, other=0.0).to(tl.float32) + 8388608.0
+        else:
+            g = (pid_k * BLOCK_W * 8) // group_size
+            s = tl.load(s_ptr + offs_n * n_groups + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            zc = tl.load(z_ptr + offs_n * n_groups + g, mask=n_mask, other=0.0).to(tl.float32)[:, None] + 8388608.0
+        # nested joins put the 8 nibbles of a word next to each other in k order (flat index 4a + 2b + c)
+        even = tl.join(tl.join(_plane(words, 0, zc, s), _plane(words, 4, zc, s)),
+                       tl.join(_plane(words, 2, zc, s), _plane(words, 6, zc, s)))
+        odd = tl.join(tl.join(_plane(words, 1, zc, s), _plane(words, 5, zc, s)),
+                      tl.join(_plane(words, 3, zc, s), _plane(words, 7, zc, s)))
+        w = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_W * 8))
+        offs_k = pid_k * (BLOCK_W * 8) + tl.arange(0, BLOCK_W * 8)
+        if FOLD:
+            offs_r = tl.arange(0, BLOCK_R)
+            bt = tl.load(b_ptr + offs_n[:, None] * R + offs_r[None, :],
+                         mask=n_mask[:, None] & (offs_r < R)[None, :], other=0.0)
+            at = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :],
+                         mask=(offs_r < R)[:, None] & (offs_k < K)[None, :], other=0.0)
+            w = dot(bt, at, w, INTERPRET)
+        tl.store(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & (offs_k < K)[None, :])
+
+
+@triton.jit
+def _store_v(out_ptr, v, offs_m, m_mask, offs_r, RP, stride_om, col0,
+             BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_PAD: tl.constexpr):
+    """v into columns ``col0 .. col0 + RP`` of ``out`` (zeros past R: v is zero there; ``BLOCK_PAD`` more zero
+    columns past ``BLOCK_R`` when RP > BLOCK_R)."""
+    rows = out_ptr + offs_m[:, None] * stride_om + col0
+    tl.store(rows + offs_r[None, :], v.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_r < RP)[None, :])
+    if BLOCK_PAD > 0:
+        offs_p = BLOCK_R + tl.arange(0, BLOCK_PAD)
+        tl.store(rows + offs_p[None, :], tl.zeros((BLOCK_M, BLOCK_PAD), dtype=out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & (offs_p < RP)[None, :])
+
+
+@triton.jit
+def ec_prologue_kernel(
+    x_ptr, a_ptr, u_ptr, gw_ptr, gb_ptr, out_ptr,
+    M, K, R, RP, stride_xm, stride_um, stride_om, col0,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    COPY_X: tl.constexpr, U_GIVEN: tl.constexpr, GATED: tl.constexpr, LOOP: tl.constexpr,
+    INTERPRET: tl.constexpr = False, BLOCK_PAD: tl.constexpr = 0,
+):
+    """The x side of the EC on the cuBLAS path, one pass over x: ``u = x Aᵀ`` (fp32; or ``u`` given: the
+    tensor-parallel hook), ``v = u ⊙ 2σ(u Wgᵀ + bg)`` (``GATED``; else v = u), written in x's dtype to columns
+    ``col0 .. col0 + RP`` of ``out`` (zeros past R). ``COPY_X``: x is also copied to columns ``0 .. K`` of ``out``,
+    which makes ``out = [x | v]``, the A operand of the K-concatenated GEMM ``[x | v] [W | B]ᵀ``.
+    ``LOOP`` = ``COPY_X or not U_GIVEN`` (the K loop has something to do). ``BLOCK_PAD``: width of the zero store
+    for the pad columns past ``BLOCK_R`` (``RP > BLOCK_R``; the gate stays ``BLOCK_R`` wide)."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    if U_GIVEN:
+        u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :],
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+    else:
+        u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if LOOP:
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            if COPY_X:
+                tl.store(out_ptr + offs_m[:, None] * stride_om + offs_k[None, :], x,
+                         mask=m_mask[:, None] & k_mask[None, :])
+            if not U_GIVEN:
+                at = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None],
+                             mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+                u = dot(x, at, u, INTERPRET)
+    if GATED:
+        gwt = tl.load(gw_ptr + offs_r[None, :] * R + offs_r[:, None],
+                      mask=r_mask[None, :] & r_mask[:, None], other=0.0).to(tl.float32)  # gwt[i, j] = Wg[j, i]
+        gb = tl.load(gb_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+        u = u * (2.0 * tl.sigmoid(tl.dot(u, gwt, input_precision="ieee") + gb[None, :]))
+    _store_v(out_ptr, u, offs_m, m_mask, offs_r, RP, stride_om, col0, BLOCK_M, BLOCK_R, BLOCK_PAD)
+
+
+@triton.jit
+def ec_xpass_kernel(
+    x_ptr, a_ptr, part_ptr, out_ptr,
+    M, K, R, stride_xm, stride_om, k_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    COPY_X: tl.constexpr, PROJECT: tl.constexpr, INTERPRET: tl.constexpr = False,
+):
+    """Split-K pass over x (the prologue's x side with many programs: grid ``(M tiles, splits)``): program
+    ``(i, s)`` reads rows tile i over its K range ``[s·k_per_split, (s+1)·k_per_split)`` (a multiple of
+    ``BLOCK_K``), copies it to ``out`` (``COPY_X``) and writes its fp32 partial ``x Aᵀ`` to ``part[s]``
+    (``[splits, M, BLOCK_R]``; ``PROJECT``). ``ec_gate_kernel`` sums the partials."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    k_lo = pid_s * k_per_split
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if COPY_X:
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_k[None, :], x,
+                     mask=m_mask[:, None] & k_mask[None, :])
+        if PROJECT:
+            at = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None],
+                         mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+            u = dot(x, at, u, INTERPRET)
+    if PROJECT:
+        tl.store(part_ptr + (pid_s * M + offs_m)[:, None] * BLOCK_R + offs_r[None, :], u, mask=m_mask[:, None])
+
+
+@triton.jit
+def ec_gate_kernel(
+    part_ptr, u_ptr, gw_ptr, gb_ptr, out_ptr,
+    M, R, RP, n_split, stride_um, stride_om, col0,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, U_GIVEN: tl.constexpr, GATED: tl.constexpr,
+    BLOCK_PAD: tl.constexpr = 0,
+):
+    """``u`` = the sum of ``ec_xpass_kernel``'s partials (or the given u), ``v = u ⊙ 2σ(u Wgᵀ + bg)`` (``GATED``)
+    written to columns ``col0 .. col0 + RP`` of ``out`` in its dtype (zeros past R)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    if U_GIVEN:
+        u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :],
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+    else:
+        u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for s in range(0, n_split):
+            u += tl.load(part_ptr + (s * M + offs_m)[:, None] * BLOCK_R + offs_r[None, :],
+                         mask=m_mask[:, None], other=0.0)
+    if GATED:
+        gwt = tl.load(gw_ptr + offs_r[None, :] * R + offs_r[:, None],
+                      mask=r_mask[None, :] & r_mask[:, None], other=0.0).to(tl.float32)  # gwt[i, j] = Wg[j, i]
+        gb = tl.load(gb_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+        u = u * (2.0 * tl.sigmoid(tl.dot(u, gwt, input_precision="ieee") + gb[None, :]))
+    _store_v(out_ptr, u, offs_m, m_mask, offs_r, RP, stride_om, col0, BLOCK_M, BLOCK_R, BLOCK_PAD)

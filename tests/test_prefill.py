@@ -1,0 +1,187 @@
+"""Prefill paths (M > 64) under the Triton interpreter vs float64 dequantize-then-matmul: the int32-word
+dequantize (plain, ``[W | B]`` tail, ``W + B A`` fold, per-word scales), the EC prologue, every EC structure of
+dequantize + cuBLAS (after / c_in / kcat / fold), and the swapped Triton GEMM; pc / g128, bf16 / fp16,
+gated / static EC, bias, given u."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import pytest
+import torch
+
+from spear_compile.errors import SpearError
+from spear_compile.lowering import dispatch
+from spear_compile.packing import pack
+
+K, N, R = 256, 48, 8
+
+
+def _problem(m, group, dtype, ec=True, gated=True, bias=False, seed=0, k=K, n=N, r=R):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    groups = k // group
+    return dict(
+        q=q, qdata=pack(q, 4), x=torch.randn(m, k, generator=g).to(dtype),
+        scale=(torch.rand(n, groups, generator=g) * 0.02 + 0.005).to(dtype),
+        zero=torch.randint(0, 16, (n, groups), generator=g).to(dtype),
+        bias=(torch.randn(n, generator=g) * 0.1).to(dtype) if bias else None,
+        ec_A=(torch.randn(r, k, generator=g) * 0.05).to(dtype) if ec else None,
+        ec_B=(torch.randn(n, r, generator=g) * 0.05).to(dtype) if ec else None,
+        gate_w=(torch.randn(r, r, generator=g) * 0.3).to(dtype) if ec and gated else None,
+        gate_b=(torch.randn(r, generator=g) * 0.1).to(dtype) if ec and gated else None,
+    )
+
+
+def _w64(t, group):
+    d = torch.float64
+    n, k = t["q"].shape
+    w = (t["q"].to(d).reshape(n, -1, group) - t["zero"].to(d)[..., None]) * t["scale"].to(d)[..., None]
+    return w.reshape(n, k)
+
+
+def _u64(t):
+    return t["x"].double() @ t["ec_A"].double().T
+
+
+def _v64(t, u=None):
+    u = _u64(t) if u is None else u.double()
+    if t["gate_w"] is not None:
+        u = u * 2 * torch.sigmoid(u @ t["gate_w"].double().T + t["gate_b"].double())
+    return u
+
+
+def _reference(t, group):
+    """float64 dequantize-then-matmul (+ bias) (+ float64 EC), independent of the package's code."""
+    y = t["x"].double() @ _w64(t, group).T
+    if t["bias"] is not None:
+        y = y + t["bias"].double()
+    if t["ec_A"] is not None:
+        y = y + _v64(t) @ t["ec_B"].double().T
+    return y
+
+
+def _rel(out, ref):
+    assert not torch.isnan(out).any(), "unwritten (NaN) outputs"
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def _run(t, group, cfg, u=None):
+    return dispatch.launch(t["x"], t["qdata"], t["scale"], t["zero"], t["bias"], group,
+                           t["ec_A"], t["ec_B"], t["gate_w"], t["gate_b"], u=u, config=cfg)
+
+
+STRUCTS = [dispatch.DequantCublasConfig(ec) for ec in dispatch.EC_STRUCTURES] + [
+    dispatch.DequantCublasConfig("kcat", pad=64, overlap=True, split=True),  # overlap: a no-op off CUDA
+    dispatch.DequantCublasConfig("c_in", split=True), dispatch.DequantCublasConfig("after", split=True)]
+
+CASES = [  # (M, group, dtype, gated, bias)
+    (80, K, torch.bfloat16, True, True),     # per-channel
+    (72, 128, torch.float16, True, False),   # g128, one group per dequantize tile
+    (65, 32, torch.bfloat16, False, True),   # small groups: per-word scales; static EC (fold applies)
+    (70, 64, torch.float16, False, False),
+]
+
+
+@pytest.mark.parametrize("cfg", STRUCTS, ids=lambda c: c.name)
+@pytest.mark.parametrize("m,group,dtype,gated,bias", CASES)
+def test_dequant_cublas_ec_structures(cfg, m, group, dtype, gated, bias):
+    t = _problem(m, group, dtype, gated=gated, bias=bias, seed=torch.seed() % 2**31)
+    ref = _reference(t, group)
+    assert _rel(_run(t, group, cfg), ref) < 1e-2
+    # the tensor-parallel hook: u given (e.g. all-reduced), every structure (fold falls back to kcat)
+    u = _u64(t).to(dtype)
+    assert _rel(_run(t, group, cfg, u=u), ref) < 1e-2
+
+
+@pytest.mark.parametrize("m,group,dtype,gated,bias", [
+    (80, K, torch.bfloat16, True, True), (72, 128, torch.float16, False, False), (66, 64, torch.bfloat16, True, False)])
+def test_swapped_triton_prefill(m, group, dtype, gated, bias):
+    t = _problem(m, group, dtype, gated=gated, bias=bias, seed=torch.seed() % 2**31)
+    cfg = dispatch.PrefillConfig(32, 32, min(64, group), 4, 2, swap=True)
+    assert _rel(_run(t, group, cfg), _reference(t, group)) < 1e-2
+    u = _u64(t).to(torch.float32)
+    assert _rel(_run(t, group, cfg, u=u), _reference(t, group)) < 1e-2
+
+
+def test_w4_only_and_3d_input():
+    t = _problem(90, 128, torch.bfloat16, ec=False, bias=True, seed=torch.seed() % 2**31)
+    ref = _reference(t, 128)
+    t["x"] = t["x"].reshape(3, 30, K)
+    for cfg in (dispatch.DequantCublasConfig(), dispatch.DequantCublasConfig("kcat")):  # ec ignored without EC
+        out = _run(t, 128, cfg)
+        assert out.shape == (3, 30, N)
+        assert _rel(out.reshape(90, N), ref) < 1e-2
+
+
+@pytest.mark.parametrize("group,dtype", [(K, torch.bfloat16), (128, torch.float16), (32, torch.bfloat16),
+                                         (16, torch.float16)])
+def test_dequantize_words(group, dtype):
+    t = _problem(1, group, dtype, seed=torch.seed() % 2**31)
+    w64 = _w64(t, group)
+    w = dispatch.dequantize_w4(t["qdata"], t["scale"], t["zero"], group, dtype)
+    assert w.shape == (N, K) and w.dtype == dtype
+    # within one bf16/fp16 ulp (the interpreter's cast truncates; the GPU's rounds to nearest)
+    assert (w.double() - w64).abs().max().item() <= 2 ** -7 * w64.abs().max().item()
+    # [W | B] with a zero pad, and W + B A
+    wt = dispatch.dequantize_w4(t["qdata"], t["scale"], t["zero"], group, dtype, tail=t["ec_B"], tail_width=16)
+    assert wt.shape == (N, K + 16)
+    assert torch.equal(wt[:, :K], w) and torch.equal(wt[:, K:K + R], t["ec_B"])
+    assert not wt[:, K + R:].any()
+    wf = dispatch.dequantize_w4(t["qdata"], t["scale"], t["zero"], group, dtype, fold=(t["ec_A"], t["ec_B"]))
+    ref = w64 + t["ec_B"].double() @ t["ec_A"].double()
+    assert (wf.double() - ref).abs().max().item() <= 2 ** -6 * ref.abs().max().item()
+
+
+def test_dequantize_forced_blocks_and_byte_fallback():
+    t = _problem(1, 64, torch.bfloat16, ec=False, seed=torch.seed() % 2**31, k=192)  # K8 = 24: ragged word tiles
+    w64 = _w64(t, 64)
+    for blk in ((16, 16, False), (32, 8, False), (16, 32, False)):  # BW*8 > group: per-word scales forced on
+        w = dispatch.dequantize_w4(t["qdata"], t["scale"], t["zero"], 64, torch.bfloat16, block=blk)
+        assert (w.double() - w64).abs().max().item() <= 2 ** -7 * w64.abs().max().item()
+    # rows not 4-byte aligned (K % 8 != 0): the byte kernel, and no [W | B]
+    t = _problem(1, 36, torch.bfloat16, seed=1, k=36, n=8, r=4)
+    w = dispatch.dequantize_w4(t["qdata"], t["scale"], t["zero"], 36, torch.bfloat16)
+    assert (w.double() - _w64(t, 36)).abs().max().item() <= 2 ** -7 * _w64(t, 36).abs().max().item()
+    with pytest.raises(SpearError, match="K % 8"):
+        dispatch.dequantize_w4(t["qdata"], t["scale"], t["zero"], 36, torch.bfloat16, tail=t["ec_B"], tail_width=8)
+
+
+@pytest.mark.parametrize("gated,given,m,split", [(True, False, 40, False), (True, False, 40, True),
+                                                 (False, False, 1030, True),  # M >= 1024: 64-row split programs
+                                                 (True, True, 40, False), (True, True, 40, True)])
+def test_ec_prologue(gated, given, m, split):
+    """One launch or split-K + gate; u computed or given; v alone, or ``[x | v]`` with zero pad columns (the pad past
+    the gate's power-of-two width included)."""
+    t = _problem(m, K, torch.bfloat16, gated=gated, seed=torch.seed() % 2**31)
+    u = _u64(t).float() if given else None
+    v64 = _v64(t, u)
+    v = dispatch.ec_prologue(t["x"], None if given else t["ec_A"], u, t["gate_w"], t["gate_b"], R, split=split)
+    assert v.shape == (m, R) and _rel(v, v64) < 1e-2
+    for width in (16, 40):  # R = 8: the gate is 16 wide; 40 adds a zero store of 32 (masked at 40)
+        out = torch.full((m, K + width + 8), float("nan"), dtype=torch.bfloat16)
+        dispatch.ec_prologue(t["x"], t["ec_A"], u, t["gate_w"], t["gate_b"], R, out=out, col0=K, width=width,
+                             copy_x=True, split=split)
+        assert torch.equal(out[:, :K], t["x"]) and _rel(out[:, K:K + R], v64) < 1e-2
+        assert not out[:, K + R:K + width].any()
+        assert torch.isnan(out[:, K + width:].float()).all()  # nothing written past the width
+
+
+def test_prefill_candidates_by_key():
+    names = lambda cs: [c.name for c in cs]  # noqa: E731
+    plain = dispatch.prefill_candidates(2048, 4096, 128)
+    gated = dispatch.prefill_candidates(2048, 4096, 128, has_ec=True, gated=True)
+    static = dispatch.prefill_candidates(256, 4096, 128, has_ec=True, gated=False)
+    for cs in (plain, gated, static):
+        assert len(set(names(cs))) == len(cs)  # the tuner finds its pick by name
+        assert any(isinstance(c, dispatch.PrefillConfig) and c.swap for c in cs)
+    assert sum(isinstance(c, dispatch.DequantCublasConfig) for c in plain) == 1
+    assert {c.ec for c in gated if isinstance(c, dispatch.DequantCublasConfig)} == {"after", "c_in", "kcat"}
+    assert "fold" in {c.ec for c in static if isinstance(c, dispatch.DequantCublasConfig)}
+    assert not any(isinstance(c, dispatch.DequantCublasConfig) for c in dispatch.prefill_candidates(64, 4096, 128, True))
+    assert dispatch.DequantCublasConfig().name == "dequant+cublas"
+
+
+def test_bad_block_k_for_group_raises():
+    t = _problem(70, 32, torch.bfloat16, seed=0)
+    with pytest.raises(SpearError, match="BLOCK_K"):
+        _run(t, 32, dispatch.PrefillConfig(32, 32, 64, 4, 2))
