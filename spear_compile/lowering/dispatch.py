@@ -3,7 +3,9 @@
 ``launch`` flattens x to ``[M, K]`` and picks, by M bucket (1, 2-4, 5-16: decode; 17-64, 65-256,
 257-1024, >1024: prefill):
 
-* ``decode``: split-K GEMV with the EC fused in the same launch (``w4_decode``);
+* ``decode``: split-K GEMV (``w4_gemv``, ``w4_decode``) with the EC fused in the same launch (``DecodeConfig.ec``
+  "epoch"/"spin") or in a u kernel launched just before it under programmatic dependent launch ("pdl"); EC keys
+  are tuned over the W4-only key's fastest configs (``decode_ec_candidates``);
 * ``prefill``: tensor-core W4A16 GEMM, EC in the epilogue (``w4_prefill``);
 * ``dequant+cublas``: dequantize to the activation dtype (int32-word kernel), cuBLAS, the EC joined as the
   tuner picks per key (``DequantCublasConfig``: after / c_in / kcat / fold; large M only).
@@ -28,6 +30,7 @@ all-reduces u across GPUs passes the reduced ``u=`` to ``launch``, and the kerne
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from dataclasses import dataclass
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 import triton
 
 from ..errors import SpearError
+from .ec_tiles import ec_u_kernel
 from .w4_decode import w4_decode_kernel
 from .w4_gemv import w4_gemv_grouped_kernel, w4_gemv_kernel
 from .w4_prefill import (ec_gate_kernel, ec_prologue_kernel, ec_xpass_kernel, w4_dequant_words_kernel,
@@ -59,15 +63,26 @@ class DecodeConfig:
     two_launch: bool = False  # EC only: u = x Aᵀ by cuBLAS first, then the W kernel reads it
     kernel: str = "gemv"  # "gemv" (w4_gemv, int32 words) or "v3" (w4_decode, bytes)
     tc: bool = False  # gemv: tensor cores on bf16 (OFFSET + q) straight from the bits (M <= 16)
-    dynamic_ids: bool = False  # EC: tile ids from an atomic counter instead of the program id
+    dynamic_ids: bool = False  # EC "spin": tile ids from an atomic counter instead of the program id
     seg: bool = False  # gemv M = 1, grouped scales: K blocks of several whole groups (3-D word tiles)
+    # EC synchronisation (EC_MODES): "spin" one launch, u tiles + spin + last finisher resets the workspace;
+    # "epoch" one launch, the last u tile publishes the gated u as epoch-tagged words (no counter to reset);
+    # "pdl" ec_u_kernel then the W kernel under programmatic dependent launch (it streams its weights while
+    # u is computed and waits only in its epilogue); "2k" the same two kernels in plain stream order.
+    ec: str = "spin"
+    ec_b: str = "auto"  # modes epoch/pdl/2k: the tile's B rows at program start ("early"), in the finishing
+    #                     program ("late"), or "auto" (early when split_k == 1, where every program finishes)
 
     @property
     def name(self):
         u = ",u=cublas+2nd launch" if self.two_launch else ""
         v = ("" if self.kernel == "gemv" else f",{self.kernel}") + (",tc" if self.tc else "") + \
-            (",dyn" if self.dynamic_ids else "") + (",seg" if self.seg else "")
+            (",dyn" if self.dynamic_ids else "") + (",seg" if self.seg else "") + \
+            ("" if self.ec == "spin" else f",ec={self.ec}") + ("" if self.ec_b == "auto" else f",b={self.ec_b}")
         return f"decode[BN={self.block_n},BK={self.block_k},splitK={self.split_k},warps={self.num_warps}{u}{v}]"
+
+
+EC_MODES = {"spin": 0, "epoch": 1, "pdl": 2, "2k": 2}
 
 
 @dataclass(frozen=True)
@@ -224,6 +239,25 @@ def decode_candidates(k, n, group_size, sms=132, has_ec=False, m=1):
     return list(dict.fromkeys(out))
 
 
+def decode_ec_candidates(w4_ranked, k=None, n=None, sms=132, top=3):
+    """EC decode configs the tuner times, derived from the W4-only key's ranking (the EC adds ~5-9% bytes, so the
+    W4 stream's best tilings stay the candidates): the ``top`` fastest, and the fastest whose programs fit one per
+    SM (the EC lengthens each tile's finishing program; with several waves of programs that delay is paid once per
+    wave: bench/results/decode_ec.md), each with the modes "epoch" and "pdl"; and the fastest with the "spin" mode
+    (the session-3 kernel) as the reference."""
+    picks = list(w4_ranked[:top])
+    if k is not None and n is not None:
+        one_wave = [c for c in w4_ranked
+                    if triton.cdiv(n, c.block_n) * min(c.split_k, triton.cdiv(k, c.block_k)) <= sms]
+        picks += one_wave[:1]
+    out = []
+    for cfg in picks:
+        for ec in ("epoch", "pdl"):
+            out.append(dataclasses.replace(cfg, ec=ec, ec_b="auto", dynamic_ids=False))
+    out.append(dataclasses.replace(w4_ranked[0], ec="spin", ec_b="auto"))
+    return list(dict.fromkeys(out))
+
+
 def prefill_candidates(m, k, group_size, has_ec=False, gated=False):
     """Prefill configs the tuner times: the Triton W4 GEMM (M > 64 also swapped, W as the A operand) and, for
     M > 64, dequantize + cuBLAS with each EC structure (``DequantCublasConfig``). The Triton GEMM never won a
@@ -312,20 +346,33 @@ def default_grouped_config(m, k, ns, group_size, sms=132):
 
 # ------------------------------------------------------------------ workspaces (per device)
 class _Workspace:
-    """Persistent buffers the decode kernel leaves zeroed after every launch."""
+    """Persistent buffers the decode kernels leave clean (zeroed, or epoch-consistent) after every launch."""
 
     def __init__(self, device):
         self.device = device
         self.sync = torch.zeros(4, dtype=torch.int32, device=device)  # tile id, u arrivals, done
         self.u = torch.zeros(MAX_DECODE_M * MAX_EC_RANK, dtype=torch.float32, device=device)
+        # modes pdl/2k: the gated u as tagged int64 words (tags unused: the kernel boundary orders them)
+        self.gu = torch.zeros(MAX_DECODE_M * MAX_EC_RANK, dtype=torch.int64, device=device)
+        self.ep = torch.zeros(1, dtype=torch.int32, device=device)
         self.acc = {}     # N -> fp32 [16 * N] split-K accumulator
         self.arrive = {}  # N -> int32 [cdiv(N, 16)] split arrival counters
+        self.geo = {}     # (N, N tiles) -> (epoch + per-tile phases int32 [1 + N tiles], tagged g(u)⊙u words)
 
     def for_n(self, n):
         if n not in self.acc:
             self.acc[n] = torch.zeros(MAX_DECODE_M * n, dtype=torch.float32, device=self.device)
             self.arrive[n] = torch.zeros(triton.cdiv(n, MIN_BLOCK_N), dtype=torch.int32, device=self.device)
         return self.acc[n], self.arrive[n]
+
+    def for_epoch(self, n, n_tiles):
+        """Mode "epoch": state of one launch geometry. Every launch of it bumps the epoch and each tile's phase
+        once, so they agree between launches; another geometry has its own (its tile count differs)."""
+        key = (n, n_tiles)
+        if key not in self.geo:
+            self.geo[key] = (torch.zeros(1 + n_tiles, dtype=torch.int32, device=self.device),
+                             torch.zeros(MAX_DECODE_M * MAX_EC_RANK, dtype=torch.int64, device=self.device))
+        return self.geo[key]
 
     def for_group(self, n_total):
         """Split-K buffers of a grouped launch: ``n_total`` columns, up to ``n_total / 4 + MAX_GROUP`` N tiles."""
@@ -409,10 +456,21 @@ class _DecodeSetup:
     r: int
     block_r: int
     block_ku: int
-    num_u_tiles: int
+    num_u_tiles: int  # u tiles inside the W launch
+    mode: int = 0  # EC_MODE of the W kernel
+    u_kernel_tiles: int = 0  # > 0: ec_u_kernel runs first with this many programs (modes pdl/2k)
+    gu: Optional[torch.Tensor] = None
+    phase: Optional[torch.Tensor] = None  # epoch, then one phase per N tile (mode epoch); the ep scratch (pdl/2k)
+    b_early: bool = True
+    gdc: bool = False
 
 
-def _decode_setup(cfg, x2, n, ec_A, ec_B, u) -> _DecodeSetup:
+def _pdl_ok(device) -> bool:
+    """Programmatic dependent launch: Hopper or newer, compiled kernels only."""
+    return device.type == "cuda" and not _interpret() and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _decode_setup(cfg, x2, n, ec_A, ec_B, u, n_tiles=0, split=1) -> _DecodeSetup:
     ws = _workspace(x2.device)
     acc, arrive = ws.for_n(n)
     has_ec = ec_B is not None
@@ -421,9 +479,35 @@ def _decode_setup(cfg, x2, n, ec_A, ec_B, u) -> _DecodeSetup:
     r = ec_B.shape[1] if has_ec else 0
     block_r = _block_r(r)
     block_ku = max(32, 8192 // block_r)
-    num_u_tiles = triton.cdiv(x2.shape[1], block_ku) if has_ec and u is None else 0
+    tiles = triton.cdiv(x2.shape[1], block_ku) if has_ec and u is None else 0
+    if cfg.ec not in EC_MODES or cfg.ec_b not in ("auto", "early", "late"):
+        raise SpearError(f"spear_compile.lowering.dispatch: unknown EC mode in {cfg.name}")
+    mode = EC_MODES[cfg.ec] if tiles else 0
+    gu = phase = None
+    if mode == 1:
+        phase, gu = ws.for_epoch(n, n_tiles)
+    elif mode == 2:
+        phase, gu = ws.ep, ws.gu
+    b_early = cfg.ec_b == "early" or (cfg.ec_b == "auto" and split == 1)
     return _DecodeSetup(acc, arrive, ws.sync, ws.u if u is None else u.contiguous(), u, r, block_r, block_ku,
-                        num_u_tiles)
+                        0 if mode == 2 else tiles, mode, tiles if mode == 2 else 0, gu, phase, b_early,
+                        mode == 2 and cfg.ec == "pdl" and _pdl_ok(x2.device))
+
+
+def _launch_u_kernel(d, x2, ec_A, gate_w, gate_b):
+    """Modes pdl/2k: ``g(u) ⊙ u`` by ``ec_u_kernel`` into the workspace words the W kernel reads."""
+    m, k = x2.shape
+    gated = gate_w is not None
+    ec_u_kernel[(d.u_kernel_tiles,)](
+        x2, ec_A, d.u_buf, d.sync, gate_w if gated else x2, gate_b if gated else x2, d.gu, d.phase,
+        m, k, d.r, x2.stride(0), d.u_kernel_tiles,
+        BLOCK_M=1 if m == 1 else 16, BLOCK_KU=d.block_ku, BLOCK_R=d.block_r, GATED=gated, GDC=d.gdc,
+        INTERPRET=_interpret(), num_warps=4,
+    )
+
+
+def _pdl_kwargs(d):
+    return {"launch_pdl": True} if d.gdc else {}
 
 
 def gemv_ok(k, qdata) -> bool:
@@ -431,54 +515,60 @@ def gemv_ok(k, qdata) -> bool:
     return k % 8 == 0 and qdata.data_ptr() % 4 == 0 and qdata.is_contiguous()
 
 
-def _run_decode(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y):
+def _run_decode(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y, stage="all"):
+    """``stage="w"`` (bench only): modes pdl/2k without their u kernel (the W kernel reads whatever gated u the
+    workspace holds), to time the W kernel's EC epilogue alone."""
     m, k = x2.shape
     if cfg.kernel == "gemv" and gemv_ok(k, qdata) and (m == 1 or cfg.tc):
-        return _run_gemv(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y)
+        return _run_gemv(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y, stage)
     if not _valid_block_k(cfg.block_k, k, group_size) or cfg.block_k % 16:
         raise SpearError(f"spear_compile.lowering.dispatch: {cfg.name} cannot run the byte kernel here "
                          f"(M={m}, K={k}, group {group_size}): its BLOCK_K must be a multiple of 16 within one group")
     n = qdata.shape[0]
-    d = _decode_setup(cfg, x2, n, ec_A, ec_B, u)
-    r, block_r, block_ku, num_u_tiles, u = d.r, d.block_r, d.block_ku, d.num_u_tiles, d.u
+    n_tiles = triton.cdiv(n, cfg.block_n)
+    d = _decode_setup(cfg, x2, n, ec_A, ec_B, u, n_tiles, cfg.split_k)
     has_ec = ec_B is not None
-    n_prog = num_u_tiles + triton.cdiv(n, cfg.block_n) * cfg.split_k
+    n_prog = d.num_u_tiles + n_tiles * cfg.split_k
     dummy = x2  # never read; same dtype as the real operands so every constexpr branch type-checks
+    if d.u_kernel_tiles and stage != "w":
+        _launch_u_kernel(d, x2, ec_A, gate_w, gate_b)
     w4_decode_kernel[(n_prog,)](
         x2, qdata, scale, zero, bias if bias is not None else dummy, y,
         ec_A if ec_A is not None else dummy, ec_B if has_ec else dummy,
         gate_w if gate_w is not None else dummy, gate_b if gate_w is not None else dummy, d.u_buf,
-        d.acc, d.arrive, d.sync,
-        m, n, k, r, group_size, k // group_size, x2.stride(0), y.stride(0), num_u_tiles, n_prog, cfg.split_k,
-        BLOCK_M=1 if m == 1 else 16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_KU=block_ku, BLOCK_R=block_r,
-        HAS_BIAS=bias is not None, HAS_EC=has_ec, GATED=gate_w is not None, U_READY=u is not None,
-        INTERPRET=_interpret(),
-        num_warps=cfg.num_warps,
+        d.acc, d.arrive, d.sync, d.gu if d.gu is not None else d.sync, d.phase if d.phase is not None else d.sync,
+        m, n, k, d.r, group_size, k // group_size, x2.stride(0), y.stride(0), d.num_u_tiles, n_prog, cfg.split_k,
+        BLOCK_M=1 if m == 1 else 16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_KU=d.block_ku,
+        BLOCK_R=d.block_r, HAS_BIAS=bias is not None, HAS_EC=has_ec, GATED=gate_w is not None,
+        U_READY=d.u is not None, INTERPRET=_interpret(), EC_MODE=d.mode, B_EARLY=d.b_early, GDC=d.gdc,
+        num_warps=cfg.num_warps, **_pdl_kwargs(d),
     )
     return y
 
 
-def _run_gemv(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y):
+def _run_gemv(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y, stage="all"):
     m, k = x2.shape
     n = qdata.shape[0]
-    d = _decode_setup(cfg, x2, n, ec_A, ec_B, u)
-    r, block_r, block_ku, num_u_tiles, u = d.r, d.block_r, d.block_ku, d.num_u_tiles, d.u
-    has_ec = ec_B is not None
     n_tiles = triton.cdiv(n, cfg.block_n)
     n_kb = triton.cdiv(k, cfg.block_k)
     split = min(cfg.split_k, n_kb)
+    d = _decode_setup(cfg, x2, n, ec_A, ec_B, u, n_tiles, split)
+    has_ec = ec_B is not None
     dummy = x2  # never read; same dtype as the real operands so every constexpr branch type-checks
-    w4_gemv_kernel[(num_u_tiles + n_tiles * split,)](
+    if d.u_kernel_tiles and stage != "w":
+        _launch_u_kernel(d, x2, ec_A, gate_w, gate_b)
+    w4_gemv_kernel[(d.num_u_tiles + n_tiles * split,)](
         x2, qdata.view(torch.int32), scale, zero, bias if bias is not None else dummy, y,
         ec_A if ec_A is not None else dummy, ec_B if has_ec else dummy,
         gate_w if gate_w is not None else dummy, gate_b if gate_w is not None else dummy, d.u_buf,
-        d.acc, d.arrive, d.sync,
-        m, n, k, r, group_size, k // group_size, x2.stride(0), y.stride(0), num_u_tiles, n_tiles, split,
+        d.acc, d.arrive, d.sync, d.gu if d.gu is not None else d.sync, d.phase if d.phase is not None else d.sync,
+        m, n, k, d.r, group_size, k // group_size, x2.stride(0), y.stride(0), d.num_u_tiles, n_tiles, split,
         BLOCK_M=16 if cfg.tc else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SPLIT=split > 1,
         PER_CHANNEL=group_size == k, WIDE=group_size < k and cfg.block_k > group_size, TC=cfg.tc,
-        X_BF16=x2.dtype == torch.bfloat16, BLOCK_KU=block_ku, BLOCK_R=block_r,
-        HAS_BIAS=bias is not None, HAS_EC=has_ec, GATED=gate_w is not None, U_READY=u is not None,
-        DYNAMIC_IDS=cfg.dynamic_ids, INTERPRET=_interpret(), GPB=_gpb(cfg, m, k, group_size), num_warps=cfg.num_warps,
+        X_BF16=x2.dtype == torch.bfloat16, BLOCK_KU=d.block_ku, BLOCK_R=d.block_r,
+        HAS_BIAS=bias is not None, HAS_EC=has_ec, GATED=gate_w is not None, U_READY=d.u is not None,
+        DYNAMIC_IDS=cfg.dynamic_ids, INTERPRET=_interpret(), GPB=_gpb(cfg, m, k, group_size),
+        EC_MODE=d.mode, B_EARLY=d.b_early, GDC=d.gdc, num_warps=cfg.num_warps, **_pdl_kwargs(d),
     )
     return y
 
@@ -817,10 +907,25 @@ def _config_for(x2, args, k, n, group_size, has_ec, gated):
     sms = _num_sms(x2.device)
     if not _can_tune(x2):
         return default_config(m, k, n, group_size, sms)
-    cands = (decode_candidates(k, n, group_size, sms, has_ec, m) if m <= MAX_DECODE_M
-             else prefill_candidates(m, k, group_size, has_ec, gated))
+    if has_ec and m <= MAX_DECODE_M:  # the EC rides on the W4 key's fastest configs
+        x2_, q, sc, z, b, gs = args[:6]
+        _config_for(x2, (x2_, q, sc, z, b, gs, None, None, None, None, None, torch.empty_like(args[-1])),
+                    k, n, group_size, False, False)
+        cands = decode_ec_candidates(_ranked(_key(m, k, n, group_size, x2.dtype, False, False),
+                                             decode_candidates(k, n, group_size, sms, False, m)), k, n, sms)
+    else:
+        cands = (decode_candidates(k, n, group_size, sms, has_ec, m) if m <= MAX_DECODE_M
+                 else prefill_candidates(m, k, group_size, has_ec, gated))
     _TUNED[key] = _tune(key, args, cands)
     return _TUNED[key]
+
+
+def _ranked(key, cands):
+    """``cands`` that ran for ``key`` in its last tuning, fastest first."""
+    log = next((res for kk, res in reversed(TUNE_LOG) if kk == key), [])
+    by_name = {c.name: c for c in cands}
+    timed = sorted((ms, name) for name, ms in log if isinstance(ms, float) and name in by_name)
+    return [by_name[name] for _, name in timed] or cands[:1]
 
 
 def choose(m: int, k: int, n: int, group_size: int, dtype=torch.bfloat16, ec_rank: int = 0, gated: bool = False) -> str:

@@ -15,7 +15,8 @@ interpreter's sequential order works too.
   every CUDA-graph replay start clean without a memset launch.
 
 With ``U_READY`` the kernel reads a precomputed ``u`` instead (two-launch fallback, and the hook
-for tensor parallelism: u partial sums all-reduced across GPUs before this launch).
+for tensor parallelism: u partial sums all-reduced across GPUs before this launch). That is ``EC_MODE`` 0
+("spin"); modes 1 ("epoch", static tile ids) and 2 (after ``ec_u_kernel``) work as in ``w4_gemv_kernel``.
 Weights: ``q`` uint8 ``[N, K/2]`` (low nibble = even k), ``w = (q - zero) * scale`` per group.
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ec_tiles import _ec_epilogue, _ec_operands, _u_partial_tile, _wait_for_u
+from .ec_tiles import (_ec_apply, _ec_epilogue, _ec_operands, _gu_check_epoch, _gu_value, _gu_words, _load_b,
+                       _u_partial_tile, _u_tile_publish, _wait_for_u)
 from .tl_helpers import dot
 
 
@@ -31,26 +33,34 @@ from .tl_helpers import dot
 def w4_decode_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     a_ptr, b_ptr, gw_ptr, gb_ptr, u_ptr,
-    acc_ptr, arrive_ptr, sync_ptr,
+    acc_ptr, arrive_ptr, sync_ptr, gu_ptr, phase_ptr,
     M, N, K, R, group_size, n_groups, stride_xm, stride_ym, NUM_U_TILES, NUM_PROGRAMS, SPLIT_K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_KU: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_EC: tl.constexpr, GATED: tl.constexpr, U_READY: tl.constexpr,
-    INTERPRET: tl.constexpr = False,
+    INTERPRET: tl.constexpr = False, EC_MODE: tl.constexpr = 0, B_EARLY: tl.constexpr = False,
+    GDC: tl.constexpr = False,
 ):
+    """``EC_MODE``/``B_EARLY``/``GDC`` as ``w4_gemv_kernel`` (mode 1 "epoch" uses static ids, u tiles first)."""
     USE_DOT: tl.constexpr = BLOCK_M >= 16
     MAGIC_I: tl.constexpr = 0x4B000000
     MAGIC_F: tl.constexpr = 8388608.0
-    IN_KERNEL_U: tl.constexpr = HAS_EC and not U_READY
-    if IN_KERNEL_U:
+    IN_KERNEL_U: tl.constexpr = HAS_EC and not U_READY and EC_MODE != 2
+    SPIN: tl.constexpr = IN_KERNEL_U and EC_MODE == 0
+    if SPIN:
         tile = tl.atomic_add(sync_ptr, 1)  # dynamic tile id: u tiles are handed out first
     else:
         tile = tl.program_id(0)
 
     if tile < NUM_U_TILES:
-        _u_partial_tile(x_ptr, a_ptr, u_ptr, tile, M, K, R, stride_xm, BLOCK_M, BLOCK_KU, BLOCK_R, USE_DOT, INTERPRET)
-        tl.debug_barrier()
-        tl.atomic_add(sync_ptr + 1, 1)  # acq_rel, after the CTA barrier: publishes the u partial
+        if EC_MODE == 1:
+            _u_tile_publish(x_ptr, a_ptr, u_ptr, sync_ptr, gw_ptr, gb_ptr, gu_ptr, phase_ptr, tile,
+                            NUM_U_TILES, M, K, R, stride_xm, BLOCK_M, BLOCK_KU, BLOCK_R, GATED, USE_DOT, INTERPRET)
+        else:
+            _u_partial_tile(x_ptr, a_ptr, u_ptr, tile, M, K, R, stride_xm, BLOCK_M, BLOCK_KU, BLOCK_R, USE_DOT,
+                            INTERPRET)
+            tl.debug_barrier()
+            tl.atomic_add(sync_ptr + 1, 1)  # acq_rel, after the CTA barrier: publishes the u partial
     else:
         t = tile - NUM_U_TILES
         pid_n = t // SPLIT_K
@@ -60,6 +70,10 @@ def w4_decode_kernel(
         offs_j = tl.arange(0, BLOCK_K // 2)
         m_mask = offs_m < M
         n_mask = offs_n < N
+        if HAS_EC:
+            if EC_MODE != 0:
+                if B_EARLY:
+                    bt = _load_b(b_ptr, offs_n, N, R, BLOCK_R)
         n_kb = tl.cdiv(K, BLOCK_K)
         per_split = tl.cdiv(n_kb, SPLIT_K)
         kb_lo = pid_k * per_split
@@ -91,6 +105,10 @@ def w4_decode_kernel(
                 part = tl.sum(w_lo * x_even.to(tl.float32) + w_hi * x_odd.to(tl.float32), axis=1)
                 acc += (part * s)[None, :]
 
+        if HAS_EC:
+            if EC_MODE == 2:
+                if GDC:  # the u kernel has long finished by now (normally): returns at once
+                    tl.extra.cuda.gdc_wait()
         out_mask = m_mask[:, None] & n_mask[None, :]
         acc_ptrs = acc_ptr + offs_m[:, None] * N + offs_n[None, :]
         if SPLIT_K > 1:
@@ -100,21 +118,36 @@ def w4_decode_kernel(
         else:
             arrived = SPLIT_K - 1
         if arrived == SPLIT_K - 1:
+            if HAS_EC:
+                if EC_MODE != 0:  # the words, B and the partial sum issued together: one round trip
+                    words, wmask = _gu_words(gu_ptr, offs_m, M, R, BLOCK_R)
+                    if EC_MODE == 1:  # the epoch this tile expects (only its own finisher writes its phase)
+                        e_exp = tl.load(phase_ptr + 1 + pid_n) + 1
+                    if not B_EARLY:
+                        bt = _load_b(b_ptr, offs_n, N, R, BLOCK_R)
             if SPLIT_K > 1:
                 acc = tl.load(acc_ptrs, mask=out_mask, other=0.0, volatile=True)  # coherent (L2) read
                 tl.store(acc_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=out_mask)
                 tl.store(arrive_ptr + pid_n, 0)
             if HAS_EC:
-                if IN_KERNEL_U:
-                    acc = _wait_for_u(acc, sync_ptr, NUM_U_TILES)
-                bt, gw, gb = _ec_operands(b_ptr, gw_ptr, gb_ptr, offs_n, N, R, GATED, BLOCK_R)
-                acc = _ec_epilogue(acc, u_ptr, bt, gw, gb, offs_m, M, R, GATED, BLOCK_R, USE_DOT)
+                if EC_MODE == 0:
+                    if IN_KERNEL_U:
+                        acc = _wait_for_u(acc, sync_ptr, NUM_U_TILES)
+                    bt, gw, gb = _ec_operands(b_ptr, gw_ptr, gb_ptr, offs_n, N, R, GATED, BLOCK_R)
+                    acc = _ec_epilogue(acc, u_ptr, bt, gw, gb, offs_m, M, R, GATED, BLOCK_R, USE_DOT)
+                else:
+                    if EC_MODE == 1:
+                        gu = _gu_check_epoch(words, wmask, e_exp, gu_ptr, offs_m, M, R, BLOCK_R)
+                        tl.store(phase_ptr + 1 + pid_n, e_exp)
+                    else:  # after the u kernel: the words are final
+                        gu = tl.where(wmask, _gu_value(words), 0.0)
+                    acc = _ec_apply(acc, gu, bt, USE_DOT, INTERPRET)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                      mask=out_mask)
 
-    if IN_KERNEL_U:
+    if SPIN:
         tl.debug_barrier()
         done = tl.atomic_add(sync_ptr + 2, 1)
         if done == NUM_PROGRAMS - 1:  # last program of the launch: leave the workspace clean

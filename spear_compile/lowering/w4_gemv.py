@@ -17,15 +17,19 @@ tile (per-tile counter) finishes it. EC (``HAS_EC``): the first ``NUM_U_TILES`` 
 (taken from an atomic counter, so their programs already run: no deadlock, any scheduling order)
 compute ``u = A x`` partials; each tile's finishing program waits for them only in its epilogue
 (gate, ``u Bᵀ``, add). The last finishing program resets the counters and ``u``, so every call and
-every CUDA-graph replay starts clean with no memset launch. ``U_READY``: ``u`` is given (the
-tensor-parallel hook: u partials all-reduced across GPUs before this launch).
+every CUDA-graph replay starts clean with no memset launch (``EC_MODE`` 0, "spin"). ``U_READY``: ``u`` is given
+(the tensor-parallel hook: u partials all-reduced across GPUs before this launch). ``EC_MODE`` 1 ("epoch", the
+tuner's usual pick) and 2 ("pdl"/"2k": ``ec_u_kernel`` runs first) publish the gated u once as epoch-tagged words
+that the finishing programs read beside their split-K partial sums; see ``ec_tiles`` and
+bench/results/decode_ec.md.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .ec_tiles import _ec_epilogue, _ec_operands, _u_partial_tile, _wait_for_u
+from .ec_tiles import (_ec_apply, _ec_epilogue, _ec_operands, _gu_check_epoch, _gu_value, _gu_words, _load_b,
+                       _u_partial_tile, _u_tile_publish, _wait_for_u)
 from .tl_helpers import dot
 
 MAGIC_I = tl.constexpr(0x4B000000) # bits of the float 2^23; 0x4B00000q is 2^23 + q
@@ -206,25 +210,37 @@ def _w_tile_seg(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_size
 def w4_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     a_ptr, b_ptr, gw_ptr, gb_ptr, u_ptr,
-    acc_ptr, arrive_ptr, sync_ptr,
+    acc_ptr, arrive_ptr, sync_ptr, gu_ptr, phase_ptr,
     M, N, K, R, group_size, n_groups, stride_xm, stride_ym, NUM_U_TILES, N_TILES, SPLIT_K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SPLIT: tl.constexpr,
     PER_CHANNEL: tl.constexpr, WIDE: tl.constexpr, TC: tl.constexpr, X_BF16: tl.constexpr,
     BLOCK_KU: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_EC: tl.constexpr, GATED: tl.constexpr, U_READY: tl.constexpr,
     DYNAMIC_IDS: tl.constexpr, INTERPRET: tl.constexpr = False, GPB: tl.constexpr = 0,
+    EC_MODE: tl.constexpr = 0, B_EARLY: tl.constexpr = True, GDC: tl.constexpr = False,
 ):
+    """``EC_MODE`` (with ``HAS_EC``): 0 "spin" (u tiles, spin on their counter, last finisher resets; or
+    ``U_READY``), 1 "epoch" (u tiles, the last one publishes the gated u as tagged words: see
+    ``ec_tiles``), 2 the gated u comes from ``ec_u_kernel`` launched just before (``GDC``: under
+    programmatic dependent launch, waited for only in the epilogue). ``B_EARLY`` (modes 1, 2): the tile's B
+    rows loaded at program start (else by the finishing program, beside the split-K partial sum)."""
     USE_DOT: tl.constexpr = BLOCK_M >= 16
-    IN_KERNEL_U: tl.constexpr = HAS_EC and not U_READY
-    if IN_KERNEL_U and DYNAMIC_IDS:
+    IN_KERNEL_U: tl.constexpr = HAS_EC and not U_READY and EC_MODE != 2
+    SPIN: tl.constexpr = IN_KERNEL_U and EC_MODE == 0
+    if SPIN and DYNAMIC_IDS:
         tile = tl.atomic_add(sync_ptr, 1)  # dynamic tile id: u tiles are handed out first
     else:
         tile = tl.program_id(0)  # u tiles are the lowest ids (the launcher checks the grid is co-resident)
 
     if tile < NUM_U_TILES:
-        _u_partial_tile(x_ptr, a_ptr, u_ptr, tile, M, K, R, stride_xm, BLOCK_M, BLOCK_KU, BLOCK_R, USE_DOT, INTERPRET)
-        tl.debug_barrier()
-        tl.atomic_add(sync_ptr + 1, 1)  # acq_rel, after the CTA barrier: publishes the u partial
+        if EC_MODE == 1:
+            _u_tile_publish(x_ptr, a_ptr, u_ptr, sync_ptr, gw_ptr, gb_ptr, gu_ptr, phase_ptr, tile,
+                            NUM_U_TILES, M, K, R, stride_xm, BLOCK_M, BLOCK_KU, BLOCK_R, GATED, USE_DOT, INTERPRET)
+        else:
+            _u_partial_tile(x_ptr, a_ptr, u_ptr, tile, M, K, R, stride_xm, BLOCK_M, BLOCK_KU, BLOCK_R, USE_DOT,
+                            INTERPRET)
+            tl.debug_barrier()
+            tl.atomic_add(sync_ptr + 1, 1)  # acq_rel, after the CTA barrier: publishes the u partial
     else:
         t = tile - NUM_U_TILES
         pid_n = t // SPLIT_K
@@ -234,7 +250,11 @@ def w4_gemv_kernel(
         m_mask = offs_m < M
         n_mask = offs_n < N
         if HAS_EC:
-            bt, gw, gb = _ec_operands(b_ptr, gw_ptr, gb_ptr, offs_n, N, R, GATED, BLOCK_R)
+            if EC_MODE == 0:
+                bt, gw, gb = _ec_operands(b_ptr, gw_ptr, gb_ptr, offs_n, N, R, GATED, BLOCK_R)
+            else:
+                if B_EARLY:
+                    bt = _load_b(b_ptr, offs_n, N, R, BLOCK_R)
         if GPB > 0:  # M = 1, grouped scales, K blocks of GPB whole groups
             acc = _w_tile_seg(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_size, n_groups, SPLIT_K,
                               BLOCK_N, BLOCK_K, GPB)
@@ -242,6 +262,10 @@ def w4_gemv_kernel(
             acc = _w_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, K, group_size, n_groups,
                           stride_xm, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, PER_CHANNEL, WIDE, TC, X_BF16, INTERPRET)
 
+        if HAS_EC:
+            if EC_MODE == 2:
+                if GDC:  # the u kernel has long finished by now (normally): returns at once
+                    tl.extra.cuda.gdc_wait()
         out_mask = m_mask[:, None] & n_mask[None, :]
         acc_ptrs = acc_ptr + offs_m[:, None] * N + offs_n[None, :]
         if USE_SPLIT:
@@ -251,19 +275,34 @@ def w4_gemv_kernel(
         else:
             arrived = SPLIT_K - 1
         if arrived == SPLIT_K - 1:
+            if HAS_EC:
+                if EC_MODE != 0:  # the words, B and the partial sum issued together: one round trip
+                    words, wmask = _gu_words(gu_ptr, offs_m, M, R, BLOCK_R)
+                    if EC_MODE == 1:  # the epoch this tile expects (only its own finisher writes its phase)
+                        e_exp = tl.load(phase_ptr + 1 + pid_n) + 1
+                    if not B_EARLY:
+                        bt = _load_b(b_ptr, offs_n, N, R, BLOCK_R)
             if USE_SPLIT:
                 acc = tl.load(acc_ptrs, mask=out_mask, other=0.0, volatile=True)  # coherent (L2) read
                 tl.store(acc_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=out_mask)
                 tl.store(arrive_ptr + pid_n, 0)
             if HAS_EC:
-                if IN_KERNEL_U:
-                    acc = _wait_for_u(acc, sync_ptr, NUM_U_TILES)
-                acc = _ec_epilogue(acc, u_ptr, bt, gw, gb, offs_m, M, R, GATED, BLOCK_R, USE_DOT)
+                if EC_MODE == 0:
+                    if IN_KERNEL_U:
+                        acc = _wait_for_u(acc, sync_ptr, NUM_U_TILES)
+                    acc = _ec_epilogue(acc, u_ptr, bt, gw, gb, offs_m, M, R, GATED, BLOCK_R, USE_DOT)
+                else:
+                    if EC_MODE == 1:
+                        gu = _gu_check_epoch(words, wmask, e_exp, gu_ptr, offs_m, M, R, BLOCK_R)
+                        tl.store(phase_ptr + 1 + pid_n, e_exp)
+                    else:  # after the u kernel: the words are final
+                        gu = tl.where(wmask, _gu_value(words), 0.0)
+                    acc = _ec_apply(acc, gu, bt, USE_DOT, INTERPRET)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                      mask=out_mask)
-            if IN_KERNEL_U:
+            if SPIN:
                 # Every W program has arrived before its tile finishes and every u tile before any finish,
                 # so after the last tile's finish nobody reads u or the counters: leave them clean.
                 tl.debug_barrier()

@@ -1,0 +1,165 @@
+"""Decode kernels with the EC fused (M 1..16), every EC synchronisation mode, under the interpreter vs float64.
+
+Modes (``DecodeConfig.ec``): "spin" (u tiles + spin + the last finisher resets the workspace), "epoch" (the last
+u tile publishes the gated u as epoch-tagged words; nothing to reset), "pdl" / "2k" (``ec_u_kernel`` first, then
+the W kernel; under the interpreter "pdl" runs without its grid-dependency calls). Each case runs twice, or more,
+so a counter or an epoch left wrong by one call shows up in the next.
+"""
+import dataclasses
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import pytest
+import torch
+
+from spear_compile.errors import SpearError
+from spear_compile.lowering import dispatch
+from spear_compile.packing import pack
+
+K, N = 256, 48
+
+
+def _problem(m, group, dtype, gated, bias, seed, k=K, n=N, r=8):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    groups = k // group
+    return dict(
+        q=q, qdata=pack(q, 4), x=torch.randn(m, k, generator=g).to(dtype),
+        scale=(torch.rand(n, groups, generator=g) * 0.02 + 0.005).to(dtype),
+        zero=torch.randint(0, 16, (n, groups), generator=g).to(dtype),
+        bias=(torch.randn(n, generator=g) * 0.1).to(dtype) if bias else None,
+        ec_A=(torch.randn(r, k, generator=g) * 0.2).to(dtype),
+        ec_B=(torch.randn(n, r, generator=g) * 0.2).to(dtype),
+        gate_w=(torch.randn(r, r, generator=g) * 0.3).to(dtype) if gated else None,
+        gate_b=(torch.randn(r, generator=g) * 0.1).to(dtype) if gated else None,
+    )
+
+
+def _reference(t, group, with_ec=True):
+    d = torch.float64
+    n, k = t["q"].shape
+    w = (t["q"].to(d).reshape(n, -1, group) - t["zero"].to(d)[..., None]) * t["scale"].to(d)[..., None]
+    x = t["x"].to(d)
+    y = x @ w.reshape(n, k).T
+    if t["bias"] is not None:
+        y = y + t["bias"].to(d)
+    if with_ec:
+        u = x @ t["ec_A"].to(d).T
+        if t["gate_w"] is not None:
+            u = u * 2 * torch.sigmoid(u @ t["gate_w"].to(d).T + t["gate_b"].to(d))
+        y = y + u @ t["ec_B"].to(d).T
+    return y
+
+
+def _run(t, group, cfg, u=None):
+    return dispatch.launch(t["x"], t["qdata"], t["scale"], t["zero"], t["bias"], group,
+                           t["ec_A"], t["ec_B"], t["gate_w"], t["gate_b"], u=u, config=cfg)
+
+
+def _rel(out, ref):
+    assert not torch.isnan(out).any(), "unwritten or poisoned (NaN) outputs"
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def _assert_clean(t, cfg):
+    """The workspace after a launch: counters and the u accumulator zero, every epoch phase equal to the epoch."""
+    ws = dispatch._workspace(t["x"].device)
+    assert int(ws.sync.abs().sum()) == 0 and float(ws.u.abs().sum()) == 0.0
+    acc, arrive = ws.for_n(N)
+    assert float(acc.abs().sum()) == 0.0 and int(arrive.abs().sum()) == 0
+    for phase, _ in ws.geo.values():
+        assert bool((phase == phase[0]).all()), f"epoch/phase out of step after {cfg.name}: {phase.tolist()}"
+
+
+D = dispatch.DecodeConfig
+CASES = [  # (M, group, dtype, gated, bias, config)
+    # M = 1, int32-word GEMV (FMA): per-channel and grouped, split-K (B late) and split 1 (B early)
+    (1, K, torch.bfloat16, True, True, D(16, 128, 2, 2, ec="epoch")),
+    (1, 64, torch.float16, False, False, D(8, 64, 1, 2, ec="epoch")),
+    (1, 128, torch.bfloat16, True, False, D(16, 128, 2, 4, ec="pdl")),
+    (1, K, torch.float16, True, True, D(8, 256, 1, 2, ec="pdl")),
+    (1, 32, torch.bfloat16, False, True, D(16, 128, 2, 2, ec="2k", seg=True)),
+    (1, 64, torch.bfloat16, True, False, D(16, 64, 2, 2, ec="epoch", ec_b="early")),
+    (1, 128, torch.float16, True, True, D(16, 128, 2, 2, ec="pdl", ec_b="late")),
+    (1, 128, torch.bfloat16, True, True, D(16, 128, 2, 4)),                          # spin (as before)
+    # M 2..16, tensor-core GEMV (split 1) and the byte kernel (v3, split-K)
+    (3, 128, torch.bfloat16, True, False, D(16, 128, 1, 4, tc=True, ec="epoch")),
+    (16, K, torch.float16, True, True, D(32, 128, 1, 4, tc=True, ec="pdl")),
+    (7, 64, torch.bfloat16, False, True, D(32, 64, 2, 4, kernel="v3", ec="epoch")),
+    (16, 128, torch.bfloat16, True, False, D(32, 64, 2, 4, kernel="v3", ec="pdl")),
+    (2, K, torch.float16, True, True, D(16, 64, 1, 4, kernel="v3", ec="2k", ec_b="late")),
+    (16, 64, torch.float16, True, False, D(16, 64, 2, 4, kernel="v3", ec="epoch", ec_b="early")),
+    (12, 128, torch.bfloat16, True, True, D(32, 64, 2, 4, kernel="v3")),              # spin (as before)
+]
+
+
+@pytest.mark.parametrize("m,group,dtype,gated,bias,cfg", CASES, ids=lambda v: getattr(v, "name", None))
+def test_ec_decode_modes(m, group, dtype, gated, bias, cfg):
+    t = _problem(m, group, dtype, gated, bias, seed=torch.seed() % 2**31)
+    ref = _reference(t, group)
+    for _ in range(3):  # repeated calls: counters reset / epochs advance consistently
+        assert _rel(_run(t, group, cfg), ref) < 1e-2
+        _assert_clean(t, cfg)
+    t2 = dict(t, x=torch.randn_like(t["x"].float()).to(dtype))  # new x, same launch geometry: no stale u
+    assert _rel(_run(t2, group, cfg), _reference(t2, group)) < 1e-2
+
+
+@pytest.mark.parametrize("ec", ["epoch", "pdl", "2k", "spin"])
+def test_given_u_skips_the_projection(ec):
+    """The tensor-parallel hook: a given (all-reduced) u is used as is, in every mode; no u is computed."""
+    t = _problem(2, 64, torch.bfloat16, True, True, seed=torch.seed() % 2**31)
+    u = (t["x"].double() @ t["ec_A"].double().T).to(torch.bfloat16)
+    for cfg in (D(16, 64, 1, 4, tc=True, ec=ec), D(16, 64, 2, 4, kernel="v3", ec=ec)):
+        out = dispatch.launch(t["x"], t["qdata"], t["scale"], t["zero"], t["bias"], 64, None, t["ec_B"],
+                              t["gate_w"], t["gate_b"], u=u, config=cfg)
+        assert _rel(out, _reference(t, 64)) < 1e-2
+
+
+def test_epoch_geometries_interleaved():
+    """Two launch geometries (different N tiles) and M = 1 / M = 5 calls interleaved on one device: each geometry
+    keeps its own epoch, so a later launch never takes an earlier launch's gated u for its own."""
+    seed = torch.seed() % 2**31
+    t1 = _problem(1, 128, torch.bfloat16, True, False, seed)
+    t5 = _problem(5, 128, torch.bfloat16, True, True, seed + 1)
+    c_a, c_b = D(16, 128, 2, 2, ec="epoch"), D(8, 128, 1, 2, ec="epoch")
+    c_tc = D(16, 128, 1, 4, tc=True, ec="epoch")  # same geometry as c_a (N tiles 3): shares its epoch state
+    for i in range(3):
+        for t, cfg in ((t1, c_a), (t1, c_b), (t5, c_tc), (t1, c_a)):
+            t = dict(t, x=torch.randn(t["x"].shape).to(t["x"].dtype))
+            assert _rel(_run(t, 128, cfg), _reference(t, 128)) < 1e-2, (i, cfg.name)
+            _assert_clean(t, cfg)
+
+
+def test_pdl_stage_w_reads_published_u():
+    """Bench hook ``stage="w"``: the W kernel alone reads the gated u the last u kernel published."""
+    t = _problem(1, 128, torch.bfloat16, True, True, seed=torch.seed() % 2**31)
+    cfg = D(16, 128, 2, 2, ec="pdl")
+    _run(t, 128, cfg)  # publishes g(u)·u of this x
+    y = torch.empty(1, N, dtype=torch.bfloat16)
+    dispatch._run_decode(cfg, t["x"], t["qdata"], t["scale"], t["zero"], t["bias"], 128, t["ec_A"], t["ec_B"],
+                         t["gate_w"], t["gate_b"], None, y, stage="w")
+    assert _rel(y, _reference(t, 128)) < 1e-2
+
+
+def test_mode_names_and_bad_mode():
+    assert D(16, 128, 2, 2, ec="pdl").name.endswith(",ec=pdl]")
+    assert D(16, 128, 2, 2).name == "decode[BN=16,BK=128,splitK=2,warps=2]"
+    t = _problem(1, 128, torch.bfloat16, True, False, seed=0)
+    with pytest.raises(SpearError, match="EC mode"):
+        _run(t, 128, D(16, 128, 2, 2, ec="nope"))
+
+
+def test_ec_candidates_ride_on_the_w4_ranking():
+    """EC keys time the W4 key's fastest configs (and the fastest one-wave config) with the epoch/pdl modes, plus
+    the fastest with the spin mode; ``_ranked`` orders a key's timed candidates from the tuning log."""
+    ranked = [D(64, 128, 16, 2), D(8, 512, 2, 2, seg=True), D(16, 256, 4, 2), D(32, 256, 1, 4), D(8, 128, 1, 2)]
+    cands = dispatch.decode_ec_candidates(ranked, k=2048, n=2048, sms=132)
+    assert {c.ec for c in cands} == {"epoch", "pdl", "spin"}
+    assert [c for c in cands if c.ec == "spin"] == [dataclasses.replace(ranked[0], ec="spin")]
+    bases = {dataclasses.replace(c, ec="spin") for c in cands if c.ec != "spin"}
+    assert bases == {ranked[0], ranked[1], ranked[2], ranked[3]}  # top 3 + the fastest with <= 132 programs
+    key = ("test-key",)
+    dispatch.TUNE_LOG.append((key, [(ranked[2].name, 2e-3), (ranked[0].name, 1e-3), (ranked[1].name, "failed: X")]))
+    assert dispatch._ranked(key, ranked) == [ranked[0], ranked[2]]
+    dispatch.TUNE_LOG.pop()
