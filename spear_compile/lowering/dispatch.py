@@ -291,14 +291,18 @@ def prefill_candidates(m, k, group_size, has_ec=False, gated=False):
     return cands
 
 
-def default_config(m, k, n, group_size, sms=132):
+def default_config(m, k, n, group_size, sms=132, has_ec=False):
+    """The config used untuned (``SPEAR_AUTOTUNE=0``, the interpreter, a capture with no warm-up): the EC in
+    decode with the "epoch" mode and at M > 64 as the K-concat GEMM, the modes the tuner picked on most keys
+    (bench/results/decode_ec.md, prefill_s5.md)."""
     if m <= MAX_DECODE_M:
         bk = _block_k_choices(k, group_size, [128, 64, 32])[0]
+        ec = "epoch" if has_ec else "spin"
         if m == 1:
-            return DecodeConfig(32, bk, _gemv_splits(triton.cdiv(n, 32), k, bk, sms)[0], 2)
-        return DecodeConfig(32, bk, _split_for(triton.cdiv(n, 32), k, bk, sms), 4, kernel="v3")
+            return DecodeConfig(32, bk, _gemv_splits(triton.cdiv(n, 32), k, bk, sms)[0], 2, ec=ec)
+        return DecodeConfig(32, bk, _split_for(triton.cdiv(n, 32), k, bk, sms), 4, kernel="v3", ec=ec)
     if m > 64:  # measured faster than our Triton GEMM at M=256/2048 on H100 (bench/results/kernels.md)
-        return DequantCublasConfig()
+        return DequantCublasConfig(ec="kcat", pad=64, split=True) if has_ec else DequantCublasConfig()
     return prefill_candidates(m, k, group_size)[0]
 
 
@@ -906,7 +910,7 @@ def _config_for(x2, args, k, n, group_size, has_ec, gated):
         return _TUNED[key]
     sms = _num_sms(x2.device)
     if not _can_tune(x2):
-        return default_config(m, k, n, group_size, sms)
+        return default_config(m, k, n, group_size, sms, has_ec)
     if has_ec and m <= MAX_DECODE_M:  # the EC rides on the W4 key's fastest configs
         x2_, q, sc, z, b, gs = args[:6]
         _config_for(x2, (x2_, q, sc, z, b, gs, None, None, None, None, None, torch.empty_like(args[-1])),
@@ -936,7 +940,7 @@ def choose(m: int, k: int, n: int, group_size: int, dtype=torch.bfloat16, ec_ran
     ec = "" if ec_rank <= 0 else f" + EC r={ec_rank}{' gated' if gated else ' static'}"
     if key in _TUNED:
         return f"{_TUNED[key].name}{ec} (tuned, bucket M<={key[4]})"
-    return f"{default_config(m, k, n, group_size).name}{ec} (default; tuned on first CUDA call)"
+    return f"{default_config(m, k, n, group_size, has_ec=ec_rank > 0).name}{ec} (default; tuned on first CUDA call)"
 
 
 def _rows_and_out(x: torch.Tensor, n: int):
