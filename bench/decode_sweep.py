@@ -91,6 +91,9 @@ def main():
     ap.add_argument("--parts", default="smoke,compile,shapes,layers", help="--ec: which parts, in this order; "
                     "'warm' compiles and tunes every key first in --workers processes (and runs smoke + stress there)")
     ap.add_argument("--workers", type=int, default=12)
+    ap.add_argument("--precompile", type=int, default=0,
+                    help="--grouped: compile every tuner candidate first in this many worker processes (Triton's disk "
+                         "cache; the GPU smoke runs in one more meanwhile), then tune and time in this one")
     args = ap.parse_args()
     if args.grouped:
         return grouped_main(args)
@@ -274,6 +277,59 @@ def gpu_smoke():
     return bad, lines
 
 
+def _precompile_task(task):
+    """Worker: tune one key (single linear or grouped members) of real shapes: compiles all its candidates."""
+    model, quant, idx = task
+    shapes = layer_shapes(MODELS[model])
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    k = shapes[idx[0]][1]
+    pc = quant == "pc"
+    sk, zk = ("s_c", "z_c") if pc else ("s_g", "z_g")
+    Ls = [make_linear(k, shapes[i][2], "cuda", gen) for i in idx]
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    try:
+        if len(idx) == 1:
+            dispatch.launch(x, Ls[0]["q"], Ls[0][sk], Ls[0][zk], None, k if pc else G)
+        else:
+            dispatch.launch_grouped(x, [L["q"] for L in Ls], [L[sk] for L in Ls], [L[zk] for L in Ls], None,
+                                    k if pc else G)
+        torch.cuda.synchronize()
+        return None
+    except Exception as e:  # noqa: BLE001
+        return f"{model} {quant} {idx}: {type(e).__name__}: {str(e)[:200]}"
+
+
+def _smoke_task():
+    try:
+        from load_floor import gpu_smoke as load_smoke  # the session-5 load-path cases + this file's gpu_smoke
+        return load_smoke()
+    except Exception:  # noqa: BLE001
+        import traceback
+        return 1, ["smoke crashed:\n" + traceback.format_exc()]
+
+
+def precompile_grouped(models, workers):
+    """Compile (through the tuner, on real shapes) every candidate the timed run will tune, in parallel processes."""
+    import multiprocessing as mp
+    tasks = []
+    for model in models:
+        shapes = layer_shapes(MODELS[model])
+        for quant in ("pc", "g128"):
+            seen = set()
+            for i, (_, k, n) in enumerate(shapes):
+                if (k, n) not in seen:
+                    seen.add((k, n))
+                    tasks.append((model, quant, (i,)))
+            for _, idx in GROUPS:
+                if len(idx) > 1:
+                    tasks.append((model, quant, idx))
+    with mp.get_context("spawn").Pool(workers + 1) as pool:
+        smoke = pool.apply_async(_smoke_task)
+        errs = [e for e in pool.map(_precompile_task, tasks, chunksize=1) if e]
+        bad, lines = smoke.get()
+    return errs, bad, lines
+
+
 def grouped_main(args):
     from kernels import add_tinygemm as add_tg, copy_bandwidth, layer_bytes, time_graph  # noqa: E402
 
@@ -294,10 +350,16 @@ def grouped_main(args):
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                copy_bw_TBps=round(bw / 1e12, 3), command="PYTHONUNBUFFERED=1 python3 " + " ".join(sys.argv))
     log(json.dumps(env))
-    bad, lines = gpu_smoke()
+    if args.precompile > 0:
+        errs, bad, lines = precompile_grouped(args.models.split(","), args.precompile)
+        for e in errs:
+            log("precompile error:", e)
+        log(f"precompiled every tuner candidate of both paths in {args.precompile} workers [{time.time() - t0:.0f}s]")
+    else:
+        bad, lines = gpu_smoke()
     for ln in lines:
         log(ln)
-    log(f"GPU smoke: {'FAIL (' + str(bad) + ')' if bad else 'all ok'} [{time.time() - t0:.0f}s]")
+    log(f"GPU smoke: {'FAIL (' + str(bad) + ')' if bad else 'all ok'} ({len(lines)} cases) [{time.time() - t0:.0f}s]")
     gen = torch.Generator(device=dev).manual_seed(0)
     rows, checks = [], []
     for model in args.models.split(","):
@@ -407,7 +469,8 @@ def grouped_main(args):
 
 def write_grouped(out, env, rows, checks, bad, smoke_lines):
     with open(os.path.join(out, "grouped_layer.json"), "w") as f:
-        json.dump(dict(env=env, rows=rows, checks=checks, smoke=smoke_lines), f, indent=1, default=str)
+        json.dump(dict(env=env, rows=rows, checks=checks, smoke=smoke_lines,
+                       tune_log=[[list(map(str, k)), r] for k, r in dispatch.TUNE_LOG]), f, indent=1, default=str)
     md = [f"# Horizontal fusion, per decoder layer at M = 1 ({env['device']})", "",
           f"{env['date']}, torch {env['torch']}, triton {env['triton']}, copy bandwidth {env['copy_bw_TBps']} TB/s. "
           f"Command: `{env['command']}`", "",

@@ -72,13 +72,19 @@ class DecodeConfig:
     ec: str = "spin"
     ec_b: str = "auto"  # modes epoch/pdl/2k: the tile's B rows at program start ("early"), in the finishing
     #                     program ("late"), or "auto" (early when split_k == 1, where every program finishes)
+    stages: int = 0  # gemv M = 1 FMA: K loop pipelined by Triton this deep (words by cp.async); 0 = register prefetch
+    lean: int = 0  # gemv M = 1 FMA: nibbles as 128 + q, no subtraction; 1: shift + and + or, 2: shift + one lop3 (asm)
+    xw: bool = False  # gemv M = 1 FMA with stages: x read as int32 pairs (cp.async-pipelined, no per-plane shuffle)
+    tma: bool = False  # gemv M = 1 FMA with stages, not seg: word tiles by TMA (device-made descriptor) not cp.async
+    maxnreg: int = 0  # register cap per thread for ptxas (0: none)
 
     @property
     def name(self):
         u = ",u=cublas+2nd launch" if self.two_launch else ""
         v = ("" if self.kernel == "gemv" else f",{self.kernel}") + (",tc" if self.tc else "") + \
             (",dyn" if self.dynamic_ids else "") + (",seg" if self.seg else "") + \
-            ("" if self.ec == "spin" else f",ec={self.ec}") + ("" if self.ec_b == "auto" else f",b={self.ec_b}")
+            ("" if self.ec == "spin" else f",ec={self.ec}") + ("" if self.ec_b == "auto" else f",b={self.ec_b}") + \
+            _load_suffix(self)
         return f"decode[BN={self.block_n},BK={self.block_k},splitK={self.split_k},warps={self.num_warps}{u}{v}]"
 
 
@@ -142,13 +148,23 @@ class GroupedConfig:
     tc: bool = False
     per_member: bool = False
     seg: bool = False  # as DecodeConfig.seg
+    stages: int = 0  # as DecodeConfig.stages
+    lean: int = 0  # as DecodeConfig.lean
+    xw: bool = False  # as DecodeConfig.xw
+    tma: bool = False  # as DecodeConfig.tma
+    maxnreg: int = 0  # as DecodeConfig.maxnreg
 
     @property
     def name(self):
         if self.per_member:
             return "grouped[per-member launches]"
         return (f"grouped[BN={self.block_n},BK={self.block_k},splitK={self.split_k},warps={self.num_warps}"
-                f"{',tc' if self.tc else ''}{',seg' if self.seg else ''}]")
+                f"{',tc' if self.tc else ''}{',seg' if self.seg else ''}{_load_suffix(self)}]")
+
+
+def _load_suffix(cfg) -> str:
+    return ((f",st={cfg.stages}" if cfg.stages else "") + ({0: "", 1: ",lean", 2: ",lop3"}[int(cfg.lean)])
+            + (",xw" if cfg.xw else "") + (",tma" if cfg.tma else "") + (f",r{cfg.maxnreg}" if cfg.maxnreg else ""))
 
 
 def m_bucket(m: int) -> str:
@@ -165,6 +181,42 @@ def _gpb(cfg, m, k, group_size) -> int:
         return 0
     gpb = cfg.block_k // group_size
     return gpb if gpb >= 2 and gpb * group_size == cfg.block_k and gpb & (gpb - 1) == 0 else 0
+
+
+def _stages(cfg, m) -> int:
+    """Software-pipelining depth of a gemv config where it applies (M = 1, FMA path), else 0."""
+    return cfg.stages if m == 1 and not cfg.tc else 0
+
+
+def _load_kwargs(cfg, x2):
+    """The load-path launch arguments of both GEMV kernels: ``STAGES``, ``LEAN`` (the lop3 asm needs the GPU: 1 under
+    the interpreter), ``XW`` (x as int32 pairs: needs a 4-byte aligned x row), ``KW_DIV`` (largest power of two
+    <= 16 dividing K / 8: the row starts' alignment in words, for 16-byte loads), ``TMA``, and ``maxnreg``."""
+    m, k = x2.shape
+    fma = m == 1 and not cfg.tc
+    kw = k // 8
+    div = 1
+    while div < 16 and kw % (2 * div) == 0:
+        div *= 2
+    tma = bool(cfg.tma and fma and cfg.stages and not cfg.seg and div >= 4)
+    if tma:
+        _ensure_allocator()
+    return dict(STAGES=_stages(cfg, m), LEAN=(1 if _interpret() else int(cfg.lean)) if cfg.lean and fma else 0,
+                XW=bool(cfg.xw and fma and cfg.stages and x2.data_ptr() % 4 == 0), KW_DIV=div, TMA=tma,
+                **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not _interpret() else {}))
+
+
+def _scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator():
+    """Device-made TMA descriptors live in Triton's per-launch global scratch: give Triton an allocator (the
+    torch caching allocator; inside CUDA-graph capture it draws from the graph's pool) unless one is set."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 def _valid_block_k(bk: int, k: int, group_size: int) -> bool:
@@ -206,10 +258,14 @@ def _gemv_splits(n_tiles, k, block_k, sms):
 
 def decode_candidates(k, n, group_size, sms=132, has_ec=False, m=1):
     """Decode configs the tuner times. M = 1: the int32-word GEMV (FMA, or tensor cores on the bf16 bits);
-    M 2..16: the tensor-core GEMV and the byte kernel (v3). Ranges from bench/decode_sweep.py on H100."""
+    M 2..16: the tensor-core GEMV and the byte kernel (v3). Ranges from bench/decode_sweep.py on H100; the W4-only
+    M = 1 FMA configs from bench/load_floor.py (session 5: cp.async-pipelined words, x as int32 pairs, 128 + q
+    nibbles by one lop3), the EC ones as before (their kernel path is the EC engineer's to re-tune)."""
     out = []
     pc = group_size >= k
-    if m == 1:
+    if m == 1 and not has_ec:
+        out += _m1_load_candidates(k, [n], group_size, sms, DecodeConfig)
+    elif m == 1:
         # grouped scales: blocks of one group here; longer blocks as ``seg`` below (the per-word-scale WIDE
         # blocks never won a shape in bench/results/decode_sweep.md; WIDE stays reachable as a forced config)
         bks = (256, 512, 1024) if pc else (128,)
@@ -217,13 +273,15 @@ def decode_candidates(k, n, group_size, sms=132, has_ec=False, m=1):
             if bk <= max(k, 256) and bn * bk // 8 >= 32 * warps:
                 for split in _gemv_splits(triton.cdiv(n, bn), k, bk, sms):
                     out.append(DecodeConfig(bn, bk, split, warps))
-    if m == 1 and not pc:
-        for bn, bk, warps in _SEG_M1:
-            if bk < k and bk % group_size == 0 and bk > group_size:
-                for split in _gemv_splits(triton.cdiv(n, bn), k, bk, sms):
-                    out.append(DecodeConfig(bn, bk, split, warps, seg=True))
+        if not pc:
+            for bn, bk, warps in _SEG_M1:
+                if bk < k and bk % group_size == 0 and bk > group_size:
+                    for split in _gemv_splits(triton.cdiv(n, bn), k, bk, sms):
+                        out.append(DecodeConfig(bn, bk, split, warps, seg=True))
     tc_bks = [bk for bk in ((128, 256) if pc else (128,)) if _valid_block_k(bk, k, group_size)]
-    for bn, bk, warps in itertools.product((16, 32, 64), tc_bks, (4,) if m == 1 else (4, 8)):
+    tc_bns = (32,) if m == 1 and not has_ec else (16, 32, 64)  # W4-only M = 1: tensor cores never won (one kept)
+    for bn, bk, warps in itertools.product(tc_bns, tc_bks[:1] if m == 1 and not has_ec else tc_bks,
+                                           (4,) if m == 1 else (4, 8)):
         # split 1 only: fp32 atomics on a tensor-core accumulator layout summed replicated lanes on H100
         # (bench/decode_sweep.py, run 1: rel err 0.1-0.3 with BN=64, 4 warps, split >= 2)
         out.append(DecodeConfig(bn, bk, 1, warps, tc=True))
@@ -299,20 +357,52 @@ def default_config(m, k, n, group_size, sms=132, has_ec=False):
         bk = _block_k_choices(k, group_size, [128, 64, 32])[0]
         ec = "epoch" if has_ec else "spin"
         if m == 1:
-            return DecodeConfig(32, bk, _gemv_splits(triton.cdiv(n, 32), k, bk, sms)[0], 2, ec=ec)
+            return DecodeConfig(32, bk, _gemv_splits(triton.cdiv(n, 32), k, bk, sms)[0], 2, ec=ec, lean=2)
         return DecodeConfig(32, bk, _split_for(triton.cdiv(n, 32), k, bk, sms), 4, kernel="v3", ec=ec)
     if m > 64:  # measured faster than our Triton GEMM at M=256/2048 on H100 (bench/results/kernels.md)
         return DequantCublasConfig(ec="kcat", pad=64, split=True) if has_ec else DequantCublasConfig()
     return prefill_candidates(m, k, group_size)[0]
 
 
-# M = 1 grouped GEMV shapes (BLOCK_N, BLOCK_K, warps): the per-linear winners of bench/results/decode_sweep.md
-# and their neighbours; a few split-K factors each (_gemv_splits over the group's total N tiles).
-_GROUPED_M1_PC = ((8, 1024, 4), (8, 512, 2), (16, 512, 2), (16, 512, 4), (32, 256, 4), (16, 1024, 4))
-_GROUPED_M1_G = ((16, 128, 2), (32, 128, 2), (64, 128, 2))
 # grouped scales, K blocks of several whole groups (seg): long contiguous rows as per-channel's best blocks
 _SEG_M1 = ((8, 512, 2), (16, 512, 2), (16, 256, 2), (32, 512, 4))
 _GROUPED_TC = ((16, 128, 4), (32, 128, 4), (64, 128, 8))
+
+# W4-only M = 1 FMA configs (single and grouped launches), from bench/load_floor.py on H100 (run 1 of session 5:
+# every group of both models, pc and g128; results/load_path.md): (BLOCK_N, BLOCK_K, warps, stages, xw, lean,
+# maxnreg, seg). cp.async 3 deep with x as int32 pairs won every big launch (stages 5 and TMA never did); xw only
+# on the wide word tiles, where plane loads need a layout shuffle through shared memory; lop3 (lean 2) and the
+# plain and-or (lean 1) both listed where the lop3 build needs more registers (seg: 80 -> 167 unless capped at 96).
+_M1_PC = ((8, 1024, 4, 3, True, 2, 0), (16, 512, 2, 3, True, 2, 0), (16, 1024, 4, 3, True, 2, 0),
+          (16, 512, 2, 3, True, 1, 0), (32, 256, 2, 0, False, 2, 0))
+_M1_G = ((8, 512, 2, 3, True, 2, 0, True), (16, 512, 2, 3, True, 2, 96, True), (8, 512, 2, 3, True, 1, 0, True),
+         (16, 512, 2, 3, True, 1, 0, True), (64, 128, 2, 0, False, 2, 0, False))
+
+
+def _m1_load_candidates(k, ns, group_size, sms, cls):
+    """W4-only M = 1 FMA candidates for members of widths ``ns`` (one: a single linear), split-K factors from
+    ``_gemv_splits`` over all members' N tiles. Grouped scales: ``seg`` blocks where the group divides a block of
+    2+ whole groups, else blocks of one group (``BLOCK_K = min(128, group)``, the register path's shape)."""
+    pc = group_size >= k
+    out = []
+    rows = _M1_PC if pc else _M1_G
+    for row in rows:
+        bn, bk, warps, stages, xw, lean, maxnreg = row[:7]
+        seg = bool(row[7]) if len(row) > 7 else False
+        if not pc:
+            if seg:
+                if not (bk < k and bk % group_size == 0 and bk > group_size):
+                    continue
+            else:
+                bk = min(bk, group_size)
+        elif bk > max(k, 256):
+            continue
+        if bn * bk // 8 < 32 * warps:
+            continue
+        tiles = sum(triton.cdiv(n, bn) for n in ns)
+        for split in _gemv_splits(tiles, k, bk, sms):
+            out.append(cls(bn, bk, split, warps, seg=seg, stages=stages, xw=xw, lean=lean, maxnreg=maxnreg))
+    return out
 
 
 def grouped_candidates(k, ns, group_size, sms=132, m=1):
@@ -321,17 +411,7 @@ def grouped_candidates(k, ns, group_size, sms=132, m=1):
     pc = group_size >= k
     out = []
     if m == 1:
-        for bn, bk, warps in (_GROUPED_M1_PC if pc else _GROUPED_M1_G):
-            if bk > max(k, 256) or bn * bk // 8 < 32 * warps:
-                continue
-            tiles = sum(triton.cdiv(n, bn) for n in ns)
-            for split in _gemv_splits(tiles, k, bk, sms):
-                out.append(GroupedConfig(bn, bk, split, warps))
-        for bn, bk, warps in (() if pc else _SEG_M1):
-            if bk < k and bk % group_size == 0 and bk > group_size:
-                tiles = sum(triton.cdiv(n, bn) for n in ns)
-                for split in _gemv_splits(tiles, k, bk, sms):
-                    out.append(GroupedConfig(bn, bk, split, warps, seg=True))
+        out += _m1_load_candidates(k, ns, group_size, sms, GroupedConfig)
     else:
         tc_bks = [bk for bk in ((128, 256) if pc else (128,)) if _valid_block_k(bk, k, group_size)]
         for (bn, bk, warps), bk2 in itertools.product(_GROUPED_TC, tc_bks[:1]):
@@ -344,7 +424,7 @@ def default_grouped_config(m, k, ns, group_size, sms=132):
     if m == 1:
         bk = _block_k_choices(k, group_size, [128, 64, 32])[0]
         tiles = sum(triton.cdiv(n, 32) for n in ns)
-        return GroupedConfig(32, bk, _gemv_splits(tiles, k, bk, sms)[0], 2)
+        return GroupedConfig(32, bk, _gemv_splits(tiles, k, bk, sms)[0], 2, lean=2)
     return GroupedConfig(per_member=True)
 
 
@@ -572,7 +652,7 @@ def _run_gemv(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w,
         X_BF16=x2.dtype == torch.bfloat16, BLOCK_KU=d.block_ku, BLOCK_R=d.block_r,
         HAS_BIAS=bias is not None, HAS_EC=has_ec, GATED=gate_w is not None, U_READY=d.u is not None,
         DYNAMIC_IDS=cfg.dynamic_ids, INTERPRET=_interpret(), GPB=_gpb(cfg, m, k, group_size),
-        EC_MODE=d.mode, B_EARLY=d.b_early, GDC=d.gdc, num_warps=cfg.num_warps, **_pdl_kwargs(d),
+        EC_MODE=d.mode, B_EARLY=d.b_early, GDC=d.gdc, **_load_kwargs(cfg, x2), num_warps=cfg.num_warps, **_pdl_kwargs(d),
     )
     return y
 
@@ -1030,7 +1110,7 @@ def _run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y):
         MEMBERS=g, BLOCK_M=16 if cfg.tc else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SPLIT=split > 1,
         PER_CHANNEL=group_size == k, WIDE=group_size < k and cfg.block_k > group_size, TC=cfg.tc,
         X_BF16=x2.dtype == torch.bfloat16, HAS_BIAS=has_bias, INTERPRET=_interpret(), GPB=_gpb(cfg, m, k, group_size),
-        num_warps=cfg.num_warps,
+        **_load_kwargs(cfg, x2), num_warps=cfg.num_warps,
     )
     return y
 

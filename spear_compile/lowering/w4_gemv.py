@@ -7,7 +7,10 @@ buffer: one DRAM latency per program, not one per K block).
 
 M = 1 (FMA path): ``sum_k q_k x_k`` by 8 nibble planes against 8 strided views of x, scale per
 block (grouped) or once at the end (per-channel); the zero point is one term per row,
-``zero * scale * sum(x)``, so the inner loop has no subtraction. Grouped scales with K blocks of
+``zero * scale * sum(x)``, so the inner loop has no subtraction. Load-path knobs (session 5, M = 1 FMA):
+``STAGES`` (the K loop pipelined by Triton: words by cp.async into shared memory), ``XW`` (x as int32 pairs,
+pipelined too and read back in the words' layout), ``LEAN`` (nibbles as ``128 + q``, one lop3 each, the 128
+folded into the zero term), ``KW_DIV`` (row alignment known to Triton: 16-byte word loads), ``TMA``. Grouped scales with K blocks of
 several whole groups (``GPB`` > 0, ``_w_tile_seg``): 3-D word tiles, one ``[BLOCK_N, GPB]`` scale tile.
 M 2..16 (tensor cores): per nibble plane ``tl.dot(x_i, (q_i - zero)ᵀ)`` ((q - zero) is exact in
 bf16/fp16), scaled per block.
@@ -40,6 +43,46 @@ MAGIC_F = tl.constexpr(8388608.0)
 def _nibble(q, i: tl.constexpr):
     """Nibble ``i`` of every int32 word as an exact fp32 (no I2F: OR into 2^23's mantissa)."""
     return (((q >> (4 * i)) & 0xF) | MAGIC_I).to(tl.float32, bitcast=True) - MAGIC_F
+
+
+@triton.jit
+def _nib128(q, i: tl.constexpr, ASM: tl.constexpr):
+    """``128 + nibble i`` of every int32 word as an exact fp32 (``LEAN``): the nibble moved to mantissa bits 16..19
+    (one shift; none for nibble 4) under the exponent of 2^7. The 128 comes off with the zero point
+    (``(zero + 128) * scale * sum(x)`` per row), so the inner loop has no subtraction (``_nibble`` needs one).
+    ``ASM``: the and-or as one inline ``lop3`` (written as and + or, ptxas emits two LOP3: a LOP3 takes one
+    immediate; SASS 40 -> 32 instructions per word, bench/results/load_path.md); the interpreter runs the plain ops."""
+    if i < 4:
+        t = q << (16 - 4 * i)
+    elif i == 4:
+        t = q
+    else:
+        t = q >> (4 * i - 16)
+    if ASM:
+        v = tl.inline_asm_elementwise("lop3.b32 $0, $1, 983040, 1124073472, 0xEA;", "=r,r",  # (a & 0xF0000) | 0x43000000
+                                      [t], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        v = (t & 0x000F0000) | 0x43000000
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _nib(q, i: tl.constexpr, LEAN: tl.constexpr):
+    """Nibble ``i`` as fp32: ``q`` (``LEAN`` 0), ``128 + q`` by plain ops (1) or by one lop3 (2, GPU only)."""
+    if LEAN:
+        return _nib128(q, i, LEAN == 2)
+    else:
+        return _nibble(q, i)
+
+
+@triton.jit
+def _load_sz(s_ptr, z_ptr, offs_n, n_mask, kb, kb_hi, n_groups, group_size, BLOCK_K: tl.constexpr):
+    """fp32 ``[BLOCK_N, 1]`` scale and zero of K block ``kb`` (one group per block; zeros past ``kb_hi``)."""
+    live = n_mask & (offs_n * 0 + kb < kb_hi)
+    g = (kb * BLOCK_K) // group_size
+    s = tl.load(s_ptr + offs_n * n_groups + g, mask=live, other=0.0).to(tl.float32)[:, None]
+    z = tl.load(z_ptr + offs_n * n_groups + g, mask=live, other=0.0).to(tl.float32)[:, None]
+    return s, z
 
 
 @triton.jit
@@ -79,11 +122,118 @@ def _half(t, HIGH: tl.constexpr, x_dtype: tl.constexpr):
 @triton.jit
 def _w_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, K, group_size, n_groups, stride_xm,
             SPLIT_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr,
-            WIDE: tl.constexpr, TC: tl.constexpr, X_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+            WIDE: tl.constexpr, TC: tl.constexpr, X_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+            STAGES: tl.constexpr, LEAN: tl.constexpr, XW: tl.constexpr, KW_DIV: tl.constexpr, TMA: tl.constexpr):
     """fp32 ``[BLOCK_M, BLOCK_N]`` partial of ``x Wᵀ`` over the ``pid_k``-th of ``SPLIT_K`` K ranges for the
     rows ``offs_n`` of one W4 matrix (``q_ptr``: its int32 words): the body every W program of both GEMV
-    kernels (one linear, grouped linears) runs."""
-    K8 = K // 8
+    kernels (one linear, grouped linears) runs. ``STAGES > 0`` (M = 1 FMA, one group per block or
+    per-channel): the words stream through a ``STAGES``-deep cp.async pipeline (``_w_tile_piped``), else a
+    register double buffer. ``LEAN``: nibbles as ``128 + q`` (``_nib128``, FMA path)."""
+    if STAGES > 0 and not TC and not WIDE:
+        acc = _w_tile_piped(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_size, n_groups, SPLIT_K,
+                            BLOCK_N, BLOCK_K, PER_CHANNEL, STAGES, LEAN, X_BF16, XW, KW_DIV, TMA)
+    else:
+        acc = _w_tile_reg(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, K, group_size, n_groups,
+                          stride_xm, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, PER_CHANNEL, WIDE, TC, X_BF16, INTERPRET, LEAN,
+                          KW_DIV)
+    return acc
+
+
+@triton.jit
+def _x_pair(xw, HIGH: tl.constexpr, X_BF16: tl.constexpr):
+    """fp32 of the low/high 16-bit half of int32 ``xw`` (two consecutive bf16/fp16 x values)."""
+    if X_BF16:
+        if HIGH:
+            v = (xw & -65536).to(tl.float32, bitcast=True)
+        else:
+            v = (xw << 16).to(tl.float32, bitcast=True)
+    else:
+        v = _half(xw, HIGH, tl.float16).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _w_tile_piped(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_size, n_groups, SPLIT_K,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr, STAGES: tl.constexpr,
+                  LEAN: tl.constexpr, X_BF16: tl.constexpr, XW: tl.constexpr, KW_DIV: tl.constexpr,
+                  TMA: tl.constexpr):
+    """``_w_tile`` for M = 1 (FMA) with the K loop software-pipelined by Triton (``tl.range(num_stages=STAGES)``):
+    each block's ``[BLOCK_N, BLOCK_K / 8]`` words are copied to shared memory by cp.async ``STAGES - 1`` blocks
+    ahead (no registers held while in flight), while the 2-byte scale/zero (too narrow for cp.async) stay
+    prefetched one block ahead in registers. ``XW``: x read as int32 pairs (4 bytes, so cp.async-pipelined too,
+    and read back from shared memory straight into the words' layout: no per-plane layout conversion
+    through shared memory with barriers, which 2-byte plane loads of a wide tile need). ``KW_DIV``: a power of two
+    dividing ``K / 8`` (row starts that aligned: 16-byte word loads). ``TMA``: the word tiles by the tensor memory
+    accelerator instead of cp.async (a device-made descriptor over this tile's valid rows: rows past N and words
+    past K read as zeros; needs ``KW_DIV >= 4`` and a global-scratch allocator). Same math as ``_w_tile_reg``'s
+    FMA path."""
+    BKW: tl.constexpr = BLOCK_K // 8
+    K8 = (K // (8 * KW_DIV)) * KW_DIV
+    offs_j = tl.arange(0, BKW)
+    n_kb = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(n_kb, SPLIT_K)
+    kb_lo = pid_k * per_split
+    kb_hi = tl.minimum(kb_lo + per_split, n_kb)
+    q_rows = q_ptr + offs_n[:, None] * K8
+    xw_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    OFF: tl.constexpr = 128.0 if LEAN else 0.0
+    acc2 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
+    zacc2 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
+    xsum = tl.zeros((BKW,), dtype=tl.float32)
+    if TMA:
+        row0 = tl.min(offs_n, axis=0)
+        desc = tl.make_tensor_descriptor(q_ptr, shape=[row0 + tl.sum(n_mask.to(tl.int32), axis=0), K8],
+                                         strides=[K8, 1], block_shape=[BLOCK_N, BKW])
+    if not PER_CHANNEL:
+        s_nx, z_nx = _load_sz(s_ptr, z_ptr, offs_n, n_mask, kb_lo, kb_hi, n_groups, group_size, BLOCK_K)
+    for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
+        j = kb * BKW + offs_j
+        jm = j < K8
+        if TMA:
+            q = desc.load([row0, kb * BKW])
+        else:
+            q = tl.load(q_rows + j[None, :], mask=n_mask[:, None] & jm[None, :], other=0)
+        d = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
+        xs = tl.zeros((BKW,), dtype=tl.float32)
+        if XW:
+            for p in tl.static_range(4):
+                xw = tl.load(xw_ptr + 4 * j + p, mask=jm, other=0)
+                x_lo = _x_pair(xw, False, X_BF16)
+                x_hi = _x_pair(xw, True, X_BF16)
+                d += _nib(q, 2 * p, LEAN) * x_lo[None, :]
+                d += _nib(q, 2 * p + 1, LEAN) * x_hi[None, :]
+                xs += x_lo + x_hi
+        else:
+            k8 = 8 * j  # first k of each word
+            for i in tl.static_range(8):
+                x_i = tl.load(x_ptr + k8 + i, mask=jm, other=0.0).to(tl.float32)
+                d += _nib(q, i, LEAN) * x_i[None, :]
+                xs += x_i
+        if PER_CHANNEL:
+            acc2 += d
+            xsum += xs
+        else:
+            s, z = s_nx, z_nx
+            s_nx, z_nx = _load_sz(s_ptr, z_ptr, offs_n, n_mask, kb + 1, kb_hi, n_groups, group_size, BLOCK_K)
+            acc2 += d * s
+            zacc2 += (s * (z + OFF)) * xs[None, :]
+    if PER_CHANNEL:
+        s0 = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        z0 = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc = (s0 * (tl.sum(acc2, axis=1) - (z0 + OFF) * tl.sum(xsum, axis=0)))[None, :]
+    else:
+        acc = tl.sum(acc2 - zacc2, axis=1)[None, :]
+    return acc
+
+
+@triton.jit
+def _w_tile_reg(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, K, group_size, n_groups, stride_xm,
+                SPLIT_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                WIDE: tl.constexpr, TC: tl.constexpr, X_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+                LEAN: tl.constexpr, KW_DIV: tl.constexpr):
+    """``_w_tile`` with the register double buffer: the next K block's words loaded before the current one is used."""
+    OFF: tl.constexpr = 128.0 if LEAN else 0.0
+    K8 = (K // (8 * KW_DIV)) * KW_DIV  # K / 8, its divisibility known (16-byte word loads)
     offs_j = tl.arange(0, BLOCK_K // 8)
     n_kb = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(n_kb, SPLIT_K)
@@ -139,21 +289,21 @@ def _w_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, K
             xs = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
             for i in tl.static_range(8):
                 x_i = tl.load(x_ptr + k8 + i, mask=k8 < K, other=0.0).to(tl.float32)
-                d += _nibble(q, i) * x_i[None, :]
+                d += _nib(q, i, LEAN) * x_i[None, :]
                 xs += x_i
             if PER_CHANNEL:
                 acc2 += d
                 xsum += xs
             else:
                 acc2 += d * s
-                zacc2 += (s * z) * xs[None, :]
+                zacc2 += (s * (z + OFF)) * xs[None, :]
     if PER_CHANNEL:  # one (scale, zero) per row: both after the loop
         s0 = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         z0 = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if TC:
             acc = s0[None, :] * (acc - (OFFSET + z0)[None, :] * xtot[:, None])
         else:
-            acc = (s0 * (tl.sum(acc2, axis=1) - z0 * tl.sum(xsum, axis=0)))[None, :]
+            acc = (s0 * (tl.sum(acc2, axis=1) - (z0 + OFF) * tl.sum(xsum, axis=0)))[None, :]
     elif not TC:
         acc = tl.sum(acc2 - zacc2, axis=1)[None, :]
     return acc
@@ -161,13 +311,18 @@ def _w_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, K
 
 @triton.jit
 def _w_tile_seg(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_size, n_groups, SPLIT_K,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GPB: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GPB: tl.constexpr, STAGES: tl.constexpr,
+                LEAN: tl.constexpr, X_BF16: tl.constexpr, XW: tl.constexpr, KW_DIV: tl.constexpr):
     """``_w_tile`` for M = 1 with K blocks of ``GPB`` whole groups (``BLOCK_K = GPB * group_size``): the words
     as a 3-D tile ``[BLOCK_N, GPB, words per group]`` (each row one contiguous ``BLOCK_K / 2`` bytes, as
     per-channel's long blocks) and the scales/zeros as one ``[BLOCK_N, GPB]`` tile per block, applied per
-    group by broadcast: no per-word scale gather (``WIDE``) and no register reshape."""
+    group by broadcast: no per-word scale gather (``WIDE``) and no register reshape. ``STAGES > 0``: the
+    words through a cp.async pipeline of that depth (as ``_w_tile_piped``), else a register double buffer;
+    the scale/zero tile is prefetched one block ahead in registers either way."""
     WPG: tl.constexpr = BLOCK_K // 8 // GPB  # int32 words per group
-    K8 = K // 8
+    OFF: tl.constexpr = 128.0 if LEAN else 0.0
+    K8 = (K // (8 * KW_DIV)) * KW_DIV
+    xw_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     offs_g = tl.arange(0, GPB)
     offs_w = tl.arange(0, WPG)
     word = offs_g[:, None] * WPG + offs_w[None, :]  # [GPB, WPG]: word index inside the block
@@ -179,30 +334,45 @@ def _w_tile_seg(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_size
     sz_rows = offs_n[:, None] * n_groups
     acc3 = tl.zeros((BLOCK_N, GPB, WPG), dtype=tl.float32)
     zacc = tl.zeros((BLOCK_N, GPB), dtype=tl.float32)
-    # prefetch of block kb_lo (register double buffer, as _w_tile)
-    j = kb_lo * (BLOCK_K // 8) + word
-    jm = (j < K8) & (word * 0 + kb_lo < kb_hi)
-    q_nx = tl.load(q_rows + j[None, :, :], mask=n_mask[:, None, None] & jm[None, :, :], other=0)
+    # scale/zero of block kb_lo (and, without STAGES, its words: the register double buffer of _w_tile_reg)
     gm = n_mask[:, None] & (((offs_g * 0 + kb_lo) < kb_hi) & (kb_lo * GPB + offs_g < n_groups))[None, :]
     s_nx = tl.load(s_ptr + sz_rows + (kb_lo * GPB + offs_g)[None, :], mask=gm, other=0.0).to(tl.float32)
     z_nx = tl.load(z_ptr + sz_rows + (kb_lo * GPB + offs_g)[None, :], mask=gm, other=0.0).to(tl.float32)
-    for kb in range(kb_lo, kb_hi):
-        q, s, z = q_nx, s_nx, z_nx
-        j = (kb + 1) * (BLOCK_K // 8) + word
-        jm = (j < K8) & (word * 0 + kb + 1 < kb_hi)
+    if STAGES == 0:
+        j = kb_lo * (BLOCK_K // 8) + word
+        jm = (j < K8) & (word * 0 + kb_lo < kb_hi)
         q_nx = tl.load(q_rows + j[None, :, :], mask=n_mask[:, None, None] & jm[None, :, :], other=0)
+    for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES if STAGES > 0 else None):
+        if STAGES == 0:
+            q = q_nx
+            j = (kb + 1) * (BLOCK_K // 8) + word
+            jm = (j < K8) & (word * 0 + kb + 1 < kb_hi)
+            q_nx = tl.load(q_rows + j[None, :, :], mask=n_mask[:, None, None] & jm[None, :, :], other=0)
+        else:
+            j = kb * (BLOCK_K // 8) + word
+            q = tl.load(q_rows + j[None, :, :], mask=n_mask[:, None, None] & (j < K8)[None, :, :], other=0)
+        s, z = s_nx, z_nx
         gm = n_mask[:, None] & (((offs_g * 0 + kb + 1) < kb_hi) & ((kb + 1) * GPB + offs_g < n_groups))[None, :]
         s_nx = tl.load(s_ptr + sz_rows + ((kb + 1) * GPB + offs_g)[None, :], mask=gm, other=0.0).to(tl.float32)
         z_nx = tl.load(z_ptr + sz_rows + ((kb + 1) * GPB + offs_g)[None, :], mask=gm, other=0.0).to(tl.float32)
-        k8 = kb * BLOCK_K + 8 * word  # [GPB, WPG]: first k of each word
+        jx = kb * (BLOCK_K // 8) + word  # [GPB, WPG]: word index in the row
         d = tl.zeros((BLOCK_N, GPB, WPG), dtype=tl.float32)
         xs = tl.zeros((GPB, WPG), dtype=tl.float32)
-        for i in tl.static_range(8):
-            x_i = tl.load(x_ptr + k8 + i, mask=k8 < K, other=0.0).to(tl.float32)
-            d += _nibble(q, i) * x_i[None, :, :]
-            xs += x_i
+        if XW:  # x as int32 pairs, as _w_tile_piped
+            for p in tl.static_range(4):
+                xw = tl.load(xw_ptr + 4 * jx + p, mask=jx < K8, other=0)
+                x_lo = _x_pair(xw, False, X_BF16)
+                x_hi = _x_pair(xw, True, X_BF16)
+                d += _nib(q, 2 * p, LEAN) * x_lo[None, :, :]
+                d += _nib(q, 2 * p + 1, LEAN) * x_hi[None, :, :]
+                xs += x_lo + x_hi
+        else:
+            for i in tl.static_range(8):
+                x_i = tl.load(x_ptr + 8 * jx + i, mask=jx < K8, other=0.0).to(tl.float32)
+                d += _nib(q, i, LEAN) * x_i[None, :, :]
+                xs += x_i
         acc3 += d * s[:, :, None]
-        zacc += (s * z) * tl.sum(xs, axis=1)[None, :]
+        zacc += (s * (z + OFF)) * tl.sum(xs, axis=1)[None, :]
     return (tl.sum(tl.sum(acc3, axis=2), axis=1) - tl.sum(zacc, axis=1))[None, :]
 
 
@@ -218,6 +388,8 @@ def w4_gemv_kernel(
     HAS_BIAS: tl.constexpr, HAS_EC: tl.constexpr, GATED: tl.constexpr, U_READY: tl.constexpr,
     DYNAMIC_IDS: tl.constexpr, INTERPRET: tl.constexpr = False, GPB: tl.constexpr = 0,
     EC_MODE: tl.constexpr = 0, B_EARLY: tl.constexpr = True, GDC: tl.constexpr = False,
+    STAGES: tl.constexpr = 0, LEAN: tl.constexpr = 0, XW: tl.constexpr = False, KW_DIV: tl.constexpr = 1,
+    TMA: tl.constexpr = False,
 ):
     """``EC_MODE`` (with ``HAS_EC``): 0 "spin" (u tiles, spin on their counter, last finisher resets; or
     ``U_READY``), 1 "epoch" (u tiles, the last one publishes the gated u as tagged words: see
@@ -257,10 +429,11 @@ def w4_gemv_kernel(
                     bt = _load_b(b_ptr, offs_n, N, R, BLOCK_R)
         if GPB > 0:  # M = 1, grouped scales, K blocks of GPB whole groups
             acc = _w_tile_seg(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_size, n_groups, SPLIT_K,
-                              BLOCK_N, BLOCK_K, GPB)
+                              BLOCK_N, BLOCK_K, GPB, STAGES, LEAN, X_BF16, XW, KW_DIV)
         else:
             acc = _w_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, K, group_size, n_groups,
-                          stride_xm, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, PER_CHANNEL, WIDE, TC, X_BF16, INTERPRET)
+                          stride_xm, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, PER_CHANNEL, WIDE, TC, X_BF16, INTERPRET,
+                          STAGES, LEAN, XW, KW_DIV, TMA)
 
         if HAS_EC:
             if EC_MODE == 2:
@@ -326,6 +499,8 @@ def w4_gemv_grouped_kernel(
     MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_SPLIT: tl.constexpr, PER_CHANNEL: tl.constexpr, WIDE: tl.constexpr, TC: tl.constexpr,
     X_BF16: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr = False, GPB: tl.constexpr = 0,
+    STAGES: tl.constexpr = 0, LEAN: tl.constexpr = 0, XW: tl.constexpr = False, KW_DIV: tl.constexpr = 1,
+    TMA: tl.constexpr = False,
 ):
     """Horizontal fusion: ``MEMBERS`` (2..4) W4 linears of the same x (same K, group size, dtype) in one
     launch, ``y[:, C_i : C_i + N_i] = x W_iᵀ (+ b_i)`` for a ``y`` of ``N_TOTAL`` columns. Member i owns the
@@ -357,10 +532,11 @@ def w4_gemv_grouped_kernel(
     n_mask = offs_n < n
     if GPB > 0:
         acc = _w_tile_seg(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_size, n_groups, SPLIT_K,
-                          BLOCK_N, BLOCK_K, GPB)
+                          BLOCK_N, BLOCK_K, GPB, STAGES, LEAN, X_BF16, XW, KW_DIV)
     else:
         acc = _w_tile(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, K, group_size, n_groups,
-                      stride_xm, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, PER_CHANNEL, WIDE, TC, X_BF16, INTERPRET)
+                      stride_xm, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, PER_CHANNEL, WIDE, TC, X_BF16, INTERPRET,
+                      STAGES, LEAN, XW, KW_DIV, TMA)
     out_mask = m_mask[:, None] & n_mask[None, :]
     cols = col + offs_n
     if USE_SPLIT:
