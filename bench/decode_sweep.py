@@ -796,7 +796,7 @@ def _warm_item(item):
         return False, f"{type(ex).__name__}: {str(ex)[:120]}"
 
 
-def _smoke_task():
+def _ec_smoke_task():
     lines = []
     bad, n = ec_smoke(lines.append)
     lines.append(f"GPU smoke: {n} cases, {'FAIL ' + str(bad) if bad else 'all ok'}")
@@ -896,7 +896,7 @@ def ec_main(args):
     for part in parts:
         try:
             if part == "warm":  # smoke + stress run in a worker meanwhile
-                ec_warm_and_tune(args, log, t0, pool, pool.apply_async(_smoke_task) if "smoke" not in parts else None,
+                ec_warm_and_tune(args, log, t0, pool, pool.apply_async(_ec_smoke_task) if "smoke" not in parts else None,
                                  out)
             elif part == "smoke":
                 bad, n = ec_smoke(log)
