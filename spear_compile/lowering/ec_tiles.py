@@ -127,6 +127,21 @@ def _u_tile_publish(x_ptr, a_ptr, u_ptr, sync_ptr, gw_ptr, gb_ptr, gu_ptr, ep_pt
         tl.atomic_xchg(gu_ptr + idx, _pack_words(u, e), mask=msk, sem="relaxed")
 
 
+
+@triton.jit
+def _u_tile(x_ptr, a_ptr, u_ptr, sync_ptr, gw_ptr, gb_ptr, gu_ptr, ep_ptr, tile, NUM_U_TILES, M, K, R, stride_xm,
+            BLOCK_M: tl.constexpr, BLOCK_KU: tl.constexpr, BLOCK_R: tl.constexpr, GATED: tl.constexpr,
+            USE_DOT: tl.constexpr, INTERPRET: tl.constexpr, EC_MODE: tl.constexpr):
+    """A u tile of a one-launch EC decode kernel: "epoch" (``EC_MODE`` 1) publishes through
+    :func:`_u_tile_publish`; "spin" (0) adds its partial and then counts its arrival (after the CTA barrier)."""
+    if EC_MODE == 1:
+        _u_tile_publish(x_ptr, a_ptr, u_ptr, sync_ptr, gw_ptr, gb_ptr, gu_ptr, ep_ptr, tile, NUM_U_TILES, M, K, R,
+                        stride_xm, BLOCK_M, BLOCK_KU, BLOCK_R, GATED, USE_DOT, INTERPRET)
+    else:
+        _u_partial_tile(x_ptr, a_ptr, u_ptr, tile, M, K, R, stride_xm, BLOCK_M, BLOCK_KU, BLOCK_R, USE_DOT, INTERPRET)
+        tl.debug_barrier()
+        tl.atomic_add(sync_ptr + 1, 1)  # acq_rel, after the CTA barrier: publishes the u partial
+
 @triton.jit
 def ec_u_kernel(x_ptr, a_ptr, u_ptr, sync_ptr, gw_ptr, gb_ptr, gu_ptr, ep_ptr, M, K, R, stride_xm, NUM_U_TILES,
                 BLOCK_M: tl.constexpr, BLOCK_KU: tl.constexpr, BLOCK_R: tl.constexpr, GATED: tl.constexpr,

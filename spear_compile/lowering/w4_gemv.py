@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .ec_tiles import (_ec_apply, _ec_epilogue, _ec_operands, _gu_check_epoch, _gu_value, _gu_words, _load_b,
-                       _u_partial_tile, _u_tile_publish, _wait_for_u)
+                       _u_tile, _wait_for_u)
 from .tl_helpers import dot
 
 MAGIC_I = tl.constexpr(0x4B000000) # bits of the float 2^23; 0x4B00000q is 2^23 + q
@@ -405,14 +405,8 @@ def w4_gemv_kernel(
         tile = tl.program_id(0)  # u tiles are the lowest ids (the launcher checks the grid is co-resident)
 
     if tile < NUM_U_TILES:
-        if EC_MODE == 1:
-            _u_tile_publish(x_ptr, a_ptr, u_ptr, sync_ptr, gw_ptr, gb_ptr, gu_ptr, phase_ptr, tile,
-                            NUM_U_TILES, M, K, R, stride_xm, BLOCK_M, BLOCK_KU, BLOCK_R, GATED, USE_DOT, INTERPRET)
-        else:
-            _u_partial_tile(x_ptr, a_ptr, u_ptr, tile, M, K, R, stride_xm, BLOCK_M, BLOCK_KU, BLOCK_R, USE_DOT,
-                            INTERPRET)
-            tl.debug_barrier()
-            tl.atomic_add(sync_ptr + 1, 1)  # acq_rel, after the CTA barrier: publishes the u partial
+        _u_tile(x_ptr, a_ptr, u_ptr, sync_ptr, gw_ptr, gb_ptr, gu_ptr, phase_ptr, tile, NUM_U_TILES, M, K, R,
+                stride_xm, BLOCK_M, BLOCK_KU, BLOCK_R, GATED, USE_DOT, INTERPRET, EC_MODE)
     else:
         t = tile - NUM_U_TILES
         pid_n = t // SPLIT_K
