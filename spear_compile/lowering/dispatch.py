@@ -543,8 +543,9 @@ class _DecodeSetup:
     num_u_tiles: int  # u tiles inside the W launch
     mode: int = 0  # EC_MODE of the W kernel
     u_kernel_tiles: int = 0  # > 0: ec_u_kernel runs first with this many programs (modes pdl/2k)
-    gu: Optional[torch.Tensor] = None
-    phase: Optional[torch.Tensor] = None  # epoch, then one phase per N tile (mode epoch); the ep scratch (pdl/2k)
+    gu: Optional[torch.Tensor] = None  # the tagged g(u)⊙u words (modes epoch/pdl/2k; else the sync buffer)
+    phase: Optional[torch.Tensor] = None  # epoch, then one phase per N tile (mode epoch); the ep scratch (pdl/2k);
+    #                                       else the sync buffer (the kernels' unused pointer)
     b_early: bool = True
     gdc: bool = False
 
@@ -567,7 +568,7 @@ def _decode_setup(cfg, x2, n, ec_A, ec_B, u, n_tiles=0, split=1) -> _DecodeSetup
     if cfg.ec not in EC_MODES or cfg.ec_b not in ("auto", "early", "late"):
         raise SpearError(f"spear_compile.lowering.dispatch: unknown EC mode in {cfg.name}")
     mode = EC_MODES[cfg.ec] if tiles else 0
-    gu = phase = None
+    gu = phase = ws.sync
     if mode == 1:
         phase, gu = ws.for_epoch(n, n_tiles)
     elif mode == 2:
@@ -620,7 +621,7 @@ def _run_decode(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_
         x2, qdata, scale, zero, bias if bias is not None else dummy, y,
         ec_A if ec_A is not None else dummy, ec_B if has_ec else dummy,
         gate_w if gate_w is not None else dummy, gate_b if gate_w is not None else dummy, d.u_buf,
-        d.acc, d.arrive, d.sync, d.gu if d.gu is not None else d.sync, d.phase if d.phase is not None else d.sync,
+        d.acc, d.arrive, d.sync, d.gu, d.phase,
         m, n, k, d.r, group_size, k // group_size, x2.stride(0), y.stride(0), d.num_u_tiles, n_prog, cfg.split_k,
         BLOCK_M=1 if m == 1 else 16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_KU=d.block_ku,
         BLOCK_R=d.block_r, HAS_BIAS=bias is not None, HAS_EC=has_ec, GATED=gate_w is not None,
@@ -645,7 +646,7 @@ def _run_gemv(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w,
         x2, qdata.view(torch.int32), scale, zero, bias if bias is not None else dummy, y,
         ec_A if ec_A is not None else dummy, ec_B if has_ec else dummy,
         gate_w if gate_w is not None else dummy, gate_b if gate_w is not None else dummy, d.u_buf,
-        d.acc, d.arrive, d.sync, d.gu if d.gu is not None else d.sync, d.phase if d.phase is not None else d.sync,
+        d.acc, d.arrive, d.sync, d.gu, d.phase,
         m, n, k, d.r, group_size, k // group_size, x2.stride(0), y.stride(0), d.num_u_tiles, n_tiles, split,
         BLOCK_M=16 if cfg.tc else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SPLIT=split > 1,
         PER_CHANNEL=group_size == k, WIDE=group_size < k and cfg.block_k > group_size, TC=cfg.tc,
@@ -675,7 +676,7 @@ def _run_prefill(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate
         m, n, k, r, group_size, k // group_size, x2.stride(0), y.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8, BLOCK_R=_block_r(r),
         HAS_BIAS=bias is not None, HAS_EC=has_ec, GATED=gate_w is not None, PER_CHANNEL=group_size == k,
-        INTERPRET=_interpret(), SWAP=getattr(cfg, "swap", False), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        INTERPRET=_interpret(), SWAP=cfg.swap, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
 
