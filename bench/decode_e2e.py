@@ -302,6 +302,50 @@ def e2e(args, variant):
     torch.cuda.reset_peak_memory_stats()
 
 
+@torch.no_grad()
+def prefill_timing(args, variant, reps=5):
+    """Time to first token of a ``--prefill-len`` prompt (TTFT), its own fresh compile (default mode: no CUDA
+    graphs, module guards kept), static cache, ``logits_to_keep=1`` (the LM head on the last position only, as
+    generation does): the layers' linears run at M = prompt length, i.e. the prefill kernels (dequantize +
+    cuBLAS with the EC structures the tuner picks)."""
+    base, opts = parse_variant(variant)
+    torch._dynamo.reset()
+    passes.clear()
+    model = llama1b(0)
+    chosen = []
+    if base == "spear":
+        spear_compile.quantize(model, "w4-pc-rtn", skip=() if "lmhead" in opts else ("lm_head",), progress=False)
+        if "ec" in opts:
+            chosen = attach_random_ecs(model, 0.10, 32, seed=2)
+        optimize(model, quant=None, fullgraph=True, dynamic=False)
+    else:
+        model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    n = args.prefill_len
+    cache = make_cache(model, n + 8)
+    ids = torch.randint(0, 128256, (1, n), generator=torch.Generator().manual_seed(1)).cuda()
+    pos = torch.arange(n, device="cuda")
+
+    def run():
+        return model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1).logits
+
+    for _ in range(3):  # compile, tune the M = n kernels
+        run()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    best = min(ts)
+    recs = passes.records()
+    row(check="prefill", variant=variant, ecs=len(chosen), prompt=n, ms=round(1e3 * best, 3),
+        tok_per_s=round(n / best, 1), all_reps_ms=[round(1e3 * t, 3) for t in ts],
+        fused=sum(r.matched for r in recs), fused_ec=sum(r.kind.startswith("ec") for r in recs))
+    del model, cache
+    torch.cuda.empty_cache()
+
+
 def host_profile(eager, step, cache, prompt, variant, n=20):
     """cProfile of ``n`` decode steps (host side): where the per-step CPU time goes."""
     import cProfile
@@ -326,6 +370,8 @@ def main():
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-variants", action="store_true", help="skip the per-layout fusion check")
     ap.add_argument("--variants", default="bf16,spear+ec,spear,spear+ec+lmhead,spear+lmhead")
+    ap.add_argument("--prefill-len", type=int, default=0, help="also time a prompt of this length (TTFT)")
+    ap.add_argument("--prefill-variants", default="bf16,spear+ec,spear")
     ap.add_argument("--deadline", type=float, default=1e9, help="skip steps starting after this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -339,6 +385,8 @@ def main():
     steps = ([] if args.skip_variants else [("variants", lambda: variants_check(args))]) + \
             ([] if args.skip_kernel else [("kernel", lambda: kernel_probe(args))]) + \
             ([] if args.skip_e2e else [(v, (lambda v=v: e2e(args, v))) for v in args.variants.split(",")]) + \
+            ([] if not args.prefill_len else [("prefill " + v, (lambda v=v: prefill_timing(args, v)))
+                                              for v in args.prefill_variants.split(",")]) + \
             ([] if args.skip_ref else [("ref", lambda: ref_checks(args))])
     start = time.perf_counter()
     for name, fn in steps:
@@ -362,6 +410,13 @@ def main():
         if r.get("check") == "e2e" and "tok_per_s" in r:
             sp = f"{r['tok_per_s'] / base:.2f}x" if base else "-"
             print(f"| {r['variant']} | {r['ecs']} | {r['tok_per_s']} | {r['ms_per_tok']} | {r['host_ms_per_tok']} | {sp} | {r['fused']} ({r['fused_ec']}) | {r.get('grouped_launches', '-')} ({r.get('grouped_members', '-')}) | {r['unfused']} | {r['recompiles_after_warmup']} |")
+    pre = {r["variant"]: r for r in ROWS if r.get("check") == "prefill"}
+    if pre:
+        b = pre.get(next((v for v in pre if v.startswith("bf16")), ""), {}).get("ms")
+        print("\n| variant | prompt | TTFT ms | prefill tok/s | vs bf16 (time) |\n|---|---|---|---|---|")
+        for v, r in pre.items():
+            print(f"| {v} | {r['prompt']} | {r['ms']} | {r['tok_per_s']} | {r['ms'] / b:.2f}x |" if b else
+                  f"| {v} | {r['prompt']} | {r['ms']} | {r['tok_per_s']} | - |")
     for r in ROWS:
         if r.get("check") == "ref16m":
             print(f"ref16m ecs={r['ecs']}: identical={r['identical']} (mismatches {r['mismatches']}), graphs gen1/gen2="
