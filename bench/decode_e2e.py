@@ -329,10 +329,13 @@ def prefill_timing(args, variant, reps=5):
         return model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1).logits
 
     for _ in range(3):  # compile, tune the M = n kernels
+        cache.reset()  # the cache counts the tokens it holds: every prefill starts from an empty one
         run()
     torch.cuda.synchronize()
     ts = []
     for _ in range(reps):
+        cache.reset()
+        torch.cuda.synchronize()
         t0 = time.perf_counter()
         run()
         torch.cuda.synchronize()
