@@ -245,14 +245,15 @@ def kernel_probe(args):
 
 
 def parse_variant(variant):
-    """``bf16[+sg]`` or ``spear[+ec][+lmhead][+wrapped][+nopart][+sg]``: ECs on 10% of the linears, the LM
+    """``bf16[+sg][+cg]`` or ``spear[+ec][+lmhead][+wrapped][+nopart][+sg][+cg]``: ECs on 10% of the linears, the LM
     head quantized too, the ``QuantizedWeight`` subclass compiled as is (no ``unwrap``), no graph
-    partition, no Dynamo guards on nn-module state (``skip_module_guards``)."""
+    partition, no Dynamo guards on nn-module state (``skip_module_guards``); ``cg``: the prefill timing under
+    ``mode="reduce-overhead"`` (CUDA graphs; the decode timing always uses it)."""
     parts = variant.split("+")
-    if parts[0] not in ("bf16", "spear") or (parts[0] == "bf16" and set(parts[1:]) - {"sg"}):
+    if parts[0] not in ("bf16", "spear") or (parts[0] == "bf16" and set(parts[1:]) - {"sg", "cg"}):
         raise SystemExit(f"unknown variant {variant!r}")
     extra = set(parts[1:])
-    bad = extra - {"ec", "lmhead", "wrapped", "nopart", "sg"}
+    bad = extra - {"ec", "lmhead", "wrapped", "nopart", "sg", "cg"}
     if bad:
         raise SystemExit(f"unknown variant option(s) {sorted(bad)} in {variant!r}")
     return parts[0], extra
@@ -317,15 +318,18 @@ def prefill_timing(args, variant, reps=5):
         spear_compile.quantize(model, "w4-pc-rtn", skip=() if "lmhead" in opts else ("lm_head",), progress=False)
         if "ec" in opts:
             chosen = attach_random_ecs(model, 0.10, 32, seed=2)
-        optimize(model, quant=None, fullgraph=True, dynamic=False)
+        optimize(model, quant=None, fullgraph=True, dynamic=False, mode="reduce-overhead" if "cg" in opts else None)
     else:
-        model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+        model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False,
+                                      mode="reduce-overhead" if "cg" in opts else None)
     n = args.prefill_len
     cache = make_cache(model, n + 8)
     ids = torch.randint(0, 128256, (1, n), generator=torch.Generator().manual_seed(1)).cuda()
     pos = torch.arange(n, device="cuda")
 
     def run():
+        if "cg" in opts:
+            torch.compiler.cudagraph_mark_step_begin()
         return model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1).logits
 
     for _ in range(3):  # compile, tune the M = n kernels
@@ -341,6 +345,20 @@ def prefill_timing(args, variant, reps=5):
         torch.cuda.synchronize()
         ts.append(time.perf_counter() - t0)
     best = min(ts)
+    if args.cprofile:
+        import cProfile
+        import io
+        import pstats
+        pr = cProfile.Profile()
+        cache.reset()
+        torch.cuda.synchronize()
+        pr.enable()
+        run()
+        pr.disable()
+        torch.cuda.synchronize()
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(15)
+        print(f"--- host profile, prefill {variant} ---\n" + buf.getvalue()[-5000:], flush=True)
     recs = passes.records()
     row(check="prefill", variant=variant, ecs=len(chosen), prompt=n, ms=round(1e3 * best, 3),
         tok_per_s=round(n / best, 1), all_reps_ms=[round(1e3 * t, 3) for t in ts],

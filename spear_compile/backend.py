@@ -25,6 +25,7 @@ from .passes import SpearPassManager
 
 SLOT = "post_grad_custom_pre_pass"
 GROUP_OPTION = "spear_group_linears"  # options={GROUP_OPTION: False}: no horizontal fusion of sibling linears
+DECOMPOSE_OPTION = "spear_decompose_prefill"  # options={DECOMPOSE_OPTION: False}: keep prefill linears as our op
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -34,6 +35,7 @@ def config_patches(mode: Optional[str] = None, options: Optional[dict] = None, d
         raise SpearError(f"spear backend: unknown mode {mode!r}; supported: {MODES}")
     options = {k.replace("-", "_"): v for k, v in (options or {}).items()}
     group_linears = options.pop(GROUP_OPTION, None)
+    decompose = options.pop(DECOMPOSE_OPTION, None)
     known = torch._inductor.config.get_config_copy()
     unknown = sorted(k for k in options if k not in known)
     if unknown:
@@ -46,7 +48,8 @@ def config_patches(mode: Optional[str] = None, options: Optional[dict] = None, d
     user_pass = options.get(SLOT, getattr(torch._inductor.config, SLOT))
     if isinstance(user_pass, SpearPassManager):  # already ours (nested compile): do not stack
         user_pass = user_pass.user_pass
-    patches[SLOT] = SpearPassManager(user_pass=user_pass, dump_dir=dump_dir, group_linears=group_linears)
+    patches[SLOT] = SpearPassManager(user_pass=user_pass, dump_dir=dump_dir, group_linears=group_linears,
+                                     decompose_prefill=decompose)
     return patches
 
 

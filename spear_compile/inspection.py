@@ -79,6 +79,8 @@ def kernel_for(m: int, rec: registry.MatchRecord, device: str, group: Optional[r
     """Name of the kernel ``dispatch.choose`` (``choose_grouped`` for a grouped member) picks, or ``"reference"``."""
     if not rec.matched:
         return "reference"
+    if rec.decomposed:
+        return "dequantize (Inductor kernel) + mm (cuBLAS): decomposed in the graph (static prefill M, no CUDA graphs)"
     if device != "cuda" or rec.dtype not in ("bfloat16", "float16"):
         return f"reference ({device}, {rec.dtype})"
     try:

@@ -27,6 +27,7 @@ class MatchRecord:
     graph: int = 0                 # index of the compiled graph (one per pass invocation)
     extra: dict = field(default_factory=dict)
     group: Optional[int] = None    # GroupRecord.index when the grouping pass merged it with siblings
+    decomposed: bool = False       # replaced by dequantize + aten.mm (static prefill M, no CUDA graphs)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +45,7 @@ class GroupRecord:
     group_size: int = 0
     dtype: str = ""
     bias: bool = False
+    decomposed: bool = False       # replaced by dequantize + aten.mm (static prefill M, no CUDA graphs)
 
     def as_dict(self) -> dict:
         return asdict(self)
