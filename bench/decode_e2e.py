@@ -396,6 +396,7 @@ def main():
     ap.add_argument("--deadline", type=float, default=1e9, help="skip steps starting after this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._logging.set_logs(perf_hints=True)  # "skipping cudagraphs due to ..." lands in the log
     import triton
