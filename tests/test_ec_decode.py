@@ -88,6 +88,8 @@ CASES = [  # (M, group, dtype, gated, bias, config)
     (1, K, torch.bfloat16, True, True, D(16, 128, 2, 2, ec="epoch", stages=3, xw=True, lean=2)),
     (1, 64, torch.bfloat16, True, False, D(16, 128, 1, 2, ec="pdl", seg=True, stages=3, xw=True, lean=2)),
     (1, 128, torch.float16, False, True, D(8, 128, 2, 2, ec="epoch", lean=1)),
+    (1, 32, torch.bfloat16, True, True, D(16, 128, 2, 2, ec="epoch", seg=True, stages=3, xw=True, lean=3, rt=True)),
+    (1, K, torch.float16, True, False, D(8, 128, 2, 2, ec="pdl", stages=3, xw=True, lean=3)),  # nibble pairs
     # M 2..16, tensor-core GEMV (split 1) and the byte kernel (v3, split-K)
     (3, 128, torch.bfloat16, True, False, D(16, 128, 1, 4, tc=True, ec="epoch")),
     (16, K, torch.float16, True, True, D(32, 128, 1, 4, tc=True, ec="pdl")),

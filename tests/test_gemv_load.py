@@ -53,6 +53,18 @@ SINGLE = [  # (K, N, group (0: per-channel), dtype, bias, config)
     (256, 40, 0, torch.bfloat16, True, D(16, 128, 2, 2, stages=3, lean=1, xw=True, tma=True)),  # TMA, partial tile
     (256, 48, 64, torch.float16, False, D(32, 64, 1, 2, stages=2, lean=1, tma=True)),  # TMA, g64
     (264, 24, 0, torch.bfloat16, False, D(8, 128, 1, 2, stages=3, lean=1, tma=True)),  # K/8 odd: cp.async instead
+    # nibble pairs (lean 3: 256 + q / 16 + q, one shift a pair) on every body; rows-inner seg tiles (rt)
+    (256, 64, 0, torch.bfloat16, True, D(16, 128, 1, 2, stages=3, lean=3, xw=True)),
+    (264, 24, 0, torch.float16, False, D(8, 128, 2, 2, stages=2, lean=3)),            # planes, split-K, masked tail
+    (264, 24, 0, torch.bfloat16, False, D(8, 128, 2, 2, lean=3)),                     # register path
+    (256, 40, 32, torch.float16, True, D(8, 32, 2, 2, lean=3)),                       # register path, g32
+    (256, 64, 64, torch.bfloat16, False, D(16, 64, 1, 2, stages=3, lean=3, xw=True)),  # one group a block
+    (512, 32, 64, torch.bfloat16, True, D(8, 256, 1, 2, seg=True, stages=3, lean=3, xw=True)),
+    (512, 40, 64, torch.bfloat16, True, D(16, 256, 1, 2, seg=True, stages=3, lean=3, xw=True, rt=True)),
+    (512, 24, 32, torch.float16, False, D(8, 128, 2, 2, seg=True, stages=2, lean=2, xw=True, rt=True)),
+    (544, 24, 16, torch.bfloat16, False, D(8, 64, 2, 2, seg=True, stages=2, lean=3, rt=True)),  # planes, g16, tail block
+    (512, 32, 64, torch.float16, True, D(16, 256, 1, 4, seg=True, lean=3, rt=True)),  # seg register path
+    (512, 32, 64, torch.bfloat16, False, D(16, 256, 2, 2, seg=True, stages=3, rt=True, xw=True)),  # no lean
 ]
 
 
@@ -77,6 +89,10 @@ GROUPED = [  # (K, member Ns, group (0: per-channel), dtype, bias, config)
     (512, (32, 24), 64, torch.float16, False, G(8, 256, 1, 2, seg=True, stages=3, lean=2, xw=True, maxnreg=96)),
     (512, (16, 40), 128, torch.bfloat16, False, G(16, 256, 2, 2, seg=True, stages=2, lean=1)),
     (256, (40, 16, 24), 0, torch.bfloat16, False, G(16, 128, 2, 2, stages=3, lean=1, xw=True, tma=True)),
+    (256, (64, 16, 16), 0, torch.float16, True, G(16, 128, 2, 2, stages=3, lean=3, xw=True)),
+    (1024, (32, 24), 128, torch.bfloat16, True, G(16, 512, 1, 2, seg=True, stages=3, lean=3, xw=True, rt=True)),
+    (1024, (40, 16), 128, torch.float16, False, G(32, 512, 2, 2, seg=True, stages=3, lean=3, xw=True, rt=True)),
+    (512, (16, 40), 128, torch.bfloat16, False, G(16, 256, 2, 4, seg=True, stages=3, lean=3, xw=True)),
 ]
 
 
@@ -117,3 +133,7 @@ def test_load_kwargs():
     assert not dispatch._load_kwargs(D(8, 128, 1, 2, stages=3, tma=True), torch.zeros(1, 264, dtype=torch.bfloat16))["TMA"]
     assert not dispatch._load_kwargs(D(8, 256, 1, 2, stages=3, tma=True, seg=True), x)["TMA"]  # seg: cp.async
     assert dispatch._load_kwargs(D(16, 128, 1, 2), torch.zeros(1, 2064, dtype=torch.bfloat16))["KW_DIV"] == 2
+    assert dispatch._load_kwargs(D(16, 128, 1, 2, stages=3, lean=3), x)["LEAN"] == 4  # pairs: plain ops here
+    assert dispatch._load_kwargs(D(16, 512, 1, 2, seg=True, stages=3, lean=3, rt=True), x)["LEAN"] == 12  # + rt flag
+    assert dispatch._load_kwargs(D(16, 512, 1, 2, stages=3, lean=2, rt=True), x)["LEAN"] == 1  # rt: seg only
+    assert D(16, 512, 1, 2, seg=True, stages=3, lean=3, rt=True, xw=True).name.endswith(",seg,st=3,pair,rt,xw]")

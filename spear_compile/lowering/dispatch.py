@@ -73,7 +73,9 @@ class DecodeConfig:
     ec_b: str = "auto"  # modes epoch/pdl/2k: the tile's B rows at program start ("early"), in the finishing
     #                     program ("late"), or "auto" (early when split_k == 1, where every program finishes)
     stages: int = 0  # gemv M = 1 FMA: K loop pipelined by Triton this deep (words by cp.async); 0 = register prefetch
-    lean: int = 0  # gemv M = 1 FMA: nibbles as 128 + q, no subtraction; 1: shift + and + or, 2: shift + one lop3 (asm)
+    lean: int = 0  # gemv M = 1 FMA: nibbles as 128 + q, no subtraction; 1: shift + and + or, 2: shift + one lop3 (asm);
+    #                3: "pair", one shift per nibble pair + one lop3 each (256 + q even, 16 + q odd: 4 shifts a word)
+    rt: bool = False  # gemv M = 1 seg: rows-inner word tile [groups, words, rows] (_w_tile_seg_t: x unpacked per 4 rows)
     xw: bool = False  # gemv M = 1 FMA with stages: x read as int32 pairs (cp.async-pipelined, no per-plane shuffle)
     tma: bool = False  # gemv M = 1 FMA with stages, not seg: word tiles by TMA (device-made descriptor) not cp.async
     maxnreg: int = 0  # register cap per thread for ptxas (0: none)
@@ -150,6 +152,7 @@ class GroupedConfig:
     seg: bool = False  # as DecodeConfig.seg
     stages: int = 0  # as DecodeConfig.stages
     lean: int = 0  # as DecodeConfig.lean
+    rt: bool = False  # as DecodeConfig.rt
     xw: bool = False  # as DecodeConfig.xw
     tma: bool = False  # as DecodeConfig.tma
     maxnreg: int = 0  # as DecodeConfig.maxnreg
@@ -163,8 +166,9 @@ class GroupedConfig:
 
 
 def _load_suffix(cfg) -> str:
-    return ((f",st={cfg.stages}" if cfg.stages else "") + ({0: "", 1: ",lean", 2: ",lop3"}[int(cfg.lean)])
-            + (",xw" if cfg.xw else "") + (",tma" if cfg.tma else "") + (f",r{cfg.maxnreg}" if cfg.maxnreg else ""))
+    return ((f",st={cfg.stages}" if cfg.stages else "") + ({0: "", 1: ",lean", 2: ",lop3", 3: ",pair"}[int(cfg.lean)])
+            + (",rt" if cfg.rt else "") + (",xw" if cfg.xw else "") + (",tma" if cfg.tma else "")
+            + (f",r{cfg.maxnreg}" if cfg.maxnreg else ""))
 
 
 def m_bucket(m: int) -> str:
@@ -189,9 +193,10 @@ def _stages(cfg, m) -> int:
 
 
 def _load_kwargs(cfg, x2):
-    """The load-path launch arguments of both GEMV kernels: ``STAGES``, ``LEAN`` (the lop3 asm needs the GPU: 1 under
-    the interpreter), ``XW`` (x as int32 pairs: needs a 4-byte aligned x row), ``KW_DIV`` (largest power of two
-    <= 16 dividing K / 8: the row starts' alignment in words, for 16-byte loads), ``TMA``, and ``maxnreg``."""
+    """The load-path launch arguments of both GEMV kernels: ``STAGES``, ``LEAN`` (the nibble scheme; the lop3 asm needs
+    the GPU: plain ops under the interpreter, 2 -> 1, 3 -> 4; + 8 for the rows-inner seg tile ``rt``, which only
+    ``_w_tile_seg`` reads, so the entry kernels pass it through unchanged), ``XW`` (x as int32 pairs: needs a 4-byte
+    aligned x row), ``KW_DIV`` (largest power of two <= 16 dividing K / 8: the row starts' alignment in words, for 16-byte loads), ``TMA``, and ``maxnreg``."""
     m, k = x2.shape
     fma = m == 1 and not cfg.tc
     kw = k // 8
@@ -201,7 +206,12 @@ def _load_kwargs(cfg, x2):
     tma = bool(cfg.tma and fma and cfg.stages and not cfg.seg and div >= 4)
     if tma:
         _ensure_allocator()
-    return dict(STAGES=_stages(cfg, m), LEAN=(1 if _interpret() else int(cfg.lean)) if cfg.lean and fma else 0,
+    lean = int(cfg.lean) if fma else 0
+    if lean and _interpret():
+        lean = {1: 1, 2: 1, 3: 4}[lean]
+    if fma and getattr(cfg, "rt", False) and cfg.seg:  # read only by _w_tile_seg (GPB > 0); the other bodies use LEAN % 8
+        lean += 8
+    return dict(STAGES=_stages(cfg, m), LEAN=lean,
                 XW=bool(cfg.xw and fma and cfg.stages and x2.data_ptr() % 4 == 0), KW_DIV=div, TMA=tma,
                 **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not _interpret() else {}))
 
@@ -370,13 +380,20 @@ _GROUPED_TC = ((16, 128, 4), (32, 128, 4), (64, 128, 8))
 
 # W4-only M = 1 FMA configs (single and grouped launches), from bench/load_floor.py on H100 (run 1 of session 5:
 # every group of both models, pc and g128; results/load_path.md): (BLOCK_N, BLOCK_K, warps, stages, xw, lean,
-# maxnreg, seg). cp.async 3 deep with x as int32 pairs won every big launch (stages 5 and TMA never did); xw only
-# on the wide word tiles, where plane loads need a layout shuffle through shared memory; lop3 (lean 2) and the
-# plain and-or (lean 1) both listed where the lop3 build needs more registers (seg: 80 -> 167 unless capped at 96).
+# maxnreg, seg, rt). cp.async 3 deep with x as int32 pairs won every big launch (stages 5 and TMA never did); xw only
+# on the wide word tiles, where plane loads need a layout shuffle through shared memory. Session 6 (results/
+# g128_body.md, A/B in one run): the rows-inner seg tile (rt: x unpacked once for 4 rows) took 7B g128 gate|up
+# 27.3 -> 24.3 us and q|k|v 16.2 -> 14.6; nibble pairs (lean 3, 4 shifts a word) won 3 of 4 pc groups by 1-3% and
+# the 7B g128 single launches (o, down), but lost 1-2% to lop3 on the rt grouped tiles: both schemes stay listed.
+# The plain and-or (lean 1) and old-tile seg r96 rows lost every group of that A/B and left; the old seg BN 8 stays
+# (1B q|k|v, 1B o). The rt pair r96 row (10 programs per SM, no spill) never won a sweep: candidate for removal.
 _M1_PC = ((8, 1024, 4, 3, True, 2, 0), (16, 512, 2, 3, True, 2, 0), (16, 1024, 4, 3, True, 2, 0),
-          (16, 512, 2, 3, True, 1, 0), (32, 256, 2, 0, False, 2, 0))
-_M1_G = ((8, 512, 2, 3, True, 2, 0, True), (16, 512, 2, 3, True, 2, 96, True), (8, 512, 2, 3, True, 1, 0, True),
-         (16, 512, 2, 3, True, 1, 0, True), (64, 128, 2, 0, False, 2, 0, False))
+          (32, 256, 2, 0, False, 2, 0),
+          (8, 1024, 4, 3, True, 3, 0), (16, 512, 2, 3, True, 3, 0), (16, 1024, 4, 3, True, 3, 0))
+_M1_G = ((8, 512, 2, 3, True, 2, 0, True), (64, 128, 2, 0, False, 2, 0, False),
+         (16, 512, 2, 3, True, 2, 0, True, True), (16, 512, 2, 3, True, 3, 0, True, True),
+         (32, 512, 2, 3, True, 3, 0, True, True), (16, 1024, 4, 3, True, 3, 0, True, True),
+         (16, 512, 2, 3, True, 3, 96, True, True))
 
 
 def _m1_load_candidates(k, ns, group_size, sms, cls):
@@ -389,6 +406,7 @@ def _m1_load_candidates(k, ns, group_size, sms, cls):
     for row in rows:
         bn, bk, warps, stages, xw, lean, maxnreg = row[:7]
         seg = bool(row[7]) if len(row) > 7 else False
+        rt = bool(row[8]) if len(row) > 8 else False
         if not pc:
             if seg:
                 if not (bk < k and bk % group_size == 0 and bk > group_size):
@@ -401,7 +419,7 @@ def _m1_load_candidates(k, ns, group_size, sms, cls):
             continue
         tiles = sum(triton.cdiv(n, bn) for n in ns)
         for split in _gemv_splits(tiles, k, bk, sms):
-            out.append(cls(bn, bk, split, warps, seg=seg, stages=stages, xw=xw, lean=lean, maxnreg=maxnreg))
+            out.append(cls(bn, bk, split, warps, seg=seg, stages=stages, xw=xw, lean=lean, maxnreg=maxnreg, rt=rt))
     return out
 
 

@@ -67,10 +67,42 @@ def _nib128(q, i: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _nib_pair(q, i: tl.constexpr, ASM: tl.constexpr):
+    """Nibble ``i`` of every int32 word as an exact fp32, one shift per nibble *pair* (``LEAN`` 3/4): the word shifted
+    so that nibble ``2p`` sits at mantissa bits 15..18 and ``2p + 1`` at 19..22 (the same shift for both, so the
+    compiler computes it once per byte: 4 shifts a word instead of 7), then one and-or each under the exponent of
+    2^8 (even: ``256 + q``) or 2^4 (odd: ``16 + q``). Exact; the offsets come off with the zero point as
+    ``(zero + 16) * sum(x) + 240 * sum(x_even)`` by each body's zero term. ``ASM``: one inline ``lop3`` each."""
+    SH: tl.constexpr = 15 - 8 * (i // 2)
+    if SH > 0:
+        t = q << SH
+    else:
+        t = q >> (-SH)  # arithmetic shift: the bits above the nibble are masked off
+    if i % 2 == 0:
+        if ASM:  # (a & 0x78000) | 0x43800000
+            v = tl.inline_asm_elementwise("lop3.b32 $0, $1, 491520, 1132462080, 0xEA;", "=r,r",
+                                          [t], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            v = (t & 0x00078000) | 0x43800000
+    else:
+        if ASM:  # (a & 0x780000) | 0x41800000
+            v = tl.inline_asm_elementwise("lop3.b32 $0, $1, 7864320, 1098907648, 0xEA;", "=r,r",
+                                          [t], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            v = (t & 0x00780000) | 0x41800000
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _nib(q, i: tl.constexpr, LEAN: tl.constexpr):
-    """Nibble ``i`` as fp32: ``q`` (``LEAN`` 0), ``128 + q`` by plain ops (1) or by one lop3 (2, GPU only)."""
-    if LEAN:
-        return _nib128(q, i, LEAN == 2)
+    """Nibble ``i`` as fp32: ``q`` (``LEAN`` 0), ``128 + q`` by plain ops (1) or by one lop3 (2, GPU only), pairs
+    ``256 + q`` / ``16 + q`` by one lop3 (3, GPU only) or plain ops (4) (``_nib_pair``). ``LEAN`` may carry the
+    seg tile flag (+8, ``_w_tile_seg``): only its low three bits pick the scheme."""
+    NIB: tl.constexpr = LEAN % 8
+    if NIB >= 3:
+        return _nib_pair(q, i, NIB == 3)
+    elif NIB:
+        return _nib128(q, i, NIB == 2)
     else:
         return _nibble(q, i)
 
@@ -176,10 +208,12 @@ def _w_tile_piped(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_si
     kb_hi = tl.minimum(kb_lo + per_split, n_kb)
     q_rows = q_ptr + offs_n[:, None] * K8
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-    OFF: tl.constexpr = 128.0 if LEAN else 0.0
+    PAIR: tl.constexpr = LEAN % 8 >= 3  # nibble pairs (_nib_pair): offsets 256 (even) / 16 (odd)
+    OFF: tl.constexpr = (16.0 if PAIR else 128.0) if LEAN % 8 else 0.0
     acc2 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
     zacc2 = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
     xsum = tl.zeros((BKW,), dtype=tl.float32)
+    xesum = tl.zeros((BKW,), dtype=tl.float32)
     if TMA:
         row0 = tl.min(offs_n, axis=0)
         desc = tl.make_tensor_descriptor(q_ptr, shape=[row0 + tl.sum(n_mask.to(tl.int32), axis=0), K8],
@@ -195,6 +229,7 @@ def _w_tile_piped(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_si
             q = tl.load(q_rows + j[None, :], mask=n_mask[:, None] & jm[None, :], other=0)
         d = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
         xs = tl.zeros((BKW,), dtype=tl.float32)
+        xe = tl.zeros((BKW,), dtype=tl.float32)  # sum of the even-k x (PAIR)
         if XW:
             for p in tl.static_range(4):
                 xw = tl.load(xw_ptr + 4 * j + p, mask=jm, other=0)
@@ -203,24 +238,37 @@ def _w_tile_piped(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_si
                 d += _nib(q, 2 * p, LEAN) * x_lo[None, :]
                 d += _nib(q, 2 * p + 1, LEAN) * x_hi[None, :]
                 xs += x_lo + x_hi
+                if PAIR:
+                    xe += x_lo
         else:
             k8 = 8 * j  # first k of each word
             for i in tl.static_range(8):
                 x_i = tl.load(x_ptr + k8 + i, mask=jm, other=0.0).to(tl.float32)
                 d += _nib(q, i, LEAN) * x_i[None, :]
                 xs += x_i
+                if PAIR and i % 2 == 0:
+                    xe += x_i
         if PER_CHANNEL:
             acc2 += d
             xsum += xs
+            if PAIR:
+                xesum += xe
         else:
             s, z = s_nx, z_nx
             s_nx, z_nx = _load_sz(s_ptr, z_ptr, offs_n, n_mask, kb + 1, kb_hi, n_groups, group_size, BLOCK_K)
             acc2 += d * s
-            zacc2 += (s * (z + OFF)) * xs[None, :]
+            if PAIR:
+                zacc2 += s * ((z + OFF) * xs[None, :] + 240.0 * xe[None, :])
+            else:
+                zacc2 += (s * (z + OFF)) * xs[None, :]
     if PER_CHANNEL:
         s0 = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         z0 = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc = (s0 * (tl.sum(acc2, axis=1) - (z0 + OFF) * tl.sum(xsum, axis=0)))[None, :]
+        if PAIR:
+            acc = (s0 * (tl.sum(acc2, axis=1) - (z0 + OFF) * tl.sum(xsum, axis=0)
+                         - 240.0 * tl.sum(xesum, axis=0)))[None, :]
+        else:
+            acc = (s0 * (tl.sum(acc2, axis=1) - (z0 + OFF) * tl.sum(xsum, axis=0)))[None, :]
     else:
         acc = tl.sum(acc2 - zacc2, axis=1)[None, :]
     return acc
@@ -232,7 +280,8 @@ def _w_tile_reg(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, pid_
                 WIDE: tl.constexpr, TC: tl.constexpr, X_BF16: tl.constexpr, INTERPRET: tl.constexpr,
                 LEAN: tl.constexpr, KW_DIV: tl.constexpr):
     """``_w_tile`` with the register double buffer: the next K block's words loaded before the current one is used."""
-    OFF: tl.constexpr = 128.0 if LEAN else 0.0
+    PAIR: tl.constexpr = LEAN % 8 >= 3  # nibble pairs (_nib_pair): offsets 256 (even) / 16 (odd)
+    OFF: tl.constexpr = (16.0 if PAIR else 128.0) if LEAN % 8 else 0.0
     K8 = (K // (8 * KW_DIV)) * KW_DIV  # K / 8, its divisibility known (16-byte word loads)
     offs_j = tl.arange(0, BLOCK_K // 8)
     n_kb = tl.cdiv(K, BLOCK_K)
@@ -258,6 +307,7 @@ def _w_tile_reg(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, pid_
         acc2 = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
         zacc2 = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
         xsum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+        xesum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
     q_nx, s_nx, z_nx = _load_block(q_rows, s_ptr, z_ptr, offs_n, n_mask, offs_j, kb_lo, kb_hi, K8, n_groups,
                                    group_size, BLOCK_K, PER_CHANNEL, WIDE)
     for kb in range(kb_lo, kb_hi):
@@ -287,21 +337,32 @@ def _w_tile_reg(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, pid_
         else:
             d = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
             xs = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+            xe = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)  # sum of the even-k x (PAIR)
             for i in tl.static_range(8):
                 x_i = tl.load(x_ptr + k8 + i, mask=k8 < K, other=0.0).to(tl.float32)
                 d += _nib(q, i, LEAN) * x_i[None, :]
                 xs += x_i
+                if PAIR and i % 2 == 0:
+                    xe += x_i
             if PER_CHANNEL:
                 acc2 += d
                 xsum += xs
+                if PAIR:
+                    xesum += xe
             else:
                 acc2 += d * s
-                zacc2 += (s * (z + OFF)) * xs[None, :]
+                if PAIR:
+                    zacc2 += s * ((z + OFF) * xs[None, :] + 240.0 * xe[None, :])
+                else:
+                    zacc2 += (s * (z + OFF)) * xs[None, :]
     if PER_CHANNEL:  # one (scale, zero) per row: both after the loop
         s0 = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         z0 = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if TC:
             acc = s0[None, :] * (acc - (OFFSET + z0)[None, :] * xtot[:, None])
+        elif PAIR:
+            acc = (s0 * (tl.sum(acc2, axis=1) - (z0 + OFF) * tl.sum(xsum, axis=0)
+                         - 240.0 * tl.sum(xesum, axis=0)))[None, :]
         else:
             acc = (s0 * (tl.sum(acc2, axis=1) - (z0 + OFF) * tl.sum(xsum, axis=0)))[None, :]
     elif not TC:
@@ -318,9 +379,14 @@ def _w_tile_seg(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_size
     per-channel's long blocks) and the scales/zeros as one ``[BLOCK_N, GPB]`` tile per block, applied per
     group by broadcast: no per-word scale gather (``WIDE``) and no register reshape. ``STAGES > 0``: the
     words through a cp.async pipeline of that depth (as ``_w_tile_piped``), else a register double buffer;
-    the scale/zero tile is prefetched one block ahead in registers either way."""
+    the scale/zero tile is prefetched one block ahead in registers either way. ``LEAN >= 8`` (the seg tile flag,
+    ``GroupedConfig.rt``): the rows-inner tile of ``_w_tile_seg_t`` (x unpacked once for several rows)."""
+    if LEAN >= 8:
+        return _w_tile_seg_t(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_size, n_groups, SPLIT_K,
+                             BLOCK_N, BLOCK_K, GPB, STAGES, LEAN % 8, X_BF16, XW, KW_DIV)
     WPG: tl.constexpr = BLOCK_K // 8 // GPB  # int32 words per group
-    OFF: tl.constexpr = 128.0 if LEAN else 0.0
+    PAIR: tl.constexpr = LEAN % 8 >= 3  # nibble pairs (_nib_pair): offsets 256 (even) / 16 (odd)
+    OFF: tl.constexpr = (16.0 if PAIR else 128.0) if LEAN % 8 else 0.0
     K8 = (K // (8 * KW_DIV)) * KW_DIV
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     offs_g = tl.arange(0, GPB)
@@ -358,6 +424,7 @@ def _w_tile_seg(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_size
         jx = kb * (BLOCK_K // 8) + word  # [GPB, WPG]: word index in the row
         d = tl.zeros((BLOCK_N, GPB, WPG), dtype=tl.float32)
         xs = tl.zeros((GPB, WPG), dtype=tl.float32)
+        xe = tl.zeros((GPB, WPG), dtype=tl.float32)  # sum of the even-k x (PAIR)
         if XW:  # x as int32 pairs, as _w_tile_piped
             for p in tl.static_range(4):
                 xw = tl.load(xw_ptr + 4 * jx + p, mask=jx < K8, other=0)
@@ -366,14 +433,99 @@ def _w_tile_seg(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_size
                 d += _nib(q, 2 * p, LEAN) * x_lo[None, :, :]
                 d += _nib(q, 2 * p + 1, LEAN) * x_hi[None, :, :]
                 xs += x_lo + x_hi
+                if PAIR:
+                    xe += x_lo
         else:
             for i in tl.static_range(8):
                 x_i = tl.load(x_ptr + 8 * jx + i, mask=jx < K8, other=0.0).to(tl.float32)
                 d += _nib(q, i, LEAN) * x_i[None, :, :]
                 xs += x_i
+                if PAIR and i % 2 == 0:
+                    xe += x_i
         acc3 += d * s[:, :, None]
-        zacc += (s * (z + OFF)) * tl.sum(xs, axis=1)[None, :]
+        if PAIR:
+            zacc += s * ((z + OFF) * tl.sum(xs, axis=1)[None, :] + 240.0 * tl.sum(xe, axis=1)[None, :])
+        else:
+            zacc += (s * (z + OFF)) * tl.sum(xs, axis=1)[None, :]
     return (tl.sum(tl.sum(acc3, axis=2), axis=1) - tl.sum(zacc, axis=1))[None, :]
+
+
+@triton.jit
+def _w_tile_seg_t(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_size, n_groups, SPLIT_K,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GPB: tl.constexpr, STAGES: tl.constexpr,
+                  LEAN: tl.constexpr, X_BF16: tl.constexpr, XW: tl.constexpr, KW_DIV: tl.constexpr):
+    """``_w_tile_seg`` with the rows innermost: words as ``[GPB, words per group, BLOCK_N]``. Triton orders a tile's
+    threads by its pointers' contiguity, ties in dimension order, so the ``[BLOCK_N, GPB, WPG]`` tile put the
+    rows (dim 0) before the groups: every thread held one row and unpacked its own copy of x for each of its
+    words (8 of ~42 SASS instructions a word). Here the threads run over the words then the groups (the K block,
+    each thread 16 contiguous bytes), the rows are the thread's repeats: the x pairs of a word are unpacked once for
+    ``BLOCK_N / (threads left over * warps)`` rows. Same math and bytes as ``_w_tile_seg``."""
+    WPG: tl.constexpr = BLOCK_K // 8 // GPB  # int32 words per group
+    PAIR: tl.constexpr = LEAN % 8 >= 3
+    OFF: tl.constexpr = (16.0 if PAIR else 128.0) if LEAN % 8 else 0.0
+    K8 = (K // (8 * KW_DIV)) * KW_DIV
+    xw_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    offs_g = tl.arange(0, GPB)
+    offs_w = tl.arange(0, WPG)
+    word = offs_g[:, None] * WPG + offs_w[None, :]  # [GPB, WPG]: word index inside the block
+    n_kb = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(n_kb, SPLIT_K)
+    kb_lo = pid_k * per_split
+    kb_hi = tl.minimum(kb_lo + per_split, n_kb)
+    q_rows = q_ptr + offs_n[None, None, :] * K8
+    sz_cols = offs_n[None, :] * n_groups  # [1, BLOCK_N]
+    acc3 = tl.zeros((GPB, WPG, BLOCK_N), dtype=tl.float32)
+    gm = n_mask[None, :] & (((offs_g * 0 + kb_lo) < kb_hi) & (kb_lo * GPB + offs_g < n_groups))[:, None]
+    s_nx = tl.load(s_ptr + sz_cols + (kb_lo * GPB + offs_g)[:, None], mask=gm, other=0.0).to(tl.float32)
+    z_nx = tl.load(z_ptr + sz_cols + (kb_lo * GPB + offs_g)[:, None], mask=gm, other=0.0).to(tl.float32)
+    if STAGES == 0:
+        j = kb_lo * (BLOCK_K // 8) + word
+        jm = (j < K8) & (word * 0 + kb_lo < kb_hi)
+        q_nx = tl.load(q_rows + j[:, :, None], mask=jm[:, :, None] & n_mask[None, None, :], other=0)
+    for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES if STAGES > 0 else None):
+        if STAGES == 0:
+            q = q_nx
+            j = (kb + 1) * (BLOCK_K // 8) + word
+            jm = (j < K8) & (word * 0 + kb + 1 < kb_hi)
+            q_nx = tl.load(q_rows + j[:, :, None], mask=jm[:, :, None] & n_mask[None, None, :], other=0)
+        else:
+            j = kb * (BLOCK_K // 8) + word
+            q = tl.load(q_rows + j[:, :, None], mask=(j < K8)[:, :, None] & n_mask[None, None, :], other=0)
+        s, z = s_nx, z_nx
+        gm = n_mask[None, :] & (((offs_g * 0 + kb + 1) < kb_hi) & ((kb + 1) * GPB + offs_g < n_groups))[:, None]
+        s_nx = tl.load(s_ptr + sz_cols + ((kb + 1) * GPB + offs_g)[:, None], mask=gm, other=0.0).to(tl.float32)
+        z_nx = tl.load(z_ptr + sz_cols + ((kb + 1) * GPB + offs_g)[:, None], mask=gm, other=0.0).to(tl.float32)
+        jx = kb * (BLOCK_K // 8) + word  # [GPB, WPG]: word index in the row
+        d = tl.zeros((GPB, WPG, BLOCK_N), dtype=tl.float32)
+        xe = tl.zeros((GPB, WPG), dtype=tl.float32)  # sums of the even-k and the odd-k x of each word
+        xd = tl.zeros((GPB, WPG), dtype=tl.float32)
+        if XW:
+            for p in tl.static_range(4):
+                xw = tl.load(xw_ptr + 4 * jx + p, mask=jx < K8, other=0)
+                x_lo = _x_pair(xw, False, X_BF16)
+                x_hi = _x_pair(xw, True, X_BF16)
+                d += _nib(q, 2 * p, LEAN) * x_lo[:, :, None]
+                d += _nib(q, 2 * p + 1, LEAN) * x_hi[:, :, None]
+                xe += x_lo
+                xd += x_hi
+        else:
+            for i in tl.static_range(8):
+                x_i = tl.load(x_ptr + 8 * jx + i, mask=jx < K8, other=0.0).to(tl.float32)
+                d += _nib(q, i, LEAN) * x_i[:, :, None]
+                if i % 2 == 0:
+                    xe += x_i
+                else:
+                    xd += x_i
+        # the zero point and the nibble offsets off each word's partial sum (per column: amortized over the rows), no
+        # per-block reduction of the x sums (a [GPB, WPG] tile's own layout spans both warps: barriers each block)
+        xs = xe + xd
+        if PAIR:
+            xo = 256.0 * xe + 16.0 * xd
+        else:
+            xo = OFF * xs
+        d = d - xo[:, :, None] - z[:, None, :] * xs[:, :, None]
+        acc3 += d * s[:, None, :]
+    return tl.sum(tl.sum(acc3, axis=1), axis=0)[None, :]
 
 
 @triton.jit
