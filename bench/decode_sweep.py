@@ -498,7 +498,8 @@ def write_grouped(out, env, rows, checks, bad, smoke_lines):
 
 
 # ------------------------------------------------------------------ fused EC at decode (--ec)
-EC_VARIANTS = ("spin", "uready", "epoch", "pdl", "2k", "w_alone", "u_alone")
+EC_VARIANTS = ("spin", "uready", "epoch", "pdl", "2k", "w_alone", "u_alone", "slots", "slotsw", "ecsplit", "ecterm")
+LAYER_MODES = ("spin", "epoch", "pdl", "slots", "slotsw", "ecsplit", "ecterm")  # forced per layer (slots/slotsw: M = 1 FMA, else epoch)
 
 
 def ec_smoke(log):
@@ -511,9 +512,10 @@ def ec_smoke(log):
     os.environ["TRITON_INTERPRET"] = "0"
     cuda = lambda t: {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in t.items()}  # noqa: E731
     bad, n = 0, 0
-    for m, group, dtype, gated, bias, cfg in TE.CASES:
+    cases = [c + ({},) for c in TE.CASES] + [c + (dict(k=TE.KS, r=TE.RS),) for c in TE.SLOT_CASES]
+    for m, group, dtype, gated, bias, cfg, kw in cases:
         for seed in (0, 1):
-            t = TE._problem(m, group, dtype, gated, bias, seed)
+            t = TE._problem(m, group, dtype, gated, bias, seed, **kw)
             ref = TE._reference(t, group)
             t = cuda(t)
             errs = [TE._rel(TE._run(t, group, cfg).cpu(), ref) for _ in range(3)]
@@ -544,7 +546,7 @@ def ec_stress(log, gen):
                         (4096, 4096, dispatch.DecodeConfig(32, 128, 1, 4, tc=True))):
         L = make_linear(k, n, dev, gen)
         m = 16 if (cfg.kernel == "v3" or cfg.tc) else 1
-        for ec in ("epoch", "pdl", "spin"):
+        for ec in ("epoch", "pdl", "spin") + (("slots", "slotsw", "ecsplit", "ecterm") if m == 1 and not cfg.tc else ()):
             c = dataclasses.replace(cfg, ec=ec)
 
             def call(x):
@@ -650,7 +652,11 @@ def ec_shapes(args, log, gen, t0):
                                 ("epoch", dataclasses.replace(c0, ec="epoch"), {}, ref_e),
                                 ("2k", dataclasses.replace(c0, ec="2k"), {}, ref_e),
                                 ("w_alone", dataclasses.replace(c0, ec="2k"), dict(stage="w"), ref_e),
-                                ("pdl", dataclasses.replace(c0, ec="pdl"), {}, ref_e)]
+                                ("pdl", dataclasses.replace(c0, ec="pdl"), {}, ref_e),
+                                ("slots", dataclasses.replace(c0, ec="slots"), {}, ref_e),
+                                ("slotsw", dataclasses.replace(c0, ec="slotsw"), {}, ref_e),
+                                ("ecsplit", dataclasses.replace(c0, ec="ecsplit"), {}, ref_e),
+                                ("ecterm", dataclasses.replace(c0, ec="ecterm"), {}, ref_e)]
                     if split > 1:
                         variants += [("epoch_b_early", dataclasses.replace(c0, ec="epoch", ec_b="early"), {}, ref_e),
                                      ("pdl_b_early", dataclasses.replace(c0, ec="pdl", ec_b="early"), {}, ref_e)]
@@ -739,7 +745,7 @@ def ec_layers(args, log, gen, t0):
                     errs[name] = ((ec(x, L, k).double() - r).norm() / r.norm()).item()
                     w4(x, L, k)
                 forced = {}
-                for mode in ("spin", "epoch", "pdl"):
+                for mode in LAYER_MODES:
                     forced[mode] = [dataclasses.replace(dispatch._TUNED[dispatch._key(m, k, n, gsz(k), torch.bfloat16, False, False)], ec=mode)
                                     for _, k, n in shapes]
                 res = dict(model=model, m=m, quant=quant, copies=copies, max_err=max(errs.values()),
@@ -755,8 +761,8 @@ def ec_layers(args, log, gen, t0):
                 res["naive_eager"] = time_eager_sync(lay(naive), copies)
                 rows.append(res)
                 log(f"LAYER {model} M={m} {quant}: w4 {res['w4']:.1f} (again {res['w4_again']:.1f}) ec {res['ec']:.1f} "
-                    f"({res['ec'] / res['w4']:.2f}x) spin {res['ec_spin']:.1f} epoch {res['ec_epoch']:.1f} pdl {res['ec_pdl']:.1f} "
-                    f"naive {res['naive']:.1f} naive eager {res['naive_eager']:.1f} (/{res['ec']:.1f} = "
+                    f"({res['ec'] / res['w4']:.2f}x) " + " ".join(f"{md} {res['ec_' + md]:.1f}" for md in LAYER_MODES) +
+                    f" naive {res['naive']:.1f} naive eager {res['naive_eager']:.1f} (/{res['ec']:.1f} = "
                     f"{res['naive_eager'] / res['ec']:.1f}x) max err {res['max_err']:.1e} [{time.time() - t0:.0f}s]")
                 log("  picks: " + " | ".join(res["picks"]))
         del layers
@@ -940,17 +946,20 @@ def write_ec(out_dir, out):
                ", ".join(f"ec={k}: max rel err {v:.2e}" for k, v in out["compile"].items()), ""]
     if out.get("layers"):
         md += ["## Per decoder layer (7 linears; µs, CUDA-graph replays over rotated weight copies)", "",
-               "`ec` = the production tuner's pick per linear; `ec spin/epoch/pdl` = that mode on each W4 key's tuned config. "
+               "`ec` = the production tuner's pick per linear; `spin/epoch/pdl/slots/slotsw/ecsplit/ecterm` = that mode on each W4 key's "
+               "tuned config (slots/slotsw/ecsplit/ecterm exist for the M = 1 FMA GEMV; at M = 16 they run as epoch). "
                "`naive eager` = W4 + torch EC ops launched eagerly with a sync per layer.", "",
-               "| model | M | quant | W4-only | W4 again | fused EC | EC/W4 | spin | epoch | pdl | naive graph | naive eager | naive eager / EC | max rel err |",
-               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+               "| model | M | quant | W4-only | W4 again | fused EC | EC/W4 | spin | epoch | pdl | slots | slotsw | ecsplit | ecterm | naive graph | naive eager | naive eager / EC | max rel err |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in out["layers"]:
             md.append(f"| {r['model']} | {r['m']} | {r['quant']} | {r['w4']:.1f} | {r['w4_again']:.1f} | {r['ec']:.1f} | "
                       f"**{r['ec'] / r['w4']:.2f}** | {r['ec_spin']:.1f} | {r['ec_epoch']:.1f} | {r['ec_pdl']:.1f} | "
+                      f"{r.get('ec_slots', float('nan')):.1f} | {r.get('ec_slotsw', float('nan')):.1f} | {r.get('ec_ecsplit', float('nan')):.1f} | {r.get('ec_ecterm', float('nan')):.1f} | "
                       f"{r['naive']:.1f} | {r['naive_eager']:.1f} | {r['naive_eager'] / r['ec']:.1f} | {r['max_err']:.1e} |")
         md.append("")
     if out.get("shapes"):
-        cols = ("w4", "spin", "uready", "epoch", "2k", "pdl", "epoch_b_early", "pdl_b_early", "w_alone", "u_alone", "tuned")
+        cols = ("w4", "spin", "uready", "epoch", "2k", "pdl", "slots", "slotsw", "ecsplit", "ecterm", "epoch_b_early", "pdl_b_early", "w_alone",
+                "u_alone", "tuned")
         md += ["## Per linear (µs per call; the W4-only tuned config, with each EC mode)", "",
                "`uready` = spin kernel with u given (computed outside the graph: the epilogue alone, no dependency); "
                "`w_alone` = the W kernel of pdl/2k without its u kernel (the new epilogue alone); `u_alone` = the u kernel "

@@ -2,8 +2,13 @@
 
 Modes (``DecodeConfig.ec``): "spin" (u tiles + spin + the last finisher resets the workspace), "epoch" (the last
 u tile publishes the gated u as epoch-tagged words; nothing to reset), "pdl" / "2k" (``ec_u_kernel`` first, then
-the W kernel; under the interpreter "pdl" runs without its grid-dependency calls). Each case runs twice, or more,
-so a counter or an epoch left wrong by one call shows up in the next.
+the W kernel; under the interpreter "pdl" runs without its grid-dependency calls), "slots" / "slotsw" (M = 1 FMA
+GEMV: each u tile, or each of the first W programs, stores its own tagged partial; the finishing programs sum the slots
+and gate; elsewhere they run as "epoch"), "ecsplit" (slots' u tiles, then one EC program per N tile adds its EC term
+into the split-K accumulator as one more arrival), "ecterm" (the same EC programs publish their term as tagged words
+that the W finisher adds). Each case runs twice, or more, so a counter or an epoch left wrong by one call
+shows up in the next. The interpreter runs programs one after another, so "slotsw" (whose finishers may wait for
+higher program ids) runs as "slots" here; the GPU smoke (bench/decode_sweep.py --ec) runs it for real.
 """
 import dataclasses
 import os
@@ -90,6 +95,14 @@ CASES = [  # (M, group, dtype, gated, bias, config)
     (1, 128, torch.float16, False, True, D(8, 128, 2, 2, ec="epoch", lean=1)),
     (1, 32, torch.bfloat16, True, True, D(16, 128, 2, 2, ec="epoch", seg=True, stages=3, xw=True, lean=3, rt=True)),
     (1, K, torch.float16, True, False, D(8, 128, 2, 2, ec="pdl", stages=3, xw=True, lean=3)),  # nibble pairs
+    # slots (one u tile at K = 256, r = 8; several: SLOT_CASES)
+    (1, K, torch.bfloat16, True, True, D(16, 128, 2, 2, ec="slots")),
+    (1, 64, torch.float16, False, False, D(8, 64, 1, 2, ec="slotsw")),
+    (1, 64, torch.bfloat16, True, False, D(16, 128, 1, 2, ec="slots", seg=True, stages=3, xw=True, lean=2)),
+    (1, 128, torch.bfloat16, True, True, D(16, 128, 1, 2, ec="ecsplit")),
+    (1, K, torch.float16, False, False, D(8, 128, 2, 2, ec="ecsplit", stages=3, xw=True, lean=2)),
+    (1, 64, torch.bfloat16, True, True, D(16, 128, 1, 2, ec="ecterm", seg=True, stages=3, xw=True, lean=2)),
+    (1, 128, torch.float16, True, False, D(8, 128, 2, 2, ec="ecterm")),
     # M 2..16, tensor-core GEMV (split 1) and the byte kernel (v3, split-K)
     (3, 128, torch.bfloat16, True, False, D(16, 128, 1, 4, tc=True, ec="epoch")),
     (16, K, torch.float16, True, True, D(32, 128, 1, 4, tc=True, ec="pdl")),
@@ -98,6 +111,26 @@ CASES = [  # (M, group, dtype, gated, bias, config)
     (2, K, torch.float16, True, True, D(16, 64, 1, 4, kernel="v3", ec="2k", ec_b="late")),
     (16, 64, torch.float16, True, False, D(16, 64, 2, 4, kernel="v3", ec="epoch", ec_b="early")),
     (12, 128, torch.bfloat16, True, True, D(32, 64, 2, 4, kernel="v3")),              # spin (as before)
+    # slots at M > 1 (tensor cores, byte kernel): run as epoch
+    (5, 128, torch.bfloat16, True, True, D(16, 128, 1, 4, tc=True, ec="slots")),
+    (9, K, torch.float16, False, False, D(32, 64, 2, 4, kernel="v3", ec="slotsw")),
+    (4, 128, torch.float16, True, False, D(16, 128, 1, 4, tc=True, ec="ecsplit")),
+]
+
+# mode slots with several u tiles (K = 1280, r = 32: BLOCK_KU 256, 5 tiles by default; ``u_tiles`` caps them, the
+# launcher then gives each tile several sub-blocks of 128, the last tile partly past K)
+KS, RS = 1280, 32
+SLOT_CASES = [  # (M, group, dtype, gated, bias, config)
+    (1, 128, torch.bfloat16, True, True, D(16, 128, 2, 2, ec="slots")),
+    (1, KS, torch.float16, True, False, D(8, 256, 1, 2, ec="slots", u_tiles=2)),
+    (1, 64, torch.bfloat16, False, True, D(16, 64, 4, 2, ec="slots", u_tiles=3)),
+    (1, KS, torch.bfloat16, True, True, D(16, 256, 2, 2, ec="slots", stages=3, xw=True, lean=2)),
+    (1, 128, torch.float16, True, True, D(8, 128, 2, 2, ec="slotsw")),
+    (1, 64, torch.bfloat16, True, False, D(16, 64, 1, 2, ec="slotsw", u_tiles=2)),
+    (1, 128, torch.bfloat16, True, True, D(16, 128, 4, 2, ec="ecsplit")),
+    (1, KS, torch.float16, True, False, D(8, 256, 1, 2, ec="ecsplit", u_tiles=2)),
+    (1, KS, torch.bfloat16, True, True, D(16, 256, 1, 2, ec="ecterm")),
+    (1, 64, torch.float16, False, True, D(8, 64, 4, 2, ec="ecterm", u_tiles=3)),
 ]
 
 
@@ -110,6 +143,68 @@ def test_ec_decode_modes(m, group, dtype, gated, bias, cfg):
         _assert_clean(t, cfg)
     t2 = dict(t, x=torch.randn_like(t["x"].float()).to(dtype))  # new x, same launch geometry: no stale u
     assert _rel(_run(t2, group, cfg), _reference(t2, group)) < 1e-2
+
+
+@pytest.mark.parametrize("m,group,dtype,gated,bias,cfg", SLOT_CASES, ids=lambda v: getattr(v, "name", None))
+def test_slots_several_u_tiles(m, group, dtype, gated, bias, cfg):
+    t = _problem(m, group, dtype, gated, bias, seed=torch.seed() % 2**31, k=KS, r=RS)
+    ref = _reference(t, group)
+    for _ in range(3):
+        assert _rel(_run(t, group, cfg), ref) < 1e-2
+        _assert_clean(t, cfg)
+    t2 = dict(t, x=torch.randn_like(t["x"].float()).to(dtype))
+    assert _rel(_run(t2, group, cfg), _reference(t2, group)) < 1e-2
+
+
+def _slot_state(t, cfg, group):
+    """The (phases, words) of the slot geometry ``cfg`` runs on, and its u-tile count."""
+    d = dispatch._decode_setup(cfg, t["x"], N, t["ec_A"], t["ec_B"], None, triton_cdiv(N, cfg.block_n),
+                               min(cfg.split_k, triton_cdiv(t["x"].shape[1], cfg.block_k)), slots_ok=True)
+    return d.phase, d.num_u_tiles
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def test_slots_geometries_interleaved():
+    """Two slot geometries, an epoch launch of the first's N tiles and an M = 3 call interleaved: each keeps its own
+    phases, so a later launch never sums an earlier launch's partials."""
+    seed = torch.seed() % 2**31
+    t1 = _problem(1, 128, torch.bfloat16, True, False, seed, k=KS, r=RS)
+    t3 = _problem(3, 128, torch.bfloat16, True, True, seed + 1, k=KS, r=RS)
+    c_a, c_b = D(16, 128, 2, 2, ec="slots"), D(8, 128, 1, 2, ec="slots", u_tiles=2)
+    c_e, c_w = D(16, 128, 2, 2, ec="epoch"), D(16, 128, 2, 2, ec="slotsw")
+    c_tc = D(16, 128, 1, 4, tc=True, ec="slots")
+    c_x = D(16, 128, 2, 2, ec="ecsplit")  # same geometry as c_a: shares its slot phases
+    c_t = D(16, 128, 2, 2, ec="ecterm")  # same geometry, its own state (one more phase per N tile)
+    for i in range(2):
+        for t, cfg in ((t1, c_a), (t1, c_b), (t1, c_e), (t3, c_tc), (t1, c_w), (t1, c_x), (t1, c_t), (t1, c_a)):
+            t = dict(t, x=torch.randn(t["x"].shape).to(t["x"].dtype))
+            assert _rel(_run(t, 128, cfg), _reference(t, 128)) < 1e-2, (i, cfg.name)
+            _assert_clean(t, cfg)
+
+
+def test_slots_stale_tag_is_loud(monkeypatch):
+    """A slot word whose tag never matches (a u tile's or an N tile's phase knocked out of step) makes the finishing
+    program re-read up to the cap and poison its tile with NaN, never a wrong number; once the phases agree again the
+    next launch is right."""
+    monkeypatch.setattr(dispatch, "_SLOT_SPINS", 3)
+    t = _problem(1, 128, torch.bfloat16, True, True, seed=torch.seed() % 2**31, k=KS, r=RS)
+    cfg = D(16, 128, 2, 2, ec="slots")
+    ref = _reference(t, 128)
+    assert _rel(_run(t, 128, cfg), ref) < 1e-2
+    phase, n_u = _slot_state(t, cfg, 128)
+    assert n_u == 5 and phase.numel() == n_u + 3
+    phase[n_u + 1] += 1  # N tile 1 expects an epoch no u tile writes: that tile only is poisoned
+    out = _run(t, 128, cfg)
+    assert torch.isnan(out[:, 16:32]).all() and not torch.isnan(out[:, :16]).any() and not torch.isnan(out[:, 32:]).any()
+    phase[n_u + 1] -= 1
+    phase[2] += 1  # u tile 2 tags one epoch ahead: every N tile sees a stale slot
+    assert torch.isnan(_run(t, 128, cfg)).all()
+    phase[2] -= 1
+    assert _rel(_run(t, 128, cfg), ref) < 1e-2
+    _assert_clean(t, cfg)
 
 
 @pytest.mark.parametrize("ec", ["epoch", "pdl", "2k", "spin"])
@@ -162,7 +257,8 @@ def test_ec_candidates_ride_on_the_w4_ranking():
     the fastest with the spin mode; ``_ranked`` orders a key's timed candidates from the tuning log."""
     ranked = [D(64, 128, 16, 2), D(8, 512, 2, 2, seg=True), D(16, 256, 4, 2), D(32, 256, 1, 4), D(8, 128, 1, 2)]
     cands = dispatch.decode_ec_candidates(ranked, k=2048, n=2048, sms=132)
-    assert {c.ec for c in cands} == {"epoch", "pdl", "spin"}
+    assert {c.ec for c in cands} == {"epoch", "pdl", "slots", "ecsplit", "ecterm", "spin"}
+    assert {c.ec for c in cands if c.seg} == {"epoch", "pdl", "slots", "ecsplit", "ecterm"}
     assert [c for c in cands if c.ec == "spin"] == [dataclasses.replace(ranked[0], ec="spin")]
     bases = {dataclasses.replace(c, ec="spin") for c in cands if c.ec != "spin"}
     assert bases == {ranked[0], ranked[1], ranked[2], ranked[3]}  # top 3 + the fastest with <= 132 programs

@@ -68,7 +68,13 @@ class DecodeConfig:
     # EC synchronisation (EC_MODES): "spin" one launch, u tiles + spin + last finisher resets the workspace;
     # "epoch" one launch, the last u tile publishes the gated u as epoch-tagged words (no counter to reset);
     # "pdl" ec_u_kernel then the W kernel under programmatic dependent launch (it streams its weights while
-    # u is computed and waits only in its epilogue); "2k" the same two kernels in plain stream order.
+    # u is computed and waits only in its epilogue); "2k" the same two kernels in plain stream order; "slots" one
+    # launch, M = 1 int32-word GEMV (FMA) only (elsewhere it runs as "epoch"): each u tile stores its own tagged
+    # partial, the finishing programs sum the slots and gate (no atomics, no counter, no publishing tile); "slotsw"
+    # the same with the u partials computed by the first W programs (no extra programs); "ecsplit" slots' u tiles,
+    # then one EC program per N tile adding g(u)⊙u Bᵀ into the split-K accumulator as one more arrival (the W
+    # programs always take the split-K path; the last arrival finishes as W4-only: no EC work on its tail);
+    # "ecterm" the same EC programs publish their term as tagged words, the W finisher adds it (any split).
     ec: str = "spin"
     ec_b: str = "auto"  # modes epoch/pdl/2k: the tile's B rows at program start ("early"), in the finishing
     #                     program ("late"), or "auto" (early when split_k == 1, where every program finishes)
@@ -79,6 +85,7 @@ class DecodeConfig:
     xw: bool = False  # gemv M = 1 FMA with stages: x read as int32 pairs (cp.async-pipelined, no per-plane shuffle)
     tma: bool = False  # gemv M = 1 FMA with stages, not seg: word tiles by TMA (device-made descriptor) not cp.async
     maxnreg: int = 0  # register cap per thread for ptxas (0: none)
+    u_tiles: int = 0  # EC "slots": the most u tiles (each covers cdiv(K, u_tiles) rounded up to BLOCK_KU); 0 = SLOT_TILES
 
     @property
     def name(self):
@@ -86,11 +93,14 @@ class DecodeConfig:
         v = ("" if self.kernel == "gemv" else f",{self.kernel}") + (",tc" if self.tc else "") + \
             (",dyn" if self.dynamic_ids else "") + (",seg" if self.seg else "") + \
             ("" if self.ec == "spin" else f",ec={self.ec}") + ("" if self.ec_b == "auto" else f",b={self.ec_b}") + \
-            _load_suffix(self)
+            (f",ut={self.u_tiles}" if self.u_tiles else "") + _load_suffix(self)
         return f"decode[BN={self.block_n},BK={self.block_k},splitK={self.split_k},warps={self.num_warps}{u}{v}]"
 
 
-EC_MODES = {"spin": 0, "epoch": 1, "pdl": 2, "2k": 2}
+EC_MODES = {"spin": 0, "epoch": 1, "pdl": 2, "2k": 2, "slots": 3, "slotsw": 4, "ecsplit": 5, "ecterm": 6}
+SLOT_TILES = 32  # EC "slots": default cap on the u tiles (a finishing program loads tiles x r slot words; with up to
+#                 32 of BLOCK_KU = 256 each, K <= 8192 takes one sub-block a tile; 64 slots raised registers 128 -> 255)
+_SLOT_SPINS = 1 << 20  # EC "slots": re-reads of stale slot words before a tile is poisoned (tests lower it)
 
 
 @dataclass(frozen=True)
@@ -311,8 +321,8 @@ def decode_ec_candidates(w4_ranked, k=None, n=None, sms=132, top=3):
     """EC decode configs the tuner times, derived from the W4-only key's ranking (the EC adds ~5-9% bytes, so the
     W4 stream's best tilings stay the candidates): the ``top`` fastest, and the fastest whose programs fit one per
     SM (the EC lengthens each tile's finishing program; with several waves of programs that delay is paid once per
-    wave: bench/results/decode_ec.md), each with the modes "epoch" and "pdl"; and the fastest with the "spin" mode
-    (the session-3 kernel) as the reference."""
+    wave: bench/results/decode_ec.md), each with the modes "epoch" and "pdl" (and "slots", "ecsplit", "ecterm" where the config is the
+    M = 1 FMA GEMV); and the fastest with the "spin" mode (the session-3 kernel) as the reference."""
     picks = list(w4_ranked[:top])
     if k is not None and n is not None:
         one_wave = [c for c in w4_ranked
@@ -320,7 +330,8 @@ def decode_ec_candidates(w4_ranked, k=None, n=None, sms=132, top=3):
         picks += one_wave[:1]
     out = []
     for cfg in picks:
-        for ec in ("epoch", "pdl"):
+        slots = cfg.kernel == "gemv" and not cfg.tc
+        for ec in ("epoch", "pdl", "slots", "ecsplit", "ecterm") if slots else ("epoch", "pdl"):
             out.append(dataclasses.replace(cfg, ec=ec, ec_b="auto", dynamic_ids=False))
     out.append(dataclasses.replace(w4_ranked[0], ec="spin", ec_b="auto"))
     return list(dict.fromkeys(out))
@@ -460,6 +471,7 @@ class _Workspace:
         self.acc = {}     # N -> fp32 [16 * N] split-K accumulator
         self.arrive = {}  # N -> int32 [cdiv(N, 16)] split arrival counters
         self.geo = {}     # (N, N tiles) -> (epoch + per-tile phases int32 [1 + N tiles], tagged g(u)⊙u words)
+        self.ecw = {}     # mode ecterm: slot geometry -> the published EC term words
 
     def for_n(self, n):
         if n not in self.acc:
@@ -475,6 +487,19 @@ class _Workspace:
             self.geo[key] = (torch.zeros(1 + n_tiles, dtype=torch.int32, device=self.device),
                              torch.zeros(MAX_DECODE_M * MAX_EC_RANK, dtype=torch.int64, device=self.device))
         return self.geo[key]
+
+    def for_slots(self, n, n_tiles, n_u, r, term=False):
+        """Modes "slots"/"slotsw"/"ecsplit": phases ``int32 [n_u + n_tiles]`` (u tiles, then N tiles) and the slot
+        words ``int64 [n_u * 16 * r]`` of one launch geometry (every launch bumps each phase once, so they agree
+        between launches). ``term`` ("ecterm"): n_tiles more phases (the W finishers) and the published EC term words
+        ``int64 [16 * n]`` (a third entry)."""
+        key = ("slots", n, n_tiles, n_u, r, term)
+        if key not in self.geo:
+            self.geo[key] = (torch.zeros(n_u + n_tiles * (2 if term else 1), dtype=torch.int32, device=self.device),
+                             torch.zeros(n_u * MAX_DECODE_M * r, dtype=torch.int64, device=self.device))
+            if term:
+                self.ecw[key] = torch.zeros(MAX_DECODE_M * n, dtype=torch.int64, device=self.device)
+        return self.geo[key] + ((self.ecw[key],) if term else ())
 
     def for_group(self, n_total):
         """Split-K buffers of a grouped launch: ``n_total`` columns, up to ``n_total / 4 + MAX_GROUP`` N tiles."""
@@ -566,6 +591,8 @@ class _DecodeSetup:
     #                                       else the sync buffer (the kernels' unused pointer)
     b_early: bool = True
     gdc: bool = False
+    u_sub: int = 1  # mode slots: BLOCK_KU sub-blocks per u tile
+    block_u: int = 1  # mode slots: power of two >= the u tiles
 
 
 def _pdl_ok(device) -> bool:
@@ -573,7 +600,8 @@ def _pdl_ok(device) -> bool:
     return device.type == "cuda" and not _interpret() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _decode_setup(cfg, x2, n, ec_A, ec_B, u, n_tiles=0, split=1) -> _DecodeSetup:
+def _decode_setup(cfg, x2, n, ec_A, ec_B, u, n_tiles=0, split=1, slots_ok=False) -> _DecodeSetup:
+    """``slots_ok``: the launch is the M = 1 FMA GEMV, where mode "slots" exists (elsewhere it runs as "epoch")."""
     ws = _workspace(x2.device)
     acc, arrive = ws.for_n(n)
     has_ec = ec_B is not None
@@ -586,15 +614,37 @@ def _decode_setup(cfg, x2, n, ec_A, ec_B, u, n_tiles=0, split=1) -> _DecodeSetup
     if cfg.ec not in EC_MODES or cfg.ec_b not in ("auto", "early", "late"):
         raise SpearError(f"spear_compile.lowering.dispatch: unknown EC mode in {cfg.name}")
     mode = EC_MODES[cfg.ec] if tiles else 0
+    if mode >= 3 and not slots_ok:
+        mode = 1
+    if mode == 4 and _interpret():  # slotsw's finishers wait for higher program ids: the interpreter runs programs
+        mode = 3                    # one after another (slots' u tiles all come first), so it runs as slots there
     gu = phase = ws.sync
-    if mode == 1:
+    u_buf = ws.u if u is None else u.contiguous()
+    u_sub = block_u = 1
+    if mode >= 3:
+        k = x2.shape[1]
+        cap = cfg.u_tiles or SLOT_TILES
+        if mode == 4:  # slotsw: at most one u chunk per W program
+            cap = min(cap, n_tiles * split)
+        u_sub = triton.cdiv(triton.cdiv(k, cap), block_ku)
+        if u_sub > 1 and block_ku > 128:  # several sub-blocks a tile: a runtime loop over half-size ones (two of
+            u_sub, block_ku = 2 * u_sub, block_ku // 2  # 256 held the u tile at 160-167 registers, sm_90 AOT)
+        tiles = triton.cdiv(k, u_sub * block_ku)
+        block_u = triton.next_power_of_2(tiles)
+        state = ws.for_slots(n, n_tiles, tiles, r, mode == 6)
+        phase, gu = state[:2]
+        if mode == 6:
+            u_buf = state[2]  # the kernel's u pointer carries the EC term words in this mode
+    elif mode == 1:
         phase, gu = ws.for_epoch(n, n_tiles)
     elif mode == 2:
         phase, gu = ws.ep, ws.gu
-    b_early = cfg.ec_b == "early" or (cfg.ec_b == "auto" and split == 1)
-    return _DecodeSetup(acc, arrive, ws.sync, ws.u if u is None else u.contiguous(), u, r, block_r, block_ku,
+    # "auto": early when split_k == 1, except in mode slots, whose finishing program loads slots and gate anyway (B
+    # beside them is free there; held from program start with the gate it took the seg tiles from 127 to 167 registers)
+    b_early = cfg.ec_b == "early" or (cfg.ec_b == "auto" and split == 1 and mode < 3)
+    return _DecodeSetup(acc, arrive, ws.sync, u_buf, u, r, block_r, block_ku,
                         0 if mode == 2 else tiles, mode, tiles if mode == 2 else 0, gu, phase, b_early,
-                        mode == 2 and cfg.ec == "pdl" and _pdl_ok(x2.device))
+                        mode == 2 and cfg.ec == "pdl" and _pdl_ok(x2.device), u_sub, block_u)
 
 
 def _launch_u_kernel(d, x2, ec_A, gate_w, gate_b):
@@ -655,23 +705,24 @@ def _run_gemv(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w,
     n_tiles = triton.cdiv(n, cfg.block_n)
     n_kb = triton.cdiv(k, cfg.block_k)
     split = min(cfg.split_k, n_kb)
-    d = _decode_setup(cfg, x2, n, ec_A, ec_B, u, n_tiles, split)
+    d = _decode_setup(cfg, x2, n, ec_A, ec_B, u, n_tiles, split, slots_ok=m == 1 and not cfg.tc)
     has_ec = ec_B is not None
     dummy = x2  # never read; same dtype as the real operands so every constexpr branch type-checks
     if d.u_kernel_tiles and stage != "w":
         _launch_u_kernel(d, x2, ec_A, gate_w, gate_b)
-    w4_gemv_kernel[(d.num_u_tiles + n_tiles * split,)](
+    w4_gemv_kernel[((0 if d.mode == 4 else d.num_u_tiles) + n_tiles * (split + (d.mode >= 5)),)](
         x2, qdata.view(torch.int32), scale, zero, bias if bias is not None else dummy, y,
         ec_A if ec_A is not None else dummy, ec_B if has_ec else dummy,
         gate_w if gate_w is not None else dummy, gate_b if gate_w is not None else dummy, d.u_buf,
         d.acc, d.arrive, d.sync, d.gu, d.phase,
         m, n, k, d.r, group_size, k // group_size, x2.stride(0), y.stride(0), d.num_u_tiles, n_tiles, split,
-        BLOCK_M=16 if cfg.tc else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SPLIT=split > 1,
+        BLOCK_M=16 if cfg.tc else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SPLIT=split > 1 or d.mode == 5,
         PER_CHANNEL=group_size == k, WIDE=group_size < k and cfg.block_k > group_size, TC=cfg.tc,
         X_BF16=x2.dtype == torch.bfloat16, BLOCK_KU=d.block_ku, BLOCK_R=d.block_r,
         HAS_BIAS=bias is not None, HAS_EC=has_ec, GATED=gate_w is not None, U_READY=d.u is not None,
         DYNAMIC_IDS=cfg.dynamic_ids, INTERPRET=_interpret(), GPB=_gpb(cfg, m, k, group_size),
-        EC_MODE=d.mode, B_EARLY=d.b_early, GDC=d.gdc, **_load_kwargs(cfg, x2), num_warps=cfg.num_warps, **_pdl_kwargs(d),
+        EC_MODE=d.mode, B_EARLY=d.b_early, GDC=d.gdc, **_load_kwargs(cfg, x2), U_SUB=d.u_sub, BLOCK_U=d.block_u,
+        MAX_SPINS=_SLOT_SPINS, num_warps=cfg.num_warps, **_pdl_kwargs(d),
     )
     return y
 

@@ -31,8 +31,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ec_tiles import (_ec_apply, _ec_epilogue, _ec_operands, _gu_check_epoch, _gu_value, _gu_words, _load_b,
-                       _u_tile, _wait_for_u)
+from .ec_tiles import (_ec_apply, _ec_epilogue, _ec_operands, _gate_operands, _gu_check_epoch, _gu_slots, _gu_value,
+                       _gu_words, _load_b, _slot_words, _u_tile, _u_tile_slot, _wait_for_u, _ec_split_program,
+                       _ec_term, _ec_term_words)
 from .tl_helpers import dot
 
 MAGIC_I = tl.constexpr(0x4B000000) # bits of the float 2^23; 0x4B00000q is 2^23 + q
@@ -541,33 +542,66 @@ def w4_gemv_kernel(
     DYNAMIC_IDS: tl.constexpr, INTERPRET: tl.constexpr = False, GPB: tl.constexpr = 0,
     EC_MODE: tl.constexpr = 0, B_EARLY: tl.constexpr = True, GDC: tl.constexpr = False,
     STAGES: tl.constexpr = 0, LEAN: tl.constexpr = 0, XW: tl.constexpr = False, KW_DIV: tl.constexpr = 1,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, U_SUB: tl.constexpr = 1, BLOCK_U: tl.constexpr = 1, MAX_SPINS: tl.constexpr = 1 << 20,
 ):
     """``EC_MODE`` (with ``HAS_EC``): 0 "spin" (u tiles, spin on their counter, last finisher resets; or
     ``U_READY``), 1 "epoch" (u tiles, the last one publishes the gated u as tagged words: see
     ``ec_tiles``), 2 the gated u comes from ``ec_u_kernel`` launched just before (``GDC``: under
     programmatic dependent launch, waited for only in the epilogue). ``B_EARLY`` (modes 1, 2): the tile's B
-    rows loaded at program start (else by the finishing program, beside the split-K partial sum)."""
+    rows loaded at program start (else by the finishing program, beside the split-K partial sum). 3 "slots" (M = 1):
+    each u tile (``U_SUB`` sub-blocks of ``BLOCK_KU``) stores its own tagged partial, the finishing program loads all
+    ``NUM_U_TILES`` slots (``BLOCK_U`` >= that, a power of two) and the gate beside its partial sum, sums and gates
+    (``ec_tiles``; phases: u tiles at ``phase_ptr[tile]``, N tiles at ``phase_ptr[NUM_U_TILES + n]``); 4 "slotsw": the
+    same with the first ``NUM_U_TILES`` W programs computing the u partials before their own W tile; 5 "ecsplit": slot
+    u tiles, then ``N_TILES`` EC programs (one per N tile: slots, gate, ``gu Bᵀ`` into the split-K accumulator as one
+    more arrival), then the W programs (always split-K, ``SPLIT_K + 1`` arrivals; the finisher does no EC work);
+    6 "ecterm": the same EC programs publish their term as tagged words (``u_ptr`` is that int64 buffer here), the W
+    finisher loads them beside its partial sum and adds them (phases: u tiles, EC programs, then W finishers)."""
     USE_DOT: tl.constexpr = BLOCK_M >= 16
     IN_KERNEL_U: tl.constexpr = HAS_EC and not U_READY and EC_MODE != 2
     SPIN: tl.constexpr = IN_KERNEL_U and EC_MODE == 0
+    W_EC: tl.constexpr = HAS_EC and EC_MODE < 5  # the W programs take part in the EC (modes 5, 6: EC programs do it)
+    ECT: tl.constexpr = HAS_EC and EC_MODE == 6  # the W finisher adds the EC programs' published term
+    EXTRA: tl.constexpr = 1 if HAS_EC and EC_MODE == 5 else 0  # split-K arrivals beyond the W splits
     if SPIN and DYNAMIC_IDS:
         tile = tl.atomic_add(sync_ptr, 1)  # dynamic tile id: u tiles are handed out first
     else:
         tile = tl.program_id(0)  # u tiles are the lowest ids (the launcher checks the grid is co-resident)
 
-    if tile < NUM_U_TILES:
-        _u_tile(x_ptr, a_ptr, u_ptr, sync_ptr, gw_ptr, gb_ptr, gu_ptr, phase_ptr, tile, NUM_U_TILES, M, K, R,
-                stride_xm, BLOCK_M, BLOCK_KU, BLOCK_R, GATED, USE_DOT, INTERPRET, EC_MODE)
+    if EC_MODE == 4:  # "slotsw": no u-only programs; the first NUM_U_TILES W programs compute the u partials
+        u_hi = 0
+    elif EC_MODE >= 5:  # "ecsplit"/"ecterm": u tiles, then one EC program per N tile, then the W programs
+        u_hi = NUM_U_TILES + N_TILES
     else:
-        t = tile - NUM_U_TILES
+        u_hi = NUM_U_TILES
+    if tile < u_hi:
+        if EC_MODE >= 5:
+            if tile < NUM_U_TILES:
+                _u_tile_slot(x_ptr, a_ptr, gu_ptr, phase_ptr, tile, M, K, R, stride_xm, BLOCK_M, BLOCK_KU, U_SUB,
+                             BLOCK_R, USE_DOT, INTERPRET)
+            else:
+                _ec_split_program(gu_ptr, phase_ptr, gw_ptr, gb_ptr, b_ptr, bias_ptr, y_ptr, acc_ptr, arrive_ptr,
+                                  tile - NUM_U_TILES, M, N, R, NUM_U_TILES, SPLIT_K, stride_ym, BLOCK_M, BLOCK_N,
+                                  BLOCK_U, BLOCK_R, GATED, HAS_BIAS, USE_DOT, INTERPRET, MAX_SPINS, EC_MODE == 6, u_ptr)
+        elif EC_MODE == 3:
+            _u_tile_slot(x_ptr, a_ptr, gu_ptr, phase_ptr, tile, M, K, R, stride_xm, BLOCK_M, BLOCK_KU, U_SUB, BLOCK_R,
+                         USE_DOT, INTERPRET)
+        else:
+            _u_tile(x_ptr, a_ptr, u_ptr, sync_ptr, gw_ptr, gb_ptr, gu_ptr, phase_ptr, tile, NUM_U_TILES, M, K, R,
+                    stride_xm, BLOCK_M, BLOCK_KU, BLOCK_R, GATED, USE_DOT, INTERPRET, EC_MODE)
+    else:
+        if EC_MODE == 4:
+            if tile < NUM_U_TILES:
+                _u_tile_slot(x_ptr, a_ptr, gu_ptr, phase_ptr, tile, M, K, R, stride_xm, BLOCK_M, BLOCK_KU, U_SUB,
+                             BLOCK_R, USE_DOT, INTERPRET)
+        t = tile - u_hi
         pid_n = t // SPLIT_K
         pid_k = t % SPLIT_K
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = offs_m < M
         n_mask = offs_n < N
-        if HAS_EC:
+        if W_EC:
             if EC_MODE == 0:
                 bt, gw, gb = _ec_operands(b_ptr, gw_ptr, gb_ptr, offs_n, N, R, GATED, BLOCK_R)
             else:
@@ -581,7 +615,7 @@ def w4_gemv_kernel(
                           stride_xm, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, PER_CHANNEL, WIDE, TC, X_BF16, INTERPRET,
                           STAGES, LEAN, XW, KW_DIV, TMA)
 
-        if HAS_EC:
+        if W_EC:
             if EC_MODE == 2:
                 if GDC:  # the u kernel has long finished by now (normally): returns at once
                     tl.extra.cuda.gdc_wait()
@@ -593,10 +627,18 @@ def w4_gemv_kernel(
             arrived = tl.atomic_add(arrive_ptr + pid_n, 1)
         else:
             arrived = SPLIT_K - 1
-        if arrived == SPLIT_K - 1:
-            if HAS_EC:
+        if arrived == SPLIT_K - 1 + EXTRA:
+            if ECT:  # issued before the partial-sum read: one round trip
+                ew, emask = _ec_term_words(u_ptr, offs_m, offs_n, M, N)
+                e_w = tl.load(phase_ptr + NUM_U_TILES + N_TILES + pid_n) + 1
+            if W_EC:
                 if EC_MODE != 0:  # the words, B and the partial sum issued together: one round trip
-                    words, wmask = _gu_words(gu_ptr, offs_m, M, R, BLOCK_R)
+                    if EC_MODE >= 3:  # every u tile's slot, this tile's expected epoch and the gate
+                        words, wmask = _slot_words(gu_ptr, offs_m, M, R, NUM_U_TILES, BLOCK_U, BLOCK_R)
+                        e_exp = tl.load(phase_ptr + NUM_U_TILES + pid_n) + 1
+                        gw, gb = _gate_operands(gw_ptr, gb_ptr, R, GATED, BLOCK_R)
+                    else:
+                        words, wmask = _gu_words(gu_ptr, offs_m, M, R, BLOCK_R)
                     if EC_MODE == 1:  # the epoch this tile expects (only its own finisher writes its phase)
                         e_exp = tl.load(phase_ptr + 1 + pid_n) + 1
                     if not B_EARLY:
@@ -605,7 +647,7 @@ def w4_gemv_kernel(
                 acc = tl.load(acc_ptrs, mask=out_mask, other=0.0, volatile=True)  # coherent (L2) read
                 tl.store(acc_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=out_mask)
                 tl.store(arrive_ptr + pid_n, 0)
-            if HAS_EC:
+            if W_EC:
                 if EC_MODE == 0:
                     if IN_KERNEL_U:
                         acc = _wait_for_u(acc, sync_ptr, NUM_U_TILES)
@@ -614,9 +656,16 @@ def w4_gemv_kernel(
                     if EC_MODE == 1:
                         gu = _gu_check_epoch(words, wmask, e_exp, gu_ptr, offs_m, M, R, BLOCK_R)
                         tl.store(phase_ptr + 1 + pid_n, e_exp)
+                    elif EC_MODE >= 3:
+                        gu = _gu_slots(words, wmask, e_exp, gu_ptr, offs_m, M, R, NUM_U_TILES, gw, gb, GATED, BLOCK_U,
+                                       BLOCK_R, USE_DOT, MAX_SPINS)
+                        tl.store(phase_ptr + NUM_U_TILES + pid_n, e_exp)
                     else:  # after the u kernel: the words are final
                         gu = tl.where(wmask, _gu_value(words), 0.0)
                     acc = _ec_apply(acc, gu, bt, USE_DOT, INTERPRET)
+            if ECT:
+                acc += _ec_term(ew, emask, e_w, u_ptr, offs_m, offs_n, M, N, MAX_SPINS)
+                tl.store(phase_ptr + NUM_U_TILES + N_TILES + pid_n, e_w)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
