@@ -257,8 +257,8 @@ def test_ec_candidates_ride_on_the_w4_ranking():
     the fastest with the spin mode; ``_ranked`` orders a key's timed candidates from the tuning log."""
     ranked = [D(64, 128, 16, 2), D(8, 512, 2, 2, seg=True), D(16, 256, 4, 2), D(32, 256, 1, 4), D(8, 128, 1, 2)]
     cands = dispatch.decode_ec_candidates(ranked, k=2048, n=2048, sms=132)
-    assert {c.ec for c in cands} == {"epoch", "pdl", "slots", "ecsplit", "ecterm", "spin"}
-    assert {c.ec for c in cands if c.seg} == {"epoch", "pdl", "slots", "ecsplit", "ecterm"}
+    assert {c.ec for c in cands} == {"epoch", "pdl", "slots", "ecterm", "spin"}  # ecsplit: forced only
+    assert {c.ec for c in cands if c.seg} == {"epoch", "pdl", "slots", "ecterm"}
     assert [c for c in cands if c.ec == "spin"] == [dataclasses.replace(ranked[0], ec="spin")]
     bases = {dataclasses.replace(c, ec="spin") for c in cands if c.ec != "spin"}
     assert bases == {ranked[0], ranked[1], ranked[2], ranked[3]}  # top 3 + the fastest with <= 132 programs

@@ -321,8 +321,9 @@ def decode_ec_candidates(w4_ranked, k=None, n=None, sms=132, top=3):
     """EC decode configs the tuner times, derived from the W4-only key's ranking (the EC adds ~5-9% bytes, so the
     W4 stream's best tilings stay the candidates): the ``top`` fastest, and the fastest whose programs fit one per
     SM (the EC lengthens each tile's finishing program; with several waves of programs that delay is paid once per
-    wave: bench/results/decode_ec.md), each with the modes "epoch" and "pdl" (and "slots", "ecsplit", "ecterm" where the config is the
-    M = 1 FMA GEMV); and the fastest with the "spin" mode (the session-3 kernel) as the reference."""
+    wave: bench/results/decode_ec.md), each with the modes "epoch" and "pdl" (and "slots", "ecterm" where the config is
+    the M = 1 FMA GEMV; "ecsplit" won no key of the merged session-6 run and none by more than 0.2 µs before, so it is
+    forced only); and the fastest with the "spin" mode (the session-3 kernel) as the reference."""
     picks = list(w4_ranked[:top])
     if k is not None and n is not None:
         one_wave = [c for c in w4_ranked
@@ -331,7 +332,7 @@ def decode_ec_candidates(w4_ranked, k=None, n=None, sms=132, top=3):
     out = []
     for cfg in picks:
         slots = cfg.kernel == "gemv" and not cfg.tc
-        for ec in ("epoch", "pdl", "slots", "ecsplit", "ecterm") if slots else ("epoch", "pdl"):
+        for ec in ("epoch", "pdl", "slots", "ecterm") if slots else ("epoch", "pdl"):
             out.append(dataclasses.replace(cfg, ec=ec, ec_b="auto", dynamic_ids=False))
     out.append(dataclasses.replace(w4_ranked[0], ec="spin", ec_b="auto"))
     return list(dict.fromkeys(out))
@@ -372,14 +373,15 @@ def prefill_candidates(m, k, group_size, has_ec=False, gated=False):
 
 def default_config(m, k, n, group_size, sms=132, has_ec=False):
     """The config used untuned (``SPEAR_AUTOTUNE=0``, the interpreter, a capture with no warm-up): the EC in
-    decode with the "epoch" mode and at M > 64 as the K-concat GEMM, the modes the tuner picked on most keys
-    (bench/results/decode_ec.md, prefill_s5.md)."""
+    decode with the "slots" mode at M = 1 and "epoch" at M 2..16, at M > 64 as the K-concat GEMM, the modes the
+    tuner picked on most keys (bench/results/decode_ec_s6_merged.md, decode_ec.md, prefill_s5.md)."""
     if m <= MAX_DECODE_M:
         bk = _block_k_choices(k, group_size, [128, 64, 32])[0]
-        ec = "epoch" if has_ec else "spin"
         if m == 1:
-            return DecodeConfig(32, bk, _gemv_splits(triton.cdiv(n, 32), k, bk, sms)[0], 2, ec=ec, lean=2)
-        return DecodeConfig(32, bk, _split_for(triton.cdiv(n, 32), k, bk, sms), 4, kernel="v3", ec=ec)
+            return DecodeConfig(32, bk, _gemv_splits(triton.cdiv(n, 32), k, bk, sms)[0], 2,
+                                ec="slots" if has_ec else "spin", lean=2)
+        return DecodeConfig(32, bk, _split_for(triton.cdiv(n, 32), k, bk, sms), 4, kernel="v3",
+                            ec="epoch" if has_ec else "spin")
     if m > 64:  # measured faster than our Triton GEMM at M=256/2048 on H100 (bench/results/kernels.md)
         return DequantCublasConfig(ec="kcat", pad=64, split=True) if has_ec else DequantCublasConfig()
     return prefill_candidates(m, k, group_size)[0]
