@@ -259,7 +259,9 @@ def parse_variant(variant):
     return parts[0], extra
 
 
-def e2e(args, variant):
+def bench_model(variant):
+    """(base, options, the 1B-shaped model — W4 per-channel for ``spear``, + random ECs on 10% of the linears for
+    ``+ec``, the LM head too for ``+lmhead`` —, the EC'd linears) after a fresh Dynamo/pass state."""
     base, opts = parse_variant(variant)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -270,6 +272,11 @@ def e2e(args, variant):
         spear_compile.quantize(model, "w4-pc-rtn", skip=() if "lmhead" in opts else ("lm_head",), progress=False)
         if "ec" in opts:
             chosen = attach_random_ecs(model, 0.10, 32, seed=2)
+    return base, opts, model, chosen
+
+
+def e2e(args, variant):
+    base, opts, model, chosen = bench_model(variant)
     prompt = torch.randint(0, 128256, (1, args.prompt), generator=torch.Generator().manual_seed(0)).cuda()
     cache = make_cache(model, args.prompt + args.new + 8)
     t0 = time.perf_counter()
@@ -309,15 +316,8 @@ def prefill_timing(args, variant, reps=5):
     graphs, module guards kept), static cache, ``logits_to_keep=1`` (the LM head on the last position only, as
     generation does): the layers' linears run at M = prompt length, i.e. the prefill kernels (dequantize +
     cuBLAS with the EC structures the tuner picks)."""
-    base, opts = parse_variant(variant)
-    torch._dynamo.reset()
-    passes.clear()
-    model = llama1b(0)
-    chosen = []
+    base, opts, model, chosen = bench_model(variant)
     if base == "spear":
-        spear_compile.quantize(model, "w4-pc-rtn", skip=() if "lmhead" in opts else ("lm_head",), progress=False)
-        if "ec" in opts:
-            chosen = attach_random_ecs(model, 0.10, 32, seed=2)
         optimize(model, quant=None, fullgraph=True, dynamic=False, mode="reduce-overhead" if "cg" in opts else None)
     else:
         model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False,
