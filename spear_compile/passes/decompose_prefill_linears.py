@@ -122,6 +122,8 @@ class DecomposePrefillLinearsPass:
         fake_mode = detect_fake_mode(vals)
         with fake_mode:  # traced with Inductor's decompositions: a post-grad graph holds decomposed aten ops
             sub = make_fx(fn, decomposition_table=select_decomp_table())(*vals)
+        if any(n.op == "get_attr" for n in sub.graph.nodes):
+            return False  # constants would need copying into the owning module: leave the node as it is
         env = {}
         placeholders = iter(tensor_args)
         out = None
@@ -131,8 +133,6 @@ class DecomposePrefillLinearsPass:
                     env[n] = next(placeholders)
                 elif n.op == "output":
                     out = env[n.args[0]] if not isinstance(n.args[0], (tuple, list)) else env[n.args[0][0]]
-                elif n.op == "get_attr":
-                    return False  # constants would need copying into the owning module: leave the node
                 else:
                     new = graph.node_copy(n, lambda a: env[a])
                     new.meta["stack_trace"] = node.meta.get("stack_trace")
