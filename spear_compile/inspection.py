@@ -80,7 +80,7 @@ def kernel_for(m: int, rec: registry.MatchRecord, device: str, group: Optional[r
     if not rec.matched:
         return "reference"
     if rec.decomposed:
-        return "dequantize (Inductor kernel) + mm (cuBLAS): decomposed in the graph (static prefill M, no CUDA graphs)"
+        return "decomposed: dequantize + mm in the graph (Inductor, cuBLAS)"
     if device != "cuda" or rec.dtype not in ("bfloat16", "float16"):
         return f"reference ({device}, {rec.dtype})"
     try:
