@@ -498,8 +498,8 @@ def write_grouped(out, env, rows, checks, bad, smoke_lines):
 
 
 # ------------------------------------------------------------------ fused EC at decode (--ec)
-EC_VARIANTS = ("spin", "uready", "epoch", "pdl", "2k", "w_alone", "u_alone", "slots", "slotsw", "ecsplit", "ecterm")
-LAYER_MODES = ("spin", "epoch", "pdl", "slots", "slotsw", "ecsplit", "ecterm")  # forced per layer (slots/slotsw: M = 1 FMA, else epoch)
+EC_VARIANTS = ("spin", "uready", "epoch", "pdl", "2k", "w_alone", "u_alone", "slots", "ecsplit", "ecterm")
+LAYER_MODES = ("spin", "epoch", "pdl", "slots", "ecsplit", "ecterm")  # forced per layer (slots...: M = 1 FMA, else epoch)
 
 
 def ec_smoke(log):
@@ -546,7 +546,7 @@ def ec_stress(log, gen):
                         (4096, 4096, dispatch.DecodeConfig(32, 128, 1, 4, tc=True))):
         L = make_linear(k, n, dev, gen)
         m = 16 if (cfg.kernel == "v3" or cfg.tc) else 1
-        for ec in ("epoch", "pdl", "spin") + (("slots", "slotsw", "ecsplit", "ecterm") if m == 1 and not cfg.tc else ()):
+        for ec in ("epoch", "pdl", "spin") + (("slots", "ecsplit", "ecterm") if m == 1 and not cfg.tc else ()):
             c = dataclasses.replace(cfg, ec=ec)
 
             def call(x):
@@ -654,7 +654,6 @@ def ec_shapes(args, log, gen, t0):
                                 ("w_alone", dataclasses.replace(c0, ec="2k"), dict(stage="w"), ref_e),
                                 ("pdl", dataclasses.replace(c0, ec="pdl"), {}, ref_e),
                                 ("slots", dataclasses.replace(c0, ec="slots"), {}, ref_e),
-                                ("slotsw", dataclasses.replace(c0, ec="slotsw"), {}, ref_e),
                                 ("ecsplit", dataclasses.replace(c0, ec="ecsplit"), {}, ref_e),
                                 ("ecterm", dataclasses.replace(c0, ec="ecterm"), {}, ref_e)]
                     if split > 1:
@@ -946,19 +945,19 @@ def write_ec(out_dir, out):
                ", ".join(f"ec={k}: max rel err {v:.2e}" for k, v in out["compile"].items()), ""]
     if out.get("layers"):
         md += ["## Per decoder layer (7 linears; µs, CUDA-graph replays over rotated weight copies)", "",
-               "`ec` = the production tuner's pick per linear; `spin/epoch/pdl/slots/slotsw/ecsplit/ecterm` = that mode on each W4 key's "
-               "tuned config (slots/slotsw/ecsplit/ecterm exist for the M = 1 FMA GEMV; at M = 16 they run as epoch). "
+               "`ec` = the production tuner's pick per linear; `spin/epoch/pdl/slots/ecsplit/ecterm` = that mode on each W4 key's "
+               "tuned config (slots/ecsplit/ecterm exist for the M = 1 FMA GEMV; at M = 16 they run as epoch). "
                "`naive eager` = W4 + torch EC ops launched eagerly with a sync per layer.", "",
-               "| model | M | quant | W4-only | W4 again | fused EC | EC/W4 | spin | epoch | pdl | slots | slotsw | ecsplit | ecterm | naive graph | naive eager | naive eager / EC | max rel err |",
-               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+               "| model | M | quant | W4-only | W4 again | fused EC | EC/W4 | spin | epoch | pdl | slots | ecsplit | ecterm | naive graph | naive eager | naive eager / EC | max rel err |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in out["layers"]:
             md.append(f"| {r['model']} | {r['m']} | {r['quant']} | {r['w4']:.1f} | {r['w4_again']:.1f} | {r['ec']:.1f} | "
                       f"**{r['ec'] / r['w4']:.2f}** | {r['ec_spin']:.1f} | {r['ec_epoch']:.1f} | {r['ec_pdl']:.1f} | "
-                      f"{r.get('ec_slots', float('nan')):.1f} | {r.get('ec_slotsw', float('nan')):.1f} | {r.get('ec_ecsplit', float('nan')):.1f} | {r.get('ec_ecterm', float('nan')):.1f} | "
+                      f"{r.get('ec_slots', float('nan')):.1f} | {r.get('ec_ecsplit', float('nan')):.1f} | {r.get('ec_ecterm', float('nan')):.1f} | "
                       f"{r['naive']:.1f} | {r['naive_eager']:.1f} | {r['naive_eager'] / r['ec']:.1f} | {r['max_err']:.1e} |")
         md.append("")
     if out.get("shapes"):
-        cols = ("w4", "spin", "uready", "epoch", "2k", "pdl", "slots", "slotsw", "ecsplit", "ecterm", "epoch_b_early", "pdl_b_early", "w_alone",
+        cols = ("w4", "spin", "uready", "epoch", "2k", "pdl", "slots", "ecsplit", "ecterm", "epoch_b_early", "pdl_b_early", "w_alone",
                 "u_alone", "tuned")
         md += ["## Per linear (µs per call; the W4-only tuned config, with each EC mode)", "",
                "`uready` = spin kernel with u given (computed outside the graph: the epilogue alone, no dependency); "

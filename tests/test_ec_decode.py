@@ -2,13 +2,12 @@
 
 Modes (``DecodeConfig.ec``): "spin" (u tiles + spin + the last finisher resets the workspace), "epoch" (the last
 u tile publishes the gated u as epoch-tagged words; nothing to reset), "pdl" / "2k" (``ec_u_kernel`` first, then
-the W kernel; under the interpreter "pdl" runs without its grid-dependency calls), "slots" / "slotsw" (M = 1 FMA
-GEMV: each u tile, or each of the first W programs, stores its own tagged partial; the finishing programs sum the slots
-and gate; elsewhere they run as "epoch"), "ecsplit" (slots' u tiles, then one EC program per N tile adds its EC term
+the W kernel; under the interpreter "pdl" runs without its grid-dependency calls), "slots" (M = 1 FMA
+GEMV: each u tile stores its own tagged partial; the finishing programs sum the slots and gate; elsewhere it runs as
+"epoch"), "ecsplit" (slots' u tiles, then one EC program per N tile adds its EC term
 into the split-K accumulator as one more arrival), "ecterm" (the same EC programs publish their term as tagged words
 that the W finisher adds). Each case runs twice, or more, so a counter or an epoch left wrong by one call
-shows up in the next. The interpreter runs programs one after another, so "slotsw" (whose finishers may wait for
-higher program ids) runs as "slots" here; the GPU smoke (bench/decode_sweep.py --ec) runs it for real.
+shows up in the next.
 """
 import dataclasses
 import os
@@ -97,7 +96,7 @@ CASES = [  # (M, group, dtype, gated, bias, config)
     (1, K, torch.float16, True, False, D(8, 128, 2, 2, ec="pdl", stages=3, xw=True, lean=3)),  # nibble pairs
     # slots (one u tile at K = 256, r = 8; several: SLOT_CASES)
     (1, K, torch.bfloat16, True, True, D(16, 128, 2, 2, ec="slots")),
-    (1, 64, torch.float16, False, False, D(8, 64, 1, 2, ec="slotsw")),
+    (1, 64, torch.float16, False, False, D(8, 64, 1, 2, ec="slots")),
     (1, 64, torch.bfloat16, True, False, D(16, 128, 1, 2, ec="slots", seg=True, stages=3, xw=True, lean=2)),
     (1, 128, torch.bfloat16, True, True, D(16, 128, 1, 2, ec="ecsplit")),
     (1, K, torch.float16, False, False, D(8, 128, 2, 2, ec="ecsplit", stages=3, xw=True, lean=2)),
@@ -113,7 +112,7 @@ CASES = [  # (M, group, dtype, gated, bias, config)
     (12, 128, torch.bfloat16, True, True, D(32, 64, 2, 4, kernel="v3")),              # spin (as before)
     # slots at M > 1 (tensor cores, byte kernel): run as epoch
     (5, 128, torch.bfloat16, True, True, D(16, 128, 1, 4, tc=True, ec="slots")),
-    (9, K, torch.float16, False, False, D(32, 64, 2, 4, kernel="v3", ec="slotsw")),
+    (9, K, torch.float16, False, False, D(32, 64, 2, 4, kernel="v3", ec="slots")),
     (4, 128, torch.float16, True, False, D(16, 128, 1, 4, tc=True, ec="ecsplit")),
 ]
 
@@ -125,8 +124,8 @@ SLOT_CASES = [  # (M, group, dtype, gated, bias, config)
     (1, KS, torch.float16, True, False, D(8, 256, 1, 2, ec="slots", u_tiles=2)),
     (1, 64, torch.bfloat16, False, True, D(16, 64, 4, 2, ec="slots", u_tiles=3)),
     (1, KS, torch.bfloat16, True, True, D(16, 256, 2, 2, ec="slots", stages=3, xw=True, lean=2)),
-    (1, 128, torch.float16, True, True, D(8, 128, 2, 2, ec="slotsw")),
-    (1, 64, torch.bfloat16, True, False, D(16, 64, 1, 2, ec="slotsw", u_tiles=2)),
+    (1, 128, torch.float16, True, True, D(8, 128, 2, 2, ec="slots")),
+    (1, 64, torch.bfloat16, True, False, D(16, 64, 1, 2, ec="slots", u_tiles=2)),
     (1, 128, torch.bfloat16, True, True, D(16, 128, 4, 2, ec="ecsplit")),
     (1, KS, torch.float16, True, False, D(8, 256, 1, 2, ec="ecsplit", u_tiles=2)),
     (1, KS, torch.bfloat16, True, True, D(16, 256, 1, 2, ec="ecterm")),
@@ -174,7 +173,7 @@ def test_slots_geometries_interleaved():
     t1 = _problem(1, 128, torch.bfloat16, True, False, seed, k=KS, r=RS)
     t3 = _problem(3, 128, torch.bfloat16, True, True, seed + 1, k=KS, r=RS)
     c_a, c_b = D(16, 128, 2, 2, ec="slots"), D(8, 128, 1, 2, ec="slots", u_tiles=2)
-    c_e, c_w = D(16, 128, 2, 2, ec="epoch"), D(16, 128, 2, 2, ec="slotsw")
+    c_e, c_w = D(16, 128, 2, 2, ec="epoch"), D(16, 128, 2, 2, ec="slots", u_tiles=3)  # c_a's N tiles, 3 slots
     c_tc = D(16, 128, 1, 4, tc=True, ec="slots")
     c_x = D(16, 128, 2, 2, ec="ecsplit")  # same geometry as c_a: shares its slot phases
     c_t = D(16, 128, 2, 2, ec="ecterm")  # same geometry, its own state (one more phase per N tile)

@@ -70,8 +70,8 @@ class DecodeConfig:
     # "pdl" ec_u_kernel then the W kernel under programmatic dependent launch (it streams its weights while
     # u is computed and waits only in its epilogue); "2k" the same two kernels in plain stream order; "slots" one
     # launch, M = 1 int32-word GEMV (FMA) only (elsewhere it runs as "epoch"): each u tile stores its own tagged
-    # partial, the finishing programs sum the slots and gate (no atomics, no counter, no publishing tile); "slotsw"
-    # the same with the u partials computed by the first W programs (no extra programs); "ecsplit" slots' u tiles,
+    # partial, the finishing programs sum the slots and gate (no atomics, no counter, no publishing tile); "ecsplit"
+    # slots' u tiles,
     # then one EC program per N tile adding g(u)⊙u Bᵀ into the split-K accumulator as one more arrival (the W
     # programs always take the split-K path; the last arrival finishes as W4-only: no EC work on its tail);
     # "ecterm" the same EC programs publish their term as tagged words, the W finisher adds it (any split).
@@ -97,7 +97,7 @@ class DecodeConfig:
         return f"decode[BN={self.block_n},BK={self.block_k},splitK={self.split_k},warps={self.num_warps}{u}{v}]"
 
 
-EC_MODES = {"spin": 0, "epoch": 1, "pdl": 2, "2k": 2, "slots": 3, "slotsw": 4, "ecsplit": 5, "ecterm": 6}
+EC_MODES = {"spin": 0, "epoch": 1, "pdl": 2, "2k": 2, "slots": 3, "ecsplit": 5, "ecterm": 6}
 SLOT_TILES = 32  # EC "slots": default cap on the u tiles (a finishing program loads tiles x r slot words; with up to
 #                 32 of BLOCK_KU = 256 each, K <= 8192 takes one sub-block a tile; 64 slots raised registers 128 -> 255)
 _SLOT_SPINS = 1 << 20  # EC "slots": re-reads of stale slot words before a tile is poisoned (tests lower it)
@@ -491,7 +491,7 @@ class _Workspace:
         return self.geo[key]
 
     def for_slots(self, n, n_tiles, n_u, r, term=False):
-        """Modes "slots"/"slotsw"/"ecsplit": phases ``int32 [n_u + n_tiles]`` (u tiles, then N tiles) and the slot
+        """Modes "slots"/"ecsplit": phases ``int32 [n_u + n_tiles]`` (u tiles, then N tiles) and the slot
         words ``int64 [n_u * 16 * r]`` of one launch geometry (every launch bumps each phase once, so they agree
         between launches). ``term`` ("ecterm"): n_tiles more phases (the W finishers) and the published EC term words
         ``int64 [16 * n]`` (a third entry)."""
@@ -618,16 +618,12 @@ def _decode_setup(cfg, x2, n, ec_A, ec_B, u, n_tiles=0, split=1, slots_ok=False)
     mode = EC_MODES[cfg.ec] if tiles else 0
     if mode >= 3 and not slots_ok:
         mode = 1
-    if mode == 4 and _interpret():  # slotsw's finishers wait for higher program ids: the interpreter runs programs
-        mode = 3                    # one after another (slots' u tiles all come first), so it runs as slots there
     gu = phase = ws.sync
     u_buf = ws.u if u is None else u.contiguous()
     u_sub = block_u = 1
     if mode >= 3:
         k = x2.shape[1]
         cap = cfg.u_tiles or SLOT_TILES
-        if mode == 4:  # slotsw: at most one u chunk per W program
-            cap = min(cap, n_tiles * split)
         u_sub = triton.cdiv(triton.cdiv(k, cap), block_ku)
         if u_sub > 1 and block_ku > 128:  # several sub-blocks a tile: a runtime loop over half-size ones (two of
             u_sub, block_ku = 2 * u_sub, block_ku // 2  # 256 held the u tile at 160-167 registers, sm_90 AOT)
@@ -712,7 +708,7 @@ def _run_gemv(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w,
     dummy = x2  # never read; same dtype as the real operands so every constexpr branch type-checks
     if d.u_kernel_tiles and stage != "w":
         _launch_u_kernel(d, x2, ec_A, gate_w, gate_b)
-    w4_gemv_kernel[((0 if d.mode == 4 else d.num_u_tiles) + n_tiles * (split + (d.mode >= 5)),)](
+    w4_gemv_kernel[(d.num_u_tiles + n_tiles * (split + (d.mode >= 5)),)](
         x2, qdata.view(torch.int32), scale, zero, bias if bias is not None else dummy, y,
         ec_A if ec_A is not None else dummy, ec_B if has_ec else dummy,
         gate_w if gate_w is not None else dummy, gate_b if gate_w is not None else dummy, d.u_buf,

@@ -551,8 +551,8 @@ def w4_gemv_kernel(
     rows loaded at program start (else by the finishing program, beside the split-K partial sum). 3 "slots" (M = 1):
     each u tile (``U_SUB`` sub-blocks of ``BLOCK_KU``) stores its own tagged partial, the finishing program loads all
     ``NUM_U_TILES`` slots (``BLOCK_U`` >= that, a power of two) and the gate beside its partial sum, sums and gates
-    (``ec_tiles``; phases: u tiles at ``phase_ptr[tile]``, N tiles at ``phase_ptr[NUM_U_TILES + n]``); 4 "slotsw": the
-    same with the first ``NUM_U_TILES`` W programs computing the u partials before their own W tile; 5 "ecsplit": slot
+    (``ec_tiles``; phases: u tiles at ``phase_ptr[tile]``, N tiles at ``phase_ptr[NUM_U_TILES + n]``); 4 is free
+    (session 6's "slotsw", the u partials in the first W programs, lost everywhere and was removed); 5 "ecsplit": slot
     u tiles, then ``N_TILES`` EC programs (one per N tile: slots, gate, ``gu Bᵀ`` into the split-K accumulator as one
     more arrival), then the W programs (always split-K, ``SPLIT_K + 1`` arrivals; the finisher does no EC work);
     6 "ecterm": the same EC programs publish their term as tagged words (``u_ptr`` is that int64 buffer here), the W
@@ -568,9 +568,7 @@ def w4_gemv_kernel(
     else:
         tile = tl.program_id(0)  # u tiles are the lowest ids (the launcher checks the grid is co-resident)
 
-    if EC_MODE == 4:  # "slotsw": no u-only programs; the first NUM_U_TILES W programs compute the u partials
-        u_hi = 0
-    elif EC_MODE >= 5:  # "ecsplit"/"ecterm": u tiles, then one EC program per N tile, then the W programs
+    if EC_MODE >= 5:  # "ecsplit"/"ecterm": u tiles, then one EC program per N tile, then the W programs
         u_hi = NUM_U_TILES + N_TILES
     else:
         u_hi = NUM_U_TILES
@@ -590,10 +588,6 @@ def w4_gemv_kernel(
             _u_tile(x_ptr, a_ptr, u_ptr, sync_ptr, gw_ptr, gb_ptr, gu_ptr, phase_ptr, tile, NUM_U_TILES, M, K, R,
                     stride_xm, BLOCK_M, BLOCK_KU, BLOCK_R, GATED, USE_DOT, INTERPRET, EC_MODE)
     else:
-        if EC_MODE == 4:
-            if tile < NUM_U_TILES:
-                _u_tile_slot(x_ptr, a_ptr, gu_ptr, phase_ptr, tile, M, K, R, stride_xm, BLOCK_M, BLOCK_KU, U_SUB,
-                             BLOCK_R, USE_DOT, INTERPRET)
         t = tile - u_hi
         pid_n = t // SPLIT_K
         pid_k = t % SPLIT_K
