@@ -71,8 +71,7 @@ class DecodeConfig:
     # u is computed and waits only in its epilogue); "2k" the same two kernels in plain stream order; "slots" one
     # launch, M = 1 int32-word GEMV (FMA) only (elsewhere it runs as "epoch"): each u tile stores its own tagged
     # partial, the finishing programs sum the slots and gate (no atomics, no counter, no publishing tile); "ecsplit"
-    # slots' u tiles,
-    # then one EC program per N tile adding g(u)⊙u Bᵀ into the split-K accumulator as one more arrival (the W
+    # slots' u tiles, then one EC program per N tile adding g(u)⊙u Bᵀ into the split-K accumulator as one more arrival (the W
     # programs always take the split-K path; the last arrival finishes as W4-only: no EC work on its tail);
     # "ecterm" the same EC programs publish their term as tagged words, the W finisher adds it (any split).
     ec: str = "spin"

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 from torch._guards import detect_fake_mode
+from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..lowering import fused_linear  # noqa: F401  (registers spear::fused_linear, spear::grouped_linear)
@@ -55,15 +56,13 @@ def _linear(x, w, bias):
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-def _plain(x, qdata, scale, zero, bias, group_size):
-    return _linear(x, dequantize_packed(qdata, scale, zero, x.shape[-1], x.dtype), bias)
-
-
-def _grouped(x, qdatas, scales, zeros, biases, group_size):
+def _dequantized(x, qdatas, scales, zeros, biases):
+    """``x [..., K] @ [W_1; W_2; ...]ᵀ (+ [b_1; b_2; ...])``: the members' weights dequantized (concatenated along N
+    when there are several: one Inductor kernel writes them side by side) and one mm."""
     k = x.shape[-1]
-    w = torch.cat([dequantize_packed(q, s, z, k, x.dtype) for q, s, z in zip(qdatas, scales, zeros)], 0)
-    bias = None if biases[0] is None else torch.cat(list(biases), 0)
-    return _linear(x, w, bias)
+    ws = [dequantize_packed(q, s, z, k, x.dtype) for q, s, z in zip(qdatas, scales, zeros)]
+    bias = None if biases[0] is None else (biases[0] if len(biases) == 1 else torch.cat(list(biases), 0))
+    return _linear(x, ws[0] if len(ws) == 1 else torch.cat(ws, 0), bias)
 
 
 class DecomposePrefillLinearsPass:
@@ -99,28 +98,22 @@ class DecomposePrefillLinearsPass:
     @staticmethod
     def _replace(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
         grouped = node.target is GROUPED
-        x, qs, ss, zs, bs, gs = node.args[:6]
-        if grouped:
-            tensor_args = [x, *qs, *ss, *zs, *(b for b in bs if b is not None)]
-        else:
-            tensor_args = [x, qs, ss, zs] + ([bs] if bs is not None else [])
+        x, qs, ss, zs, bs = node.args[:5]
+        if not grouped:
+            qs, ss, zs, bs = [qs], [ss], [zs], [bs]
+        g, has_bias = len(qs), bs[0] is not None
+        tensor_args = [x, *qs, *ss, *zs, *(bs if has_bias else [])]
         vals = [_val(a) for a in tensor_args]
         if any(v is None for v in vals):
             return False
-        g = len(qs) if grouped else 1
-        has_bias = (bs[0] is not None) if grouped else (bs is not None)
 
-        def fn(*t):
-            x_, rest = t[0], list(t[1:])
+        def fn(x_, *rest):
             q_, s_, z_ = rest[:g], rest[g:2 * g], rest[2 * g:3 * g]
-            b_ = rest[3 * g:] if has_bias else [None] * g
-            if grouped:
-                return _grouped(x_, q_, s_, z_, b_, gs)
-            return _plain(x_, q_[0], s_[0], z_[0], b_[0], gs)
+            return _dequantized(x_, q_, s_, z_, rest[3 * g:] if has_bias else [None])
 
-        from torch._inductor.decomposition import select_decomp_table
-        fake_mode = detect_fake_mode(vals)
-        with fake_mode:  # traced with Inductor's decompositions: a post-grad graph holds decomposed aten ops
+        # one trace per node (each copy gets its own fake values), with Inductor's decompositions: a post-grad
+        # graph holds decomposed aten ops
+        with detect_fake_mode(vals):
             sub = make_fx(fn, decomposition_table=select_decomp_table())(*vals)
         if any(n.op == "get_attr" for n in sub.graph.nodes):
             return False  # constants would need copying into the owning module: leave the node as it is
