@@ -186,6 +186,41 @@ def _x_pair(xw, HIGH: tl.constexpr, X_BF16: tl.constexpr):
 
 
 @triton.jit
+def _words_fma_xw(q, xw_ptr, jw, jm, LEAN: tl.constexpr, PAIR: tl.constexpr, X_BF16: tl.constexpr):
+    """The 8 nibble planes of the int32 words ``q`` (rows as the leading axis, then x's tile shape) against x read
+    as int32 pairs at word indices ``jw`` (masked by ``jm``): ``(Σ_i nib_i · x_i, Σ x, Σ even-k x)`` per word, the last
+    for nibble pairs (``PAIR``)."""
+    d = tl.zeros(q.shape, dtype=tl.float32)
+    xs = tl.zeros(jw.shape, dtype=tl.float32)
+    xe = tl.zeros(jw.shape, dtype=tl.float32)
+    for p in tl.static_range(4):
+        xw = tl.load(xw_ptr + 4 * jw + p, mask=jm, other=0)
+        x_lo = _x_pair(xw, False, X_BF16)
+        x_hi = _x_pair(xw, True, X_BF16)
+        d += _nib(q, 2 * p, LEAN) * tl.expand_dims(x_lo, 0)
+        d += _nib(q, 2 * p + 1, LEAN) * tl.expand_dims(x_hi, 0)
+        xs += x_lo + x_hi
+        if PAIR:
+            xe += x_lo
+    return d, xs, xe
+
+
+@triton.jit
+def _words_fma_planes(q, x_ptr, k8, xm, LEAN: tl.constexpr, PAIR: tl.constexpr):
+    """``_words_fma_xw`` with x read as 8 strided planes (``x[k8 + i]``, masked by ``xm``)."""
+    d = tl.zeros(q.shape, dtype=tl.float32)
+    xs = tl.zeros(k8.shape, dtype=tl.float32)
+    xe = tl.zeros(k8.shape, dtype=tl.float32)
+    for i in tl.static_range(8):
+        x_i = tl.load(x_ptr + k8 + i, mask=xm, other=0.0).to(tl.float32)
+        d += _nib(q, i, LEAN) * tl.expand_dims(x_i, 0)
+        xs += x_i
+        if PAIR and i % 2 == 0:
+            xe += x_i
+    return d, xs, xe
+
+
+@triton.jit
 def _w_tile_piped(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_size, n_groups, SPLIT_K,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr, STAGES: tl.constexpr,
                   LEAN: tl.constexpr, X_BF16: tl.constexpr, XW: tl.constexpr, KW_DIV: tl.constexpr,
@@ -228,27 +263,10 @@ def _w_tile_piped(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_si
             q = desc.load([row0, kb * BKW])
         else:
             q = tl.load(q_rows + j[None, :], mask=n_mask[:, None] & jm[None, :], other=0)
-        d = tl.zeros((BLOCK_N, BKW), dtype=tl.float32)
-        xs = tl.zeros((BKW,), dtype=tl.float32)
-        xe = tl.zeros((BKW,), dtype=tl.float32)  # sum of the even-k x (PAIR)
         if XW:
-            for p in tl.static_range(4):
-                xw = tl.load(xw_ptr + 4 * j + p, mask=jm, other=0)
-                x_lo = _x_pair(xw, False, X_BF16)
-                x_hi = _x_pair(xw, True, X_BF16)
-                d += _nib(q, 2 * p, LEAN) * x_lo[None, :]
-                d += _nib(q, 2 * p + 1, LEAN) * x_hi[None, :]
-                xs += x_lo + x_hi
-                if PAIR:
-                    xe += x_lo
+            d, xs, xe = _words_fma_xw(q, xw_ptr, j, jm, LEAN, PAIR, X_BF16)
         else:
-            k8 = 8 * j  # first k of each word
-            for i in tl.static_range(8):
-                x_i = tl.load(x_ptr + k8 + i, mask=jm, other=0.0).to(tl.float32)
-                d += _nib(q, i, LEAN) * x_i[None, :]
-                xs += x_i
-                if PAIR and i % 2 == 0:
-                    xe += x_i
+            d, xs, xe = _words_fma_planes(q, x_ptr, 8 * j, jm, LEAN, PAIR)  # 8 j: the first k of each word
         if PER_CHANNEL:
             acc2 += d
             xsum += xs
@@ -336,15 +354,7 @@ def _w_tile_reg(x_ptr, q_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, pid_
                 zr = tl.reshape(z, (BLOCK_N,))
                 acc += sr[None, :] * (part - (OFFSET + zr)[None, :] * xb[:, None])
         else:
-            d = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
-            xs = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
-            xe = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)  # sum of the even-k x (PAIR)
-            for i in tl.static_range(8):
-                x_i = tl.load(x_ptr + k8 + i, mask=k8 < K, other=0.0).to(tl.float32)
-                d += _nib(q, i, LEAN) * x_i[None, :]
-                xs += x_i
-                if PAIR and i % 2 == 0:
-                    xe += x_i
+            d, xs, xe = _words_fma_planes(q, x_ptr, k8, k8 < K, LEAN, PAIR)
             if PER_CHANNEL:
                 acc2 += d
                 xsum += xs
@@ -423,6 +433,8 @@ def _w_tile_seg(x_ptr, q_ptr, s_ptr, z_ptr, offs_n, n_mask, pid_k, K, group_size
         s_nx = tl.load(s_ptr + sz_rows + ((kb + 1) * GPB + offs_g)[None, :], mask=gm, other=0.0).to(tl.float32)
         z_nx = tl.load(z_ptr + sz_rows + ((kb + 1) * GPB + offs_g)[None, :], mask=gm, other=0.0).to(tl.float32)
         jx = kb * (BLOCK_K // 8) + word  # [GPB, WPG]: word index in the row
+        # the same math as _words_fma_xw / _words_fma_planes on the 3-D tile, written out: through those helpers the
+        # seg tile compiles to a different instruction schedule (same count; not re-timed), so it keeps its own copy
         d = tl.zeros((BLOCK_N, GPB, WPG), dtype=tl.float32)
         xs = tl.zeros((GPB, WPG), dtype=tl.float32)
         xe = tl.zeros((GPB, WPG), dtype=tl.float32)  # sum of the even-k x (PAIR)
