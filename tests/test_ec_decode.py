@@ -19,41 +19,16 @@ import torch
 
 from spear_compile.errors import SpearError
 from spear_compile.lowering import dispatch
-from spear_compile.packing import pack
+from w4_problems import problem, reference, rel
 
 K, N = 256, 48
 
 
 def _problem(m, group, dtype, gated, bias, seed, k=K, n=N, r=8):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 16, (n, k), generator=g)
-    groups = k // group
-    return dict(
-        q=q, qdata=pack(q, 4), x=torch.randn(m, k, generator=g).to(dtype),
-        scale=(torch.rand(n, groups, generator=g) * 0.02 + 0.005).to(dtype),
-        zero=torch.randint(0, 16, (n, groups), generator=g).to(dtype),
-        bias=(torch.randn(n, generator=g) * 0.1).to(dtype) if bias else None,
-        ec_A=(torch.randn(r, k, generator=g) * 0.2).to(dtype),
-        ec_B=(torch.randn(n, r, generator=g) * 0.2).to(dtype),
-        gate_w=(torch.randn(r, r, generator=g) * 0.3).to(dtype) if gated else None,
-        gate_b=(torch.randn(r, generator=g) * 0.1).to(dtype) if gated else None,
-    )
+    return problem(m, group, dtype, True, gated, bias, seed, k, n, r, ec_std=0.2)
 
 
-def _reference(t, group, with_ec=True):
-    d = torch.float64
-    n, k = t["q"].shape
-    w = (t["q"].to(d).reshape(n, -1, group) - t["zero"].to(d)[..., None]) * t["scale"].to(d)[..., None]
-    x = t["x"].to(d)
-    y = x @ w.reshape(n, k).T
-    if t["bias"] is not None:
-        y = y + t["bias"].to(d)
-    if with_ec:
-        u = x @ t["ec_A"].to(d).T
-        if t["gate_w"] is not None:
-            u = u * 2 * torch.sigmoid(u @ t["gate_w"].to(d).T + t["gate_b"].to(d))
-        y = y + u @ t["ec_B"].to(d).T
-    return y
+_reference = reference  # float64, the EC included unless ``with_ec=False`` (tests/w4_problems.py)
 
 
 def _run(t, group, cfg, u=None):
@@ -62,8 +37,7 @@ def _run(t, group, cfg, u=None):
 
 
 def _rel(out, ref):
-    assert not torch.isnan(out).any(), "unwritten or poisoned (NaN) outputs"
-    return ((out.double() - ref).norm() / ref.norm()).item()
+    return rel(out, ref)  # unwritten or poisoned (NaN) outputs fail
 
 
 def _assert_clean(t, cfg):

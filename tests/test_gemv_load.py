@@ -9,34 +9,19 @@ import pytest
 import torch
 
 from spear_compile.lowering import dispatch
-from spear_compile.packing import pack
+from w4_problems import member, members_reference, rel
 
 D = dispatch.DecodeConfig
 G = dispatch.GroupedConfig
 
 
-def _member(n, k, group, dtype, bias, g):
-    q = torch.randint(0, 16, (n, k), generator=g)
-    groups = k // group
-    return dict(q=q, qdata=pack(q, 4), scale=(torch.rand(n, groups, generator=g) * 0.02 + 0.005).to(dtype),
-                zero=torch.randint(0, 16, (n, groups), generator=g).to(dtype),
-                bias=(torch.randn(n, generator=g) * 0.1).to(dtype) if bias else None)
+_member = member
 
 
-def _reference(x, members, group):
-    d = torch.float64
-    outs = []
-    for t in members:
-        n, k = t["q"].shape
-        w = (t["q"].to(d).reshape(n, -1, group) - t["zero"].to(d)[..., None]) * t["scale"].to(d)[..., None]
-        y = x.to(d) @ w.reshape(n, k).T
-        outs.append(y + t["bias"].to(d) if t["bias"] is not None else y)
-    return torch.cat(outs, -1)
+_reference = members_reference
 
 
-def _rel(out, ref):
-    assert not torch.isnan(out).any(), "unwritten (NaN) outputs"
-    return ((out.double() - ref).norm() / ref.norm()).item()
+_rel = rel
 
 
 SINGLE = [  # (K, N, group (0: per-channel), dtype, bias, config)

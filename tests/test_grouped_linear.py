@@ -8,17 +8,13 @@ import torch
 
 from spear_compile.errors import SpearError
 from spear_compile.lowering import dispatch
-from spear_compile.packing import pack
+from w4_problems import member, members_reference, rel
 
 K = 256
 
 
 def _member(n, group, dtype, bias, g, k=K):
-    q = torch.randint(0, 16, (n, k), generator=g)
-    groups = k // group
-    return dict(q=q, qdata=pack(q, 4), scale=(torch.rand(n, groups, generator=g) * 0.02 + 0.005).to(dtype),
-                zero=torch.randint(0, 16, (n, groups), generator=g).to(dtype),
-                bias=(torch.randn(n, generator=g) * 0.1).to(dtype) if bias else None)
+    return member(n, k, group, dtype, bias, g)
 
 
 def _problem(m, ns, group, dtype, bias, seed):
@@ -26,15 +22,7 @@ def _problem(m, ns, group, dtype, bias, seed):
     return torch.randn(m, K, generator=g).to(dtype), [_member(n, group, dtype, bias, g) for n in ns]
 
 
-def _reference(x, members, group):
-    d = torch.float64
-    outs = []
-    for t in members:
-        n = t["q"].shape[0]
-        w = (t["q"].to(d).reshape(n, -1, group) - t["zero"].to(d)[..., None]) * t["scale"].to(d)[..., None]
-        y = x.to(d) @ w.reshape(n, K).T
-        outs.append(y + t["bias"].to(d) if t["bias"] is not None else y)
-    return torch.cat(outs, -1)
+_reference = members_reference
 
 
 def _run(x, members, group, cfg):
@@ -42,9 +30,7 @@ def _run(x, members, group, cfg):
                                    [t["zero"] for t in members], [t["bias"] for t in members], group, config=cfg)
 
 
-def _rel(out, ref):
-    assert not torch.isnan(out).any(), "unwritten (NaN) outputs"
-    return ((out.double() - ref).norm() / ref.norm()).item()
+_rel = rel
 
 
 G = dispatch.GroupedConfig

@@ -8,43 +8,16 @@ import torch
 
 from spear_compile.errors import SpearError
 from spear_compile.lowering import dispatch
-from spear_compile.packing import pack
+from w4_problems import problem, reference, rel
 
 K, N, R = 256, 64, 8
 
 
 def _problem(m, group, dtype, ec, gated, bias, seed, k=K, n=N, r=R):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 16, (n, k), generator=g)
-    groups = k // group
-    scale = (torch.rand(n, groups, generator=g) * 0.02 + 0.005).to(dtype)
-    zero = torch.randint(0, 16, (n, groups), generator=g).to(dtype)
-    t = dict(
-        x=torch.randn(m, k, generator=g).to(dtype), qdata=pack(q, 4), scale=scale, zero=zero, q=q,
-        bias=(torch.randn(n, generator=g) * 0.1).to(dtype) if bias else None,
-        ec_A=(torch.randn(r, k, generator=g) * 0.05).to(dtype) if ec else None,
-        ec_B=(torch.randn(n, r, generator=g) * 0.05).to(dtype) if ec else None,
-        gate_w=(torch.randn(r, r, generator=g) * 0.3).to(dtype) if ec and gated else None,
-        gate_b=(torch.randn(r, generator=g) * 0.1).to(dtype) if ec and gated else None,
-    )
-    return t
+    return problem(m, group, dtype, ec, gated, bias, seed, k, n, r)
 
 
-def _reference(t, group):
-    """float64 dequantize-then-matmul, float64 EC (independent of the package's code)."""
-    d = torch.float64
-    n, k = t["q"].shape
-    w = (t["q"].to(d).reshape(n, -1, group) - t["zero"].to(d)[..., None]) * t["scale"].to(d)[..., None]
-    x = t["x"].to(d)
-    y = x @ w.reshape(n, k).T
-    if t["bias"] is not None:
-        y = y + t["bias"].to(d)
-    if t["ec_A"] is not None:
-        u = x @ t["ec_A"].to(d).T
-        if t["gate_w"] is not None:
-            u = u * 2 * torch.sigmoid(u @ t["gate_w"].to(d).T + t["gate_b"].to(d))
-        y = y + u @ t["ec_B"].to(d).T
-    return y
+_reference = reference  # float64 dequantize-then-matmul, float64 EC (tests/w4_problems.py)
 
 
 def _run(t, group, config=None, u=None):
@@ -52,9 +25,7 @@ def _run(t, group, config=None, u=None):
                            t["ec_A"], t["ec_B"], t["gate_w"], t["gate_b"], u=u, config=config)
 
 
-def _rel(out, ref):
-    assert not torch.isnan(out).any(), "unwritten (NaN) outputs"
-    return ((out.double() - ref).norm() / ref.norm()).item()
+_rel = rel
 
 
 CASES = [  # (M, group, dtype, ec, gated, bias)

@@ -11,58 +11,29 @@ import torch
 
 from spear_compile.errors import SpearError
 from spear_compile.lowering import dispatch
-from spear_compile.packing import pack
+from w4_problems import problem, reference, rel, v64, w64
 
 K, N, R = 256, 48, 8
 
 
 def _problem(m, group, dtype, ec=True, gated=True, bias=False, seed=0, k=K, n=N, r=R):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 16, (n, k), generator=g)
-    groups = k // group
-    return dict(
-        q=q, qdata=pack(q, 4), x=torch.randn(m, k, generator=g).to(dtype),
-        scale=(torch.rand(n, groups, generator=g) * 0.02 + 0.005).to(dtype),
-        zero=torch.randint(0, 16, (n, groups), generator=g).to(dtype),
-        bias=(torch.randn(n, generator=g) * 0.1).to(dtype) if bias else None,
-        ec_A=(torch.randn(r, k, generator=g) * 0.05).to(dtype) if ec else None,
-        ec_B=(torch.randn(n, r, generator=g) * 0.05).to(dtype) if ec else None,
-        gate_w=(torch.randn(r, r, generator=g) * 0.3).to(dtype) if ec and gated else None,
-        gate_b=(torch.randn(r, generator=g) * 0.1).to(dtype) if ec and gated else None,
-    )
+    return problem(m, group, dtype, ec, gated, bias, seed, k, n, r)
 
 
-def _w64(t, group):
-    d = torch.float64
-    n, k = t["q"].shape
-    w = (t["q"].to(d).reshape(n, -1, group) - t["zero"].to(d)[..., None]) * t["scale"].to(d)[..., None]
-    return w.reshape(n, k)
+_w64 = w64
 
 
 def _u64(t):
     return t["x"].double() @ t["ec_A"].double().T
 
 
-def _v64(t, u=None):
-    u = _u64(t) if u is None else u.double()
-    if t["gate_w"] is not None:
-        u = u * 2 * torch.sigmoid(u @ t["gate_w"].double().T + t["gate_b"].double())
-    return u
+_v64 = v64
 
 
-def _reference(t, group):
-    """float64 dequantize-then-matmul (+ bias) (+ float64 EC), independent of the package's code."""
-    y = t["x"].double() @ _w64(t, group).T
-    if t["bias"] is not None:
-        y = y + t["bias"].double()
-    if t["ec_A"] is not None:
-        y = y + _v64(t) @ t["ec_B"].double().T
-    return y
+_reference = reference  # float64 dequantize-then-matmul (+ bias) (+ float64 EC) (tests/w4_problems.py)
 
 
-def _rel(out, ref):
-    assert not torch.isnan(out).any(), "unwritten (NaN) outputs"
-    return ((out.double() - ref).norm() / ref.norm()).item()
+_rel = rel
 
 
 def _run(t, group, cfg, u=None):
