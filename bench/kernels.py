@@ -3,7 +3,10 @@
 For each model (the 7 linears of one decoder layer: q, k, v, o, gate, up, down) and each M:
 bf16 cuBLAS (F.linear), tinygemm (``aten._weight_int4pack_mm``, g128), gemlite A16W4 g128 (when
 importable), ours W4-only (per-channel and g128), ours W4+EC r=32 gated fused, and the naive
-unfused W4+EC (our W4 + torch ops for A x, gate, B, add), eager (sync per layer) and graph.
+unfused W4+EC (our W4 + torch ops for A x, gate, B, add), eager (sync per layer) and graph; at a prefill
+M (> 64) also the op as ``torch.compile(backend="spear")`` writes it into the graph (``compiled W4`` /
+``compiled EC``: ``DecomposePrefillLinearsPass``'s dequantize + mm with the EC as K-concat or addmm C input,
+Inductor's kernels, captured into the same timing graph).
 Timing: CUDA events over CUDA-graph replays of one graph holding the layer's linears for enough
 weight copies that the weight set exceeds L2. Correctness of every kernel vs a float64 reference
 first. Writes markdown + logs to --out; prints a compact table last.
@@ -128,6 +131,35 @@ def op_naive(x, L):
     u = F.linear(x, L["A"])
     u = u * (2.0 * torch.sigmoid(F.linear(u, L["gw"], L["gb"])))
     return y + F.linear(u, L["B"])
+
+
+_COMPILED = {}
+
+
+def _compiled(ec):
+    """``spear::fused_linear`` (g128, + gated EC when ``ec``) through ``torch.compile(backend="spear")`` in the
+    default mode: at M > 64 the decomposition pass writes it as Inductor's dequantize kernel + cuBLAS."""
+    if ec not in _COMPILED:
+        def with_ec(x, q, s, z, A, B, gw, gb):
+            return torch.ops.spear.fused_linear(x, q, s, z, None, G, A, B, gw, gb)
+
+        def w4(x, q, s, z):
+            return torch.ops.spear.fused_linear(x, q, s, z, None, G, None, None, None, None)
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _COMPILED[ec] = torch.compile(with_ec if ec else w4, backend="spear", dynamic=False)
+    return _COMPILED[ec]
+
+
+def op_compiled(x, L):
+    return _compiled(True)(x, L["q"], L["s_g"], L["z_g"], L["A"], L["B"], L["gw"], L["gb"])
+
+
+def op_compiled_w4(x, L):
+    return _compiled(False)(x, L["q"], L["s_g"], L["z_g"])
+
+
+COMPILED_MIN_M = 65  # passes.decompose_prefill_linears.MIN_M: below it the graph keeps our op (= ours / fused)
 
 
 def reference(x, L, pc=False, ec=False, bias=None, gated=True):
@@ -301,7 +333,8 @@ def main():
         log(fh, f"== {model}: {copies} weight copies, int4 layer {int4_bytes / 1e6:.1f} MB; tinygemm: {tg_note or 'ok'}")
 
         ops = {"bf16": op_bf16, "ours_pc": op_ours_pc, "ours_g128": op_ours_g128, "fused": op_fused,
-               "fused_pc": op_fused_pc, "fused_2launch": op_fused_2launch, "naive": op_naive}
+               "fused_pc": op_fused_pc, "fused_2launch": op_fused_2launch, "naive": op_naive,
+               "compiled_w4": op_compiled_w4, "compiled": op_compiled}
         if tg_note is None:
             ops["tinygemm"] = op_tinygemm
         if use_gl:
@@ -315,6 +348,8 @@ def main():
 
         for m in ms_list:
             ops = dict(ops_all)  # a kernel found wrong at one M is dropped for that M only
+            if m < COMPILED_MIN_M:
+                ops = {k_: v for k_, v in ops.items() if not k_.startswith("compiled")}
             if time.time() - T0 > args.budget:
                 log(fh, f"budget reached: skip {model} M={m}")
                 continue
@@ -325,7 +360,7 @@ def main():
                 ref_g, ref_c, ref_e = reference(x, L), reference(x, L, pc=True), reference(x, L, ec=True)
                 ref_ce = reference(x, L, pc=True, ec=True)
                 for opname, ref in (("ours_pc", ref_c), ("ours_g128", ref_g), ("fused", ref_e), ("fused_2launch", ref_e),
-                                    ("fused_pc", ref_ce), ("naive", ref_e),
+                                    ("fused_pc", ref_ce), ("naive", ref_e), ("compiled_w4", ref_g), ("compiled", ref_e),
                                     ("bf16", ref_g), ("tinygemm", ref_g), ("gemlite", ref_g)):
                     if opname not in ops:
                         continue
@@ -338,7 +373,7 @@ def main():
                     errs.append((model, name, m, opname, e))
                     if not e < 2e-2:
                         log(fh, f"BAD {model} {name} M={m} {opname}: rel err {e}")
-                        if opname.startswith(("ours", "fused")):
+                        if opname.startswith(("ours", "fused", "compiled")):
                             ops.pop(opname, None)  # never time a wrong kernel
                 choices.append((model, name, m, dispatch.choose(m, k, n, G, torch.bfloat16, RANK, True),
                                 dispatch.choose(m, k, n, k, torch.bfloat16)))
@@ -574,7 +609,8 @@ def summary_lines(rows):
     hdr = ("model", "M", "bf16", "tinygemm", "gemlite", "ours pc", "ours g128", "fused EC", "fused 2-launch",
            "naive graph", "naive eager",
            "fused eager", "roof g128", "%roof g128", "%roof pc", "fused/g128", "naive_eager/fused", "fused/bf16",
-           "fused EC pc", "g128/bf16", "pc/bf16", "fused pc/bf16", "bf16 again")
+           "fused EC pc", "g128/bf16", "pc/bf16", "fused pc/bf16", "compiled W4", "compiled EC", "compiled W4/bf16",
+           "compiled EC/bf16", "bf16 again")
     out = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
         g = r.get
@@ -586,7 +622,8 @@ def summary_lines(rows):
             + [fmt(pct("roof_g128", "ours_g128"), 0), fmt(pct("roof_pc", "ours_pc"), 0),
                fmt(ratio("fused", "ours_g128"), 2), fmt(ratio("naive_eager", "fused"), 1), fmt(ratio("fused", "bf16"), 2),
                fmt(g("fused_pc")), fmt(ratio("ours_g128", "bf16"), 2), fmt(ratio("ours_pc", "bf16"), 2),
-               fmt(ratio("fused_pc", "bf16"), 2), fmt(g("bf16_again"))]) + " |")
+               fmt(ratio("fused_pc", "bf16"), 2), fmt(g("compiled_w4")), fmt(g("compiled")),
+               fmt(ratio("compiled_w4", "bf16"), 2), fmt(ratio("compiled", "bf16"), 2), fmt(g("bf16_again"))]) + " |")
     return out
 
 

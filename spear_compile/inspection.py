@@ -80,7 +80,8 @@ def kernel_for(m: int, rec: registry.MatchRecord, device: str, group: Optional[r
     if not rec.matched:
         return "reference"
     if rec.decomposed:
-        return "decomposed: dequantize + mm in the graph (Inductor, cuBLAS)"
+        ec = {"kcat": ", EC as K-concat [x | v][W | B]ᵀ", "c_in": ", EC as addmm C input"}.get(rec.decomposed_ec, "")
+        return f"decomposed: dequantize ({rec.decomposed_with}) + mm in the graph (cuBLAS{ec})"
     if device != "cuda" or rec.dtype not in ("bfloat16", "float16"):
         return f"reference ({device}, {rec.dtype})"
     try:

@@ -64,13 +64,36 @@ def test_decode_m_left_alone():
     assert not any(r.decomposed for r in passes.RECORDS) and len(passes.GROUPS) == 1
 
 
-def test_ec_node_left_alone():
+def test_ec_node_decomposed_in_a_model():
     torch.manual_seed(2)
     model = Block(64, 32, "w4-pc-rtn", False, ec=True)
     out, ref = _run(model, torch.randn(2, MIN_M, 64))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    by_kind = {r.kind: r.decomposed for r in passes.RECORDS}
-    assert by_kind == {"plain": True, "ec-gated": False}
+    by_kind = {r.kind: (r.decomposed, r.decomposed_ec) for r in passes.RECORDS}
+    assert by_kind == {"plain": (True, ""), "ec-gated": (True, "kcat")}  # o: K = 32 <= N = 64
+
+
+@pytest.mark.parametrize("structure,gate,bias,rank,dtype", [
+    ("kcat", "sigmoid", False, 4, torch.float32), ("kcat", "none", True, 5, torch.float32),
+    ("c_in", "sigmoid", True, 3, torch.float32), ("c_in", "none", False, 8, torch.float32),
+    ("kcat", "sigmoid", True, 6, torch.bfloat16), ("c_in", "sigmoid", False, 4, torch.bfloat16)])
+def test_ec_structures_match_eager(structure, gate, bias, rank, dtype):
+    """Fresh shapes each run; K <= N writes the EC as K-concat, K > N as addmm's C input (odd ranks: padded)."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    small, large = 32 * int(torch.randint(1, 4, (), generator=g)), 32 * int(torch.randint(4, 7, (), generator=g))
+    k, n = (small, large) if structure == "kcat" else (large, small)
+    lin = quantize_linear_(nn.Linear(k, n, bias=bias, dtype=dtype), QuantConfig.from_spec("w4-g32-rtn"))
+    model = CompensatedLinear.wrap(lin, rank=rank, gate=gate)
+    with torch.no_grad():
+        for p in model.ec_parameters():
+            p.normal_(0, 0.2, generator=g)
+    m = MIN_M + int(torch.randint(0, 50, (), generator=g))
+    out, ref = _run(model, torch.randn(m, k, generator=g).to(dtype))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    (rec,) = passes.RECORDS
+    assert (rec.kind, rec.decomposed, rec.decomposed_ec) == (f"ec-{'gated' if gate == 'sigmoid' else 'static'}",
+                                                             True, structure)
 
 
 @pytest.mark.parametrize("kw", [dict(options={"spear_decompose_prefill": False}), dict(mode="reduce-overhead"),
@@ -81,3 +104,24 @@ def test_off_cudagraphs_and_dynamic_left_alone(kw):
     out, ref = _run(model, torch.randn(1, MIN_M + 7, 64), **kw)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert passes.RECORDS and not any(r.decomposed for r in passes.RECORDS)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="our kernels traced into the graph need a GPU")
+@pytest.mark.parametrize("structure,spec,bias", [("kcat", "w4-g128-rtn", False), ("c_in", "w4-pc-rtn", True),
+                                                 ("", "w4-g64-rtn", True)])
+def test_gpu_our_kernels_traced_in(structure, spec, bias):
+    """On CUDA a single node's dequantize (+ EC prologue) are our Triton kernels inside Inductor's graph."""
+    torch.manual_seed(5)
+    k, n = (256, 512) if structure != "c_in" else (512, 256)
+    lin = quantize_linear_(nn.Linear(k, n, bias=bias, dtype=torch.bfloat16, device="cuda"),
+                           QuantConfig.from_spec(spec))
+    model = CompensatedLinear.wrap(lin, rank=32) if structure else lin
+    if structure:
+        with torch.no_grad():
+            for p in model.ec_parameters():
+                p.normal_(0, 0.05)
+    x = torch.randn(3, MIN_M + int(torch.randint(0, 300, ())), k, dtype=torch.bfloat16, device="cuda")
+    out, ref = _run(model, x)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    (rec,) = passes.RECORDS
+    assert (rec.decomposed, rec.decomposed_ec, rec.decomposed_with) == (True, structure, "spear")

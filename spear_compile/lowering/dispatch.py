@@ -759,12 +759,24 @@ def _dequant_block(k, group_size):
     return max(16, 1024 // bw), bw, per_word
 
 
-def dequantize_w4(qdata, scale, zero, group_size, dtype, *, tail=None, tail_width=0, fold=None, block=None):
+def _launcher(kernel, traceable):
+    """``kernel``, or ``torch.library.wrap_triton(kernel)`` when ``traceable``: a call traced into an FX graph
+    (``passes.decompose_prefill_linears``) then records the launch itself, which Inductor emits from its wrapper."""
+    if not traceable:
+        return kernel
+    from torch.library import wrap_triton
+    return wrap_triton(kernel)
+
+
+def dequantize_w4(qdata, scale, zero, group_size, dtype, *, tail=None, tail_width=0, fold=None, block=None,
+                  traceable=False):
     """``(q - zero) * scale`` as a ``[N, K]`` ``dtype`` matrix, or ``[N, K + tail_width]`` ``[W | tail]``
     (``tail``: ``[N, r]``, zeros past r), or ``W + B A`` (``fold=(A, B)``). int32-word kernel where the rows
-    allow it (``gemv_ok``), else the byte kernel (plain W only). ``block``: force (BLOCK_N, BLOCK_W, per-word)."""
+    allow it (``gemv_ok``), else the byte kernel (plain W only). ``block``: force (BLOCK_N, BLOCK_W, per-word).
+    ``traceable``: launched through ``wrap_triton`` (the caller has checked the rows: fake tensors have no
+    data pointer)."""
     n, k = qdata.shape[0], qdata.shape[1] * 2
-    if not gemv_ok(k, qdata):
+    if not (traceable or gemv_ok(k, qdata)):
         if tail is not None or fold is not None:
             raise SpearError("spear_compile.lowering.dispatch.dequantize_w4: [W | B] / W + BA need K % 8 == 0 "
                              "and 4-byte aligned packed rows")
@@ -783,7 +795,7 @@ def dequantize_w4(qdata, scale, zero, group_size, dtype, *, tail=None, tail_widt
     r = extra.shape[1] if extra is not None else 0
     dummy = scale  # never read; the activation dtype, like B and A
     grid = (triton.cdiv(n, bn), triton.cdiv(k // 8, bw) + (1 if tail is not None else 0))
-    w4_dequant_words_kernel[grid](
+    _launcher(w4_dequant_words_kernel, traceable)[grid](
         qdata.view(torch.int32), scale, zero, w, extra if extra is not None else dummy,
         ab[0] if fold is not None else dummy,
         n, k, k // 8, r, tail_width, group_size, k // group_size, w.stride(0),
@@ -794,12 +806,13 @@ def dequantize_w4(qdata, scale, zero, group_size, dtype, *, tail=None, tail_widt
     return w
 
 
-def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, copy_x=False, split=False):
+def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, copy_x=False, split=False,
+                traceable=False):
     """``v = g(u) ⊙ u`` (u = x Aᵀ in fp32, or the given ``u``) into columns ``col0 .. col0 + width`` of ``out``
     (zeros past r; a new ``[M, r]`` tensor by default); ``copy_x``: x into columns ``0 .. K`` too.
     ``split=False``: one launch, one program per 16 rows (``ec_prologue_kernel``); ``split=True``: a split-K
     pass over x with ~2 programs per SM (``ec_xpass_kernel``: copy + fp32 partials) and the gate
-    (``ec_gate_kernel``) in a second launch."""
+    (``ec_gate_kernel``) in a second launch. ``traceable``: launched through ``wrap_triton`` (``_launcher``)."""
     m, k = x2.shape
     width = r if width is None else width
     if out is None:
@@ -813,7 +826,7 @@ def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, co
     dummy = x2  # never read
     gw, gb = (gate_w, gate_b) if gate_w is not None else (dummy, dummy)
     if not split:
-        ec_prologue_kernel[(triton.cdiv(m, 16),)](
+        _launcher(ec_prologue_kernel, traceable)[(triton.cdiv(m, 16),)](
             x2, ec_A if ec_A is not None else dummy, u if u is not None else dummy, gw, gb, out,
             m, k, r, width, x2.stride(0), u.stride(0) if u is not None else 0, out.stride(0), col0,
             BLOCK_M=16, BLOCK_K=min(256, max(16, triton.next_power_of_2(k))), BLOCK_R=block_r,
@@ -830,13 +843,13 @@ def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, co
         n_split = triton.cdiv(n_kb, per)
         if u is None:
             part = torch.empty(n_split, m, block_r, dtype=torch.float32, device=x2.device)
-        ec_xpass_kernel[(m_tiles, n_split)](
+        _launcher(ec_xpass_kernel, traceable)[(m_tiles, n_split)](
             x2, ec_A if ec_A is not None else dummy, part if part is not None else out, out,
             m, k, r, x2.stride(0), out.stride(0), per * bk,
             BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r, COPY_X=copy_x, PROJECT=u is None, INTERPRET=_interpret(),
             num_warps=4, num_stages=2,
         )
-    ec_gate_kernel[(triton.cdiv(m, 16),)](
+    _launcher(ec_gate_kernel, traceable)[(triton.cdiv(m, 16),)](
         part if part is not None else out, u if u is not None else dummy, gw, gb, out,
         m, r, width, part.shape[0] if part is not None else 0, u.stride(0) if u is not None else 0,
         out.stride(0), col0,

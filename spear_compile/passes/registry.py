@@ -28,6 +28,8 @@ class MatchRecord:
     extra: dict = field(default_factory=dict)
     group: Optional[int] = None    # GroupRecord.index when the grouping pass merged it with siblings
     decomposed: bool = False       # replaced by dequantize + aten.mm (static prefill M, no CUDA graphs)
+    decomposed_ec: str = ""        # how the EC joined the decomposed GEMM: "kcat" or "c_in"
+    decomposed_with: str = ""      # whose dequantize (+ EC prologue) kernels: "spear" (Triton) or "inductor"
 
     def as_dict(self) -> dict:
         return asdict(self)
