@@ -1,5 +1,6 @@
 """Test-session setup. Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set
-before anything imports triton: CPU CI runs every Triton kernel under the interpreter."""
+before anything imports triton: CPU CI runs every Triton kernel under the interpreter. The tuning cache is off
+(``SPEAR_TUNE_CACHE=0``): tests never read or write the user's cache."""
 import os
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["SPEAR_TUNE_CACHE"] = "0"  # the tuner's on-disk cache: off (never the user's); test_tune_cache sets its own
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

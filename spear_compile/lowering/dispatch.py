@@ -11,8 +11,9 @@
   tuner picks per key (``DequantCublasConfig``: after / c_in / kcat / fold; large M only).
 
 The config is timed on the first CUDA call of each key (K, N, group, dtype, M bucket, has EC,
-gated) and cached in-process; during CUDA-graph capture, under the interpreter, or with
-``SPEAR_AUTOTUNE=0`` the heuristic default is used. ``choose`` names what ``launch`` would run.
+gated) and cached in-process and on disk (``tune_cache``: a new process reuses the picks); during
+CUDA-graph capture, under the interpreter, or with ``SPEAR_AUTOTUNE=0`` the heuristic default is used.
+``choose`` names what ``launch`` would run.
 CUDA-graph safe once warmed up (run each shape once before capture: that tunes and allocates the
 workspaces): no host sync, no ``.item()``; persistent per-device workspaces are reset by the kernels
 themselves; only the output (and prefill's small ``u``) is allocated. The workspaces are per device,
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 import triton
 
 from ..errors import SpearError
+from . import tune_cache
 from .ec_tiles import ec_u_kernel
 from .w4_decode import w4_decode_kernel
 from .w4_gemv import w4_gemv_grouped_kernel, w4_gemv_kernel
@@ -976,6 +978,25 @@ _TUNED = {}
 TUNE_LOG = []  # (key, [(name, ms)...]) for the benchmark's notes
 
 
+def clear_tuning():
+    """Forget this process's tuned configs, tuning log and loaded cache files (the files on disk stay)."""
+    _TUNED.clear()
+    TUNE_LOG.clear()
+    tune_cache.forget()
+
+
+def _tuned_or_cached(key, device, cands, tune):
+    """``key``'s config: rebuilt by name from ``cands`` when the on-disk cache has it (its timed results go back
+    into ``TUNE_LOG`` for ``_ranked``), else ``tune()``'s pick, saved with its timings."""
+    hit = tune_cache.lookup(key, cands, device)
+    if hit is not None:
+        TUNE_LOG.append((key, hit[1]))
+        return hit[0]
+    cfg = tune()
+    tune_cache.store(key, cfg.name, _last_log(key), device)
+    return cfg
+
+
 def _key(m, k, n, group_size, dtype, has_ec, gated):
     return (k, n, group_size, str(dtype), m_bucket(m), bool(has_ec), bool(gated))
 
@@ -1080,13 +1101,18 @@ def _config_for(x2, args, k, n, group_size, has_ec, gated):
     else:
         cands = (decode_candidates(k, n, group_size, sms, has_ec, m) if m <= MAX_DECODE_M
                  else prefill_candidates(m, k, group_size, has_ec, gated))
-    _TUNED[key] = _tune(key, args, cands)
+    _TUNED[key] = _tuned_or_cached(key, x2.device, cands, lambda: _tune(key, args, cands))
     return _TUNED[key]
+
+
+def _last_log(key):
+    """The timed results of ``key``'s last tuning (or cache hit) in ``TUNE_LOG``; [] if none."""
+    return next((res for kk, res in reversed(TUNE_LOG) if kk == key), [])
 
 
 def _ranked(key, cands):
     """``cands`` that ran for ``key`` in its last tuning, fastest first."""
-    log = next((res for kk, res in reversed(TUNE_LOG) if kk == key), [])
+    log = _last_log(key)
     by_name = {c.name: c for c in cands}
     timed = sorted((ms, name) for name, ms in log if isinstance(ms, float) and name in by_name)
     return [by_name[name] for _, name in timed] or cands[:1]
@@ -1216,7 +1242,9 @@ def _grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y):
         return _members_into(x2, qdatas, scales, zeros, biases, group_size, torch.empty_like(y), DequantCublasConfig())
 
     cands = grouped_candidates(k, ns, group_size, sms, m)
-    _TUNED[key] = _tune(key, args, cands, run=lambda cfg: _run_grouped(cfg, *args), reference=reference)
+    _TUNED[key] = _tuned_or_cached(key, x2.device, cands,
+                                   lambda: _tune(key, args, cands, run=lambda cfg: _run_grouped(cfg, *args),
+                                                 reference=reference))
     return _TUNED[key]
 
 
