@@ -317,15 +317,20 @@ def prefill_timing(args, variant, reps=5):
     generation does): the layers' linears run at M = prompt length, i.e. the prefill kernels (dequantize +
     cuBLAS with the EC structures the tuner picks)."""
     base, opts, model, chosen = bench_model(variant)
+    n = args.prefill_len
+    ids = torch.randint(0, 128256, (1, n), generator=torch.Generator().manual_seed(1)).cuda()
+    pos = torch.arange(n, device="cuda")
+    with torch.no_grad():  # the eager model's last-position logits: the compiled prefill is checked against them
+        ref_cache = make_cache(model, n + 8)
+        ref = model(input_ids=ids, past_key_values=ref_cache, cache_position=pos, use_cache=True,
+                    logits_to_keep=1).logits.float()
+        del ref_cache
     if base == "spear":
         optimize(model, quant=None, fullgraph=True, dynamic=False, mode="reduce-overhead" if "cg" in opts else None)
     else:
         model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False,
                                       mode="reduce-overhead" if "cg" in opts else None)
-    n = args.prefill_len
     cache = make_cache(model, n + 8)
-    ids = torch.randint(0, 128256, (1, n), generator=torch.Generator().manual_seed(1)).cuda()
-    pos = torch.arange(n, device="cuda")
 
     def run():
         if "cg" in opts:
@@ -359,10 +364,16 @@ def prefill_timing(args, variant, reps=5):
         buf = io.StringIO()
         pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(15)
         print(f"--- host profile, prefill {variant} ---\n" + buf.getvalue()[-5000:], flush=True)
+    cache.reset()
+    out = run().float()
+    err = ((out - ref).norm() / ref.norm()).item()
     recs = passes.records()
     row(check="prefill", variant=variant, ecs=len(chosen), prompt=n, ms=round(1e3 * best, 3),
         tok_per_s=round(n / best, 1), all_reps_ms=[round(1e3 * t, 3) for t in ts],
-        fused=sum(r.matched for r in recs), fused_ec=sum(r.kind.startswith("ec") for r in recs))
+        fused=sum(r.matched for r in recs), fused_ec=sum(r.kind.startswith("ec") for r in recs),
+        decomposed=sum(r.decomposed for r in recs), decomposed_spear=sum(r.decomposed_with == "spear" for r in recs),
+        logits_rel_err_vs_eager=float(f"{err:.3g}"), ok=err < 0.1)  # bf16's own compile: ~3e-2 (16 random
+    # layers, bf16 rounding in another order); an unwritten or wrong kernel output gives ~1 or more
     del model, cache
     torch.cuda.empty_cache()
 
@@ -435,10 +446,13 @@ def main():
     pre = {r["variant"]: r for r in ROWS if r.get("check") == "prefill"}
     if pre:
         b = pre.get(next((v for v in pre if v.startswith("bf16")), ""), {}).get("ms")
-        print("\n| variant | prompt | TTFT ms | prefill tok/s | vs bf16 (time) |\n|---|---|---|---|---|")
+        print("\n| variant | prompt | TTFT ms | prefill tok/s | vs bf16 (time) | logits rel err vs eager | decomposed "
+              "(our kernels) |\n|---|---|---|---|---|---|---|")
         for v, r in pre.items():
-            print(f"| {v} | {r['prompt']} | {r['ms']} | {r['tok_per_s']} | {r['ms'] / b:.2f}x |" if b else
-                  f"| {v} | {r['prompt']} | {r['ms']} | {r['tok_per_s']} | - |")
+            ratio = f"{r['ms'] / b:.2f}x" if b else "-"
+            wrong = "" if r["ok"] else " WRONG"
+            print(f"| {v} | {r['prompt']} | {r['ms']} | {r['tok_per_s']} | {ratio} | {r['logits_rel_err_vs_eager']}{wrong} | "
+                  f"{r['decomposed']} ({r['decomposed_spear']}) |")
     for r in ROWS:
         if r.get("check") == "ref16m":
             print(f"ref16m ecs={r['ecs']}: identical={r['identical']} (mismatches {r['mismatches']}), graphs gen1/gen2="

@@ -125,3 +125,14 @@ def test_gpu_our_kernels_traced_in(structure, spec, bias):
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
     (rec,) = passes.RECORDS
     assert (rec.decomposed, rec.decomposed_ec, rec.decomposed_with) == (True, structure, "spear")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="our kernels traced into the graph need a GPU")
+@pytest.mark.parametrize("spec,bias", [("w4-g128-rtn", False), ("w4-pc-rtn", True)])
+def test_gpu_grouped_members_dequantized_side_by_side(spec, bias):
+    torch.manual_seed(6)
+    model = Block(256, 384, spec, bias, dtype=torch.bfloat16).cuda()
+    x = torch.randn(2, MIN_M + int(torch.randint(0, 300, ())), 256, dtype=torch.bfloat16, device="cuda")
+    out, ref = _run(model, x)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    assert [r.decomposed_with for r in passes.RECORDS] == ["spear"] * 3 and [g.decomposed for g in passes.GROUPS] == [True]

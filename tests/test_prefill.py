@@ -103,6 +103,24 @@ def test_dequantize_words(group, dtype):
     assert (wf.double() - ref).abs().max().item() <= 2 ** -6 * ref.abs().max().item()
 
 
+def test_dequantize_into_rows_of_a_shared_buffer():
+    """``out=``/``row0=``: members of a grouped weight dequantized side by side (the rows around them untouched)."""
+    seed = torch.seed() % 2**31
+    a = _problem(1, 32, torch.bfloat16, ec=False, seed=seed)
+    b = _problem(1, 32, torch.bfloat16, ec=False, seed=seed + 1, n=24)
+    buf = torch.full((3 + N + 24 + 2, K), float("nan"), dtype=torch.bfloat16)
+    dispatch.dequantize_w4(a["qdata"], a["scale"], a["zero"], 32, torch.bfloat16, out=buf, row0=3)
+    out = dispatch.dequantize_w4(b["qdata"], b["scale"], b["zero"], 32, torch.bfloat16, out=buf, row0=3 + N)
+    assert out is buf and buf[:3].isnan().all() and buf[3 + N + 24:].isnan().all()
+    for t, rows in ((a, slice(3, 3 + N)), (b, slice(3 + N, 3 + N + 24))):
+        w64 = _w64(t, 32)
+        assert (buf[rows].double() - w64).abs().max().item() <= 2 ** -7 * w64.abs().max().item()
+    for bad in (dict(out=buf, row0=buf.shape[0] - N + 1), dict(out=buf[:, :K - 8], row0=0),
+                dict(out=buf.float(), row0=0), dict(out=buf.t(), row0=0)):
+        with pytest.raises(SpearError, match="out must be"):
+            dispatch.dequantize_w4(a["qdata"], a["scale"], a["zero"], 32, torch.bfloat16, **bad)
+
+
 def test_dequantize_forced_blocks_and_byte_fallback():
     t = _problem(1, 64, torch.bfloat16, ec=False, seed=torch.seed() % 2**31, k=192)  # K8 = 24: ragged word tiles
     w64 = _w64(t, 64)

@@ -771,24 +771,29 @@ def _launcher(kernel, traceable):
 
 
 def dequantize_w4(qdata, scale, zero, group_size, dtype, *, tail=None, tail_width=0, fold=None, block=None,
-                  traceable=False):
+                  out=None, row0=0, traceable=False):
     """``(q - zero) * scale`` as a ``[N, K]`` ``dtype`` matrix, or ``[N, K + tail_width]`` ``[W | tail]``
     (``tail``: ``[N, r]``, zeros past r), or ``W + B A`` (``fold=(A, B)``). int32-word kernel where the rows
     allow it (``gemv_ok``), else the byte kernel (plain W only). ``block``: force (BLOCK_N, BLOCK_W, per-word).
+    ``out``: write rows ``row0 .. row0 + N`` of this ``[*, K + tail_width]`` tensor instead (and return it).
     ``traceable``: launched through ``wrap_triton`` (the caller has checked the rows: fake tensors have no
     data pointer)."""
     n, k = qdata.shape[0], qdata.shape[1] * 2
+    where = "spear_compile.lowering.dispatch.dequantize_w4"
+    tail_width = tail_width if tail is not None else 0
+    if out is not None and (out.dim() != 2 or out.shape[1] != k + tail_width or out.stride(1) != 1
+                            or not 0 <= row0 <= out.shape[0] - n or out.dtype != dtype):
+        raise SpearError(f"{where}: out must be {dtype} [>= row0 + {n}, {k + tail_width}] with unit column stride, "
+                         f"got {out.dtype} {tuple(out.shape)} stride {out.stride()} and row0={row0}")
     if not (traceable or gemv_ok(k, qdata)):
-        if tail is not None or fold is not None:
-            raise SpearError("spear_compile.lowering.dispatch.dequantize_w4: [W | B] / W + BA need K % 8 == 0 "
-                             "and 4-byte aligned packed rows")
+        if tail is not None or fold is not None or out is not None:
+            raise SpearError(f"{where}: [W | B] / W + BA / out= need K % 8 == 0 and 4-byte aligned packed rows")
         w = torch.empty(n, k, dtype=dtype, device=qdata.device)
         block_k = min(128, group_size) if group_size < k else 128  # in one group: one (scale, zero) per row
         w4_dequantize_kernel[(triton.cdiv(n, 32), triton.cdiv(k, block_k))](
             qdata, scale, zero, w, n, k, group_size, k // group_size, BLOCK_N=32, BLOCK_K=block_k, num_warps=4)
         return w
-    tail_width = tail_width if tail is not None else 0
-    w = torch.empty(n, k + tail_width, dtype=dtype, device=qdata.device)
+    w = torch.empty(n, k + tail_width, dtype=dtype, device=qdata.device) if out is None else out
     bn, bw, per_word = block or _dequant_block(k, group_size)
     if group_size < k and group_size < 8 * bw:
         per_word = True
@@ -800,7 +805,7 @@ def dequantize_w4(qdata, scale, zero, group_size, dtype, *, tail=None, tail_widt
     _launcher(w4_dequant_words_kernel, traceable)[grid](
         qdata.view(torch.int32), scale, zero, w, extra if extra is not None else dummy,
         ab[0] if fold is not None else dummy,
-        n, k, k // 8, r, tail_width, group_size, k // group_size, w.stride(0),
+        n, k, k // 8, r, tail_width, group_size, k // group_size, w.stride(0), row0,
         BLOCK_N=bn, BLOCK_W=bw, PER_WORD_SCALE=per_word, TAIL=tail is not None,
         BLOCK_T=triton.next_power_of_2(max(tail_width, 16)), FOLD=fold is not None, BLOCK_R=_block_r(r),
         INTERPRET=_interpret(), num_warps=4,

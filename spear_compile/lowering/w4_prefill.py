@@ -126,7 +126,7 @@ def _plane(words, i: tl.constexpr, zc, s):
 @triton.jit
 def w4_dequant_words_kernel(
     q_ptr, s_ptr, z_ptr, w_ptr, b_ptr, a_ptr,
-    N, K, K8, R, TW, group_size, n_groups, stride_wn,
+    N, K, K8, R, TW, group_size, n_groups, stride_wn, row0,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PER_WORD_SCALE: tl.constexpr,
     TAIL: tl.constexpr, BLOCK_T: tl.constexpr, FOLD: tl.constexpr, BLOCK_R: tl.constexpr,
     INTERPRET: tl.constexpr = False,
@@ -138,7 +138,9 @@ def w4_dequant_words_kernel(
     per (row, word) (``PER_WORD_SCALE``, groups of 16-64). ``TAIL``: the grid has one extra column of programs
     that writes ``B`` (``[N, R]``) into columns ``K .. K + TW`` of ``w`` (zeros past R): the ``[W | B]``
     operand of the K-concatenated EC GEMM. ``FOLD``: ``w += B A`` (static EC folded into the weight).
-    ``K8`` = K / 8, an argument so that its divisibility by 16 (aligned rows: 16-byte word loads) is known."""
+    ``K8`` = K / 8, an argument so that its divisibility by 16 (aligned rows: 16-byte word loads) is known.
+    ``row0``: the rows are written from row ``row0`` of ``w`` on (grouped weights dequantized side by side)."""
+    w_ptr += row0 * stride_wn
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -5,23 +5,26 @@ Without CUDA graphs, a ``spear::fused_linear`` / ``spear::grouped_linear`` call 
 linear at M = 2048: a compiled prefill is host-bound (bench/results/prefill_e2e.md). At a prefill-sized M
 the runtime dispatch would pick dequantize + cuBLAS anyway (``dispatch.default_config``, M > 64), so when the
 graph's M is static and above that threshold and the graph is not CUDA-graphed, the node is replaced by
-the same computation in aten ops: ``ops.dequantize_packed`` (unpack, ``(q - zero) * scale``, cast; Inductor
-generates one pointwise kernel, the members of a grouped node concatenated along N by the same kernel)
-and ``mm``/``addmm`` (Inductor's extern cuBLAS call, launched from its generated wrapper). Same math as the
-reference op, bit for bit up to cuBLAS's own reduction order.
+the dequantize and ``mm``/``addmm`` (Inductor's extern cuBLAS call) in the graph, all launched from Inductor's
+generated wrapper. On CUDA the dequantize is our int32-word Triton kernel (``dispatch.dequantize_w4``) traced in
+through ``torch.library.wrap_triton`` (a grouped node: one launch per member into its rows of one buffer); where
+our kernels do not fit (CPU, fp32, unaligned rows) or that trace fails, aten ops (``ops.dequantize_packed``) that
+Inductor turns into one pointwise kernel (bench/results/prefill_s7.md: ours is 5-10% faster per layer). Same math
+as the reference op up to cuBLAS's own reduction order.
 
 A node with an EC gets the EC in the same structures the runtime dispatch uses (``DequantCublasConfig``),
-picked by shape: ``u = x Aᵀ`` (cuBLAS), the gate (pointwise, Inductor fuses it), then
+picked by shape, with ``v = g(u) ⊙ u``, ``u = x Aᵀ`` (ours: the runtime's split-K prologue kernels, fp32; aten
+fallback: a cuBLAS mm and a pointwise gate):
 
-* ``kcat`` (K <= N): ``[x | v] [W | B]ᵀ``, the EC as r more columns of K of one cuBLAS GEMM (``v = g(u) ⊙ u``);
-  Inductor writes ``x`` and ``v`` into the concatenated buffer from their producers' kernels and ``W`` and ``B``
-  into the concatenated weight from the dequantize kernel: one more write of x, no extra GEMM;
+* ``kcat`` (K <= N): ``[x | v] [W | B]ᵀ``, the EC as r more columns of K of one cuBLAS GEMM (``v = g(u) ⊙ u``):
+  our prologue copies x and writes v beside it, the dequantize kernel writes ``[W | B]`` (aten fallback:
+  ``cat``, which Inductor writes from the producers' kernels);
 * ``c_in`` (K > N, e.g. down_proj): ``v Bᵀ (+ bias)`` first, then cuBLAS ``addmm`` with it as C: one round trip
   of an ``[M, N]`` tile instead of a copy of the wider ``x``.
 
-Symbolic or small M, or a CUDA-graphed graph (where host time is not paid per call and our kernels are
-faster) are left as they are. Each decomposed node is marked on its ``MatchRecord`` / ``GroupRecord``
-(``decomposed``; ``decomposed_ec`` names the EC structure). Off: ``SPEAR_DECOMPOSE_PREFILL=0`` or
+Symbolic or small M, or a CUDA-graphed graph (where host time is not paid per call and the tuned runtime
+dispatch runs) are left as they are. Each decomposed node is marked on its ``MatchRecord`` / ``GroupRecord``
+(``decomposed``; ``decomposed_ec`` names the EC structure, ``decomposed_with`` whose kernels). Off: ``SPEAR_DECOMPOSE_PREFILL=0`` or
 ``options={"spear_decompose_prefill": False}``.
 """
 from __future__ import annotations
@@ -91,13 +94,21 @@ def _weight(qdata, scale, zero, k, dtype, group_size, ours, tail=None, tail_widt
 
 
 def _dequantized(x, qdatas, scales, zeros, biases, group_size, ours):
-    """``x [..., K] @ [W_1; W_2; ...]ᵀ (+ [b_1; b_2; ...])``: the members' weights dequantized (several members:
-    by Inductor, which writes them side by side in one kernel) and one mm."""
+    """``x [..., K] @ [W_1; W_2; ...]ᵀ (+ [b_1; b_2; ...])``: the members' weights dequantized side by side (ours:
+    one launch per member into its rows of one buffer; Inductor: one kernel) and one mm."""
     k = x.shape[-1]
-    if len(qdatas) > 1:
-        w = torch.cat([dequantize_packed(q, s, z, k, x.dtype) for q, s, z in zip(qdatas, scales, zeros)], 0)
-        return _linear(x, w, None if biases[0] is None else torch.cat(list(biases), 0))
-    return _linear(x, _weight(qdatas[0], scales[0], zeros[0], k, x.dtype, group_size, ours), biases[0])
+    bias = biases[0] if len(biases) == 1 or biases[0] is None else torch.cat(list(biases), 0)
+    if len(qdatas) == 1:
+        return _linear(x, _weight(qdatas[0], scales[0], zeros[0], k, x.dtype, group_size, ours), bias)
+    if not ours:
+        return _linear(x, torch.cat([dequantize_packed(q, s, z, k, x.dtype)
+                                     for q, s, z in zip(qdatas, scales, zeros)], 0), bias)
+    w = torch.empty(sum(q.shape[0] for q in qdatas), k, dtype=x.dtype, device=x.device)
+    row0 = 0
+    for q, s, z in zip(qdatas, scales, zeros):
+        w = dispatch.dequantize_w4(q, s, z, group_size, x.dtype, out=w, row0=row0, traceable=True)
+        row0 += q.shape[0]
+    return _linear(x, w, bias)
 
 
 def ec_structure(k: int, n: int) -> str:
@@ -139,15 +150,16 @@ def _dequantized_ec(x, qdata, scale, zero, bias, ec_A, ec_B, gate_w, gate_b, gro
     return y.reshape(*x.shape[:-1], n)
 
 
-def _our_kernels_fit(vals, group_size, ec_vals) -> bool:
+def _our_kernels_fit(x, qdatas, scales, zeros, group_size, ec_vals) -> bool:
     """Our Triton dequantize / EC prologue can be traced in for these (fake) arguments: CUDA, bf16/fp16, K % 8 == 0,
     packed rows contiguous and 4-byte aligned, a group size the kernels take, scales and EC in x's dtype."""
-    x, q, s, z = vals[:4]
     k = x.shape[-1]
     groups_ok = group_size == k or (group_size >= 16 and not group_size & (group_size - 1) and k % group_size == 0)
     ec_ok = all(t.dtype == x.dtype for t in ec_vals) and (not ec_vals or ec_vals[1].shape[1] <= dispatch.MAX_EC_RANK)
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and k % 8 == 0 and q.is_contiguous()
-            and q.storage_offset() % 4 == 0 and s.dtype == z.dtype == x.dtype and groups_ok and ec_ok)
+    rows_ok = all(q.is_contiguous() and q.storage_offset() % 4 == 0 for q in qdatas)
+    scales_ok = all(s.dtype == z.dtype == x.dtype for s, z in zip(scales, zeros))
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and k % 8 == 0 and rows_ok and scales_ok
+            and groups_ok and ec_ok)
 
 
 class DecomposePrefillLinearsPass:
@@ -196,8 +208,9 @@ class DecomposePrefillLinearsPass:
                 return False  # not an EC this pass knows how to write (the runtime op checks and reports it)
             structure = ec_structure(vals[0].shape[-1], vals[1].shape[0])
         group_size = node.args[5] or vals[0].shape[-1]
-        ours = g == 1 and _our_kernels_fit(vals, group_size, [v for v, p in zip(vals[-sum(ec_present):], ec_present)
-                                                               if p] if structure else [])
+        ec_vals = vals[len(vals) - sum(ec_present):]
+        ours = _our_kernels_fit(vals[0], vals[1:1 + g], vals[1 + g:1 + 2 * g], vals[1 + 2 * g:1 + 3 * g], group_size,
+                                ec_vals)
 
         def fn(x_, *rest):
             q_, s_, z_ = rest[:g], rest[g:2 * g], rest[2 * g:3 * g]
@@ -211,10 +224,12 @@ class DecomposePrefillLinearsPass:
         # one trace per node (each copy gets its own fake values), with Inductor's decompositions: a post-grad
         # graph holds decomposed aten ops; our kernels enter as Triton-kernel HOPs (wrap_triton), which
         # Inductor launches from its wrapper. If that trace fails on this torch, Inductor's own kernels do it.
+        # Functionalized: a kernel that writes an empty buffer is then a functional HOP whose output is used (a
+        # mutating one would be dead code); Inductor's later post-grad passes reinplace it and emit the launch.
         decomp = select_decomp_table()
         with detect_fake_mode(vals):
             try:
-                sub = make_fx(fn, decomposition_table=decomp)(*vals)
+                sub = make_fx(torch.func.functionalize(fn) if ours else fn, decomposition_table=decomp)(*vals)
             except Exception as e:  # noqa: BLE001
                 if not ours:
                     raise
