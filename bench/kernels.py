@@ -32,6 +32,8 @@ import triton  # noqa: E402
 from spear_compile.lowering import dispatch  # noqa: E402
 from spear_compile.packing import pack  # noqa: E402
 
+os.environ.setdefault("SPEAR_TUNE_CACHE", "0")  # a timing bench re-times every key (no on-disk tuning cache)
+
 MODELS = {
     "Llama-3.2-1B": dict(hidden=2048, inter=8192, heads=32, kv=8, head_dim=64),
     "Llama-2-7B": dict(hidden=4096, inter=11008, heads=32, kv=32, head_dim=128),
