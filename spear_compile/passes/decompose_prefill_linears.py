@@ -9,7 +9,7 @@ the dequantize and ``mm``/``addmm`` (Inductor's extern cuBLAS call) in the graph
 generated wrapper. On CUDA the dequantize is our int32-word Triton kernel (``dispatch.dequantize_w4``) traced in
 through ``torch.library.wrap_triton`` (a grouped node: one launch per member into its rows of one buffer); where
 our kernels do not fit (CPU, fp32, unaligned rows) or that trace fails, aten ops (``ops.dequantize_packed``) that
-Inductor turns into one pointwise kernel (bench/results/prefill_s7.md: ours is 5-10% faster per layer). Same math
+Inductor turns into one pointwise kernel (bench/results/prefill_s7.md: ours is 6-12% faster per layer). Same math
 as the reference op up to cuBLAS's own reduction order.
 
 A node with an EC gets the EC in the same structures the runtime dispatch uses (``DequantCublasConfig``),
@@ -24,8 +24,8 @@ fallback: a cuBLAS mm and a pointwise gate):
 
 Symbolic or small M, or a CUDA-graphed graph (where host time is not paid per call and the tuned runtime
 dispatch runs) are left as they are. Each decomposed node is marked on its ``MatchRecord`` / ``GroupRecord``
-(``decomposed``; ``decomposed_ec`` names the EC structure, ``decomposed_with`` whose kernels). Off: ``SPEAR_DECOMPOSE_PREFILL=0`` or
-``options={"spear_decompose_prefill": False}``.
+(``decomposed``; ``decomposed_ec`` names the EC structure, ``decomposed_with`` whose kernels).
+Off: ``SPEAR_DECOMPOSE_PREFILL=0`` or ``options={"spear_decompose_prefill": False}``.
 """
 from __future__ import annotations
 
@@ -119,9 +119,8 @@ def ec_structure(k: int, n: int) -> str:
 def _ec_term(x2, ec_A, gate_w, gate_b):
     """``v = g(u) ⊙ u``, ``u = x Aᵀ`` (``[M, r]``), with the EC module's own ops (``ec.CompensatedLinear``)."""
     u = torch.mm(x2, ec_A.t())
-    if gate_w is not None:
-        u = u * (2.0 * torch.sigmoid(torch.addmm(gate_b, u, gate_w.t()) if gate_b is not None
-                                     else torch.mm(u, gate_w.t())))
+    if gate_w is not None:  # (with gate_b: the pass leaves a gate without one to the runtime op)
+        u = u * (2.0 * torch.sigmoid(torch.addmm(gate_b, u, gate_w.t())))
     return u
 
 
