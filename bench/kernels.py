@@ -5,8 +5,8 @@ bf16 cuBLAS (F.linear), tinygemm (``aten._weight_int4pack_mm``, g128), gemlite A
 importable), ours W4-only (per-channel and g128), ours W4+EC r=32 gated fused, and the naive
 unfused W4+EC (our W4 + torch ops for A x, gate, B, add), eager (sync per layer) and graph; at a prefill
 M (> 64) also the op as ``torch.compile(backend="spear")`` writes it into the graph (``compiled W4`` /
-``compiled EC``: ``DecomposePrefillLinearsPass``'s dequantize + mm with the EC as K-concat or addmm C input,
-Inductor's kernels, captured into the same timing graph).
+``compiled EC``: ``DecomposePrefillLinearsPass``'s dequantize (our kernel traced in) + mm with the EC as
+K-concat or addmm C input, launched from Inductor's wrapper, captured into the same timing graph).
 Timing: CUDA events over CUDA-graph replays of one graph holding the layer's linears for enough
 weight copies that the weight set exceeds L2. Correctness of every kernel vs a float64 reference
 first. Writes markdown + logs to --out; prints a compact table last.
@@ -31,6 +31,7 @@ import triton  # noqa: E402
 
 from spear_compile.lowering import dispatch  # noqa: E402
 from spear_compile.packing import pack  # noqa: E402
+from spear_compile.passes.decompose_prefill_linears import MIN_M as DECOMPOSE_MIN_M  # noqa: E402
 
 os.environ.setdefault("SPEAR_TUNE_CACHE", "0")  # a timing bench re-times every key (no on-disk tuning cache)
 
@@ -140,7 +141,8 @@ _COMPILED = {}
 
 def _compiled(ec):
     """``spear::fused_linear`` (g128, + gated EC when ``ec``) through ``torch.compile(backend="spear")`` in the
-    default mode: at M > 64 the decomposition pass writes it as Inductor's dequantize kernel + cuBLAS."""
+    default mode: at M > 64 the decomposition pass writes it into the graph as our dequantize (+ EC prologue)
+    kernels, traced in, + cuBLAS, launched from Inductor's wrapper."""
     if ec not in _COMPILED:
         def with_ec(x, q, s, z, A, B, gw, gb):
             return torch.ops.spear.fused_linear(x, q, s, z, None, G, A, B, gw, gb)
@@ -161,7 +163,6 @@ def op_compiled_w4(x, L):
     return _compiled(False)(x, L["q"], L["s_g"], L["z_g"])
 
 
-COMPILED_MIN_M = 65  # passes.decompose_prefill_linears.MIN_M: below it the graph keeps our op (= ours / fused)
 
 
 def reference(x, L, pc=False, ec=False, bias=None, gated=True):
@@ -350,7 +351,7 @@ def main():
 
         for m in ms_list:
             ops = dict(ops_all)  # a kernel found wrong at one M is dropped for that M only
-            if m < COMPILED_MIN_M:
+            if m < DECOMPOSE_MIN_M:  # below it the compiled graph keeps our op (= ours / fused)
                 ops = {k_: v for k_, v in ops.items() if not k_.startswith("compiled")}
             if time.time() - T0 > args.budget:
                 log(fh, f"budget reached: skip {model} M={m}")

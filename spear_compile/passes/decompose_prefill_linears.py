@@ -39,6 +39,7 @@ from torch._guards import detect_fake_mode
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from ..errors import SpearError
 from ..lowering import dispatch, fused_linear  # noqa: F401  (registers spear::fused_linear, spear::grouped_linear)
 from ..ops import dequantize_packed
 from . import registry
@@ -150,15 +151,17 @@ def _dequantized_ec(x, qdata, scale, zero, bias, ec_A, ec_B, gate_w, gate_b, gro
 
 
 def _our_kernels_fit(x, qdatas, scales, zeros, group_size, ec_vals) -> bool:
-    """Our Triton dequantize / EC prologue can be traced in for these (fake) arguments: CUDA, bf16/fp16, K % 8 == 0,
-    packed rows contiguous and 4-byte aligned, a group size the kernels take, scales and EC in x's dtype."""
-    k = x.shape[-1]
-    groups_ok = group_size == k or (group_size >= 16 and not group_size & (group_size - 1) and k % group_size == 0)
-    ec_ok = all(t.dtype == x.dtype for t in ec_vals) and (not ec_vals or ec_vals[1].shape[1] <= dispatch.MAX_EC_RANK)
+    """Our Triton dequantize / EC prologue can be traced in for these (fake) arguments: CUDA, what the runtime op
+    accepts (``dispatch._check``: bf16/fp16, group size, scale shapes and dtype, EC shapes and rank), packed rows the
+    int32-word kernel reads (``dispatch.gemv_ok``'s rule on a fake tensor's storage offset) and the EC in x's dtype."""
+    ec = list(ec_vals) + [None] * (4 - len(ec_vals))
+    try:
+        for i, (q, s, z) in enumerate(zip(qdatas, scales, zeros)):
+            dispatch._check(x, q, s, z, None, group_size, *(ec if i == 0 else [None] * 4), None)
+    except SpearError:
+        return False
     rows_ok = all(q.is_contiguous() and q.storage_offset() % 4 == 0 for q in qdatas)
-    scales_ok = all(s.dtype == z.dtype == x.dtype for s, z in zip(scales, zeros))
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and k % 8 == 0 and rows_ok and scales_ok
-            and groups_ok and ec_ok)
+    return x.is_cuda and x.shape[-1] % 8 == 0 and rows_ok and all(t.dtype == x.dtype for t in ec_vals)
 
 
 class DecomposePrefillLinearsPass:
