@@ -81,6 +81,10 @@ def kernel_for(m: int, rec: registry.MatchRecord, device: str, group: Optional[r
         return "reference"
     if rec.decomposed:
         ec = {"kcat": ", EC as K-concat [x | v][W | B]ᵀ", "c_in": ", EC as addmm C input"}.get(rec.decomposed_ec, "")
+        if rec.decomposed_pad_x:
+            ec += ", [x | 0] from x's producer"
+        if rec.decomposed_merged:
+            ec += f"; one GEMM with {', '.join(rec.decomposed_merged)}"
         return f"decomposed: dequantize ({rec.decomposed_with}) + mm in the graph (cuBLAS{ec})"
     if device != "cuda" or rec.dtype not in ("bfloat16", "float16"):
         return f"reference ({device}, {rec.dtype})"

@@ -137,3 +137,84 @@ def test_gpu_grouped_members_dequantized_side_by_side(spec, bias):
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
     assert [r.decomposed_with for r in passes.RECORDS] == ["spear"] * 3
     assert [g.decomposed for g in passes.GROUPS] == [True]
+
+
+class Siblings(nn.Module):
+    """q|k|v of one x with ECs on some of them (gated, static, different ranks), and gate|up of another x (from a
+    pointwise producer) with an EC on up: each set becomes one GEMM with the ECs stacked."""
+
+    def __init__(self, k, spec, bias, ecs, dtype=torch.float32, device=None, gen=None, raw=False):
+        super().__init__()
+        self.raw = raw  # return the five outputs side by side (no products that amplify bf16 rounding)
+        cfg = QuantConfig.from_spec(spec)
+        for name, n in (("q", k), ("k", k // 2), ("v", k // 2), ("gate", 2 * k), ("up", 2 * k)):
+            lin = quantize_linear_(nn.Linear(k, n, bias=bias, dtype=dtype, device=device), cfg)
+            if name in ecs:
+                rank, gate = ecs[name]
+                lin = CompensatedLinear.wrap(lin, rank=rank, gate=gate)
+                with torch.no_grad():
+                    for p in lin.ec_parameters():
+                        p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            setattr(self, name, lin)
+
+    def forward(self, x):
+        if self.raw:
+            z = torch.tanh(x) * 2.0
+            return torch.cat([self.q(x), self.k(x), self.v(x), self.gate(z), self.up(z)], -1)
+        h = self.q(x) + self.k(x).repeat(1, 1, 2) * self.v(x).repeat(1, 1, 2)
+        z = torch.tanh(h) * 2.0  # a pointwise producer: [z | 0] can be written by its kernel
+        return self.gate(z)[..., : h.shape[-1]] + self.up(z)[..., : h.shape[-1]]
+
+
+@pytest.mark.parametrize("bias,ecs", [
+    (False, {"q": (4, "sigmoid"), "v": (3, "none"), "up": (5, "sigmoid")}),
+    (True, {"k": (6, "sigmoid"), "gate": (2, "none"), "up": (7, "none")}),
+    (False, {"q": (8, "sigmoid"), "k": (8, "sigmoid"), "v": (8, "sigmoid"), "gate": (4, "sigmoid")})])
+def test_ec_siblings_merged_into_one_gemm(bias, ecs):
+    """Fresh shapes and values each run; the EC'd linears and their siblings (grouped or not) share one GEMM."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    k = 32 * int(torch.randint(1, 4, (), generator=g))
+    model = Siblings(k, "w4-g32-rtn", bias, ecs, gen=g)
+    x = torch.randn(1, MIN_M + int(torch.randint(0, 40, (), generator=g)), k, generator=g)
+    out, ref = _run(model, x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    recs = {r.module: r for r in passes.RECORDS}
+    assert set(recs) == {"q", "k", "v", "gate", "up"} and all(r.decomposed for r in recs.values())
+    assert all(r.decomposed_ec == "kcat" for r in recs.values())
+    for names in (("q", "k", "v"), ("gate", "up")):
+        for nm in names:
+            assert len(recs[nm].decomposed_merged) >= 1  # the other node(s) of the same x in its GEMM
+
+
+def test_ec_siblings_left_apart_when_stacked_rank_too_large():
+    from spear_compile.passes.decompose_prefill_linears import MAX_MERGED_RANK
+    g = torch.Generator().manual_seed(7)
+    r = MAX_MERGED_RANK // 2 + 1
+    model = Siblings(192, "w4-g32-rtn", False, {"q": (r, "sigmoid"), "k": (r - 40, "none"), "v": (41, "none")},
+                     gen=g)
+    out, ref = _run(model, torch.randn(1, MIN_M, 192, generator=g))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    recs = {r_.module: r_ for r_ in passes.RECORDS}
+    assert all(rec.decomposed for rec in recs.values())
+    assert not any(recs[nm].decomposed_merged for nm in ("q", "k", "v"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="our kernels traced into the graph need a GPU")
+@pytest.mark.parametrize("pad_x", ["0", "1", "auto"])
+@pytest.mark.parametrize("spec,bias", [("w4-g128-rtn", False), ("w4-pc-rtn", True)])
+def test_gpu_ec_siblings_merged(spec, bias, pad_x, monkeypatch):
+    monkeypatch.setenv("SPEAR_EC_PAD_X", pad_x)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    # stacked R = 96 over q|k|v (one gate launch with pc: all gated; one per EC with g128: v static)
+    ecs = {"q": (32, "sigmoid"), "k": (32, "sigmoid"), "v": (32, "none" if spec == "w4-g128-rtn" else "sigmoid"),
+           "up": (32, "sigmoid")}
+    model = Siblings(256, spec, bias, ecs, dtype=torch.bfloat16, device="cuda", gen=g, raw=True)
+    x = torch.randn(2, MIN_M + int(torch.randint(0, 300, (), generator=g)), 256, generator=g).to("cuda",
+                                                                                                  torch.bfloat16)
+    out, ref = _run(model, x)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    recs = {r.module: r for r in passes.RECORDS}
+    assert all(r.decomposed_with == "spear" and r.decomposed_ec == "kcat" for r in recs.values())
+    # gate|up (R = 32) reads x from a pointwise producer: [x | 0] by pad unless off; q|k|v (R = 96 > the prologue's
+    # copy limit) always pads
+    assert recs["up"].decomposed_pad_x == (pad_x != "0") and recs["q"].decomposed_pad_x

@@ -103,6 +103,26 @@ def test_dequantize_words(group, dtype):
     assert (wf.double() - ref).abs().max().item() <= 2 ** -6 * ref.abs().max().item()
 
 
+def test_dequantize_tail_at_a_column_offset():
+    """``tail_col0``: B in its own columns of a wider tail (merged siblings' ECs), zeros elsewhere; ``tail=None``
+    with a width: an all-zero tail (a member without EC)."""
+    t = _problem(1, 32, torch.bfloat16, seed=torch.seed() % 2**31)
+    w = dispatch.dequantize_w4(t["qdata"], t["scale"], t["zero"], 32, torch.bfloat16)
+    c0 = int(torch.randint(1, 9, ()))
+    width = R + c0 + 8 * int(torch.randint(0, 3, ()))
+    wt = dispatch.dequantize_w4(t["qdata"], t["scale"], t["zero"], 32, torch.bfloat16, tail=t["ec_B"],
+                                tail_width=width, tail_col0=c0)
+    assert wt.shape == (N, K + width) and torch.equal(wt[:, :K], w)
+    assert torch.equal(wt[:, K + c0:K + c0 + R], t["ec_B"])
+    assert not wt[:, K:K + c0].any() and not wt[:, K + c0 + R:].any()
+    buf = torch.full((N, K + width), float("nan"), dtype=torch.bfloat16)
+    wz = dispatch.dequantize_w4(t["qdata"], t["scale"], t["zero"], 32, torch.bfloat16, tail_width=width, out=buf)
+    assert torch.equal(wz[:, :K], w) and not wz[:, K:].any()
+    with pytest.raises(SpearError, match="does not fit"):
+        dispatch.dequantize_w4(t["qdata"], t["scale"], t["zero"], 32, torch.bfloat16, tail=t["ec_B"],
+                               tail_width=R + 2, tail_col0=3)
+
+
 def test_dequantize_into_rows_of_a_shared_buffer():
     """``out=``/``row0=``: members of a grouped weight dequantized side by side (the rows around them untouched)."""
     seed = torch.seed() % 2**31
@@ -153,6 +173,47 @@ def test_ec_prologue(gated, given, m, split):
         assert torch.equal(out[:, :K], t["x"]) and _rel(out[:, K:K + R], v64) < 1e-2
         assert not out[:, K + R:K + width].any()
         assert torch.isnan(out[:, K + width:].float()).all()  # nothing written past the width
+
+
+@pytest.mark.parametrize("r,split", [(40, True), (96, False), (96, True)])
+def test_ec_prologue_copy_at_wide_ranks(r, split):
+    """``[x | v]`` at BLOCK_R > 32: x copied first, then the projection without the copy (``COPY_X_MAX_BLOCK_R``)."""
+    t = _problem(70, K, torch.bfloat16, gated=True, seed=torch.seed() % 2**31, r=r)
+    v64 = _v64(t, None)
+    out = torch.full((70, K + r + 8), float("nan"), dtype=torch.bfloat16)
+    dispatch.ec_prologue(t["x"], t["ec_A"], None, t["gate_w"], t["gate_b"], r, out=out, col0=K, width=r + 8,
+                         copy_x=True, split=split)
+    assert torch.equal(out[:, :K], t["x"]) and _rel(out[:, K:K + r], v64) < 1e-2 and not out[:, K + r:].any()
+
+
+@pytest.mark.parametrize("x_in_out,same", [(False, False), (True, False), (True, True), (False, True)])
+def test_ec_prologue_stacked_ecs_gated_per_block(x_in_out, same):
+    """Merged siblings' ECs: one x pass over the stacked A, then each EC's own gate (gated or static) on its columns
+    (``same``: one rank, all gated: one gate launch over the blocks); ``x_in_out``: x read from ``[x | 0]`` itself."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    m, ranks = 70, [int(r) for r in torch.randint(1, 20, (3,), generator=g)]
+    gated = [True, False, True]
+    if same:
+        ranks, gated = [ranks[0]] * 3, [True] * 3
+    x = torch.randn(m, K, generator=g).to(torch.bfloat16)
+    a = [(torch.randn(r, K, generator=g) * 0.1).to(torch.bfloat16) for r in ranks]
+    gws = [(torch.randn(r, r, generator=g) * 0.3).to(torch.bfloat16) if gt else None for r, gt in zip(ranks, gated)]
+    gbs = [(torch.randn(r, generator=g) * 0.1).to(torch.bfloat16) if gt else None for r, gt in zip(ranks, gated)]
+    v64 = []
+    for ai, gw, gb in zip(a, gws, gbs):
+        u = x.double() @ ai.double().T
+        v64.append(u * 2 * torch.sigmoid(u @ gw.double().T + gb.double()) if gw is not None else u)
+    v64 = torch.cat(v64, 1)
+    r = sum(ranks)
+    width = r + 8
+    out = torch.full((m, K + width), float("nan"), dtype=torch.bfloat16)
+    if x_in_out:
+        out[:, :K] = x
+    dispatch.ec_prologue(out[:, :K] if x_in_out else x, torch.cat(a, 0), None, None, None, r, out=out, col0=K,
+                         width=width, split=True, x_in_out=x_in_out, gates=list(zip(ranks, gws, gbs)))
+    assert _rel(out[:, K:K + r], v64) < 1e-2 and not out[:, K + r:].any()
+    if x_in_out:
+        assert torch.equal(out[:, :K], x)
 
 
 def test_prefill_candidates_by_key():

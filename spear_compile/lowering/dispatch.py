@@ -51,6 +51,7 @@ from .w4_prefill import (ec_gate_kernel, ec_prologue_kernel, ec_xpass_kernel, w4
 
 MAX_DECODE_M = 16
 MAX_EC_RANK = 256
+COPY_X_MAX_BLOCK_R = 32  # the prologue copies x inside its projection loop only up to this BLOCK_R (``ec_prologue``)
 MIN_BLOCK_N = 4
 MAX_GROUP = 4  # members of one grouped launch (w4_gemv_grouped_kernel's pointer sets)
 _BUCKETS = (1, 4, 16, 64, 256, 1024)
@@ -770,23 +771,27 @@ def _launcher(kernel, traceable):
     return wrap_triton(kernel)
 
 
-def dequantize_w4(qdata, scale, zero, group_size, dtype, *, tail=None, tail_width=0, fold=None, block=None,
-                  out=None, row0=0, traceable=False):
+def dequantize_w4(qdata, scale, zero, group_size, dtype, *, tail=None, tail_width=0, tail_col0=0, fold=None,
+                  block=None, out=None, row0=0, traceable=False):
     """``(q - zero) * scale`` as a ``[N, K]`` ``dtype`` matrix, or ``[N, K + tail_width]`` ``[W | tail]``
-    (``tail``: ``[N, r]``, zeros past r), or ``W + B A`` (``fold=(A, B)``). int32-word kernel where the rows
+    (``tail``: ``[N, r]`` in tail columns ``tail_col0 .. tail_col0 + r``, zeros in the others; ``tail=None``
+    with ``tail_width > 0``: all zeros), or ``W + B A`` (``fold=(A, B)``). int32-word kernel where the rows
     allow it (``gemv_ok``), else the byte kernel (plain W only). ``block``: force (BLOCK_N, BLOCK_W, per-word).
     ``out``: write rows ``row0 .. row0 + N`` of this ``[*, K + tail_width]`` tensor instead (and return it).
     ``traceable``: launched through ``wrap_triton`` (the caller has checked the rows: fake tensors have no
     data pointer)."""
     n, k = qdata.shape[0], qdata.shape[1] * 2
     where = "spear_compile.lowering.dispatch.dequantize_w4"
-    tail_width = tail_width if tail is not None else 0
+    r_tail = tail.shape[1] if tail is not None else 0
+    if tail_width < 0 or not 0 <= tail_col0 <= tail_width - r_tail:
+        raise SpearError(f"{where}: tail of width {r_tail} at column {tail_col0} does not fit tail_width={tail_width}")
+    has_tail = tail_width > 0
     if out is not None and (out.dim() != 2 or out.shape[1] != k + tail_width or out.stride(1) != 1
                             or not 0 <= row0 <= out.shape[0] - n or out.dtype != dtype):
         raise SpearError(f"{where}: out must be {dtype} [>= row0 + {n}, {k + tail_width}] with unit column stride, "
                          f"got {out.dtype} {tuple(out.shape)} stride {out.stride()} and row0={row0}")
     if not (traceable or gemv_ok(k, qdata)):
-        if tail is not None or fold is not None or out is not None:
+        if has_tail or fold is not None or out is not None:
             raise SpearError(f"{where}: [W | B] / W + BA / out= need K % 8 == 0 and 4-byte aligned packed rows")
         w = torch.empty(n, k, dtype=dtype, device=qdata.device)
         block_k = min(128, group_size) if group_size < k else 128  # in one group: one (scale, zero) per row
@@ -801,12 +806,12 @@ def dequantize_w4(qdata, scale, zero, group_size, dtype, *, tail=None, tail_widt
     extra = tail if tail is not None else ab[1]
     r = extra.shape[1] if extra is not None else 0
     dummy = scale  # never read; the activation dtype, like B and A
-    grid = (triton.cdiv(n, bn), triton.cdiv(k // 8, bw) + (1 if tail is not None else 0))
+    grid = (triton.cdiv(n, bn), triton.cdiv(k // 8, bw) + (1 if has_tail else 0))
     _launcher(w4_dequant_words_kernel, traceable)[grid](
         qdata.view(torch.int32), scale, zero, w, extra if extra is not None else dummy,
         ab[0] if fold is not None else dummy,
-        n, k, k // 8, r, tail_width, group_size, k // group_size, w.stride(0), row0,
-        BLOCK_N=bn, BLOCK_W=bw, PER_WORD_SCALE=per_word, TAIL=tail is not None,
+        n, k, k // 8, r, tail_width, group_size, k // group_size, w.stride(0), row0, tail_col0,
+        BLOCK_N=bn, BLOCK_W=bw, PER_WORD_SCALE=per_word, TAIL=has_tail,
         BLOCK_T=triton.next_power_of_2(max(tail_width, 16)), FOLD=fold is not None, BLOCK_R=_block_r(r),
         INTERPRET=_interpret(), num_warps=4,
     )
@@ -814,31 +819,49 @@ def dequantize_w4(qdata, scale, zero, group_size, dtype, *, tail=None, tail_widt
 
 
 def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, copy_x=False, split=False,
-                traceable=False):
+                traceable=False, x_in_out=False, gates=None):
     """``v = g(u) ⊙ u`` (u = x Aᵀ in fp32, or the given ``u``) into columns ``col0 .. col0 + width`` of ``out``
     (zeros past r; a new ``[M, r]`` tensor by default); ``copy_x``: x into columns ``0 .. K`` too.
     ``split=False``: one launch, one program per 16 rows (``ec_prologue_kernel``); ``split=True``: a split-K
     pass over x with ~2 programs per SM (``ec_xpass_kernel``: copy + fp32 partials) and the gate
-    (``ec_gate_kernel``) in a second launch. ``traceable``: launched through ``wrap_triton`` (``_launcher``)."""
+    (``ec_gate_kernel``) in a second launch. ``traceable``: launched through ``wrap_triton`` (``_launcher``).
+    ``x_in_out``: x is columns ``0 .. K`` of ``out`` itself (``x2`` is that view; ``[x | 0]`` written by x's producer),
+    read through ``out``, so that a traced graph has only launches that write that buffer, which Inductor then
+    writes in place (``ec_xpass_kernel``'s ``X_IN_OUT``). ``gates``: ``ec_A`` is the ECs of merged sibling
+    linears stacked (``[(r_i, gate_w_i or None, gate_b_i or None), ...]``, Σ r_i = r): one x pass for all, then
+    each EC's gate on its own columns (``split`` only; ``gate_w`` / ``gate_b`` unused): one launch over all of them
+    when they share a rank and gatedness, else one each. One gate over the block-diagonal stack would hold an R×R
+    fp32 matrix per program: 36 µs a launch at R = 96 (session 8)."""
     m, k = x2.shape
+    if x_in_out and (copy_x or out is None or u is not None):
+        raise SpearError("spear_compile.lowering.dispatch.ec_prologue: x_in_out needs out, no copy_x, no u")
+    if gates is not None and (not split or u is not None or sum(g[0] for g in gates) != r):
+        raise SpearError(f"spear_compile.lowering.dispatch.ec_prologue: gates need split=True, no u and ranks "
+                         f"summing to r={r}, got {[g[0] for g in gates]}")
     width = r if width is None else width
     if out is None:
         out = torch.empty(m, width, dtype=x2.dtype, device=x2.device)
+    if copy_x and u is None and _block_r(r) > COPY_X_MAX_BLOCK_R:
+        # measured on H100 / Triton 3.6 (bench/NOTES_kernels.md, session 8): with the copy in the same loop as the
+        # x Aᵀ dot, u came out wrong at BLOCK_R >= 64 (rel err 1e-2 at 64, 0.2 at 96 and 128; x copied exactly).
+        # Copy first, then the projection without the copy, which is right at every rank.
+        out[:, :k].copy_(x2)
+        x2, copy_x, x_in_out = out[:, :k], False, True
     if u is not None:
         u = u.reshape(m, r)
         if u.stride(-1) != 1:
             u = u.contiguous()
     block_r = _block_r(r)
     pad = triton.next_power_of_2(width - block_r) if width > block_r else 0
-    dummy = x2  # never read
+    dummy = ec_A if ec_A is not None else x2  # never read (not x: x may be a view of ``out``, written here)
     gw, gb = (gate_w, gate_b) if gate_w is not None else (dummy, dummy)
     if not split:
         _launcher(ec_prologue_kernel, traceable)[(triton.cdiv(m, 16),)](
-            x2, ec_A if ec_A is not None else dummy, u if u is not None else dummy, gw, gb, out,
-            m, k, r, width, x2.stride(0), u.stride(0) if u is not None else 0, out.stride(0), col0,
+            dummy if x_in_out else x2, ec_A if ec_A is not None else dummy, u if u is not None else dummy, gw, gb, out,
+            m, k, r, width, 0 if x_in_out else x2.stride(0), u.stride(0) if u is not None else 0, out.stride(0), col0,
             BLOCK_M=16, BLOCK_K=min(256, max(16, triton.next_power_of_2(k))), BLOCK_R=block_r,
             COPY_X=copy_x, U_GIVEN=u is not None, GATED=gate_w is not None, LOOP=copy_x or u is None,
-            INTERPRET=_interpret(), BLOCK_PAD=pad, num_warps=4, num_stages=3,
+            INTERPRET=_interpret(), BLOCK_PAD=pad, X_IN_OUT=x_in_out, num_warps=4, num_stages=3,
         )
         return out
     part = None
@@ -851,17 +874,30 @@ def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, co
         if u is None:
             part = torch.empty(n_split, m, block_r, dtype=torch.float32, device=x2.device)
         _launcher(ec_xpass_kernel, traceable)[(m_tiles, n_split)](
-            x2, ec_A if ec_A is not None else dummy, part if part is not None else out, out,
-            m, k, r, x2.stride(0), out.stride(0), per * bk,
-            BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r, COPY_X=copy_x, PROJECT=u is None, INTERPRET=_interpret(),
+            dummy if x_in_out else x2, ec_A if ec_A is not None else dummy, part if part is not None else out,
+            out if copy_x or x_in_out else part, m, k, r, 0 if x_in_out else x2.stride(0), out.stride(0), per * bk, 0,
+            BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r, COPY_X=copy_x, PROJECT=u is None, X_IN_OUT=x_in_out,
+            INTERPRET=_interpret(),
             num_warps=4, num_stages=2,
         )
-    _launcher(ec_gate_kernel, traceable)[(triton.cdiv(m, 16),)](
-        part if part is not None else out, u if u is not None else dummy, gw, gb, out,
-        m, r, width, part.shape[0] if part is not None else 0, u.stride(0) if u is not None else 0,
-        out.stride(0), col0,
-        BLOCK_M=16, BLOCK_R=block_r, U_GIVEN=u is not None, GATED=gate_w is not None, BLOCK_PAD=pad, num_warps=4,
-    )
+    blocks, n_blk = (gates, 1) if gates is not None else ([(r, gate_w, gate_b)], 1)
+    if gates is not None and len({(g[0], g[1] is None) for g in gates}) == 1:  # one rank, all gated or all static
+        gws = [g[1] for g in gates]
+        blocks, n_blk = [(gates[0][0], torch.stack(gws) if gws[0] is not None else None,
+                          torch.stack([g[2] for g in gates]) if gws[0] is not None else None)], len(gates)
+    c = 0
+    for i, (ri, gwi, gbi) in enumerate(blocks):
+        wi = ri if i < len(blocks) - 1 else width - c - (n_blk - 1) * ri  # the last block also writes the pad
+        bri = _block_r(ri)
+        padi = triton.next_power_of_2(wi - bri) if wi > bri else 0
+        _launcher(ec_gate_kernel, traceable)[(triton.cdiv(m, 16), n_blk)](
+            part[:, :, c:] if part is not None else out, u if u is not None else dummy,
+            gwi if gwi is not None else dummy, gbi if gbi is not None else dummy, out,
+            m, ri, wi, part.shape[0] if part is not None else 0, u.stride(0) if u is not None else 0,
+            out.stride(0), col0 + c, block_r, ri if n_blk > 1 else 0,
+            BLOCK_M=16, BLOCK_R=bri, U_GIVEN=u is not None, GATED=gwi is not None, BLOCK_PAD=padi, num_warps=4,
+        )
+        c += ri * n_blk
     return out
 
 

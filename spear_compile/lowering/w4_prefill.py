@@ -126,7 +126,7 @@ def _plane(words, i: tl.constexpr, zc, s):
 @triton.jit
 def w4_dequant_words_kernel(
     q_ptr, s_ptr, z_ptr, w_ptr, b_ptr, a_ptr,
-    N, K, K8, R, TW, group_size, n_groups, stride_wn, row0,
+    N, K, K8, R, TW, group_size, n_groups, stride_wn, row0, tc0,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PER_WORD_SCALE: tl.constexpr,
     TAIL: tl.constexpr, BLOCK_T: tl.constexpr, FOLD: tl.constexpr, BLOCK_R: tl.constexpr,
     INTERPRET: tl.constexpr = False,
@@ -136,8 +136,9 @@ def w4_dequant_words_kernel(
 
     Scale/zero: one per row per tile when the tile sits in one group (per-channel: ``n_groups`` = 1), else one
     per (row, word) (``PER_WORD_SCALE``, groups of 16-64). ``TAIL``: the grid has one extra column of programs
-    that writes ``B`` (``[N, R]``) into columns ``K .. K + TW`` of ``w`` (zeros past R): the ``[W | B]``
-    operand of the K-concatenated EC GEMM. ``FOLD``: ``w += B A`` (static EC folded into the weight).
+    that writes ``B`` (``[N, R]``) into columns ``K + tc0 .. K + tc0 + R`` of ``w`` and zeros into the rest
+    of columns ``K .. K + TW``: the ``[W | B]`` operand of the K-concatenated EC GEMM (``tc0 > 0``: sibling
+    linears merged into one GEMM, each member's B in its own columns; R = 0: a member without EC, zeros). ``FOLD``: ``w += B A`` (static EC folded into the weight).
     ``K8`` = K / 8, an argument so that its divisibility by 16 (aligned rows: 16-byte word loads) is known.
     ``row0``: the rows are written from row ``row0`` of ``w`` on (grouped weights dequantized side by side)."""
     w_ptr += row0 * stride_wn
@@ -148,8 +149,9 @@ def w4_dequant_words_kernel(
     if pid_k >= tl.cdiv(K8, BLOCK_W):  # only the TAIL column of programs gets here
         if TAIL:
             offs_t = tl.arange(0, BLOCK_T)
-            b = tl.load(b_ptr + offs_n[:, None] * R + offs_t[None, :],
-                        mask=n_mask[:, None] & (offs_t < R)[None, :], other=0.0)
+            offs_b = offs_t - tc0
+            b = tl.load(b_ptr + offs_n[:, None] * R + offs_b[None, :],
+                        mask=n_mask[:, None] & ((offs_b >= 0) & (offs_b < R))[None, :], other=0.0)
             tl.store(w_ptr + offs_n[:, None] * stride_wn + K + offs_t[None, :], b.to(w_ptr.dtype.element_ty),
                      mask=n_mask[:, None] & (offs_t < TW)[None, :])
     else:
@@ -196,19 +198,31 @@ def _store_v(out_ptr, v, offs_m, m_mask, offs_r, RP, stride_om, col0,
 
 
 @triton.jit
+def _load_x(x_ptr, out_ptr, offs_m, offs_k, m_mask, k_mask, stride_xm, stride_om, X_IN_OUT: tl.constexpr):
+    """An x tile, from x or (``X_IN_OUT``) from columns ``0 .. K`` of ``out`` (``[x | 0]`` written by x's producer)."""
+    if X_IN_OUT:
+        return tl.load(out_ptr + offs_m[:, None] * stride_om + offs_k[None, :],
+                       mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+    return tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                   mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+
+
+@triton.jit
 def ec_prologue_kernel(
     x_ptr, a_ptr, u_ptr, gw_ptr, gb_ptr, out_ptr,
     M, K, R, RP, stride_xm, stride_um, stride_om, col0,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     COPY_X: tl.constexpr, U_GIVEN: tl.constexpr, GATED: tl.constexpr, LOOP: tl.constexpr,
-    INTERPRET: tl.constexpr = False, BLOCK_PAD: tl.constexpr = 0,
+    INTERPRET: tl.constexpr = False, BLOCK_PAD: tl.constexpr = 0, X_IN_OUT: tl.constexpr = False,
 ):
     """The x side of the EC on the cuBLAS path, one pass over x: ``u = x Aᵀ`` (fp32; or ``u`` given: the
     tensor-parallel hook), ``v = u ⊙ 2σ(u Wgᵀ + bg)`` (``GATED``; else v = u), written in x's dtype to columns
     ``col0 .. col0 + RP`` of ``out`` (zeros past R). ``COPY_X``: x is also copied to columns ``0 .. K`` of ``out``,
     which makes ``out = [x | v]``, the A operand of the K-concatenated GEMM ``[x | v] [W | B]ᵀ``.
     ``LOOP`` = ``COPY_X or not U_GIVEN`` (the K loop has something to do). ``BLOCK_PAD``: width of the zero store
-    for the pad columns past ``BLOCK_R`` (``RP > BLOCK_R``; the gate stays ``BLOCK_R`` wide)."""
+    for the pad columns past ``BLOCK_R`` (``RP > BLOCK_R``; the gate stays ``BLOCK_R`` wide). ``X_IN_OUT``: x is
+    read from columns ``0 .. K`` of ``out`` itself (``[x | 0]`` written by x's producer; ``x_ptr`` unused), so that
+    a traced graph has one launch that reads and writes that buffer, which Inductor then writes in place."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
@@ -223,8 +237,7 @@ def ec_prologue_kernel(
         for kb in range(0, tl.cdiv(K, BLOCK_K)):
             offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            x = _load_x(x_ptr, out_ptr, offs_m, offs_k, m_mask, k_mask, stride_xm, stride_om, X_IN_OUT)
             if COPY_X:
                 tl.store(out_ptr + offs_m[:, None] * stride_om + offs_k[None, :], x,
                          mask=m_mask[:, None] & k_mask[None, :])
@@ -243,14 +256,18 @@ def ec_prologue_kernel(
 @triton.jit
 def ec_xpass_kernel(
     x_ptr, a_ptr, part_ptr, out_ptr,
-    M, K, R, stride_xm, stride_om, k_per_split,
+    M, K, R, stride_xm, stride_om, k_per_split, touch,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    COPY_X: tl.constexpr, PROJECT: tl.constexpr, INTERPRET: tl.constexpr = False,
+    COPY_X: tl.constexpr, PROJECT: tl.constexpr, INTERPRET: tl.constexpr = False, X_IN_OUT: tl.constexpr = False,
 ):
     """Split-K pass over x (the prologue's x side with many programs: grid ``(M tiles, splits)``): program
     ``(i, s)`` reads rows tile i over its K range ``[s·k_per_split, (s+1)·k_per_split)`` (a multiple of
     ``BLOCK_K``), copies it to ``out`` (``COPY_X``) and writes its fp32 partial ``x Aᵀ`` to ``part[s]``
-    (``[splits, M, BLOCK_R]``; ``PROJECT``). ``ec_gate_kernel`` sums the partials."""
+    (``[splits, M, BLOCK_R]``; ``PROJECT``). ``ec_gate_kernel`` sums the partials. ``X_IN_OUT``: x is columns
+    ``0 .. K`` of ``out`` (``x_ptr`` unused), and ``out`` is declared written by a store masked with the runtime
+    ``touch`` (0: nothing is written): traced into a graph, the x pass and the gate launch after it are then two
+    writes of one buffer, which Inductor chains in place; as a read followed by another launch's write, Inductor's
+    lowering gave the reader its own copy of the buffer (session 8: a pass more over x per EC)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -262,8 +279,7 @@ def ec_xpass_kernel(
     for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        x = _load_x(x_ptr, out_ptr, offs_m, offs_k, m_mask, k_mask, stride_xm, stride_om, X_IN_OUT)
         if COPY_X:
             tl.store(out_ptr + offs_m[:, None] * stride_om + offs_k[None, :], x,
                      mask=m_mask[:, None] & k_mask[None, :])
@@ -271,6 +287,9 @@ def ec_xpass_kernel(
             at = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None],
                          mask=r_mask[None, :] & k_mask[:, None], other=0.0)
             u = dot(x, at, u, INTERPRET)
+    if X_IN_OUT:
+        tl.store(out_ptr + offs_m * stride_om, tl.zeros((BLOCK_M,), dtype=out_ptr.dtype.element_ty),
+                 mask=offs_m < touch)
     if PROJECT:
         tl.store(part_ptr + (pid_s * M + offs_m)[:, None] * BLOCK_R + offs_r[None, :], u, mask=m_mask[:, None])
 
@@ -278,12 +297,22 @@ def ec_xpass_kernel(
 @triton.jit
 def ec_gate_kernel(
     part_ptr, u_ptr, gw_ptr, gb_ptr, out_ptr,
-    M, R, RP, n_split, stride_um, stride_om, col0,
+    M, R, RP, n_split, stride_um, stride_om, col0, stride_pm, blk,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, U_GIVEN: tl.constexpr, GATED: tl.constexpr,
     BLOCK_PAD: tl.constexpr = 0,
 ):
     """``u`` = the sum of ``ec_xpass_kernel``'s partials (or the given u), ``v = u ⊙ 2σ(u Wgᵀ + bg)`` (``GATED``)
-    written to columns ``col0 .. col0 + RP`` of ``out`` in its dtype (zeros past R)."""
+    written to columns ``col0 .. col0 + RP`` of ``out`` in its dtype (zeros past R). ``stride_pm``: the partials'
+    row stride (the x pass's BLOCK_R; wider than R when these are blocks of stacked ECs). Grid axis 1: blocks of
+    stacked ECs of one rank R (``blk`` = R; ``blk`` = 0 with one block): block g reads partial columns and writes
+    out columns ``g·R ..``, with its gate at ``gw + g·R·R`` / ``gb + g·R``; only the last block writes RP columns
+    (the pad), the others R."""
+    g = tl.program_id(1)
+    part_ptr += g * blk
+    gw_ptr += g * blk * R
+    gb_ptr += g * blk
+    col0 += g * blk
+    RP = tl.where(g == tl.num_programs(1) - 1, RP, R)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     offs_r = tl.arange(0, BLOCK_R)
@@ -294,8 +323,8 @@ def ec_gate_kernel(
     else:
         u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for s in range(0, n_split):
-            u += tl.load(part_ptr + (s * M + offs_m)[:, None] * BLOCK_R + offs_r[None, :],
-                         mask=m_mask[:, None], other=0.0)
+            u += tl.load(part_ptr + (s * M + offs_m)[:, None] * stride_pm + offs_r[None, :],
+                         mask=m_mask[:, None] & r_mask[None, :], other=0.0)
     if GATED:
         gwt = tl.load(gw_ptr + offs_r[None, :] * R + offs_r[:, None],
                       mask=r_mask[None, :] & r_mask[:, None], other=0.0).to(tl.float32)  # gwt[i, j] = Wg[j, i]

@@ -30,6 +30,8 @@ class MatchRecord:
     decomposed: bool = False       # replaced by dequantize + aten.mm (static prefill M, no CUDA graphs)
     decomposed_ec: str = ""        # how the EC joined the decomposed GEMM: "kcat" or "c_in"
     decomposed_with: str = ""      # whose dequantize (+ EC prologue) kernels: "spear" (Triton) or "inductor"
+    decomposed_merged: Tuple = ()  # the other fused/grouped nodes of x in the same GEMM (EC siblings merged)
+    decomposed_pad_x: bool = False  # [x | v] written as pad(x) + v in place (x's producer may write it)
 
     def as_dict(self) -> dict:
         return asdict(self)

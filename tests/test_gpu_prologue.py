@@ -1,0 +1,25 @@
+"""On the GPU (skipped elsewhere): the EC prologue's ``[x | v]`` at every rank class against float64. Triton 3.6 on
+H100 computed u wrong at BLOCK_R >= 64 when x was copied in the projection loop (session 8); these cases pin the fix."""
+import pytest
+import torch
+
+from spear_compile.lowering import dispatch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.mark.parametrize("r", [16, 32, 64, 96, 128])
+@pytest.mark.parametrize("split", [False, True])
+def test_gpu_prologue_copy_and_project(r, split):
+    g = torch.Generator(device="cuda").manual_seed(r)
+    m, k = 2048, 2048
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    a = (torch.randn(r, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    gw = (torch.randn(r, r, device="cuda", generator=g) * 0.3).to(torch.bfloat16)
+    gb = (torch.randn(r, device="cuda", generator=g) * 0.1).to(torch.bfloat16)
+    u = x.double() @ a.double().t()
+    v64 = u * 2 * torch.sigmoid(u @ gw.double().t() + gb.double())
+    out = torch.full((m, k + r), float("nan"), device="cuda", dtype=torch.bfloat16)
+    dispatch.ec_prologue(x, a, None, gw, gb, r, out=out, col0=k, width=r, copy_x=True, split=split)
+    assert torch.equal(out[:, :k], x)
+    assert ((out[:, k:].double() - v64).norm() / v64.norm()).item() < 5e-3
