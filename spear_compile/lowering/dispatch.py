@@ -51,6 +51,8 @@ from .w4_prefill import (ec_gate_kernel, ec_prologue_kernel, ec_xpass_kernel, w4
 
 MAX_DECODE_M = 16
 MAX_EC_RANK = 256
+XPASS_CONFIG = (64, 128, 2, 4, 2)  # ec_xpass_kernel at M >= 1024: BLOCK_M, BLOCK_K, stages, warps, programs per SM
+XPASS_CONFIG_IN_PLACE = (64, 128, 3, 4, 1)  # reading [x | 0] in place: best total of bench/xpass_sweep.py (session 8)
 COPY_X_MAX_BLOCK_R = 32  # the prologue copies x inside its projection loop only up to this BLOCK_R (``ec_prologue``)
 MIN_BLOCK_N = 4
 MAX_GROUP = 4  # members of one grouped launch (w4_gemv_grouped_kernel's pointer sets)
@@ -819,7 +821,7 @@ def dequantize_w4(qdata, scale, zero, group_size, dtype, *, tail=None, tail_widt
 
 
 def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, copy_x=False, split=False,
-                traceable=False, x_in_out=False, gates=None):
+                traceable=False, x_in_out=False, gates=None, xpass=None):
     """``v = g(u) ⊙ u`` (u = x Aᵀ in fp32, or the given ``u``) into columns ``col0 .. col0 + width`` of ``out``
     (zeros past r; a new ``[M, r]`` tensor by default); ``copy_x``: x into columns ``0 .. K`` too.
     ``split=False``: one launch, one program per 16 rows (``ec_prologue_kernel``); ``split=True``: a split-K
@@ -831,7 +833,8 @@ def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, co
     linears stacked (``[(r_i, gate_w_i or None, gate_b_i or None), ...]``, Σ r_i = r): one x pass for all, then
     each EC's gate on its own columns (``split`` only; ``gate_w`` / ``gate_b`` unused): one launch over all of them
     when they share a rank and gatedness, else one each. One gate over the block-diagonal stack would hold an R×R
-    fp32 matrix per program: 36 µs a launch at R = 96 (session 8)."""
+    fp32 matrix per program: 36 µs a launch at R = 96 (session 8). ``xpass``: the x pass's (BLOCK_M, BLOCK_K,
+    stages, warps, programs per SM) instead of ``XPASS_CONFIG`` (a bench sweeps it)."""
     m, k = x2.shape
     if x_in_out and (copy_x or out is None or u is not None):
         raise SpearError("spear_compile.lowering.dispatch.ec_prologue: x_in_out needs out, no copy_x, no u")
@@ -866,10 +869,11 @@ def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, co
         return out
     part = None
     if copy_x or u is None:
-        bm = 64 if m >= 1024 else 16
-        bk = min(128, max(16, triton.next_power_of_2(k)))
+        bm, bk, stages, warps, per_sm = xpass or (XPASS_CONFIG_IN_PLACE if x_in_out else XPASS_CONFIG)
+        bm = bm if m >= 1024 else 16
+        bk = min(bk, max(16, triton.next_power_of_2(k)))
         m_tiles, n_kb = triton.cdiv(m, bm), triton.cdiv(k, bk)
-        per = triton.cdiv(n_kb, min(n_kb, max(1, triton.cdiv(2 * _num_sms(x2.device), m_tiles))))
+        per = triton.cdiv(n_kb, min(n_kb, max(1, triton.cdiv(per_sm * _num_sms(x2.device), m_tiles))))
         n_split = triton.cdiv(n_kb, per)
         if u is None:
             part = torch.empty(n_split, m, block_r, dtype=torch.float32, device=x2.device)
@@ -878,7 +882,7 @@ def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, co
             out if copy_x or x_in_out else part, m, k, r, 0 if x_in_out else x2.stride(0), out.stride(0), per * bk, 0,
             BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r, COPY_X=copy_x, PROJECT=u is None, X_IN_OUT=x_in_out,
             INTERPRET=_interpret(),
-            num_warps=4, num_stages=2,
+            num_warps=warps, num_stages=stages,
         )
     blocks, n_blk = (gates, 1) if gates is not None else ([(r, gate_w, gate_b)], 1)
     if gates is not None and len({(g[0], g[1] is None) for g in gates}) == 1:  # one rank, all gated or all static
