@@ -28,7 +28,8 @@ has an EC (q|k|v, gate|up; plain siblings may already be a ``grouped_linear``) b
 ``[W_1; W_2; ...]``: the ECs are stacked into one of rank R = Σ r_i (``A = [A_1; A_2; ...]``; each B in its own
 tail columns of its rows, zeros elsewhere; each gate applied to its own columns), so x is read once for all of
 them, not once per EC (R <= ``MAX_MERGED_RANK``). Each node's uses read its columns of the output.
-(``bench/results/prefill_s8.md``: 1B layer 1.51 -> 1.40× bf16 linears-equivalent, 7B 1.32 -> 1.30.)
+(``bench/results/prefill_s8.md``, compiled decoder layer, bf16 linears-equivalent: 1B 1.48-1.54 -> 1.38-1.44×,
+7B 1.31-1.39 -> 1.30-1.32×.)
 Off: ``SPEAR_EC_MERGE=0``; ``SPEAR_EC_PAD_X=0`` / ``1`` never / always pads (default ``auto``).
 
 Symbolic or small M, or a CUDA-graphed graph (where host time is not paid per call and the tuned runtime
