@@ -834,7 +834,7 @@ def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, co
     each EC's gate on its own columns (``split`` only; ``gate_w`` / ``gate_b`` unused): one launch over all of them
     when they share a rank and gatedness, else one each. One gate over the block-diagonal stack would hold an R×R
     fp32 matrix per program: 36 µs a launch at R = 96 (session 8). ``xpass``: the x pass's (BLOCK_M, BLOCK_K,
-    stages, warps, programs per SM) instead of ``XPASS_CONFIG`` (a bench sweeps it)."""
+    stages, warps, programs per SM) instead of ``XPASS_CONFIG`` (``XPASS_CONFIG_IN_PLACE`` with ``x_in_out``)."""
     m, k = x2.shape
     if x_in_out and (copy_x or out is None or u is not None):
         raise SpearError("spear_compile.lowering.dispatch.ec_prologue: x_in_out needs out, no copy_x, no u")

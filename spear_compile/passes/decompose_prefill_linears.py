@@ -162,8 +162,8 @@ def _stacked_ec(members):
 
 
 def _dequantized_ec(x, members, group_size, ours, pad_x, structure="kcat"):
-    """``x [W_1; W_2; ...]ᵀ (+ bias) + the members' ECs`` (see the module docstring): one member with K > N as
-    ``c_in``, else ``kcat`` over all members, one GEMM ``[x | v] [W | B]ᵀ`` with the members' ECs stacked
+    """``x [W_1; W_2; ...]ᵀ (+ bias) + the members' ECs`` (see the module docstring): ``structure`` ``c_in`` (one
+    member), else ``kcat`` over all members, one GEMM ``[x | v] [W | B]ᵀ`` with the members' ECs stacked
     (``_stacked_ec``). ``members``: ``(qdata, scale, zero, bias, A, B, gate_w, gate_b)`` (EC entries None for a
     member without one). ``ours``: ``v`` (and ``[x | v]``) by our split-K prologue kernels, fp32 u and gate, as
     the runtime does; ``pad_x``: ``[x | 0]`` by aten ``constant_pad_nd`` (which Inductor can write from x's
@@ -229,8 +229,8 @@ def _our_kernels_fit(x, qdatas, scales, zeros, group_size, ecs) -> bool:
 
 
 def _members(node):
-    """``[(x, [(qdata, scale, zero, bias, A, B, gate_w, gate_b) nodes per member]), ...]`` of a fused/grouped node,
-    or None for an EC this pass does not write (A without B, a gate weight without its bias: the runtime op
+    """``(x, [(qdata, scale, zero, bias, A, B, gate_w, gate_b) per member])`` (nodes, EC entries None without one)
+    of a fused/grouped node, or None for an EC this pass does not write (A without B, a gate weight without its bias: the runtime op
     checks and reports those)."""
     if node.target is GROUPED:
         x, qs, ss, zs, bs = node.args[:5]
@@ -277,7 +277,7 @@ def _fusible_producer(x) -> bool:
 
 PAD_ENV = "SPEAR_EC_PAD_X"  # "auto" (default): pad when x's producer is pointwise; "1" / "0": always / never
 MERGE_ENV = "SPEAR_EC_MERGE"  # "0": each EC node keeps its own GEMM (A/B against the merged siblings)
-MAX_MERGED_RANK = 128  # the stacked EC's rank (one gate block of BLOCK_R = 128 in the prologue)
+MAX_MERGED_RANK = 128  # the stacked EC's rank: the x pass holds a BLOCK_R-wide A tile and fp32 partials
 
 
 class DecomposePrefillLinearsPass:
@@ -346,7 +346,7 @@ class DecomposePrefillLinearsPass:
         return all(order[a] < first for n in nodes for a in n.all_input_nodes)
 
     def _replace(self, graph: torch.fx.Graph, nodes) -> bool:
-        nodes = sorted(nodes, key=lambda n: list(graph.nodes).index(n)) if len(nodes) > 1 else nodes
+        """Writes ``nodes`` (in graph order; more than one: merged into one GEMM) as dequantize + mm."""
         parts = [_members(n) for n in nodes]
         if any(p is None for p in parts):
             return False
