@@ -161,13 +161,13 @@ def _stacked_ec(members):
     return a, torch.cat(rows, 0), torch.cat(gbs, 0), offsets, total
 
 
-def _dequantized_ec(x, members, group_size, ours, pad_x, structure="kcat"):
+def _dequantized_ec(x, members, group_size, ours, in_place, structure="kcat"):
     """``x [W_1; W_2; ...]ᵀ (+ bias) + the members' ECs`` (see the module docstring): ``structure`` ``c_in`` (one
     member), else ``kcat`` over all members, one GEMM ``[x | v] [W | B]ᵀ`` with the members' ECs stacked
     (``_stacked_ec``). ``members``: ``(qdata, scale, zero, bias, A, B, gate_w, gate_b)`` (EC entries None for a
     member without one). ``ours``: ``v`` (and ``[x | v]``) by our split-K prologue kernels, fp32 u and gate, as
-    the runtime does; ``pad_x``: ``[x | 0]`` by aten ``constant_pad_nd`` (which Inductor can write from x's
-    producer kernel) and v written into it in place, instead of the prologue copying x."""
+    the runtime does; ``in_place`` (ours only): ``[x | 0]`` by aten ``constant_pad_nd`` (which Inductor can write
+    from x's producer kernel) and v written into it in place, instead of the prologue copying x."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     ns = [m[0].shape[0] for m in members]
@@ -186,7 +186,7 @@ def _dequantized_ec(x, members, group_size, ours, pad_x, structure="kcat"):
         y = torch.addmm(c, x2, _weight(q, s, z, k, x.dtype, group_size, ours).t())
         return y.reshape(*x.shape[:-1], ns[0])
     if ours:
-        if pad_x or dispatch._block_r(r) > dispatch.COPY_X_MAX_BLOCK_R:  # (wide: the prologue would copy first)
+        if in_place:
             xv = torch.nn.functional.pad(x2, (0, rp))
             gates = [(m[5].shape[1], m[6], m[7]) for m in members if m[4] is not None]
             xv = dispatch.ec_prologue(xv[:, :k], ec_A, None, gate_w, gate_b, r, out=xv, col0=k, width=rp,
@@ -372,7 +372,9 @@ class DecomposePrefillLinearsPass:
         # kcat copies x unless x's producer writes [x | 0] (pad_x): then it costs no copy at any K
         structure = "" if not any_ec else "kcat" if g > 1 or pad_x else ec_structure(xv.shape[-1], n_tot)
         ranks = sum(mv[5].shape[1] for mv in mvals if mv[4] is not None)
-        wide = ours and structure == "kcat" and dispatch._block_r(ranks) > dispatch.COPY_X_MAX_BLOCK_R
+        # [x | 0] by pad (our kernels only): x's producer can write it, or the stack is too wide for the
+        # prologue's own copy (it would copy x in a pass of its own first, ``dispatch.COPY_X_MAX_BLOCK_R``)
+        in_place = structure == "kcat" and (pad_x or dispatch._block_r(ranks) > dispatch.COPY_X_MAX_BLOCK_R)
 
         def fn(x_, *rest):
             rest = list(rest)
@@ -386,7 +388,7 @@ class DecomposePrefillLinearsPass:
             if not any_ec:
                 return _dequantized(x_, [m[0] for m in mem], [m[1] for m in mem], [m[2] for m in mem],
                                     [m[3] for m in mem], group_size, ours)
-            return _dequantized_ec(x_, mem, group_size, ours, pad_x, structure)
+            return _dequantized_ec(x_, mem, group_size, ours, in_place, structure)
 
         # one trace per unit (each copy gets its own fake values), with Inductor's decompositions: a post-grad
         # graph holds decomposed aten ops; our kernels enter as Triton-kernel HOPs (wrap_triton), which
@@ -436,7 +438,7 @@ class DecomposePrefillLinearsPass:
             others = tuple(lb for j, lbs in enumerate(labels) if j != i for lb in lbs)
             DecomposePrefillLinearsPass._record(node.name, node.meta.get("spear_qlinear", node.name),
                                                 node.target is GROUPED, structure, "spear" if ours else "inductor",
-                                                others, pad_x or wide)
+                                                others, ours and in_place)
         return True
 
     @staticmethod
