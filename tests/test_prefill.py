@@ -186,35 +186,48 @@ def test_ec_prologue_copy_at_wide_ranks(r, split):
     assert torch.equal(out[:, :K], t["x"]) and _rel(out[:, K:K + r], v64) < 1e-2 and not out[:, K + r:].any()
 
 
-@pytest.mark.parametrize("x_in_out,same", [(False, False), (True, False), (True, True), (False, True)])
-def test_ec_prologue_stacked_ecs_gated_per_block(x_in_out, same):
-    """Merged siblings' ECs: one x pass over the stacked A, then each EC's own gate (gated or static) on its columns
-    (``same``: one rank, all gated: one gate launch over the blocks); ``x_in_out``: x read from ``[x | 0]`` itself."""
+@pytest.mark.parametrize("m,xpass", [(70, (16, 32, 1, 4, 8)),  # 3 M tiles x 8 splits: the last arrival gates
+                                     (70, None),                # default config: 16-row tiles, 2 splits
+                                     (1030, (64, 64, 1, 4, 1))])  # M >= 1024: 64-row tiles, 4 splits
+def test_ec_prologue_in_place(m, xpass):
+    """``[x | 0]`` -> ``[x | v_1 | ... | 0]`` in one launch: 1-4 ECs of fresh ranks, each gated or static, read
+    from their own A / gate; split-K programs count arrivals in the zero columns, the last one gates."""
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    m, ranks = 70, [int(r) for r in torch.randint(1, 20, (3,), generator=g)]
-    gated = [True, False, True]
-    if same:
-        ranks, gated = [ranks[0]] * 3, [True] * 3
+    nb = int(torch.randint(1, dispatch.MAX_IN_PLACE_BLOCKS + 1, (), generator=g))
+    ranks = [int(r) for r in torch.randint(1, 24, (nb,), generator=g)]
+    gated = [bool(b) for b in torch.randint(0, 2, (nb,), generator=g)]
     x = torch.randn(m, K, generator=g).to(torch.bfloat16)
-    a = [(torch.randn(r, K, generator=g) * 0.1).to(torch.bfloat16) for r in ranks]
-    gws = [(torch.randn(r, r, generator=g) * 0.3).to(torch.bfloat16) if gt else None for r, gt in zip(ranks, gated)]
-    gbs = [(torch.randn(r, generator=g) * 0.1).to(torch.bfloat16) if gt else None for r, gt in zip(ranks, gated)]
-    v64 = []
-    for ai, gw, gb in zip(a, gws, gbs):
-        u = x.double() @ ai.double().T
-        v64.append(u * 2 * torch.sigmoid(u @ gw.double().T + gb.double()) if gw is not None else u)
+    blocks, v64 = [], []
+    for r, gt in zip(ranks, gated):
+        a = (torch.randn(r, K, generator=g) * 0.1).to(torch.bfloat16)
+        gw = (torch.randn(r, r, generator=g) * 0.3).to(torch.bfloat16) if gt else None
+        gb = (torch.randn(r, generator=g) * 0.1).to(torch.bfloat16) if gt else None
+        u = x.double() @ a.double().T
+        v64.append(u * 2 * torch.sigmoid(u @ gw.double().T + gb.double()) if gt else u)
+        blocks.append((a, gw, gb))
     v64 = torch.cat(v64, 1)
     r = sum(ranks)
-    width = r + 8
-    out = torch.full((m, K + width), float("nan"), dtype=torch.bfloat16)
-    if x_in_out:
-        out[:, :K] = x
-    dispatch.ec_prologue(out[:, :K] if x_in_out else x, torch.cat(a, 0), None, None, None, r, out=out, col0=K,
-                         width=width, split=True, x_in_out=x_in_out, gates=list(zip(ranks, gws, gbs)))
-    assert _rel(out[:, K:K + r], v64) < 1e-2 and not out[:, K + r:].any()
-    if x_in_out:
-        assert torch.equal(out[:, :K], x)
+    rp = r + (-r % 8)
+    out = torch.full((m, K + rp + 8), float("nan"), dtype=torch.bfloat16)  # NaN past [x | 0]: never written
+    out[:, :K], out[:, K:K + rp] = x, 0
+    dispatch.ec_prologue_in_place(out, K, blocks, xpass=xpass)
+    assert torch.equal(out[:, :K], x)
+    assert _rel(out[:, K:K + r], v64) < 1e-2
+    assert not out[:, K + r:K + rp].any()  # pad columns stay zero (the counters live in v's columns)
+    assert torch.isnan(out[:, K + rp:].float()).all()
 
+
+def test_ec_prologue_in_place_rejects_bad_input():
+    x = torch.zeros(70, K + 16, dtype=torch.bfloat16)
+    a = torch.zeros(4, K, dtype=torch.bfloat16)
+    with pytest.raises(SpearError, match="1 to 4 ECs"):
+        dispatch.ec_prologue_in_place(x, K, [(a, None, None)] * 5)
+    with pytest.raises(SpearError, match=r"each A must be"):
+        dispatch.ec_prologue_in_place(x, K, [(a[:, :-8], None, None)])
+    with pytest.raises(SpearError, match="W_g"):
+        dispatch.ec_prologue_in_place(x, K, [(a, torch.zeros(4, 4, dtype=torch.bfloat16), None)])
+    with pytest.raises(SpearError, match="4-byte aligned"):
+        dispatch.ec_prologue_in_place(x[:, 1:], K - 1, [(a[:, 1:], None, None)])
 
 def test_prefill_candidates_by_key():
     names = lambda cs: [c.name for c in cs]  # noqa: E731

@@ -46,13 +46,16 @@ from . import tune_cache
 from .ec_tiles import ec_u_kernel
 from .w4_decode import w4_decode_kernel
 from .w4_gemv import w4_gemv_grouped_kernel, w4_gemv_kernel
-from .w4_prefill import (ec_gate_kernel, ec_prologue_kernel, ec_xpass_kernel, w4_dequant_words_kernel,
-                         w4_dequantize_kernel, w4_prefill_kernel)
+from .w4_prefill import (ec_gate_kernel, ec_prologue_kernel, ec_xpass_in_place_kernel, ec_xpass_kernel,
+                         w4_dequant_words_kernel, w4_dequantize_kernel, w4_prefill_kernel)
 
 MAX_DECODE_M = 16
 MAX_EC_RANK = 256
 XPASS_CONFIG = (64, 128, 2, 4, 2)  # ec_xpass_kernel at M >= 1024: BLOCK_M, BLOCK_K, stages, warps, programs per SM
-XPASS_CONFIG_IN_PLACE = (64, 128, 3, 4, 1)  # reading [x | 0] in place: best total of bench/xpass_sweep.py (session 8)
+XPASS_CONFIG_IN_PLACE_DEFAULT = (64, 128, 3, 4, 1)  # ec_prologue_in_place: best total of bench/xpass_sweep.py
+XPASS_CONFIG_IN_PLACE = XPASS_CONFIG_IN_PLACE_DEFAULT  # (sessions 8, 9; the session-8 split x pass reading [x | 0])
+if os.environ.get("SPEAR_XPASS_IN_PLACE"):  # "BLOCK_M,BLOCK_K,stages,warps,per_sm": a bench override
+    XPASS_CONFIG_IN_PLACE = tuple(int(v) for v in os.environ["SPEAR_XPASS_IN_PLACE"].split(","))
 COPY_X_MAX_BLOCK_R = 32  # the prologue copies x inside its projection loop only up to this BLOCK_R (``ec_prologue``)
 MIN_BLOCK_N = 4
 MAX_GROUP = 4  # members of one grouped launch (w4_gemv_grouped_kernel's pointer sets)
@@ -821,29 +824,18 @@ def dequantize_w4(qdata, scale, zero, group_size, dtype, *, tail=None, tail_widt
 
 
 def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, copy_x=False, split=False,
-                traceable=False, x_in_out=False, gates=None, xpass=None):
+                traceable=False):
     """``v = g(u) ⊙ u`` (u = x Aᵀ in fp32, or the given ``u``) into columns ``col0 .. col0 + width`` of ``out``
     (zeros past r; a new ``[M, r]`` tensor by default); ``copy_x``: x into columns ``0 .. K`` too.
     ``split=False``: one launch, one program per 16 rows (``ec_prologue_kernel``); ``split=True``: a split-K
     pass over x with ~2 programs per SM (``ec_xpass_kernel``: copy + fp32 partials) and the gate
     (``ec_gate_kernel``) in a second launch. ``traceable``: launched through ``wrap_triton`` (``_launcher``).
-    ``x_in_out``: x is columns ``0 .. K`` of ``out`` itself (``x2`` is that view; ``[x | 0]`` written by x's producer),
-    read through ``out``, so that a traced graph has only launches that write that buffer, which Inductor then
-    writes in place (``ec_xpass_kernel``'s ``X_IN_OUT``). ``gates``: ``ec_A`` is the ECs of merged sibling
-    linears stacked (``[(r_i, gate_w_i or None, gate_b_i or None), ...]``, Σ r_i = r): one x pass for all, then
-    each EC's gate on its own columns (``split`` only; ``gate_w`` / ``gate_b`` unused): one launch over all of them
-    when they share a rank and gatedness, else one each. One gate over the block-diagonal stack would hold an R×R
-    fp32 matrix per program: 36 µs a launch at R = 96 (session 8). ``xpass``: the x pass's (BLOCK_M, BLOCK_K,
-    stages, warps, programs per SM) instead of ``XPASS_CONFIG`` (``XPASS_CONFIG_IN_PLACE`` with ``x_in_out``)."""
+    (``[x | 0]`` already in ``out``, written by x's producer: ``ec_prologue_in_place``.)"""
     m, k = x2.shape
-    if x_in_out and (copy_x or out is None or u is not None):
-        raise SpearError("spear_compile.lowering.dispatch.ec_prologue: x_in_out needs out, no copy_x, no u")
-    if gates is not None and (not split or u is not None or sum(g[0] for g in gates) != r):
-        raise SpearError(f"spear_compile.lowering.dispatch.ec_prologue: gates need split=True, no u and ranks "
-                         f"summing to r={r}, got {[g[0] for g in gates]}")
     width = r if width is None else width
     if out is None:
         out = torch.empty(m, width, dtype=x2.dtype, device=x2.device)
+    x_in_out = False  # x read from columns 0 .. K of out (X_IN_OUT)
     if copy_x and u is None and _block_r(r) > COPY_X_MAX_BLOCK_R:
         # measured on H100 / Triton 3.6 (bench/NOTES_kernels.md, session 8): with the copy in the same loop as the
         # x Aᵀ dot, u came out wrong at BLOCK_R >= 64 (rel err 1e-2 at 64, 0.2 at 96 and 128; x copied exactly).
@@ -869,7 +861,7 @@ def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, co
         return out
     part = None
     if copy_x or u is None:
-        bm, bk, stages, warps, per_sm = xpass or (XPASS_CONFIG_IN_PLACE if x_in_out else XPASS_CONFIG)
+        bm, bk, stages, warps, per_sm = XPASS_CONFIG_IN_PLACE_DEFAULT if x_in_out else XPASS_CONFIG
         bm = bm if m >= 1024 else 16
         bk = min(bk, max(16, triton.next_power_of_2(k)))
         m_tiles, n_kb = triton.cdiv(m, bm), triton.cdiv(k, bk)
@@ -879,29 +871,66 @@ def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, co
             part = torch.empty(n_split, m, block_r, dtype=torch.float32, device=x2.device)
         _launcher(ec_xpass_kernel, traceable)[(m_tiles, n_split)](
             dummy if x_in_out else x2, ec_A if ec_A is not None else dummy, part if part is not None else out,
-            out if copy_x or x_in_out else part, m, k, r, 0 if x_in_out else x2.stride(0), out.stride(0), per * bk, 0,
+            out if copy_x or x_in_out else part, m, k, r, 0 if x_in_out else x2.stride(0), out.stride(0), per * bk,
             BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r, COPY_X=copy_x, PROJECT=u is None, X_IN_OUT=x_in_out,
-            INTERPRET=_interpret(),
-            num_warps=warps, num_stages=stages,
+            INTERPRET=_interpret(), num_warps=warps, num_stages=stages,
         )
-    blocks, n_blk = (gates, 1) if gates is not None else ([(r, gate_w, gate_b)], 1)
-    if gates is not None and len({(g[0], g[1] is None) for g in gates}) == 1:  # one rank, all gated or all static
-        gws = [g[1] for g in gates]
-        blocks, n_blk = [(gates[0][0], torch.stack(gws) if gws[0] is not None else None,
-                          torch.stack([g[2] for g in gates]) if gws[0] is not None else None)], len(gates)
-    c = 0
-    for i, (ri, gwi, gbi) in enumerate(blocks):
-        wi = ri if i < len(blocks) - 1 else width - c - (n_blk - 1) * ri  # the last block also writes the pad
-        bri = _block_r(ri)
-        padi = triton.next_power_of_2(wi - bri) if wi > bri else 0
-        _launcher(ec_gate_kernel, traceable)[(triton.cdiv(m, 16), n_blk)](
-            part[:, :, c:] if part is not None else out, u if u is not None else dummy,
-            gwi if gwi is not None else dummy, gbi if gbi is not None else dummy, out,
-            m, ri, wi, part.shape[0] if part is not None else 0, u.stride(0) if u is not None else 0,
-            out.stride(0), col0 + c, block_r, ri if n_blk > 1 else 0,
-            BLOCK_M=16, BLOCK_R=bri, U_GIVEN=u is not None, GATED=gwi is not None, BLOCK_PAD=padi, num_warps=4,
-        )
-        c += ri * n_blk
+    _launcher(ec_gate_kernel, traceable)[(triton.cdiv(m, 16),)](
+        part if part is not None else out, u if u is not None else dummy, gw, gb, out,
+        m, r, width, part.shape[0] if part is not None else 0, u.stride(0) if u is not None else 0,
+        out.stride(0), col0,
+        BLOCK_M=16, BLOCK_R=block_r, U_GIVEN=u is not None, GATED=gate_w is not None, BLOCK_PAD=pad, num_warps=4,
+    )
+    return out
+
+
+MAX_IN_PLACE_BLOCKS = 4  # ECs one ``ec_xpass_in_place_kernel`` launch takes (its A / gate pointer arguments)
+MAX_IN_PLACE_SPLITS = 16  # its K splits: the last program of an M tile reads every split's partial, unrolled
+
+
+def ec_prologue_in_place(out, k, blocks, traceable=False, xpass=None):
+    """``out = [x | 0]`` (``[M, K + width]``, written by x's producer: the columns past K must be zeros) becomes
+    ``[x | v_1 | v_2 | ... | 0]`` in one launch (``ec_xpass_in_place_kernel``): ``blocks`` = ``[(A_b, gate_w_b or
+    None, gate_b_b or None), ...]``, up to ``MAX_IN_PLACE_BLOCKS`` ECs of x (merged siblings), each read from its
+    own tensors, ``v_b = g(u_b) ⊙ u_b``, ``u_b = x A_bᵀ`` in fp32, in columns ``K + r_1 + ... + r_(b-1) ..``.
+    The split-K programs of one M tile count their arrivals in the tile's first zero columns; the last one
+    gates. ``xpass``: (BLOCK_M, BLOCK_K, stages, warps, programs per SM), default ``XPASS_CONFIG_IN_PLACE``."""
+    where = "spear_compile.lowering.dispatch.ec_prologue_in_place"
+    m = out.shape[0]
+    ranks = [a.shape[0] for a, _, _ in blocks]
+    if not 1 <= len(blocks) <= MAX_IN_PLACE_BLOCKS:
+        raise SpearError(f"{where}: 1 to {MAX_IN_PLACE_BLOCKS} ECs, got {len(blocks)}")
+    if (out.dim() != 2 or out.stride(1) != 1 or out.shape[1] < k + max(sum(ranks), 2)
+            or (out.stride(0) * out.element_size()) % 4 or (k * out.element_size()) % 4):
+        raise SpearError(f"{where}: out must be [M, >= K + R] = [*, >= {k + sum(ranks)}] with unit column stride "
+                         f"and 4-byte aligned rows and column K, got {tuple(out.shape)} stride {out.stride()}")
+    if any(a.shape[1] != k or a.dtype != out.dtype for a, _, _ in blocks):
+        raise SpearError(f"{where}: each A must be {out.dtype} [r, K={k}], got "
+                         f"{[(a.dtype, tuple(a.shape)) for a, _, _ in blocks]}")
+    for (a, gw, gb), r in zip(blocks, ranks):
+        if (gw is None) != (gb is None) or (gw is not None and (tuple(gw.shape) != (r, r) or tuple(gb.shape) != (r,))):
+            raise SpearError(f"{where}: a gate needs W_g [r, r] and b_g [r] with r = {r}, got "
+                             f"{None if gw is None else tuple(gw.shape)} and {None if gb is None else tuple(gb.shape)}")
+    bm, bk, stages, warps, per_sm = xpass or XPASS_CONFIG_IN_PLACE
+    bm = bm if m >= 1024 else 16
+    bk = min(bk, max(16, triton.next_power_of_2(k)))
+    block_r = _block_r(max(ranks))
+    m_tiles, n_kb = triton.cdiv(m, bm), triton.cdiv(k, bk)
+    splits = min(n_kb, MAX_IN_PLACE_SPLITS, max(1, triton.cdiv(per_sm * _num_sms(out.device), m_tiles)))
+    per = triton.cdiv(n_kb, splits)
+    n_split = triton.cdiv(n_kb, per)
+    part = torch.empty(n_split, m, len(blocks) * block_r, dtype=torch.float32, device=out.device)
+    pad = [blocks[0][0]] * (MAX_IN_PLACE_BLOCKS - len(blocks))  # never read
+    a_s = [a for a, _, _ in blocks] + pad
+    gw_s = [gw if gw is not None else a for a, gw, _ in blocks] + pad
+    gb_s = [gb if gb is not None else a for a, _, gb in blocks] + pad
+    r_s = ranks + [0] * (MAX_IN_PLACE_BLOCKS - len(blocks))
+    gate_mask = sum(1 << i for i, (_, gw, _) in enumerate(blocks) if gw is not None)
+    _launcher(ec_xpass_in_place_kernel, traceable)[(m_tiles, n_split)](
+        out, part, *a_s, *gw_s, *gb_s, m, k, *r_s, out.stride(0), per * bk,
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r, N_BLK=len(blocks), N_SPLIT=n_split, GATE_MASK=gate_mask,
+        INTERPRET=_interpret(), num_warps=warps, num_stages=stages,
+    )
     return out
 
 

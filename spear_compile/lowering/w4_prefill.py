@@ -256,7 +256,7 @@ def ec_prologue_kernel(
 @triton.jit
 def ec_xpass_kernel(
     x_ptr, a_ptr, part_ptr, out_ptr,
-    M, K, R, stride_xm, stride_om, k_per_split, touch,
+    M, K, R, stride_xm, stride_om, k_per_split,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     COPY_X: tl.constexpr, PROJECT: tl.constexpr, INTERPRET: tl.constexpr = False, X_IN_OUT: tl.constexpr = False,
 ):
@@ -264,10 +264,7 @@ def ec_xpass_kernel(
     ``(i, s)`` reads rows tile i over its K range ``[s·k_per_split, (s+1)·k_per_split)`` (a multiple of
     ``BLOCK_K``), copies it to ``out`` (``COPY_X``) and writes its fp32 partial ``x Aᵀ`` to ``part[s]``
     (``[splits, M, BLOCK_R]``; ``PROJECT``). ``ec_gate_kernel`` sums the partials. ``X_IN_OUT``: x is columns
-    ``0 .. K`` of ``out`` (``x_ptr`` unused), and ``out`` is declared written by a store masked with the runtime
-    ``touch`` (0: nothing is written): traced into a graph, the x pass and the gate launch after it are then two
-    writes of one buffer, which Inductor chains in place; as a read followed by another launch's write, Inductor's
-    lowering gave the reader its own copy of the buffer (session 8: a pass more over x per EC)."""
+    ``0 .. K`` of ``out`` (``x_ptr`` unused)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -287,9 +284,6 @@ def ec_xpass_kernel(
             at = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None],
                          mask=r_mask[None, :] & k_mask[:, None], other=0.0)
             u = dot(x, at, u, INTERPRET)
-    if X_IN_OUT:
-        tl.store(out_ptr + offs_m * stride_om, tl.zeros((BLOCK_M,), dtype=out_ptr.dtype.element_ty),
-                 mask=offs_m < touch)
     if PROJECT:
         tl.store(part_ptr + (pid_s * M + offs_m)[:, None] * BLOCK_R + offs_r[None, :], u, mask=m_mask[:, None])
 
@@ -297,22 +291,12 @@ def ec_xpass_kernel(
 @triton.jit
 def ec_gate_kernel(
     part_ptr, u_ptr, gw_ptr, gb_ptr, out_ptr,
-    M, R, RP, n_split, stride_um, stride_om, col0, stride_pm, blk,
+    M, R, RP, n_split, stride_um, stride_om, col0,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, U_GIVEN: tl.constexpr, GATED: tl.constexpr,
     BLOCK_PAD: tl.constexpr = 0,
 ):
     """``u`` = the sum of ``ec_xpass_kernel``'s partials (or the given u), ``v = u ⊙ 2σ(u Wgᵀ + bg)`` (``GATED``)
-    written to columns ``col0 .. col0 + RP`` of ``out`` in its dtype (zeros past R). ``stride_pm``: the partials'
-    row stride (the x pass's BLOCK_R; wider than R when these are blocks of stacked ECs). Grid axis 1: blocks of
-    stacked ECs of one rank R (``blk`` = R; ``blk`` = 0 with one block): block g reads partial columns and writes
-    out columns ``g·R ..``, with its gate at ``gw + g·R·R`` / ``gb + g·R``; only the last block writes RP columns
-    (the pad), the others R."""
-    g = tl.program_id(1)
-    part_ptr += g * blk
-    gw_ptr += g * blk * R
-    gb_ptr += g * blk
-    col0 += g * blk
-    RP = tl.where(g == tl.num_programs(1) - 1, RP, R)
+    written to columns ``col0 .. col0 + RP`` of ``out`` in its dtype (zeros past R)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     offs_r = tl.arange(0, BLOCK_R)
@@ -323,7 +307,7 @@ def ec_gate_kernel(
     else:
         u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for s in range(0, n_split):
-            u += tl.load(part_ptr + (s * M + offs_m)[:, None] * stride_pm + offs_r[None, :],
+            u += tl.load(part_ptr + (s * M + offs_m)[:, None] * BLOCK_R + offs_r[None, :],
                          mask=m_mask[:, None] & r_mask[None, :], other=0.0)
     if GATED:
         gwt = tl.load(gw_ptr + offs_r[None, :] * R + offs_r[:, None],
@@ -331,3 +315,99 @@ def ec_gate_kernel(
         gb = tl.load(gb_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
         u = u * (2.0 * tl.sigmoid(tl.dot(u, gwt, input_precision="ieee") + gb[None, :]))
     _store_v(out_ptr, u, offs_m, m_mask, offs_r, RP, stride_om, col0, BLOCK_M, BLOCK_R, BLOCK_PAD)
+
+
+@triton.jit
+def _xpass_block(x, a_ptr, r, offs_r, offs_k, k_mask, K, u, INTERPRET: tl.constexpr):
+    """``u + x A_bᵀ`` over one K block for one EC of the stack (its own ``A``, rank ``r``)."""
+    at = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None], mask=(offs_r < r)[None, :] & k_mask[:, None],
+                 other=0.0)
+    return dot(x, at, u, INTERPRET)
+
+
+@triton.jit
+def _gate_store(u, gw_ptr, gb_ptr, out_ptr, r, col, offs_m, m_mask, offs_r, stride_om, GATED: tl.constexpr):
+    """``v = u ⊙ 2σ(u Wgᵀ + bg)`` (``GATED``; else v = u) into columns ``col .. col + r`` of ``out``. The gate's
+    logits by tf32 tensor cores (10 mantissa bits; the eager EC computes them in bf16, 7): one program gates a whole
+    M tile, where an fp32 FMA dot held the launch's tail."""
+    r_mask = offs_r < r
+    if GATED:
+        gwt = tl.load(gw_ptr + offs_r[None, :] * r + offs_r[:, None],
+                      mask=r_mask[None, :] & r_mask[:, None], other=0.0).to(tl.float32)  # gwt[i, j] = Wg[j, i]
+        gb = tl.load(gb_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+        u = u * (2.0 * tl.sigmoid(tl.dot(u, gwt, input_precision="tf32") + gb[None, :]))
+    tl.store(out_ptr + offs_m[:, None] * stride_om + col + offs_r[None, :], u.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def ec_xpass_in_place_kernel(
+    out_ptr, part_ptr, a0, a1, a2, a3, gw0, gw1, gw2, gw3, gb0, gb1, gb2, gb3,
+    M, K, r0, r1, r2, r3, stride_om, k_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, N_BLK: tl.constexpr, N_SPLIT: tl.constexpr,
+    GATE_MASK: tl.constexpr, INTERPRET: tl.constexpr = False,
+):
+    """The EC prologue of ``kcat`` in one launch, on ``out = [x | 0]`` (written by x's producer): a split-K pass
+    over x (grid ``(M tiles, N_SPLIT)``) for a stack of ``N_BLK`` ≤ 4 ECs, each from its own ``A_b`` (rank
+    ``r_b`` ≤ ``BLOCK_R``), fp32 partials to ``part`` (``[splits, M, N_BLK·BLOCK_R]``); then the last split of
+    each M tile to arrive (an int32 counter at the tile's first row, columns ``K, K + 1`` of ``out``: zeros
+    until this launch, then overwritten by v) sums the partials and writes each EC's
+    ``v_b = u_b ⊙ 2σ(u_b W_gbᵀ + b_gb)`` (bit b of ``GATE_MASK``; else v_b = u_b) into columns
+    ``K + r_0 + ... + r_(b-1) ..`` of ``out``. No gate launch and no stacked A / gate tensors (session 9)."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_r = tl.arange(0, BLOCK_R)
+    u0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    u1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    u2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    u3 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    k_lo = pid_s * k_per_split
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(out_ptr + offs_m[:, None] * stride_om + offs_k[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        u0 = _xpass_block(x, a0, r0, offs_r, offs_k, k_mask, K, u0, INTERPRET)
+        if N_BLK > 1:
+            u1 = _xpass_block(x, a1, r1, offs_r, offs_k, k_mask, K, u1, INTERPRET)
+        if N_BLK > 2:
+            u2 = _xpass_block(x, a2, r2, offs_r, offs_k, k_mask, K, u2, INTERPRET)
+        if N_BLK > 3:
+            u3 = _xpass_block(x, a3, r3, offs_r, offs_k, k_mask, K, u3, INTERPRET)
+    rows = part_ptr + (pid_s * M + offs_m)[:, None] * (N_BLK * BLOCK_R) + offs_r[None, :]
+    tl.store(rows, u0, mask=m_mask[:, None])
+    if N_BLK > 1:
+        tl.store(rows + BLOCK_R, u1, mask=m_mask[:, None])
+    if N_BLK > 2:
+        tl.store(rows + 2 * BLOCK_R, u2, mask=m_mask[:, None])
+    if N_BLK > 3:
+        tl.store(rows + 3 * BLOCK_R, u3, mask=m_mask[:, None])
+    counter = (out_ptr + pid_m * BLOCK_M * stride_om + K).to(tl.pointer_type(tl.int32), bitcast=True)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter, 1)  # acq_rel, after the CTA barrier: publishes this program's partials
+    if arrived == N_SPLIT - 1:
+        # every split's partials, loads unrolled so they are all in flight at once (L2: other programs wrote them)
+        u0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        u1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        u2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        u3 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for s in tl.static_range(N_SPLIT):
+            rows = part_ptr + (s * M + offs_m)[:, None] * (N_BLK * BLOCK_R) + offs_r[None, :]
+            u0 += tl.load(rows, mask=m_mask[:, None], other=0.0, cache_modifier=".cg")
+            if N_BLK > 1:
+                u1 += tl.load(rows + BLOCK_R, mask=m_mask[:, None], other=0.0, cache_modifier=".cg")
+            if N_BLK > 2:
+                u2 += tl.load(rows + 2 * BLOCK_R, mask=m_mask[:, None], other=0.0, cache_modifier=".cg")
+            if N_BLK > 3:
+                u3 += tl.load(rows + 3 * BLOCK_R, mask=m_mask[:, None], other=0.0, cache_modifier=".cg")
+        _gate_store(u0, gw0, gb0, out_ptr, r0, K, offs_m, m_mask, offs_r, stride_om, (GATE_MASK & 1) != 0)
+        if N_BLK > 1:
+            _gate_store(u1, gw1, gb1, out_ptr, r1, K + r0, offs_m, m_mask, offs_r, stride_om, (GATE_MASK & 2) != 0)
+        if N_BLK > 2:
+            _gate_store(u2, gw2, gb2, out_ptr, r2, K + r0 + r1, offs_m, m_mask, offs_r, stride_om,
+                        (GATE_MASK & 4) != 0)
+        if N_BLK > 3:
+            _gate_store(u3, gw3, gb3, out_ptr, r3, K + r0 + r1 + r2, offs_m, m_mask, offs_r, stride_om,
+                        (GATE_MASK & 8) != 0)

@@ -18,8 +18,9 @@ fallback: a cuBLAS mm and a pointwise gate):
 
 * ``kcat``: ``[x | v] [W | B]ᵀ``, the EC as r more columns of K of one cuBLAS GEMM; the dequantize kernel writes
   ``[W | B]``. ``[x | v]``: when x comes from a pointwise op (RMSNorm's scale, SiLU·up: ``pad_x``), aten's
-  ``pad(x)``, which Inductor writes from that op's own kernel, and the prologue reads x from it and writes v
-  into it in place (no copy of x); else our prologue copies x beside v (aten fallback: ``cat``);
+  ``pad(x)``, which Inductor writes from that op's own kernel, and one launch reads x from it and writes v
+  into it in place (no copy of x, no gate launch: ``dispatch.ec_prologue_in_place``); else our prologue copies x
+  beside v (aten fallback: ``cat``);
 * ``c_in`` (K > N, e.g. down_proj, unless ``pad_x``): ``v Bᵀ (+ bias)`` first, then cuBLAS ``addmm`` with it as
   C: one round trip of an ``[M, N]`` tile instead of a copy of the wider ``x``.
 
@@ -27,7 +28,9 @@ fallback: a cuBLAS mm and a pointwise gate):
 has an EC (q|k|v, gate|up; plain siblings may already be a ``grouped_linear``) become one ``kcat`` GEMM over
 ``[W_1; W_2; ...]``: the ECs are stacked into one of rank R = Σ r_i (``A = [A_1; A_2; ...]``; each B in its own
 tail columns of its rows, zeros elsewhere; each gate applied to its own columns), so x is read once for all of
-them, not once per EC (R <= ``MAX_MERGED_RANK``). Each node's uses read its columns of the output.
+them, not once per EC (R <= ``MAX_MERGED_RANK``, at most ``dispatch.MAX_IN_PLACE_BLOCKS`` ECs; in place, each
+EC's A and gate are read from its own tensors, not stacked per call). Each node's uses read its columns of the
+output.
 (``bench/results/prefill_s8.md``, compiled decoder layer, bf16 linears-equivalent: 1B 1.48-1.54 -> 1.38-1.44×,
 7B 1.31-1.39 -> 1.30-1.32×.)
 Off: ``SPEAR_EC_MERGE=0``; ``SPEAR_EC_PAD_X=0`` / ``1`` never / always pads (default ``auto``).
@@ -137,28 +140,34 @@ def _placed(t, col0, width):
     return torch.cat([p for p in parts if p.shape[1]], 1)
 
 
-def _stacked_ec(members):
-    """The ECs of members merged into one GEMM as one EC of rank R = Σ r_i: ``A = [A_1; A_2; ...]`` (``[R, K]``),
-    the gate block-diagonal (a static member's block and bias are zero: 2σ(0) = 1, its v = u exactly), and each
-    EC member's B column offset in ``[W | B]``'s tail. Returns (A, gate_w or None, gate_b or None, offsets, R)."""
-    ecs = [m for m in members if m[4] is not None]
-    ranks = [m[5].shape[1] for m in ecs]
-    total, offsets, col = sum(ranks), [], 0
+def _tail_offsets(members):
+    """Each member's first column in ``[W | B]``'s tail: the ranks of the EC members before it."""
+    offsets, col = [], 0
     for m in members:
         offsets.append(col)
         col += m[5].shape[1] if m[4] is not None else 0
+    return offsets
+
+
+def _stacked_ec(members):
+    """The ECs of members merged into one GEMM as one EC of rank R = Σ r_i (the copy-mode prologue and the aten
+    path): ``A = [A_1; A_2; ...]`` (``[R, K]``), the gate block-diagonal (a static member's block and bias are
+    zero: 2σ(0) = 1, its v = u exactly). Returns (A, gate_w or None, gate_b or None)."""
+    ecs = [m for m in members if m[4] is not None]
+    ranks = [m[5].shape[1] for m in ecs]
+    total = sum(ranks)
     if len(ecs) == 1:
-        return ecs[0][4], ecs[0][6], ecs[0][7], offsets, total
+        return ecs[0][4], ecs[0][6], ecs[0][7]
     a = torch.cat([m[4] for m in ecs], 0)
     if all(m[6] is None for m in ecs):
-        return a, None, None, offsets, total
+        return a, None, None
     rows, gbs, c = [], [], 0
     for m, r in zip(ecs, ranks):
         gw = m[6] if m[6] is not None else m[4].new_zeros(r, r)
         rows.append(_placed(gw, c, total))
         gbs.append(m[7] if m[7] is not None else m[4].new_zeros(r))
         c += r
-    return a, torch.cat(rows, 0), torch.cat(gbs, 0), offsets, total
+    return a, torch.cat(rows, 0), torch.cat(gbs, 0)
 
 
 def _dequantized_ec(x, members, group_size, ours, in_place, structure="kcat"):
@@ -167,16 +176,20 @@ def _dequantized_ec(x, members, group_size, ours, in_place, structure="kcat"):
     (``_stacked_ec``). ``members``: ``(qdata, scale, zero, bias, A, B, gate_w, gate_b)`` (EC entries None for a
     member without one). ``ours``: ``v`` (and ``[x | v]``) by our split-K prologue kernels, fp32 u and gate, as
     the runtime does; ``in_place`` (ours only): ``[x | 0]`` by aten ``constant_pad_nd`` (which Inductor can write
-    from x's producer kernel) and v written into it in place, instead of the prologue copying x."""
+    from x's producer kernel) and every v written into it in place by one launch that reads each EC's own A and
+    gate (``dispatch.ec_prologue_in_place``), instead of the prologue copying x beside the stacked EC's v."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     ns = [m[0].shape[0] for m in members]
     biases = [m[3] for m in members]
     bias = None if biases[0] is None else biases[0] if len(members) == 1 else torch.cat(biases, 0)
-    ec_A, gate_w, gate_b, offsets, r = _stacked_ec(members)
+    ecs = [m for m in members if m[4] is not None]
+    ranks = [m[5].shape[1] for m in ecs]
+    r = sum(ranks)
+    offsets = _tail_offsets(members)
     rp = r + (-r % 8)  # rows of [x | v] and [W | B] 16-byte aligned for cuBLAS
     if structure == "c_in":
-        q, s, z, _, _, ec_B = members[0][:6]
+        q, s, z, ec_A, ec_B, gate_w, gate_b = members[0][:3] + members[0][4:]
         if ours:
             x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
             v = dispatch.ec_prologue(x2, ec_A, None, gate_w, gate_b, r, split=True, traceable=True)
@@ -187,12 +200,10 @@ def _dequantized_ec(x, members, group_size, ours, in_place, structure="kcat"):
         return y.reshape(*x.shape[:-1], ns[0])
     if ours:
         if in_place:
-            xv = torch.nn.functional.pad(x2, (0, rp))
-            gates = [(m[5].shape[1], m[6], m[7]) for m in members if m[4] is not None]
-            xv = dispatch.ec_prologue(xv[:, :k], ec_A, None, gate_w, gate_b, r, out=xv, col0=k, width=rp,
-                                      split=True, traceable=True, x_in_out=True,
-                                      gates=gates if len(gates) > 1 else None)
+            xv = dispatch.ec_prologue_in_place(torch.nn.functional.pad(x2, (0, rp)), k,
+                                               [(m[4], m[6], m[7]) for m in ecs], traceable=True)
         else:
+            ec_A, gate_w, gate_b = _stacked_ec(members)
             x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
             xv = torch.empty(x2.shape[0], k + rp, dtype=x.dtype, device=x.device)
             xv = dispatch.ec_prologue(x2, ec_A, None, gate_w, gate_b, r, out=xv, col0=k, width=rp, copy_x=True,
@@ -204,6 +215,7 @@ def _dequantized_ec(x, members, group_size, ours, in_place, structure="kcat"):
                                         tail_width=rp, tail_col0=c0, out=wb, row0=row0, traceable=True)
             row0 += n
     else:
+        ec_A, gate_w, gate_b = _stacked_ec(members)
         v = _ec_term(x2, ec_A, gate_w, gate_b)
         xv = torch.cat([x2, v] + ([v.new_zeros(v.shape[0], rp - r)] if rp > r else []), 1)
         wb = torch.cat([torch.cat([dequantize_packed(q, s, z, k, x.dtype),
@@ -293,9 +305,11 @@ class DecomposePrefillLinearsPass:
         if self.pad_x not in ("auto", "0", "1"):
             raise SpearError(f"{PAD_ENV}={self.pad_x!r}: expected auto, 0 or 1")
 
+    DEFAULT_SETTINGS = (True, True, "auto", dispatch.XPASS_CONFIG_IN_PLACE_DEFAULT)
+
     def settings(self) -> tuple:
         """What changes the graph it writes besides its sources (part of the pass manager's cache ``uuid``)."""
-        return (self.enabled, self.merge_ec, self.pad_x)
+        return (self.enabled, self.merge_ec, self.pad_x, dispatch.XPASS_CONFIG_IN_PLACE)
 
     def active(self) -> bool:
         """On, and this compile does not record CUDA graphs (read from the Inductor config in force)."""
@@ -337,7 +351,7 @@ class DecomposePrefillLinearsPass:
         operand exists where the merged GEMM goes (before the first node)."""
         mems = [m for n in nodes for m in _members(n)[1]]
         ranks = [_val(m[5]).shape[1] for m in mems if m[4] is not None]
-        if not ranks or sum(ranks) > MAX_MERGED_RANK:
+        if not ranks or sum(ranks) > MAX_MERGED_RANK or len(ranks) > dispatch.MAX_IN_PLACE_BLOCKS:
             return False
         k = _val(nodes[0].args[0]).shape[-1]
         if k > sum(_val(m[0]).shape[0] for m in mems):

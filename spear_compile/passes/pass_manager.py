@@ -53,8 +53,8 @@ class SpearPassManager(CustomGraphPass):
         ours = get_hash_for_files(_SOURCES)
         if not self.grouping.enabled:
             ours = (ours, "group_linears=off")
-        if self.decompose.settings() != (True, True, "auto"):  # (CUDA graphs on or off: in Inductor's own key)
-            ours = (ours, "decompose_prefill=%s,merge_ec=%s,pad_x=%s" % self.decompose.settings())
+        if self.decompose.settings() != self.decompose.DEFAULT_SETTINGS:  # (CUDA graphs: in Inductor's own key)
+            ours = (ours, "decompose_prefill=%s,merge_ec=%s,pad_x=%s,xpass_in_place=%s" % self.decompose.settings())
         if self.user_pass is None:
             return ours
         theirs = self.user_pass.uuid() if isinstance(self.user_pass, CustomGraphPass) else None
