@@ -31,8 +31,8 @@ tail columns of its rows, zeros elsewhere; each gate applied to its own columns)
 them, not once per EC (R <= ``MAX_MERGED_RANK``, at most ``dispatch.MAX_IN_PLACE_BLOCKS`` ECs; in place, each
 EC's A and gate are read from its own tensors, not stacked per call). Each node's uses read its columns of the
 output.
-(``bench/results/prefill_s8.md``, compiled decoder layer, bf16 linears-equivalent: 1B 1.48-1.54 -> 1.38-1.44×,
-7B 1.31-1.39 -> 1.30-1.32×.)
+(``bench/results/prefill_s8.md``, ``prefill_s9.md``; compiled decoder layer, bf16 linears-equivalent: 1B 1.48-1.54
+-> 1.38-1.44× merged -> 1.36-1.39× with the in-place prologue; 7B 1.31-1.39 -> 1.30-1.32 -> 1.30-1.36×.)
 Off: ``SPEAR_EC_MERGE=0``; ``SPEAR_EC_PAD_X=0`` / ``1`` never / always pads (default ``auto``).
 
 Symbolic or small M, or a CUDA-graphed graph (where host time is not paid per call and the tuned runtime
