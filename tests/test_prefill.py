@@ -224,6 +224,8 @@ def test_ec_prologue_in_place_rejects_bad_input():
         dispatch.ec_prologue_in_place(x, K, [(a, None, None)] * 5)
     with pytest.raises(SpearError, match=r"each A must be"):
         dispatch.ec_prologue_in_place(x, K, [(a[:, :-8], None, None)])
+    with pytest.raises(SpearError, match=r"each A must be a contiguous"):
+        dispatch.ec_prologue_in_place(x, K, [(torch.zeros(K, 4, dtype=torch.bfloat16).t(), None, None)])
     with pytest.raises(SpearError, match="W_g"):
         dispatch.ec_prologue_in_place(x, K, [(a, torch.zeros(4, 4, dtype=torch.bfloat16), None)])
     with pytest.raises(SpearError, match="4-byte aligned"):

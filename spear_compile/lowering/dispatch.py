@@ -904,12 +904,13 @@ def ec_prologue_in_place(out, k, blocks, traceable=False, xpass=None):
             or (out.stride(0) * out.element_size()) % 4 or (k * out.element_size()) % 4):
         raise SpearError(f"{where}: out must be [M, >= K + R] = [*, >= {k + sum(ranks)}] with unit column stride "
                          f"and 4-byte aligned rows and column K, got {tuple(out.shape)} stride {out.stride()}")
-    if any(a.shape[1] != k or a.dtype != out.dtype for a, _, _ in blocks):
-        raise SpearError(f"{where}: each A must be {out.dtype} [r, K={k}], got "
-                         f"{[(a.dtype, tuple(a.shape)) for a, _, _ in blocks]}")
+    if any(a.shape[1] != k or a.dtype != out.dtype or not a.is_contiguous() for a, _, _ in blocks):
+        raise SpearError(f"{where}: each A must be a contiguous {out.dtype} [r, K={k}], got "
+                         f"{[(a.dtype, tuple(a.shape), a.stride()) for a, _, _ in blocks]}")
     for (a, gw, gb), r in zip(blocks, ranks):
-        if (gw is None) != (gb is None) or (gw is not None and (tuple(gw.shape) != (r, r) or tuple(gb.shape) != (r,))):
-            raise SpearError(f"{where}: a gate needs W_g [r, r] and b_g [r] with r = {r}, got "
+        if (gw is None) != (gb is None) or (gw is not None and (tuple(gw.shape) != (r, r) or tuple(gb.shape) != (r,)
+                                                                or not (gw.is_contiguous() and gb.is_contiguous()))):
+            raise SpearError(f"{where}: a gate needs contiguous W_g [r, r] and b_g [r] with r = {r}, got "
                              f"{None if gw is None else tuple(gw.shape)} and {None if gb is None else tuple(gb.shape)}")
     bm, bk, stages, warps, per_sm = xpass or XPASS_CONFIG_IN_PLACE
     bm = bm if m >= 1024 else 16

@@ -200,8 +200,8 @@ def _dequantized_ec(x, members, group_size, ours, in_place, structure="kcat"):
         return y.reshape(*x.shape[:-1], ns[0])
     if ours:
         if in_place:
-            xv = dispatch.ec_prologue_in_place(torch.nn.functional.pad(x2, (0, rp)), k,
-                                               [(m[4], m[6], m[7]) for m in ecs], traceable=True)
+            own = [tuple(t.contiguous() if t is not None else None for t in (m[4], m[6], m[7])) for m in ecs]
+            xv = dispatch.ec_prologue_in_place(torch.nn.functional.pad(x2, (0, rp)), k, own, traceable=True)
         else:
             ec_A, gate_w, gate_b = _stacked_ec(members)
             x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
