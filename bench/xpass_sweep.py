@@ -5,9 +5,9 @@ layer runs on ``[x | 0]``), at the shapes the merged ECs give: µs per call and 
     python bench/xpass_sweep.py [--m 2048] [--shapes "1B qkv,7B down"]
 
 Each config is first checked against float64 (v rel err < 5e-3), then timed as CUDA-graph replays over ``COPIES``
-buffers (so x is not L2-resident from the previous call). The launch counts its K splits' arrivals in the zero
-columns of ``[x | 0]``, so every timed call first re-zeroes them: a strided fill, timed alone and subtracted.
-(Session 8 swept the split x pass + gate launches that this kernel replaced: ``results/xpass_sweep_s8_log.txt``.)
+buffers (so x is not L2-resident from the previous call). (Session 8 swept the x pass over the stacked A that
+this replaced: ``results/xpass_sweep_s8_log.txt``; session 9's first version, one launch with the gates done by
+each M tile's last split: ``results/xpass_sweep_s9_log.txt``.)
 """
 from __future__ import annotations
 
@@ -59,11 +59,7 @@ def main():
         bufs = [out] + [out.clone() for _ in range(COPIES - 1)]
         rows = []
         for cfg in cfgs:
-            bm = cfg[0] if m >= 1024 else 16
-            counters = [b[::bm, k:k + 2] for b in bufs]
-
-            def call(c=0, cfg=cfg, counters=counters):
-                counters[c].zero_()
+            def call(c=0, cfg=cfg):
                 return dispatch.ec_prologue_in_place(bufs[c], k, blocks, xpass=cfg)
             try:
                 out[:, k:].zero_()
@@ -72,8 +68,7 @@ def main():
                 if not err < 5e-3:
                     print(json.dumps({"shape": name, "cfg": cfg, "BAD": err}), flush=True)
                     continue
-                us = (kernels.time_graph(call, COPIES, reps=30)
-                      - kernels.time_graph(lambda c, z=counters: z[c].zero_(), COPIES, reps=30))
+                us = kernels.time_graph(call, COPIES, reps=30)
             except Exception as e:  # noqa: BLE001
                 print(json.dumps({"shape": name, "cfg": cfg, "error": f"{type(e).__name__}: {e}"[:200]}), flush=True)
                 continue

@@ -28,8 +28,7 @@ def test_gpu_prologue_copy_and_project(r, split):
 @pytest.mark.parametrize("k,ranks,gated", [(2048, [32, 32, 32], [True, True, False]), (2048, [32, 32], [True, True]),
                                            (8192, [32], [True]), (4096, [64, 16], [True, False])])
 def test_gpu_prologue_in_place(k, ranks, gated):
-    """``[x | 0]`` -> ``[x | v_1 | ...]`` in one launch at real prefill shapes (split-K, arrivals counted in the zero
-    columns, the last program gates)."""
+    """``[x | 0]`` -> ``[x | v_1 | ...]`` at real prefill shapes (split-K x pass, then the gates)."""
     g = torch.Generator(device="cuda").manual_seed(k + len(ranks))
     m = 2048
     x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)

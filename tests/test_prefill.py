@@ -186,12 +186,12 @@ def test_ec_prologue_copy_at_wide_ranks(r, split):
     assert torch.equal(out[:, :K], t["x"]) and _rel(out[:, K:K + r], v64) < 1e-2 and not out[:, K + r:].any()
 
 
-@pytest.mark.parametrize("m,xpass", [(70, (16, 32, 1, 4, 8)),  # 3 M tiles x 8 splits: the last arrival gates
+@pytest.mark.parametrize("m,xpass", [(70, (16, 32, 1, 4, 8)),  # 5 M tiles x 8 splits
                                      (70, None),                # default config: 16-row tiles, 2 splits
                                      (1030, (64, 64, 1, 4, 1))])  # M >= 1024: 64-row tiles, 4 splits
 def test_ec_prologue_in_place(m, xpass):
-    """``[x | 0]`` -> ``[x | v_1 | ... | 0]`` in one launch: 1-4 ECs of fresh ranks, each gated or static, read
-    from their own A / gate; split-K programs count arrivals in the zero columns, the last one gates."""
+    """``[x | 0]`` -> ``[x | v_1 | ... | 0]``: 1-4 ECs of fresh ranks, each gated or static, read from their own
+    A / gate; a split-K x pass, then the gates. v's columns start as NaN: every one of them must be written."""
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     nb = int(torch.randint(1, dispatch.MAX_IN_PLACE_BLOCKS + 1, (), generator=g))
     ranks = [int(r) for r in torch.randint(1, 24, (nb,), generator=g)]
@@ -209,11 +209,11 @@ def test_ec_prologue_in_place(m, xpass):
     r = sum(ranks)
     rp = r + (-r % 8)
     out = torch.full((m, K + rp + 8), float("nan"), dtype=torch.bfloat16)  # NaN past [x | 0]: never written
-    out[:, :K], out[:, K:K + rp] = x, 0
+    out[:, :K], out[:, K + r:K + rp] = x, 0
     dispatch.ec_prologue_in_place(out, K, blocks, xpass=xpass)
     assert torch.equal(out[:, :K], x)
     assert _rel(out[:, K:K + r], v64) < 1e-2
-    assert not out[:, K + r:K + rp].any()  # pad columns stay zero (the counters live in v's columns)
+    assert not out[:, K + r:K + rp].any()  # pad columns stay zero
     assert torch.isnan(out[:, K + rp:].float()).all()
 
 
@@ -228,8 +228,8 @@ def test_ec_prologue_in_place_rejects_bad_input():
         dispatch.ec_prologue_in_place(x, K, [(torch.zeros(K, 4, dtype=torch.bfloat16).t(), None, None)])
     with pytest.raises(SpearError, match="W_g"):
         dispatch.ec_prologue_in_place(x, K, [(a, torch.zeros(4, 4, dtype=torch.bfloat16), None)])
-    with pytest.raises(SpearError, match="4-byte aligned"):
-        dispatch.ec_prologue_in_place(x[:, 1:], K - 1, [(a[:, 1:], None, None)])
+    with pytest.raises(SpearError, match=r"out must be \[M, >= K \+ R\]"):
+        dispatch.ec_prologue_in_place(x[:, :K + 2], K, [(a, None, None)])
 
 def test_prefill_candidates_by_key():
     names = lambda cs: [c.name for c in cs]  # noqa: E731

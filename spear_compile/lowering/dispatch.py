@@ -46,8 +46,8 @@ from . import tune_cache
 from .ec_tiles import ec_u_kernel
 from .w4_decode import w4_decode_kernel
 from .w4_gemv import w4_gemv_grouped_kernel, w4_gemv_kernel
-from .w4_prefill import (ec_gate_kernel, ec_prologue_kernel, ec_xpass_in_place_kernel, ec_xpass_kernel,
-                         w4_dequant_words_kernel, w4_dequantize_kernel, w4_prefill_kernel)
+from .w4_prefill import (ec_gate_blocks_kernel, ec_gate_kernel, ec_prologue_kernel, ec_xpass_blocks_kernel,
+                         ec_xpass_kernel, w4_dequant_words_kernel, w4_dequantize_kernel, w4_prefill_kernel)
 
 MAX_DECODE_M = 16
 MAX_EC_RANK = 256
@@ -884,26 +884,25 @@ def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, co
     return out
 
 
-MAX_IN_PLACE_BLOCKS = 4  # ECs one ``ec_xpass_in_place_kernel`` launch takes (its A / gate pointer arguments)
-MAX_IN_PLACE_SPLITS = 16  # its K splits: the last program of an M tile reads every split's partial, unrolled
+MAX_IN_PLACE_BLOCKS = 4  # ECs one ``ec_prologue_in_place`` takes (its kernels' A / gate pointer arguments)
+MAX_IN_PLACE_SPLITS = 16  # its K splits: the gate launch reads every split's partial, unrolled
 
 
 def ec_prologue_in_place(out, k, blocks, traceable=False, xpass=None):
-    """``out = [x | 0]`` (``[M, K + width]``, written by x's producer: the columns past K must be zeros) becomes
-    ``[x | v_1 | v_2 | ... | 0]`` in one launch (``ec_xpass_in_place_kernel``): ``blocks`` = ``[(A_b, gate_w_b or
-    None, gate_b_b or None), ...]``, up to ``MAX_IN_PLACE_BLOCKS`` ECs of x (merged siblings), each read from its
-    own tensors, ``v_b = g(u_b) ⊙ u_b``, ``u_b = x A_bᵀ`` in fp32, in columns ``K + r_1 + ... + r_(b-1) ..``.
-    The split-K programs of one M tile count their arrivals in the tile's first zero columns; the last one
-    gates. ``xpass``: (BLOCK_M, BLOCK_K, stages, warps, programs per SM), default ``XPASS_CONFIG_IN_PLACE``."""
+    """``out = [x | 0]`` (``[M, K + width]``, written by x's producer) becomes ``[x | v_1 | v_2 | ... | 0]``:
+    ``blocks`` = ``[(A_b, gate_w_b or None, gate_b_b or None), ...]``, up to ``MAX_IN_PLACE_BLOCKS`` ECs of x
+    (merged siblings), each read from its own tensors (no stacked copies), ``v_b = g(u_b) ⊙ u_b``,
+    ``u_b = x A_bᵀ`` in fp32, in columns ``K + r_1 + ... + r_(b-1) ..``. Two launches: the split-K x pass
+    (``ec_xpass_blocks_kernel``) and the gates (``ec_gate_blocks_kernel``). ``xpass``: the x pass's (BLOCK_M,
+    BLOCK_K, stages, warps, programs per SM), default ``XPASS_CONFIG_IN_PLACE``."""
     where = "spear_compile.lowering.dispatch.ec_prologue_in_place"
     m = out.shape[0]
     ranks = [a.shape[0] for a, _, _ in blocks]
     if not 1 <= len(blocks) <= MAX_IN_PLACE_BLOCKS:
         raise SpearError(f"{where}: 1 to {MAX_IN_PLACE_BLOCKS} ECs, got {len(blocks)}")
-    if (out.dim() != 2 or out.stride(1) != 1 or out.shape[1] < k + max(sum(ranks), 2)
-            or (out.stride(0) * out.element_size()) % 4 or (k * out.element_size()) % 4):
-        raise SpearError(f"{where}: out must be [M, >= K + R] = [*, >= {k + sum(ranks)}] with unit column stride "
-                         f"and 4-byte aligned rows and column K, got {tuple(out.shape)} stride {out.stride()}")
+    if out.dim() != 2 or out.stride(1) != 1 or out.shape[1] < k + sum(ranks):
+        raise SpearError(f"{where}: out must be [M, >= K + R] = [*, >= {k + sum(ranks)}] with unit column stride, "
+                         f"got {tuple(out.shape)} stride {out.stride()}")
     if any(a.shape[1] != k or a.dtype != out.dtype or not a.is_contiguous() for a, _, _ in blocks):
         raise SpearError(f"{where}: each A must be a contiguous {out.dtype} [r, K={k}], got "
                          f"{[(a.dtype, tuple(a.shape), a.stride()) for a, _, _ in blocks]}")
@@ -926,11 +925,15 @@ def ec_prologue_in_place(out, k, blocks, traceable=False, xpass=None):
     gw_s = [gw if gw is not None else a for a, gw, _ in blocks] + pad
     gb_s = [gb if gb is not None else a for a, _, gb in blocks] + pad
     r_s = ranks + [0] * (MAX_IN_PLACE_BLOCKS - len(blocks))
-    gate_mask = sum(1 << i for i, (_, gw, _) in enumerate(blocks) if gw is not None)
-    _launcher(ec_xpass_in_place_kernel, traceable)[(m_tiles, n_split)](
-        out, part, *a_s, *gw_s, *gb_s, m, k, *r_s, out.stride(0), per * bk,
-        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r, N_BLK=len(blocks), N_SPLIT=n_split, GATE_MASK=gate_mask,
-        INTERPRET=_interpret(), num_warps=warps, num_stages=stages,
+    _launcher(ec_xpass_blocks_kernel, traceable)[(m_tiles, n_split)](
+        out, part, *a_s, m, k, *r_s, out.stride(0), per * bk, 0,
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r, N_BLK=len(blocks), INTERPRET=_interpret(),
+        num_warps=warps, num_stages=stages,
+    )
+    _launcher(ec_gate_blocks_kernel, traceable)[(triton.cdiv(m, 16),)](
+        part, out, *gw_s, *gb_s, m, k, *r_s, out.stride(0),
+        BLOCK_M=16, BLOCK_R=block_r, N_BLK=len(blocks), N_SPLIT=n_split,
+        GATE_MASK=sum(1 << i for i, (_, gw, _) in enumerate(blocks) if gw is not None), num_warps=4,
     )
     return out
 

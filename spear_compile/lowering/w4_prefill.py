@@ -328,8 +328,7 @@ def _xpass_block(x, a_ptr, r, offs_r, offs_k, k_mask, K, u, INTERPRET: tl.conste
 @triton.jit
 def _gate_store(u, gw_ptr, gb_ptr, out_ptr, r, col, offs_m, m_mask, offs_r, stride_om, GATED: tl.constexpr):
     """``v = u ⊙ 2σ(u Wgᵀ + bg)`` (``GATED``; else v = u) into columns ``col .. col + r`` of ``out``. The gate's
-    logits by tf32 tensor cores (10 mantissa bits; the eager EC computes them in bf16, 7): one program gates a whole
-    M tile, where an fp32 FMA dot held the launch's tail."""
+    logits by tf32 tensor cores (10 mantissa bits; the eager EC computes them in bf16, 7)."""
     r_mask = offs_r < r
     if GATED:
         gwt = tl.load(gw_ptr + offs_r[None, :] * r + offs_r[:, None],
@@ -341,19 +340,19 @@ def _gate_store(u, gw_ptr, gb_ptr, out_ptr, r, col, offs_m, m_mask, offs_r, stri
 
 
 @triton.jit
-def ec_xpass_in_place_kernel(
-    out_ptr, part_ptr, a0, a1, a2, a3, gw0, gw1, gw2, gw3, gb0, gb1, gb2, gb3,
-    M, K, r0, r1, r2, r3, stride_om, k_per_split,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, N_BLK: tl.constexpr, N_SPLIT: tl.constexpr,
-    GATE_MASK: tl.constexpr, INTERPRET: tl.constexpr = False,
+def ec_xpass_blocks_kernel(
+    out_ptr, part_ptr, a0, a1, a2, a3,
+    M, K, r0, r1, r2, r3, stride_om, k_per_split, touch,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, N_BLK: tl.constexpr,
+    INTERPRET: tl.constexpr = False,
 ):
-    """The EC prologue of ``kcat`` in one launch, on ``out = [x | 0]`` (written by x's producer): a split-K pass
-    over x (grid ``(M tiles, N_SPLIT)``) for a stack of ``N_BLK`` ≤ 4 ECs, each from its own ``A_b`` (rank
-    ``r_b`` ≤ ``BLOCK_R``), fp32 partials to ``part`` (``[splits, M, N_BLK·BLOCK_R]``); then the last split of
-    each M tile to arrive (an int32 counter at the tile's first row, columns ``K, K + 1`` of ``out``: zeros
-    until this launch, then overwritten by v) sums the partials and writes each EC's
-    ``v_b = u_b ⊙ 2σ(u_b W_gbᵀ + b_gb)`` (bit b of ``GATE_MASK``; else v_b = u_b) into columns
-    ``K + r_0 + ... + r_(b-1) ..`` of ``out``. No gate launch and no stacked A / gate tensors (session 9)."""
+    """The x side of ``kcat``'s EC prologue on ``out = [x | 0]`` (written by x's producer), for a stack of
+    ``N_BLK`` ≤ 4 ECs of one x, each from its own ``A_b`` (rank ``r_b`` ≤ ``BLOCK_R``): a split-K pass (grid
+    ``(M tiles, splits)``) writing fp32 partials ``x A_bᵀ`` to ``part`` (``[splits, M, N_BLK·BLOCK_R]``);
+    ``ec_gate_blocks_kernel`` then sums and gates them. ``out`` is declared written by a store masked with the
+    runtime ``touch`` (0: nothing is written): traced into a graph, this launch and the gate launch are then two
+    writes of one buffer, which Inductor chains in place (as a read followed by another launch's write, its
+    lowering gave the reader its own copy: session 8)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -384,30 +383,43 @@ def ec_xpass_in_place_kernel(
         tl.store(rows + 2 * BLOCK_R, u2, mask=m_mask[:, None])
     if N_BLK > 3:
         tl.store(rows + 3 * BLOCK_R, u3, mask=m_mask[:, None])
-    counter = (out_ptr + pid_m * BLOCK_M * stride_om + K).to(tl.pointer_type(tl.int32), bitcast=True)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter, 1)  # acq_rel, after the CTA barrier: publishes this program's partials
-    if arrived == N_SPLIT - 1:
-        # every split's partials, loads unrolled so they are all in flight at once (L2: other programs wrote them)
-        u0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        u1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        u2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        u3 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for s in tl.static_range(N_SPLIT):
-            rows = part_ptr + (s * M + offs_m)[:, None] * (N_BLK * BLOCK_R) + offs_r[None, :]
-            u0 += tl.load(rows, mask=m_mask[:, None], other=0.0, cache_modifier=".cg")
-            if N_BLK > 1:
-                u1 += tl.load(rows + BLOCK_R, mask=m_mask[:, None], other=0.0, cache_modifier=".cg")
-            if N_BLK > 2:
-                u2 += tl.load(rows + 2 * BLOCK_R, mask=m_mask[:, None], other=0.0, cache_modifier=".cg")
-            if N_BLK > 3:
-                u3 += tl.load(rows + 3 * BLOCK_R, mask=m_mask[:, None], other=0.0, cache_modifier=".cg")
-        _gate_store(u0, gw0, gb0, out_ptr, r0, K, offs_m, m_mask, offs_r, stride_om, (GATE_MASK & 1) != 0)
-        if N_BLK > 1:
-            _gate_store(u1, gw1, gb1, out_ptr, r1, K + r0, offs_m, m_mask, offs_r, stride_om, (GATE_MASK & 2) != 0)
-        if N_BLK > 2:
-            _gate_store(u2, gw2, gb2, out_ptr, r2, K + r0 + r1, offs_m, m_mask, offs_r, stride_om,
-                        (GATE_MASK & 4) != 0)
-        if N_BLK > 3:
-            _gate_store(u3, gw3, gb3, out_ptr, r3, K + r0 + r1 + r2, offs_m, m_mask, offs_r, stride_om,
-                        (GATE_MASK & 8) != 0)
+    tl.store(out_ptr + offs_m * stride_om, tl.zeros((BLOCK_M,), dtype=out_ptr.dtype.element_ty),
+             mask=offs_m < touch)
+
+
+@triton.jit
+def _partial_sum(part_ptr, b: tl.constexpr, offs_m, m_mask, offs_r, M, N_SPLIT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, N_BLK: tl.constexpr):
+    """Block ``b``'s u: the sum of every split's partial, the loads unrolled so they are all in flight at once."""
+    u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for s in tl.static_range(N_SPLIT):
+        u += tl.load(part_ptr + (s * M + offs_m)[:, None] * (N_BLK * BLOCK_R) + b * BLOCK_R + offs_r[None, :],
+                     mask=m_mask[:, None], other=0.0)
+    return u
+
+
+@triton.jit
+def ec_gate_blocks_kernel(
+    part_ptr, out_ptr, gw0, gw1, gw2, gw3, gb0, gb1, gb2, gb3,
+    M, K, r0, r1, r2, r3, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, N_BLK: tl.constexpr, N_SPLIT: tl.constexpr,
+    GATE_MASK: tl.constexpr,
+):
+    """After ``ec_xpass_blocks_kernel``: per ``BLOCK_M`` rows, each EC's ``u_b`` (its partials summed) becomes
+    ``v_b = u_b ⊙ 2σ(u_b W_gbᵀ + b_gb)`` (bit b of ``GATE_MASK``; else v_b = u_b), from its own gate tensors, in
+    columns ``K + r_0 + ... + r_(b-1) ..`` of ``out``."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_r = tl.arange(0, BLOCK_R)
+    u = _partial_sum(part_ptr, 0, offs_m, m_mask, offs_r, M, N_SPLIT, BLOCK_M, BLOCK_R, N_BLK)
+    _gate_store(u, gw0, gb0, out_ptr, r0, K, offs_m, m_mask, offs_r, stride_om, (GATE_MASK & 1) != 0)
+    if N_BLK > 1:
+        u = _partial_sum(part_ptr, 1, offs_m, m_mask, offs_r, M, N_SPLIT, BLOCK_M, BLOCK_R, N_BLK)
+        _gate_store(u, gw1, gb1, out_ptr, r1, K + r0, offs_m, m_mask, offs_r, stride_om, (GATE_MASK & 2) != 0)
+    if N_BLK > 2:
+        u = _partial_sum(part_ptr, 2, offs_m, m_mask, offs_r, M, N_SPLIT, BLOCK_M, BLOCK_R, N_BLK)
+        _gate_store(u, gw2, gb2, out_ptr, r2, K + r0 + r1, offs_m, m_mask, offs_r, stride_om, (GATE_MASK & 4) != 0)
+    if N_BLK > 3:
+        u = _partial_sum(part_ptr, 3, offs_m, m_mask, offs_r, M, N_SPLIT, BLOCK_M, BLOCK_R, N_BLK)
+        _gate_store(u, gw3, gb3, out_ptr, r3, K + r0 + r1 + r2, offs_m, m_mask, offs_r, stride_om,
+                    (GATE_MASK & 8) != 0)

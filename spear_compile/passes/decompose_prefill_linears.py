@@ -18,9 +18,9 @@ fallback: a cuBLAS mm and a pointwise gate):
 
 * ``kcat``: ``[x | v] [W | B]ᵀ``, the EC as r more columns of K of one cuBLAS GEMM; the dequantize kernel writes
   ``[W | B]``. ``[x | v]``: when x comes from a pointwise op (RMSNorm's scale, SiLU·up: ``pad_x``), aten's
-  ``pad(x)``, which Inductor writes from that op's own kernel, and one launch reads x from it and writes v
-  into it in place (no copy of x, no gate launch: ``dispatch.ec_prologue_in_place``); else our prologue copies x
-  beside v (aten fallback: ``cat``);
+  ``pad(x)``, which Inductor writes from that op's own kernel, and an x pass and a gate launch read x from it
+  and write v into it in place (no copy of x; every EC's A and gate read from its own tensors:
+  ``dispatch.ec_prologue_in_place``); else our prologue copies x beside v (aten fallback: ``cat``);
 * ``c_in`` (K > N, e.g. down_proj, unless ``pad_x``): ``v Bᵀ (+ bias)`` first, then cuBLAS ``addmm`` with it as
   C: one round trip of an ``[M, N]`` tile instead of a copy of the wider ``x``.
 
@@ -32,7 +32,7 @@ them, not once per EC (R <= ``MAX_MERGED_RANK``, at most ``dispatch.MAX_IN_PLACE
 EC's A and gate are read from its own tensors, not stacked per call). Each node's uses read its columns of the
 output.
 (``bench/results/prefill_s8.md``, ``prefill_s9.md``; compiled decoder layer, bf16 linears-equivalent: 1B 1.48-1.54
--> 1.38-1.44× merged -> 1.36-1.39× with the in-place prologue; 7B 1.31-1.39 -> 1.30-1.32 -> 1.30-1.36×.)
+-> 1.38-1.44× merged -> 1.345-1.349× with each EC's own tensors in place; 7B 1.31-1.39 -> 1.30-1.32 -> 1.30-1.32×.)
 Off: ``SPEAR_EC_MERGE=0``; ``SPEAR_EC_PAD_X=0`` / ``1`` never / always pads (default ``auto``).
 
 Symbolic or small M, or a CUDA-graphed graph (where host time is not paid per call and the tuned runtime
@@ -176,7 +176,7 @@ def _dequantized_ec(x, members, group_size, ours, in_place, structure="kcat"):
     (``_stacked_ec``). ``members``: ``(qdata, scale, zero, bias, A, B, gate_w, gate_b)`` (EC entries None for a
     member without one). ``ours``: ``v`` (and ``[x | v]``) by our split-K prologue kernels, fp32 u and gate, as
     the runtime does; ``in_place`` (ours only): ``[x | 0]`` by aten ``constant_pad_nd`` (which Inductor can write
-    from x's producer kernel) and every v written into it in place by one launch that reads each EC's own A and
+    from x's producer kernel) and every v written into it in place by two launches that read each EC's own A and
     gate (``dispatch.ec_prologue_in_place``), instead of the prologue copying x beside the stacked EC's v."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
