@@ -250,3 +250,13 @@ def test_bad_block_k_for_group_raises():
     t = _problem(70, 32, torch.bfloat16, seed=0)
     with pytest.raises(SpearError, match="BLOCK_K"):
         _run(t, 32, dispatch.PrefillConfig(32, 32, 64, 4, 2))
+
+
+def test_bad_xpass_override_is_refused():
+    """``SPEAR_XPASS_IN_PLACE`` (a bench override) names its expected form instead of failing deep in a launch."""
+    import subprocess
+    import sys
+    env = dict(os.environ, SPEAR_XPASS_IN_PLACE="64,128,3")
+    res = subprocess.run([sys.executable, "-c", "import spear_compile.lowering.dispatch"], env=env,
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "expected five positive integers" in res.stderr

@@ -55,7 +55,13 @@ XPASS_CONFIG = (64, 128, 2, 4, 2)  # ec_xpass_kernel at M >= 1024: BLOCK_M, BLOC
 XPASS_CONFIG_IN_PLACE_DEFAULT = (64, 128, 3, 4, 1)  # ec_prologue_in_place: best total of bench/xpass_sweep.py
 XPASS_CONFIG_IN_PLACE = XPASS_CONFIG_IN_PLACE_DEFAULT  # (sessions 8, 9; the session-8 split x pass reading [x | 0])
 if os.environ.get("SPEAR_XPASS_IN_PLACE"):  # "BLOCK_M,BLOCK_K,stages,warps,per_sm": a bench override
-    XPASS_CONFIG_IN_PLACE = tuple(int(v) for v in os.environ["SPEAR_XPASS_IN_PLACE"].split(","))
+    try:
+        XPASS_CONFIG_IN_PLACE = tuple(int(v) for v in os.environ["SPEAR_XPASS_IN_PLACE"].split(","))
+    except ValueError:
+        XPASS_CONFIG_IN_PLACE = ()
+    if len(XPASS_CONFIG_IN_PLACE) != 5 or min(XPASS_CONFIG_IN_PLACE) < 1:
+        raise SpearError(f"SPEAR_XPASS_IN_PLACE={os.environ['SPEAR_XPASS_IN_PLACE']!r}: expected five positive "
+                         "integers BLOCK_M,BLOCK_K,stages,warps,programs_per_SM, e.g. 64,128,3,4,1")
 COPY_X_MAX_BLOCK_R = 32  # the prologue copies x inside its projection loop only up to this BLOCK_R (``ec_prologue``)
 MIN_BLOCK_N = 4
 MAX_GROUP = 4  # members of one grouped launch (w4_gemv_grouped_kernel's pointer sets)
@@ -823,6 +829,19 @@ def dequantize_w4(qdata, scale, zero, group_size, dtype, *, tail=None, tail_widt
     return w
 
 
+def _xpass_grid(m, k, cfg, device, max_splits=None):
+    """A split-K x pass's geometry from its config ``(BLOCK_M, BLOCK_K, stages, warps, programs per SM)``: 16-row
+    tiles below M = 1024, K split so that there are about ``programs per SM`` programs per SM (at most
+    ``max_splits`` splits). Returns (BLOCK_M, BLOCK_K, stages, warps, M tiles, K blocks per split, splits)."""
+    bm, bk, stages, warps, per_sm = cfg
+    bm = bm if m >= 1024 else 16
+    bk = min(bk, max(16, triton.next_power_of_2(k)))
+    m_tiles, n_kb = triton.cdiv(m, bm), triton.cdiv(k, bk)
+    splits = min(n_kb, max_splits or n_kb, max(1, triton.cdiv(per_sm * _num_sms(device), m_tiles)))
+    per = triton.cdiv(n_kb, splits)
+    return bm, bk, stages, warps, m_tiles, per, triton.cdiv(n_kb, per)
+
+
 def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, copy_x=False, split=False,
                 traceable=False):
     """``v = g(u) ⊙ u`` (u = x Aᵀ in fp32, or the given ``u``) into columns ``col0 .. col0 + width`` of ``out``
@@ -861,12 +880,8 @@ def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, co
         return out
     part = None
     if copy_x or u is None:
-        bm, bk, stages, warps, per_sm = XPASS_CONFIG_IN_PLACE_DEFAULT if x_in_out else XPASS_CONFIG
-        bm = bm if m >= 1024 else 16
-        bk = min(bk, max(16, triton.next_power_of_2(k)))
-        m_tiles, n_kb = triton.cdiv(m, bm), triton.cdiv(k, bk)
-        per = triton.cdiv(n_kb, min(n_kb, max(1, triton.cdiv(per_sm * _num_sms(x2.device), m_tiles))))
-        n_split = triton.cdiv(n_kb, per)
+        bm, bk, stages, warps, m_tiles, per, n_split = _xpass_grid(
+            m, k, XPASS_CONFIG_IN_PLACE_DEFAULT if x_in_out else XPASS_CONFIG, x2.device)
         if u is None:
             part = torch.empty(n_split, m, block_r, dtype=torch.float32, device=x2.device)
         _launcher(ec_xpass_kernel, traceable)[(m_tiles, n_split)](
@@ -911,14 +926,9 @@ def ec_prologue_in_place(out, k, blocks, traceable=False, xpass=None):
                                                                 or not (gw.is_contiguous() and gb.is_contiguous()))):
             raise SpearError(f"{where}: a gate needs contiguous W_g [r, r] and b_g [r] with r = {r}, got "
                              f"{None if gw is None else tuple(gw.shape)} and {None if gb is None else tuple(gb.shape)}")
-    bm, bk, stages, warps, per_sm = xpass or XPASS_CONFIG_IN_PLACE
-    bm = bm if m >= 1024 else 16
-    bk = min(bk, max(16, triton.next_power_of_2(k)))
+    bm, bk, stages, warps, m_tiles, per, n_split = _xpass_grid(m, k, xpass or XPASS_CONFIG_IN_PLACE, out.device,
+                                                               MAX_IN_PLACE_SPLITS)
     block_r = _block_r(max(ranks))
-    m_tiles, n_kb = triton.cdiv(m, bm), triton.cdiv(k, bk)
-    splits = min(n_kb, MAX_IN_PLACE_SPLITS, max(1, triton.cdiv(per_sm * _num_sms(out.device), m_tiles)))
-    per = triton.cdiv(n_kb, splits)
-    n_split = triton.cdiv(n_kb, per)
     part = torch.empty(n_split, m, len(blocks) * block_r, dtype=torch.float32, device=out.device)
     pad = [blocks[0][0]] * (MAX_IN_PLACE_BLOCKS - len(blocks))  # never read
     a_s = [a for a, _, _ in blocks] + pad

@@ -185,6 +185,34 @@ def w4_dequant_words_kernel(
 
 
 @triton.jit
+def _project(x, a_ptr, r, offs_r, offs_k, k_mask, K, u, INTERPRET: tl.constexpr):
+    """``u + x Aᵀ`` over one K block (``A``: ``[r, K]`` row-major, rows past r read as zeros)."""
+    at = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None], mask=(offs_r < r)[None, :] & k_mask[:, None],
+                 other=0.0)
+    return dot(x, at, u, INTERPRET)
+
+
+@triton.jit
+def _gated(u, gw_ptr, gb_ptr, r, offs_r, PRECISION: tl.constexpr):
+    """``u ⊙ 2σ(u Wgᵀ + bg)`` (fp32 u; ``Wg``: ``[r, r]`` row-major) with the logits' dot at ``PRECISION``."""
+    r_mask = offs_r < r
+    gwt = tl.load(gw_ptr + offs_r[None, :] * r + offs_r[:, None],
+                  mask=r_mask[None, :] & r_mask[:, None], other=0.0).to(tl.float32)  # gwt[i, j] = Wg[j, i]
+    gb = tl.load(gb_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+    return u * (2.0 * tl.sigmoid(tl.dot(u, gwt, input_precision=PRECISION) + gb[None, :]))
+
+
+@triton.jit
+def _gate_store(u, gw_ptr, gb_ptr, out_ptr, r, col, offs_m, m_mask, offs_r, stride_om, GATED: tl.constexpr):
+    """``v = u ⊙ 2σ(u Wgᵀ + bg)`` (``GATED``; else v = u) into columns ``col .. col + r`` of ``out``. The gate's
+    logits by tf32 tensor cores (10 mantissa bits; the eager EC computes them in bf16, 7)."""
+    if GATED:
+        u = _gated(u, gw_ptr, gb_ptr, r, offs_r, "tf32")
+    tl.store(out_ptr + offs_m[:, None] * stride_om + col + offs_r[None, :], u.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & (offs_r < r)[None, :])
+
+
+@triton.jit
 def _store_v(out_ptr, v, offs_m, m_mask, offs_r, RP, stride_om, col0,
              BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_PAD: tl.constexpr):
     """v into columns ``col0 .. col0 + RP`` of ``out`` (zeros past R: v is zero there; ``BLOCK_PAD`` more zero
@@ -221,8 +249,7 @@ def ec_prologue_kernel(
     which makes ``out = [x | v]``, the A operand of the K-concatenated GEMM ``[x | v] [W | B]ᵀ``.
     ``LOOP`` = ``COPY_X or not U_GIVEN`` (the K loop has something to do). ``BLOCK_PAD``: width of the zero store
     for the pad columns past ``BLOCK_R`` (``RP > BLOCK_R``; the gate stays ``BLOCK_R`` wide). ``X_IN_OUT``: x is
-    read from columns ``0 .. K`` of ``out`` itself (``[x | 0]`` written by x's producer; ``x_ptr`` unused), so that
-    a traced graph has one launch that reads and writes that buffer, which Inductor then writes in place."""
+    read from columns ``0 .. K`` of ``out`` itself (``x_ptr`` unused: ``ec_prologue`` copied x there first)."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
@@ -242,14 +269,9 @@ def ec_prologue_kernel(
                 tl.store(out_ptr + offs_m[:, None] * stride_om + offs_k[None, :], x,
                          mask=m_mask[:, None] & k_mask[None, :])
             if not U_GIVEN:
-                at = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None],
-                             mask=r_mask[None, :] & k_mask[:, None], other=0.0)
-                u = dot(x, at, u, INTERPRET)
+                u = _project(x, a_ptr, R, offs_r, offs_k, k_mask, K, u, INTERPRET)
     if GATED:
-        gwt = tl.load(gw_ptr + offs_r[None, :] * R + offs_r[:, None],
-                      mask=r_mask[None, :] & r_mask[:, None], other=0.0).to(tl.float32)  # gwt[i, j] = Wg[j, i]
-        gb = tl.load(gb_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-        u = u * (2.0 * tl.sigmoid(tl.dot(u, gwt, input_precision="ieee") + gb[None, :]))
+        u = _gated(u, gw_ptr, gb_ptr, R, offs_r, "ieee")
     _store_v(out_ptr, u, offs_m, m_mask, offs_r, RP, stride_om, col0, BLOCK_M, BLOCK_R, BLOCK_PAD)
 
 
@@ -270,7 +292,6 @@ def ec_xpass_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < R
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     k_lo = pid_s * k_per_split
     for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
@@ -281,9 +302,7 @@ def ec_xpass_kernel(
             tl.store(out_ptr + offs_m[:, None] * stride_om + offs_k[None, :], x,
                      mask=m_mask[:, None] & k_mask[None, :])
         if PROJECT:
-            at = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None],
-                         mask=r_mask[None, :] & k_mask[:, None], other=0.0)
-            u = dot(x, at, u, INTERPRET)
+            u = _project(x, a_ptr, R, offs_r, offs_k, k_mask, K, u, INTERPRET)
     if PROJECT:
         tl.store(part_ptr + (pid_s * M + offs_m)[:, None] * BLOCK_R + offs_r[None, :], u, mask=m_mask[:, None])
 
@@ -310,33 +329,8 @@ def ec_gate_kernel(
             u += tl.load(part_ptr + (s * M + offs_m)[:, None] * BLOCK_R + offs_r[None, :],
                          mask=m_mask[:, None] & r_mask[None, :], other=0.0)
     if GATED:
-        gwt = tl.load(gw_ptr + offs_r[None, :] * R + offs_r[:, None],
-                      mask=r_mask[None, :] & r_mask[:, None], other=0.0).to(tl.float32)  # gwt[i, j] = Wg[j, i]
-        gb = tl.load(gb_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-        u = u * (2.0 * tl.sigmoid(tl.dot(u, gwt, input_precision="ieee") + gb[None, :]))
+        u = _gated(u, gw_ptr, gb_ptr, R, offs_r, "ieee")
     _store_v(out_ptr, u, offs_m, m_mask, offs_r, RP, stride_om, col0, BLOCK_M, BLOCK_R, BLOCK_PAD)
-
-
-@triton.jit
-def _xpass_block(x, a_ptr, r, offs_r, offs_k, k_mask, K, u, INTERPRET: tl.constexpr):
-    """``u + x A_bᵀ`` over one K block for one EC of the stack (its own ``A``, rank ``r``)."""
-    at = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None], mask=(offs_r < r)[None, :] & k_mask[:, None],
-                 other=0.0)
-    return dot(x, at, u, INTERPRET)
-
-
-@triton.jit
-def _gate_store(u, gw_ptr, gb_ptr, out_ptr, r, col, offs_m, m_mask, offs_r, stride_om, GATED: tl.constexpr):
-    """``v = u ⊙ 2σ(u Wgᵀ + bg)`` (``GATED``; else v = u) into columns ``col .. col + r`` of ``out``. The gate's
-    logits by tf32 tensor cores (10 mantissa bits; the eager EC computes them in bf16, 7)."""
-    r_mask = offs_r < r
-    if GATED:
-        gwt = tl.load(gw_ptr + offs_r[None, :] * r + offs_r[:, None],
-                      mask=r_mask[None, :] & r_mask[:, None], other=0.0).to(tl.float32)  # gwt[i, j] = Wg[j, i]
-        gb = tl.load(gb_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-        u = u * (2.0 * tl.sigmoid(tl.dot(u, gwt, input_precision="tf32") + gb[None, :]))
-    tl.store(out_ptr + offs_m[:, None] * stride_om + col + offs_r[None, :], u.to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & r_mask[None, :])
 
 
 @triton.jit
@@ -368,13 +362,13 @@ def ec_xpass_blocks_kernel(
         k_mask = offs_k < K
         x = tl.load(out_ptr + offs_m[:, None] * stride_om + offs_k[None, :],
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        u0 = _xpass_block(x, a0, r0, offs_r, offs_k, k_mask, K, u0, INTERPRET)
+        u0 = _project(x, a0, r0, offs_r, offs_k, k_mask, K, u0, INTERPRET)
         if N_BLK > 1:
-            u1 = _xpass_block(x, a1, r1, offs_r, offs_k, k_mask, K, u1, INTERPRET)
+            u1 = _project(x, a1, r1, offs_r, offs_k, k_mask, K, u1, INTERPRET)
         if N_BLK > 2:
-            u2 = _xpass_block(x, a2, r2, offs_r, offs_k, k_mask, K, u2, INTERPRET)
+            u2 = _project(x, a2, r2, offs_r, offs_k, k_mask, K, u2, INTERPRET)
         if N_BLK > 3:
-            u3 = _xpass_block(x, a3, r3, offs_r, offs_k, k_mask, K, u3, INTERPRET)
+            u3 = _project(x, a3, r3, offs_r, offs_k, k_mask, K, u3, INTERPRET)
     rows = part_ptr + (pid_s * M + offs_m)[:, None] * (N_BLK * BLOCK_R) + offs_r[None, :]
     tl.store(rows, u0, mask=m_mask[:, None])
     if N_BLK > 1:
