@@ -113,12 +113,21 @@ def _dequantized(x, qdatas, scales, zeros, biases, group_size, ours):
     if not ours:
         return _linear(x, torch.cat([dequantize_packed(q, s, z, k, x.dtype)
                                      for q, s, z in zip(qdatas, scales, zeros)], 0), bias)
-    w = torch.empty(sum(q.shape[0] for q in qdatas), k, dtype=x.dtype, device=x.device)
+    return _linear(x, _rows_side_by_side([(q, s, z, None, 0) for q, s, z in zip(qdatas, scales, zeros)], k, 0,
+                                         group_size, x.dtype, x.device), bias)
+
+
+def _rows_side_by_side(parts, k, tail_width, group_size, dtype, device):
+    """``[W_1 | t_1; W_2 | t_2; ...]`` by our dequantize kernel, one launch per member into its rows of one buffer.
+    ``parts``: per member ``(qdata, scale, zero, tail or None, tail_col0)``; the tails (``[N_i, r_i]``) sit in
+    columns ``K + tail_col0 ..`` of their rows, zeros elsewhere (``tail_width`` = 0: plain W)."""
+    w = torch.empty(sum(p[0].shape[0] for p in parts), k + tail_width, dtype=dtype, device=device)
     row0 = 0
-    for q, s, z in zip(qdatas, scales, zeros):
-        w = dispatch.dequantize_w4(q, s, z, group_size, x.dtype, out=w, row0=row0, traceable=True)
+    for q, s, z, tail, col0 in parts:
+        w = dispatch.dequantize_w4(q, s, z, group_size, dtype, tail=tail, tail_width=tail_width, tail_col0=col0,
+                                   out=w, row0=row0, traceable=True)
         row0 += q.shape[0]
-    return _linear(x, w, bias)
+    return w
 
 
 def ec_structure(k: int, n: int) -> str:
@@ -208,12 +217,9 @@ def _dequantized_ec(x, members, group_size, ours, in_place, structure="kcat"):
             xv = torch.empty(x2.shape[0], k + rp, dtype=x.dtype, device=x.device)
             xv = dispatch.ec_prologue(x2, ec_A, None, gate_w, gate_b, r, out=xv, col0=k, width=rp, copy_x=True,
                                       split=True, traceable=True)
-        wb = torch.empty(sum(ns), k + rp, dtype=x.dtype, device=x.device)
-        row0 = 0
-        for (q, s, z, _, a, b, _, _), n, c0 in zip(members, ns, offsets):
-            wb = dispatch.dequantize_w4(q, s, z, group_size, x.dtype, tail=b if a is not None else None,
-                                        tail_width=rp, tail_col0=c0, out=wb, row0=row0, traceable=True)
-            row0 += n
+        wb = _rows_side_by_side([(q, s, z, b if a is not None else None, c0)
+                                 for (q, s, z, _, a, b, _, _), c0 in zip(members, offsets)],
+                                k, rp, group_size, x.dtype, x.device)
     else:
         ec_A, gate_w, gate_b = _stacked_ec(members)
         v = _ec_term(x2, ec_A, gate_w, gate_b)
@@ -296,7 +302,8 @@ class DecomposePrefillLinearsPass:
     """Replaces W4 ``fused_linear`` (with or without EC) / ``grouped_linear`` nodes at a static M >= ``MIN_M`` by aten
     ``dequantize + mm`` when the graph is not CUDA-graphed (see the module docstring); returns the count of GEMMs
     written. Nodes with the same x of which one has an EC (an EC linear and its siblings: q|k|v, gate|up) become one
-    GEMM with their ECs stacked (``_stacked_ec``): x is read and copied once for all of them."""
+    GEMM with their ECs side by side (each from its own tensors in place, else stacked by ``_stacked_ec``): x is
+    read once for all of them."""
 
     def __init__(self, enabled: Optional[bool] = None):
         self.enabled = enabled_by_default() if enabled is None else bool(enabled)
