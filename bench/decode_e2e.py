@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import spear_compile  # noqa: E402
-from spear_compile import passes  # noqa: E402
-from spear_compile.ec import CompensatedLinear  # noqa: E402
-from spear_compile.optimize import optimize, warm_kernels  # noqa: E402
+from spear_compile.compile import passes  # noqa: E402
+from spear_compile.ec.module import CompensatedLinear  # noqa: E402
+from spear_compile.compile.api import optimize, warm_kernels  # noqa: E402
 
 REF = os.path.join(os.path.dirname(spear_compile.__file__), "assets", "spear-ref-16m")
 ROWS = []
@@ -106,7 +106,7 @@ def compiled_step(model, backend, quant=None, unwrap=True, skip_guards=False):
             optimize(model, quant=quant, mode="reduce-overhead", fullgraph=True, dynamic=False, unwrap=unwrap,
                      skip_module_guards=skip_guards)
     elif skip_guards:
-        from spear_compile.optimize import module_guard_free_options
+        from spear_compile.compile.api import module_guard_free_options
         model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False,
                                       options=module_guard_free_options("reduce-overhead"))
     else:
@@ -190,9 +190,9 @@ def profile_decode(eager, step, cache, prompt, variant, n=5):
 def variants_check(args):
     """Each CompensatedLinear/quantized-linear layout on CUDA bf16: fused? (pre-pass graph dumped when not)."""
     import warnings
-    from spear_compile.debug import debug
-    from spear_compile.quantize import quantize_linear_
-    from spear_compile.config import QuantConfig
+    from spear_compile.compile.dumps import debug
+    from spear_compile.quant.api import quantize_linear_
+    from spear_compile.quant.config import QuantConfig
     for gate in ("sigmoid", "none", "plain"):
         for shape in ((1, 1, 256), (1, 20, 256), (20, 256), (1, 256)):
             torch._dynamo.reset()
@@ -220,7 +220,7 @@ def variants_check(args):
 def kernel_probe(args):
     """Per-op time at M=1: spear::fused_linear (no EC / gated EC r=32) vs a bf16 F.linear."""
     from triton.testing import do_bench
-    from spear_compile.qtensor import QuantizedWeight
+    from spear_compile.quant.weight import QuantizedWeight
     for k, n in ((2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         qw = QuantizedWeight.from_float(w, 4)

@@ -42,7 +42,7 @@ from triton.testing import do_bench  # noqa: E402
 
 from kernels import MODELS, add_tinygemm, layer_shapes, make_linear, op_tinygemm, reference  # noqa: E402
 from spear_compile.lowering import dispatch  # noqa: E402
-from spear_compile.lowering.w4_gemv import w4_read_floor_kernel  # noqa: E402
+from spear_compile.kernels.w4_gemv import w4_read_floor_kernel  # noqa: E402
 
 os.environ.setdefault("SPEAR_TUNE_CACHE", "0")  # a timing bench re-times every key (no on-disk tuning cache)
 

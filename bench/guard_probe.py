@@ -33,7 +33,7 @@ def run(variant, gf=None):
         m.forward = torch.compile(m.forward, fullgraph=True, dynamic=False, options=opts)
     else:
         spear_compile.quantize(m, "w4-pc-rtn", progress=False)
-        from spear_compile.unwrap import unwrap_quantized
+        from spear_compile.compile.unwrap import unwrap_quantized
         unwrap_quantized(m)
         m.forward = torch.compile(m.forward, backend="spear", fullgraph=True, dynamic=False, options=opts)
     cache = StaticCache(config=m.config, max_cache_len=256)

@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import triton  # noqa: E402
 
 from spear_compile.lowering import dispatch  # noqa: E402
-from spear_compile.packing import pack  # noqa: E402
-from spear_compile.passes.decompose_prefill_linears import MIN_M as DECOMPOSE_MIN_M  # noqa: E402
+from spear_compile.quant.packing import pack  # noqa: E402
+from spear_compile.compile.passes.decompose_prefill_linears import MIN_M as DECOMPOSE_MIN_M  # noqa: E402
 
 os.environ.setdefault("SPEAR_TUNE_CACHE", "0")  # a timing bench re-times every key (no on-disk tuning cache)
 

@@ -7,7 +7,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from spear_compile.lowering import dispatch  # noqa: E402
-from spear_compile.packing import pack  # noqa: E402
+from spear_compile.quant.packing import pack  # noqa: E402
 
 
 def main():

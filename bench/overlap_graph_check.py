@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from spear_compile.lowering import dispatch  # noqa: E402
 from spear_compile.lowering.fused_linear import fused_linear  # noqa: E402
-from spear_compile.packing import pack  # noqa: E402
+from spear_compile.quant.packing import pack  # noqa: E402
 
 
 def main():

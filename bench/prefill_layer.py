@@ -34,10 +34,10 @@ import torch.nn as nn
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from spear_compile import passes  # noqa: E402
-from spear_compile.config import QuantConfig  # noqa: E402
-from spear_compile.ec import CompensatedLinear  # noqa: E402
-from spear_compile.quantize import quantize_linear_  # noqa: E402
+from spear_compile.compile import passes  # noqa: E402
+from spear_compile.quant.config import QuantConfig  # noqa: E402
+from spear_compile.ec.module import CompensatedLinear  # noqa: E402
+from spear_compile.quant.api import quantize_linear_  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 import kernels  # noqa: E402  (its CUDA-graph timer)

@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import importlib  # noqa: E402
 C = importlib.import_module("spear_compile.calibrate")  # the module (the package exports the function)
-from spear_compile.calibrate import _to_device_, fit_many, prepare  # noqa: E402
-from spear_compile.diagnostic import MODULE_TYPES, split_name  # noqa: E402
+from spear_compile.ec.pipeline import _to_device_, fit_many, prepare  # noqa: E402
+from spear_compile.ec.diagnostic import MODULE_TYPES, split_name  # noqa: E402
 from spear_compile.evaluate import ASSETS, DEFAULT_MODEL  # noqa: E402
 from spear_compile.perplexity import perplexity, tokenize_file, windows  # noqa: E402
 
@@ -332,7 +332,7 @@ def error_stats(b: Bench, quant: str):
 
 def save_diagnostics(b: Bench):
     import tarfile
-    from spear_compile.diagnostic import save_report
+    from spear_compile.ec.diagnostic import save_report
     out = Path(b.args.out)
     name = b.name()
     with tarfile.open(out / f"{name}_diagnostics.tar.gz", "w:gz") as tar:

@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
 
 import spear_compile
-from spear_compile.ec import CompensatedLinear
-from spear_compile.inspection import inspect
-from spear_compile.optimize import optimize
+from spear_compile.ec.module import CompensatedLinear
+from spear_compile.compile.inspection import inspect
+from spear_compile.compile.api import optimize
 
 MODEL = os.path.join(os.path.dirname(spear_compile.__file__), "assets", "spear-ref-16m")
 

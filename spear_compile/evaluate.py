@@ -11,12 +11,12 @@ from typing import Optional, Union
 
 import torch
 
-from .config import QuantConfig
-from .ec import CompensatedLinear
+from .quant.config import QuantConfig
+from .ec.module import CompensatedLinear
 from .errors import SpearError
-from .memory import model_bytes
+from .quant.memory import model_bytes
 from .perplexity import perplexity, tokenize_file, windows
-from .quantize import as_config, quantize
+from .quant.api import as_config, quantize
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = ASSETS / "spear-ref-16m"
@@ -109,7 +109,7 @@ def evaluate(model_path: Union[str, Path, None] = None, data_path: Union[str, Pa
         out["quant_ppl"] = perplexity(model, wins, batch_size, progress, desc=f"ppl {config.spec}")
 
     if ec_dir is not None:
-        from .ec_io import load_ecs
+        from .ec.io import load_ecs
 
         manifest = load_ecs(model, ec_dir, config)
         ec_bytes = sum(m.ec_bytes() for m in model.modules() if isinstance(m, CompensatedLinear))

@@ -15,7 +15,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture
 def fresh_compile():
     """A clean compiler state per test: dynamo reset, pass match records cleared, graph caches off."""
-    from spear_compile import passes
+    from spear_compile.compile import passes
 
     torch._dynamo.reset()
     passes.clear()

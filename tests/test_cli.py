@@ -90,9 +90,9 @@ def test_evaluate_with_ecs_reports_recovery(small_text, monkeypatch):
         setattr(model.get_submodule(parent), leaf, ec)
         return {"modules": [name]}
 
-    fake = types.ModuleType("spear_compile.ec_io")
+    fake = types.ModuleType("spear_compile.ec.io")
     fake.load_ecs = load_ecs
-    monkeypatch.setitem(sys.modules, "spear_compile.ec_io", fake)
+    monkeypatch.setitem(sys.modules, "spear_compile.ec.io", fake)
     r = evaluate(data_path=small_text, quant="w4-pc-rtn", seq_len=64, max_windows=2, ec_dir="unused", device="cpu",
                  progress=False)
     assert calls["config"] == "w4-pc-rtn"
@@ -112,7 +112,7 @@ def test_evaluate_validates_options():
 
 def test_evaluate_with_real_ec_io(small_text, tmp_path):
     """End to end with the project's ec_io: save random ECs for the bundled model, evaluate --ec."""
-    ec_io = pytest.importorskip("spear_compile.ec_io")
+    ec_io = pytest.importorskip("spear_compile.ec.io")
     from spear_compile import quantize
     from spear_compile.evaluate import DEFAULT_MODEL, load_model
 

@@ -3,7 +3,7 @@ own dequantize: codes, scales and zeros are drawn here and dequantized in float6
 layout under test, comes from the package)."""
 import torch
 
-from spear_compile.packing import pack
+from spear_compile.quant.packing import pack
 
 
 def member(n, k, group, dtype, bias, g):

@@ -43,10 +43,10 @@ import triton
 
 from ..errors import SpearError
 from . import tune_cache
-from .ec_tiles import ec_u_kernel
-from .w4_decode import w4_decode_kernel
-from .w4_gemv import w4_gemv_grouped_kernel, w4_gemv_kernel
-from .w4_prefill import (ec_gate_blocks_kernel, ec_gate_kernel, ec_prologue_kernel, ec_xpass_blocks_kernel,
+from ..kernels.ec_tiles import ec_u_kernel
+from ..kernels.w4_decode import w4_decode_kernel
+from ..kernels.w4_gemv import w4_gemv_grouped_kernel, w4_gemv_kernel
+from ..kernels.w4_prefill import (ec_gate_blocks_kernel, ec_gate_kernel, ec_prologue_kernel, ec_xpass_blocks_kernel,
                          ec_xpass_kernel, w4_dequant_words_kernel, w4_dequantize_kernel, w4_prefill_kernel)
 
 MAX_DECODE_M = 16
@@ -955,7 +955,7 @@ def _mm_into(a, b, bias, y):
 
 def _reference_linear(x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y):
     """The tuner's reference: torch dequantize (independent of every Triton kernel), cuBLAS, EC by torch ops."""
-    from ..ops import dequantize_packed
+    from ..quant.qlinear import dequantize_packed
 
     w = dequantize_packed(qdata, scale, zero, x2.shape[1], x2.dtype)
     _mm_into(x2, w, bias, y)

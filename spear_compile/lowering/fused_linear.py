@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..ops import dequantize_packed
+from ..quant.qlinear import dequantize_packed
 
 
 def reference_fused_linear(x, qdata, scale, zero, bias, group_size, ec_A=None, ec_B=None, gate_w=None, gate_b=None):

@@ -1,0 +1,170 @@
+"""``spear_compile.inspect``: what the compiler will do with each quantized linear.
+
+Compiles the model once with the ``spear`` backend (caches off, so the pass really runs) on an
+example input, then reports one row per ``spear::qlinear`` the pass saw: module, matched or
+not and why, shapes, dtype, EC rank/gate, the sibling group it was merged into (one launch for
+e.g. q|k|v, ``GroupSiblingLinearsPass``), and the kernel ``lowering.dispatch.choose`` (grouped:
+``choose_grouped``) would pick for ``m`` rows (``"reference"`` where no kernel applies: CPU, fp32,
+or no dispatch module).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+
+from . import backend as _backend  # noqa: F401  (registers the "spear" backend)
+from ..errors import SpearError
+from . import records as registry
+
+
+@dataclass
+class InspectionRow:
+    module: str
+    node: str
+    matched: bool
+    kind: str
+    reason: str
+    n: int
+    k: int
+    group_size: int
+    dtype: str
+    rank: int
+    gate: str
+    bias: bool
+    kernel: str
+    group: str = ""  # "g<i>" when merged with siblings into one grouped launch
+
+
+@dataclass
+class InspectionReport:
+    rows: List[InspectionRow] = field(default_factory=list)
+    m: int = 1
+    device: str = "cpu"
+    groups: List[registry.GroupRecord] = field(default_factory=list)
+
+    @property
+    def matched(self) -> int:
+        return sum(r.matched for r in self.rows)
+
+    @property
+    def unmatched(self) -> List[InspectionRow]:
+        return [r for r in self.rows if not r.matched]
+
+    def table(self) -> str:
+        head = ("module", "fused", "kind", "N", "K", "group", "dtype", "EC", "bias", "launch",
+                f"kernel (m={self.m}, {self.device})")
+        body = [(r.module, "yes" if r.matched else "NO", r.kind, str(r.n), str(r.k), str(r.group_size), r.dtype,
+                 f"r={r.rank} {r.gate}" if r.rank else "-", "yes" if r.bias else "-", r.group or "own",
+                 r.kernel if r.matched else f"reference ({r.reason})") for r in self.rows]
+        widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+        out = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
+        out.append(f"{self.matched}/{len(self.rows)} quantized linears fused")
+        launches = sum(1 for r in self.rows if r.matched and not r.group) + len(self.groups)
+        out.append(f"{len(self.groups)} sibling groups ({sum(len(g.members) for g in self.groups)} linears), "
+                   f"{launches} launches for {self.matched} fused linears")
+        for g in self.groups:
+            out.append(f"  g{g.index}: {' | '.join(g.modules)}  (N {'+'.join(map(str, g.ns))}, K {g.k})")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def kernel_for(m: int, rec: registry.MatchRecord, device: str, group: Optional[registry.GroupRecord] = None) -> str:
+    """Name of the kernel ``dispatch.choose`` (``choose_grouped`` for a grouped member) picks, or ``"reference"``."""
+    if not rec.matched:
+        return "reference"
+    if rec.decomposed:
+        ec = {"kcat": ", EC as K-concat [x | v][W | B]ᵀ", "c_in": ", EC as addmm C input"}.get(rec.decomposed_ec, "")
+        if rec.decomposed_pad_x:
+            ec += ", [x | 0] from x's producer"
+        if rec.decomposed_merged:
+            ec += f"; one GEMM with {', '.join(rec.decomposed_merged)}"
+        return f"decomposed: dequantize ({rec.decomposed_with}) + mm in the graph (cuBLAS{ec})"
+    if device != "cuda" or rec.dtype not in ("bfloat16", "float16"):
+        return f"reference ({device}, {rec.dtype})"
+    try:
+        from ..lowering.dispatch import choose, choose_grouped
+    except ImportError:
+        return "reference"
+    try:
+        if group is not None:
+            return choose_grouped(m, group.k, group.ns, group.group_size, getattr(torch, group.dtype), group.bias)
+        return choose(m, rec.k, rec.n, rec.group_size, getattr(torch, rec.dtype), rec.rank, rec.gated)
+    except Exception as e:  # noqa: BLE001  (inspection reports, it does not fail)
+        return f"reference (dispatch.choose failed: {e})"
+
+
+def _example_input(model: nn.Module, m: int, device):
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "vocab_size"):
+        return torch.zeros(1, m, dtype=torch.long, device=device)
+    lin = next((mod for mod in model.modules() if isinstance(mod, nn.Linear)), None)
+    if lin is None:
+        raise SpearError(f"inspect: {type(model).__name__} has no nn.Linear; pass example_input=")
+    return torch.zeros(m, lin.in_features, dtype=lin.weight.dtype, device=device)
+
+
+@torch.no_grad()
+def inspect(model: nn.Module, example_input: Optional[torch.Tensor] = None, m: int = 1) -> InspectionReport:
+    """Compile ``model`` (not in place) on ``example_input`` (default: ``m`` tokens of batch 1 for an
+    HF causal LM, else ``[m, in_features]``) and report the pass's decisions per quantized linear.
+    Resets Dynamo's caches before and after (models compiled earlier recompile on their next call)."""
+    if not isinstance(model, nn.Module):
+        raise SpearError(f"inspect: expected an nn.Module, got {type(model).__name__}")
+    if m < 1:
+        raise SpearError(f"inspect: m={m} must be >= 1")
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    x = _example_input(model, m, device) if example_input is None else example_input
+    if example_input is not None:
+        m = int(x.shape[:-1].numel()) if x.is_floating_point() else int(x.numel())
+    torch._dynamo.reset()
+    start, gstart = len(registry.RECORDS), len(registry.GROUPS)
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="spear_compile: .* left as the reference")
+        torch.compile(model, backend="spear")(x)
+    torch._dynamo.reset()
+    report = InspectionReport(m=m, device=device.type, groups=list(registry.GROUPS[gstart:]))
+    by_index = {g.index: g for g in report.groups}
+    for rec in registry.RECORDS[start:]:
+        group = by_index.get(rec.group)
+        report.rows.append(InspectionRow(
+            module=rec.module or rec.node, node=rec.node, matched=rec.matched, kind=rec.kind, reason=rec.reason,
+            n=rec.n, k=rec.k, group_size=rec.group_size, dtype=rec.dtype, rank=rec.rank,
+            gate=("sigmoid" if rec.gated else "none") if rec.rank else "-", bias=rec.bias,
+            kernel=kernel_for(m, rec, device.type, group), group=f"g{group.index}" if group else ""))
+    return report
+
+
+# ---- CLI: spear-compile inspect ----------------------------------------------------------------
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="show which quantized linears the compiler fuses and which kernel each gets")
+    from ..evaluate import DEFAULT_MODEL
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="Hugging Face model directory (default: bundled spear-ref-16m)")
+    p.add_argument("--quant", default="w4-pc-rtn", help="quantization spec, e.g. w4-pc-rtn, w4-g128-rtn")
+    p.add_argument("--ec", default=None, help="EC directory (save_ecs output) to attach")
+    p.add_argument("--m", type=int, default=1, help="rows (tokens) per call: 1 = decode")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.set_defaults(func=_cli_inspect)
+
+
+def _cli_inspect(args) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from ..quant.api import quantize
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    quantize(model, args.quant, progress=False)
+    if args.ec:
+        from ..ec.io import load_ecs
+        from ..quant.api import as_config
+        load_ecs(model, args.ec, as_config(args.quant))
+    print(inspect(model, m=args.m).table())
+    return 0

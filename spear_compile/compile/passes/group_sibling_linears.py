@@ -1,0 +1,128 @@
+"""Post-grad pass (after ``FuseQuantizedLinearPass``): horizontal fusion of sibling quantized linears.
+
+``spear::fused_linear`` nodes without EC that read the same ``x`` node with the same K, group size and
+dtype, and either all or none with a bias (q|k|v and gate|up of a decoder layer), become one
+``spear::grouped_linear`` (one kernel launch at decode) whose output columns are the members' outputs
+side by side; each member's uses read an ``aten.slice`` of it along the last dim. Inductor lowers the
+slices to views of the grouped buffer (``ReinterpretView``): consumers index into it, no copy.
+
+Members are taken in graph order, at most ``MAX_GROUP`` (4) per group; a bigger set is split into
+balanced groups (5 -> 3 + 2). Nodes with an EC, a different bias-ness or an input defined after the first
+member stay as they were. Every group is logged in ``registry.GROUPS`` and marked on the members'
+``MatchRecord`` (``group`` field). Off: ``SPEAR_GROUP_LINEARS=0`` in the environment, or
+``options={"spear_group_linears": False}`` for ``torch.compile(..., backend="spear")``.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch
+from torch._guards import detect_fake_mode
+
+from ...lowering import fused_linear  # noqa: F401  (registers spear::fused_linear, spear::grouped_linear)
+from ...lowering.dispatch import MAX_GROUP
+from .. import records as registry
+
+aten = torch.ops.aten
+FUSED = torch.ops.spear.fused_linear.default
+GROUPED = torch.ops.spear.grouped_linear.default
+ENV = "SPEAR_GROUP_LINEARS"
+
+
+def enabled_by_default() -> bool:
+    return os.environ.get(ENV, "1") != "0"
+
+
+def balanced_chunks(items: list, size: int = MAX_GROUP) -> list:
+    """``items`` in order, split into the fewest chunks of at most ``size``, balanced (5 -> 3 + 2, not 4 + 1)."""
+    n_chunks = -(-len(items) // size)
+    bounds = [len(items) * i // n_chunks for i in range(n_chunks + 1)]
+    return [items[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _key(node: torch.fx.Node):
+    """What members of one group share, or None when the node cannot be grouped."""
+    x, q, s, z, bias, gs, ec_a = node.args[:7]
+    xv, qv, sv = _val(x), _val(q), _val(s)
+    if ec_a is not None or xv is None or qv is None or sv is None or not isinstance(gs, int):
+        return None
+    return (x, xv.shape[-1], gs, xv.dtype, sv.dtype, bias is not None)
+
+
+class GroupSiblingLinearsPass:
+    """Groups sibling ``spear::fused_linear`` nodes (see the module docstring); returns the group count."""
+
+    def __init__(self, enabled: Optional[bool] = None):
+        self.enabled = enabled_by_default() if enabled is None else bool(enabled)
+
+    def __call__(self, graph: torch.fx.Graph) -> int:
+        if not self.enabled:
+            return 0
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        buckets: dict = {}
+        for node in graph.find_nodes(op="call_function", target=FUSED):
+            key = _key(node)
+            if key is not None:
+                buckets.setdefault(key, []).append(node)
+        count = 0
+        for nodes in buckets.values():
+            nodes.sort(key=order.__getitem__)
+            for chunk in balanced_chunks(nodes):
+                if len(chunk) >= 2 and self._inputs_ready(chunk, order):
+                    self._rewrite(graph, chunk)
+                    count += 1
+        if count:
+            graph.eliminate_dead_code()
+        return count
+
+    @staticmethod
+    def _inputs_ready(members: List[torch.fx.Node], order: dict) -> bool:
+        """Every member's operands exist where the grouped node goes (before the first member)."""
+        first = order[members[0]]
+        return all(order[a] < first for m in members for a in m.all_input_nodes)
+
+    def _rewrite(self, graph: torch.fx.Graph, members: List[torch.fx.Node]) -> None:
+        x, gs = members[0].args[0], members[0].args[5]
+        qs, ss, zs, bs = ([m.args[j] for m in members] for j in (1, 2, 3, 4))
+        ns = [_val(q).shape[0] for q in qs]
+        xv = _val(x)
+        dim = xv.dim() - 1
+        fake_mode = detect_fake_mode([xv])
+        with graph.inserting_before(members[0]):
+            grouped = graph.call_function(GROUPED, (x, qs, ss, zs, bs, gs))
+            vals = lambda nodes: [_val(n) for n in nodes]  # noqa: E731
+            with fake_mode:
+                gval = GROUPED(xv, vals(qs), vals(ss), vals(zs), [None if b is None else _val(b) for b in bs], gs)
+            grouped.meta["val"] = gval
+            grouped.meta["stack_trace"] = members[0].meta.get("stack_trace")
+            start = 0
+            for m, n in zip(members, ns):
+                sl = graph.call_function(aten.slice.Tensor, (grouped, dim, start, start + n))
+                with fake_mode:
+                    sl.meta["val"] = aten.slice.Tensor(gval, dim, start, start + n)
+                sl.meta["stack_trace"] = m.meta.get("stack_trace")
+                m.replace_all_uses_with(sl)
+                start += n
+        for m in members:
+            graph.erase_node(m)
+        self._record(grouped, members, ns, xv, gs, bs[0] is not None)
+
+    @staticmethod
+    def _record(grouped, members, ns, xv, gs, bias):
+        gid = registry._graph_counter[0]
+        sources = [m.meta.get("spear_qlinear", m.name) for m in members]
+        modules = [m.meta.get("spear_module") for m in members]
+        rec = registry.GroupRecord(
+            index=len(registry.GROUPS), graph=gid, node=grouped.name, members=tuple(sources),
+            modules=tuple(mod or src for mod, src in zip(modules, sources)), ns=tuple(ns), k=xv.shape[-1],
+            group_size=gs, dtype=str(xv.dtype).replace("torch.", ""), bias=bias)
+        registry.GROUPS.append(rec)
+        by_node = {r.node: r for r in registry.RECORDS if r.graph == gid}
+        for src in sources:
+            if src in by_node:
+                by_node[src].group = rec.index

@@ -1,0 +1,171 @@
+"""Save / load trained ECs: ``ecs.safetensors`` (``{module}.ec_A`` ...) + ``manifest.json``.
+
+``load_ecs`` validates everything (quant config, base model identity, module names and shapes,
+file checksum, tensor names and shapes) before it changes the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Union
+
+import torch
+import torch.nn as nn
+
+from ..quant.config import QuantConfig
+from .module import GATES, CompensatedLinear, ec_shapes
+from ..errors import SpearError
+from ..quant.weight import QuantizedWeight
+
+FORMAT = "spear-ec-v1"
+TENSORS, MANIFEST = "ecs.safetensors", "manifest.json"
+_IGNORED_CONFIG_KEYS = {"dtype", "torch_dtype", "transformers_version", "_name_or_path", "architectures",
+                        "use_cache", "_attn_implementation_autoset", "output_attentions", "output_hidden_states"}
+
+
+def model_identity(model: nn.Module) -> dict:
+    """``{"name", "config_hash"}``: a hash of the architecture fields of an HF config (dtype
+    and version fields left out), or of the linear shapes for a plain module."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "to_dict"):
+        d = {k: v for k, v in cfg.to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
+        name = getattr(cfg, "_name_or_path", "") or type(model).__name__
+    else:
+        d = {n: list(m.weight.shape) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        name = type(model).__name__
+    blob = json.dumps(d, sort_keys=True, default=str).encode()
+    return {"name": Path(str(name)).name, "config_hash": hashlib.sha256(blob).hexdigest()[:16]}
+
+
+def weight_fingerprint(weight: QuantizedWeight) -> str:
+    """sha256 of a quantized weight's codes, scales and zeros: ECs are fitted to one exact W_q
+    (GPTQ on other samples or another device can round differently)."""
+    h = hashlib.sha256()
+    for t in (weight.qdata, weight.scale, weight.zero):
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_ecs(model: nn.Module, out_dir: Union[str, Path], manifest: dict) -> dict:
+    """Write every ``CompensatedLinear``'s EC of ``model`` and ``manifest`` (completed with
+    ``format``, ``modules``, ``file_sha256``) to ``out_dir``; returns the manifest written."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors, modules = {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, CompensatedLinear):
+            modules[name] = {"rank": m.rank, "gate": m.gate, "shape": [m.out_features, m.in_features]}
+            if isinstance(m.weight, QuantizedWeight):
+                modules[name]["weight_sha256"] = weight_fingerprint(m.weight)
+            for pname in ("ec_A", "ec_B", "ec_gate_w", "ec_gate_b"):
+                p = getattr(m, pname)
+                if p is not None:
+                    tensors[f"{name}.{pname}"] = p.detach().contiguous().cpu()
+    if not modules:
+        raise SpearError("save_ecs: the model has no CompensatedLinear")
+    save_file(tensors, str(out_dir / TENSORS))
+    manifest = dict(manifest, format=FORMAT, modules=modules, file_sha256=_sha256(out_dir / TENSORS),
+                    ec_dtype=str(next(iter(tensors.values())).dtype).replace("torch.", ""))
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    return manifest
+
+
+def read_manifest(ec_dir: Union[str, Path]) -> dict:
+    ec_dir = Path(ec_dir)
+    path = ec_dir / MANIFEST
+    if not path.is_file():
+        raise SpearError(f"load_ecs: {str(path)!r} does not exist")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SpearError(f"load_ecs: {str(path)!r} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("modules"), dict):
+        raise SpearError(f"load_ecs: {str(path)!r} is not a {FORMAT} manifest")
+    return manifest
+
+
+def _check_config(manifest: dict, config) -> None:
+    cfg = QuantConfig.from_spec(config) if isinstance(config, str) else config
+    if not isinstance(cfg, QuantConfig):
+        raise SpearError(f"load_ecs: config must be a QuantConfig or a spec string, got {config!r}")
+    saved = manifest.get("quant", {})
+    mine = cfg.to_dict()
+    diff = [k for k in ("bits", "group_size", "symmetric", "method") if saved.get(k) != mine[k]]
+    if diff:
+        raise SpearError(f"load_ecs: ECs were calibrated for {saved.get('spec')!r}, the model is {cfg.spec!r} (differs in {diff})")
+
+
+def load_ecs(model: nn.Module, ec_dir: Union[str, Path], config) -> dict:
+    """Wrap the manifest's modules of the already-quantized ``model`` with ``CompensatedLinear``
+    and load their EC weights (cast to the module weight's dtype; exact when it matches the
+    saved ``ec_dtype``). Returns the manifest. Raises ``SpearError`` before changing anything
+    if the files, the quant config or the model do not match."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    ec_dir = Path(ec_dir)
+    manifest = read_manifest(ec_dir)
+    _check_config(manifest, config)
+    saved_id = manifest.get("base_model", {}).get("config_hash")
+    if saved_id is not None and saved_id != model_identity(model)["config_hash"]:
+        raise SpearError(f"load_ecs: ECs were calibrated on base model {manifest['base_model']} but this model is "
+                         f"{model_identity(model)}")
+    tpath = ec_dir / TENSORS
+    if not tpath.is_file():
+        raise SpearError(f"load_ecs: {str(tpath)!r} does not exist")
+    if manifest.get("file_sha256") != _sha256(tpath):
+        raise SpearError(f"load_ecs: {str(tpath)!r} is corrupt (checksum does not match the manifest)")
+    try:
+        tensors = load_file(str(tpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SpearError(f"load_ecs: cannot read {str(tpath)!r}: {e}") from None
+
+    modules = dict(model.named_modules())
+    plan, expected = [], set()
+    for name, info in manifest["modules"].items():
+        mod = modules.get(name)
+        if mod is None:
+            raise SpearError(f"load_ecs: module {name!r} of the manifest is not in {type(model).__name__}")
+        if isinstance(mod, CompensatedLinear) or not isinstance(mod, nn.Linear):
+            raise SpearError(f"load_ecs: {name!r} is a {type(mod).__name__}, expected a plain quantized nn.Linear")
+        if not isinstance(mod.weight, QuantizedWeight):
+            raise SpearError(f"load_ecs: {name!r} is not quantized; quantize the model with the manifest's config first")
+        n, k = mod.out_features, mod.in_features
+        if list(info.get("shape", [])) != [n, k]:
+            raise SpearError(f"load_ecs: {name!r} has shape [{n}, {k}], the manifest says {info.get('shape')}")
+        want_fp = info.get("weight_sha256")
+        if want_fp is not None and want_fp != weight_fingerprint(mod.weight):
+            raise SpearError(f"load_ecs: {name!r}: the ECs were fitted on different quantized weights (same config "
+                             f"{manifest.get('quant', {}).get('spec')!r}, other codes: e.g. GPTQ on other calibration samples "
+                             f"or another device); re-run calibrate for this model")
+        rank, gate = info.get("rank"), info.get("gate")
+        if gate not in GATES or not isinstance(rank, int) or not 0 <= rank <= min(n, k):
+            raise SpearError(f"load_ecs: {name!r}: bad rank {rank!r} or gate {gate!r} in the manifest")
+        want = ec_shapes(n, k, rank, gate)
+        for pname, shape in want.items():
+            t = tensors.get(f"{name}.{pname}")
+            if t is None or tuple(t.shape) != shape:
+                got = None if t is None else tuple(t.shape)
+                raise SpearError(f"load_ecs: tensor {name}.{pname} should have shape {shape}, file has {got}")
+            expected.add(f"{name}.{pname}")
+        plan.append((name, rank, gate, want))
+    extra = set(tensors) - expected
+    if extra:
+        raise SpearError(f"load_ecs: {len(extra)} tensors in {TENSORS} not described by the manifest, e.g. {sorted(extra)[0]!r}")
+
+    for name, rank, gate, want in plan:
+        mod = modules[name]
+        new = CompensatedLinear.wrap(mod, rank, gate)
+        with torch.no_grad():
+            for pname in want:
+                getattr(new, pname).copy_(tensors[f"{name}.{pname}"])
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return manifest

@@ -1,0 +1,210 @@
+"""Save and load a quantized model (with its ECs) as one safetensors file.
+
+Layout: every quantized linear as plain tensors ``<name>.weight.qdata/.scale/.zero``; every other
+state-dict entry under its own name (shared tensors once; aliases in the metadata); the JSON
+metadata under the key ``"spear"``: format version, QuantConfig, per-module bits/group_size/
+symmetric/shape, EC rank/gate per CompensatedLinear, and a sha256 per tensor.
+
+Loading validates the whole file against the target model before touching it, so a corrupt,
+truncated or mismatched file never half-loads.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Union
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import QuantConfig
+from ..ec.module import CompensatedLinear, ec_shapes
+from ..errors import SpearError
+from .weight import QuantizedWeight
+from .api import as_config
+
+FORMAT = "spear-quantized"
+FORMAT_VERSION = 1
+QUANT_PARTS = ("qdata", "scale", "zero")
+
+
+def _sha256(t: torch.Tensor) -> str:
+    raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(raw.numpy().tobytes()).hexdigest()
+
+
+def _quantized_modules(model: nn.Module):
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and isinstance(m.weight, QuantizedWeight)}
+
+
+def save_quantized(model: nn.Module, path: Union[str, Path], config: Union[QuantConfig, str, None] = None) -> Path:
+    """Write ``model`` (quantized linears, ECs, everything else) to ``path`` (one .safetensors)."""
+    config = as_config(config) if config is not None else None
+    quantized = _quantized_modules(model)
+    if not quantized:
+        raise SpearError(f"save_quantized: {type(model).__name__} has no quantized linear; quantize it first")
+    tensors, modules, ecs, aliases, seen = {}, {}, {}, {}, {}
+    for name, m in quantized.items():
+        w = m.weight
+        modules[name] = dict(bits=w.bits, group_size=w.group_size, symmetric=w.symmetric,
+                             shape=list(w.shape), dtype=str(w.dtype).replace("torch.", ""))
+        for part in QUANT_PARTS:
+            tensors[f"{name}.weight.{part}"] = getattr(w, part)
+        seen[id(w)] = f"{name}.weight"
+    for name, m in model.named_modules():
+        if isinstance(m, CompensatedLinear):
+            ecs[name] = dict(rank=m.rank, gate=m.gate)
+    for key, t in model.state_dict(keep_vars=True).items():
+        if isinstance(t, QuantizedWeight):
+            if id(t) not in seen:
+                raise SpearError(f"save_quantized: state-dict entry {key!r} is a QuantizedWeight outside an nn.Linear")
+            if seen[id(t)] != key:
+                aliases[key] = seen[id(t)]
+            continue
+        if id(t) in seen:
+            aliases[key] = seen[id(t)]
+            continue
+        seen[id(t)] = key
+        tensors[key] = t
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = dict(format=FORMAT, format_version=FORMAT_VERSION, model_class=type(model).__name__,
+                config=config.to_dict() if config else None, modules=modules, ec_modules=ecs, aliases=aliases,
+                sha256={k: _sha256(v) for k, v in tensors.items()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"spear": json.dumps(meta)})
+    return path
+
+
+def _read(path: Path):
+    if not path.is_file():
+        raise SpearError(f"load_quantized: {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = (f.metadata() or {}).get("spear")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SpearError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise SpearError(f"load_quantized: {str(path)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if raw_meta is None:
+        raise SpearError(f"load_quantized: {str(path)!r} has no spear metadata; was it written by save_quantized?")
+    try:
+        meta = json.loads(raw_meta)
+    except json.JSONDecodeError as e:
+        raise SpearError(f"load_quantized: {str(path)!r} has corrupt metadata ({e})") from e
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise SpearError(f"load_quantized: {str(path)!r} has format {meta.get('format')!r} v{meta.get('format_version')}; "
+                         f"expected {FORMAT!r} v{FORMAT_VERSION}")
+    for key in ("modules", "ec_modules", "aliases", "sha256"):
+        if not isinstance(meta.get(key), dict):
+            raise SpearError(f"load_quantized: {str(path)!r} metadata lacks {key!r}: corrupt file")
+    return meta, tensors
+
+
+def _require(tensors: dict, want: dict, where: str, what: str) -> None:
+    """Every ``{key: shape}`` of ``want`` is in ``tensors`` with that shape."""
+    for key, shape in want.items():
+        if key not in tensors:
+            raise SpearError(f"{where}: missing {what} {key!r}")
+        if tuple(tensors[key].shape) != shape:
+            raise SpearError(f"{where}: {what} {key!r} has shape {tuple(tensors[key].shape)}, expected {shape}")
+
+
+def _validate(model: nn.Module, meta: dict, tensors: dict, path: Path) -> None:
+    where = f"load_quantized({path.name})"
+    sums = meta.get("sha256", {})
+    if set(sums) != set(tensors):
+        missing = sorted(set(sums) - set(tensors))
+        extra = sorted(set(tensors) - set(sums))
+        raise SpearError(f"{where}: tensors do not match the checksum list (missing: {missing[:5]}, unlisted: {extra[:5]})")
+    for k, t in tensors.items():
+        if _sha256(t) != sums[k]:
+            raise SpearError(f"{where}: checksum mismatch for tensor {k!r}: the file is corrupt")
+
+    modules = dict(model.named_modules())
+    for name, info in meta["modules"].items():
+        m = modules.get(name)
+        if not isinstance(m, nn.Linear):
+            raise SpearError(f"{where}: quantized module {name!r} is not an nn.Linear of {type(model).__name__} "
+                             f"(found {type(m).__name__ if m is not None else 'nothing'}): file is for another architecture")
+        n, k = info["shape"]
+        if (m.out_features, m.in_features) != (n, k):
+            raise SpearError(f"{where}: module {name!r} has shape [{m.out_features}, {m.in_features}] in the model, "
+                             f"[{n}, {k}] in the file")
+        gs = info["group_size"]
+        cols = k // 2 if info["bits"] <= 4 else k
+        want = {"qdata": (n, cols), "scale": (n, k // gs), "zero": (n, k // gs)}
+        _require(tensors, {f"{name}.weight.{part}": shape for part, shape in want.items()}, where, "tensor")
+    for name, info in meta["ec_modules"].items():
+        m = modules.get(name)
+        if not isinstance(m, nn.Linear):
+            raise SpearError(f"{where}: EC module {name!r} is not an nn.Linear of {type(model).__name__}")
+        want = ec_shapes(m.out_features, m.in_features, info["rank"], info["gate"])
+        _require(tensors, {f"{name}.{part}": shape for part, shape in want.items()}, where, "EC tensor")
+
+    # every entry of the model's state dict must be covered, and nothing extra may be in the file
+    expected = set()
+    for key, t in model.state_dict(keep_vars=True).items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in meta["modules"] and leaf == "weight":
+            continue
+        if key in meta["aliases"]:
+            continue
+        expected.add(key)
+        if key not in tensors:
+            raise SpearError(f"{where}: missing tensor {key!r} for {type(model).__name__}")
+        if tuple(tensors[key].shape) != tuple(t.shape):
+            raise SpearError(f"{where}: tensor {key!r} has shape {tuple(tensors[key].shape)} in the file, "
+                             f"{tuple(t.shape)} in the model: file is for another architecture/size")
+    ec_keys = {f"{n}.{p}" for n, i in meta["ec_modules"].items()
+               for p in (("ec_A", "ec_B", "ec_gate_w", "ec_gate_b") if i["gate"] == "sigmoid" else ("ec_A", "ec_B"))}
+    quant_keys = {f"{n}.weight.{p}" for n in meta["modules"] for p in QUANT_PARTS}
+    extra = set(tensors) - expected - ec_keys - quant_keys
+    if extra:
+        raise SpearError(f"{where}: the file has tensors the model does not: {sorted(extra)[:5]}: file is for another architecture")
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+@torch.no_grad()
+def load_quantized(model: nn.Module, path: Union[str, Path]) -> nn.Module:
+    """Load a file written by :func:`save_quantized` into ``model`` (a freshly loaded FP model of the
+    same architecture) in place and return it. Bit-exact; validates everything before mutating."""
+    path = Path(path)
+    meta, tensors = _read(path)
+    _validate(model, meta, tensors, path)
+    modules = dict(model.named_modules())
+    for name, info in meta["modules"].items():
+        m = modules[name]
+        dev = m.weight.device
+        qw = QuantizedWeight(*(tensors[f"{name}.weight.{p}"].to(dev) for p in QUANT_PARTS), info["bits"],
+                             info["group_size"], info["symmetric"], torch.Size(info["shape"]))
+        m.weight = nn.Parameter(qw, requires_grad=False)
+    state = model.state_dict(keep_vars=True)
+    ec_keys = set()
+    for name, info in meta["ec_modules"].items():
+        m = modules[name]
+        if isinstance(m, CompensatedLinear):
+            m = m.unwrap()
+        ec = CompensatedLinear.wrap(m, info["rank"], info["gate"])
+        for part in ("ec_A", "ec_B", "ec_gate_w", "ec_gate_b"):
+            if getattr(ec, part) is not None:
+                t = tensors[f"{name}.{part}"]
+                setattr(ec, part, nn.Parameter(t.to(ec.ec_A.device), requires_grad=getattr(ec, part).requires_grad))
+                ec_keys.add(f"{name}.{part}")
+        _set_module(model, name, ec)
+    for key, t in state.items():
+        if key in tensors and key not in ec_keys:
+            t.data = tensors[key].to(t.device)
+    for key, target in meta["aliases"].items():  # a model that does not tie these gets its own copy
+        if key in state and target in tensors and state[key] is not state.get(target):
+            state[key].data = tensors[target].to(state[key].device)
+    return model
