@@ -14,10 +14,11 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture
 def fresh_compile():
-    """A clean compiler state per test: dynamo reset, pass match records cleared, graph caches off."""
-    from spear_compile.compile import passes
+    """A clean compiler state per test: dynamo reset, graph caches off, and a fresh ``records.recording()`` block
+    that collects what ``backend="spear"`` and ``optimize`` compile in the test (``records.active()``; yielded)."""
+    from spear_compile.compile import records
 
     torch._dynamo.reset()
-    passes.clear()
-    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
-        yield
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False), \
+            records.recording() as rec:
+        yield rec

@@ -12,7 +12,8 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import backend as _backend  # noqa: F401  (registers the "spear" backend)
+from . import backend as _backend
+from .records import active
 from ..quant.config import QuantConfig
 from ..errors import SpearError
 from ..quant.weight import QuantizedWeight
@@ -47,7 +48,8 @@ def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn
     (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``, as serving engines do): less host
     time per call (the guard checks are a large part of a CUDA-graph decode step's host time), but
     changing a module attribute after compiling is not detected. Off by default.
-    Returns the compiled module (HF models: the same object with a compiled ``forward``).
+    Returns the compiled module (HF models: the same object with a compiled ``forward``); its ``spear_records``
+    (``compile.records.CompileRecords``) fill as graphs compile: what the passes matched, grouped, decomposed.
     """
     if not isinstance(model, nn.Module):
         raise SpearError(f"optimize: expected an nn.Module, got {type(model).__name__}")
@@ -71,7 +73,8 @@ def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn
         unwrap_quantized(model)
     if mode in ("reduce-overhead", "max-autotune"):
         warm_kernels(model, ms=(1,))  # tune + allocate kernel workspaces before CUDA-graph capture
-    kw = dict(backend="spear", fullgraph=fullgraph, dynamic=dynamic)
+    backend = _backend.SpearBackend(records=active())  # what the passes saw: ``compiled.spear_records``
+    kw = dict(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     if skip_module_guards:  # the guard filter is an option, and torch.compile takes mode or options
         kw["options"] = {**module_guard_free_options(mode), **(options or {})}
     elif mode not in (None, "default"):
@@ -81,8 +84,11 @@ def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn
     if _is_hf(model):
         model.generation_config.disable_compile = True
         model.forward = torch.compile(model.forward, **kw)
+        model.spear_records = backend.records
         return model
-    return torch.compile(model, **kw)
+    compiled = torch.compile(model, **kw)
+    compiled.spear_records = backend.records
+    return compiled
 
 
 def module_guard_free_options(mode: Optional[str] = None) -> dict:
@@ -124,9 +130,9 @@ def warm_kernels(model: nn.Module, ms=(1,), example: Optional[dict] = None) -> i
             torch.ops.spear.fused_linear(x, w.qdata, w.scale, w.zero, mod.bias, w.group_size, *tensors)
     if not seen:
         return 0
-    from ..lowering.dispatch import warm_grouped
-    from .passes.group_sibling_linears import enabled_by_default
-    groups = sibling_groups(model, example) if enabled_by_default() else []
+    from .. import options
+    from ..lowering.grouped import warm_grouped
+    groups = sibling_groups(model, example) if options.current().group_linears else []
     for members in groups:
         w = members[0].weight
         key = (w.shape[1], tuple(m.weight.shape[0] for m in members), w.group_size, w.dtype, members[0].bias is not None)

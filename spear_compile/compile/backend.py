@@ -1,6 +1,8 @@
 """The ``spear`` torch.compile backend: Inductor with our fusion pass installed.
 
-``torch.compile(model, backend="spear", mode=..., options=...)`` works like the inductor backend:
+``torch.compile(model, backend="spear", mode=..., options=...)`` works like the inductor backend (what the
+passes saw goes to the innermost ``records.recording()`` block, if any); ``torch.compile(model,
+backend=SpearBackend(mode, options))`` keeps it in the backend's own ``records`` (``optimize``, ``inspect``).
 ``mode`` maps to Inductor config exactly as for ``backend="inductor"`` ("reduce-overhead" ->
 CUDA graphs, "max-autotune" -> autotuning + CUDA graphs), ``options`` are Inductor config
 patches, plus ``spear_group_linears`` (bool, default on unless ``SPEAR_GROUP_LINEARS=0``: merge
@@ -21,7 +23,8 @@ import torch
 from torch._dynamo import register_backend
 
 from ..errors import SpearError
-from .passes import SpearPassManager
+from .pass_manager import SpearPassManager
+from .records import CompileRecords, active
 
 SLOT = "post_grad_custom_pre_pass"
 GROUP_OPTION = "spear_group_linears"  # options={GROUP_OPTION: False}: no horizontal fusion of sibling linears
@@ -29,8 +32,9 @@ DECOMPOSE_OPTION = "spear_decompose_prefill"  # options={DECOMPOSE_OPTION: False
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def config_patches(mode: Optional[str] = None, options: Optional[dict] = None, dump_dir: Optional[str] = None) -> dict:
-    """The Inductor config patches for ``mode``/``options`` with our pass installed."""
+def config_patches(mode: Optional[str] = None, options: Optional[dict] = None, dump_dir: Optional[str] = None,
+                   records: Optional[CompileRecords] = None) -> dict:
+    """The Inductor config patches for ``mode``/``options`` with our pass installed (recording into ``records``)."""
     if mode not in MODES:
         raise SpearError(f"spear backend: unknown mode {mode!r}; supported: {MODES}")
     options = {k.replace("-", "_"): v for k, v in (options or {}).items()}
@@ -49,13 +53,29 @@ def config_patches(mode: Optional[str] = None, options: Optional[dict] = None, d
     if isinstance(user_pass, SpearPassManager):  # already ours (nested compile): do not stack
         user_pass = user_pass.user_pass
     patches[SLOT] = SpearPassManager(user_pass=user_pass, dump_dir=dump_dir, group_linears=group_linears,
-                                     decompose_prefill=decompose)
+                                     decompose_prefill=decompose, records=records)
     return patches
+
+
+class SpearBackend:
+    """A ``torch.compile`` backend: Inductor + our passes, recording every graph it compiles into ``records``."""
+
+    def __init__(self, mode: Optional[str] = None, options: Optional[dict] = None,
+                 records: Optional[CompileRecords] = None):
+        config_patches(mode, options)  # refuse a bad mode or option now, not at the first call
+        self.mode, self.options = mode, dict(options or {})
+        self.records = records if records is not None else CompileRecords()
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs, mode: Optional[str] = None,
+                 options: Optional[dict] = None):
+        """``mode``/``options``: what ``torch.compile(..., mode=, options=)`` passes (else the backend's own)."""
+        from torch._inductor.compile_fx import compile_fx
+        patches = config_patches(mode or self.mode, options if options is not None else self.options,
+                                 records=self.records)
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 @register_backend
 def spear(gm: torch.fx.GraphModule, example_inputs, mode: Optional[str] = None, options: Optional[dict] = None):
-    """Inductor + the spear fusion pass (``torch.compile(m, backend="spear")``)."""
-    from torch._inductor.compile_fx import compile_fx
-    patches = config_patches(mode, options)
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    """Inductor + the spear fusion pass (``torch.compile(m, backend="spear")``); records into ``records.active()``."""
+    return SpearBackend(records=active())(gm, example_inputs, mode, options)

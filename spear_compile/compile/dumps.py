@@ -8,6 +8,7 @@ pass) and, where depyf works on this torch version, depyf's decompiled Dynamo so
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import os
 import warnings
@@ -15,12 +16,13 @@ from typing import Optional
 
 import torch
 
-_ACTIVE: list = []
-_COUNTER = itertools.count(1)
+# (directory, tag counter) of the innermost ``debug`` block; a context variable: nothing outlives the block
+_DUMPING: contextvars.ContextVar = contextvars.ContextVar("spear_compile_dumping", default=None)
 
 
 def active_dir(explicit: Optional[str] = None) -> Optional[str]:
-    return explicit or (_ACTIVE[-1] if _ACTIVE else None)
+    active = _DUMPING.get()
+    return explicit or (active[0] if active else None)
 
 
 def graph_text(graph: torch.fx.Graph) -> str:
@@ -33,12 +35,15 @@ def graph_text(graph: torch.fx.Graph) -> str:
     return str(graph)
 
 
-def dump_graph(graph: torch.fx.Graph, stage: str, dump_dir: Optional[str] = None, tag: Optional[int] = None):
-    """Write ``graph`` for ``stage``; returns the tag pairing a pre dump with its post dump."""
+def dump_graph(graph: torch.fx.Graph, stage: str, dump_dir: Optional[str] = None, tag: Optional[int] = None,
+               tags: Optional[itertools.count] = None):
+    """Write ``graph`` for ``stage``; returns the tag pairing a pre dump with its post dump (numbered by the
+    ``debug`` block's counter, else by ``tags``)."""
     d = active_dir(dump_dir)
     if d is None:
         return tag
-    tag = tag or next(_COUNTER)
+    active = _DUMPING.get()
+    tag = tag or next(active[1] if active else tags if tags is not None else itertools.count(1))
     out = os.path.join(d, "fx_graphs")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"graph_{tag:03d}_{stage}.txt"), "w") as f:
@@ -60,8 +65,8 @@ def debug(dump_dir: str):
         except Exception as e:  # noqa: BLE001  (depyf lags behind torch releases)
             warnings.warn(f"spear_compile.debug: depyf unavailable on torch {torch.__version__} ({e!r}); "
                           f"writing only the FX graph dumps to {dump_dir}", stacklevel=3)
-        _ACTIVE.append(dump_dir)
+        token = _DUMPING.set((dump_dir, itertools.count(1)))
         try:
             yield dump_dir
         finally:
-            _ACTIVE.pop()
+            _DUMPING.reset(token)

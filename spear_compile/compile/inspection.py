@@ -9,6 +9,7 @@ or no dispatch module).
 """
 from __future__ import annotations
 
+import inspect as _python_inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -16,9 +17,9 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
-from . import backend as _backend  # noqa: F401  (registers the "spear" backend)
 from ..errors import SpearError
-from . import records as registry
+from .backend import SpearBackend
+from .records import GroupRecord, MatchRecord
 
 
 @dataclass
@@ -44,7 +45,7 @@ class InspectionReport:
     rows: List[InspectionRow] = field(default_factory=list)
     m: int = 1
     device: str = "cpu"
-    groups: List[registry.GroupRecord] = field(default_factory=list)
+    groups: List[GroupRecord] = field(default_factory=list)
 
     @property
     def matched(self) -> int:
@@ -75,7 +76,7 @@ class InspectionReport:
         return self.table()
 
 
-def kernel_for(m: int, rec: registry.MatchRecord, device: str, group: Optional[registry.GroupRecord] = None) -> str:
+def kernel_for(m: int, rec: MatchRecord, device: str, group: Optional[GroupRecord] = None) -> str:
     """Name of the kernel ``dispatch.choose`` (``choose_grouped`` for a grouped member) picks, or ``"reference"``."""
     if not rec.matched:
         return "reference"
@@ -88,10 +89,8 @@ def kernel_for(m: int, rec: registry.MatchRecord, device: str, group: Optional[r
         return f"decomposed: dequantize ({rec.decomposed_with}) + mm in the graph (cuBLAS{ec})"
     if device != "cuda" or rec.dtype not in ("bfloat16", "float16"):
         return f"reference ({device}, {rec.dtype})"
-    try:
-        from ..lowering.dispatch import choose, choose_grouped
-    except ImportError:
-        return "reference"
+    from ..lowering.dispatch import choose
+    from ..lowering.grouped import choose_grouped
     try:
         if group is not None:
             return choose_grouped(m, group.k, group.ns, group.group_size, getattr(torch, group.dtype), group.bias)
@@ -110,11 +109,17 @@ def _example_input(model: nn.Module, m: int, device):
     return torch.zeros(m, lin.in_features, dtype=lin.weight.dtype, device=device)
 
 
+def _isolated() -> dict:
+    """Recompiles of this compile counted apart from the model's other compiles (torch >= 2.12), so repeated
+    inspections do not exhaust the shared recompile limit."""
+    return {"isolate_recompiles": True} if "isolate_recompiles" in _python_inspect.signature(torch.compile).parameters else {}
+
+
 @torch.no_grad()
 def inspect(model: nn.Module, example_input: Optional[torch.Tensor] = None, m: int = 1) -> InspectionReport:
     """Compile ``model`` (not in place) on ``example_input`` (default: ``m`` tokens of batch 1 for an
     HF causal LM, else ``[m, in_features]``) and report the pass's decisions per quantized linear.
-    Resets Dynamo's caches before and after (models compiled earlier recompile on their next call)."""
+    Compiles with a backend of its own (its records only; Dynamo's caches of other compiles are left alone)."""
     if not isinstance(model, nn.Module):
         raise SpearError(f"inspect: expected an nn.Module, got {type(model).__name__}")
     if m < 1:
@@ -124,16 +129,14 @@ def inspect(model: nn.Module, example_input: Optional[torch.Tensor] = None, m: i
     x = _example_input(model, m, device) if example_input is None else example_input
     if example_input is not None:
         m = int(x.shape[:-1].numel()) if x.is_floating_point() else int(x.numel())
-    torch._dynamo.reset()
-    start, gstart = len(registry.RECORDS), len(registry.GROUPS)
+    backend = SpearBackend()
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="spear_compile: .* left as the reference")
-        torch.compile(model, backend="spear")(x)
-    torch._dynamo.reset()
-    report = InspectionReport(m=m, device=device.type, groups=list(registry.GROUPS[gstart:]))
+        torch.compile(model, backend=backend, **_isolated())(x)
+    report = InspectionReport(m=m, device=device.type, groups=list(backend.records.groups))
     by_index = {g.index: g for g in report.groups}
-    for rec in registry.RECORDS[start:]:
+    for rec in backend.records.matches:
         group = by_index.get(rec.group)
         report.rows.append(InspectionRow(
             module=rec.module or rec.node, node=rec.node, matched=rec.matched, kind=rec.kind, reason=rec.reason,

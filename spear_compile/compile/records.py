@@ -1,12 +1,16 @@
-"""What the passes saw: one ``MatchRecord`` per ``spear::qlinear`` node, matched or not, and one
-``GroupRecord`` per group of sibling linears the grouping pass merged into one launch.
+"""What the passes saw in one compile: a ``CompileRecords`` with one ``MatchRecord`` per ``spear::qlinear`` node,
+matched or not, and one ``GroupRecord`` per group of sibling linears the grouping pass merged into one launch.
 
-``spear_compile.inspect`` and the tests read ``RECORDS`` and ``GROUPS``; ``clear()`` starts a fresh log.
+Each ``SpearBackend`` (``compile.backend``) owns one and hands it to the pass manager of every graph it compiles;
+``spear_compile.inspect`` and ``optimize`` read theirs. ``with recording() as rec:`` also collects what the plain
+``backend="spear"`` compiles inside the block (a context variable: nothing outlives the block).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 
 @dataclass
@@ -39,7 +43,7 @@ class MatchRecord:
 
 @dataclass
 class GroupRecord:
-    index: int                     # position in GROUPS (MatchRecord.group refers to it)
+    index: int                     # position in CompileRecords.groups (MatchRecord.group refers to it)
     graph: int                     # index of the compiled graph
     node: str                      # the spear::grouped_linear node
     members: Tuple[str, ...]       # the members' qlinear node names, in output-column order
@@ -55,24 +59,51 @@ class GroupRecord:
         return asdict(self)
 
 
-RECORDS: List[MatchRecord] = []
-GROUPS: List[GroupRecord] = []
-_graph_counter = [0]
+class CompileRecords:
+    """The records of one compile (every graph its backend compiled), graphs numbered from 1."""
+
+    def __init__(self):
+        self.matches: List[MatchRecord] = []
+        self.groups: List[GroupRecord] = []
+        self.graphs = 0
+
+    def new_graph(self) -> int:
+        """Number the next graph the passes run on."""
+        self.graphs += 1
+        return self.graphs
+
+    def matches_of(self, graph: Optional[int] = None) -> List[MatchRecord]:
+        return [r for r in self.matches if graph is None or r.graph == graph]
+
+    def groups_of(self, graph: Optional[int] = None) -> List[GroupRecord]:
+        return [g for g in self.groups if graph is None or g.graph == graph]
+
+    def clear(self) -> None:
+        self.matches.clear()
+        self.groups.clear()
 
 
-def next_graph_id() -> int:
-    _graph_counter[0] += 1
-    return _graph_counter[0]
+@dataclass(frozen=True)
+class PassContext:
+    """What a pass gets besides the graph: where to record, and which graph this is."""
+    records: CompileRecords
+    graph: int
 
 
-def clear() -> None:
-    RECORDS.clear()
-    GROUPS.clear()
+_RECORDING: contextvars.ContextVar = contextvars.ContextVar("spear_compile_recording", default=None)
 
 
-def records(graph: Optional[int] = None) -> List[MatchRecord]:
-    return [r for r in RECORDS if graph is None or r.graph == graph]
+@contextlib.contextmanager
+def recording(records: Optional[CompileRecords] = None) -> Iterator[CompileRecords]:
+    """Collect into ``records`` (a new one by default) what ``backend="spear"`` compiles inside the block."""
+    records = CompileRecords() if records is None else records
+    token = _RECORDING.set(records)
+    try:
+        yield records
+    finally:
+        _RECORDING.reset(token)
 
 
-def groups(graph: Optional[int] = None) -> List[GroupRecord]:
-    return [g for g in GROUPS if graph is None or g.graph == graph]
+def active() -> Optional[CompileRecords]:
+    """The records of the innermost ``recording()`` block, or None outside one."""
+    return _RECORDING.get()

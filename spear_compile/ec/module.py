@@ -18,6 +18,12 @@ from ..errors import SpearError
 GATES = ("sigmoid", "none")
 
 
+def gated(u: torch.Tensor, gate_w: torch.Tensor, gate_b) -> torch.Tensor:
+    """``g(u) ⊙ u`` with ``g(u) = 2·sigmoid(u W_gᵀ + b_g)``: the EC gate, written here only (the module's forward, the
+    reference ops, the compiler's fallbacks and the tuner's reference call this; the kernels implement it)."""
+    return u * (2.0 * torch.sigmoid(F.linear(u, gate_w, gate_b)))
+
+
 def ec_shapes(n: int, k: int, rank: int, gate: str) -> dict:
     """``{param name: shape}`` of an EC on an ``[N, K]`` linear: ``A [r, K]``, ``B [N, r]`` and,
     gated, ``W_g [r, r]``, ``b_g [r]``."""
@@ -73,7 +79,7 @@ class CompensatedLinear(nn.Linear):
     def compensation(self, x: torch.Tensor) -> torch.Tensor:
         u = F.linear(x, self.ec_A)
         if self.gate == "sigmoid":
-            u = u * (2.0 * torch.sigmoid(F.linear(u, self.ec_gate_w, self.ec_gate_b)))
+            u = gated(u, self.ec_gate_w, self.ec_gate_b)
         return F.linear(u, self.ec_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

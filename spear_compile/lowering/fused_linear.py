@@ -13,6 +13,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..ec.module import gated
 from ..quant.qlinear import dequantize_packed
 
 
@@ -22,7 +23,7 @@ def reference_fused_linear(x, qdata, scale, zero, bias, group_size, ec_A=None, e
     if ec_A is not None:
         u = F.linear(x, ec_A)
         if gate_w is not None:
-            u = u * (2.0 * torch.sigmoid(F.linear(u, gate_w, gate_b)))
+            u = gated(u, gate_w, gate_b)
         y = y + F.linear(u, ec_B)
     return y
 
@@ -73,7 +74,7 @@ def grouped_linear(
     launch = _kernel_path(x, qdata[0])
     if launch is None:
         return reference_grouped_linear(x, qdata, scale, zero, bias, group_size)
-    from .dispatch import launch_grouped
+    from .grouped import launch_grouped
     return launch_grouped(x, qdata, scale, zero, bias, group_size)
 
 

@@ -2,14 +2,15 @@
 
 Where: the directory ``SPEAR_TUNE_CACHE`` names (``0`` or an empty value: off), else
 ``$XDG_CACHE_HOME/spear_compile`` or ``~/.cache/spear_compile``. One JSON file per environment: GPU name, SM
-count, torch version, triton version and a hash of the lowering's sources (``spear_compile/lowering/*.py``);
+count, torch version, triton version and a hash of the lowering's and kernels' sources (``spear_compile/lowering/*.py``,
+``spear_compile/kernels/*.py``);
 the file name carries a short hash of those fields and the file's header repeats them, so a new GPU, a new
 torch/triton or an edited kernel, candidate list or timing code starts a new file (the old ones are left as they
-are). Each entry maps a tuner key (``dispatch._key`` / ``_group_key``, a tuple stored as a JSON list) to the
-winner's config name and the timed results as ``dispatch.TUNE_LOG`` holds them (``(name, ms)``, or
+are). Each entry maps a tuner key (``tuner.LinearKey`` / ``GroupKey``, a tuple stored as a JSON list) to the
+winner's config name and the timed results as ``Tuner.timings`` holds them (``(name, ms)``, or
 ``(name, "failed: ...")``).
 
-A file is read once per process (per path); ``lookup`` rebuilds the config by name from the candidates the tuner
+A ``TuneCache`` (the tuner holds one) reads a file once (per path); ``lookup`` rebuilds the config by name from the candidates the tuner
 would time now (a name not among them is a miss). ``store`` reads the file again, merges the new entry and
 replaces the file by a temporary one in the same directory (``os.replace``): concurrent processes never leave a
 torn file (one of two simultaneous writers' entries may be lost: it is re-tuned next time). A file that does not
@@ -29,20 +30,15 @@ import warnings
 import torch
 import triton
 
-ENV = "SPEAR_TUNE_CACHE"
-SCHEMA = 1
+from .. import options
 
-_LOADED = {}  # path -> {key tuple: (config name, [(name, ms or failure string), ...])}
-_WARNED = set()  # paths already warned about in this process
+SCHEMA = 1
+_SOURCE_DIRS = ("lowering", "kernels")  # their *.py are hashed into the environment
 
 
 def cache_dir():
     """The cache directory, or None when ``SPEAR_TUNE_CACHE`` is ``0`` or empty."""
-    where = os.environ.get(ENV)
-    if where is not None:
-        return None if where in ("", "0") else where
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "spear_compile")
+    return options.current().tune_cache_dir
 
 
 def _device_fields(device):
@@ -55,11 +51,14 @@ def _device_fields(device):
 
 @functools.lru_cache(maxsize=None)
 def _code_hash():
-    """Hash of every ``spear_compile/lowering/*.py`` (names and bytes): kernels, candidate lists, timing code."""
+    """Hash of every ``spear_compile/{lowering,kernels}/*.py`` (names and bytes): kernels, candidate lists, timing
+    code."""
     h = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "*.py"))):
-        with open(path, "rb") as f:
-            h.update(os.path.basename(path).encode() + b"\0" + f.read() + b"\0")
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for sub in _SOURCE_DIRS:
+        for path in sorted(glob.glob(os.path.join(package, sub, "*.py"))):
+            with open(path, "rb") as f:
+                h.update(f"{sub}/{os.path.basename(path)}".encode() + b"\0" + f.read() + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -75,13 +74,6 @@ def _path_for(fields):
         return None
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     return os.path.join(directory, f"tune-{digest}.json")
-
-
-def _warn_once(path, reason):
-    if path not in _WARNED:
-        _WARNED.add(path)
-        warnings.warn(f"spear_compile tuning cache {path}: {reason}; ignoring it (keys are re-tuned and the file "
-                      f"is rewritten)", stacklevel=3)
 
 
 def _as_key(obj):
@@ -122,75 +114,84 @@ def _parse(data, fields):
     return out
 
 
-def _read(path, fields):
-    """The file's entries; {} when it is missing, or (with one warning) unreadable, corrupt or mismatched."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return _parse(json.load(f), fields)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        _warn_once(path, f"{type(e).__name__}: {e}")
-        return {}
+class TuneCache:
+    """This process's view of the cache files: each read once (``loaded``), each damaged one warned about once."""
 
+    def __init__(self):
+        self.loaded = {}  # path -> {key tuple: (config name, [(name, ms or failure string), ...])}
+        self._warned = set()
 
-def _entries(device):
-    """(path, entries) of ``device``'s file, read once per process; (None, {}) when the cache is off."""
-    fields = environment(device)
-    path = _path_for(fields)
-    if path is None:
-        return None, {}
-    if path not in _LOADED:
-        _LOADED[path] = _read(path, fields)
-    return path, _LOADED[path]
+    def _warn_once(self, path, reason):
+        if path not in self._warned:
+            self._warned.add(path)
+            warnings.warn(f"spear_compile tuning cache {path}: {reason}; ignoring it (keys are re-tuned and the file "
+                          f"is rewritten)", stacklevel=3)
 
+    def _read(self, path, fields):
+        """The file's entries; {} when it is missing, or (with one warning) unreadable, corrupt or mismatched."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                return _parse(json.load(f), fields)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            self._warn_once(path, f"{type(e).__name__}: {e}")
+            return {}
 
-def lookup(key, cands, device):
-    """``(config, results)`` for ``key`` from the cache, the config the one of ``cands`` with the stored name;
-    None on a miss (no entry, cache off, or a name not among ``cands``: warned)."""
-    path, entries = _entries(device)
-    if key not in entries:
-        return None
-    name, results = entries[key]
-    cfg = next((c for c in cands if c.name == name), None)
-    if cfg is None:
-        warnings.warn(f"spear_compile tuning cache {path}: the cached config {name} of {key} is not among the "
-                      f"tuner's candidates; re-tuning", stacklevel=2)
-        return None
-    return cfg, list(results)
+    def _entries(self, device):
+        """(path, entries) of ``device``'s file, read once per process; (None, {}) when the cache is off."""
+        fields = environment(device)
+        path = _path_for(fields)
+        if path is None:
+            return None, {}
+        if path not in self.loaded:
+            self.loaded[path] = self._read(path, fields)
+        return path, self.loaded[path]
 
+    def lookup(self, key, cands, device):
+        """``(config, results)`` for ``key`` from the cache, the config the one of ``cands`` with the stored name;
+        None on a miss (no entry, cache off, or a name not among ``cands``: warned)."""
+        path, entries = self._entries(device)
+        if key not in entries:
+            return None
+        name, results = entries[key]
+        cfg = next((c for c in cands if c.name == name), None)
+        if cfg is None:
+            warnings.warn(f"spear_compile tuning cache {path}: the cached config {name} of {key} is not among the "
+                          f"tuner's candidates; re-tuning", stacklevel=2)
+            return None
+        return cfg, list(results)
 
-def store(key, name, results, device):
-    """Record ``key``'s winner ``name`` and its timed ``results``: re-read the file, merge, replace it atomically.
-    A write that fails (read-only directory, a key JSON cannot hold) warns and leaves the file as it was."""
-    fields = environment(device)
-    path = _path_for(fields)
-    if path is None:
-        return
-    entries = _read(path, fields)
-    entries.update(_LOADED.get(path, {}))  # this process's entries too (re-adds any a concurrent writer dropped)
-    entries[key] = (name, [(n, ms) for n, ms in results])
-    doc = {"schema": SCHEMA, "fields": fields,
-           "entries": [{"key": list(k), "config": c, "results": [list(r) for r in res]}
-                       for k, (c, res) in entries.items()]}
-    tmp = None
-    try:
-        text = json.dumps(doc, indent=1)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tune-", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+    def store(self, key, name, results, device):
+        """Record ``key``'s winner ``name`` and its timed ``results``: re-read the file, merge, replace it atomically.
+        A write that fails (read-only directory, a key JSON cannot hold) warns and leaves the file as it was."""
+        fields = environment(device)
+        path = _path_for(fields)
+        if path is None:
+            return
+        entries = self._read(path, fields)
+        entries.update(self.loaded.get(path, {}))  # this process's entries too (re-adds any a concurrent writer dropped)
+        entries[key] = (name, [(n, ms) for n, ms in results])
+        doc = {"schema": SCHEMA, "fields": fields,
+               "entries": [{"key": list(k), "config": c, "results": [list(r) for r in res]}
+                           for k, (c, res) in entries.items()]}
         tmp = None
-        _LOADED[path] = entries
-    except (OSError, TypeError, ValueError) as e:
-        warnings.warn(f"spear_compile tuning cache {path}: could not save ({type(e).__name__}: {e})", stacklevel=2)
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        try:
+            text = json.dumps(doc, indent=1)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tune-", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+            tmp = None
+            self.loaded[path] = entries
+        except (OSError, TypeError, ValueError) as e:
+            warnings.warn(f"spear_compile tuning cache {path}: could not save ({type(e).__name__}: {e})", stacklevel=2)
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
 
-
-def forget():
-    """Drop this process's loaded files and warnings (the files stay): the next lookup reads them again."""
-    _LOADED.clear()
-    _WARNED.clear()
+    def forget(self):
+        """Drop this process's loaded files and warnings (the files stay): the next lookup reads them again."""
+        self.loaded.clear()
+        self._warned.clear()

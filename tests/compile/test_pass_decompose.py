@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from spear_compile.compile import passes
+from spear_compile.compile import passes, records
 from spear_compile.quant.config import QuantConfig
 from spear_compile.ec.module import CompensatedLinear
 from spear_compile.compile.passes.decompose_prefill_linears import MIN_M
@@ -34,7 +34,7 @@ class Block(nn.Module):
 
 
 def _run(model, x, **kw):
-    passes.clear()
+    records.active().clear()
     torch._dynamo.reset()
     with torch.no_grad():
         ref = model(x)
@@ -52,8 +52,8 @@ def test_prefill_m_decomposed_and_exact(spec, bias, dtype):
     out, ref = _run(model, x)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
-    assert [r.decomposed for r in passes.RECORDS] == [True, True, True]
-    assert [g.decomposed for g in passes.GROUPS] == [True]
+    assert [r.decomposed for r in records.active().matches] == [True, True, True]
+    assert [g.decomposed for g in records.active().groups] == [True]
 
 
 def test_decode_m_left_alone():
@@ -61,7 +61,7 @@ def test_decode_m_left_alone():
     model = Block(64, 32, "w4-pc-rtn", True)
     out, ref = _run(model, torch.randn(1, MIN_M - 1, 64))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert not any(r.decomposed for r in passes.RECORDS) and len(passes.GROUPS) == 1
+    assert not any(r.decomposed for r in records.active().matches) and len(records.active().groups) == 1
 
 
 def test_ec_node_decomposed_in_a_model():
@@ -69,7 +69,7 @@ def test_ec_node_decomposed_in_a_model():
     model = Block(64, 32, "w4-pc-rtn", False, ec=True)
     out, ref = _run(model, torch.randn(2, MIN_M, 64))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    by_kind = {r.kind: (r.decomposed, r.decomposed_ec) for r in passes.RECORDS}
+    by_kind = {r.kind: (r.decomposed, r.decomposed_ec) for r in records.active().matches}
     assert by_kind == {"plain": (True, ""), "ec-gated": (True, "kcat")}  # o: K = 32 <= N = 64
 
 
@@ -91,7 +91,7 @@ def test_ec_structures_match_eager(structure, gate, bias, rank, dtype):
     out, ref = _run(model, torch.randn(m, k, generator=g).to(dtype))
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
-    (rec,) = passes.RECORDS
+    (rec,) = records.active().matches
     assert (rec.kind, rec.decomposed, rec.decomposed_ec) == (f"ec-{'gated' if gate == 'sigmoid' else 'static'}",
                                                              True, structure)
 
@@ -103,7 +103,7 @@ def test_off_cudagraphs_and_dynamic_left_alone(kw):
     model = Block(64, 32, "w4-g32-rtn", True)
     out, ref = _run(model, torch.randn(1, MIN_M + 7, 64), **kw)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert passes.RECORDS and not any(r.decomposed for r in passes.RECORDS)
+    assert records.active().matches and not any(r.decomposed for r in records.active().matches)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="our kernels traced into the graph need a GPU")
@@ -123,7 +123,7 @@ def test_gpu_our_kernels_traced_in(structure, spec, bias):
     x = torch.randn(3, MIN_M + int(torch.randint(0, 300, ())), k, dtype=torch.bfloat16, device="cuda")
     out, ref = _run(model, x)
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
-    (rec,) = passes.RECORDS
+    (rec,) = records.active().matches
     assert (rec.decomposed, rec.decomposed_ec, rec.decomposed_with) == (True, structure, "spear")
 
 
@@ -135,8 +135,8 @@ def test_gpu_grouped_members_dequantized_side_by_side(spec, bias):
     x = torch.randn(2, MIN_M + int(torch.randint(0, 300, ())), 256, dtype=torch.bfloat16, device="cuda")
     out, ref = _run(model, x)
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
-    assert [r.decomposed_with for r in passes.RECORDS] == ["spear"] * 3
-    assert [g.decomposed for g in passes.GROUPS] == [True]
+    assert [r.decomposed_with for r in records.active().matches] == ["spear"] * 3
+    assert [g.decomposed for g in records.active().groups] == [True]
 
 
 class Siblings(nn.Module):
@@ -178,7 +178,7 @@ def test_ec_siblings_merged_into_one_gemm(bias, ecs):
     x = torch.randn(1, MIN_M + int(torch.randint(0, 40, (), generator=g)), k, generator=g)
     out, ref = _run(model, x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    recs = {r.module: r for r in passes.RECORDS}
+    recs = {r.module: r for r in records.active().matches}
     assert set(recs) == {"q", "k", "v", "gate", "up"} and all(r.decomposed for r in recs.values())
     assert all(r.decomposed_ec == "kcat" for r in recs.values())
     for names in (("q", "k", "v"), ("gate", "up")):
@@ -194,7 +194,7 @@ def test_ec_siblings_left_apart_when_stacked_rank_too_large():
                      gen=g)
     out, ref = _run(model, torch.randn(1, MIN_M, 192, generator=g))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    recs = {r_.module: r_ for r_ in passes.RECORDS}
+    recs = {r_.module: r_ for r_ in records.active().matches}
     assert all(rec.decomposed for rec in recs.values())
     assert not any(recs[nm].decomposed_merged for nm in ("q", "k", "v"))
 
@@ -213,7 +213,7 @@ def test_gpu_ec_siblings_merged(spec, bias, pad_x, monkeypatch):
                                                                                                   torch.bfloat16)
     out, ref = _run(model, x)
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
-    recs = {r.module: r for r in passes.RECORDS}
+    recs = {r.module: r for r in records.active().matches}
     assert all(r.decomposed_with == "spear" and r.decomposed_ec == "kcat" for r in recs.values())
     # gate|up (R = 32) reads x from a pointwise producer: [x | 0] by pad unless off; q|k|v (R = 96 > the prologue's
     # copy limit) always pads

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import spear_compile.compile.backend  # noqa: F401  (registers backend="spear")
-from spear_compile.compile import passes
+from spear_compile.compile import passes, records
 from spear_compile.quant.config import QuantConfig
 from spear_compile.ec.module import CompensatedLinear
 from spear_compile.compile.passes.fuse_quantized_linear import FUSED, QLINEAR
@@ -87,7 +87,7 @@ def test_variant_fuses_and_matches(gate, bias, dtype, layout):
     if gate != "plain":
         assert torch.ops.aten.sigmoid.default not in targets
         assert torch.ops.aten.mm.default not in targets
-    (rec,) = passes.RECORDS
+    (rec,) = records.active().matches
     assert rec.matched and rec.kind == {"sigmoid": "ec-gated", "none": "ec-static", "plain": "plain"}[gate]
     assert rec.rank == (0 if gate == "plain" else 8) and rec.bias == bias and rec.gated == (gate == "sigmoid")
     assert out.shape == eager.shape and out.dtype == dtype
@@ -115,7 +115,7 @@ def test_unlowerable_gate_stays_unfused_correct_and_warns():
     assert any("left as the reference spear::qlinear" in str(i.message) for i in w)
     (targets,) = cap.targets
     assert QLINEAR in targets and FUSED not in targets
-    (rec,) = passes.RECORDS
+    (rec,) = records.active().matches
     assert not rec.matched and "low-rank branch" in rec.reason
     with torch.no_grad():
         ref = m(x)
@@ -153,6 +153,6 @@ def test_counts_several_modules_and_shared_input():
         ref = blk(x)
     out, cap = compile_and_run(blk, x)
     assert cap.targets[0].count(FUSED) == 4 and QLINEAR not in cap.targets[0]
-    kinds = sorted((r.module, r.kind) for r in passes.RECORDS)
+    kinds = sorted((r.module, r.kind) for r in records.active().matches)
     assert kinds == [("a", "ec-gated"), ("b", "ec-gated"), ("c", "plain"), ("d", "ec-static")]
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import spear_compile.compile.backend  # noqa: F401  (registers backend="spear")
-from spear_compile.compile import passes
+from spear_compile.compile import passes, records
 from spear_compile.quant.config import QuantConfig
 from spear_compile.ec.module import CompensatedLinear
 from spear_compile.compile.inspection import inspect
@@ -73,11 +73,11 @@ def test_siblings_grouped_and_output_matches_eager(shape):
         eager = m(x)
     out, targets = compile_run(m, x)
     assert targets.count(GROUPED) == 2 and targets.count(FUSED) == 1  # q|k|v, gate|up; down alone
-    groups = [(g.modules, g.ns) for g in passes.GROUPS]
+    groups = [(g.modules, g.ns) for g in records.active().groups]
     assert groups == [(("q", "k", "v"), (64, 32, 32)), (("gate", "up"), (96, 96))]
-    rec = {r.module: r.group for r in passes.RECORDS}
+    rec = {r.module: r.group for r in records.active().matches}
     assert rec == {"q": 0, "k": 0, "v": 0, "gate": 1, "up": 1, "down": None}
-    assert len(passes.RECORDS) == 6 and all(r.matched for r in passes.RECORDS)
+    assert len(records.active().matches) == 6 and all(r.matched for r in records.active().matches)
     assert (out.float() - eager.float()).norm() / eager.float().norm() < 2e-2
 
 
@@ -87,9 +87,9 @@ def test_ec_member_and_bias_mismatch_stay_ungrouped():
     with torch.no_grad():
         eager = m(x)
     out, targets = compile_run(m, x)
-    assert [g.modules for g in passes.GROUPS] == [("q", "v"), ("gate", "up")]
+    assert [g.modules for g in records.active().groups] == [("q", "v"), ("gate", "up")]
     assert targets.count(GROUPED) == 2 and targets.count(FUSED) == 3  # k (EC), e (bias), down
-    kinds = {r.module: (r.kind, r.group) for r in passes.RECORDS}
+    kinds = {r.module: (r.kind, r.group) for r in records.active().matches}
     assert kinds["k"] == ("ec-gated", None) and kinds["e"] == ("plain", None)
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
 
@@ -98,7 +98,7 @@ def test_grouping_off_by_option_and_env(monkeypatch):
     m = Block()
     x = torch.randn(1, 64, dtype=torch.bfloat16)
     _, targets = compile_run(m, x, spear_group_linears=False)
-    assert GROUPED not in targets and targets.count(FUSED) == 6 and not passes.GROUPS
+    assert GROUPED not in targets and targets.count(FUSED) == 6 and not records.active().groups
     monkeypatch.setenv("SPEAR_GROUP_LINEARS", "0")
     assert not SpearPassManager().grouping.enabled
     assert SpearPassManager().uuid() != SpearPassManager(group_linears=True).uuid()  # FX cache keyed on it
@@ -121,7 +121,7 @@ def test_more_than_four_siblings_split_into_groups():
     with torch.no_grad():
         eager = m(x)
     out, targets = compile_run(m, x)
-    assert [len(g.members) for g in passes.GROUPS] == [3, 3] and targets.count(FUSED) == 0
+    assert [len(g.members) for g in records.active().groups] == [3, 3] and targets.count(FUSED) == 0
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import spear_compile
-from spear_compile.compile import passes, records
 from spear_compile.ec.module import CompensatedLinear
 from spear_compile.compile.api import optimize, sibling_groups
 
@@ -37,7 +36,6 @@ def greedy(prefill, step, cache, prompt, n_new):
 def run():
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     torch._dynamo.reset()
-    passes.clear()
     model = transformers.AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16).eval()
     spear_compile.quantize(model, "w4-pc-rtn", progress=False)
     g = torch.Generator().manual_seed(0)
@@ -58,14 +56,13 @@ def run():
         # Inductor keeps bf16 intermediates in fp32 unless asked to round like eager does
         with torch._inductor.config.patch(emulate_precision_casts=True, fx_graph_cache=False), \
                 torch._functorch.config.patch(enable_autograd_cache=False):
-            g0 = records._graph_counter[0]
-            optimize(model, "w4-pc-rtn", fullgraph=True, dynamic=False)
+            rec = optimize(model, "w4-pc-rtn", fullgraph=True, dynamic=False).spear_records
             toks, logits = greedy(eager, model.forward, cache, prompt, NEW)
-            graphs_after_first = records._graph_counter[0]
+            graphs_after_first = rec.graphs
             with torch._dynamo.config.patch(error_on_recompile=True):
                 toks2, _ = greedy(eager, model.forward, cache, prompt, NEW)
-    return dict(records=list(passes.RECORDS), groups=list(passes.GROUPS), siblings=siblings, ref_toks=ref_toks, toks=toks, toks2=toks2, ref_logits=ref_logits,
-                logits=logits, graphs=graphs_after_first - g0, graphs2=records._graph_counter[0] - g0)
+    return dict(records=list(rec.matches), groups=list(rec.groups), siblings=siblings, ref_toks=ref_toks, toks=toks,
+                toks2=toks2, ref_logits=ref_logits, logits=logits, graphs=graphs_after_first, graphs2=rec.graphs)
 
 
 def test_all_56_quantized_linears_fused(run):

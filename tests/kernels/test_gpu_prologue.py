@@ -3,7 +3,7 @@ H100 computed u wrong at BLOCK_R >= 64 when x was copied in the projection loop 
 import pytest
 import torch
 
-from spear_compile.lowering import dispatch
+from spear_compile.lowering import prefill
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
@@ -20,7 +20,7 @@ def test_gpu_prologue_copy_and_project(r, split):
     u = x.double() @ a.double().t()
     v64 = u * 2 * torch.sigmoid(u @ gw.double().t() + gb.double())
     out = torch.full((m, k + r), float("nan"), device="cuda", dtype=torch.bfloat16)
-    dispatch.ec_prologue(x, a, None, gw, gb, r, out=out, col0=k, width=r, copy_x=True, split=split)
+    prefill.ec_prologue(x, a, None, gw, gb, r, out=out, col0=k, width=r, copy_x=True, split=split)
     assert torch.equal(out[:, :k], x)
     assert ((out[:, k:].double() - v64).norm() / v64.norm()).item() < 5e-3
 
@@ -45,6 +45,6 @@ def test_gpu_prologue_in_place(k, ranks, gated):
     out = torch.nn.functional.pad(x, (0, r + 8))
     for _ in range(2):  # a second call on a fresh [x | 0]: nothing carried over
         out = torch.nn.functional.pad(x, (0, r + 8))
-        dispatch.ec_prologue_in_place(out, k, blocks)
+        prefill.ec_prologue_in_place(out, k, blocks)
     assert torch.equal(out[:, :k], x) and not out[:, k + r:].any()
     assert ((out[:, k:k + r].double() - v64).norm() / v64.norm()).item() < 5e-3

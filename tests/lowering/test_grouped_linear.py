@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spear_compile.errors import SpearError
-from spear_compile.lowering import dispatch
+from spear_compile.lowering import candidates, configs, grouped, runtime
 from w4_problems import member, members_reference, rel
 
 K = 256
@@ -26,14 +26,14 @@ _reference = members_reference
 
 
 def _run(x, members, group, cfg):
-    return dispatch.launch_grouped(x, [t["qdata"] for t in members], [t["scale"] for t in members],
+    return grouped.launch_grouped(x, [t["qdata"] for t in members], [t["scale"] for t in members],
                                    [t["zero"] for t in members], [t["bias"] for t in members], group, config=cfg)
 
 
 _rel = rel
 
 
-G = dispatch.GroupedConfig
+G = configs.GroupedConfig
 CASES = [  # (M, member Ns, group, dtype, bias, config)
     (1, (64, 32), K, torch.bfloat16, False, G(8, 256, 1, 2)),                   # per-channel, 2 members
     (1, (48, 16, 16), K, torch.float16, True, G(16, 128, 2, 4)),               # per-channel, split-K, partial tiles
@@ -56,7 +56,7 @@ def test_grouped_kernel_vs_float64(m, ns, group, dtype, bias, cfg):
         out = _run(x, members, group, cfg)
         assert out.shape == (m, sum(ns)) and out.dtype == dtype
         assert _rel(out, ref) < 1e-2
-    acc, arrive = dispatch._workspace(x.device).for_group(sum(ns))
+    acc, arrive = runtime.WORKSPACES.get(x.device).for_group(sum(ns))
     assert float(acc.abs().sum()) == 0.0 and int(arrive.abs().sum()) == 0
 
 
@@ -67,8 +67,8 @@ def test_grouped_default_config_and_3d_input():
     assert out.shape == (2, 3, 48) and _rel(out.reshape(6, 48), ref) < 1e-2
     x1 = x[:1]
     assert _rel(_run(x1, members, 128, None), _reference(x1, members, 128)) < 1e-2  # M = 1: grouped kernel
-    assert dispatch.choose_grouped(1, K, (32, 16), 128).startswith("grouped[BN=")
-    assert dispatch.choose_grouped(64, K, (32, 16), 128).startswith("grouped[per-member")
+    assert grouped.choose_grouped(1, K, (32, 16), 128).startswith("grouped[BN=")
+    assert grouped.choose_grouped(64, K, (32, 16), 128).startswith("grouped[per-member")
 
 
 def test_grouped_op_reference_matches_kernel():
@@ -91,13 +91,15 @@ def test_grouped_bad_inputs():
         _run(x, members, 128, None)
 
 
-def test_warm_grouped_runs():
-    dispatch.warm_grouped(K, (32, 16), 128, torch.float16, bias=True, ms=(1, 3), device="cpu")
+def test_warm_grouped_runs_each_m_and_leaves_the_workspace_clean():
+    assert grouped.warm_grouped(K, (32, 16), 128, torch.float16, bias=True, ms=(1, 3), device="cpu") == 2
+    acc, arrive = runtime.WORKSPACES.get(torch.device("cpu")).for_group(48)
+    assert float(acc.abs().sum()) == 0.0 and int(arrive.abs().sum()) == 0
 
 
 def test_grouped_candidates_small():
     for k, ns, gs in ((2048, (2048, 512, 512), 2048), (2048, (8192, 8192), 128), (4096, (11008, 11008), 4096)):
-        c1 = dispatch.grouped_candidates(k, ns, gs, 132, m=1)
+        c1 = candidates.grouped_candidates(k, ns, gs, 132, m=1)
         assert 4 <= len(c1) <= 16 and all(not c.tc and not c.per_member for c in c1)
-        c16 = dispatch.grouped_candidates(k, ns, gs, 132, m=16)
+        c16 = candidates.grouped_candidates(k, ns, gs, 132, m=16)
         assert len(c16) <= 6 and any(c.per_member for c in c16) and all(c.split_k == 1 for c in c16)

@@ -1,6 +1,6 @@
-"""The on-disk tuning cache (``lowering/tune_cache.py``) as the dispatch tuner uses it, on CPU: ``_can_tune`` is
-forced on and ``_tune`` replaced by a fake that times nothing (candidate i "takes" 1 + i ms, the second one 0.5 ms,
-the last one fails), so a cache hit shows as a key that reaches no ``_tune`` call."""
+"""The on-disk tuning cache (``lowering/tune_cache.py``) as the dispatch tuner uses it, on CPU: the tuner's
+``can_tune`` is forced on and its ``tune`` replaced by a fake that times nothing (candidate i "takes" 1 + i ms, the second one 0.5 ms,
+the last one fails), so a cache hit shows as a key that reaches no ``tune`` call."""
 import contextlib
 import json
 import os
@@ -9,7 +9,10 @@ import warnings
 import pytest
 import torch
 
-from spear_compile.lowering import dispatch, tune_cache
+from spear_compile.lowering import candidates, dispatch, grouped as grouped_module, runtime, tune_cache
+from spear_compile.lowering.tuner import group_key, linear_key
+
+TUNER = runtime.TUNER
 
 K, N, GS = 2048, 2048, 128
 NS = (2048, 512, 512)  # grouped members (q|k|v-like)
@@ -18,47 +21,47 @@ GPU = {"gpu": "Test GPU", "sms": 132}
 
 
 def fake_tune(calls):
-    def tune(key, args, cands, run=None, reference=None):
+    def tune(key, cands, run, reference, out):
         calls.append((key, [c.name for c in cands]))
         results = [(c.name, 1.0 + i) for i, c in enumerate(cands)]
         if len(cands) > 1:
             results[1] = (cands[1].name, 0.5)
         if len(cands) > 2:
             results[-1] = (cands[-1].name, "failed: OutOfResources")
-        dispatch.TUNE_LOG.append((key, results))
+        TUNER.timings[key] = results
         return cands[1] if len(cands) > 1 else cands[0]
     return tune
 
 
 @pytest.fixture
 def calls(tmp_path, monkeypatch):
-    """The keys ``_tune`` was called for; the cache in ``tmp_path``, a made-up GPU, clean in-process state."""
+    """The keys ``tune`` was called for; the cache in ``tmp_path``, a made-up GPU, clean in-process state."""
     monkeypatch.setenv("SPEAR_TUNE_CACHE", str(tmp_path))
     monkeypatch.setattr(tune_cache, "_device_fields", lambda device: dict(GPU))
-    monkeypatch.setattr(dispatch, "_can_tune", lambda x: True)
+    monkeypatch.setattr(TUNER, "can_tune", lambda x: True)
     log = []
-    monkeypatch.setattr(dispatch, "_tune", fake_tune(log))
+    monkeypatch.setattr(TUNER, "tune", fake_tune(log))
     dispatch.clear_tuning()
     yield log
     dispatch.clear_tuning()
 
 
 def single(m=1, ec=False, gated=False, gs=GS):
-    """``_config_for`` of a ``[m, K] x [N, K]`` linear (+ r = 32 EC) on CPU tensors (``_tune`` is fake)."""
+    """``_config_for`` of a ``[m, K] x [N, K]`` linear (+ r = 32 EC) on CPU tensors (``tune`` is fake)."""
     x = torch.randn(m, K, dtype=DT)
     q = torch.zeros(N, K // 2, dtype=torch.uint8)
     s = torch.ones(N, K // gs, dtype=DT)
     a, b = (torch.zeros(32, K, dtype=DT), torch.zeros(N, 32, dtype=DT)) if ec else (None, None)
     gw, gb = (torch.zeros(32, 32, dtype=DT), torch.zeros(32, dtype=DT)) if gated else (None, None)
     args = (x, q, s, s, None, gs, a, b, gw, gb, None, torch.empty(m, N, dtype=DT))
-    return dispatch._config_for(x, args, K, N, gs, ec, gated)
+    return dispatch.config_for(x, args, K, N, gs, ec, gated)
 
 
 def grouped(m=1):
     x = torch.randn(m, K, dtype=DT)
     qs = [torch.zeros(n, K // 2, dtype=torch.uint8) for n in NS]
     ss = [torch.ones(n, K // GS, dtype=DT) for n in NS]
-    return dispatch._grouped_config_for(x, qs, ss, ss, [None] * len(NS), GS, torch.empty(m, sum(NS), dtype=DT))
+    return grouped_module.grouped_config_for(x, qs, ss, ss, [None] * len(NS), GS, torch.empty(m, sum(NS), dtype=DT))
 
 
 def cache_files(tmp_path):
@@ -80,17 +83,17 @@ def no_warnings():
 @pytest.mark.parametrize("m,gs", [(1, GS), (1, K), (4, GS), (200, GS)])
 def test_a_tuned_key_is_reused_by_the_next_process(calls, tmp_path, m, gs):
     cfg = single(m, gs=gs)
-    key = dispatch._key(m, K, N, gs, DT, False, False)
+    key = linear_key(m, K, N, gs, DT, False, False)
     assert [k for k, _ in calls] == [key]
-    log = dispatch._last_log(key)
+    log = TUNER.timings.get(key, [])
     assert len(cache_files(tmp_path)) == 1 and cache_files(tmp_path)[0].endswith(".json")  # no temp file left
     restart()
     with no_warnings():
         again = single(m, gs=gs)
-    assert len(calls) == 1  # no second _tune call
+    assert len(calls) == 1  # no second tune call
     assert again == cfg and again.name == cfg.name and type(again) is type(cfg)
-    assert dispatch._last_log(key) == log  # the timed list as TUNE_LOG held it (tuples, floats, failure strings)
-    stored = next(iter(tune_cache._LOADED.values()))
+    assert TUNER.timings.get(key, []) == log  # the timed list as the tuner's timings held it (tuples, floats, failure strings)
+    stored = next(iter(TUNER.cache.loaded.values()))
     (restored,) = [k for k in stored if k == key]
     assert [type(v) for v in restored] == [type(v) for v in key]  # the tuple restored exactly (bools stay bools)
 
@@ -98,43 +101,43 @@ def test_a_tuned_key_is_reused_by_the_next_process(calls, tmp_path, m, gs):
 @pytest.mark.parametrize("m", [1, 4])
 def test_grouped_keys_are_reused(calls, tmp_path, m):
     cfg = grouped(m)
-    key = dispatch._group_key(m, K, list(NS), GS, DT, False)
+    key = group_key(m, K, list(NS), GS, DT, False)
     assert [k for k, _ in calls] == [key]
     restart()
     again = grouped(m)
     assert len(calls) == 1 and again == cfg and again.name == cfg.name
-    stored = next(iter(tune_cache._LOADED.values()))
+    stored = next(iter(TUNER.cache.loaded.values()))
     (restored,) = [k for k in stored if k == key]
     assert restored == key and isinstance(restored[3], tuple)  # member widths: a tuple again
 
 
 @pytest.mark.parametrize("gated", [True, False])
 def test_ec_decode_keys_rebuild_their_candidates_from_the_restored_w4_ranking(calls, gated):
-    """The EC key's candidates come from the W4 key's ranking (``_ranked`` over ``TUNE_LOG``): after a restart
+    """The EC key's candidates come from the W4 key's ranking (``Tuner.ranked`` over its timings): after a restart
     both keys hit, the W4 key's log is restored first, so the EC candidates and pick are the same."""
     cfg = single(1, ec=True, gated=gated)
-    w4_key, ec_key = (dispatch._key(1, K, N, GS, DT, False, False), dispatch._key(1, K, N, GS, DT, True, gated))
+    w4_key, ec_key = (linear_key(1, K, N, GS, DT, False, False), linear_key(1, K, N, GS, DT, True, gated))
     assert [k for k, _ in calls] == [w4_key, ec_key]
     ec_cands = calls[1][1]
-    w4_cands = dispatch.decode_candidates(K, N, GS, 132, False, 1)
-    ranked = dispatch._ranked(w4_key, w4_cands)
+    w4_cands = candidates.decode_candidates(K, N, GS, 132, False, 1)
+    ranked = TUNER.ranked(w4_key, w4_cands)
     assert ranked[0] == w4_cands[1]  # the fake's winner leads the ranking the EC candidates are made of
     restart()
     again = single(1, ec=True, gated=gated)
     assert len(calls) == 2 and again == cfg and again.name == cfg.name == ec_cands[1]
-    assert dispatch._ranked(w4_key, w4_cands) == ranked
-    assert dispatch._TUNED[w4_key] == w4_cands[1]
+    assert TUNER.ranked(w4_key, w4_cands) == ranked
+    assert TUNER.picks[w4_key] == w4_cands[1]
 
 
 def test_two_processes_saving_different_keys_both_survive(calls, tmp_path):
     """Process B reads the (empty) cache, process A tunes and saves a key, then B tunes and saves another: B's
     save re-reads the file and merges, so a third process finds both."""
-    assert tune_cache.lookup(("any",), [], torch.device("cpu")) is None  # B: reads the cache (no file yet)
-    b_loaded = dict(tune_cache._LOADED)
-    tune_cache._LOADED.clear()
+    assert TUNER.cache.lookup(("any",), [], torch.device("cpu")) is None  # B: reads the cache (no file yet)
+    b_loaded = dict(TUNER.cache.loaded)
+    TUNER.cache.loaded.clear()
     single(1)  # A: its own read, tune, save
-    tune_cache._LOADED.clear()
-    tune_cache._LOADED.update(b_loaded)
+    TUNER.cache.loaded.clear()
+    TUNER.cache.loaded.update(b_loaded)
     grouped(1)  # B: a miss in what it read, tune, save after A's save
     assert len(calls) == 2
     restart()
@@ -277,7 +280,7 @@ def test_unwritable_cache_dir_warns_and_still_tunes(calls, tmp_path, monkeypatch
     with pytest.warns(UserWarning) as seen:
         cfg = single(1)
     assert any("could not save" in str(w.message) for w in seen)
-    assert cfg == dispatch._TUNED[dispatch._key(1, K, N, GS, DT, False, False)]
+    assert cfg == TUNER.picks[linear_key(1, K, N, GS, DT, False, False)]
 
 
 def test_the_suite_does_not_use_the_home_cache():

@@ -3,10 +3,10 @@
 Without CUDA graphs, a ``spear::fused_linear`` / ``spear::grouped_linear`` call costs ~100 µs of host time
 (custom-op dispatch, checks, the Triton launcher, the cuBLAS call) against ~60 µs of GPU time for a Llama-3.2-1B
 linear at M = 2048: a compiled prefill is host-bound (bench/results/prefill_e2e.md). At a prefill-sized M
-the runtime dispatch would pick dequantize + cuBLAS anyway (``dispatch.default_config``, M > 64), so when the
+the runtime dispatch would pick dequantize + cuBLAS anyway (``lowering.candidates.default_config``, M > 64), so when the
 graph's M is static and above that threshold and the graph is not CUDA-graphed, the node is replaced by
 the dequantize and ``mm``/``addmm`` (Inductor's extern cuBLAS call) in the graph, all launched from Inductor's
-generated wrapper. On CUDA the dequantize is our int32-word Triton kernel (``dispatch.dequantize_w4``) traced in
+generated wrapper. On CUDA the dequantize is our int32-word Triton kernel (``prefill.dequantize_w4``) traced in
 through ``torch.library.wrap_triton`` (a grouped node: one launch per member into its rows of one buffer); where
 our kernels do not fit (CPU, fp32, unaligned rows) or that trace fails, aten ops (``ops.dequantize_packed``) that
 Inductor turns into one pointwise kernel (bench/results/prefill_s7.md: ours is 6-12% faster per layer). Same math
@@ -20,7 +20,7 @@ fallback: a cuBLAS mm and a pointwise gate):
   ``[W | B]``. ``[x | v]``: when x comes from a pointwise op (RMSNorm's scale, SiLU·up: ``pad_x``), aten's
   ``pad(x)``, which Inductor writes from that op's own kernel, and an x pass and a gate launch read x from it
   and write v into it in place (no copy of x; every EC's A and gate read from its own tensors:
-  ``dispatch.ec_prologue_in_place``); else our prologue copies x beside v (aten fallback: ``cat``);
+  ``prefill.ec_prologue_in_place``); else our prologue copies x beside v (aten fallback: ``cat``);
 * ``c_in`` (K > N, e.g. down_proj, unless ``pad_x``): ``v Bᵀ (+ bias)`` first, then cuBLAS ``addmm`` with it as
   C: one round trip of an ``[M, N]`` tile instead of a copy of the wider ``x``.
 
@@ -28,7 +28,7 @@ fallback: a cuBLAS mm and a pointwise gate):
 has an EC (q|k|v, gate|up; plain siblings may already be a ``grouped_linear``) become one ``kcat`` GEMM over
 ``[W_1; W_2; ...]``: the ECs are stacked into one of rank R = Σ r_i (``A = [A_1; A_2; ...]``; each B in its own
 tail columns of its rows, zeros elsewhere; each gate applied to its own columns), so x is read once for all of
-them, not once per EC (R <= ``MAX_MERGED_RANK``, at most ``dispatch.MAX_IN_PLACE_BLOCKS`` ECs; in place, each
+them, not once per EC (R <= ``MAX_MERGED_RANK``, at most ``prefill.MAX_IN_PLACE_BLOCKS`` ECs; in place, each
 EC's A and gate are read from its own tensors, not stacked per call). Each node's uses read its columns of the
 output.
 (``bench/results/prefill_s8.md``, ``prefill_s9.md``; compiled decoder layer, bf16 linears-equivalent: 1B 1.48-1.54
@@ -44,7 +44,6 @@ Off: ``SPEAR_DECOMPOSE_PREFILL=0`` or ``options={"spear_decompose_prefill": Fals
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import Optional
 
@@ -53,14 +52,19 @@ from torch._guards import detect_fake_mode
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from ... import options
+from ...ec.module import gated
 from ...errors import SpearError
-from ...lowering import dispatch, fused_linear  # noqa: F401  (registers spear::fused_linear, spear::grouped_linear)
+from ...lowering import fused_linear  # noqa: F401  (registers spear::fused_linear, spear::grouped_linear)
+from ...lowering import prefill
+from ...lowering.configs import COPY_X_MAX_BLOCK_R, MAX_IN_PLACE_BLOCKS, block_r
+from ...lowering.dispatch import check_linear
 from ...quant.qlinear import dequantize_packed
-from .. import records as registry
+from ..records import PassContext
+from .base import SpearGraphPass
 
 FUSED = torch.ops.spear.fused_linear.default
 GROUPED = torch.ops.spear.grouped_linear.default
-ENV = "SPEAR_DECOMPOSE_PREFILL"
 MIN_M = 65  # dispatch: M > 64 runs dequantize + cuBLAS (``default_config``)
 
 
@@ -74,7 +78,7 @@ def _warn_once(msg: str) -> None:
 
 
 def enabled_by_default() -> bool:
-    return os.environ.get(ENV, "1") != "0"
+    return options.current().decompose_prefill
 
 
 def _val(node):
@@ -99,7 +103,7 @@ def _weight(qdata, scale, zero, k, dtype, group_size, ours):
     """The dequantized ``[N, K]`` weight: our int32-word Triton kernel traced in (``ours``), else aten ops Inductor
     fuses into one kernel."""
     if ours:
-        return dispatch.dequantize_w4(qdata, scale, zero, group_size, dtype, traceable=True)
+        return prefill.dequantize_w4(qdata, scale, zero, group_size, dtype, traceable=True)
     return dequantize_packed(qdata, scale, zero, k, dtype)
 
 
@@ -124,7 +128,7 @@ def _rows_side_by_side(parts, k, tail_width, group_size, dtype, device):
     w = torch.empty(sum(p[0].shape[0] for p in parts), k + tail_width, dtype=dtype, device=device)
     row0 = 0
     for q, s, z, tail, col0 in parts:
-        w = dispatch.dequantize_w4(q, s, z, group_size, dtype, tail=tail, tail_width=tail_width, tail_col0=col0,
+        w = prefill.dequantize_w4(q, s, z, group_size, dtype, tail=tail, tail_width=tail_width, tail_col0=col0,
                                    out=w, row0=row0, traceable=True)
         row0 += q.shape[0]
     return w
@@ -139,7 +143,7 @@ def _ec_term(x2, ec_A, gate_w, gate_b):
     """``v = g(u) ⊙ u``, ``u = x Aᵀ`` (``[M, r]``), with the EC module's own ops (``ec.CompensatedLinear``)."""
     u = torch.mm(x2, ec_A.t())
     if gate_w is not None:  # (with gate_b: the pass leaves a gate without one to the runtime op)
-        u = u * (2.0 * torch.sigmoid(torch.addmm(gate_b, u, gate_w.t())))
+        u = gated(u, gate_w, gate_b)
     return u
 
 
@@ -186,7 +190,7 @@ def _dequantized_ec(x, members, group_size, ours, in_place, structure="kcat"):
     member without one). ``ours``: ``v`` (and ``[x | v]``) by our split-K prologue kernels, fp32 u and gate, as
     the runtime does; ``in_place`` (ours only): ``[x | 0]`` by aten ``constant_pad_nd`` (which Inductor can write
     from x's producer kernel) and every v written into it in place by two launches that read each EC's own A and
-    gate (``dispatch.ec_prologue_in_place``), instead of the prologue copying x beside the stacked EC's v."""
+    gate (``prefill.ec_prologue_in_place``), instead of the prologue copying x beside the stacked EC's v."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     ns = [m[0].shape[0] for m in members]
@@ -201,7 +205,7 @@ def _dequantized_ec(x, members, group_size, ours, in_place, structure="kcat"):
         q, s, z, ec_A, ec_B, gate_w, gate_b = members[0][:3] + members[0][4:]
         if ours:
             x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-            v = dispatch.ec_prologue(x2, ec_A, None, gate_w, gate_b, r, split=True, traceable=True)
+            v = prefill.ec_prologue(x2, ec_A, None, gate_w, gate_b, r, split=True, traceable=True)
         else:
             v = _ec_term(x2, ec_A, gate_w, gate_b)
         c = torch.mm(v, ec_B.t()) if bias is None else torch.addmm(bias, v, ec_B.t())
@@ -210,12 +214,12 @@ def _dequantized_ec(x, members, group_size, ours, in_place, structure="kcat"):
     if ours:
         if in_place:
             own = [tuple(t.contiguous() if t is not None else None for t in (m[4], m[6], m[7])) for m in ecs]
-            xv = dispatch.ec_prologue_in_place(torch.nn.functional.pad(x2, (0, rp)), k, own, traceable=True)
+            xv = prefill.ec_prologue_in_place(torch.nn.functional.pad(x2, (0, rp)), k, own, traceable=True)
         else:
             ec_A, gate_w, gate_b = _stacked_ec(members)
             x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
             xv = torch.empty(x2.shape[0], k + rp, dtype=x.dtype, device=x.device)
-            xv = dispatch.ec_prologue(x2, ec_A, None, gate_w, gate_b, r, out=xv, col0=k, width=rp, copy_x=True,
+            xv = prefill.ec_prologue(x2, ec_A, None, gate_w, gate_b, r, out=xv, col0=k, width=rp, copy_x=True,
                                       split=True, traceable=True)
         wb = _rows_side_by_side([(q, s, z, b if a is not None else None, c0)
                                  for (q, s, z, _, a, b, _, _), c0 in zip(members, offsets)],
@@ -233,12 +237,12 @@ def _dequantized_ec(x, members, group_size, ours, in_place, structure="kcat"):
 
 def _our_kernels_fit(x, qdatas, scales, zeros, group_size, ecs) -> bool:
     """Our Triton dequantize / EC prologue can be traced in for these (fake) arguments: CUDA, what the runtime op
-    accepts (``dispatch._check``: bf16/fp16, group size, scale shapes and dtype, EC shapes and rank), packed rows the
-    int32-word kernel reads (``dispatch.gemv_ok``'s rule on a fake tensor's storage offset) and the EC in x's dtype.
+    accepts (``prefill._check``: bf16/fp16, group size, scale shapes and dtype, EC shapes and rank), packed rows the
+    int32-word kernel reads (``prefill.gemv_ok``'s rule on a fake tensor's storage offset) and the EC in x's dtype.
     ``ecs``: per member, its (A, B, gate_w, gate_b) (Nones without an EC)."""
     try:
         for q, s, z, ec in zip(qdatas, scales, zeros, ecs):
-            dispatch._check(x, q, s, z, None, group_size, *ec, None)
+            check_linear(x, q, s, z, None, group_size, *ec, None)
     except SpearError:
         return False
     rows_ok = all(q.is_contiguous() and q.storage_offset() % 4 == 0 for q in qdatas)
@@ -261,12 +265,11 @@ def _members(node):
     return x, [(q, s, z, b, *ec)]
 
 
-def _labels(node) -> tuple:
+def _labels(node, ctx: PassContext) -> tuple:
     """The module paths (else qlinear node names) behind a fused or grouped node, for the records."""
     if node.target is GROUPED:
-        gid = registry._graph_counter[0]
-        for rec in registry.GROUPS:
-            if rec.graph == gid and rec.node == node.name:
+        for rec in ctx.records.groups_of(ctx.graph):
+            if rec.node == node.name:
                 return tuple(m or s for m, s in zip(rec.modules, rec.members))
         return (node.name,)
     return (node.meta.get("spear_module") or node.meta.get("spear_qlinear", node.name),)
@@ -293,12 +296,10 @@ def _fusible_producer(x) -> bool:
     return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
 
 
-PAD_ENV = "SPEAR_EC_PAD_X"  # "auto" (default): pad when x's producer is pointwise; "1" / "0": always / never
-MERGE_ENV = "SPEAR_EC_MERGE"  # "0": each EC node keeps its own GEMM (A/B against the merged siblings)
 MAX_MERGED_RANK = 128  # the stacked EC's rank: the x pass holds a BLOCK_R-wide A tile and fp32 partials
 
 
-class DecomposePrefillLinearsPass:
+class DecomposePrefillLinearsPass(SpearGraphPass):
     """Replaces W4 ``fused_linear`` (with or without EC) / ``grouped_linear`` nodes at a static M >= ``MIN_M`` by aten
     ``dequantize + mm`` when the graph is not CUDA-graphed (see the module docstring); returns the count of GEMMs
     written. Nodes with the same x of which one has an EC (an EC linear and its siblings: q|k|v, gate|up) become one
@@ -306,23 +307,21 @@ class DecomposePrefillLinearsPass:
     read once for all of them."""
 
     def __init__(self, enabled: Optional[bool] = None):
-        self.enabled = enabled_by_default() if enabled is None else bool(enabled)
-        self.merge_ec = os.environ.get(MERGE_ENV, "1") != "0"
-        self.pad_x = os.environ.get(PAD_ENV, "auto")
-        if self.pad_x not in ("auto", "0", "1"):
-            raise SpearError(f"{PAD_ENV}={self.pad_x!r}: expected auto, 0 or 1")
-
-    DEFAULT_SETTINGS = (True, True, "auto", dispatch.XPASS_CONFIG_IN_PLACE_DEFAULT)
+        opts = options.current()
+        self.enabled = opts.decompose_prefill if enabled is None else bool(enabled)
+        self.merge_ec = opts.ec_merge  # SPEAR_EC_MERGE=0: each EC node keeps its own GEMM
+        self.pad_x = opts.ec_pad_x  # "auto": pad when x's producer is pointwise; "1" / "0": always / never
+        self.xpass = opts.xpass_in_place  # traced into the graph: part of what it writes
 
     def settings(self) -> tuple:
         """What changes the graph it writes besides its sources (part of the pass manager's cache ``uuid``)."""
-        return (self.enabled, self.merge_ec, self.pad_x, dispatch.XPASS_CONFIG_IN_PLACE)
+        return (self.enabled, self.merge_ec, self.pad_x, tuple(self.xpass))
 
     def active(self) -> bool:
         """On, and this compile does not record CUDA graphs (read from the Inductor config in force)."""
         return self.enabled and not torch._inductor.config.triton.cudagraphs
 
-    def __call__(self, graph: torch.fx.Graph) -> int:
+    def __call__(self, graph: torch.fx.Graph, ctx: PassContext) -> int:
         if not self.active():
             return 0
         order = {n: i for i, n in enumerate(graph.nodes)}
@@ -346,7 +345,7 @@ class DecomposePrefillLinearsPass:
         units += [[n] for n in cands if n not in taken]
         count = 0
         for unit in units:
-            if self._replace(graph, unit):
+            if self._replace(graph, unit, ctx):
                 count += 1
         if count:
             graph.eliminate_dead_code()
@@ -358,7 +357,7 @@ class DecomposePrefillLinearsPass:
         operand exists where the merged GEMM goes (before the first node)."""
         mems = [m for n in nodes for m in _members(n)[1]]
         ranks = [_val(m[5]).shape[1] for m in mems if m[4] is not None]
-        if not ranks or sum(ranks) > MAX_MERGED_RANK or len(ranks) > dispatch.MAX_IN_PLACE_BLOCKS:
+        if not ranks or sum(ranks) > MAX_MERGED_RANK or len(ranks) > MAX_IN_PLACE_BLOCKS:
             return False
         k = _val(nodes[0].args[0]).shape[-1]
         if k > sum(_val(m[0]).shape[0] for m in mems):
@@ -366,7 +365,7 @@ class DecomposePrefillLinearsPass:
         first = min(order[n] for n in nodes)
         return all(order[a] < first for n in nodes for a in n.all_input_nodes)
 
-    def _replace(self, graph: torch.fx.Graph, nodes) -> bool:
+    def _replace(self, graph: torch.fx.Graph, nodes, ctx: PassContext) -> bool:
         """Writes ``nodes`` (in graph order; more than one: merged into one GEMM) as dequantize + mm."""
         parts = [_members(n) for n in nodes]
         if any(p is None for p in parts):
@@ -394,8 +393,8 @@ class DecomposePrefillLinearsPass:
         structure = "" if not any_ec else "kcat" if g > 1 or pad_x else ec_structure(xv.shape[-1], n_tot)
         ranks = sum(mv[5].shape[1] for mv in mvals if mv[4] is not None)
         # [x | 0] by pad (our kernels only): x's producer can write it, or the stack is too wide for the
-        # prologue's own copy (it would copy x in a pass of its own first, ``dispatch.COPY_X_MAX_BLOCK_R``)
-        in_place = structure == "kcat" and (pad_x or dispatch._block_r(ranks) > dispatch.COPY_X_MAX_BLOCK_R)
+        # prologue's own copy (it would copy x in a pass of its own first, ``COPY_X_MAX_BLOCK_R``)
+        in_place = structure == "kcat" and (pad_x or block_r(ranks) > COPY_X_MAX_BLOCK_R)
 
         def fn(x_, *rest):
             rest = list(rest)
@@ -453,26 +452,26 @@ class DecomposePrefillLinearsPass:
                     sl.meta["stack_trace"] = node.meta.get("stack_trace")
                     node.replace_all_uses_with(sl)
                     col += n
-        labels = [_labels(n) for n in nodes]
+        labels = [_labels(n, ctx) for n in nodes]
         for i, node in enumerate(nodes):
             graph.erase_node(node)
             others = tuple(lb for j, lbs in enumerate(labels) if j != i for lb in lbs)
-            DecomposePrefillLinearsPass._record(node.name, node.meta.get("spear_qlinear", node.name),
+            DecomposePrefillLinearsPass._record(ctx, node.name, node.meta.get("spear_qlinear", node.name),
                                                 node.target is GROUPED, structure, "spear" if ours else "inductor",
                                                 others, ours and in_place)
         return True
 
     @staticmethod
-    def _record(name: str, source: str, grouped: bool, structure: str, kernels: str, merged=(), pad_x=False) -> None:
-        gid = registry._graph_counter[0]
+    def _record(ctx: PassContext, name: str, source: str, grouped: bool, structure: str, kernels: str, merged=(),
+                pad_x=False) -> None:
         recs = []
         if grouped:
-            for rec in registry.GROUPS:
-                if rec.graph == gid and rec.node == name:
+            for rec in ctx.records.groups_of(ctx.graph):
+                if rec.node == name:
                     rec.decomposed = True
-                    recs += [r for r in registry.RECORDS if r.graph == gid and r.group == rec.index]
+                    recs += [r for r in ctx.records.matches_of(ctx.graph) if r.group == rec.index]
         else:
-            recs = [r for r in registry.RECORDS if r.graph == gid and r.node == source]
+            recs = [r for r in ctx.records.matches_of(ctx.graph) if r.node == source]
         for r in recs:
             r.decomposed, r.decomposed_with = True, kernels
             r.decomposed_ec = structure if (not grouped or merged) else ""

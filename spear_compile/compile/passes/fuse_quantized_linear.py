@@ -5,8 +5,8 @@ where ``F.linear`` has become ``mm``/``addmm`` of a ``permute``d weight (plus ``
 around it for 3-D input). The backend runs the pass before Inductor's own post-grad patterns; the
 variants those would produce (final ``add`` folded into ``addmm``) are matched too.
 One tree per variant: 2-D/3-D input x gated (gate bias or not)/static EC x root form.
-Anything that does not match stays as it was (correct, reference op) and is logged in
-``registry.RECORDS``; a ``spear::qlinear`` left in the graph triggers a warning.
+Anything that does not match stays as it was (correct, reference op) and is logged in the compile's
+``CompileRecords``; a ``spear::qlinear`` left in the graph triggers a warning.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from torch._inductor.pattern_matcher import (
 
 from ...quant import qlinear as ops  # noqa: F401  (registers spear::qlinear)
 from ...lowering import fused_linear  # noqa: F401  (registers spear::fused_linear)
-from .. import records as registry
+from ..records import MatchRecord, PassContext
+from .base import SpearGraphPass
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -180,7 +181,7 @@ def module_of(node: torch.fx.Node):
 def _describe(q: torch.fx.Node, kind: str, matched: bool, reason: str, kw: dict, graph_id: int):
     x, qd = _val(q.args[0]), _val(q.args[1])
     a = _val(kw.get("ec_A"))
-    rec = registry.MatchRecord(
+    rec = MatchRecord(
         node=q.name, module=module_of(q), matched=matched, kind=kind, reason=reason,
         x_shape=tuple(x.shape) if x is not None else (), n=qd.shape[0] if qd is not None else 0,
         k=x.shape[-1] if x is not None else 0, group_size=q.args[5] if len(q.args) > 5 else 0,
@@ -192,7 +193,7 @@ def _describe(q: torch.fx.Node, kind: str, matched: bool, reason: str, kw: dict,
 
 
 # ---- the pass ----------------------------------------------------------------------------
-class FuseQuantizedLinearPass:
+class FuseQuantizedLinearPass(SpearGraphPass):
     """Rewrites matched subgraphs into one ``spear::fused_linear`` each; logs every qlinear."""
 
     def __init__(self):
@@ -238,10 +239,10 @@ class FuseQuantizedLinearPass:
     def _qlinear_node(match: Match) -> torch.fx.Node:
         return next(n for n in match.nodes if n.target is QLINEAR)
 
-    def __call__(self, graph: torch.fx.Graph) -> int:
+    def __call__(self, graph: torch.fx.Graph, ctx: PassContext) -> int:
         """Run on ``graph``; returns the number of fused subgraphs."""
         self._reasons, self._log = {}, []
-        self._graph_id = registry.next_graph_id()
+        self._graph_id = ctx.graph
         order = {n: i for i, n in enumerate(graph.nodes)}
         count = self.ec_pass.apply(graph) + self.plain_pass.apply(graph)
         graph.eliminate_dead_code()
@@ -250,5 +251,5 @@ class FuseQuantizedLinearPass:
             self._log.append(_describe(q, "unfused", False, reason, {}, self._graph_id))
             warnings.warn(f"spear_compile: {q.name} (module {module_of(q) or '?'}) left as the reference "
                           f"spear::qlinear, not fused: {reason}", stacklevel=2)
-        registry.RECORDS.extend(sorted(self._log, key=lambda r: order.get(r.extra.pop("node"), 0)))
+        ctx.records.matches.extend(sorted(self._log, key=lambda r: order.get(r.extra.pop("node"), 0)))
         return count

@@ -8,30 +8,30 @@ slices to views of the grouped buffer (``ReinterpretView``): consumers index int
 
 Members are taken in graph order, at most ``MAX_GROUP`` (4) per group; a bigger set is split into
 balanced groups (5 -> 3 + 2). Nodes with an EC, a different bias-ness or an input defined after the first
-member stay as they were. Every group is logged in ``registry.GROUPS`` and marked on the members'
-``MatchRecord`` (``group`` field). Off: ``SPEAR_GROUP_LINEARS=0`` in the environment, or
+member stay as they were. Every group is logged in the compile's ``CompileRecords.groups`` and marked on the
+members' ``MatchRecord`` (``group`` field). Off: ``SPEAR_GROUP_LINEARS=0`` in the environment, or
 ``options={"spear_group_linears": False}`` for ``torch.compile(..., backend="spear")``.
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional
 
 import torch
 from torch._guards import detect_fake_mode
 
+from ... import options
 from ...lowering import fused_linear  # noqa: F401  (registers spear::fused_linear, spear::grouped_linear)
-from ...lowering.dispatch import MAX_GROUP
-from .. import records as registry
+from ...lowering.configs import MAX_GROUP
+from ..records import GroupRecord, PassContext
+from .base import SpearGraphPass
 
 aten = torch.ops.aten
 FUSED = torch.ops.spear.fused_linear.default
 GROUPED = torch.ops.spear.grouped_linear.default
-ENV = "SPEAR_GROUP_LINEARS"
 
 
 def enabled_by_default() -> bool:
-    return os.environ.get(ENV, "1") != "0"
+    return options.current().group_linears
 
 
 def balanced_chunks(items: list, size: int = MAX_GROUP) -> list:
@@ -54,13 +54,16 @@ def _key(node: torch.fx.Node):
     return (x, xv.shape[-1], gs, xv.dtype, sv.dtype, bias is not None)
 
 
-class GroupSiblingLinearsPass:
+class GroupSiblingLinearsPass(SpearGraphPass):
     """Groups sibling ``spear::fused_linear`` nodes (see the module docstring); returns the group count."""
 
     def __init__(self, enabled: Optional[bool] = None):
         self.enabled = enabled_by_default() if enabled is None else bool(enabled)
 
-    def __call__(self, graph: torch.fx.Graph) -> int:
+    def settings(self) -> tuple:
+        return () if self.enabled else ("group_linears=off",)
+
+    def __call__(self, graph: torch.fx.Graph, ctx: PassContext) -> int:
         if not self.enabled:
             return 0
         order = {n: i for i, n in enumerate(graph.nodes)}
@@ -74,7 +77,7 @@ class GroupSiblingLinearsPass:
             nodes.sort(key=order.__getitem__)
             for chunk in balanced_chunks(nodes):
                 if len(chunk) >= 2 and self._inputs_ready(chunk, order):
-                    self._rewrite(graph, chunk)
+                    self._rewrite(graph, chunk, ctx)
                     count += 1
         if count:
             graph.eliminate_dead_code()
@@ -86,7 +89,7 @@ class GroupSiblingLinearsPass:
         first = order[members[0]]
         return all(order[a] < first for m in members for a in m.all_input_nodes)
 
-    def _rewrite(self, graph: torch.fx.Graph, members: List[torch.fx.Node]) -> None:
+    def _rewrite(self, graph: torch.fx.Graph, members: List[torch.fx.Node], ctx: PassContext) -> None:
         x, gs = members[0].args[0], members[0].args[5]
         qs, ss, zs, bs = ([m.args[j] for m in members] for j in (1, 2, 3, 4))
         ns = [_val(q).shape[0] for q in qs]
@@ -110,19 +113,19 @@ class GroupSiblingLinearsPass:
                 start += n
         for m in members:
             graph.erase_node(m)
-        self._record(grouped, members, ns, xv, gs, bs[0] is not None)
+        self._record(ctx, grouped, members, ns, xv, gs, bs[0] is not None)
 
     @staticmethod
-    def _record(grouped, members, ns, xv, gs, bias):
-        gid = registry._graph_counter[0]
+    def _record(ctx, grouped, members, ns, xv, gs, bias):
+        gid = ctx.graph
         sources = [m.meta.get("spear_qlinear", m.name) for m in members]
         modules = [m.meta.get("spear_module") for m in members]
-        rec = registry.GroupRecord(
-            index=len(registry.GROUPS), graph=gid, node=grouped.name, members=tuple(sources),
+        rec = GroupRecord(
+            index=len(ctx.records.groups), graph=gid, node=grouped.name, members=tuple(sources),
             modules=tuple(mod or src for mod, src in zip(modules, sources)), ns=tuple(ns), k=xv.shape[-1],
             group_size=gs, dtype=str(xv.dtype).replace("torch.", ""), bias=bias)
-        registry.GROUPS.append(rec)
-        by_node = {r.node: r for r in registry.RECORDS if r.graph == gid}
+        ctx.records.groups.append(rec)
+        by_node = {r.node: r for r in ctx.records.matches_of(gid)}
         for src in sources:
             if src in by_node:
                 by_node[src].group = rec.index

@@ -1,0 +1,152 @@
+"""Grouped linears: several quantized linears of one ``x`` (q|k|v, gate|up; the op ``spear::grouped_linear`` that
+``compile.passes.group_sibling_linears`` makes) as one ``[M, N_1 + ... + N_g]`` output.
+
+M = 1 runs the 2-4 members in one launch of ``w4_gemv_grouped_kernel``; M 2..16 times that kernel's tensor-core
+configs against per-member launches; larger M launches the members one by one (their own tuned configs) into
+column slices of the same output. Keyed by (K, member Ns, group, dtype, M bucket, bias); candidates:
+``candidates.grouped_candidates``.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+
+from .. import options
+from ..errors import SpearError
+from ..kernels.w4_gemv import w4_gemv_grouped_kernel
+from .candidates import default_grouped_config, grouped_candidates, num_sms
+from .configs import MAX_DECODE_M, MAX_GROUP, DequantCublasConfig, GroupedConfig
+from .decode import groups_per_block, load_kwargs
+from .dispatch import check_linear, config_for, rows_and_out, runner
+from .prefill import gemv_ok
+from .runtime import TUNER, WORKSPACES
+from .tuner import group_key
+
+
+def _check_group(x, qdatas, scales, zeros, biases, group_size):
+    where = "spear_compile.lowering.grouped.launch_grouped"
+    g = len(qdatas)
+    if not 1 <= g or len(scales) != g or len(zeros) != g or (biases is not None and len(biases) != g):
+        raise SpearError(f"{where}: qdata/scale/zero/bias lists must have the same length >= 1, got "
+                         f"{g}/{len(scales)}/{len(zeros)}/{None if biases is None else len(biases)}")
+    for i in range(g):
+        check_linear(x, qdatas[i], scales[i], zeros[i], None if biases is None else biases[i], group_size,
+               None, None, None, None, None)
+
+
+def _members_into(x2, qdatas, scales, zeros, biases, group_size, y, config=None):
+    """One launch per member (its own tuned config, or ``config`` for all) into column slices of ``y``."""
+    col = 0
+    for i, q in enumerate(qdatas):
+        n = q.shape[0]
+        yi = y[:, col:col + n]
+        args = (x2, q, scales[i], zeros[i], biases[i], group_size, None, None, None, None, None, yi)
+        cfg = config or config_for(x2, args, x2.shape[1], n, group_size, False, False)
+        runner(cfg)(cfg, *args)
+        col += n
+    return y
+
+
+def _grouped_kernel_ok(cfg, x2, qdatas):
+    m, k = x2.shape
+    return (not cfg.per_member and len(qdatas) <= MAX_GROUP and m <= MAX_DECODE_M and (m == 1 or cfg.tc)
+            and all(gemv_ok(k, q) for q in qdatas))
+
+
+def _run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y):
+    """``y [M, ΣN] = [x W_1ᵀ | x W_2ᵀ | ...] (+ biases)``: one grouped launch where the kernel applies, else per member."""
+    if not _grouped_kernel_ok(cfg, x2, qdatas):
+        return _members_into(x2, qdatas, scales, zeros, biases, group_size, y)
+    m, k = x2.shape
+    g = len(qdatas)
+    ns = [q.shape[0] for q in qdatas]
+    n_total = sum(ns)
+    split = min(cfg.split_k, triton.cdiv(k, cfg.block_k))
+    tiles = [triton.cdiv(n, cfg.block_n) * split for n in ns]
+    starts = list(itertools.accumulate(tiles))  # P_1, P_2, ... (first program of members 1..)
+    cols = list(itertools.accumulate(ns))
+    acc, arrive = WORKSPACES.get(x2.device).for_group(n_total) if split > 1 else (y, y)
+    has_bias = biases[0] is not None
+    ptrs = []
+    for i in range(MAX_GROUP):
+        j = min(i, g - 1)  # unused slots repeat the last member (never read)
+        ptrs += [qdatas[j].view(torch.int32), scales[j], zeros[j], biases[j] if has_bias else x2]
+    pad = lambda v: (list(v) + [v[-1]] * MAX_GROUP)[:MAX_GROUP - 1]  # noqa: E731
+    w4_gemv_grouped_kernel[(starts[-1],)](
+        x2, y, acc, arrive, *ptrs,
+        *(ns + [ns[-1]] * (MAX_GROUP - g)), *pad(starts[:-1] or [starts[-1]]), *pad(cols[:-1] or [cols[-1]]),
+        m, k, group_size, k // group_size, x2.stride(0), n_total, split,
+        MEMBERS=g, BLOCK_M=16 if cfg.tc else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_SPLIT=split > 1,
+        PER_CHANNEL=group_size == k, WIDE=group_size < k and cfg.block_k > group_size, TC=cfg.tc,
+        X_BF16=x2.dtype == torch.bfloat16, HAS_BIAS=has_bias, INTERPRET=options.interpret(),
+        GPB=groups_per_block(cfg, m, k, group_size), **load_kwargs(cfg, x2), num_warps=cfg.num_warps,
+    )
+    return y
+
+
+def grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y):
+    m, k = x2.shape
+    ns = [q.shape[0] for q in qdatas]
+    key = group_key(m, k, ns, group_size, x2.dtype, biases[0] is not None)
+    if key in TUNER.picks:
+        return TUNER.picks[key]
+    if m > MAX_DECODE_M:
+        return GroupedConfig(per_member=True)  # prefill: each member its own tuned GEMM
+    sms = num_sms(x2.device)
+    if not TUNER.can_tune(x2):
+        return default_grouped_config(m, k, ns, group_size, sms)
+    args = (x2, qdatas, scales, zeros, biases, group_size, y)
+
+    def reference():
+        return _members_into(x2, qdatas, scales, zeros, biases, group_size, torch.empty_like(y), DequantCublasConfig())
+
+    cands = grouped_candidates(k, ns, group_size, sms, m)
+    return TUNER.pick(key, x2.device, cands, lambda cfg: _run_grouped(cfg, *args), reference, y)
+
+
+def choose_grouped(m: int, k: int, ns, group_size: int, dtype=torch.bfloat16, bias: bool = False) -> str:
+    """Human-readable name of what ``launch_grouped`` would run for members of widths ``ns``."""
+    group_size = group_size or k
+    key = group_key(m, k, list(ns), group_size, dtype, bias)
+    if key in TUNER.picks:
+        return f"{TUNER.picks[key].name} (tuned, bucket M<={key.m_bucket})"
+    if m > MAX_DECODE_M:
+        return "grouped[per-member launches] (prefill)"
+    return f"{default_grouped_config(m, k, list(ns), group_size).name} (default; tuned on first CUDA call)"
+
+
+def launch_grouped(x, qdatas, scales, zeros, biases, group_size, config=None):
+    """Several quantized linears of the same ``x [..., K]`` (same K, group size, dtype; biases all given or
+    all None) as one ``[..., N_1 + ... + N_g]`` output, member i in columns ``[C_i, C_i + N_i)``.
+
+    ``biases``: a list (entries None for no bias) or None; ``config``: a ``GroupedConfig`` to force one.
+    """
+    qdatas, scales, zeros = list(qdatas), list(scales), list(zeros)
+    biases = [None] * len(qdatas) if biases is None else list(biases)
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        raise SpearError("spear_compile.lowering.grouped.launch_grouped: biases must be all given or all None")
+    _check_group(x, qdatas, scales, zeros, biases, group_size)
+    n_total = sum(q.shape[0] for q in qdatas)
+    x2, m, y = rows_and_out(x, n_total)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n_total)
+    cfg = config or grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y)
+    _run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y)
+    return y.reshape(*x.shape[:-1], n_total)
+
+
+def warm_grouped(k: int, ns, group_size: int, dtype=torch.bfloat16, bias: bool = False, ms=(1,), device="cuda") -> int:
+    """Tune (and allocate the workspaces of) the grouped key for members of widths ``ns`` before CUDA-graph
+    capture, like ``compile.api.warm_kernels`` does for single linears: tuning is keyed by shapes only, so
+    random weights of those shapes do. Returns the number of calls made."""
+    device = torch.device(device)
+    g = len(ns)
+    qs = [torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device) for n in ns]
+    ss = [torch.full((n, k // group_size), 0.01, dtype=dtype, device=device) for n in ns]
+    zs = [torch.full((n, k // group_size), 8.0, dtype=dtype, device=device) for n in ns]
+    bs = [torch.zeros(n, dtype=dtype, device=device) for n in ns] if bias else [None] * g
+    for m in ms:
+        launch_grouped(torch.randn(m, k, dtype=dtype, device=device), qs, ss, zs, bs, group_size)
+    return len(ms)

@@ -1,0 +1,159 @@
+"""Persistent buffers of the decode kernels, one set per (device, stream), and the side streams of forked launches.
+
+The decode kernels leave their workspace clean (zeroed, or epoch-consistent) after every launch, so one launch
+never sees another's state: but two launches running at once on two streams of one device must not share one.
+``Workspaces.get(device)`` therefore returns the set of the device's *current stream*. Under CUDA-graph capture
+that is the capture stream: warm a shape up on the stream that will capture it (Inductor's CUDA-graph trees
+warm up and record on one stream of their own) or the first capture allocates that stream's buffers and records
+their zero-fill into the graph. Outside capture the buffers are allocated and zeroed on a stream of their own
+(the current stream then waits for it): never from a CUDA-graph memory pool routed to the current stream (as in a
+CUDA-graph tree's warm-up), whose checkpoint restores could hand their memory out again.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+import triton
+
+from .configs import MAX_DECODE_M, MAX_EC_RANK, MAX_GROUP, MIN_BLOCK_N
+
+
+def _zeros(numel, dtype, device, alloc_stream):
+    """A persistent zeroed buffer: made on ``alloc_stream`` (outside any pool routed to the current stream) and
+    waited for by the current stream; made in place during capture (the zero-fill is captured)."""
+    if alloc_stream is None or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(numel, dtype=dtype, device=device)
+    current = torch.cuda.current_stream(device)
+    alloc_stream.wait_stream(current)
+    with torch.cuda.stream(alloc_stream):
+        t = torch.zeros(numel, dtype=dtype, device=device)
+    current.wait_stream(alloc_stream)
+    return t
+
+
+class Workspace:
+    """Persistent buffers the decode kernels leave clean (zeroed, or epoch-consistent) after every launch."""
+
+    def __init__(self, device, alloc_stream=None):
+        self.device = device
+        self._alloc_stream = alloc_stream
+        self.sync = self._zeros(4, torch.int32)  # tile id, u arrivals, done
+        self.u = self._zeros(MAX_DECODE_M * MAX_EC_RANK, torch.float32)
+        # modes pdl/2k: the gated u as tagged int64 words (tags unused: the kernel boundary orders them)
+        self.gu = self._zeros(MAX_DECODE_M * MAX_EC_RANK, torch.int64)
+        self.ep = self._zeros(1, torch.int32)
+        self.acc = {}     # N -> fp32 [16 * N] split-K accumulator
+        self.arrive = {}  # N -> int32 [cdiv(N, 16)] split arrival counters
+        self.geo = {}     # (N, N tiles) -> (epoch + per-tile phases int32 [1 + N tiles], tagged g(u)⊙u words)
+        self.ecw = {}     # mode ecterm: slot geometry -> the published EC term words
+
+    def _zeros(self, numel, dtype):
+        return _zeros(numel, dtype, self.device, self._alloc_stream)
+
+    def for_n(self, n):
+        if n not in self.acc:
+            self.acc[n] = self._zeros(MAX_DECODE_M * n, torch.float32)
+            self.arrive[n] = self._zeros(triton.cdiv(n, MIN_BLOCK_N), torch.int32)
+        return self.acc[n], self.arrive[n]
+
+    def for_epoch(self, n, n_tiles):
+        """Mode "epoch": state of one launch geometry. Every launch of it bumps the epoch and each tile's phase
+        once, so they agree between launches; another geometry has its own (its tile count differs)."""
+        key = (n, n_tiles)
+        if key not in self.geo:
+            self.geo[key] = (self._zeros(1 + n_tiles, torch.int32), self._zeros(MAX_DECODE_M * MAX_EC_RANK, torch.int64))
+        return self.geo[key]
+
+    def for_slots(self, n, n_tiles, n_u, r, term=False):
+        """Modes "slots"/"ecterm": phases ``int32 [n_u + n_tiles]`` (u tiles, then N tiles) and the slot
+        words ``int64 [n_u * 16 * r]`` of one launch geometry (every launch bumps each phase once, so they agree
+        between launches). ``term`` ("ecterm"): n_tiles more phases (the W finishers) and the published EC term words
+        ``int64 [16 * n]`` (a third entry)."""
+        key = ("slots", n, n_tiles, n_u, r, term)
+        if key not in self.geo:
+            self.geo[key] = (self._zeros(n_u + n_tiles * (2 if term else 1), torch.int32),
+                             self._zeros(n_u * MAX_DECODE_M * r, torch.int64))
+            if term:
+                self.ecw[key] = self._zeros(MAX_DECODE_M * n, torch.int64)
+        return self.geo[key] + ((self.ecw[key],) if term else ())
+
+    def for_group(self, n_total):
+        """Split-K buffers of a grouped launch: ``n_total`` columns, up to ``n_total / 4 + MAX_GROUP`` N tiles."""
+        key = ("group", n_total)
+        if key not in self.acc:
+            self.acc[key] = self._zeros(MAX_DECODE_M * n_total, torch.float32)
+            self.arrive[key] = self._zeros(triton.cdiv(n_total, MIN_BLOCK_N) + MAX_GROUP, torch.int32)
+        return self.acc[key], self.arrive[key]
+
+
+def stream_key(device: torch.device) -> tuple:
+    """(device type, index, stream id): the current stream's identity on ``device`` (0 off CUDA)."""
+    if device.type != "cuda":
+        return (device.type, device.index, 0)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return ("cuda", index, torch.cuda.current_stream(index).cuda_stream)
+
+
+class Workspaces:
+    """The decode workspaces, one ``Workspace`` per (device, stream); and one side stream per device for the
+    forked prologue of ``DequantCublasConfig(overlap=True)``."""
+
+    def __init__(self):
+        self._by_stream = {}
+        self._side = {}
+        self._alloc = {}  # device -> the stream buffers are allocated and zeroed on
+        self._lock = threading.Lock()
+
+    def get(self, device: torch.device) -> Workspace:
+        key = stream_key(device)
+        ws = self._by_stream.get(key)
+        if ws is None:
+            with self._lock:
+                alloc = None
+                if device.type == "cuda":
+                    alloc = self._alloc.setdefault(key[:2], torch.cuda.Stream(device))
+                ws = self._by_stream.setdefault(key, Workspace(device, alloc))
+        return ws
+
+    def side_stream(self, device: torch.device) -> "torch.cuda.Stream":
+        key = stream_key(device)
+        if key not in self._side:
+            with self._lock:
+                self._side.setdefault(key, torch.cuda.Stream(device))
+        return self._side[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_stream.clear()
+            self._side.clear()
+            self._alloc.clear()
+
+
+class Fork:
+    """``with Fork(on, device, workspaces):`` runs the block on the current stream's side stream after it waited
+    for the current one (a CUDA-graph capture follows the fork); ``join()`` makes the current stream wait for the side
+    stream. Tensors the block writes must be allocated before it, on the current stream, and used on it only after
+    the join."""
+
+    def __init__(self, on: bool, device, workspaces: Workspaces):
+        self.on, self.device, self.ctx = on, device, None
+        self.side: Optional[torch.cuda.Stream] = workspaces.side_stream(device) if on else None
+        self.main = torch.cuda.current_stream(device) if on else None
+
+    def __enter__(self):
+        if self.on:
+            self.side.wait_stream(self.main)
+            self.ctx = torch.cuda.stream(self.side)
+            self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+        return False
+
+    def join(self):
+        if self.on:
+            self.main.wait_stream(self.side)

@@ -1,0 +1,118 @@
+"""Every environment variable spear_compile reads, read here and nowhere else.
+
+``current()`` parses the environment when it is called (never at import), so a malformed value raises a
+``SpearError`` naming the variable and its expected form where the option is used, and a test's
+``monkeypatch.setenv`` takes effect on the next call. Parsing is cached per distinct set of values.
+
+========================== ======================================= ==========================================
+variable                   meaning                                 default
+========================== ======================================= ==========================================
+``SPEAR_AUTOTUNE``         ``0``: never time kernel configs; the   ``1``
+                           heuristic defaults are used
+``SPEAR_TUNE_CACHE``       directory of the tuner's on-disk cache; ``$XDG_CACHE_HOME/spear_compile`` or
+                           ``0`` or empty: off                     ``~/.cache/spear_compile``
+``SPEAR_GROUP_LINEARS``    ``0``: no grouped launch of sibling     ``1``
+                           linears (q|k|v, gate|up)
+``SPEAR_DECOMPOSE_PREFILL`` ``0``: keep static-M prefill linears   ``1``
+                           as our op (no dequantize + mm in graph)
+``SPEAR_EC_MERGE``         ``0``: EC siblings keep a GEMM each     ``1``
+``SPEAR_EC_PAD_X``         ``auto`` / ``0`` / ``1``: write         ``auto``
+                           ``[x | 0]`` from x's producer when it
+                           is pointwise / never / always
+``SPEAR_XPASS_IN_PLACE``   the in-place EC x pass's launch         ``64,128,3,4,1``
+                           geometry ``BLOCK_M,BLOCK_K,stages,
+                           warps,programs_per_SM`` (a bench knob)
+``TRITON_INTERPRET``       Triton's own: ``1`` runs kernels in     ``0``
+                           its CPU interpreter (read, not set)
+========================== ======================================= ==========================================
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+from .errors import SpearError
+
+
+class XPassConfig(NamedTuple):
+    """Launch geometry of a split-K pass over x (``lowering.prefill``)."""
+    block_m: int
+    block_k: int
+    stages: int
+    warps: int
+    programs_per_sm: int
+
+
+XPASS_IN_PLACE_DEFAULT = XPassConfig(64, 128, 3, 4, 1)  # best total of bench/xpass_sweep.py (sessions 8, 9)
+
+_VARIABLES = ("SPEAR_AUTOTUNE", "SPEAR_TUNE_CACHE", "SPEAR_GROUP_LINEARS", "SPEAR_DECOMPOSE_PREFILL",
+              "SPEAR_EC_MERGE", "SPEAR_EC_PAD_X", "SPEAR_XPASS_IN_PLACE", "TRITON_INTERPRET", "XDG_CACHE_HOME", "HOME")
+
+
+@dataclass(frozen=True)
+class Options:
+    autotune: bool = True
+    tune_cache_dir: Optional[str] = None  # None: the on-disk tuning cache is off
+    group_linears: bool = True
+    decompose_prefill: bool = True
+    ec_merge: bool = True
+    ec_pad_x: str = "auto"  # "auto" | "0" | "1"
+    xpass_in_place: XPassConfig = XPASS_IN_PLACE_DEFAULT
+    interpret: bool = False  # TRITON_INTERPRET=1
+
+
+def _switch(name: str, value: Optional[str], default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    if value in ("0", "1"):
+        return value == "1"
+    raise SpearError(f"{name}={value!r}: expected 0 or 1")
+
+
+def _xpass(value: Optional[str]) -> XPassConfig:
+    if not value:
+        return XPASS_IN_PLACE_DEFAULT
+    try:
+        fields = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        fields = ()
+    if len(fields) != 5 or min(fields) < 1:
+        raise SpearError(f"SPEAR_XPASS_IN_PLACE={value!r}: expected five positive integers "
+                         "BLOCK_M,BLOCK_K,stages,warps,programs_per_SM, e.g. 64,128,3,4,1")
+    return XPassConfig(*fields)
+
+
+def _tune_cache_dir(value: Optional[str], xdg: Optional[str]) -> Optional[str]:
+    if value is not None:
+        return None if value in ("", "0") else value
+    return os.path.join(xdg or os.path.join(os.path.expanduser("~"), ".cache"), "spear_compile")
+
+
+@functools.lru_cache(maxsize=16)
+def _parse(values: tuple) -> Options:
+    env = dict(zip(_VARIABLES, values))
+    pad_x = env["SPEAR_EC_PAD_X"] or "auto"
+    if pad_x not in ("auto", "0", "1"):
+        raise SpearError(f"SPEAR_EC_PAD_X={pad_x!r}: expected auto, 0 or 1")
+    return Options(
+        autotune=_switch("SPEAR_AUTOTUNE", env["SPEAR_AUTOTUNE"], True),
+        tune_cache_dir=_tune_cache_dir(env["SPEAR_TUNE_CACHE"], env["XDG_CACHE_HOME"]),
+        group_linears=_switch("SPEAR_GROUP_LINEARS", env["SPEAR_GROUP_LINEARS"], True),
+        decompose_prefill=_switch("SPEAR_DECOMPOSE_PREFILL", env["SPEAR_DECOMPOSE_PREFILL"], True),
+        ec_merge=_switch("SPEAR_EC_MERGE", env["SPEAR_EC_MERGE"], True),
+        ec_pad_x=pad_x,
+        xpass_in_place=_xpass(env["SPEAR_XPASS_IN_PLACE"]),
+        interpret=env["TRITON_INTERPRET"] == "1",
+    )
+
+
+def current() -> Options:
+    """The options the environment sets now (a ``SpearError`` names a malformed variable)."""
+    return _parse(tuple(os.environ.get(name) for name in _VARIABLES))
+
+
+def interpret() -> bool:
+    """Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
