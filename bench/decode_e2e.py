@@ -24,9 +24,8 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import spear_compile  # noqa: E402
-from spear_compile.compile import passes  # noqa: E402
+from spear_compile.compile import records  # noqa: E402
 from spear_compile.ec.module import CompensatedLinear  # noqa: E402
 from spear_compile.compile.api import optimize, warm_kernels  # noqa: E402
 
@@ -114,8 +113,11 @@ def compiled_step(model, backend, quant=None, unwrap=True, skip_guards=False):
     return eager, model.forward
 
 
+REC = records.CompileRecords()  # what the passes saw in this run (main() records into it)
+
+
 def count_graphs():
-    return passes.registry._graph_counter[0]
+    return REC.graphs
 
 
 def ref_checks(args):
@@ -132,7 +134,7 @@ def ref_checks(args):
     del model
     for ecs in (False, True):
         torch._dynamo.reset()
-        passes.clear()
+        REC.clear()
         model = AutoModelForCausalLM.from_pretrained(REF, dtype=torch.bfloat16).cuda().eval()
         spear_compile.quantize(model, "w4-pc-rtn", progress=False)
         chosen = attach_random_ecs(model, 0.15, 8, seed=1) if ecs else []
@@ -153,7 +155,7 @@ def ref_checks(args):
             g1 = count_graphs()
             toks2, _ = greedy(eager_fwd, step, prompt, 32, cache, True)
             g2 = count_graphs()
-        fused = [r for r in passes.RECORDS if r.graph > g0]
+        fused = [r for r in REC.matches if r.graph > g0]
         row(check="ref16m", ecs=len(chosen), identical=bool(torch.equal(toks, ref_toks)),
             mismatches=int((toks != ref_toks).sum()), graphs_first_gen=g1 - g0, graphs_second_gen=g2 - g1,
             identical_rerun=bool(torch.equal(toks, toks2)), max_layer_rel_err=max(errs),
@@ -196,7 +198,7 @@ def variants_check(args):
     for gate in ("sigmoid", "none", "plain"):
         for shape in ((1, 1, 256), (1, 20, 256), (20, 256), (1, 256)):
             torch._dynamo.reset()
-            passes.clear()
+            REC.clear()
             lin = torch.nn.Linear(256, 128, bias=False).cuda().to(torch.bfloat16)
             quantize_linear_(lin, QuantConfig.from_spec("w4-pc-rtn"))
             m = lin if gate == "plain" else CompensatedLinear.wrap(lin, 16, gate=gate)
@@ -209,9 +211,9 @@ def variants_check(args):
                 out = torch.compile(m, backend="spear")(x)
             ref = m(x)
             err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-            row(check="variant", gate=gate, shape=shape, kinds=[r.kind for r in passes.RECORDS],
-                reasons=[r.reason for r in passes.RECORDS if not r.matched], rel_err=round(err, 5))
-            if any(not r.matched for r in passes.RECORDS):
+            row(check="variant", gate=gate, shape=shape, kinds=[r.kind for r in REC.matches],
+                reasons=[r.reason for r in REC.matches if not r.matched], rel_err=round(err, 5))
+            if any(not r.matched for r in REC.matches):
                 import glob
                 for f in glob.glob(os.path.join(d, "fx_graphs", "*_pre_spear.txt")):
                     print(open(f).read()[-3000:])
@@ -265,7 +267,7 @@ def bench_model(variant):
     base, opts = parse_variant(variant)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    passes.clear()
+    REC.clear()
     model = llama1b(0)
     chosen = []
     if base == "spear":
@@ -290,14 +292,14 @@ def e2e(args, variant):
         toks, dt = greedy(eager, step, prompt, args.new, cache, True, host=host)
         times.append(dt)
     best = min(times)
-    recs = passes.records()
+    recs = list(REC.matches)
     row(check="e2e", variant=variant, ecs=len(chosen), new_tokens=args.new, prompt=args.prompt,
         tok_per_s=round((args.new - 1) / best, 1), ms_per_tok=round(1e3 * best / (args.new - 1), 3),
         host_ms_per_tok=round(1e3 * min(host) / (args.new - 1), 3),
         all_reps_s=[round(t, 4) for t in times], warmup_compile_s=round(compile_s, 1),
         recompiles_after_warmup=count_graphs() - g0,
         fused=sum(r.matched for r in recs), fused_ec=sum(r.kind.startswith("ec") for r in recs),
-        grouped_launches=len(passes.GROUPS), grouped_members=sum(len(g.members) for g in passes.GROUPS),
+        grouped_launches=len(REC.groups), grouped_members=sum(len(g.members) for g in REC.groups),
         unfused=sum(not r.matched for r in recs),
         cudagraph_skips=int(torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)),
         gpu_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2))
@@ -367,7 +369,7 @@ def prefill_timing(args, variant, reps=5):
     cache.reset()
     out = run().float()
     err = ((out - ref).norm() / ref.norm()).item()
-    recs = passes.records()
+    recs = list(REC.matches)
     row(check="prefill", variant=variant, ecs=len(chosen), prompt=n, ms=round(1e3 * best, 3),
         tok_per_s=round(n / best, 1), all_reps_ms=[round(1e3 * t, 3) for t in ts],
         fused=sum(r.matched for r in recs), fused_ec=sum(r.kind.startswith("ec") for r in recs),
@@ -391,6 +393,11 @@ def host_profile(eager, step, cache, prompt, variant, n=20):
 
 
 def main():
+    with records.recording(REC):
+        _main()
+
+
+def _main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=32)

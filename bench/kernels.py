@@ -26,10 +26,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import triton  # noqa: E402
 
-from spear_compile.lowering import dispatch  # noqa: E402
+from spear_compile.lowering import configs, dispatch, prefill, runtime  # noqa: E402
 from spear_compile.quant.packing import pack  # noqa: E402
 from spear_compile.compile.passes.decompose_prefill_linears import MIN_M as DECOMPOSE_MIN_M  # noqa: E402
 
@@ -71,7 +70,7 @@ def make_linear(k, n, dev, gen):
     bf = lambda *shape, sc=0.02: (torch.randn(*shape, device=dev, generator=gen) * sc).to(torch.bfloat16)  # noqa: E731
     lin = dict(k=k, n=n, codes=codes, q=pack(codes, 4), s_g=s_g, z_g=z_g, s_c=s_c, z_c=z_c,
                A=bf(RANK, k), B=bf(n, RANK), gw=bf(RANK, RANK, sc=0.3), gb=bf(RANK, sc=0.1))
-    lin["w_bf16"] = dispatch.dequantize_w4(lin["q"], s_g, z_g, G, torch.bfloat16)
+    lin["w_bf16"] = prefill.dequantize_w4(lin["q"], s_g, z_g, G, torch.bfloat16)
     return lin
 
 
@@ -297,7 +296,7 @@ def main():
     ms_list = [int(v) for v in args.ms.split(",")]
     props = torch.cuda.get_device_properties(dev)
     info = dict(device=props.name, sms=props.multi_processor_count, date=datetime.datetime.utcnow().isoformat(timespec="seconds"),
-                torch=torch.__version__, triton=triton.__version__, command="PYTHONUNBUFFERED=1 python3 " + " ".join(sys.argv))
+                torch=torch.__version__, triton=triton.__version__, command="PYTHONUNBUFFERED=1 python3 -m bench.kernels " + " ".join(sys.argv[1:]))
     log(fh, json.dumps(info))
     bw = copy_bandwidth()
     rate = matmul_rate()
@@ -428,7 +427,7 @@ def main():
                 log_tune(fh, m)
             # written after every (model, M): a killed run still leaves its results
             with open(os.path.join(args.out, "kernels_tune.json"), "w") as f:
-                json.dump([[list(map(str, k)), r] for k, r in dispatch.TUNE_LOG], f, indent=0)
+                json.dump([[list(map(str, k)), r] for k, r in runtime.TUNER.timings.items()], f, indent=0)
             write_markdown(os.path.join(args.out, "kernels.md"), info, bw, rate, gemlite_note, rows, errs, choices,
                            details)
         del layers
@@ -530,10 +529,10 @@ def prefill_detail(fh, model, shapes, layers, xs, m, copies, bw, budget):
         "naive": lambda L: (lambda x: op_naive(x, L)),
         **{f"ec {st}": (lambda L, st=st: _lin_op(L, st)) for st in STRUCTS},
         "ec kcat64_s pc": lambda L: _lin_op(L, "kcat64_s", pc=True),
-        "dequant g128": lambda L: (lambda x: dispatch.dequantize_w4(L["q"], L["s_g"], L["z_g"], G, torch.bfloat16)),
-        "dequant pc": lambda L: (lambda x: dispatch.dequantize_w4(L["q"], L["s_c"], L["z_c"], L["k"], torch.bfloat16)),
+        "dequant g128": lambda L: (lambda x: prefill.dequantize_w4(L["q"], L["s_g"], L["z_g"], G, torch.bfloat16)),
+        "dequant pc": lambda L: (lambda x: prefill.dequantize_w4(L["q"], L["s_c"], L["z_c"], L["k"], torch.bfloat16)),
         **{f"prologue {'kcat' if cx else 'v'}{' split' if sp else ''}": (
-            lambda L, cx=cx, sp=sp: (lambda x: dispatch.ec_prologue(
+            lambda L, cx=cx, sp=sp: (lambda x: prefill.ec_prologue(
                 x, L["A"], None, L["gw"], L["gb"], RANK,
                 out=torch.empty(x.shape[0], x.shape[1] + 64 if cx else RANK, dtype=x.dtype, device=x.device),
                 col0=x.shape[1] if cx else 0, width=64 if cx else RANK, copy_x=cx, split=sp)))
@@ -575,7 +574,7 @@ def prefill_detail(fh, model, shapes, layers, xs, m, copies, bw, budget):
             def layer_fn(c, blk=blk, pc=pc):
                 for (_, k, n), L in zip(shapes, layers[c]):
                     s, z, g = (L["s_c"], L["z_c"], k) if pc else (L["s_g"], L["z_g"], G)
-                    dispatch.dequantize_w4(L["q"], s, z, g, torch.bfloat16, block=blk)
+                    prefill.dequantize_w4(L["q"], s, z, g, torch.bfloat16, block=blk)
             try:
                 t = time_graph(layer_fn, copies, reps=15)
                 sweep.append(f"dequantize layer {'pc' if pc else 'g128'} block(BN,BW)={blk[:2]}: {t:.1f} µs, "
@@ -594,9 +593,9 @@ _LOGGED = set()
 
 def log_tune(fh, m):
     """The tuner's per-candidate times (graph replay, µs) for this M bucket's new keys, fastest first."""
-    b = dispatch.m_bucket(m)
-    for key, res in dispatch.TUNE_LOG:
-        if key[4] != b or key in _LOGGED:
+    b = configs.m_bucket(m)
+    for key, res in runtime.TUNER.timings.items():
+        if key.m_bucket != b or key in _LOGGED:
             continue
         _LOGGED.add(key)
         timed = sorted((t, nm) for nm, t in res if isinstance(t, float))

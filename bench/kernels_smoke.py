@@ -3,7 +3,6 @@ import os
 import sys
 
 os.environ["SPEAR_AUTOTUNE"] = "0"
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch  # noqa: E402
 
 from spear_compile.lowering import dispatch  # noqa: E402

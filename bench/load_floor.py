@@ -31,8 +31,6 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
 DRY = "--dry" in sys.argv or os.environ.get("LOAD_FLOOR_DRY") == "1"  # CPU walk-through of the script's flow
 if DRY:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -41,8 +39,8 @@ DEV = "cpu" if DRY else "cuda"
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from kernels import MODELS, add_tinygemm, layer_bytes, layer_shapes, make_linear, op_tinygemm, reference, time_graph  # noqa: E402
-from spear_compile.lowering import dispatch  # noqa: E402
+from bench.kernels import MODELS, add_tinygemm, layer_bytes, layer_shapes, make_linear, op_tinygemm, reference, time_graph  # noqa: E402
+from spear_compile.lowering import candidates, dispatch, grouped  # noqa: E402
 
 L2 = 50e6
 G = 128
@@ -140,7 +138,7 @@ def floor_jobs(sms):
     for name, n, k in FLOOR_SIZES:
         for bn, bj, w in FLOOR_TILES:
             tiles = triton.cdiv(n, bn)
-            splits = sorted({1, *dispatch._gemv_splits(tiles, k, bj * 8, sms)})
+            splits = sorted({1, *candidates.gemv_splits(tiles, k, bj * 8, sms)})
             for scheme in FLOOR_SCHEMES:
                 for split in splits:
                     jobs.append(("floor", name, n, k, bn, bj, w, scheme, split))
@@ -195,7 +193,7 @@ def gemv_configs(quant, k, ns, sms):
         if bk > k or bn * bk // 8 < 32 * w:
             continue
         tiles = sum(triton.cdiv(n, bn) for n in ns)
-        for split in dispatch._gemv_splits(tiles, k, bk, sms):
+        for split in candidates.gemv_splits(tiles, k, bk, sms):
             for st, lean, xw, tma, maxnreg in VARIANTS:
                 if (xw == "flip" and not xw_tile) or (tma and seg):
                     continue  # flip only where the tile's default is xw (the plane loads as the comparison); no seg TMA
@@ -231,7 +229,7 @@ def run_group(x, Ls, quant, cfg):
     if len(Ls) == 1:
         L = Ls[0]
         return dispatch.launch(x, L["q"], L[sk], L[zk], None, gs, config=cfg)
-    return dispatch.launch_grouped(x, [L["q"] for L in Ls], [L[sk] for L in Ls], [L[zk] for L in Ls], None, gs,
+    return grouped.launch_grouped(x, [L["q"] for L in Ls], [L[sk] for L in Ls], [L[zk] for L in Ls], None, gs,
                                    config=cfg)
 
 
@@ -300,14 +298,11 @@ def _smoke_worker():
 
 # ------------------------------------------------------------------ GPU correctness smoke
 def gpu_smoke():
-    """The interpreter cases of tests/test_gemv_load.py (and decode_sweep's smoke of the older GEMV/grouped cases)
-    on the GPU vs float64, each twice (workspaces left clean)."""
-    from decode_sweep import gpu_smoke as older
-    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-    import test_gemv_load as T  # noqa: E402  (sets TRITON_INTERPRET=1 at import; the kernels are already JIT-decorated)
+    """The interpreter cases of tests/kernels/test_gemv_load.py on the GPU vs float64, each twice (workspaces left
+    clean). Run from the repository root (``python -m bench.load_floor``)."""
+    from tests.kernels import test_gemv_load as T  # (the kernels are already JIT-decorated)
     os.environ["TRITON_INTERPRET"] = "1" if DRY else "0"
-    bad, lines = (0, []) if DRY else older()
-    os.environ["TRITON_INTERPRET"] = "1" if DRY else "0"
+    bad, lines = 0, []
     g = torch.Generator().manual_seed(0)
     cuda = lambda t: {k: (v.to(DEV) if torch.is_tensor(v) else v) for k, v in t.items()}  # noqa: E731
     for k, n, group, dtype, bias, cfg in T.SINGLE:
@@ -326,7 +321,7 @@ def gpu_smoke():
         x = torch.randn(1, k, generator=g).to(dtype)
         ref = T._reference(x, ms, group)
         ms = [cuda(t) for t in ms]
-        errs = [T._rel(dispatch.launch_grouped(x.to(DEV), [t["qdata"] for t in ms], [t["scale"] for t in ms],
+        errs = [T._rel(grouped.launch_grouped(x.to(DEV), [t["qdata"] for t in ms], [t["scale"] for t in ms],
                                                [t["zero"] for t in ms], [t["bias"] for t in ms], group, config=cfg).cpu(), ref)
                 for _ in range(2)]
         bad += not max(errs) < 1e-2
@@ -360,7 +355,7 @@ def main():
     dev = torch.device(DEV)
     triton.set_allocator(_alloc)
     sms = 132 if DRY else torch.cuda.get_device_properties(dev).multi_processor_count
-    from kernels import copy_bandwidth
+    from bench.kernels import copy_bandwidth
     bw = 3e12 if DRY else copy_bandwidth()
     env = dict(device="cpu (dry)" if DRY else torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

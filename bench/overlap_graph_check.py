@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from spear_compile.lowering import dispatch  # noqa: E402
+from spear_compile.lowering import dispatch, runtime  # noqa: E402
+from spear_compile.lowering.tuner import linear_key  # noqa: E402
 from spear_compile.lowering.fused_linear import fused_linear  # noqa: E402
 from spear_compile.quant.packing import pack  # noqa: E402
 
@@ -38,11 +38,11 @@ def main():
             u = u * 2 * torch.sigmoid(u @ gw.double().T + gb.double())
             return x @ w64.T + bias.double() + u @ B.double().T
 
-        key = dispatch._key(m, k, n, group, dt, True, True)
+        key = linear_key(m, k, n, group, dt, True, True)
         for cfg in [dispatch.DequantCublasConfig(ec=e, pad=p, overlap=o, split=s)
                     for e in ("after", "c_in", "kcat") for o in (False, True) for s in (False, True)
                     for p in ((0, 64) if e == "kcat" else (0,))]:
-            dispatch._TUNED[key] = cfg
+            runtime.TUNER.pin(key, cfg)
             torch._dynamo.reset()
             f = torch.compile(lambda x: fused_linear(x, qdata, scale, zero, bias, group, A, B, gw, gb) * 1.0,
                               mode="reduce-overhead", fullgraph=True, dynamic=False)
@@ -58,7 +58,7 @@ def main():
             bad += not ok
             print(f"M={m} K={k} N={n} g={group} {cfg.name}: max rel err over 5 graph-tree calls {max(errs):.2e}"
                   f"{'' if ok else '  FAIL'}", flush=True)
-        dispatch._TUNED.pop(key, None)
+        runtime.TUNER.picks.pop(key, None)
     print("overlap graph-tree check:", "FAIL" if bad else "all ok")
     return 1 if bad else 0
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spear_compile.evaluate import default_device, evaluate  # noqa: E402
 
 SPECS = ["none", "w4-pc-rtn", "w4-pc-sym-rtn", "w4-g128-rtn", "w3-pc-rtn", "w4-pc-gptq", "w4-g128-gptq", "w3-pc-gptq"]

@@ -33,14 +33,12 @@ import torch
 import torch.nn as nn
 import triton
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from spear_compile.compile import passes  # noqa: E402
+from spear_compile.compile import records  # noqa: E402
 from spear_compile.quant.config import QuantConfig  # noqa: E402
 from spear_compile.ec.module import CompensatedLinear  # noqa: E402
 from spear_compile.quant.api import quantize_linear_  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-import kernels  # noqa: E402  (its CUDA-graph timer)
+from bench import kernels  # noqa: E402  (its CUDA-graph timer)
 
 MODELS = {
     "Llama-3.2-1B": dict(hidden=2048, inter=8192, heads=32, kv=8, head_dim=64),
@@ -166,9 +164,9 @@ def run(kind, model, variant, m, copies, log, dump=None, profile=False):
     units = [make_unit(kind, c, variant, gen) for _ in range(copies)]
     args, kwargs = inputs(kind, c, m, gen, units[0])
     torch._dynamo.reset()
-    passes.clear()
+    rec = records.CompileRecords()
     t0 = time.perf_counter()
-    with env(VARIANTS[variant]), torch.no_grad():
+    with env(VARIANTS[variant]), torch.no_grad(), records.recording(rec):
         backend = "inductor" if variant == "bf16" else "spear"
         compiled = [torch.compile(u, backend=backend, dynamic=False, fullgraph=True) for u in units]
         if dump:
@@ -186,7 +184,7 @@ def run(kind, model, variant, m, copies, log, dump=None, profile=False):
         else:
             o, e = (outs[0], eager[0]) if isinstance(outs, tuple) else (outs, eager)
             errs, errs64 = [rel(o - args[0], e - args[0])], []  # the layer's update to the residual stream
-        recs = passes.records()
+        recs = list(rec.matches)
         res = dict(unit=kind, model=model, variant=variant, m=m, compile_s=round(compile_s, 1),
                    rel_err_vs_eager=max(errs), rel_err_vs_f64=max(errs64) if errs64 else None,
                    decomposed=sum(r.decomposed for r in recs), merged=sum(bool(r.decomposed_merged) for r in recs),

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import importlib  # noqa: E402
 C = importlib.import_module("spear_compile.calibrate")  # the module (the package exports the function)
 from spear_compile.ec.pipeline import _to_device_, fit_many, prepare  # noqa: E402

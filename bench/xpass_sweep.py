@@ -1,4 +1,4 @@
-"""Sweep of the EC prologue's x pass at prefill M (``dispatch.ec_prologue_in_place``, what the compiled decoder
+"""Sweep of the EC prologue's x pass at prefill M (``lowering.prefill.ec_prologue_in_place``, what the compiled decoder
 layer runs on ``[x | 0]``), at the shapes the merged ECs give: µs per call and achieved read bandwidth per
 (BLOCK_M, BLOCK_K, stages, warps, programs/SM).
 
@@ -19,10 +19,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
-import kernels  # noqa: E402
-from spear_compile.lowering import dispatch  # noqa: E402
+from bench import kernels  # noqa: E402
+from spear_compile import options  # noqa: E402
+from spear_compile.lowering import prefill  # noqa: E402
 
 SHAPES = {  # (K, [rank per stacked EC]): 1B q|k|v, 1B gate|up, 1B down, 7B q|k|v, 7B down
     "1B qkv": (2048, [32, 32, 32]), "1B gate|up": (2048, [32, 32]), "1B down": (8192, [32]),
@@ -35,7 +34,7 @@ def main():
     ap.add_argument("--m", type=int, default=2048)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     args = ap.parse_args()
-    default_cfg = dispatch.XPASS_CONFIG_IN_PLACE
+    default_cfg = options.current().xpass_in_place
     g = torch.Generator(device="cuda").manual_seed(0)
     bw = kernels.copy_bandwidth()
     print(json.dumps({"copy_bw_TBs": round(bw / 1e12, 3)}), flush=True)
@@ -60,7 +59,7 @@ def main():
         rows = []
         for cfg in cfgs:
             def call(c=0, cfg=cfg):
-                return dispatch.ec_prologue_in_place(bufs[c], k, blocks, xpass=cfg)
+                return prefill.ec_prologue_in_place(bufs[c], k, blocks, xpass=cfg)
             try:
                 out[:, k:].zero_()
                 call()

@@ -12,6 +12,16 @@ os.environ["SPEAR_TUNE_CACHE"] = "0"  # the tuner's on-disk cache: off (never th
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA device: skipped without one (``-m "not gpu"`` deselects them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def fresh_compile():
     """A clean compiler state per test: dynamo reset, graph caches off, and a fresh ``records.recording()`` block

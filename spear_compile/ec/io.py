@@ -16,6 +16,7 @@ import torch.nn as nn
 from ..quant.config import QuantConfig
 from .module import GATES, CompensatedLinear, ec_shapes
 from ..errors import SpearError
+from ..modules import replace_submodule
 from ..quant.weight import QuantizedWeight
 
 FORMAT = "spear-ec-v1"
@@ -166,6 +167,5 @@ def load_ecs(model: nn.Module, ec_dir: Union[str, Path], config) -> dict:
         with torch.no_grad():
             for pname in want:
                 getattr(new, pname).copy_(tensors[f"{name}.{pname}"])
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        replace_submodule(model, name, new)
     return manifest

@@ -26,6 +26,7 @@ from .io import model_identity, save_ecs
 from .train import (cast_model_, densify_, gate_stats, mean_kl, mean_kl_full, stack_ecs_, teacher_topk,
                        train_stacked)
 from ..errors import SpearError
+from ..modules import replace_submodule
 from ..evaluate import DEFAULT_CALIB, DEFAULT_MODEL, calibration_tokens
 from ..quant.memory import model_bytes
 from ..perplexity import tokenize_file, windows
@@ -220,11 +221,6 @@ def _to_device_(model: nn.Module, device) -> nn.Module:
     return model
 
 
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 FIT_DEFAULTS = dict(budget=0.01, gate="sigmoid", placement="diagnostic", rank=None, lr=1e-3, gate_lr_mult=1.0,
                     init="svd", seed=0, score=None, alloc=None, topk=None, gate_init="zero", balance=False)
 # topk: the training loss's teacher. None: the cached top-k of ``prepare`` (64; the full-vocabulary KL if
@@ -396,7 +392,7 @@ def _fit_stack(prep, specs, placements, steps, batch_size, out_dirs, progress, s
             with torch.no_grad():
                 for pname, t in stacked[name].ec_state(f).items():
                     getattr(dst, pname).copy_(t)
-            _swap(model, name, dst)
+            replace_submodule(model, name, dst)
         ec_bytes = sum(m.ec_bytes() for m in model.modules() if isinstance(m, CompensatedLinear))
         assert ec_bytes <= budget_bytes_of(sp), (ec_bytes, budget_bytes_of(sp))
         ls = losses[f]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import SpearError
+from ..modules import replace_submodule
 from ..quant.weight import QuantizedWeight
 
 
@@ -290,11 +291,6 @@ def gate_stats(ecs: Sequence[StackedEC], n_fits: int) -> List[Optional[dict]]:
     return out
 
 
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def stack_ecs_(model: nn.Module, ranks: Sequence[Dict[str, int]], gates: Sequence[str]) -> Dict[str, StackedEC]:
     """Replace, in place, every linear of ``model`` that some fit compensates (``ranks[f]``:
     ``{module name: rank}``) by a :class:`StackedEC`; returns ``{name: StackedEC}``."""
@@ -305,7 +301,7 @@ def stack_ecs_(model: nn.Module, ranks: Sequence[Dict[str, int]], gates: Sequenc
         if not isinstance(lin, nn.Linear):
             raise SpearError(f"stack_ecs_: {name!r} is a {type(lin).__name__}, not an nn.Linear")
         out[name] = StackedEC(lin, [r.get(name, 0) for r in ranks], gates)
-        _swap(model, name, out[name])
+        replace_submodule(model, name, out[name])
     missing = sorted({n for r in ranks for n in r} - set(out))
     if missing:
         raise SpearError(f"stack_ecs_: no module named {missing[0]!r}")

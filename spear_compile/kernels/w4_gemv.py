@@ -757,26 +757,3 @@ def w4_gemv_grouped_kernel(
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + offs_m[:, None] * N_TOTAL + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
-
-@triton.jit
-def w4_read_floor_kernel(q_ptr, y_ptr, N, K8, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Bench reference, not a product kernel: read the same int32 words with the same tiling and
-    prefetch and keep only a trivial XOR, to measure the fastest any kernel of this launch shape can be."""
-    pid = tl.program_id(0)
-    pid_n = pid // SPLIT_K
-    pid_k = pid % SPLIT_K
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_j = tl.arange(0, BLOCK_J)
-    n_mask = offs_n < N
-    n_jb = tl.cdiv(K8, BLOCK_J)
-    per_split = tl.cdiv(n_jb, SPLIT_K)
-    lo = pid_k * per_split
-    hi = tl.minimum(lo + per_split, n_jb)
-    rows = q_ptr + offs_n[:, None] * K8
-    acc = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.int32)
-    nxt = tl.load(rows + (lo * BLOCK_J + offs_j)[None, :], mask=n_mask[:, None] & (lo < hi), other=0)
-    for jb in range(lo, hi):
-        cur = nxt
-        nxt = tl.load(rows + ((jb + 1) * BLOCK_J + offs_j)[None, :], mask=n_mask[:, None] & (jb + 1 < hi), other=0)
-        acc ^= cur
-    tl.store(y_ptr + offs_n * SPLIT_K + pid_k, tl.xor_sum(acc, axis=1), mask=n_mask)

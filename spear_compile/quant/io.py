@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from .config import QuantConfig
 from ..ec.module import CompensatedLinear, ec_shapes
 from ..errors import SpearError
+from ..modules import replace_submodule
 from .weight import QuantizedWeight
 from .api import as_config
 
@@ -169,11 +170,6 @@ def _validate(model: nn.Module, meta: dict, tensors: dict, path: Path) -> None:
         raise SpearError(f"{where}: the file has tensors the model does not: {sorted(extra)[:5]}: file is for another architecture")
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
 @torch.no_grad()
 def load_quantized(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     """Load a file written by :func:`save_quantized` into ``model`` (a freshly loaded FP model of the
@@ -200,7 +196,7 @@ def load_quantized(model: nn.Module, path: Union[str, Path]) -> nn.Module:
                 t = tensors[f"{name}.{part}"]
                 setattr(ec, part, nn.Parameter(t.to(ec.ec_A.device), requires_grad=getattr(ec, part).requires_grad))
                 ec_keys.add(f"{name}.{part}")
-        _set_module(model, name, ec)
+        replace_submodule(model, name, ec)
     for key, t in state.items():
         if key in tensors and key not in ec_keys:
             t.data = tensors[key].to(t.device)

@@ -106,7 +106,7 @@ def test_off_cudagraphs_and_dynamic_left_alone(kw):
     assert records.active().matches and not any(r.decomposed for r in records.active().matches)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="our kernels traced into the graph need a GPU")
+@pytest.mark.gpu  # our kernels traced into the graph need a GPU
 @pytest.mark.parametrize("structure,spec,bias", [("kcat", "w4-g128-rtn", False), ("c_in", "w4-pc-rtn", True),
                                                  ("", "w4-g64-rtn", True)])
 def test_gpu_our_kernels_traced_in(structure, spec, bias):
@@ -127,7 +127,7 @@ def test_gpu_our_kernels_traced_in(structure, spec, bias):
     assert (rec.decomposed, rec.decomposed_ec, rec.decomposed_with) == (True, structure, "spear")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="our kernels traced into the graph need a GPU")
+@pytest.mark.gpu  # our kernels traced into the graph need a GPU
 @pytest.mark.parametrize("spec,bias", [("w4-g128-rtn", False), ("w4-pc-rtn", True)])
 def test_gpu_grouped_members_dequantized_side_by_side(spec, bias):
     torch.manual_seed(6)
@@ -199,7 +199,7 @@ def test_ec_siblings_left_apart_when_stacked_rank_too_large():
     assert not any(recs[nm].decomposed_merged for nm in ("q", "k", "v"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="our kernels traced into the graph need a GPU")
+@pytest.mark.gpu  # our kernels traced into the graph need a GPU
 @pytest.mark.parametrize("pad_x", ["0", "1", "auto"])
 @pytest.mark.parametrize("spec,bias", [("w4-g128-rtn", False), ("w4-pc-rtn", True)])
 def test_gpu_ec_siblings_merged(spec, bias, pad_x, monkeypatch):

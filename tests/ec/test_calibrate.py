@@ -8,7 +8,7 @@ from spear_compile import CompensatedLinear, SpearError, model_bytes, quantize
 from spear_compile.ec.pipeline import add_cli, calibrate
 from spear_compile.ec.io import load_ecs
 
-from test_ec_helpers import save_tiny, tiny_llama
+from tests.test_ec_helpers import save_tiny, tiny_llama
 
 KW = dict(n_windows=4, seq_len=16, device="cpu", progress=False, batch_size=2)
 

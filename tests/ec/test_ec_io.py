@@ -8,7 +8,7 @@ from spear_compile import CompensatedLinear, SpearError, quantize
 from spear_compile.quant.config import QuantConfig
 from spear_compile.ec.io import load_ecs, model_identity, save_ecs
 
-from test_ec_helpers import tiny_llama
+from tests.test_ec_helpers import tiny_llama
 
 NAMES = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
 

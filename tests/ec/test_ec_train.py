@@ -7,7 +7,7 @@ from spear_compile import CompensatedLinear, SpearError
 from spear_compile.ec.train import StackedEC, densify_, stack_ecs_, teacher_topk, train_stacked
 from spear_compile.quant.api import quantize
 
-from test_ec_helpers import tiny_llama
+from tests.test_ec_helpers import tiny_llama
 
 
 def _setup():

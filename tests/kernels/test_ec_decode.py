@@ -18,7 +18,7 @@ import torch
 
 from spear_compile.errors import SpearError
 from spear_compile.lowering import candidates, configs, decode, dispatch, runtime, tuner
-from w4_problems import problem, reference, rel
+from tests.w4_problems import problem, reference, rel
 
 K, N = 256, 48
 

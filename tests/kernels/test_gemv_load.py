@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spear_compile.lowering import configs, decode, dispatch, grouped, runtime
-from w4_problems import member, members_reference, rel
+from tests.w4_problems import member, members_reference, rel
 
 D = configs.DecodeConfig
 G = configs.GroupedConfig

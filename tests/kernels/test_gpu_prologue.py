@@ -5,7 +5,7 @@ import torch
 
 from spear_compile.lowering import prefill
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("r", [16, 32, 64, 96, 128])

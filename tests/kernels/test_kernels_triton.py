@@ -8,7 +8,7 @@ import torch
 
 from spear_compile.errors import SpearError
 from spear_compile.lowering import candidates, configs, dispatch, runtime
-from w4_problems import problem, reference, rel
+from tests.w4_problems import problem, reference, rel
 
 K, N, R = 256, 64, 8
 

@@ -12,7 +12,7 @@ import torch
 from spear_compile.errors import SpearError
 from spear_compile import options
 from spear_compile.lowering import candidates, configs, dispatch, prefill
-from w4_problems import problem, reference, rel, v64, w64
+from tests.w4_problems import problem, reference, rel, v64, w64
 
 K, N, R = 256, 48, 8
 

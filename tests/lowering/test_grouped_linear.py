@@ -8,7 +8,7 @@ import torch
 
 from spear_compile.errors import SpearError
 from spear_compile.lowering import candidates, configs, grouped, runtime
-from w4_problems import member, members_reference, rel
+from tests.w4_problems import member, members_reference, rel
 
 K = 256
 
