@@ -1,7 +1,7 @@
-"""``spear-compile`` command line: ``eval`` here; other subcommands register themselves.
+"""``spear-compile`` command line: ``eval`` here, and one subcommand per entry of ``SUBCOMMANDS``.
 
 Each module in ``SUBCOMMANDS`` provides ``add_cli(subparsers)`` (adds its subparser and
-``set_defaults(func=...)``); a module that does not exist yet is skipped. A ``SpearError``
+``set_defaults(func=...)``); the table is explicit and every module in it must import. A ``SpearError``
 prints ``spear-compile: error: <message>`` and exits with status 2.
 """
 from __future__ import annotations
@@ -69,14 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spear-compile", description="SPEAR: low-bit LLMs with gated error compensators")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_eval_cli(subparsers)
-    for name, module in SUBCOMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:  # not written yet: skip; a broken import inside it still raises
-                continue
-            raise
-        mod.add_cli(subparsers)
+    for module in SUBCOMMANDS.values():
+        importlib.import_module(module).add_cli(subparsers)
     return parser
 
 

@@ -15,7 +15,7 @@ import triton
 
 from .. import options
 from ..errors import SpearError
-from ..kernels.w4_gemv import w4_gemv_grouped_kernel
+from ..kernels.w4_gemv_grouped import w4_gemv_grouped_kernel
 from .candidates import default_grouped_config, grouped_candidates, num_sms
 from .configs import MAX_DECODE_M, MAX_GROUP, DequantCublasConfig, GroupedConfig
 from .decode import groups_per_block, load_kwargs

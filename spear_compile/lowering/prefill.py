@@ -10,8 +10,10 @@ import triton
 
 from .. import options
 from ..errors import SpearError
-from ..kernels.w4_prefill import (ec_gate_blocks_kernel, ec_gate_kernel, ec_prologue_kernel, ec_xpass_blocks_kernel,
-                                  ec_xpass_kernel, w4_dequant_words_kernel, w4_dequantize_kernel, w4_prefill_kernel)
+from ..kernels.ec_prologue import (ec_gate_blocks_kernel, ec_gate_kernel, ec_prologue_kernel, ec_xpass_blocks_kernel,
+                                   ec_xpass_kernel)
+from ..kernels.w4_dequantize import w4_dequant_words_kernel, w4_dequantize_kernel
+from ..kernels.w4_prefill import w4_prefill_kernel
 from .candidates import num_sms
 from .configs import (COPY_X_MAX_BLOCK_R, MAX_IN_PLACE_BLOCKS, MAX_IN_PLACE_SPLITS, XPASS_CONFIG, block_r,
                       valid_block_k)
