@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch._guards import detect_fake_mode
@@ -68,13 +68,22 @@ GROUPED = torch.ops.spear.grouped_linear.default
 MIN_M = 65  # dispatch: M > 64 runs dequantize + cuBLAS (``default_config``)
 
 
-_WARNED = set()
+class Member(NamedTuple):
+    """One linear of a decomposed GEMM (graph nodes at rewrite time, tensors inside the traced function); the EC
+    entries are None for a member without one, the gate's without a gate."""
+    qdata: object
+    scale: object
+    zero: object
+    bias: object
+    ec_A: object
+    ec_B: object
+    gate_w: object
+    gate_b: object
 
 
 def _warn_once(msg: str) -> None:
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        warnings.warn(msg, stacklevel=2)
+    """Python's default warning filter shows each (message, location) once per process."""
+    warnings.warn(msg, stacklevel=2)
 
 
 def enabled_by_default() -> bool:
@@ -158,7 +167,7 @@ def _tail_offsets(members):
     offsets, col = [], 0
     for m in members:
         offsets.append(col)
-        col += m[5].shape[1] if m[4] is not None else 0
+        col += m.ec_B.shape[1] if m.ec_A is not None else 0
     return offsets
 
 
@@ -166,19 +175,19 @@ def _stacked_ec(members):
     """The ECs of members merged into one GEMM as one EC of rank R = Σ r_i (the copy-mode prologue and the aten
     path): ``A = [A_1; A_2; ...]`` (``[R, K]``), the gate block-diagonal (a static member's block and bias are
     zero: 2σ(0) = 1, its v = u exactly). Returns (A, gate_w or None, gate_b or None)."""
-    ecs = [m for m in members if m[4] is not None]
-    ranks = [m[5].shape[1] for m in ecs]
+    ecs = [m for m in members if m.ec_A is not None]
+    ranks = [m.ec_B.shape[1] for m in ecs]
     total = sum(ranks)
     if len(ecs) == 1:
-        return ecs[0][4], ecs[0][6], ecs[0][7]
-    a = torch.cat([m[4] for m in ecs], 0)
-    if all(m[6] is None for m in ecs):
+        return ecs[0].ec_A, ecs[0].gate_w, ecs[0].gate_b
+    a = torch.cat([m.ec_A for m in ecs], 0)
+    if all(m.gate_w is None for m in ecs):
         return a, None, None
     rows, gbs, c = [], [], 0
     for m, r in zip(ecs, ranks):
-        gw = m[6] if m[6] is not None else m[4].new_zeros(r, r)
+        gw = m.gate_w if m.gate_w is not None else m.ec_A.new_zeros(r, r)
         rows.append(_placed(gw, c, total))
-        gbs.append(m[7] if m[7] is not None else m[4].new_zeros(r))
+        gbs.append(m.gate_b if m.gate_b is not None else m.ec_A.new_zeros(r))
         c += r
     return a, torch.cat(rows, 0), torch.cat(gbs, 0)
 
@@ -193,16 +202,16 @@ def _dequantized_ec(x, members, group_size, ours, in_place, structure="kcat"):
     gate (``prefill.ec_prologue_in_place``), instead of the prologue copying x beside the stacked EC's v."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
-    ns = [m[0].shape[0] for m in members]
-    biases = [m[3] for m in members]
+    ns = [m.qdata.shape[0] for m in members]
+    biases = [m.bias for m in members]
     bias = None if biases[0] is None else biases[0] if len(members) == 1 else torch.cat(biases, 0)
-    ecs = [m for m in members if m[4] is not None]
-    ranks = [m[5].shape[1] for m in ecs]
+    ecs = [m for m in members if m.ec_A is not None]
+    ranks = [m.ec_B.shape[1] for m in ecs]
     r = sum(ranks)
     offsets = _tail_offsets(members)
     rp = r + (-r % 8)  # rows of [x | v] and [W | B] 16-byte aligned for cuBLAS
     if structure == "c_in":
-        q, s, z, ec_A, ec_B, gate_w, gate_b = members[0][:3] + members[0][4:]
+        q, s, z, _, ec_A, ec_B, gate_w, gate_b = members[0]
         if ours:
             x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
             v = prefill.ec_prologue(x2, ec_A, None, gate_w, gate_b, r, split=True, traceable=True)
@@ -213,7 +222,7 @@ def _dequantized_ec(x, members, group_size, ours, in_place, structure="kcat"):
         return y.reshape(*x.shape[:-1], ns[0])
     if ours:
         if in_place:
-            own = [tuple(t.contiguous() if t is not None else None for t in (m[4], m[6], m[7])) for m in ecs]
+            own = [tuple(t.contiguous() if t is not None else None for t in (m.ec_A, m.gate_w, m.gate_b)) for m in ecs]
             xv = prefill.ec_prologue_in_place(torch.nn.functional.pad(x2, (0, rp)), k, own, traceable=True)
         else:
             ec_A, gate_w, gate_b = _stacked_ec(members)
@@ -256,13 +265,13 @@ def _members(node):
     checks and reports those)."""
     if node.target is GROUPED:
         x, qs, ss, zs, bs = node.args[:5]
-        return x, [(q, s, z, b, None, None, None, None) for q, s, z, b in zip(qs, ss, zs, bs)]
+        return x, [Member(q, s, z, b, None, None, None, None) for q, s, z, b in zip(qs, ss, zs, bs)]
     x, q, s, z, b = node.args[:5]
     ec = list(node.args[6:10])  # ec_A, ec_B, gate_w, gate_b
     present = [a is not None for a in ec]
     if any(present) and (not (present[0] and present[1]) or present[2] != present[3]):
         return None
-    return x, [(q, s, z, b, *ec)]
+    return x, [Member(q, s, z, b, *ec)]
 
 
 def _labels(node, ctx: PassContext) -> tuple:
@@ -281,7 +290,7 @@ def _merge_key(node):
     xv = _val(node.args[0])
     if mem is None or xv is None:
         return None
-    return (node.args[0], xv.shape[-1], node.args[5], xv.dtype, mem[1][0][3] is not None)
+    return (node.args[0], xv.shape[-1], node.args[5], xv.dtype, mem[1][0].bias is not None)
 
 
 def _fusible_producer(x) -> bool:
@@ -356,11 +365,11 @@ class DecomposePrefillLinearsPass(SpearGraphPass):
         """Worth one GEMM: some member has an EC, the stacked rank fits, K <= the total N (``kcat``), and every
         operand exists where the merged GEMM goes (before the first node)."""
         mems = [m for n in nodes for m in _members(n)[1]]
-        ranks = [_val(m[5]).shape[1] for m in mems if m[4] is not None]
+        ranks = [_val(m.ec_B).shape[1] for m in mems if m.ec_A is not None]
         if not ranks or sum(ranks) > MAX_MERGED_RANK or len(ranks) > MAX_IN_PLACE_BLOCKS:
             return False
         k = _val(nodes[0].args[0]).shape[-1]
-        if k > sum(_val(m[0]).shape[0] for m in mems):
+        if k > sum(_val(m.qdata).shape[0] for m in mems):
             return False
         first = min(order[n] for n in nodes)
         return all(order[a] < first for n in nodes for a in n.all_input_nodes)
@@ -373,9 +382,9 @@ class DecomposePrefillLinearsPass(SpearGraphPass):
         x = parts[0][0]
         members = [m for _, mem in parts for m in mem]
         g = len(members)
-        has_bias = members[0][3] is not None
-        has_ec = [m[4] is not None for m in members]
-        gated = [m[6] is not None for m in members]
+        has_bias = members[0].bias is not None
+        has_ec = [m.ec_A is not None for m in members]
+        gated = [m.gate_w is not None for m in members]
         flat = [a for m in members for a in m if a is not None]  # per member: q, s, z, [b], [A, B, [gw, gb]]
         tensor_args = [x, *flat]
         vals = [_val(a) for a in tensor_args]
@@ -404,10 +413,10 @@ class DecomposePrefillLinearsPass(SpearGraphPass):
                 b_ = rest.pop(0) if has_bias else None
                 a_, bb_ = (rest.pop(0), rest.pop(0)) if has_ec[i] else (None, None)
                 gw_, gb_ = (rest.pop(0), rest.pop(0)) if gated[i] else (None, None)
-                mem.append((q_, s_, z_, b_, a_, bb_, gw_, gb_))
+                mem.append(Member(q_, s_, z_, b_, a_, bb_, gw_, gb_))
             if not any_ec:
-                return _dequantized(x_, [m[0] for m in mem], [m[1] for m in mem], [m[2] for m in mem],
-                                    [m[3] for m in mem], group_size, ours)
+                return _dequantized(x_, [m.qdata for m in mem], [m.scale for m in mem], [m.zero for m in mem],
+                                    [m.bias for m in mem], group_size, ours)
             return _dequantized_ec(x_, mem, group_size, ours, in_place, structure)
 
         # one trace per unit (each copy gets its own fake values), with Inductor's decompositions: a post-grad

@@ -174,7 +174,7 @@ def module_of(node: torch.fx.Node):
     if stack:
         path = list(stack.values())[-1]
         path = str(path[0] if isinstance(path, tuple) else path)
-        return re.sub(r"^L\['[^']*'\]\.?|^L__self__\.?", "", path) or "<root>"
+        return re.sub(r"^L\['[^']*'\](\[\d+\])?\.?|^L__self__\.?", "", path) or "<root>"
     return None
 
 
