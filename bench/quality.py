@@ -366,7 +366,7 @@ def sweep(b: Bench):
     C.DIAGNOSTIC_SCORE, C.DIAGNOSTIC_ALLOC, C.DIAGNOSTIC_RANK = chosen["score"], chosen["alloc"], chosen["rank"]
     base = dict(rank=chosen["rank"])
     hp600 = [dict(base, lr=5e-4), dict(base, lr=2e-3), dict(base, gate="none"), dict(base, gate_lr_mult=10.0),
-             dict(base, gate="norm"), dict(base, gate="norm", gate_lr_mult=10.0), dict(base, seed=1), dict(base, seed=2),
+             dict(base, seed=1), dict(base, seed=2),
              dict(base, gate="none", seed=1), dict(base, gate="none", seed=2)]
     b.run(w4, hp600, ["hp"] * len(hp600), eval_set=ev)
     b.run(w4, [dict(base), dict(base, lr=2e-3)], ["hp"] * 2, eval_set=ev, steps=2 * HP["steps"])
@@ -407,8 +407,7 @@ FULL = dict(topk=0)
 SELECT_A = [dict(), dict(gate="none"), FULL, dict(FULL, gate="none"), dict(topk=256),
             dict(FULL, rank=32), dict(FULL, score="kl_gain"), dict(FULL, lr=2e-3),
             dict(FULL, gate_init="random"), dict(FULL, balance=True), dict(FULL, balance=True, gate="none"),
-            dict(FULL, balance=True, gate_init="random"), dict(FULL, balance=True, gate_lr_mult=10.0),
-            dict(FULL, gate="xgate")]
+            dict(FULL, balance=True, gate_init="random"), dict(FULL, balance=True, gate_lr_mult=10.0)]
 SELECT_B = [FULL, dict(FULL, gate="none")]   # windows of 512 tokens (batch 4: same tokens per step)
 GATE_ONLY = ("gate", "gate_init", "gate_lr_mult")
 

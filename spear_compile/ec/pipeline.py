@@ -54,7 +54,6 @@ ALLOCS = ("fixed", "per_byte", "capture")  # fixed rank by score; fixed rank by 
 SVD_CACHE_RANK = 64
 # The model-level diagnostic variants a score needs (the local score needs none): `calibrate` runs only these.
 SCORE_VARIANTS = {"solo_score": ("solo",), "model_score": ("restore",), "kl_gain": ("restore",), "local_score": ()}
-EXPERIMENTAL_GATES = ("norm", "xgate")  # fit_many only, held-out KL only: no exportable EC form
 GATE_INITS = ("zero", "random")
 GATE_INIT_STD = 0.3  # "random" gate init: std of the initial gate pre-activation W_g u over calibration tokens
 FULL_CONTEXT = 512   # held-out full-vocabulary KL on windows of this many tokens (the perplexity eval's length)
@@ -237,7 +236,7 @@ def _spec(spec: dict) -> dict:
         raise SpearError(f"calibrate: unknown fit option(s) {sorted(unknown)}; supported: {sorted(FIT_DEFAULTS)}")
     sp = dict(FIT_DEFAULTS, **spec)
     check_budget(sp["budget"])
-    if sp["gate"] not in GATES + EXPERIMENTAL_GATES:
+    if sp["gate"] not in GATES:
         raise SpearError(f"calibrate: unknown gate {sp['gate']!r}; supported: {GATES}")
     if sp["placement"] not in MODES:
         raise SpearError(f"calibrate: unknown placement {sp['placement']!r}; supported: {MODES}")
@@ -274,7 +273,7 @@ def _placement(prep: Prepared, sp: dict, bytes_per_param: int) -> Dict[str, int]
     ranked = scores is not None
     capture = prep.capture if sp["alloc"] == "capture" and ranked else None
     return place(shapes, int(math.floor(sp["budget"] * prep.quant_bytes)), sp["placement"], scores,
-                 rank=sp["rank"], gate="sigmoid" if sp["gate"] in EXPERIMENTAL_GATES else sp["gate"],
+                 rank=sp["rank"], gate=sp["gate"],
                  bytes_per_param=bytes_per_param, seed=sp["seed"], per_byte=ranked and sp["alloc"] == "per_byte",
                  capture=capture)
 
@@ -376,15 +375,6 @@ def _fit_stack(prep, specs, placements, steps, batch_size, out_dirs, progress, s
     out = []
     budget_bytes_of = lambda sp: int(math.floor(sp["budget"] * prep.quant_bytes))  # noqa: E731
     for f, (sp, ranks) in enumerate(zip(specs, placements)):
-        if sp["gate"] in EXPERIMENTAL_GATES:
-            out.append((None, {"gate": sp["gate"], "ranks": ranks, "placement": sp["placement"], "rank": sp["rank"],
-                               "score": sp["score"] if sp["placement"] in ("diagnostic", "local") else None,
-                               "alloc": sp["alloc"] if sp["placement"] in ("diagnostic", "local") else None,
-                               "kl_heldout": heldout(f), "gate_stats": gstats[f], "topk": sp["topk"],
-                               "seq_len": int(wins.shape[1]),
-                               "loss_first": losses[f][0] if losses[f] else None,
-                               "loss_last": sum(losses[f][-10:]) / max(1, len(losses[f][-10:])) if losses[f] else None}))
-            continue
         model = copy.deepcopy(prep.q_model)
         mods = dict(model.named_modules())
         for name, r in ranks.items():

@@ -154,7 +154,7 @@ def lr_at(step: int, steps: int, lr: float, warmup: float = 0.05) -> float:
 
 class StackedEC(nn.Module):
     """One frozen linear plus ``F`` independent ECs, one per fit, at ranks ``ranks[f]`` (0: none)
-    with gate ``gates[f]`` (``"sigmoid"``, ``"none"`` or the experimental ``"norm"``/``"xgate"``). The
+    with gate ``gates[f]`` (``"sigmoid"`` or ``"none"``). The
     input's leading (batch) dimension holds ``F`` equal chunks, fit-major; chunk ``f`` gets EC ``f``.
     Per fit the same function as :class:`~spear_compile.ec.CompensatedLinear`:
     ``W x + b + B (g(A x) ⊙ A x)``.
@@ -165,15 +165,10 @@ class StackedEC(nn.Module):
     fit's gate parameters, where gated fits share the module, get their gradient masked to 0
     (``g ≡ 1`` exactly).
 
-    Experimental gates (not exportable; the compiler pass does not match them), to measure whether
-    a gate that sees more of the token helps: ``"norm"``, the sigmoid gate plus a per-token input
-    statistic, ``g = 2·sigmoid(W_g u + w_n·log(||x||²/K) + b)``; ``"xgate"``, the sigmoid gate plus
-    the whole input, ``g = 2·sigmoid(W_g u + W_x x + b)`` (``W_x [r, K]``, not counted in the budget).
-
     With ``stats`` set to ``{}``, every forward adds per-fit gate statistics to it (``gate_stats``).
     """
 
-    GATE_KINDS = ("none", "sigmoid", "norm", "xgate")
+    GATE_KINDS = ("none", "sigmoid")
 
     def __init__(self, linear: nn.Linear, ranks: Sequence[int], gates: Sequence[str]):
         super().__init__()
@@ -188,24 +183,15 @@ class StackedEC(nn.Module):
         nf, r = len(ranks), max(1, max(ranks))
         dev = linear.weight.device
         z = lambda *s: nn.Parameter(torch.zeros(*s, device=dev, dtype=torch.float32))  # noqa: E731
-        self.A, self.B, self.Wg, self.bg, self.Wn = z(nf, r, k), z(nf, n, r), z(nf, r, r), z(nf, r), z(nf, r)
+        self.A, self.B, self.Wg, self.bg = z(nf, r, k), z(nf, n, r), z(nf, r, r), z(nf, r)
         self.ranks, self.gates = list(ranks), list(gates)
         used = [g for g, rk in zip(gates, ranks) if rk]
         self.any_gate = any(g != "none" for g in used)
-        self.any_norm = any(g == "norm" for g in used)
-        self.any_x = any(g == "xgate" for g in used)
-        self.Wx = z(nf, r, k) if self.any_x else None
         self.stats = None
         if self.any_gate and "none" in used:  # static fits beside gated ones: keep their gate at g ≡ 1
             on = torch.tensor([float(g != "none") for g in gates], device=dev)
             self.Wg.register_hook(lambda g, on=on: g * on[:, None, None])
             self.bg.register_hook(lambda g, on=on: g * on[:, None])
-        if self.any_norm:
-            on = torch.tensor([float(g == "norm") for g in gates], device=dev)
-            self.Wn.register_hook(lambda g, on=on: g * on[:, None])
-        if self.any_x:
-            on = torch.tensor([float(g == "xgate") for g in gates], device=dev)
-            self.Wx.register_hook(lambda g, on=on: g * on[:, None, None])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)
@@ -214,12 +200,8 @@ class StackedEC(nn.Module):
         u = torch.bmm(xs, self.A.transpose(1, 2))
         v = u
         if self.any_gate:
-            pre = torch.baddbmm(self.bg[:, None, :], u, self.Wg.transpose(1, 2))
-            if self.any_norm:
-                pre = pre + torch.log(xs.square().mean(-1, keepdim=True) + 1e-6) * self.Wn[:, None, :]
-            if self.any_x:
-                pre = pre + torch.bmm(xs, self.Wx.transpose(1, 2))
-            g = 2.0 * torch.sigmoid(pre)
+            # the EC gate (``ec.module.gated``) batched over fits
+            g = 2.0 * torch.sigmoid(torch.baddbmm(self.bg[:, None, :], u, self.Wg.transpose(1, 2)))
             v = u * g
             if self.stats is not None:
                 self._record(u, v, g)
@@ -243,16 +225,13 @@ class StackedEC(nn.Module):
             self.stats[key] = self.stats.get(key, 0) + val.double().cpu()
 
     def gate_params(self) -> List[nn.Parameter]:
-        return (([self.Wg, self.bg] if self.any_gate else []) + ([self.Wn] if self.any_norm else [])
-                + ([self.Wx] if self.any_x else []))
+        return [self.Wg, self.bg] if self.any_gate else []
 
     def ec_state(self, f: int) -> Dict[str, torch.Tensor]:
         """Fit ``f``'s EC as ``CompensatedLinear`` parameters (``{}`` at rank 0)."""
         r = self.ranks[f]
         if r == 0:
             return {}
-        if self.gates[f] in ("norm", "xgate"):
-            raise SpearError(f"StackedEC: the experimental {self.gates[f]!r} gate has no CompensatedLinear form")
         out = {"ec_A": self.A[f, :r].detach().clone(), "ec_B": self.B[f, :, :r].detach().clone()}
         if self.gates[f] == "sigmoid":
             out.update(ec_gate_w=self.Wg[f, :r, :r].detach().clone(), ec_gate_b=self.bg[f, :r].detach().clone())
