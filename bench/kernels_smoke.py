@@ -1,6 +1,5 @@
 """Quick GPU smoke check of every kernel path with default configs (no tuning): rel err vs float64."""
 import os
-import sys
 
 os.environ["SPEAR_AUTOTUNE"] = "0"
 import torch  # noqa: E402

@@ -6,7 +6,6 @@ fresh inputs. The tuner and ``bench/kernels.py`` only capture with plain ``torch
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import torch

@@ -29,7 +29,7 @@ from .candidates import (decode_candidates, decode_ec_candidates, default_config
                          prefill_candidates)
 from .configs import (MAX_DECODE_M, MAX_EC_RANK, DecodeConfig, DequantCublasConfig, GroupedConfig,  # noqa: F401
                       PrefillConfig)
-from .decode import project_u, run_decode
+from .decode import project_u, run_decode  # noqa: F401  (project_u: the tensor-parallel hook, public here)
 from .prefill import run_dequant_cublas, run_prefill
 from .runtime import TUNER
 from .tuner import linear_key

@@ -5,7 +5,6 @@ compiler's prefill decomposition also traces into graphs (``dequantize_w4``, ``e
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 
 from .. import options

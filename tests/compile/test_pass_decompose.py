@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from spear_compile.compile import passes, records
+from spear_compile.compile import records
 from spear_compile.quant.config import QuantConfig
 from spear_compile.ec.module import CompensatedLinear
 from spear_compile.compile.passes.decompose_prefill_linears import MIN_M

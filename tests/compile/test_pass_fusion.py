@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import spear_compile.compile.backend  # noqa: F401  (registers backend="spear")
-from spear_compile.compile import passes, records
+from spear_compile.compile import records
 from spear_compile.quant.config import QuantConfig
 from spear_compile.ec.module import CompensatedLinear
 from spear_compile.compile.passes.fuse_quantized_linear import FUSED, QLINEAR

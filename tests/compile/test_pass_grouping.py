@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import spear_compile.compile.backend  # noqa: F401  (registers backend="spear")
-from spear_compile.compile import passes, records
+from spear_compile.compile import records
 from spear_compile.quant.config import QuantConfig
 from spear_compile.ec.module import CompensatedLinear
 from spear_compile.compile.inspection import inspect
