@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-import importlib  # noqa: E402
-C = importlib.import_module("spear_compile.calibrate")  # the module (the package exports the function)
+from spear_compile.ec import pipeline as C  # noqa: E402  (the calibrate pipeline's defaults and fits)
 from spear_compile.ec.pipeline import _to_device_, fit_many, prepare  # noqa: E402
 from spear_compile.ec.diagnostic import MODULE_TYPES, split_name  # noqa: E402
 from spear_compile.evaluate import ASSETS, DEFAULT_MODEL  # noqa: E402
