@@ -12,7 +12,8 @@ Each tree runs its own scripts against its own package (the old ``bench/*.py`` p
 kernel is compiled in this call. Compiled code: for each kernel name, the PTX of every specialization either tree
 compiled, with debug lines and locations (``.loc``, ``.file``, ``//`` comments, debug sections) removed, hashed;
 a new specialization whose hash is among the old ones is identical. Order: old kernels, new kernels, old decode,
-new decode (each step under its own timeout; ``--budget`` seconds in all). Prints one table last.
+new decode (each step under its own timeout; ``--budget`` seconds in all; ``--steps kernels`` / ``--steps e2e`` runs
+one half, for two calls when one is too short). Prints one table last.
 """
 from __future__ import annotations
 
@@ -106,26 +107,33 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "ab_out"))
     ap.add_argument("--budget", type=float, default=520.0, help="seconds for the four steps together")
     ap.add_argument("--old", default=OLD)
+    ap.add_argument("--steps", default="kernels,e2e", help="kernels, e2e or both (split them over two calls if the "
+                                                            "budget is short)")
+    ap.add_argument("--models", default="Llama-3.2-1B,Llama-2-7B")
+    ap.add_argument("--ms", default="1,16,2048")
+    ap.add_argument("--variants", default=E2E_VARIANTS, help="decode_e2e variants, first ones first")
     args = ap.parse_args()
+    wanted = set(args.steps.split(","))
     os.makedirs(args.out, exist_ok=True)
     if not os.path.isdir(os.path.join(args.old, "spear_compile")):
         raise SystemExit(f"no old tree at {args.old}: git archive e44cd3e | tar -x -C {args.old}")
-    share = {"kernels": 0.30, "e2e": 0.19}  # of the budget, per tree
+    share = ({"kernels": 0.30, "e2e": 0.19} if wanted >= {"kernels", "e2e"} else
+             {"kernels": 0.49, "e2e": 0.0} if "kernels" in wanted else {"kernels": 0.0, "e2e": 0.49})  # per tree
     base_env = dict(os.environ, PYTHONUNBUFFERED="1", SPEAR_TUNE_CACHE="0")
     steps = []
-    for tag, root in (("old", args.old), ("new", NEW)):
+    for tag, root in (("old", args.old), ("new", NEW)) if "kernels" in wanted else ():
         env = dict(base_env, TRITON_CACHE_DIR=os.path.join(args.out, f"triton_cache_{tag}"))
         entry = [sys.executable, "bench/kernels.py"] if tag == "old" else [sys.executable, "-m", "bench.kernels"]
         kb = share["kernels"] * args.budget
         steps.append((f"kernels {tag}", entry + ["--out", os.path.join(args.out, f"kernels_{tag}"),
-                                                  "--models", "Llama-3.2-1B,Llama-2-7B", "--ms", "1,16,2048",
+                                                  "--models", args.models, "--ms", args.ms,
                                                   "--ops", OPS, "--budget", str(int(kb - 40))], root, env, kb))
-    for tag, root in (("old", args.old), ("new", NEW)):
+    for tag, root in (("old", args.old), ("new", NEW)) if "e2e" in wanted else ():
         env = dict(base_env, TRITON_CACHE_DIR=os.path.join(args.out, f"triton_cache_{tag}"))
         entry = [sys.executable, "bench/decode_e2e.py"] if tag == "old" else [sys.executable, "-m", "bench.decode_e2e"]
         eb = share["e2e"] * args.budget
         steps.append((f"e2e {tag}", entry + ["--skip-ref", "--skip-kernel", "--skip-variants", "--variants",
-                                              E2E_VARIANTS, "--reps", "3", "--deadline", str(int(eb - 45)),
+                                              args.variants, "--reps", "3", "--deadline", str(int(eb - 45)),
                                               "--out", os.path.join(args.out, f"e2e_{tag}")], root, env, eb))
     status = {}
     for name, cmd, cwd, env, timeout in steps:
@@ -144,7 +152,7 @@ def main():
     lines += ["", "(bf16 vs bf16 again: the run-to-run spread of one run)", "", "## Decode tok/s (bench/decode_e2e.py)", "",
               "| variant | old | new | new/old |", "|---|---|---|---|"]
     old_e, new_e = (e2e_rows(os.path.join(args.out, f"e2e_{t}.log")) for t in ("old", "new"))
-    for v in E2E_VARIANTS.split(","):
+    for v in args.variants.split(","):
         o, n = old_e.get(v), new_e.get(v)
         lines.append(f"| {v} | {o or '-'} | {n or '-'} | {f'{n / o:.3f}' if o and n else '-'} |")
     lines += ["", "## Compiled code (normalized PTX per specialization)", "",
