@@ -43,7 +43,7 @@ def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn
     ``skip``: names of linears left unquantized (default ``("lm_head",)``; ``()`` quantizes the LM
     head too, as gpt-fast and torchao do; a tied embedding keeps its float weight).
     ``unwrap``: compile a forward that reads the quantized weights' inner tensors rather than the
-    ``QuantizedWeight`` subclass (see ``unwrap.py``: per-call host overhead); same graph, same pass.
+    ``QuantizedWeight`` subclass (see ``compile/unwrap.py``: per-call host overhead); same graph, same pass.
     ``skip_module_guards``: Dynamo does not guard the model's module attributes and parameters
     (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``, as serving engines do): less host
     time per call (the guard checks are a large part of a CUDA-graph decode step's host time), but

@@ -184,7 +184,7 @@ def model_level(fp_model: nn.Module, q_model: nn.Module, wins: torch.Tensor, nam
                 progress: bool = False) -> Dict[str, dict]:
     """Model-level CKA/entropy scores of the linears ``names`` over token windows ``wins [W, T]``
     (see the module docstring): one forward per module and variant. ``q_model`` must hold plain
-    (dequantized) weights, e.g. :func:`spear_compile.ec_train.densify_` of the quantized model.
+    (dequantized) weights, e.g. :func:`spear_compile.ec.train.densify_` of the quantized model.
     Returns ``{name: stats}``; ``stats["_all"]`` (a separate key of the result) holds the
     fully quantized model's ``damage`` and ``kl``."""
     from tqdm.auto import tqdm

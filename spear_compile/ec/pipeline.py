@@ -4,7 +4,7 @@ activation-aware SVD and train them jointly against the FP model's logits.
 Two steps, so that sweeps reuse the expensive part: ``prepare`` (load, quantize, local and
 model-level diagnostic, second moments and SVD factors, cached FP logits) and ``fit`` /
 ``fit_many`` (placement, init, training, export). ``fit_many`` trains many fits of one prepared
-model together (:mod:`spear_compile.ec_train`): one larger step instead of many small ones.
+model together (:mod:`spear_compile.ec.train`): one larger step instead of many small ones.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Modes:
 - ``"diagnostic"`` / ``"local"``: highest score first (the caller passes the model-level
   diagnostic score, or the module-local one). At a fixed ``rank`` the list is filled greedily
   (a module that does not fit is skipped and the next tried); with ``capture`` (per module, the
-  share of its output error a rank-r EC cancels, :func:`spear_compile.ec_init.captured_fraction`)
+  share of its output error a rank-r EC cancels, :func:`spear_compile.ec.initialization.captured_fraction`)
   ranks are allocated instead: repeatedly take the (module, rank) step with the largest
   ``score · Δcapture / Δbytes`` that still fits, ranks from ``rank_choices`` up to ``rank``.
 - ``"random"``: a seeded shuffle filled greedily at the fixed ``rank``.
@@ -25,7 +25,7 @@ RANK_CHOICES = (1, 2, 4, 8, 16, 32)
 
 
 def ec_params(n: int, k: int, rank: int, gate: str) -> int:
-    """Parameters of one EC (shapes from :func:`spear_compile.ec.ec_shapes`)."""
+    """Parameters of one EC (shapes from :func:`spear_compile.ec.module.ec_shapes`)."""
     return sum(math.prod(s) for s in ec_shapes(n, k, rank, gate).values())
 
 

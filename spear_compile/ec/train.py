@@ -156,7 +156,7 @@ class StackedEC(nn.Module):
     """One frozen linear plus ``F`` independent ECs, one per fit, at ranks ``ranks[f]`` (0: none)
     with gate ``gates[f]`` (``"sigmoid"`` or ``"none"``). The
     input's leading (batch) dimension holds ``F`` equal chunks, fit-major; chunk ``f`` gets EC ``f``.
-    Per fit the same function as :class:`~spear_compile.ec.CompensatedLinear`:
+    Per fit the same function as :class:`~spear_compile.ec.module.CompensatedLinear`:
     ``W x + b + B (g(A x) ⊙ A x)``.
 
     Ranks are padded to the largest with zeros, and zeros they stay: a padded coordinate has

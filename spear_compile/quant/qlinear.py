@@ -1,7 +1,7 @@
 """The opaque custom op every quantized linear dispatches to: ``spear::qlinear``.
 
 Its implementation is the reference: unpack, dequantize in float32, cast to the activation
-dtype, matmul. The compiler pass (``spear_compile.passes``) replaces it, together with an EC
+dtype, matmul. The compiler pass (``spear_compile.compile.passes``) replaces it, together with an EC
 subgraph when present, by ``spear::fused_linear`` whose GPU implementation is a Triton kernel.
 """
 from __future__ import annotations
