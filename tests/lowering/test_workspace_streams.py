@@ -34,10 +34,10 @@ def test_two_streams_get_their_own_workspaces():
 
 # split-K W4-only (acc + arrival counters), and the EC modes that keep state between launches
 STREAM_CASES = [
-    (1, False, D(16, 256, 8, 2)),
-    (1, True, D(16, 256, 4, 2, ec="spin")),
-    (1, True, D(16, 256, 4, 2, ec="epoch")),
-    (1, True, D(16, 256, 4, 2, ec="slots")),
+    (1, False, D(16, 128, 8, 2)),
+    (1, True, D(16, 128, 4, 2, ec="spin")),
+    (1, True, D(16, 128, 4, 2, ec="epoch")),
+    (1, True, D(16, 128, 4, 2, ec="slots")),
     (4, True, D(32, 128, 4, 4, kernel="v3", ec="epoch")),
 ]
 
