@@ -62,12 +62,23 @@ def quantize(model: nn.Module, config: Union[QuantConfig, str], calib: Optional[
     linears = quantizable_linears(model, targets, skip)
     if not linears:
         raise SpearError(f"quantize: no nn.Linear to quantize in {type(model).__name__}")
-    if config.method == "gptq":
-        from .gptq import gptq_quantize_model
-        return gptq_quantize_model(model, config, calib, linears, progress=progress)
+    return METHODS[config.method](model, config, calib, linears, progress)
+
+
+def _rtn(model, config, calib, linears, progress):
     for name, mod in linears:
         quantize_linear_(mod, config, name)
     return model
+
+
+def _gptq(model, config, calib, linears, progress):
+    from .gptq import gptq_quantize_model
+    return gptq_quantize_model(model, config, calib, linears, progress=progress)
+
+
+# QuantConfig.method -> how a model's linears are quantized (a new scheme: its file and one entry here, and its name
+# in config.SUPPORTED_METHODS). A constant table: nothing registers into it at run time.
+METHODS = {"rtn": _rtn, "gptq": _gptq}
 
 
 @register_quantize_module_handler(QuantConfig)

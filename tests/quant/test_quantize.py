@@ -175,3 +175,9 @@ def test_w4_per_channel_byte_accounting_on_reference_model():
     assert mb["quantized_weights"] == expected_q == mb["quantized_weights_nominal"]
     assert mb["total"] == expected_q + other
     assert mb["total"] == 12_706_816  # measured figure the EC budget is defined against
+
+
+def test_every_supported_method_has_a_quantizer():
+    from spear_compile.quant.api import METHODS
+    from spear_compile.quant.config import SUPPORTED_METHODS
+    assert set(METHODS) == set(SUPPORTED_METHODS)
