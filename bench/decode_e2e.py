@@ -235,8 +235,12 @@ def kernel_probe(args):
         t_q = do_bench(lambda: fl(*args_q, None, None, None, None), return_mode="median")
         t_ec = do_bench(lambda: fl(*args_q, a, b, gw, gb), return_mode="median")
         g = torch.cuda.CUDAGraph()
-        fl(*args_q, a, b, gw, gb)
-        with torch.cuda.graph(g):
+        side = torch.cuda.Stream()  # warm up on the stream that captures (the decode workspaces are per stream)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fl(*args_q, a, b, gw, gb)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(g, stream=side):
             for _ in range(10):
                 fl(*args_q, a, b, gw, gb)
         t_ec_graph = do_bench(lambda: g.replay(), return_mode="median") / 10

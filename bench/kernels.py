@@ -190,18 +190,28 @@ def rel_err(out, ref):
 
 
 # ------------------------------------------------------------------ timing
+_STREAMS = []
+
+
+def _capture_stream():
+    """One stream for every warm-up and capture of this bench (the decode workspaces are per stream)."""
+    if not _STREAMS:
+        _STREAMS.append(torch.cuda.Stream())
+    return _STREAMS[0]
+
+
 def time_graph(layer_fn, copies, reps=30):
     """µs per layer: one graph replays the layer for every weight copy."""
     for c in range(copies):
         layer_fn(c)
     torch.cuda.synchronize()
-    s = torch.cuda.Stream()
+    s = _capture_stream()  # warm up on the stream that captures: its kernel workspaces exist before capture
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         layer_fn(0)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, stream=s):
         for c in range(copies):
             layer_fn(c)
     g.replay()
