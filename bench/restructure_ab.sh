@@ -8,4 +8,4 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1
-python3 -m bench.restructure_ab --out "${OUT:-ab_out}" --budget "${AB_BUDGET:-500}" "$@"
+python3 -m bench.restructure_ab --out "${OUT:-ab_out}" --budget "${AB_BUDGET:-470}" "$@"
