@@ -10,6 +10,7 @@ from . import backend  # noqa: F401  (registers the "spear" torch.compile backen
 from .calibrate import calibrate
 from .config import QuantConfig
 from .debug import debug
+from .distributed import parallelize  # tensor parallelism (issue 19)
 from .ec import CompensatedLinear
 from .errors import SpearError
 from .inspection import inspect
@@ -20,4 +21,5 @@ from .quantize import quantize
 
 
 __all__ = ["QuantConfig", "CompensatedLinear", "SpearError", "model_bytes", "QuantizedWeight", "quantize",
-           "calibrate", "optimize", "inspect", "debug"]
+           "calibrate", "optimize", "inspect", "debug",
+           "parallelize"]
