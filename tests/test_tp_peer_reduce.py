@@ -104,3 +104,24 @@ def test_peer_reduce_epilogue_sums_to_the_unsharded_layer(world, n, k, unit, gro
         assert err < tol, (call, err)
         no_ec = sum((xs[call][:, k0:k1].double() @ mod.weight.dequantize(torch.float64).T) for k0, k1, mod in parts)
         assert (no_ec - ref).abs().max().item() / ref.abs().max().item() > 10 * tol   # the EC term matters
+
+
+def test_op_single_launch_matches_reference_and_passes_opcheck():
+    """``spear::peer_reduce_row_ec`` (what a row-parallel module calls) as one launch (phase 0; TP = 1 is the
+    only size a sequential interpreter can run in one launch) on a 3-D input, and torch.library.opcheck
+    (schema with the counters' mutation, fake tensor, dispatch)."""
+    n, k, rank = 96, 256, 8
+    mod = random_layer(n, k, 64, rank, "sigmoid", 5, torch.float32)
+    (ws,) = simulated_workspaces(1, 2, r_split=2, max_rank=rank)
+    slot = 1
+    w = mod.weight
+    x = torch.randn(1, 3, k)
+    args = (x, w.qdata, w.scale, w.zero, w.group_size, mod.ec_A, mod.ec_B, mod.ec_gate_w, mod.ec_gate_b,
+            ws.epoch[slot:slot + 1], ws.done[slot:slot + 1])
+    y = torch.ops.spear.peer_reduce_row_ec(*args, **ws.slot_args(slot))
+    ref = reference64(mod, x)
+    assert y.shape == (1, 3, n)
+    assert (y.double() - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+    assert ws.epoch.tolist() == [0, 1] and ws.done.tolist() == [0, 0]
+    torch.library.opcheck(torch.ops.spear.peer_reduce_row_ec.default, args, ws.slot_args(slot),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -67,7 +67,7 @@ def reference64(mod, x):
     return x @ mod.weight.dequantize(torch.float64).T + u @ mod.ec_B.double().T
 
 
-def layer_checks(rank, world, group, seed=1234):
+def layer_checks(rank, world, group, device, seed=1234):
     """Random W4 + EC shapes (uneven at TP = 3), column- and row-parallel, bf16, vs the unsharded layer."""
     out = []
     gen = torch.Generator().manual_seed(seed)
@@ -79,15 +79,15 @@ def layer_checks(rank, world, group, seed=1234):
             k = group_size * max(5, -(-k // group_size))
         gate = ("sigmoid", "none")[case % 2]
         m = int(torch.randint(1, 6, (), generator=gen))
-        full = random_ec_layer(n, k, group_size or k, 8, gate, seed + case, torch.bfloat16)
-        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+        full = random_ec_layer(n, k, group_size or k, 8, gate, seed + case, torch.bfloat16).to(device)
+        x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
         ref = reference64(full, x)
         y_full = full(x).double()
         for style in ("column", "row"):
-            mod = random_ec_layer(n, k, group_size or k, 8, gate, seed + case, torch.bfloat16)
+            mod = random_ec_layer(n, k, group_size or k, 8, gate, seed + case, torch.bfloat16).to(device)
             if style == "column":
                 a, b = split_range(n, 64, rank, world)
-                shard_column_(mod, torch.arange(a, b))
+                shard_column_(mod, torch.arange(a, b, device=device))
                 sizes = [split_range(n, 64, r, world)[1] - split_range(n, 64, r, world)[0] for r in range(world)]
                 y = gather_columns(mod(x), sizes, group).double()
                 local = b - a
@@ -109,9 +109,9 @@ def layer_checks(rank, world, group, seed=1234):
     return out
 
 
-def load_model(dtype):
+def load_model(dtype, device):
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(MODEL), dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(str(MODEL), dtype=dtype).eval().to(device)
 
 
 def quantize_with_ecs(model, seed=7):
@@ -165,23 +165,28 @@ def main():
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--foreign-ckpt", default=None, help="shards of another TP size: loading them must be refused")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per rank)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    mesh = init_device_mesh("cpu", (int(os.environ["WORLD_SIZE"]),))
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", torch.cuda.current_device())
+    mesh = init_device_mesh(device.type, (int(os.environ["WORLD_SIZE"]),))
     rank, world, group = mesh.get_local_rank(), mesh.size(), mesh.get_group().group_name
     res = dict(rank=rank, world=world, times={})
     try:
         t = time.time()
-        res["layers"] = layer_checks(rank, world, group)
+        res["layers"] = layer_checks(rank, world, group, device)
         res["times"]["layers"] = time.time() - t
 
         t = time.time()
-        ids = prompt_ids()
-        base = load_model(torch.float32)
+        ids = prompt_ids().to(device)
+        base = load_model(torch.float32, device)
         spear_compile.quantize(base, "w4-pc-rtn", progress=False)
         base_logits = logits(base, ids)
         del base
-        model = quantize_with_ecs(load_model(torch.float32))
+        model = quantize_with_ecs(load_model(torch.float32, device))
         ref_tokens, ref_logits = greedy(model, ids), logits(model, ids)
         res["ec_effect"] = (ref_logits - base_logits).abs().max().item()
         parallelize(model, mesh)
@@ -195,30 +200,30 @@ def main():
         t = time.time()
         save_sharded(model, args.ckpt, "w4-pc-rtn")
         dist.barrier()
-        fresh = load_sharded(load_model(torch.float32), args.ckpt, mesh)
+        fresh = load_sharded(load_model(torch.float32, device), args.ckpt, mesh)
         res["loaded_tokens"] = greedy(fresh, ids)
         res["loaded_logits_equal"] = bool(torch.equal(logits(fresh, ids), tp_logits))
         other = Path(args.ckpt) / f"tp{world}-rank{(rank + 1) % world}.safetensors"
-        res["refuse_rank"] = expect_refusal(lambda: load_sharded(load_model(torch.float32), other, mesh), "rank")
+        res["refuse_rank"] = expect_refusal(lambda: load_sharded(load_model(torch.float32, device), other, mesh), "rank")
         if args.foreign_ckpt:
             res["refuse_tp_size_dir"] = expect_refusal(
-                lambda: load_sharded(load_model(torch.float32), args.foreign_ckpt, mesh), "TP=")
+                lambda: load_sharded(load_model(torch.float32, device), args.foreign_ckpt, mesh), "TP=")
             foreign = sorted(Path(args.foreign_ckpt).glob("tp*-rank0.safetensors"))[0]
             res["refuse_tp_size_file"] = expect_refusal(
-                lambda: load_sharded(load_model(torch.float32), foreign, mesh), "written for TP=")
+                lambda: load_sharded(load_model(torch.float32, device), foreign, mesh), "written for TP=")
         res["times"]["checkpoint"] = time.time() - t
 
         if args.compile:  # on the first 2 decoder layers (Inductor's CPU compile time grows with the graph)
             t = time.time()
             from spear_compile import passes
-            from spear_compile.unwrap import unwrap_quantized
             fresh.model.layers = fresh.model.layers[:2]
             fresh.config.num_hidden_layers = 2
             eager = logits(fresh, ids)
             passes.clear()
-            unwrap_quantized(fresh)
-            fresh.forward = torch.compile(fresh.forward, backend="spear")
-            compiled = logits(fresh, ids)
+            spear_compile.optimize(fresh, quant=None)   # unwrap + torch.compile(backend="spear")
+            with torch._inductor.config.patch(fx_graph_cache=False), \
+                    torch._functorch.config.patch(enable_autograd_cache=False):  # the pass runs (and records)
+                compiled = logits(fresh, ids)
             res["compiled_logits_err"] = (compiled - eager).abs().max().item()
             res["compiled_argmax_equal"] = bool(torch.equal(compiled.argmax(-1), eager.argmax(-1)))
             res["compiled_fused"] = sum(r.matched for r in passes.RECORDS)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.distributed import _functional_collectives as funcol
 
 from .. import ops  # noqa: F401  (registers spear::qlinear)
+from .peer_reduce import MAX_M  # (also registers spear::peer_reduce_row_ec)
 from ..ec import CompensatedLinear
 from ..qtensor import QuantizedWeight, check_linear_input
 
@@ -58,6 +59,21 @@ class RowParallelLinear(_RowParallel, nn.Linear):
 
 
 class RowParallelCompensatedLinear(_RowParallel, CompensatedLinear):
+    peer_args = None  # set by ``peer_reduce.enable_peer_reduce``: this layer's slot of the u exchange
+
+    def attach_peer_reduce(self, args: dict, epoch: torch.Tensor, done: torch.Tensor) -> None:
+        """Decode (M <= 16, CUDA) through the peer-reduction epilogue instead of the u all-reduce."""
+        self.peer_args = args
+        self.register_buffer("_peer_epoch", epoch, persistent=False)
+        self.register_buffer("_peer_done", done, persistent=False)
+
+    def _peer_reduced(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's y partial with the EC term from the peer-reduced u (``peer_reduce.py``; untested on
+        multi-GPU hardware)."""
+        return torch.ops.spear.peer_reduce_row_ec(
+            x, self._spear_qdata, self._spear_scale, self._spear_zero, self._spear_group_size, self.ec_A, self.ec_B,
+            self.ec_gate_w, self.ec_gate_b, self._peer_epoch, self._peer_done, **self.peer_args)
+
     def compensation(self, x: torch.Tensor) -> torch.Tensor:
         u = all_reduce_sum(F.linear(x, self.ec_A), self.tp_group)
         if self.gate == "sigmoid":
@@ -65,6 +81,9 @@ class RowParallelCompensatedLinear(_RowParallel, CompensatedLinear):
         return F.linear(u, self.ec_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.peer_args is not None and x.is_cuda and x.numel() <= MAX_M * x.shape[-1]:
+            y = all_reduce_sum(self._peer_reduced(x), self.tp_group)
+            return y if self.bias is None else y + self.bias
         y = all_reduce_sum(self._local_product(x), self.tp_group)
         if self.bias is not None:
             y = y + self.bias

@@ -164,6 +164,12 @@ class PeerReduceWorkspace:
     def slot_floats(self) -> int:
         return 2 * self.world * self.r_split * MAX_M * self.block_r
 
+    def slot_args(self, slot: int) -> dict:
+        """The op's scalar arguments for layer slot ``slot``."""
+        return dict(buffer_ptrs=self.buffer_ptrs_dev, signal_pad_ptrs=self.signal_pad_ptrs_dev, rank=self.rank,
+                    world=self.world, r_split=self.r_split, block_r=self.block_r, buf_offset=slot * self.slot_floats,
+                    flag_offset=RESERVED_FLAGS + slot * self.world * self.r_split)
+
     @staticmethod
     def sizes(world: int, slots: int, r_split: int, max_rank: int) -> tuple:
         """``(block_r, buffer floats, signal-pad bytes)`` a workspace needs."""
@@ -204,8 +210,6 @@ def peer_reduce_row_ec(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor
     """
     m, k = x.shape
     n, r = qdata.shape[0], ec_A.shape[0]
-    if m > MAX_M:
-        raise SpearError(f"peer reduce: M={m} rows, the decode epilogue handles at most {MAX_M}")
     if qdata.dtype != torch.uint8 or tuple(qdata.shape) != (n, k // 2) or k % 2:
         raise SpearError(f"peer reduce: qdata {tuple(qdata.shape)} {qdata.dtype} is not a 4-bit container for K={k}")
     if k % group_size or tuple(scale.shape) != (n, k // group_size) or tuple(zero.shape) != (n, k // group_size):
@@ -215,19 +219,73 @@ def peer_reduce_row_ec(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor
                          f"or rank above the workspace's {ws.block_r}")
     if not 0 <= slot < ws.slots:
         raise SpearError(f"peer reduce: slot {slot} outside the workspace's {ws.slots}")
+    return _launch(x, qdata, scale, zero, group_size, ec_A, ec_B, gate_w, gate_b, ws, slot, phase, block_n, block_k, out)
+
+
+def _launch(x, qdata, scale, zero, group_size, ec_A, ec_B, gate_w, gate_b, ws, slot, phase, block_n=64, block_k=64,
+            out=None, buf_offset=None, flag_offset=None):
+    m, k = x.shape
+    n, r = qdata.shape[0], ec_A.shape[0]
+    if m > MAX_M:
+        raise SpearError(f"peer reduce: M={m} rows, the decode epilogue handles at most {MAX_M}")
     x, qdata, scale, zero, ec_A, ec_B = (t.contiguous() for t in (x, qdata, scale, zero, ec_A, ec_B))
     y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if buf_offset is None:
+        buf_offset, flag_offset = ws.slot_args(slot)["buf_offset"], ws.slot_args(slot)["flag_offset"]
     n_tiles = triton.cdiv(n, block_n)
     k_chunk = triton.cdiv(triton.cdiv(k, ws.r_split), block_k) * block_k
     grid = {0: ws.r_split + n_tiles, 1: ws.r_split, 2: n_tiles}[phase]
     gated = gate_w is not None
     peer_reduce_row_ec_kernel[(grid,)](
         x, qdata, scale, zero, ec_A, ec_B, gate_w if gated else ec_A, gate_b if gate_b is not None else ec_A, y,
-        ws.buffer_ptrs_dev, ws.signal_pad_ptrs_dev, ws.epoch[slot:], ws.done[slot:],
-        slot * ws.slot_floats, RESERVED_FLAGS + slot * ws.world * ws.r_split,
+        ws.buffer_ptrs_dev, ws.signal_pad_ptrs_dev, ws.epoch[slot:], ws.done[slot:], buf_offset, flag_offset,
         m, n, k, r, k // group_size, k_chunk, ws.r_split + n_tiles,
         GROUP_SIZE=group_size, RANK=ws.rank, WORLD=ws.world, R_SPLIT=ws.r_split,
         BLOCK_M=MAX_M, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=ws.block_r,
         GATED=gated, HAS_GATE_BIAS=gate_b is not None, PHASE=phase, INTERPRET=_interpret(),
     )
     return y
+
+
+# ---- the op a row-parallel module calls (opaque to torch.compile; CUDA-graph capturable) -----------------
+@torch.library.custom_op("spear::peer_reduce_row_ec", mutates_args=("epoch", "done"))
+def peer_reduce_row_ec_op(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                          ec_A: torch.Tensor, ec_B: torch.Tensor, gate_w: Optional[torch.Tensor],
+                          gate_b: Optional[torch.Tensor], epoch: torch.Tensor, done: torch.Tensor, buffer_ptrs: int,
+                          signal_pad_ptrs: int, rank: int, world: int, r_split: int, block_r: int,
+                          buf_offset: int, flag_offset: int, phase: int = 0) -> torch.Tensor:
+    """``peer_reduce_row_ec`` on one layer slot given as plain values: ``epoch``/``done`` are the slot's
+    one-element counters, ``buf_offset``/``flag_offset`` its offsets (see ``PeerReduceWorkspace.slot_args``)."""
+    ws = PeerReduceWorkspace(buffer_ptrs, signal_pad_ptrs, rank, world, 1, r_split, block_r, epoch, done)
+    flat = x.reshape(-1, x.shape[-1])
+    y = _launch(flat, qdata, scale, zero, group_size, ec_A, ec_B, gate_w, gate_b, ws, 0, phase,
+                buf_offset=buf_offset, flag_offset=flag_offset)
+    return y.reshape(*x.shape[:-1], qdata.shape[0])
+
+
+@peer_reduce_row_ec_op.register_fake
+def _(x, qdata, scale, zero, group_size, ec_A, ec_B, gate_w, gate_b, epoch, done, buffer_ptrs, signal_pad_ptrs,
+      rank, world, r_split, block_r, buf_offset, flag_offset, phase=0):
+    return x.new_empty(*x.shape[:-1], qdata.shape[0])
+
+
+def enable_peer_reduce(model: torch.nn.Module, max_rank: Optional[int] = None, r_split: int = 4) -> int:
+    """Point every row-parallel W4 + EC linear of a parallelized CUDA ``model`` at the peer-reduction
+    epilogue (decode, M <= 16; larger M keeps the fallback). Collective: every rank calls it, before
+    compiling and before any CUDA-graph capture. Returns the number of layers switched.
+    UNTESTED ON MULTI-GPU HARDWARE (see the module docstring)."""
+    from .layers import RowParallelCompensatedLinear
+    from .parallelize import tp_state
+    state = tp_state(model)
+    if state is None:
+        raise SpearError("enable_peer_reduce: the model is not parallelized; call spear_compile.parallelize first")
+    mods = [m for m in model.modules() if isinstance(m, RowParallelCompensatedLinear) and "_spear_qdata" in m._buffers
+            and m._spear_qdata.is_cuda and m._spear_qdata.shape[1] * 2 == m.in_features]
+    if not mods:
+        return 0
+    ws = PeerReduceWorkspace.allocate(state.group, len(mods), max_rank or max(m.rank for m in mods), r_split,
+                                      mods[0]._spear_qdata.device)
+    for slot, mod in enumerate(mods):
+        mod.attach_peer_reduce(ws.slot_args(slot), ws.epoch[slot:slot + 1], ws.done[slot:slot + 1])
+    model._spear_peer_workspace = ws  # keeps the symmetric buffer alive
+    return len(mods)
