@@ -125,3 +125,53 @@ def test_op_single_launch_matches_reference_and_passes_opcheck():
     assert ws.epoch.tolist() == [0, 1] and ws.done.tolist() == [0, 0]
     torch.library.opcheck(torch.ops.spear.peer_reduce_row_ec.default, args, ws.slot_args(slot),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def _compile_for_sm90(world: int, gated: bool) -> str:
+    """PTX of the kernel for an H100/H200 (sm_90), compiled ahead of time on this machine (no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from spear_compile.distributed.peer_reduce import peer_reduce_row_ec_kernel as kernel
+    sig = {name: "*bf16" for name in ("x_ptr", "s_ptr", "z_ptr", "a_ptr", "b_ptr", "gw_ptr", "gb_ptr", "y_ptr")}
+    sig.update(q_ptr="*u8", buf_ptrs="i64", flag_ptrs="i64", epoch_ptr="*i32", done_ptr="*i32")
+    sig.update({n: "i32" for n in ("buf_offset", "flag_offset", "M", "N", "K", "R", "GROUPS", "K_CHUNK", "TOTAL_PROGRAMS")})
+    consts = dict(GROUP_SIZE=128, RANK=world - 1, WORLD=world, R_SPLIT=4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64,
+                  BLOCK_R=32, GATED=gated, HAS_GATE_BIAS=gated, PHASE=0, INTERPRET=False)
+    sig.update({n: "constexpr" for n in consts})
+    src = ASTSource(fn=kernel, signature={n: sig[n] for n in kernel.arg_names},
+                    constexprs={(kernel.arg_names.index(n),): v for n, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+
+
+def test_kernel_compiles_for_sm90_with_system_scope_release_and_acquire():
+    """Compiled for sm_90 in a subprocess without the interpreter: the flags are raised with one system-scope
+    release exchange per peer and read with system-scope acquire loads; partials are read volatile."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not (Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, __file__, "--ptx-stats"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = [line.split() for line in proc.stdout.splitlines() if line.startswith("stats")]
+    assert len(stats) == 3
+    for _, world, release, acquire, volatile in stats:
+        assert int(release) == int(world)          # one flag per peer (own rank included) per u program
+        assert int(acquire) >= 1 and int(volatile) >= 1
+
+
+if __name__ == "__main__":
+    import re
+    import sys
+    if "--ptx-stats" in sys.argv:
+        for world, gated in ((2, True), (3, False), (4, True)):
+            ptx = _compile_for_sm90(world, gated)
+            print("stats", world, len(re.findall(r"atom\.global\.sys\.release\.exch", ptx)),
+                  len(re.findall(r"ld\.global\.sys\.acquire", ptx)), len(re.findall(r"ld\.volatile", ptx)))

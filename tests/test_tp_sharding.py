@@ -126,3 +126,37 @@ def test_row_cut_off_group_boundary_is_refused():
     assert slice_columns(pc, 0, 192).group_size == 192
     with pytest.raises(SpearError, match="packed byte"):
         slice_columns(pc, 0, 63)
+
+
+def _ref_model():
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    import spear_compile
+    path = Path(spear_compile.__file__).parent / "assets" / "spear-ref-16m"
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+
+
+def test_layouts_of_the_reference_model_and_refusals():
+    """spear-ref-16m (6 heads, 2 KV heads, head_dim 64, MLP 1024): the layouts at TP 2 / 3 / 4, a g128 cut
+    inside a group refused, and parallelize refused without a process group, all before any change."""
+    import spear_compile
+    from spear_compile.distributed import parallelize, plan_layout
+
+    model = _ref_model()
+    lay2 = [plan_layout(model, r, 2) for r in range(2)]
+    assert [(l.heads.q0, l.heads.q1, l.heads.kv_heads) for l in lay2] == [(0, 3, (0,)), (3, 6, (1,))]
+    lay3 = [plan_layout(model, r, 3) for r in range(3)]
+    assert [l.heads.kv_heads for l in lay3] == [(0,), (0, 1), (1,)]
+    assert [l.mlp for l in lay3] == [(0, 384), (384, 768), (768, 1024)] and lay3[0].mlp_unit == 128
+    assert sum(plan_layout(model, r, 4).heads.num_heads for r in range(4)) == 6
+    with pytest.raises(SpearError, match="fewer than the 7 ranks"):
+        plan_layout(model, 0, 7)
+    spear_compile.quantize(model, "w4-g128-rtn", progress=False)
+    with pytest.raises(SpearError, match=r"o_proj: the row-parallel cut \[0, 192\)"):
+        plan_layout(model, 0, 2)   # 3 heads x 64 columns: inside a group of 128
+    plan_layout(model, 0, 3)       # 2 heads x 64 = 128: on the group boundary
+    with pytest.raises(SpearError, match="torch.distributed is not initialized"):
+        parallelize(model, mesh=None)
+    assert model.model.layers[0].self_attn.o_proj.in_features == 384 and model.config.num_attention_heads == 6
