@@ -19,12 +19,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed import _functional_collectives as funcol
 
 from .. import ops  # noqa: F401  (registers spear::qlinear)
-from .peer_reduce import MAX_M  # (also registers spear::peer_reduce_row_ec)
 from ..ec import CompensatedLinear
 from ..qtensor import QuantizedWeight, check_linear_input
+from .peer_reduce import MAX_M  # (also registers spear::peer_reduce_row_ec)
+
+if torch.distributed.is_available():  # (builds without it: ``parallelize`` refuses before any layer runs)
+    from torch.distributed import _functional_collectives as funcol
 
 _INNER = ("_spear_qdata", "_spear_scale", "_spear_zero")
 
