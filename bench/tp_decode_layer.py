@@ -48,8 +48,8 @@ class SymmOneShotRow(RowParallelCompensatedLinear):
     def compensation(self, x):
         u = torch.nn.functional.linear(x, self.ec_A)
         flat = u.reshape(-1, u.shape[-1])
-        u = torch.ops.symm_mem.one_shot_all_reduce_copy(self._symm_u[: flat.shape[0]], flat, "sum",
-                                                        self.tp_group).reshape(u.shape)
+        u = torch.ops.symm_mem.one_shot_all_reduce_copy(self._symm_u, flat.contiguous(), "sum",
+                                                        self.tp_group).reshape(u.shape)  # (copies flat in)
         if self.gate == "sigmoid":
             u = u * (2.0 * torch.sigmoid(torch.nn.functional.linear(u, self.ec_gate_w, self.ec_gate_b)))
         return torch.nn.functional.linear(u, self.ec_B)

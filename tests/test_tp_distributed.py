@@ -58,6 +58,7 @@ def test_greedy_tokens_equal_single_process(runs, world):
         assert res["ec_effect"] > 0.1            # the ECs change the logits: mishandling them would show
         assert len(res["ref_tokens"]) == 10
         assert res["tp_tokens"] == res["ref_tokens"]
+        assert res["static_cache_tokens"] == res["ref_tokens"]   # StaticCache: local KV heads (1 or 2 at TP = 3)
         assert res["logits_err"] < 1e-3           # float32, only the summation order differs
     heads = [tuple(r["local_heads"]) for r in runs[world]]
     assert sum(h[0] for h in heads) == 6          # every query head on exactly one rank

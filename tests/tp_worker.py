@@ -133,9 +133,9 @@ def quantize_with_ecs(model, seed=7):
 
 
 @torch.no_grad()
-def greedy(model, ids):
+def greedy(model, ids, **kw):
     out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                         pad_token_id=0)
+                         pad_token_id=0, **kw)
     return out[0, ids.shape[1]:].tolist()
 
 
@@ -191,7 +191,8 @@ def main():
         res["ec_effect"] = (ref_logits - base_logits).abs().max().item()
         parallelize(model, mesh)
         tp_tokens, tp_logits = greedy(model, ids), logits(model, ids)
-        res.update(ref_tokens=ref_tokens, tp_tokens=tp_tokens,
+        static_tokens = greedy(model, ids, cache_implementation="static")  # sized from the local head counts
+        res.update(ref_tokens=ref_tokens, tp_tokens=tp_tokens, static_cache_tokens=static_tokens,
                    logits_err=(tp_logits - ref_logits).abs().max().item(),
                    local_heads=[model.config.num_attention_heads, model.config.num_key_value_heads],
                    local_mlp=model.config.intermediate_size)

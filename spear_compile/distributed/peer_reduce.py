@@ -283,9 +283,18 @@ def enable_peer_reduce(model: torch.nn.Module, max_rank: Optional[int] = None, r
             and m._spear_qdata.is_cuda and m._spear_qdata.shape[1] * 2 == m.in_features]
     if not mods:
         return 0
-    ws = PeerReduceWorkspace.allocate(state.group, len(mods), max_rank or max(m.rank for m in mods), r_split,
-                                      mods[0]._spear_qdata.device)
-    for slot, mod in enumerate(mods):
-        mod.attach_peer_reduce(ws.slot_args(slot), ws.epoch[slot:slot + 1], ws.done[slot:slot + 1])
-    model._spear_peer_workspace = ws  # keeps the symmetric buffer alive
+    import torch.distributed._symmetric_memory as symm_mem
+    per_ws = (symm_mem.get_signal_pad_size() // 4 - RESERVED_FLAGS) // (state.layout.world * r_split)
+    if per_ws < 1:
+        raise SpearError(f"enable_peer_reduce: a {symm_mem.get_signal_pad_size()}-byte signal pad holds no layer slot "
+                         f"of {state.layout.world} ranks x {r_split} chunks")
+    workspaces = []
+    for first in range(0, len(mods), per_ws):  # as many symmetric allocations as the signal pads require
+        group = mods[first:first + per_ws]
+        ws = PeerReduceWorkspace.allocate(state.group, len(group), max_rank or max(m.rank for m in mods), r_split,
+                                          group[0]._spear_qdata.device)
+        for slot, mod in enumerate(group):
+            mod.attach_peer_reduce(ws.slot_args(slot), ws.epoch[slot:slot + 1], ws.done[slot:slot + 1])
+        workspaces.append(ws)
+    model._spear_peer_workspaces = workspaces  # keeps the symmetric buffers alive
     return len(mods)
