@@ -160,3 +160,23 @@ def test_layouts_of_the_reference_model_and_refusals():
     with pytest.raises(SpearError, match="torch.distributed is not initialized"):
         parallelize(model, mesh=None)
     assert model.model.layers[0].self_attn.o_proj.in_features == 384 and model.config.num_attention_heads == 6
+
+
+@pytest.mark.parametrize("shape,world,heads,mlp", [
+    ("13b", 2, [20, 20], [6912, 6912]), ("13b", 3, [14, 13, 13], [4608, 4608, 4608]),
+    ("13b", 4, [10] * 4, [3456] * 4), ("70b", 3, [24, 24, 16], [9600, 9600, 9472]), ("70b", 4, [16] * 4, [7168] * 4)])
+def test_llama2_13b_70b_layouts(shape, world, heads, mlp):
+    """The paper's models at TP = 2 / 3 / 4 (on the meta device): query heads on KV-group boundaries, MLP cut on
+    multiples of 128 (so g128 weights cut on group boundaries), sizes differing by one unit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from spear_compile.distributed import plan_layout
+    dims = {"13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40),
+            "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8)}[shape]
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**dims, num_hidden_layers=1, vocab_size=128, head_dim=128))
+    layouts = [plan_layout(model, r, world) for r in range(world)]
+    assert [l.heads.num_heads for l in layouts] == heads
+    assert [l.mlp[1] - l.mlp[0] for l in layouts] == mlp
+    group = dims["num_attention_heads"] // dims["num_key_value_heads"]
+    assert all(l.heads.kv_groups == group for l in layouts)   # whole KV groups: no repeated KV heads
