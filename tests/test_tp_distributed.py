@@ -90,6 +90,8 @@ def test_sharded_checkpoint_round_trips_and_refuses_mismatch(runs, world):
         assert res["loaded_tokens"] == res["tp_tokens"]
         assert res["loaded_logits_equal"]
         assert res["refuse_rank"][0], res["refuse_rank"][1]
+        assert res["refuse_corrupt"][0], res["refuse_corrupt"][1]
+        assert res["corrupt_left_model_whole"]   # refused before the model was cut
         if world == 3:
             assert res["refuse_tp_size_dir"][0], res["refuse_tp_size_dir"][1]
             assert res["refuse_tp_size_file"][0], res["refuse_tp_size_file"][1]

@@ -206,6 +206,14 @@ def main():
         res["loaded_logits_equal"] = bool(torch.equal(logits(fresh, ids), tp_logits))
         other = Path(args.ckpt) / f"tp{world}-rank{(rank + 1) % world}.safetensors"
         res["refuse_rank"] = expect_refusal(lambda: load_sharded(load_model(torch.float32, device), other, mesh), "rank")
+        own = Path(args.ckpt) / f"tp{world}-rank{rank}.safetensors"
+        damaged = own.with_name(f"damaged-rank{rank}.safetensors")
+        raw = bytearray(own.read_bytes())
+        raw[-5] ^= 0xFF  # a byte of the last tensor's data
+        damaged.write_bytes(bytes(raw))
+        untouched = load_model(torch.float32, device)
+        res["refuse_corrupt"] = expect_refusal(lambda: load_sharded(untouched, damaged, mesh), "corrupt")
+        res["corrupt_left_model_whole"] = untouched.model.layers[0].mlp.down_proj.in_features == 1024
         if args.foreign_ckpt:
             res["refuse_tp_size_dir"] = expect_refusal(
                 lambda: load_sharded(load_model(torch.float32, device), args.foreign_ckpt, mesh), "TP=")

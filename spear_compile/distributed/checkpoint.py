@@ -4,8 +4,8 @@ Each file is exactly what ``spear_compile.serialization.save_quantized`` writes 
 model (local ``QuantizedWeight`` shards, ECs, replicated tensors; checksums; metadata key ``"spear"``),
 plus the metadata key ``"spear_tp"``: format, world size, rank, the layout (heads, MLP cut, unit) and the
 base model's identity. ``load_sharded`` refuses, before changing the model, a file of another TP size,
-another rank, another base model or another layout, then cuts the fresh model to the saved layout and
-loads the rank's file into it with ``load_quantized`` (which checks every tensor's shape and checksum).
+another rank, another base model, another layout or a corrupt tensor, then cuts the fresh model to the saved
+layout and loads the rank's file into it with ``load_quantized`` (which checks shapes and checksums again).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Union
 
+import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -73,6 +74,20 @@ def read_tp_metadata(path: Union[str, Path]) -> dict:
     return meta
 
 
+def check_shard_checksums(path: Path) -> None:
+    """Every tensor of the shard against the checksum ``save_quantized`` recorded, before the model is cut
+    (``load_quantized`` checks again while loading, after the cut)."""
+    import hashlib
+    with safe_open(str(path), framework="pt") as f:
+        sums = json.loads((f.metadata() or {}).get("spear", "{}")).get("sha256")
+        if not isinstance(sums, dict) or set(sums) != set(f.keys()):
+            raise SpearError(f"load_sharded: {path.name}: the tensors do not match the checksum list: corrupt file")
+        for key in f.keys():
+            raw = f.get_tensor(key).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            if hashlib.sha256(raw).hexdigest() != sums[key]:
+                raise SpearError(f"load_sharded: {path.name}: checksum mismatch for tensor {key!r}: the file is corrupt")
+
+
 def check_shard_metadata(meta: dict, path: Path, model: nn.Module, rank: int, world: int):
     """Refuse a shard written for another TP size, rank, base model or layout; returns the layout to cut."""
     from ..ec_io import model_identity
@@ -104,6 +119,7 @@ def load_sharded(model: nn.Module, source: Union[str, Path], mesh) -> nn.Module:
         raise SpearError(f"load_sharded: {str(source)!r} has no shard for TP={world} rank {rank} "
                          f"(it has {others[:4] or 'no shards'}); shards load only at the TP size they were cut for")
     layout = check_shard_metadata(read_tp_metadata(path), path, model, rank, world)
+    check_shard_checksums(path)
     apply_layout(model, layout, group)
     load_quantized(model, path)  # (validates shapes and checksums; rebuilds EC modules as CompensatedLinear)
     for layer in decoder_layers(model):
