@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tp_worker import EC_MODULES
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("tp_worker.py")
@@ -60,6 +61,12 @@ def test_greedy_tokens_equal_single_process(runs, world):
         assert res["tp_tokens"] == res["ref_tokens"]
         assert res["static_cache_tokens"] == res["ref_tokens"]   # StaticCache: local KV heads (1 or 2 at TP = 3)
         assert res["logits_err"] < 1e-3           # float32, only the summation order differs
+    for res in runs[world]:  # the EC layers, their style and the fallback u reduction of the row-parallel ones
+        ecs = {r["module"]: r for r in res["describe"]}
+        assert set(ecs) == set(EC_MODULES)
+        for name, r in ecs.items():
+            assert r["style"] == ("row" if name.endswith(("o_proj", "down_proj")) else "column")
+            assert r["u_reduction"] == ("all-reduce (fallback)" if r["style"] == "row" else "")
     heads = [tuple(r["local_heads"]) for r in runs[world]]
     assert sum(h[0] for h in heads) == 6          # every query head on exactly one rank
     assert sum(r["local_mlp"] for r in runs[world]) == 1024

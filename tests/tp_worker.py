@@ -192,6 +192,8 @@ def main():
         parallelize(model, mesh)
         tp_tokens, tp_logits = greedy(model, ids), logits(model, ids)
         static_tokens = greedy(model, ids, cache_implementation="static")  # sized from the local head counts
+        from spear_compile.distributed import describe
+        res["describe"] = [r for r in describe(model) if r["ec_rank"]]
         res.update(ref_tokens=ref_tokens, tp_tokens=tp_tokens, static_cache_tokens=static_tokens,
                    logits_err=(tp_logits - ref_logits).abs().max().item(),
                    local_heads=[model.config.num_attention_heads, model.config.num_key_value_heads],

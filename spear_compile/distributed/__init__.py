@@ -3,7 +3,7 @@
 See ``docs/tensor_parallel.md``."""
 from .checkpoint import load_sharded, save_sharded
 from .layers import RowParallelCompensatedLinear, RowParallelLinear
-from .parallelize import TPLayout, parallelize, plan_layout, tp_state
+from .parallelize import TPLayout, describe, parallelize, plan_layout, tp_state
 
-__all__ = ["parallelize", "plan_layout", "tp_state", "TPLayout", "save_sharded", "load_sharded",
+__all__ = ["parallelize", "plan_layout", "tp_state", "describe", "TPLayout", "save_sharded", "load_sharded",
            "RowParallelLinear", "RowParallelCompensatedLinear"]

@@ -203,3 +203,28 @@ def parallelize(model: nn.Module, mesh, mlp_unit: Optional[int] = None) -> nn.Mo
 
 def tp_state(model: nn.Module) -> Optional[TPState]:
     return getattr(model, "_spear_tp", None)
+
+
+def describe(model: nn.Module) -> list:
+    """One row per sharded linear of a parallelized model: module, style, local ``[N, K]``, EC rank, and for
+    row-parallel EC layers how ``u`` is reduced (``peer-reduce`` after ``enable_peer_reduce``, decode on CUDA;
+    otherwise the functional all-reduce fallback)."""
+    from ..ec import CompensatedLinear
+    from .layers import RowParallelCompensatedLinear, RowParallelLinear
+    if tp_state(model) is None:
+        raise SpearError("describe: the model is not parallelized")
+    rows = []
+    for i, layer in enumerate(decoder_layers(model)):
+        for owner, names in (("self_attn", ATTN), ("mlp", MLP)):
+            for n in names:
+                mod = getattr(getattr(layer, owner), n)
+                row = isinstance(mod, (RowParallelLinear, RowParallelCompensatedLinear))
+                ec = isinstance(mod, CompensatedLinear)
+                u_path = ""
+                if row and ec:
+                    u_path = "peer-reduce" if getattr(mod, "peer_args", None) else "all-reduce (fallback)"
+                rows.append(dict(module=f"model.layers.{i}.{owner}.{n}", style="row" if row else "column",
+                                 local_shape=(mod.out_features, mod.in_features),
+                                 quantized=isinstance(mod.weight, QuantizedWeight), ec_rank=mod.rank if ec else 0,
+                                 u_reduction=u_path))
+    return rows
