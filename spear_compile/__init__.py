@@ -16,6 +16,7 @@ from .compile import unwrap as _unwrap
 from .compile.api import optimize
 from .compile.dumps import debug
 from .compile.inspection import inspect
+from .distributed import parallelize  # tensor parallelism
 from .ec import io as _ec_io
 from .ec.module import CompensatedLinear
 from .ec.pipeline import calibrate
@@ -33,4 +34,5 @@ for _old, _module in (("ec_io", _ec_io), ("serialization", _quant_io), ("unwrap"
 del _old, _module
 
 __all__ = ["QuantConfig", "CompensatedLinear", "SpearError", "model_bytes", "QuantizedWeight", "quantize",
-           "calibrate", "optimize", "inspect", "debug"]
+           "calibrate", "optimize", "inspect", "debug",
+           "parallelize"]
