@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import triton
 
 from ..errors import SpearError
-from . import tune_cache
+from . import batched, tune_cache
 from .ec_tiles import ec_u_kernel
 from .w4_decode import w4_decode_kernel
 from .w4_gemv import w4_gemv_grouped_kernel, w4_gemv_kernel
@@ -1054,6 +1054,8 @@ def _run_dequant_cublas(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_
 
 
 def _runner(cfg):
+    if isinstance(cfg, batched.BatchedConfig):  # issue 18 hook
+        return batched.run_single
     if isinstance(cfg, DecodeConfig):
         return _run_decode
     if isinstance(cfg, PrefillConfig):
@@ -1189,6 +1191,8 @@ def _config_for(x2, args, k, n, group_size, has_ec, gated):
     else:
         cands = (decode_candidates(k, n, group_size, sms, has_ec, m) if m <= MAX_DECODE_M
                  else prefill_candidates(m, k, group_size, has_ec, gated))
+    # issue 18 hook: the batched-decode W4 (+EC) kernel for 2 <= M <= 512 (lowering/batched.py)
+    cands = cands + batched.candidates_for(m, k, [n], group_size, sms, has_ec, args[7].shape[1] if has_ec else 0)
     _TUNED[key] = _tuned_or_cached(key, x2.device, cands, lambda: _tune(key, args, cands))
     return _TUNED[key]
 
@@ -1280,6 +1284,8 @@ def _grouped_kernel_ok(cfg, x2, qdatas):
 
 def _run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y):
     """``y [M, ΣN] = [x W_1ᵀ | x W_2ᵀ | ...] (+ biases)``: one grouped launch where the kernel applies, else per member."""
+    if isinstance(cfg, batched.BatchedConfig):  # issue 18 hook
+        return batched.run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y)
     if not _grouped_kernel_ok(cfg, x2, qdatas):
         return _members_into(x2, qdatas, scales, zeros, biases, group_size, y)
     m, k = x2.shape
@@ -1319,9 +1325,10 @@ def _grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y):
     key = _group_key(m, k, ns, group_size, x2.dtype, biases[0] is not None)
     if key in _TUNED:
         return _TUNED[key]
-    if m > MAX_DECODE_M:
-        return GroupedConfig(per_member=True)  # prefill: each member its own tuned GEMM
     sms = _num_sms(x2.device)
+    extra = batched.candidates_for(m, k, ns, group_size, sms) if _can_tune(x2) else []  # issue 18 hook
+    if m > MAX_DECODE_M and not extra:
+        return GroupedConfig(per_member=True)  # prefill: each member its own tuned GEMM
     if not _can_tune(x2):
         return default_grouped_config(m, k, ns, group_size, sms)
     args = (x2, qdatas, scales, zeros, biases, group_size, y)
@@ -1329,7 +1336,8 @@ def _grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y):
     def reference():
         return _members_into(x2, qdatas, scales, zeros, biases, group_size, torch.empty_like(y), DequantCublasConfig())
 
-    cands = grouped_candidates(k, ns, group_size, sms, m)
+    cands = (grouped_candidates(k, ns, group_size, sms, m) if m <= MAX_DECODE_M
+             else [GroupedConfig(per_member=True)]) + extra  # issue 18 hook
     _TUNED[key] = _tuned_or_cached(key, x2.device, cands,
                                    lambda: _tune(key, args, cands, run=lambda cfg: _run_grouped(cfg, *args),
                                                  reference=reference))
