@@ -107,7 +107,8 @@ def batched_candidates(m, k, ns, group_size, sms=132, has_ec=False):
 
 
 def _splits(tiles, k, bk, sms):
-    """Split-K factors: 1, and the smallest power of two giving >= 1 wave of programs with >= 4 K blocks each."""
+    """Split-K factors: 1, the smallest power of two giving >= 1 wave of programs, and twice that, each split >= 4 K
+    blocks long."""
     n_kb = triton.cdiv(k, bk)
     out = [1]
     split = 1
@@ -115,6 +116,8 @@ def _splits(tiles, k, bk, sms):
         split *= 2
     if split > 1:
         out.append(split)
+        if n_kb >= 8 * split and tiles * split < 4 * sms:
+            out.append(2 * split)
     return out
 
 

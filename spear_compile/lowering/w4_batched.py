@@ -63,7 +63,8 @@ def _w_offset_tile(words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_BF16: 
     return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
 
 
-@triton.jit
+# runtime sizes that only bound masks or pick members: one compiled kernel for every M, member width and split
+@triton.jit(do_not_specialize=["N0", "N1", "N2", "N3", "P1", "P2", "P3", "M", "R", "N_TILES_TOTAL", "SPLIT_K"])
 def w4_batched_kernel(
     x_ptr, y_ptr, ws_ptr, uws_ptr, cnt_ptr,
     q0, s0, z0, b0, a0, bb0, gw0, gb0,
