@@ -270,6 +270,21 @@ def _smoke_mode(args):
     precompile = lambda *a: None  # noqa: E731
 
 
+def _summarize(tune_log, model, m):
+    """One line per tuned key that had batched candidates: its best batched and best other config (µs)."""
+    out = []
+    for key, results in tune_log:
+        timed = [(ms, name) for name, ms in results if isinstance(ms, float)]
+        new = [t for t in timed if t[1].startswith("batched")]
+        old = [t for t in timed if not t[1].startswith("batched")]
+        if new:
+            bn, bo = min(new), min(old) if old else (float("nan"), "-")
+            wrong = sum(1 for _, r in results if isinstance(r, str))
+            out.append(f"  {model} M={m} {key}: batched {bn[0] * 1e3:.2f} ({bn[1]}) | other {bo[0] * 1e3:.2f} ({bo[1]})"
+                       f" -> {bn[0] / bo[0]:.2f}x" + (f"; {wrong} refused/wrong" if wrong else ""))
+    return out
+
+
 # ------------------------------------------------------------------ main
 def main():
     ap = argparse.ArgumentParser()
@@ -280,6 +295,7 @@ def main():
     ap.add_argument("--configs", default="", help="python list of BatchedConfig kwargs dicts replacing the candidates")
     ap.add_argument("--dispatch", action="store_true", help="the real dispatch tuner, batched hook on")
     ap.add_argument("--existing", action="store_true", help="the real dispatch tuner, batched hook off")
+    ap.add_argument("--dispatch-ecs", default="0,1", help="EC settings timed through dispatch / existing")
     ap.add_argument("--quants", default="pc,g128")
     ap.add_argument("--ecs", default="0,1")
     ap.add_argument("--workers", type=int, default=14)
@@ -331,7 +347,7 @@ def main():
         precompile(_dispatch_task, dtasks, args.workers, fh, "dispatch keys")
 
     gen = torch.Generator(device=dev).manual_seed(1234)
-    rows, picks, errs = [], {}, []
+    rows, picks, errs, tune_summary = [], {}, [], []
     for model in args.models.split(","):
         groups = groups_of(MODELS[model])
         int4 = layer_bytes(groups, 1, "g128")
@@ -369,13 +385,15 @@ def main():
                     variants = {}
                     if args.sweep and batched.MIN_M <= m <= batched.MAX_M:
                         variants["ours"] = None  # best per group of the sweep
-                    if args.dispatch:
+                    dispatch_ecs = [bool(int(v)) for v in args.dispatch_ecs.split(",")]
+                    if args.dispatch and ec in dispatch_ecs:
                         variants["dispatch"] = "on"
-                    if args.existing:
+                    if args.existing and ec in dispatch_ecs:
                         variants["existing"] = "off"
                     for var, hook in variants.items():
                         best_cfgs, gtimes = [], []
                         if hook is not None:
+                            tune_summary.extend(_summarize(dispatch.TUNE_LOG, model, m))
                             dispatch.clear_tuning()  # the picks are keyed by shape, not by the hook's state
                         for gi, ((gname, k, ns), ref) in enumerate(zip(groups, refs)):
                             if hook is None:
@@ -455,6 +473,10 @@ def main():
         del layers, cats
         torch.cuda.empty_cache()
 
+    tune_summary.extend(_summarize(dispatch.TUNE_LOG, "last", 0))
+    log(fh, "\ntuner keys (dispatch, hook on): best batched vs best other candidate, µs (graph replay, L2 flushed)")
+    for line in tune_summary:
+        log(fh, line)
     worst = max((e for *_, e in errs if e == e), default=float("nan"))
     log(fh, f"correctness: {len(errs)} checks, worst rel err {worst:.2e}, "
             f"{sum(1 for *_, e in errs if not e < TOL)} over {TOL:.0e}")

@@ -59,6 +59,9 @@ CASES = [  # (seed, group (0: per-channel), dtype, ec, gated, bias, config)
     (17, 0, torch.float16, True, True, True, BC(32, 32, 64, 1, swap=True)),
     (18, 128, torch.float16, True, True, False, BC(16, 64, 64, 4)),
     (19, 64, torch.bfloat16, True, False, False, BC(16, 32, 64, 2)),  # static EC, group 64
+    (20, 0, torch.bfloat16, False, False, True, BC(16, 32, 64, 2, planes=True)),  # nibble-plane dots
+    (26, 128, torch.float16, True, True, False, BC(16, 32, 128, 1, swap=True, planes=True)),
+    (27, 64, torch.bfloat16, True, True, True, BC(32, 16, 64, 4, planes=True)),
 ]
 
 
@@ -94,6 +97,7 @@ GROUPED = [  # (seed, member Ns, group (0: per-channel), dtype, bias, ec, config
     (23, (32, 16, 24, 8), 128, torch.float16, False, False, BC(32, 16, 64, 2)),
     (24, (40, 24, 24), 0, torch.bfloat16, False, True, BC(16, 32, 64, 2)),  # q|k|v with their ECs
     (25, (64, 64), 128, torch.float16, True, True, BC(16, 32, 128, 1, swap=True)),  # gate|up with ECs
+    (28, (32, 16, 16), 0, torch.float16, False, False, BC(16, 16, 64, 2, planes=True)),
 ]
 
 

@@ -33,11 +33,13 @@ class BatchedConfig:
     num_warps: int = 4
     num_stages: int = 3
     swap: bool = False  # yᵀ = W xᵀ (W the MMA's A operand from registers; the N tile is the MMA M dimension)
+    planes: bool = False  # one dot per nibble plane against x's stride-8 columns (no layout change of the W tile)
 
     @property
     def name(self):
         return (f"batched[BM={self.block_m},BN={self.block_n},BK={self.block_k},splitK={self.split_k},"
-                f"warps={self.num_warps},stages={self.num_stages}{',swap' if self.swap else ''}]")
+                f"warps={self.num_warps},stages={self.num_stages}{',swap' if self.swap else ''}"
+                f"{',planes' if self.planes else ''}]")
 
 
 @dataclass(frozen=True)
@@ -82,27 +84,33 @@ def _split_ok(cfg, m, n_total):
     return cfg.split_k == 1 or cfg.split_k * m * n_total * 4 <= MAX_WORKSPACE_BYTES
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap, planes) per M range: the winners of bench/batched_sweep.py's broad
+# sweep on H200 (results/batched_decode.md, call 1: 1330 configs x groups, both models, pc/g128, EC off/on), and the
+# nibble-plane variants (one dot per plane: no layout change of the weight tile; call 2)
+_SHAPES_16 = ((16, 128, 128, 4, 4, True, False), (16, 64, 128, 4, 4, False, False), (16, 128, 256, 8, 3, True, False),
+              (16, 64, 128, 4, 4, False, True), (16, 128, 128, 4, 4, True, True))
+_SHAPES_64 = ((16, 128, 128, 4, 4, True, False), (64, 128, 128, 8, 3, False, False), (64, 64, 128, 4, 4, False, False),
+              (64, 128, 64, 4, 4, True, False), (16, 128, 128, 4, 4, True, True), (64, 64, 128, 4, 4, False, True))
+_SHAPES_512 = ((64, 128, 128, 8, 3, False, False), (64, 64, 128, 4, 4, False, False), (64, 128, 64, 4, 4, True, False),
+               (128, 128, 64, 4, 4, False, False), (64, 64, 128, 4, 4, False, True))
+
+
 def batched_candidates(m, k, ns, group_size, sms=132, has_ec=False):
-    """Configs the tuner times for one key (members of widths ``ns``). BLOCK_M the padded M up to 64 (128 for
-    M > 128), BLOCK_K within one group; split-K factors that bring the N x M tiles to about 1-2 waves."""
+    """Configs the tuner times for one key (members of widths ``ns``): the shapes of the M range, BLOCK_K within one
+    group (BK 256 per-channel only), split-K factors that bring the N x M tiles to about 1-2 waves (``_splits``)."""
     pc = group_size >= k
-    bm_max = 16 if m <= 16 else (32 if m <= 32 else 64)
-    bms = sorted({16, bm_max} if m <= 64 else {64, 128 if m > 128 else 64})
+    shapes = _SHAPES_16 if m <= 16 else (_SHAPES_64 if m <= 64 else _SHAPES_512)
     out = []
-    for bm in bms:
-        shapes = [(64, 128, 4, 4, False), (128, 128, 4, 4, True), (128, 128, 8, 3, False)]
-        if pc:
-            shapes += [(64, 256, 4, 3, False), (128, 256, 8, 3, True)]
-        if bm >= 64:
-            shapes = [(128, 64, 4, 4, False), (128, 128, 8, 3, False), (128, 64, 4, 4, True), (64, 128, 4, 4, False)]
-        for bn, bk, warps, stages, swap in shapes:
-            if not pc and (bk > group_size or group_size % bk):
-                bk = group_size
-            tiles = sum(triton.cdiv(n, bn) for n in ns) * triton.cdiv(m, bm)
-            for split in _splits(tiles, k, bk, sms):
-                cfg = BatchedConfig(bm, bn, bk, split, warps, stages, swap)
-                if _split_ok(cfg, m, sum(ns)):
-                    out.append(cfg)
+    for bm, bn, bk, warps, stages, swap, planes in shapes:
+        if not pc and (bk > group_size or group_size % bk):
+            if bk > 128:
+                continue
+            bk = group_size
+        tiles = sum(triton.cdiv(n, bn) for n in ns) * triton.cdiv(m, bm)
+        for split in _splits(tiles, k, bk, sms):
+            cfg = BatchedConfig(bm, bn, bk, split, warps, stages, swap, planes)
+            if _split_ok(cfg, m, sum(ns)):
+                out.append(cfg)
     return list(dict.fromkeys(out))
 
 
@@ -201,7 +209,7 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
         m, k, k // 8, r, group_size, k // group_size, x2.stride(0), y.stride(0), n_total, tiles_total, split,
         MEMBERS=g, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, BLOCK_R=block_r, USE_SPLIT=split > 1,
         PER_CHANNEL=group_size >= k, X_BF16=x2.dtype == torch.bfloat16, HAS_BIAS=members[0].bias is not None,
-        HAS_EC=has_ec, GATED=gated, SWAP=cfg.swap, INTERPRET=_interpret(),
+        HAS_EC=has_ec, GATED=gated, SWAP=cfg.swap, INTERPRET=_interpret(), PLANES=cfg.planes,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y

@@ -43,6 +43,19 @@ def _half(t, HIGH: tl.constexpr, X_DT: tl.constexpr):
 
 
 @triton.jit
+def _w_plane(words, i: tl.constexpr, X_BF16: tl.constexpr):
+    """Nibble ``i`` of every int32 word as ``OFFSET + q`` in the activation dtype (same shape and layout as words)."""
+    if X_BF16:
+        MAGIC: tl.constexpr = 0x43004300
+        X_DT: tl.constexpr = tl.bfloat16
+    else:
+        MAGIC: tl.constexpr = 0x64006400
+        X_DT: tl.constexpr = tl.float16
+    t = ((words >> (4 * (i % 4))) & 0x000F000F) | MAGIC  # nibbles i % 4 (low half) and i % 4 + 4 (high half)
+    return _half(t, i >= 4, X_DT)
+
+
+@triton.jit
 def _w_offset_tile(words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_BF16: tl.constexpr):
     """``[BLOCK_N, BLOCK_K]`` of ``OFFSET + q`` in the activation dtype, k in natural order, from int32 words."""
     if X_BF16:
@@ -76,7 +89,7 @@ def w4_batched_kernel(
     MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, USE_SPLIT: tl.constexpr, PER_CHANNEL: tl.constexpr, X_BF16: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_EC: tl.constexpr, GATED: tl.constexpr, SWAP: tl.constexpr,
-    INTERPRET: tl.constexpr = False,
+    INTERPRET: tl.constexpr = False, PLANES: tl.constexpr = False,
 ):
     """See the module docstring. Member i owns the N-tile programs ``[P_i, P_{i+1})`` (``cdiv(N_i, BLOCK_N) *
     SPLIT_K`` each, times the M tiles), its columns start at ``C_i``. Workspaces (``USE_SPLIT``): ``ws`` fp32
@@ -132,28 +145,57 @@ def w4_batched_kernel(
         kw = kb * (BLOCK_K // 8) + offs_j
         words = tl.load(q_rows + kw[None, :], mask=n_mask[:, None] & (kw < K8)[None, :], other=0)
         kk = k0 + offs_k
-        x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
-        w = _w_offset_tile(words, BLOCK_N, BLOCK_K, X_BF16)
-        xb = tl.sum(x.to(tl.float32), axis=1)
+        if PLANES:  # nibble plane i against x's plane i (stride-8 columns): no layout change of the weight tile
+            if not PER_CHANNEL:
+                if SWAP:
+                    part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                else:
+                    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            xs = tl.zeros((BLOCK_M, BLOCK_K // 8), dtype=tl.float32)
+            xm = m_mask[:, None] & (kw < K8)[None, :]
+            for i in tl.static_range(8):
+                wi = _w_plane(words, i, X_BF16)
+                xi = tl.load(x_rows + (8 * kw + i)[None, :], mask=xm, other=0.0)
+                xs += xi.to(tl.float32)
+                if PER_CHANNEL:
+                    if SWAP:
+                        acc = dot(wi, tl.trans(xi), acc, INTERPRET)
+                    else:
+                        acc = dot(xi, tl.trans(wi), acc, INTERPRET)
+                else:
+                    if SWAP:
+                        part = dot(wi, tl.trans(xi), part, INTERPRET)
+                    else:
+                        part = dot(xi, tl.trans(wi), part, INTERPRET)
+            xb = tl.sum(xs, axis=1)
+        else:
+            w = _w_offset_tile(words, BLOCK_N, BLOCK_K, X_BF16)
+        if HAS_EC or not PLANES:
+            x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+        if not PLANES:
+            xb = tl.sum(x.to(tl.float32), axis=1)
         if HAS_EC:
             at = tl.load(a_ptr + offs_r[None, :] * K + kk[:, None], mask=(offs_r < R)[None, :] & (kk < K)[:, None],
                          other=0.0)
             u = dot(x, at, u, INTERPRET)
         if PER_CHANNEL:
-            if SWAP:
-                acc = dot(w, tl.trans(x), acc, INTERPRET)
-            else:
-                acc = dot(x, tl.trans(w), acc, INTERPRET)
+            if not PLANES:
+                if SWAP:
+                    acc = dot(w, tl.trans(x), acc, INTERPRET)
+                else:
+                    acc = dot(x, tl.trans(w), acc, INTERPRET)
             xtot += xb
         else:
             g = k0 // group_size
             s = tl.load(s_ptr + offs_n * n_groups + g, mask=n_mask, other=0.0).to(tl.float32)
             zc = tl.load(z_ptr + offs_n * n_groups + g, mask=n_mask, other=0.0).to(tl.float32) + OFFSET
             if SWAP:
-                part = dot(w, tl.trans(x), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), INTERPRET)
+                if not PLANES:
+                    part = dot(w, tl.trans(x), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), INTERPRET)
                 acc += s[:, None] * (part - zc[:, None] * xb[None, :])
             else:
-                part = dot(x, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRET)
+                if not PLANES:
+                    part = dot(x, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRET)
                 acc += s[None, :] * (part - zc[None, :] * xb[:, None])
     if SWAP:
         acc = tl.trans(acc)
