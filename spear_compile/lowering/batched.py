@@ -1,9 +1,11 @@
 """Host side of the batched-decode W4 (+EC) kernel (``w4_batched.w4_batched_kernel``), M = 2..512.
 
-``BatchedConfig`` names one tiling; ``run_batched`` launches it for 1..4 sibling members of one x (each with or
+``BatchedConfig`` names one tiling; ``run_members`` launches it for 1..4 sibling members of one x (all with or all
 without an EC), writing one ``[M, ΣN]`` output; ``batched_candidates`` lists what the tuner times per key; the
-dispatch hook (``dispatch._config_for`` / ``_grouped_config_for``) adds them for ``MIN_M <= M <= MAX_M`` and routes a
-``BatchedConfig`` here (``run_single`` / ``run_members``).
+dispatch hook (``dispatch._config_for`` / ``_grouped_config_for``, via ``candidates_for``) adds them for
+``MIN_M <= M <= MAX_M`` and routes a ``BatchedConfig`` here (``run_single`` / ``run_grouped``). The tuner times them
+beside the existing candidates per key and keeps the fastest that is correct. Measured on H200:
+bench/results/batched_decode.md (faster than bf16 at M = 16 per-channel, slower from M = 64 on).
 """
 from __future__ import annotations
 
@@ -56,11 +58,6 @@ class Member:
     gate_b: Optional[torch.Tensor] = None
 
 
-def _interpret():
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def applies(m, k, members: Sequence[Member], group_size) -> bool:
     """The kernel's preconditions: 2..512 rows (any M runs; the range is where it is a candidate), K % 8 == 0,
     4-byte aligned contiguous packed rows, blocks within one group, 1..4 members with all or no ECs of one rank
@@ -84,15 +81,18 @@ def _split_ok(cfg, m, n_total):
     return cfg.split_k == 1 or cfg.split_k * m * n_total * 4 <= MAX_WORKSPACE_BYTES
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap, planes) per M range: the winners of bench/batched_sweep.py's broad
-# sweep on H200 (results/batched_decode.md, call 1: 1330 configs x groups, both models, pc/g128, EC off/on), and the
-# nibble-plane variants (one dot per plane: no layout change of the weight tile; call 2)
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap, planes) per M range: the configs that won at least one launch of
+# bench/batched_sweep.py's broad sweep on H200 (results/batched_decode.md: both models, pc/g128, EC off/on, per
+# q|k|v, o, gate|up, down launch). The nibble-plane variant (``planes``) is correct under the interpreter and compiles
+# for sm_90 but was never timed on a GPU (no device time was left): forced only, not a tuner candidate.
 _SHAPES_16 = ((16, 128, 128, 4, 4, True, False), (16, 64, 128, 4, 4, False, False), (16, 128, 256, 8, 3, True, False),
-              (16, 64, 128, 4, 4, False, True), (16, 128, 128, 4, 4, True, True))
+              (16, 128, 128, 8, 3, False, False))
 _SHAPES_64 = ((16, 128, 128, 4, 4, True, False), (64, 128, 128, 8, 3, False, False), (64, 64, 128, 4, 4, False, False),
-              (64, 128, 64, 4, 4, True, False), (16, 128, 128, 4, 4, True, True), (64, 64, 128, 4, 4, False, True))
+              (64, 128, 64, 4, 4, True, False), (64, 128, 64, 4, 4, False, False), (16, 128, 256, 8, 3, True, False),
+              (16, 64, 128, 4, 4, False, False))
 _SHAPES_512 = ((64, 128, 128, 8, 3, False, False), (64, 64, 128, 4, 4, False, False), (64, 128, 64, 4, 4, True, False),
-               (128, 128, 64, 4, 4, False, False), (64, 64, 128, 4, 4, False, True))
+               (64, 128, 64, 4, 4, False, False), (128, 128, 64, 4, 4, False, False),
+               (128, 128, 128, 8, 3, False, False))
 
 
 def batched_candidates(m, k, ns, group_size, sms=132, has_ec=False):
@@ -129,12 +129,6 @@ def _splits(tiles, k, bk, sms):
     return out
 
 
-def default_config(m, k, ns, group_size, sms=132):
-    """Untuned pick (no timing: under capture without warm-up, SPEAR_AUTOTUNE=0, the interpreter)."""
-    cands = batched_candidates(m, k, ns, group_size, sms)
-    return cands[-1] if m <= 64 else cands[0]
-
-
 class _Workspace:
     """Per-device split-K slots (fp32 partials, u partials) and arrival counters, grown on demand (outside CUDA-graph
     capture: run each shape once first, as the tuner does). The kernels leave the counters at zero."""
@@ -168,6 +162,8 @@ def _workspace(device):
 def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member], group_size: int,
                 y: torch.Tensor) -> torch.Tensor:
     """``y [M, ΣN] = [x W_1ᵀ (+ b_1) (+ EC_1) | x W_2ᵀ ... ]`` in one launch (``y`` may be a column slice)."""
+    from .dispatch import _interpret  # (dispatch imports this module: a call-time import)
+
     m, k = x2.shape
     if not applies(m, k, members, group_size):
         raise SpearError(f"spear_compile.lowering.batched: {cfg.name} cannot run these members (K={k}, group "
