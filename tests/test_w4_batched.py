@@ -62,6 +62,9 @@ CASES = [  # (seed, group (0: per-channel), dtype, ec, gated, bias, config)
     (20, 0, torch.bfloat16, False, False, True, BC(16, 32, 64, 2, planes=True)),  # nibble-plane dots
     (26, 128, torch.float16, True, True, False, BC(16, 32, 128, 1, swap=True, planes=True)),
     (27, 64, torch.bfloat16, True, True, True, BC(32, 16, 64, 4, planes=True)),
+    (29, 0, torch.bfloat16, False, False, False, BC(16, 32, 128, 2, swap=True, perm=True)),  # MMA-order k permutation
+    (30, 128, torch.float16, True, True, True, BC(16, 32, 128, 1, swap=True, perm=True)),
+    (31, 128, torch.bfloat16, False, False, True, BC(32, 16, 128, 2, perm=True)),
 ]
 
 
@@ -98,6 +101,7 @@ GROUPED = [  # (seed, member Ns, group (0: per-channel), dtype, bias, ec, config
     (24, (40, 24, 24), 0, torch.bfloat16, False, True, BC(16, 32, 64, 2)),  # q|k|v with their ECs
     (25, (64, 64), 128, torch.float16, True, True, BC(16, 32, 128, 1, swap=True)),  # gate|up with ECs
     (28, (32, 16, 16), 0, torch.float16, False, False, BC(16, 16, 64, 2, planes=True)),
+    (32, (48, 16), 128, torch.bfloat16, False, True, BC(16, 32, 128, 2, swap=True, perm=True)),
 ]
 
 
@@ -157,6 +161,14 @@ def test_candidates_range_and_blocks():
             for c in cands:
                 assert group >= k or group % c.block_k == 0
                 assert c.block_m <= max(16, m) or c.block_m == 64
+
+
+def test_perm_needs_block_k_128():
+    t = problem(3, 64, torch.float16, False, False, False, 53, 256, 16, 32)
+    y = torch.empty(3, 16, dtype=torch.float16)
+    with pytest.raises(SpearError, match="perm needs BLOCK_K = 128"):
+        batched.run_single(BC(16, 16, 128, 1, perm=True), t["x"], t["qdata"], t["scale"], t["zero"], None, 64,
+                           None, None, None, None, None, y)
 
 
 def test_refuses_mixed_members():

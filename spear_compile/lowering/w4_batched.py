@@ -56,6 +56,17 @@ def _w_plane(words, i: tl.constexpr, X_BF16: tl.constexpr):
 
 
 @triton.jit
+def _mma_order(t, ROWS: tl.constexpr):
+    """``t [ROWS, 128]`` with its k (column) order permuted so that, for the joined nibble tile of 16 words a row, the
+    k bits the MMA operand keeps per thread are the ones the unpack keeps per thread: k = 8j + i (word j = 8 j3 + 4 j2
+    + 2 j1 + j0, nibble i = 4 i2 + 2 i1 + i0) goes to position i2 + 2 j2 + 4 j3 + 8 i1 + 16 i0 + 32 j0 + 64 j1. The
+    same permutation on x and W leaves x Wᵀ unchanged; on sm_90 (Triton 3.6, BLOCK_K 128, wgmma with W from registers)
+    it removes the shared-memory layout conversion of the W tile (17 -> 2 barriers, 34 -> 22 SASS instructions a
+    word, offline AOT count; adjacent k pairs are nibbles i and i + 4, i.e. one int32 of the unpack)."""
+    return tl.reshape(tl.permute(tl.reshape(t, (ROWS, 2, 2, 2, 2, 2, 2, 2)), (0, 3, 4, 7, 6, 1, 2, 5)), (ROWS, 128))
+
+
+@triton.jit
 def _w_offset_tile(words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_BF16: tl.constexpr):
     """``[BLOCK_N, BLOCK_K]`` of ``OFFSET + q`` in the activation dtype, k in natural order, from int32 words."""
     if X_BF16:
@@ -89,7 +100,7 @@ def w4_batched_kernel(
     MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, USE_SPLIT: tl.constexpr, PER_CHANNEL: tl.constexpr, X_BF16: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_EC: tl.constexpr, GATED: tl.constexpr, SWAP: tl.constexpr,
-    INTERPRET: tl.constexpr = False, PLANES: tl.constexpr = False,
+    INTERPRET: tl.constexpr = False, PLANES: tl.constexpr = False, PERM: tl.constexpr = False,
 ):
     """See the module docstring. Member i owns the N-tile programs ``[P_i, P_{i+1})`` (``cdiv(N_i, BLOCK_N) *
     SPLIT_K`` each, times the M tiles), its columns start at ``C_i``. Workspaces (``USE_SPLIT``): ``ws`` fp32
@@ -170,10 +181,15 @@ def w4_batched_kernel(
             xb = tl.sum(xs, axis=1)
         else:
             w = _w_offset_tile(words, BLOCK_N, BLOCK_K, X_BF16)
+            if PERM:
+                w = _mma_order(w, BLOCK_N)
         if HAS_EC or not PLANES:
             x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
         if not PLANES:
             xb = tl.sum(x.to(tl.float32), axis=1)
+            xd = x  # the dot's x: in the weight tile's k order
+            if PERM:
+                xd = _mma_order(x, BLOCK_M)
         if HAS_EC:
             at = tl.load(a_ptr + offs_r[None, :] * K + kk[:, None], mask=(offs_r < R)[None, :] & (kk < K)[:, None],
                          other=0.0)
@@ -181,9 +197,9 @@ def w4_batched_kernel(
         if PER_CHANNEL:
             if not PLANES:
                 if SWAP:
-                    acc = dot(w, tl.trans(x), acc, INTERPRET)
+                    acc = dot(w, tl.trans(xd), acc, INTERPRET)
                 else:
-                    acc = dot(x, tl.trans(w), acc, INTERPRET)
+                    acc = dot(xd, tl.trans(w), acc, INTERPRET)
             xtot += xb
         else:
             g = k0 // group_size
@@ -191,11 +207,11 @@ def w4_batched_kernel(
             zc = tl.load(z_ptr + offs_n * n_groups + g, mask=n_mask, other=0.0).to(tl.float32) + OFFSET
             if SWAP:
                 if not PLANES:
-                    part = dot(w, tl.trans(x), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), INTERPRET)
+                    part = dot(w, tl.trans(xd), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), INTERPRET)
                 acc += s[:, None] * (part - zc[:, None] * xb[None, :])
             else:
                 if not PLANES:
-                    part = dot(x, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRET)
+                    part = dot(xd, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRET)
                 acc += s[None, :] * (part - zc[None, :] * xb[:, None])
     if SWAP:
         acc = tl.trans(acc)
