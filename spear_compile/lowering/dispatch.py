@@ -1192,7 +1192,8 @@ def _config_for(x2, args, k, n, group_size, has_ec, gated):
         cands = (decode_candidates(k, n, group_size, sms, has_ec, m) if m <= MAX_DECODE_M
                  else prefill_candidates(m, k, group_size, has_ec, gated))
     # issue 18 hook: the batched-decode W4 (+EC) kernel for 2 <= M <= 512 (lowering/batched.py)
-    cands = cands + batched.candidates_for(m, k, [n], group_size, sms, has_ec, args[7].shape[1] if has_ec else 0)
+    if args[10] is None:  # (a given u, the tensor-parallel hook, is not the batched kernel's case)
+        cands = cands + batched.candidates_for(m, k, [n], group_size, sms, has_ec, args[7].shape[1] if has_ec else 0)
     _TUNED[key] = _tuned_or_cached(key, x2.device, cands, lambda: _tune(key, args, cands))
     return _TUNED[key]
 
