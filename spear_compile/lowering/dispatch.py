@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from ..errors import SpearError
+from . import batched
 from .candidates import (decode_candidates, decode_ec_candidates, default_config, num_sms,  # noqa: F401
                          prefill_candidates)
 from .configs import (MAX_DECODE_M, MAX_EC_RANK, DecodeConfig, DequantCublasConfig, GroupedConfig,  # noqa: F401
@@ -37,6 +38,8 @@ from .tuner import linear_key
 
 def runner(cfg):
     """The runner of a config's kind: ``runner(cfg)(cfg, x2, qdata, ..., u, y)``."""
+    if isinstance(cfg, batched.BatchedConfig):
+        return batched.run_single
     if isinstance(cfg, DecodeConfig):
         return run_decode
     if isinstance(cfg, PrefillConfig):
@@ -68,6 +71,8 @@ def config_for(x2, args, k, n, group_size, has_ec, gated):
     else:
         cands = (decode_candidates(k, n, group_size, sms, has_ec, m) if m <= MAX_DECODE_M
                  else prefill_candidates(m, k, group_size, has_ec, gated))
+    if args[10] is None:  # the batched tensor-core kernel for 2 <= M <= 512 (not with a given u: the TP hook)
+        cands = cands + batched.candidates_for(m, k, [n], group_size, sms, has_ec, args[7].shape[1] if has_ec else 0)
     y = args[-1]
     return TUNER.pick(key, x2.device, cands, lambda cfg: runner(cfg)(cfg, *args),
                       lambda: run_dequant_cublas(None, *args[:-1], torch.empty_like(y)), y)

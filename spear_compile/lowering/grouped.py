@@ -16,6 +16,7 @@ import triton
 from .. import options
 from ..errors import SpearError
 from ..kernels.w4_gemv_grouped import w4_gemv_grouped_kernel
+from . import batched
 from .candidates import default_grouped_config, grouped_candidates, num_sms
 from .configs import MAX_DECODE_M, MAX_GROUP, DequantCublasConfig, GroupedConfig
 from .decode import groups_per_block, load_kwargs
@@ -57,6 +58,8 @@ def _grouped_kernel_ok(cfg, x2, qdatas):
 
 def _run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y):
     """``y [M, ΣN] = [x W_1ᵀ | x W_2ᵀ | ...] (+ biases)``: one grouped launch where the kernel applies, else per member."""
+    if isinstance(cfg, batched.BatchedConfig):
+        return batched.run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y)
     if not _grouped_kernel_ok(cfg, x2, qdatas):
         return _members_into(x2, qdatas, scales, zeros, biases, group_size, y)
     m, k = x2.shape
@@ -92,9 +95,10 @@ def grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y):
     key = group_key(m, k, ns, group_size, x2.dtype, biases[0] is not None)
     if key in TUNER.picks:
         return TUNER.picks[key]
-    if m > MAX_DECODE_M:
-        return GroupedConfig(per_member=True)  # prefill: each member its own tuned GEMM
     sms = num_sms(x2.device)
+    extra = batched.candidates_for(m, k, ns, group_size, sms) if TUNER.can_tune(x2) else []  # batched, M 2..512
+    if m > MAX_DECODE_M and not extra:
+        return GroupedConfig(per_member=True)  # prefill: each member its own tuned GEMM
     if not TUNER.can_tune(x2):
         return default_grouped_config(m, k, ns, group_size, sms)
     args = (x2, qdatas, scales, zeros, biases, group_size, y)
@@ -102,7 +106,8 @@ def grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y):
     def reference():
         return _members_into(x2, qdatas, scales, zeros, biases, group_size, torch.empty_like(y), DequantCublasConfig())
 
-    cands = grouped_candidates(k, ns, group_size, sms, m)
+    cands = (grouped_candidates(k, ns, group_size, sms, m) if m <= MAX_DECODE_M
+             else [GroupedConfig(per_member=True)]) + extra
     return TUNER.pick(key, x2.device, cands, lambda cfg: _run_grouped(cfg, *args), reference, y)
 
 

@@ -1,0 +1,258 @@
+"""Batched-decode / small-prefill W4 (+EC) kernel (M = 2..512): tensor cores on weights dequantized in registers.
+
+``y[:, C_i : C_i + N_i] = x W_iᵀ (+ b_i) (+ B_i (g(A_i x) ⊙ A_i x))`` for 1..4 sibling members of one x (q|k|v,
+gate|up), one launch. The packed weights ``[N, K/2]`` uint8 are read as ``[N, K/8]`` int32 words (nibble i of word j
+is k = 8j + i; 16-byte loads: ``K8`` is an argument, so its divisibility by 16 is known to Triton).
+
+Per K block of ``BLOCK_K``: the words tile ``[BLOCK_N, BLOCK_K/8]`` becomes ``OFFSET + q`` as bf16/fp16 straight
+from the bits (``(w >> 4i) & 0x000F000F | MAGIC``: nibbles i and i + 4 of every word, two values per mask-or, no
+int-to-float conversion; bf16 ``0x43..`` is 128 + q, fp16 ``0x64..`` is 1024 + q, both exact), the 8 planes joined
+back into k order in registers (the joins only add register dimensions), and one ``tl.dot`` against the x tile
+``[BLOCK_M, BLOCK_K]``. Tensor cores sum ``Σ (OFFSET + q) x`` exactly in fp32; ``(OFFSET + zero) · Σx`` comes off per
+row: once after the loop (per-channel, then the scale) or per block with that block's group scale (``BLOCK_K``
+divides the group). ``SWAP``: the dot as ``yᵀ = W xᵀ`` (W the A operand, which Hopper's wgmma reads from registers;
+the N tile as the MMA's M dimension, so BLOCK_M can stay 16), transposed back before the epilogue.
+
+EC (``HAS_EC``, r <= BLOCK_R): every program also accumulates ``u = x Aᵀ`` over its own K range from the x tile it
+already holds (A is tiny and L2-resident; no cross-program dependency, no spin), and the program that finishes the
+tile gates u (``u ⊙ 2σ(u W_gᵀ + b_g)``, fp32) and adds ``g(u) ⊙ u Bᵀ`` on tensor cores in its epilogue.
+
+Split-K (``SPLIT_K > 1``, when the N x M tiles alone are too few for the SMs): each program stores its fp32 partial
+(and its u partial) to its own slot of a workspace (plain stores: no atomics on tensor-core accumulator layouts,
+whose replicated lanes an atomic add would sum twice), then one acq_rel increment of the tile's arrival counter;
+the last arrival sums the slots, runs the epilogue and resets the counter (nothing else to clean).
+
+Program order: M tiles fastest, so the programs that read one weight tile run together (one DRAM read, L2 hits).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .tl_helpers import dot
+
+
+@triton.jit
+def _half(t, HIGH: tl.constexpr, X_DT: tl.constexpr):
+    """The low / high 16 bits of int32 ``t`` reinterpreted as bf16/fp16."""
+    if HIGH:
+        h = (t >> 16).to(tl.int16)
+    else:
+        h = (t & 0xFFFF).to(tl.int16)
+    return h.to(X_DT, bitcast=True)
+
+
+@triton.jit
+def _w_plane(words, i: tl.constexpr, X_BF16: tl.constexpr):
+    """Nibble ``i`` of every int32 word as ``OFFSET + q`` in the activation dtype (same shape and layout as words)."""
+    if X_BF16:
+        MAGIC: tl.constexpr = 0x43004300
+        X_DT: tl.constexpr = tl.bfloat16
+    else:
+        MAGIC: tl.constexpr = 0x64006400
+        X_DT: tl.constexpr = tl.float16
+    t = ((words >> (4 * (i % 4))) & 0x000F000F) | MAGIC  # nibbles i % 4 (low half) and i % 4 + 4 (high half)
+    return _half(t, i >= 4, X_DT)
+
+
+@triton.jit
+def _mma_order(t, ROWS: tl.constexpr):
+    """``t [ROWS, 128]`` with its k (column) order permuted so that, for the joined nibble tile of 16 words a row, the
+    k bits the MMA operand keeps per thread are the ones the unpack keeps per thread: k = 8j + i (word j = 8 j3 + 4 j2
+    + 2 j1 + j0, nibble i = 4 i2 + 2 i1 + i0) goes to position i2 + 2 j2 + 4 j3 + 8 i1 + 16 i0 + 32 j0 + 64 j1. The
+    same permutation on x and W leaves x Wᵀ unchanged; on sm_90 (Triton 3.6, BLOCK_K 128, wgmma with W from registers)
+    it removes the shared-memory layout conversion of the W tile (17 -> 2 barriers, 34 -> 22 SASS instructions a
+    word, offline AOT count; adjacent k pairs are nibbles i and i + 4, i.e. one int32 of the unpack)."""
+    return tl.reshape(tl.permute(tl.reshape(t, (ROWS, 2, 2, 2, 2, 2, 2, 2)), (0, 3, 4, 7, 6, 1, 2, 5)), (ROWS, 128))
+
+
+@triton.jit
+def _w_offset_tile(words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_BF16: tl.constexpr):
+    """``[BLOCK_N, BLOCK_K]`` of ``OFFSET + q`` in the activation dtype, k in natural order, from int32 words."""
+    if X_BF16:
+        MAGIC: tl.constexpr = 0x43004300
+        X_DT: tl.constexpr = tl.bfloat16
+    else:
+        MAGIC: tl.constexpr = 0x64006400
+        X_DT: tl.constexpr = tl.float16
+    t0 = (words & 0x000F000F) | MAGIC  # nibble 0 (low half), nibble 4 (high half)
+    t1 = ((words >> 4) & 0x000F000F) | MAGIC
+    t2 = ((words >> 8) & 0x000F000F) | MAGIC
+    t3 = ((words >> 12) & 0x000F000F) | MAGIC
+    # nested joins: flat index 4a + 2b + c for join(join(join(P0, P4), join(P2, P6)), join(join(P1, P5), join(P3, P7)))
+    even = tl.join(tl.join(_half(t0, False, X_DT), _half(t0, True, X_DT)),
+                   tl.join(_half(t2, False, X_DT), _half(t2, True, X_DT)))
+    odd = tl.join(tl.join(_half(t1, False, X_DT), _half(t1, True, X_DT)),
+                  tl.join(_half(t3, False, X_DT), _half(t3, True, X_DT)))
+    return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
+
+
+# runtime sizes that only bound masks or pick members: one compiled kernel for every M, member width and split
+@triton.jit(do_not_specialize=["N0", "N1", "N2", "N3", "P1", "P2", "P3", "M", "R", "N_TILES_TOTAL", "SPLIT_K"])
+def w4_batched_kernel(
+    x_ptr, y_ptr, ws_ptr, uws_ptr, cnt_ptr,
+    q0, s0, z0, b0, a0, bb0, gw0, gb0,
+    q1, s1, z1, b1, a1, bb1, gw1, gb1,
+    q2, s2, z2, b2, a2, bb2, gw2, gb2,
+    q3, s3, z3, b3, a3, bb3, gw3, gb3,
+    N0, N1, N2, N3, P1, P2, P3, C1, C2, C3,
+    M, K, K8, R, group_size, n_groups, stride_xm, stride_ym, N_TOTAL, N_TILES_TOTAL, SPLIT_K,
+    MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, USE_SPLIT: tl.constexpr, PER_CHANNEL: tl.constexpr, X_BF16: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_EC: tl.constexpr, GATED: tl.constexpr, SWAP: tl.constexpr,
+    INTERPRET: tl.constexpr = False, PLANES: tl.constexpr = False, PERM: tl.constexpr = False,
+):
+    """See the module docstring. Member i owns the N-tile programs ``[P_i, P_{i+1})`` (``cdiv(N_i, BLOCK_N) *
+    SPLIT_K`` each, times the M tiles), its columns start at ``C_i``. Workspaces (``USE_SPLIT``): ``ws`` fp32
+    ``[SPLIT_K, M, N_TOTAL]``, ``uws`` fp32 ``[N_TILES_TOTAL, SPLIT_K, M, BLOCK_R]``, ``cnt`` int32 zeros
+    ``[N_TILES_TOTAL * M tiles]``."""
+    OFFSET: tl.constexpr = 128.0 if X_BF16 else 1024.0
+    pid = tl.program_id(0)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % m_tiles
+    rest = pid // m_tiles
+    zero = pid * 0  # runtime scalars in every branch
+    q_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, bt_ptr, gw_ptr, gb_ptr = q0, s0, z0, b0, a0, bb0, gw0, gb0
+    n, p0, col = zero + N0, zero, zero
+    if MEMBERS >= 2:
+        if rest >= P1:
+            q_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, bt_ptr, gw_ptr, gb_ptr = q1, s1, z1, b1, a1, bb1, gw1, gb1
+            n, p0, col = zero + N1, zero + P1, zero + C1
+    if MEMBERS >= 3:
+        if rest >= P2:
+            q_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, bt_ptr, gw_ptr, gb_ptr = q2, s2, z2, b2, a2, bb2, gw2, gb2
+            n, p0, col = zero + N2, zero + P2, zero + C2
+    if MEMBERS >= 4:
+        if rest >= P3:
+            q_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, bt_ptr, gw_ptr, gb_ptr = q3, s3, z3, b3, a3, bb3, gw3, gb3
+            n, p0, col = zero + N3, zero + P3, zero + C3
+    t = rest - p0
+    pid_n = t // SPLIT_K
+    pid_k = t % SPLIT_K
+    tile_n = p0 // SPLIT_K + pid_n  # global N tile (counters, u workspace)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_j = tl.arange(0, BLOCK_K // 8)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask = offs_m < M
+    n_mask = offs_n < n
+    n_kb = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(n_kb, SPLIT_K)
+    kb_lo = pid_k * per_split
+    kb_hi = tl.minimum(kb_lo + per_split, n_kb)
+
+    q_rows = q_ptr + offs_n[:, None] * K8
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xtot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for kb in range(kb_lo, kb_hi):
+        k0 = kb * BLOCK_K
+        kw = kb * (BLOCK_K // 8) + offs_j
+        words = tl.load(q_rows + kw[None, :], mask=n_mask[:, None] & (kw < K8)[None, :], other=0)
+        kk = k0 + offs_k
+        if PLANES:  # nibble plane i against x's plane i (stride-8 columns): no layout change of the weight tile
+            if not PER_CHANNEL:
+                if SWAP:
+                    part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                else:
+                    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            xs = tl.zeros((BLOCK_M, BLOCK_K // 8), dtype=tl.float32)
+            xm = m_mask[:, None] & (kw < K8)[None, :]
+            for i in tl.static_range(8):
+                wi = _w_plane(words, i, X_BF16)
+                xi = tl.load(x_rows + (8 * kw + i)[None, :], mask=xm, other=0.0)
+                xs += xi.to(tl.float32)
+                if PER_CHANNEL:
+                    if SWAP:
+                        acc = dot(wi, tl.trans(xi), acc, INTERPRET)
+                    else:
+                        acc = dot(xi, tl.trans(wi), acc, INTERPRET)
+                else:
+                    if SWAP:
+                        part = dot(wi, tl.trans(xi), part, INTERPRET)
+                    else:
+                        part = dot(xi, tl.trans(wi), part, INTERPRET)
+            xb = tl.sum(xs, axis=1)
+        else:
+            w = _w_offset_tile(words, BLOCK_N, BLOCK_K, X_BF16)
+            if PERM:
+                w = _mma_order(w, BLOCK_N)
+        if HAS_EC or not PLANES:
+            x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+        if not PLANES:
+            xb = tl.sum(x.to(tl.float32), axis=1)
+            xd = x  # the dot's x: in the weight tile's k order
+            if PERM:
+                xd = _mma_order(x, BLOCK_M)
+        if HAS_EC:
+            at = tl.load(a_ptr + offs_r[None, :] * K + kk[:, None], mask=(offs_r < R)[None, :] & (kk < K)[:, None],
+                         other=0.0)
+            u = dot(x, at, u, INTERPRET)
+        if PER_CHANNEL:
+            if not PLANES:
+                if SWAP:
+                    acc = dot(w, tl.trans(xd), acc, INTERPRET)
+                else:
+                    acc = dot(xd, tl.trans(w), acc, INTERPRET)
+            xtot += xb
+        else:
+            g = k0 // group_size
+            s = tl.load(s_ptr + offs_n * n_groups + g, mask=n_mask, other=0.0).to(tl.float32)
+            zc = tl.load(z_ptr + offs_n * n_groups + g, mask=n_mask, other=0.0).to(tl.float32) + OFFSET
+            if SWAP:
+                if not PLANES:
+                    part = dot(w, tl.trans(xd), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), INTERPRET)
+                acc += s[:, None] * (part - zc[:, None] * xb[None, :])
+            else:
+                if not PLANES:
+                    part = dot(xd, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRET)
+                acc += s[None, :] * (part - zc[None, :] * xb[:, None])
+    if SWAP:
+        acc = tl.trans(acc)
+    if PER_CHANNEL:
+        s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        zc = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) + OFFSET
+        acc = s[None, :] * (acc - zc[None, :] * xtot[:, None])
+
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    cols = col + offs_n
+    finish = True
+    if USE_SPLIT:
+        ws_ptrs = ws_ptr + (pid_k * M + offs_m[:, None]) * N_TOTAL + cols[None, :]
+        tl.store(ws_ptrs, acc, mask=out_mask)
+        u_rows = (tile_n * SPLIT_K * M + offs_m[:, None]) * BLOCK_R + offs_r[None, :]
+        if HAS_EC:
+            tl.store(uws_ptr + u_rows + pid_k * M * BLOCK_R, u, mask=m_mask[:, None])
+        tl.debug_barrier()
+        ctr = cnt_ptr + tile_n * m_tiles + pid_m
+        arrived = tl.atomic_add(ctr, 1)  # acq_rel, after the CTA barrier: publishes this program's slots
+        finish = arrived == SPLIT_K - 1
+    if finish:
+        if USE_SPLIT:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for sk in range(0, SPLIT_K):
+                acc += tl.load(ws_ptr + (sk * M + offs_m[:, None]) * N_TOTAL + cols[None, :], mask=out_mask,
+                               other=0.0, volatile=True)  # coherent (L2) reads
+                if HAS_EC:
+                    u += tl.load(uws_ptr + u_rows + sk * M * BLOCK_R, mask=m_mask[:, None], other=0.0, volatile=True)
+            tl.store(ctr, 0)
+        if HAS_EC:
+            r_mask = offs_r < R
+            if GATED:
+                gwt = tl.load(gw_ptr + offs_r[None, :] * R + offs_r[:, None], mask=r_mask[None, :] & r_mask[:, None],
+                              other=0.0).to(tl.float32)  # gwt[i, j] = W_g[j, i]
+                gb = tl.load(gb_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+                u = u * (2.0 * tl.sigmoid(tl.dot(u, gwt, input_precision="ieee") + gb[None, :]))
+            bt = tl.load(bt_ptr + offs_n[None, :] * R + offs_r[:, None], mask=n_mask[None, :] & r_mask[:, None],
+                         other=0.0)  # [BLOCK_R, BLOCK_N] = Bᵀ tile
+            acc = dot(u.to(bt.dtype), bt, acc, INTERPRET)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)

@@ -1,0 +1,213 @@
+"""Host side of the batched-decode W4 (+EC) kernel (``w4_batched.w4_batched_kernel``), M = 2..512.
+
+``BatchedConfig`` names one tiling; ``run_members`` launches it for 1..4 sibling members of one x (all with or all
+without an EC), writing one ``[M, ΣN]`` output; ``batched_candidates`` lists what the tuner times per key; the
+dispatch hook (``dispatch._config_for`` / ``_grouped_config_for``, via ``candidates_for``) adds them for
+``MIN_M <= M <= MAX_M`` and routes a ``BatchedConfig`` here (``run_single`` / ``run_grouped``). The tuner times them
+beside the existing candidates per key and keeps the fastest that is correct. Measured on H200:
+bench/results/batched_decode.md (faster than bf16 at M = 16 per-channel, slower from M = 64 on).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import triton
+
+from ..errors import SpearError
+from .. import options
+from ..kernels.w4_batched import w4_batched_kernel
+from .prefill import reference_linear
+from .runtime import WORKSPACES
+
+MIN_M = 2
+MAX_M = 512
+MAX_MEMBERS = 4
+MAX_RANK = 64  # BLOCK_R of the in-loop u = x Aᵀ (registers: BLOCK_M x BLOCK_R fp32 per program)
+MAX_WORKSPACE_BYTES = 256 << 20  # split-K slots: configs needing more are not candidates
+
+
+@dataclass(frozen=True)
+class BatchedConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    swap: bool = False  # yᵀ = W xᵀ (W the MMA's A operand from registers; the N tile is the MMA M dimension)
+    planes: bool = False  # one dot per nibble plane against x's stride-8 columns (no layout change of the W tile)
+    perm: bool = False  # BLOCK_K 128 only: k permuted in x and W alike into the MMA operand's order (w4_batched._mma_order)
+
+    @property
+    def name(self):
+        return (f"batched[BM={self.block_m},BN={self.block_n},BK={self.block_k},splitK={self.split_k},"
+                f"warps={self.num_warps},stages={self.num_stages}{',swap' if self.swap else ''}"
+                f"{',planes' if self.planes else ''}{',perm' if self.perm else ''}]")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One linear of a batched launch: packed ``qdata [N, K/2]`` uint8, ``scale``/``zero`` ``[N, groups]``, and
+    the optional bias and EC (``ec_A [r, K]``, ``ec_B [N, r]``, gate ``gate_w [r, r]``, ``gate_b [r]``)."""
+    qdata: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+    ec_A: Optional[torch.Tensor] = None
+    ec_B: Optional[torch.Tensor] = None
+    gate_w: Optional[torch.Tensor] = None
+    gate_b: Optional[torch.Tensor] = None
+
+
+def applies(m, k, members: Sequence[Member], group_size) -> bool:
+    """The kernel's preconditions: 2..512 rows (any M runs; the range is where it is a candidate), K % 8 == 0,
+    4-byte aligned contiguous packed rows, blocks within one group, 1..4 members with all or no ECs of one rank
+    <= MAX_RANK, all gated or all static."""
+    if not (1 <= len(members) <= MAX_MEMBERS) or k % 8 or (group_size < k and group_size % 16):
+        return False
+    if any(t.qdata.data_ptr() % 4 or not t.qdata.is_contiguous() for t in members):
+        return False
+    ecs = {t.ec_B is not None for t in members}
+    if len(ecs) > 1:
+        return False
+    if True in ecs:
+        ranks = {t.ec_B.shape[1] for t in members}
+        gates = {t.gate_w is not None for t in members}
+        if len(ranks) > 1 or max(ranks) > MAX_RANK or len(gates) > 1 or any(t.ec_A is None for t in members):
+            return False
+    return len({t.bias is not None for t in members}) == 1
+
+
+def _split_ok(cfg, m, n_total):
+    return cfg.split_k == 1 or cfg.split_k * m * n_total * 4 <= MAX_WORKSPACE_BYTES
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap, planes, perm) per M range: the configs that won at least one launch
+# of bench/batched_sweep.py's broad sweep on H200 (results/batched_decode.md: both models, pc/g128, EC off/on, per
+# q|k|v, o, gate|up, down launch), plus the M = 16 winner with ``perm`` (k in the MMA operand's order: no shared-memory
+# conversion of the W tile, 34 -> 21 SASS instructions a word offline; never timed on a GPU: device loans were paused
+# after the sweep; the tuner checks it against the reference at the real shape before it can be picked). ``planes``
+# (one dot per nibble plane) is correct and compiles but was never timed: forced only.
+_SHAPES_16 = ((16, 128, 128, 4, 4, True, False, False), (16, 64, 128, 4, 4, False, False, False),
+              (16, 128, 256, 8, 3, True, False, False), (16, 128, 128, 8, 3, False, False, False),
+              (16, 128, 128, 4, 4, True, False, True))
+_SHAPES_64 = ((16, 128, 128, 4, 4, True, False, False), (64, 128, 128, 8, 3, False, False, False),
+              (64, 64, 128, 4, 4, False, False, False), (64, 128, 64, 4, 4, True, False, False),
+              (64, 128, 64, 4, 4, False, False, False), (16, 128, 256, 8, 3, True, False, False),
+              (16, 64, 128, 4, 4, False, False, False), (16, 128, 128, 4, 4, True, False, True))
+_SHAPES_512 = ((64, 128, 128, 8, 3, False, False, False), (64, 64, 128, 4, 4, False, False, False),
+               (64, 128, 64, 4, 4, True, False, False), (64, 128, 64, 4, 4, False, False, False),
+               (128, 128, 64, 4, 4, False, False, False), (128, 128, 128, 8, 3, False, False, False))
+
+
+def batched_candidates(m, k, ns, group_size, sms=132, has_ec=False):
+    """Configs the tuner times for one key (members of widths ``ns``): the shapes of the M range, BLOCK_K within one
+    group (BK 256 per-channel only), split-K factors that bring the N x M tiles to about 1-2 waves (``_splits``)."""
+    pc = group_size >= k
+    shapes = _SHAPES_16 if m <= 16 else (_SHAPES_64 if m <= 64 else _SHAPES_512)
+    out = []
+    for bm, bn, bk, warps, stages, swap, planes, perm in shapes:
+        if not pc and (bk > group_size or group_size % bk):
+            if bk > 128:
+                continue
+            bk = group_size
+        if perm and bk != 128:
+            continue
+        tiles = sum(triton.cdiv(n, bn) for n in ns) * triton.cdiv(m, bm)
+        for split in _splits(tiles, k, bk, sms):
+            cfg = BatchedConfig(bm, bn, bk, split, warps, stages, swap, planes, perm)
+            if _split_ok(cfg, m, sum(ns)):
+                out.append(cfg)
+    return list(dict.fromkeys(out))
+
+
+def _splits(tiles, k, bk, sms):
+    """Split-K factors: 1, the smallest power of two giving >= 1 wave of programs, and twice that, each split >= 4 K
+    blocks long."""
+    n_kb = triton.cdiv(k, bk)
+    out = [1]
+    split = 1
+    while tiles * split < sms and n_kb >= 8 * split and split < 16:
+        split *= 2
+    if split > 1:
+        out.append(split)
+        if n_kb >= 8 * split and tiles * split < 4 * sms:
+            out.append(2 * split)
+    return out
+
+
+def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member], group_size: int,
+                y: torch.Tensor) -> torch.Tensor:
+    """``y [M, ΣN] = [x W_1ᵀ (+ b_1) (+ EC_1) | x W_2ᵀ ... ]`` in one launch (``y`` may be a column slice)."""
+    m, k = x2.shape
+    if not applies(m, k, members, group_size):
+        raise SpearError(f"spear_compile.lowering.batched: {cfg.name} cannot run these members (K={k}, group "
+                         f"{group_size}, {len(members)} members; needs K % 8 == 0, aligned rows, uniform ECs)")
+    if y.stride(1) != 1:
+        raise SpearError("spear_compile.lowering.batched: the output needs unit column stride")
+    g = len(members)
+    ns = [t.qdata.shape[0] for t in members]
+    n_total = sum(ns)
+    bk = cfg.block_k if group_size >= k else min(cfg.block_k, group_size)
+    if group_size < k and group_size % bk:
+        raise SpearError(f"spear_compile.lowering.batched: BLOCK_K={bk} must divide the group {group_size}")
+    if (cfg.perm and bk != 128) or (cfg.perm and cfg.planes):
+        raise SpearError(f"spear_compile.lowering.batched: {cfg.name}: perm needs BLOCK_K = 128 (got {bk}), not planes")
+    split = max(1, min(cfg.split_k, triton.cdiv(k, bk)))
+    m_tiles = triton.cdiv(m, cfg.block_m)
+    n_tiles = [triton.cdiv(n, cfg.block_n) for n in ns]
+    tiles_total = sum(n_tiles)
+    starts = list(itertools.accumulate([t * split for t in n_tiles]))
+    cols = list(itertools.accumulate(ns))
+    has_ec = members[0].ec_B is not None
+    gated = has_ec and members[0].gate_w is not None
+    r = members[0].ec_B.shape[1] if has_ec else 0
+    block_r = max(16, triton.next_power_of_2(max(r, 1)))
+    if split > 1:
+        ws, uws, cnt = WORKSPACES.get(x2.device).for_batched(split * m * n_total, tiles_total * split * m * block_r if has_ec else 1,
+                                                 tiles_total * m_tiles)
+    else:
+        ws = uws = cnt = y  # never touched without split-K
+    dummy = x2
+    ptrs = []
+    for i in range(MAX_MEMBERS):
+        t = members[min(i, g - 1)]  # unused slots repeat the last member (never read)
+        ptrs += [t.qdata.view(torch.int32), t.scale, t.zero,
+                 t.bias if t.bias is not None else dummy, t.ec_A if has_ec else dummy, t.ec_B if has_ec else dummy,
+                 t.gate_w if gated else dummy, t.gate_b if gated else dummy]
+    pad = lambda v: (list(v) + [v[-1]] * MAX_MEMBERS)[:MAX_MEMBERS - 1]  # noqa: E731
+    w4_batched_kernel[(starts[-1] * m_tiles,)](
+        x2, y, ws, uws, cnt, *ptrs,
+        *(ns + [ns[-1]] * (MAX_MEMBERS - g)), *pad(starts[:-1] or [starts[-1]]), *pad(cols[:-1] or [cols[-1]]),
+        m, k, k // 8, r, group_size, k // group_size, x2.stride(0), y.stride(0), n_total, tiles_total, split,
+        MEMBERS=g, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, BLOCK_R=block_r, USE_SPLIT=split > 1,
+        PER_CHANNEL=group_size >= k, X_BF16=x2.dtype == torch.bfloat16, HAS_BIAS=members[0].bias is not None,
+        HAS_EC=has_ec, GATED=gated, SWAP=cfg.swap, INTERPRET=options.interpret(), PLANES=cfg.planes, PERM=cfg.perm,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y
+
+
+def run_single(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y):
+    """``dispatch``'s runner signature. A given ``u`` (the tensor-parallel hook) is not this kernel's case: the
+    tuner's reference path runs it."""
+    if u is not None:
+        return reference_linear(x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y)
+    return run_members(cfg, x2, [Member(qdata, scale, zero, bias, ec_A, ec_B, gate_w, gate_b)], group_size, y)
+
+
+def candidates_for(m, k, ns, group_size, sms=132, has_ec=False, rank=0):
+    """The dispatch hook's list for one key: ``batched_candidates`` where the kernel is a candidate
+    (``MIN_M <= M <= MAX_M``, K % 8 == 0, blocks within one group, EC rank <= ``MAX_RANK``), else []."""
+    if not MIN_M <= m <= MAX_M or k % 8 or (group_size < k and group_size % 16) or rank > MAX_RANK:
+        return []
+    return batched_candidates(m, k, ns, group_size, sms, has_ec)
+
+
+def run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y):
+    """``dispatch._run_grouped``'s signature: the members of a grouped linear (no ECs) in one launch."""
+    return run_members(cfg, x2, [Member(q, s, z, b) for q, s, z, b in zip(qdatas, scales, zeros, biases)],
+                       group_size, y)
