@@ -17,6 +17,8 @@ from .config import QuantConfig
 from .ec import GATES, CompensatedLinear, ec_shapes
 from .errors import SpearError
 from .qtensor import QuantizedWeight
+from .quantize import describe_weight, weight_matches
+from .transaction import model_transaction
 
 FORMAT = "spear-ec-v1"
 TENSORS, MANIFEST = "ecs.safetensors", "manifest.json"
@@ -83,23 +85,54 @@ def read_manifest(ec_dir: Union[str, Path]) -> dict:
     if not path.is_file():
         raise SpearError(f"load_ecs: {str(path)!r} does not exist")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SpearError(f"load_ecs: {str(path)!r} is not valid JSON ({e})") from None
+        raise SpearError(f"load_ecs: {str(path)!r} is not valid UTF-8 JSON ({e})") from None
+    except OSError as e:
+        raise SpearError(f"load_ecs: cannot read {str(path)!r} ({e.strerror or e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("modules"), dict):
         raise SpearError(f"load_ecs: {str(path)!r} is not a {FORMAT} manifest")
+    for key in ("quant", "base_model"):
+        if key in manifest and not isinstance(manifest[key], dict):
+            raise SpearError(f"load_ecs: {str(path)!r}: entry {key!r} is a {type(manifest[key]).__name__}, not an object: corrupt manifest")
+    bad = [n for n, info in manifest["modules"].items() if not isinstance(info, dict)]
+    if bad:
+        raise SpearError(f"load_ecs: {str(path)!r}: module entry {bad[0]!r} is not an object: corrupt manifest")
     return manifest
 
 
-def _check_config(manifest: dict, config) -> None:
+def _check_config(manifest: dict, config) -> QuantConfig:
     cfg = QuantConfig.from_spec(config) if isinstance(config, str) else config
     if not isinstance(cfg, QuantConfig):
         raise SpearError(f"load_ecs: config must be a QuantConfig or a spec string, got {config!r}")
     saved = manifest.get("quant", {})
+    if not isinstance(saved, dict):
+        raise SpearError(f"load_ecs: the manifest's 'quant' entry is {type(saved).__name__}, not an object: corrupt manifest")
     mine = cfg.to_dict()
     diff = [k for k in ("bits", "group_size", "symmetric", "method") if saved.get(k) != mine[k]]
     if diff:
-        raise SpearError(f"load_ecs: ECs were calibrated for {saved.get('spec')!r}, the model is {cfg.spec!r} (differs in {diff})")
+        what = "granularity (per-channel vs group size)" if diff == ["group_size"] else f"{diff}"
+        raise SpearError(f"load_ecs: ECs were calibrated for {saved.get('spec')!r}, the model is {cfg.spec!r} "
+                         f"(differs in {what}); load ECs calibrated for {cfg.spec!r} or re-run calibrate")
+    return cfg
+
+
+def check_ec_dir(ec_dir: Union[str, Path], config) -> dict:
+    """The checks on an EC directory that need no model: manifest, its quant config vs ``config``,
+    the tensor file's presence and checksum. Returns the manifest. Run before minutes of work."""
+    if not isinstance(ec_dir, (str, Path)):
+        raise SpearError(f"load_ecs: ec_dir must be a directory path, got {type(ec_dir).__name__}")
+    ec_dir = Path(ec_dir)
+    if not ec_dir.is_dir():
+        raise SpearError(f"load_ecs: EC directory {str(ec_dir)!r} does not exist or is not a directory")
+    manifest = read_manifest(ec_dir)
+    _check_config(manifest, config)
+    tpath = ec_dir / TENSORS
+    if not tpath.is_file():
+        raise SpearError(f"load_ecs: {str(tpath)!r} does not exist")
+    if manifest.get("file_sha256") != _sha256(tpath):
+        raise SpearError(f"load_ecs: {str(tpath)!r} is corrupt (checksum does not match the manifest)")
+    return manifest
 
 
 def load_ecs(model: nn.Module, ec_dir: Union[str, Path], config) -> dict:
@@ -110,18 +143,16 @@ def load_ecs(model: nn.Module, ec_dir: Union[str, Path], config) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if not isinstance(model, nn.Module):
+        raise SpearError(f"load_ecs: expected an nn.Module, got {type(model).__name__}")
+    manifest = check_ec_dir(ec_dir, config)
     ec_dir = Path(ec_dir)
-    manifest = read_manifest(ec_dir)
-    _check_config(manifest, config)
+    cfg = _check_config(manifest, config)
     saved_id = manifest.get("base_model", {}).get("config_hash")
     if saved_id is not None and saved_id != model_identity(model)["config_hash"]:
         raise SpearError(f"load_ecs: ECs were calibrated on base model {manifest['base_model']} but this model is "
                          f"{model_identity(model)}")
     tpath = ec_dir / TENSORS
-    if not tpath.is_file():
-        raise SpearError(f"load_ecs: {str(tpath)!r} does not exist")
-    if manifest.get("file_sha256") != _sha256(tpath):
-        raise SpearError(f"load_ecs: {str(tpath)!r} is corrupt (checksum does not match the manifest)")
     try:
         tensors = load_file(str(tpath))
     except (SafetensorError, OSError, ValueError) as e:
@@ -137,6 +168,9 @@ def load_ecs(model: nn.Module, ec_dir: Union[str, Path], config) -> dict:
             raise SpearError(f"load_ecs: {name!r} is a {type(mod).__name__}, expected a plain quantized nn.Linear")
         if not isinstance(mod.weight, QuantizedWeight):
             raise SpearError(f"load_ecs: {name!r} is not quantized; quantize the model with the manifest's config first")
+        if not weight_matches(mod.weight, cfg):
+            raise SpearError(f"load_ecs: {name!r} is quantized as {describe_weight(mod.weight)}, but the ECs (and "
+                             f"config) are for {cfg.spec!r}: quantize the model with {cfg.spec!r}")
         n, k = mod.out_features, mod.in_features
         if list(info.get("shape", [])) != [n, k]:
             raise SpearError(f"load_ecs: {name!r} has shape [{n}, {k}], the manifest says {info.get('shape')}")
@@ -154,18 +188,29 @@ def load_ecs(model: nn.Module, ec_dir: Union[str, Path], config) -> dict:
             if t is None or tuple(t.shape) != shape:
                 got = None if t is None else tuple(t.shape)
                 raise SpearError(f"load_ecs: tensor {name}.{pname} should have shape {shape}, file has {got}")
+            if not t.dtype.is_floating_point:
+                raise SpearError(f"load_ecs: tensor {name}.{pname} has dtype {t.dtype}, expected a floating-point EC")
+            if not torch.isfinite(t).all():
+                raise SpearError(f"load_ecs: tensor {name}.{pname} holds {int((~torch.isfinite(t)).sum())} NaN/inf "
+                                 f"values: the ECs in {str(tpath)!r} are unusable (diverged training?)")
+            cast = t.to(mod.weight.dtype)
+            if t.numel() and not torch.isfinite(cast).all():
+                raise SpearError(f"load_ecs: tensor {name}.{pname} overflows the model's dtype {mod.weight.dtype}")
             expected.add(f"{name}.{pname}")
         plan.append((name, rank, gate, want))
     extra = set(tensors) - expected
     if extra:
         raise SpearError(f"load_ecs: {len(extra)} tensors in {TENSORS} not described by the manifest, e.g. {sorted(extra)[0]!r}")
 
+    built = []  # every new module before any swap
     for name, rank, gate, want in plan:
-        mod = modules[name]
-        new = CompensatedLinear.wrap(mod, rank, gate)
+        new = CompensatedLinear.wrap(modules[name], rank, gate)
         with torch.no_grad():
             for pname in want:
                 getattr(new, pname).copy_(tensors[f"{name}.{pname}"])
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        built.append((name, new))
+    with model_transaction(model):
+        for name, new in built:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
     return manifest

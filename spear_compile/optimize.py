@@ -17,11 +17,24 @@ from .config import QuantConfig
 from .errors import SpearError
 from .qtensor import QuantizedWeight
 from .quantize import DEFAULT_SKIP, as_config, quantize
+from .transaction import model_transaction
 from .unwrap import unwrap_quantized
 
 
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(p, QuantizedWeight) for p in model.parameters())
+
+
+def check_quantized_as(model: nn.Module, config: QuantConfig, where: str) -> None:
+    """Every quantized linear of an already-quantized ``model`` was made with ``config`` (else the
+    caller's ``quant=`` would be silently ignored)."""
+    from .quantize import describe_weight, weight_matches
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, QuantizedWeight) and not weight_matches(w, config):
+            raise SpearError(f"{where}: the model is already quantized ({name!r} is {describe_weight(w)}), which "
+                             f"conflicts with quant={config.spec!r}; pass quant=None to keep its weights, or start "
+                             f"from the floating-point model")
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -58,17 +71,23 @@ def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn
     if quant is not None and not isinstance(quant, (str, QuantConfig)):
         raise SpearError(f"optimize: quant must be a spec string like 'w4-pc-rtn', a QuantConfig or None, got {type(quant).__name__}")
     config = as_config(quant) if quant is not None else None
-    if config is not None and not is_quantized(model):
-        quantize(model, config, calib=calib, skip=skip, progress=False)
-    if ec is not None:
+    if ec is not None:  # every check on the ECs before the model is quantized
         if config is None:
             raise SpearError("optimize: ec= needs quant= (the quantization config the ECs were calibrated for)")
-        if not is_quantized(model):
-            raise SpearError("optimize: ec= needs a quantized model")
-        from .ec_io import load_ecs
-        load_ecs(model, ec, config)
-    if unwrap:
-        unwrap_quantized(model)
+        from .ec_io import check_ec_dir
+        check_ec_dir(ec, config)
+    if config is not None and is_quantized(model):
+        check_quantized_as(model, config, "optimize")
+    with model_transaction(model):  # a failure below leaves the model as it was given
+        if config is not None and not is_quantized(model):
+            quantize(model, config, calib=calib, skip=skip, progress=False)
+        if ec is not None:
+            if not is_quantized(model):
+                raise SpearError("optimize: ec= needs a quantized model")
+            from .ec_io import load_ecs
+            load_ecs(model, ec, config)
+        if unwrap:
+            unwrap_quantized(model)
     if mode in ("reduce-overhead", "max-autotune"):
         warm_kernels(model, ms=(1,))  # tune + allocate kernel workspaces before CUDA-graph capture
     kw = dict(backend="spear", fullgraph=fullgraph, dynamic=dynamic)
