@@ -6,7 +6,11 @@
     torch.compile(model, backend="spear")                  # the same compiler path
     spear_compile.inspect(model)                           # what the pass matched, which kernel
 """
-from . import backend  # noqa: F401  (registers the "spear" torch.compile backend)
+from .quiet import install_import_filters
+
+install_import_filters()  # before torchao is imported below: drops its optional-library load lines
+
+from . import backend  # noqa: E402,F401  (registers the "spear" torch.compile backend)
 from .calibrate import calibrate
 from .config import QuantConfig
 from .debug import debug

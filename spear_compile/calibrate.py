@@ -206,18 +206,8 @@ def prepare(model=DEFAULT_MODEL, quant: Union[str, QuantConfig] = "w4-pc-rtn", c
 
 
 def _to_device_(model: nn.Module, device) -> nn.Module:
-    """``model.to(device)`` that also moves ``QuantizedWeight`` tensors."""
-    for mod in model.modules():
-        for name, p in list(mod.named_parameters(recurse=False)):
-            if isinstance(p, QuantizedWeight):
-                qw = QuantizedWeight(p.qdata.to(device), p.scale.to(device), p.zero.to(device), p.bits,
-                                     p.group_size, p.symmetric, p.shape)
-                setattr(mod, name, nn.Parameter(qw, requires_grad=False))
-            else:
-                p.data = p.data.to(device)
-        for name, b in list(mod.named_buffers(recurse=False)):
-            mod._buffers[name] = b.to(device)
-    return model
+    """``model.to(device)``: ``QuantizedWeight`` moves its inner tensors through torchao's ``_to_copy``."""
+    return model.to(device)
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -140,6 +140,30 @@ def load_ecs(model: nn.Module, ec_dir: Union[str, Path], config) -> dict:
     and load their EC weights (cast to the module weight's dtype; exact when it matches the
     saved ``ec_dtype``). Returns the manifest. Raises ``SpearError`` before changing anything
     if the files, the quant config or the model do not match."""
+    manifest, tensors, plan = _plan(model, ec_dir, config, before_quantizing=False)
+    modules = dict(model.named_modules())
+    built = []  # every new module before any swap
+    for name, rank, gate, want in plan:
+        new = CompensatedLinear.wrap(modules[name], rank, gate)
+        with torch.no_grad():
+            for pname in want:
+                getattr(new, pname).copy_(tensors[f"{name}.{pname}"])
+        built.append((name, new))
+    with model_transaction(model):
+        for name, new in built:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+    return manifest
+
+
+def check_ecs_before_quantizing(model: nn.Module, ec_dir: Union[str, Path], config) -> dict:
+    """Every check ``load_ecs`` makes, on the floating-point ``model`` it will later be given once
+    quantized with ``config`` (for RTN the quantized weights' fingerprints are computed from the FP
+    weights; GPTQ's are only known after quantizing). Changes nothing; returns the manifest."""
+    return _plan(model, ec_dir, config, before_quantizing=True)[0]
+
+
+def _plan(model: nn.Module, ec_dir, config, before_quantizing: bool):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -166,21 +190,30 @@ def load_ecs(model: nn.Module, ec_dir: Union[str, Path], config) -> dict:
             raise SpearError(f"load_ecs: module {name!r} of the manifest is not in {type(model).__name__}")
         if isinstance(mod, CompensatedLinear) or not isinstance(mod, nn.Linear):
             raise SpearError(f"load_ecs: {name!r} is a {type(mod).__name__}, expected a plain quantized nn.Linear")
-        if not isinstance(mod.weight, QuantizedWeight):
-            raise SpearError(f"load_ecs: {name!r} is not quantized; quantize the model with the manifest's config first")
-        if not weight_matches(mod.weight, cfg):
-            raise SpearError(f"load_ecs: {name!r} is quantized as {describe_weight(mod.weight)}, but the ECs (and "
-                             f"config) are for {cfg.spec!r}: quantize the model with {cfg.spec!r}")
+        weight = mod.weight
+        if before_quantizing:
+            if isinstance(weight, QuantizedWeight):
+                raise SpearError(f"load_ecs: {name!r} is already quantized; expected the floating-point model")
+            weight = None
+            if cfg.method == "rtn" and info.get("weight_sha256") is not None:
+                weight = QuantizedWeight.from_float(mod.weight.data, cfg.bits, cfg.group_size, cfg.symmetric,
+                                                    name=f"{name}.weight")
+        else:
+            if not isinstance(weight, QuantizedWeight):
+                raise SpearError(f"load_ecs: {name!r} is not quantized; quantize the model with the manifest's config first")
+            if not weight_matches(weight, cfg):
+                raise SpearError(f"load_ecs: {name!r} is quantized as {describe_weight(weight)}, but the ECs (and "
+                                 f"config) are for {cfg.spec!r}: quantize the model with {cfg.spec!r}")
         n, k = mod.out_features, mod.in_features
         if list(info.get("shape", [])) != [n, k]:
             raise SpearError(f"load_ecs: {name!r} has shape [{n}, {k}], the manifest says {info.get('shape')}")
         want_fp = info.get("weight_sha256")
-        if want_fp is not None and want_fp != weight_fingerprint(mod.weight):
+        if want_fp is not None and weight is not None and want_fp != weight_fingerprint(weight):
             raise SpearError(f"load_ecs: {name!r}: the ECs were fitted on different quantized weights (same config "
-                             f"{manifest.get('quant', {}).get('spec')!r}, other codes: e.g. GPTQ on other calibration samples "
-                             f"or another device); re-run calibrate for this model")
+                             f"{manifest.get('quant', {}).get('spec')!r}, other codes: e.g. GPTQ on other calibration samples, "
+                             f"another device or another dtype); re-run calibrate for this model")
         rank, gate = info.get("rank"), info.get("gate")
-        if gate not in GATES or not isinstance(rank, int) or not 0 <= rank <= min(n, k):
+        if gate not in GATES or isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= min(n, k):
             raise SpearError(f"load_ecs: {name!r}: bad rank {rank!r} or gate {gate!r} in the manifest")
         want = ec_shapes(n, k, rank, gate)
         for pname, shape in want.items():
@@ -193,24 +226,11 @@ def load_ecs(model: nn.Module, ec_dir: Union[str, Path], config) -> dict:
             if not torch.isfinite(t).all():
                 raise SpearError(f"load_ecs: tensor {name}.{pname} holds {int((~torch.isfinite(t)).sum())} NaN/inf "
                                  f"values: the ECs in {str(tpath)!r} are unusable (diverged training?)")
-            cast = t.to(mod.weight.dtype)
-            if t.numel() and not torch.isfinite(cast).all():
+            if t.numel() and not torch.isfinite(t.to(mod.weight.dtype)).all():
                 raise SpearError(f"load_ecs: tensor {name}.{pname} overflows the model's dtype {mod.weight.dtype}")
             expected.add(f"{name}.{pname}")
         plan.append((name, rank, gate, want))
     extra = set(tensors) - expected
     if extra:
         raise SpearError(f"load_ecs: {len(extra)} tensors in {TENSORS} not described by the manifest, e.g. {sorted(extra)[0]!r}")
-
-    built = []  # every new module before any swap
-    for name, rank, gate, want in plan:
-        new = CompensatedLinear.wrap(modules[name], rank, gate)
-        with torch.no_grad():
-            for pname in want:
-                getattr(new, pname).copy_(tensors[f"{name}.{pname}"])
-        built.append((name, new))
-    with model_transaction(model):
-        for name, new in built:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
-    return manifest
+    return manifest, tensors, plan

@@ -74,8 +74,10 @@ def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn
     if ec is not None:  # every check on the ECs before the model is quantized
         if config is None:
             raise SpearError("optimize: ec= needs quant= (the quantization config the ECs were calibrated for)")
-        from .ec_io import check_ec_dir
+        from .ec_io import check_ec_dir, check_ecs_before_quantizing
         check_ec_dir(ec, config)
+        if not is_quantized(model):
+            check_ecs_before_quantizing(model, ec, config)
     if config is not None and is_quantized(model):
         check_quantized_as(model, config, "optimize")
     with model_transaction(model):  # a failure below leaves the model as it was given
