@@ -75,7 +75,8 @@ def test_cli_writes_ecs_and_manifest(tmp_path, capsys):
     add_cli(parser.add_subparsers())
     out = tmp_path / "ecs"
     args = parser.parse_args(["calibrate", "--model", str(path), "--calib", str(calib), "--budget", "0.05",
-                              "--out", str(out), "--gate", "none", "--steps", "2", "--rank", "2", "--device", "cpu"])
+                              "--out", str(out), "--gate", "none", "--steps", "2", "--rank", "2", "--device", "cpu",
+                              "--seq-len", "32"])  # the tiny model has 128 positions
     assert args.func(args) == 0
     man = json.loads((out / "manifest.json").read_text())
     assert man["gate"] == "none" and man["budget"] == 0.05 and man["modules"]
