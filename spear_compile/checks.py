@@ -96,12 +96,13 @@ def check_model_dir(path, name: str = "model") -> Path:
 
 def load_causal_lm(path, dtype=torch.bfloat16, device=None):
     """``AutoModelForCausalLM.from_pretrained`` with its failures on a bad directory as ``SpearError``."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     path = check_model_dir(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, SafetensorError) as e:
         raise SpearError(f"model {str(path)!r} cannot be loaded: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
     model = model.eval()
     return model.to(device) if device is not None else model

@@ -150,21 +150,29 @@ def add_cli(subparsers) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="Hugging Face model directory (default: bundled spear-ref-16m)")
     p.add_argument("--quant", default="w4-pc-rtn", help="quantization spec, e.g. w4-pc-rtn, w4-g128-rtn")
     p.add_argument("--ec", default=None, help="EC directory (save_ecs output) to attach")
-    p.add_argument("--m", type=int, default=1, help="rows (tokens) per call: 1 = decode")
+    from .cli import positive_int
+    p.add_argument("--m", type=positive_int, default=1, help="rows (tokens) per call: 1 = decode")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.set_defaults(func=_cli_inspect)
 
 
 def _cli_inspect(args) -> int:
-    from transformers import AutoModelForCausalLM
+    from .checks import check_device, check_model_dir, load_causal_lm
+    from .quantize import as_config, quantize
 
-    from .quantize import quantize
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    quantize(model, args.quant, progress=False)
+    check_model_dir(args.model)  # every option checked before the model is loaded and compiled
+    device = check_device(args.device, "--device")
+    config = as_config(args.quant, "--quant")
+    if config is None:
+        raise SpearError("inspect: --quant none has no quantized linear to inspect")
+    if args.ec:
+        from .ec_io import check_ec_dir
+        check_ec_dir(args.ec, config)
+    model = load_causal_lm(args.model, getattr(torch, args.dtype), device)
+    quantize(model, config, progress=False)
     if args.ec:
         from .ec_io import load_ecs
-        from .quantize import as_config
-        load_ecs(model, args.ec, as_config(args.quant))
+        load_ecs(model, args.ec, config)
     print(inspect(model, m=args.m).table())
     return 0
