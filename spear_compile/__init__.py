@@ -22,6 +22,11 @@ from .optimize import optimize
 from .qtensor import QuantizedWeight
 from .quantize import quantize
 
+try:  # registers the "spear" quantization method with transformers (save_pretrained / from_pretrained)
+    from . import hf_quantizer  # noqa: F401
+except ImportError:  # transformers is optional for the kernels and the compiler
+    pass
+
 
 __all__ = ["QuantConfig", "CompensatedLinear", "SpearError", "model_bytes", "QuantizedWeight", "quantize",
            "calibrate", "optimize", "inspect", "debug"]

@@ -86,6 +86,9 @@ class QuantizedWeight(TorchAOBaseTensor):
         return f"shape={tuple(self.shape)}, bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}"
 
 
+# torch.load(weights_only=True) of a state dict holding QuantizedWeight (as torchao does for its tensors)
+torch.serialization.add_safe_globals([QuantizedWeight])
+
 implements = QuantizedWeight.implements
 implements_torch_function = QuantizedWeight.implements_torch_function
 

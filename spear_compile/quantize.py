@@ -2,6 +2,7 @@
 ``QuantizedWeight``. Embeddings and ``lm_head`` stay in their float dtype."""
 from __future__ import annotations
 
+import sys
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
@@ -92,12 +93,22 @@ def quantize(model: nn.Module, config: Union[QuantConfig, str], calib: Optional[
         from .gptq import check_calib_tokens, gptq_quantize_model
         check_calib_tokens(model, calib)
         with model_transaction(model):  # GPTQ quantizes block by block: undo all of it on a failure
-            return gptq_quantize_model(model, config, calib, linears, progress=progress)
+            gptq_quantize_model(model, config, calib, linears, progress=progress)
+        _mark_hf(model, config, skip)
+        return model
     new = [QuantizedWeight.from_float(mod.weight.data, config.bits, config.group_size, config.symmetric,
                                       name=f"{name}.weight") for name, mod in linears]
     for (name, mod), qw in zip(linears, new):  # swap only once every weight is quantized
         mod.weight = nn.Parameter(qw, requires_grad=False)
+    _mark_hf(model, config, skip)
     return model
+
+
+def _mark_hf(model: nn.Module, config: QuantConfig, skip) -> None:
+    """A transformers model becomes saveable with ``save_pretrained`` (``hf_quantizer.py``)."""
+    if hasattr(model, "save_pretrained") and hasattr(model, "config"):
+        from .hf_quantizer import mark_hf_quantized
+        mark_hf_quantized(model, config, skip if skip is not None else DEFAULT_SKIP)
 
 
 def _names(names, what: str):
@@ -109,8 +120,23 @@ def _names(names, what: str):
     return tuple(names)
 
 
+def _torchao_module_name() -> Optional[str]:
+    """The name torchao's ``quantize_`` is visiting: its handler is called with the module only, so
+    the name is read from the caller's ``cur_fqn`` (``_replace_with_custom_fn_if_matches_filter``);
+    None if torchao changes that (tests/test_hf_and_save.py checks the default skip agrees)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_replace_with_custom_fn_if_matches_filter" and "cur_fqn" in frame.f_locals:
+            return str(frame.f_locals["cur_fqn"])[:-1]
+        frame = frame.f_back
+    return None
+
+
 @register_quantize_module_handler(QuantConfig)
 def _torchao_handler(module: nn.Module, config: QuantConfig) -> nn.Module:
+    name = _torchao_module_name()
+    if name is not None and any(name == s or name.endswith("." + s) for s in DEFAULT_SKIP):
+        return module  # the same default skip as spear_compile.quantize (the LM head stays in float)
     if config.method != "rtn":
         raise SpearError("torchao.quantize_ supports our RTN configs only; GPTQ needs calibration data: use spear_compile.quantize(model, cfg, calib=...)")
     if not isinstance(module, nn.Linear):
