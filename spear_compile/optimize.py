@@ -90,8 +90,8 @@ def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn
             load_ecs(model, ec, config)
         if unwrap:
             unwrap_quantized(model)
-    if mode in ("reduce-overhead", "max-autotune"):
-        warm_kernels(model, ms=(1,))  # tune + allocate kernel workspaces before CUDA-graph capture
+        if mode in ("reduce-overhead", "max-autotune"):
+            warm_kernels(model, ms=(1,))  # tune + allocate kernel workspaces before CUDA-graph capture
     kw = dict(backend="spear", fullgraph=fullgraph, dynamic=dynamic)
     if skip_module_guards:  # the guard filter is an option, and torch.compile takes mode or options
         kw["options"] = {**module_guard_free_options(mode), **(options or {})}
