@@ -552,6 +552,9 @@ def add_cli(subparsers) -> None:
 def _run_cli(args) -> int:
     import json
 
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     _, manifest = calibrate(args.model, args.quant, args.calib, budget=args.budget, gate=args.gate,
                             placement=args.placement, rank=args.rank, steps=args.steps, lr=args.lr,
                             seed=args.seed, out_dir=args.out, device=args.device, score=args.score, alloc=args.alloc,

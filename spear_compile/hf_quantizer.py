@@ -118,6 +118,15 @@ class SpearHfQuantizer(HfQuantizer):
             raise SpearError(f"from_pretrained: quantizing on load supports RTN specs only, got {self.quantization_config.spec!r}; "
                              "use spear_compile.quantize(model, spec, calib=...) for GPTQ")
 
+    def update_dtype(self, dtype):
+        """A pre-quantized checkpoint loads in the dtype its scales were saved in (a float32 model around
+        bf16 quantized linears would fail at its first forward): refused here, naming the dtype to use."""
+        saved = {info.get("dtype") for info in self.quantization_config.modules.values()} if self.pre_quantized else set()
+        if dtype is not None and saved and saved != {str(dtype).replace("torch.", "")}:
+            raise SpearError(f"from_pretrained: this spear checkpoint is {'/'.join(sorted(saved))}; load it with "
+                             f"dtype=torch.{sorted(saved)[0]} (got {dtype})")
+        return dtype
+
     def _process_model_before_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
             return model

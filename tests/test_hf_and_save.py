@@ -90,6 +90,15 @@ def test_from_pretrained_refuses_a_checkpoint_for_another_shape(tmp_path):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
 
 
+def test_from_pretrained_refuses_another_dtype(tmp_path):
+    fp_dir = save_tiny(tmp_path / "fp")
+    model = transformers.AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.bfloat16)
+    spear_compile.quantize(model, "w4-pc-rtn").save_pretrained(tmp_path / "q")
+    with pytest.raises(SpearError, match="bfloat16"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
 def test_torch_save_load_weights_only_round_trip_with_ecs(tmp_path):
     fp_dir = save_tiny(tmp_path / "fp")
     load = lambda: transformers.AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.bfloat16).eval()  # noqa: E731
