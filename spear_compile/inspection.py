@@ -117,8 +117,8 @@ def inspect(model: nn.Module, example_input: Optional[torch.Tensor] = None, m: i
     Resets Dynamo's caches before and after (models compiled earlier recompile on their next call)."""
     if not isinstance(model, nn.Module):
         raise SpearError(f"inspect: expected an nn.Module, got {type(model).__name__}")
-    if m < 1:
-        raise SpearError(f"inspect: m={m} must be >= 1")
+    from .checks import check_int
+    check_int(m, "inspect: m")
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     x = _example_input(model, m, device) if example_input is None else example_input

@@ -753,6 +753,28 @@ def case_cal_late_failure(w):
             "rank=65", model=m)
 
 
+@case("API types", "inspect(m='1')")
+def case_api_inspect_m(w):
+    m = w.quantized()
+    refused(lambda: spear_compile.inspect(m, m="1"), "inspect: m", model=m)
+
+
+@case("API types", "calibrate(budget='0.01')")
+def case_api_cal_budget_str(w):
+    refused(lambda: spear_compile.calibrate(w.fp(), calib=w.text, budget="0.01", device="cpu"), "budget")
+
+
+@case("API types", "evaluate(device=5)")
+def case_api_eval_device_int(w):
+    refused(lambda: evaluate(w.model_dir, w.text, device=5), "device")
+
+
+@case("API types", "load_ecs(ec_dir=3)")
+def case_api_ecs_dir_int(w):
+    m = w.quantized()
+    refused(lambda: load_ecs(m, 3, "w4-pc-rtn"), "ec_dir", model=m)
+
+
 # ---- CLI (in process) ----------------------------------------------------------------------------
 def _eval(w, *extra):
     return ["eval", "--model", w.model_dir, "--data", w.text, "--seq-len", "64", "--max-windows", "2",
