@@ -23,7 +23,8 @@ from .transaction import model_transaction
 FORMAT = "spear-ec-v1"
 TENSORS, MANIFEST = "ecs.safetensors", "manifest.json"
 _IGNORED_CONFIG_KEYS = {"dtype", "torch_dtype", "transformers_version", "_name_or_path", "architectures",
-                        "use_cache", "_attn_implementation_autoset", "output_attentions", "output_hidden_states"}
+                        "use_cache", "_attn_implementation_autoset", "output_attentions", "output_hidden_states",
+                        "quantization_config"}  # set by quantize on transformers models: not the architecture
 
 
 def model_identity(model: nn.Module) -> dict:

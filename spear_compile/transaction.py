@@ -36,12 +36,24 @@ def _restore(saved) -> None:
                 t.data = data
 
 
+_ABSENT = object()
+
+
 @contextmanager
 def model_transaction(model: nn.Module):
-    """Undo every change to ``model``'s module tree made inside the block if the block raises."""
+    """Undo every change to ``model``'s module tree made inside the block if the block raises (and
+    to a transformers config's ``quantization_config``, which marking a model quantized sets)."""
     saved = _snapshot(model)
+    config = getattr(model, "config", None)
+    quant_config = getattr(config, "quantization_config", _ABSENT) if config is not None else _ABSENT
     try:
         yield model
     except BaseException:
         _restore(saved)
+        if config is not None:
+            if quant_config is _ABSENT:
+                if hasattr(config, "quantization_config"):
+                    delattr(config, "quantization_config")
+            else:
+                config.quantization_config = quant_config
         raise

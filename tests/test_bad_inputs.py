@@ -70,7 +70,9 @@ def _bytes(t: torch.Tensor) -> bytes:
 def snapshot(model: nn.Module) -> dict:
     """Every state tensor's type, dtype, shape and bytes (a QuantizedWeight's inner tensors), the module classes,
     the training flag."""
-    out = {"__classes__": [(n, type(m).__name__) for n, m in model.named_modules()], "__training__": model.training}
+    out = {"__classes__": [(n, type(m).__name__) for n, m in model.named_modules()], "__training__": model.training,
+           "__hf_quantized__": (getattr(model, "hf_quantizer", None) is not None,
+                                hasattr(getattr(model, "config", None), "quantization_config"))}
     for k, t in model.state_dict(keep_vars=True).items():
         if isinstance(t, QuantizedWeight):
             out[k] = ("qw", t.bits, t.group_size, t.symmetric, tuple(t.shape),
@@ -376,6 +378,22 @@ def case_optimize_ec_module(w):
     d = w.edit_manifest("ec_badmod", lambda man: man["modules"].update({"model.layers.7.mlp.up_proj": man["modules"][EC_MODULE]}))
     m = w.fp()
     refused(lambda: spear_compile.optimize(m, "w4-pc-rtn", ec=str(d)), "model.layers.7.mlp.up_proj", model=m)
+
+
+@case("optimize", "GPTQ ECs fitted on other calibration samples: found after quantizing, all undone")
+def case_optimize_gptq_rollback(w):
+    calib_a = torch.randint(0, 8192, (2, 32), generator=torch.Generator().manual_seed(0))
+    calib_b = torch.randint(0, 8192, (2, 32), generator=torch.Generator().manual_seed(1))
+    q = spear_compile.quantize(w.fp(), "w4-pc-gptq", calib=calib_a, progress=False)
+    par, _, leaf = EC_MODULE.rpartition(".")
+    setattr(q.get_submodule(par), leaf, CompensatedLinear.wrap(q.get_submodule(EC_MODULE), 4, "none"))
+    d = w.tmp / "ec_gptq"
+    save_ecs(q, d, {"quant": QuantConfig.from_spec("w4-pc-gptq").to_dict(), "base_model": model_identity(q)})
+    m = w.fp()
+    refused(lambda: spear_compile.optimize(m, "w4-pc-gptq", ec=str(d), calib=calib_b), "different quantized weights",
+            model=m)
+    spear_compile.optimize(m, "w4-pc-gptq", ec=str(d), calib=calib_a)  # the retry with the right samples works
+    assert isinstance(m.get_submodule(EC_MODULE), CompensatedLinear)
 
 
 @case("optimize", "conflicting quant= on an already-quantized model (silently ignored before)")
