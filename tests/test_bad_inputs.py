@@ -1036,7 +1036,9 @@ def outcome(c: Case, w: World) -> str:
         return f"UNCLEAR ({str(e)[:120]})"
     except Exception as e:  # noqa: BLE001
         return f"TRACEBACK ({type(e).__name__}: {traceback.format_exception_only(e)[-1].strip()[:120]})"
-    return "handled correctly" if c.expect == "handled" else "clear error, model unchanged"
+    if c.expect == "handled":
+        return "handled correctly"
+    return "clear error, exit 2" if c.klass.startswith("CLI") else "clear error, model unchanged"
 
 
 def main() -> None:
@@ -1045,6 +1047,11 @@ def main() -> None:
         w = World(Path(tmp))
         rows = [(c, outcome(c, w)) for c in CASES]
     bad = [r for _, r in rows if not r.startswith(("clear error", "handled"))]
+    import torch as _torch
+    import transformers as _tf
+    print(f"Measured with `python tests/test_bad_inputs.py` (torch {_torch.__version__}, transformers {_tf.__version__}). "
+          "'model unchanged': the state dict (every tensor's bytes, QuantizedWeight inner tensors included), the module "
+          "classes and the training flag are identical after the failed call.\n")
     print("| # | class | bad input | outcome |\n| ---: | --- | --- | --- |")
     for i, (c, r) in enumerate(rows, 1):
         print(f"| {i} | {c.klass} | {c.what} | {r} |")
