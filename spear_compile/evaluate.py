@@ -11,6 +11,8 @@ from typing import Optional, Union
 
 import torch
 
+from .checks import (check_device, check_int, check_model_dir, check_path, check_seq_len, load_causal_lm,
+                     load_tokenizer, read_text)
 from .quant.config import QuantConfig
 from .ec.module import CompensatedLinear
 from .errors import SpearError
@@ -30,14 +32,8 @@ def default_device() -> str:
 
 def load_model(model_path: Union[str, Path], device: str, dtype=torch.bfloat16):
     """``(model, tokenizer)`` from a Hugging Face directory, in ``dtype`` on ``device``, eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model_path)
-    if not (path / "config.json").is_file():
-        raise SpearError(f"model path {str(path)!r} is not a Hugging Face model directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return model, tokenizer
+    model = load_causal_lm(model_path, dtype, device)
+    return model, load_tokenizer(model_path)
 
 
 def calibration_tokens(tokenizer, calib_path: Union[str, Path], nsamples: int, seq_len: int,
@@ -63,20 +59,25 @@ def evaluate(model_path: Union[str, Path, None] = None, data_path: Union[str, Pa
     ``quant``: spec string, ``QuantConfig`` or ``"none"``. ``fp=False`` skips the FP pass
     (``fp_ppl`` is then None). Returns a flat JSON-able dict.
     """
-    model_path = Path(model_path or DEFAULT_MODEL)
-    data_path = Path(data_path or DEFAULT_DATA)
-    calib_path = Path(calib_path or DEFAULT_CALIB)
-    device = device or default_device()
-    config = as_config(quant)
-    if batch_size < 1:
-        raise SpearError(f"evaluate: batch_size must be >= 1, got {batch_size}")
-    if max_windows is not None and max_windows < 1:
-        raise SpearError(f"evaluate: max_windows must be >= 1, got {max_windows}")
+    # every argument and file is checked here, before the model is loaded or any perplexity pass runs
+    model_path = check_model_dir(model_path or DEFAULT_MODEL)
+    data_path = check_path(data_path or DEFAULT_DATA, "data")
+    calib_path = check_path(calib_path or DEFAULT_CALIB, "calib")
+    device = str(check_device(device or default_device()))
+    config = as_config(quant, "evaluate")
+    check_int(seq_len, "evaluate: seq_len")
+    check_int(batch_size, "evaluate: batch_size")
+    check_int(max_windows, "evaluate: max_windows", allow_none=True)
+    check_int(nsamples, "evaluate: nsamples")
     if ec_dir is not None and config is None:
         raise SpearError("evaluate: --ec needs a quantized model (quant is 'none')")
-    for what, path in (("data", data_path), ("calibration", calib_path if config and config.method == "gptq" else None)):
-        if path is not None and not path.is_file():
-            raise SpearError(f"{what} file {str(path)!r} does not exist")
+    read_text(data_path, "data file")
+    if config is not None and config.method == "gptq":
+        read_text(calib_path, "calibration file")
+    if ec_dir is not None:
+        from .ec.io import check_ec_dir
+
+        check_ec_dir(ec_dir, config)
     if not progress:
         from transformers.utils import logging as hf_logging
 
@@ -84,6 +85,11 @@ def evaluate(model_path: Union[str, Path, None] = None, data_path: Union[str, Pa
 
     t0 = time.time()
     model, tokenizer = load_model(model_path, device)
+    check_seq_len(model, seq_len, "evaluate: seq_len")
+    if ec_dir is not None:  # the model-dependent EC checks, before the perplexity passes
+        from .ec.io import check_ecs_before_quantizing
+
+        check_ecs_before_quantizing(model, ec_dir, config)
     wins = windows(tokenize_file(tokenizer, data_path), seq_len, max_windows, source=str(data_path))
     out = dict(model=str(model_path), data=str(data_path), quant=config.spec if config else "none",
                seq_len=seq_len, windows=int(wins.shape[0]), tokens=int(wins[:, 1:].numel()),

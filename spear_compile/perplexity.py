@@ -11,17 +11,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .checks import read_text
 from .errors import SpearError
 
 
 def tokenize_file(tokenizer, path: Union[str, Path]) -> torch.Tensor:
-    path = Path(path)
-    if not path.is_file():
-        raise SpearError(f"data file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise SpearError(f"data file {str(path)!r} is empty")
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    text = read_text(path, "data file")
+    # verbose=False: the whole file is one stream cut into windows later, so the tokenizer's
+    # "longer than the model's maximum sequence length" warning does not apply
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
     return ids
 
 

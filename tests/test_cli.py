@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import spear_compile
 from spear_compile import CompensatedLinear, SpearError, cli
 from spear_compile.evaluate import evaluate
 
@@ -98,12 +99,20 @@ def test_evaluate_with_ecs_reports_recovery(small_text, monkeypatch):
         setattr(model.get_submodule(parent), leaf, ec)
         return {"modules": [name]}
 
+    def check_ec_dir(ec_dir, config):  # the up-front checks evaluate runs before any perplexity pass
+        calls.setdefault("order", []).append("check_dir")
+
+    def check_ecs_before_quantizing(model, ec_dir, config):
+        assert not any(isinstance(p, spear_compile.QuantizedWeight) for p in model.parameters())
+        calls.setdefault("order", []).append("check_model")
+
     fake = types.ModuleType("spear_compile.ec.io")
     fake.load_ecs = load_ecs
+    fake.check_ec_dir, fake.check_ecs_before_quantizing = check_ec_dir, check_ecs_before_quantizing
     monkeypatch.setitem(sys.modules, "spear_compile.ec.io", fake)
     r = evaluate(data_path=small_text, quant="w4-pc-rtn", seq_len=64, max_windows=2, ec_dir="unused", device="cpu",
                  progress=False)
-    assert calls["config"] == "w4-pc-rtn"
+    assert calls["config"] == "w4-pc-rtn" and calls["order"] == ["check_dir", "check_model"]
     ec_bytes = 2 * (4 * 1024 + 384 * 4 + 4 * 4 + 4)
     assert r["ec_bytes"] == ec_bytes and r["ec_modules"] == 1
     assert r["ec_fraction"] == pytest.approx(ec_bytes / r["model_bytes_quant"])

@@ -14,15 +14,28 @@ import torch.nn as nn
 
 from . import backend as _backend
 from .records import active
-from ..quant.config import QuantConfig
 from ..errors import SpearError
-from ..quant.weight import QuantizedWeight
 from ..quant.api import DEFAULT_SKIP, as_config, quantize
+from ..quant.config import QuantConfig
+from ..quant.weight import QuantizedWeight
+from ..transaction import model_transaction
 from .unwrap import unwrap_quantized
 
 
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(p, QuantizedWeight) for p in model.parameters())
+
+
+def check_quantized_as(model: nn.Module, config: QuantConfig, where: str) -> None:
+    """Every quantized linear of an already-quantized ``model`` was made with ``config`` (else the
+    caller's ``quant=`` would be silently ignored)."""
+    from ..quant.api import describe_weight, weight_matches
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, QuantizedWeight) and not weight_matches(w, config):
+            raise SpearError(f"{where}: the model is already quantized ({name!r} is {describe_weight(w)}), which "
+                             f"conflicts with quant={config.spec!r}; pass quant=None to keep its weights, or start "
+                             f"from the floating-point model")
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -60,19 +73,27 @@ def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn
     if quant is not None and not isinstance(quant, (str, QuantConfig)):
         raise SpearError(f"optimize: quant must be a spec string like 'w4-pc-rtn', a QuantConfig or None, got {type(quant).__name__}")
     config = as_config(quant) if quant is not None else None
-    if config is not None and not is_quantized(model):
-        quantize(model, config, calib=calib, skip=skip, progress=False)
-    if ec is not None:
+    if ec is not None:  # every check on the ECs before the model is quantized
         if config is None:
             raise SpearError("optimize: ec= needs quant= (the quantization config the ECs were calibrated for)")
+        from ..ec.io import check_ec_dir, check_ecs_before_quantizing
+        check_ec_dir(ec, config)
         if not is_quantized(model):
-            raise SpearError("optimize: ec= needs a quantized model")
-        from ..ec.io import load_ecs
-        load_ecs(model, ec, config)
-    if unwrap:
-        unwrap_quantized(model)
-    if mode in ("reduce-overhead", "max-autotune"):
-        warm_kernels(model, ms=(1,))  # tune + allocate kernel workspaces before CUDA-graph capture
+            check_ecs_before_quantizing(model, ec, config)
+    if config is not None and is_quantized(model):
+        check_quantized_as(model, config, "optimize")
+    with model_transaction(model):  # a failure below leaves the model as it was given
+        if config is not None and not is_quantized(model):
+            quantize(model, config, calib=calib, skip=skip, progress=False)
+        if ec is not None:
+            if not is_quantized(model):
+                raise SpearError("optimize: ec= needs a quantized model")
+            from ..ec.io import load_ecs
+            load_ecs(model, ec, config)
+        if unwrap:
+            unwrap_quantized(model)
+        if mode in ("reduce-overhead", "max-autotune"):
+            warm_kernels(model, ms=(1,))  # tune + allocate kernel workspaces before CUDA-graph capture
     backend = _backend.SpearBackend(records=active())  # what the passes saw: ``compiled.spear_records``
     kw = dict(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     if skip_module_guards:  # the guard filter is an option, and torch.compile takes mode or options

@@ -122,8 +122,8 @@ def inspect(model: nn.Module, example_input: Optional[torch.Tensor] = None, m: i
     Compiles with a backend of its own (its records only; Dynamo's caches of other compiles are left alone)."""
     if not isinstance(model, nn.Module):
         raise SpearError(f"inspect: expected an nn.Module, got {type(model).__name__}")
-    if m < 1:
-        raise SpearError(f"inspect: m={m} must be >= 1")
+    from ..checks import check_int
+    check_int(m, "inspect: m")
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     x = _example_input(model, m, device) if example_input is None else example_input
@@ -153,21 +153,29 @@ def add_cli(subparsers) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="Hugging Face model directory (default: bundled spear-ref-16m)")
     p.add_argument("--quant", default="w4-pc-rtn", help="quantization spec, e.g. w4-pc-rtn, w4-g128-rtn")
     p.add_argument("--ec", default=None, help="EC directory (save_ecs output) to attach")
-    p.add_argument("--m", type=int, default=1, help="rows (tokens) per call: 1 = decode")
+    from ..cli import positive_int
+    p.add_argument("--m", type=positive_int, default=1, help="rows (tokens) per call: 1 = decode")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.set_defaults(func=_cli_inspect)
 
 
 def _cli_inspect(args) -> int:
-    from transformers import AutoModelForCausalLM
+    from ..checks import check_device, check_model_dir, load_causal_lm
+    from ..quant.api import as_config, quantize
 
-    from ..quant.api import quantize
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    quantize(model, args.quant, progress=False)
+    check_model_dir(args.model)  # every option checked before the model is loaded and compiled
+    device = check_device(args.device, "--device")
+    config = as_config(args.quant, "--quant")
+    if config is None:
+        raise SpearError("inspect: --quant none has no quantized linear to inspect")
+    if args.ec:
+        from ..ec.io import check_ec_dir
+        check_ec_dir(args.ec, config)
+    model = load_causal_lm(args.model, getattr(torch, args.dtype), device)
+    quantize(model, config, progress=False)
     if args.ec:
         from ..ec.io import load_ecs
-        from ..quant.api import as_config
-        load_ecs(model, args.ec, as_config(args.quant))
+        load_ecs(model, args.ec, config)
     print(inspect(model, m=args.m).table())
     return 0

@@ -13,16 +13,19 @@ from typing import Union
 import torch
 import torch.nn as nn
 
-from ..quant.config import QuantConfig
-from .module import GATES, CompensatedLinear, ec_shapes
 from ..errors import SpearError
 from ..modules import replace_submodule
+from ..quant.api import describe_weight, weight_matches
+from ..quant.config import QuantConfig
 from ..quant.weight import QuantizedWeight
+from ..transaction import model_transaction
+from .module import GATES, CompensatedLinear, ec_shapes
 
 FORMAT = "spear-ec-v1"
 TENSORS, MANIFEST = "ecs.safetensors", "manifest.json"
 _IGNORED_CONFIG_KEYS = {"dtype", "torch_dtype", "transformers_version", "_name_or_path", "architectures",
-                        "use_cache", "_attn_implementation_autoset", "output_attentions", "output_hidden_states"}
+                        "use_cache", "_attn_implementation_autoset", "output_attentions", "output_hidden_states",
+                        "quantization_config"}  # set by quantize on transformers models: not the architecture
 
 
 def model_identity(model: nn.Module) -> dict:
@@ -84,23 +87,54 @@ def read_manifest(ec_dir: Union[str, Path]) -> dict:
     if not path.is_file():
         raise SpearError(f"load_ecs: {str(path)!r} does not exist")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SpearError(f"load_ecs: {str(path)!r} is not valid JSON ({e})") from None
+        raise SpearError(f"load_ecs: {str(path)!r} is not valid UTF-8 JSON ({e})") from None
+    except OSError as e:
+        raise SpearError(f"load_ecs: cannot read {str(path)!r} ({e.strerror or e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("modules"), dict):
         raise SpearError(f"load_ecs: {str(path)!r} is not a {FORMAT} manifest")
+    for key in ("quant", "base_model"):
+        if key in manifest and not isinstance(manifest[key], dict):
+            raise SpearError(f"load_ecs: {str(path)!r}: entry {key!r} is a {type(manifest[key]).__name__}, not an object: corrupt manifest")
+    bad = [n for n, info in manifest["modules"].items() if not isinstance(info, dict)]
+    if bad:
+        raise SpearError(f"load_ecs: {str(path)!r}: module entry {bad[0]!r} is not an object: corrupt manifest")
     return manifest
 
 
-def _check_config(manifest: dict, config) -> None:
+def _check_config(manifest: dict, config) -> QuantConfig:
     cfg = QuantConfig.from_spec(config) if isinstance(config, str) else config
     if not isinstance(cfg, QuantConfig):
         raise SpearError(f"load_ecs: config must be a QuantConfig or a spec string, got {config!r}")
     saved = manifest.get("quant", {})
+    if not isinstance(saved, dict):
+        raise SpearError(f"load_ecs: the manifest's 'quant' entry is {type(saved).__name__}, not an object: corrupt manifest")
     mine = cfg.to_dict()
     diff = [k for k in ("bits", "group_size", "symmetric", "method") if saved.get(k) != mine[k]]
     if diff:
-        raise SpearError(f"load_ecs: ECs were calibrated for {saved.get('spec')!r}, the model is {cfg.spec!r} (differs in {diff})")
+        what = "granularity (per-channel vs group size)" if diff == ["group_size"] else f"{diff}"
+        raise SpearError(f"load_ecs: ECs were calibrated for {saved.get('spec')!r}, the model is {cfg.spec!r} "
+                         f"(differs in {what}); load ECs calibrated for {cfg.spec!r} or re-run calibrate")
+    return cfg
+
+
+def check_ec_dir(ec_dir: Union[str, Path], config) -> dict:
+    """The checks on an EC directory that need no model: manifest, its quant config vs ``config``,
+    the tensor file's presence and checksum. Returns the manifest. Run before minutes of work."""
+    if not isinstance(ec_dir, (str, Path)):
+        raise SpearError(f"load_ecs: ec_dir must be a directory path, got {type(ec_dir).__name__}")
+    ec_dir = Path(ec_dir)
+    if not ec_dir.is_dir():
+        raise SpearError(f"load_ecs: EC directory {str(ec_dir)!r} does not exist or is not a directory")
+    manifest = read_manifest(ec_dir)
+    _check_config(manifest, config)
+    tpath = ec_dir / TENSORS
+    if not tpath.is_file():
+        raise SpearError(f"load_ecs: {str(tpath)!r} does not exist")
+    if manifest.get("file_sha256") != _sha256(tpath):
+        raise SpearError(f"load_ecs: {str(tpath)!r} is corrupt (checksum does not match the manifest)")
+    return manifest
 
 
 def load_ecs(model: nn.Module, ec_dir: Union[str, Path], config) -> dict:
@@ -108,21 +142,42 @@ def load_ecs(model: nn.Module, ec_dir: Union[str, Path], config) -> dict:
     and load their EC weights (cast to the module weight's dtype; exact when it matches the
     saved ``ec_dtype``). Returns the manifest. Raises ``SpearError`` before changing anything
     if the files, the quant config or the model do not match."""
+    manifest, tensors, plan = _plan(model, ec_dir, config, before_quantizing=False)
+    modules = dict(model.named_modules())
+    built = []  # every new module before any swap
+    for name, rank, gate, want in plan:
+        new = CompensatedLinear.wrap(modules[name], rank, gate)
+        with torch.no_grad():
+            for pname in want:
+                getattr(new, pname).copy_(tensors[f"{name}.{pname}"])
+        built.append((name, new))
+    with model_transaction(model):
+        for name, new in built:
+            replace_submodule(model, name, new)
+    return manifest
+
+
+def check_ecs_before_quantizing(model: nn.Module, ec_dir: Union[str, Path], config) -> dict:
+    """Every check ``load_ecs`` makes, on the floating-point ``model`` it will later be given once
+    quantized with ``config`` (for RTN the quantized weights' fingerprints are computed from the FP
+    weights; GPTQ's are only known after quantizing). Changes nothing; returns the manifest."""
+    return _plan(model, ec_dir, config, before_quantizing=True)[0]
+
+
+def _plan(model: nn.Module, ec_dir, config, before_quantizing: bool):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if not isinstance(model, nn.Module):
+        raise SpearError(f"load_ecs: expected an nn.Module, got {type(model).__name__}")
+    manifest = check_ec_dir(ec_dir, config)
     ec_dir = Path(ec_dir)
-    manifest = read_manifest(ec_dir)
-    _check_config(manifest, config)
+    cfg = _check_config(manifest, config)
     saved_id = manifest.get("base_model", {}).get("config_hash")
     if saved_id is not None and saved_id != model_identity(model)["config_hash"]:
         raise SpearError(f"load_ecs: ECs were calibrated on base model {manifest['base_model']} but this model is "
                          f"{model_identity(model)}")
     tpath = ec_dir / TENSORS
-    if not tpath.is_file():
-        raise SpearError(f"load_ecs: {str(tpath)!r} does not exist")
-    if manifest.get("file_sha256") != _sha256(tpath):
-        raise SpearError(f"load_ecs: {str(tpath)!r} is corrupt (checksum does not match the manifest)")
     try:
         tensors = load_file(str(tpath))
     except (SafetensorError, OSError, ValueError) as e:
@@ -136,18 +191,30 @@ def load_ecs(model: nn.Module, ec_dir: Union[str, Path], config) -> dict:
             raise SpearError(f"load_ecs: module {name!r} of the manifest is not in {type(model).__name__}")
         if isinstance(mod, CompensatedLinear) or not isinstance(mod, nn.Linear):
             raise SpearError(f"load_ecs: {name!r} is a {type(mod).__name__}, expected a plain quantized nn.Linear")
-        if not isinstance(mod.weight, QuantizedWeight):
-            raise SpearError(f"load_ecs: {name!r} is not quantized; quantize the model with the manifest's config first")
+        weight = mod.weight
+        if before_quantizing:
+            if isinstance(weight, QuantizedWeight):
+                raise SpearError(f"load_ecs: {name!r} is already quantized; expected the floating-point model")
+            weight = None
+            if cfg.method == "rtn" and info.get("weight_sha256") is not None:
+                weight = QuantizedWeight.from_float(mod.weight.data, cfg.bits, cfg.group_size, cfg.symmetric,
+                                                    name=f"{name}.weight")
+        else:
+            if not isinstance(weight, QuantizedWeight):
+                raise SpearError(f"load_ecs: {name!r} is not quantized; quantize the model with the manifest's config first")
+            if not weight_matches(weight, cfg):
+                raise SpearError(f"load_ecs: {name!r} is quantized as {describe_weight(weight)}, but the ECs (and "
+                                 f"config) are for {cfg.spec!r}: quantize the model with {cfg.spec!r}")
         n, k = mod.out_features, mod.in_features
         if list(info.get("shape", [])) != [n, k]:
             raise SpearError(f"load_ecs: {name!r} has shape [{n}, {k}], the manifest says {info.get('shape')}")
         want_fp = info.get("weight_sha256")
-        if want_fp is not None and want_fp != weight_fingerprint(mod.weight):
+        if want_fp is not None and weight is not None and want_fp != weight_fingerprint(weight):
             raise SpearError(f"load_ecs: {name!r}: the ECs were fitted on different quantized weights (same config "
-                             f"{manifest.get('quant', {}).get('spec')!r}, other codes: e.g. GPTQ on other calibration samples "
-                             f"or another device); re-run calibrate for this model")
+                             f"{manifest.get('quant', {}).get('spec')!r}, other codes: e.g. GPTQ on other calibration samples, "
+                             f"another device or another dtype); re-run calibrate for this model")
         rank, gate = info.get("rank"), info.get("gate")
-        if gate not in GATES or not isinstance(rank, int) or not 0 <= rank <= min(n, k):
+        if gate not in GATES or isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= min(n, k):
             raise SpearError(f"load_ecs: {name!r}: bad rank {rank!r} or gate {gate!r} in the manifest")
         want = ec_shapes(n, k, rank, gate)
         for pname, shape in want.items():
@@ -155,17 +222,16 @@ def load_ecs(model: nn.Module, ec_dir: Union[str, Path], config) -> dict:
             if t is None or tuple(t.shape) != shape:
                 got = None if t is None else tuple(t.shape)
                 raise SpearError(f"load_ecs: tensor {name}.{pname} should have shape {shape}, file has {got}")
+            if not t.dtype.is_floating_point:
+                raise SpearError(f"load_ecs: tensor {name}.{pname} has dtype {t.dtype}, expected a floating-point EC")
+            if not torch.isfinite(t).all():
+                raise SpearError(f"load_ecs: tensor {name}.{pname} holds {int((~torch.isfinite(t)).sum())} NaN/inf "
+                                 f"values: the ECs in {str(tpath)!r} are unusable (diverged training?)")
+            if t.numel() and not torch.isfinite(t.to(mod.weight.dtype)).all():
+                raise SpearError(f"load_ecs: tensor {name}.{pname} overflows the model's dtype {mod.weight.dtype}")
             expected.add(f"{name}.{pname}")
         plan.append((name, rank, gate, want))
     extra = set(tensors) - expected
     if extra:
         raise SpearError(f"load_ecs: {len(extra)} tensors in {TENSORS} not described by the manifest, e.g. {sorted(extra)[0]!r}")
-
-    for name, rank, gate, want in plan:
-        mod = modules[name]
-        new = CompensatedLinear.wrap(mod, rank, gate)
-        with torch.no_grad():
-            for pname in want:
-                getattr(new, pname).copy_(tensors[f"{name}.{pname}"])
-        replace_submodule(model, name, new)
-    return manifest
+    return manifest, tensors, plan

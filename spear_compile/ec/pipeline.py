@@ -17,7 +17,10 @@ from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
+from ..checks import (check_device, check_float, check_int, check_model_dir, check_out_dir, check_seq_len,
+                      load_causal_lm, load_tokenizer, read_text)
 from ..quant.config import QuantConfig
 from .diagnostic import SCORES, diagnose, model_level, save_report
 from .module import GATES, CompensatedLinear
@@ -32,7 +35,7 @@ from ..quant.memory import model_bytes
 from ..perplexity import tokenize_file, windows
 from .placement import MODES, check_budget, place
 from ..quant.weight import QuantizedWeight
-from ..quant.api import quantize
+from ..quant.api import as_config, quantize
 
 # The diagnostic placement's score and rank rule, chosen on held-out calibration KL (W4-pc RTN, 1%:
 # bench/results/quality_sweep.md, bench/NOTES_quality.md): the model-level CKA/entropy score of
@@ -80,11 +83,14 @@ class Prepared:
     svd: Dict[str, tuple] = field(default_factory=dict)       # name -> (A [r, K], B [N, r]) at SVD_CACHE_RANK
     capture: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> captured error share by rank
     heldout_kl_full_quantized: Optional[float] = None  # set by the first fit (``heldout_long``)
+    max_positions: Optional[int] = None  # the model's max_position_embeddings: no window is longer
 
     def heldout_long(self) -> torch.Tensor:
         """The held-out windows joined into ``FULL_CONTEXT``-token windows (consecutive windows are
         consecutive text), for the full-vocabulary held-out KL at the perplexity eval's context."""
-        return join_windows(self.heldout, FULL_CONTEXT)
+        t = self.heldout.shape[1]
+        context = FULL_CONTEXT if not self.max_positions else min(FULL_CONTEXT, max(t, self.max_positions // t * t))
+        return join_windows(self.heldout, context)
 
     def train_windows(self, seq_len: Optional[int]) -> torch.Tensor:
         return self.wins if not seq_len or seq_len == self.wins.shape[1] else join_windows(self.wins, seq_len)
@@ -114,19 +120,12 @@ def join_windows(wins: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 def _load(model_or_path, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if isinstance(model_or_path, nn.Module):
-        model = model_or_path
-        path = getattr(getattr(model, "config", None), "_name_or_path", None)
-    else:
-        path = Path(model_or_path)
-        if not (path / "config.json").is_file():
-            raise SpearError(f"calibrate: {str(path)!r} is not a Hugging Face model directory (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    tok = None
-    if path and Path(str(path)).is_dir():
-        tok = AutoTokenizer.from_pretrained(str(path))
-    return model.eval(), tok
+    if isinstance(model_or_path, nn.Module):  # the caller's module is only read (prepare works on copies)
+        path = getattr(getattr(model_or_path, "config", None), "_name_or_path", None)
+        tok = load_tokenizer(path) if path and (Path(str(path)) / "config.json").is_file() else None
+        return model_or_path, tok
+    model = load_causal_lm(model_or_path, dtype)
+    return model, load_tokenizer(model_or_path)
 
 
 def calibration_windows(calib, tokenizer, seq_len: int, n_windows: int) -> torch.Tensor:
@@ -155,8 +154,25 @@ def prepare(model=DEFAULT_MODEL, quant: Union[str, QuantConfig] = "w4-pc-rtn", c
     cfg = QuantConfig.from_spec(quant) if isinstance(quant, str) else quant
     if not isinstance(cfg, QuantConfig):
         raise SpearError(f"calibrate: quant must be a quantization spec such as 'w4-pc-rtn', got {quant!r}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    phases = tqdm(total=7, desc="calibrate: load", disable=not progress, leave=False,
+                  bar_format="{desc} [{n_fmt}/{total_fmt} phases, {elapsed}]")
+
+    def phase(desc: str) -> None:
+        phases.update(1)
+        phases.set_description_str(f"calibrate: {desc}")
+    try:
+        return _prepare(model, cfg, calib, seq_len, n_windows, n_diag, n_heldout, topk, device, dtype, progress,
+                        n_diag_model, model_variants, cache_teacher, t0, phase)
+    finally:
+        phases.close()
+
+
+def _prepare(model, cfg, calib, seq_len, n_windows, n_diag, n_heldout, topk, device, dtype, progress,
+             n_diag_model, model_variants, cache_teacher, t0, phase) -> Prepared:
     fp_model, tok = _load(model, dtype)
+    check_seq_len(fp_model, seq_len, "calibrate: seq_len")
+    phase("quantize")
     if any(isinstance(m, CompensatedLinear) or isinstance(getattr(m, "weight", None), QuantizedWeight)
            for m in fp_model.modules()):
         raise SpearError("calibrate: pass the floating-point model; it is quantized here")
@@ -175,8 +191,10 @@ def prepare(model=DEFAULT_MODEL, quant: Union[str, QuantConfig] = "w4-pc-rtn", c
     _to_device_(q_work, device)
     q_work.eval()
     t1 = time.time()
+    phase("local diagnostic")
     scores = diagnose(fp_work, q_work, wins[:n_diag], names)
     t2 = time.time()
+    phase("model-level diagnostic")
     model_all = {}
     if model_variants:
         ml = model_level(fp_work, q_work, wins[:n_diag_model], names, variants=model_variants, topk=topk,
@@ -186,6 +204,7 @@ def prepare(model=DEFAULT_MODEL, quant: Union[str, QuantConfig] = "w4-pc-rtn", c
             scores[n].update(ml[n])
             scores[n]["score"] = scores[n].get(DIAGNOSTIC_SCORE, scores[n]["local_score"])
     t3 = time.time()
+    phase("input second moments + SVD")
     sigmas = input_second_moments(fp_work, wins[:n_diag], names)
     fp_mods, q_mods = dict(fp_work.named_modules()), dict(q_work.named_modules())
     svd, capture = {}, {}
@@ -195,29 +214,23 @@ def prepare(model=DEFAULT_MODEL, quant: Union[str, QuantConfig] = "w4-pc-rtn", c
         a, b, s = svd_factors(w_fp - dense_weight(q_mods[n].weight), sigmas[n], r, spectrum=True)
         svd[n], capture[n] = (a, b), captured_fraction(s)
     t4 = time.time()
+    phase("FP teacher outputs")
     teacher = teacher_topk(fp_work, wins, topk) if cache_teacher else None  # None: fits run the FP model beside
     heldout_teacher = teacher_topk(fp_work, heldout, topk) if n_heldout else None
+    phase("held-out KL")
     kl_q = mean_kl(q_work, heldout, heldout_teacher) if n_heldout else None
     t5 = time.time()
+    phase("done")
     return Prepared(cfg, q_model, fp_work, q_work, wins, teacher, heldout, heldout_teacher, scores, sigmas,
                     quant_bytes, model_identity(fp_model),
                     {"load_quantize_s": t1 - t0, "diagnose_local_s": t2 - t1, "diagnose_model_s": t3 - t2,
-                     "svd_s": t4 - t3, "teacher_s": t5 - t4}, kl_q, model_all, svd, capture)
+                     "svd_s": t4 - t3, "teacher_s": t5 - t4}, kl_q, model_all, svd, capture,
+                    max_positions=getattr(getattr(fp_model, "config", None), "max_position_embeddings", None))
 
 
 def _to_device_(model: nn.Module, device) -> nn.Module:
-    """``model.to(device)`` that also moves ``QuantizedWeight`` tensors."""
-    for mod in model.modules():
-        for name, p in list(mod.named_parameters(recurse=False)):
-            if isinstance(p, QuantizedWeight):
-                qw = QuantizedWeight(p.qdata.to(device), p.scale.to(device), p.zero.to(device), p.bits,
-                                     p.group_size, p.symmetric, p.shape)
-                setattr(mod, name, nn.Parameter(qw, requires_grad=False))
-            else:
-                p.data = p.data.to(device)
-        for name, b in list(mod.named_buffers(recurse=False)):
-            mod._buffers[name] = b.to(device)
-    return model
+    """``model.to(device)``: ``QuantizedWeight`` moves its inner tensors through torchao's ``_to_copy``."""
+    return model.to(device)
 
 
 FIT_DEFAULTS = dict(budget=0.01, gate="sigmoid", placement="diagnostic", rank=None, lr=1e-3, gate_lr_mult=1.0,
@@ -289,6 +302,8 @@ def fit_many(prep: Prepared, specs: Sequence[dict], steps: int = 600, batch_size
     ``seq_len``: train on windows of this many tokens (consecutive calibration windows joined;
     the teacher then runs beside each step); default the prepared windows' length."""
     specs = [_spec(dict(sp)) for sp in specs]
+    if seq_len and prep.max_positions and seq_len > prep.max_positions:
+        raise SpearError(f"calibrate: seq_len={seq_len} exceeds the model's max_position_embeddings={prep.max_positions}")
     if not specs:
         raise SpearError("calibrate: no fit requested")
     if out_dirs is not None and len(out_dirs) != len(specs):
@@ -405,7 +420,10 @@ def _fit_stack(prep, specs, placements, steps, batch_size, out_dirs, progress, s
         }
         if out_dirs is not None and out_dirs[f] is not None:
             manifest = save_ecs(model, out_dirs[f], manifest)
-            save_report(prep.scores, out_dirs[f], title=prep.config.spec)
+            report = save_report(prep.scores, out_dirs[f], title=prep.config.spec)
+            out_dir = Path(out_dirs[f])
+            manifest = dict(manifest, files_written=[str(out_dir / n) for n in ("ecs.safetensors", "manifest.json")]
+                            + [str(v) for v in report.values()])
         out.append((model, manifest))
     return out
 
@@ -439,11 +457,32 @@ def calibrate(model=DEFAULT_MODEL, quant: Union[str, QuantConfig] = "w4-pc-rtn",
     within ``budget`` × the quantized model's bytes; returns ``(model_with_ecs, manifest)`` and,
     with ``out_dir``, writes ``ecs.safetensors``, ``manifest.json`` and the diagnostic report.
     ``steps``/``lr`` ``None`` and ``topk`` ``"auto"``: the configuration's defaults (:func:`train_defaults`)."""
-    d = train_defaults(quant) if isinstance(quant, (str, QuantConfig)) else dict(TRAIN_DEFAULTS)
+    cfg = as_config(quant, "calibrate")
+    if cfg is None:
+        raise SpearError("calibrate: quant 'none' has nothing to compensate; give a spec such as 'w4-pc-rtn'")
+    d = train_defaults(cfg)
     steps = d["steps"] if steps is None else steps
     lr = d["lr"] if lr is None else lr
     topk = d["topk"] if topk == "auto" else topk
     sp = _spec(dict(budget=budget, gate=gate, placement=placement, init=init, score=score, alloc=alloc, topk=topk))
+    # every argument and file checked before minutes of diagnostic and training
+    check_int(steps, "calibrate: steps", minimum=0)  # 0: the SVD init alone
+    check_float(lr, "calibrate: lr", 0.0, 1.0)
+    check_float(gate_lr_mult, "calibrate: gate_lr_mult", 0.0)
+    check_int(batch_size, "calibrate: batch_size")
+    check_int(seq_len, "calibrate: seq_len")
+    check_int(n_windows, "calibrate: n_windows (--max-windows)", allow_none=True)
+    check_int(seed, "calibrate: seed", minimum=0)
+    check_int(rank, "calibrate: rank", allow_none=True)
+    if device is not None:
+        check_device(device, "calibrate: device")
+    if not isinstance(model, nn.Module):
+        check_model_dir(model)
+    if not isinstance(calib, torch.Tensor):
+        read_text(calib, "calibration file")
+    if out_dir is not None:
+        check_out_dir(out_dir, "calibrate: out_dir")
+    quant = cfg
     torch.manual_seed(seed)
     # Only the model-level variant the placement ranks by (one forward per module instead of two): the placement
     # is the same; the manifest then holds that variant's scores and the local ones.
@@ -453,46 +492,3 @@ def calibrate(model=DEFAULT_MODEL, quant: Union[str, QuantConfig] = "w4-pc-rtn",
     return fit(prep, budget, gate, placement, rank=rank, steps=steps, lr=lr, batch_size=batch_size,
                gate_lr_mult=gate_lr_mult, init=init, seed=seed, out_dir=out_dir, progress=progress,
                score=score, alloc=alloc, topk=topk)
-
-
-def add_cli(subparsers) -> None:
-    """Register ``spear-compile calibrate``."""
-    p = subparsers.add_parser("calibrate", help="fit error compensators for a quantized model")
-    p.add_argument("--model", default=str(DEFAULT_MODEL))
-    p.add_argument("--quant", default="w4-pc-rtn")
-    p.add_argument("--calib", default=str(DEFAULT_CALIB))
-    p.add_argument("--budget", type=float, default=0.01)
-    p.add_argument("--out", required=True)
-    p.add_argument("--gate", default="sigmoid", choices=GATES)
-    p.add_argument("--placement", default="diagnostic", choices=MODES)
-    p.add_argument("--rank", type=int, default=None,
-                   help=f"EC rank (with --alloc capture: the largest rank); default {DIAGNOSTIC_RANK} for the diagnostic "
-                        f"placement, else {DEFAULT_RANK}")
-    p.add_argument("--score", default=None, choices=SCORES,
-                   help=f"diagnostic score the placement ranks by (default {DIAGNOSTIC_SCORE}; 'local' placement: local_score)")
-    p.add_argument("--alloc", default=None, choices=ALLOCS,
-                   help="'fixed' rank by score, 'per_byte' fixed rank by score per byte, or 'capture': ranks allocated "
-                        f"by score x captured error share per byte (default {DIAGNOSTIC_ALLOC})")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"training steps (default {TRAIN_DEFAULTS['steps']}; per config: "
-                        + ", ".join(f"{k} {v['steps']}" for k, v in CONFIG_TRAIN.items() if "steps" in v) + ")")
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"learning rate (default {TRAIN_DEFAULTS['lr']:g}; per config: "
-                        + ", ".join(f"{k} {v['lr']:g}" for k, v in CONFIG_TRAIN.items() if "lr" in v) + ")")
-    p.add_argument("--topk", type=int, default=None,
-                   help="training loss: KL over the FP model's top-k tokens + a rest bucket (cached), 0 = the "
-                        "full-vocabulary KL with the FP model run beside each step (default: per config, "
-                        + ", ".join(f"{k} {v['topk']}" for k, v in CONFIG_TRAIN.items() if "topk" in v)
-                        + "; else the cached top-64)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args) -> int:
-    _, manifest = calibrate(args.model, args.quant, args.calib, budget=args.budget, gate=args.gate,
-                            placement=args.placement, rank=args.rank, steps=args.steps, lr=args.lr,
-                            seed=args.seed, out_dir=args.out, device=args.device, score=args.score, alloc=args.alloc,
-                            topk="auto" if args.topk is None else args.topk)
-    print(f"wrote {len(manifest['modules'])} ECs ({manifest['ec_bytes']} bytes, budget {manifest['budget_bytes']}) to {args.out}")
-    return 0

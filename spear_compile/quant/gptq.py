@@ -143,6 +143,16 @@ def _check_calib(calib) -> torch.Tensor:
     return calib.long()
 
 
+def check_calib_tokens(model: nn.Module, calib) -> None:
+    """``calib`` is a valid ``[num_seqs, seq_len]`` token tensor whose ids fit ``model``'s vocabulary."""
+    calib = _check_calib(calib)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    if vocab is not None and (int(calib.min()) < 0 or int(calib.max()) >= vocab):
+        raise SpearError(f"gptq: calib token ids span [{int(calib.min())}, {int(calib.max())}], outside the model's "
+                         f"vocabulary [0, {vocab - 1}]")
+
+
 @torch.no_grad()
 def gptq_quantize_model(model: nn.Module, cfg: QuantConfig, calib: Optional[torch.Tensor], linears,
                         progress: bool = True, batch_size: int = 8) -> nn.Module:
@@ -161,6 +171,15 @@ def gptq_quantize_model(model: nn.Module, cfg: QuantConfig, calib: Optional[torc
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(linears), desc=f"gptq {cfg.spec}", disable=not progress, leave=False)
+    try:
+        _gptq_blocks(model, cfg, calib, groups, device, batch_size, bar)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return model
+
+
+def _gptq_blocks(model, cfg, calib, groups, device, batch_size, bar) -> None:
     for block_linears in groups.values():
         hooks = {name: _HessianHook(mod.in_features, device) for name, mod in block_linears}
         handles = [mod.register_forward_hook(hooks[name]) for name, mod in block_linears]
@@ -185,6 +204,3 @@ def gptq_quantize_model(model: nn.Module, cfg: QuantConfig, calib: Optional[torc
                                       requires_grad=False)
             hooks[name].H = None
             bar.update(1)
-    bar.close()
-    model.train(was_training)
-    return model

@@ -24,8 +24,9 @@ from .config import QuantConfig
 from ..ec.module import CompensatedLinear, ec_shapes
 from ..errors import SpearError
 from ..modules import replace_submodule
-from .weight import QuantizedWeight
+from ..transaction import model_transaction
 from .api import as_config
+from .weight import QuantizedWeight
 
 FORMAT = "spear-quantized"
 FORMAT_VERSION = 1
@@ -98,6 +99,8 @@ def _read(path: Path):
         meta = json.loads(raw_meta)
     except json.JSONDecodeError as e:
         raise SpearError(f"load_quantized: {str(path)!r} has corrupt metadata ({e})") from e
+    if not isinstance(meta, dict):
+        raise SpearError(f"load_quantized: {str(path)!r} has corrupt metadata (a {type(meta).__name__}, not an object)")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise SpearError(f"load_quantized: {str(path)!r} has format {meta.get('format')!r} v{meta.get('format_version')}; "
                          f"expected {FORMAT!r} v{FORMAT_VERSION}")
@@ -116,6 +119,37 @@ def _require(tensors: dict, want: dict, where: str, what: str) -> None:
             raise SpearError(f"{where}: {what} {key!r} has shape {tuple(tensors[key].shape)}, expected {shape}")
 
 
+def _check_module_meta(name: str, info, tensors: dict, where: str) -> None:
+    """A quantized module's metadata is well-formed and agrees with its tensors (dtypes, code range,
+    symmetric zeros), so a hand-edited or mismatched file is refused rather than loaded wrong."""
+    from .config import SUPPORTED_BITS
+    if not isinstance(info, dict) or not {"bits", "group_size", "symmetric", "shape", "dtype"} <= set(info):
+        raise SpearError(f"{where}: metadata of module {name!r} is malformed: {info!r}")
+    shape, bits, gs = info["shape"], info["bits"], info["group_size"]
+    if (not isinstance(shape, list) or len(shape) != 2 or not all(isinstance(d, int) and d > 0 for d in shape)
+            or bits not in SUPPORTED_BITS or not isinstance(gs, int) or gs < 1 or shape[1] % gs
+            or not isinstance(info["symmetric"], bool)):
+        raise SpearError(f"{where}: metadata of module {name!r} is inconsistent (shape {shape}, bits {bits}, "
+                         f"group_size {gs}, symmetric {info['symmetric']})")
+    parts = {p: tensors.get(f"{name}.weight.{p}") for p in QUANT_PARTS}
+    if any(t is None for t in parts.values()):
+        return  # reported by the shape checks with the missing key's name
+    if parts["qdata"].dtype != torch.uint8:
+        raise SpearError(f"{where}: {name}.weight.qdata is {parts['qdata'].dtype}, expected torch.uint8")
+    for p in ("scale", "zero"):
+        if str(parts[p].dtype).replace("torch.", "") != info["dtype"]:
+            raise SpearError(f"{where}: {name}.weight.{p} is {parts[p].dtype}, the metadata says {info['dtype']}")
+        if not torch.isfinite(parts[p]).all():
+            raise SpearError(f"{where}: {name}.weight.{p} holds NaN/inf values")
+    q = parts["qdata"]
+    if bits < 8:
+        codes_max = int(torch.maximum(q & 0xF, q >> 4).max()) if bits <= 4 and q.numel() else int(q.max()) if q.numel() else 0
+        if codes_max > 2 ** bits - 1:
+            raise SpearError(f"{where}: {name}.weight.qdata holds code {codes_max}, beyond {bits}-bit codes (metadata says bits={bits})")
+    if info["symmetric"] and parts["zero"].numel() and not bool((parts["zero"].float() == 2 ** (bits - 1)).all()):
+        raise SpearError(f"{where}: {name} is marked symmetric but its zeros are not all {2 ** (bits - 1)}")
+
+
 def _validate(model: nn.Module, meta: dict, tensors: dict, path: Path) -> None:
     where = f"load_quantized({path.name})"
     sums = meta.get("sha256", {})
@@ -129,6 +163,7 @@ def _validate(model: nn.Module, meta: dict, tensors: dict, path: Path) -> None:
 
     modules = dict(model.named_modules())
     for name, info in meta["modules"].items():
+        _check_module_meta(name, info, tensors, where)
         m = modules.get(name)
         if not isinstance(m, nn.Linear):
             raise SpearError(f"{where}: quantized module {name!r} is not an nn.Linear of {type(model).__name__} "
@@ -162,6 +197,22 @@ def _validate(model: nn.Module, meta: dict, tensors: dict, path: Path) -> None:
         if tuple(tensors[key].shape) != tuple(t.shape):
             raise SpearError(f"{where}: tensor {key!r} has shape {tuple(tensors[key].shape)} in the file, "
                              f"{tuple(t.shape)} in the model: file is for another architecture/size")
+        if tensors[key].dtype != t.dtype:
+            raise SpearError(f"{where}: tensor {key!r} is {tensors[key].dtype} in the file, {t.dtype} in the model; "
+                             f"load the model with dtype={tensors[key].dtype} (from_pretrained(..., dtype=...))")
+    for name, info in meta["modules"].items():
+        m = modules[name]
+        if not isinstance(m.weight, QuantizedWeight) and str(m.weight.dtype).replace("torch.", "") != info["dtype"]:
+            raise SpearError(f"{where}: module {name!r} is {m.weight.dtype} in the model, {info['dtype']} in the file; "
+                             f"load the model with dtype=torch.{info['dtype']}")
+        if isinstance(m.weight, QuantizedWeight):
+            raise SpearError(f"{where}: module {name!r} of the model is already quantized; load into a fresh "
+                             f"floating-point model")
+    for name in meta["ec_modules"]:
+        for part in ("ec_A", "ec_B", "ec_gate_w", "ec_gate_b"):
+            t = tensors.get(f"{name}.{part}")
+            if t is not None and (not t.dtype.is_floating_point or not torch.isfinite(t).all()):
+                raise SpearError(f"{where}: EC tensor {name}.{part} is {t.dtype} with NaN/inf or non-float values")
     ec_keys = {f"{n}.{p}" for n, i in meta["ec_modules"].items()
                for p in (("ec_A", "ec_B", "ec_gate_w", "ec_gate_b") if i["gate"] == "sigmoid" else ("ec_A", "ec_B"))}
     quant_keys = {f"{n}.weight.{p}" for n in meta["modules"] for p in QUANT_PARTS}
@@ -174,9 +225,18 @@ def _validate(model: nn.Module, meta: dict, tensors: dict, path: Path) -> None:
 def load_quantized(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     """Load a file written by :func:`save_quantized` into ``model`` (a freshly loaded FP model of the
     same architecture) in place and return it. Bit-exact; validates everything before mutating."""
+    if not isinstance(model, nn.Module):
+        raise SpearError(f"load_quantized: expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(path, (str, Path)):
+        raise SpearError(f"load_quantized: path must be a file path, got {type(path).__name__}")
     path = Path(path)
     meta, tensors = _read(path)
     _validate(model, meta, tensors, path)
+    with model_transaction(model):
+        return _load_validated(model, meta, tensors)
+
+
+def _load_validated(model: nn.Module, meta: dict, tensors: dict) -> nn.Module:
     modules = dict(model.named_modules())
     for name, info in meta["modules"].items():
         m = modules[name]

@@ -86,6 +86,9 @@ class QuantizedWeight(TorchAOBaseTensor):
         return f"shape={tuple(self.shape)}, bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}"
 
 
+# torch.load(weights_only=True) of a state dict holding QuantizedWeight (as torchao does for its tensors)
+torch.serialization.add_safe_globals([QuantizedWeight])
+
 implements = QuantizedWeight.implements
 implements_torch_function = QuantizedWeight.implements_torch_function
 
@@ -105,6 +108,29 @@ def _linear(func, types, args, kwargs):
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     check_linear_input(x, tuple(w.shape), w.dtype)
     return torch.ops.spear.qlinear(x, w.qdata, w.scale, w.zero, bias, w.group_size)
+
+
+@implements([aten.to.dtype_layout])
+def _to_dtype_layout(func, types, args, kwargs):
+    return _to_copy(func, types, args, {k: v for k, v in kwargs.items() if k in ("dtype", "device")})
+
+
+@implements([aten._to_copy.default])
+def _to_copy(func, types, args, kwargs):
+    """``.to(device)`` moves the inner tensors (torchao's ``_get_to_kwargs``); ``.to(dtype)`` / ``.half()``
+    re-expresses the weight in another float dtype: same codes, scale cast (refused if it overflows),
+    integer zeros exact. A non-float dtype is refused rather than ignored."""
+    self = args[0]
+    to = self._get_to_kwargs(*args[1:], **kwargs)
+    device, dtype, non_blocking = to["device"], to["dtype"], to.get("non_blocking", False)
+    if not dtype.is_floating_point:
+        raise SpearError(f"QuantizedWeight: cannot convert a quantized weight to {dtype}; use .dequantize() first")
+    qdata = self.qdata.to(device, non_blocking=non_blocking)
+    scale = self.scale.to(device=device, dtype=dtype, non_blocking=non_blocking)
+    zero = self.zero.to(device=device, dtype=dtype, non_blocking=non_blocking)
+    if dtype != self.dtype and not torch.isfinite(scale).all():
+        raise SpearError(f"QuantizedWeight {tuple(self.shape)}: its scales overflow {dtype}; keep {self.dtype}")
+    return QuantizedWeight(qdata, scale, zero, self.bits, self.group_size, self.symmetric, self.shape)
 
 
 @implements([aten.t.default])

@@ -103,3 +103,16 @@ def test_siblings_grouped_per_layer(run):
     assert grouped == {m for ms in want for m in ms}
     # warm_kernels' eager sibling detection finds exactly the pass's groups (so they are tuned before capture)
     assert sorted(run["siblings"]) == sorted(want)
+
+
+@pytest.mark.parametrize("source", [
+    "L['self'].model.layers.0.self_attn.q_proj",          # a compiled module
+    "L['args'][0].model.layers.0.self_attn.q_proj",       # forward under a *args decorator (transformers >= 5.2x)
+    "L['self'].model.layers[0].self_attn.q_proj",
+    "L['self']._modules['model']._modules['layers']._modules['0'].self_attn.q_proj",
+    "getattr(L['self'].model.layers, '0').self_attn.q_proj",
+    "L__self__.model.layers.0.self_attn.q_proj",
+])
+def test_module_path_from_every_dynamo_source_form(source):
+    from spear_compile.compile.passes.fuse_quantized_linear import module_path
+    assert module_path(source) == "model.layers.0.self_attn.q_proj"

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from spear_compile import CompensatedLinear, SpearError, model_bytes, quantize
-from spear_compile.ec.pipeline import add_cli, calibrate
+from spear_compile.ec.cli import add_cli
+from spear_compile.ec.pipeline import calibrate
 from spear_compile.ec.io import load_ecs
 
 from tests.test_ec_helpers import save_tiny, tiny_llama
@@ -75,11 +76,37 @@ def test_cli_writes_ecs_and_manifest(tmp_path, capsys):
     add_cli(parser.add_subparsers())
     out = tmp_path / "ecs"
     args = parser.parse_args(["calibrate", "--model", str(path), "--calib", str(calib), "--budget", "0.05",
-                              "--out", str(out), "--gate", "none", "--steps", "2", "--rank", "2", "--device", "cpu"])
+                              "--out", str(out), "--gate", "none", "--steps", "2", "--rank", "2", "--device", "cpu",
+                              "--seq-len", "32"])  # the tiny model has 128 positions
     assert args.func(args) == 0
     man = json.loads((out / "manifest.json").read_text())
     assert man["gate"] == "none" and man["budget"] == 0.05 and man["modules"]
-    assert "wrote" in capsys.readouterr().out
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("wrote") and str(out) in last
+    for f in ("ecs.safetensors", "manifest.json", "diagnostic.json", "diagnostic_heatmap.png", "per_token_error.png"):
+        assert f in last and (out / f).stat().st_size > 0  # the final line names every file written, plots included
+
+
+def test_cli_json_and_options(tmp_path, capsys):
+    path = save_tiny(tmp_path / "m")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    out = tmp_path / "ecs"
+    args = parser.parse_args(["calibrate", "--model", str(path), "--calib", str(calib), "--budget", "0.05",
+                              "--out", str(out), "--steps", "1", "--rank", "2", "--device", "cpu", "--seq-len", "16",
+                              "--max-windows", "6", "--no-progress", "--json"])
+    capsys.readouterr()  # the setup's own output (save_pretrained's bar)
+    assert args.func(args) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert result["out"] == str(out) and result["modules"] >= 1
+    assert sorted(map(lambda f: f.rsplit("/", 1)[-1], result["files_written"])) == sorted(
+        ["ecs.safetensors", "manifest.json", "diagnostic.json", "diagnostic_heatmap.png", "per_token_error.png"])
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["calib_tokens"] <= 6 * 16  # --max-windows bounds the calibration windows
+    assert "it/s" not in captured.err  # --no-progress: no bars
 
 
 def test_fit_many_records_both_diagnostics_and_follows_the_chosen_score():

@@ -169,12 +169,34 @@ def _ec_like(q: torch.fx.Node, depth: int = 16) -> bool:
     return False
 
 
+_GETATTR = re.compile(r"getattr\((.*), ['\"]([^'\"]*)['\"]\)")
+_ROOT = re.compile(r"^(?:[LG](?:\[[^\]]*\])+|L__self__|self)")
+_SUBSCRIPT = re.compile(r"\._modules\[['\"]([^'\"]*)['\"]\]|\[['\"]?([^'\"\]]*)['\"]?\]")
+
+
+def module_path(source: str) -> str:
+    """The ``named_modules()`` name in a Dynamo source path of ``nn_module_stack``.
+
+    The root is whatever local the compiled function received the model as: ``L['self']`` for a
+    compiled module, ``L['args'][0]`` when the forward sits under a ``*args`` decorator (as in
+    transformers >= 5.2x), ``L['fn']``...; after it come attribute accesses, written by torch
+    versions as ``.layers.0``, ``.layers[0]``, ``._modules['layers']._modules['0']`` or
+    ``getattr(..., '0')``."""
+    while True:  # getattr(getattr(L['self'].a, '0'), 'b') -> L['self'].a.0.b
+        unwrapped = _GETATTR.sub(r"\1.\2", source)
+        if unwrapped == source:
+            break
+        source = unwrapped
+    rest = _ROOT.sub("", source, count=1)
+    rest = _SUBSCRIPT.sub(lambda m: "." + (m.group(1) if m.group(1) is not None else m.group(2)), rest)
+    return rest.strip(".") or "<root>"
+
+
 def module_of(node: torch.fx.Node):
     stack = node.meta.get("nn_module_stack")
     if stack:
         path = list(stack.values())[-1]
-        path = str(path[0] if isinstance(path, tuple) else path)
-        return re.sub(r"^L\['[^']*'\](\[\d+\])?\.?|^L__self__\.?", "", path) or "<root>"
+        return module_path(str(path[0] if isinstance(path, tuple) else path))
     return None
 
 
