@@ -34,6 +34,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=64, help="most requests running at once (default 64)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="most tokens per request, prompt + completion (default: the model's context)")
+    p.add_argument("--max-num-tokens", type=int, default=None,
+                   help="most tokens in one engine step, the largest compiled token bucket (default 2048)")
     p.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: from free memory)")
     p.add_argument("--ttft-slo-ms", type=float, default=None, help="time-to-first-token target for SLO policies")
     p.add_argument("--tpot-slo-ms", type=float, default=None, help="time-per-output-token target for SLO policies")
@@ -66,7 +68,7 @@ def check_args(args: argparse.Namespace) -> str:
         raise SpearError(f"serve: --device {device}: no CUDA device is available (use --device cpu)")
     if not 1 <= args.port <= 65535:
         raise SpearError(f"serve: --port {args.port}: expected 1..65535")
-    for name in ("max_batch", "max_model_len", "num_blocks"):
+    for name in ("max_batch", "max_model_len", "max_num_tokens", "num_blocks"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SpearError(f"serve: --{name.replace('_', '-')} {value}: expected a positive integer")
@@ -110,7 +112,9 @@ def _run_serve(args) -> int:
                    num_blocks=args.num_blocks)
     if args.policy is not None:
         options["policy"] = args.policy
-    if args.max_batch > EngineConfig.max_num_tokens:
+    if args.max_num_tokens is not None:
+        options["max_num_tokens"] = args.max_num_tokens   # EngineConfig refuses one below --max-batch
+    elif args.max_batch > EngineConfig.max_num_tokens:
         options["max_num_tokens"] = args.max_batch
     config = EngineConfig(**options)
     quant = None if args.quant == "none" else args.quant

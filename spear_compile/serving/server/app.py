@@ -166,7 +166,7 @@ class _ServerState:
         P.check_chat_request(req)
         prompt_ids = chat_prompt_ids(self.tokenizer, req.messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        sampling = P.sampling_params(req, max_tokens, len(prompt_ids), self.max_model_len)
+        sampling = P.sampling_params(req, max_tokens, len(prompt_ids), self.max_model_len, prompt_param="messages")
         return await self._serve(request, "chatcmpl", prompt_ids, sampling, req, arrival, chat=True)
 
     async def _serve(self, request: Request, prefix: str, prompt_ids: list[int], sampling, req, arrival: float,
