@@ -45,6 +45,7 @@ class EngineConfig:
     min_token_bucket: int = 16
     decode_buckets: Optional[tuple] = None  # None: powers of two up to max_num_seqs
     token_buckets: Optional[tuple] = None   # None: powers of two from min_token_bucket up to max_num_tokens
+    detokenize: bool = True                 # incremental text per request (requests with stop strings always)
     progress: bool = True                   # a progress bar (stderr) while compiling / capturing at start-up
     step_log_size: int = 4096
 
