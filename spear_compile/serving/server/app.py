@@ -41,6 +41,8 @@ def build_app(async_engine, served_model_name: str, *, metrics: Optional[Serving
     if not isinstance(served_model_name, str) or not served_model_name:
         raise SpearError(f"build_app: served_model_name must be a non-empty string, got {served_model_name!r}")
     engine = async_engine.engine
+    if not getattr(getattr(engine, "config", None), "detokenize", True):
+        raise SpearError("build_app: the engine must detokenize (EngineConfig(detokenize=True)) to serve text")
     state = _ServerState(async_engine, served_model_name,
                          metrics or ServingMetrics(served_model_name, engine_stats=engine.stats))
 
@@ -78,6 +80,8 @@ def build_app(async_engine, served_model_name: str, *, metrics: Optional[Serving
 
     @app.get("/health")
     async def health():
+        if manage_engine and not getattr(async_engine, "running", True):
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -189,6 +193,8 @@ class _ServerState:
             self._abort_unfinished(request_id, timer)
             return Response(status_code=499)
         text, finish_reason, num_output_tokens = result
+        if finish_reason == "error":  # the engine's step failed: our fault, not the request's
+            raise P.APIError("the engine failed while generating this request", status=500, code="internal_error")
         build = P.chat_response if chat else P.completion_response
         return JSONResponse(build(request_id, self.model_name, created, text, finish_reason, len(prompt_ids),
                                   num_output_tokens))
