@@ -20,11 +20,12 @@ TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 def _truth_coef(seed):
-    """Known per-bin coefficients in the model's feature order: 4 base + rank per type + rank x tokens per type."""
+    """Known per-bin coefficients in the model's feature order: 5 base + rank per type + rank x tokens per type."""
     rng = random.Random(seed)
     out = []
     for b in range(5):
-        base = [1e-3 * (1 + b + rng.random()), 1e-5 * rng.random() * (b > 0), 2e-6 * rng.random(), 1e-8 * rng.random()]
+        base = [1e-3 * (1 + b + rng.random()), 1e-5 * rng.random() * (b > 0), 2e-6 * rng.random(),
+                2e-9 * rng.random() * (b > 1), 1e-8 * rng.random()]
         ec_rank = [2e-6 * (1 + rng.random()) for _ in TYPES]
         ec_tok = [1e-8 * (1 + rng.random()) for _ in TYPES]
         out.append(base + ec_rank + ec_tok)
@@ -44,7 +45,7 @@ def _samples(coef, noise=0.0, seed=0):
     out = []
     for sig in SIGS:
         for d in (1, 2, 3, 8, 13, 32, 64):
-            for p in (0, 16, 100, 480, 1000, 2000):
+            for p in (0, 16, 40, 100, 200, 300, 480, 1000, 1500, 2000):
                 if d + p > 2048:
                     continue
                 for ctx_per in (16, 300, 1500):

@@ -5,9 +5,12 @@ to a graph bucket of ``T`` tokens (decode-only steps: the decode batch buckets; 
 Its time is modelled piecewise-linearly, one linear model per bin of ``T`` at the kernel dispatch boundaries
 (M = 1, 2-16, 17-64, 65-512, > 512: the W4 GEMV, split-K, small-M and dequantize + GEMM regimes):
 
-    t(T, d, p, ctx, ECs) = a_b + b_b T + c_b p + e_b ctx + sum over module types j of (f_bj r_j + g_bj r_j T)
+    t(T, d, p, ctx, ECs) = a_b + b_b T + c_b p + q_b p^2 + e_b ctx + sum over module types j of (f_bj r_j + g_bj r_j T)
 
-with ``r_j`` the total rank of the active ECs on module type ``j`` (``q_proj``, ``down_proj``, ...). The EC-blind
+with ``r_j`` the total rank of the active ECs on module type ``j`` (``q_proj``, ``down_proj``, ...), ``p^2`` the
+chunk's own causal attention, and ``ctx`` the decode attention's KV reads: the summed context, or, when the model
+knows the engine's KV layout (``kv_layout``), the tokens its decode attention gathers (rows x the table-width
+bucket of the longest context x block size: the paged gather reads the padded table of every row). The EC-blind
 model is the same without the EC terms, fitted on EC-free steps only. Fits minimise the relative error (rows
 weighted by 1 / measured time), which is what the SLO check needs.
 
@@ -30,7 +33,7 @@ from ...errors import SpearError
 
 #: upper ends of the token-count bins (the last bin is open): M = 1, 2-16, 17-64, 65-512, > 512
 DEFAULT_BIN_EDGES = (1, 16, 64, 512)
-BASE_FEATURES = ("intercept", "tokens", "prefill_tokens", "context")
+BASE_FEATURES = ("intercept", "tokens", "prefill_tokens", "prefill_tokens_sq", "context")
 
 
 # ----------------------------------------------------------------------------------------------- EC signature
@@ -171,7 +174,8 @@ class StepCostModel:
     """
 
     def __init__(self, ec_types: Iterable[str] = (), ec_terms: bool = True, bin_edges=DEFAULT_BIN_EDGES,
-                 decode_buckets=(), token_buckets=(), correction_alpha: float = 0.1, ridge: float = 1e-6):
+                 decode_buckets=(), token_buckets=(), correction_alpha: float = 0.1, ridge: float = 1e-6,
+                 kv_layout: Optional[tuple] = None):
         edges = tuple(int(e) for e in bin_edges)
         if list(edges) != sorted(set(edges)) or not edges or edges[0] < 1:
             raise SpearError(f"StepCostModel: bin_edges={bin_edges!r} must be increasing positive integers")
@@ -184,6 +188,7 @@ class StepCostModel:
         self.token_buckets = tuple(sorted(token_buckets))
         self.correction_alpha = float(correction_alpha)
         self.ridge = float(ridge)
+        self.kv_layout = (int(kv_layout[0]), tuple(sorted(kv_layout[1]))) if kv_layout else None  # (block, widths)
         nb = len(edges) + 1
         self.coef = [[0.0] * self.num_features for _ in range(nb)]  # per bin
         self.fitted = False
@@ -207,7 +212,8 @@ class StepCostModel:
     def features(self, shape: StepShape, sig: ECSignature) -> list:
         t = shape.num_tokens
         ranks = [sig.rank_of(ty) for ty in self.ec_types]
-        return [1.0, float(t), float(shape.num_prefill_tokens), float(shape.sum_context)] + \
+        p = float(shape.num_prefill_tokens)
+        return [1.0, float(t), p, p * p, float(shape.sum_context)] + \
             [float(r) for r in ranks] + [float(r * t) for r in ranks]
 
     # fitting -------------------------------------------------------------------------------------------------
@@ -247,6 +253,18 @@ class StepCostModel:
         return self
 
     # prediction ------------------------------------------------------------------------------------------------
+    def context_feature(self, num_decodes: int, sum_context: int, max_context: int, mixed: bool) -> int:
+        """The ``ctx`` feature of a step: with ``kv_layout`` the KV tokens decode attention gathers (decode-only steps
+        pad the rows to the decode bucket; mixed steps run at least 2 rows), else ``sum_context``."""
+        if self.kv_layout is None or num_decodes == 0:
+            return sum_context if self.kv_layout is None else 0
+        block, widths = self.kv_layout
+        blocks = -(-max_context // block)
+        i = bisect.bisect_left(widths, blocks)
+        width = widths[i] if i < len(widths) else blocks
+        rows = max(num_decodes, 2) if mixed else self.pad(num_decodes, 0)
+        return rows * width * block
+
     def pad(self, num_decodes: int, num_prefill_tokens: int) -> int:
         return pad_tokens(num_decodes, num_prefill_tokens, self.decode_buckets, self.token_buckets)
 
@@ -271,7 +289,8 @@ class StepCostModel:
         t = num_tokens or self.pad(num_decodes, num_prefill_tokens)
         b = self.bin_of(t)
         c = self.coef[b]
-        y = c[0] + c[1] * t + c[2] * num_prefill_tokens + c[3] * sum_context
+        p = num_prefill_tokens
+        y = c[0] + c[1] * t + c[2] * p + c[3] * p * p + c[4] * sum_context
         if self.ec_types and not sig.is_empty:
             f, g = self._ec_terms(sig)[b]
             y += f + g * t
@@ -304,17 +323,19 @@ class StepCostModel:
     def to_json(self) -> dict:
         return {"ec_terms": self.ec_terms, "ec_types": list(self.ec_types), "bin_edges": list(self.bin_edges),
                 "decode_buckets": list(self.decode_buckets), "token_buckets": list(self.token_buckets),
+                "kv_layout": [self.kv_layout[0], list(self.kv_layout[1])] if self.kv_layout else None,
                 "feature_names": list(self.feature_names), "coef": self.coef,
                 "fit_error": {str(k): v for k, v in self.fit_error.items()}}
 
 
 def fit_models(samples, decode_buckets=(), token_buckets=(), bin_edges=DEFAULT_BIN_EDGES,
-               correction_alpha: float = 0.1) -> tuple:
-    """(EC-aware model fitted on every sample, EC-blind model fitted on the EC-free samples)."""
+               correction_alpha: float = 0.1, kv_layout=None) -> tuple:
+    """(EC-aware model fitted on every sample, EC-blind model fitted on the EC-free samples). The samples'
+    ``sum_context`` must be the feature the models use (see ``context_feature``)."""
     samples = list(samples)
     types = sorted({t for s in samples for t, _, _ in s.signature.per_type})
     common = dict(bin_edges=bin_edges, decode_buckets=decode_buckets, token_buckets=token_buckets,
-                  correction_alpha=correction_alpha)
+                  correction_alpha=correction_alpha, kv_layout=kv_layout)
     aware = StepCostModel(types, ec_terms=True, **common).fit(samples)
     blind = StepCostModel((), ec_terms=False, **common).fit(samples)
     return aware, blind

@@ -72,6 +72,7 @@ class SloAware(Policy):
         self.log = PredictionLog()
         self.last_budget = 0
         self.last_slack_s = math.inf
+        self._longest = 0
         self._starved_steps = 0        # consecutive steps with work waiting and no prefill chunk
         self._demoted_starved_steps = 0  # consecutive steps with demoted requests and none of them served
         self._demoted: set = set()
@@ -131,18 +132,23 @@ class SloAware(Policy):
         d = len(ctx.decodes)
         slack = math.inf
         default_tpot = self.tpot_slo_s
+        longest = 0
         for r in ctx.decodes:
             last = r.last_token_time if r.last_token_time is not None else now
             s = (r.tpot_slo_s or default_tpot) - (now - last)
             if s < slack:
                 slack = s
+            if r.num_computed_tokens >= longest:
+                longest = r.num_computed_tokens + 1
         self.ops += d
+        self._longest = longest
+        kv_mixed = self.cost_model.context_feature(d, ctx.sum_context_len, longest, mixed=True)
         # partially prefilled requests that can still make their TTFT: the step finishing them must be in time
         for r in getattr(ctx, "prefilling", ()) or ():
             self.ops += 1
             s = self.ttft_deadline(r) - now
             rem = r.num_tokens_to_compute
-            if s > 0 and self._predict(d, rem, ctx.sum_context_len, sig) * self.safety <= s:
+            if s > 0 and self._predict(d, rem, kv_mixed, sig) * self.safety <= s:
                 slack = min(slack, s)
         buckets = ctx.token_buckets or (ctx.max_num_tokens,)
         if slack == math.inf:
@@ -153,7 +159,7 @@ class SloAware(Policy):
             for b in reversed(buckets):  # the largest bucket whose step fits; few buckets, one prediction each
                 if b <= d:
                     break
-                if self._predict(d, b - d, ctx.sum_context_len, sig, b) * self.safety <= avail:
+                if self._predict(d, b - d, kv_mixed, sig, b) * self.safety <= avail:
                     budget = b - d
                     break
         if getattr(ctx, "prefilling", None):
@@ -179,9 +185,12 @@ class SloAware(Policy):
         if d == 0 and p == 0:
             return None
         sig = self._sig(ctx.ec_signature)
-        pred = self._predict(d, p, ctx.sum_context_len, sig)
+        longest = self._longest if d == len(ctx.decodes) else max((r.num_computed_tokens + 1 for r in plan.decodes),
+                                                                  default=0)
+        kv = self.cost_model.context_feature(d, ctx.sum_context_len, longest, mixed=p > 0)
+        pred = self._predict(d, p, kv, sig)
         # [plan, shape, predicted, gap to the next step's start, measured]: done when both of the last two are in
-        self._pending[id(plan)] = [plan, (d, p, ctx.sum_context_len, sig), pred, None, None]
+        self._pending[id(plan)] = [plan, (d, p, kv, sig), pred, None, None]
         self._pending_order.append(id(plan))
         while len(self._pending_order) > 256:
             self._pending.pop(self._pending_order.popleft(), None)
