@@ -11,6 +11,7 @@ import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -34,7 +35,7 @@ MODEL = "spear-ref-16m"
 PROMPTS = ["The history of the city", "Once upon a time there was a", "In 1990, the band released"]
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about rivers."}]
 MAX_TOKENS = 8
-MAX_NUM_SEQS = 16
+MAX_NUM_SEQS = 32        # below the 64 concurrent clients: some wait for a slot
 LONG_MAX_TOKENS = 400   # the disconnecting clients' requests: far more steps than the whole test runs
 
 
@@ -69,9 +70,8 @@ def served():
                           max_num_tokens=256, progress=False)
     engine = Engine.from_pretrained(str(DEFAULT_MODEL), quant="w4-pc-rtn", config=config)
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
-    offline = engine.generate(PROMPTS, greedy)
     chat_ids = chat_prompt_ids(engine.tokenizer, [ChatMessage(**m) for m in CHAT])
-    offline_chat = engine.generate([chat_ids], greedy)[0]
+    *offline, offline_chat = engine.generate(PROMPTS + [chat_ids], greedy)
     server = ServerThread(build_app(AsyncEngine(engine), MODEL))
     try:
         yield server.base_url, engine, offline, offline_chat
@@ -83,6 +83,13 @@ def served():
 def client(served):
     with httpx.Client(base_url=served[0], timeout=120) as c:
         yield c
+
+
+def _concurrently(fn, *arg_lists):
+    """``fn`` over the argument tuples at once (one thread each), so the engine batches them; results in order."""
+    args = list(zip(*arg_lists))
+    with ThreadPoolExecutor(len(args)) as pool:
+        return list(pool.map(lambda a: fn(*a), args))
 
 
 def _sse_events(lines) -> tuple[list[dict], bool]:
@@ -121,13 +128,13 @@ def test_health_and_models(client, served):
     assert card["id"] == MODEL and card["object"] == "model" and card["max_model_len"] == served[1].max_model_len
 
 
-@pytest.mark.parametrize("as_ids", [False, True], ids=["text", "token_ids"])
-def test_completion_greedy_equals_offline(client, served, as_ids):
+def test_completion_greedy_equals_offline(client, served):
+    """Each prompt as text and as token ids, all at once: every text equals the offline greedy output."""
     _, _, offline, _ = served
-    for prompt, ref in zip(PROMPTS, offline):
-        body = {"model": MODEL, "prompt": list(ref.prompt_token_ids) if as_ids else prompt,
-                "max_tokens": MAX_TOKENS, "temperature": 0}
-        r = client.post("/v1/completions", json=body)
+    bodies = [{"model": MODEL, "prompt": list(ref.prompt_token_ids) if as_ids else prompt, "max_tokens": MAX_TOKENS,
+               "temperature": 0} for as_ids in (False, True) for prompt, ref in zip(PROMPTS, offline)]
+    responses = _concurrently(lambda body: client.post("/v1/completions", json=body), bodies)
+    for r, ref in zip(responses, offline + offline):
         assert r.status_code == 200, r.text
         out = r.json()
         assert out["object"] == "text_completion" and out["model"] == MODEL and out["id"].startswith("cmpl-")
@@ -158,17 +165,19 @@ def test_completion_stream_equals_offline(client, served):
 def test_chat_greedy_equals_offline(client, served):
     ref = served[3]
     body = {"model": MODEL, "messages": CHAT, "max_tokens": MAX_TOKENS, "temperature": 0}
-    r = client.post("/v1/chat/completions", json=body)
+
+    def stream():
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            return _sse_events(r.iter_lines())
+
+    r, (chunks, done) = _concurrently(lambda f: f(), [lambda: client.post("/v1/chat/completions", json=body), stream])
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["object"] == "chat.completion"
     msg = out["choices"][0]["message"]
     assert msg == {"role": "assistant", "content": ref.text}
     assert out["usage"]["prompt_tokens"] == ref.num_prompt_tokens
-
-    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
-        assert r.status_code == 200
-        chunks, done = _sse_events(r.iter_lines())
     assert done and all(c["object"] == "chat.completion.chunk" and "usage" not in c for c in chunks)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == ref.text
@@ -178,11 +187,11 @@ def test_chat_greedy_equals_offline(client, served):
 def test_openai_client(served):
     base_url, _, offline, offline_chat = served
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    out = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0)
+    out, chunks = _concurrently(lambda f: f(), [
+        lambda: client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0),
+        lambda: list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0,
+                                                    stream=True, stream_options={"include_usage": True}))])
     assert out.choices[0].text == offline[1].text and out.usage.completion_tokens == offline[1].num_output_tokens
-    stream = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
-    chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == offline_chat.text
     assert chunks[-1].usage.completion_tokens == offline_chat.num_output_tokens
     with pytest.raises(openai.BadRequestError) as e:
@@ -194,16 +203,17 @@ def test_openai_client(served):
 
 
 def test_seeded_sampling_and_stop(client, served):
-    body = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": MAX_TOKENS, "temperature": 0.9, "top_p": 0.9,
-            "top_k": 50, "seed": 1234}
-    first, second = (client.post("/v1/completions", json=body).json() for _ in range(2))
-    assert first["choices"][0]["text"] == second["choices"][0]["text"]
-
+    """A seeded sampled request twice gives the same text (batched together); a stop string cuts the greedy text
+    before its first occurrence."""
     ref = served[2][0].text
     stop = ref[len(ref) // 2:len(ref) // 2 + 2]
     assert stop.strip(), f"the greedy text {ref!r} is too short to take a stop string from"
-    r = client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS,
-                                             "temperature": 0, "stop": [stop]}).json()
+    seeded = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": MAX_TOKENS, "temperature": 0.9, "top_p": 0.9,
+              "top_k": 50, "seed": 1234}
+    stopped = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "stop": [stop]}
+    first, second, r = (x.json() for x in _concurrently(lambda b: client.post("/v1/completions", json=b),
+                                                         [seeded, seeded, stopped]))
+    assert first["choices"][0]["text"] == second["choices"][0]["text"]
     assert r["choices"][0]["text"] == ref[:ref.index(stop)]
     assert r["choices"][0]["finish_reason"] == "stop"
 
