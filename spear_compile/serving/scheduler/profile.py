@@ -249,10 +249,11 @@ def profile_engine(engine, extra_samples=(), refresh: bool = False, repeats: int
     return samples
 
 
-def cost_models_for(engine, extra_samples=(), refresh: bool = False, **kwargs) -> tuple:
-    """(EC-aware, EC-blind) step cost models fitted on ``profile_engine(engine)``'s samples."""
+def cost_models_for(engine, extra_samples=(), refresh: bool = False, samples=None, **kwargs) -> tuple:
+    """(EC-aware, EC-blind) step cost models fitted on ``samples`` (default: ``profile_engine(engine)``'s)."""
     runner = _runner_of(engine)
-    samples = profile_engine(engine, extra_samples, refresh, **kwargs)
+    if samples is None:
+        samples = profile_engine(engine, extra_samples, refresh, **kwargs)
     return fit_models(samples, runner.decode_buckets, runner.token_buckets,
                       kv_layout=(runner.block_size, runner.table_buckets))
 
