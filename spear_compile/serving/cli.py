@@ -76,9 +76,15 @@ def check_args(args: argparse.Namespace) -> str:
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise SpearError(f"serve: --{name.replace('_', '-')} {value}: expected a positive number of ms")
-    if args.policy is not None and not args.policy.startswith("slo"):
-        from .scheduler.policies import make_policy
-        make_policy(args.policy)   # SLO policies are built (with their cost model) by the engine
+    if args.policy is not None:
+        if args.policy.startswith("slo"):
+            from .scheduler.slo import SLO_POLICY_NAMES
+            if args.policy not in SLO_POLICY_NAMES:
+                raise SpearError(f"serve: --policy {args.policy}: expected fifo, budget-<n> or one of "
+                                 f"{', '.join(SLO_POLICY_NAMES)}")
+        else:
+            from .scheduler.policies import make_policy
+            make_policy(args.policy)
     _check_port_free(args.host, args.port)
     return device
 
@@ -110,7 +116,8 @@ def _run_serve(args) -> int:
     options = dict(max_num_seqs=args.max_batch, device=device, compile=fast, cuda_graphs=fast,
                    ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms, max_model_len=args.max_model_len,
                    num_blocks=args.num_blocks)
-    if args.policy is not None:
+    slo_policy = args.policy if args.policy is not None and args.policy.startswith("slo") else None
+    if args.policy is not None and slo_policy is None:
         options["policy"] = args.policy
     if args.max_num_tokens is not None:
         options["max_num_tokens"] = args.max_num_tokens   # EngineConfig refuses one below --max-batch
@@ -121,6 +128,9 @@ def _run_serve(args) -> int:
     print(f"spear-compile serve: loading {args.model} (quant {args.quant}, ec {args.ec}, device {device})",
           file=sys.stderr)
     engine = Engine.from_pretrained(args.model, quant=quant, ec=args.ec, config=config)
+    if slo_policy is not None:  # SLO policies need the engine's step cost model (profiled, cached on disk)
+        print(f"spear-compile serve: policy {slo_policy} (profiling the step cost model)", file=sys.stderr)
+        engine.set_policy(slo_policy, engine=engine)
     name = args.served_model_name or Path(args.model).resolve().name
     app = build_app(AsyncEngine(engine), name)
     print(f"spear-compile serve: model '{name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
