@@ -417,8 +417,11 @@ class ModelRunner:
                 for total in self.token_buckets:
                     jobs.append(("mixed", use_ec, total, None))
         bar = _progress(len(jobs), "spear serving: compile + capture", self.config.progress)
+        # no duck sizing: two dims of equal size at trace time must not become one symbol (a guard that they stay
+        # equal, i.e. a recompile when e.g. batch and block-table width differ later)
         with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit),
-                                        accumulated_recompile_limit=max(4096, torch._dynamo.config.accumulated_recompile_limit)):
+                                        accumulated_recompile_limit=max(4096, torch._dynamo.config.accumulated_recompile_limit)), \
+                torch.fx.experimental._config.patch(use_duck_shape=False):
             for kind, use_ec, a, b in jobs:
                 if kind == "decode":
                     self._warm_decode(use_ec, a, b)
