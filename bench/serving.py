@@ -570,7 +570,10 @@ def main(argv=None):
     ap.add_argument("--cpu-num-blocks", type=int, default=512)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU settings (bundled 16M model, short traces)")
+    ap.add_argument("--replot", default=None, help="draw the plots (and --md) from a finished run's JSON (+ _raw.json)")
     args = ap.parse_args(argv)
+    if args.replot:
+        return replot(args)
     if args.smoke:
         args.model = args.model if args.model != "llama-1b-shape" else args.tokenizer
         args.device, args.compile = "cpu", False
@@ -583,7 +586,8 @@ def main(argv=None):
     policies = [p for p in args.policies.split(",") if p]
     sections = set(args.sections.split(","))
     clock = Clock(args.time_budget)
-    results = {"args": {k: v for k, v in vars(args).items()}, "runs": [], "skipped": [], "engines": {}}
+    results = {"args": {k: v for k, v in vars(args).items()}, "runs": [], "skipped": [], "engines": {},
+               "argv": sys.argv[1:] if argv is None else list(argv)}
     env = {"torch": torch.__version__, "device": args.device}
     if torch.cuda.is_available() and args.device.startswith("cuda"):
         import triton
@@ -633,6 +637,12 @@ def main(argv=None):
                     results["runs"].append(m)
                     checkpoint(results, args)
         else:
+            # keep room for the stability runs: fewer probes (at least 2) rather than no stability section
+            reserve = 7 * run_cost(args) if "stability" in sections else 0.0
+            afford = int((clock.left - reserve) // (len(policies) * run_cost(args)))
+            if afford < args.probes:
+                log(f"time left {clock.left:.0f}s: {max(2, afford)} capacity probes per policy instead of {args.probes}")
+                args.probes = max(2, afford)
             caps.update(capacity_search([(w4, p, p) for p in policies], r0, args, clock, results))
         for m in results["runs"]:
             if m.get("capacity_probe") and abs(m["rate"] - r0) < 1e-9:
@@ -703,6 +713,13 @@ def main(argv=None):
             free_engine(bf)
 
     results["log"] = LOG
+    raw = {"runs": [{"label": m["label"], "rate": m["rate"], "common_rate": bool(m.get("common_rate")),
+                     "ttft": m["_raw"]["ttft"], "itl": m["_raw"]["itl"]} for m in results["runs"] if m.get("common_rate")],
+           "samples": {name: {"samples": [x.to_json() for x in smp], "model": model.to_json()}
+                       for name, (smp, model) in samples_for_plot.items()}}
+    if args.json:
+        with open(args.json.replace(".json", "") + "_raw.json", "w") as f:
+            json.dump(raw, f, default=str)
     if args.plots:
         try:
             results["plots"] = plots(results, args, samples_for_plot)
@@ -713,7 +730,7 @@ def main(argv=None):
     results["elapsed_s"] = round(time.perf_counter() - clock.t0, 1)
     summary(results)
     if args.md:
-        write_markdown(results, args.md, sys.argv[1:] if argv is None else list(argv))
+        write_markdown(results, args.md, results["argv"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)
@@ -860,6 +877,31 @@ def write_markdown(results, path, argv):
         w(f"![{os.path.basename(f)}]({os.path.basename(f)})")
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
+
+
+def replot(args):
+    """Plots (and the markdown report) from a finished run's ``--json`` output and its ``_raw.json`` sibling, e.g. on
+    a machine with matplotlib when the GPU host has none."""
+    from spear_compile.serving.scheduler.cost_model import StepSample, model_from_json
+    with open(args.replot) as f:
+        results = json.load(f)
+    with open(args.replot.replace(".json", "") + "_raw.json") as f:
+        raw = json.load(f)
+    by_label = {r["label"]: r for r in raw["runs"]}
+    for m in results["runs"]:
+        r = by_label.get(m["label"]) if m.get("common_rate") else None
+        if r is not None:
+            m["_raw"] = {"ttft": [float(x) for x in r["ttft"]], "itl": r["itl"]}
+    samples = {name: ([StepSample.from_json(x) for x in d["samples"]], model_from_json(d["model"]))
+               for name, d in raw["samples"].items()}
+    saved = argparse.Namespace(**dict(results["args"], plots=args.plots or os.path.dirname(args.replot)))
+    saved.ttft_slo_ms, saved.tpot_slo_ms = results["slo"]["ttft_ms"], results["slo"]["tpot_ms"]
+    results["plots"] = plots(results, saved, samples)
+    for m in results["runs"]:
+        m.pop("_raw", None)
+    if args.md:
+        write_markdown(results, args.md, results.get("argv", []))
+    return results
 
 
 def summary(results):

@@ -179,3 +179,15 @@ def test_bad_arguments_are_refused():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ECSignature().key == "none"
+
+
+def test_mixed_steps_count_the_engines_dummy_decode_rows():
+    model = StepCostModel(decode_buckets=DECODE_BUCKETS, token_buckets=TOKEN_BUCKETS, mixed_min_rows=2)
+    assert model.pad(0, 16) == 32 and model.pad(1, 14) == 16 and model.pad(3, 13) == 16
+    assert model.pad(1, 0) == 1  # decode-only steps have no dummy rows
+    assert model.prefill_room(0, 16) == 14 and model.prefill_room(5, 16) == 11
+    # the room a bucket leaves lands exactly on that bucket
+    for d in (0, 1, 2, 7, 64):
+        for b in TOKEN_BUCKETS:
+            if model.prefill_room(d, b) > 0:
+                assert model.pad(d, model.prefill_room(d, b)) == b

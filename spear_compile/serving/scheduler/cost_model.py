@@ -154,10 +154,12 @@ class StepSample:
         return cls(StepShape(*row[:4]), ECSignature(tuple(sorted(sig))), float(row[5]))
 
 
-def pad_tokens(num_decodes: int, num_prefill_tokens: int, decode_buckets=(), token_buckets=()) -> int:
+def pad_tokens(num_decodes: int, num_prefill_tokens: int, decode_buckets=(), token_buckets=(),
+               mixed_min_rows: int = 0) -> int:
     """Tokens the engine's graph computes for this mix: decode-only steps pad to a decode bucket, mixed ones to a
-    token bucket (unpadded past the largest bucket or without buckets)."""
-    n = num_decodes + num_prefill_tokens
+    token bucket (unpadded past the largest bucket or without buckets). A mixed step holds at least
+    ``mixed_min_rows`` decode rows (the engine pads with dummies)."""
+    n = (max(num_decodes, mixed_min_rows) if num_prefill_tokens else num_decodes) + num_prefill_tokens
     buckets = decode_buckets if num_prefill_tokens == 0 and decode_buckets else token_buckets
     if buckets:
         i = bisect.bisect_left(buckets, n)
@@ -175,7 +177,7 @@ class StepCostModel:
 
     def __init__(self, ec_types: Iterable[str] = (), ec_terms: bool = True, bin_edges=DEFAULT_BIN_EDGES,
                  decode_buckets=(), token_buckets=(), correction_alpha: float = 0.1, ridge: float = 1e-6,
-                 kv_layout: Optional[tuple] = None):
+                 kv_layout: Optional[tuple] = None, mixed_min_rows: int = 0):
         edges = tuple(int(e) for e in bin_edges)
         if list(edges) != sorted(set(edges)) or not edges or edges[0] < 1:
             raise SpearError(f"StepCostModel: bin_edges={bin_edges!r} must be increasing positive integers")
@@ -189,6 +191,7 @@ class StepCostModel:
         self.correction_alpha = float(correction_alpha)
         self.ridge = float(ridge)
         self.kv_layout = (int(kv_layout[0]), tuple(sorted(kv_layout[1]))) if kv_layout else None  # (block, widths)
+        self.mixed_min_rows = int(mixed_min_rows)
         nb = len(edges) + 1
         self.coef = [[0.0] * self.num_features for _ in range(nb)]  # per bin
         self.fitted = False
@@ -262,11 +265,15 @@ class StepCostModel:
         blocks = -(-max_context // block)
         i = bisect.bisect_left(widths, blocks)
         width = widths[i] if i < len(widths) else blocks
-        rows = max(num_decodes, 2) if mixed else self.pad(num_decodes, 0)
+        rows = max(num_decodes, self.mixed_min_rows) if mixed else self.pad(num_decodes, 0)
         return rows * width * block
 
     def pad(self, num_decodes: int, num_prefill_tokens: int) -> int:
-        return pad_tokens(num_decodes, num_prefill_tokens, self.decode_buckets, self.token_buckets)
+        return pad_tokens(num_decodes, num_prefill_tokens, self.decode_buckets, self.token_buckets, self.mixed_min_rows)
+
+    def prefill_room(self, num_decodes: int, num_tokens: int) -> int:
+        """Prefill tokens that fit a mixed step of ``num_tokens`` beside ``num_decodes`` decodes."""
+        return num_tokens - max(num_decodes, self.mixed_min_rows)
 
     def _ec_terms(self, sig: ECSignature) -> list:
         terms = self._ec_cache.get(sig)
@@ -324,18 +331,32 @@ class StepCostModel:
         return {"ec_terms": self.ec_terms, "ec_types": list(self.ec_types), "bin_edges": list(self.bin_edges),
                 "decode_buckets": list(self.decode_buckets), "token_buckets": list(self.token_buckets),
                 "kv_layout": [self.kv_layout[0], list(self.kv_layout[1])] if self.kv_layout else None,
+                "mixed_min_rows": self.mixed_min_rows,
                 "feature_names": list(self.feature_names), "coef": self.coef,
                 "fit_error": {str(k): v for k, v in self.fit_error.items()}}
 
 
+def model_from_json(doc: dict) -> StepCostModel:
+    """A fitted model back from ``StepCostModel.to_json`` (for reports and plots; the fit is not repeated)."""
+    kv = doc.get("kv_layout")
+    m = StepCostModel(doc["ec_types"], ec_terms=doc["ec_terms"], bin_edges=doc["bin_edges"],
+                      decode_buckets=doc["decode_buckets"], token_buckets=doc["token_buckets"],
+                      kv_layout=(kv[0], kv[1]) if kv else None, mixed_min_rows=doc.get("mixed_min_rows", 0))
+    if len(doc["coef"]) != len(m.coef) or any(len(c) != m.num_features for c in doc["coef"]):
+        raise SpearError("StepCostModel: stored coefficients do not match the model's bins and features")
+    m.coef = [[float(x) for x in c] for c in doc["coef"]]
+    m.fitted = True
+    return m
+
+
 def fit_models(samples, decode_buckets=(), token_buckets=(), bin_edges=DEFAULT_BIN_EDGES,
-               correction_alpha: float = 0.1, kv_layout=None) -> tuple:
+               correction_alpha: float = 0.1, kv_layout=None, mixed_min_rows: int = 0) -> tuple:
     """(EC-aware model fitted on every sample, EC-blind model fitted on the EC-free samples). The samples'
     ``sum_context`` must be the feature the models use (see ``context_feature``)."""
     samples = list(samples)
     types = sorted({t for s in samples for t, _, _ in s.signature.per_type})
     common = dict(bin_edges=bin_edges, decode_buckets=decode_buckets, token_buckets=token_buckets,
-                  correction_alpha=correction_alpha, kv_layout=kv_layout)
+                  correction_alpha=correction_alpha, kv_layout=kv_layout, mixed_min_rows=mixed_min_rows)
     aware = StepCostModel(types, ec_terms=True, **common).fit(samples)
     blind = StepCostModel((), ec_terms=False, **common).fit(samples)
     return aware, blind

@@ -33,14 +33,15 @@ GRID_VERSION = 1
 
 
 # ----------------------------------------------------------------------------------------------- the grid
-def default_grid(decode_buckets, token_buckets, max_model_len: int, max_points: Optional[int] = None) -> list:
+def default_grid(decode_buckets, token_buckets, max_model_len: int, max_points: Optional[int] = None,
+                 mixed_min_rows: int = 0) -> list:
     """(decodes, prefill tokens, context per decode) points: decodes on the decode buckets (and 0); prefill so that
     a step's tokens land on each token bucket (and 0); three contexts (short, a quarter and half of the longest).
     ``max_points`` keeps an evenly spaced subset (tiny CPU sweeps)."""
     ctxs = sorted({min(64, max_model_len // 4), max(2, max_model_len // 4), max(2, max_model_len // 2)})
     points = []
     for d in (0,) + tuple(decode_buckets):
-        prefills = [0] + [b - d for b in token_buckets if b > d]
+        prefills = [0] + [b - max(d, mixed_min_rows) for b in token_buckets if b > max(d, mixed_min_rows)]
         for p in prefills:
             if d == 0 and p == 0:
                 continue
@@ -216,7 +217,12 @@ def engine_layout(runner) -> dict:
 def template_for(runner) -> StepCostModel:
     """An unfitted model with the engine's buckets and KV layout (pads and computes features like the engine)."""
     return StepCostModel(decode_buckets=runner.decode_buckets, token_buckets=runner.token_buckets,
-                         kv_layout=(runner.block_size, runner.table_buckets))
+                         kv_layout=(runner.block_size, runner.table_buckets), mixed_min_rows=_mixed_min_rows())
+
+
+def _mixed_min_rows() -> int:
+    from ..model_runner import MIN_DIM  # a mixed step runs at least this many decode rows (dummies)
+    return MIN_DIM
 
 
 def profile_engine(engine, extra_samples=(), refresh: bool = False, repeats: int = 3, max_points=None,
@@ -228,7 +234,8 @@ def profile_engine(engine, extra_samples=(), refresh: bool = False, repeats: int
         raise SpearError("profile_engine: the engine is serving requests; profile at start-up (idle engine)")
     layout = engine_layout(runner)
     template = template_for(runner)
-    grid = default_grid(runner.decode_buckets, runner.token_buckets, runner.max_model_len, max_points)
+    grid = default_grid(runner.decode_buckets, runner.token_buckets, runner.max_model_len, max_points,
+                        _mixed_min_rows())
     layout = dict(layout, grid_points=len(grid), repeats=repeats)
     samples = list(extra_samples)
     todo = []
@@ -255,7 +262,7 @@ def cost_models_for(engine, extra_samples=(), refresh: bool = False, samples=Non
     if samples is None:
         samples = profile_engine(engine, extra_samples, refresh, **kwargs)
     return fit_models(samples, runner.decode_buckets, runner.token_buckets,
-                      kv_layout=(runner.block_size, runner.table_buckets))
+                      kv_layout=(runner.block_size, runner.table_buckets), mixed_min_rows=_mixed_min_rows())
 
 
 def _runner_of(engine):

@@ -152,15 +152,16 @@ class SloAware(Policy):
                 slack = min(slack, s)
         buckets = ctx.token_buckets or (ctx.max_num_tokens,)
         if slack == math.inf:
-            budget = max(buckets[-1], ctx.max_num_tokens) - d
+            budget = self.cost_model.prefill_room(d, max(buckets[-1], ctx.max_num_tokens))
         else:
             avail = slack - self.overhead_s
             budget = 0
             for b in reversed(buckets):  # the largest bucket whose step fits; few buckets, one prediction each
-                if b <= d:
+                room = self.cost_model.prefill_room(d, b)
+                if room <= 0:
                     break
-                if self._predict(d, b - d, kv_mixed, sig, b) * self.safety <= avail:
-                    budget = b - d
+                if self._predict(d, room, kv_mixed, sig, b) * self.safety <= avail:
+                    budget = room
                     break
         if getattr(ctx, "prefilling", None):
             self._work_waits = True
