@@ -15,6 +15,7 @@ from ..errors import SpearError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+CPU_PROFILE_SWEEP = {"max_points": 16, "repeats": 1}   # eager CPU steps are slow: a small cost-model sweep
 
 
 def add_cli(subparsers) -> None:
@@ -128,9 +129,12 @@ def _run_serve(args) -> int:
     print(f"spear-compile serve: loading {args.model} (quant {args.quant}, ec {args.ec}, device {device})",
           file=sys.stderr)
     engine = Engine.from_pretrained(args.model, quant=quant, ec=args.ec, config=config)
-    if slo_policy is not None:  # SLO policies need the engine's step cost model (profiled, cached on disk)
-        print(f"spear-compile serve: policy {slo_policy} (profiling the step cost model)", file=sys.stderr)
-        engine.set_policy(slo_policy, engine=engine)
+    if slo_policy is not None:  # SLO policies need the engine's step cost model (profiled once, cached on disk)
+        from .scheduler.profile import cost_models_for
+        print(f"spear-compile serve: policy {slo_policy}: profiling the step cost model", file=sys.stderr)
+        sweep = {} if device.startswith("cuda") else CPU_PROFILE_SWEEP
+        cost_model, blind_cost_model = cost_models_for(engine, progress=True, **sweep)
+        engine.set_policy(slo_policy, cost_model=cost_model, blind_cost_model=blind_cost_model)
     name = args.served_model_name or Path(args.model).resolve().name
     app = build_app(AsyncEngine(engine), name)
     print(f"spear-compile serve: model '{name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
