@@ -140,5 +140,8 @@ def _run_serve(args) -> int:
     print(f"spear-compile serve: model '{name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=5))
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised Ctrl-C: no traceback
+        pass
     return 0

@@ -54,6 +54,7 @@ def test_serve_port_in_use_exits_2(capsys):
 
 
 def test_serve_command_serves_on_cpu(tmp_path):
+    """The real command in a subprocess: comes up, serves a completion, and shuts down cleanly on Ctrl-C."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     log = open(tmp_path / "serve.log", "w+")
@@ -80,8 +81,10 @@ def test_serve_command_serves_on_cpu(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
         log.close()
+    output = (tmp_path / "serve.log").read_text()
+    assert proc.returncode == 0 and "Traceback" not in output, output[-3000:]   # Ctrl-C: a clean shutdown
