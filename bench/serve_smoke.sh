@@ -3,19 +3,30 @@
 # spear-ref-16m, W4), send streaming and non-streaming completions and chat requests with curl, one bad request,
 # check /metrics, stop the server. Under 3 minutes (start-up compiles and captures the graphs).
 #   usage (repository root, CUDA machine):  bash bench/serve_smoke.sh
+#   on the lent H200, whose Python lacks the server's packages (wheels: .whl and bench/scratch/server-whl):
+#     WHEEL_DIRS=".whl bench/scratch/server-whl" OUT=$OUT bash bench/serve_smoke.sh
 #   env: PYTHON (default python3), PORT (default 8123), DEVICE (default cuda), QUANT (default w4-pc-rtn),
-#        OUT (log directory, default /tmp), START_TIMEOUT_S (default 150)
+#        OUT (log directory, default /tmp), START_TIMEOUT_S (default 170), WHEEL_DIRS (directories of wheels to
+#        install first, --no-deps, into /tmp/serve_site, prepended to PYTHONPATH)
 set -uo pipefail
 PY=${PYTHON:-python3}
 PORT=${PORT:-8123}
 DEVICE=${DEVICE:-cuda}
 QUANT=${QUANT:-w4-pc-rtn}
 OUT=${OUT:-/tmp}
-START_TIMEOUT_S=${START_TIMEOUT_S:-150}
+START_TIMEOUT_S=${START_TIMEOUT_S:-170}
 BASE=http://127.0.0.1:$PORT
 LOG=$OUT/serve_smoke_server.log
 MODEL=spear-ref-16m
 mkdir -p "$OUT"
+
+if [ -n "${WHEEL_DIRS:-}" ]; then
+  wheels=()
+  for d in $WHEEL_DIRS; do wheels+=("$d"/*.whl); done
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/serve_site \
+      "${wheels[@]}" || { echo "serve_smoke: installing the wheels failed"; exit 1; }
+  export PYTHONPATH=/tmp/serve_site:$PWD:${PYTHONPATH:-}
+fi
 
 if ! $PY -c "import fastapi, uvicorn, prometheus_client, h11, click, anyio" 2>/dev/null; then
   echo "serve_smoke: missing a server dependency: $($PY -c 'import fastapi, uvicorn, prometheus_client, h11, click, anyio' 2>&1 | tail -1)"
