@@ -250,12 +250,13 @@ def hf_generate_rate(model, batch, new=128, prompt=32, reps=2):
     return batch * new / best, warm
 
 
-def part_hfgen(args):
-    """HF generate() after optimize: greedy vs eager on spear-ref-16m; tokens/s vs bf16 HF compiled generate (1B)."""
+def part_hfcheck(args):
+    """HF generate() after optimize on spear-ref-16m: greedy tokens vs eager, batch 1 and 8, with and without ECs."""
     from transformers import AutoModelForCausalLM
     from spear_compile.optimize import optimize
     for ecs in (False, True):
         reset_compiler()
+        torch._dynamo.utils.counters.clear()
         model = AutoModelForCausalLM.from_pretrained(REF, dtype=torch.bfloat16).cuda().eval()
         spear_compile.quantize(model, "w4-pc-rtn", progress=False)
         if ecs:
@@ -273,7 +274,12 @@ def part_hfgen(args):
                 identical_rerun=bool(torch.equal(again, want)), mismatches=int((got != want).sum()),
                 cudagraph_skips=int(torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)))
         del model
-    for variant in args.hfgen_variants.split(","):
+
+
+def part_hfgen(args):
+    """HF generate() tokens/s on the 1B shape: bf16 under HF's compiled generate vs optimize()d W4 / W4+EC."""
+    from spear_compile.optimize import optimize
+    for variant in [v for v in args.hfgen_variants.split(",") if v]:
         try:
             reset_compiler()
             torch._dynamo.utils.counters.clear()
@@ -358,7 +364,7 @@ def markdown(env):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="check,engine,hf,hfgen")
+    ap.add_argument("--parts", default="check,hfcheck,engine,hf,hfgen")
     ap.add_argument("--variants", default="bf16,w4,w4+ec")
     ap.add_argument("--hfgen-variants", default="bf16,w4,w4+ec")
     ap.add_argument("--requests", type=int, default=256)
@@ -378,7 +384,7 @@ def main():
                transformers=transformers.__version__, command="python " + " ".join(sys.argv),
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     row(part="env", **env)
-    parts = {"check": part_check, "engine": part_engine, "hf": part_hf, "hfgen": part_hfgen}
+    parts = {"check": part_check, "hfcheck": part_hfcheck, "engine": part_engine, "hf": part_hf, "hfgen": part_hfgen}
     start = time.perf_counter()
     for name in args.parts.split(","):
         if time.perf_counter() - start > args.deadline:

@@ -46,6 +46,7 @@ class EngineConfig:
     decode_buckets: Optional[tuple] = None  # None: powers of two up to max_num_seqs
     token_buckets: Optional[tuple] = None   # None: powers of two from min_token_bucket up to max_num_tokens
     detokenize: bool = True                 # incremental text per request (requests with stop strings always)
+    cuda_graphs_stand_in: bool = False      # tests: off CUDA, decode "graphs" re-run the function on static buffers
     progress: bool = True                   # a progress bar (stderr) while compiling / capturing at start-up
     step_log_size: int = 4096
 

@@ -201,10 +201,26 @@ class PagedLlama(nn.Module):
 
 @dataclass
 class DecodeGraph:
-    graph: object              # torch.cuda.CUDAGraph
-    inputs: torch.Tensor       # flat int64 static buffer (views below point into it)
+    """A captured decode step: write the step's inputs into ``inputs`` (the views below point into it), replay."""
+    graph: object              # torch.cuda.CUDAGraph, or a StandInGraph
+    inputs: torch.Tensor       # flat int64 static buffer
     views: tuple
-    logits: torch.Tensor
+    logits: torch.Tensor       # the captured output (static)
+
+    def replay(self) -> torch.Tensor:
+        out = self.graph.replay()
+        return self.logits if out is None else out
+
+
+class StandInGraph:
+    """Off CUDA (tests): "replays" by running the captured function again on the same static input buffers, so
+    the graph bookkeeping (static buffers, views, bucket keys) runs on CPU too."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self):
+        return self.fn()
 
 
 class ModelRunner:
@@ -241,7 +257,7 @@ class ModelRunner:
         self.token_buckets = tuple(b for b in config.token_buckets)
         self.net = PagedLlama(model, num_blocks, config.block_size, self.max_model_len)
         self.vocab_size = self.net.lm_head.weight.shape[0] if hasattr(self.net.lm_head, "weight") else cfg.vocab_size
-        self.use_cuda_graphs = config.cuda_graphs and device.type == "cuda"
+        self.use_cuda_graphs = config.cuda_graphs and (device.type == "cuda" or config.cuda_graphs_stand_in)
         self._decode_fn = self.net.decode_forward
         self._mixed_fn = self.net.mixed_forward
         if config.compile:
@@ -281,9 +297,20 @@ class ModelRunner:
             out.extend(row + [PAD_BLOCK] * (width - len(row)))
         return out
 
+    @staticmethod
+    def decode_layout(batch: int, width: int) -> tuple:
+        """Offsets of ids[B], positions[B], slot_block[B], slot_off[B], tables[B*W], ctx_lens[B] in the flat input
+        buffer (each segment starts 16 elements in: aligned views, so Inductor never copies a misaligned input)."""
+        sizes = (batch, batch, batch, batch, batch * width, batch)
+        offs, at = [], 0
+        for n in sizes:
+            offs.append(at)
+            at += -(-n // 16) * 16
+        return tuple(offs), sizes, at
+
     def decode_inputs(self, decodes, batch: int, width: int) -> list:
-        """Flat int64 list: ids[B], positions[B], slot_block[B], slot_off[B], tables[B*W], ctx_lens[B] (padded rows:
-        token 0 at position 0 written to the padding block, context 1)."""
+        """The flat int64 input of a decode step (``decode_layout``); padded rows: token 0 at position 0 written to
+        the padding block, context 1."""
         n = len(decodes)
         pad = batch - n
         ids = [r.all_token_ids[r.num_computed_tokens] for r in decodes] + [0] * pad
@@ -297,15 +324,17 @@ class ModelRunner:
         so += [0] * pad
         tables = self._table(decodes, width) + [PAD_BLOCK] * (pad * width)
         ctx = [r.num_computed_tokens + 1 for r in decodes] + [1] * pad
-        return ids + pos + sb + so + tables + ctx
+        offs, sizes, total = self.decode_layout(batch, width)
+        flat = [0] * total
+        for off, seg in zip(offs, (ids, pos, sb, so, tables, ctx)):
+            flat[off:off + len(seg)] = seg
+        return flat
 
-    @staticmethod
-    def split_decode(flat: torch.Tensor, batch: int, width: int):
-        b = batch
-        ids, pos, sb, so = flat[:b], flat[b:2 * b], flat[2 * b:3 * b], flat[3 * b:4 * b]
-        tables = flat[4 * b:4 * b + b * width].view(b, width)
-        ctx = flat[4 * b + b * width:5 * b + b * width]
-        return ids, pos, sb, so, tables, ctx
+    def split_decode(self, flat: torch.Tensor, batch: int, width: int):
+        offs, sizes, _ = self.decode_layout(batch, width)
+        views = [flat[o:o + n] for o, n in zip(offs, sizes)]
+        views[4] = views[4].view(batch, width)
+        return tuple(views)
 
     def _width(self, reqs, extra_tokens) -> int:
         need = max([len(r.block_ids) for r in reqs] + [1])
@@ -330,8 +359,7 @@ class ModelRunner:
         g = self.graphs.get(key)
         if g is not None:
             g.inputs.copy_(torch.tensor(flat, dtype=torch.int64), non_blocking=False)
-            g.graph.replay()
-            return g.logits[:n]
+            return g.replay()[:n]
         t = torch.tensor(flat, dtype=torch.int64).to(self.device)
         logits = self._decode_fn(*self.split_decode(t, batch, width), use_ec=key[0])
         return logits[:n]
@@ -440,6 +468,10 @@ class ModelRunner:
         for _ in range(2):
             logits = self._decode_fn(*views, use_ec=use_ec)
         if not self.use_cuda_graphs:
+            return
+        if self.device.type != "cuda":  # config.cuda_graphs_stand_in (tests)
+            self.graphs[(use_ec, batch, width)] = DecodeGraph(
+                StandInGraph(lambda: self._decode_fn(*views, use_ec=use_ec)), flat, views, logits)
             return
         torch.cuda.synchronize(self.device)
         if self._pool is None:
