@@ -116,7 +116,9 @@ def _decode_only(eager_forward, compiled_forward):
             new_tokens = ids.shape[1] if ids is not None and ids.dim() == 3 else None
         else:
             new_tokens = ids.shape[-1]
-        if new_tokens != 1:
+        cache = kwargs.get("past_key_values")
+        fresh = any(not getattr(layer, "is_initialized", True) for layer in getattr(cache, "layers", ()))
+        if new_tokens != 1 or fresh:  # prefill, or a one-token prompt whose cache is not allocated yet
             return eager_forward(*args, **kwargs)
         torch.compiler.cudagraph_mark_step_begin()
         return compiled_forward(*args, **kwargs)
