@@ -209,7 +209,7 @@ class _ServerState:
 
     async def _collect(self, outputs, timer: RequestTimer):
         text, finish_reason, num_output_tokens = "", None, 0
-        async with _closing(outputs):
+        async with _closing(outputs, timer):
             async for out in outputs:
                 timer.on_tokens(len(out.new_token_ids))
                 text, num_output_tokens = out.text, out.num_output_tokens
@@ -220,7 +220,7 @@ class _ServerState:
 
     async def _completion_events(self, outputs, timer, request_id, created, num_prompt_tokens, include_usage):
         num_output_tokens = 0
-        async with _closing(outputs):
+        async with _closing(outputs, timer):
             try:
                 async for out in outputs:
                     timer.on_tokens(len(out.new_token_ids))
@@ -231,6 +231,7 @@ class _ServerState:
                         yield _sse(P.completion_chunk(request_id, self.model_name, created, out.new_text,
                                                       out.finish_reason if out.finished else None, include_usage))
             except Exception as e:  # noqa: BLE001 - the headers are sent: report in the stream
+                timer.on_finish("error")
                 yield _sse(self._stream_error(e))
                 yield "data: [DONE]\n\n"
                 return
@@ -241,7 +242,7 @@ class _ServerState:
 
     async def _chat_events(self, outputs, timer, request_id, created, num_prompt_tokens, include_usage):
         num_output_tokens = 0
-        async with _closing(outputs):
+        async with _closing(outputs, timer):
             yield _sse(P.chat_chunk(request_id, self.model_name, created, {"role": "assistant", "content": ""},
                                     None, include_usage))
             try:
@@ -255,6 +256,7 @@ class _ServerState:
                         yield _sse(P.chat_chunk(request_id, self.model_name, created, delta,
                                                 out.finish_reason if out.finished else None, include_usage))
             except Exception as e:  # noqa: BLE001
+                timer.on_finish("error")
                 yield _sse(self._stream_error(e))
                 yield "data: [DONE]\n\n"
                 return
@@ -281,12 +283,18 @@ def _sse(payload: dict) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _closing(outputs):
+async def _closing(outputs, timer: RequestTimer):
     """Close the engine's output stream on the way out, however we leave (its close aborts an unfinished
-    request)."""
+    request); a request left unfinished counts as aborted, in the same step as the engine hears of it."""
     try:
         yield outputs
+    except Exception:
+        if not timer.finished:
+            timer.on_finish("error")
+        raise
     finally:
+        if not timer.finished:  # cancelled (client gone) or closed early
+            timer.on_finish("abort")
         close = getattr(outputs, "aclose", None)
         if close is not None:
             await close()
