@@ -656,10 +656,12 @@ def main(argv=None):
 
     if "stability" in sections:
         rate = (caps.get("slo") or {}).get("capacity_rps") or r0
-        conds = [("no ECs", dict(ec_enabled=False)), ("1% ECs", {}), ("switched", dict(switch_period_s=1.0))]
+        frac = (w4["ec_info"] or {}).get("fraction", args.ec_fraction)
+        conds = [("no ECs", dict(ec_enabled=False)), (f"{frac:.1%} ECs", {}),
+                 (f"switched 0 / {frac:.1%} every 1 s", dict(switch_period_s=1.0))]
         stab = []
         for name, kw in conds:
-            for p in ("slo", "budget-2048") + (("slo-ec-blind",) if name == "switched" else ()):
+            for p in ("slo", "budget-2048") + (("slo-ec-blind",) if "switched" in name else ()):
                 if clock.left < run_cost(args):
                     results["skipped"].append(f"stability {name} {p}")
                     continue
@@ -691,12 +693,13 @@ def main(argv=None):
             results["engines"]["w4_ec_large"] = {k: big[k] for k in ("ec_info", "setup_s", "warmup_s", "profile_s")}
             samples_for_plot["W4 large EC set"] = (big["samples"], big["aware"])
             rate = results.get("stability_rate") or r0
+            frac = (big["ec_info"] or {}).get("fraction", args.ec_fraction_large)  # all linears at r=32: ~4.5% (1B)
             for p in ("slo", "budget-2048", "slo-ec-blind"):
                 if clock.left < run_cost(args):
                     results["skipped"].append(f"stability large {p}")
                     continue
-                m = probe(big, p, rate, args, seed=77, label=f"{p} [{args.ec_fraction_large:.0%} ECs]")
-                m["stability"] = f"{args.ec_fraction_large:.0%} ECs"
+                m = probe(big, p, rate, args, seed=77, label=f"{p} [{frac:.1%} ECs]")
+                m["stability"] = f"{frac:.1%} ECs"
                 results["runs"].append(m)
                 checkpoint(results, args)
             free_engine(big)
