@@ -50,6 +50,7 @@ from spear_compile.serving.scheduler.profile import cost_models_for, profile_eng
 
 POLICIES = ("fifo", "budget-512", "budget-2048", "slo-ec-blind", "slo")
 LOG = []
+ERRORS = []
 
 
 def log(msg):
@@ -144,6 +145,17 @@ def build_engine(args, kind, ec_fraction=0.0):
     log(f"  profile {len(samples)} samples in {prof_s:.1f}s; fit error per bin {aware.fit_error}")
     return {"engine": engine, "kind": kind, "ec_info": ec_info, "aware": aware, "blind": blind, "samples": samples,
             "setup_s": setup_s, "warmup_s": engine.runner.warmup_s, "profile_s": prof_s}
+
+
+def safe_build(args, kind, ec_fraction=0.0):
+    try:
+        return build_engine(args, kind, ec_fraction)
+    except Exception as e:  # noqa: BLE001  (an optional engine failing keeps the rest of the results)
+        import traceback
+        log(f"engine {kind} ec={ec_fraction} FAILED: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+        ERRORS.append(f"engine {kind} ec={ec_fraction}: {type(e).__name__}: {e}")
+        gc.collect()
+        return None
 
 
 def free_engine(bundle):
@@ -341,10 +353,23 @@ def run_cost(args):
 
 
 def probe(bundle, policy, rate, args, seed, label=None, burstiness=1.0, **kw):
-    vocab = bundle["engine"].vocab_size
-    trace = make_trace(rate, args.duration, seed, args.max_prompt, args.max_output, vocab, burstiness,
+    """One run; a run that raises is logged, its requests aborted, and reported as None (the benchmark goes on)."""
+    engine = bundle["engine"]
+    trace = make_trace(rate, args.duration, seed, args.max_prompt, args.max_output, engine.vocab_size, burstiness,
                        args.prompt_median, output_median=args.output_median)
-    m = run_trace(bundle, policy, trace, args, label=label, **kw)
+    try:
+        m = run_trace(bundle, policy, trace, args, label=label, **kw)
+    except Exception as e:  # noqa: BLE001
+        import traceback
+        log(f"  run {label or policy} at {rate:.2f} req/s FAILED: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+        ERRORS.append(f"{label or policy} @ {rate:.2f}: {type(e).__name__}: {e}")
+        for r in list(engine.scheduler.running) + list(engine.scheduler.waiting):
+            engine.abort_request(r.request_id)
+        for _ in range(100):
+            if not engine.has_unfinished():
+                break
+            engine.step()
+        return None
     m.update(rate=rate, burstiness=burstiness, seed=seed)
     return m
 
@@ -361,11 +386,12 @@ def capacity_search(bundles_policies, r0, args, clock, results):
                 results["skipped"].append(f"capacity probe {k + 1} of {label} (time)")
                 continue
             m = probe(bundle, policy, st["rate"], args, seed=1000 + k, label=label)
-            m["capacity_probe"] = True
-            m["probe_index"] = k
-            results["runs"].append(m)
-            checkpoint(results, args)
-            if passes(m, args):
+            if m is not None:
+                m["capacity_probe"] = True
+                m["probe_index"] = k
+                results["runs"].append(m)
+                checkpoint(results, args)
+            if m is not None and passes(m, args):
                 st["lo"] = st["rate"] if st["lo"] is None else max(st["lo"], st["rate"])
             else:
                 st["hi"] = st["rate"] if st["hi"] is None else min(st["hi"], st["rate"])
@@ -633,6 +659,8 @@ def main(argv=None):
                         results["skipped"].append(f"rates {p}@{rate}")
                         continue
                     m = probe(w4, p, rate, args, seed=1000 + k)
+                    if m is None:
+                        continue
                     m["capacity_probe"] = True
                     results["runs"].append(m)
                     checkpoint(results, args)
@@ -666,6 +694,8 @@ def main(argv=None):
                     results["skipped"].append(f"stability {name} {p}")
                     continue
                 m = probe(w4, p, rate, args, seed=77, label=f"{p} [{name}]", **kw)
+                if m is None:
+                    continue
                 m["stability"] = name
                 stab.append(m)
                 results["runs"].append(m)
@@ -679,6 +709,8 @@ def main(argv=None):
                 results["skipped"].append(f"burst {p}")
                 continue
             m = probe(w4, p, rate, args, seed=99, label=f"{p} [gamma 0.25]", burstiness=0.25)
+            if m is None:
+                continue
             m["burst"] = True
             results["runs"].append(m)
             checkpoint(results, args)
@@ -686,10 +718,12 @@ def main(argv=None):
 
     large_cost = 60 + 4 * run_cost(args)
     if "stability" in sections and args.ec_fraction_large > 0:
+        big = None
         if clock.left < large_cost:
             results["skipped"].append(f"stability {args.ec_fraction_large:.0%} ECs (time)")
         else:
-            big = build_engine(args, "w4", args.ec_fraction_large)
+            big = safe_build(args, "w4", args.ec_fraction_large)
+        if big is not None:
             results["engines"]["w4_ec_large"] = {k: big[k] for k in ("ec_info", "setup_s", "warmup_s", "profile_s")}
             samples_for_plot["W4 large EC set"] = (big["samples"], big["aware"])
             rate = results.get("stability_rate") or r0
@@ -699,16 +733,20 @@ def main(argv=None):
                     results["skipped"].append(f"stability large {p}")
                     continue
                 m = probe(big, p, rate, args, seed=77, label=f"{p} [{frac:.1%} ECs]")
+                if m is None:
+                    continue
                 m["stability"] = f"{frac:.1%} ECs"
                 results["runs"].append(m)
                 checkpoint(results, args)
             free_engine(big)
 
     if "bf16" in sections:
+        bf = None
         if clock.left < 60 + 2 * run_cost(args):
             results["skipped"].append("bf16 engine (time)")
         else:
-            bf = build_engine(args, "bf16")
+            bf = safe_build(args, "bf16")
+        if bf is not None:
             results["engines"]["bf16"] = {k: bf[k] for k in ("setup_s", "warmup_s", "profile_s")}
             samples_for_plot["bf16"] = (bf["samples"], bf["aware"])
             r_bf = (caps.get("slo") or {}).get("capacity_rps") or r0
@@ -716,6 +754,7 @@ def main(argv=None):
             free_engine(bf)
 
     results["log"] = LOG
+    results["errors"] = ERRORS
     raw = {"runs": [{"label": m["label"], "rate": m["rate"], "common_rate": bool(m.get("common_rate")),
                      "ttft": m["_raw"]["ttft"], "itl": m["_raw"]["itl"]} for m in results["runs"] if m.get("common_rate")],
            "samples": {name: {"samples": [x.to_json() for x in smp], "model": model.to_json()}
@@ -875,6 +914,9 @@ def write_markdown(results, path, argv):
     w("")
     if results.get("skipped"):
         w("Skipped for time: " + "; ".join(results["skipped"]) + ".")
+        w("")
+    if results.get("errors"):
+        w("Runs that failed (counted as failing probes): " + "; ".join(results["errors"]) + ".")
         w("")
     for f in results.get("plots", []):
         w(f"![{os.path.basename(f)}]({os.path.basename(f)})")
