@@ -279,6 +279,12 @@ def test_bad_request_gets_openai_error(client, served, case):
     assert served[1].stats().num_steps == steps_before   # refused before it reached the engine
 
 
+def test_oversized_body_gets_413(client):
+    body = b'{"prompt": "' + b"a" * (16 << 20) + b'"}'
+    r = client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
 def test_wrong_method_and_path_get_openai_errors(client):
     for method, path, status in (("GET", "/v1/completions", 405), ("POST", "/v1/nothing", 404)):
         r = client.request(method, path)

@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
@@ -53,6 +54,7 @@ def build_app(async_engine, served_model_name: str, *, metrics: Optional[Serving
         try:
             yield
         finally:
+            state.close()
             if manage_engine:
                 await async_engine.shutdown()
 
@@ -113,7 +115,9 @@ class _ServerState:
         self.metrics = metrics
         self.max_model_len = int(engine.max_model_len)
         # The engine thread detokenizes with its tokenizer; a Rust tokenizer used from two threads at once can
-        # fail ("Already borrowed"), so the handlers tokenize with a copy.
+        # fail ("Already borrowed"), so the handlers tokenize with a copy, in one thread of their own (a long prompt
+        # does not stall the event loop, and so everyone else's streams).
+        self._tokenize_thread = ThreadPoolExecutor(1, thread_name_prefix="spear-tokenize")
         try:
             self.tokenizer = copy.deepcopy(engine.tokenizer)
         except Exception:  # a tokenizer that cannot be copied: share it
@@ -123,9 +127,19 @@ class _ServerState:
         config = getattr(getattr(engine, "model", None), "config", None)
         self.vocab_size = int(getattr(config, "vocab_size", None) or len(self.tokenizer))
 
+    def close(self) -> None:
+        self._tokenize_thread.shutdown(wait=False)
+
+    async def _in_tokenize_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_thread, fn, *args)
+
     # --- request decoding -------------------------------------------------------------------------------------
 
     async def _read_json(self, request: Request):
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise P.APIError(f"request body of {declared} bytes exceeds the limit of {MAX_BODY_BYTES}", status=413,
+                             code="request_too_large")
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
             raise P.APIError(f"request body of {len(body)} bytes exceeds the limit of {MAX_BODY_BYTES}", status=413,
@@ -140,9 +154,9 @@ class _ServerState:
             raise P.APIError(f"the model '{model}' does not exist; this server serves '{self.model_name}'",
                              status=404, param="model", code="model_not_found")
 
-    def _prompt_ids(self, prompt) -> list[int]:
+    async def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt))
+            return list(await self._in_tokenize_thread(self.tokenizer.encode, prompt))
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
         if bad:
             raise P.APIError(f"prompt token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param="prompt",
@@ -156,7 +170,7 @@ class _ServerState:
         req = P.parse_request(P.CompletionRequest, await self._read_json(request))
         self._check_model(req.model)
         P.check_completion_request(req)
-        prompt_ids = self._prompt_ids(P.single_prompt(req.prompt))
+        prompt_ids = await self._prompt_ids(P.single_prompt(req.prompt))
         max_tokens = req.max_tokens
         if max_tokens is None:
             max_tokens = max(1, min(DEFAULT_COMPLETION_MAX_TOKENS, self.max_model_len - len(prompt_ids)))
@@ -168,7 +182,7 @@ class _ServerState:
         req = P.parse_request(P.ChatCompletionRequest, await self._read_json(request))
         self._check_model(req.model)
         P.check_chat_request(req)
-        prompt_ids = chat_prompt_ids(self.tokenizer, req.messages)
+        prompt_ids = await self._in_tokenize_thread(chat_prompt_ids, self.tokenizer, req.messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         sampling = P.sampling_params(req, max_tokens, len(prompt_ids), self.max_model_len, prompt_param="messages")
         return await self._serve(request, "chatcmpl", prompt_ids, sampling, req, arrival, chat=True)
