@@ -209,7 +209,7 @@ def test_seeded_sampling_and_stop(client, served):
     stop = ref[len(ref) // 2:len(ref) // 2 + 2]
     assert stop.strip(), f"the greedy text {ref!r} is too short to take a stop string from"
     seeded = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": MAX_TOKENS, "temperature": 0.9, "top_p": 0.9,
-              "top_k": 50, "seed": 1234}
+              "top_k": 50, "seed": 1234, "ttft_slo_ms": 60000, "tpot_slo_ms": 10000}
     stopped = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "stop": [stop]}
     first, second, r = (x.json() for x in _concurrently(lambda b: client.post("/v1/completions", json=b),
                                                          [seeded, seeded, stopped]))
@@ -249,6 +249,8 @@ BAD_REQUESTS = [
     ("stop_empty", "/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop"),
     ("stop_wrong_type", "/v1/completions", {"prompt": "x", "stop": 3}, 400, "stop"),
     ("stream_not_bool", "/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("ttft_slo_negative", "/v1/completions", {"prompt": "x", "ttft_slo_ms": -5}, 400, "ttft_slo_ms"),
+    ("tpot_slo_zero", "/v1/chat/completions", {"messages": CHAT, "tpot_slo_ms": 0}, 400, "tpot_slo_ms"),
     ("n_two", "/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
     ("echo", "/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
     ("logprobs", "/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs"),

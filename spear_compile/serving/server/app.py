@@ -191,7 +191,9 @@ class _ServerState:
                      chat: bool):
         request_id = P.new_id(prefix)
         timer = self.metrics.track(len(prompt_ids), arrival)
-        outputs = self.async_engine.generate(prompt_ids, sampling, request_id=request_id)
+        slo_s = {f"{name}_slo_s": getattr(req, f"{name}_slo_ms") / 1e3 for name in ("ttft", "tpot")
+                 if getattr(req, f"{name}_slo_ms") is not None}
+        outputs = self.async_engine.generate(prompt_ids, sampling, request_id=request_id, **slo_s)
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

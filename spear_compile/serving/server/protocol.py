@@ -74,6 +74,8 @@ class _SamplingFields(_Strict):
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict] = None
     ignore_eos: bool = False  # vLLM extension, handy for benchmarks
+    ttft_slo_ms: Optional[float] = None   # extensions: this request's latency targets for the SLO-aware scheduler
+    tpot_slo_ms: Optional[float] = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -136,6 +138,11 @@ def _refuse_unsupported(req: _SamplingFields) -> None:
             raise APIError(f"{name} is not supported by this server (only 0)", param=name, code="unsupported_value")
     if req.logit_bias:
         raise APIError("logit_bias is not supported by this server", param="logit_bias", code="unsupported_value")
+    for name in ("ttft_slo_ms", "tpot_slo_ms"):
+        value = getattr(req, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise APIError(f"{name}={value} is invalid; it must be a positive number of milliseconds", param=name,
+                           code="invalid_value")
     if req.stream_options is not None and not req.stream:
         raise APIError("stream_options can only be given with stream=true", param="stream_options",
                        code="invalid_value")
