@@ -107,6 +107,11 @@ class Request:
     def all_token_ids(self) -> list:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_at(self, i: int) -> int:
+        """Token ``i`` of prompt + output, without building the concatenation."""
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
+
     @property
     def num_tokens_to_compute(self) -> int:
         """Tokens not yet in the cache (1 for a running decode: the last sampled token)."""

@@ -55,7 +55,7 @@ def test_graph_bookkeeping_per_ec_state(ref_tokenizer):
         assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref_off
     finally:
         type(next(iter(runner.graphs.values()))).replay = replay
-    assert {k[0] for k in used} == {True, False} and {k[1] for k in used} >= {2, 4}
+    assert {k[0] for k in used} == {True, False} and len({k[1:] for k in used}) >= 2  # several buckets replayed
     assert eng.blocks.num_free_blocks == eng.blocks.num_usable_blocks
 
 

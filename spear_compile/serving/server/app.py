@@ -70,7 +70,7 @@ def build_app(async_engine, served_model_name: str, *, metrics: Optional[Serving
     async def _http_error(request: Request, exc: StarletteHTTPException):
         state.metrics.rejected(exc.status_code)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse(P.error_body(str(exc.detail), P._error_type(exc.status_code), None, code),
+        return JSONResponse(P.error_body(str(exc.detail), P.error_type(exc.status_code), None, code),
                             status_code=exc.status_code)
 
     @app.exception_handler(Exception)

@@ -31,13 +31,14 @@ class APIError(Exception):
         self.status = status
         self.param = param
         self.code = code
-        self.type = type or _error_type(status)
+        self.type = type or error_type(status)
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
 
 
-def _error_type(status: int) -> str:
+def error_type(status: int) -> str:
+    """OpenAI's error ``type`` for an HTTP status."""
     if status == 404:
         return "not_found_error"
     if status >= 500:
