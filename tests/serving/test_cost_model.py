@@ -191,3 +191,16 @@ def test_mixed_steps_count_the_engines_dummy_decode_rows():
         for b in TOKEN_BUCKETS:
             if model.prefill_room(d, b) > 0:
                 assert model.pad(d, model.prefill_room(d, b)) == b
+
+
+def test_noisy_flat_steps_give_monotone_non_negative_slopes():
+    """A step time that does not depend on the mix (host-bound), measured with noise: plain least squares would fit
+    some slopes negative and extrapolate to nonsense; the fit keeps them >= 0 and never predicts below its floor."""
+    rng = random.Random(11)
+    samples = [StepSample(StepShape(d, p, d * c, 0), ECSignature(), 0.005 * (1 + 0.2 * rng.random()))
+               for d in (1, 4, 16, 64) for p in (0, 100, 400, 1500) for c in (10, 500, 2000)]
+    model = StepCostModel(decode_buckets=DECODE_BUCKETS, token_buckets=TOKEN_BUCKETS).fit(samples)
+    for c in model.coef:
+        assert all(v >= 0 for j, v in enumerate(c) if j not in (0, 2)), c
+    assert model.predict_raw(64, 0, 64 * 100000) >= 0.0025 and model.predict_raw(1, 2000, 10 ** 7) >= 0.0025
+    assert model.predict_raw(64, 0, 64 * 4000) >= model.predict_raw(64, 0, 64 * 10)

@@ -195,6 +195,7 @@ class StepCostModel:
         nb = len(edges) + 1
         self.coef = [[0.0] * self.num_features for _ in range(nb)]  # per bin
         self.fitted = False
+        self.floor: dict = {}             # per bin: half the fastest step measured in it (a prediction never goes below)
         self.fit_error: dict = {}
         self._log_correction: dict = {}   # (bin, signature key or "") -> log of the multiplicative correction
         self._ec_cache: dict = {}         # signature -> per bin (f . r, g . r)
@@ -221,8 +222,9 @@ class StepCostModel:
 
     # fitting -------------------------------------------------------------------------------------------------
     def fit(self, samples: Iterable[StepSample]) -> "StepCostModel":
-        """Least squares per bin on relative error. EC-blind: only EC-free samples. A bin without enough samples
-        borrows the nearest fitted bin's coefficients. Raises SpearError when nothing can be fitted."""
+        """Least squares per bin on relative error, slopes other than the prefill tokens' kept non-negative. EC-blind:
+        only EC-free samples. A bin without samples borrows the nearest fitted bin's coefficients. Raises SpearError
+        when nothing can be fitted."""
         import numpy as np
         samples = [s for s in samples if self.ec_terms or s.signature.is_empty]
         if not samples:
@@ -238,18 +240,32 @@ class StepCostModel:
             xw, yw = x * w[:, None], y * w
             scale = np.maximum(np.abs(xw).max(axis=0), 1e-30)  # column scaling: features span 1 .. 1e6
             xs = xw / scale
-            # ridge as extra rows (keeps unidentified EC columns at zero instead of huge opposite pairs)
-            a = np.vstack([xs, math.sqrt(self.ridge) * np.eye(xs.shape[1])])
-            rhs = np.concatenate([yw, np.zeros(xs.shape[1])])
-            sol, *_ = np.linalg.lstsq(a, rhs, rcond=None)
+            # slopes a step's time cannot have negative (tokens, chunk attention, context, EC ranks): a column
+            # fitted negative is dropped and the rest refitted, so extrapolation stays monotone
+            free = {0, 2}  # intercept, prefill tokens (a prefill row may cost less than a decode row)
+            active = list(range(xs.shape[1]))
+            for _ in range(xs.shape[1]):
+                sub = xs[:, active]
+                # ridge as extra rows (keeps unidentified EC columns at zero instead of huge opposite pairs)
+                a = np.vstack([sub, math.sqrt(self.ridge) * np.eye(len(active))])
+                rhs = np.concatenate([yw, np.zeros(len(active))])
+                part, *_ = np.linalg.lstsq(a, rhs, rcond=None)
+                neg = [j for j, v in zip(active, part) if v < 0 and j not in free]
+                if not neg:
+                    break
+                active = [j for j in active if j not in neg]
+            sol = np.zeros(xs.shape[1])
+            sol[active] = part
             fitted[b] = list(sol / scale)
-            pred = x @ (sol / scale)
+            self.floor[b] = 0.5 * float(y.min())
+            pred = np.maximum(x @ (sol / scale), self.floor[b])
             rel = np.abs(pred - y) / y
             self.fit_error[b] = {"n": len(rows), "p50": float(np.percentile(rel, 50)),
                                  "p90": float(np.percentile(rel, 90))}
         for b in range(len(self.coef)):
             near = min(fitted, key=lambda k: (abs(k - b), k))
             self.coef[b] = list(fitted[near])
+            self.floor[b] = self.floor.get(near, 0.0) if b not in fitted else self.floor[b]
         self.fitted = True
         self._ec_cache.clear()
         self._log_correction.clear()
@@ -301,7 +317,7 @@ class StepCostModel:
         if self.ec_types and not sig.is_empty:
             f, g = self._ec_terms(sig)[b]
             y += f + g * t
-        return max(y, 1e-6)
+        return max(y, self.floor.get(b, 0.0), 1e-6)
 
     def predict(self, num_decodes: int, num_prefill_tokens: int, sum_context: int,
                 sig: ECSignature = ECSignature(), num_tokens: int = 0) -> float:
@@ -333,6 +349,7 @@ class StepCostModel:
                 "kv_layout": [self.kv_layout[0], list(self.kv_layout[1])] if self.kv_layout else None,
                 "mixed_min_rows": self.mixed_min_rows,
                 "feature_names": list(self.feature_names), "coef": self.coef,
+                "floor": [self.floor.get(b, 0.0) for b in range(len(self.coef))],
                 "fit_error": {str(k): v for k, v in self.fit_error.items()}}
 
 
@@ -345,6 +362,7 @@ def model_from_json(doc: dict) -> StepCostModel:
     if len(doc["coef"]) != len(m.coef) or any(len(c) != m.num_features for c in doc["coef"]):
         raise SpearError("StepCostModel: stored coefficients do not match the model's bins and features")
     m.coef = [[float(x) for x in c] for c in doc["coef"]]
+    m.floor = {b: float(v) for b, v in enumerate(doc.get("floor") or [])}
     m.fitted = True
     return m
 
