@@ -281,6 +281,29 @@ def test_bad_request_gets_openai_error(client, served, case):
     assert served[1].stats().num_steps == steps_before   # refused before it reached the engine
 
 
+def test_engine_failure_is_a_500_and_serving_goes_on(client, served, monkeypatch):
+    """A step that raises fails its requests (500, or finish_reason "error" in a stream), frees their blocks, and
+    the next request is served normally."""
+    engine, ref = served[1], served[2][0]
+    _wait_idle(engine)
+
+    def broken_execute(*args, **kwargs):
+        raise RuntimeError("injected step failure")
+
+    monkeypatch.setattr(engine.runner, "execute", broken_execute)
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0}
+    with pytest.warns(UserWarning, match="injected step failure"):
+        r = client.post("/v1/completions", json=body)
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+            chunks, done = _sse_events(s.iter_lines())
+    monkeypatch.undo()
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert done and chunks[-1]["choices"][0]["finish_reason"] == "error"
+    assert _wait_idle(engine).kv_blocks_used == 0
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref.text
+
+
 def test_oversized_body_gets_413(client):
     body = b'{"prompt": "' + b"a" * (16 << 20) + b'"}'
     r = client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
