@@ -25,8 +25,9 @@ if [ -n "${WHEEL_DIRS:-}" ]; then
   for d in $WHEEL_DIRS; do wheels+=("$d"/*.whl); done
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/serve_site \
       "${wheels[@]}" || { echo "serve_smoke: installing the wheels failed"; exit 1; }
-  export PYTHONPATH=/tmp/serve_site:$PWD:${PYTHONPATH:-}
+  export PYTHONPATH=/tmp/serve_site:${PYTHONPATH:-}
 fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}   # this checkout's spear_compile
 
 if ! $PY -c "import fastapi, uvicorn, prometheus_client, h11, click, anyio" 2>/dev/null; then
   echo "serve_smoke: missing a server dependency: $($PY -c 'import fastapi, uvicorn, prometheus_client, h11, click, anyio' 2>&1 | tail -1)"
