@@ -204,3 +204,13 @@ def test_noisy_flat_steps_give_monotone_non_negative_slopes():
         assert all(v >= 0 for j, v in enumerate(c) if j not in (0, 2)), c
     assert model.predict_raw(64, 0, 64 * 100000) >= 0.0025 and model.predict_raw(1, 2000, 10 ** 7) >= 0.0025
     assert model.predict_raw(64, 0, 64 * 4000) >= model.predict_raw(64, 0, 64 * 10)
+
+
+def test_corrections_are_reported_per_bin_and_ec_set():
+    _, samples = _samples(_truth_coef(6))
+    aware, blind = fit_models(samples, DECODE_BUCKETS, TOKEN_BUCKETS)
+    aware.observe(1, 0, 100, SIGS[1], 2 * aware.predict_raw(1, 0, 100, SIGS[1]))
+    blind.observe(1, 0, 100, SIGS[1], 2 * blind.predict_raw(1, 0, 100, SIGS[1]))
+    (k, v), = aware.corrections().items()
+    assert k == f"0|{SIGS[1].key}" and 1.0 < v < 2.0
+    assert list(blind.corrections()) == ["0|any"]

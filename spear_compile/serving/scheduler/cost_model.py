@@ -197,7 +197,7 @@ class StepCostModel:
         self.fitted = False
         self.floor: dict = {}             # per bin: half the fastest step measured in it (a prediction never goes below)
         self.fit_error: dict = {}
-        self._log_correction: dict = {}   # (bin, signature key or "") -> log of the multiplicative correction
+        self._log_correction: dict = {}   # (bin, signature or None) -> log of the multiplicative correction
         self._ec_cache: dict = {}         # signature -> per bin (f . r, g . r)
 
     # features -------------------------------------------------------------------------------------------------
@@ -304,7 +304,8 @@ class StepCostModel:
         return terms
 
     def correction_key(self, b: int, sig: ECSignature):
-        return (b, sig.key if self.ec_terms else "")
+        """EC-aware: one correction per bin and EC set; EC-blind: per bin (it cannot tell EC sets apart)."""
+        return (b, sig if self.ec_terms else None)
 
     def predict_raw(self, num_decodes: int, num_prefill_tokens: int, sum_context: int,
                     sig: ECSignature = ECSignature(), num_tokens: int = 0) -> float:
@@ -340,7 +341,9 @@ class StepCostModel:
         self._log_correction[key] = old + self.correction_alpha * (math.log(ratio) - old)
 
     def corrections(self) -> dict:
-        return {f"{b}|{k}": math.exp(v) for (b, k), v in sorted(self._log_correction.items())}
+        """``{"bin|EC set": factor}`` of the online corrections so far (for logs and reports)."""
+        return {f"{b}|{k.key if k is not None else 'any'}": math.exp(v)
+                for (b, k), v in sorted(self._log_correction.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))}
 
     # serialisation ---------------------------------------------------------------------------------------------
     def to_json(self) -> dict:
