@@ -272,3 +272,21 @@ def test_factory_and_validation(models):
         SloAware(StepCostModel())
     with pytest.raises(SpearError, match="tpot_slo_s"):
         SloAware(aware, tpot_slo_s=-1)
+
+
+def test_partial_prefill_ttft_deadline_bounds_the_step_when_the_scheduler_provides_it(models):
+    aware, _ = models
+    now = 5.0
+    decs = _decodes(4, now, since_last=0.0)                     # 25 ms of decode slack
+    partial = Request("p", [1] * 600, SamplingParams(), arrival_time=now - 0.99)   # TTFT deadline in 10 ms
+    partial.num_computed_tokens = 500                           # 100 tokens left: a ~5 ms step can finish it in time
+    policy = slo(aware, ttft_slo_s=1.0)
+    free = policy.prefill_budget(_ctx(decs, NO_EC, now))
+    ctx = _ctx(decs, NO_EC, now)
+    ctx.prefilling = [partial]
+    bounded = policy.prefill_budget(ctx)
+    assert 100 <= bounded < free
+    kv = aware.context_feature(4, ctx.sum_context_len, 501, mixed=True)
+    assert aware.predict(4, bounded, kv, NO_EC) * policy.safety <= 0.01 + 1e-9
+    partial.arrival_time = now - 2.0                            # already late: it does not bound the step
+    assert policy.prefill_budget(ctx) == free
