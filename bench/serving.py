@@ -816,7 +816,8 @@ def write_markdown(results, path, argv):
     w("")
     e = results["engines"].get("w4_ec", {})
     info = e.get("ec_info") or {}
-    w(f"Model: {a['model']} (random weights), W4 per-channel RTN (LM head bf16), gated r={a['ec_rank']} ECs on "
+    model = "Llama-3.2-1B shape (random weights)" if a["model"] == "llama-1b-shape" else f"`{a['model']}`"
+    w(f"Model: {model}, W4 per-channel RTN (LM head bf16), gated r={a['ec_rank']} ECs on "
       f"{info.get('num_ecs', '?')} linears = {100 * info.get('fraction', 0):.2f}% of the model's bytes. Engine: "
       f"max_num_seqs {a['max_num_seqs']}, max_num_tokens {a['max_num_tokens']} (power-of-two token buckets), "
       f"max_model_len {a['max_model_len']}, block {a['block_size']}, compiled (`spear` backend) with decode CUDA "
