@@ -27,12 +27,20 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+_HERE = os.path.dirname(os.path.abspath(__file__))  # bench/ off the path: bench/kernels.py would shadow `kernels`
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
 import spear_compile  # noqa: E402
 from spear_compile.ec import CompensatedLinear  # noqa: E402
 
 REF = os.path.join(os.path.dirname(spear_compile.__file__), "assets", "spear-ref-16m")
 ROWS = []
+DEV = {"device": "cuda", "tiny": False, "dtype": torch.bfloat16}  # --device / --tiny (a CPU smoke run of the script)
+
+
+def sync():
+    if DEV["device"] == "cuda":
+        sync()
 
 
 def row(**kw):
@@ -59,6 +67,12 @@ def attach_random_ecs(model, fraction, rank, seed, scale=0.02):
 def llama1b(seed=0):
     """Llama-3.2-1B's shape (LlamaConfig built here), random weights, bf16, on the GPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
+    if DEV["tiny"]:  # the script's own smoke test: same code, a 2-layer model
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, vocab_size=128256, max_position_embeddings=4096,
+                          tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001)
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(cfg).to(DEV["device"], DEV["dtype"]).eval()
     cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
                       max_position_embeddings=4096, head_dim=64, bos_token_id=128000, eos_token_id=128001)
@@ -90,7 +104,8 @@ def reset_compiler():
     from spear_compile import passes
     torch._dynamo.reset()
     passes.clear()
-    torch.cuda.empty_cache()
+    if DEV["device"] == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ---- parts -------------------------------------------------------------------------------------------------------
@@ -104,16 +119,17 @@ def part_check(args):
     prompts = [torch.randint(3, 8000, (n,), generator=g).tolist() for n in lens]
     for ecs in (False, True):
         reset_compiler()
-        model = AutoModelForCausalLM.from_pretrained(REF, dtype=torch.bfloat16).cuda().eval()
+        model = AutoModelForCausalLM.from_pretrained(REF, dtype=DEV["dtype"]).to(DEV["device"]).eval()
         spear_compile.quantize(model, "w4-pc-rtn", progress=False)
         if ecs:
             attach_random_ecs(model, 0.15, 8, seed=1, scale=0.1)
         with torch.no_grad():
-            ref = [model.generate(torch.tensor([p], device="cuda"), max_new_tokens=new, min_new_tokens=new,
+            ref = [model.generate(torch.tensor([p], device=DEV["device"]), max_new_tokens=new, min_new_tokens=new,
                                   do_sample=False)[0, len(p):].tolist() for p in prompts]
         t0 = time.perf_counter()
         eng = Engine(model, tok, EngineConfig(max_num_seqs=8, max_num_tokens=64, token_buckets=(16, 32, 64),
-                                              max_model_len=256, num_blocks=256, policy="budget-32", device="cuda"))
+                                              max_model_len=256, num_blocks=256, policy="budget-32", device=DEV["device"],
+                                              dtype=DEV["dtype"], compile=not DEV["tiny"]))
         startup = time.perf_counter() - t0
         outs = eng.generate(prompts, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
         got = [o.output_token_ids for o in outs]
@@ -130,7 +146,8 @@ def run_engine(variant, args, reqs):
     reset_compiler()
     model, ecs = build(variant)
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_tokens=args.max_num_tokens, max_model_len=1024,
-                       policy=f"budget-{args.max_num_tokens}", device="cuda", detokenize=False,
+                       policy=f"budget-{args.max_num_tokens}", device=DEV["device"], detokenize=False, dtype=DEV["dtype"],
+                       compile=not DEV["tiny"], num_blocks=None if DEV["device"] == "cuda" else 2048,
                        gpu_memory_utilization=0.3)
     t0 = time.perf_counter()
     eng = Engine(model, None, cfg, model_name=f"llama1b-{variant}")
@@ -138,10 +155,10 @@ def run_engine(variant, args, reqs):
     samplings = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for _, o in reqs]
     prompts = [p for p, _ in reqs]
     eng.generate(prompts[:4], [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * 4)  # warm path
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     outs = eng.generate(prompts, samplings)
-    torch.cuda.synchronize()
+    sync()
     wall = time.perf_counter() - t0
     out_tokens = sum(o.num_output_tokens for o in outs)
     assert out_tokens == sum(o for _, o in reqs)
@@ -153,7 +170,7 @@ def run_engine(variant, args, reqs):
         recompiles=eng.stats().recompiles, preemptions=eng.num_preemptions, steps=eng.num_steps,
         graphs=len(eng.runner.graphs), decode_host_ms_median=round(1e3 * sorted(host)[len(host) // 2], 3) if host else None)
     for batch in (1, 16):
-        decode_rate(eng, variant, batch, args)
+        decode_rate(eng, variant, batch, args, new=args.decode_tokens + 1)
     del eng, model
 
 
@@ -169,7 +186,7 @@ def decode_rate(eng, variant, batch, args, new=129):
         last = eng.step_log[-1]
         if last.num_prefill_tokens == 0 and last.num_decodes == batch:
             break
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     tokens = 0
     host = []
@@ -177,7 +194,7 @@ def decode_rate(eng, variant, batch, args, new=129):
         outs = eng.step()
         tokens += sum(len(o.new_token_ids) for o in outs)
         host.append(eng.step_log[-1].host_s)
-    torch.cuda.synchronize()
+    sync()
     wall = time.perf_counter() - t0
     row(part="decode", variant=variant, batch=batch, tokens=tokens, tok_per_s=round(tokens / wall, 1),
         ms_per_step=round(1e3 * wall / max(1, len(host)), 3),
@@ -215,16 +232,16 @@ def part_hf(args):
         new = max(o for _, o in batch)
         cache = StaticCache(config=model.config, max_cache_len=max_len)
         with torch.no_grad():
-            model.generate(ids.cuda(), attention_mask=mask.cuda(), past_key_values=cache, max_new_tokens=new,
+            model.generate(ids.to(DEV["device"]), attention_mask=mask.to(DEV["device"]), past_key_values=cache, max_new_tokens=new,
                            min_new_tokens=new, do_sample=False)
     t0 = time.perf_counter()
     run(batches[0][:b])  # compile
     warm = time.perf_counter() - t0
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for batch in batches:
         run(batch)
-    torch.cuda.synchronize()
+    sync()
     wall = time.perf_counter() - t0
     useful = sum(o for _, o in reqs)
     row(part="hf", variant="bf16 HF generate", requests=len(reqs), batch=b, output_tokens=useful, wall_s=round(wall, 2),
@@ -234,7 +251,8 @@ def part_hf(args):
 
 
 def hf_generate_rate(model, batch, new=128, prompt=32, reps=2):
-    ids = torch.randint(10, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(batch)).cuda()
+    new = 128 if not DEV["tiny"] else 8
+    ids = torch.randint(10, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(batch)).to(DEV["device"])
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static")
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -242,10 +260,10 @@ def hf_generate_rate(model, batch, new=128, prompt=32, reps=2):
         warm = time.perf_counter() - t0
         best = float("inf")
         for _ in range(reps):
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             model.generate(ids, **kw)
-            torch.cuda.synchronize()
+            sync()
             best = min(best, time.perf_counter() - t0)
     return batch * new / best, warm
 
@@ -257,12 +275,12 @@ def part_hfcheck(args):
     for ecs in (False, True):
         reset_compiler()
         torch._dynamo.utils.counters.clear()
-        model = AutoModelForCausalLM.from_pretrained(REF, dtype=torch.bfloat16).cuda().eval()
+        model = AutoModelForCausalLM.from_pretrained(REF, dtype=DEV["dtype"]).to(DEV["device"]).eval()
         spear_compile.quantize(model, "w4-pc-rtn", progress=False)
         if ecs:
             attach_random_ecs(model, 0.15, 8, seed=1, scale=0.1)
         for batch in (1, 8):
-            ids = torch.randint(3, 8000, (batch, 12), generator=torch.Generator().manual_seed(batch)).cuda()
+            ids = torch.randint(3, 8000, (batch, 12), generator=torch.Generator().manual_seed(batch)).to(DEV["device"])
             kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, cache_implementation="static")
             with torch.no_grad():
                 want = model.generate(ids, disable_compile=True, **kw)
@@ -372,15 +390,19 @@ def main():
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-tokens", type=int, default=512)
     ap.add_argument("--hf-batch", type=int, default=64)
+    ap.add_argument("--decode-tokens", type=int, default=128, help="tokens timed per decode-rate run")
     ap.add_argument("--deadline", type=float, default=1e9, help="skip parts starting after this many seconds")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer model in place of the 1B shape (smoke test)")
     ap.add_argument("--json", action="store_true", help="print all rows as one JSON list last")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    DEV.update(device=args.device, tiny=args.tiny, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
     torch.backends.cuda.matmul.allow_tf32 = True
     import transformers
     import triton
-    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+    env = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu" + (" (tiny smoke)" if args.tiny else ""), torch=torch.__version__, triton=triton.__version__,
                transformers=transformers.__version__, command="python " + " ".join(sys.argv),
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     row(part="env", **env)

@@ -26,7 +26,7 @@ from ..errors import SpearError
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVBlockManager
-from .model_runner import ModelRunner
+from .model_runner import MIN_DIM, ModelRunner
 from .request import Request, RequestStatus, SamplingParams
 from .sampling import Sampler
 from .scheduler.base import Policy, Scheduler
@@ -113,8 +113,9 @@ class Engine:
         self.max_model_len = self.runner.max_model_len
         self.blocks = KVBlockManager(self.runner.num_blocks, config.block_size)
         self.policy = make_policy(config.policy)
-        self.scheduler = Scheduler(self.blocks, self.policy, config.max_num_seqs, config.max_num_tokens,
-                                   config.token_buckets)
+        # a step with fewer than MIN_DIM decodes gets padding decode rows: keep room for them in the largest bucket
+        self.scheduler = Scheduler(self.blocks, self.policy, config.max_num_seqs,
+                                   max(config.max_num_seqs, config.max_num_tokens - MIN_DIM), config.token_buckets)
         self.sampler = Sampler(dev, config.seed)
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         self.vocab_size = int(model.config.vocab_size)

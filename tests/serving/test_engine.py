@@ -200,3 +200,30 @@ def test_add_request_validation(toy_engine):
     eng.add_request([1, 2], greedy(), request_id="dup")
     with pytest.raises(SpearError, match="already in use"):
         eng.add_request([1, 2], greedy(), request_id="dup")
+
+
+def test_async_stream_and_disconnect(toy_engine):
+    import asyncio
+
+    from spear_compile.serving import AsyncEngine
+    eng = toy_engine
+
+    async def main():
+        ae = AsyncEngine(eng)
+        await ae.start()
+        outs = [o async for o in ae.generate(prompts()[0], greedy(max_tokens=5))]
+        assert outs[-1].finished and sum(len(o.new_token_ids) for o in outs) == 5
+        assert [t for o in outs for t in o.new_token_ids] == outs[-1].output_token_ids
+        stream = ae.generate(prompts()[1], greedy(max_tokens=200))   # the consumer leaves after one output
+        async for _ in stream:
+            break
+        await stream.aclose()
+        for _ in range(500):
+            if not eng.has_unfinished():
+                break
+            await asyncio.sleep(0.01)
+        await ae.shutdown()
+
+    asyncio.run(main())
+    assert not eng.has_unfinished()
+    assert eng.blocks.num_free_blocks == eng.blocks.num_usable_blocks
