@@ -221,6 +221,7 @@ def part_hf(args):
     b = args.hf_batch
     max_len = 512 + 256
     batches = [reqs[i:i + b] for i in range(0, len(reqs), b)]
+    cache = StaticCache(config=model.config, max_cache_len=max_len)  # one cache: HF's compiled decode keeps its shapes
 
     def run(batch):
         p = max(len(x) for x, _ in batch)
@@ -230,7 +231,7 @@ def part_hf(args):
             ids[i, p - len(x):] = torch.tensor(x)
             mask[i, p - len(x):] = 1
         new = max(o for _, o in batch)
-        cache = StaticCache(config=model.config, max_cache_len=max_len)
+        cache.reset()
         with torch.no_grad():
             model.generate(ids.to(DEV["device"]), attention_mask=mask.to(DEV["device"]), past_key_values=cache, max_new_tokens=new,
                            min_new_tokens=new, do_sample=False)

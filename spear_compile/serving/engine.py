@@ -9,6 +9,7 @@ stop strings / max_tokens / max_model_len, freeing their blocks. ``generate`` is
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import threading
@@ -148,8 +149,7 @@ class Engine:
         from ..quantize import as_config, quantize
         qconfig = as_config(quant) if quant is not None else None  # validates the spec before loading
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if config.device is None:
-            config.device = device
+        config = dataclasses.replace(config, device=device)  # the caller's config is left as it was
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=config.dtype).to(device).eval()
         if qconfig is not None:
             quantize(model, qconfig, progress=False)
