@@ -177,14 +177,14 @@ def run_engine(variant, args, reqs):
 def decode_rate(eng, variant, batch, args, new=129):
     """Decode tokens/s with ``batch`` requests (prompt 32) decoding together: wall clock over decode-only steps."""
     from spear_compile.serving import SamplingParams
+    batch = min(batch, eng.config.max_num_seqs)
     rng = random.Random(batch)
     for _ in range(batch):
         eng.add_request([rng.randrange(10, 1000) for _ in range(32)], SamplingParams(max_tokens=new, temperature=0.0,
                                                                                  ignore_eos=True))
-    while True:  # prefill steps
+    while eng.has_unfinished():  # until every request decodes (prefills done)
         eng.step()
-        last = eng.step_log[-1]
-        if last.num_prefill_tokens == 0 and last.num_decodes == batch:
+        if all(r.num_tokens_to_compute == 1 for r in eng.scheduler.running) and not eng.scheduler.waiting:
             break
     sync()
     t0 = time.perf_counter()
