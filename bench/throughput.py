@@ -352,7 +352,7 @@ def markdown(env):
         lines.append("")
     dec = [r for r in ROWS if r.get("part") == "decode" and "tok_per_s" in r]
     if dec:
-        lines += ["## Engine decode tokens/s (decode-only steps, wall clock, prompt 32, 128 tokens)", "",
+        lines += ["## Engine decode tokens/s (decode-only steps, wall clock, prompt 32, --decode-tokens new tokens)", "",
                   "| variant | batch | tok/s | vs bf16 engine | ms/step | host ms/step (median) |", "|---|---|---|---|---|---|"]
         for r in dec:
             b = next((x["tok_per_s"] for x in dec if x["variant"] == "bf16" and x["batch"] == r["batch"]), None)
