@@ -16,7 +16,6 @@ along; padded to token buckets). ``use_ec`` is a Python bool argument: each EC s
 from __future__ import annotations
 
 import array
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -339,7 +338,8 @@ class ModelRunner:
         views[4] = views[4].view(batch, width)
         return tuple(views)
 
-    def _width(self, reqs, extra_tokens) -> int:
+    def _width(self, reqs) -> int:
+        """The block-table bucket holding every request's blocks."""
         need = max([len(r.block_ids) for r in reqs] + [1])
         return next_bucket(max(need, MIN_DIM), self.table_buckets)
 
@@ -356,7 +356,7 @@ class ModelRunner:
     def _decode(self, decodes, use_ec):
         n = len(decodes)
         batch = next_bucket(max(n, 1), self.decode_buckets)
-        width = self._width(decodes, 1)
+        width = self._width(decodes)
         flat = self.decode_inputs(decodes, batch, width)
         key = (use_ec and self.net.has_ecs, batch, width)
         g = self.graphs.get(key)
@@ -379,7 +379,7 @@ class ModelRunner:
             so += o
         for _ in range(nd - len(decodes)):  # dummy decode rows (prefill-only step)
             ids.append(0), pos.append(0), sb.append(PAD_BLOCK), so.append(0)
-        d_width = self._width(decodes, 1)
+        d_width = self._width(decodes)
         d_tables = self._table(decodes, d_width) + [PAD_BLOCK] * ((nd - len(decodes)) * d_width)
         d_ctx = [r.num_computed_tokens + 1 for r in decodes] + [1] * (nd - len(decodes))
         logits_rows = list(range(len(decodes)))
@@ -409,7 +409,7 @@ class ModelRunner:
         so += [0] * pad
         q_index = [row + [total] * (q_len - len(row)) for row in q_index] + [[total] * q_len] * (num_p - len(prefills))
         q_pos = [row + [0] * (q_len - len(row)) for row in q_pos] + [[0] * q_len] * (num_p - len(prefills))
-        p_width = self._width([r for r, _ in prefills], 0)
+        p_width = self._width([r for r, _ in prefills])
         p_tables = self._table([r for r, _ in prefills], p_width) + [PAD_BLOCK] * ((num_p - len(prefills)) * p_width)
         num_rows = len(logits_rows)
         s = max(num_rows, MIN_DIM)
