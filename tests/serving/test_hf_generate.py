@@ -29,3 +29,20 @@ def test_generate_after_optimize_equals_eager(ecs, fresh_compile):
     assert torch.equal(got, want)
     assert torch.equal(again, want)
     assert hasattr(model.forward, "_spear_compiled")
+
+
+def test_decode_only_routing():
+    """Under CUDA-graph modes: multi-token calls and calls whose static cache is not allocated yet run eagerly."""
+    from types import SimpleNamespace
+
+    from spear_compile.optimize import _decode_only
+    calls = []
+    fwd = _decode_only(lambda *a, **k: calls.append("eager"), lambda *a, **k: calls.append("compiled"))
+    fresh = SimpleNamespace(layers=[SimpleNamespace(is_initialized=False)])
+    ready = SimpleNamespace(layers=[SimpleNamespace(is_initialized=True)])
+    fwd(input_ids=torch.zeros(2, 5, dtype=torch.long), past_key_values=fresh)
+    fwd(input_ids=torch.zeros(2, 1, dtype=torch.long), past_key_values=fresh)
+    fwd(input_ids=torch.zeros(2, 1, dtype=torch.long), past_key_values=ready)
+    fwd(torch.zeros(1, 1, dtype=torch.long))
+    fwd(inputs_embeds=torch.zeros(1, 3, 8))
+    assert calls == ["eager", "eager", "compiled", "compiled", "eager"]
