@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 
 from .errors import SpearError
 
-SUBCOMMANDS = {"calibrate": "spear_compile.ec.cli", "inspect": "spear_compile.compile.inspection"}
+SUBCOMMANDS = {"calibrate": "spear_compile.ec.cli", "inspect": "spear_compile.compile.inspection",
+               "serve": "spear_compile.serving.cli"}
 
 TABLE_KEYS = ("model", "data", "quant", "device", "seq_len", "windows", "tokens", "fp_ppl", "quant_ppl",
               "ec_ppl", "gap_recovered", "model_bytes_fp", "model_bytes_quant", "quantized_weight_bytes",

@@ -104,12 +104,53 @@ def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn
         kw["options"] = options
     if _is_hf(model):
         model.generation_config.disable_compile = True
-        model.forward = torch.compile(model.forward, **kw)
+        if cudagraphs_mode(mode, options) and getattr(model.generation_config, "cache_implementation", None) is None:
+            model.generation_config.cache_implementation = "static"  # CUDA graphs need fixed cache shapes
+        compiled = torch.compile(model.forward, **kw)
+        model.forward = _decode_only(model.forward, compiled) if cudagraphs_mode(mode, options) else compiled
         model.spear_records = backend.records
         return model
     compiled = torch.compile(model, **kw)
     compiled.spear_records = backend.records
     return compiled
+
+
+def cudagraphs_mode(mode, options) -> bool:
+    return mode in ("reduce-overhead", "max-autotune") or bool((options or {}).get("triton.cudagraphs"))
+
+
+def _decode_only(eager_forward, compiled_forward):
+    """An HF forward for CUDA-graph modes: one new token per row (decode) runs ``compiled_forward``, anything else
+    (prefill) runs ``eager_forward``, as HF's own compiled ``generate`` does.
+
+    Why: transformers allocates a static cache's tensors lazily, inside the first forward that updates them (the
+    prefill). Compiled under CUDA graphs, that forward allocates them from the graph's private memory pool: they are
+    graph outputs, and the next replay overwrites them ("accessing tensor output of CUDAGraphs that has been
+    overwritten by a subsequent run", raised from the cache's ``index_copy_``). Run eagerly, the prefill allocates
+    them as ordinary tensors (marked static by transformers) that the decode graph updates in place. It also keeps
+    every prompt length from compiling and recording a graph of its own. ``torch.compiler.cudagraph_mark_step_begin``
+    before each decode call: the previous step's outputs (logits) may be overwritten, as generate copies them first.
+
+    Supported path: ``optimize(model, mode="reduce-overhead")`` then ``model.generate(..., cache_implementation=
+    "static")`` (``optimize`` makes the static cache the default when none is set); with and without ECs."""
+    import functools
+
+    @functools.wraps(eager_forward)
+    def forward(*args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+            new_tokens = ids.shape[1] if ids is not None and ids.dim() == 3 else None
+        else:
+            new_tokens = ids.shape[-1]
+        cache = kwargs.get("past_key_values")
+        fresh = any(not getattr(layer, "is_initialized", True) for layer in getattr(cache, "layers", ()))
+        if new_tokens != 1 or fresh:  # prefill, or a one-token prompt whose cache is not allocated yet
+            return eager_forward(*args, **kwargs)
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled_forward(*args, **kwargs)
+    forward._spear_compiled = compiled_forward
+    return forward
 
 
 def module_guard_free_options(mode: Optional[str] = None) -> dict:

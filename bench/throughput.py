@@ -1,0 +1,430 @@
+"""Serving engine on one GPU: offline throughput, decode tokens/s, HF ``generate()`` after ``optimize``.
+
+    python bench/throughput.py [--parts check,engine,hf,hfgen] [--requests 256] [--json] [--out DIR]
+
+Parts (each reports rows; a part that fails is reported and the others go on):
+* ``check``: spear-ref-16m W4 (+3 random gated ECs) on the GPU: the engine's greedy tokens for a mixed batch of prompt
+  lengths vs HF eager ``generate`` of the same model, and zero recompiles after start-up.
+* ``engine``: Llama-3.2-1B shape, random weights: the same ``--requests`` requests (seeded prompt lengths 32-512,
+  output lengths 32-256, ignore EOS, greedy) through the engine for bf16, W4 (per-channel RTN) and W4 + gated r=32 ECs
+  on ~10% of the linears; tokens/s; then batch-1 and batch-16 decode tokens/s (decode-only steps, wall clock).
+* ``hf``: the same requests through HF ``generate`` (bf16, static cache, HF's own compiled decode, padded batches of
+  ``--hf-batch`` in arrival order, each batch running to its longest output).
+* ``hfgen``: HF ``generate()`` (128 new tokens, batch 1 and 8): bf16 with HF's compiled generate (static cache) vs
+  ``optimize(mode="reduce-overhead")`` W4 and W4+EC; greedy tokens vs eager on spear-ref-16m.
+Writes ``serving_throughput.md`` and ``serving_throughput.json`` under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import sys
+import time
+import traceback
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))  # run as a script: bench/ off the path (bench/kernels.py would
+# shadow the `kernels` package transformers may import); run as `python -m bench.throughput` from the repo root
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+import spear_compile  # noqa: E402
+from spear_compile.ec.module import CompensatedLinear  # noqa: E402
+
+REF = os.path.join(os.path.dirname(spear_compile.__file__), "assets", "spear-ref-16m")
+ROWS = []
+DEV = {"device": "cuda", "tiny": False, "dtype": torch.bfloat16}  # --device / --tiny (a CPU smoke run of the script)
+
+
+def sync():
+    if DEV["device"] == "cuda":
+        sync()
+
+
+def row(**kw):
+    ROWS.append(kw)
+    print(json.dumps(kw), flush=True)
+
+
+def attach_random_ecs(model, fraction, rank, seed, scale=0.02):
+    """Gated ECs of random weights on a random ``fraction`` of the linears (not the LM head); as bench/decode_e2e.py."""
+    rng = random.Random(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    chosen = sorted(rng.sample(names, max(1, round(fraction * len(names)))))
+    for name in chosen:
+        parent, attr = name.rsplit(".", 1)
+        par = model.get_submodule(parent)
+        ec = CompensatedLinear.wrap(getattr(par, attr), rank, gate="sigmoid")
+        for p in ec.ec_parameters():
+            p.data = (torch.randn(p.shape, generator=gen) * scale).to(p.device, p.dtype)
+        setattr(par, attr, ec)
+    return chosen
+
+
+def llama1b(seed=0):
+    """Llama-3.2-1B's shape (LlamaConfig built here), random weights, bf16, on the GPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    if DEV["tiny"]:  # the script's own smoke test: same code, a 2-layer model
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, vocab_size=128256, max_position_embeddings=4096,
+                          tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001)
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(cfg).to(DEV["device"], DEV["dtype"]).eval()
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                      max_position_embeddings=4096, head_dim=64, bos_token_id=128000, eos_token_id=128001)
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+def build(variant: str, seed=0):
+    model = llama1b(seed)
+    ecs = []
+    if variant != "bf16":
+        spear_compile.quantize(model, "w4-pc-rtn", progress=False)
+        if variant == "w4+ec":
+            ecs = attach_random_ecs(model, 0.10, 32, seed=2)
+    return model, ecs
+
+
+def make_requests(n, seed, vocab):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p, o = rng.randint(32, 512), rng.randint(32, 256)
+        out.append(([rng.randrange(10, vocab) for _ in range(p)], o))
+    return out
+
+
+def reset_compiler():
+    torch._dynamo.reset()  # the passes' records are per compile: nothing else to clear
+    if DEV["device"] == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---- parts -------------------------------------------------------------------------------------------------------
+def part_check(args):
+    """spear-ref-16m on the GPU: engine greedy == HF eager generate greedy, with and without ECs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from spear_compile.serving import Engine, EngineConfig, SamplingParams
+    tok = AutoTokenizer.from_pretrained(REF)
+    lens, new = (5, 23, 40, 9, 17, 64), 24
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 8000, (n,), generator=g).tolist() for n in lens]
+    for ecs in (False, True):
+        reset_compiler()
+        model = AutoModelForCausalLM.from_pretrained(REF, dtype=DEV["dtype"]).to(DEV["device"]).eval()
+        spear_compile.quantize(model, "w4-pc-rtn", progress=False)
+        if ecs:
+            attach_random_ecs(model, 0.15, 8, seed=1, scale=0.1)
+        with torch.no_grad():
+            ref = [model.generate(torch.tensor([p], device=DEV["device"]), max_new_tokens=new, min_new_tokens=new,
+                                  do_sample=False)[0, len(p):].tolist() for p in prompts]
+        t0 = time.perf_counter()
+        eng = Engine(model, tok, EngineConfig(max_num_seqs=8, max_num_tokens=64, token_buckets=(16, 32, 64),
+                                              max_model_len=256, num_blocks=256, policy="budget-32", device=DEV["device"],
+                                              dtype=DEV["dtype"], compile=not DEV["tiny"]))
+        startup = time.perf_counter() - t0
+        outs = eng.generate(prompts, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
+        got = [o.output_token_ids for o in outs]
+        first_diff = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(got, ref)]
+        st = eng.stats()
+        row(part="check", ecs=ecs, identical=got == ref, identical_requests=sum(d is None for d in first_diff),
+            requests=len(ref), first_mismatch_at=first_diff, recompiles=st.recompiles, startup_s=round(startup, 1),
+            graphs=len(eng.runner.graphs), blocks_free=eng.blocks.num_free_blocks == eng.blocks.num_usable_blocks)
+        del eng, model
+
+
+def run_engine(variant, args, reqs):
+    from spear_compile.serving import Engine, EngineConfig, SamplingParams
+    reset_compiler()
+    model, ecs = build(variant)
+    cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_tokens=args.max_num_tokens, max_model_len=1024,
+                       policy=f"budget-{args.max_num_tokens}", device=DEV["device"], detokenize=False, dtype=DEV["dtype"],
+                       compile=not DEV["tiny"], num_blocks=None if DEV["device"] == "cuda" else 2048,
+                       gpu_memory_utilization=0.3)
+    t0 = time.perf_counter()
+    eng = Engine(model, None, cfg, model_name=f"llama1b-{variant}")
+    startup = time.perf_counter() - t0
+    samplings = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for _, o in reqs]
+    prompts = [p for p, _ in reqs]
+    eng.generate(prompts[:4], [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * 4)  # warm path
+    sync()
+    t0 = time.perf_counter()
+    outs = eng.generate(prompts, samplings)
+    sync()
+    wall = time.perf_counter() - t0
+    out_tokens = sum(o.num_output_tokens for o in outs)
+    assert out_tokens == sum(o for _, o in reqs)
+    steps = list(eng.step_log)[-eng.num_steps:]
+    host = [r.host_s for r in steps if r.num_prefill_tokens == 0]
+    row(part="engine", variant=variant, ecs=len(ecs), requests=len(reqs), output_tokens=out_tokens,
+        prompt_tokens=sum(len(p) for p in prompts), wall_s=round(wall, 2), tok_per_s=round(out_tokens / wall, 1),
+        total_tok_per_s=round((out_tokens + sum(len(p) for p in prompts)) / wall, 1), startup_s=round(startup, 1),
+        recompiles=eng.stats().recompiles, preemptions=eng.num_preemptions, steps=eng.num_steps,
+        graphs=len(eng.runner.graphs), decode_host_ms_median=round(1e3 * sorted(host)[len(host) // 2], 3) if host else None)
+    for batch in (1, 16):
+        decode_rate(eng, variant, batch, args, new=args.decode_tokens + 1)
+    del eng, model
+
+
+def decode_rate(eng, variant, batch, args, new=129):
+    """Decode tokens/s with ``batch`` requests (prompt 32) decoding together: wall clock over decode-only steps."""
+    from spear_compile.serving import SamplingParams
+    batch = min(batch, eng.config.max_num_seqs)
+    rng = random.Random(batch)
+    for _ in range(batch):
+        eng.add_request([rng.randrange(10, 1000) for _ in range(32)], SamplingParams(max_tokens=new, temperature=0.0,
+                                                                                 ignore_eos=True))
+    while eng.has_unfinished():  # until every request decodes (prefills done)
+        eng.step()
+        if all(r.num_tokens_to_compute == 1 for r in eng.scheduler.running) and not eng.scheduler.waiting:
+            break
+    sync()
+    t0 = time.perf_counter()
+    tokens = 0
+    host = []
+    while eng.has_unfinished():
+        outs = eng.step()
+        tokens += sum(len(o.new_token_ids) for o in outs)
+        host.append(eng.step_log[-1].host_s)
+    sync()
+    wall = time.perf_counter() - t0
+    row(part="decode", variant=variant, batch=batch, tokens=tokens, tok_per_s=round(tokens / wall, 1),
+        ms_per_step=round(1e3 * wall / max(1, len(host)), 3),
+        host_ms_per_step=round(1e3 * sorted(host)[len(host) // 2], 3), recompiles=eng.stats().recompiles)
+
+
+def part_engine(args):
+    reqs = make_requests(args.requests, args.seed, 128256)
+    for variant in args.variants.split(","):
+        try:
+            run_engine(variant, args, reqs)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            row(part="engine", variant=variant, error=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def part_hf(args):
+    """HF generate, bf16, static cache (HF's compiled decode), padded batches in arrival order."""
+    from transformers import StaticCache
+    reset_compiler()
+    reqs = make_requests(args.requests, args.seed, 128256)
+    model, _ = build("bf16")
+    model.generation_config.pad_token_id = 0
+    b = args.hf_batch
+    max_len = 512 + 256
+    batches = [reqs[i:i + b] for i in range(0, len(reqs), b)]
+    cache = StaticCache(config=model.config, max_cache_len=max_len)  # one cache: HF's compiled decode keeps its shapes
+
+    def run(batch):
+        p = max(len(x) for x, _ in batch)
+        ids = torch.zeros(len(batch), p, dtype=torch.long)
+        mask = torch.zeros(len(batch), p, dtype=torch.long)
+        for i, (x, _) in enumerate(batch):  # left padding
+            ids[i, p - len(x):] = torch.tensor(x)
+            mask[i, p - len(x):] = 1
+        new = max(o for _, o in batch)
+        cache.reset()
+        with torch.no_grad():
+            model.generate(ids.to(DEV["device"]), attention_mask=mask.to(DEV["device"]), past_key_values=cache, max_new_tokens=new,
+                           min_new_tokens=new, do_sample=False)
+    t0 = time.perf_counter()
+    run(batches[0][:b])  # compile
+    warm = time.perf_counter() - t0
+    sync()
+    t0 = time.perf_counter()
+    for batch in batches:
+        run(batch)
+    sync()
+    wall = time.perf_counter() - t0
+    useful = sum(o for _, o in reqs)
+    row(part="hf", variant="bf16 HF generate", requests=len(reqs), batch=b, output_tokens=useful, wall_s=round(wall, 2),
+        tok_per_s=round(useful / wall, 1), generated_tokens=sum(len(bt) * max(o for _, o in bt) for bt in batches),
+        warmup_s=round(warm, 1))
+    del model
+
+
+def hf_generate_rate(model, batch, new=128, prompt=32, reps=2):
+    new = 128 if not DEV["tiny"] else 8
+    ids = torch.randint(10, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(batch)).to(DEV["device"])
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model.generate(ids, **kw)  # compile / capture
+        warm = time.perf_counter() - t0
+        best = float("inf")
+        for _ in range(reps):
+            sync()
+            t0 = time.perf_counter()
+            model.generate(ids, **kw)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+    return batch * new / best, warm
+
+
+def part_hfcheck(args):
+    """HF generate() after optimize on spear-ref-16m: greedy tokens vs eager, batch 1 and 8, with and without ECs."""
+    from transformers import AutoModelForCausalLM
+    from spear_compile.compile.api import optimize
+    for ecs in (False, True):
+        reset_compiler()
+        torch._dynamo.utils.counters.clear()
+        model = AutoModelForCausalLM.from_pretrained(REF, dtype=DEV["dtype"]).to(DEV["device"]).eval()
+        spear_compile.quantize(model, "w4-pc-rtn", progress=False)
+        if ecs:
+            attach_random_ecs(model, 0.15, 8, seed=1, scale=0.1)
+        for batch in (1, 8):
+            ids = torch.randint(3, 8000, (batch, 12), generator=torch.Generator().manual_seed(batch)).to(DEV["device"])
+            kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, cache_implementation="static")
+            with torch.no_grad():
+                want = model.generate(ids, disable_compile=True, **kw)
+                if batch == 1:
+                    optimize(model, quant=None, mode="reduce-overhead", fullgraph=True, dynamic=False)
+                got = model.generate(ids, **kw)
+                again = model.generate(ids, **kw)
+            row(part="hfgen-check", ecs=ecs, batch=batch, identical=bool(torch.equal(got, want)),
+                identical_rerun=bool(torch.equal(again, want)), mismatches=int((got != want).sum()),
+                cudagraph_skips=int(torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)))
+        del model
+
+
+def part_hfgen(args):
+    """HF generate() tokens/s on the 1B shape: bf16 under HF's compiled generate vs optimize()d W4 / W4+EC."""
+    from spear_compile.compile.api import optimize
+    for variant in [v for v in args.hfgen_variants.split(",") if v]:
+        try:
+            reset_compiler()
+            torch._dynamo.utils.counters.clear()
+            model, ecs = build(variant)
+            if variant == "bf16":
+                from transformers import CompileConfig
+                model.generation_config.compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead")
+            else:
+                optimize(model, quant=None, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            for batch in (1, 8):
+                rate, warm = hf_generate_rate(model, batch)
+                row(part="hfgen", variant=variant, ecs=len(ecs), batch=batch, tok_per_s=round(rate, 1), warmup_s=round(warm, 1),
+                    cudagraph_skips=int(torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)))
+            del model
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            row(part="hfgen", variant=variant, error=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def markdown(env):
+    lines = [f"# Serving engine: throughput and decode ({env['device']})", "",
+             f"{env['date']}, torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}. "
+             f"Command: `{env['command']}`", ""]
+    chk = [r for r in ROWS if r.get("part") == "check"]
+    if chk:
+        lines += ["## Greedy tokens vs HF eager generate (spear-ref-16m, W4 per-channel RTN, GPU)", "",
+                  "| ECs | identical requests | first mismatch at | recompiles after start-up | CUDA graphs | start-up s |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['ecs']} | {r['identical_requests']}/{r['requests']} | {r['first_mismatch_at']} | {r['recompiles']} | "
+                  f"{r['graphs']} | {r['startup_s']} |" for r in chk if "error" not in r]
+        lines.append("")
+    eng = {r["variant"]: r for r in ROWS if r.get("part") == "engine" and "tok_per_s" in r}
+    hf = next((r for r in ROWS if r.get("part") == "hf" and "tok_per_s" in r), None)
+    if eng or hf:
+        lines += ["## Offline throughput (Llama-3.2-1B shape, random weights, same requests)", "",
+                  "| system | output tok/s | vs HF generate bf16 | vs bf16 engine | wall s | start-up s | recompiles | preemptions |",
+                  "|---|---|---|---|---|---|---|---|"]
+        base_eng = eng.get("bf16", {}).get("tok_per_s")
+        for v, r in eng.items():
+            vs_hf = f"{r['tok_per_s'] / hf['tok_per_s']:.2f}x" if hf else "-"
+            vs_b = f"{r['tok_per_s'] / base_eng:.2f}x" if base_eng else "-"
+            lines.append(f"| engine {v} ({r['ecs']} ECs) | {r['tok_per_s']} | {vs_hf} | {vs_b} | {r['wall_s']} | "
+                         f"{r['startup_s']} | {r['recompiles']} | {r['preemptions']} |")
+        if hf:
+            lines.append(f"| HF generate bf16 (static cache, batches of {hf['batch']}) | {hf['tok_per_s']} | 1.00x | - | "
+                         f"{hf['wall_s']} | {hf['warmup_s']} | - | - |")
+        lines.append("")
+    dec = [r for r in ROWS if r.get("part") == "decode" and "tok_per_s" in r]
+    if dec:
+        lines += ["## Engine decode tokens/s (decode-only steps, wall clock, prompt 32, --decode-tokens new tokens)", "",
+                  "| variant | batch | tok/s | vs bf16 engine | ms/step | host ms/step (median) |", "|---|---|---|---|---|---|"]
+        for r in dec:
+            b = next((x["tok_per_s"] for x in dec if x["variant"] == "bf16" and x["batch"] == r["batch"]), None)
+            lines.append(f"| {r['variant']} | {r['batch']} | {r['tok_per_s']} | {ratio(r['tok_per_s'], b)} | "
+                         f"{r['ms_per_step']} | {r['host_ms_per_step']} |")
+        lines.append("")
+    gen = [r for r in ROWS if r.get("part") == "hfgen" and "tok_per_s" in r]
+    gchk = [r for r in ROWS if r.get("part") == "hfgen-check"]
+    if gen or gchk:
+        lines += ["## HF generate() after optimize(mode=\"reduce-overhead\")", ""]
+        if gchk:
+            lines += ["| spear-ref-16m | batch | greedy == eager | rerun == eager | cudagraph skips |", "|---|---|---|---|---|"]
+            lines += [f"| W4{' + ECs' if r['ecs'] else ''} | {r['batch']} | {r['identical']} | {r['identical_rerun']} | "
+                      f"{r['cudagraph_skips']} |" for r in gchk]
+            lines.append("")
+        if gen:
+            lines += ["| 1B variant | batch | tok/s | vs bf16 HF compiled generate | cudagraph skips |", "|---|---|---|---|---|"]
+            for r in gen:
+                b = next((x["tok_per_s"] for x in gen if x["variant"] == "bf16" and x["batch"] == r["batch"]), None)
+                lines.append(f"| {r['variant']} | {r['batch']} | {r['tok_per_s']} | {ratio(r['tok_per_s'], b)} | "
+                             f"{r['cudagraph_skips']} |")
+            lines.append("")
+    errs = [r for r in ROWS if "error" in r]
+    if errs:
+        lines += ["## Errors", ""] + [f"- {r['part']} {r.get('variant', '')}: {r['error']}" for r in errs] + [""]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="check,hfcheck,engine,hf,hfgen")
+    ap.add_argument("--variants", default="bf16,w4,w4+ec")
+    ap.add_argument("--hfgen-variants", default="bf16,w4,w4+ec")
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-tokens", type=int, default=512)
+    ap.add_argument("--hf-batch", type=int, default=64)
+    ap.add_argument("--decode-tokens", type=int, default=128, help="tokens timed per decode-rate run")
+    ap.add_argument("--deadline", type=float, default=1e9, help="skip parts starting after this many seconds")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer model in place of the 1B shape (smoke test)")
+    ap.add_argument("--json", action="store_true", help="print all rows as one JSON list last")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    DEV.update(device=args.device, tiny=args.tiny, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    import transformers
+    import triton
+    env = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu" + (" (tiny smoke)" if args.tiny else ""), torch=torch.__version__, triton=triton.__version__,
+               transformers=transformers.__version__, command="python " + " ".join(sys.argv),
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    row(part="env", **env)
+    parts = {"check": part_check, "hfcheck": part_hfcheck, "engine": part_engine, "hf": part_hf, "hfgen": part_hfgen}
+    start = time.perf_counter()
+    for name in args.parts.split(","):
+        if time.perf_counter() - start > args.deadline:
+            row(part=name, error=f"skipped: past --deadline {args.deadline}s")
+            continue
+        try:
+            parts[name](args)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            row(part=name, error=f"{type(e).__name__}: {str(e)[:400]}")
+    md = markdown(env)
+    with open(os.path.join(args.out, "serving_throughput.md"), "w") as f:
+        f.write(md + "\n")
+    with open(os.path.join(args.out, "serving_throughput.json"), "w") as f:
+        json.dump(ROWS, f, indent=1)
+    print(md)
+    if args.json:
+        print(json.dumps(ROWS))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Engine configuration."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..errors import SpearError
+
+
+def powers_of_two_up_to(n: int, start: int = 1) -> tuple:
+    out, b = [], start
+    while b < n:
+        out.append(b)
+        b *= 2
+    out.append(n)
+    return tuple(out)
+
+
+@dataclass
+class EngineConfig:
+    """``max_num_seqs``: most requests running at once (the largest decode bucket). ``max_model_len``: most tokens
+    (prompt + output) per request (None: the model's ``max_position_embeddings``, capped by the KV cache).
+    ``block_size``: tokens per KV block. ``num_blocks``: KV blocks (None: from ``gpu_memory_utilization`` on CUDA,
+    ``cpu_num_blocks`` on CPU). ``max_num_tokens``: most tokens in one step (the largest token bucket).
+    ``policy``: a scheduler policy name (``make_policy``). ``cuda_graphs``: decode-only steps replay CUDA graphs
+    per batch bucket (1, 2, 4, ..., max_num_seqs) and mixed steps per token bucket (CUDA only). ``compile``:
+    compile the step function with the ``spear`` backend (all buckets at start-up)."""
+    max_num_seqs: int = 64
+    max_model_len: Optional[int] = None
+    block_size: int = 16
+    num_blocks: Optional[int] = None
+    max_num_tokens: int = 2048
+    policy: str = "budget-512"
+    ttft_slo_ms: Optional[float] = None
+    tpot_slo_ms: Optional[float] = None
+    cuda_graphs: bool = True
+    compile: bool = True
+    device: Optional[str] = None
+    dtype: torch.dtype = torch.bfloat16
+    seed: int = 0
+    gpu_memory_utilization: float = 0.5   # share of the free GPU memory (after weights) given to the KV cache
+    cpu_num_blocks: int = 512
+    min_token_bucket: int = 16
+    decode_buckets: Optional[tuple] = None  # None: powers of two up to max_num_seqs
+    token_buckets: Optional[tuple] = None   # None: powers of two from min_token_bucket up to max_num_tokens
+    detokenize: bool = True                 # incremental text per request (requests with stop strings always)
+    cuda_graphs_stand_in: bool = False      # tests: off CUDA, decode "graphs" re-run the function on static buffers
+    progress: bool = True                   # a progress bar (stderr) while compiling / capturing at start-up
+    step_log_size: int = 4096
+
+    def __post_init__(self):
+        def pos_int(name, lo=1):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise SpearError(f"EngineConfig: {name}={v!r} must be an integer >= {lo}")
+        for name in ("max_num_seqs", "block_size", "max_num_tokens", "cpu_num_blocks", "min_token_bucket",
+                     "step_log_size"):
+            pos_int(name)
+        if self.num_blocks is not None:
+            pos_int("num_blocks", 2)
+        if self.max_model_len is not None:
+            pos_int("max_model_len", 2)
+        if self.max_num_tokens < self.max_num_seqs:
+            raise SpearError(f"EngineConfig: max_num_tokens={self.max_num_tokens} must be >= max_num_seqs="
+                             f"{self.max_num_seqs} (a step holds one token per running decode)")
+        if not 0.0 < self.gpu_memory_utilization <= 0.95:
+            raise SpearError(f"EngineConfig: gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 0.95]")
+        for name in ("ttft_slo_ms", "tpot_slo_ms"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and v > 0):
+                raise SpearError(f"EngineConfig: {name}={v!r} must be a positive number of milliseconds or None")
+        if self.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise SpearError(f"EngineConfig: dtype={self.dtype} must be bfloat16, float16 or float32")
+        if self.decode_buckets is None:
+            self.decode_buckets = powers_of_two_up_to(self.max_num_seqs)
+        if self.token_buckets is None:
+            self.token_buckets = powers_of_two_up_to(self.max_num_tokens, min(self.min_token_bucket, self.max_num_tokens))
+        self.decode_buckets = tuple(sorted(set(self.decode_buckets)))
+        self.token_buckets = tuple(sorted(set(self.token_buckets)))
+        if self.decode_buckets[-1] != self.max_num_seqs or self.decode_buckets[0] < 1:
+            raise SpearError(f"EngineConfig: decode_buckets={self.decode_buckets} must end at max_num_seqs={self.max_num_seqs}")
+        if self.token_buckets[-1] != self.max_num_tokens or self.token_buckets[0] < 1:
+            raise SpearError(f"EngineConfig: token_buckets={self.token_buckets} must end at max_num_tokens={self.max_num_tokens}")

@@ -1,0 +1,369 @@
+"""The serving engine: requests in, tokens out, one scheduler step at a time.
+
+``Engine.step()`` drains the requests added / aborted since the last step (thread-safe queues), asks the
+``Scheduler`` for a ``StepPlan`` (every running decode plus prefill chunks within the policy's budget; preemption by
+recompute when KV blocks run out), runs it through the ``ModelRunner`` (a CUDA-graph replay for decode-only steps, the
+compiled mixed graph otherwise), samples, detokenizes incrementally and finishes requests on EOS / stop tokens /
+stop strings / max_tokens / max_model_len, freeing their blocks. ``generate`` is the offline loop;
+``AsyncEngine`` (async_engine.py) runs ``step`` in a background thread for streaming.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import threading
+import time
+import uuid
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..errors import SpearError
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .kv_cache import KVBlockManager
+from .model_runner import MIN_DIM, ModelRunner
+from .request import Request, RequestStatus, SamplingParams
+from .sampling import Sampler
+from .scheduler.base import Policy, Scheduler
+from .scheduler.policies import make_policy
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list
+    new_token_ids: list
+    output_token_ids: list
+    new_text: str
+    text: str
+    finished: bool
+    finish_reason: Optional[str]          # "stop" | "length" | "abort" | "error" | None
+    first_token_time: Optional[float]
+    arrival_time: Optional[float]
+    finish_time: Optional[float]
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass
+class StepRecord:
+    time: float
+    num_decodes: int
+    num_prefill_tokens: int
+    sum_context: int
+    ec_signature: Any
+    predicted_s: Optional[float]
+    measured_s: float
+    host_s: float
+    num_prefills: int = 0
+    ec_enabled: bool = False
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_steps: int
+    recompiles: int
+    last_predicted_s: Optional[float]
+    last_measured_s: Optional[float]
+    num_preemptions: int
+    ec_enabled: bool
+    warmup_s: float
+    step_log: list = field(default_factory=list)
+
+
+def _ec_signature(model: nn.Module, enabled: bool):
+    try:
+        from .scheduler.cost_model import ec_signature
+    except ImportError:  # the SLO scheduler's module is optional
+        return ()
+    return ec_signature(model, enabled)
+
+
+class Engine:
+    def __init__(self, model: nn.Module, tokenizer, config: Optional[EngineConfig] = None, model_name: Optional[str] = None):
+        config = config or EngineConfig()
+        if not isinstance(config, EngineConfig):
+            raise SpearError(f"Engine: config must be an EngineConfig, got {type(config).__name__}")
+        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+            raise SpearError(f"Engine: expected a Hugging Face causal LM, got {type(model).__name__}")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model = model.eval()
+        self.model_name = model_name or os.path.basename(str(getattr(model.config, "_name_or_path", "") or "model").rstrip("/")) or "model"
+        dev = torch.device(config.device) if config.device else model.model.embed_tokens.weight.device
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if model.model.embed_tokens.weight.device != dev:
+            raise SpearError(f"Engine: the model is on {model.model.embed_tokens.weight.device}, config.device is {dev}; "
+                             "move the model first")
+        self.device = dev
+        if config.compile:
+            from ..compile.unwrap import unwrap_quantized
+            unwrap_quantized(model)  # plain tensors at the compiled graph's inputs (see unwrap.py)
+        self.runner = ModelRunner(model, config, dev)
+        self.max_model_len = self.runner.max_model_len
+        self.blocks = KVBlockManager(self.runner.num_blocks, config.block_size)
+        self.policy = make_policy(config.policy)
+        # a step with fewer than MIN_DIM decodes gets padding decode rows: keep room for them in the largest bucket
+        self.scheduler = Scheduler(self.blocks, self.policy, config.max_num_seqs,
+                                   max(config.max_num_seqs, config.max_num_tokens - MIN_DIM), config.token_buckets)
+        self.sampler = Sampler(dev, config.seed)
+        self.eos_token_ids = self._eos_ids(model, tokenizer)
+        self.vocab_size = int(model.config.vocab_size)
+        self._ec_enabled = self.runner.net.has_ecs
+        self._ec_signatures = {True: _ec_signature(model, True), False: _ec_signature(model, False)}
+        self._inputs: queue.SimpleQueue = queue.SimpleQueue()
+        self._live_ids: set = set()
+        self._ids_lock = threading.Lock()
+        self._detok: dict = {}
+        self.step_log: deque = deque(maxlen=config.step_log_size)
+        self.num_steps = 0
+        self.num_preemptions = 0
+        self.last_error: Optional[BaseException] = None
+        if config.compile or self.runner.use_cuda_graphs:
+            self.runner.warm_up()
+
+    @classmethod
+    def from_pretrained(cls, model_path: str, quant: Optional[str] = "w4-pc-rtn", ec: Optional[str] = None,
+                        config: Optional[EngineConfig] = None) -> "Engine":
+        """Load an HF Llama-family checkpoint, quantize it (``quant=None``: the unquantized baseline), load the ECs
+        in ``ec`` (a directory written by ``save_ecs``), build the engine (compiling and capturing at start-up)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        config = config or EngineConfig()
+        if not os.path.isdir(str(model_path)):
+            raise SpearError(f"Engine.from_pretrained: model directory {model_path!r} not found")
+        if ec is not None and quant is None:
+            raise SpearError("Engine.from_pretrained: ec= needs quant= (the quantization the ECs were calibrated for)")
+        if ec is not None and not os.path.isdir(str(ec)):
+            raise SpearError(f"Engine.from_pretrained: EC directory {ec!r} not found")
+        from ..quant.api import as_config, quantize
+        qconfig = as_config(quant) if quant is not None else None  # validates the spec before loading
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        config = dataclasses.replace(config, device=device)  # the caller's config is left as it was
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=config.dtype).to(device).eval()
+        if qconfig is not None:
+            quantize(model, qconfig, progress=False)
+        if ec is not None:
+            from ..ec.io import load_ecs
+            load_ecs(model, ec, qconfig)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        return cls(model, tokenizer, config, model_name=os.path.basename(os.path.normpath(str(model_path))))
+
+    @staticmethod
+    def _eos_ids(model, tokenizer) -> frozenset:
+        ids = set()
+        for src in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+            if isinstance(src, int):
+                ids.add(src)
+            elif isinstance(src, (list, tuple)):
+                ids.update(int(i) for i in src)
+        return frozenset(ids)
+
+    # ---- requests -----------------------------------------------------------------------------------------------
+    def tokenize(self, prompt: Union[str, list]) -> list:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise SpearError("Engine: a text prompt needs a tokenizer")
+            ids = self.tokenizer(prompt).input_ids
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids):
+                raise SpearError(f"Engine: prompt token ids must be integers in [0, {self.vocab_size})")
+        else:
+            raise SpearError(f"Engine: prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise SpearError("Engine: empty prompt")
+        return ids
+
+    def add_request(self, prompt: Union[str, list], sampling: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None, ttft_slo_s: Optional[float] = None,
+                    tpot_slo_s: Optional[float] = None, arrival_time: Optional[float] = None) -> str:
+        """Queue a request (it joins at the next step); returns its id. Raises ``SpearError`` for a bad prompt,
+        sampling or id, or a prompt that leaves no room for a token within ``max_model_len``."""
+        sampling = sampling if sampling is not None else SamplingParams()
+        if not isinstance(sampling, SamplingParams):
+            raise SpearError(f"Engine: sampling must be a SamplingParams, got {type(sampling).__name__}")
+        ids = self.tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise SpearError(f"Engine: the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
+                             "(prompt + at least one new token)")
+        for name, v in (("ttft_slo_s", ttft_slo_s), ("tpot_slo_s", tpot_slo_s)):
+            if v is not None and not (isinstance(v, (int, float)) and v > 0):
+                raise SpearError(f"Engine: {name}={v!r} must be a positive number of seconds or None")
+        if ttft_slo_s is None and self.config.ttft_slo_ms is not None:
+            ttft_slo_s = self.config.ttft_slo_ms / 1e3
+        if tpot_slo_s is None and self.config.tpot_slo_ms is not None:
+            tpot_slo_s = self.config.tpot_slo_ms / 1e3
+        request_id = str(request_id) if request_id is not None else uuid.uuid4().hex
+        with self._ids_lock:
+            if request_id in self._live_ids:
+                raise SpearError(f"Engine: request id {request_id!r} is already in use")
+            self._live_ids.add(request_id)
+        req = Request(request_id=request_id, prompt_token_ids=ids, sampling=sampling,
+                      arrival_time=arrival_time if arrival_time is not None else self.scheduler.clock(),
+                      ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s)
+        self._inputs.put(("add", req))
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        """Abort (at the next step) and free everything the request holds; unknown / finished ids are ignored."""
+        self._inputs.put(("abort", str(request_id)))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or not self._inputs.empty()
+
+    def set_policy(self, policy: Union[Policy, str], **kwargs) -> None:
+        self.policy = make_policy(policy, **kwargs)
+        self.scheduler.policy = self.policy
+
+    def set_ec_enabled(self, enabled: bool) -> None:
+        """Serve with or without the ECs from the next step on (each state has its own compiled graphs)."""
+        if enabled and not self.runner.net.has_ecs:
+            raise SpearError("Engine.set_ec_enabled(True): the model has no ECs")
+        self._ec_enabled = bool(enabled)
+
+    @property
+    def ec_enabled(self) -> bool:
+        return self._ec_enabled
+
+    @property
+    def ec_signature(self):
+        return self._ec_signatures[self._ec_enabled]
+
+    # ---- one step -----------------------------------------------------------------------------------------------
+    def _drain_inputs(self, outputs: list) -> None:
+        while True:
+            try:
+                kind, item = self._inputs.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self.scheduler.add(item)
+                if self.config.detokenize or item.sampling.stop:
+                    self._detok[item.request_id] = IncrementalDetokenizer(self.tokenizer, item.prompt_token_ids,
+                                                                          item.sampling.stop)
+            else:
+                req = self.scheduler.abort(item)
+                if req is not None:
+                    outputs.append(self._finished(req, RequestStatus.FINISHED_ABORTED))
+
+    def _finished(self, req: Request, status: RequestStatus) -> RequestOutput:
+        if not req.is_finished:
+            self.scheduler.finish(req, status)
+        self.sampler.release(req.request_id)
+        detok = self._detok.pop(req.request_id, None)
+        with self._ids_lock:
+            self._live_ids.discard(req.request_id)
+        return self._output(req, [], "", detok)
+
+    def _output(self, req: Request, new_ids: list, new_text: str, detok) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, new_token_ids=new_ids,
+            output_token_ids=list(req.output_token_ids), new_text=new_text, text=detok.text if detok else "",
+            finished=req.is_finished, finish_reason=req.status.finish_reason, first_token_time=req.first_token_time,
+            arrival_time=req.arrival_time, finish_time=req.finish_time, num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=len(req.output_token_ids))
+
+    def step(self) -> list:
+        """One scheduler step; returns a RequestOutput for each request that got a token or finished."""
+        outputs: list = []
+        self._drain_inputs(outputs)
+        t0 = time.perf_counter()
+        ec = self._ec_enabled
+        plan = self.scheduler.schedule(self.ec_signature)
+        self.num_preemptions += len(plan.preempted)
+        if plan.is_empty:
+            return outputs
+        sum_context = sum(r.num_computed_tokens + 1 for r in plan.decodes)
+        sampled = list(plan.decodes) + [r for r, n in plan.prefills if r.num_computed_tokens + n == r.num_tokens]
+        try:
+            logits, rows = self.runner.execute(plan.decodes, plan.prefills, ec)
+            t_host = time.perf_counter() - t0
+            tokens = self.sampler.sample(logits[:rows], sampled)
+        except Exception as e:  # noqa: BLE001  (the requests of this step fail; the engine keeps serving the rest)
+            self.last_error = e
+            warnings.warn(f"serving engine: step failed ({type(e).__name__}: {e}); its requests finish with 'error'")
+            for req in list(plan.decodes) + [r for r, _ in plan.prefills]:
+                outputs.append(self._finished(req, RequestStatus.FINISHED_ERROR))
+            return outputs
+        measured = time.perf_counter() - t0
+        now = self.scheduler.clock()
+        for req in plan.decodes:
+            req.num_computed_tokens += 1
+        for req, n in plan.prefills:
+            req.num_computed_tokens += n
+        for req, tok in zip(sampled, tokens):
+            outputs.append(self._append_token(req, tok, now))
+        self.policy.observe(plan, measured)
+        self.num_steps += 1
+        self.step_log.append(StepRecord(time=now, num_decodes=len(plan.decodes), num_prefill_tokens=plan.num_prefill_tokens,
+                                        sum_context=sum_context, ec_signature=self.ec_signature,
+                                        predicted_s=plan.predicted_s, measured_s=measured, host_s=t_host,
+                                        num_prefills=len(plan.prefills), ec_enabled=ec))
+        return outputs
+
+    def _append_token(self, req: Request, tok: int, now: float) -> RequestOutput:
+        req.output_token_ids.append(tok)
+        if req.first_token_time is None:
+            req.first_token_time = now
+        req.last_token_time = now
+        sp = req.sampling
+        detok = self._detok.get(req.request_id)
+        status = None
+        new_text = ""
+        if (tok in self.eos_token_ids and not sp.ignore_eos) or tok in sp.stop_token_ids:
+            status = RequestStatus.FINISHED_STOPPED
+        elif detok is not None:
+            new_text, stopped = detok.add(tok)
+            if stopped:
+                status = RequestStatus.FINISHED_STOPPED
+        if status is None and (len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.max_model_len):
+            status = RequestStatus.FINISHED_LENGTH
+        if status is None:
+            return self._output(req, [tok], new_text, detok)
+        out = self._finished(req, status)
+        out.new_token_ids, out.new_text = [tok], new_text
+        return out
+
+    # ---- offline ------------------------------------------------------------------------------------------------
+    def generate(self, prompts: list, sampling: Union[SamplingParams, list, None] = None) -> list:
+        """Run ``prompts`` to completion (continuous batching); returns each one's final RequestOutput, in order."""
+        if isinstance(prompts, (str,)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if isinstance(sampling, list):
+            if len(sampling) != len(prompts):
+                raise SpearError(f"Engine.generate: {len(sampling)} SamplingParams for {len(prompts)} prompts")
+            samplings = sampling
+        else:
+            samplings = [sampling if sampling is not None else SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, s) for p, s in zip(prompts, samplings)]
+        final: dict = {}
+        pending = set(ids)
+        while pending:
+            if not self.has_unfinished():
+                raise SpearError("Engine.generate: requests left unfinished with nothing scheduled")  # pragma: no cover
+            for out in self.step():
+                if out.finished and out.request_id in pending:
+                    final[out.request_id] = out
+                    pending.discard(out.request_id)
+        return [final[i] for i in ids]
+
+    def stats(self) -> EngineStats:
+        last = self.step_log[-1] if self.step_log else None
+        return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+                           kv_blocks_used=self.blocks.num_used_blocks, kv_blocks_total=self.blocks.num_usable_blocks,
+                           num_steps=self.num_steps, recompiles=self.runner.recompiles,
+                           last_predicted_s=last.predicted_s if last else None,
+                           last_measured_s=last.measured_s if last else None,
+                           num_preemptions=self.num_preemptions, ec_enabled=self._ec_enabled,
+                           warmup_s=self.runner.warmup_s, step_log=list(self.step_log))

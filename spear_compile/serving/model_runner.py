@@ -1,0 +1,526 @@
+"""The model side of the engine: a paged-KV forward over a Hugging Face Llama-family model's own modules, compiled
+per phase, decode steps replayed from CUDA graphs.
+
+``PagedLlama`` runs the HF model's embedding, norms, rotary tables and linears (our quantized linears and their ECs,
+called as modules, so the ``spear`` pass fuses them exactly as under ``optimize``) over a flattened token batch,
+gpt-fast style, with per-layer KV caches ``[num_blocks, block_size, kv_heads, head_dim]`` written through a slot
+mapping (block, offset) and read through block tables. Attention is PyTorch ops: decode rows gather their blocks and
+run a grouped-query ``matmul``/``softmax``/``matmul``; prefill chunks gather theirs and run SDPA with a causal mask
+over logical positions.
+
+Two entry points, each compiled once with dynamic sizes (every dynamic size padded to >= 2, so Dynamo's 0/1
+specialization never adds graphs): ``decode_forward`` (decode-only steps; on CUDA captured as one CUDA graph per
+(batch bucket, block-table bucket), per EC state) and ``mixed_forward`` (steps with prefill chunks, decodes riding
+along; padded to token buckets). ``use_ec`` is a Python bool argument: each EC state gets its own graphs.
+"""
+from __future__ import annotations
+
+import array
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ec.module import CompensatedLinear
+from ..errors import SpearError
+from .config import EngineConfig
+from .kv_cache import PAD_BLOCK
+
+MIN_DIM = 2  # every dynamic size is padded to at least this (no 0/1 specialization, no extra graphs)
+
+
+def next_bucket(n: int, buckets) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    raise SpearError(f"model runner: {n} exceeds the largest bucket {buckets[-1]}")
+
+
+def pow2_buckets(lo: int, hi: int) -> tuple:
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    out.append(max(hi, lo))
+    return tuple(sorted(set(out)))
+
+
+def int64_tensor(values: list) -> torch.Tensor:
+    """A CPU int64 tensor of a flat list of ints (through ``array``: several times faster than ``torch.tensor``)."""
+    return torch.frombuffer(array.array("q", values), dtype=torch.int64) if values else torch.zeros(0, dtype=torch.int64)
+
+
+def has_ec(mod: nn.Module) -> bool:
+    return isinstance(mod, CompensatedLinear) and getattr(mod, "rank", 0) > 0
+
+
+def base_linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mod``'s quantized (or plain) linear without its EC."""
+    if hasattr(mod, "_spear_qdata"):  # unwrapped (spear_compile.unwrap)
+        from ..compile.unwrap import _qlinear
+        return _qlinear(mod, x)
+    return F.linear(x, mod.weight, mod.bias)
+
+
+def check_llama_like(model: nn.Module) -> None:
+    base = getattr(model, "model", None)
+    ok = base is not None and all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")) \
+        and hasattr(model, "lm_head")
+    if ok:
+        layer = base.layers[0]
+        ok = all(hasattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) and \
+            all(hasattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+    if not ok:
+        raise SpearError(f"serving engine: {type(model).__name__} is not a Llama-family causal LM (needs model.embed_tokens, "
+                         "layers with self_attn.q/k/v/o_proj and mlp.gate/up/down_proj, norm, rotary_emb, lm_head)")
+
+
+class PagedLlama(nn.Module):
+    """A paged-KV forward over an HF Llama-family model's modules (shared, not copied)."""
+
+    def __init__(self, hf_model: nn.Module, num_blocks: int, block_size: int, max_model_len: int):
+        super().__init__()
+        check_llama_like(hf_model)
+        cfg = hf_model.config
+        base = hf_model.model
+        self.embed_tokens, self.layers, self.norm, self.lm_head = base.embed_tokens, base.layers, base.norm, hf_model.lm_head
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.group = self.num_heads // self.num_kv_heads
+        self.scale = self.head_dim ** -0.5
+        self.block_size = block_size
+        w = self.embed_tokens.weight
+        self.dtype, device = w.dtype, w.device
+        with torch.no_grad():  # the HF rotary module's own cos/sin, for every position up front
+            pos = torch.arange(max_model_len, device=device)[None]
+            cos, sin = base.rotary_emb(torch.empty(1, dtype=self.dtype, device=device), pos)
+        self.register_buffer("rope_cos", cos[0].contiguous(), persistent=False)
+        self.register_buffer("rope_sin", sin[0].contiguous(), persistent=False)
+        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
+        self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
+        for i, (k, v) in enumerate(zip(self.k_caches, self.v_caches)):
+            self.register_buffer(f"k_cache_{i}", k, persistent=False)
+            self.register_buffer(f"v_cache_{i}", v, persistent=False)
+        self.has_ecs = any(has_ec(m) for m in self.modules())
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k_caches + self.v_caches)
+
+    # ---- pieces -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _linear(mod, x, use_ec: bool):
+        if use_ec or not has_ec(mod):
+            return mod(x)
+        return base_linear(mod, x)
+
+    def _rope(self, x, cos, sin):  # x [T, H, D]; cos/sin [T, D]  (HF apply_rotary_pos_emb, same op order)
+        half = x.shape[-1] // 2
+        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos[:, None] + rot * sin[:, None]
+
+    def _gather(self, cache, tables):  # [N, L] block ids -> [N, kv_heads, L * block_size, head_dim]
+        n, nb = tables.shape
+        return cache[tables].reshape(n, nb * self.block_size, self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+    def _decode_attention(self, q, kc, vc, tables, ctx_lens):
+        """q [B, H, D], one query per sequence at its last position; ctx_lens [B] tokens in its cache."""
+        b = q.shape[0]
+        k = self._gather(kc, tables)                          # [B, Hkv, S, D]
+        v = self._gather(vc, tables)
+        qg = q.view(b, self.num_kv_heads, self.group, self.head_dim)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * self.scale   # [B, Hkv, G, S]
+        keep = torch.arange(k.shape[2], device=q.device)[None, :] < ctx_lens[:, None]
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        return torch.matmul(probs, v).reshape(b, self.num_heads, self.head_dim)
+
+    def _prefill_attention(self, q_ext, kc, vc, tables, q_index, q_pos):
+        """Prefill chunks: q_ext [T + 1, H, D] (row T is a zero pad row); tables [P, L]; q_index [P, Q] rows of
+        q_ext (pads -> T); q_pos [P, Q] each query's position. Returns [P, Q, H, D]."""
+        q = q_ext[q_index].transpose(1, 2)                   # [P, H, Q, D]
+        k = self._gather(kc, tables)
+        v = self._gather(vc, tables)
+        if self.group > 1:
+            k = k.repeat_interleave(self.group, dim=1)
+            v = v.repeat_interleave(self.group, dim=1)
+        keep = torch.arange(k.shape[2], device=q.device)[None, None, :] <= q_pos[:, :, None]   # causal, logical
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], scale=self.scale)
+        return out.transpose(1, 2)
+
+    def _layers(self, input_ids, positions, slot_block, slot_off, attention, use_ec: bool):
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        t = x.shape[0]
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            h = layer.input_layernorm(x)
+            q = self._linear(attn.q_proj, h, use_ec).view(t, self.num_heads, self.head_dim)
+            k = self._linear(attn.k_proj, h, use_ec).view(t, self.num_kv_heads, self.head_dim)
+            v = self._linear(attn.v_proj, h, use_ec).view(t, self.num_kv_heads, self.head_dim)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            kc, vc = self.k_caches[i], self.v_caches[i]
+            kc.index_put_((slot_block, slot_off), k)
+            vc.index_put_((slot_block, slot_off), v)
+            o = attention(q, kc, vc)
+            x = x + self._linear(attn.o_proj, o.reshape(t, self.num_heads * self.head_dim), use_ec)
+            h = layer.post_attention_layernorm(x)
+            g = mlp.act_fn(self._linear(mlp.gate_proj, h, use_ec)) * self._linear(mlp.up_proj, h, use_ec)
+            x = x + self._linear(mlp.down_proj, g, use_ec)
+        return x
+
+    def _logits(self, x):
+        return self.lm_head(self.norm(x))
+
+    # ---- entry points -------------------------------------------------------------------------------------------
+    def decode_forward(self, input_ids, positions, slot_block, slot_off, tables, ctx_lens, use_ec: bool = True):
+        """Decode-only step: B sequences, one token each. Returns logits [B, vocab]."""
+        x = self._layers(input_ids, positions, slot_block, slot_off,
+                         lambda q, kc, vc: self._decode_attention(q, kc, vc, tables, ctx_lens), use_ec)
+        return self._logits(x)
+
+    def mixed_forward(self, input_ids, positions, slot_block, slot_off, d_tables, d_ctx_lens,
+                      p_tables, p_q_index, p_q_pos, logits_index, use_ec: bool = True):
+        """A step with prefill chunks: tokens [T] = Bd decode rows first, then the chunks' tokens, then padding.
+        Returns logits [S, vocab] of the rows ``logits_index``."""
+        num_decodes = d_tables.shape[0]
+
+        def attention(q, kc, vc):
+            t = q.shape[0]
+            q_ext = torch.cat([q, q.new_zeros(1, self.num_heads, self.head_dim)])
+            out = q.new_zeros(t + 1, self.num_heads, self.head_dim)
+            out[:num_decodes] = self._decode_attention(q[:num_decodes], kc, vc, d_tables, d_ctx_lens)
+            pre = self._prefill_attention(q_ext, kc, vc, p_tables, p_q_index, p_q_pos)
+            out.index_put_((p_q_index.reshape(-1),), pre.reshape(-1, self.num_heads, self.head_dim))
+            return out[:t]
+
+        x = self._layers(input_ids, positions, slot_block, slot_off, attention, use_ec)
+        return self._logits(x[logits_index])
+
+
+@dataclass
+class DecodeGraph:
+    """A captured decode step: write the step's inputs into ``inputs`` (the views below point into it), replay."""
+    graph: object              # torch.cuda.CUDAGraph, or a StandInGraph
+    inputs: torch.Tensor       # flat int64 static buffer
+    views: tuple
+    logits: torch.Tensor       # the captured output (static)
+
+    def replay(self) -> torch.Tensor:
+        out = self.graph.replay()
+        return self.logits if out is None else out
+
+
+class StandInGraph:
+    """Off CUDA (tests): "replays" by running the captured function again on the same static input buffers, so
+    the graph bookkeeping (static buffers, views, bucket keys) runs on CPU too."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self):
+        return self.fn()
+
+
+class ModelRunner:
+    """Owns the paged model, its compiled entry points and CUDA graphs; turns a step's requests into tensors."""
+
+    def __init__(self, model: nn.Module, config: EngineConfig, device: torch.device):
+        self.config = config
+        self.device = device
+        cfg = model.config
+        self.block_size = config.block_size
+        num_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        dtype = model.model.embed_tokens.weight.dtype
+        block_bytes = 2 * cfg.num_hidden_layers * config.block_size * num_kv * head_dim * torch.finfo(dtype).bits // 8
+        if config.num_blocks is not None:
+            num_blocks = config.num_blocks
+        elif device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            num_blocks = int(free * config.gpu_memory_utilization) // block_bytes
+        else:
+            num_blocks = config.cpu_num_blocks
+        if num_blocks < 2:
+            raise SpearError(f"serving engine: only {num_blocks} KV blocks fit; lower max_num_seqs/block_size or raise "
+                             "gpu_memory_utilization")
+        self.num_blocks = num_blocks
+        model_max = getattr(cfg, "max_position_embeddings", None) or 2048
+        want = config.max_model_len or model_max
+        if want > model_max:
+            raise SpearError(f"EngineConfig: max_model_len={want} exceeds the model's max_position_embeddings={model_max}")
+        self.max_model_len = min(want, (num_blocks - 1) * config.block_size)
+        self.max_blocks_per_seq = -(-self.max_model_len // config.block_size)
+        self.table_buckets = pow2_buckets(MIN_DIM, max(MIN_DIM, self.max_blocks_per_seq))
+        self.decode_buckets = config.decode_buckets
+        self.token_buckets = tuple(b for b in config.token_buckets)
+        self.net = PagedLlama(model, num_blocks, config.block_size, self.max_model_len)
+        self.vocab_size = self.net.lm_head.weight.shape[0] if hasattr(self.net.lm_head, "weight") else cfg.vocab_size
+        self.use_cuda_graphs = config.cuda_graphs and (device.type == "cuda" or config.cuda_graphs_stand_in)
+        self._decode_fn = self.net.decode_forward
+        self._mixed_fn = self.net.mixed_forward
+        if config.compile:
+            from ..compile import backend  # noqa: F401  (registers "spear")
+            self._decode_fn = torch.compile(self.net.decode_forward, backend="spear", dynamic=True, fullgraph=True)
+            self._mixed_fn = torch.compile(self.net.mixed_forward, backend="spear", dynamic=True, fullgraph=True)
+        self.graphs: dict = {}           # (use_ec, batch bucket, table bucket) -> DecodeGraph
+        self._pool = None
+        self.graphs_before_serving: Optional[int] = None
+        self.warmup_s = 0.0
+
+    # ---- compile counting ---------------------------------------------------------------------------------------
+    @staticmethod
+    def compiled_graphs() -> int:
+        from torch._dynamo.utils import counters
+        return int(counters["stats"]["unique_graphs"])
+
+    @property
+    def recompiles(self) -> int:
+        """Graphs compiled since start-up finished (0 while serving is the contract)."""
+        if self.graphs_before_serving is None:
+            return 0
+        return self.compiled_graphs() - self.graphs_before_serving
+
+    # ---- inputs -------------------------------------------------------------------------------------------------
+    def _slots(self, req, start: int, n: int):
+        bs = self.block_size
+        blocks = req.block_ids
+        sb = [blocks[p // bs] for p in range(start, start + n)]
+        so = [p % bs for p in range(start, start + n)]
+        return sb, so
+
+    def _table(self, reqs, width: int) -> list:
+        out = []
+        for r in reqs:
+            out += r.block_ids
+            out += [PAD_BLOCK] * (width - len(r.block_ids))
+        return out
+
+    @staticmethod
+    def decode_layout(batch: int, width: int) -> tuple:
+        """Offsets of ids[B], positions[B], slot_block[B], slot_off[B], tables[B*W], ctx_lens[B] in the flat input
+        buffer (each segment starts 16 elements in: aligned views, so Inductor never copies a misaligned input)."""
+        sizes = (batch, batch, batch, batch, batch * width, batch)
+        offs, at = [], 0
+        for n in sizes:
+            offs.append(at)
+            at += -(-n // 16) * 16
+        return tuple(offs), sizes, at
+
+    def decode_inputs(self, decodes, batch: int, width: int) -> list:
+        """The flat int64 input of a decode step (``decode_layout``); padded rows: token 0 at position 0 written to
+        the padding block, context 1."""
+        n = len(decodes)
+        pad = batch - n
+        bs = self.block_size
+        pos = [r.num_computed_tokens for r in decodes]
+        ids = [r.token_at(p) for r, p in zip(decodes, pos)] + [0] * pad
+        sb = [r.block_ids[p // bs] for r, p in zip(decodes, pos)] + [PAD_BLOCK] * pad
+        so = [p % bs for p in pos] + [0] * pad
+        ctx = [p + 1 for p in pos] + [1] * pad
+        pos += [0] * pad
+        tables = self._table(decodes, width) + [PAD_BLOCK] * (pad * width)
+        offs, sizes, total = self.decode_layout(batch, width)
+        flat = [0] * total
+        for off, seg in zip(offs, (ids, pos, sb, so, tables, ctx)):
+            flat[off:off + len(seg)] = seg
+        return flat
+
+    def split_decode(self, flat: torch.Tensor, batch: int, width: int):
+        offs, sizes, _ = self.decode_layout(batch, width)
+        views = [flat[o:o + n] for o, n in zip(offs, sizes)]
+        views[4] = views[4].view(batch, width)
+        return tuple(views)
+
+    def _width(self, reqs) -> int:
+        """The block-table bucket holding every request's blocks."""
+        need = max([len(r.block_ids) for r in reqs] + [1])
+        return next_bucket(max(need, MIN_DIM), self.table_buckets)
+
+    # ---- execution ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def execute(self, decodes: list, prefills: list, use_ec: bool):
+        """Run one step. ``decodes``: requests computing their last token; ``prefills``: (request, chunk length).
+        Returns (logits [S, vocab] float32 on the device, rows): one row per decode, then one per prefill chunk that
+        completes its request's tokens (its last position), in that order."""
+        if not prefills:
+            return self._decode(decodes, use_ec), len(decodes)
+        return self._mixed(decodes, prefills, use_ec)
+
+    def _decode(self, decodes, use_ec):
+        n = len(decodes)
+        batch = next_bucket(max(n, 1), self.decode_buckets)
+        width = self._width(decodes)
+        flat = self.decode_inputs(decodes, batch, width)
+        key = (use_ec and self.net.has_ecs, batch, width)
+        g = self.graphs.get(key)
+        if g is not None:
+            g.inputs.copy_(int64_tensor(flat), non_blocking=False)
+            return g.replay()[:n]
+        t = int64_tensor(flat).to(self.device)
+        logits = self._decode_fn(*self.split_decode(t, batch, width), use_ec=key[0])
+        return logits[:n]
+
+    def mixed_inputs(self, decodes, prefills):
+        """Tensors for ``mixed_forward`` and the number of logits rows that matter."""
+        nd = max(len(decodes), MIN_DIM)
+        ids, pos, sb, so = [], [], [], []
+        for r in decodes:
+            ids.append(r.token_at(r.num_computed_tokens))
+            pos.append(r.num_computed_tokens)
+            b, o = self._slots(r, r.num_computed_tokens, 1)
+            sb += b
+            so += o
+        for _ in range(nd - len(decodes)):  # dummy decode rows (prefill-only step)
+            ids.append(0), pos.append(0), sb.append(PAD_BLOCK), so.append(0)
+        d_width = self._width(decodes)
+        d_tables = self._table(decodes, d_width) + [PAD_BLOCK] * ((nd - len(decodes)) * d_width)
+        d_ctx = [r.num_computed_tokens + 1 for r in decodes] + [1] * (nd - len(decodes))
+        logits_rows = list(range(len(decodes)))
+        q_len = next_bucket(max(max(n for _, n in prefills), MIN_DIM), pow2_buckets(MIN_DIM, max(MIN_DIM, self.token_buckets[-1])))
+        num_p = max(len(prefills), MIN_DIM)
+        num_p = 1 << (num_p - 1).bit_length()
+        q_index, q_pos = [], []
+        for r, n in prefills:
+            start = r.num_computed_tokens
+            first = len(ids)
+            all_ids = r.all_token_ids
+            ids += all_ids[start:start + n]
+            pos += list(range(start, start + n))
+            b, o = self._slots(r, start, n)
+            sb += b
+            so += o
+            q_index.append(list(range(first, first + n)))
+            q_pos.append(list(range(start, start + n)))
+            if start + n == r.num_tokens:
+                logits_rows.append(first + n - 1)
+        used = len(ids)
+        total = next_bucket(used, self.token_buckets) if used <= self.token_buckets[-1] else used
+        pad = total - used
+        ids += [0] * pad
+        pos += [0] * pad
+        sb += [PAD_BLOCK] * pad
+        so += [0] * pad
+        q_index = [row + [total] * (q_len - len(row)) for row in q_index] + [[total] * q_len] * (num_p - len(prefills))
+        q_pos = [row + [0] * (q_len - len(row)) for row in q_pos] + [[0] * q_len] * (num_p - len(prefills))
+        p_width = self._width([r for r, _ in prefills])
+        p_tables = self._table([r for r, _ in prefills], p_width) + [PAD_BLOCK] * ((num_p - len(prefills)) * p_width)
+        num_rows = len(logits_rows)
+        s = max(num_rows, MIN_DIM)
+        s = 1 << (s - 1).bit_length()
+        logits_rows += [0] * (s - num_rows)
+        dev = self.device
+
+        def t(x, *shape):
+            if x and isinstance(x[0], list):
+                x = [v for row in x for v in row]
+            return int64_tensor(x).view(*shape).to(dev)
+        args = (t(ids, -1), t(pos, -1), t(sb, -1), t(so, -1), t(d_tables, nd, d_width), t(d_ctx, -1),
+                t(p_tables, num_p, p_width), t(q_index, num_p, q_len), t(q_pos, num_p, q_len), t(logits_rows, -1))
+        return args, num_rows
+
+    def _mixed(self, decodes, prefills, use_ec):
+        args, rows = self.mixed_inputs(decodes, prefills)
+        logits = self._mixed_fn(*args, use_ec=use_ec and self.net.has_ecs)
+        return logits, rows
+
+    # ---- start-up -----------------------------------------------------------------------------------------------
+    def ec_states(self) -> tuple:
+        return (True, False) if self.net.has_ecs else (False,)
+
+    @torch.no_grad()
+    def warm_up(self, compile_mixed: bool = True):
+        """Compile every phase and capture every decode CUDA graph now (a progress bar on stderr), so serving never
+        compiles. Runs dummy steps over the padding block only."""
+        t0 = time.perf_counter()
+        # each bucket runs eagerly (compiled, not captured) before its capture: kernel tuning and workspaces happen
+        # there, outside the graphs' memory pool (what optimize.warm_kernels does for optimize())
+        jobs = []
+        for use_ec in self.ec_states():
+            for batch in sorted(self.decode_buckets, reverse=True):
+                for width in sorted(self.table_buckets, reverse=True):
+                    jobs.append(("decode", use_ec, batch, width))
+            if compile_mixed:
+                for total in self.token_buckets:
+                    jobs.append(("mixed", use_ec, total, None))
+        bar = _progress(len(jobs), "spear serving: compile + capture", self.config.progress)
+        # no duck sizing: two dims of equal size at trace time must not become one symbol (a guard that they stay
+        # equal, i.e. a recompile when e.g. batch and block-table width differ later)
+        with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit),
+                                        accumulated_recompile_limit=max(4096, torch._dynamo.config.accumulated_recompile_limit)), \
+                torch.fx.experimental._config.patch(use_duck_shape=False):
+            for kind, use_ec, a, b in jobs:
+                if kind == "decode":
+                    self._warm_decode(use_ec, a, b)
+                else:
+                    self._warm_mixed(use_ec, a)
+                bar.update(1)
+        bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.graphs_before_serving = self.compiled_graphs()
+        self.warmup_s = time.perf_counter() - t0
+
+    def _warm_decode(self, use_ec, batch, width):
+        flat = torch.tensor(self.decode_inputs([], batch, width), dtype=torch.int64, device=self.device)
+        views = self.split_decode(flat, batch, width)
+        for _ in range(2):
+            logits = self._decode_fn(*views, use_ec=use_ec)
+        if not self.use_cuda_graphs:
+            return
+        if self.device.type != "cuda":  # config.cuda_graphs_stand_in (tests)
+            self.graphs[(use_ec, batch, width)] = DecodeGraph(
+                StandInGraph(lambda: self._decode_fn(*views, use_ec=use_ec)), flat, views, logits)
+            return
+        torch.cuda.synchronize(self.device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._decode_fn(*views, use_ec=use_ec)
+        self.graphs[(use_ec, batch, width)] = DecodeGraph(graph, flat, views, logits)
+
+    def _warm_mixed(self, use_ec, total):
+        # a prefill-only step of `total` tokens spread over two padding "requests" (all slots in the padding block)
+        class Fake:
+            def __init__(self, n):
+                self.block_ids = [PAD_BLOCK] * MIN_DIM
+                self.num_computed_tokens = 0
+                self.prompt_token_ids = [0] * n
+                self.output_token_ids = []
+
+            @property
+            def all_token_ids(self):
+                return self.prompt_token_ids
+
+            @property
+            def num_tokens(self):
+                return len(self.prompt_token_ids)
+        fakes, left = [], total - MIN_DIM  # MIN_DIM dummy decode rows come first
+        while left > 0:
+            n = min(left, self.max_model_len - 1)
+            f = Fake(n)
+            f.block_ids = [PAD_BLOCK] * max(MIN_DIM, -(-n // self.block_size))
+            fakes.append((f, n))
+            left -= n
+        self._mixed([], fakes, use_ec)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, file=sys.stderr, disable=not enabled, leave=False)
+    except ImportError:  # pragma: no cover
+        class _Null:
+            def update(self, n):
+                pass
+
+            def close(self):
+                pass
+        return _Null()

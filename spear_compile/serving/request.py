@@ -1,0 +1,127 @@
+"""Requests and their sampling parameters: the engine's unit of work."""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..errors import SpearError
+
+MAX_STOP_STRINGS = 16
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling. ``temperature == 0`` is greedy; ``top_k = -1`` (or 0) is off; ``seed`` makes the
+    request's sampling reproducible (its own ``torch.Generator``). Validated on construction: a bad value raises
+    ``SpearError`` naming the field."""
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: Optional[int] = None
+    stop: list = field(default_factory=list)
+    stop_token_ids: list = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        _check(isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool) and self.max_tokens >= 1,
+               "max_tokens", self.max_tokens, "an integer >= 1")
+        _check(_real(self.temperature) and 0.0 <= self.temperature <= 100.0, "temperature", self.temperature,
+               "a number in [0, 100] (0 = greedy)")
+        _check(_real(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", self.top_p, "a number in (0, 1]")
+        _check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= -1, "top_k",
+               self.top_k, "an integer >= 1, or -1 / 0 for off")
+        _check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                     and 0 <= self.seed < 2 ** 63), "seed", self.seed, "None or an integer in [0, 2**63)")
+        _check(len(self.stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in self.stop), "stop",
+               self.stop, f"at most {MAX_STOP_STRINGS} non-empty strings")
+        _check(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids),
+               "stop_token_ids", self.stop_token_ids, "non-negative integers")
+        _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "a bool")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check(ok: bool, name: str, value, expected: str):
+    if not ok:
+        raise SpearError(f"SamplingParams: {name}={value!r} is invalid; expected {expected}")
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
+
+    @property
+    def finished(self) -> bool:
+        return self.name.startswith("FINISHED")
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return self.value if self.finished else None
+
+
+@dataclass
+class Request:
+    """One generation request. ``num_computed_tokens`` counts the tokens whose KV is in the cache."""
+    request_id: str
+    prompt_token_ids: list
+    sampling: SamplingParams
+    arrival_time: float
+    ttft_slo_s: Optional[float] = None
+    tpot_slo_s: Optional[float] = None
+    output_token_ids: list = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    block_ids: list = field(default_factory=list)
+    first_token_time: Optional[float] = None
+    last_token_time: Optional[float] = None
+    finish_time: Optional[float] = None
+    num_preemptions: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_at(self, i: int) -> int:
+        """Token ``i`` of prompt + output, without building the concatenation."""
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
+
+    @property
+    def num_tokens_to_compute(self) -> int:
+        """Tokens not yet in the cache (1 for a running decode: the last sampled token)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        """More than one token to compute: a (re)prefill, possibly chunked."""
+        return self.num_tokens_to_compute > 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished

@@ -1,0 +1,57 @@
+"""Per-request sampling over a step's logits: greedy rows in one argmax, the others one by one with their own
+temperature / top-k / top-p and ``torch.Generator`` (a seeded request draws from its own generator, so its tokens
+do not depend on what else is in the batch)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .request import Request
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0):
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)   # requests without a seed
+        self._generators: dict = {}
+
+    def _generator_for(self, req: Request) -> torch.Generator:
+        if req.sampling.seed is None:
+            return self.generator
+        g = self._generators.get(req.request_id)
+        if g is None:
+            g = self._generators[req.request_id] = torch.Generator(device=self.device).manual_seed(req.sampling.seed)
+        return g
+
+    def release(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, reqs: list) -> list:
+        """One token per row of ``logits`` [len(reqs), vocab] for the request of that row."""
+        if not reqs:
+            return []
+        out = logits.argmax(dim=-1).tolist()
+        for i, req in enumerate(reqs):
+            if not req.sampling.greedy:
+                out[i] = sample_row(logits[i], req.sampling.temperature, req.sampling.top_k, req.sampling.top_p,
+                                    self._generator_for(req))
+        return out
+
+
+def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+               generator: Optional[torch.Generator]) -> int:
+    scores = logits.float() / temperature
+    vocab = scores.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        drop = probs.cumsum(-1) - probs > top_p          # keep the smallest prefix whose mass reaches top_p
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator).item())

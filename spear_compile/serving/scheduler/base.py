@@ -1,0 +1,199 @@
+"""Continuous-batching scheduler: which requests compute which tokens in the next engine step.
+
+Stall-free (Sarathi-style): every running decode gets its token each step; prefill chunks fill the budget the
+policy gives. When KV blocks run out, the most recently arrived running request is preempted by recompute
+(its blocks freed, its tokens recomputed later as a prefill of prompt + outputs so far).
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from ...errors import SpearError
+from ..kv_cache import KVBlockManager
+from ..request import Request, RequestStatus
+
+
+@dataclass
+class StepPlan:
+    """What one engine step computes."""
+    decodes: list = field(default_factory=list)      # Requests computing exactly 1 token
+    prefills: list = field(default_factory=list)     # (Request, chunk length); a chunk may finish the prompt
+    preempted: list = field(default_factory=list)    # moved back to waiting this step (blocks freed)
+    predicted_s: Optional[float] = None
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return len(self.decodes)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(n for _, n in self.prefills)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_decode_tokens + self.num_prefill_tokens
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+
+@dataclass
+class StepContext:
+    """What a policy sees when sizing the prefill budget."""
+    now: float
+    decodes: list
+    waiting: list                 # in the policy's order
+    sum_context_len: int          # sum over decodes of num_computed_tokens + 1
+    ec_signature: Any
+    max_num_tokens: int
+    token_buckets: tuple
+
+
+class Policy(ABC):
+    name: str = "policy"
+    chunked: bool = True          # False: a prompt is prefilled whole in one step
+
+    def order(self, waiting: list, now: float) -> list:
+        """FIFO by arrival; preempted requests (recompute) keep their arrival time, so they come first."""
+        return sorted(waiting, key=lambda r: r.arrival_time)
+
+    @abstractmethod
+    def prefill_budget(self, ctx: StepContext) -> int:
+        """Tokens for prefill chunks this step (decodes are always scheduled on top)."""
+
+    def predict(self, plan: StepPlan, ctx: StepContext) -> Optional[float]:
+        return None
+
+    def observe(self, plan: StepPlan, measured_s: float) -> None:
+        pass
+
+
+class Scheduler:
+    def __init__(self, blocks: KVBlockManager, policy: Policy, max_num_seqs: int, max_num_tokens: int,
+                 token_buckets=(), clock: Callable[[], float] = time.monotonic):
+        if max_num_seqs < 1 or max_num_tokens < max_num_seqs:
+            raise SpearError(f"Scheduler: need 1 <= max_num_seqs ({max_num_seqs}) <= max_num_tokens ({max_num_tokens})")
+        self.blocks = blocks
+        self.policy = policy
+        self.max_num_seqs = max_num_seqs
+        self.max_num_tokens = max_num_tokens
+        self.token_buckets = tuple(token_buckets) or (max_num_tokens,)
+        self.clock = clock
+        self.waiting: deque = deque()
+        self.running: list = []
+
+    def add(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def find(self, request_id: str) -> Optional[Request]:
+        for r in self.running:
+            if r.request_id == request_id:
+                return r
+        for r in self.waiting:
+            if r.request_id == request_id:
+                return r
+        return None
+
+    def abort(self, request_id: str) -> Optional[Request]:
+        """Remove the request (waiting or running), free its blocks; returns it (None if unknown)."""
+        req = self.find(request_id)
+        if req is not None:
+            self.finish(req, RequestStatus.FINISHED_ABORTED)
+        return req
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Free ``req``'s blocks, take it out of the queues, mark it finished with ``status``."""
+        self.blocks.free(req)
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = status
+        req.finish_time = self.clock()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def _preempt(self, req: Request, plan: StepPlan) -> None:
+        self.blocks.free(req)
+        self.running.remove(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+        plan.preempted.append(req)
+
+    def schedule(self, ec_signature: Any = ()) -> StepPlan:
+        plan = StepPlan()
+        now = self.clock()
+        self.running.sort(key=lambda r: r.arrival_time)
+        # 1. decodes: one token each, oldest first; preempt the newest running request when blocks run out
+        decoding = [r for r in self.running if r.num_tokens_to_compute == 1]
+        i = 0
+        while i < len(decoding):
+            req = decoding[i]
+            while not self.blocks.allocate(req, 1):
+                victim = self.running[-1]
+                self._preempt(victim, plan)
+                if victim in decoding:
+                    decoding.remove(victim)
+                if victim is req:
+                    break
+            else:
+                plan.decodes.append(req)
+                i += 1
+        # 2. prefill chunks within the policy's budget: partially prefilled running requests, then waiting ones
+        ordered_waiting = self.policy.order(list(self.waiting), now)
+        ctx = StepContext(now=now, decodes=list(plan.decodes), waiting=ordered_waiting,
+                          sum_context_len=sum(r.num_computed_tokens + 1 for r in plan.decodes),
+                          ec_signature=ec_signature, max_num_tokens=self.max_num_tokens,
+                          token_buckets=self.token_buckets)
+        budget = min(int(self.policy.prefill_budget(ctx)), self.max_num_tokens - len(plan.decodes))
+        partial = [r for r in self.running if r.num_tokens_to_compute > 1]
+        # no new admissions in a step that had to preempt (they would only be preempted again)
+        for req in partial + ([] if plan.preempted else ordered_waiting):
+            if budget <= 0:
+                break
+            is_new = req not in self.running
+            if is_new and len(self.running) >= self.max_num_seqs:
+                break
+            remaining = req.num_tokens_to_compute
+            free_tokens = (len(req.block_ids) + self.blocks.num_free_blocks) * self.blocks.block_size \
+                - req.num_computed_tokens
+            chunk = min(remaining, budget, free_tokens)
+            if chunk <= 0:
+                break  # admission by free blocks, in order: no skipping ahead
+            if not self.policy.chunked and chunk < remaining:
+                # whole prompts only; a prompt longer than the largest bucket goes alone, in bucket-sized chunks
+                if plan.prefills or remaining <= self.max_num_tokens - len(plan.decodes):
+                    break
+            ok = self.blocks.allocate(req, chunk)
+            assert ok, "block accounting"
+            if is_new:
+                self.waiting.remove(req)
+                self.running.append(req)
+                req.status = RequestStatus.RUNNING
+            plan.prefills.append((req, chunk))
+            budget -= chunk
+        if plan.is_empty and len(self.running) > 1 and not plan.preempted:
+            # partially prefilled requests hold every block and none can go on: recompute the newest later
+            self._preempt(self.running[-1], plan)
+            retry = self.schedule(ec_signature)
+            retry.preempted[:0] = plan.preempted
+            return retry
+        plan.predicted_s = self.policy.predict(plan, ctx)
+        return plan

@@ -1,0 +1,454 @@
+"""Step cost model: predicted time of one engine step from its batch mix and the active EC set.
+
+A step runs ``d`` decode tokens and ``p`` prefill tokens over ``ctx`` summed decode context, padded by the engine
+to a graph bucket of ``T`` tokens (decode-only steps: the decode batch buckets; mixed steps: the token buckets).
+Its time is modelled piecewise-linearly, one linear model per bin of ``T`` at the kernel dispatch boundaries
+(M = 1, 2-16, 17-64, 65-512, > 512: the W4 GEMV, split-K, small-M and dequantize + GEMM regimes):
+
+    t(T, d, p, ctx, ECs) = a_b + b_b T + c_b p + q_b p^2 + e_b ctx + sum over module types j of (f_bj r_j + g_bj r_j T)
+
+with ``r_j`` the total rank of the active ECs on module type ``j`` (``q_proj``, ``down_proj``, ...), ``p^2`` the
+chunk's own causal attention, and ``ctx`` the decode attention's KV reads: the summed context, or, when the model
+knows the engine's KV layout (``kv_layout``), the tokens its decode attention gathers (rows x the table-width
+bucket of the longest context x block size: the paged gather reads the padded table of every row). The EC-blind
+model is the same without the EC terms, fitted on EC-free steps only. Fits minimise the relative error (rows
+weighted by 1 / measured time), which is what the SLO check needs.
+
+Online, ``observe`` corrects each bin (and, EC-aware, each EC signature) by an exponentially weighted
+multiplicative factor, the running geometric mean of measured / predicted.
+
+``StepTimer`` measures steps with CUDA events recorded around them and read one step later (``query``, never a
+synchronise inside the step); on CPU it uses the wall clock.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from ...errors import SpearError
+
+#: upper ends of the token-count bins (the last bin is open): M = 1, 2-16, 17-64, 65-512, > 512
+DEFAULT_BIN_EDGES = (1, 16, 64, 512)
+BASE_FEATURES = ("intercept", "tokens", "prefill_tokens", "prefill_tokens_sq", "context")
+
+
+# ----------------------------------------------------------------------------------------------- EC signature
+@dataclass(frozen=True)
+class ECSignature:
+    """The active EC set: per module type (e.g. ``"q_proj"``), how many ECs and their total rank."""
+    per_type: tuple = ()  # ((module type, count, total rank), ...), sorted by type
+
+    @classmethod
+    def from_counts(cls, counts: dict) -> "ECSignature":
+        """From ``{type: (count, total rank)}``; types with no rank are dropped."""
+        return cls(tuple(sorted((t, int(c), int(r)) for t, (c, r) in counts.items() if c > 0 and r > 0)))
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.per_type
+
+    @property
+    def total_rank(self) -> int:
+        return sum(r for _, _, r in self.per_type)
+
+    @property
+    def num_ecs(self) -> int:
+        return sum(c for _, c, _ in self.per_type)
+
+    def rank_of(self, module_type: str) -> int:
+        for t, _, r in self.per_type:
+            if t == module_type:
+                return r
+        return 0
+
+    @property
+    def key(self) -> str:
+        """A short stable text form (``none`` or ``q_proj:2x64,down_proj:1x32``), for logs, file keys and tables."""
+        return ",".join(f"{t}:{c}x{r}" for t, c, r in self.per_type) or "none"
+
+    def __str__(self) -> str:
+        return self.key
+
+
+def as_signature(sig) -> ECSignature:
+    """``sig`` as an ECSignature (the engine's placeholder ``()`` or ``None`` is the empty set)."""
+    if isinstance(sig, ECSignature):
+        return sig
+    if sig is None or sig == ():
+        return ECSignature()
+    if isinstance(sig, tuple):
+        return ECSignature(tuple(sorted(tuple(x) for x in sig)))
+    raise SpearError(f"ECSignature: cannot read {sig!r}")
+
+
+def module_type(name: str) -> str:
+    """The module type of a qualified module name: its last component (``model.layers.3.mlp.down_proj`` ->
+    ``down_proj``)."""
+    return name.rsplit(".", 1)[-1]
+
+
+def is_active_ec(module) -> bool:
+    """A CompensatedLinear with rank > 0 that is not switched off (``ec_enabled = False``)."""
+    from ...ec.module import CompensatedLinear
+    return (isinstance(module, CompensatedLinear) and getattr(module, "rank", 0) > 0
+            and getattr(module, "ec_enabled", True) is not False)
+
+
+def ec_signature(model, enabled: bool = True) -> ECSignature:
+    """Count and total rank of the active ECs per module type of ``model`` (an ``nn.Module``, compiled or not).
+    ``enabled=False`` (the engine's ECs switched off) is the empty signature."""
+    if not enabled or model is None:
+        return ECSignature()
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    counts: dict = {}
+    for name, module in model.named_modules():
+        if is_active_ec(module):
+            c, r = counts.get(module_type(name), (0, 0))
+            counts[module_type(name)] = (c + 1, r + int(module.rank))
+    return ECSignature.from_counts(counts)
+
+
+# ----------------------------------------------------------------------------------------------- samples
+@dataclass(frozen=True)
+class StepShape:
+    """One step's batch mix: decode tokens, prefill tokens, summed decode context, and the tokens the graph ran
+    (after padding to its bucket; 0 = unpadded, ``d + p``)."""
+    num_decodes: int
+    num_prefill_tokens: int
+    sum_context: int
+    num_padded_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_padded_tokens or (self.num_decodes + self.num_prefill_tokens)
+
+
+@dataclass(frozen=True)
+class StepSample:
+    shape: StepShape
+    signature: ECSignature
+    seconds: float
+
+    def to_json(self) -> list:
+        s = self.shape
+        return [s.num_decodes, s.num_prefill_tokens, s.sum_context, s.num_padded_tokens,
+                [list(x) for x in self.signature.per_type], self.seconds]
+
+    @classmethod
+    def from_json(cls, row) -> "StepSample":
+        if not (isinstance(row, list) and len(row) == 6 and all(isinstance(v, int) for v in row[:4])
+                and isinstance(row[4], list) and isinstance(row[5], (int, float))):
+            raise ValueError(f"sample {row!r} is not [decodes, prefill, context, padded, signature, seconds]")
+        sig = []
+        for x in row[4]:
+            if not (isinstance(x, list) and len(x) == 3 and isinstance(x[0], str) and isinstance(x[1], int)
+                    and isinstance(x[2], int)):
+                raise ValueError(f"signature entry {x!r} is not [type, count, rank]")
+            sig.append(tuple(x))
+        if not (row[5] > 0 and math.isfinite(row[5])):
+            raise ValueError(f"sample time {row[5]!r} is not a positive number")
+        return cls(StepShape(*row[:4]), ECSignature(tuple(sorted(sig))), float(row[5]))
+
+
+def pad_tokens(num_decodes: int, num_prefill_tokens: int, decode_buckets=(), token_buckets=(),
+               mixed_min_rows: int = 0) -> int:
+    """Tokens the engine's graph computes for this mix: decode-only steps pad to a decode bucket, mixed ones to a
+    token bucket (unpadded past the largest bucket or without buckets). A mixed step holds at least
+    ``mixed_min_rows`` decode rows (the engine pads with dummies)."""
+    n = (max(num_decodes, mixed_min_rows) if num_prefill_tokens else num_decodes) + num_prefill_tokens
+    buckets = decode_buckets if num_prefill_tokens == 0 and decode_buckets else token_buckets
+    if buckets:
+        i = bisect.bisect_left(buckets, n)
+        if i < len(buckets):
+            return buckets[i]
+    return n
+
+
+# ----------------------------------------------------------------------------------------------- the model
+class StepCostModel:
+    """Piecewise-linear step time (seconds); see the module docstring. ``ec_terms=False`` is the EC-blind model.
+
+    ``decode_buckets`` / ``token_buckets``: the engine's graph buckets, so a prediction pads like the engine does.
+    """
+
+    def __init__(self, ec_types: Iterable[str] = (), ec_terms: bool = True, bin_edges=DEFAULT_BIN_EDGES,
+                 decode_buckets=(), token_buckets=(), correction_alpha: float = 0.1, ridge: float = 1e-6,
+                 kv_layout: Optional[tuple] = None, mixed_min_rows: int = 0):
+        edges = tuple(int(e) for e in bin_edges)
+        if list(edges) != sorted(set(edges)) or not edges or edges[0] < 1:
+            raise SpearError(f"StepCostModel: bin_edges={bin_edges!r} must be increasing positive integers")
+        if not 0.0 <= correction_alpha <= 1.0:
+            raise SpearError(f"StepCostModel: correction_alpha={correction_alpha!r} must be in [0, 1]")
+        self.ec_terms = bool(ec_terms)
+        self.ec_types = tuple(sorted(set(ec_types))) if ec_terms else ()
+        self.bin_edges = edges
+        self.decode_buckets = tuple(sorted(decode_buckets))
+        self.token_buckets = tuple(sorted(token_buckets))
+        self.correction_alpha = float(correction_alpha)
+        self.ridge = float(ridge)
+        self.kv_layout = (int(kv_layout[0]), tuple(sorted(kv_layout[1]))) if kv_layout else None  # (block, widths)
+        self.mixed_min_rows = int(mixed_min_rows)
+        nb = len(edges) + 1
+        self.coef = [[0.0] * self.num_features for _ in range(nb)]  # per bin
+        self.fitted = False
+        self.floor: dict = {}             # per bin: half the fastest step measured in it (a prediction never goes below)
+        self.fit_error: dict = {}
+        self._log_correction: dict = {}   # (bin, signature or None) -> log of the multiplicative correction
+        self._ec_cache: dict = {}         # signature -> per bin (f . r, g . r)
+
+    # features -------------------------------------------------------------------------------------------------
+    @property
+    def num_features(self) -> int:
+        return len(BASE_FEATURES) + 2 * len(self.ec_types)
+
+    @property
+    def feature_names(self) -> tuple:
+        return BASE_FEATURES + tuple(f"ec_rank:{t}" for t in self.ec_types) + \
+            tuple(f"ec_rank_x_tokens:{t}" for t in self.ec_types)
+
+    def bin_of(self, num_tokens: int) -> int:
+        return bisect.bisect_left(self.bin_edges, num_tokens)
+
+    def features(self, shape: StepShape, sig: ECSignature) -> list:
+        t = shape.num_tokens
+        ranks = [sig.rank_of(ty) for ty in self.ec_types]
+        p = float(shape.num_prefill_tokens)
+        return [1.0, float(t), p, p * p, float(shape.sum_context)] + \
+            [float(r) for r in ranks] + [float(r * t) for r in ranks]
+
+    # fitting -------------------------------------------------------------------------------------------------
+    def fit(self, samples: Iterable[StepSample]) -> "StepCostModel":
+        """Least squares per bin on relative error, slopes other than the prefill tokens' kept non-negative. EC-blind:
+        only EC-free samples. A bin without samples borrows the nearest fitted bin's coefficients. Raises SpearError
+        when nothing can be fitted."""
+        import numpy as np
+        samples = [s for s in samples if self.ec_terms or s.signature.is_empty]
+        if not samples:
+            raise SpearError("StepCostModel.fit: no samples" + ("" if self.ec_terms else " without ECs (EC-blind)"))
+        by_bin: dict = {}
+        for s in samples:
+            by_bin.setdefault(self.bin_of(s.shape.num_tokens), []).append(s)
+        fitted = {}
+        for b, rows in by_bin.items():
+            x = np.array([self.features(s.shape, s.signature) for s in rows], dtype=np.float64)
+            y = np.array([s.seconds for s in rows], dtype=np.float64)
+            w = 1.0 / y
+            xw, yw = x * w[:, None], y * w
+            scale = np.maximum(np.abs(xw).max(axis=0), 1e-30)  # column scaling: features span 1 .. 1e6
+            xs = xw / scale
+            # slopes a step's time cannot have negative (tokens, chunk attention, context, EC ranks): a column
+            # fitted negative is dropped and the rest refitted, so extrapolation stays monotone
+            free = {0, 2}  # intercept, prefill tokens (a prefill row may cost less than a decode row)
+            active = list(range(xs.shape[1]))
+            for _ in range(xs.shape[1]):
+                sub = xs[:, active]
+                # ridge as extra rows (keeps unidentified EC columns at zero instead of huge opposite pairs)
+                a = np.vstack([sub, math.sqrt(self.ridge) * np.eye(len(active))])
+                rhs = np.concatenate([yw, np.zeros(len(active))])
+                part, *_ = np.linalg.lstsq(a, rhs, rcond=None)
+                neg = [j for j, v in zip(active, part) if v < 0 and j not in free]
+                if not neg:
+                    break
+                active = [j for j in active if j not in neg]
+            sol = np.zeros(xs.shape[1])
+            sol[active] = part
+            fitted[b] = list(sol / scale)
+            self.floor[b] = 0.5 * float(y.min())
+            pred = np.maximum(x @ (sol / scale), self.floor[b])
+            rel = np.abs(pred - y) / y
+            self.fit_error[b] = {"n": len(rows), "p50": float(np.percentile(rel, 50)),
+                                 "p90": float(np.percentile(rel, 90))}
+        for b in range(len(self.coef)):
+            near = min(fitted, key=lambda k: (abs(k - b), k))
+            self.coef[b] = list(fitted[near])
+            self.floor[b] = self.floor.get(near, 0.0) if b not in fitted else self.floor[b]
+        self.fitted = True
+        self._ec_cache.clear()
+        self._log_correction.clear()
+        return self
+
+    # prediction ------------------------------------------------------------------------------------------------
+    def context_feature(self, num_decodes: int, sum_context: int, max_context: int, mixed: bool) -> int:
+        """The ``ctx`` feature of a step: with ``kv_layout`` the KV tokens decode attention gathers (decode-only steps
+        pad the rows to the decode bucket; mixed steps run at least 2 rows), else ``sum_context``."""
+        if self.kv_layout is None or num_decodes == 0:
+            return sum_context if self.kv_layout is None else 0
+        block, widths = self.kv_layout
+        blocks = -(-max_context // block)
+        i = bisect.bisect_left(widths, blocks)
+        width = widths[i] if i < len(widths) else blocks
+        rows = max(num_decodes, self.mixed_min_rows) if mixed else self.pad(num_decodes, 0)
+        return rows * width * block
+
+    def pad(self, num_decodes: int, num_prefill_tokens: int) -> int:
+        return pad_tokens(num_decodes, num_prefill_tokens, self.decode_buckets, self.token_buckets, self.mixed_min_rows)
+
+    def prefill_room(self, num_decodes: int, num_tokens: int) -> int:
+        """Prefill tokens that fit a mixed step of ``num_tokens`` beside ``num_decodes`` decodes."""
+        return num_tokens - max(num_decodes, self.mixed_min_rows)
+
+    def _ec_terms(self, sig: ECSignature) -> list:
+        terms = self._ec_cache.get(sig)
+        if terms is None:
+            ranks = [sig.rank_of(t) for t in self.ec_types]
+            k, nt = len(BASE_FEATURES), len(self.ec_types)
+            terms = [(sum(c[k + j] * r for j, r in enumerate(ranks)),
+                      sum(c[k + nt + j] * r for j, r in enumerate(ranks))) for c in self.coef]
+            if len(self._ec_cache) > 64:  # a handful of EC sets are ever live; bound it anyway
+                self._ec_cache.clear()
+            self._ec_cache[sig] = terms
+        return terms
+
+    def correction_key(self, b: int, sig: ECSignature):
+        """EC-aware: one correction per bin and EC set; EC-blind: per bin (it cannot tell EC sets apart)."""
+        return (b, sig if self.ec_terms else None)
+
+    def predict_raw(self, num_decodes: int, num_prefill_tokens: int, sum_context: int,
+                    sig: ECSignature = ECSignature(), num_tokens: int = 0) -> float:
+        """Fitted time, without the online correction. ``num_tokens``: padded tokens if known (else padded here)."""
+        t = num_tokens or self.pad(num_decodes, num_prefill_tokens)
+        b = self.bin_of(t)
+        c = self.coef[b]
+        p = num_prefill_tokens
+        y = c[0] + c[1] * t + c[2] * p + c[3] * p * p + c[4] * sum_context
+        if self.ec_types and not sig.is_empty:
+            f, g = self._ec_terms(sig)[b]
+            y += f + g * t
+        return max(y, self.floor.get(b, 0.0), 1e-6)
+
+    def predict(self, num_decodes: int, num_prefill_tokens: int, sum_context: int,
+                sig: ECSignature = ECSignature(), num_tokens: int = 0) -> float:
+        """Predicted step time in seconds (fitted model times the bin's online correction)."""
+        t = num_tokens or self.pad(num_decodes, num_prefill_tokens)
+        y = self.predict_raw(num_decodes, num_prefill_tokens, sum_context, sig, t)
+        lc = self._log_correction.get(self.correction_key(self.bin_of(t), sig))
+        return y if lc is None else y * math.exp(lc)
+
+    def observe(self, num_decodes: int, num_prefill_tokens: int, sum_context: int, sig: ECSignature,
+                measured_s: float, num_tokens: int = 0) -> None:
+        """Move the bin's correction toward measured / fitted (exponentially weighted, in log space)."""
+        if not (measured_s > 0 and math.isfinite(measured_s)) or self.correction_alpha == 0.0:
+            return
+        t = num_tokens or self.pad(num_decodes, num_prefill_tokens)
+        raw = self.predict_raw(num_decodes, num_prefill_tokens, sum_context, sig, t)
+        ratio = min(max(measured_s / raw, 0.2), 5.0)
+        key = self.correction_key(self.bin_of(t), sig)
+        old = self._log_correction.get(key, 0.0)
+        self._log_correction[key] = old + self.correction_alpha * (math.log(ratio) - old)
+
+    def corrections(self) -> dict:
+        """``{"bin|EC set": factor}`` of the online corrections so far (for logs and reports)."""
+        return {f"{b}|{k.key if k is not None else 'any'}": math.exp(v)
+                for (b, k), v in sorted(self._log_correction.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))}
+
+    # serialisation ---------------------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {"ec_terms": self.ec_terms, "ec_types": list(self.ec_types), "bin_edges": list(self.bin_edges),
+                "decode_buckets": list(self.decode_buckets), "token_buckets": list(self.token_buckets),
+                "kv_layout": [self.kv_layout[0], list(self.kv_layout[1])] if self.kv_layout else None,
+                "mixed_min_rows": self.mixed_min_rows,
+                "feature_names": list(self.feature_names), "coef": self.coef,
+                "floor": [self.floor.get(b, 0.0) for b in range(len(self.coef))],
+                "fit_error": {str(k): v for k, v in self.fit_error.items()}}
+
+
+def model_from_json(doc: dict) -> StepCostModel:
+    """A fitted model back from ``StepCostModel.to_json`` (for reports and plots; the fit is not repeated)."""
+    kv = doc.get("kv_layout")
+    m = StepCostModel(doc["ec_types"], ec_terms=doc["ec_terms"], bin_edges=doc["bin_edges"],
+                      decode_buckets=doc["decode_buckets"], token_buckets=doc["token_buckets"],
+                      kv_layout=(kv[0], kv[1]) if kv else None, mixed_min_rows=doc.get("mixed_min_rows", 0))
+    if len(doc["coef"]) != len(m.coef) or any(len(c) != m.num_features for c in doc["coef"]):
+        raise SpearError("StepCostModel: stored coefficients do not match the model's bins and features")
+    m.coef = [[float(x) for x in c] for c in doc["coef"]]
+    m.floor = {b: float(v) for b, v in enumerate(doc.get("floor") or [])}
+    m.fitted = True
+    return m
+
+
+def fit_models(samples, decode_buckets=(), token_buckets=(), bin_edges=DEFAULT_BIN_EDGES,
+               correction_alpha: float = 0.1, kv_layout=None, mixed_min_rows: int = 0) -> tuple:
+    """(EC-aware model fitted on every sample, EC-blind model fitted on the EC-free samples). The samples'
+    ``sum_context`` must be the feature the models use (see ``context_feature``)."""
+    samples = list(samples)
+    types = sorted({t for s in samples for t, _, _ in s.signature.per_type})
+    common = dict(bin_edges=bin_edges, decode_buckets=decode_buckets, token_buckets=token_buckets,
+                  correction_alpha=correction_alpha, kv_layout=kv_layout, mixed_min_rows=mixed_min_rows)
+    aware = StepCostModel(types, ec_terms=True, **common).fit(samples)
+    blind = StepCostModel((), ec_terms=False, **common).fit(samples)
+    return aware, blind
+
+
+# ----------------------------------------------------------------------------------------------- step timing
+class StepTimer:
+    """Times engine steps without a host sync inside them: CUDA events recorded before and after each step,
+    read one step (or more) later when ``query()`` says they are done; on CPU, the wall clock.
+
+    ``start()`` before launching a step's work, ``stop(tag)`` after; ``stop`` returns the ``(tag, seconds)`` of
+    every earlier step whose events have completed by now (CPU: this step's own time at once).
+    """
+
+    def __init__(self, device=None, max_pending: int = 64):
+        import torch
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        self.cuda = dev.type == "cuda" and torch.cuda.is_available()
+        self._torch = torch
+        self._pending: deque = deque()
+        self._begin = None
+        self.max_pending = max_pending
+
+    def start(self) -> None:
+        if self.cuda:
+            ev = self._torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._begin = ev
+        else:
+            self._begin = time.perf_counter()
+
+    def stop(self, tag=None) -> list:
+        if self._begin is None:
+            raise SpearError("StepTimer.stop without start")
+        begin, self._begin = self._begin, None
+        if not self.cuda:
+            return [(tag, time.perf_counter() - begin)]
+        end = self._torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._pending.append((tag, begin, end))
+        done = []
+        # the oldest first; stop at the first still running (events complete in stream order)
+        while self._pending and (self._pending[0][2].query() or len(self._pending) > self.max_pending):
+            t, b, e = self._pending.popleft()
+            if not e.query():
+                e.synchronize()  # only when far behind: bounded memory
+            done.append((t, b.elapsed_time(e) / 1e3))
+        return done
+
+    def drain(self) -> list:
+        """Every pending measurement (synchronises: for the end of a run, not inside serving)."""
+        out = []
+        while self._pending:
+            t, b, e = self._pending.popleft()
+            e.synchronize()
+            out.append((t, b.elapsed_time(e) / 1e3))
+        return out
+
+
+@dataclass
+class PredictionLog:
+    """Bounded record of (predicted, measured) step times, for the predicted-vs-measured error."""
+    maxlen: int = 100000
+    pairs: deque = field(default_factory=deque)
+
+    def add(self, predicted_s: Optional[float], measured_s: float) -> None:
+        if predicted_s is None or not measured_s > 0:
+            return
+        self.pairs.append((predicted_s, measured_s))
+        while len(self.pairs) > self.maxlen:
+            self.pairs.popleft()
+
+    def abs_pct_errors(self) -> list:
+        return [abs(p - m) / m * 100.0 for p, m in self.pairs]

@@ -1,0 +1,283 @@
+"""Start-up profiling sweep for the step cost model, and its on-disk cache.
+
+``profile_runner`` runs the engine's real step function (``ModelRunner.execute``: the compiled graphs, the decode
+CUDA graphs) on synthetic batches over a grid of (decodes, prefill tokens, context per decode) for each EC state
+the engine serves, timing each point like the engine times a step (``Engine.step`` measures wall time up to the
+sampled tokens' read-back, which ends the step on the device: here execute + an argmax read back; median of a few
+repeats). Synthetic requests read and write arbitrary KV blocks, so it runs only on an idle
+engine (start-up, before any request).
+
+The samples are cached as JSON beside the tuning cache (``tune_cache.cache_dir()``), one file per EC state, keyed
+like it: GPU name, SM count, torch, triton, the lowering's code hash, plus the model's shape and weight formats, the
+engine's step layout (buckets, block size, CUDA graphs, compile), the model runner's code and the EC signature.
+A file that does not parse or does not match is ignored with a warning and rewritten.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from typing import Optional
+
+from ...errors import SpearError
+from ..request import Request, SamplingParams
+from .cost_model import ECSignature, StepCostModel, StepSample, StepShape, ec_signature, fit_models
+
+SCHEMA = 1
+GRID_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------- the grid
+def default_grid(decode_buckets, token_buckets, max_model_len: int, max_points: Optional[int] = None,
+                 mixed_min_rows: int = 0) -> list:
+    """(decodes, prefill tokens, context per decode) points: decodes on the decode buckets (and 0); prefill so that
+    a step's tokens land on each token bucket (and 0); three contexts (short, a quarter and half of the longest).
+    ``max_points`` keeps an evenly spaced subset (tiny CPU sweeps)."""
+    ctxs = sorted({min(64, max_model_len // 4), max(2, max_model_len // 4), max(2, max_model_len // 2)})
+    points = []
+    for d in (0,) + tuple(decode_buckets):
+        prefills = [0] + [b - max(d, mixed_min_rows) for b in token_buckets if b > max(d, mixed_min_rows)]
+        for p in prefills:
+            if d == 0 and p == 0:
+                continue
+            for c in (ctxs if d else ctxs[:1]):
+                if p + 1 < max_model_len:
+                    points.append((d, p, c))
+    if max_points and len(points) > max_points:
+        step = len(points) / max_points
+        points = [points[int(i * step)] for i in range(max_points)]
+    return points
+
+
+def _fake_requests(d: int, p: int, ctx: int, num_blocks: int, block_size: int):
+    """``d`` decoding requests with ``ctx`` tokens cached and one prefill request of ``p`` prompt tokens, on block
+    ids cycling over the usable blocks (aliasing is harmless: nothing reads the results)."""
+    nxt = [1]
+
+    def blocks(n_tokens):
+        out = []
+        for _ in range(-(-n_tokens // block_size)):
+            out.append(nxt[0])
+            nxt[0] = nxt[0] % (num_blocks - 1) + 1
+        return out
+
+    decodes = []
+    for k in range(d):
+        r = Request(f"profile-d{k}", [1] * ctx, SamplingParams(max_tokens=2), arrival_time=0.0)
+        r.output_token_ids = [1]
+        r.num_computed_tokens = ctx
+        r.block_ids = blocks(ctx + 1)
+        decodes.append(r)
+    prefills = []
+    if p:
+        r = Request("profile-p", [1] * p, SamplingParams(max_tokens=2), arrival_time=0.0)
+        r.block_ids = blocks(p)
+        prefills.append((r, p))
+    return decodes, prefills
+
+
+def profile_runner(runner, ec_states, cost_model_template: StepCostModel, grid, repeats: int = 3,
+                   progress: bool = False) -> dict:
+    """Time ``runner.execute`` on every grid point for each ``(use_ec, signature)`` of ``ec_states``.
+    Returns ``{signature: [StepSample, ...]}``; samples carry the padded token count and the context feature of
+    ``cost_model_template`` (its buckets and KV layout)."""
+    import torch
+    out = {}
+    total = len(grid) * len(ec_states)
+    bar = _progress(total, progress)
+    for use_ec, sig in ec_states:
+        samples = []
+        for d, p, c in grid:
+            decodes, prefills = _fake_requests(d, p, c, runner.num_blocks, runner.block_size)
+            with torch.no_grad():
+                if runner.device.type == "cuda":
+                    time_step(runner, decodes, prefills, use_ec)  # warm (first touch of this shape's buffers)
+                times = [time_step(runner, decodes, prefills, use_ec) for _ in range(repeats)]
+            padded = cost_model_template.pad(d, p)
+            kv = cost_model_template.context_feature(d, d * (c + 1), c + 1, mixed=p > 0)
+            samples.append(StepSample(StepShape(d, p, kv, padded), sig, statistics.median(times)))
+            bar.update(1)
+        out[sig] = samples
+    bar.close()
+    return out
+
+
+def time_step(runner, decodes, prefills, use_ec) -> float:
+    """Wall time of one step as the engine sees it: execute, then read the next tokens back (greedy here)."""
+    t0 = time.perf_counter()
+    logits, rows = runner.execute(decodes, prefills, use_ec)
+    logits[:rows].argmax(-1).tolist()
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------- the cache
+def model_fingerprint(model) -> dict:
+    """Shape and weight formats of ``model``: config sizes, and each distinct linear weight format with its count."""
+    model = getattr(model, "_orig_mod", model)
+    cfg = getattr(model, "config", None)
+    sizes = {k: getattr(cfg, k, None) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                  "num_attention_heads", "num_key_value_heads", "vocab_size",
+                                                  "head_dim")} if cfg is not None else {}
+    formats: dict = {}
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if w is None or not hasattr(w, "shape") or w.dim() != 2:
+            continue
+        fmt = f"{type(w).__name__}:{getattr(w, 'dtype', '')}:{'unwrapped' if hasattr(m, '_spear_qdata') else ''}"
+        for attr in ("bits", "group_size", "symmetric"):
+            if hasattr(w, attr):
+                fmt += f":{attr}={getattr(w, attr)}"
+        formats[fmt] = formats.get(fmt, 0) + 1
+    return {"sizes": sizes, "weights": dict(sorted(formats.items()))}
+
+
+def _runner_code_hash() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(here, "*.py"))):  # the serving package: runner, attention, engine
+        with open(path, "rb") as f:
+            h.update(os.path.basename(path).encode() + b"\0" + f.read() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def cache_fields(device, model, layout: dict, sig: ECSignature) -> dict:
+    from ...lowering import tune_cache
+    return dict(tune_cache.environment(device), model=model_fingerprint(model), layout=layout,
+                runner=_runner_code_hash(), grid=GRID_VERSION, ec=sig.key)
+
+
+def cache_path(fields: dict) -> Optional[str]:
+    from ...lowering import tune_cache
+    directory = tune_cache.cache_dir()
+    if directory is None:
+        return None
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return os.path.join(directory, f"stepcost-{digest}.json")
+
+
+def load_samples(path: Optional[str], fields: dict) -> Optional[list]:
+    """The cached samples, or None when missing, or (with a warning) unreadable, corrupt or for another key."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            raise ValueError(f"not a schema-{SCHEMA} step-cost profile")
+        if json.dumps(data.get("fields"), sort_keys=True, default=str) != json.dumps(fields, sort_keys=True,
+                                                                                     default=str):
+            raise ValueError("header does not match this engine")
+        rows = data.get("samples")
+        if not isinstance(rows, list) or not rows:
+            raise ValueError("no samples")
+        return [StepSample.from_json(r) for r in rows]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        warnings.warn(f"spear_compile step-cost profile {path}: {type(e).__name__}: {e}; ignoring it (re-profiled "
+                      f"and rewritten)", stacklevel=2)
+        return None
+
+
+def save_samples(path: Optional[str], fields: dict, samples: list) -> None:
+    """Write atomically (temporary file + ``os.replace``); a failed write warns and changes nothing."""
+    if path is None:
+        return
+    tmp = None
+    try:
+        text = json.dumps({"schema": SCHEMA, "fields": fields, "samples": [s.to_json() for s in samples]},
+                          default=str)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".stepcost-", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+        tmp = None
+    except (OSError, TypeError, ValueError) as e:
+        warnings.warn(f"spear_compile step-cost profile {path}: could not save ({type(e).__name__}: {e})", stacklevel=2)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------------------------- engine entry point
+def engine_layout(runner) -> dict:
+    cfg = runner.config
+    return {"decode_buckets": list(runner.decode_buckets), "token_buckets": list(runner.token_buckets),
+            "table_buckets": list(runner.table_buckets), "block_size": runner.block_size,
+            "cuda_graphs": bool(runner.use_cuda_graphs), "compile": bool(cfg.compile),
+            "max_model_len": runner.max_model_len}
+
+
+def template_for(runner) -> StepCostModel:
+    """An unfitted model with the engine's buckets and KV layout (pads and computes features like the engine)."""
+    return StepCostModel(decode_buckets=runner.decode_buckets, token_buckets=runner.token_buckets,
+                         kv_layout=(runner.block_size, runner.table_buckets), mixed_min_rows=_mixed_min_rows())
+
+
+def _mixed_min_rows() -> int:
+    from ..model_runner import MIN_DIM  # a mixed step runs at least this many decode rows (dummies)
+    return MIN_DIM
+
+
+def profile_engine(engine, extra_samples=(), refresh: bool = False, repeats: int = 3, max_points=None,
+                   progress: bool = False) -> list:
+    """Samples for every EC state ``engine`` serves (ECs on and off), from the cache or profiled now (and cached).
+    ``extra_samples``: samples of other EC sets (e.g. another engine's) to fit together with these."""
+    runner, model = _runner_of(engine), _model_of(engine)
+    if engine.has_unfinished():
+        raise SpearError("profile_engine: the engine is serving requests; profile at start-up (idle engine)")
+    layout = engine_layout(runner)
+    template = template_for(runner)
+    grid = default_grid(runner.decode_buckets, runner.token_buckets, runner.max_model_len, max_points,
+                        _mixed_min_rows())
+    layout = dict(layout, grid_points=len(grid), repeats=repeats)
+    samples = list(extra_samples)
+    todo = []
+    for use_ec in runner.ec_states():
+        sig = ec_signature(model) if use_ec else ECSignature()
+        fields = cache_fields(runner.device, model, layout, sig)
+        path = cache_path(fields)
+        cached = None if refresh else load_samples(path, fields)
+        if cached is not None:
+            samples += cached
+        else:
+            todo.append((use_ec, sig, fields, path))
+    if todo:
+        got = profile_runner(runner, [(u, s) for u, s, _, _ in todo], template, grid, repeats, progress)
+        for use_ec, sig, fields, path in todo:
+            save_samples(path, fields, got[sig])
+            samples += got[sig]
+    return samples
+
+
+def cost_models_for(engine, extra_samples=(), refresh: bool = False, samples=None, **kwargs) -> tuple:
+    """(EC-aware, EC-blind) step cost models fitted on ``samples`` (default: ``profile_engine(engine)``'s)."""
+    runner = _runner_of(engine)
+    if samples is None:
+        samples = profile_engine(engine, extra_samples, refresh, **kwargs)
+    return fit_models(samples, runner.decode_buckets, runner.token_buckets,
+                      kv_layout=(runner.block_size, runner.table_buckets), mixed_min_rows=_mixed_min_rows())
+
+
+def _runner_of(engine):
+    runner = getattr(engine, "runner", None) or getattr(engine, "model_runner", None)
+    if runner is None or not hasattr(runner, "execute"):
+        raise SpearError(f"profile: {type(engine).__name__} has no model runner (.runner with execute())")
+    return runner
+
+
+def _model_of(engine):
+    return getattr(engine, "model", None) or getattr(engine.runner, "net", None)
+
+
+def _progress(total: int, enabled: bool):
+    import sys
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="spear serving: step-cost profile", file=sys.stderr, disable=not enabled,
+                leave=False)

@@ -1,0 +1,258 @@
+"""SLO-constrained, EC-aware scheduling policy (``"slo"``) and its EC-blind ablation (``"slo-ec-blind"``).
+
+Each step (the base ``Scheduler`` already gives every running decode its token):
+
+* **Slack.** The tightest deadline among the step's outputs: for every running decode, its TPOT SLO minus the
+  time since its last token; for a partially prefilled request whose remaining prompt this step could finish in
+  time, its TTFT deadline (read from ``ctx.prefilling`` when the scheduler provides it; the base ``StepContext``
+  does not carry partial prefills yet, so today only the decode slacks bound the step). The host time between steps (sampling, detokenizing, scheduling: learned online as
+  the inter-step gap minus the predicted step time) is taken off the slack.
+* **Budget.** The largest token count on the engine's bucket grid whose predicted step time (cost model, with the
+  active EC signature; the EC-blind ablation predicts as if no EC were active), times a safety factor, fits the
+  slack. No decode running: the largest bucket. Sarathi-Serve's deadline scheduler does the same search over a
+  fixed grid with a linear step-time regression.
+* **Order.** Waiting prefills by earliest TTFT deadline (arrival + TTFT SLO). A request that can no longer meet
+  its TTFT (its deadline has passed, or its prompt alone cannot be prefilled before it at the model's prefill
+  rate) is demoted behind those that still can, but not starved: if no demoted request got a chunk for
+  ``aging_steps`` steps, the oldest goes first, and whenever work waits but nothing was prefilled for
+  ``aging_steps`` steps the budget is at least ``min_chunk`` tokens.
+
+Cost per step: O(running + waiting) plus a sort of the waiting queue and at most one prediction per bucket.
+``ops`` counts the requests visited and predictions made (tests bound it; the benchmark times it).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Optional
+
+from ...errors import SpearError
+from .base import Policy, StepContext, StepPlan
+from .cost_model import ECSignature, PredictionLog, StepCostModel, as_signature
+
+DEFAULT_TTFT_SLO_S = 2.0
+DEFAULT_TPOT_SLO_S = 0.1
+NO_SIGNATURE = ECSignature()
+
+
+class SloAware(Policy):
+    """Prefill budget from the tightest slack and a step cost model; EDF prefill order with demotion and aging.
+
+    ``cost_model``: a fitted ``StepCostModel``. ``ec_aware=False``: predictions ignore the active ECs (the
+    ablation; give it the EC-blind model, fitted on EC-free steps). ``ttft_slo_s`` / ``tpot_slo_s``: defaults
+    for requests without their own. ``safety``: predicted time is multiplied by it before the fit test.
+    ``min_chunk`` / ``aging_steps``: the anti-starvation guarantee (see module docstring).
+    """
+    chunked = True
+
+    def __init__(self, cost_model: StepCostModel, ec_aware: bool = True, ttft_slo_s: Optional[float] = None,
+                 tpot_slo_s: Optional[float] = None, safety: float = 1.1, min_chunk: int = 32,
+                 aging_steps: int = 8, overhead_alpha: float = 0.1, name: Optional[str] = None):
+        if not isinstance(cost_model, StepCostModel):
+            raise SpearError(f"SloAware: cost_model must be a StepCostModel, got {type(cost_model).__name__}")
+        if not cost_model.fitted:
+            raise SpearError("SloAware: the cost model is not fitted (run scheduler.profile first)")
+        for nm, v in (("ttft_slo_s", ttft_slo_s), ("tpot_slo_s", tpot_slo_s)):
+            if v is not None and not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+                raise SpearError(f"SloAware: {nm}={v!r} must be a positive number of seconds")
+        if not (safety >= 1.0 and math.isfinite(safety)):
+            raise SpearError(f"SloAware: safety={safety!r} must be >= 1")
+        if not (isinstance(min_chunk, int) and min_chunk >= 1 and isinstance(aging_steps, int) and aging_steps >= 1):
+            raise SpearError(f"SloAware: min_chunk={min_chunk!r} and aging_steps={aging_steps!r} must be integers >= 1")
+        self.cost_model = cost_model
+        self.ec_aware = bool(ec_aware)
+        self.name = name or ("slo" if ec_aware else "slo-ec-blind")
+        self.ttft_slo_s = float(ttft_slo_s or DEFAULT_TTFT_SLO_S)
+        self.tpot_slo_s = float(tpot_slo_s or DEFAULT_TPOT_SLO_S)
+        self.safety = float(safety)
+        self.min_chunk = min_chunk
+        self.aging_steps = aging_steps
+        self.overhead_alpha = overhead_alpha
+        self.overhead_s = 0.0          # learned host time between steps
+        self.ops = 0                   # requests visited + predictions made (bounded per step; tests check)
+        self.log = PredictionLog()
+        self.last_budget = 0
+        self.last_slack_s = math.inf
+        self._longest = 0
+        self._starved_steps = 0        # consecutive steps with work waiting and no prefill chunk
+        self._demoted_starved_steps = 0  # consecutive steps with demoted requests and none of them served
+        self._demoted: set = set()
+        self._work_waits = False
+        self._aging_now = False
+        self._prev_now: Optional[float] = None
+        self._prev_plan_id: Optional[int] = None
+        self._pending: dict = {}       # id(plan) -> (plan, shape args) until observe()
+        self._pending_order: deque = deque()
+        self._rate_cache: dict = {}    # signature -> seconds per prefill token at the largest bucket
+
+    # helpers -------------------------------------------------------------------------------------------------
+    def _sig(self, ctx_sig) -> ECSignature:
+        return as_signature(ctx_sig) if self.ec_aware else NO_SIGNATURE
+
+    def ttft_deadline(self, req) -> float:
+        return req.arrival_time + (req.ttft_slo_s or self.ttft_slo_s)
+
+    def _prefill_s_per_token(self, sig: ECSignature) -> float:
+        rate = self._rate_cache.get(sig)
+        if rate is None:
+            n = max(self.cost_model.token_buckets or (512,))
+            rate = self.cost_model.predict_raw(0, n, 0, sig, n) / n
+            self._rate_cache[sig] = rate
+        return rate
+
+    # Policy ---------------------------------------------------------------------------------------------------
+    def order(self, waiting: list, now: float) -> list:
+        """Earliest TTFT deadline first; requests that cannot make theirs after those that can (aging: the oldest
+        demoted one first when none was served for ``aging_steps`` steps)."""
+        rate = self._prefill_s_per_token(NO_SIGNATURE)  # an optimistic rate: demote only the surely late
+        feasible, late = [], []
+        for r in waiting:
+            d = self.ttft_deadline(r)
+            if now + r.num_tokens_to_compute * rate > d:
+                late.append((d, r.arrival_time, r))
+            else:
+                feasible.append((d, r.arrival_time, r))
+        self.ops += len(waiting)
+        feasible.sort(key=_first_two)
+        late.sort(key=_first_two)
+        self._demoted = {id(x[2]) for x in late}
+        out = [x[2] for x in feasible]
+        demoted_starving = bool(late) and self._demoted_starved_steps >= self.aging_steps
+        if demoted_starving:
+            out = [late[0][2]] + out + [x[2] for x in late[1:]]
+        else:
+            out += [x[2] for x in late]
+        self._work_waits = bool(waiting)
+        self._aging_now = demoted_starving or (self._work_waits and self._starved_steps >= self.aging_steps)
+        return out
+
+    def prefill_budget(self, ctx: StepContext) -> int:
+        now = ctx.now
+        self._learn_overhead(now)
+        sig = self._sig(ctx.ec_signature)
+        d = len(ctx.decodes)
+        slack = math.inf
+        default_tpot = self.tpot_slo_s
+        longest = 0
+        for r in ctx.decodes:
+            last = r.last_token_time if r.last_token_time is not None else now
+            s = (r.tpot_slo_s or default_tpot) - (now - last)
+            if s < slack:
+                slack = s
+            if r.num_computed_tokens >= longest:
+                longest = r.num_computed_tokens + 1
+        self.ops += d
+        self._longest = longest
+        kv_mixed = self.cost_model.context_feature(d, ctx.sum_context_len, longest, mixed=True)
+        # partially prefilled requests that can still make their TTFT: the step finishing them must be in time
+        for r in getattr(ctx, "prefilling", ()) or ():
+            self.ops += 1
+            s = self.ttft_deadline(r) - now
+            rem = r.num_tokens_to_compute
+            if s > 0 and self._predict(d, rem, kv_mixed, sig) * self.safety <= s:
+                slack = min(slack, s)
+        buckets = ctx.token_buckets or (ctx.max_num_tokens,)
+        if slack == math.inf:
+            budget = self.cost_model.prefill_room(d, max(buckets[-1], ctx.max_num_tokens))
+        else:
+            avail = slack - self.overhead_s
+            budget = 0
+            for b in reversed(buckets):  # the largest bucket whose step fits; few buckets, one prediction each
+                room = self.cost_model.prefill_room(d, b)
+                if room <= 0:
+                    break
+                if self._predict(d, room, kv_mixed, sig, b) * self.safety <= avail:
+                    budget = room
+                    break
+        if getattr(ctx, "prefilling", None):
+            self._work_waits = True
+            self._aging_now = self._aging_now or self._starved_steps >= self.aging_steps
+        if self._aging_now:
+            budget = max(budget, self.min_chunk)
+        self.last_budget = max(0, budget)
+        self.last_slack_s = slack
+        return self.last_budget
+
+    def _predict(self, d, p, ctx_len, sig, padded=0) -> float:
+        self.ops += 1
+        return self.cost_model.predict(d, p, ctx_len, sig, padded)
+
+    def predict(self, plan: StepPlan, ctx: StepContext) -> Optional[float]:
+        d, p = len(plan.decodes), plan.num_prefill_tokens
+        self._starved_steps = 0 if (p or not self._work_waits) else self._starved_steps + 1
+        if not self._demoted or any(id(r) in self._demoted for r, _ in plan.prefills):
+            self._demoted_starved_steps = 0
+        else:
+            self._demoted_starved_steps += 1
+        if d == 0 and p == 0:
+            return None
+        sig = self._sig(ctx.ec_signature)
+        longest = self._longest if d == len(ctx.decodes) else max((r.num_computed_tokens + 1 for r in plan.decodes),
+                                                                  default=0)
+        kv = self.cost_model.context_feature(d, ctx.sum_context_len, longest, mixed=p > 0)
+        pred = self._predict(d, p, kv, sig)
+        # [plan, shape, predicted, gap to the next step's start, measured]: done when both of the last two are in
+        self._pending[id(plan)] = [plan, (d, p, kv, sig), pred, None, None]
+        self._pending_order.append(id(plan))
+        while len(self._pending_order) > 256:
+            self._pending.pop(self._pending_order.popleft(), None)
+        self._prev_plan_id = id(plan)
+        return pred
+
+    def observe(self, plan: StepPlan, measured_s: float) -> None:
+        """The engine's measured time of ``plan`` (possibly a step or more later): online correction of the cost
+        model, the predicted-vs-measured log, and (with the gap to the next step) the host overhead."""
+        entry = self._pending.get(id(plan))
+        if entry is None or entry[0] is not plan or not (measured_s > 0 and math.isfinite(measured_s)):
+            return
+        d, p, ctx_len, sig = entry[1]
+        self.log.add(entry[2], measured_s)
+        self.cost_model.observe(d, p, ctx_len, sig, measured_s)
+        entry[4] = measured_s
+        self._settle(entry)
+
+    def _learn_overhead(self, now: float) -> None:
+        """The previous step ran from the previous call's ``now`` to this one: record that gap on its entry."""
+        entry = self._pending.get(self._prev_plan_id) if self._prev_plan_id is not None else None
+        if entry is not None and self._prev_now is not None:
+            entry[3] = now - self._prev_now
+            self._settle(entry)
+        self._prev_now = now
+        self._prev_plan_id = None
+
+    def _settle(self, entry) -> None:
+        """Host time between steps = gap - measured step time, exponentially averaged, once both are known; a gap
+        much longer than the step (the engine idling for arrivals) is skipped."""
+        gap, measured = entry[3], entry[4]
+        if gap is None or measured is None:
+            return
+        self._pending.pop(id(entry[0]), None)
+        if gap <= 2.0 * measured + 0.005:
+            self.overhead_s += self.overhead_alpha * (max(0.0, gap - measured) - self.overhead_s)
+
+
+def _first_two(x):
+    return (x[0], x[1])
+
+
+SLO_POLICY_NAMES = ("slo", "slo-ec-blind")
+
+
+def make_slo_policy(name: str, cost_model: Optional[StepCostModel] = None,
+                    blind_cost_model: Optional[StepCostModel] = None, engine=None, **kwargs) -> SloAware:
+    """``"slo"`` (EC-aware) or ``"slo-ec-blind"``. Cost models: ``cost_model`` (EC-aware; also used, without its EC
+    terms' input, by the blind policy when ``blind_cost_model`` is not given), else profiled from ``engine``
+    (``scheduler.profile.cost_models_for``: cached on disk). Other kwargs go to ``SloAware``."""
+    if name not in SLO_POLICY_NAMES:
+        raise SpearError(f"make_slo_policy: unknown policy {name!r}; supported: {SLO_POLICY_NAMES}")
+    if cost_model is None and blind_cost_model is None:
+        if engine is None:
+            raise SpearError(f"policy {name!r} needs a step cost model: pass cost_model=... or engine=... "
+                             f"(profiled by spear_compile.serving.scheduler.profile.cost_models_for)")
+        from .profile import cost_models_for
+        cost_model, blind_cost_model = cost_models_for(engine)
+    if name == "slo":
+        if cost_model is None:
+            raise SpearError("policy 'slo' needs the EC-aware cost_model")
+        return SloAware(cost_model, ec_aware=True, **kwargs)
+    return SloAware(blind_cost_model or cost_model, ec_aware=False, **kwargs)

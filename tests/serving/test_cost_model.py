@@ -1,0 +1,216 @@
+"""Step cost model: the fit recovers known coefficients, the EC-blind model ignores EC steps, the online correction
+follows a drift, EC signatures are read from CompensatedLinear modules, the profile cache survives corruption."""
+import json
+import math
+import random
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from spear_compile.ec.module import CompensatedLinear
+from spear_compile.errors import SpearError
+from spear_compile.serving.scheduler.cost_model import (
+    ECSignature, StepCostModel, StepSample, StepShape, StepTimer, ec_signature, fit_models, pad_tokens)
+
+TYPES = ("down_proj", "o_proj", "q_proj")
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def _truth_coef(seed):
+    """Known per-bin coefficients in the model's feature order: 5 base + rank per type + rank x tokens per type."""
+    rng = random.Random(seed)
+    out = []
+    for b in range(5):
+        base = [1e-3 * (1 + b + rng.random()), 1e-5 * rng.random() * (b > 0), 2e-6 * rng.random(),
+                2e-9 * rng.random() * (b > 1), 1e-8 * rng.random()]
+        ec_rank = [2e-6 * (1 + rng.random()) for _ in TYPES]
+        ec_tok = [1e-8 * (1 + rng.random()) for _ in TYPES]
+        out.append(base + ec_rank + ec_tok)
+    return out
+
+
+SIGS = [ECSignature(), ECSignature((("down_proj", 4, 128), ("q_proj", 2, 64))),
+        ECSignature((("o_proj", 3, 96),)), ECSignature((("down_proj", 1, 32), ("o_proj", 1, 32), ("q_proj", 8, 256))),
+        ECSignature((("q_proj", 1, 32),))]
+
+
+def _samples(coef, noise=0.0, seed=0):
+    rng = random.Random(seed)
+    ref = StepCostModel(TYPES, decode_buckets=DECODE_BUCKETS, token_buckets=TOKEN_BUCKETS)
+    ref.coef = [list(c) for c in coef]
+    ref.fitted = True
+    out = []
+    for sig in SIGS:
+        for d in (1, 2, 3, 8, 13, 32, 64):
+            for p in (0, 16, 40, 100, 200, 300, 480, 1000, 1500, 2000):
+                if d + p > 2048:
+                    continue
+                for ctx_per in (16, 300, 1500):
+                    shape = StepShape(d, p, d * ctx_per, ref.pad(d, p))
+                    y = ref.predict_raw(d, p, d * ctx_per, sig, shape.num_padded_tokens)
+                    out.append(StepSample(shape, sig, y * (1 + noise * rng.gauss(0, 1))))
+    return ref, out
+
+
+def test_fit_recovers_known_coefficients():
+    coef = _truth_coef(1)
+    ref, samples = _samples(coef)
+    model = StepCostModel(TYPES, decode_buckets=DECODE_BUCKETS, token_buckets=TOKEN_BUCKETS, ridge=0.0).fit(samples)
+    for b in range(5):
+        fitted_rows = [s for s in samples if model.bin_of(s.shape.num_tokens) == b]
+        assert fitted_rows, b
+        # every identified coefficient of the bins the grid covers (bin 0: T = 1, so no tokens slope; no prefill)
+        for s in fitted_rows:
+            got = model.predict_raw(s.shape.num_decodes, s.shape.num_prefill_tokens, s.shape.sum_context,
+                                    s.signature, s.shape.num_padded_tokens)
+            assert abs(got - s.seconds) / s.seconds < 1e-6
+    # bins 3 and 4 are fully identified by the grid: compare the coefficients themselves
+    for b in (3, 4):
+        for j, (want, got) in enumerate(zip(coef[b], model.coef[b])):
+            assert abs(got - want) <= 1e-5 * abs(want) + 1e-12, (b, model.feature_names[j], got, want)
+
+
+def test_fit_with_noise_predicts_within_a_few_percent():
+    ref, samples = _samples(_truth_coef(2), noise=0.02, seed=3)
+    model = StepCostModel(TYPES, decode_buckets=DECODE_BUCKETS, token_buckets=TOKEN_BUCKETS).fit(samples)
+    _, clean = _samples(_truth_coef(2))
+    errs = sorted(abs(model.predict_raw(s.shape.num_decodes, s.shape.num_prefill_tokens, s.shape.sum_context,
+                                        s.signature) - s.seconds) / s.seconds for s in clean)
+    assert errs[int(0.9 * len(errs))] < 0.02
+
+
+def test_ec_blind_model_is_fitted_on_ec_free_steps_only():
+    _, samples = _samples(_truth_coef(4))
+    # poison every EC step: the blind model must not see them
+    poisoned = [s if s.signature.is_empty else StepSample(s.shape, s.signature, s.seconds * 50) for s in samples]
+    aware, blind = fit_models(poisoned, DECODE_BUCKETS, TOKEN_BUCKETS)
+    _, clean = _samples(_truth_coef(4))
+    for s in clean:
+        if s.signature.is_empty:
+            got = blind.predict_raw(s.shape.num_decodes, s.shape.num_prefill_tokens, s.shape.sum_context)
+            assert abs(got - s.seconds) / s.seconds < 1e-4
+    assert blind.ec_types == () and not blind.ec_terms
+    # the blind model predicts the same with or without ECs; the aware one charges for them
+    sig = SIGS[1]
+    assert blind.predict(8, 0, 800, sig) == blind.predict(8, 0, 800, ECSignature())
+    assert aware.predict(8, 0, 800, sig) > aware.predict(8, 0, 800, ECSignature())
+    with pytest.raises(SpearError, match="without ECs"):
+        StepCostModel(ec_terms=False).fit([s for s in samples if not s.signature.is_empty])
+
+
+def test_online_correction_follows_a_drift():
+    _, samples = _samples(_truth_coef(5))
+    model = StepCostModel(TYPES, decode_buckets=DECODE_BUCKETS, token_buckets=TOKEN_BUCKETS,
+                          correction_alpha=0.2).fit(samples)
+    sig = SIGS[2]
+    base = model.predict(4, 200, 4000, sig)
+    for _ in range(60):
+        model.observe(4, 200, 4000, sig, 1.5 * model.predict_raw(4, 200, 4000, sig))
+    assert abs(model.predict(4, 200, 4000, sig) / base - 1.5) < 0.01
+    # another bin and (EC-aware) another signature are not corrected
+    assert model.predict(1, 0, 100, sig) == model.predict_raw(1, 0, 100, sig)
+    assert model.predict(4, 200, 4000, SIGS[1]) == model.predict_raw(4, 200, 4000, SIGS[1])
+    model.observe(4, 200, 4000, sig, float("nan"))  # ignored
+    assert math.isfinite(model.predict(4, 200, 4000, sig))
+
+
+def test_pad_tokens_follows_the_engine_buckets():
+    assert pad_tokens(3, 0, DECODE_BUCKETS, TOKEN_BUCKETS) == 4
+    assert pad_tokens(3, 10, DECODE_BUCKETS, TOKEN_BUCKETS) == 16
+    assert pad_tokens(64, 960, DECODE_BUCKETS, TOKEN_BUCKETS) == 1024
+    assert pad_tokens(64, 961, DECODE_BUCKETS, TOKEN_BUCKETS) == 2048
+    assert pad_tokens(0, 5000, DECODE_BUCKETS, TOKEN_BUCKETS) == 5000
+    assert pad_tokens(5, 7) == 12
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(16, 16)
+        self.o_proj = nn.Linear(16, 16)
+        self.down_proj = nn.Linear(32, 16)
+
+
+def test_ec_signature_counts_active_compensated_linears():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"layers": nn.ModuleList([_Block() for _ in range(3)])})
+    assert ec_signature(model).is_empty
+    model["layers"][0].q_proj = CompensatedLinear.wrap(model["layers"][0].q_proj, rank=4)
+    model["layers"][1].q_proj = CompensatedLinear.wrap(model["layers"][1].q_proj, rank=8, gate="none")
+    model["layers"][2].down_proj = CompensatedLinear.wrap(model["layers"][2].down_proj, rank=2)
+    model["layers"][2].o_proj = CompensatedLinear.wrap(model["layers"][2].o_proj, rank=0)  # absent
+    sig = ec_signature(model)
+    assert sig.per_type == (("down_proj", 1, 2), ("q_proj", 2, 12))
+    assert sig.total_rank == 14 and sig.num_ecs == 3 and sig.key == "down_proj:1x2,q_proj:2x12"
+    model["layers"][1].q_proj.ec_enabled = False
+    assert ec_signature(model).per_type == (("down_proj", 1, 2), ("q_proj", 1, 4))
+    assert ec_signature(model, enabled=False).is_empty
+    assert hash(sig) == hash(ECSignature((("down_proj", 1, 2), ("q_proj", 2, 12))))
+
+
+def test_sample_json_round_trip_and_refusal():
+    s = StepSample(StepShape(3, 100, 900, 128), SIGS[1], 0.0123)
+    assert StepSample.from_json(json.loads(json.dumps(s.to_json()))) == s
+    for bad in ([1, 2, 3], [1, 2, 3, 4, [], -1.0], [1, 2, 3, 4, [["q", 1]], 0.1], "x"):
+        with pytest.raises(ValueError):
+            StepSample.from_json(bad)
+
+
+def test_step_timer_on_cpu_measures_wall_time():
+    timer = StepTimer("cpu")
+    timer.start()
+    sum(range(10000))
+    (tag, secs), = timer.stop("a")
+    assert tag == "a" and secs > 0
+    with pytest.raises(SpearError):
+        timer.stop()
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(SpearError, match="bin_edges"):
+        StepCostModel(bin_edges=(16, 1))
+    with pytest.raises(SpearError, match="correction_alpha"):
+        StepCostModel(correction_alpha=2.0)
+    with pytest.raises(SpearError, match="no samples"):
+        StepCostModel().fit([])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ECSignature().key == "none"
+
+
+def test_mixed_steps_count_the_engines_dummy_decode_rows():
+    model = StepCostModel(decode_buckets=DECODE_BUCKETS, token_buckets=TOKEN_BUCKETS, mixed_min_rows=2)
+    assert model.pad(0, 16) == 32 and model.pad(1, 14) == 16 and model.pad(3, 13) == 16
+    assert model.pad(1, 0) == 1  # decode-only steps have no dummy rows
+    assert model.prefill_room(0, 16) == 14 and model.prefill_room(5, 16) == 11
+    # the room a bucket leaves lands exactly on that bucket
+    for d in (0, 1, 2, 7, 64):
+        for b in TOKEN_BUCKETS:
+            if model.prefill_room(d, b) > 0:
+                assert model.pad(d, model.prefill_room(d, b)) == b
+
+
+def test_noisy_flat_steps_give_monotone_non_negative_slopes():
+    """A step time that does not depend on the mix (host-bound), measured with noise: plain least squares would fit
+    some slopes negative and extrapolate to nonsense; the fit keeps them >= 0 and never predicts below its floor."""
+    rng = random.Random(11)
+    samples = [StepSample(StepShape(d, p, d * c, 0), ECSignature(), 0.005 * (1 + 0.2 * rng.random()))
+               for d in (1, 4, 16, 64) for p in (0, 100, 400, 1500) for c in (10, 500, 2000)]
+    model = StepCostModel(decode_buckets=DECODE_BUCKETS, token_buckets=TOKEN_BUCKETS).fit(samples)
+    for c in model.coef:
+        assert all(v >= 0 for j, v in enumerate(c) if j not in (0, 2)), c
+    assert model.predict_raw(64, 0, 64 * 100000) >= 0.0025 and model.predict_raw(1, 2000, 10 ** 7) >= 0.0025
+    assert model.predict_raw(64, 0, 64 * 4000) >= model.predict_raw(64, 0, 64 * 10)
+
+
+def test_corrections_are_reported_per_bin_and_ec_set():
+    _, samples = _samples(_truth_coef(6))
+    aware, blind = fit_models(samples, DECODE_BUCKETS, TOKEN_BUCKETS)
+    aware.observe(1, 0, 100, SIGS[1], 2 * aware.predict_raw(1, 0, 100, SIGS[1]))
+    blind.observe(1, 0, 100, SIGS[1], 2 * blind.predict_raw(1, 0, 100, SIGS[1]))
+    (k, v), = aware.corrections().items()
+    assert k == f"0|{SIGS[1].key}" and 1.0 < v < 2.0
+    assert list(blind.corrections()) == ["0|any"]

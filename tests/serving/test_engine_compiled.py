@@ -1,0 +1,73 @@
+"""The engine's graph machinery on CPU: decode "graphs" (stand-ins that re-run the captured function on the static
+input buffers) per (batch bucket, block-table bucket) and EC state, eager and compiled with the ``spear`` backend
+through the CPU Inductor; tokens equal HF eager ``generate``; no compilation after start-up."""
+import copy
+
+import torch
+
+from spear_compile.serving import SamplingParams
+
+from .conftest import make_engine, toy_model
+
+LENS = (5, 13, 3, 9)
+NEW = 6
+
+
+def prompts():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(3, 8000, (n,), generator=g).tolist() for n in LENS]
+
+
+def hf_greedy(model):
+    with torch.no_grad():
+        return [model.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)[0, len(p):]
+                .tolist() for p in prompts()]
+
+
+def sp():
+    return SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+
+
+def test_graph_bookkeeping_per_ec_state(ref_tokenizer):
+    model = toy_model(ecs=True)
+    ref_ec = hf_greedy(model)
+    no_ec = copy.deepcopy(model)
+    for mod in no_ec.modules():
+        if hasattr(mod, "ec_B"):
+            mod.ec_B.data.zero_()
+    ref_off = hf_greedy(no_ec)
+    assert ref_ec != ref_off
+    eng = make_engine(model, ref_tokenizer, cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=4,
+                      max_num_tokens=16, token_buckets=(8, 16), max_model_len=64, policy="budget-8")
+    runner = eng.runner
+    assert runner.table_buckets == (2, 4, 8) and runner.decode_buckets == (1, 2, 4)
+    assert set(runner.graphs) == {(ec, b, w) for ec in (True, False) for b in (1, 2, 4) for w in (2, 4, 8)}
+    used = []
+    replay = type(next(iter(runner.graphs.values()))).replay
+
+    def spy(self):
+        used.append(next(k for k, g in runner.graphs.items() if g is self))
+        return replay(self)
+    try:
+        type(next(iter(runner.graphs.values()))).replay = spy
+        assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref_ec
+        eng.set_ec_enabled(False)
+        assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref_off
+    finally:
+        type(next(iter(runner.graphs.values()))).replay = replay
+    assert {k[0] for k in used} == {True, False} and len({k[1:] for k in used}) >= 2  # several buckets replayed
+    assert eng.blocks.num_free_blocks == eng.blocks.num_usable_blocks
+
+
+def test_compiled_engine_no_recompiles(ref_tokenizer, fresh_compile):
+    """compile=True (spear backend, CPU Inductor, dynamic sizes): 2 decode graphs (batch 1, batch >= 2) + 1 mixed;
+    every bucket at start-up; serving compiles nothing."""
+    model = toy_model()
+    ref = hf_greedy(copy.deepcopy(model))
+    eng = make_engine(model, ref_tokenizer, compile=True, cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=2,
+                      max_num_tokens=16, token_buckets=(16,), max_model_len=64, policy="budget-16")
+    assert eng.runner.graphs_before_serving is not None
+    outs = eng.generate(prompts(), sp())
+    assert [o.output_token_ids for o in outs] == ref
+    eng.generate(prompts()[::-1][:3], SamplingParams(max_tokens=9, temperature=0.7, seed=1, ignore_eos=True))
+    assert eng.stats().recompiles == 0

@@ -1,0 +1,138 @@
+"""Block bookkeeping and the continuous-batching scheduler on plain Request objects (no model)."""
+import pytest
+
+from spear_compile.errors import SpearError
+from spear_compile.serving.kv_cache import PAD_BLOCK, KVBlockManager
+from spear_compile.serving.request import Request, RequestStatus, SamplingParams
+from spear_compile.serving.scheduler import FifoNoChunk, Scheduler, TokenBudget, make_policy
+
+
+def req(i, n, arrival=None):
+    return Request(str(i), list(range(1, n + 1)), SamplingParams(max_tokens=100), float(i if arrival is None else arrival))
+
+
+def test_allocate_free_accounting():
+    m = KVBlockManager(num_blocks=9, block_size=4)
+    assert m.num_free_blocks == 8 and m.num_usable_blocks == 8
+    r = req(0, 10)
+    assert m.blocks_needed(r, 10) == 3
+    assert m.allocate(r, 10) and len(r.block_ids) == 3 and PAD_BLOCK not in r.block_ids
+    r.num_computed_tokens = 10
+    assert m.blocks_needed(r, 2) == 0 and m.blocks_needed(r, 3) == 1
+    big = req(1, 100)
+    assert not m.allocate(big, 100) and big.block_ids == [] and m.num_free_blocks == 5   # no partial change
+    m.free(r)
+    assert r.block_ids == [] and m.num_free_blocks == 8
+    with pytest.raises(SpearError, match="num_blocks"):
+        KVBlockManager(1, 4)
+    with pytest.raises(SpearError, match="block_size"):
+        KVBlockManager(4, 0)
+
+
+def run_step(s, plan, sampled_token=7):
+    """Apply a plan as the engine would: tokens computed; a request whose tokens are all computed gets a new one."""
+    for r in plan.decodes:
+        r.num_computed_tokens += 1
+        r.output_token_ids.append(sampled_token)
+    for r, n in plan.prefills:
+        r.num_computed_tokens += n
+        if r.num_computed_tokens == r.num_tokens:
+            r.output_token_ids.append(sampled_token)
+
+
+def check_blocks(s):
+    held = [b for r in s.running for b in r.block_ids]
+    assert len(held) == len(set(held))                                      # no block held twice
+    assert len(held) + s.blocks.num_free_blocks == s.blocks.num_usable_blocks
+    for r in s.running:                                                     # each holds what its cache needs
+        assert len(r.block_ids) * s.blocks.block_size >= r.num_computed_tokens
+    for r in s.waiting:
+        assert r.block_ids == [] and r.num_computed_tokens == 0
+
+
+def test_stall_free_decodes_and_chunked_prefill():
+    s = Scheduler(KVBlockManager(200, 4), TokenBudget(16), max_num_seqs=8, max_num_tokens=32)
+    a = req(0, 10)
+    s.add(a)
+    plan = s.schedule()
+    assert plan.prefills == [(a, 10)]
+    run_step(s, plan)
+    s.add(req(1, 50))
+    for _ in range(5):  # a decodes every step while the long prompt prefills in chunks of at most 16 - 1
+        plan = s.schedule()
+        assert plan.decodes[:1] == [a]   # (a prompt with one token left to compute counts as a decode too)
+        assert plan.num_tokens <= 16 and plan.num_prefill_tokens <= 15
+        run_step(s, plan)
+        check_blocks(s)
+
+
+def test_preemption_newest_first_and_recompute():
+    blocks = KVBlockManager(5, 4)                 # 4 usable blocks: 16 tokens
+    s = Scheduler(blocks, TokenBudget(64), max_num_seqs=4, max_num_tokens=64)
+    old, new = req(0, 7), req(1, 7)
+    s.add(old), s.add(new)
+    plan = s.schedule()
+    assert [r for r, _ in plan.prefills] == [old, new]
+    run_step(s, plan)                             # both at 7 computed tokens + 1 sampled: 2 blocks each, full
+    plan = s.schedule()                           # both need an 8th slot: fits (2 blocks of 4 = 8)
+    assert plan.decodes == [old, new]
+    run_step(s, plan)
+    plan = s.schedule()                           # 9th slot: a third block each; only one can have it
+    assert plan.decodes == [old] and plan.preempted == [new]
+    assert new.status is RequestStatus.PREEMPTED and new.num_computed_tokens == 0 and new.block_ids == []
+    assert s.waiting[0] is new and new.num_preemptions == 1
+    check_blocks(s)
+    run_step(s, plan)
+    s.finish(old, RequestStatus.FINISHED_LENGTH)
+    plan = s.schedule()                           # recompute: prompt + outputs so far, as one prefill
+    assert plan.prefills == [(new, new.num_tokens)]
+    check_blocks(s)
+
+
+def test_admission_by_free_blocks_and_max_num_seqs():
+    s = Scheduler(KVBlockManager(4, 4), FifoNoChunk(), max_num_seqs=2, max_num_tokens=64)
+    for i in range(3):
+        s.add(req(i, 4))
+    plan = s.schedule()
+    assert len(plan.prefills) == 2 and len(s.waiting) == 1                # max_num_seqs
+    s2 = Scheduler(KVBlockManager(3, 4), FifoNoChunk(), max_num_seqs=8, max_num_tokens=64)
+    s2.add(req(0, 8)), s2.add(req(1, 8))
+    plan = s2.schedule()
+    assert [r.request_id for r, _ in plan.prefills] == ["0"] and len(s2.waiting) == 1   # blocks
+
+
+def test_abort_frees_and_finish():
+    s = Scheduler(KVBlockManager(20, 4), TokenBudget(32), max_num_seqs=4, max_num_tokens=32)
+    a, b = req(0, 9), req(1, 5)
+    s.add(a), s.add(b)
+    run_step(s, s.schedule())
+    assert s.abort("0") is a and a.status is RequestStatus.FINISHED_ABORTED and a.block_ids == []
+    assert s.abort("nope") is None
+    s.finish(b, RequestStatus.FINISHED_STOPPED)
+    assert not s.has_unfinished() and s.blocks.num_free_blocks == s.blocks.num_usable_blocks
+
+
+def test_no_deadlock_when_partial_prefills_hold_every_block():
+    s = Scheduler(KVBlockManager(5, 4), TokenBudget(8), max_num_seqs=4, max_num_tokens=8)
+    a, b = req(0, 14), req(1, 14)
+    s.add(a), s.add(b)
+    for _ in range(40):
+        if not s.has_unfinished():
+            break
+        plan = s.schedule()
+        assert not plan.is_empty
+        run_step(s, plan)
+        check_blocks(s)
+        for r in list(s.running):
+            if len(r.output_token_ids) >= 1:
+                s.finish(r, RequestStatus.FINISHED_LENGTH)
+    assert not s.has_unfinished()
+
+
+def test_make_policy():
+    assert make_policy("fifo").chunked is False
+    p = make_policy("budget-512")
+    assert isinstance(p, TokenBudget) and p.n == 512 and p.name == "budget-512"
+    for bad in ("budget-0", "budget-x", "nope", 3):
+        with pytest.raises(SpearError):
+            make_policy(bad)

@@ -1,0 +1,58 @@
+"""SamplingParams validation and the per-row sampler."""
+import pytest
+import torch
+
+from spear_compile.errors import SpearError
+from spear_compile.serving.request import Request, SamplingParams
+from spear_compile.serving.sampling import Sampler, sample_row
+
+
+@pytest.mark.parametrize("field,value", [
+    ("max_tokens", 0), ("max_tokens", -3), ("max_tokens", 2.5), ("max_tokens", True),
+    ("temperature", -0.1), ("temperature", float("nan")), ("temperature", 1e9), ("temperature", "1"),
+    ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("top_k", 1.5), ("seed", -1), ("seed", "x"),
+    ("stop", [""]), ("stop", [3]), ("stop_token_ids", [-1]), ("stop_token_ids", ["a"]), ("ignore_eos", "yes"),
+])
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(SpearError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_defaults_and_normalisation():
+    sp = SamplingParams(stop="###", temperature=0)
+    assert sp.stop == ["###"] and sp.greedy and SamplingParams().top_k == -1
+
+
+def test_top_k_1_and_tiny_top_p_are_argmax():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1000, generator=g)
+    best = int(logits.argmax())
+    for _ in range(5):
+        assert sample_row(logits, 1.0, 1, 1.0, g) == best
+        assert sample_row(logits, 1.0, -1, 1e-6, g) == best
+
+
+def test_top_k_support_and_distribution():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.tensor([0.0, 2.0, 1.0, -1.0, 1.5])
+    draws = [sample_row(logits, 1.0, 3, 1.0, g) for _ in range(600)]
+    assert set(draws) == {1, 2, 4}                      # the top 3 only, each drawn
+    freq = torch.bincount(torch.tensor(draws), minlength=5).float() / len(draws)
+    p = torch.softmax(torch.tensor([2.0, 1.0, 1.5]), 0)
+    assert torch.allclose(freq[[1, 2, 4]], p, atol=0.07)
+
+
+def test_top_p_keeps_the_smallest_prefix():
+    g = torch.Generator().manual_seed(2)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    draws = {sample_row(probs.log(), 1.0, -1, 0.7, g) for _ in range(300)}
+    assert draws == {0, 1}                              # 0.5 < 0.7 <= 0.8
+
+
+def test_sampler_seeded_rows_are_independent_of_batch():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(3))
+    mk = lambda i, seed, t=1.0: Request(str(i), [1], SamplingParams(temperature=t, seed=seed), 0.0)  # noqa: E731
+    a = [Sampler(torch.device("cpu")).sample(logits[1:2], [mk(0, 7)])[0] for _ in range(2)]
+    s = Sampler(torch.device("cpu"))
+    batch = s.sample(logits, [mk(1, None, 0.0), mk(2, 7), mk(3, 8)])
+    assert batch[0] == int(logits[0].argmax()) and batch[1] == a[0] == a[1]

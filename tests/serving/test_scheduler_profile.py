@@ -1,0 +1,96 @@
+"""The start-up profile on a real (tiny, CPU, eager) engine: samples per EC state, the on-disk cache (reuse, a
+corrupt file ignored with a warning), the fitted models, and the SLO policy serving through the engine."""
+import json
+import os
+
+import pytest
+import torch
+
+from spear_compile.ec.module import CompensatedLinear
+from spear_compile.serving.config import EngineConfig
+from spear_compile.serving.engine import Engine
+from spear_compile.serving.request import SamplingParams
+from spear_compile.serving.scheduler import profile
+from spear_compile.serving.scheduler.cost_model import ECSignature, ec_signature
+
+MODEL = os.path.join(os.path.dirname(__file__), "..", "..", "spear_compile", "assets", "spear-ref-16m")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    for layer in model.model.layers[:2]:
+        layer.self_attn.q_proj = CompensatedLinear.wrap(layer.self_attn.q_proj, rank=4)
+        layer.mlp.down_proj = CompensatedLinear.wrap(layer.mlp.down_proj, rank=8)
+        for p in layer.mlp.down_proj.ec_parameters():
+            torch.nn.init.normal_(p, std=0.02)
+    cfg = EngineConfig(device="cpu", dtype=torch.float32, compile=False, cuda_graphs=False, max_num_seqs=4,
+                       max_num_tokens=64, cpu_num_blocks=64, max_model_len=256, progress=False)
+    return Engine(model, AutoTokenizer.from_pretrained(MODEL), cfg)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("stepcost")
+
+
+POINTS = 4
+
+
+def test_profile_is_cached_per_ec_state_and_survives_corruption(engine, cache_dir, monkeypatch):
+    monkeypatch.setenv("SPEAR_TUNE_CACHE", str(cache_dir))
+    samples = profile.profile_engine(engine, max_points=POINTS, repeats=1)
+    files = sorted(cache_dir.glob("stepcost-*.json"))
+    assert len(files) == 2 and len(samples) == 2 * POINTS
+    sigs = {s.signature for s in samples}
+    on = ec_signature(engine.model)
+    assert sigs == {on, ECSignature()} and on.per_type == (("down_proj", 2, 16), ("q_proj", 2, 8))
+    assert all(s.seconds > 0 for s in samples)
+    header = json.loads(files[0].read_text())["fields"]
+    for key in ("gpu", "sms", "torch", "triton", "model", "layout", "ec"):
+        assert key in header
+
+    calls = []
+    real = engine.runner.execute
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine.runner, "execute", counting)
+    again = profile.profile_engine(engine, max_points=POINTS, repeats=1)
+    assert not calls and sorted(map(repr, again)) == sorted(map(repr, samples))
+
+    files[0].write_text("{ not json")
+    with pytest.warns(UserWarning, match="ignoring it"):
+        third = profile.profile_engine(engine, max_points=POINTS, repeats=1)
+    assert len(calls) == POINTS and len(third) == 2 * POINTS  # only the corrupt state is profiled again
+    json.loads(files[0].read_text())  # rewritten
+
+
+def test_cache_is_off_when_the_tuning_cache_is_off(engine, monkeypatch):
+    monkeypatch.setenv("SPEAR_TUNE_CACHE", "0")
+    fields = profile.cache_fields(engine.device, engine.model, profile.engine_layout(engine.runner), ECSignature())
+    assert profile.cache_path(fields) is None
+
+
+def test_slo_policy_serves_through_the_engine(engine, cache_dir, monkeypatch):
+    monkeypatch.setenv("SPEAR_TUNE_CACHE", str(cache_dir))  # the first test's profile (or profiled now)
+    aware, blind = profile.cost_models_for(engine, max_points=POINTS, repeats=1)
+    assert aware.fitted and blind.fitted and aware.ec_types == ("down_proj", "q_proj") and blind.ec_types == ()
+    engine.set_policy("slo", cost_model=aware, ttft_slo_s=5.0, tpot_slo_s=1.0)
+    try:
+        prompts = [[5 + k] * n for k, n in enumerate((3, 40, 90))]
+        outs = engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        assert [o.num_output_tokens for o in outs] == [4] * 3
+        log = list(engine.step_log)[-3:]
+        assert log and all(r.predicted_s is not None and r.predicted_s > 0 for r in log)
+        assert len(engine.policy.log.pairs) > 0
+        engine.set_ec_enabled(False)
+        outs = engine.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        assert engine.step_log[-1].ec_signature == ECSignature()
+    finally:
+        engine.set_ec_enabled(True)
+        engine.set_policy("budget-512")
