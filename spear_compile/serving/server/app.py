@@ -197,8 +197,7 @@ class _ServerState:
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            make_events = self._chat_events if chat else self._completion_events
-            events = make_events(outputs, timer, request_id, created, len(prompt_ids), include_usage)
+            events = self._events(chat, outputs, timer, request_id, created, len(prompt_ids), include_usage)
             return _EventStream(events, on_close=lambda: self._abort_unfinished(request_id, timer))
         collect = self._collect(outputs, timer)
         try:
@@ -234,9 +233,20 @@ class _ServerState:
                     timer.on_finish(finish_reason)
         return text, finish_reason, num_output_tokens
 
-    async def _completion_events(self, outputs, timer, request_id, created, num_prompt_tokens, include_usage):
+    async def _events(self, chat: bool, outputs, timer, request_id, created, num_prompt_tokens, include_usage):
+        """The SSE stream of one request: a chunk per piece of new text (chat: after a first role chunk), the usage
+        chunk when asked for, ``[DONE]``; an engine error after the headers went out is reported in the stream."""
+        def chunk(text, finish_reason):
+            if chat:
+                return P.chat_chunk(request_id, self.model_name, created, {"content": text} if text else {},
+                                    finish_reason, include_usage)
+            return P.completion_chunk(request_id, self.model_name, created, text, finish_reason, include_usage)
+
         num_output_tokens = 0
         async with _closing(outputs, timer):
+            if chat:
+                yield _sse(P.chat_chunk(request_id, self.model_name, created, {"role": "assistant", "content": ""},
+                                        None, include_usage))
             try:
                 async for out in outputs:
                     timer.on_tokens(len(out.new_token_ids))
@@ -244,40 +254,15 @@ class _ServerState:
                     if out.finished:
                         timer.on_finish(out.finish_reason)
                     if out.new_text or out.finished:
-                        yield _sse(P.completion_chunk(request_id, self.model_name, created, out.new_text,
-                                                      out.finish_reason if out.finished else None, include_usage))
+                        yield _sse(chunk(out.new_text, out.finish_reason if out.finished else None))
             except Exception as e:  # noqa: BLE001 - the headers are sent: report in the stream
                 timer.on_finish("error")
                 yield _sse(self._stream_error(e))
                 yield "data: [DONE]\n\n"
                 return
         if include_usage:
-            yield _sse(P.usage_chunk(request_id, self.model_name, created, "text_completion", num_prompt_tokens,
-                                     num_output_tokens))
-        yield "data: [DONE]\n\n"
-
-    async def _chat_events(self, outputs, timer, request_id, created, num_prompt_tokens, include_usage):
-        num_output_tokens = 0
-        async with _closing(outputs, timer):
-            yield _sse(P.chat_chunk(request_id, self.model_name, created, {"role": "assistant", "content": ""},
-                                    None, include_usage))
-            try:
-                async for out in outputs:
-                    timer.on_tokens(len(out.new_token_ids))
-                    num_output_tokens = out.num_output_tokens
-                    if out.finished:
-                        timer.on_finish(out.finish_reason)
-                    if out.new_text or out.finished:
-                        delta = {"content": out.new_text} if out.new_text else {}
-                        yield _sse(P.chat_chunk(request_id, self.model_name, created, delta,
-                                                out.finish_reason if out.finished else None, include_usage))
-            except Exception as e:  # noqa: BLE001
-                timer.on_finish("error")
-                yield _sse(self._stream_error(e))
-                yield "data: [DONE]\n\n"
-                return
-        if include_usage:
-            yield _sse(P.usage_chunk(request_id, self.model_name, created, "chat.completion.chunk",
+            yield _sse(P.usage_chunk(request_id, self.model_name, created,
+                                     "chat.completion.chunk" if chat else "text_completion",
                                      num_prompt_tokens, num_output_tokens))
         yield "data: [DONE]\n\n"
 
