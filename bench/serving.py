@@ -35,9 +35,9 @@ import time
 import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-# bench/kernels.py would shadow the `kernels` package transformers imports: not the script's folder, the repo root
+# run as a script: bench/ off the path (bench/kernels.py would shadow the `kernels` package transformers may import);
+# or run as `python -m bench.serving` from the repo root
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.join(_HERE, ".."))
 
 from spear_compile.ec.module import CompensatedLinear  # noqa: E402
 from spear_compile.serving.config import EngineConfig  # noqa: E402

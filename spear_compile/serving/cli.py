@@ -15,7 +15,7 @@ from ..errors import SpearError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-CPU_PROFILE_SWEEP = {"max_points": 16, "repeats": 1}   # eager CPU steps are slow: a small cost-model sweep
+CPU_PROFILE_POINTS = 16   # eager CPU steps are slow: a small step-cost sweep for SLO policies
 
 
 def add_cli(subparsers) -> None:
@@ -117,9 +117,10 @@ def _run_serve(args) -> int:
     options = dict(max_num_seqs=args.max_batch, device=device, compile=fast, cuda_graphs=fast,
                    ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms, max_model_len=args.max_model_len,
                    num_blocks=args.num_blocks)
-    slo_policy = args.policy if args.policy is not None and args.policy.startswith("slo") else None
-    if args.policy is not None and slo_policy is None:
+    if args.policy is not None:  # an SLO policy profiles the engine's step cost model at start-up (cached on disk)
         options["policy"] = args.policy
+        if args.policy.startswith("slo") and not device.startswith("cuda"):
+            options["profile_points"] = CPU_PROFILE_POINTS  # eager CPU steps are slow: a small sweep
     if args.max_num_tokens is not None:
         options["max_num_tokens"] = args.max_num_tokens   # EngineConfig refuses one below --max-batch
     elif args.max_batch > EngineConfig.max_num_tokens:
@@ -129,12 +130,6 @@ def _run_serve(args) -> int:
     print(f"spear-compile serve: loading {args.model} (quant {args.quant}, ec {args.ec}, device {device})",
           file=sys.stderr)
     engine = Engine.from_pretrained(args.model, quant=quant, ec=args.ec, config=config)
-    if slo_policy is not None:  # SLO policies need the engine's step cost model (profiled once, cached on disk)
-        from .scheduler.profile import cost_models_for
-        print(f"spear-compile serve: policy {slo_policy}: profiling the step cost model", file=sys.stderr)
-        sweep = {} if device.startswith("cuda") else CPU_PROFILE_SWEEP
-        cost_model, blind_cost_model = cost_models_for(engine, progress=True, **sweep)
-        engine.set_policy(slo_policy, cost_model=cost_model, blind_cost_model=blind_cost_model)
     name = args.served_model_name or Path(args.model).resolve().name
     app = build_app(AsyncEngine(engine), name)
     print(f"spear-compile serve: model '{name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)

@@ -49,6 +49,7 @@ class EngineConfig:
     cuda_graphs_stand_in: bool = False      # tests: off CUDA, decode "graphs" re-run the function on static buffers
     progress: bool = True                   # a progress bar (stderr) while compiling / capturing at start-up
     step_log_size: int = 4096
+    profile_points: Optional[int] = None    # policy "slo*": grid points of the start-up step-cost profile (None: all)
 
     def __post_init__(self):
         def pos_int(name, lo=1):
@@ -60,6 +61,8 @@ class EngineConfig:
             pos_int(name)
         if self.num_blocks is not None:
             pos_int("num_blocks", 2)
+        if self.profile_points is not None:
+            pos_int("profile_points", 2)
         if self.max_model_len is not None:
             pos_int("max_model_len", 2)
         if self.max_num_tokens < self.max_num_seqs:

@@ -113,7 +113,9 @@ class Engine:
         self.runner = ModelRunner(model, config, dev)
         self.max_model_len = self.runner.max_model_len
         self.blocks = KVBlockManager(self.runner.num_blocks, config.block_size)
-        self.policy = make_policy(config.policy)
+        # an SLO policy needs this engine's step cost model, profiled once it is warm (below): until then, a budget
+        slo_policy = config.policy if isinstance(config.policy, str) and config.policy.startswith("slo") else None
+        self.policy = make_policy("budget-512" if slo_policy else config.policy)
         # a step with fewer than MIN_DIM decodes gets padding decode rows: keep room for them in the largest bucket
         self.scheduler = Scheduler(self.blocks, self.policy, config.max_num_seqs,
                                    max(config.max_num_seqs, config.max_num_tokens - MIN_DIM), config.token_buckets)
@@ -132,6 +134,10 @@ class Engine:
         self.last_error: Optional[BaseException] = None
         if config.compile or self.runner.use_cuda_graphs:
             self.runner.warm_up()
+        if slo_policy is not None:  # profiled on the real step function, cached on disk beside the tuning cache
+            from .scheduler.profile import cost_models_for
+            aware, blind = cost_models_for(self, max_points=config.profile_points, progress=config.progress)
+            self.set_policy(slo_policy, cost_model=aware, blind_cost_model=blind)
 
     @classmethod
     def from_pretrained(cls, model_path: str, quant: Optional[str] = "w4-pc-rtn", ec: Optional[str] = None,

@@ -77,7 +77,7 @@ class RequestStatus(enum.Enum):
         return self.value if self.finished else None
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality: the scheduler tests membership in its lists every step
 class Request:
     """One generation request. ``num_computed_tokens`` counts the tokens whose KV is in the cache."""
     request_id: str

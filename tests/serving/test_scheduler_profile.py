@@ -94,3 +94,18 @@ def test_slo_policy_serves_through_the_engine(engine, cache_dir, monkeypatch):
     finally:
         engine.set_ec_enabled(True)
         engine.set_policy("budget-512")
+
+
+def test_engine_config_slo_policy_profiles_at_start_up(cache_dir, monkeypatch):
+    """``EngineConfig(policy="slo")`` builds the engine with its own profiled cost model (no manual set_policy)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    monkeypatch.setenv("SPEAR_TUNE_CACHE", str(cache_dir))
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    cfg = EngineConfig(device="cpu", dtype=torch.float32, compile=False, cuda_graphs=False, max_num_seqs=4,
+                       max_num_tokens=64, cpu_num_blocks=64, max_model_len=256, progress=False, policy="slo",
+                       profile_points=POINTS, tpot_slo_ms=1000.0, ttft_slo_ms=5000.0)
+    engine = Engine(model, AutoTokenizer.from_pretrained(MODEL), cfg)
+    assert engine.policy.name.startswith("slo") and engine.policy.cost_model.fitted
+    outs = engine.generate([[7] * 20, [9] * 50], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    assert [o.num_output_tokens for o in outs] == [3, 3]
+    assert all(r.predicted_s is not None for r in list(engine.step_log)[-2:])

@@ -52,6 +52,7 @@ class StepContext:
     ec_signature: Any
     max_num_tokens: int
     token_buckets: tuple
+    prefilling: list = field(default_factory=list)  # running requests part-way through their prompt (TTFT-bound)
 
 
 class Policy(ABC):
@@ -158,12 +159,12 @@ class Scheduler:
                 i += 1
         # 2. prefill chunks within the policy's budget: partially prefilled running requests, then waiting ones
         ordered_waiting = self.policy.order(list(self.waiting), now)
+        partial = [r for r in self.running if r.num_tokens_to_compute > 1]
         ctx = StepContext(now=now, decodes=list(plan.decodes), waiting=ordered_waiting,
                           sum_context_len=sum(r.num_computed_tokens + 1 for r in plan.decodes),
                           ec_signature=ec_signature, max_num_tokens=self.max_num_tokens,
-                          token_buckets=self.token_buckets)
+                          token_buckets=self.token_buckets, prefilling=partial)
         budget = min(int(self.policy.prefill_budget(ctx)), self.max_num_tokens - len(plan.decodes))
-        partial = [r for r in self.running if r.num_tokens_to_compute > 1]
         # no new admissions in a step that had to preempt (they would only be preempted again)
         for req in partial + ([] if plan.preempted else ordered_waiting):
             if budget <= 0:

@@ -4,8 +4,7 @@ Each step (the base ``Scheduler`` already gives every running decode its token):
 
 * **Slack.** The tightest deadline among the step's outputs: for every running decode, its TPOT SLO minus the
   time since its last token; for a partially prefilled request whose remaining prompt this step could finish in
-  time, its TTFT deadline (read from ``ctx.prefilling`` when the scheduler provides it; the base ``StepContext``
-  does not carry partial prefills yet, so today only the decode slacks bound the step). The host time between steps (sampling, detokenizing, scheduling: learned online as
+  time, its TTFT deadline (``ctx.prefilling``: the running requests part-way through their prompt). The host time between steps (sampling, detokenizing, scheduling: learned online as
   the inter-step gap minus the predicted step time) is taken off the slack.
 * **Budget.** The largest token count on the engine's bucket grid whose predicted step time (cost model, with the
   active EC signature; the EC-blind ablation predicts as if no EC were active), times a safety factor, fits the
@@ -145,7 +144,7 @@ class SloAware(Policy):
         self._longest = longest
         kv_mixed = self.cost_model.context_feature(d, ctx.sum_context_len, longest, mixed=True)
         # partially prefilled requests that can still make their TTFT: the step finishing them must be in time
-        for r in getattr(ctx, "prefilling", ()) or ():
+        for r in ctx.prefilling:
             self.ops += 1
             s = self.ttft_deadline(r) - now
             rem = r.num_tokens_to_compute
@@ -164,7 +163,7 @@ class SloAware(Policy):
                 if self._predict(d, room, kv_mixed, sig, b) * self.safety <= avail:
                     budget = room
                     break
-        if getattr(ctx, "prefilling", None):
+        if ctx.prefilling:
             self._work_waits = True
             self._aging_now = self._aging_now or self._starved_steps >= self.aging_steps
         if self._aging_now:
