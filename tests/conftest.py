@@ -12,6 +12,20 @@ os.environ["SPEAR_TUNE_CACHE"] = "0"  # the tuner's on-disk cache: off (never th
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_configure(config):
+    """Triton < 3.7's CPU interpreter turns size-1 arrays into Python scalars, which NumPy >= 2.4 refuses (every
+    interpreted kernel then fails with "only 0-dimensional arrays can be converted to Python scalars"): say so once,
+    with the fix, instead of a wall of kernel failures. Seen with torch 2.11's pinned Triton 3.6."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy
+    import triton
+    version = lambda v: tuple(int(p) for p in v.split("+")[0].split(".")[:2])  # noqa: E731
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        pytest.exit(f"Triton {triton.__version__}'s CPU interpreter does not run with NumPy {numpy.__version__}: "
+                    "install 'numpy<2.4' (or Triton >= 3.7) to run the CPU suite", returncode=4)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` need a CUDA device: skipped without one (``-m "not gpu"`` deselects them)."""
     if torch.cuda.is_available():
