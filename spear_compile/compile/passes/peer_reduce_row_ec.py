@@ -140,6 +140,9 @@ class PeerReduceRowEcPass(SpearGraphPass):
         for pattern, gate in patterns():
             register_graph_pattern(pattern, extra_check=self._check, pass_dict=self.pattern_pass)(self._rewrite)
 
+    def settings(self) -> tuple:
+        return ("interpret",) if options.interpret() else ()  # CPU rewrites only under the interpreter
+
     # -- matching --
     @staticmethod
     def _nodes(match: Match):
