@@ -38,15 +38,15 @@ def group():
             dist.destroy_process_group()
 
 
-def row_layer(group, n, k, rank, gate, bias, seed, cls=RowParallelCompensatedLinear):
+def row_layer(group, n, k, rank, gate, bias, seed, cls=RowParallelCompensatedLinear, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    lin = torch.nn.Linear(k, n, bias=bias)
+    lin = torch.nn.Linear(k, n, bias=bias, dtype=dtype)
     with torch.no_grad():
         if bias:
             lin.bias.copy_(torch.randn(n, generator=g))
-    lin.weight = torch.nn.Parameter(QuantizedWeight.from_float(torch.randn(n, k, generator=g) / k ** 0.5, 4, 32),
-                                    requires_grad=False)
-    mod = CompensatedLinear.wrap(lin, rank, gate)
+    lin.weight = torch.nn.Parameter(QuantizedWeight.from_float((torch.randn(n, k, generator=g) / k ** 0.5).to(dtype),
+                                                               4, 32), requires_grad=False)
+    mod = CompensatedLinear.wrap(lin, rank, gate, dtype=dtype)
     with torch.no_grad():
         for p in mod.ec_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
@@ -77,14 +77,17 @@ def targets(gm_records):
     return [(r.module, r.rewritten, r.reason) for r in gm_records.peer_reduce]
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 64), (2, 64)])
-def test_pass_rewrites_the_fallback_to_the_peer_op_and_matches_eager(group, fresh_compile, shape):
-    """Gated EC with bias (3-D input) and static EC without bias (Llama's o/down); the op really runs."""
-    first = row_layer(group, 64, 64, 8, "sigmoid", True, 1)
-    second = row_layer(group, 48, 64, 8, "none", False, 2)
+@pytest.mark.parametrize("shape,dtype", [((1, 3, 64), torch.float32), ((2, 64), torch.float32),
+                                         ((1, 1, 64), torch.bfloat16)])
+def test_pass_rewrites_the_fallback_to_the_peer_op_and_matches_eager(group, fresh_compile, shape, dtype):
+    """Gated EC with bias and static EC without bias (Llama's o/down), 3-D / 2-D input, fp32 and bf16 decode
+    (M = 1: Inductor's CPU form of the gate's addmm, with casts); the op really runs."""
+    first = row_layer(group, 64, 64, 8, "sigmoid", True, 1, dtype=dtype)
+    second = row_layer(group, 48, 64, 8, "none", False, 2, dtype=dtype)
     model = Two(first, second).eval()
     ws = attach([first, second], 8)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
     with torch.no_grad():
         want = model(x)
         ref = second(torch.relu(first(x)))
@@ -93,10 +96,11 @@ def test_pass_rewrites_the_fallback_to_the_peer_op_and_matches_eager(group, fres
             got = torch.compile(model, backend="spear")(x)
     assert not [w for w in caught if "spear_compile" in str(w.message)]  # all rewritten: no fallback warning
     assert torch.equal(want, ref)
-    assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
+    assert (got.float() - want.float()).abs().max().item() < tol * want.float().abs().max().item()
     recs = fresh_compile.peer_reduce
-    assert [(r.module, r.rewritten, r.workspace, r.gated, r.bias) for r in recs] == [
-        ("first", True, True, True, True), ("second", True, True, False, False)], targets(fresh_compile)
+    assert [(r.module, r.rewritten, r.workspace, r.gated, r.bias, r.n, r.k, r.rank, r.m) for r in recs] == [
+        ("first", True, True, True, True, 64, 64, 8, x.numel() // 64),
+        ("second", True, True, False, False, 48, 64, 8, x.numel() // 64)], targets(fresh_compile)
     assert ws.epoch.tolist() == [1, 1] and ws.done.tolist() == [0, 0]  # the kernel ran once per layer
     peer_rows = [r for r in fresh_compile.matches if r.kind == "peer-reduce"]
     assert [r.module for r in peer_rows] == ["first", "second"]

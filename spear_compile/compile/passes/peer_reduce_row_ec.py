@@ -204,10 +204,10 @@ class PeerReduceRowEcPass(SpearGraphPass):
         with graph.inserting_before(q):
             new = graph.call_function(self._state["op"], args)
         new.meta.update({k: v for k, v in q.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
+        rec = self._record(q, kw, True, "spear::peer_reduce_row_ec", True)  # (before q is erased)
         y_reduce.replace_input_with(q, new)
         root.replace_all_uses_with(y_out)
         match.erase_nodes()
-        rec = self._record(q, kw, True, "spear::peer_reduce_row_ec", True)
         self._state["rewritten"][q.name] = rec
         self._state["matches"][q.name] = (MatchRecord(  # its row among the quantized linears (inspect)
             node=q.name, module=rec.module, matched=True, kind="peer-reduce",
@@ -238,6 +238,11 @@ class PeerReduceRowEcPass(SpearGraphPass):
                 graph.erase_node(mark)
         candidates = [q for q in graph.find_nodes(op="call_function", target=QLINEAR)
                       if len(q.users) == 1 and next(iter(q.users)).target is ALL_REDUCE and _u_reduction(q.args[0])]
+        orphans = set(slots) - {_u_reduction(q.args[0]) for q in candidates}
+        if orphans:
+            warnings.warn(f"spear_compile: {len(orphans)} workspace slot mark(s) stood before "
+                          f"{sorted(n.name for n in orphans)}, which belong to no row-parallel W4 + EC linear (a "
+                          f"qlinear whose output and whose input's x Aᵀ are all-reduced): removed, not used", stacklevel=2)
         if not candidates:
             return 0
         self._state = dict(slots=slots, reasons={}, rewritten={}, matches={}, graph=ctx.graph, op=_op("peer_reduce_row_ec"),
