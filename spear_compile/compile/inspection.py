@@ -5,7 +5,8 @@ example input, then reports one row per ``spear::qlinear`` the pass saw: module,
 not and why, shapes, dtype, EC rank/gate, the sibling group it was merged into (one launch for
 e.g. q|k|v, ``GroupSiblingLinearsPass``), and the kernel ``lowering.dispatch.choose`` (grouped:
 ``choose_grouped``) would pick for ``m`` rows (``"reference"`` where no kernel applies: CPU, fp32,
-or no dispatch module).
+or no dispatch module). For a tensor-parallel model, also which row-parallel W4 + EC linears the
+peer-reduction pass rewrote and which keep the u all-reduce fallback, and why.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.nn as nn
 
 from ..errors import SpearError
 from .backend import SpearBackend
-from .records import GroupRecord, MatchRecord
+from .records import GroupRecord, MatchRecord, PeerReduceRecord
 
 
 @dataclass
@@ -46,6 +47,7 @@ class InspectionReport:
     m: int = 1
     device: str = "cpu"
     groups: List[GroupRecord] = field(default_factory=list)
+    peer_reduce: List[PeerReduceRecord] = field(default_factory=list)  # row-parallel W4 + EC linears (TP)
 
     @property
     def matched(self) -> int:
@@ -70,6 +72,12 @@ class InspectionReport:
                    f"{launches} launches for {self.matched} fused linears")
         for g in self.groups:
             out.append(f"  g{g.index}: {' | '.join(g.modules)}  (N {'+'.join(map(str, g.ns))}, K {g.k})")
+        if self.peer_reduce:
+            out.append(f"{sum(r.rewritten for r in self.peer_reduce)}/{len(self.peer_reduce)} row-parallel EC linears "
+                       f"peer-reduced (u reduction):")
+            for r in self.peer_reduce:
+                how = "peer-reduce epilogue" if r.rewritten else f"all-reduce fallback ({r.reason})"
+                out.append(f"  {r.module or r.node}: {how}")
         return "\n".join(out)
 
     def __str__(self) -> str:
@@ -80,6 +88,8 @@ def kernel_for(m: int, rec: MatchRecord, device: str, group: Optional[GroupRecor
     """Name of the kernel ``dispatch.choose`` (``choose_grouped`` for a grouped member) picks, or ``"reference"``."""
     if not rec.matched:
         return "reference"
+    if rec.kind == "peer-reduce":
+        return "spear::peer_reduce_row_ec (Triton: W4 GEMV + u dual-written to every peer, gated, + B u)"
     if rec.decomposed:
         ec = {"kcat": ", EC as K-concat [x | v][W | B]ᵀ", "c_in": ", EC as addmm C input"}.get(rec.decomposed_ec, "")
         if rec.decomposed_pad_x:
@@ -133,8 +143,10 @@ def inspect(model: nn.Module, example_input: Optional[torch.Tensor] = None, m: i
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="spear_compile: .* left as the reference")
+        warnings.filterwarnings("ignore", message="spear_compile: .* keeps the u all-reduce fallback")  # in the report
         torch.compile(model, backend=backend, **_isolated())(x)
-    report = InspectionReport(m=m, device=device.type, groups=list(backend.records.groups))
+    report = InspectionReport(m=m, device=device.type, groups=list(backend.records.groups),
+                              peer_reduce=list(backend.records.peer_reduce))
     by_index = {g.index: g for g in report.groups}
     for rec in backend.records.matches:
         group = by_index.get(rec.group)

@@ -26,6 +26,7 @@ from .dumps import dump_graph
 from .passes.decompose_prefill_linears import DecomposePrefillLinearsPass
 from .passes.fuse_quantized_linear import FuseQuantizedLinearPass
 from .passes.group_sibling_linears import GroupSiblingLinearsPass
+from .passes.peer_reduce_row_ec import PeerReduceRowEcPass
 from .records import CompileRecords, PassContext
 
 _SOURCES = (__file__, records_module.__file__)
@@ -37,12 +38,12 @@ class SpearPassManager(CustomGraphPass):
                  records: Optional[CompileRecords] = None):
         self.grouping = GroupSiblingLinearsPass(enabled=group_linears)
         self.decompose = DecomposePrefillLinearsPass(enabled=decompose_prefill)
-        self.passes = [FuseQuantizedLinearPass(), self.grouping, self.decompose]
+        self.passes = [PeerReduceRowEcPass(), FuseQuantizedLinearPass(), self.grouping, self.decompose]
         self.user_pass = user_pass
         self.dump_dir = dump_dir
         self._dump_tags = itertools.count(1)
         self.records = records if records is not None else CompileRecords()
-        self.last_counts = (0, 0, 0)  # fused linears, sibling groups, decomposed GEMMs of the last graph
+        self.last_counts = (0, 0, 0, 0)  # peer-reduced, fused linears, sibling groups, decomposed GEMMs (last graph)
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         tag = dump_graph(graph, "pre_spear", self.dump_dir, tags=self._dump_tags)

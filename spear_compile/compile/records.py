@@ -1,5 +1,6 @@
 """What the passes saw in one compile: a ``CompileRecords`` with one ``MatchRecord`` per ``spear::qlinear`` node,
-matched or not, and one ``GroupRecord`` per group of sibling linears the grouping pass merged into one launch.
+matched or not, one ``GroupRecord`` per group of sibling linears the grouping pass merged into one launch, and one
+``PeerReduceRecord`` per row-parallel W4 + EC linear the peer-reduction pass rewrote or left on the fallback.
 
 Each ``SpearBackend`` (``compile.backend``) owns one and hands it to the pass manager of every graph it compiles;
 ``spear_compile.inspect`` and ``optimize`` read theirs. ``with recording() as rec:`` also collects what the plain
@@ -59,12 +60,33 @@ class GroupRecord:
         return asdict(self)
 
 
+@dataclass
+class PeerReduceRecord:
+    """One row-parallel W4 + EC linear (``u`` all-reduced) the peer-reduction pass saw."""
+    graph: int                     # index of the compiled graph
+    node: str                      # its qlinear node's name in the post-grad graph
+    module: Optional[str]
+    rewritten: bool                # True: spear::peer_reduce_row_ec; False: the u all-reduce fallback stays
+    reason: str                    # why not (or what it became)
+    workspace: bool = False        # the layer had a symmetric-memory workspace slot (enable_peer_reduce)
+    m: Optional[int] = None        # rows per call (None: symbolic)
+    n: int = 0
+    k: int = 0                     # local K (this rank's slice)
+    rank: int = 0
+    gated: bool = False
+    bias: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 class CompileRecords:
     """The records of one compile (every graph its backend compiled), graphs numbered from 1."""
 
     def __init__(self):
         self.matches: List[MatchRecord] = []
         self.groups: List[GroupRecord] = []
+        self.peer_reduce: List[PeerReduceRecord] = []
         self.graphs = 0
 
     def new_graph(self) -> int:
@@ -78,9 +100,13 @@ class CompileRecords:
     def groups_of(self, graph: Optional[int] = None) -> List[GroupRecord]:
         return [g for g in self.groups if graph is None or g.graph == graph]
 
+    def peer_reduce_of(self, graph: Optional[int] = None) -> List[PeerReduceRecord]:
+        return [r for r in self.peer_reduce if graph is None or r.graph == graph]
+
     def clear(self) -> None:
         self.matches.clear()
         self.groups.clear()
+        self.peer_reduce.clear()
 
 
 @dataclass(frozen=True)

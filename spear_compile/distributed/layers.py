@@ -5,7 +5,8 @@ The reductions are ``torch.distributed._functional_collectives.all_reduce`` (tra
 capture them), on the process group named by ``tp_group`` (a string, so Dynamo treats it as a constant).
 
 With an EC, ``u = A x`` is a partial sum too (``A`` is sliced like ``W``), so it is all-reduced before the
-gate (the "fallback" of issue 19; ``peer_reduce.py`` removes that collective on GPUs). ``B`` and the gate
+gate (the "fallback" of issue 19; on GPUs the ``spear`` backend's pass ``compile/passes/peer_reduce_row_ec.py``
+replaces it with ``peer_reduce.py``'s epilogue in layers given a workspace slot). ``B`` and the gate
 are whole on every rank and act on the full ``u``, so the EC term ``v`` (and the bias) are added once,
 after the y all-reduce:
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from ..quant import qlinear as _qlinear_op  # noqa: F401  (registers spear::qlinear)
 from ..ec.module import CompensatedLinear
 from ..quant.weight import QuantizedWeight, check_linear_input
-from .peer_reduce import MAX_M  # (also registers spear::peer_reduce_row_ec)
+from .peer_reduce import SLOT_FIELDS  # (also registers spear::peer_reduce_row_ec / _slot)
 
 if torch.distributed.is_available():  # (builds without it: ``parallelize`` refuses before any layer runs)
     from torch.distributed import _functional_collectives as funcol
@@ -64,28 +65,26 @@ class RowParallelCompensatedLinear(_RowParallel, CompensatedLinear):
     peer_args = None  # set by ``peer_reduce.enable_peer_reduce``: this layer's slot of the u exchange
 
     def attach_peer_reduce(self, args: dict, epoch: torch.Tensor, done: torch.Tensor) -> None:
-        """Decode (M <= 16, CUDA) through the peer-reduction epilogue instead of the u all-reduce."""
-        self.peer_args = args
+        """Give the layer a workspace slot (``PeerReduceWorkspace.slot_args`` and the slot's counters): its
+        forward then marks ``u``'s partial with ``spear::peer_reduce_slot``, which the ``spear`` backend's pass
+        turns into the peer-reduction epilogue where it applies (CUDA, M <= 16) and removes elsewhere."""
+        self.peer_args = dict(args)
         self.register_buffer("_peer_epoch", epoch, persistent=False)
         self.register_buffer("_peer_done", done, persistent=False)
 
-    def _peer_reduced(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's y partial with the EC term from the peer-reduced u (``peer_reduce.py``; untested on
-        multi-GPU hardware)."""
-        return torch.ops.spear.peer_reduce_row_ec(
-            x, self._spear_qdata, self._spear_scale, self._spear_zero, self._spear_group_size, self.ec_A, self.ec_B,
-            self.ec_gate_w, self.ec_gate_b, self._peer_epoch, self._peer_done, **self.peer_args)
-
     def compensation(self, x: torch.Tensor) -> torch.Tensor:
-        u = all_reduce_sum(F.linear(x, self.ec_A), self.tp_group)
+        u = F.linear(x, self.ec_A)
+        if self.peer_args is not None:
+            u = torch.ops.spear.peer_reduce_slot(u, self._peer_epoch, self._peer_done,
+                                                 *(self.peer_args[k] for k in SLOT_FIELDS))
+        u = all_reduce_sum(u, self.tp_group)
         if self.gate == "sigmoid":
             u = u * (2.0 * torch.sigmoid(F.linear(u, self.ec_gate_w, self.ec_gate_b)))
         return F.linear(u, self.ec_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.peer_args is not None and x.is_cuda and x.numel() <= MAX_M * x.shape[-1]:
-            y = all_reduce_sum(self._peer_reduced(x), self.tp_group)
-            return y if self.bias is None else y + self.bias
+        # The fallback, always: the pass matches exactly this form (qlinear -> all_reduce -> wait [+ bias],
+        # x Aᵀ -> [slot mark] -> all_reduce -> wait -> gate -> Bᵀ, add) and rewrites it.
         y = all_reduce_sum(self._local_product(x), self.tp_group)
         if self.bias is not None:
             y = y + self.bias

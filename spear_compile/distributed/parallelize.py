@@ -207,8 +207,9 @@ def tp_state(model: nn.Module) -> Optional[TPState]:
 
 def describe(model: nn.Module) -> list:
     """One row per sharded linear of a parallelized model: module, style, local ``[N, K]``, EC rank, and for
-    row-parallel EC layers how ``u`` is reduced (``peer-reduce`` after ``enable_peer_reduce``, decode on CUDA;
-    otherwise the functional all-reduce fallback)."""
+    row-parallel EC layers how ``u`` is reduced (after ``enable_peer_reduce``: a workspace slot, which the
+    ``spear`` backend's pass turns into the peer-reduction epilogue in compiled decode graphs, M <= 16; otherwise
+    the functional all-reduce fallback). What a compile actually did: ``spear_compile.inspect`` / records."""
     from ..ec.module import CompensatedLinear
     from .layers import RowParallelCompensatedLinear, RowParallelLinear
     if tp_state(model) is None:
@@ -222,7 +223,8 @@ def describe(model: nn.Module) -> list:
                 ec = isinstance(mod, CompensatedLinear)
                 u_path = ""
                 if row and ec:
-                    u_path = "peer-reduce" if getattr(mod, "peer_args", None) else "all-reduce (fallback)"
+                    u_path = ("peer-reduce slot (compiled decode)" if getattr(mod, "peer_args", None)
+                              else "all-reduce (fallback)")
                 rows.append(dict(module=f"model.layers.{i}.{owner}.{n}", style="row" if row else "column",
                                  local_shape=(mod.out_features, mod.in_features),
                                  quantized=isinstance(mod.weight, QuantizedWeight), ec_rank=mod.rank if ec else 0,

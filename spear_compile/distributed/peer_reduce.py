@@ -269,11 +269,33 @@ def _(x, qdata, scale, zero, group_size, ec_A, ec_B, gate_w, gate_b, epoch, done
     return x.new_empty(*x.shape[:-1], qdata.shape[0])
 
 
+# ---- the mark a row-parallel module leaves for the compiler pass ------------------------------------------
+SLOT_FIELDS = ("buffer_ptrs", "signal_pad_ptrs", "rank", "world", "r_split", "block_r", "buf_offset", "flag_offset")
+
+
+@torch.library.custom_op("spear::peer_reduce_slot", mutates_args=())
+def peer_reduce_slot(u_partial: torch.Tensor, epoch: torch.Tensor, done: torch.Tensor, buffer_ptrs: int,
+                     signal_pad_ptrs: int, rank: int, world: int, r_split: int, block_r: int, buf_offset: int,
+                     flag_offset: int) -> torch.Tensor:
+    """A copy of ``u_partial``: marks the EC's partial ``u`` of a row-parallel layer as exchangeable through
+    a workspace slot (``PeerReduceWorkspace.slot_args``, in ``SLOT_FIELDS`` order). The compiler pass
+    ``compile/passes/peer_reduce_row_ec.py`` always removes it: it rewrites the layer to
+    ``spear::peer_reduce_row_ec`` with these arguments, or leaves the all-reduce fallback without the mark.
+    Outside the ``spear`` backend (eager, other backends) it is a copy of ``M x r`` values."""
+    return u_partial.clone()
+
+
+@peer_reduce_slot.register_fake
+def _(u_partial, epoch, done, buffer_ptrs, signal_pad_ptrs, rank, world, r_split, block_r, buf_offset, flag_offset):
+    return torch.empty_like(u_partial)
+
+
 def enable_peer_reduce(model: torch.nn.Module, max_rank: Optional[int] = None, r_split: int = 4) -> int:
-    """Point every row-parallel W4 + EC linear of a parallelized CUDA ``model`` at the peer-reduction
-    epilogue (decode, M <= 16; larger M keeps the fallback). Collective: every rank calls it, before
-    compiling and before any CUDA-graph capture. Returns the number of layers switched.
-    UNTESTED ON MULTI-GPU HARDWARE (see the module docstring)."""
+    """Give every row-parallel W4 + EC linear of a parallelized CUDA ``model`` a slot of a symmetric-memory
+    workspace, so that the ``spear`` backend's pass (``compile/passes/peer_reduce_row_ec.py``) rewrites
+    its decode graphs (M <= 16) to the peer-reduction epilogue; other graphs, and eager calls, keep the
+    all-reduce fallback. Collective: every rank calls it, before compiling and before any CUDA-graph
+    capture. Returns the number of layers given a slot. UNTESTED ON MULTI-GPU HARDWARE (module docstring)."""
     from .layers import RowParallelCompensatedLinear
     from .parallelize import tp_state
     state = tp_state(model)
