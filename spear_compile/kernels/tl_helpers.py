@@ -11,3 +11,14 @@ def dot(a, b, acc, INTERPRET: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
+
+
+@triton.jit
+def half_bits(t, HIGH: tl.constexpr, X_DT: tl.constexpr):
+    """The low / high 16 bits of int32 ``t`` reinterpreted as bf16/fp16 (two packed activations or magic-number
+    dequantized weights per word)."""
+    if HIGH:
+        h = (t >> 16).to(tl.int16)
+    else:
+        h = (t & 0xFFFF).to(tl.int16)
+    return h.to(X_DT, bitcast=True)

@@ -29,17 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tl_helpers import dot
-
-
-@triton.jit
-def _half(t, HIGH: tl.constexpr, X_DT: tl.constexpr):
-    """The low / high 16 bits of int32 ``t`` reinterpreted as bf16/fp16."""
-    if HIGH:
-        h = (t >> 16).to(tl.int16)
-    else:
-        h = (t & 0xFFFF).to(tl.int16)
-    return h.to(X_DT, bitcast=True)
+from .tl_helpers import dot, half_bits as _half
 
 
 @triton.jit

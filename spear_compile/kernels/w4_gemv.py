@@ -34,7 +34,7 @@ import triton.language as tl
 from .ec_tiles import (_ec_apply, _ec_epilogue, _ec_operands, _gate_operands, _gu_check_epoch, _gu_slots, _gu_value,
                        _gu_words, _load_b, _slot_words, _u_tile, _u_tile_slot, _wait_for_u, _ec_split_program,
                        _ec_term, _ec_term_words)
-from .tl_helpers import dot
+from .tl_helpers import dot, half_bits as _half
 
 MAGIC_I = tl.constexpr(0x4B000000) # bits of the float 2^23; 0x4B00000q is 2^23 + q
 MAGIC_F = tl.constexpr(8388608.0)
@@ -140,16 +140,6 @@ def _load_block(q_rows, s_ptr, z_ptr, offs_n, n_mask, offs_j, kb, kb_hi, K8, n_g
         s = tl.load(s_ptr + offs_n * n_groups + g, mask=live, other=0.0).to(tl.float32)[:, None]
         z = tl.load(z_ptr + offs_n * n_groups + g, mask=live, other=0.0).to(tl.float32)[:, None]
     return q, s, z
-
-
-@triton.jit
-def _half(t, HIGH: tl.constexpr, x_dtype: tl.constexpr):
-    """The low/high 16 bits of int32 ``t`` reinterpreted as bf16/fp16."""
-    if HIGH:
-        h = (t >> 16).to(tl.int16)
-    else:
-        h = (t & 0xFFFF).to(tl.int16)
-    return h.to(x_dtype, bitcast=True)
 
 
 @triton.jit

@@ -12,9 +12,9 @@ This tests the math and the flag protocol, not the memory model of real peers (m
 import pytest
 import torch
 
-from spear_compile import CompensatedLinear, QuantizedWeight
 from spear_compile.distributed.peer_reduce import MAX_M, PeerReduceWorkspace, peer_reduce_row_ec
 from spear_compile.distributed.sharding import shard_row_, split_range
+from tp_worker import random_ec_layer, reference64  # the W4 + EC layer and its float64 reference, shared
 
 
 def simulated_workspaces(world, slots, r_split, max_rank):
@@ -28,31 +28,11 @@ def simulated_workspaces(world, slots, r_split, max_rank):
                                 keepalive=(bufs, pads, buf_ptrs, pad_ptrs)) for rank in range(world)]
 
 
-def random_layer(n, k, group_size, rank, gate, seed, dtype):
-    g = torch.Generator().manual_seed(seed)
-    lin = torch.nn.Linear(k, n, bias=False)
-    lin.weight = torch.nn.Parameter(QuantizedWeight.from_float((torch.randn(n, k, generator=g) / k ** 0.5).to(dtype), 4,
-                                                               group_size), requires_grad=False)
-    mod = CompensatedLinear.wrap(lin, rank, gate, dtype=dtype)
-    with torch.no_grad():
-        for p in mod.ec_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return mod
-
-
-def reference64(mod, x):
-    x = x.double()
-    u = x @ mod.ec_A.double().T
-    if mod.gate == "sigmoid":
-        u = u * 2 * torch.sigmoid(u @ mod.ec_gate_w.double().T + mod.ec_gate_b.double())
-    return x @ mod.weight.dequantize(torch.float64).T + u @ mod.ec_B.double().T
-
-
 def shards(world, n, k, unit, group_size, rank, gate, seed, dtype):
     out = []
     for r in range(world):
         k0, k1 = split_range(k, unit, r, world)
-        out.append((k0, k1, shard_row_(random_layer(n, k, group_size, rank, gate, seed, dtype), k0, k1)))
+        out.append((k0, k1, shard_row_(random_ec_layer(n, k, group_size, rank, gate, seed, dtype), k0, k1)))
     return out
 
 
@@ -67,7 +47,7 @@ CASES = [  # world, N, K, unit, group_size (None: per-channel), EC rank, gate, d
 @pytest.mark.parametrize("world,n,k,unit,group_size,rank,gate,dtype,m", CASES)
 def test_peer_reduce_epilogue_sums_to_the_unsharded_layer(world, n, k, unit, group_size, rank, gate, dtype, m):
     seed = world * 100 + n + k
-    full = random_layer(n, k, group_size or k, rank, gate, seed, dtype)
+    full = random_ec_layer(n, k, group_size or k, rank, gate, seed, dtype)
     parts = shards(world, n, k, unit, group_size or k, rank, gate, seed, dtype)
     assert world == 1 or len({k1 - k0 for k0, k1, _ in parts}) > 1 or k % (unit * world) == 0
     slots, slot, calls = 3, 1, 3
@@ -111,7 +91,7 @@ def test_op_single_launch_matches_reference_and_passes_opcheck():
     only size a sequential interpreter can run in one launch) on a 3-D input, and torch.library.opcheck
     (schema with the counters' mutation, fake tensor, dispatch)."""
     n, k, rank = 96, 256, 8
-    mod = random_layer(n, k, 64, rank, "sigmoid", 5, torch.float32)
+    mod = random_ec_layer(n, k, 64, rank, "sigmoid", 5, torch.float32)
     (ws,) = simulated_workspaces(1, 2, r_split=2, max_rank=rank)
     slot = 1
     w = mod.weight
