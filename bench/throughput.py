@@ -35,12 +35,13 @@ from spear_compile.ec.module import CompensatedLinear  # noqa: E402
 
 REF = os.path.join(os.path.dirname(spear_compile.__file__), "assets", "spear-ref-16m")
 ROWS = []
-DEV = {"device": "cuda", "tiny": False, "dtype": torch.bfloat16}  # --device / --tiny (a CPU smoke run of the script)
+DEV = {"device": "cuda", "tiny": False, "dtype": torch.bfloat16}
+START = [time.perf_counter()]  # --device / --tiny (a CPU smoke run of the script)
 
 
 def sync():
     if DEV["device"] == "cuda":
-        sync()
+        torch.cuda.synchronize()
 
 
 def row(**kw):
@@ -81,12 +82,20 @@ def llama1b(seed=0):
         return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
 
 
+VARIANTS = ("bf16", "w4", "w4+ec", "w4+ec+lmhead", "w4+lmhead")
+
+
 def build(variant: str, seed=0):
+    """``bf16``, ``w4`` (per-channel RTN), ``w4+ec`` (+ gated r=32 ECs on 10% of the linears); ``+lmhead``: the LM
+    head quantized too (as gpt-fast / torchao do, and as the project's 1.86x hand loop ran: decode_e2e.md)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
     model = llama1b(seed)
     ecs = []
     if variant != "bf16":
-        spear_compile.quantize(model, "w4-pc-rtn", progress=False)
-        if variant == "w4+ec":
+        skip = () if variant.endswith("+lmhead") else ("lm_head",)
+        spear_compile.quantize(model, "w4-pc-rtn", skip=skip, progress=False)
+        if variant.startswith("w4+ec"):
             ecs = attach_random_ecs(model, 0.10, 32, seed=2)
     return model, ecs
 
@@ -202,6 +211,9 @@ def decode_rate(eng, variant, batch, args, new=129):
 def part_engine(args):
     reqs = make_requests(args.requests, args.seed, 128256)
     for variant in args.variants.split(","):
+        if time.perf_counter() - START[0] > args.deadline:
+            row(part="engine", variant=variant, error=f"skipped: past --deadline {args.deadline}s")
+            continue
         try:
             run_engine(variant, args, reqs)
         except Exception as e:  # noqa: BLE001
@@ -382,7 +394,8 @@ def markdown(env):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="check,hfcheck,engine,hf,hfgen")
-    ap.add_argument("--variants", default="bf16,w4,w4+ec")
+    ap.add_argument("--variants", default="bf16,w4+ec,w4,w4+ec+lmhead",
+                    help=f"engine variants, in order (a variant starting past --deadline is skipped): {', '.join(VARIANTS)}")
     ap.add_argument("--hfgen-variants", default="bf16,w4,w4+ec")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
@@ -406,7 +419,7 @@ def main():
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     row(part="env", **env)
     parts = {"check": part_check, "hfcheck": part_hfcheck, "engine": part_engine, "hf": part_hf, "hfgen": part_hfgen}
-    start = time.perf_counter()
+    START[0] = start = time.perf_counter()
     for name in args.parts.split(","):
         if time.perf_counter() - start > args.deadline:
             row(part=name, error=f"skipped: past --deadline {args.deadline}s")

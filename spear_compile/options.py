@@ -24,6 +24,9 @@ variable                   meaning                                 default
                            warps,programs_per_SM`` (a bench knob)
 ``TRITON_INTERPRET``       Triton's own: ``1`` runs kernels in     ``0``
                            its CPU interpreter (read, not set)
+``WORLD_SIZE``,            torchrun's: set in each process it      unset (not under torchrun)
+``LOCAL_RANK``             starts (tensor-parallel serving reads
+                           them to pick its device, never sets)
 ========================== ======================================= ==========================================
 """
 from __future__ import annotations
@@ -84,6 +87,18 @@ def _xpass(value: Optional[str]) -> XPassConfig:
     return XPassConfig(*fields)
 
 
+def _count(name: str, value: Optional[str], lo: int) -> Optional[int]:
+    if value is None or value == "":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = lo - 1
+    if n < lo:
+        raise SpearError(f"{name}={value!r}: expected an integer >= {lo}")
+    return n
+
+
 def _tune_cache_dir(value: Optional[str], xdg: Optional[str]) -> Optional[str]:
     if value is not None:
         return None if value in ("", "0") else value
@@ -116,3 +131,15 @@ def current() -> Options:
 def interpret() -> bool:
     """Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class TorchrunLaunch(NamedTuple):
+    world_size: Optional[int]   # None: not launched by torchrun
+    local_rank: Optional[int]
+
+
+def torchrun_launch() -> TorchrunLaunch:
+    """torchrun's ``WORLD_SIZE`` / ``LOCAL_RANK`` of this process (parsed apart from ``current()``: a malformed
+    value fails tensor-parallel serving only, naming the variable)."""
+    return TorchrunLaunch(_count("WORLD_SIZE", os.environ.get("WORLD_SIZE"), 1),
+                          _count("LOCAL_RANK", os.environ.get("LOCAL_RANK"), 0))

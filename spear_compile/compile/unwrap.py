@@ -34,6 +34,9 @@ class PlainQuantizedLinear(nn.Linear):
 class PlainCompensatedLinear(CompensatedLinear):
     """A ``CompensatedLinear`` with a ``QuantizedWeight`` whose forward reads the weight's inner tensors."""
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _qlinear(self, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _qlinear(self, x) + self.compensation(x)
 

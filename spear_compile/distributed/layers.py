@@ -82,6 +82,10 @@ class RowParallelCompensatedLinear(_RowParallel, CompensatedLinear):
             u = u * (2.0 * torch.sigmoid(F.linear(u, self.ec_gate_w, self.ec_gate_b)))
         return F.linear(u, self.ec_B)
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = all_reduce_sum(self._local_product(x), self.tp_group)
+        return y if self.bias is None else y + self.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The fallback, always: the pass matches exactly this form (qlinear -> all_reduce -> wait [+ bias],
         # x Aᵀ -> [slot mark] -> all_reduce -> wait -> gate -> Bᵀ, add) and rewrites it.

@@ -82,6 +82,10 @@ class CompensatedLinear(nn.Linear):
             u = gated(u, self.ec_gate_w, self.ec_gate_b)
         return F.linear(u, self.ec_B)
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The linear without its EC (what serving runs with the ECs switched off)."""
+        return F.linear(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias) + self.compensation(x)
 

@@ -45,6 +45,13 @@ def add_cli(subparsers) -> None:
                         "(default: the engine's)")
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send (default: the model directory's name)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks (GPUs; on CPU, processes): relaunches itself under torchrun")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="activations and unquantized weights (default bfloat16)")
+    p.add_argument("--quant-lm-head", action="store_true", help="quantize the LM head too (as gpt-fast and torchao do)")
+    p.add_argument("--no-peer-reduce", action="store_true",
+                   help="with --tp on CUDA: all-reduce the row-parallel ECs' u instead of the peer-reduction epilogue")
     p.add_argument("--eager", action="store_true",
                    help="no torch.compile and no CUDA graphs (the default on CPU)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -69,7 +76,9 @@ def check_args(args: argparse.Namespace) -> str:
         raise SpearError(f"serve: --device {device}: no CUDA device is available (use --device cpu)")
     if not 1 <= args.port <= 65535:
         raise SpearError(f"serve: --port {args.port}: expected 1..65535")
-    for name in ("max_batch", "max_model_len", "max_num_tokens", "num_blocks"):
+    if args.quant_lm_head and args.quant == "none":
+        raise SpearError("serve: --quant-lm-head needs --quant (not none)")
+    for name in ("tp", "max_batch", "max_model_len", "max_num_tokens", "num_blocks"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SpearError(f"serve: --{name.replace('_', '-')} {value}: expected a positive integer")
@@ -86,6 +95,17 @@ def check_args(args: argparse.Namespace) -> str:
         else:
             from .scheduler.policies import make_policy
             make_policy(args.policy)
+    if args.tp > 1:
+        from ..options import torchrun_launch
+        launch = torchrun_launch()
+        if launch.world_size is not None and launch.world_size != args.tp:
+            raise SpearError(f"serve: --tp {args.tp} under torchrun with WORLD_SIZE={launch.world_size}")
+        if device.startswith("cuda") and launch.world_size is None and torch.cuda.device_count() < args.tp:
+            raise SpearError(f"serve: --tp {args.tp}: only {torch.cuda.device_count()} CUDA devices")
+        if device.startswith("cuda:"):
+            raise SpearError(f"serve: --device {device} with --tp: each rank takes cuda:LOCAL_RANK (say --device cuda)")
+        if launch.local_rank:  # a follower rank: rank 0 alone listens
+            return device
     _check_port_free(args.host, args.port)
     return device
 
@@ -104,8 +124,41 @@ def _check_port_free(host: str, port: int) -> None:
             raise SpearError(f"serve: cannot listen on {host}:{port} ({e.strerror or e})") from e
 
 
+def _run_ranks(tp: int) -> int:
+    """``serve --tp N`` started by hand: run N copies of this command as ranks, as ``torchrun`` would (torch's elastic
+    launcher, in this process). A rank's user error prints its own one line (exit 2 here); Ctrl-C or SIGTERM here
+    stops every rank (exit 0)."""
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    for name in list(logging.root.manager.loggerDict):   # the launcher's own notices ("Received 2 death signal")
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=tp, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
+                          rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1)
+    try:
+        elastic_launch(config, sys.executable)("-m", "spear_compile.cli", *sys.argv[1:])
+    except SignalException:
+        return 0
+    except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        if codes == {2}:   # user errors: each rank printed its one line
+            return 2
+        raise SpearError(f"serve --tp {tp}: rank(s) {sorted(e.failures)} exited with {sorted(codes)}") from None
+    return 0
+
+
 def _run_serve(args) -> int:
     device = check_args(args)
+    if args.tp > 1:
+        from ..options import torchrun_launch
+        if torchrun_launch().world_size is None:
+            return _run_ranks(args.tp)
+    import torch
     import uvicorn
 
     from .async_engine import AsyncEngine
@@ -116,7 +169,7 @@ def _run_serve(args) -> int:
     fast = device.startswith("cuda") and not args.eager
     options = dict(max_num_seqs=args.max_batch, device=device, compile=fast, cuda_graphs=fast,
                    ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms, max_model_len=args.max_model_len,
-                   num_blocks=args.num_blocks)
+                   num_blocks=args.num_blocks, progress=args.tp == 1, dtype=getattr(torch, args.dtype))
     if args.policy is not None:  # an SLO policy profiles the engine's step cost model at start-up (cached on disk)
         options["policy"] = args.policy
         if args.policy.startswith("slo") and not device.startswith("cuda"):
@@ -127,16 +180,27 @@ def _run_serve(args) -> int:
         options["max_num_tokens"] = args.max_batch
     config = EngineConfig(**options)
     quant = None if args.quant == "none" else args.quant
-    print(f"spear-compile serve: loading {args.model} (quant {args.quant}, ec {args.ec}, device {device})",
-          file=sys.stderr)
-    engine = Engine.from_pretrained(args.model, quant=quant, ec=args.ec, config=config)
     name = args.served_model_name or Path(args.model).resolve().name
+    if args.tp > 1:
+        from .tensor_parallel import start_engine
+        engine = start_engine(args.model, quant=quant, ec=args.ec, config=config, quantize_lm_head=args.quant_lm_head,
+                              peer_reduce=not args.no_peer_reduce, model_name=name)
+        if engine is None:   # a follower rank: rank 0 closed the engine
+            return 0
+    else:
+        print(f"spear-compile serve: loading {args.model} (quant {args.quant}, ec {args.ec}, device {device})",
+              file=sys.stderr)
+        engine = Engine.from_pretrained(args.model, quant=quant, ec=args.ec, config=config,
+                                        quantize_lm_head=args.quant_lm_head)
     app = build_app(AsyncEngine(engine), name)
-    print(f"spear-compile serve: model '{name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    tp = f", tensor parallel over {args.tp} ranks" if args.tp > 1 else ""
+    print(f"spear-compile serve: model '{name}' on http://{args.host}:{args.port}/v1{tp}", file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=5))
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised Ctrl-C: no traceback
         pass
+    finally:
+        engine.close()   # tensor parallelism: the follower ranks leave their step loop
     return 0

@@ -81,6 +81,36 @@ class EngineStats:
     step_log: list = field(default_factory=list)
 
 
+def load_model(model_path: str, quant: Optional[str] = "w4-pc-rtn", ec: Optional[str] = None,
+               config: Optional[EngineConfig] = None, quantize_lm_head: bool = False, device=None):
+    """``(model, tokenizer, config)`` for an engine: every argument checked before loading, then the checkpoint loaded
+    on ``device`` (default: ``config.device``, else CUDA when available), quantized, its ECs loaded. The returned
+    config names the device; the caller's is left as it was."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    config = config or EngineConfig()
+    if not isinstance(config, EngineConfig):
+        raise SpearError(f"Engine: config must be an EngineConfig, got {type(config).__name__}")
+    if not os.path.isdir(str(model_path)):
+        raise SpearError(f"Engine.from_pretrained: model directory {model_path!r} not found")
+    if ec is not None and quant is None:
+        raise SpearError("Engine.from_pretrained: ec= needs quant= (the quantization the ECs were calibrated for)")
+    if ec is not None and not os.path.isdir(str(ec)):
+        raise SpearError(f"Engine.from_pretrained: EC directory {ec!r} not found")
+    if quantize_lm_head and quant is None:
+        raise SpearError("Engine.from_pretrained: quantize_lm_head needs quant=")
+    from ..quant.api import DEFAULT_SKIP, as_config, quantize
+    qconfig = as_config(quant) if quant is not None else None  # validates the spec before loading
+    device = str(device or config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = dataclasses.replace(config, device=device)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=config.dtype).to(device).eval()
+    if qconfig is not None:
+        quantize(model, qconfig, skip=() if quantize_lm_head else DEFAULT_SKIP, progress=False)
+    if ec is not None:
+        from ..ec.io import load_ecs
+        load_ecs(model, ec, qconfig)
+    return model, AutoTokenizer.from_pretrained(model_path), config
+
+
 def _ec_signature(model: nn.Module, enabled: bool):
     try:
         from .scheduler.cost_model import ec_signature
@@ -90,7 +120,10 @@ def _ec_signature(model: nn.Module, enabled: bool):
 
 
 class Engine:
-    def __init__(self, model: nn.Module, tokenizer, config: Optional[EngineConfig] = None, model_name: Optional[str] = None):
+    def __init__(self, model: nn.Module, tokenizer, config: Optional[EngineConfig] = None, model_name: Optional[str] = None,
+                 step_channel=None):
+        """``step_channel``: tensor parallelism only (``tensor_parallel.start_engine`` passes it): rank 0's runner
+        hands it every step's inputs, which the other ranks' runners replay."""
         config = config or EngineConfig()
         if not isinstance(config, EngineConfig):
             raise SpearError(f"Engine: config must be an EngineConfig, got {type(config).__name__}")
@@ -107,10 +140,7 @@ class Engine:
             raise SpearError(f"Engine: the model is on {model.model.embed_tokens.weight.device}, config.device is {dev}; "
                              "move the model first")
         self.device = dev
-        if config.compile:
-            from ..compile.unwrap import unwrap_quantized
-            unwrap_quantized(model)  # plain tensors at the compiled graph's inputs (see unwrap.py)
-        self.runner = ModelRunner(model, config, dev)
+        self.runner = ModelRunner.start(model, config, dev)  # compiled and captured here (a progress bar)
         self.max_model_len = self.runner.max_model_len
         self.blocks = KVBlockManager(self.runner.num_blocks, config.block_size)
         # an SLO policy needs this engine's step cost model, profiled once it is warm (below): until then, a budget
@@ -132,8 +162,7 @@ class Engine:
         self.num_steps = 0
         self.num_preemptions = 0
         self.last_error: Optional[BaseException] = None
-        if config.compile or self.runner.use_cuda_graphs:
-            self.runner.warm_up()
+        self.runner.step_sink = step_channel  # (after warm-up: every rank warms up by itself)
         if slo_policy is not None:  # profiled on the real step function, cached on disk beside the tuning cache
             from .scheduler.profile import cost_models_for
             aware, blind = cost_models_for(self, max_points=config.profile_points, progress=config.progress)
@@ -141,28 +170,11 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model_path: str, quant: Optional[str] = "w4-pc-rtn", ec: Optional[str] = None,
-                        config: Optional[EngineConfig] = None) -> "Engine":
-        """Load an HF Llama-family checkpoint, quantize it (``quant=None``: the unquantized baseline), load the ECs
-        in ``ec`` (a directory written by ``save_ecs``), build the engine (compiling and capturing at start-up)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        config = config or EngineConfig()
-        if not os.path.isdir(str(model_path)):
-            raise SpearError(f"Engine.from_pretrained: model directory {model_path!r} not found")
-        if ec is not None and quant is None:
-            raise SpearError("Engine.from_pretrained: ec= needs quant= (the quantization the ECs were calibrated for)")
-        if ec is not None and not os.path.isdir(str(ec)):
-            raise SpearError(f"Engine.from_pretrained: EC directory {ec!r} not found")
-        from ..quant.api import as_config, quantize
-        qconfig = as_config(quant) if quant is not None else None  # validates the spec before loading
-        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        config = dataclasses.replace(config, device=device)  # the caller's config is left as it was
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=config.dtype).to(device).eval()
-        if qconfig is not None:
-            quantize(model, qconfig, progress=False)
-        if ec is not None:
-            from ..ec.io import load_ecs
-            load_ecs(model, ec, qconfig)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+                        config: Optional[EngineConfig] = None, quantize_lm_head: bool = False) -> "Engine":
+        """Load an HF Llama-family checkpoint, quantize it (``quant=None``: the unquantized baseline; the LM head too
+        with ``quantize_lm_head``), load the ECs in ``ec`` (a directory written by ``save_ecs``), build the engine
+        (compiling and capturing at start-up). Tensor parallelism: ``serving.tensor_parallel.start_engine``."""
+        model, tokenizer, config = load_model(model_path, quant, ec, config, quantize_lm_head)
         return cls(model, tokenizer, config, model_name=os.path.basename(os.path.normpath(str(model_path))))
 
     @staticmethod
@@ -363,6 +375,12 @@ class Engine:
                     final[out.request_id] = out
                     pending.discard(out.request_id)
         return [final[i] for i in ids]
+
+    def close(self) -> None:
+        """Release the other tensor-parallel ranks (they leave their step loop); a no-op otherwise. Idempotent."""
+        sink, self.runner.step_sink = self.runner.step_sink, None
+        if sink is not None:
+            sink.stop()
 
     def stats(self) -> EngineStats:
         last = self.step_log[-1] if self.step_log else None

@@ -59,11 +59,8 @@ def has_ec(mod: nn.Module) -> bool:
 
 
 def base_linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mod``'s quantized (or plain) linear without its EC."""
-    if hasattr(mod, "_spear_qdata"):  # unwrapped (spear_compile.unwrap)
-        from ..compile.unwrap import _qlinear
-        return _qlinear(mod, x)
-    return F.linear(x, mod.weight, mod.bias)
+    """``mod``'s quantized (or plain) linear without its EC (row-parallel layers still all-reduce)."""
+    return mod.base_forward(x) if isinstance(mod, CompensatedLinear) else mod(x)
 
 
 def check_llama_like(model: nn.Module) -> None:
@@ -77,6 +74,22 @@ def check_llama_like(model: nn.Module) -> None:
     if not ok:
         raise SpearError(f"serving engine: {type(model).__name__} is not a Llama-family causal LM (needs model.embed_tokens, "
                          "layers with self_attn.q/k/v/o_proj and mlp.gate/up/down_proj, norm, rotary_emb, lm_head)")
+
+
+def kv_blocks_that_fit(model: nn.Module, config: EngineConfig, device: torch.device) -> int:
+    """KV blocks for ``model`` (its config's sizes: local ones after ``parallelize``): ``config.num_blocks``, else
+    ``gpu_memory_utilization`` of the free memory on CUDA, else ``cpu_num_blocks``."""
+    if config.num_blocks is not None:
+        return config.num_blocks
+    if device.type != "cuda":
+        return config.cpu_num_blocks
+    cfg = model.config
+    num_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = model.model.embed_tokens.weight.dtype
+    block_bytes = 2 * cfg.num_hidden_layers * config.block_size * num_kv * head_dim * torch.finfo(dtype).bits // 8
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * config.gpu_memory_utilization) // block_bytes
 
 
 class PagedLlama(nn.Module):
@@ -236,17 +249,7 @@ class ModelRunner:
         self.device = device
         cfg = model.config
         self.block_size = config.block_size
-        num_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        dtype = model.model.embed_tokens.weight.dtype
-        block_bytes = 2 * cfg.num_hidden_layers * config.block_size * num_kv * head_dim * torch.finfo(dtype).bits // 8
-        if config.num_blocks is not None:
-            num_blocks = config.num_blocks
-        elif device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            num_blocks = int(free * config.gpu_memory_utilization) // block_bytes
-        else:
-            num_blocks = config.cpu_num_blocks
+        num_blocks = kv_blocks_that_fit(model, config, device)
         if num_blocks < 2:
             raise SpearError(f"serving engine: only {num_blocks} KV blocks fit; lower max_num_seqs/block_size or raise "
                              "gpu_memory_utilization")
@@ -270,9 +273,22 @@ class ModelRunner:
             self._decode_fn = torch.compile(self.net.decode_forward, backend="spear", dynamic=True, fullgraph=True)
             self._mixed_fn = torch.compile(self.net.mixed_forward, backend="spear", dynamic=True, fullgraph=True)
         self.graphs: dict = {}           # (use_ec, batch bucket, table bucket) -> DecodeGraph
+        self.step_sink = None            # tensor parallelism, rank 0: gets every step's inputs before its forward
         self._pool = None
         self.graphs_before_serving: Optional[int] = None
         self.warmup_s = 0.0
+
+    @classmethod
+    def start(cls, model: nn.Module, config: EngineConfig, device: torch.device) -> "ModelRunner":
+        """The runner an engine (or a tensor-parallel follower rank) serves with: built, then compiled and captured
+        for every bucket when ``config`` compiles or captures."""
+        if config.compile:
+            from ..compile.unwrap import unwrap_quantized
+            unwrap_quantized(model)  # plain tensors at the compiled graph's inputs (see unwrap.py)
+        runner = cls(model, config, device)
+        if config.compile or runner.use_cuda_graphs:
+            runner.warm_up()
+        return runner
 
     # ---- compile counting ---------------------------------------------------------------------------------------
     @staticmethod
@@ -348,27 +364,39 @@ class ModelRunner:
     def execute(self, decodes: list, prefills: list, use_ec: bool):
         """Run one step. ``decodes``: requests computing their last token; ``prefills``: (request, chunk length).
         Returns (logits [S, vocab] float32 on the device, rows): one row per decode, then one per prefill chunk that
-        completes its request's tokens (its last position), in that order."""
+        completes its request's tokens (its last position), in that order. With a ``step_sink`` (tensor-parallel
+        rank 0) the step's inputs go to it first, so the other ranks run the same forward."""
+        use_ec = use_ec and self.net.has_ecs
         if not prefills:
-            return self._decode(decodes, use_ec), len(decodes)
-        return self._mixed(decodes, prefills, use_ec)
+            n = len(decodes)
+            batch = next_bucket(max(n, 1), self.decode_buckets)
+            width = self._width(decodes)
+            flat = int64_tensor(self.decode_inputs(decodes, batch, width))
+            if self.step_sink is not None:
+                self.step_sink.decode(use_ec, batch, width, flat)
+            return self.run_decode(use_ec, batch, width, flat)[:n], n
+        args, rows = self.mixed_inputs(decodes, prefills)
+        if self.step_sink is not None:
+            self.step_sink.mixed(use_ec, args)
+        return self.run_mixed(use_ec, args), rows
 
-    def _decode(self, decodes, use_ec):
-        n = len(decodes)
-        batch = next_bucket(max(n, 1), self.decode_buckets)
-        width = self._width(decodes)
-        flat = self.decode_inputs(decodes, batch, width)
-        key = (use_ec and self.net.has_ecs, batch, width)
-        g = self.graphs.get(key)
+    @torch.no_grad()
+    def run_decode(self, use_ec: bool, batch: int, width: int, flat: torch.Tensor) -> torch.Tensor:
+        """A decode step's forward from its flat CPU int64 inputs (``decode_layout``): a graph replay if one was
+        captured for (use_ec, batch, width). Returns the bucket's logits [batch, vocab]."""
+        g = self.graphs.get((use_ec, batch, width))
         if g is not None:
-            g.inputs.copy_(int64_tensor(flat), non_blocking=False)
-            return g.replay()[:n]
-        t = int64_tensor(flat).to(self.device)
-        logits = self._decode_fn(*self.split_decode(t, batch, width), use_ec=key[0])
-        return logits[:n]
+            g.inputs.copy_(flat, non_blocking=False)
+            return g.replay()
+        return self._decode_fn(*self.split_decode(flat.to(self.device), batch, width), use_ec=use_ec)
+
+    @torch.no_grad()
+    def run_mixed(self, use_ec: bool, args: tuple) -> torch.Tensor:
+        """A mixed step's forward from ``mixed_inputs``' CPU tensors."""
+        return self._mixed_fn(*(a.to(self.device) for a in args), use_ec=use_ec)
 
     def mixed_inputs(self, decodes, prefills):
-        """Tensors for ``mixed_forward`` and the number of logits rows that matter."""
+        """CPU int64 tensors for ``mixed_forward`` and the number of logits rows that matter."""
         nd = max(len(decodes), MIN_DIM)
         ids, pos, sb, so = [], [], [], []
         for r in decodes:
@@ -415,20 +443,13 @@ class ModelRunner:
         s = max(num_rows, MIN_DIM)
         s = 1 << (s - 1).bit_length()
         logits_rows += [0] * (s - num_rows)
-        dev = self.device
-
         def t(x, *shape):
             if x and isinstance(x[0], list):
                 x = [v for row in x for v in row]
-            return int64_tensor(x).view(*shape).to(dev)
+            return int64_tensor(x).view(*shape)
         args = (t(ids, -1), t(pos, -1), t(sb, -1), t(so, -1), t(d_tables, nd, d_width), t(d_ctx, -1),
                 t(p_tables, num_p, p_width), t(q_index, num_p, q_len), t(q_pos, num_p, q_len), t(logits_rows, -1))
         return args, num_rows
-
-    def _mixed(self, decodes, prefills, use_ec):
-        args, rows = self.mixed_inputs(decodes, prefills)
-        logits = self._mixed_fn(*args, use_ec=use_ec and self.net.has_ecs)
-        return logits, rows
 
     # ---- start-up -----------------------------------------------------------------------------------------------
     def ec_states(self) -> tuple:
@@ -509,7 +530,7 @@ class ModelRunner:
             f.block_ids = [PAD_BLOCK] * max(MIN_DIM, -(-n // self.block_size))
             fakes.append((f, n))
             left -= n
-        self._mixed([], fakes, use_ec)
+        self.run_mixed(use_ec, self.mixed_inputs([], fakes)[0])
 
 
 def _progress(total: int, desc: str, enabled: bool):
