@@ -121,18 +121,28 @@ def rel_err(out, ref):
 
 
 # ------------------------------------------------------------------ timing
+_STREAMS = []
+
+
+def _capture_stream():
+    """One stream for every warm-up and capture of this bench (the decode workspaces are per stream)."""
+    if not _STREAMS:
+        _STREAMS.append(torch.cuda.Stream())
+    return _STREAMS[0]
+
+
 def time_graph(fn, copies, reps=20):
     """µs per call of ``fn(c)`` (c = weight copy), one graph replaying it for every copy; median of replays."""
     for c in range(copies):
         fn(c)
     torch.cuda.synchronize()
-    s = torch.cuda.Stream()
+    s = _capture_stream()  # warm up on the stream that captures: its kernel workspaces exist before capture
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         fn(0)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, stream=s):
         for c in range(copies):
             fn(c)
     g.replay()
@@ -347,6 +357,7 @@ def main():
 
     gen = torch.Generator(device=dev).manual_seed(1234)
     rows, picks, errs, tune_summary = [], {}, [], []
+    tuned_at = ("-", 0)  # (model, M) of the timings the tuner holds (summarized before they are cleared)
     for model in args.models.split(","):
         groups = groups_of(MODELS[model])
         int4 = layer_bytes(groups, 1, "g128")
@@ -392,8 +403,9 @@ def main():
                     for var, hook in variants.items():
                         best_cfgs, gtimes = [], []
                         if hook is not None:
-                            tune_summary.extend(_summarize(runtime.TUNER.timings.items(), model, m))
+                            tune_summary.extend(_summarize(runtime.TUNER.timings.items(), *tuned_at))
                             dispatch.clear_tuning()  # the picks are keyed by shape, not by the hook's state
+                            tuned_at = (model, m)
                         for gi, ((gname, k, ns), ref) in enumerate(zip(groups, refs)):
                             if hook is None:
                                 timed = []
@@ -472,7 +484,7 @@ def main():
         del layers, cats
         torch.cuda.empty_cache()
 
-    tune_summary.extend(_summarize(runtime.TUNER.timings.items(), "last", 0))
+    tune_summary.extend(_summarize(runtime.TUNER.timings.items(), *tuned_at))
     log(fh, "\ntuner keys (dispatch, hook on): best batched vs best other candidate, µs (graph replay, L2 flushed)")
     for line in tune_summary:
         log(fh, line)

@@ -3,7 +3,8 @@ M = 1, 16, 2048) and the end-to-end batch-1 decode (``bench/decode_e2e.py``) of 
 the Triton kernels' compiled code of both compared.
 
 Run from the repository root (the new tree) with the old tree unpacked at ``bench/scratch/old``
-(``git archive e44cd3e | tar -x -C bench/scratch/old``), e.g. through ``bench/restructure_ab.sh``:
+(``git archive e44cd3e | tar -x -C bench/scratch/old --exclude spear_compile/assets``), e.g. through
+``bench/restructure_ab.sh``:
 
     PYTHONUNBUFFERED=1 python3 -m bench.restructure_ab --out $OUT
 
@@ -25,6 +26,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -114,22 +116,26 @@ def main():
     ap.add_argument("--variants", default=E2E_VARIANTS, help="decode_e2e variants, first ones first")
     args = ap.parse_args()
     wanted = set(args.steps.split(","))
+    args.out = os.path.abspath(args.out)  # the old tree's steps run with cwd = the old tree
     os.makedirs(args.out, exist_ok=True)
+    # the Triton caches (hundreds of files) outside --out: a device call brings back at most 8 files from $OUT
+    caches = tempfile.mkdtemp(prefix="restructure_ab_triton_")
     if not os.path.isdir(os.path.join(args.old, "spear_compile")):
-        raise SystemExit(f"no old tree at {args.old}: git archive e44cd3e | tar -x -C {args.old}")
+        raise SystemExit(f"no old tree at {args.old}: git archive e44cd3e | tar -x -C {args.old} "
+                         "--exclude spear_compile/assets")
     share = ({"kernels": 0.30, "e2e": 0.19} if wanted >= {"kernels", "e2e"} else
              {"kernels": 0.49, "e2e": 0.0} if "kernels" in wanted else {"kernels": 0.0, "e2e": 0.49})  # per tree
     base_env = dict(os.environ, PYTHONUNBUFFERED="1", SPEAR_TUNE_CACHE="0")
     steps = []
     for tag, root in (("old", args.old), ("new", NEW)) if "kernels" in wanted else ():
-        env = dict(base_env, TRITON_CACHE_DIR=os.path.join(args.out, f"triton_cache_{tag}"))
+        env = dict(base_env, TRITON_CACHE_DIR=os.path.join(caches, f"triton_cache_{tag}"))
         entry = [sys.executable, "bench/kernels.py"] if tag == "old" else [sys.executable, "-m", "bench.kernels"]
         kb = share["kernels"] * args.budget
         steps.append((f"kernels {tag}", entry + ["--out", os.path.join(args.out, f"kernels_{tag}"),
                                                   "--models", args.models, "--ms", args.ms,
                                                   "--ops", OPS, "--budget", str(int(kb - 40))], root, env, kb))
     for tag, root in (("old", args.old), ("new", NEW)) if "e2e" in wanted else ():
-        env = dict(base_env, TRITON_CACHE_DIR=os.path.join(args.out, f"triton_cache_{tag}"))
+        env = dict(base_env, TRITON_CACHE_DIR=os.path.join(caches, f"triton_cache_{tag}"))
         entry = [sys.executable, "bench/decode_e2e.py"] if tag == "old" else [sys.executable, "-m", "bench.decode_e2e"]
         eb = share["e2e"] * args.budget
         steps.append((f"e2e {tag}", entry + ["--skip-ref", "--skip-kernel", "--skip-variants", "--variants",
@@ -157,8 +163,8 @@ def main():
         lines.append(f"| {v} | {o or '-'} | {n or '-'} | {f'{n / o:.3f}' if o and n else '-'} |")
     lines += ["", "## Compiled code (normalized PTX per specialization)", "",
               "| kernel | specializations old | new | new identical to an old one |", "|---|---|---|---|"]
-    old_c = compiled_code(os.path.join(args.out, "triton_cache_old"))
-    new_c = compiled_code(os.path.join(args.out, "triton_cache_new"))
+    old_c = compiled_code(os.path.join(caches, "triton_cache_old"))
+    new_c = compiled_code(os.path.join(caches, "triton_cache_new"))
     ours = lambda name: not name.startswith("triton_")  # noqa: E731  (Inductor's generated kernels: summed below)
     for name in sorted(k for k in set(old_c) | set(new_c) if ours(k)):
         o, n = old_c.get(name, set()), new_c.get(name, set())

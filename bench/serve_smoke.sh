@@ -3,8 +3,9 @@
 # spear-ref-16m, W4), send streaming and non-streaming completions and chat requests with curl, one bad request,
 # check /metrics, stop the server. Under 3 minutes (start-up compiles and captures the graphs).
 #   usage (repository root, CUDA machine):  bash bench/serve_smoke.sh
-#   on the lent H200, whose Python lacks the server's packages (wheels: .whl and bench/scratch/server-whl):
-#     WHEEL_DIRS=".whl bench/scratch/server-whl" OUT=$OUT bash bench/serve_smoke.sh
+#   on the lent H200, whose Python lacks the server's packages (wheels: .whl, from bench/device_wheels.sh; one
+#   directory only: the same wheel twice stops the install):
+#     WHEEL_DIRS=.whl OUT=$OUT bash bench/serve_smoke.sh
 #   env: PYTHON (default python3), PORT (default 8123), DEVICE (default cuda), QUANT (default w4-pc-rtn),
 #        OUT (log directory, default /tmp), START_TIMEOUT_S (default 170), WHEEL_DIRS (directories of wheels to
 #        install first, --no-deps, into /tmp/serve_site, prepended to PYTHONPATH)
@@ -19,6 +20,7 @@ BASE=http://127.0.0.1:$PORT
 LOG=$OUT/serve_smoke_server.log
 MODEL=spear-ref-16m
 mkdir -p "$OUT"
+command -v curl >/dev/null || { echo "serve_smoke: curl is not installed here"; exit 1; }
 
 if [ -n "${WHEEL_DIRS:-}" ]; then
   wheels=()

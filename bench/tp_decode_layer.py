@@ -99,7 +99,9 @@ def build(shape: str, variant: str, mesh, layers: int, ec_rank: int, device: str
         use_symm_one_shot(model)
     if device == "cpu":  # smoke run: eager (no CUDA graphs, no Triton kernels on CPU)
         return model
-    return spear_compile.optimize(model, quant=None, mode="reduce-overhead", skip_module_guards=True)
+    # static shapes: with automatic dynamic shapes the second M would compile with a symbolic M, which the
+    # peer-reduction pass (static M <= 16) leaves on the all-reduce fallback
+    return spear_compile.optimize(model, quant=None, mode="reduce-overhead", dynamic=False, skip_module_guards=True)
 
 
 @torch.no_grad()
@@ -164,6 +166,8 @@ def main():
         for m in args.ms:
             us = time_decode(model, m, args.iters, args.device)
             rows.append(dict(variant=variant, m=m, step_us=us, layer_us=us / args.layers))
+            if rank == 0:  # as measured: a later variant that fails still leaves these in the log
+                print(json.dumps(rows[-1]), flush=True)
         del model
         if args.device == "cuda":
             torch.cuda.empty_cache()
