@@ -50,6 +50,8 @@ class EngineConfig:
     progress: bool = True                   # a progress bar (stderr) while compiling / capturing at start-up
     step_log_size: int = 4096
     profile_points: Optional[int] = None    # policy "slo*": grid points of the start-up step-cost profile (None: all)
+    static_decode_rows: Optional[int] = None  # compile decode batches up to this size per batch size (None: 16 when
+    #                                          tensor parallelism's peer-reduction epilogue is on, else 0)
 
     def __post_init__(self):
         def pos_int(name, lo=1):
@@ -65,6 +67,8 @@ class EngineConfig:
             pos_int("profile_points", 2)
         if self.max_model_len is not None:
             pos_int("max_model_len", 2)
+        if self.static_decode_rows is not None:
+            pos_int("static_decode_rows", 0)
         if self.max_num_tokens < self.max_num_seqs:
             raise SpearError(f"EngineConfig: max_num_tokens={self.max_num_tokens} must be >= max_num_seqs="
                              f"{self.max_num_seqs} (a step holds one token per running decode)")

@@ -92,6 +92,18 @@ def kv_blocks_that_fit(model: nn.Module, config: EngineConfig, device: torch.dev
     return int(free * config.gpu_memory_utilization) // block_bytes
 
 
+def static_decode_rows(model: nn.Module, config: EngineConfig) -> int:
+    """Decode batches up to this many rows compile with a static batch size: ``config.static_decode_rows``, else
+    ``distributed.peer_reduce.MAX_M`` when a row-parallel EC layer has a peer-reduction slot (its pass rewrites only
+    static M <= MAX_M), else 0 (one dynamic graph for every batch)."""
+    if config.static_decode_rows is not None:
+        return config.static_decode_rows
+    if any(getattr(m, "peer_args", None) for m in model.modules()):
+        from ..distributed.peer_reduce import MAX_M
+        return MAX_M
+    return 0
+
+
 class PagedLlama(nn.Module):
     """A paged-KV forward over an HF Llama-family model's modules (shared, not copied)."""
 
@@ -198,6 +210,12 @@ class PagedLlama(nn.Module):
                          lambda q, kc, vc: self._decode_attention(q, kc, vc, tables, ctx_lens), use_ec)
         return self._logits(x)
 
+    def decode_forward_static_rows(self, input_ids, positions, slot_block, slot_off, tables, ctx_lens, use_ec: bool = True):
+        """``decode_forward`` under its own code object, so that it compiles apart: called with the batch dimension
+        marked static (one graph per batch bucket), which the tensor-parallel peer-reduction pass needs (static
+        M <= 16 rows)."""
+        return self.decode_forward(input_ids, positions, slot_block, slot_off, tables, ctx_lens, use_ec)
+
     def mixed_forward(self, input_ids, positions, slot_block, slot_off, d_tables, d_ctx_lens,
                       p_tables, p_q_index, p_q_pos, logits_index, use_ec: bool = True):
         """A step with prefill chunks: tokens [T] = Bd decode rows first, then the chunks' tokens, then padding.
@@ -268,9 +286,13 @@ class ModelRunner:
         self.use_cuda_graphs = config.cuda_graphs and (device.type == "cuda" or config.cuda_graphs_stand_in)
         self._decode_fn = self.net.decode_forward
         self._mixed_fn = self.net.mixed_forward
+        self.static_rows = static_decode_rows(model, config)
+        self._decode_static_fn = self.net.decode_forward_static_rows
         if config.compile:
             from ..compile import backend  # noqa: F401  (registers "spear")
             self._decode_fn = torch.compile(self.net.decode_forward, backend="spear", dynamic=True, fullgraph=True)
+            self._decode_static_fn = torch.compile(self.net.decode_forward_static_rows, backend="spear", dynamic=True,
+                                                   fullgraph=True)
             self._mixed_fn = torch.compile(self.net.mixed_forward, backend="spear", dynamic=True, fullgraph=True)
         self.graphs: dict = {}           # (use_ec, batch bucket, table bucket) -> DecodeGraph
         self.step_sink = None            # tensor parallelism, rank 0: gets every step's inputs before its forward
@@ -388,7 +410,16 @@ class ModelRunner:
         if g is not None:
             g.inputs.copy_(flat, non_blocking=False)
             return g.replay()
-        return self._decode_fn(*self.split_decode(flat.to(self.device), batch, width), use_ec=use_ec)
+        return self._decode_call(batch, self.split_decode(flat.to(self.device), batch, width), use_ec)
+
+    def _decode_call(self, batch: int, views: tuple, use_ec: bool):
+        """The compiled decode step for ``batch`` rows: batches up to ``static_rows`` (tensor parallelism with the
+        peer-reduction epilogue) through the graph compiled per batch size, the others through the dynamic one."""
+        if batch <= self.static_rows:
+            for v in views:
+                torch._dynamo.mark_static(v, 0)
+            return self._decode_static_fn(*views, use_ec=use_ec)
+        return self._decode_fn(*views, use_ec=use_ec)
 
     @torch.no_grad()
     def run_mixed(self, use_ec: bool, args: tuple) -> torch.Tensor:
@@ -492,19 +523,19 @@ class ModelRunner:
         flat = torch.tensor(self.decode_inputs([], batch, width), dtype=torch.int64, device=self.device)
         views = self.split_decode(flat, batch, width)
         for _ in range(2):
-            logits = self._decode_fn(*views, use_ec=use_ec)
+            logits = self._decode_call(batch, views, use_ec)
         if not self.use_cuda_graphs:
             return
         if self.device.type != "cuda":  # config.cuda_graphs_stand_in (tests)
             self.graphs[(use_ec, batch, width)] = DecodeGraph(
-                StandInGraph(lambda: self._decode_fn(*views, use_ec=use_ec)), flat, views, logits)
+                StandInGraph(lambda: self._decode_call(batch, views, use_ec)), flat, views, logits)
             return
         torch.cuda.synchronize(self.device)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._decode_fn(*views, use_ec=use_ec)
+            logits = self._decode_call(batch, views, use_ec)
         self.graphs[(use_ec, batch, width)] = DecodeGraph(graph, flat, views, logits)
 
     def _warm_mixed(self, use_ec, total):

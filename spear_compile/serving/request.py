@@ -70,11 +70,14 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.name.startswith("FINISHED")
+        return self.value in _FINISHED_VALUES   # (asked for every request every step: no string scan)
 
     @property
     def finish_reason(self) -> Optional[str]:
-        return self.value if self.finished else None
+        return self.value if self.value in _FINISHED_VALUES else None
+
+
+_FINISHED_VALUES = frozenset(s.value for s in RequestStatus if s.name.startswith("FINISHED"))
 
 
 @dataclass(eq=False)  # identity equality: the scheduler tests membership in its lists every step

@@ -71,3 +71,24 @@ def test_compiled_engine_no_recompiles(ref_tokenizer, fresh_compile):
     assert [o.output_token_ids for o in outs] == ref
     eng.generate(prompts()[::-1][:3], SamplingParams(max_tokens=9, temperature=0.7, seed=1, ignore_eos=True))
     assert eng.stats().recompiles == 0
+
+
+
+def test_static_decode_rows_compile_per_batch_size(ref_tokenizer, fresh_compile):
+    """``static_decode_rows=2`` (what tensor parallelism's peer-reduction epilogue sets to 16): decode batches 1 and 2
+    compile one graph each under their own entry point, batch 4 the dynamic graph; tokens still equal HF eager
+    ``generate``; nothing compiles after start-up."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from spear_compile.serving.model_runner import PagedLlama
+    model = toy_model()
+    ref = hf_greedy(copy.deepcopy(model))
+    eng = make_engine(model, ref_tokenizer, compile=True, cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=4,
+                      max_num_tokens=16, token_buckets=(16,), max_model_len=64, policy="budget-16",
+                      static_decode_rows=2)
+    assert eng.runner.static_rows == 2
+    static_entries = _debug_get_cache_entry_list(PagedLlama.decode_forward_static_rows.__code__)
+    dynamic_entries = _debug_get_cache_entry_list(PagedLlama.decode_forward.__code__)
+    assert len(static_entries) == 2     # B = 1 and B = 2, each its own graph (one EC state: the toy has no ECs)
+    assert len(dynamic_entries) == 1    # B = 4 only: the small batches never reach the dynamic graph
+    assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref
+    assert eng.stats().recompiles == 0
