@@ -38,7 +38,7 @@ def main():
                                               max_num_seqs=64, max_num_tokens=128, num_blocks=2048, block_size=16,
                                               policy="budget-128", progress=False, detokenize=False))
         logits = torch.zeros(64, cfg.vocab_size)
-        eng.runner.run_decode = lambda use_ec, b, w, flat: logits[:b]   # no forward: host work only
+        eng.runner.run_decode = lambda use_ec, b, w, flat, *_: logits[:b]   # no forward: host work only
         for i in range(batch):
             eng.add_request([5 + i] * 20, SamplingParams(max_tokens=args.steps + 50, temperature=0.0, ignore_eos=True))
         while eng.scheduler.waiting or not eng.scheduler.running or \

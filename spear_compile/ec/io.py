@@ -164,7 +164,30 @@ def check_ecs_before_quantizing(model: nn.Module, ec_dir: Union[str, Path], conf
     return _plan(model, ec_dir, config, before_quantizing=True)[0]
 
 
-def _plan(model: nn.Module, ec_dir, config, before_quantizing: bool):
+def read_ecs_for_swap(model: nn.Module, ec_dir: Union[str, Path], config=None) -> dict:
+    """Another calibration's EC weights for the ``CompensatedLinear`` modules ``model`` already has, checked as
+    ``load_ecs`` checks them (manifest, checksum, base model, quantized-weight fingerprints, shapes, finite values)
+    and refused unless the manifest names exactly those modules with their ranks and gates. ``config``: the quant
+    config (default: the manifest's own; the fingerprints tie the ECs to these weights either way). Returns
+    ``{module name: {parameter name: tensor}}``; changes nothing (a server swaps them in between steps)."""
+    if not isinstance(ec_dir, (str, Path)):
+        raise SpearError(f"load_ecs: ec_dir must be a directory path, got {type(ec_dir).__name__}")
+    if config is None:
+        spec = read_manifest(Path(ec_dir)).get("quant", {}).get("spec") if Path(ec_dir).is_dir() else None
+        config = spec if isinstance(spec, str) else "none"
+    manifest = check_ec_dir(ec_dir, config)
+    have = {n: (m.rank, m.gate) for n, m in model.named_modules() if isinstance(m, CompensatedLinear)}
+    want = {name: (info.get("rank"), info.get("gate")) for name, info in manifest["modules"].items()}
+    if have != want:
+        diff = sorted(set(have.items()) ^ set(want.items()))
+        raise SpearError(f"load_ecs: {str(ec_dir)!r} holds another EC set than the model's ({len(want)} vs {len(have)} "
+                         f"modules; first difference {diff[0] if diff else None}): only the same modules, ranks and "
+                         f"gates swap in place (another set needs new compiled graphs and step-cost profile)")
+    _, tensors, plan = _plan(model, ec_dir, config, before_quantizing=False, swap=True)
+    return {name: {p: tensors[f"{name}.{p}"] for p in shapes} for name, _, _, shapes in plan}
+
+
+def _plan(model: nn.Module, ec_dir, config, before_quantizing: bool, swap: bool = False):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -189,8 +212,9 @@ def _plan(model: nn.Module, ec_dir, config, before_quantizing: bool):
         mod = modules.get(name)
         if mod is None:
             raise SpearError(f"load_ecs: module {name!r} of the manifest is not in {type(model).__name__}")
-        if isinstance(mod, CompensatedLinear) or not isinstance(mod, nn.Linear):
-            raise SpearError(f"load_ecs: {name!r} is a {type(mod).__name__}, expected a plain quantized nn.Linear")
+        if (isinstance(mod, CompensatedLinear) != swap) or not isinstance(mod, nn.Linear):
+            kind = "a CompensatedLinear (its EC swapped in place)" if swap else "a plain quantized nn.Linear"
+            raise SpearError(f"load_ecs: {name!r} is a {type(mod).__name__}, expected {kind}")
         weight = mod.weight
         if before_quantizing:
             if isinstance(weight, QuantizedWeight):

@@ -50,6 +50,7 @@ class EngineConfig:
     progress: bool = True                   # a progress bar (stderr) while compiling / capturing at start-up
     step_log_size: int = 4096
     profile_points: Optional[int] = None    # policy "slo*": grid points of the start-up step-cost profile (None: all)
+    overlap_decode: bool = False            # launch decode step N+1 before reading step N's tokens (overlap.py)
     static_decode_rows: Optional[int] = None  # compile decode batches up to this size per batch size (None: 16 when
     #                                          tensor parallelism's peer-reduction epilogue is on, else 0)
 

@@ -28,6 +28,7 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVBlockManager
 from .model_runner import MIN_DIM, ModelRunner
+from .overlap import PENDING, OverlappedDecode
 from .request import Request, RequestStatus, SamplingParams
 from .sampling import Sampler
 from .scheduler.base import Policy, Scheduler
@@ -163,6 +164,8 @@ class Engine:
         self.num_preemptions = 0
         self.last_error: Optional[BaseException] = None
         self.runner.step_sink = step_channel  # (after warm-up: every rank warms up by itself)
+        # the other ranks replay rank 0's host inputs: a token that stays on the device cannot reach them
+        self.overlap = OverlappedDecode(self) if config.overlap_decode and step_channel is None else None
         if slo_policy is not None:  # profiled on the real step function, cached on disk beside the tuning cache
             from .scheduler.profile import cost_models_for
             aware, blind = cost_models_for(self, max_points=config.profile_points, progress=config.progress)
@@ -238,7 +241,8 @@ class Engine:
         self._inputs.put(("abort", str(request_id)))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or not self._inputs.empty()
+        return self.scheduler.has_unfinished() or not self._inputs.empty() or \
+            (self.overlap is not None and self.overlap.in_flight)
 
     def set_policy(self, policy: Union[Policy, str], **kwargs) -> None:
         self.policy = make_policy(policy, **kwargs)
@@ -249,6 +253,18 @@ class Engine:
         if enabled and not self.runner.net.has_ecs:
             raise SpearError("Engine.set_ec_enabled(True): the model has no ECs")
         self._ec_enabled = bool(enabled)
+
+    def load_ecs(self, ec_dir, quant=None) -> None:
+        """Serve another calibration's ECs from the next step on: the same modules, ranks and gates as the model's
+        (checked here, before anything changes, as ``load_ecs`` checks a directory; another set is refused, since
+        it needs other compiled graphs and another step-cost profile). The new weights are copied into the EC
+        parameters in place between steps, so the captured graphs read them. Not under tensor parallelism."""
+        if self.runner.step_sink is not None or getattr(self.model, "_spear_tp", None) is not None:
+            raise SpearError("Engine.load_ecs: not supported under tensor parallelism (the ECs are sharded)")
+        if not self.runner.net.has_ecs:
+            raise SpearError("Engine.load_ecs: the model has no ECs to swap")
+        from ..ec.io import read_ecs_for_swap
+        self._inputs.put(("ecs", read_ecs_for_swap(self.model, ec_dir, quant)))
 
     @property
     def ec_enabled(self) -> bool:
@@ -270,12 +286,20 @@ class Engine:
                 if self.config.detokenize or item.sampling.stop:
                     self._detok[item.request_id] = IncrementalDetokenizer(self.tokenizer, item.prompt_token_ids,
                                                                           item.sampling.stop)
+            elif kind == "ecs":   # in stream order: after any step in flight, before the next one
+                modules = dict(self.model.named_modules())
+                with torch.no_grad():
+                    for name, params in item.items():
+                        for pname, t in params.items():
+                            getattr(modules[name], pname).copy_(t)
             else:
                 req = self.scheduler.abort(item)
                 if req is not None:
                     outputs.append(self._finished(req, RequestStatus.FINISHED_ABORTED))
 
     def _finished(self, req: Request, status: RequestStatus) -> RequestOutput:
+        while req.output_token_ids and req.output_token_ids[-1] == PENDING:  # a launched step's token, now unwanted
+            req.output_token_ids.pop()
         if not req.is_finished:
             self.scheduler.finish(req, status)
         self.sampler.release(req.request_id)
@@ -285,17 +309,25 @@ class Engine:
         return self._output(req, [], "", detok)
 
     def _output(self, req: Request, new_ids: list, new_text: str, detok) -> RequestOutput:
+        ids = req.output_token_ids
+        if ids and ids[-1] == PENDING:  # the step in flight's token is not known yet
+            ids = ids[:-1]
         return RequestOutput(
             request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, new_token_ids=new_ids,
-            output_token_ids=list(req.output_token_ids), new_text=new_text, text=detok.text if detok else "",
+            output_token_ids=list(ids), new_text=new_text, text=detok.text if detok else "",
             finished=req.is_finished, finish_reason=req.status.finish_reason, first_token_time=req.first_token_time,
             arrival_time=req.arrival_time, finish_time=req.finish_time, num_prompt_tokens=req.num_prompt_tokens,
-            num_output_tokens=len(req.output_token_ids))
+            num_output_tokens=len(ids))
 
     def step(self) -> list:
-        """One scheduler step; returns a RequestOutput for each request that got a token or finished."""
+        """One scheduler step; returns a RequestOutput for each request that got a token or finished. With
+        ``config.overlap_decode`` a decode-only step may return the previous step's tokens instead (``overlap.py``)."""
         outputs: list = []
         self._drain_inputs(outputs)
+        if self.overlap is not None:
+            if self.overlap.eligible():
+                return outputs + self.overlap.step()
+            outputs += self.overlap.drain()   # back to one step at a time: the step in flight's tokens first
         t0 = time.perf_counter()
         ec = self._ec_enabled
         plan = self.scheduler.schedule(self.ec_signature)
@@ -330,8 +362,15 @@ class Engine:
                                         num_prefills=len(plan.prefills), ec_enabled=ec))
         return outputs
 
-    def _append_token(self, req: Request, tok: int, now: float) -> RequestOutput:
-        req.output_token_ids.append(tok)
+    def _append_token(self, req: Request, tok: int, now: float, index: Optional[int] = None) -> RequestOutput:
+        """Give ``req`` its next token (at ``index`` of its outputs: a launched step's placeholder), then finish it on
+        EOS, a stop token or string, max_tokens or max_model_len."""
+        if index is None:
+            req.output_token_ids.append(tok)
+            count = len(req.output_token_ids)
+        else:
+            req.output_token_ids[index] = tok
+            count = index + 1
         if req.first_token_time is None:
             req.first_token_time = now
         req.last_token_time = now
@@ -345,7 +384,7 @@ class Engine:
             new_text, stopped = detok.add(tok)
             if stopped:
                 status = RequestStatus.FINISHED_STOPPED
-        if status is None and (len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.max_model_len):
+        if status is None and (count >= sp.max_tokens or req.num_prompt_tokens + count >= self.max_model_len):
             status = RequestStatus.FINISHED_LENGTH
         if status is None:
             return self._output(req, [tok], new_text, detok)

@@ -390,27 +390,40 @@ class ModelRunner:
         rank 0) the step's inputs go to it first, so the other ranks run the same forward."""
         use_ec = use_ec and self.net.has_ecs
         if not prefills:
-            n = len(decodes)
-            batch = next_bucket(max(n, 1), self.decode_buckets)
-            width = self._width(decodes)
-            flat = int64_tensor(self.decode_inputs(decodes, batch, width))
-            if self.step_sink is not None:
-                self.step_sink.decode(use_ec, batch, width, flat)
-            return self.run_decode(use_ec, batch, width, flat)[:n], n
+            return self.execute_decode(decodes, use_ec), len(decodes)
         args, rows = self.mixed_inputs(decodes, prefills)
         if self.step_sink is not None:
             self.step_sink.mixed(use_ec, args)
         return self.run_mixed(use_ec, args), rows
 
     @torch.no_grad()
-    def run_decode(self, use_ec: bool, batch: int, width: int, flat: torch.Tensor) -> torch.Tensor:
-        """A decode step's forward from its flat CPU int64 inputs (``decode_layout``): a graph replay if one was
-        captured for (use_ec, batch, width). Returns the bucket's logits [batch, vocab]."""
+    def execute_decode(self, decodes: list, use_ec: bool, device_ids=None) -> torch.Tensor:
+        """A decode-only step: logits [len(decodes), vocab]. ``device_ids`` (overlapped decode): ``(tokens, src,
+        dst)``, device tensors: row ``dst[i]``'s input id is ``tokens[src[i]]``, a token not yet on the host."""
+        use_ec = use_ec and self.net.has_ecs
+        n = len(decodes)
+        batch = next_bucket(max(n, 1), self.decode_buckets)
+        width = self._width(decodes)
+        flat = int64_tensor(self.decode_inputs(decodes, batch, width))
+        if self.step_sink is not None:
+            self.step_sink.decode(use_ec, batch, width, flat)
+        return self.run_decode(use_ec, batch, width, flat, device_ids)[:n]
+
+    @torch.no_grad()
+    def run_decode(self, use_ec: bool, batch: int, width: int, flat: torch.Tensor, device_ids=None) -> torch.Tensor:
+        """A decode step's forward from its flat CPU int64 inputs (``decode_layout``: the ids come first), then
+        ``device_ids`` written over the ids: a graph replay if one was captured for (use_ec, batch, width). Returns
+        the bucket's logits [batch, vocab]."""
         g = self.graphs.get((use_ec, batch, width))
+        buf = g.inputs if g is not None else flat.to(self.device)
         if g is not None:
-            g.inputs.copy_(flat, non_blocking=False)
+            buf.copy_(flat, non_blocking=False)
+        if device_ids is not None:
+            tokens, src, dst = device_ids
+            buf.index_copy_(0, dst, tokens.index_select(0, src))
+        if g is not None:
             return g.replay()
-        return self._decode_call(batch, self.split_decode(flat.to(self.device), batch, width), use_ec)
+        return self._decode_call(batch, self.split_decode(buf, batch, width), use_ec)
 
     def _decode_call(self, batch: int, views: tuple, use_ec: bool):
         """The compiled decode step for ``batch`` rows: batches up to ``static_rows`` (tensor parallelism with the

@@ -1,0 +1,132 @@
+"""Overlapped decode (``EngineConfig.overlap_decode``): the host builds and launches decode step N+1 while the device
+still runs step N, and reads step N's tokens back only then (vLLM's asynchronous scheduling, in its plain form).
+
+Step N+1's input ids are step N's sampled tokens, which stay on the device: they are copied into N+1's input buffer
+there, in stream order, after the host's copy of the other inputs (positions, KV slots, block tables). On the host
+each launched request gets a placeholder output token (``PENDING``) so the scheduler counts it; the read-back fills
+it. A request that step N finishes (EOS, a stop string) is already in step N+1: that row's token is dropped and its
+placeholder removed before its final output; its KV blocks are freed at once, since any later use of them is launched
+after step N+1 on the same stream.
+
+Only the steady state overlaps: every running request decoding greedily, nothing waiting or prefilling, a free KV
+block per running request (so the scheduler cannot preempt) and no tensor parallelism (the other ranks replay host
+inputs). Anything else first reads the step in flight back, then runs one ordinary step.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .model_runner import int64_tensor
+
+PENDING = -1   # a launched step's output token, not read back yet
+
+
+@dataclass
+class InFlight:
+    """A launched decode step: its requests (rows), where each one's token goes in its outputs, the tokens on the
+    device and their host copy (filled once ``ready`` has passed)."""
+    rows: list
+    index: list          # output position of each row's placeholder
+    tokens: torch.Tensor  # [rows] int64 on the device
+    host: torch.Tensor    # [rows] int64 on the host (pinned on CUDA)
+    ready: Optional[object]
+    launched_at: float
+    plan: object          # the scheduler's StepPlan (its policy observes the measured time)
+    record: object        # the StepRecord of this step (measured time filled at read-back)
+
+
+class OverlappedDecode:
+    def __init__(self, engine):
+        self.engine = engine
+        self.inflight: Optional[InFlight] = None
+        self.num_launched = 0    # decode steps launched ahead of their read-back
+
+    @property
+    def in_flight(self) -> bool:
+        return self.inflight is not None
+
+    def eligible(self) -> bool:
+        """Whether the next step can be a decode-only step launched before the previous one's tokens are known."""
+        sched = self.engine.scheduler
+        running = sched.running
+        if not running or sched.waiting or self.engine.blocks.num_free_blocks < len(running):
+            return False
+        return all(r.num_tokens_to_compute == 1 and r.sampling.greedy for r in running)
+
+    def step(self) -> list:
+        """Schedule and launch a decode step, then read the previous one back; its outputs are this call's."""
+        eng = self.engine
+        t0 = time.perf_counter()
+        plan = eng.scheduler.schedule(eng.ec_signature)
+        assert not plan.prefills and not plan.preempted, "overlap: a decode-only step was expected"
+        # a request whose launched tokens already reach max_tokens / max_model_len ends at the read-back: leave it out
+        rows = [r for r in plan.decodes
+                if len(r.output_token_ids) < r.sampling.max_tokens
+                and r.num_prompt_tokens + len(r.output_token_ids) < eng.max_model_len]
+        launched = self._launch(rows, plan, t0) if rows else None
+        outputs = self.drain()
+        self.inflight = launched
+        return outputs
+
+    def _launch(self, rows: list, plan, t0: float) -> InFlight:
+        eng = self.engine
+        prev = self.inflight
+        device_ids = None
+        if prev is not None:  # rows whose last token is the previous step's: copied on the device
+            where = {id(r): i for i, r in enumerate(prev.rows)}
+            src, dst = [], []
+            for j, r in enumerate(rows):
+                if r.output_token_ids and r.output_token_ids[-1] == PENDING:
+                    src.append(where[id(r)])
+                    dst.append(j)
+            if src:
+                device_ids = (prev.tokens, int64_tensor(src).to(eng.device, non_blocking=True),
+                              int64_tensor(dst).to(eng.device, non_blocking=True))
+        ec = eng.ec_enabled
+        logits = eng.runner.execute_decode(rows, ec, device_ids)
+        tokens = logits.argmax(dim=-1)
+        cuda = tokens.is_cuda
+        host = torch.empty(tokens.shape, dtype=torch.int64, pin_memory=cuda)
+        host.copy_(tokens, non_blocking=cuda)
+        ready = None
+        if cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        index = []
+        for r in rows:
+            r.num_computed_tokens += 1
+            index.append(len(r.output_token_ids))
+            r.output_token_ids.append(PENDING)
+        from .engine import StepRecord
+        now = eng.scheduler.clock()
+        record = StepRecord(time=now, num_decodes=len(rows), num_prefill_tokens=0,
+                            sum_context=sum(r.num_computed_tokens for r in rows), ec_signature=eng.ec_signature,
+                            predicted_s=plan.predicted_s, measured_s=float("nan"),
+                            host_s=time.perf_counter() - t0, ec_enabled=ec)
+        eng.num_steps += 1
+        self.num_launched += 1
+        return InFlight(rows, index, tokens, host, ready, time.perf_counter(), plan, record)
+
+    def drain(self) -> list:
+        """Read the step in flight back (waiting for it) and hand its tokens to their requests."""
+        step, self.inflight = self.inflight, None
+        if step is None:
+            return []
+        if step.ready is not None:
+            step.ready.synchronize()
+        eng = self.engine
+        now = eng.scheduler.clock()
+        outputs = []
+        for r, i, tok in zip(step.rows, step.index, step.host.tolist()):
+            if r.is_finished:   # ended by the step before this one, or aborted: the row's token is not wanted
+                continue
+            outputs.append(eng._append_token(r, tok, now, index=i))
+        # launch to read-back: about one step period in the steady state (the next step's host work included)
+        step.record.measured_s = time.perf_counter() - step.launched_at + step.record.host_s
+        eng.policy.observe(step.plan, step.record.measured_s)
+        eng.step_log.append(step.record)
+        return outputs

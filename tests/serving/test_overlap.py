@@ -1,0 +1,82 @@
+"""Overlapped decode (``EngineConfig.overlap_decode``): the same outputs as the engine one step at a time, with steps
+launched ahead of their read-back; requests ending on a token or stop string nobody could foresee (their next step is
+already launched), on max_tokens, aborted mid-run or arriving mid-run; stand-in decode graphs, so the device-side id
+copy into the captured input buffer runs; every KV block free after."""
+import torch
+
+from spear_compile.serving import SamplingParams
+
+from .conftest import make_engine, toy_model
+
+LENS = (5, 13, 3, 9, 21, 7)
+
+
+def prompts():
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(3, 8000, (n,), generator=g).tolist() for n in LENS]
+
+
+def run(engine, samplings, abort_at=None, late=None):
+    """Add requests (``late``: (step, prompt, sampling) added while others decode), step to the end; returns each
+    request's final (tokens, text, finish reason) in id order, the aborted one included."""
+    ids = [engine.add_request(p, s, request_id=f"r{i}") for i, (p, s) in enumerate(zip(prompts(), samplings))]
+    final, steps = {}, 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = (out.output_token_ids, out.text, out.finish_reason)
+            assert -1 not in out.output_token_ids and -1 not in out.new_token_ids
+        steps += 1
+        if abort_at is not None and steps == abort_at:
+            engine.abort_request("r1")
+        if late is not None and steps == late[0]:
+            ids.append(engine.add_request(late[1], late[2], request_id="late"))
+    assert engine.blocks.num_free_blocks == engine.blocks.num_usable_blocks
+    return [final[i] for i in ids]
+
+
+def engines(ref_tokenizer, **kw):
+    model = toy_model()
+    base = dict(cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=8, max_num_tokens=64, detokenize=True)
+    base.update(kw)
+    return (make_engine(model, ref_tokenizer, **base),
+            make_engine(model, ref_tokenizer, overlap_decode=True, **base))
+
+
+def test_overlap_equals_one_step_at_a_time(ref_tokenizer):
+    sync, over = engines(ref_tokenizer)
+    greedy = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (20, 7, 33, 1, 12, 25)]
+    ref = run(sync, greedy)
+    # stop on tokens / a string that the reference produced mid-way: unknown until read back, one step late
+    stop_tok = ref[2][0][10]
+    stop_str = ref[4][1][len(ref[4][1]) // 2:][:3].strip() or ref[4][1][-2:]
+    samplings = list(greedy)
+    samplings[2] = SamplingParams(max_tokens=33, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_tok])
+    samplings[4] = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop_str])
+    sync2, over2 = engines(ref_tokenizer)
+    want = run(sync2, samplings)
+    assert want[2][2] == "stop" and len(want[2][0]) <= 11
+    got = run(over2, samplings)
+    assert got == want
+    assert over2.overlap.num_launched > 20          # most decode steps overlapped
+    assert run(over, greedy) == ref
+
+
+def test_overlap_with_abort_and_late_arrival(ref_tokenizer):
+    sync, over = engines(ref_tokenizer, max_num_seqs=4)   # 6 requests over 4 slots: admissions as others finish
+    samplings = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (15, 40, 9, 30, 11, 18)]
+    late = (6, [7, 8, 9, 10], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    want = run(sync, samplings, abort_at=5, late=late)
+    got = run(over, samplings, abort_at=5, late=late)
+    assert [w[2] for w in want][1] == "abort"
+    # the aborted request's tokens depend on when the abort lands relative to the steps in flight; all others equal
+    assert got[:1] + got[2:] == want[:1] + want[2:] and got[1][2] == "abort"
+    assert over.overlap.num_launched > 0
+
+
+def test_overlap_falls_back_for_sampled_requests(ref_tokenizer):
+    """A non-greedy request runs the one-step-at-a-time path (its sampler needs the host), with the same tokens."""
+    sync, over = engines(ref_tokenizer)
+    samplings = [SamplingParams(max_tokens=8, temperature=0.8, seed=5 + i, ignore_eos=True) for i in range(len(LENS))]
+    assert run(over, samplings) == run(sync, samplings)
+    assert over.overlap.num_launched == 0
