@@ -52,6 +52,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--quant-lm-head", action="store_true", help="quantize the LM head too (as gpt-fast and torchao do)")
     p.add_argument("--no-peer-reduce", action="store_true",
                    help="with --tp on CUDA: all-reduce the row-parallel ECs' u instead of the peer-reduction epilogue")
+    p.add_argument("--overlap-decode", action="store_true",
+                   help="launch each decode step before the previous one's tokens are read back (docs/serving.md)")
     p.add_argument("--eager", action="store_true",
                    help="no torch.compile and no CUDA graphs (the default on CPU)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -169,7 +171,8 @@ def _run_serve(args) -> int:
     fast = device.startswith("cuda") and not args.eager
     options = dict(max_num_seqs=args.max_batch, device=device, compile=fast, cuda_graphs=fast,
                    ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms, max_model_len=args.max_model_len,
-                   num_blocks=args.num_blocks, progress=args.tp == 1, dtype=getattr(torch, args.dtype))
+                   num_blocks=args.num_blocks, progress=args.tp == 1, dtype=getattr(torch, args.dtype),
+                   overlap_decode=args.overlap_decode)
     if args.policy is not None:  # an SLO policy profiles the engine's step cost model at start-up (cached on disk)
         options["policy"] = args.policy
         if args.policy.startswith("slo") and not device.startswith("cuda"):

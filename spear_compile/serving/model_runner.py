@@ -399,7 +399,8 @@ class ModelRunner:
     @torch.no_grad()
     def execute_decode(self, decodes: list, use_ec: bool, device_ids=None) -> torch.Tensor:
         """A decode-only step: logits [len(decodes), vocab]. ``device_ids`` (overlapped decode): ``(tokens, src,
-        dst)``, device tensors: row ``dst[i]``'s input id is ``tokens[src[i]]``, a token not yet on the host."""
+        dst)``: row ``dst[i]``'s input id is ``tokens[src[i]]`` (``tokens`` on the device, not yet read back; ``src``
+        and ``dst`` lists of ints)."""
         use_ec = use_ec and self.net.has_ecs
         n = len(decodes)
         batch = next_bucket(max(n, 1), self.decode_buckets)
@@ -418,9 +419,13 @@ class ModelRunner:
         buf = g.inputs if g is not None else flat.to(self.device)
         if g is not None:
             buf.copy_(flat, non_blocking=False)
-        if device_ids is not None:
+        if device_ids is not None:   # after the host inputs: each copy here waits for the step in flight
             tokens, src, dst = device_ids
-            buf.index_copy_(0, dst, tokens.index_select(0, src))
+            if src == dst == list(range(len(src))):   # the steady state: same rows, same order
+                buf[:len(src)].copy_(tokens[:len(src)])
+            else:
+                dst_t = int64_tensor(dst).to(buf.device)
+                buf.index_copy_(0, dst_t, tokens.index_select(0, int64_tensor(src).to(tokens.device)))
         if g is not None:
             return g.replay()
         return self._decode_call(batch, self.split_decode(buf, batch, width), use_ec)

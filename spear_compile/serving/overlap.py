@@ -20,8 +20,6 @@ from typing import Optional
 
 import torch
 
-from .model_runner import int64_tensor
-
 PENDING = -1   # a launched step's output token, not read back yet
 
 
@@ -83,9 +81,8 @@ class OverlappedDecode:
                 if r.output_token_ids and r.output_token_ids[-1] == PENDING:
                     src.append(where[id(r)])
                     dst.append(j)
-            if src:
-                device_ids = (prev.tokens, int64_tensor(src).to(eng.device, non_blocking=True),
-                              int64_tensor(dst).to(eng.device, non_blocking=True))
+            if src:   # host index lists: moved to the device after the step's other inputs (a copy that waits)
+                device_ids = (prev.tokens, src, dst)
         ec = eng.ec_enabled
         logits = eng.runner.execute_decode(rows, ec, device_ids)
         tokens = logits.argmax(dim=-1)
