@@ -160,6 +160,8 @@ def start_engine(model_path: str, quant: Optional[str] = "w4-pc-rtn", ec: Option
     control = dist.new_group(backend="gloo") if device.type == "cuda" else mesh.get_group()
     model, tokenizer, config = load_model(model_path, quant, ec, config, quantize_lm_head, device=str(device))
     parallelize(model, mesh)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()   # the cut-away weights' memory, for the KV cache sized below
     if device.type == "cuda" and peer_reduce and config.compile:
         from ..distributed.peer_reduce import enable_peer_reduce
         enable_peer_reduce(model)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -100,6 +102,8 @@ def main():
     ap.add_argument("--synthetic", choices=sorted(SHAPES), help="in place of --model: a random-weight checkpoint of "
                     "this shape (and its ECs: --ec is set) written under --out by rank 0")
     ap.add_argument("--layers", type=int, default=4, help="--synthetic: decoder layers")
+    ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "spear_synthetic"),
+                    help="--synthetic: where rank 0 writes the checkpoint (not under --out: it is gigabytes)")
     ap.add_argument("--ec", default=None)
     ap.add_argument("--prompts", default=None, help="a JSON file: a list of token-id lists (default: 5 seeded)")
     ap.add_argument("--new", type=int, default=12)
@@ -122,12 +126,16 @@ def main():
         if args.synthetic:   # rank 0 writes it; the others wait (the process group is up first)
             from spear_compile.serving.tensor_parallel import _init_distributed
             rank, _, device = _init_distributed(args.device)
-            model_path, ec_dir = out / f"synthetic-{args.synthetic}-{args.layers}l", None
-            if rank == 0:
-                model_path, ec_dir = synthetic_checkpoint(args.synthetic, args.layers, out, str(device), config.dtype)
+            work = Path(args.work_dir) / str(config.dtype).replace("torch.", "")
+            model_path, ec_dir = work / f"synthetic-{args.synthetic}-{args.layers}l", None
+            done = work / f".done-{args.synthetic}-{args.layers}l"   # a later run (other TP size) reuses it
+            if rank == 0 and not done.exists():
+                work.mkdir(parents=True, exist_ok=True)
+                synthetic_checkpoint(args.synthetic, args.layers, work, str(device), config.dtype)
+                done.touch()
             torch.distributed.barrier()
             if quant is not None:
-                ec_dir = out / f"synthetic-{args.synthetic}-{args.layers}l-ecs"
+                ec_dir = work / f"synthetic-{args.synthetic}-{args.layers}l-ecs"
         elif model_path is None:
             raise SystemExit("tp_engine_worker: --model or --synthetic")
         engine = start_engine(str(model_path), quant, str(ec_dir) if ec_dir else None, config)
