@@ -8,9 +8,9 @@ it. A request that step N finishes (EOS, a stop string) is already in step N+1: 
 placeholder removed before its final output; its KV blocks are freed at once, since any later use of them is launched
 after step N+1 on the same stream.
 
-Only the steady state overlaps: every running request decoding greedily, nothing waiting or prefilling, a free KV
-block per running request (so the scheduler cannot preempt) and no tensor parallelism (the other ranks replay host
-inputs). Anything else first reads the step in flight back, then runs one ordinary step.
+Only the steady state overlaps: every running request decoding greedily, nothing prefilling and nothing waiting
+unless the batch is full (so the scheduler admits nobody), a free KV block per running request (so it cannot
+preempt), and no tensor parallelism (the other ranks replay host inputs). Anything else first reads the step in flight back, then runs one ordinary step.
 """
 from __future__ import annotations
 
@@ -51,7 +51,9 @@ class OverlappedDecode:
         """Whether the next step can be a decode-only step launched before the previous one's tokens are known."""
         sched = self.engine.scheduler
         running = sched.running
-        if not running or sched.waiting or self.engine.blocks.num_free_blocks < len(running):
+        if not running or self.engine.blocks.num_free_blocks < len(running):
+            return False
+        if sched.waiting and len(running) < sched.max_num_seqs:   # an admission (a prefill) is due
             return False
         return all(r.num_tokens_to_compute == 1 and r.sampling.greedy for r in running)
 

@@ -80,3 +80,14 @@ def test_overlap_falls_back_for_sampled_requests(ref_tokenizer):
     samplings = [SamplingParams(max_tokens=8, temperature=0.8, seed=5 + i, ignore_eos=True) for i in range(len(LENS))]
     assert run(over, samplings) == run(sync, samplings)
     assert over.overlap.num_launched == 0
+
+
+def test_overlap_while_requests_wait_for_a_full_batch(ref_tokenizer):
+    """Requests queued behind a full batch: decode steps still overlap (nobody can be admitted); each admission,
+    once a request ends, runs one step at a time; outputs equal."""
+    sync, over = engines(ref_tokenizer, max_num_seqs=2)
+    samplings = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (14, 6, 20, 9, 3, 17)]
+    want = run(sync, samplings)
+    got = run(over, samplings)
+    assert got == want
+    assert over.overlap.num_launched > 25   # most of the ~40 decode steps (2 slots), though requests wait in most
