@@ -76,6 +76,16 @@ def check_llama_like(model: nn.Module) -> None:
                          "layers with self_attn.q/k/v/o_proj and mlp.gate/up/down_proj, norm, rotary_emb, lm_head)")
 
 
+def patch_ids(ids: torch.Tensor, device_ids) -> None:
+    """Overlapped steps: ``ids[dst[i]] = tokens[src[i]]`` on the device (``device_ids = (tokens, src, dst)``, the
+    index lists on the host); a slice copy when the rows are the previous step's, in order."""
+    tokens, src, dst = device_ids
+    if src == dst == list(range(len(src))):
+        ids[:len(src)].copy_(tokens[:len(src)])
+    else:
+        ids.index_copy_(0, int64_tensor(dst).to(ids.device), tokens.index_select(0, int64_tensor(src).to(tokens.device)))
+
+
 def kv_blocks_that_fit(model: nn.Module, config: EngineConfig, device: torch.device) -> int:
     """KV blocks for ``model`` (its config's sizes: local ones after ``parallelize``): ``config.num_blocks``, else
     ``gpu_memory_utilization`` of the free memory on CUDA, else ``cpu_num_blocks``."""
@@ -420,12 +430,7 @@ class ModelRunner:
         if g is not None:
             buf.copy_(flat, non_blocking=False)
         if device_ids is not None:   # after the host inputs: each copy here waits for the step in flight
-            tokens, src, dst = device_ids
-            if src == dst == list(range(len(src))):   # the steady state: same rows, same order
-                buf[:len(src)].copy_(tokens[:len(src)])
-            else:
-                dst_t = int64_tensor(dst).to(buf.device)
-                buf.index_copy_(0, dst_t, tokens.index_select(0, int64_tensor(src).to(tokens.device)))
+            patch_ids(buf, device_ids)
         if g is not None:
             return g.replay()
         return self._decode_call(batch, self.split_decode(buf, batch, width), use_ec)
@@ -440,9 +445,13 @@ class ModelRunner:
         return self._decode_fn(*views, use_ec=use_ec)
 
     @torch.no_grad()
-    def run_mixed(self, use_ec: bool, args: tuple) -> torch.Tensor:
-        """A mixed step's forward from ``mixed_inputs``' CPU tensors."""
-        return self._mixed_fn(*(a.to(self.device) for a in args), use_ec=use_ec)
+    def run_mixed(self, use_ec: bool, args: tuple, device_ids=None) -> torch.Tensor:
+        """A mixed step's forward from ``mixed_inputs``' CPU tensors (``device_ids`` as ``execute_decode``'s: the
+        decode rows come first)."""
+        args = [a.to(self.device) for a in args]
+        if device_ids is not None:
+            patch_ids(args[0], device_ids)
+        return self._mixed_fn(*args, use_ec=use_ec)
 
     def mixed_inputs(self, decodes, prefills):
         """CPU int64 tensors for ``mixed_forward`` and the number of logits rows that matter."""

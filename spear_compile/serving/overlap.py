@@ -1,5 +1,5 @@
-"""Overlapped decode (``EngineConfig.overlap_decode``): the host builds and launches decode step N+1 while the device
-still runs step N, and reads step N's tokens back only then (vLLM's asynchronous scheduling, in its plain form).
+"""Overlapped steps (``EngineConfig.overlap_decode``): the host builds and launches step N+1 while the device still
+runs step N, and reads step N's tokens back only then (vLLM's asynchronous scheduling, in its plain form).
 
 Step N+1's input ids are step N's sampled tokens, which stay on the device: they are copied into N+1's input buffer
 there, in stream order, after the host's copy of the other inputs (positions, KV slots, block tables). On the host
@@ -8,9 +8,11 @@ it. A request that step N finishes (EOS, a stop string) is already in step N+1: 
 placeholder removed before its final output; its KV blocks are freed at once, since any later use of them is launched
 after step N+1 on the same stream.
 
-Only the steady state overlaps: every running request decoding greedily, nothing prefilling and nothing waiting
-unless the batch is full (so the scheduler admits nobody), a free KV block per running request (so it cannot
-preempt), and no tensor parallelism (the other ranks replay host inputs). Anything else first reads the step in flight back, then runs one ordinary step.
+Steps with prefill chunks overlap too (their decode rows' ids patched the same way; a chunk that completes its
+prompt samples its first token on the device). Overlapped while every request, running or waiting, samples greedily
+(on the device) and a free KV block is left per running request (so the scheduler cannot preempt for a decode; a
+preemption for another reason settles the step in flight first); not under tensor parallelism (the other ranks replay
+host inputs). Anything else first reads the step in flight back, then runs one ordinary step.
 """
 from __future__ import annotations
 
@@ -41,52 +43,60 @@ class OverlappedDecode:
     def __init__(self, engine):
         self.engine = engine
         self.inflight: Optional[InFlight] = None
-        self.num_launched = 0    # decode steps launched ahead of their read-back
+        self.num_launched = 0    # steps launched ahead of their read-back
 
     @property
     def in_flight(self) -> bool:
         return self.inflight is not None
 
     def eligible(self) -> bool:
-        """Whether the next step can be a decode-only step launched before the previous one's tokens are known."""
+        """Whether the next step can be launched before the previous one's tokens are known: every request greedy
+        (running and waiting: its sampler needs no host) and a free KV block per running request (a decode needs at
+        most one, so the scheduler cannot preempt for them)."""
         sched = self.engine.scheduler
         running = sched.running
-        if not running or self.engine.blocks.num_free_blocks < len(running):
+        if not (running or sched.waiting) or self.engine.blocks.num_free_blocks < len(running):
             return False
-        if sched.waiting and len(running) < sched.max_num_seqs:   # an admission (a prefill) is due
-            return False
-        return all(r.num_tokens_to_compute == 1 and r.sampling.greedy for r in running)
+        return all(r.sampling.greedy for r in running) and all(r.sampling.greedy for r in sched.waiting)
 
     def step(self) -> list:
-        """Schedule and launch a decode step, then read the previous one back; its outputs are this call's."""
+        """Schedule and launch a step, then read the previous one back; its outputs are this call's."""
         eng = self.engine
         t0 = time.perf_counter()
         plan = eng.scheduler.schedule(eng.ec_signature)
-        assert not plan.prefills and not plan.preempted, "overlap: a decode-only step was expected"
+        outputs = []
+        if plan.preempted:  # (a prefill budget of 0 on requests holding every block): settle the step in flight first
+            outputs = self.drain()
+            eng.num_preemptions += len(plan.preempted)
         # a request whose launched tokens already reach max_tokens / max_model_len ends at the read-back: leave it out
-        rows = [r for r in plan.decodes
-                if len(r.output_token_ids) < r.sampling.max_tokens
-                and r.num_prompt_tokens + len(r.output_token_ids) < eng.max_model_len]
-        launched = self._launch(rows, plan, t0) if rows else None
-        outputs = self.drain()
+        decodes = [r for r in plan.decodes
+                   if len(r.output_token_ids) < r.sampling.max_tokens
+                   and r.num_prompt_tokens + len(r.output_token_ids) < eng.max_model_len]
+        launched = self._launch(decodes, plan.prefills, plan, t0) if decodes or plan.prefills else None
+        outputs += self.drain()
         self.inflight = launched
         return outputs
 
-    def _launch(self, rows: list, plan, t0: float) -> InFlight:
+    def _launch(self, decodes: list, prefills: list, plan, t0: float) -> InFlight:
         eng = self.engine
         prev = self.inflight
+        rows = list(decodes) + [r for r, n in prefills if r.num_computed_tokens + n == r.num_tokens]  # sampled
         device_ids = None
-        if prev is not None:  # rows whose last token is the previous step's: copied on the device
+        if prev is not None:  # decode rows whose last token is the previous step's: copied on the device
             where = {id(r): i for i, r in enumerate(prev.rows)}
             src, dst = [], []
-            for j, r in enumerate(rows):
+            for j, r in enumerate(decodes):
                 if r.output_token_ids and r.output_token_ids[-1] == PENDING:
                     src.append(where[id(r)])
                     dst.append(j)
             if src:   # host index lists: moved to the device after the step's other inputs (a copy that waits)
                 device_ids = (prev.tokens, src, dst)
         ec = eng.ec_enabled
-        logits = eng.runner.execute_decode(rows, ec, device_ids)
+        if prefills:   # decode rows first, then the chunks (``mixed_inputs``); logits: decodes, completed chunks
+            args, num_rows = eng.runner.mixed_inputs(decodes, prefills)
+            logits = eng.runner.run_mixed(ec and eng.runner.net.has_ecs, args, device_ids)[:num_rows]
+        else:
+            logits = eng.runner.execute_decode(decodes, ec, device_ids)
         tokens = logits.argmax(dim=-1)
         cuda = tokens.is_cuda
         host = torch.empty(tokens.shape, dtype=torch.int64, pin_memory=cuda)
@@ -95,17 +105,20 @@ class OverlappedDecode:
         if cuda:
             ready = torch.cuda.Event()
             ready.record()
+        for r in decodes:
+            r.num_computed_tokens += 1
+        for r, n in prefills:
+            r.num_computed_tokens += n
         index = []
         for r in rows:
-            r.num_computed_tokens += 1
             index.append(len(r.output_token_ids))
             r.output_token_ids.append(PENDING)
         from .engine import StepRecord
         now = eng.scheduler.clock()
-        record = StepRecord(time=now, num_decodes=len(rows), num_prefill_tokens=0,
-                            sum_context=sum(r.num_computed_tokens for r in rows), ec_signature=eng.ec_signature,
+        record = StepRecord(time=now, num_decodes=len(decodes), num_prefill_tokens=sum(n for _, n in prefills),
+                            sum_context=sum(r.num_computed_tokens for r in decodes), ec_signature=eng.ec_signature,
                             predicted_s=plan.predicted_s, measured_s=float("nan"),
-                            host_s=time.perf_counter() - t0, ec_enabled=ec)
+                            host_s=time.perf_counter() - t0, num_prefills=len(prefills), ec_enabled=ec)
         eng.num_steps += 1
         self.num_launched += 1
         return InFlight(rows, index, tokens, host, ready, time.perf_counter(), plan, record)

@@ -91,3 +91,26 @@ def test_overlap_while_requests_wait_for_a_full_batch(ref_tokenizer):
     got = run(over, samplings)
     assert got == want
     assert over.overlap.num_launched > 25   # most of the ~40 decode steps (2 slots), though requests wait in most
+
+
+def test_overlap_with_chunked_prefills_and_preemption(ref_tokenizer):
+    """Prefill chunks (prompts longer than the 16-token budget) overlapped alongside decodes, then a KV cache so
+    small that requests are preempted and recomputed: outputs still equal one step at a time."""
+    long_prompts = [list(range(10 + i, 10 + i + n)) for i, n in enumerate((40, 3, 25, 18, 33))]
+    samplings = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (12, 30, 8, 21, 15)]
+    for blocks in (64, 12):   # 12 blocks of 8 tokens: not enough for all five at once -> preemption
+        sync, over = engines(ref_tokenizer, max_num_seqs=4, policy="budget-16", num_blocks=blocks)
+        outs = []
+        for eng in (sync, over):
+            ids = [eng.add_request(p, s) for p, s in zip(long_prompts, samplings)]
+            final = {}
+            while eng.has_unfinished():
+                for o in eng.step():
+                    if o.finished:
+                        final[o.request_id] = o.output_token_ids
+            outs.append([final[i] for i in ids])
+            assert eng.blocks.num_free_blocks == eng.blocks.num_usable_blocks
+        assert outs[1] == outs[0]
+        assert over.overlap.num_launched > 20
+        if blocks == 12:
+            assert sync.num_preemptions > 0 and over.num_preemptions > 0
