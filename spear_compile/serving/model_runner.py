@@ -426,9 +426,10 @@ class ModelRunner:
         ``device_ids`` written over the ids: a graph replay if one was captured for (use_ec, batch, width). Returns
         the bucket's logits [batch, vocab]."""
         g = self.graphs.get((use_ec, batch, width))
-        buf = g.inputs if g is not None else flat.to(self.device)
+        flat = self._staged(flat, device_ids)
+        buf = g.inputs if g is not None else flat.to(self.device, non_blocking=True)
         if g is not None:
-            buf.copy_(flat, non_blocking=False)
+            buf.copy_(flat, non_blocking=True)
         if device_ids is not None:   # after the host inputs: each copy here waits for the step in flight
             patch_ids(buf, device_ids)
         if g is not None:
@@ -444,11 +445,19 @@ class ModelRunner:
             return self._decode_static_fn(*views, use_ec=use_ec)
         return self._decode_fn(*views, use_ec=use_ec)
 
+    def _staged(self, t: torch.Tensor, device_ids) -> torch.Tensor:
+        """A host input ready for its copy to the device: pinned when a step is in flight on CUDA (overlapped steps:
+        the copy then queues behind that step instead of making the host wait for it; the caching host allocator
+        keeps the pinned block until the copy has run), as it is otherwise (a pageable copy waits for the device)."""
+        if device_ids is not None and self.device.type == "cuda":
+            return t.pin_memory()
+        return t
+
     @torch.no_grad()
     def run_mixed(self, use_ec: bool, args: tuple, device_ids=None) -> torch.Tensor:
         """A mixed step's forward from ``mixed_inputs``' CPU tensors (``device_ids`` as ``execute_decode``'s: the
         decode rows come first)."""
-        args = [a.to(self.device) for a in args]
+        args = [self._staged(a, device_ids).to(self.device, non_blocking=True) for a in args]
         if device_ids is not None:
             patch_ids(args[0], device_ids)
         return self._mixed_fn(*args, use_ec=use_ec)
