@@ -64,10 +64,12 @@ class ServerThread:
         self.sock.close()
 
 
-@pytest.fixture(scope="module")
-def served():
+@pytest.fixture(scope="module", params=[False, True], ids=["one-step-at-a-time", "overlapped"])
+def served(request):
+    """The server over the bundled model, its engine one step at a time, then with overlapped steps (every test of
+    this module runs against both: streaming, disconnects and aborts with a step in flight)."""
     config = EngineConfig(compile=False, cuda_graphs=False, device="cpu", max_num_seqs=MAX_NUM_SEQS,
-                          max_num_tokens=256, progress=False)
+                          max_num_tokens=256, progress=False, overlap_decode=request.param)
     engine = Engine.from_pretrained(str(DEFAULT_MODEL), quant="w4-pc-rtn", config=config)
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     chat_ids = chat_prompt_ids(engine.tokenizer, [ChatMessage(**m) for m in CHAT])
@@ -290,7 +292,8 @@ def test_engine_failure_is_a_500_and_serving_goes_on(client, served, monkeypatch
     def broken_execute(*args, **kwargs):
         raise RuntimeError("injected step failure")
 
-    monkeypatch.setattr(engine.runner, "execute", broken_execute)
+    monkeypatch.setattr(engine.runner, "run_decode", broken_execute)   # the forward, in either mode
+    monkeypatch.setattr(engine.runner, "run_mixed", broken_execute)
     body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0}
     with pytest.warns(UserWarning, match="injected step failure"):
         r = client.post("/v1/completions", json=body)
