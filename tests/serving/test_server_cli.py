@@ -36,6 +36,8 @@ def _free_port() -> int:
     (["--max-batch", "0"], "--max-batch 0"),
     (["--ttft-slo-ms", "-1"], "--ttft-slo-ms"),
     (["--policy", "lottery"], "lottery"),
+    (["--tp", "0"], "--tp 0"),
+    (["--quant", "none", "--quant-lm-head"], "--quant-lm-head"),
 ])
 def test_serve_user_errors_exit_2(capsys, args, words):
     assert main(["serve", "--device", "cpu", *args] if "--device" not in args else ["serve", *args]) == 2
