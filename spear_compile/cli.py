@@ -97,6 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     quiet.quiet_third_party()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]   # as given (serve --tp relaunches with it)
     try:
         with quiet.quiet_warnings():
             return int(args.func(args) or 0)

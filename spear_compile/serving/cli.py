@@ -106,6 +106,8 @@ def check_args(args: argparse.Namespace) -> str:
             raise SpearError(f"serve: --tp {args.tp}: only {torch.cuda.device_count()} CUDA devices")
         if device.startswith("cuda:"):
             raise SpearError(f"serve: --device {device} with --tp: each rank takes cuda:LOCAL_RANK (say --device cuda)")
+        if args.overlap_decode:
+            raise SpearError("serve: --overlap-decode with --tp: not supported (the other ranks replay host inputs)")
         if launch.local_rank:  # a follower rank: rank 0 alone listens
             return device
     _check_port_free(args.host, args.port)
@@ -126,7 +128,7 @@ def _check_port_free(host: str, port: int) -> None:
             raise SpearError(f"serve: cannot listen on {host}:{port} ({e.strerror or e})") from e
 
 
-def _run_ranks(tp: int) -> int:
+def _run_ranks(tp: int, argv: list) -> int:
     """``serve --tp N`` started by hand: run N copies of this command as ranks, as ``torchrun`` would (torch's elastic
     launcher, in this process). A rank's user error prints its own one line (exit 2 here); Ctrl-C or SIGTERM here
     stops every rank (exit 0)."""
@@ -143,7 +145,7 @@ def _run_ranks(tp: int) -> int:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=tp, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
                           rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1)
     try:
-        elastic_launch(config, sys.executable)("-m", "spear_compile.cli", *sys.argv[1:])
+        elastic_launch(config, sys.executable)("-m", "spear_compile.cli", *argv)
     except SignalException:
         return 0
     except ChildFailedError as e:
@@ -159,7 +161,7 @@ def _run_serve(args) -> int:
     if args.tp > 1:
         from ..options import torchrun_launch
         if torchrun_launch().world_size is None:
-            return _run_ranks(args.tp)
+            return _run_ranks(args.tp, args.argv)
     import torch
     import uvicorn
 

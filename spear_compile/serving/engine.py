@@ -165,6 +165,9 @@ class Engine:
         self.last_error: Optional[BaseException] = None
         self.runner.step_sink = step_channel  # (after warm-up: every rank warms up by itself)
         # the other ranks replay rank 0's host inputs: a token that stays on the device cannot reach them
+        if config.overlap_decode and step_channel is not None:
+            warnings.warn("Engine: overlap_decode is ignored under tensor parallelism (the other ranks replay host "
+                          "inputs; a sampled token stays on rank 0's device)")
         self.overlap = OverlappedDecode(self) if config.overlap_decode and step_channel is None else None
         if slo_policy is not None:  # profiled on the real step function, cached on disk beside the tuning cache
             from .scheduler.profile import cost_models_for
@@ -336,11 +339,15 @@ class Engine:
             return outputs
         sum_context = sum(r.num_computed_tokens + 1 for r in plan.decodes)
         sampled = list(plan.decodes) + [r for r, n in plan.prefills if r.num_computed_tokens + n == r.num_tokens]
+        sink = self.runner.step_sink
+        sent = sink.steps_sent if sink is not None else 0
         try:
             logits, rows = self.runner.execute(plan.decodes, plan.prefills, ec)
             t_host = time.perf_counter() - t0
             tokens = self.sampler.sample(logits[:rows], sampled)
         except Exception as e:  # noqa: BLE001  (the requests of this step fail; the engine keeps serving the rest)
+            if sink is not None and sink.steps_sent != sent:
+                sink.fail(e)   # tensor parallelism, after the broadcast: the other ranks ran this step (exits)
             self.last_error = e
             warnings.warn(f"serving engine: step failed ({type(e).__name__}: {e}); its requests finish with 'error'")
             for req in list(plan.decodes) + [r for r, _ in plan.prefills]:
@@ -416,10 +423,10 @@ class Engine:
         return [final[i] for i in ids]
 
     def close(self) -> None:
-        """Release the other tensor-parallel ranks (they leave their step loop); a no-op otherwise. Idempotent."""
-        sink, self.runner.step_sink = self.runner.step_sink, None
-        if sink is not None:
-            sink.stop()
+        """Release the other tensor-parallel ranks (they leave their step loop; a later step fails its requests
+        instead of running a forward they would not join); a no-op otherwise. Idempotent."""
+        if self.runner.step_sink is not None:
+            self.runner.step_sink.stop()
 
     def stats(self) -> EngineStats:
         last = self.step_log[-1] if self.step_log else None

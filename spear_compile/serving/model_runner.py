@@ -82,8 +82,12 @@ def patch_ids(ids: torch.Tensor, device_ids) -> None:
     tokens, src, dst = device_ids
     if src == dst == list(range(len(src))):
         ids[:len(src)].copy_(tokens[:len(src)])
-    else:
-        ids.index_copy_(0, int64_tensor(dst).to(ids.device), tokens.index_select(0, int64_tensor(src).to(tokens.device)))
+        return
+    index = int64_tensor(src + dst)
+    if ids.is_cuda:   # pinned: the copy queues behind the step in flight instead of making the host wait for it
+        index = index.pin_memory()
+    index = index.to(ids.device, non_blocking=True)
+    ids.index_copy_(0, index[len(src):], tokens.index_select(0, index[:len(src)]))
 
 
 def kv_blocks_that_fit(model: nn.Module, config: EngineConfig, device: torch.device) -> int:

@@ -36,8 +36,8 @@ class InFlight:
     index: list          # output position of each row's placeholder
     tokens: torch.Tensor  # [rows] int64 on the device
     host: torch.Tensor    # [rows] int64 on the host (pinned on CUDA)
-    ready: Optional[object]
-    launched_at: float
+    ready: Optional[object]   # CUDA: an event after the step's last kernel and its tokens' copy
+    started: Optional[object]  # CUDA: an event before its first input copy (it passes once the step before is done)
     plan: object          # the scheduler's StepPlan (its policy observes the measured time)
     record: object        # the StepRecord of this step (measured time filled at read-back)
 
@@ -75,6 +75,7 @@ class OverlappedDecode:
         decodes = [r for r in plan.decodes
                    if len(r.output_token_ids) < r.sampling.max_tokens
                    and r.num_prompt_tokens + len(r.output_token_ids) < eng.max_model_len]
+        plan.decodes = decodes   # what was launched (the policy observes this step's measured time against it)
         try:
             launched = self._launch(decodes, plan.prefills, plan, t0) if decodes or plan.prefills else None
         except Exception as e:  # noqa: BLE001  (as one step at a time: this step's requests fail, serving goes on)
@@ -85,9 +86,8 @@ class OverlappedDecode:
                 if not req.is_finished:
                     outputs.append(eng._finished(req, RequestStatus.FINISHED_ERROR))
             return outputs
-        outputs += self.drain()
-        self.inflight = launched
-        return outputs
+        previous, self.inflight = self.inflight, launched   # the new step is in flight even if the read-back raises
+        return outputs + self._read_back(previous)
 
     def _launch(self, decodes: list, prefills: list, plan, t0: float) -> InFlight:
         eng = self.engine
@@ -104,6 +104,10 @@ class OverlappedDecode:
             if src:   # host index lists: moved to the device after the step's other inputs (a copy that waits)
                 device_ids = (prev.tokens, src, dst)
         ec = eng.ec_enabled
+        started = None
+        if eng.device.type == "cuda":
+            started = torch.cuda.Event(enable_timing=True)
+            started.record()
         if prefills:   # decode rows first, then the chunks (``mixed_inputs``); logits: decodes, completed chunks
             args, num_rows = eng.runner.mixed_inputs(decodes, prefills)
             logits = eng.runner.run_mixed(ec and eng.runner.net.has_ecs, args, device_ids)[:num_rows]
@@ -115,7 +119,7 @@ class OverlappedDecode:
         host.copy_(tokens, non_blocking=cuda)
         ready = None
         if cuda:
-            ready = torch.cuda.Event()
+            ready = torch.cuda.Event(enable_timing=True)
             ready.record()
         for r in decodes:
             r.num_computed_tokens += 1
@@ -133,24 +137,29 @@ class OverlappedDecode:
                             host_s=time.perf_counter() - t0, num_prefills=len(prefills), ec_enabled=ec)
         eng.num_steps += 1
         self.num_launched += 1
-        return InFlight(rows, index, tokens, host, ready, time.perf_counter(), plan, record)
+        return InFlight(rows, index, tokens, host, ready, started, plan, record)
 
     def drain(self) -> list:
         """Read the step in flight back (waiting for it) and hand its tokens to their requests."""
         step, self.inflight = self.inflight, None
+        return self._read_back(step)
+
+    def _read_back(self, step: Optional[InFlight]) -> list:
         if step is None:
             return []
         if step.ready is not None:
             step.ready.synchronize()
         eng = self.engine
         now = eng.scheduler.clock()
-        outputs = []
-        for r, i, tok in zip(step.rows, step.index, step.host.tolist()):
-            if r.is_finished:   # ended by the step before this one, or aborted: the row's token is not wanted
-                continue
-            outputs.append(eng._append_token(r, tok, now, index=i))
-        # launch to read-back: about one step period in the steady state (the next step's host work included)
-        step.record.measured_s = time.perf_counter() - step.launched_at + step.record.host_s
+        live = [(r, i, tok) for r, i, tok in zip(step.rows, step.index, step.host.tolist())
+                if not r.is_finished]   # a finished row: ended by the step before, or aborted: its token is unwanted
+        for r, i, tok in live:   # every token in place first: nothing PENDING stays behind if a check below raises
+            r.output_token_ids[i] = tok
+        outputs = [eng._append_token(r, tok, now, index=i) for r, i, tok in live]
+        if step.started is not None:   # the step's own device time (its start waits for the step before it)
+            step.record.measured_s = step.started.elapsed_time(step.ready) / 1e3
+        else:   # off CUDA the forward ran inside the launch
+            step.record.measured_s = step.record.host_s
         eng.policy.observe(step.plan, step.record.measured_s)
         eng.step_log.append(step.record)
         return outputs

@@ -10,12 +10,17 @@ row-parallel all-reduces pair with rank 0's, and drop the logits (the LM head is
 model's). vLLM's driver / worker split is the model (it broadcasts through a shared-memory ring; this is the plain
 form, two small broadcasts a step). ``Engine.close()`` or rank 0's exit sends a stop.
 
-Failure semantics: a request error on rank 0 before its step is broadcast touches only rank 0; a rank that fails
-inside a forward leaves the others waiting in a collective until the process group's timeout, as in any SPMD job.
+Failure semantics: a step that fails on rank 0 before its inputs are broadcast fails its requests only; one that
+fails after (in the forward, in sampling) exits rank 0 with a message, since the ranks' collectives can no longer
+pair (``StepChannel.fail``), and the launcher stops the others; a follower that fails exits likewise. After
+``close()`` a step fails its requests instead of running a forward no other rank would join.
 """
 from __future__ import annotations
 
 import atexit
+import os
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -46,8 +51,19 @@ class StepChannel:
     def __init__(self, group):
         self.group = group
         self.src = dist.get_global_rank(group, 0)
+        self.steps_sent = 0
+        self.closed = False
+        self._lock = threading.Lock()   # a stop from another thread (``Engine.close``) never splits a message
 
     def _send(self, op: int, use_ec: bool, batch: int, width: int, tensors: tuple) -> None:
+        with self._lock:
+            if self.closed:
+                raise SpearError("tensor-parallel engine: closed (the other ranks have left their step loop)")
+            self._send_locked(op, use_ec, batch, width, tensors)
+            self.steps_sent += op != OP_STOP
+            self.closed = op == OP_STOP
+
+    def _send_locked(self, op: int, use_ec: bool, batch: int, width: int, tensors: tuple) -> None:
         desc = []
         for t in tensors:
             if t.dim() > MAX_DIMS:
@@ -67,7 +83,18 @@ class StepChannel:
         self._send(OP_MIXED, use_ec, 0, 0, tuple(args))
 
     def stop(self) -> None:
-        self._send(OP_STOP, False, 0, 0, ())
+        if not self.closed:
+            self._send(OP_STOP, False, 0, 0, ())
+
+    @staticmethod
+    def fail(error: BaseException) -> None:
+        """Rank 0's step failed after its inputs went to the other ranks: they ran (or are running) its collectives,
+        which rank 0's next step would now pair wrongly, so no step can ever be trusted again. Exit at once (the
+        launcher then stops every rank) rather than hang or serve wrong tokens."""
+        print(f"spear_compile: error: tensor-parallel step failed on rank 0 after the other ranks received it "
+              f"({type(error).__name__}: {error}); the ranks' collectives can no longer pair: exiting",
+              file=sys.stderr, flush=True)
+        os._exit(1)
 
     def receive(self) -> StepMessage:
         header = torch.zeros(HEADER, dtype=torch.int64)
@@ -157,7 +184,7 @@ def start_engine(model_path: str, quant: Optional[str] = "w4-pc-rtn", ec: Option
     rank, world, device = _init_distributed(config.device)
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("tp",))
-    control = dist.new_group(backend="gloo") if device.type == "cuda" else mesh.get_group()
+    control = dist.new_group(backend="gloo")   # apart from the model's collectives, on CPU (gloo) as well
     model, tokenizer, config = load_model(model_path, quant, ec, config, quantize_lm_head, device=str(device))
     parallelize(model, mesh)
     if device.type == "cuda":

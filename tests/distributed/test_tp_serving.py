@@ -102,6 +102,21 @@ def test_tp_engine_greedy_equals_single_process(setup, world):
     assert res["local_heads"] < 6 and res["local_kv_heads"] <= 2   # spear-ref-16m: 6 heads, 2 KV heads, sharded
 
 
+def test_tp_failure_after_the_broadcast_stops_every_rank(setup):
+    """Rank 0's forward fails after the step's inputs went to the other ranks: no hang until a collective times out,
+    no wrong tokens; rank 0 exits with one line naming the failure and the launcher stops the others."""
+    out = setup["base"] / "fail"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
+           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(WORKER), "--model", str(MODEL),
+           "--prompts", str(setup["base"] / "prompts.json"), "--out", str(out), "--inject-failure"]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "tensor-parallel step failed on rank 0" in proc.stderr and "injected forward failure" in proc.stderr
+    assert time.monotonic() - t0 < 120, "a rank waited for a collective that never came"
+    assert not (out / "rank0.json").exists() or "with_ec" not in json.loads((out / "rank0.json").read_text())
+
+
 def _wait_up(proc, base_url, log_path, timeout=240):
     import httpx
     deadline = time.monotonic() + timeout

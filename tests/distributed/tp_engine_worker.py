@@ -111,6 +111,8 @@ def main():
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--quant", default="w4-pc-rtn", help="quant spec, or none (the bf16 TP baseline)")
     ap.add_argument("--decode-rate", action="store_true", help="also decode tokens/s at batch 1 and 16")
+    ap.add_argument("--inject-failure", action="store_true",
+                    help="rank 0's first decode forward raises after the step went to the other ranks")
     args = ap.parse_args()
     quant = None if args.quant == "none" else args.quant
     config = engine_config() if args.device == "cpu" else engine_config(
@@ -143,6 +145,10 @@ def main():
         if engine is None:
             (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "done": True}))
             return
+        if args.inject_failure:
+            def broken(*a, **k):
+                raise RuntimeError("injected forward failure")
+            engine.runner.run_decode = broken
         if args.prompts:
             prompts = json.loads(Path(args.prompts).read_text())
         else:

@@ -114,3 +114,53 @@ def test_overlap_with_chunked_prefills_and_preemption(ref_tokenizer):
         assert over.overlap.num_launched > 20
         if blocks == 12:
             assert sync.num_preemptions > 0 and over.num_preemptions > 0
+
+
+def test_overlap_measured_step_time_is_one_step(ref_tokenizer):
+    """The step log's measured times (the SLO policy's online correction reads them) add up to the wall time, not
+    twice it, although each step is read back one step late."""
+    import time
+    _, over = engines(ref_tokenizer)
+    for i in range(4):
+        over.add_request([5 + i, 6, 7, 8], SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))
+    over.step()
+    first = len(over.step_log)
+    t0 = time.perf_counter()
+    while over.has_unfinished():
+        over.step()
+    wall = time.perf_counter() - t0
+    assert 0.3 < sum(r.measured_s for r in list(over.step_log)[first:]) / wall < 1.3
+
+
+def test_overlap_read_back_failure_keeps_the_launched_step(ref_tokenizer):
+    """A read-back that raises once (a detokenizer error) after the next step was launched: that step's placeholders
+    are still filled later, nothing reaches the model as -1, and both requests end normally."""
+    import warnings
+
+    import spear_compile.serving.detokenizer as detokenizer
+    _, over = engines(ref_tokenizer)
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    over.add_request([5, 6, 7, 8], sp, request_id="a")
+    over.add_request([9, 10, 11], sp, request_id="b")
+    real, calls = detokenizer.IncrementalDetokenizer.add, [0]
+
+    def flaky(self, token):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise RuntimeError("transient")
+        return real(self, token)
+    detokenizer.IncrementalDetokenizer.add = flaky
+    final = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            while over.has_unfinished():
+                try:
+                    for o in over.step():
+                        if o.finished:
+                            final[o.request_id] = o.finish_reason
+                except RuntimeError:
+                    pass
+    finally:
+        detokenizer.IncrementalDetokenizer.add = real
+    assert final == {"a": "length", "b": "length"}, (final, over.last_error)

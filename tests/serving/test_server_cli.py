@@ -90,3 +90,27 @@ def test_serve_command_serves_on_cpu(tmp_path):
         log.close()
     output = (tmp_path / "serve.log").read_text()
     assert proc.returncode == 0 and "Traceback" not in output, output[-3000:]   # Ctrl-C: a clean shutdown
+
+
+def test_serve_tp_relaunches_with_the_arguments_given(monkeypatch):
+    """``main([...])`` called from another program: the ranks get the arguments passed in, not that program's
+    ``sys.argv``."""
+    import torch.distributed.launcher.api as launcher
+    got = {}
+
+    class FakeLaunch:
+        def __init__(self, config, entrypoint):
+            got["nproc"] = config.nproc_per_node
+
+        def __call__(self, *args):
+            got["args"] = args
+    monkeypatch.setattr(launcher, "elastic_launch", FakeLaunch)
+    monkeypatch.setattr(sys, "argv", ["host_app.py", "--host-flag"])
+    argv = ["serve", "--device", "cpu", "--tp", "2", "--port", str(_free_port())]
+    assert main(argv) == 0
+    assert got["nproc"] == 2 and list(got["args"]) == ["-m", "spear_compile.cli", *argv]
+
+
+def test_serve_tp_refuses_overlap(capsys):
+    assert main(["serve", "--device", "cpu", "--tp", "2", "--overlap-decode"]) == 2
+    assert "--overlap-decode with --tp" in capsys.readouterr().err
