@@ -183,8 +183,8 @@ def run_engine(variant, args, reqs):
         return
     for batch in (1, 16):
         decode_rate(eng, variant, batch, args, new=args.decode_tokens + 1)
-    from spear_compile.serving.overlap import OverlappedDecode
-    eng.overlap = OverlappedDecode(eng)   # the same engine, steps launched ahead of their read-back
+    from spear_compile.serving.overlap import OverlappedSteps
+    eng.overlap = OverlappedSteps(eng)   # the same engine, steps launched ahead of their read-back
     for batch in (1, 16):
         decode_rate(eng, variant + " overlap", batch, args, new=args.decode_tokens + 1)
     row(part="overlap", variant=variant, launched=eng.overlap.num_launched)

@@ -28,7 +28,7 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVBlockManager
 from .model_runner import MIN_DIM, ModelRunner
-from .overlap import PENDING, OverlappedDecode
+from .overlap import PENDING, OverlappedSteps
 from .request import Request, RequestStatus, SamplingParams
 from .sampling import Sampler
 from .scheduler.base import Policy, Scheduler
@@ -168,7 +168,7 @@ class Engine:
         if config.overlap_decode and step_channel is not None:
             warnings.warn("Engine: overlap_decode is ignored under tensor parallelism (the other ranks replay host "
                           "inputs; a sampled token stays on rank 0's device)")
-        self.overlap = OverlappedDecode(self) if config.overlap_decode and step_channel is None else None
+        self.overlap = OverlappedSteps(self) if config.overlap_decode and step_channel is None else None
         if slo_policy is not None:  # profiled on the real step function, cached on disk beside the tuning cache
             from .scheduler.profile import cost_models_for
             aware, blind = cost_models_for(self, max_points=config.profile_points, progress=config.progress)

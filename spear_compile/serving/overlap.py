@@ -30,7 +30,7 @@ PENDING = -1   # a launched step's output token, not read back yet
 
 @dataclass
 class InFlight:
-    """A launched decode step: its requests (rows), where each one's token goes in its outputs, the tokens on the
+    """A launched step: its sampled requests (rows), where each one's token goes in its outputs, the tokens on the
     device and their host copy (filled once ``ready`` has passed)."""
     rows: list
     index: list          # output position of each row's placeholder
@@ -42,7 +42,7 @@ class InFlight:
     record: object        # the StepRecord of this step (measured time filled at read-back)
 
 
-class OverlappedDecode:
+class OverlappedSteps:
     def __init__(self, engine):
         self.engine = engine
         self.inflight: Optional[InFlight] = None
