@@ -175,7 +175,11 @@ def read_ecs_for_swap(model: nn.Module, ec_dir: Union[str, Path], config=None) -
     if config is None:
         spec = read_manifest(Path(ec_dir)).get("quant", {}).get("spec") if Path(ec_dir).is_dir() else None
         config = spec if isinstance(spec, str) else "none"
-    manifest = check_ec_dir(ec_dir, config)
+    _, tensors, plan = _plan(model, ec_dir, config, before_quantizing=False, swap=True)
+    return {name: {p: tensors[f"{name}.{p}"] for p in shapes} for name, _, _, shapes in plan}
+
+
+def _check_same_ec_set(model: nn.Module, manifest: dict, ec_dir) -> None:
     have = {n: (m.rank, m.gate) for n, m in model.named_modules() if isinstance(m, CompensatedLinear)}
     want = {name: (info.get("rank"), info.get("gate")) for name, info in manifest["modules"].items()}
     if have != want:
@@ -183,8 +187,6 @@ def read_ecs_for_swap(model: nn.Module, ec_dir: Union[str, Path], config=None) -
         raise SpearError(f"load_ecs: {str(ec_dir)!r} holds another EC set than the model's ({len(want)} vs {len(have)} "
                          f"modules; first difference {diff[0] if diff else None}): only the same modules, ranks and "
                          f"gates swap in place (another set needs new compiled graphs and step-cost profile)")
-    _, tensors, plan = _plan(model, ec_dir, config, before_quantizing=False, swap=True)
-    return {name: {p: tensors[f"{name}.{p}"] for p in shapes} for name, _, _, shapes in plan}
 
 
 def _plan(model: nn.Module, ec_dir, config, before_quantizing: bool, swap: bool = False):
@@ -194,6 +196,8 @@ def _plan(model: nn.Module, ec_dir, config, before_quantizing: bool, swap: bool 
     if not isinstance(model, nn.Module):
         raise SpearError(f"load_ecs: expected an nn.Module, got {type(model).__name__}")
     manifest = check_ec_dir(ec_dir, config)
+    if swap:   # before the tensors are read: another set is refused by its manifest alone
+        _check_same_ec_set(model, manifest, ec_dir)
     ec_dir = Path(ec_dir)
     cfg = _check_config(manifest, config)
     saved_id = manifest.get("base_model", {}).get("config_hash")

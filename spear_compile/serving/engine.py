@@ -348,11 +348,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001  (the requests of this step fail; the engine keeps serving the rest)
             if sink is not None and sink.steps_sent != sent:
                 sink.fail(e)   # tensor parallelism, after the broadcast: the other ranks ran this step (exits)
-            self.last_error = e
-            warnings.warn(f"serving engine: step failed ({type(e).__name__}: {e}); its requests finish with 'error'")
-            for req in list(plan.decodes) + [r for r, _ in plan.prefills]:
-                outputs.append(self._finished(req, RequestStatus.FINISHED_ERROR))
-            return outputs
+            return outputs + self._fail_step(plan, e)
         measured = time.perf_counter() - t0
         now = self.scheduler.clock()
         for req in plan.decodes:
@@ -368,6 +364,13 @@ class Engine:
                                         predicted_s=plan.predicted_s, measured_s=measured, host_s=t_host,
                                         num_prefills=len(plan.prefills), ec_enabled=ec))
         return outputs
+
+    def _fail_step(self, plan, error: Exception) -> list:
+        """A step raised: its requests finish with 'error' (their blocks freed), the engine serves the rest."""
+        self.last_error = error
+        warnings.warn(f"serving engine: step failed ({type(error).__name__}: {error}); its requests finish with 'error'")
+        return [self._finished(req, RequestStatus.FINISHED_ERROR)
+                for req in list(plan.decodes) + [r for r, _ in plan.prefills] if not req.is_finished]
 
     def _append_token(self, req: Request, tok: int, now: float, index: Optional[int] = None) -> RequestOutput:
         """Give ``req`` its next token (at ``index`` of its outputs: a launched step's placeholder), then finish it on

@@ -1,12 +1,5 @@
-"""The model side of the engine: a paged-KV forward over a Hugging Face Llama-family model's own modules, compiled
-per phase, decode steps replayed from CUDA graphs.
-
-``PagedLlama`` runs the HF model's embedding, norms, rotary tables and linears (our quantized linears and their ECs,
-called as modules, so the ``spear`` pass fuses them exactly as under ``optimize``) over a flattened token batch,
-gpt-fast style, with per-layer KV caches ``[num_blocks, block_size, kv_heads, head_dim]`` written through a slot
-mapping (block, offset) and read through block tables. Attention is PyTorch ops: decode rows gather their blocks and
-run a grouped-query ``matmul``/``softmax``/``matmul``; prefill chunks gather theirs and run SDPA with a causal mask
-over logical positions.
+"""The model side of the engine: ``PagedLlama`` (``paged_llama.py``, the paged-KV forward over the HF model's own
+modules) compiled per phase, decode steps replayed from CUDA graphs, and each step's requests turned into tensors.
 
 Two entry points, each compiled once with dynamic sizes (every dynamic size padded to >= 2, so Dynamo's 0/1
 specialization never adds graphs): ``decode_forward`` (decode-only steps; on CUDA captured as one CUDA graph per
@@ -23,12 +16,11 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..ec.module import CompensatedLinear
 from ..errors import SpearError
 from .config import EngineConfig
 from .kv_cache import PAD_BLOCK
+from .paged_llama import PagedLlama
 
 MIN_DIM = 2  # every dynamic size is padded to at least this (no 0/1 specialization, no extra graphs)
 
@@ -52,28 +44,6 @@ def pow2_buckets(lo: int, hi: int) -> tuple:
 def int64_tensor(values: list) -> torch.Tensor:
     """A CPU int64 tensor of a flat list of ints (through ``array``: several times faster than ``torch.tensor``)."""
     return torch.frombuffer(array.array("q", values), dtype=torch.int64) if values else torch.zeros(0, dtype=torch.int64)
-
-
-def has_ec(mod: nn.Module) -> bool:
-    return isinstance(mod, CompensatedLinear) and getattr(mod, "rank", 0) > 0
-
-
-def base_linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mod``'s quantized (or plain) linear without its EC (row-parallel layers still all-reduce)."""
-    return mod.base_forward(x) if isinstance(mod, CompensatedLinear) else mod(x)
-
-
-def check_llama_like(model: nn.Module) -> None:
-    base = getattr(model, "model", None)
-    ok = base is not None and all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")) \
-        and hasattr(model, "lm_head")
-    if ok:
-        layer = base.layers[0]
-        ok = all(hasattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) and \
-            all(hasattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj", "act_fn"))
-    if not ok:
-        raise SpearError(f"serving engine: {type(model).__name__} is not a Llama-family causal LM (needs model.embed_tokens, "
-                         "layers with self_attn.q/k/v/o_proj and mlp.gate/up/down_proj, norm, rotary_emb, lm_head)")
 
 
 def patch_ids(ids: torch.Tensor, device_ids) -> None:
@@ -116,137 +86,6 @@ def static_decode_rows(model: nn.Module, config: EngineConfig) -> int:
         from ..distributed.peer_reduce import MAX_M
         return MAX_M
     return 0
-
-
-class PagedLlama(nn.Module):
-    """A paged-KV forward over an HF Llama-family model's modules (shared, not copied)."""
-
-    def __init__(self, hf_model: nn.Module, num_blocks: int, block_size: int, max_model_len: int):
-        super().__init__()
-        check_llama_like(hf_model)
-        cfg = hf_model.config
-        base = hf_model.model
-        self.embed_tokens, self.layers, self.norm, self.lm_head = base.embed_tokens, base.layers, base.norm, hf_model.lm_head
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
-        self.group = self.num_heads // self.num_kv_heads
-        self.scale = self.head_dim ** -0.5
-        self.block_size = block_size
-        w = self.embed_tokens.weight
-        self.dtype, device = w.dtype, w.device
-        with torch.no_grad():  # the HF rotary module's own cos/sin, for every position up front
-            pos = torch.arange(max_model_len, device=device)[None]
-            cos, sin = base.rotary_emb(torch.empty(1, dtype=self.dtype, device=device), pos)
-        self.register_buffer("rope_cos", cos[0].contiguous(), persistent=False)
-        self.register_buffer("rope_sin", sin[0].contiguous(), persistent=False)
-        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
-        self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
-        for i, (k, v) in enumerate(zip(self.k_caches, self.v_caches)):
-            self.register_buffer(f"k_cache_{i}", k, persistent=False)
-            self.register_buffer(f"v_cache_{i}", v, persistent=False)
-        self.has_ecs = any(has_ec(m) for m in self.modules())
-
-    @property
-    def kv_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k_caches + self.v_caches)
-
-    # ---- pieces -------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _linear(mod, x, use_ec: bool):
-        if use_ec or not has_ec(mod):
-            return mod(x)
-        return base_linear(mod, x)
-
-    def _rope(self, x, cos, sin):  # x [T, H, D]; cos/sin [T, D]  (HF apply_rotary_pos_emb, same op order)
-        half = x.shape[-1] // 2
-        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos[:, None] + rot * sin[:, None]
-
-    def _gather(self, cache, tables):  # [N, L] block ids -> [N, kv_heads, L * block_size, head_dim]
-        n, nb = tables.shape
-        return cache[tables].reshape(n, nb * self.block_size, self.num_kv_heads, self.head_dim).transpose(1, 2)
-
-    def _decode_attention(self, q, kc, vc, tables, ctx_lens):
-        """q [B, H, D], one query per sequence at its last position; ctx_lens [B] tokens in its cache."""
-        b = q.shape[0]
-        k = self._gather(kc, tables)                          # [B, Hkv, S, D]
-        v = self._gather(vc, tables)
-        qg = q.view(b, self.num_kv_heads, self.group, self.head_dim)
-        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * self.scale   # [B, Hkv, G, S]
-        keep = torch.arange(k.shape[2], device=q.device)[None, :] < ctx_lens[:, None]
-        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        return torch.matmul(probs, v).reshape(b, self.num_heads, self.head_dim)
-
-    def _prefill_attention(self, q_ext, kc, vc, tables, q_index, q_pos):
-        """Prefill chunks: q_ext [T + 1, H, D] (row T is a zero pad row); tables [P, L]; q_index [P, Q] rows of
-        q_ext (pads -> T); q_pos [P, Q] each query's position. Returns [P, Q, H, D]."""
-        q = q_ext[q_index].transpose(1, 2)                   # [P, H, Q, D]
-        k = self._gather(kc, tables)
-        v = self._gather(vc, tables)
-        if self.group > 1:
-            k = k.repeat_interleave(self.group, dim=1)
-            v = v.repeat_interleave(self.group, dim=1)
-        keep = torch.arange(k.shape[2], device=q.device)[None, None, :] <= q_pos[:, :, None]   # causal, logical
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], scale=self.scale)
-        return out.transpose(1, 2)
-
-    def _layers(self, input_ids, positions, slot_block, slot_off, attention, use_ec: bool):
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        t = x.shape[0]
-        for i, layer in enumerate(self.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            h = layer.input_layernorm(x)
-            q = self._linear(attn.q_proj, h, use_ec).view(t, self.num_heads, self.head_dim)
-            k = self._linear(attn.k_proj, h, use_ec).view(t, self.num_kv_heads, self.head_dim)
-            v = self._linear(attn.v_proj, h, use_ec).view(t, self.num_kv_heads, self.head_dim)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            kc, vc = self.k_caches[i], self.v_caches[i]
-            kc.index_put_((slot_block, slot_off), k)
-            vc.index_put_((slot_block, slot_off), v)
-            o = attention(q, kc, vc)
-            x = x + self._linear(attn.o_proj, o.reshape(t, self.num_heads * self.head_dim), use_ec)
-            h = layer.post_attention_layernorm(x)
-            g = mlp.act_fn(self._linear(mlp.gate_proj, h, use_ec)) * self._linear(mlp.up_proj, h, use_ec)
-            x = x + self._linear(mlp.down_proj, g, use_ec)
-        return x
-
-    def _logits(self, x):
-        return self.lm_head(self.norm(x))
-
-    # ---- entry points -------------------------------------------------------------------------------------------
-    def decode_forward(self, input_ids, positions, slot_block, slot_off, tables, ctx_lens, use_ec: bool = True):
-        """Decode-only step: B sequences, one token each. Returns logits [B, vocab]."""
-        x = self._layers(input_ids, positions, slot_block, slot_off,
-                         lambda q, kc, vc: self._decode_attention(q, kc, vc, tables, ctx_lens), use_ec)
-        return self._logits(x)
-
-    def decode_forward_static_rows(self, input_ids, positions, slot_block, slot_off, tables, ctx_lens, use_ec: bool = True):
-        """``decode_forward`` under its own code object, so that it compiles apart: called with the batch dimension
-        marked static (one graph per batch bucket), which the tensor-parallel peer-reduction pass needs (static
-        M <= 16 rows)."""
-        return self.decode_forward(input_ids, positions, slot_block, slot_off, tables, ctx_lens, use_ec)
-
-    def mixed_forward(self, input_ids, positions, slot_block, slot_off, d_tables, d_ctx_lens,
-                      p_tables, p_q_index, p_q_pos, logits_index, use_ec: bool = True):
-        """A step with prefill chunks: tokens [T] = Bd decode rows first, then the chunks' tokens, then padding.
-        Returns logits [S, vocab] of the rows ``logits_index``."""
-        num_decodes = d_tables.shape[0]
-
-        def attention(q, kc, vc):
-            t = q.shape[0]
-            q_ext = torch.cat([q, q.new_zeros(1, self.num_heads, self.head_dim)])
-            out = q.new_zeros(t + 1, self.num_heads, self.head_dim)
-            out[:num_decodes] = self._decode_attention(q[:num_decodes], kc, vc, d_tables, d_ctx_lens)
-            pre = self._prefill_attention(q_ext, kc, vc, p_tables, p_q_index, p_q_pos)
-            out.index_put_((p_q_index.reshape(-1),), pre.reshape(-1, self.num_heads, self.head_dim))
-            return out[:t]
-
-        x = self._layers(input_ids, positions, slot_block, slot_off, attention, use_ec)
-        return self._logits(x[logits_index])
 
 
 @dataclass

@@ -17,13 +17,10 @@ host inputs). Anything else first reads the step in flight back, then runs one o
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-
-from .request import RequestStatus
 
 PENDING = -1   # a launched step's output token, not read back yet
 
@@ -80,12 +77,7 @@ class OverlappedSteps:
             launched = self._launch(decodes, plan.prefills, plan, t0) if decodes or plan.prefills else None
         except Exception as e:  # noqa: BLE001  (as one step at a time: this step's requests fail, serving goes on)
             outputs += self.drain()
-            eng.last_error = e
-            warnings.warn(f"serving engine: step failed ({type(e).__name__}: {e}); its requests finish with 'error'")
-            for req in list(plan.decodes) + [r for r, _ in plan.prefills]:
-                if not req.is_finished:
-                    outputs.append(eng._finished(req, RequestStatus.FINISHED_ERROR))
-            return outputs
+            return outputs + eng._fail_step(plan, e)
         previous, self.inflight = self.inflight, launched   # the new step is in flight even if the read-back raises
         return outputs + self._read_back(previous)
 

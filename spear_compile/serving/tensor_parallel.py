@@ -18,6 +18,7 @@ pair (``StepChannel.fail``), and the launcher stops the others; a follower that 
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import sys
 import threading
@@ -60,8 +61,7 @@ class StepChannel:
             if self.closed:
                 raise SpearError("tensor-parallel engine: closed (the other ranks have left their step loop)")
             self._send_locked(op, use_ec, batch, width, tensors)
-            self.steps_sent += op != OP_STOP
-            self.closed = op == OP_STOP
+            self.steps_sent += 1
 
     def _send_locked(self, op: int, use_ec: bool, batch: int, width: int, tensors: tuple) -> None:
         desc = []
@@ -83,8 +83,10 @@ class StepChannel:
         self._send(OP_MIXED, use_ec, 0, 0, tuple(args))
 
     def stop(self) -> None:
-        if not self.closed:
-            self._send(OP_STOP, False, 0, 0, ())
+        with self._lock:
+            if not self.closed:
+                self._send_locked(OP_STOP, False, 0, 0, ())
+                self.closed = True
 
     @staticmethod
     def fail(error: BaseException) -> None:
@@ -110,9 +112,7 @@ class StepChannel:
         for i in range(count):
             ndim, *dims = desc[i * (1 + MAX_DIMS):(i + 1) * (1 + MAX_DIMS)]
             shape = dims[:ndim]
-            n = 1
-            for d in shape:
-                n *= d
+            n = math.prod(shape)
             tensors.append(payload[at:at + n].view(shape))
             at += n
         return StepMessage(op, bool(use_ec), batch, width, tuple(tensors))
@@ -172,7 +172,6 @@ def start_engine(model_path: str, quant: Optional[str] = "w4-pc-rtn", ec: Option
     (gloo). ``peer_reduce``: on CUDA, row-parallel EC layers exchange ``u`` through the peer-reduction epilogue in
     compiled decode graphs (``distributed.peer_reduce``); otherwise the all-reduce fallback."""
     import dataclasses
-    import os
 
     from ..distributed import parallelize
     from .engine import Engine, load_model

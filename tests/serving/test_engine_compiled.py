@@ -79,7 +79,7 @@ def test_static_decode_rows_compile_per_batch_size(ref_tokenizer, fresh_compile)
     compile one graph each under their own entry point, batch 4 the dynamic graph; tokens still equal HF eager
     ``generate``; nothing compiles after start-up."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-    from spear_compile.serving.model_runner import PagedLlama
+    from spear_compile.serving.paged_llama import PagedLlama
     model = toy_model()
     ref = hf_greedy(copy.deepcopy(model))
     eng = make_engine(model, ref_tokenizer, compile=True, cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=4,
