@@ -25,6 +25,9 @@ os.environ.setdefault("SPEAR_TUNE_CACHE", "0")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.kernels import copy_bandwidth, rel_err  # noqa: E402
+from bench.kernels import time_graph as _time_graph  # noqa: E402
+
 MODELS = {
     "Llama-3.2-1B": dict(hidden=2048, inter=8192, heads=32, kv=8, head_dim=64),
     "Llama-2-7B": dict(hidden=4096, inter=11008, heads=32, kv=32, head_dim=128),
@@ -113,66 +116,10 @@ def reference(x, Ls, quant, ec):
     return torch.cat(outs, -1)
 
 
-def rel_err(out, ref):
-    out = out.to(torch.float64)
-    if torch.isnan(out).any():
-        return float("nan")
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-# ------------------------------------------------------------------ timing
-_STREAMS = []
-
-
-def _capture_stream():
-    """One stream for every warm-up and capture of this bench (the decode workspaces are per stream)."""
-    if not _STREAMS:
-        _STREAMS.append(torch.cuda.Stream())
-    return _STREAMS[0]
-
-
-def time_graph(fn, copies, reps=20):
-    """µs per call of ``fn(c)`` (c = weight copy), one graph replaying it for every copy; median of replays."""
-    for c in range(copies):
-        fn(c)
-    torch.cuda.synchronize()
-    s = _capture_stream()  # warm up on the stream that captures: its kernel workspaces exist before capture
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn(0)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        for c in range(copies):
-            fn(c)
-    g.replay()
-    torch.cuda.synchronize()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in ev:
-        a.record()
-        g.replay()
-        b.record()
-    torch.cuda.synchronize()
-    ts = sorted(a.elapsed_time(b) for a, b in ev)
-    del g
-    return ts[len(ts) // 2] * 1e3 / copies
-
-
-def copy_bandwidth():
-    a = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda").normal_()
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(10):
-        b.copy_(a)
-    e1.record()
-    torch.cuda.synchronize()
-    bw = 2 * a.numel() * 2 * 10 / (e0.elapsed_time(e1) * 1e-3)
-    del a, b
-    return bw
+# ------------------------------------------------------------------ timing: bench/kernels.py's
+def time_graph(fn, copies):
+    """µs per call of ``fn(c)`` (c = weight copy), one graph replaying it for every copy; median of 20 replays."""
+    return _time_graph(fn, copies, reps=20)
 
 
 def layer_bytes(groups, m, kind):

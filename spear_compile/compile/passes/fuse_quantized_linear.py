@@ -53,7 +53,12 @@ def _ec_branches(nd: int, gate: str):
     if gate == "none":
         # 3-D: Inductor usually drops the reshape-to-3-D / reshape-to-2-D pair between the mms
         return [ua] if nd == 2 else [ua, _reshape(_reshape(ua))]
-    u = ua if nd == 2 else _reshape(ua, users=2)
+    return gated_products(ua if nd == 2 else _reshape(ua, users=2), nd, gate)
+
+
+def gated_products(u, nd: int, gate: str):
+    """Alternative patterns for ``g(u) ⊙ u`` flattened to 2-D, ``g(u) = 2 sigmoid(u W_gᵀ [+ b_g])`` (``gate``:
+    ``"sigmoid"`` with a gate bias, else without); ``u`` in x's rank (also the peer-reduction pass's)."""
     u2 = u if nd == 2 else _reshape(u)
     if gate == "sigmoid":
         gates = [CallFunction(aten.addmm.default, KeywordArg("gate_b"), u2, _wt("gate_w"))]

@@ -36,7 +36,7 @@ from ... import options
 from ...quant import qlinear as _qlinear_op  # noqa: F401  (registers spear::qlinear)
 from ..records import MatchRecord, PassContext, PeerReduceRecord
 from .base import SpearGraphPass
-from .fuse_quantized_linear import _cpu_m1_addmm, _reshape, _val, _wt, check_operands, module_of
+from .fuse_quantized_linear import _reshape, _val, _wt, check_operands, gated_products, module_of
 
 aten = torch.ops.aten
 QLINEAR = torch.ops.spear.qlinear.default
@@ -64,20 +64,7 @@ def _ec_terms(nd: int, gate: str):
     x2 = KeywordArg("x") if nd == 2 else _reshape(KeywordArg("x"), users=MULTIPLE)
     ua = CallFunction(aten.mm.default, x2, _wt("ec_A"))
     u = _reduced(ua if nd == 2 else _reshape(ua), "u_op", "u_group", users=1 if gate == "none" else 2)
-    if gate == "none":
-        vs = [u if nd == 2 else _reshape(u)]
-    else:
-        u2 = u if nd == 2 else _reshape(u)
-        if gate == "sigmoid":
-            gates = [CallFunction(aten.addmm.default, KeywordArg("gate_b"), u2, _wt("gate_w"))]
-            gates += [_cpu_m1_addmm(u2, cast) for cast in (False, True)]
-        else:  # sigmoid gate without a gate bias
-            gates = [CallFunction(aten.mm.default, u2, _wt("gate_w"))]
-        vs = []
-        for g in gates:
-            s = CallFunction(aten.mul.Tensor, CallFunction(aten.sigmoid.default, g if nd == 2 else _reshape(g)), 2.0)
-            v = CallFunction(aten.mul.Tensor, u, s)
-            vs.append(v if nd == 2 else _reshape(v))
+    vs = [u if nd == 2 else _reshape(u)] if gate == "none" else gated_products(u, nd, gate)
     out = []
     for v in vs:
         ec = CallFunction(aten.mm.default, v, _wt("ec_B"))
