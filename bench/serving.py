@@ -133,7 +133,8 @@ def build_engine(args, kind, ec_fraction=0.0):
     cfg = EngineConfig(device=args.device, dtype=model.model.embed_tokens.weight.dtype, max_num_seqs=args.max_num_seqs,
                        max_num_tokens=args.max_num_tokens, max_model_len=args.max_model_len, detokenize=False,
                        compile=args.compile, cuda_graphs=args.compile and dev.type == "cuda", progress=False,
-                       cpu_num_blocks=args.cpu_num_blocks, step_log_size=100000, block_size=args.block_size)
+                       cpu_num_blocks=args.cpu_num_blocks, step_log_size=100000, block_size=args.block_size,
+                       ec_switch=True)  # the EC-aware vs EC-blind comparison and the EC on/off switching
     engine = Engine(model, tokenizer, cfg, model_name=f"{kind}")
     setup_s = time.perf_counter() - t0
     log(f"engine {kind} ec={ec_fraction}: setup {setup_s:.1f}s (warm-up {engine.runner.warmup_s:.1f}s), "

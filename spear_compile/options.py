@@ -11,6 +11,9 @@ variable                   meaning                                 default
                            heuristic defaults are used
 ``SPEAR_TUNE_CACHE``       directory of the tuner's on-disk cache; ``$XDG_CACHE_HOME/spear_compile`` or
                            ``0`` or empty: off                     ``~/.cache/spear_compile``
+``SPEAR_TUNE_COMPILE_THREADS`` threads compiling a tuning's         ``min(16, CPUs)``
+                           candidate kernels before they are timed
+                           (``1``: serially, as each is timed)
 ``SPEAR_GROUP_LINEARS``    ``0``: no grouped launch of sibling     ``1``
                            linears (q|k|v, gate|up)
 ``SPEAR_DECOMPOSE_PREFILL`` ``0``: keep static-M prefill linears   ``1``
@@ -50,14 +53,15 @@ class XPassConfig(NamedTuple):
 
 XPASS_IN_PLACE_DEFAULT = XPassConfig(64, 128, 3, 4, 1)  # best total of bench/xpass_sweep.py (sessions 8, 9)
 
-_VARIABLES = ("SPEAR_AUTOTUNE", "SPEAR_TUNE_CACHE", "SPEAR_GROUP_LINEARS", "SPEAR_DECOMPOSE_PREFILL",
-              "SPEAR_EC_MERGE", "SPEAR_EC_PAD_X", "SPEAR_XPASS_IN_PLACE", "TRITON_INTERPRET", "XDG_CACHE_HOME", "HOME")
+_VARIABLES = ("SPEAR_AUTOTUNE", "SPEAR_TUNE_CACHE", "SPEAR_TUNE_COMPILE_THREADS", "SPEAR_GROUP_LINEARS",
+              "SPEAR_DECOMPOSE_PREFILL", "SPEAR_EC_MERGE", "SPEAR_EC_PAD_X", "SPEAR_XPASS_IN_PLACE", "TRITON_INTERPRET", "XDG_CACHE_HOME", "HOME")
 
 
 @dataclass(frozen=True)
 class Options:
     autotune: bool = True
     tune_cache_dir: Optional[str] = None  # None: the on-disk tuning cache is off
+    tune_compile_threads: int = 1
     group_linears: bool = True
     decompose_prefill: bool = True
     ec_merge: bool = True
@@ -114,6 +118,8 @@ def _parse(values: tuple) -> Options:
     return Options(
         autotune=_switch("SPEAR_AUTOTUNE", env["SPEAR_AUTOTUNE"], True),
         tune_cache_dir=_tune_cache_dir(env["SPEAR_TUNE_CACHE"], env["XDG_CACHE_HOME"]),
+        tune_compile_threads=_count("SPEAR_TUNE_COMPILE_THREADS", env["SPEAR_TUNE_COMPILE_THREADS"], 1)
+        or min(16, os.cpu_count() or 1),
         group_linears=_switch("SPEAR_GROUP_LINEARS", env["SPEAR_GROUP_LINEARS"], True),
         decompose_prefill=_switch("SPEAR_DECOMPOSE_PREFILL", env["SPEAR_DECOMPOSE_PREFILL"], True),
         ec_merge=_switch("SPEAR_EC_MERGE", env["SPEAR_EC_MERGE"], True),

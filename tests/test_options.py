@@ -72,3 +72,14 @@ def test_no_other_module_reads_the_environment():
                 if "os.environ" in text or "getenv(" in text:
                     readers.append(os.path.relpath(os.path.join(dirpath, f), root))
     assert readers == [], readers
+
+
+def test_tune_compile_threads(monkeypatch):
+    monkeypatch.delenv("SPEAR_TUNE_COMPILE_THREADS", raising=False)
+    assert options.current().tune_compile_threads == min(16, os.cpu_count() or 1)
+    monkeypatch.setenv("SPEAR_TUNE_COMPILE_THREADS", "3")
+    assert options.current().tune_compile_threads == 3
+    for bad in ("0", "many"):
+        monkeypatch.setenv("SPEAR_TUNE_COMPILE_THREADS", bad)
+        with pytest.raises(SpearError, match=f"SPEAR_TUNE_COMPILE_THREADS='{bad}': expected an integer >= 1"):
+            options.current()

@@ -20,6 +20,7 @@ from ..errors import SpearError
 from .. import options
 from ..kernels.w4_batched import w4_batched_kernel
 from .prefill import reference_linear
+from .precompile import launcher
 from .runtime import WORKSPACES
 
 MIN_M = 2
@@ -179,7 +180,7 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
                  t.bias if t.bias is not None else dummy, t.ec_A if has_ec else dummy, t.ec_B if has_ec else dummy,
                  t.gate_w if gated else dummy, t.gate_b if gated else dummy]
     pad = lambda v: (list(v) + [v[-1]] * MAX_MEMBERS)[:MAX_MEMBERS - 1]  # noqa: E731
-    w4_batched_kernel[(starts[-1] * m_tiles,)](
+    launcher(w4_batched_kernel, (starts[-1] * m_tiles,))(
         x2, y, ws, uws, cnt, *ptrs,
         *(ns + [ns[-1]] * (MAX_MEMBERS - g)), *pad(starts[:-1] or [starts[-1]]), *pad(cols[:-1] or [cols[-1]]),
         m, k, k // 8, r, group_size, k // group_size, x2.stride(0), y.stride(0), n_total, tiles_total, split,

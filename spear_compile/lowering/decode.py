@@ -15,6 +15,7 @@ from ..kernels.ec_tiles import ec_u_kernel
 from ..kernels.w4_decode import w4_decode_kernel
 from ..kernels.w4_gemv import w4_gemv_kernel
 from .configs import SLOT_TILES, EcMode, Nibbles, block_r, valid_block_k
+from .precompile import launcher
 from .runtime import WORKSPACES
 
 SLOT_SPINS = 1 << 20  # EC "slots": re-reads of stale slot words before a tile is poisoned
@@ -150,7 +151,7 @@ def _launch_u_kernel(d, x2, ec_A, gate_w, gate_b):
     """Modes pdl/2k: ``g(u) ⊙ u`` by ``ec_u_kernel`` into the workspace words the W kernel reads."""
     m, k = x2.shape
     gated = gate_w is not None
-    ec_u_kernel[(d.u_kernel_tiles,)](
+    launcher(ec_u_kernel, (d.u_kernel_tiles,))(
         x2, ec_A, d.u_buf, d.sync, gate_w if gated else x2, gate_b if gated else x2, d.gu, d.phase,
         m, k, d.r, x2.stride(0), d.u_kernel_tiles,
         BLOCK_M=1 if m == 1 else 16, BLOCK_KU=d.block_ku, BLOCK_R=d.block_r, GATED=gated, GDC=d.gdc,
@@ -183,7 +184,7 @@ def run_decode(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w
     dummy = x2  # never read; same dtype as the real operands so every constexpr branch type-checks
     if d.u_kernel_tiles:
         _launch_u_kernel(d, x2, ec_A, gate_w, gate_b)
-    w4_decode_kernel[(n_prog,)](
+    launcher(w4_decode_kernel, (n_prog,))(
         x2, qdata, scale, zero, bias if bias is not None else dummy, y,
         ec_A if ec_A is not None else dummy, ec_B if has_ec else dummy,
         gate_w if gate_w is not None else dummy, gate_b if gate_w is not None else dummy, d.u_buf,
@@ -208,7 +209,7 @@ def _run_gemv(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w,
     dummy = x2  # never read; same dtype as the real operands so every constexpr branch type-checks
     if d.u_kernel_tiles:
         _launch_u_kernel(d, x2, ec_A, gate_w, gate_b)
-    w4_gemv_kernel[(d.num_u_tiles + n_tiles * (split + (d.mode == EcMode.EC_TERM)),)](
+    launcher(w4_gemv_kernel, (d.num_u_tiles + n_tiles * (split + (d.mode == EcMode.EC_TERM)),))(
         x2, qdata.view(torch.int32), scale, zero, bias if bias is not None else dummy, y,
         ec_A if ec_A is not None else dummy, ec_B if has_ec else dummy,
         gate_w if gate_w is not None else dummy, gate_b if gate_w is not None else dummy, d.u_buf,

@@ -22,6 +22,7 @@ from .configs import MAX_DECODE_M, MAX_GROUP, DequantCublasConfig, GroupedConfig
 from .decode import groups_per_block, load_kwargs
 from .dispatch import check_linear, config_for, rows_and_out, runner
 from .prefill import gemv_ok
+from .precompile import launcher
 from .runtime import TUNER, WORKSPACES
 from .tuner import group_key
 
@@ -77,7 +78,7 @@ def _run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y):
         j = min(i, g - 1)  # unused slots repeat the last member (never read)
         ptrs += [qdatas[j].view(torch.int32), scales[j], zeros[j], biases[j] if has_bias else x2]
     pad = lambda v: (list(v) + [v[-1]] * MAX_GROUP)[:MAX_GROUP - 1]  # noqa: E731
-    w4_gemv_grouped_kernel[(starts[-1],)](
+    launcher(w4_gemv_grouped_kernel, (starts[-1],))(
         x2, y, acc, arrive, *ptrs,
         *(ns + [ns[-1]] * (MAX_GROUP - g)), *pad(starts[:-1] or [starts[-1]]), *pad(cols[:-1] or [cols[-1]]),
         m, k, group_size, k // group_size, x2.stride(0), n_total, split,

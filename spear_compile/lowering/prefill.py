@@ -17,6 +17,7 @@ from .candidates import num_sms
 from .configs import (COPY_X_MAX_BLOCK_R, MAX_IN_PLACE_BLOCKS, MAX_IN_PLACE_SPLITS, XPASS_CONFIG, block_r,
                       valid_block_k)
 from .decode import project_u
+from .precompile import launcher
 from .runtime import WORKSPACES
 from .workspace import Fork
 
@@ -43,7 +44,7 @@ def run_prefill(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_
         u = project_u(x2, ec_A)
     r = ec_B.shape[1] if has_ec else 0
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    w4_prefill_kernel[grid](
+    launcher(w4_prefill_kernel, grid)(
         x2, qdata, scale, zero, bias if bias is not None else y, y,
         u.contiguous() if has_ec else y, ec_B if has_ec else y,
         gate_w if gate_w is not None else y, gate_b if gate_w is not None else y,
@@ -67,13 +68,14 @@ def _dequant_block(k, group_size):
     return max(16, 1024 // bw), bw, per_word
 
 
-def _launcher(kernel, traceable):
-    """``kernel``, or ``torch.library.wrap_triton(kernel)`` when ``traceable``: a call traced into an FX graph
-    (``passes.decompose_prefill_linears``) then records the launch itself, which Inductor emits from its wrapper."""
+def _launcher(kernel, traceable, grid):
+    """``launcher(kernel, grid)``, or ``torch.library.wrap_triton(kernel)[grid]`` when ``traceable``: a call traced
+    into an FX graph (``passes.decompose_prefill_linears``) then records the launch itself, which Inductor emits from
+    its wrapper."""
     if not traceable:
-        return kernel
+        return launcher(kernel, grid)
     from torch.library import wrap_triton
-    return wrap_triton(kernel)
+    return wrap_triton(kernel)[grid]
 
 
 def dequantize_w4(qdata, scale, zero, group_size, dtype, *, tail=None, tail_width=0, tail_col0=0, fold=None,
@@ -100,7 +102,7 @@ def dequantize_w4(qdata, scale, zero, group_size, dtype, *, tail=None, tail_widt
             raise SpearError(f"{where}: [W | B] / W + BA / out= need K % 8 == 0 and 4-byte aligned packed rows")
         w = torch.empty(n, k, dtype=dtype, device=qdata.device)
         block_k = min(128, group_size) if group_size < k else 128  # in one group: one (scale, zero) per row
-        w4_dequantize_kernel[(triton.cdiv(n, 32), triton.cdiv(k, block_k))](
+        launcher(w4_dequantize_kernel, (triton.cdiv(n, 32), triton.cdiv(k, block_k)))(
             qdata, scale, zero, w, n, k, group_size, k // group_size, BLOCK_N=32, BLOCK_K=block_k, num_warps=4)
         return w
     w = torch.empty(n, k + tail_width, dtype=dtype, device=qdata.device) if out is None else out
@@ -112,7 +114,7 @@ def dequantize_w4(qdata, scale, zero, group_size, dtype, *, tail=None, tail_widt
     r = extra.shape[1] if extra is not None else 0
     dummy = scale  # never read; the activation dtype, like B and A
     grid = (triton.cdiv(n, bn), triton.cdiv(k // 8, bw) + (1 if has_tail else 0))
-    _launcher(w4_dequant_words_kernel, traceable)[grid](
+    _launcher(w4_dequant_words_kernel, traceable, grid)(
         qdata.view(torch.int32), scale, zero, w, extra if extra is not None else dummy,
         ab[0] if fold is not None else dummy,
         n, k, k // 8, r, tail_width, group_size, k // group_size, w.stride(0), row0, tail_col0,
@@ -164,7 +166,7 @@ def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, co
     dummy = ec_A if ec_A is not None else x2  # never read (not x: x may be a view of ``out``, written here)
     gw, gb = (gate_w, gate_b) if gate_w is not None else (dummy, dummy)
     if not split:
-        _launcher(ec_prologue_kernel, traceable)[(triton.cdiv(m, 16),)](
+        _launcher(ec_prologue_kernel, traceable, (triton.cdiv(m, 16),))(
             dummy if x_in_out else x2, ec_A if ec_A is not None else dummy, u if u is not None else dummy, gw, gb, out,
             m, k, r, width, 0 if x_in_out else x2.stride(0), u.stride(0) if u is not None else 0, out.stride(0), col0,
             BLOCK_M=16, BLOCK_K=min(256, max(16, triton.next_power_of_2(k))), BLOCK_R=br,
@@ -178,13 +180,13 @@ def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, co
             m, k, options.XPASS_IN_PLACE_DEFAULT if x_in_out else XPASS_CONFIG, x2.device)
         if u is None:
             part = torch.empty(n_split, m, br, dtype=torch.float32, device=x2.device)
-        _launcher(ec_xpass_kernel, traceable)[(m_tiles, n_split)](
+        _launcher(ec_xpass_kernel, traceable, (m_tiles, n_split))(
             dummy if x_in_out else x2, ec_A if ec_A is not None else dummy, part if part is not None else out,
             out if copy_x or x_in_out else part, m, k, r, 0 if x_in_out else x2.stride(0), out.stride(0), per * bk,
             BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, COPY_X=copy_x, PROJECT=u is None, X_IN_OUT=x_in_out,
             INTERPRET=options.interpret(), num_warps=warps, num_stages=stages,
         )
-    _launcher(ec_gate_kernel, traceable)[(triton.cdiv(m, 16),)](
+    _launcher(ec_gate_kernel, traceable, (triton.cdiv(m, 16),))(
         part if part is not None else out, u if u is not None else dummy, gw, gb, out,
         m, r, width, part.shape[0] if part is not None else 0, u.stride(0) if u is not None else 0,
         out.stride(0), col0,
@@ -225,12 +227,12 @@ def ec_prologue_in_place(out, k, blocks, traceable=False, xpass=None):
     gw_s = [gw if gw is not None else a for a, gw, _ in blocks] + pad
     gb_s = [gb if gb is not None else a for a, _, gb in blocks] + pad
     r_s = ranks + [0] * (MAX_IN_PLACE_BLOCKS - len(blocks))
-    _launcher(ec_xpass_blocks_kernel, traceable)[(m_tiles, n_split)](
+    _launcher(ec_xpass_blocks_kernel, traceable, (m_tiles, n_split))(
         out, part, *a_s, m, k, *r_s, out.stride(0), per * bk, 0,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, N_BLK=len(blocks), INTERPRET=options.interpret(),
         num_warps=warps, num_stages=stages,
     )
-    _launcher(ec_gate_blocks_kernel, traceable)[(triton.cdiv(m, 16),)](
+    _launcher(ec_gate_blocks_kernel, traceable, (triton.cdiv(m, 16),))(
         part, out, *gw_s, *gb_s, m, k, *r_s, out.stride(0),
         BLOCK_M=16, BLOCK_R=br, N_BLK=len(blocks), N_SPLIT=n_split,
         GATE_MASK=sum(1 << i for i, (_, gw, _) in enumerate(blocks) if gw is not None), num_warps=4,

@@ -13,6 +13,7 @@ import torch
 from .. import options
 from ..errors import SpearError
 from .configs import m_bucket
+from .precompile import precompile
 from .tune_cache import TuneCache
 
 Timings = List[Tuple[str, object]]  # (config name, ms or "failed: ..." / "wrong: ...")
@@ -96,6 +97,7 @@ class Tuner:
         fastest whose output matches the reference; the timings go to ``self.timings[key]``."""
         from triton.testing import do_bench
 
+        precompile(cands, run, options.current().tune_compile_threads)  # every candidate's kernels, in parallel
         ref = reference().float()
         ref_norm = ref.norm().clamp_min(1e-30)
         results: Timings = []

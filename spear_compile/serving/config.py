@@ -53,6 +53,9 @@ class EngineConfig:
     overlap_decode: bool = False            # launch decode step N+1 before reading step N's tokens (overlap.py)
     static_decode_rows: Optional[int] = None  # compile decode batches up to this size per batch size (None: 16 when
     #                                          tensor parallelism's peer-reduction epilogue is on, else 0)
+    ec_switch: Optional[bool] = None        # compile + capture the steps without ECs too, so set_ec_enabled(False)
+    #   can switch them off while serving (None: on for the "slo" policies, whose EC-aware cost model is fitted on
+    #   steps with and without ECs; off otherwise: start-up compiles, tunes and captures half as much)
 
     def __post_init__(self):
         def pos_int(name, lo=1):
@@ -81,6 +84,14 @@ class EngineConfig:
                 raise SpearError(f"EngineConfig: {name}={v!r} must be a positive number of milliseconds or None")
         if self.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise SpearError(f"EngineConfig: dtype={self.dtype} must be bfloat16, float16 or float32")
+        slo = isinstance(self.policy, str) and self.policy.startswith("slo")
+        if self.ec_switch is None:
+            self.ec_switch = slo
+        elif not isinstance(self.ec_switch, bool):
+            raise SpearError(f"EngineConfig: ec_switch={self.ec_switch!r} must be True, False or None")
+        elif slo and not self.ec_switch:
+            raise SpearError(f"EngineConfig: policy={self.policy!r} needs ec_switch=True (its EC-aware step cost model "
+                             "is fitted on steps with and without ECs)")
         if self.decode_buckets is None:
             self.decode_buckets = powers_of_two_up_to(self.max_num_seqs)
         if self.token_buckets is None:

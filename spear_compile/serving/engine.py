@@ -252,9 +252,13 @@ class Engine:
         self.scheduler.policy = self.policy
 
     def set_ec_enabled(self, enabled: bool) -> None:
-        """Serve with or without the ECs from the next step on (each state has its own compiled graphs)."""
+        """Serve with or without the ECs from the next step on (each state has its own compiled graphs: switching
+        them off needs ``EngineConfig(ec_switch=True)``)."""
         if enabled and not self.runner.net.has_ecs:
             raise SpearError("Engine.set_ec_enabled(True): the model has no ECs")
+        if not enabled and self.runner.net.has_ecs and not self.config.ec_switch:
+            raise SpearError("Engine.set_ec_enabled(False): this engine compiled its steps with ECs only; start it "
+                             "with EngineConfig(ec_switch=True) to switch them off while serving")
         self._ec_enabled = bool(enabled)
 
     def load_ecs(self, ec_dir, quant=None) -> None:

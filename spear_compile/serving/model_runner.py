@@ -363,7 +363,10 @@ class ModelRunner:
 
     # ---- start-up -----------------------------------------------------------------------------------------------
     def ec_states(self) -> tuple:
-        return (True, False) if self.net.has_ecs else (False,)
+        """The EC states compiled and captured: with ECs, and without them too when ``config.ec_switch``."""
+        if not self.net.has_ecs:
+            return (False,)
+        return (True, False) if self.config.ec_switch else (True,)
 
     @torch.no_grad()
     def warm_up(self, compile_mixed: bool = True):

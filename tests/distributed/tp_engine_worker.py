@@ -30,7 +30,7 @@ def engine_config(**kw) -> EngineConfig:
     prefill chunks (so a 40-token prompt is chunked alongside running decodes)."""
     base = dict(compile=False, cuda_graphs=True, cuda_graphs_stand_in=True, device="cpu", dtype=torch.float32,
                 max_num_seqs=4, max_num_tokens=64, num_blocks=96, block_size=8, policy="budget-32", progress=False,
-                max_model_len=128)
+                max_model_len=128, ec_switch=True)
     base.update(kw)
     return EngineConfig(**base)
 

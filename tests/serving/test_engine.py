@@ -107,7 +107,9 @@ def test_preemption_by_recompute_same_tokens(ref_tokenizer):
 
 
 def test_ec_switch_while_serving(ref_tokenizer):
-    eng = make_engine(quantized_ref(True), ref_tokenizer, policy="budget-16")
+    with pytest.raises(SpearError, match="ec_switch=True"):   # only the steps with ECs were compiled
+        make_engine(quantized_ref(True), ref_tokenizer, policy="budget-16").set_ec_enabled(False)
+    eng = make_engine(quantized_ref(True), ref_tokenizer, policy="budget-16", ec_switch=True)
     assert eng.ec_enabled
     ids = [eng.add_request(p, greedy()) for p in prompts()[:2]]
     eng.step()

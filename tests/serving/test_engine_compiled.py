@@ -38,7 +38,7 @@ def test_graph_bookkeeping_per_ec_state(ref_tokenizer):
     ref_off = hf_greedy(no_ec)
     assert ref_ec != ref_off
     eng = make_engine(model, ref_tokenizer, cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=4,
-                      max_num_tokens=16, token_buckets=(8, 16), max_model_len=64, policy="budget-8")
+                      max_num_tokens=16, token_buckets=(8, 16), max_model_len=64, policy="budget-8", ec_switch=True)
     runner = eng.runner
     assert runner.table_buckets == (2, 4, 8) and runner.decode_buckets == (1, 2, 4)
     assert set(runner.graphs) == {(ec, b, w) for ec in (True, False) for b in (1, 2, 4) for w in (2, 4, 8)}
@@ -56,6 +56,11 @@ def test_graph_bookkeeping_per_ec_state(ref_tokenizer):
     finally:
         type(next(iter(runner.graphs.values()))).replay = replay
     assert {k[0] for k in used} == {True, False} and len({k[1:] for k in used}) >= 2  # several buckets replayed
+    # without ec_switch (the default outside the SLO policies) only the steps with ECs are captured
+    eng = make_engine(model, ref_tokenizer, cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=4,
+                      max_num_tokens=16, token_buckets=(8, 16), max_model_len=64, policy="budget-8")
+    assert set(eng.runner.graphs) == {(True, b, w) for b in (1, 2, 4) for w in (2, 4, 8)}
+    assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref_ec
     assert eng.blocks.num_free_blocks == eng.blocks.num_usable_blocks
 
 

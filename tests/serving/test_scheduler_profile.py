@@ -27,7 +27,7 @@ def engine():
         for p in layer.mlp.down_proj.ec_parameters():
             torch.nn.init.normal_(p, std=0.02)
     cfg = EngineConfig(device="cpu", dtype=torch.float32, compile=False, cuda_graphs=False, max_num_seqs=4,
-                       max_num_tokens=64, cpu_num_blocks=64, max_model_len=256, progress=False)
+                       max_num_tokens=64, cpu_num_blocks=64, max_model_len=256, progress=False, ec_switch=True)
     return Engine(model, AutoTokenizer.from_pretrained(MODEL), cfg)
 
 

@@ -232,6 +232,9 @@ def profile_engine(engine, extra_samples=(), refresh: bool = False, repeats: int
     runner, model = _runner_of(engine), _model_of(engine)
     if engine.has_unfinished():
         raise SpearError("profile_engine: the engine is serving requests; profile at start-up (idle engine)")
+    if True in runner.ec_states() and False not in runner.ec_states():
+        raise SpearError("profile_engine: the EC-aware and EC-blind cost models need steps without ECs too; start the "
+                         "engine with EngineConfig(ec_switch=True)")
     layout = engine_layout(runner)
     template = template_for(runner)
     grid = default_grid(runner.decode_buckets, runner.token_buckets, runner.max_model_len, max_points,

@@ -1,0 +1,170 @@
+"""Where a decode step's time goes: the engine's captured decode step, bf16 vs W4 (+ ECs), kernel by kernel.
+
+Session 12 measured the bf16 engine at 1.52 ms per batch-1 decode step on an H200 for the Llama-3.2-1B shape,
+about 3x the time its 2.5 GB of weights take to read at the HBM roofline, so the step is not bandwidth-bound, and a
+W4 step cannot be 1.8x faster by reading fewer bytes alone. This bench says what the rest is. For each variant it
+starts an engine with the decode buckets 1 and 16 only, then for each (batch, block-table width):
+* the CUDA-graph replay time of the captured step (CUDA events over ``--replays`` replays);
+* a ``torch.profiler`` trace of the same compiled step run without the graph: every GPU kernel, its count and total
+  time per step, grouped (ours W4 / cuBLAS GEMM / Inductor fused / attention pieces / copies / other);
+* the sum of kernel times vs the replay time (the rest is the gaps between kernels) and the weight-read roofline.
+
+    python3 -m bench.step_profile [--variants bf16,w4+ec+lmhead] [--widths 4,64] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+from bench.throughput import DEV, build, reset_compiler  # noqa: E402
+
+HBM_BYTES_PER_S = 4.8e12  # H200 (bench/README.md: the roofline every bench uses)
+GROUPS = [  # (group, regex on the kernel name), first match wins
+    ("ours W4", r"w4_|ec_u_|ec_prologue|ec_gate|ec_xpass|dequant"),
+    ("GEMM (cuBLAS/CUTLASS)", r"gemm|gemv|cutlass|sm90_|nvjet|cublas|xmma"),
+    ("Inductor fused", r"^triton_"),
+    ("softmax / reduce", r"softmax|reduce"),
+    ("copy / index / fill", r"copy|index|gather|scatter|fill|elementwise|vectorized|cat"),
+]
+
+
+def group_of(name: str) -> str:
+    for g, pat in GROUPS:
+        if re.search(pat, name, re.IGNORECASE):
+            return g
+    return "other"
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen or t.dim() < 2:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def profile_step(runner, use_ec, batch, width, steps=5):
+    """Kernels of ``steps`` runs of the compiled step (no graph): {name: (count per step, µs per step)}."""
+    from torch.profiler import ProfilerActivity, profile
+    flat = torch.tensor(runner.decode_inputs([], batch, width), dtype=torch.int64, device=runner.device)
+    views = runner.split_decode(flat, batch, width)
+    with torch.no_grad():
+        for _ in range(2):
+            runner._decode_call(batch, views, use_ec)
+        torch.cuda.synchronize()
+        acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                runner._decode_call(batch, views, use_ec)
+            torch.cuda.synchronize()
+    kernels = collections.defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels[e.name]
+            k[0] += 1
+            k[1] += e.time_range.end - e.time_range.start   # µs
+    return {n: (c / steps, us / steps) for n, (c, us) in kernels.items()}
+
+
+def replay_us(runner, use_ec, batch, width, replays):
+    g = runner.graphs[(use_ec, batch, width)]
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(replays):
+        g.graph.replay()
+    b.record()
+    b.synchronize()
+    return 1e3 * a.elapsed_time(b) / replays
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="bf16,w4+ec+lmhead")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--widths", default="4,64", help="block-table widths (x16 tokens of context)")
+    ap.add_argument("--replays", type=int, default=200)
+    ap.add_argument("--top", type=int, default=12, help="kernels listed per (variant, batch)")
+    ap.add_argument("--out", default=os.path.join(_HERE, "results"))
+    args = ap.parse_args()
+    from spear_compile.serving import Engine, EngineConfig
+    import triton
+    import transformers
+    env = (f"{torch.cuda.get_device_name()}, {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}, "
+           f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}. Command: "
+           f"`python3 -m bench.step_profile {' '.join(sys.argv[1:])}`")
+    batches = [int(b) for b in args.batches.split(",")]
+    widths = [int(w) for w in args.widths.split(",")]
+    summary, detail, rows = [], [], []
+    for variant in args.variants.split(","):
+        reset_compiler()
+        model, _ = build(variant)
+        wbytes = weight_bytes(model)
+        t0 = time.perf_counter()
+        eng = Engine(model, None, EngineConfig(max_num_seqs=max(batches), max_num_tokens=64, decode_buckets=tuple(batches),
+                                               token_buckets=(64,), max_model_len=1024, policy="budget-64",
+                                               device="cuda", detokenize=False, dtype=torch.bfloat16,
+                                               gpu_memory_utilization=0.3, progress=False), model_name=variant)
+        startup = time.perf_counter() - t0
+        runner = eng.runner
+        use_ec = runner.net.has_ecs
+        for batch in batches:
+            for width in widths:
+                if (use_ec, batch, width) not in runner.graphs:
+                    continue
+                rep = replay_us(runner, use_ec, batch, width, args.replays)
+                kern = profile_step(runner, use_ec, batch, width)
+                by_group = collections.defaultdict(lambda: [0.0, 0.0])
+                for name, (c, us) in kern.items():
+                    gsum = by_group[group_of(name)]
+                    gsum[0] += c
+                    gsum[1] += us
+                ksum = sum(us for _, us in kern.values())
+                kcount = sum(c for c, _ in kern.values())
+                roof = 1e6 * wbytes / HBM_BYTES_PER_S
+                r = dict(variant=variant, batch=batch, width=width, replay_us=round(rep, 1), kernels=round(kcount),
+                         kernel_us=round(ksum, 1), gap_us=round(rep - ksum, 1), weight_mb=round(wbytes / 1e6),
+                         roofline_us=round(roof, 1), startup_s=round(startup, 1),
+                         groups={g: (round(c), round(us, 1)) for g, (c, us) in sorted(by_group.items())})
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+                summary.append(f"| {variant} | {batch} | {width * runner.block_size} | {r['replay_us']} | {r['kernels']} | "
+                               f"{r['kernel_us']} | {r['gap_us']} | {r['roofline_us']} | {rep / roof:.2f}x | " +
+                               "; ".join(f"{g} {c}x {us}" for g, (c, us) in r["groups"].items()) + " |")
+                if width == widths[-1]:
+                    top = sorted(kern.items(), key=lambda kv: -kv[1][1])[:args.top]
+                    detail += [f"### {variant}, batch {batch}, context {width * runner.block_size}", "",
+                               "| kernel | per step | µs per step |", "|---|---|---|"]
+                    detail += [f"| `{n[:90]}` | {c:g} | {us:.1f} |" for n, (c, us) in top] + [""]
+        del eng, model
+    md = ["# A decode step, kernel by kernel (Llama-3.2-1B shape, engine decode graphs)", "", env, "",
+          "replay: the captured step (CUDA events); kernels: the same compiled step without the graph, under "
+          "torch.profiler (GPU time of each kernel); gap = replay - sum of kernel times; roofline = the weights' "
+          f"bytes at {HBM_BYTES_PER_S / 1e12:.1f} TB/s.", "",
+          "| variant | batch | context | replay µs | kernels | kernel µs | gap µs | roofline µs | replay / roofline | "
+          "by group (count x µs) |", "|---|---|---|---|---|---|---|---|---|---|"] + summary + ["", "## Top kernels", ""] + detail
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "step_profile.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(os.path.join(args.out, "step_profile.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    DEV.update(device="cuda", tiny=False, dtype=torch.bfloat16)
+    main()

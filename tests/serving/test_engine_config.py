@@ -1,0 +1,30 @@
+"""``EngineConfig`` refuses bad values with a message naming the field, before any model is touched."""
+import pytest
+import torch
+
+from spear_compile import SpearError
+from spear_compile.serving import EngineConfig
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(max_num_seqs=0), "max_num_seqs=0 must be an integer >= 1"),
+    (dict(max_num_seqs=True), "max_num_seqs=True"),
+    (dict(num_blocks=1), "num_blocks=1 must be an integer >= 2"),
+    (dict(max_num_seqs=64, max_num_tokens=32), "max_num_tokens=32 must be >= max_num_seqs=64"),
+    (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization=1.5"),
+    (dict(ttft_slo_ms=-1), "ttft_slo_ms=-1"),
+    (dict(dtype=torch.int8), "dtype=torch.int8"),
+    (dict(decode_buckets=(1, 2)), "decode_buckets=\\(1, 2\\) must end at max_num_seqs=64"),
+    (dict(ec_switch="yes"), "ec_switch='yes' must be True, False or None"),
+    (dict(policy="slo", ec_switch=False), "policy='slo' needs ec_switch=True"),
+])
+def test_bad_values_name_the_field(kw, match):
+    with pytest.raises(SpearError, match=match):
+        EngineConfig(**kw)
+
+
+def test_ec_switch_defaults_follow_the_policy():
+    assert EngineConfig().ec_switch is False              # ECs on only: half the start-up work
+    assert EngineConfig(policy="slo").ec_switch is True    # the EC-aware cost model profiles both states
+    assert EngineConfig(policy="slo-ec-blind").ec_switch is True
+    assert EngineConfig(ec_switch=True).ec_switch is True
