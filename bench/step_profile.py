@@ -9,7 +9,9 @@ starts an engine with the decode buckets 1 and 16 only, then for each (batch, bl
   time per step, grouped (ours W4 / cuBLAS GEMM / Inductor fused / attention pieces / copies / other);
 * the sum of kernel times vs the replay time (the rest is the gaps between kernels) and the weight-read roofline.
 
-    python3 -m bench.step_profile [--variants bf16,w4+ec+lmhead] [--widths 4,64] [--out DIR]
+    python3 -m bench.step_profile [--variants bf16,w4+ec+lmhead,w4+ec+lmhead+tattn] [--widths 4,64] [--out DIR]
+
+A ``+tattn`` suffix runs the variant with the paged Triton decode attention (``decode_attention="triton"``).
 """
 from __future__ import annotations
 
@@ -26,11 +28,12 @@ import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-from bench.throughput import DEV, build, reset_compiler  # noqa: E402
+from bench.throughput import DEV, build, reset_compiler, sync  # noqa: E402
 
 HBM_BYTES_PER_S = 4.8e12  # H200 (bench/README.md: the roofline every bench uses)
 GROUPS = [  # (group, regex on the kernel name), first match wins
     ("ours W4", r"w4_|ec_u_|ec_prologue|ec_gate|ec_xpass|dequant"),
+    ("ours attention", r"paged_decode_attention"),
     ("GEMM (cuBLAS/CUTLASS)", r"gemm|gemv|cutlass|sm90_|nvjet|cublas|xmma"),
     ("Inductor fused", r"^triton_"),
     ("softmax / reduce", r"softmax|reduce"),
@@ -60,18 +63,20 @@ def profile_step(runner, use_ec, batch, width, steps=5):
     from torch.profiler import ProfilerActivity, profile
     flat = torch.tensor(runner.decode_inputs([], batch, width), dtype=torch.int64, device=runner.device)
     views = runner.split_decode(flat, batch, width)
+    cuda = runner.device.type == "cuda"
     with torch.no_grad():
         for _ in range(2):
             runner._decode_call(batch, views, use_ec)
-        torch.cuda.synchronize()
-        acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        sync()
+        acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
         with profile(activities=acts) as prof:
             for _ in range(steps):
                 runner._decode_call(batch, views, use_ec)
-            torch.cuda.synchronize()
+            sync()
     kernels = collections.defaultdict(lambda: [0, 0.0])
+    want = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU  # CPU: the smoke run's ops
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
+        if e.device_type == want:
             k = kernels[e.name]
             k[0] += 1
             k[1] += e.time_range.end - e.time_range.start   # µs
@@ -82,7 +87,12 @@ def replay_us(runner, use_ec, batch, width, replays):
     g = runner.graphs[(use_ec, batch, width)]
     for _ in range(3):
         g.replay()
-    torch.cuda.synchronize()
+    sync()
+    if runner.device.type != "cuda":  # the CPU smoke run's stand-in graphs
+        t0 = time.perf_counter()
+        for _ in range(replays):
+            g.replay()
+        return 1e6 * (time.perf_counter() - t0) / replays
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
     for _ in range(replays):
@@ -94,17 +104,21 @@ def replay_us(runner, use_ec, batch, width, replays):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", default="bf16,w4+ec+lmhead")
+    ap.add_argument("--variants", default="bf16,w4+ec+lmhead,w4+ec+lmhead+tattn")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--widths", default="4,64", help="block-table widths (x16 tokens of context)")
     ap.add_argument("--replays", type=int, default=200)
     ap.add_argument("--top", type=int, default=12, help="kernels listed per (variant, batch)")
     ap.add_argument("--out", default=os.path.join(_HERE, "results"))
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run of this script: a 2-layer model, CPU ops")
     args = ap.parse_args()
+    if args.tiny:
+        DEV.update(device="cpu", tiny=True, dtype=torch.float32)
     from spear_compile.serving import Engine, EngineConfig
     import triton
     import transformers
-    env = (f"{torch.cuda.get_device_name()}, {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}, "
+    device = DEV["device"]
+    env = (f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (tiny smoke)'}, {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}, "
            f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}. Command: "
            f"`python3 -m bench.step_profile {' '.join(sys.argv[1:])}`")
     batches = [int(b) for b in args.batches.split(",")]
@@ -112,13 +126,17 @@ def main():
     summary, detail, rows = [], [], []
     for variant in args.variants.split(","):
         reset_compiler()
-        model, _ = build(variant)
+        base, tattn = (variant[:-len("+tattn")], True) if variant.endswith("+tattn") else (variant, False)
+        model, _ = build(base)
         wbytes = weight_bytes(model)
         t0 = time.perf_counter()
         eng = Engine(model, None, EngineConfig(max_num_seqs=max(batches), max_num_tokens=64, decode_buckets=tuple(batches),
                                                token_buckets=(64,), max_model_len=1024, policy="budget-64",
-                                               device="cuda", detokenize=False, dtype=torch.bfloat16,
-                                               gpu_memory_utilization=0.3, progress=False), model_name=variant)
+                                               device=device, detokenize=False, dtype=DEV["dtype"],
+                                               gpu_memory_utilization=0.3, progress=False, compile=not args.tiny,
+                                               cuda_graphs_stand_in=args.tiny,
+                                               decode_attention="triton" if tattn else "torch",
+                                               num_blocks=None if device == "cuda" else 256), model_name=variant)
         startup = time.perf_counter() - t0
         runner = eng.runner
         use_ec = runner.net.has_ecs

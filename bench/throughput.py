@@ -89,7 +89,7 @@ VARIANTS = ("bf16", "w4", "w4+ec", "w4+ec+lmhead", "w4+lmhead")
 def build(variant: str, seed=0):
     """``bf16``, ``w4`` (per-channel RTN), ``w4+ec`` (+ gated r=32 ECs on 10% of the linears); ``+lmhead``: the LM
     head quantized too (as gpt-fast / torchao do, and as the project's 1.86x hand loop ran: decode_e2e.md)."""
-    if variant not in VARIANTS:   # (a "+overlap" suffix is run_engine's)
+    if variant not in VARIANTS:   # (the "+overlap" and "+tattn" suffixes are run_engine's)
         raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
     model = llama1b(seed)
     ecs = []
@@ -167,15 +167,16 @@ def part_check(args):
 def run_engine(variant, args, reqs):
     from spear_compile.serving import Engine, EngineConfig, SamplingParams
     reset_compiler()
-    overlap = variant.endswith("+overlap")   # the whole run with overlapped steps (EngineConfig.overlap_decode)
-    model, ecs = build(variant[:-len("+overlap")] if overlap else variant)
+    base, tattn = (variant[:-len("+tattn")], True) if variant.endswith("+tattn") else (variant, False)
+    overlap = base.endswith("+overlap")   # the whole run with overlapped steps (EngineConfig.overlap_decode)
+    model, ecs = build(base[:-len("+overlap")] if overlap else base)
     sizes = dict(max_num_seqs=args.max_num_seqs, max_num_tokens=args.max_num_tokens)
     if args.decode_only:  # batch-1 / batch-16 decode rates only: two decode buckets, one token bucket
         sizes = dict(max_num_seqs=16, max_num_tokens=64, decode_buckets=(1, 16), token_buckets=(64,))
     cfg = EngineConfig(**sizes, max_model_len=1024, policy=f"budget-{sizes['max_num_tokens']}", device=DEV["device"],
                        detokenize=False, dtype=DEV["dtype"], compile=not DEV["tiny"],
                        num_blocks=None if DEV["device"] == "cuda" else 2048, gpu_memory_utilization=0.3,
-                       overlap_decode=overlap)
+                       overlap_decode=overlap, decode_attention="triton" if tattn else "torch")
     t0 = time.perf_counter()
     eng = Engine(model, None, cfg, model_name=f"llama1b-{variant}")
     startup = time.perf_counter() - t0
@@ -449,7 +450,8 @@ def main():
     ap.add_argument("--parts", default="check,hfcheck,engine,hf,hfgen")
     ap.add_argument("--variants", default="bf16,w4+ec,w4,w4+ec+lmhead",
                     help=f"engine variants, in order (a variant starting past --deadline is skipped): {', '.join(VARIANTS)}; "
-                         "+overlap: the 256 requests with overlapped steps")
+                         "+overlap: the 256 requests with overlapped steps; +tattn (last): the paged Triton decode "
+                         "attention (EngineConfig.decode_attention='triton')")
     ap.add_argument("--hfgen-variants", default="bf16,w4,w4+ec")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)

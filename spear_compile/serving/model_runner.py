@@ -134,7 +134,7 @@ class ModelRunner:
         self.table_buckets = pow2_buckets(MIN_DIM, max(MIN_DIM, self.max_blocks_per_seq))
         self.decode_buckets = config.decode_buckets
         self.token_buckets = tuple(b for b in config.token_buckets)
-        self.net = PagedLlama(model, num_blocks, config.block_size, self.max_model_len)
+        self.net = PagedLlama(model, num_blocks, config.block_size, self.max_model_len, config.decode_attention)
         self.vocab_size = self.net.lm_head.weight.shape[0] if hasattr(self.net.lm_head, "weight") else cfg.vocab_size
         self.use_cuda_graphs = config.cuda_graphs and (device.type == "cuda" or config.cuda_graphs_stand_in)
         self._decode_fn = self.net.decode_forward

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..ec.module import CompensatedLinear
 from ..errors import SpearError
+from ..lowering.attention import paged_decode_attention, reference_paged_decode_attention
 
 
 def has_ec(mod: nn.Module) -> bool:
@@ -42,8 +43,10 @@ def check_llama_like(model: nn.Module) -> None:
 class PagedLlama(nn.Module):
     """A paged-KV forward over an HF Llama-family model's modules (shared, not copied)."""
 
-    def __init__(self, hf_model: nn.Module, num_blocks: int, block_size: int, max_model_len: int):
+    def __init__(self, hf_model: nn.Module, num_blocks: int, block_size: int, max_model_len: int,
+                 decode_attention: str = "torch"):
         super().__init__()
+        self.decode_attention = decode_attention  # "torch" (gather + matmuls + softmax) | "triton" (one paged kernel)
         check_llama_like(hf_model)
         cfg = hf_model.config
         base = hf_model.model
@@ -91,15 +94,10 @@ class PagedLlama(nn.Module):
 
     def _decode_attention(self, q, kc, vc, tables, ctx_lens):
         """q [B, H, D], one query per sequence at its last position; ctx_lens [B] tokens in its cache."""
-        b = q.shape[0]
-        k = self._gather(kc, tables)                          # [B, Hkv, S, D]
-        v = self._gather(vc, tables)
-        qg = q.view(b, self.num_kv_heads, self.group, self.head_dim)
-        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * self.scale   # [B, Hkv, G, S]
-        keep = torch.arange(k.shape[2], device=q.device)[None, :] < ctx_lens[:, None]
-        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        return torch.matmul(probs, v).reshape(b, self.num_heads, self.head_dim)
+        if self.decode_attention == "triton":
+            return paged_decode_attention(q, kc, vc, tables, ctx_lens, self.scale)
+        return reference_paged_decode_attention(q, kc, vc, tables, ctx_lens, self.scale, self.num_kv_heads,
+                                                self.block_size)
 
     def _prefill_attention(self, q_ext, kc, vc, tables, q_index, q_pos):
         """Prefill chunks: q_ext [T + 1, H, D] (row T is a zero pad row); tables [P, L]; q_index [P, Q] rows of

@@ -78,6 +78,17 @@ def test_greedy_equals_hf_generate_chunked(ecs, ref_tokenizer):
     assert eng.stats().recompiles == 0
 
 
+def test_triton_decode_attention_same_tokens(ref_tokenizer, monkeypatch):
+    """``decode_attention="triton"``: the paged decode-attention kernel (Triton interpreter on CPU) for every decode
+    row, chunked prefills beside them, 4-token blocks: the greedy tokens still equal HF eager ``generate``."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    eng = make_engine(quantized_ref(True), ref_tokenizer, policy="budget-16", block_size=4, max_num_tokens=32,
+                      decode_attention="triton")
+    assert eng.runner.net.decode_attention == "triton"
+    assert [o.output_token_ids for o in eng.generate(prompts(), greedy())] == hf_greedy(True)
+    assert eng.blocks.num_free_blocks == eng.blocks.num_usable_blocks
+
+
 def test_whole_prompt_policy_same_tokens(ref_tokenizer):
     eng = make_engine(quantized_ref(), ref_tokenizer, policy="fifo", max_num_tokens=64)
     chunks = []

@@ -79,6 +79,19 @@ def test_compiled_engine_no_recompiles(ref_tokenizer, fresh_compile):
 
 
 
+def test_compiled_engine_triton_decode_attention(ref_tokenizer, fresh_compile, monkeypatch):
+    """The paged decode-attention op inside the compiled graphs (one custom op per layer; the Triton interpreter runs
+    it on CPU): tokens equal HF eager ``generate``, nothing compiles after start-up."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = toy_model()
+    ref = hf_greedy(copy.deepcopy(model))
+    eng = make_engine(model, ref_tokenizer, compile=True, cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=2,
+                      max_num_tokens=16, token_buckets=(16,), max_model_len=64, policy="budget-16",
+                      decode_attention="triton")
+    assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref
+    assert eng.stats().recompiles == 0
+
+
 def test_static_decode_rows_compile_per_batch_size(ref_tokenizer, fresh_compile):
     """``static_decode_rows=2`` (what tensor parallelism's peer-reduction epilogue sets to 16): decode batches 1 and 2
     compile one graph each under their own entry point, batch 4 the dynamic graph; tokens still equal HF eager

@@ -17,6 +17,7 @@ from spear_compile.serving import EngineConfig
     (dict(decode_buckets=(1, 2)), "decode_buckets=\\(1, 2\\) must end at max_num_seqs=64"),
     (dict(ec_switch="yes"), "ec_switch='yes' must be True, False or None"),
     (dict(policy="slo", ec_switch=False), "policy='slo' needs ec_switch=True"),
+    (dict(decode_attention="flash"), "decode_attention='flash' must be 'torch' or 'triton'"),
 ])
 def test_bad_values_name_the_field(kw, match):
     with pytest.raises(SpearError, match=match):

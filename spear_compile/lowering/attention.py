@@ -1,0 +1,81 @@
+"""``spear::paged_decode_attention``: decode attention over the engine's paged KV cache as one op (the kernel in
+``kernels/paged_decode_attention.py`` on CUDA bf16/fp16 or under the Triton interpreter; the same math in torch
+ops elsewhere). A custom op, so torch.compile keeps it as one launch in the decode graph."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from .. import options
+from ..errors import SpearError
+from ..kernels.paged_decode_attention import paged_decode_attention_kernel
+from .precompile import launcher
+
+
+def reference_paged_decode_attention(q, k_cache, v_cache, tables, ctx_lens, scale: float,
+                                     kv_heads: Optional[int] = None, block_size: Optional[int] = None) -> torch.Tensor:
+    """q ``[B, H, D]``, one query per sequence at its last position; caches ``[blocks, block_size, kv_heads, D]``;
+    tables ``[B, W]`` block ids; ctx_lens ``[B]`` tokens in the cache. Returns ``[B, H, D]``. Under torch.compile
+    pass ``kv_heads`` and ``block_size`` as ints: the cache buffers' sizes may be symbolic there, and a symbolic
+    head size would reach the linears after attention."""
+    b, h, d = q.shape
+    kv_heads = kv_heads or k_cache.shape[2]
+    block_size = block_size or k_cache.shape[1]
+    group = h // kv_heads
+    span = tables.shape[1] * block_size
+    k = k_cache[tables].reshape(b, span, kv_heads, d).transpose(1, 2)     # [B, Hkv, S, D]
+    v = v_cache[tables].reshape(b, span, kv_heads, d).transpose(1, 2)
+    qg = q.view(b, kv_heads, group, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale        # [B, Hkv, G, S]
+    keep = torch.arange(k.shape[2], device=q.device)[None, :] < ctx_lens[:, None]
+    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(b, h, d)
+
+
+def kernel_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """The Triton kernel's case: CUDA bf16/fp16 (or the interpreter), a power-of-two head dim, unit inner strides."""
+    d = q.shape[-1]
+    on_device = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    return ((on_device or options.interpret()) and d >= 16 and d & (d - 1) == 0 and q.stride(-1) == 1
+            and k_cache.is_contiguous())
+
+
+def check_inputs(q, k_cache, v_cache, tables, ctx_lens) -> None:
+    where = "spear_compile.lowering.attention.paged_decode_attention"
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise SpearError(f"{where}: q must be [B, H, D] and the caches [blocks, block_size, kv_heads, D] of one shape; "
+                         f"got q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+    b, h, d = q.shape
+    if k_cache.shape[-1] != d or h % k_cache.shape[2]:
+        raise SpearError(f"{where}: q {tuple(q.shape)} does not fit caches of {k_cache.shape[2]} KV heads x {k_cache.shape[-1]}")
+    if tables.dim() != 2 or tables.shape[0] != b or ctx_lens.shape != (b,):
+        raise SpearError(f"{where}: tables must be [B={b}, W] and ctx_lens [B={b}]; got {tuple(tables.shape)}, "
+                         f"{tuple(ctx_lens.shape)}")
+
+
+@torch.library.custom_op("spear::paged_decode_attention", mutates_args=())
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                           ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    check_inputs(q, k_cache, v_cache, tables, ctx_lens)
+    if not kernel_ok(q, k_cache):
+        return reference_paged_decode_attention(q, k_cache, v_cache, tables, ctx_lens, scale)
+    b, h, d = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    group = h // kv_heads
+    out = torch.empty_like(q)
+    launcher(paged_decode_attention_kernel, (b, kv_heads))(
+        q, k_cache, v_cache, tables, ctx_lens, out,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0),
+        out.stride(0), out.stride(1), scale,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_SIZE=block_size,
+        BLOCK_N=64 if d <= 64 else 32, INTERPRET=options.interpret(), num_warps=4,
+    )
+    return out
+
+
+@paged_decode_attention.register_fake
+def _(q, k_cache, v_cache, tables, ctx_lens, scale):
+    return torch.empty_like(q)
