@@ -77,3 +77,19 @@ def test_bad_shapes_are_refused():
         paged_decode_attention(q, kc, vc, tables[:1], ctx, scale)
     with pytest.raises(SpearError, match="does not fit caches"):
         paged_decode_attention(q[:, :7], kc, vc, tables, ctx, scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h,kvh,d", [(32, 8, 64), (40, 40, 128), (64, 8, 128)])   # Llama-3.2-1B, -2-13B, -2-70B
+def test_kernel_on_gpu_bf16(h, kvh, d):
+    """The compiled kernel in bf16 on the GPU vs float64, and vs the engine's torch path in bf16."""
+    q, kc, vc, tables, ctx, scale = case(7, 5, h, kvh, d, 16, 2 + 5 * 70, 70, dtype=torch.bfloat16)
+    kc[0] = 0.0
+    vc[0] = 0.0
+    want = float64_attention(q, kc, vc, tables, ctx, scale)
+    dev = [t.cuda() for t in (q, kc, vc, tables, ctx)]
+    got = paged_decode_attention(*dev, scale).cpu()
+    torch_path = reference_paged_decode_attention(*dev, scale).cpu()
+    err = (got.double() - want).abs().max().item()
+    err_torch = (torch_path.double() - want).abs().max().item()
+    assert err <= max(2 * err_torch, 2e-2), (err, err_torch)
