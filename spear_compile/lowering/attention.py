@@ -1,6 +1,8 @@
-"""``spear::paged_decode_attention``: decode attention over the engine's paged KV cache as one op (the kernel in
-``kernels/paged_decode_attention.py`` on CUDA bf16/fp16 or under the Triton interpreter; the same math in torch
-ops elsewhere). A custom op, so torch.compile keeps it as one launch in the decode graph."""
+"""Decode attention over the engine's paged KV cache as custom ops, so torch.compile keeps each as one launch:
+``spear::paged_decode_attention`` (over a cache already holding the new token) and
+``spear::paged_decode_rope_attention`` (RoPE, the cache writes and the attention of a decode-only step). The kernels
+(``kernels/paged_decode_attention.py``) run on CUDA bf16/fp16 or under the Triton interpreter; elsewhere the same
+math in torch ops, which is also the engine's default decode attention."""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,7 +12,7 @@ import triton
 
 from .. import options
 from ..errors import SpearError
-from ..kernels.paged_decode_attention import paged_decode_attention_kernel
+from ..kernels.paged_decode_attention import paged_decode_attention_kernel, paged_decode_rope_attention_kernel
 from .precompile import launcher
 
 
@@ -78,4 +80,56 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 @paged_decode_attention.register_fake
 def _(q, k_cache, v_cache, tables, ctx_lens, scale):
+    return torch.empty_like(q)
+
+
+def rope(x, cos, sin):
+    """HF's rotate-half RoPE: x ``[T, H, D]``, cos/sin ``[T, D]`` (the op order of ``apply_rotary_pos_emb``)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rot * sin[:, None]
+
+
+def reference_paged_decode_rope_attention(q, k, v, k_cache, v_cache, cos, sin, slot_block, slot_off, tables, ctx_lens,
+                                          scale: float, kv_heads: Optional[int] = None,
+                                          block_size: Optional[int] = None) -> torch.Tensor:
+    """RoPE on ``q [B, H, D]`` and ``k [B, kv_heads, D]``, ``k`` and ``v`` written to the caches at
+    ``(slot_block, slot_off)``, then ``reference_paged_decode_attention`` (ctx_lens include the new token)."""
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    k_cache.index_put_((slot_block, slot_off), k)
+    v_cache.index_put_((slot_block, slot_off), v)
+    return reference_paged_decode_attention(q, k_cache, v_cache, tables, ctx_lens, scale, kv_heads, block_size)
+
+
+@torch.library.custom_op("spear::paged_decode_rope_attention", mutates_args=("k_cache", "v_cache"))
+def paged_decode_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                                v_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_block: torch.Tensor,
+                                slot_off: torch.Tensor, tables: torch.Tensor, ctx_lens: torch.Tensor,
+                                scale: float) -> torch.Tensor:
+    check_inputs(q, k_cache, v_cache, tables, ctx_lens)
+    b, h, d = q.shape
+    kv_heads = k_cache.shape[2]
+    if k.shape != (b, kv_heads, d) or v.shape != k.shape or cos.shape != (b, d) or sin.shape != (b, d):
+        raise SpearError(f"spear_compile.lowering.attention.paged_decode_rope_attention: k and v must be "
+                         f"[{b}, {kv_heads}, {d}] and cos/sin [{b}, {d}]; got k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"cos {tuple(cos.shape)}")
+    half = d // 2
+    if not (kernel_ok(q, k_cache) and half >= 16 and k.stride(-1) == 1 and v.stride(-1) == 1 and cos.is_contiguous()
+            and sin.is_contiguous()):
+        return reference_paged_decode_rope_attention(q, k, v, k_cache, v_cache, cos, sin, slot_block, slot_off, tables,
+                                                     ctx_lens, scale)
+    group = h // kv_heads
+    out = torch.empty_like(q)
+    launcher(paged_decode_rope_attention_kernel, (b, kv_heads))(
+        q, k, v, k_cache, v_cache, cos, sin, slot_block, slot_off, tables, ctx_lens, out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0), out.stride(0), out.stride(1), scale,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_N=64 if d <= 64 else 32, INTERPRET=options.interpret(), num_warps=4,
+    )
+    return out
+
+
+@paged_decode_rope_attention.register_fake
+def _(q, k, v, k_cache, v_cache, cos, sin, slot_block, slot_off, tables, ctx_lens, scale):
     return torch.empty_like(q)

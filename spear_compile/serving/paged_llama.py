@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from ..ec.module import CompensatedLinear
 from ..errors import SpearError
-from ..lowering.attention import paged_decode_attention, reference_paged_decode_attention
+from ..lowering.attention import (paged_decode_attention, paged_decode_rope_attention,
+                                 reference_paged_decode_attention, rope)
 
 
 def has_ec(mod: nn.Module) -> bool:
@@ -83,10 +84,13 @@ class PagedLlama(nn.Module):
             return mod(x)
         return base_linear(mod, x)
 
-    def _rope(self, x, cos, sin):  # x [T, H, D]; cos/sin [T, D]  (HF apply_rotary_pos_emb, same op order)
-        half = x.shape[-1] // 2
-        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos[:, None] + rot * sin[:, None]
+    def _rope_and_write(self, i, q, k, v, cos, sin, slot_block, slot_off):
+        """RoPE on q and k, k and v into layer ``i``'s cache at their slots; returns (q, k cache, v cache)."""
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        kc, vc = self.k_caches[i], self.v_caches[i]
+        kc.index_put_((slot_block, slot_off), k)
+        vc.index_put_((slot_block, slot_off), v)
+        return q, kc, vc
 
     def _gather(self, cache, tables):  # [N, L] block ids -> [N, kv_heads, L * block_size, head_dim]
         n, nb = tables.shape
@@ -112,7 +116,8 @@ class PagedLlama(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], scale=self.scale)
         return out.transpose(1, 2)
 
-    def _layers(self, input_ids, positions, slot_block, slot_off, attention, use_ec: bool):
+    def _layers(self, input_ids, positions, attention, use_ec: bool):
+        """The decoder layers; ``attention(i, q, k, v, cos, sin)`` (pre-RoPE q/k) writes layer i's cache and attends."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         t = x.shape[0]
@@ -122,11 +127,7 @@ class PagedLlama(nn.Module):
             q = self._linear(attn.q_proj, h, use_ec).view(t, self.num_heads, self.head_dim)
             k = self._linear(attn.k_proj, h, use_ec).view(t, self.num_kv_heads, self.head_dim)
             v = self._linear(attn.v_proj, h, use_ec).view(t, self.num_kv_heads, self.head_dim)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            kc, vc = self.k_caches[i], self.v_caches[i]
-            kc.index_put_((slot_block, slot_off), k)
-            vc.index_put_((slot_block, slot_off), v)
-            o = attention(q, kc, vc)
+            o = attention(i, q, k, v, cos, sin)
             x = x + self._linear(attn.o_proj, o.reshape(t, self.num_heads * self.head_dim), use_ec)
             h = layer.post_attention_layernorm(x)
             g = mlp.act_fn(self._linear(mlp.gate_proj, h, use_ec)) * self._linear(mlp.up_proj, h, use_ec)
@@ -139,9 +140,14 @@ class PagedLlama(nn.Module):
     # ---- entry points -------------------------------------------------------------------------------------------
     def decode_forward(self, input_ids, positions, slot_block, slot_off, tables, ctx_lens, use_ec: bool = True):
         """Decode-only step: B sequences, one token each. Returns logits [B, vocab]."""
-        x = self._layers(input_ids, positions, slot_block, slot_off,
-                         lambda q, kc, vc: self._decode_attention(q, kc, vc, tables, ctx_lens), use_ec)
-        return self._logits(x)
+        def attention(i, q, k, v, cos, sin):
+            if self.decode_attention == "triton":   # RoPE, the cache writes and the attention: one launch
+                return paged_decode_rope_attention(q, k, v, self.k_caches[i], self.v_caches[i], cos, sin, slot_block,
+                                                   slot_off, tables, ctx_lens, self.scale)
+            q, kc, vc = self._rope_and_write(i, q, k, v, cos, sin, slot_block, slot_off)
+            return self._decode_attention(q, kc, vc, tables, ctx_lens)
+
+        return self._logits(self._layers(input_ids, positions, attention, use_ec))
 
     def decode_forward_static_rows(self, input_ids, positions, slot_block, slot_off, tables, ctx_lens, use_ec: bool = True):
         """``decode_forward`` under its own code object, so that it compiles apart: called with the batch dimension
@@ -155,7 +161,8 @@ class PagedLlama(nn.Module):
         Returns logits [S, vocab] of the rows ``logits_index``."""
         num_decodes = d_tables.shape[0]
 
-        def attention(q, kc, vc):
+        def attention(i, q, k, v, cos, sin):
+            q, kc, vc = self._rope_and_write(i, q, k, v, cos, sin, slot_block, slot_off)
             t = q.shape[0]
             q_ext = torch.cat([q, q.new_zeros(1, self.num_heads, self.head_dim)])
             out = q.new_zeros(t + 1, self.num_heads, self.head_dim)
@@ -164,5 +171,5 @@ class PagedLlama(nn.Module):
             out.index_put_((p_q_index.reshape(-1),), pre.reshape(-1, self.num_heads, self.head_dim))
             return out[:t]
 
-        x = self._layers(input_ids, positions, slot_block, slot_off, attention, use_ec)
+        x = self._layers(input_ids, positions, attention, use_ec)
         return self._logits(x[logits_index])

@@ -93,3 +93,65 @@ def test_kernel_on_gpu_bf16(h, kvh, d):
     err = (got.double() - want).abs().max().item()
     err_torch = (torch_path.double() - want).abs().max().item()
     assert err <= max(2 * err_torch, 2e-2), (err, err_torch)
+
+
+def rope_case(seed, b, h, kvh, d, bs, width, dtype=torch.float32):
+    q, kc, vc, tables, ctx, scale = case(seed, b, h, kvh, d, bs, 2 + b * width, width, dtype)
+    g = torch.Generator().manual_seed(seed + 100)
+    k_new = torch.randn(b, kvh, d, generator=g).to(dtype)
+    v_new = torch.randn(b, kvh, d, generator=g).to(dtype)
+    pos = ctx - 1                                             # the new token's position
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).double() / d))
+    ang = pos.double()[:, None] * inv[None, :]
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(dtype)
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(dtype)
+    slot_block = tables.gather(1, (pos // bs)[:, None])[:, 0]
+    slot_off = pos % bs
+    return q, k_new, v_new, kc, vc, cos, sin, slot_block, slot_off, tables, ctx, scale
+
+
+@pytest.mark.parametrize("seed,b,h,kvh,d,bs,width", [(10, 3, 8, 2, 32, 16, 6), (11, 4, 12, 3, 64, 8, 9),
+                                                     (12, 2, 4, 4, 32, 4, 30)])
+def test_rope_kernel_matches_write_then_attend(monkeypatch, seed, b, h, kvh, d, bs, width):
+    """The one-launch decode step (RoPE, cache writes, attention with the new token from registers) vs the torch
+    path run on copies of the caches: the same caches after, the same output (float64 reference of the attention)."""
+    from spear_compile.lowering.attention import paged_decode_rope_attention, reference_paged_decode_rope_attention, rope
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v, kc, vc, cos, sin, sb, so, tables, ctx, scale = rope_case(seed, b, h, kvh, d, bs, width)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    kc_ref[0] = 0.0
+    vc_ref[0] = 0.0
+    want_out = reference_paged_decode_rope_attention(q, k, v, kc_ref, vc_ref, cos, sin, sb, so, tables, ctx, scale)
+    want64 = float64_attention(rope(q.double(), cos.double(), sin.double()), kc_ref, vc_ref, tables, ctx, scale)
+    got = paged_decode_rope_attention(q, k, v, kc, vc, cos, sin, sb, so, tables, ctx, scale)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want64, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, want_out, rtol=1e-4, atol=1e-4)
+    for i in range(b):   # the new token's key (after RoPE) and value are in the cache
+        torch.testing.assert_close(kc[sb[i], so[i]], kc_ref[sb[i], so[i]], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(vc[sb[i], so[i]], vc_ref[sb[i], so[i]])
+    untouched = torch.ones(kc.shape[:2], dtype=torch.bool)
+    untouched[0] = False
+    untouched[sb, so] = False
+    assert torch.equal(kc[untouched], kc_ref[untouched]) and torch.equal(vc[untouched], vc_ref[untouched])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h,kvh,d", [(32, 8, 64), (40, 40, 128)])
+def test_rope_kernel_on_gpu_bf16(h, kvh, d):
+    """The one-launch decode step compiled for the GPU in bf16 vs the torch path on copies of the caches."""
+    from spear_compile.lowering.attention import paged_decode_rope_attention, reference_paged_decode_rope_attention, rope
+    args = [t.cuda() if isinstance(t, torch.Tensor) else t for t in rope_case(13, 5, h, kvh, d, 16, 70, torch.bfloat16)]
+    q, k, v, kc, vc, cos, sin, sb, so, tables, ctx, scale = args
+    kc[0] = 0.0
+    vc[0] = 0.0
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    want = reference_paged_decode_rope_attention(q, k, v, kc_ref, vc_ref, cos, sin, sb, so, tables, ctx, scale)
+    want64 = float64_attention(rope(q.double(), cos.double(), sin.double()).cpu(), kc_ref.cpu(), vc_ref.cpu(),
+                               tables.cpu(), ctx.cpu(), scale)
+    got = paged_decode_rope_attention(q, k, v, kc, vc, cos, sin, sb, so, tables, ctx, scale)
+    err = (got.double().cpu() - want64).abs().max().item()
+    err_torch = (want.double().cpu() - want64).abs().max().item()
+    assert err <= max(2 * err_torch, 2e-2), (err, err_torch)
+    torch.testing.assert_close(kc, kc_ref, rtol=2e-2, atol=2e-2)   # RoPE'd keys: fp32 once vs bf16 per op
+    assert torch.equal(vc, vc_ref)
