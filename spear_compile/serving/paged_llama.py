@@ -41,6 +41,31 @@ def check_llama_like(model: nn.Module) -> None:
                          "layers with self_attn.q/k/v/o_proj and mlp.gate/up/down_proj, norm, rotary_emb, lm_head)")
 
 
+def merge_siblings(*mods):
+    """``(weight, bias, sizes)`` of plain ``nn.Linear`` siblings (same input) stacked into one, each module's weight
+    (and bias) then a view of its rows, so no memory is added; None when any is quantized, has an EC or hooks, or
+    they differ in dtype, device or bias."""
+    first = mods[0]
+    plain = all(type(m) is nn.Linear and type(m.weight) is nn.Parameter and not m._forward_hooks
+                and not m._forward_pre_hooks for m in mods)
+    if not plain or len({(m.weight.dtype, m.weight.device, m.in_features, m.bias is None) for m in mods}) != 1:
+        return None
+    with torch.no_grad():
+        weight = torch.cat([m.weight for m in mods])
+        bias = torch.cat([m.bias for m in mods]) if first.bias is not None else None
+        sizes, row = [], 0
+        for m in mods:
+            n = m.out_features
+            m.weight.data = weight[row:row + n]
+            if bias is not None:
+                m.bias.data = bias[row:row + n]
+            sizes.append(n)
+            row += n
+    # parameters: Dynamo keeps their shapes static (a plain tensor attribute would get symbolic sizes)
+    return (nn.Parameter(weight, requires_grad=False),
+            None if bias is None else nn.Parameter(bias, requires_grad=False), sizes)
+
+
 class PagedLlama(nn.Module):
     """A paged-KV forward over an HF Llama-family model's modules (shared, not copied)."""
 
@@ -72,6 +97,16 @@ class PagedLlama(nn.Module):
             self.register_buffer(f"k_cache_{i}", k, persistent=False)
             self.register_buffer(f"v_cache_{i}", v, persistent=False)
         self.has_ecs = any(has_ec(m) for m in self.modules())
+        # plain (unquantized, EC-free) sibling linears run as one GEMM, as vLLM's merged QKV / gate-up layers do:
+        # (weight, bias, output sizes) per layer, or None; the modules' own weights become views of the merged one
+        self.merged_qkv = [merge_siblings(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+                           for layer in self.layers]
+        self.merged_gate_up = [merge_siblings(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in self.layers]
+        for i, (qkv, gate_up) in enumerate(zip(self.merged_qkv, self.merged_gate_up)):
+            for name, merged in (("qkv", qkv), ("gate_up", gate_up)):
+                if merged is not None:
+                    self.register_parameter(f"merged_{name}_weight_{i}", merged[0])
+                    self.register_parameter(f"merged_{name}_bias_{i}", merged[1])
 
     @property
     def kv_bytes(self) -> int:
@@ -124,13 +159,23 @@ class PagedLlama(nn.Module):
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = layer.input_layernorm(x)
-            q = self._linear(attn.q_proj, h, use_ec).view(t, self.num_heads, self.head_dim)
-            k = self._linear(attn.k_proj, h, use_ec).view(t, self.num_kv_heads, self.head_dim)
-            v = self._linear(attn.v_proj, h, use_ec).view(t, self.num_kv_heads, self.head_dim)
+            if self.merged_qkv[i] is not None:
+                w, b, sizes = self.merged_qkv[i]
+                q, k, v = F.linear(h, w, b).split(sizes, dim=-1)
+            else:
+                q, k, v = (self._linear(m, h, use_ec) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+            q = q.view(t, self.num_heads, self.head_dim)
+            k = k.view(t, self.num_kv_heads, self.head_dim)
+            v = v.view(t, self.num_kv_heads, self.head_dim)
             o = attention(i, q, k, v, cos, sin)
             x = x + self._linear(attn.o_proj, o.reshape(t, self.num_heads * self.head_dim), use_ec)
             h = layer.post_attention_layernorm(x)
-            g = mlp.act_fn(self._linear(mlp.gate_proj, h, use_ec)) * self._linear(mlp.up_proj, h, use_ec)
+            if self.merged_gate_up[i] is not None:
+                w, b, sizes = self.merged_gate_up[i]
+                gate, up = F.linear(h, w, b).split(sizes, dim=-1)
+            else:
+                gate, up = self._linear(mlp.gate_proj, h, use_ec), self._linear(mlp.up_proj, h, use_ec)
+            g = mlp.act_fn(gate) * up
             x = x + self._linear(mlp.down_proj, g, use_ec)
         return x
 

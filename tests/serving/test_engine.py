@@ -89,6 +89,31 @@ def test_triton_decode_attention_same_tokens(ref_tokenizer, monkeypatch):
     assert eng.blocks.num_free_blocks == eng.blocks.num_usable_blocks
 
 
+def test_unquantized_siblings_run_merged_same_tokens(ref_tokenizer):
+    """A plain float model (the bf16 baseline's path): q|k|v and gate|up each run as one GEMM on a merged weight
+    whose rows the modules' own weights now view (no memory added); tokens equal HF eager ``generate`` before and
+    after; a quantized model keeps its linears apart."""
+    from transformers import AutoModelForCausalLM
+    from .conftest import MODEL_PATH
+    model = AutoModelForCausalLM.from_pretrained(MODEL_PATH, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = [model.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)[0, len(p):]
+               .tolist() for p in prompts()]
+    eng = make_engine(model, ref_tokenizer, policy="budget-16", block_size=4, max_num_tokens=32)
+    net = eng.runner.net
+    assert all(m is not None for m in net.merged_qkv + net.merged_gate_up)
+    attn = model.model.layers[0].self_attn
+    w = net.merged_qkv[0][0]
+    assert attn.k_proj.weight.data_ptr() == w.data_ptr() + attn.q_proj.out_features * w.shape[1] * w.element_size()
+    assert [o.output_token_ids for o in eng.generate(prompts(), greedy())] == ref
+    with torch.no_grad():
+        again = [model.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)[0, len(p):]
+                 .tolist() for p in prompts()]
+    assert again == ref
+    q = make_engine(quantized_ref(), ref_tokenizer).runner.net
+    assert all(m is None for m in q.merged_qkv + q.merged_gate_up)
+
+
 def test_whole_prompt_policy_same_tokens(ref_tokenizer):
     eng = make_engine(quantized_ref(), ref_tokenizer, policy="fifo", max_num_tokens=64)
     chunks = []

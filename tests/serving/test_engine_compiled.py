@@ -3,6 +3,7 @@ input buffers) per (batch bucket, block-table bucket) and EC state, eager and co
 through the CPU Inductor; tokens equal HF eager ``generate``; no compilation after start-up."""
 import copy
 
+import pytest
 import torch
 
 from spear_compile.serving import SamplingParams
@@ -88,6 +89,26 @@ def test_compiled_engine_triton_decode_attention(ref_tokenizer, fresh_compile, m
     eng = make_engine(model, ref_tokenizer, compile=True, cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=2,
                       max_num_tokens=16, token_buckets=(16,), max_model_len=64, policy="budget-16",
                       decode_attention="triton")
+    assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref
+    assert eng.stats().recompiles == 0
+
+
+@pytest.mark.parametrize("attention", ["torch", "triton"])
+def test_compiled_unquantized_engine(ref_tokenizer, fresh_compile, monkeypatch, attention):
+    """The bf16 baseline's path compiled: a plain float model, q|k|v and gate|up merged into one GEMM each, with the
+    torch decode attention or the one-launch RoPE + cache-write + paged attention (head dim 32: the Triton kernel,
+    interpreted); tokens equal HF eager ``generate``; nothing compiles after start-up."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, vocab_size=8192, max_position_embeddings=512)
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(cfg).eval()
+    ref = hf_greedy(model)
+    eng = make_engine(model, ref_tokenizer, compile=True, cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=4,
+                      max_num_tokens=16, token_buckets=(16,), max_model_len=64, policy="budget-16", block_size=4,
+                      decode_attention=attention)
+    assert all(m is not None for m in eng.runner.net.merged_qkv)
     assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref
     assert eng.stats().recompiles == 0
 
