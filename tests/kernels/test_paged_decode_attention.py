@@ -155,3 +155,48 @@ def test_rope_kernel_on_gpu_bf16(h, kvh, d):
     assert err <= max(2 * err_torch, 2e-2), (err, err_torch)
     torch.testing.assert_close(kc, kc_ref, rtol=2e-2, atol=2e-2)   # RoPE'd keys: fp32 once vs bf16 per op
     assert torch.equal(vc, vc_ref)
+
+
+_SM90_SCRIPT = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from spear_compile.kernels import paged_decode_attention as mod
+
+def compile_ptx(kernel, types, consts):
+    sig = {n: types.get(n, "i32") for n in kernel.arg_names}
+    sig.update({n: "constexpr" for n in consts})
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(n),): v for n, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+
+out = {}
+for group, d in ((4, 64), (1, 128), (8, 128)):   # Llama-3.2-1B, -2-13B, -2-70B
+    consts = dict(GROUP=group, GROUP_PAD=16, HEAD_DIM=d, BLOCK_SIZE=16, BLOCK_N=64 if d <= 64 else 32, INTERPRET=False)
+    plain = {n: "*bf16" for n in ("q_ptr", "k_cache", "v_cache", "out_ptr")}
+    plain.update(tables="*i64", ctx_lens="*i64", scale="fp32")
+    fused = dict(plain, k_ptr="*bf16", v_ptr="*bf16", cos_ptr="*bf16", sin_ptr="*bf16", slot_block="*i64",
+                 slot_off="*i64")
+    for name, kernel, types in (("plain", mod.paged_decode_attention_kernel, plain),
+                                ("rope", mod.paged_decode_rope_attention_kernel, fused)):
+        ptx = compile_ptx(kernel, types, consts)
+        out[f"{name}-{group}-{d}"] = {"mma": ptx.count("mma."), "bytes": len(ptx)}
+print(json.dumps(out))
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """Both kernels compiled ahead of time for an H100/H200 (sm_90, bf16, the 1B / 13B / 70B head shapes) in a
+    subprocess without the interpreter: they compile, and both products run on tensor cores (mma)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    if not (Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(got) == 6 and all(v["mma"] >= 2 for v in got.values()), got
