@@ -130,7 +130,9 @@ def part_check(args):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 8000, (n,), generator=g).tolist() for n in lens]
     dtypes = (torch.float32, DEV["dtype"]) if DEV["device"] == "cuda" else (DEV["dtype"],)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     for dtype in dtypes:
+        torch.backends.cuda.matmul.allow_tf32 = tf32 and dtype != torch.float32   # float32: exact products
         for ecs in (False, True):
             reset_compiler()
             model = AutoModelForCausalLM.from_pretrained(REF, dtype=dtype).to(DEV["device"]).eval()
@@ -162,6 +164,7 @@ def part_check(args):
                 ref_logit_gap=gaps, engine_token_rank=ranks, recompiles=st.recompiles, startup_s=round(startup, 1),
                 graphs=len(eng.runner.graphs), blocks_free=eng.blocks.num_free_blocks == eng.blocks.num_usable_blocks)
             del eng, model
+    torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def run_engine(variant, args, reqs):
