@@ -49,12 +49,19 @@ def group_of(name: str) -> str:
 
 
 def weight_bytes(model) -> int:
+    """Bytes a decode step reads for the weights (matrices only; quantized ones as stored; tied ones once; the
+    embedding table only where the LM head reads it too: a step gathers just its rows)."""
     seen, total = set(), 0
+    emb = model.model.embed_tokens.weight
+    if emb is not model.lm_head.weight:
+        seen.add(emb.data_ptr())
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen or t.dim() < 2:
+        inner = getattr(t, "qdata", None)
+        key = (inner if inner is not None else t).data_ptr()
+        if key in seen or t.dim() < 2:
             continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
+        seen.add(key)
+        total += t.stored_bytes() if hasattr(t, "stored_bytes") else t.numel() * t.element_size()
     return total
 
 

@@ -421,7 +421,8 @@ def markdown(env):
                   "| variant | batch | tok/s | vs bf16 engine (same mode) | ms/step | host ms/step (median) |",
                   "|---|---|---|---|---|---|"]
         for r in dec:
-            base = "bf16 overlap" if r["variant"].endswith(" overlap") else "bf16"
+            base = "bf16+tattn" if "+tattn" in r["variant"] else "bf16"
+            base += " overlap" if r["variant"].endswith(" overlap") else ""
             b = next((x["tok_per_s"] for x in dec if x["variant"] == base and x["batch"] == r["batch"]), None)
             lines.append(f"| {r['variant']} | {r['batch']} | {r['tok_per_s']} | {ratio(r['tok_per_s'], b)} | "
                          f"{r['ms_per_step']} | {r['host_ms_per_step']} |")
