@@ -45,6 +45,15 @@ def test_serve_user_errors_exit_2(capsys, args, words):
     assert err.startswith("spear-compile: error: ") and words in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag", ["--decode-attention", "--dtype"])
+def test_serve_bad_choice_exits_2(capsys, flag):
+    """A value outside an option's choices: argparse's usage error (exit status 2, no traceback)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--device", "cpu", flag, "flash"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {flag}: invalid choice: 'flash'" in err and "Traceback" not in err
+
+
 def test_serve_port_in_use_exits_2(capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
