@@ -141,15 +141,16 @@ class PagedLlama(nn.Module):
     def _prefill_attention(self, q_ext, kc, vc, tables, q_index, q_pos):
         """Prefill chunks: q_ext [T + 1, H, D] (row T is a zero pad row); tables [P, L]; q_index [P, Q] rows of
         q_ext (pads -> T); q_pos [P, Q] each query's position. Returns [P, Q, H, D]."""
-        q = q_ext[q_index].transpose(1, 2)                   # [P, H, Q, D]
-        k = self._gather(kc, tables)
+        p, ql = q_index.shape
+        hkv, g, d = self.num_kv_heads, self.group, self.head_dim
+        # GQA without a K/V copy per query head: a KV head's G query heads side by side along the query axis
+        q = q_ext[q_index].view(p, ql, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(p, hkv, g * ql, d)
+        k = self._gather(kc, tables)                          # [P, Hkv, S, D]
         v = self._gather(vc, tables)
-        if self.group > 1:
-            k = k.repeat_interleave(self.group, dim=1)
-            v = v.repeat_interleave(self.group, dim=1)
         keep = torch.arange(k.shape[2], device=q.device)[None, None, :] <= q_pos[:, :, None]   # causal, logical
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], scale=self.scale)
-        return out.transpose(1, 2)
+        mask = keep[:, None].expand(p, g, ql, k.shape[2]).reshape(p, 1, g * ql, k.shape[2])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)      # [P, Hkv, G*Q, D]
+        return out.view(p, hkv, g, ql, d).permute(0, 3, 1, 2, 4).reshape(p, ql, hkv * g, d)
 
     def _layers(self, input_ids, positions, attention, use_ec: bool):
         """The decoder layers; ``attention(i, q, k, v, cos, sin)`` (pre-RoPE q/k) writes layer i's cache and attends."""
