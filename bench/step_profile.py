@@ -28,7 +28,7 @@ import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-from bench.throughput import DEV, build, reset_compiler, sync  # noqa: E402
+from bench.throughput import DEV, build, reset_compiler, split_variant, sync  # noqa: E402
 
 HBM_BYTES_PER_S = 4.8e12  # H200 (bench/README.md: the roofline every bench uses)
 GROUPS = [  # (group, regex on the kernel name), first match wins
@@ -133,7 +133,7 @@ def main():
     summary, detail, rows = [], [], []
     for variant in args.variants.split(","):
         reset_compiler()
-        base, tattn = (variant[:-len("+tattn")], True) if variant.endswith("+tattn") else (variant, False)
+        base, _, attention = split_variant(variant)
         model, _ = build(base)
         wbytes = weight_bytes(model)
         t0 = time.perf_counter()
@@ -142,7 +142,7 @@ def main():
                                                device=device, detokenize=False, dtype=DEV["dtype"],
                                                gpu_memory_utilization=0.3, progress=False, compile=not args.tiny,
                                                cuda_graphs_stand_in=args.tiny,
-                                               decode_attention="triton" if tattn else "torch",
+                                               decode_attention=attention,
                                                num_blocks=None if device == "cuda" else 256), model_name=variant)
         startup = time.perf_counter() - t0
         runner = eng.runner

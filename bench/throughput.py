@@ -101,6 +101,15 @@ def build(variant: str, seed=0):
     return model, ecs
 
 
+def split_variant(variant: str) -> tuple:
+    """``(model variant, overlapped steps, decode attention)`` of an engine variant name: a ``+overlap`` suffix runs
+    the whole run with overlapped steps (EngineConfig.overlap_decode), a last ``+tattn`` the paged Triton decode
+    attention (EngineConfig.decode_attention)."""
+    base, tattn = (variant[:-len("+tattn")], True) if variant.endswith("+tattn") else (variant, False)
+    overlap = base.endswith("+overlap")
+    return (base[:-len("+overlap")] if overlap else base), overlap, "triton" if tattn else "torch"
+
+
 def make_requests(n, seed, vocab):
     rng = random.Random(seed)
     out = []
@@ -170,16 +179,15 @@ def part_check(args):
 def run_engine(variant, args, reqs):
     from spear_compile.serving import Engine, EngineConfig, SamplingParams
     reset_compiler()
-    base, tattn = (variant[:-len("+tattn")], True) if variant.endswith("+tattn") else (variant, False)
-    overlap = base.endswith("+overlap")   # the whole run with overlapped steps (EngineConfig.overlap_decode)
-    model, ecs = build(base[:-len("+overlap")] if overlap else base)
+    base, overlap, attention = split_variant(variant)
+    model, ecs = build(base)
     sizes = dict(max_num_seqs=args.max_num_seqs, max_num_tokens=args.max_num_tokens)
     if args.decode_only:  # batch-1 / batch-16 decode rates only: two decode buckets, one token bucket
         sizes = dict(max_num_seqs=16, max_num_tokens=64, decode_buckets=(1, 16), token_buckets=(64,))
     cfg = EngineConfig(**sizes, max_model_len=1024, policy=f"budget-{sizes['max_num_tokens']}", device=DEV["device"],
                        detokenize=False, dtype=DEV["dtype"], compile=not DEV["tiny"],
                        num_blocks=None if DEV["device"] == "cuda" else 2048, gpu_memory_utilization=0.3,
-                       overlap_decode=overlap, decode_attention="triton" if tattn else "torch")
+                       overlap_decode=overlap, decode_attention=attention)
     t0 = time.perf_counter()
     eng = Engine(model, None, cfg, model_name=f"llama1b-{variant}")
     startup = time.perf_counter() - t0

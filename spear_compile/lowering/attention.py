@@ -16,6 +16,13 @@ from ..kernels.paged_decode_attention import paged_decode_attention_kernel, page
 from .precompile import launcher
 
 
+def gather_blocks(cache, tables, kv_heads: int, block_size: int, head_dim: int) -> torch.Tensor:
+    """The cache rows of each table's blocks as dense K or V: ``[N, L]`` block ids -> ``[N, kv_heads, L * block_size,
+    head_dim]`` (the sizes as ints: see ``reference_paged_decode_attention``)."""
+    n, nb = tables.shape
+    return cache[tables].reshape(n, nb * block_size, kv_heads, head_dim).transpose(1, 2)
+
+
 def reference_paged_decode_attention(q, k_cache, v_cache, tables, ctx_lens, scale: float,
                                      kv_heads: Optional[int] = None, block_size: Optional[int] = None) -> torch.Tensor:
     """q ``[B, H, D]``, one query per sequence at its last position; caches ``[blocks, block_size, kv_heads, D]``;
@@ -26,9 +33,8 @@ def reference_paged_decode_attention(q, k_cache, v_cache, tables, ctx_lens, scal
     kv_heads = kv_heads or k_cache.shape[2]
     block_size = block_size or k_cache.shape[1]
     group = h // kv_heads
-    span = tables.shape[1] * block_size
-    k = k_cache[tables].reshape(b, span, kv_heads, d).transpose(1, 2)     # [B, Hkv, S, D]
-    v = v_cache[tables].reshape(b, span, kv_heads, d).transpose(1, 2)
+    k = gather_blocks(k_cache, tables, kv_heads, block_size, d)         # [B, Hkv, S, D]
+    v = gather_blocks(v_cache, tables, kv_heads, block_size, d)
     qg = q.view(b, kv_heads, group, d)
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale        # [B, Hkv, G, S]
     keep = torch.arange(k.shape[2], device=q.device)[None, :] < ctx_lens[:, None]

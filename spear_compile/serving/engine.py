@@ -256,7 +256,7 @@ class Engine:
         them off needs ``EngineConfig(ec_switch=True)``)."""
         if enabled and not self.runner.net.has_ecs:
             raise SpearError("Engine.set_ec_enabled(True): the model has no ECs")
-        if not enabled and self.runner.net.has_ecs and not self.config.ec_switch:
+        if not enabled and False not in self.runner.ec_states():
             raise SpearError("Engine.set_ec_enabled(False): this engine compiled its steps with ECs only; start it "
                              "with EngineConfig(ec_switch=True) to switch them off while serving")
         self._ec_enabled = bool(enabled)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..ec.module import CompensatedLinear
 from ..errors import SpearError
-from ..lowering.attention import (paged_decode_attention, paged_decode_rope_attention,
+from ..lowering.attention import (gather_blocks, paged_decode_attention, paged_decode_rope_attention,
                                  reference_paged_decode_attention, rope)
 
 
@@ -128,8 +128,7 @@ class PagedLlama(nn.Module):
         return q, kc, vc
 
     def _gather(self, cache, tables):  # [N, L] block ids -> [N, kv_heads, L * block_size, head_dim]
-        n, nb = tables.shape
-        return cache[tables].reshape(n, nb * self.block_size, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return gather_blocks(cache, tables, self.num_kv_heads, self.block_size, self.head_dim)
 
     def _decode_attention(self, q, kc, vc, tables, ctx_lens):
         """q [B, H, D], one query per sequence at its last position; ctx_lens [B] tokens in its cache."""
