@@ -10,7 +10,11 @@ int-to-float conversion; bf16 ``0x43..`` is 128 + q, fp16 ``0x64..`` is 1024 + q
 back into k order in registers (the joins only add register dimensions), and one ``tl.dot`` against the x tile
 ``[BLOCK_M, BLOCK_K]``. Tensor cores sum ``Σ (OFFSET + q) x`` exactly in fp32; ``(OFFSET + zero) · Σx`` comes off per
 row: once after the loop (per-channel, then the scale) or per block with that block's group scale (``BLOCK_K``
-divides the group). ``SWAP``: the dot as ``yᵀ = W xᵀ`` (W the A operand, which Hopper's wgmma reads from registers;
+divides the group). Σx: per-channel, each thread sums its runs of 8 adjacent k inside the loop and the rows are
+reduced once after it; per group, a row reduction per block; or (``XSUM_MMA``) a dot of x with a tile of ones in the
+accumulator's own layout. The unpack is one ``lop3`` per nibble pair (inline PTX) and, with ``EVEN_K`` (K a multiple
+of BLOCK_K), the loads' masks are loop-invariant: offline sm_90 SASS of the K loop (``bench/sass_loop.py``) went
+from 21.4 to 15.8 instructions a weight word for the ``PERM`` tile at M = 16. ``SWAP``: the dot as ``yᵀ = W xᵀ`` (W the A operand, which Hopper's wgmma reads from registers;
 the N tile as the MMA's M dimension, so BLOCK_M can stay 16), transposed back before the epilogue.
 
 EC (``HAS_EC``, r <= BLOCK_R): every program also accumulates ``u = x Aᵀ`` over its own K range from the x tile it
@@ -33,15 +37,29 @@ from .tl_helpers import dot, half_bits as _half
 
 
 @triton.jit
-def _w_plane(words, i: tl.constexpr, X_BF16: tl.constexpr):
-    """Nibble ``i`` of every int32 word as ``OFFSET + q`` in the activation dtype (same shape and layout as words)."""
-    if X_BF16:
-        MAGIC: tl.constexpr = 0x43004300
-        X_DT: tl.constexpr = tl.bfloat16
+def _magic(t, X_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """``(t & 0x000F000F) | MAGIC``: the low nibble of each 16-bit half as ``OFFSET + q`` bits (bf16 ``0x4300`` = 128,
+    fp16 ``0x6400`` = 1024). One ``lop3`` on the GPU: left to itself ptxas emits an and plus an or, since a SASS LOP3
+    takes one immediate (offline sm_90 SASS, ``bench/sass_loop.py``)."""
+    if INTERPRET:
+        if X_BF16:
+            return (t & 0x000F000F) | 0x43004300
+        else:
+            return (t & 0x000F000F) | 0x64006400
     else:
-        MAGIC: tl.constexpr = 0x64006400
-        X_DT: tl.constexpr = tl.float16
-    t = ((words >> (4 * (i % 4))) & 0x000F000F) | MAGIC  # nibbles i % 4 (low half) and i % 4 + 4 (high half)
+        if X_BF16:
+            return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xEA;", "=r,r", [t],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xEA;", "=r,r", [t],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _w_plane(words, i: tl.constexpr, X_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """Nibble ``i`` of every int32 word as ``OFFSET + q`` in the activation dtype (same shape and layout as words)."""
+    X_DT: tl.constexpr = tl.bfloat16 if X_BF16 else tl.float16
+    t = _magic(words >> (4 * (i % 4)), X_BF16, INTERPRET)  # nibbles i % 4 (low half) and i % 4 + 4 (high half)
     return _half(t, i >= 4, X_DT)
 
 
@@ -57,18 +75,14 @@ def _mma_order(t, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _w_offset_tile(words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_BF16: tl.constexpr):
+def _w_offset_tile(words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_BF16: tl.constexpr,
+                   INTERPRET: tl.constexpr):
     """``[BLOCK_N, BLOCK_K]`` of ``OFFSET + q`` in the activation dtype, k in natural order, from int32 words."""
-    if X_BF16:
-        MAGIC: tl.constexpr = 0x43004300
-        X_DT: tl.constexpr = tl.bfloat16
-    else:
-        MAGIC: tl.constexpr = 0x64006400
-        X_DT: tl.constexpr = tl.float16
-    t0 = (words & 0x000F000F) | MAGIC  # nibble 0 (low half), nibble 4 (high half)
-    t1 = ((words >> 4) & 0x000F000F) | MAGIC
-    t2 = ((words >> 8) & 0x000F000F) | MAGIC
-    t3 = ((words >> 12) & 0x000F000F) | MAGIC
+    X_DT: tl.constexpr = tl.bfloat16 if X_BF16 else tl.float16
+    t0 = _magic(words, X_BF16, INTERPRET)  # nibble 0 (low half), nibble 4 (high half)
+    t1 = _magic(words >> 4, X_BF16, INTERPRET)
+    t2 = _magic(words >> 8, X_BF16, INTERPRET)
+    t3 = _magic(words >> 12, X_BF16, INTERPRET)
     # nested joins: flat index 4a + 2b + c for join(join(join(P0, P4), join(P2, P6)), join(join(P1, P5), join(P3, P7)))
     even = tl.join(tl.join(_half(t0, False, X_DT), _half(t0, True, X_DT)),
                    tl.join(_half(t2, False, X_DT), _half(t2, True, X_DT)))
@@ -91,6 +105,7 @@ def w4_batched_kernel(
     BLOCK_R: tl.constexpr, USE_SPLIT: tl.constexpr, PER_CHANNEL: tl.constexpr, X_BF16: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_EC: tl.constexpr, GATED: tl.constexpr, SWAP: tl.constexpr,
     INTERPRET: tl.constexpr = False, PLANES: tl.constexpr = False, PERM: tl.constexpr = False,
+    EVEN_K: tl.constexpr = False, XSUM_MMA: tl.constexpr = False,
 ):
     """See the module docstring. Member i owns the N-tile programs ``[P_i, P_{i+1})`` (``cdiv(N_i, BLOCK_N) *
     SPLIT_K`` each, times the M tiles), its columns start at ``C_i``. Workspaces (``USE_SPLIT``): ``ws`` fp32
@@ -140,11 +155,24 @@ def w4_batched_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xtot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    xacc = tl.zeros((BLOCK_M, BLOCK_K // 8), dtype=tl.float32)  # per-channel: Σx in runs of 8, reduced after the loop
+    sx = acc  # XSUM_MMA: Σ_k x per row in the accumulator's layout (a dot of x with a tile of ones)
+    if XSUM_MMA:
+        if INTERPRET:  # Triton 3.6's interpreter has no bf16 constants (its dots run in fp32 anyway)
+            ones = tl.full((BLOCK_N, BLOCK_K), 1.0, tl.float32)
+        else:
+            ones = tl.full((BLOCK_N, BLOCK_K), 1.0, tl.bfloat16 if X_BF16 else tl.float16)
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for kb in range(kb_lo, kb_hi):
         k0 = kb * BLOCK_K
         kw = kb * (BLOCK_K // 8) + offs_j
-        words = tl.load(q_rows + kw[None, :], mask=n_mask[:, None] & (kw < K8)[None, :], other=0)
+        if EVEN_K:  # K a multiple of BLOCK_K: the loads' masks are loop-invariant
+            k_ok = offs_j < BLOCK_K // 8
+            kk_ok = offs_k < BLOCK_K
+        else:
+            k_ok = kw < K8
+            kk_ok = k0 + offs_k < K
+        words = tl.load(q_rows + kw[None, :], mask=n_mask[:, None] & k_ok[None, :], other=0)
         kk = k0 + offs_k
         if PLANES:  # nibble plane i against x's plane i (stride-8 columns): no layout change of the weight tile
             if not PER_CHANNEL:
@@ -153,9 +181,9 @@ def w4_batched_kernel(
                 else:
                     part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             xs = tl.zeros((BLOCK_M, BLOCK_K // 8), dtype=tl.float32)
-            xm = m_mask[:, None] & (kw < K8)[None, :]
+            xm = m_mask[:, None] & k_ok[None, :]
             for i in tl.static_range(8):
-                wi = _w_plane(words, i, X_BF16)
+                wi = _w_plane(words, i, X_BF16, INTERPRET)
                 xi = tl.load(x_rows + (8 * kw + i)[None, :], mask=xm, other=0.0)
                 xs += xi.to(tl.float32)
                 if PER_CHANNEL:
@@ -170,27 +198,37 @@ def w4_batched_kernel(
                         part = dot(xi, tl.trans(wi), part, INTERPRET)
             xb = tl.sum(xs, axis=1)
         else:
-            w = _w_offset_tile(words, BLOCK_N, BLOCK_K, X_BF16)
+            w = _w_offset_tile(words, BLOCK_N, BLOCK_K, X_BF16, INTERPRET)
             if PERM:
                 w = _mma_order(w, BLOCK_N)
         if HAS_EC or not PLANES:
-            x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+            x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & kk_ok[None, :], other=0.0)
         if not PLANES:
-            xb = tl.sum(x.to(tl.float32), axis=1)
+            if not XSUM_MMA:
+                if PER_CHANNEL:
+                    # runs of 8 adjacent k (one 16-byte load a thread): no cross-thread reduction inside the loop
+                    xacc += tl.sum(tl.reshape(x.to(tl.float32), (BLOCK_M, BLOCK_K // 8, 8)), axis=2)
+                else:
+                    xb = tl.sum(x.to(tl.float32), axis=1)
             xd = x  # the dot's x: in the weight tile's k order
             if PERM:
                 xd = _mma_order(x, BLOCK_M)
         if HAS_EC:
-            at = tl.load(a_ptr + offs_r[None, :] * K + kk[:, None], mask=(offs_r < R)[None, :] & (kk < K)[:, None],
+            at = tl.load(a_ptr + offs_r[None, :] * K + kk[:, None], mask=(offs_r < R)[None, :] & kk_ok[:, None],
                          other=0.0)
             u = dot(x, at, u, INTERPRET)
         if PER_CHANNEL:
             if not PLANES:
                 if SWAP:
                     acc = dot(w, tl.trans(xd), acc, INTERPRET)
+                    if XSUM_MMA:
+                        sx = dot(ones, tl.trans(xd), sx, INTERPRET)
                 else:
                     acc = dot(xd, tl.trans(w), acc, INTERPRET)
-            xtot += xb
+                    if XSUM_MMA:
+                        sx = dot(xd, tl.trans(ones), sx, INTERPRET)
+            if PLANES:
+                xtot += xb
         else:
             g = k0 // group_size
             s = tl.load(s_ptr + offs_n * n_groups + g, mask=n_mask, other=0.0).to(tl.float32)
@@ -198,17 +236,36 @@ def w4_batched_kernel(
             if SWAP:
                 if not PLANES:
                     part = dot(w, tl.trans(xd), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), INTERPRET)
-                acc += s[:, None] * (part - zc[:, None] * xb[None, :])
+                if XSUM_MMA:
+                    sxb = dot(ones, tl.trans(xd), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), INTERPRET)
+                    acc += s[:, None] * (part - zc[:, None] * sxb)
+                else:
+                    acc += s[:, None] * (part - zc[:, None] * xb[None, :])
             else:
                 if not PLANES:
                     part = dot(xd, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRET)
-                acc += s[None, :] * (part - zc[None, :] * xb[:, None])
+                if XSUM_MMA:
+                    sxb = dot(xd, tl.trans(ones), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRET)
+                    acc += s[None, :] * (part - zc[None, :] * sxb)
+                else:
+                    acc += s[None, :] * (part - zc[None, :] * xb[:, None])
+    if PER_CHANNEL:
+        if not PLANES:
+            xtot = tl.sum(xacc, axis=1)
+        if SWAP:
+            s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            zc = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None] + OFFSET
+        else:
+            s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            zc = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :] + OFFSET
+        if XSUM_MMA:
+            acc = s * (acc - zc * sx)  # in the dot's layout: no cross-thread move
+        elif SWAP:
+            acc = s * (acc - zc * xtot[None, :])
+        else:
+            acc = s * (acc - zc * xtot[:, None])
     if SWAP:
         acc = tl.trans(acc)
-    if PER_CHANNEL:
-        s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        zc = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) + OFFSET
-        acc = s[None, :] * (acc - zc[None, :] * xtot[:, None])
 
     out_mask = m_mask[:, None] & n_mask[None, :]
     cols = col + offs_n

@@ -41,12 +41,14 @@ class BatchedConfig:
     swap: bool = False  # yᵀ = W xᵀ (W the MMA's A operand from registers; the N tile is the MMA M dimension)
     planes: bool = False  # one dot per nibble plane against x's stride-8 columns (no layout change of the W tile)
     perm: bool = False  # BLOCK_K 128 only: k permuted in x and W alike into the MMA operand's order (w4_batched._mma_order)
+    xsum_mma: bool = False  # Σ_k x (the zero point's term) by a dot with a tile of ones, not a shuffle reduction
 
     @property
     def name(self):
         return (f"batched[BM={self.block_m},BN={self.block_n},BK={self.block_k},splitK={self.split_k},"
                 f"warps={self.num_warps},stages={self.num_stages}{',swap' if self.swap else ''}"
-                f"{',planes' if self.planes else ''}{',perm' if self.perm else ''}]")
+                f"{',planes' if self.planes else ''}{',perm' if self.perm else ''}"
+                f"{',xsum' if self.xsum_mma else ''}]")
 
 
 @dataclass(frozen=True)
@@ -86,22 +88,25 @@ def _split_ok(cfg, m, n_total):
     return cfg.split_k == 1 or cfg.split_k * m * n_total * 4 <= MAX_WORKSPACE_BYTES
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap, planes, perm) per M range: the configs that won at least one launch
-# of bench/batched_sweep.py's broad sweep on H200 (results/batched_decode.md: both models, pc/g128, EC off/on, per
-# q|k|v, o, gate|up, down launch), plus the M = 16 winner with ``perm`` (k in the MMA operand's order: no shared-memory
-# conversion of the W tile, 34 -> 21 SASS instructions a word offline; never timed on a GPU: device loans were paused
-# after the sweep; the tuner checks it against the reference at the real shape before it can be picked). ``planes``
-# (one dot per nibble plane) is correct and compiles but was never timed: forced only.
-_SHAPES_16 = ((16, 128, 128, 4, 4, True, False, False), (16, 64, 128, 4, 4, False, False, False),
-              (16, 128, 256, 8, 3, True, False, False), (16, 128, 128, 8, 3, False, False, False),
-              (16, 128, 128, 4, 4, True, False, True))
-_SHAPES_64 = ((16, 128, 128, 4, 4, True, False, False), (64, 128, 128, 8, 3, False, False, False),
-              (64, 64, 128, 4, 4, False, False, False), (64, 128, 64, 4, 4, True, False, False),
-              (64, 128, 64, 4, 4, False, False, False), (16, 128, 256, 8, 3, True, False, False),
-              (16, 64, 128, 4, 4, False, False, False), (16, 128, 128, 4, 4, True, False, True))
-_SHAPES_512 = ((64, 128, 128, 8, 3, False, False, False), (64, 64, 128, 4, 4, False, False, False),
-               (64, 128, 64, 4, 4, True, False, False), (64, 128, 64, 4, 4, False, False, False),
-               (128, 128, 64, 4, 4, False, False, False), (128, 128, 128, 8, 3, False, False, False))
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap, planes, perm, xsum_mma) per M range: the configs that won at
+# least one launch of bench/batched_sweep.py's broad sweep on H200 (results/batched_decode.md: both models, pc/g128,
+# EC off/on, per q|k|v, o, gate|up, down launch), plus two never timed on a GPU (device loans were paused; the tuner
+# checks each against the reference at the real shape before it can be picked): the M = 16 winner with ``perm`` (k in
+# the MMA operand's order: no shared-memory conversion of the W tile) and the M = 64 winner with ``xsum_mma``.
+# Offline sm_90 SASS of the K loop (bench/sass_loop.py, session 13): perm 16 instructions a weight word; xsum_mma at
+# M = 64 28 vs 36. ``planes`` (one dot per nibble plane) is correct and compiles but was never timed: forced only.
+_SHAPES_16 = ((16, 128, 128, 4, 4, True, False, False, False), (16, 64, 128, 4, 4, False, False, False, False),
+              (16, 128, 256, 8, 3, True, False, False, False), (16, 128, 128, 8, 3, False, False, False, False),
+              (16, 128, 128, 4, 4, True, False, True, False))
+_SHAPES_64 = ((16, 128, 128, 4, 4, True, False, False, False), (64, 128, 128, 8, 3, False, False, False, False),
+              (64, 64, 128, 4, 4, False, False, False, False), (64, 128, 64, 4, 4, True, False, False, False),
+              (64, 128, 64, 4, 4, False, False, False, False), (16, 128, 256, 8, 3, True, False, False, False),
+              (16, 64, 128, 4, 4, False, False, False, False), (16, 128, 128, 4, 4, True, False, True, False),
+              (64, 128, 128, 8, 3, False, False, False, True))
+_SHAPES_512 = ((64, 128, 128, 8, 3, False, False, False, False), (64, 64, 128, 4, 4, False, False, False, False),
+               (64, 128, 64, 4, 4, True, False, False, False), (64, 128, 64, 4, 4, False, False, False, False),
+               (128, 128, 64, 4, 4, False, False, False, False), (128, 128, 128, 8, 3, False, False, False, False),
+               (64, 128, 128, 8, 3, False, False, False, True))
 
 
 def batched_candidates(m, k, ns, group_size, sms=132, has_ec=False):
@@ -110,7 +115,7 @@ def batched_candidates(m, k, ns, group_size, sms=132, has_ec=False):
     pc = group_size >= k
     shapes = _SHAPES_16 if m <= 16 else (_SHAPES_64 if m <= 64 else _SHAPES_512)
     out = []
-    for bm, bn, bk, warps, stages, swap, planes, perm in shapes:
+    for bm, bn, bk, warps, stages, swap, planes, perm, xsum in shapes:
         if not pc and (bk > group_size or group_size % bk):
             if bk > 128:
                 continue
@@ -119,7 +124,7 @@ def batched_candidates(m, k, ns, group_size, sms=132, has_ec=False):
             continue
         tiles = sum(triton.cdiv(n, bn) for n in ns) * triton.cdiv(m, bm)
         for split in _splits(tiles, k, bk, sms):
-            cfg = BatchedConfig(bm, bn, bk, split, warps, stages, swap, planes, perm)
+            cfg = BatchedConfig(bm, bn, bk, split, warps, stages, swap, planes, perm, xsum)
             if _split_ok(cfg, m, sum(ns)):
                 out.append(cfg)
     return list(dict.fromkeys(out))
@@ -187,6 +192,7 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
         MEMBERS=g, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, BLOCK_R=block_r, USE_SPLIT=split > 1,
         PER_CHANNEL=group_size >= k, X_BF16=x2.dtype == torch.bfloat16, HAS_BIAS=members[0].bias is not None,
         HAS_EC=has_ec, GATED=gated, SWAP=cfg.swap, INTERPRET=options.interpret(), PLANES=cfg.planes, PERM=cfg.perm,
+        EVEN_K=k % bk == 0, XSUM_MMA=cfg.xsum_mma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y

@@ -159,16 +159,12 @@ def test_rope_kernel_on_gpu_bf16(h, kvh, d):
 
 _SM90_SCRIPT = r"""
 import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from spear_compile.kernels import paged_decode_attention as mod
+from spear_compile.kernels.aot import compile_for
 
 def compile_ptx(kernel, types, consts):
-    sig = {n: types.get(n, "i32") for n in kernel.arg_names}
-    sig.update({n: "constexpr" for n in consts})
-    src = ASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(n),): v for n, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    values = {n: 64 for n in kernel.arg_names if n not in types and n not in consts}  # strides: multiples of 16
+    return compile_for(kernel, consts, types, values, num_warps=4).asm["ptx"]
 
 out = {}
 for group, d in ((4, 64), (1, 128), (8, 128)):   # Llama-3.2-1B, -2-13B, -2-70B

@@ -66,6 +66,11 @@ CASES = [  # (seed, group (0: per-channel), dtype, ec, gated, bias, config)
     (29, 0, torch.bfloat16, False, False, False, BC(16, 32, 128, 2, swap=True, perm=True)),  # MMA-order k permutation
     (30, 128, torch.float16, True, True, True, BC(16, 32, 128, 1, swap=True, perm=True)),
     (31, 128, torch.bfloat16, False, False, True, BC(32, 16, 128, 2, perm=True)),
+    # Σ_k x by a dot with ones (xsum_mma): per-channel accumulated across the loop, grouped per block
+    (33, 0, torch.bfloat16, False, False, False, BC(16, 32, 128, 2, swap=True, perm=True, xsum_mma=True)),
+    (34, 128, torch.float16, True, True, True, BC(32, 32, 64, 1, xsum_mma=True)),
+    (35, 0, torch.float16, True, True, False, BC(16, 32, 64, 2, xsum_mma=True)),
+    (36, 64, torch.bfloat16, False, False, True, BC(16, 16, 64, 2, swap=True, xsum_mma=True)),
 ]
 
 
@@ -83,6 +88,20 @@ def test_single_vs_float64(seed, group, dtype, ec, gated, bias, cfg):
         _check(y, ref, dtype)
     buffers = WORKSPACES.get(torch.device(DEV)).batched  # None: no split-K launch allocated any
     assert buffers is None or int(buffers[2].abs().sum()) == 0  # the arrival counters are left at zero
+
+
+@pytest.mark.parametrize("k,group,cfg", [(320, 0, BC(16, 32, 128, 2)), (192, 0, BC(16, 32, 128, 1, swap=True, xsum_mma=True)),
+                                         (320, 0, BC(16, 16, 128, 2, swap=True, perm=True)), (448, 64, BC(16, 32, 64, 2))],
+                         ids=["k320-pc", "k192-pc-xsum", "k320-pc-perm", "k448-g64"])
+def test_k_not_a_multiple_of_block_k(k, group, cfg):
+    """K not a multiple of BLOCK_K: the last block's masked columns (the ``EVEN_K`` constexpr off) add nothing."""
+    m, n = 7, 40
+    group = group or k
+    t = _to(problem(m, group, torch.bfloat16, True, True, True, 41, k, n, 32))
+    y = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+    batched.run_single(cfg, t["x"], t["qdata"], t["scale"], t["zero"], t["bias"], group, t["ec_A"], t["ec_B"],
+                       t["gate_w"], t["gate_b"], None, y)
+    _check(y, reference(t, group).to(DEV), torch.bfloat16)
 
 
 def test_ec_term_is_added():
@@ -104,6 +123,7 @@ GROUPED = [  # (seed, member Ns, group (0: per-channel), dtype, bias, ec, config
     (25, (64, 64), 128, torch.float16, True, True, BC(16, 32, 128, 1, swap=True)),  # gate|up with ECs
     (28, (32, 16, 16), 0, torch.float16, False, False, BC(16, 16, 64, 2, planes=True)),
     (32, (48, 16), 128, torch.bfloat16, False, True, BC(16, 32, 128, 2, swap=True, perm=True)),
+    (37, (32, 24), 0, torch.float16, True, False, BC(16, 32, 64, 2, xsum_mma=True)),
 ]
 
 
@@ -179,3 +199,49 @@ def test_refuses_mixed_members():
     y = torch.empty(3, 32, dtype=torch.float16)
     with pytest.raises(SpearError, match="cannot run these members"):
         batched.run_members(BC(16, 16, 64, 1), t1["x"], [_member(t1), _member(t2)], 128, y)
+
+
+_SM90_SCRIPT = r"""
+import json
+from spear_compile.kernels.aot import compile_for
+from spear_compile.kernels.w4_batched import w4_batched_kernel as kernel
+
+out = {}
+VARIANTS = (("bf16-pc-ec-swap-perm", True, True, True, 16, 128, True, True, False),
+            ("fp16-g128-noswap", False, False, False, 16, 64, False, False, False),
+            ("bf16-g128-m64-xsum", True, False, True, 64, 128, False, False, True))
+for name, x_bf16, pc, ec, bm, bn, swap, perm, xsum in VARIANTS:
+    dt = "*bf16" if x_bf16 else "*fp16"
+    types = {n: dt for n in kernel.arg_names[:kernel.arg_names.index("N0")]}
+    types.update({f"q{i}": "*i32" for i in range(4)}, ws_ptr="*fp32", uws_ptr="*fp32", cnt_ptr="*i32")
+    consts = dict(MEMBERS=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, BLOCK_R=32, USE_SPLIT=True, PER_CHANNEL=pc,
+                  X_BF16=x_bf16, HAS_BIAS=False, HAS_EC=ec, GATED=ec, SWAP=swap, INTERPRET=False, PLANES=False,
+                  PERM=perm, EVEN_K=True, XSUM_MMA=xsum)
+    k, n = 2048, 2048
+    values = dict(N0=n, N1=n, N2=n, N3=n, P1=0, P2=0, P3=0, C1=n, C2=n, C3=n, M=16, K=k, K8=k // 8, R=32,
+                  group_size=k if pc else 128, n_groups=1 if pc else k // 128, stride_xm=k, stride_ym=n, N_TOTAL=n,
+                  N_TILES_TOTAL=n // bn, SPLIT_K=2)
+    ptx = compile_for(kernel, consts, types, values, num_warps=4 if bm == 16 else 8).asm["ptx"]
+    magic = "0x43004300" if x_bf16 else "0x64006400"
+    out[name] = {"lop3": sum("lop3.b32" in line and magic in line.lower() for line in ptx.splitlines()),
+                 "mma": ptx.count("mma.")}
+print(json.dumps(out))
+"""
+
+
+def test_kernel_compiles_for_sm90():
+    """The kernel compiled ahead of time for an H100/H200 (sm_90; bf16 and fp16, per-channel and g128, EC, perm,
+    xsum_mma) in a subprocess without the interpreter: the inline-PTX one-lop3 unpack assembles, with the dtype's
+    magic constant, and the products run on tensor cores."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    if not (Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(got) == 3 and all(v["lop3"] >= 4 and v["mma"] >= 1 for v in got.values()), got
