@@ -117,6 +117,12 @@ def reference(x, Ls, quant, ec):
 
 
 # ------------------------------------------------------------------ timing: bench/kernels.py's
+def batched_kernel(on: bool):
+    """The batched kernel as a tuner candidate (the dispatch's ``--dispatch``) or not (``--existing``), through the
+    library's own switch ``SPEAR_BATCHED_KERNEL``."""
+    os.environ["SPEAR_BATCHED_KERNEL"] = "1" if on else "0"
+
+
 def time_graph(fn, copies):
     """µs per call of ``fn(c)`` (c = weight copy), one graph replaying it for every copy; median of 20 replays."""
     return _time_graph(fn, copies, reps=20)
@@ -381,10 +387,8 @@ def main():
                                 best_cfgs.append(timed[0][1])
                                 gtimes.append(timed[0][0])
                             else:
-                                saved = batched.candidates_for
-                                if hook == "off":
-                                    batched.candidates_for = lambda *a, **kw: []
                                 try:
+                                    batched_kernel(hook != "off")
                                     out = run_dispatch(xs[k], layers[0][gi], quant, ec)
                                     out = torch.cat(out, -1) if isinstance(out, list) else out
                                     e = rel_err(out, ref)
@@ -401,7 +405,7 @@ def main():
                                                           for n in ns]
                                     best_cfgs.append(" | ".join(names))
                                 finally:
-                                    batched.candidates_for = saved
+                                    batched_kernel(True)
                         if gtimes is None:
                             continue
                         picks[(model, m, var, tag)] = [getattr(c, "name", c) for c in best_cfgs]
@@ -414,14 +418,11 @@ def main():
                         else:
                             fn = lambda c: [run_dispatch(xs[k], layers[c][gi], quant, ec)
                                             for gi, (_, k, _) in enumerate(groups)]
-                            saved = batched.candidates_for
-                            if hook == "off":
-                                batched.candidates_for = lambda *a, **kw: []
+                            batched_kernel(hook != "off")
                         try:
                             res[f"{var}_{tag}"] = time_graph(fn, copies)
                         finally:
-                            if hook is not None:
-                                batched.candidates_for = saved
+                            batched_kernel(True)
                     del refs
             for kind in ("pc", "g128", "ec", "bf16"):
                 res[f"roof_{kind}"] = layer_bytes(groups, m, kind) / bw * 1e6

@@ -16,6 +16,8 @@ variable                   meaning                                 default
                            (``1``: serially, as each is timed)
 ``SPEAR_GROUP_LINEARS``    ``0``: no grouped launch of sibling     ``1``
                            linears (q|k|v, gate|up)
+``SPEAR_BATCHED_KERNEL``   ``0``: the batched tensor-core kernel   ``1``
+                           (M 2..512) is not a tuner candidate
 ``SPEAR_DECOMPOSE_PREFILL`` ``0``: keep static-M prefill linears   ``1``
                            as our op (no dequantize + mm in graph)
 ``SPEAR_EC_MERGE``         ``0``: EC siblings keep a GEMM each     ``1``
@@ -54,7 +56,7 @@ class XPassConfig(NamedTuple):
 XPASS_IN_PLACE_DEFAULT = XPassConfig(64, 128, 3, 4, 1)  # best total of bench/xpass_sweep.py (sessions 8, 9)
 
 _VARIABLES = ("SPEAR_AUTOTUNE", "SPEAR_TUNE_CACHE", "SPEAR_TUNE_COMPILE_THREADS", "SPEAR_GROUP_LINEARS",
-              "SPEAR_DECOMPOSE_PREFILL", "SPEAR_EC_MERGE", "SPEAR_EC_PAD_X", "SPEAR_XPASS_IN_PLACE", "TRITON_INTERPRET",
+              "SPEAR_BATCHED_KERNEL", "SPEAR_DECOMPOSE_PREFILL", "SPEAR_EC_MERGE", "SPEAR_EC_PAD_X", "SPEAR_XPASS_IN_PLACE", "TRITON_INTERPRET",
               "XDG_CACHE_HOME", "HOME")
 
 
@@ -64,6 +66,7 @@ class Options:
     tune_cache_dir: Optional[str] = None  # None: the on-disk tuning cache is off
     tune_compile_threads: int = 1
     group_linears: bool = True
+    batched_kernel: bool = True
     decompose_prefill: bool = True
     ec_merge: bool = True
     ec_pad_x: str = "auto"  # "auto" | "0" | "1"
@@ -122,6 +125,7 @@ def _parse(values: tuple) -> Options:
         tune_compile_threads=_count("SPEAR_TUNE_COMPILE_THREADS", env["SPEAR_TUNE_COMPILE_THREADS"], 1)
         or min(16, os.cpu_count() or 1),
         group_linears=_switch("SPEAR_GROUP_LINEARS", env["SPEAR_GROUP_LINEARS"], True),
+        batched_kernel=_switch("SPEAR_BATCHED_KERNEL", env["SPEAR_BATCHED_KERNEL"], True),
         decompose_prefill=_switch("SPEAR_DECOMPOSE_PREFILL", env["SPEAR_DECOMPOSE_PREFILL"], True),
         ec_merge=_switch("SPEAR_EC_MERGE", env["SPEAR_EC_MERGE"], True),
         ec_pad_x=pad_x,

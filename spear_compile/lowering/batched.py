@@ -208,7 +208,10 @@ def run_single(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w
 
 def candidates_for(m, k, ns, group_size, sms=132, has_ec=False, rank=0):
     """The dispatch hook's list for one key: ``batched_candidates`` where the kernel is a candidate
-    (``MIN_M <= M <= MAX_M``, K % 8 == 0, blocks within one group, EC rank <= ``MAX_RANK``), else []."""
+    (``MIN_M <= M <= MAX_M``, K % 8 == 0, blocks within one group, EC rank <= ``MAX_RANK``, not switched off by
+    ``SPEAR_BATCHED_KERNEL=0``), else []."""
+    if not options.current().batched_kernel:
+        return []
     if not MIN_M <= m <= MAX_M or k % 8 or (group_size < k and group_size % 16) or rank > MAX_RANK:
         return []
     return batched_candidates(m, k, ns, group_size, sms, has_ec)

@@ -162,6 +162,16 @@ def test_dispatch_routes_batched_configs():
     _check(out.reshape(10, 48), members_reference(t["x"], ms, group), dtype)
 
 
+def test_switched_off_it_is_no_candidate(monkeypatch):
+    """``SPEAR_BATCHED_KERNEL=0`` takes the kernel out of the tuner's lists (the ``--existing`` side of
+    bench/batched_sweep.py), at the next call."""
+    assert batched.candidates_for(16, 2048, [2048], 128)
+    monkeypatch.setenv("SPEAR_BATCHED_KERNEL", "0")
+    assert batched.candidates_for(16, 2048, [2048], 128) == []
+    monkeypatch.setenv("SPEAR_BATCHED_KERNEL", "1")
+    assert batched.candidates_for(16, 2048, [2048], 128)
+
+
 def test_u_given_runs_the_reference_path():
     t = problem(4, 128, torch.float16, True, True, False, 41, 256, 32, 32)
     u = (t["x"].double() @ t["ec_A"].double().T).to(torch.float16)
