@@ -5,9 +5,10 @@
     outs = engine.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
 """
 from .config import EngineConfig
-from .request import Request, RequestStatus, SamplingParams
+from .request import Request, RequestStatus, SamplingParams, TokenLogprobs
 
-__all__ = ["Engine", "EngineConfig", "AsyncEngine", "RequestOutput", "Request", "RequestStatus", "SamplingParams"]
+__all__ = ["Engine", "EngineConfig", "AsyncEngine", "RequestOutput", "Request", "RequestStatus", "SamplingParams",
+           "TokenLogprobs"]
 
 
 def __getattr__(name):  # the engine pulls in transformers and the compiler: imported on first use

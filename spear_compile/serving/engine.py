@@ -29,7 +29,7 @@ from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVBlockManager
 from .model_runner import MIN_DIM, ModelRunner
 from .overlap import PENDING, OverlappedSteps
-from .request import Request, RequestStatus, SamplingParams
+from .request import Request, RequestStatus, SamplingParams, TokenLogprobs
 from .sampling import Sampler
 from .scheduler.base import Policy, Scheduler
 from .scheduler.policies import make_policy
@@ -50,6 +50,8 @@ class RequestOutput:
     finish_time: Optional[float]
     num_prompt_tokens: int
     num_output_tokens: int
+    new_logprobs: list = field(default_factory=list)   # a TokenLogprobs per new token (SamplingParams.logprobs)
+    output_logprobs: list = field(default_factory=list)  # ... per output token so far
 
 
 @dataclass
@@ -315,7 +317,7 @@ class Engine:
             self._live_ids.discard(req.request_id)
         return self._output(req, [], "", detok)
 
-    def _output(self, req: Request, new_ids: list, new_text: str, detok) -> RequestOutput:
+    def _output(self, req: Request, new_ids: list, new_text: str, detok, new_logprobs=()) -> RequestOutput:
         ids = req.output_token_ids
         if ids and ids[-1] == PENDING:  # the step in flight's token is not known yet
             ids = ids[:-1]
@@ -324,7 +326,7 @@ class Engine:
             output_token_ids=list(ids), new_text=new_text, text=detok.text if detok else "",
             finished=req.is_finished, finish_reason=req.status.finish_reason, first_token_time=req.first_token_time,
             arrival_time=req.arrival_time, finish_time=req.finish_time, num_prompt_tokens=req.num_prompt_tokens,
-            num_output_tokens=len(ids))
+            num_output_tokens=len(ids), new_logprobs=list(new_logprobs), output_logprobs=list(req.output_logprobs))
 
     def step(self) -> list:
         """One scheduler step; returns a RequestOutput for each request that got a token or finished. With
@@ -349,6 +351,7 @@ class Engine:
             logits, rows = self.runner.execute(plan.decodes, plan.prefills, ec)
             t_host = time.perf_counter() - t0
             tokens = self.sampler.sample(logits[:rows], sampled)
+            logprobs = self.sampler.logprobs(logits[:rows], sampled, tokens)
         except Exception as e:  # noqa: BLE001  (the requests of this step fail; the engine keeps serving the rest)
             if sink is not None and sink.steps_sent != sent:
                 sink.fail(e)   # tensor parallelism, after the broadcast: the other ranks ran this step (exits)
@@ -359,8 +362,8 @@ class Engine:
             req.num_computed_tokens += 1
         for req, n in plan.prefills:
             req.num_computed_tokens += n
-        for req, tok in zip(sampled, tokens):
-            outputs.append(self._append_token(req, tok, now))
+        for req, tok, lp in zip(sampled, tokens, logprobs):
+            outputs.append(self._append_token(req, tok, now, logprobs=lp))
         self.policy.observe(plan, measured)
         self.num_steps += 1
         self.step_log.append(StepRecord(time=now, num_decodes=len(plan.decodes), num_prefill_tokens=plan.num_prefill_tokens,
@@ -376,9 +379,12 @@ class Engine:
         return [self._finished(req, RequestStatus.FINISHED_ERROR)
                 for req in list(plan.decodes) + [r for r, _ in plan.prefills] if not req.is_finished]
 
-    def _append_token(self, req: Request, tok: int, now: float, index: Optional[int] = None) -> RequestOutput:
-        """Give ``req`` its next token (at ``index`` of its outputs: a launched step's placeholder), then finish it on
-        EOS, a stop token or string, max_tokens or max_model_len."""
+    def _append_token(self, req: Request, tok: int, now: float, index: Optional[int] = None,
+                      logprobs: Optional[TokenLogprobs] = None) -> RequestOutput:
+        """Give ``req`` its next token (at ``index`` of its outputs: a launched step's placeholder; ``logprobs`` if it
+        asked for them), then finish it on EOS, a stop token or string, max_tokens or max_model_len."""
+        if logprobs is not None:
+            req.output_logprobs.append(logprobs)
         if index is None:
             req.output_token_ids.append(tok)
             count = len(req.output_token_ids)
@@ -400,10 +406,11 @@ class Engine:
                 status = RequestStatus.FINISHED_STOPPED
         if status is None and (count >= sp.max_tokens or req.num_prompt_tokens + count >= self.max_model_len):
             status = RequestStatus.FINISHED_LENGTH
+        new_lp = [logprobs] if logprobs is not None else []
         if status is None:
-            return self._output(req, [tok], new_text, detok)
+            return self._output(req, [tok], new_text, detok, new_lp)
         out = self._finished(req, status)
-        out.new_token_ids, out.new_text = [tok], new_text
+        out.new_token_ids, out.new_text, out.new_logprobs = [tok], new_text, new_lp
         return out
 
     # ---- offline ------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Optional
 from ..errors import SpearError
 
 MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20  # top alternatives a token may report (OpenAI's chat limit; vLLM's default)
 
 
 @dataclass
@@ -24,6 +25,7 @@ class SamplingParams:
     stop: list = field(default_factory=list)
     stop_token_ids: list = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: Optional[int] = None  # None: none; k: each sampled token's log-probability and the k most likely
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -44,6 +46,9 @@ class SamplingParams:
         _check(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids),
                "stop_token_ids", self.stop_token_ids, "non-negative integers")
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "a bool")
+        _check(self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                                         and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs", self.logprobs,
+               f"None or an integer in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:
@@ -57,6 +62,15 @@ def _real(x) -> bool:
 def _check(ok: bool, name: str, value, expected: str):
     if not ok:
         raise SpearError(f"SamplingParams: {name}={value!r} is invalid; expected {expected}")
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's log-probability under the model (the raw logits' log-softmax: before temperature, top-k
+    and top-p, as vLLM reports by default) and the ``k`` most likely tokens, most likely first."""
+    token_id: int
+    logprob: float
+    top: tuple = ()  # ((token_id, logprob), ...)
 
 
 class RequestStatus(enum.Enum):
@@ -90,6 +104,7 @@ class Request:
     ttft_slo_s: Optional[float] = None
     tpot_slo_s: Optional[float] = None
     output_token_ids: list = field(default_factory=list)
+    output_logprobs: list = field(default_factory=list)  # a TokenLogprobs per output token (sampling.logprobs set)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     block_ids: list = field(default_factory=list)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .request import Request
+from .request import Request, TokenLogprobs
 
 
 class Sampler:
@@ -37,6 +37,25 @@ class Sampler:
             if not req.sampling.greedy:
                 out[i] = sample_row(logits[i], req.sampling.temperature, req.sampling.top_k, req.sampling.top_p,
                                     self._generator_for(req))
+        return out
+
+    @torch.no_grad()
+    def logprobs(self, logits: torch.Tensor, reqs: list, tokens: list) -> list:
+        """A ``TokenLogprobs`` per row whose request asked for them (``sampling.logprobs``), else None: the raw
+        logits' log-softmax at the sampled token and the request's top k. One device round trip for the step."""
+        rows = [i for i, r in enumerate(reqs) if r.sampling.logprobs is not None]
+        out: list = [None] * len(reqs)
+        if not rows:
+            return out
+        index = torch.tensor(rows, device=logits.device)
+        lp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+        chosen = lp.gather(1, torch.tensor([tokens[i] for i in rows], device=logits.device)[:, None])[:, 0]
+        k = max(reqs[i].sampling.logprobs for i in rows)
+        top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        chosen, top_v, top_i = chosen.tolist(), top_v.tolist(), top_i.tolist()
+        for j, i in enumerate(rows):
+            n = reqs[i].sampling.logprobs
+            out[i] = TokenLogprobs(tokens[i], chosen[j], tuple(zip(top_i[j][:n], top_v[j][:n])))
         return out
 
 

@@ -265,3 +265,38 @@ def test_async_stream_and_disconnect(toy_engine):
     asyncio.run(main())
     assert not eng.has_unfinished()
     assert eng.blocks.num_free_blocks == eng.blocks.num_usable_blocks
+
+
+def test_logprobs_equal_the_model_log_softmax(ref_tokenizer):
+    """Per output token, greedy and sampled: its log-probability and top 5 equal the log-softmax of HF's eager logits
+    of prompt + outputs (teacher forcing), in the raw logits (before temperature); requests without logprobs get
+    none; the streamed pieces add up to the final list."""
+    eng = make_engine(quantized_ref(True), ref_tokenizer, policy="budget-16")
+    ps = prompts()[:3]
+    sps = [greedy(logprobs=5), SamplingParams(max_tokens=NEW, temperature=0.8, seed=7, ignore_eos=True, logprobs=2),
+           greedy()]
+    ids = [eng.add_request(p, sp) for p, sp in zip(ps, sps)]
+    streamed = {i: [] for i in ids}
+    final = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            streamed[out.request_id] += out.new_logprobs
+            if out.finished:
+                final[out.request_id] = out
+    model = dequantized(quantized_ref(True))
+    for p, sp, i in zip(ps, sps, ids):
+        out = final[i]
+        if sp.logprobs is None:
+            assert out.output_logprobs == [] and streamed[i] == []
+            continue
+        assert streamed[i] == out.output_logprobs and len(out.output_logprobs) == NEW
+        with torch.no_grad():
+            logits = model(torch.tensor([p + out.output_token_ids])).logits[0].double()
+        ref = torch.log_softmax(logits[len(p) - 1:-1], dim=-1)
+        for j, lp in enumerate(out.output_logprobs):
+            assert lp.token_id == out.output_token_ids[j]
+            assert abs(lp.logprob - ref[j, lp.token_id].item()) < 1e-4
+            top = ref[j].topk(sp.logprobs)
+            assert [t for t, _ in lp.top] == top.indices.tolist()
+            if sp.greedy:
+                assert lp.top[0][0] == lp.token_id

@@ -56,3 +56,30 @@ def test_sampler_seeded_rows_are_independent_of_batch():
     s = Sampler(torch.device("cpu"))
     batch = s.sample(logits, [mk(1, None, 0.0), mk(2, 7), mk(3, 8)])
     assert batch[0] == int(logits[0].argmax()) and batch[1] == a[0] == a[1]
+
+
+@pytest.mark.parametrize("value", [-1, 21, 1.5, True, "3"])
+def test_bad_logprobs_name_the_field(value):
+    with pytest.raises(SpearError, match="logprobs"):
+        SamplingParams(logprobs=value)
+
+
+def test_logprobs_rows_vs_float64():
+    """Only the rows that asked get ``TokenLogprobs``: the raw logits' log-softmax (float64 reference) at the given
+    token and the row's own top k, most likely first; temperature does not change them."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 50, generator=g) * 3
+    reqs = [Request(str(i), [1, 2], SamplingParams(temperature=t, logprobs=k), 0.0)
+            for i, (t, k) in enumerate([(0.0, None), (0.0, 0), (0.7, 3), (1.3, 5)])]
+    tokens = [7, 11, 13, 17]
+    got = Sampler(torch.device("cpu")).logprobs(logits, reqs, tokens)
+    ref = torch.log_softmax(logits.double(), dim=-1)
+    assert got[0] is None
+    for i in (1, 2, 3):
+        assert got[i].token_id == tokens[i]
+        assert abs(got[i].logprob - ref[i, tokens[i]].item()) < 1e-5
+        k = reqs[i].sampling.logprobs
+        top = ref[i].topk(k)
+        assert [t for t, _ in got[i].top] == top.indices.tolist()
+        assert max(abs(a - b) for (_, a), b in zip(got[i].top, top.values.tolist())) < 1e-5 if k else got[i].top == ()
+    assert Sampler(torch.device("cpu")).logprobs(logits, reqs[:1], tokens[:1]) == [None]

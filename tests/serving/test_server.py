@@ -71,7 +71,7 @@ def served(request):
     config = EngineConfig(compile=False, cuda_graphs=False, device="cpu", max_num_seqs=MAX_NUM_SEQS,
                           max_num_tokens=256, progress=False, overlap_decode=request.param)
     engine = Engine.from_pretrained(str(DEFAULT_MODEL), quant="w4-pc-rtn", config=config)
-    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=3)  # logprobs: test_logprobs' reference
     chat_ids = chat_prompt_ids(engine.tokenizer, [ChatMessage(**m) for m in CHAT])
     *offline, offline_chat = engine.generate(PROMPTS + [chat_ids], greedy)
     server = ServerThread(build_app(AsyncEngine(engine), MODEL))
@@ -204,6 +204,50 @@ def test_openai_client(served):
     assert e.value.body["code"] == "model_not_found"
 
 
+def test_logprobs_completion_and_chat(client, served):
+    """Greedy with logprobs: the same text as without; a token's log-probability is its top alternative's (it is the
+    argmax), the alternatives come most likely first; completions' token texts join into the text and their
+    offsets count it; chat's entries carry the UTF-8 bytes; a stream's chunks carry the same entries as the
+    non-streaming answer; the values are the offline engine's (``SamplingParams.logprobs``)."""
+    ref = served[2][0]
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 3}
+    chat_body = {"model": MODEL, "messages": CHAT, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": True,
+                 "top_logprobs": 2}
+
+    def stream(path, b):
+        with client.stream("POST", path, json={**b, "stream": True}) as r:
+            assert r.status_code == 200
+            return _sse_events(r.iter_lines())[0]
+
+    r, rc, chunks, chat_chunks = _concurrently(lambda f: f(), [
+        lambda: client.post("/v1/completions", json=body), lambda: client.post("/v1/chat/completions", json=chat_body),
+        lambda: stream("/v1/completions", body), lambda: stream("/v1/chat/completions", chat_body)])
+    choice = r.json()["choices"][0]
+    assert choice["text"] == ref.text
+    lp = choice["logprobs"]
+    n = ref.num_output_tokens
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
+    assert "".join(lp["tokens"]) == ref.text
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(n)]
+    for tok, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert value <= 0 and 3 <= len(top) <= 4 and top[tok] == value == max(top.values())
+    assert [round(x.logprob, 4) for x in ref.output_logprobs] == [round(v, 4) for v in lp["token_logprobs"]]
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    assert sum((x["tokens"] for x in streamed), []) == lp["tokens"]
+    assert sum((x["text_offset"] for x in streamed), []) == lp["text_offset"]
+
+    chat = rc.json()["choices"][0]
+    assert chat["message"]["content"] == served[3].text
+    content = chat["logprobs"]["content"]
+    assert len(content) == served[3].num_output_tokens
+    for e in content:
+        assert e["bytes"] == list(e["token"].encode("utf-8")) and len(e["top_logprobs"]) == 2
+        assert e["top_logprobs"][0]["logprob"] == e["logprob"] >= e["top_logprobs"][1]["logprob"]
+    streamed = sum((c["choices"][0]["logprobs"]["content"] for c in chat_chunks
+                    if c["choices"] and c["choices"][0]["logprobs"]), [])
+    assert streamed == content
+
+
 def test_seeded_sampling_and_stop(client, served):
     """A seeded sampled request twice gives the same text (batched together); a stop string cuts the greedy text
     before its first occurrence."""
@@ -255,7 +299,14 @@ BAD_REQUESTS = [
     ("tpot_slo_zero", "/v1/chat/completions", {"messages": CHAT, "tpot_slo_ms": 0}, 400, "tpot_slo_ms"),
     ("n_two", "/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
     ("echo", "/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
-    ("logprobs", "/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ("logprobs_negative", "/v1/completions", {"prompt": "x", "logprobs": -1}, 400, "logprobs"),
+    ("logprobs_too_many", "/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ("logprobs_string", "/v1/completions", {"prompt": "x", "logprobs": "3"}, 400, "logprobs"),
+    ("logprobs_bool_completion", "/v1/completions", {"prompt": "x", "logprobs": True}, 400, "logprobs"),
+    ("chat_logprobs_int", "/v1/chat/completions", {"messages": CHAT, "logprobs": 3}, 400, "logprobs"),
+    ("chat_top_logprobs_alone", "/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("chat_top_logprobs_too_many", "/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21},
+     400, "top_logprobs"),
     ("stream_options_without_stream", "/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}},
      400, "stream_options"),
     ("chat_no_messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),

@@ -31,6 +31,7 @@ logger = logging.getLogger("spear_compile.serving.server")
 
 MAX_BODY_BYTES = 16 << 20
 DEFAULT_COMPLETION_MAX_TOKENS = 16   # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+CONTEXT_TOKENS = 6  # tokens decoded before one whose text a logprobs entry reports (vLLM's incremental offset is 5)
 
 
 def build_app(async_engine, served_model_name: str, *, metrics: Optional[ServingMetrics] = None,
@@ -174,7 +175,7 @@ class _ServerState:
         max_tokens = req.max_tokens
         if max_tokens is None:
             max_tokens = max(1, min(DEFAULT_COMPLETION_MAX_TOKENS, self.max_model_len - len(prompt_ids)))
-        sampling = P.sampling_params(req, max_tokens, len(prompt_ids), self.max_model_len)
+        sampling = P.sampling_params(req, max_tokens, len(prompt_ids), self.max_model_len, logprobs=P.logprobs_of(req))
         return await self._serve(request, "cmpl", prompt_ids, sampling, req, arrival, chat=False)
 
     async def chat_completion(self, request: Request):
@@ -184,7 +185,8 @@ class _ServerState:
         P.check_chat_request(req)
         prompt_ids = await self._in_tokenize_thread(chat_prompt_ids, self.tokenizer, req.messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        sampling = P.sampling_params(req, max_tokens, len(prompt_ids), self.max_model_len, prompt_param="messages")
+        sampling = P.sampling_params(req, max_tokens, len(prompt_ids), self.max_model_len, prompt_param="messages",
+                                     logprobs=P.logprobs_of(req))
         return await self._serve(request, "chatcmpl", prompt_ids, sampling, req, arrival, chat=True)
 
     async def _serve(self, request: Request, prefix: str, prompt_ids: list[int], sampling, req, arrival: float,
@@ -197,7 +199,7 @@ class _ServerState:
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = self._events(chat, outputs, timer, request_id, created, len(prompt_ids), include_usage)
+            events = self._events(chat, outputs, timer, request_id, created, prompt_ids, include_usage)
             return _EventStream(events, on_close=lambda: self._abort_unfinished(request_id, timer))
         collect = self._collect(outputs, timer)
         try:
@@ -207,12 +209,43 @@ class _ServerState:
         if result is None:  # the client went away: nobody to answer
             self._abort_unfinished(request_id, timer)
             return Response(status_code=499)
-        text, finish_reason, num_output_tokens = result
+        text, finish_reason, num_output_tokens, token_logprobs = result
         if finish_reason == "error":  # the engine's step failed: our fault, not the request's
             raise P.APIError("the engine failed while generating this request", status=500, code="internal_error")
+        logprobs = None
+        if sampling.logprobs is not None:
+            logprobs = await self._logprobs_object(token_logprobs, chat, prompt_ids)
         build = P.chat_response if chat else P.completion_response
         return JSONResponse(build(request_id, self.model_name, created, text, finish_reason, len(prompt_ids),
-                                  num_output_tokens))
+                                  num_output_tokens, logprobs))
+
+    async def _logprobs_object(self, token_logprobs: list, chat: bool, context: list, offset: int = 0) -> dict:
+        """The response's ``logprobs`` for these tokens (``context``: the token ids before the first), their texts
+        decoded on the tokenizer's thread."""
+        pieces = await self._in_tokenize_thread(self._pieces, token_logprobs, chat, context)
+        return P.chat_logprobs(pieces) if chat else P.completion_logprobs(pieces, offset)
+
+    def _pieces(self, token_logprobs: list, chat: bool, context: list) -> list:
+        """``(text, TokenLogprobs, alternatives)`` per token: chat's alternatives a list of (text, logprob);
+        completions' a {text: logprob} dict that always holds the sampled token (up to k + 1 entries, as vLLM).
+        A token's text is what it adds after the few tokens before it (a word-initial piece keeps its space), so a
+        completion's token texts join into its text."""
+        window = list(context[-CONTEXT_TOKENS:])
+        pieces = []
+        for lp in token_logprobs:
+            before = self.tokenizer.decode(window)
+
+            def text_of(token_id):
+                return self.tokenizer.decode(window + [token_id])[len(before):]
+            text = text_of(lp.token_id)
+            if chat:
+                top = [(text_of(t), v) for t, v in lp.top]
+            else:
+                top = {text_of(t): v for t, v in lp.top}
+                top.setdefault(text, lp.logprob)
+            pieces.append((text, lp, top))
+            window = (window + [lp.token_id])[-CONTEXT_TOKENS:]
+        return pieces
 
     def _abort_unfinished(self, request_id: str, timer: RequestTimer) -> None:
         if not timer.finished:
@@ -223,26 +256,31 @@ class _ServerState:
     # --- output streams ---------------------------------------------------------------------------------------
 
     async def _collect(self, outputs, timer: RequestTimer):
-        text, finish_reason, num_output_tokens = "", None, 0
+        text, finish_reason, num_output_tokens, logprobs = "", None, 0, []
         async with _closing(outputs, timer):
             async for out in outputs:
                 timer.on_tokens(len(out.new_token_ids))
-                text, num_output_tokens = out.text, out.num_output_tokens
+                text, num_output_tokens, logprobs = out.text, out.num_output_tokens, out.output_logprobs
                 if out.finished:
                     finish_reason = out.finish_reason
                     timer.on_finish(finish_reason)
-        return text, finish_reason, num_output_tokens
+        return text, finish_reason, num_output_tokens, logprobs
 
-    async def _events(self, chat: bool, outputs, timer, request_id, created, num_prompt_tokens, include_usage):
+    async def _events(self, chat: bool, outputs, timer, request_id, created, prompt_ids, include_usage):
         """The SSE stream of one request: a chunk per piece of new text (chat: after a first role chunk), the usage
-        chunk when asked for, ``[DONE]``; an engine error after the headers went out is reported in the stream."""
-        def chunk(text, finish_reason):
+        chunk when asked for, ``[DONE]``; an engine error after the headers went out is reported in the stream. With
+        logprobs, a chunk carries those of the tokens since the last chunk (a token whose text is held back, e.g. by
+        a possible stop string, reports with the next one)."""
+        def chunk(text, finish_reason, logprobs):
             if chat:
                 return P.chat_chunk(request_id, self.model_name, created, {"content": text} if text else {},
-                                    finish_reason, include_usage)
-            return P.completion_chunk(request_id, self.model_name, created, text, finish_reason, include_usage)
+                                    finish_reason, include_usage, logprobs)
+            return P.completion_chunk(request_id, self.model_name, created, text, finish_reason, include_usage,
+                                      logprobs)
 
         num_output_tokens = 0
+        pending, offset = [], 0  # token logprobs not yet sent; the next one's offset in the completion text
+        context = list(prompt_ids)  # the token ids before the first pending one
         async with _closing(outputs, timer):
             if chat:
                 yield _sse(P.chat_chunk(request_id, self.model_name, created, {"role": "assistant", "content": ""},
@@ -253,8 +291,15 @@ class _ServerState:
                     num_output_tokens = out.num_output_tokens
                     if out.finished:
                         timer.on_finish(out.finish_reason)
+                    pending += out.new_logprobs
                     if out.new_text or out.finished:
-                        yield _sse(chunk(out.new_text, out.finish_reason if out.finished else None))
+                        logprobs = None
+                        if pending:
+                            logprobs = await self._logprobs_object(pending, chat, context, offset)
+                            offset += 0 if chat else sum(len(t) for t in logprobs["tokens"])
+                            context = (context + [lp.token_id for lp in pending])[-CONTEXT_TOKENS:]
+                            pending = []
+                        yield _sse(chunk(out.new_text, out.finish_reason if out.finished else None, logprobs))
             except Exception as e:  # noqa: BLE001 - the headers are sent: report in the stream
                 timer.on_finish("error")
                 yield _sse(self._stream_error(e))
@@ -263,7 +308,7 @@ class _ServerState:
         if include_usage:
             yield _sse(P.usage_chunk(request_id, self.model_name, created,
                                      "chat.completion.chunk" if chat else "text_completion",
-                                     num_prompt_tokens, num_output_tokens))
+                                     len(prompt_ids), num_output_tokens))
         yield "data: [DONE]\n\n"
 
     def _stream_error(self, e: Exception) -> dict:

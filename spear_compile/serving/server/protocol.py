@@ -2,8 +2,10 @@
 
 Requests are validated strictly (a string where an integer belongs is a 400, not a coercion) and unknown fields
 are accepted and ignored, as OpenAI clients send extras (``user``, ...). Options this server does not implement
-(``n > 1``, ``echo``, ``logprobs``, penalties, tools, ...) are refused with a 400 naming the parameter rather than
-silently ignored. Error bodies have OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+(``n > 1``, ``echo``, penalties, tools, ...) are refused with a 400 naming the parameter rather than silently
+ignored. Log-probabilities are served in OpenAI's two shapes: completions' ``logprobs: k`` (``tokens``,
+``token_logprobs``, ``top_logprobs``, ``text_offset``) and chat's ``logprobs: true`` + ``top_logprobs: k``
+(``content``: token, logprob, bytes, top_logprobs); values are the model's raw log-softmax, as vLLM reports. Error bodies have OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ...errors import SpearError
-from ..request import SamplingParams
+from ..request import MAX_LOGPROBS, SamplingParams
 
 # The largest completion a request may ask for before the context check (which is usually tighter).
 MAX_TOKENS_LIMIT = 1 << 20
@@ -131,8 +133,6 @@ def _refuse_unsupported(req: _SamplingFields) -> None:
     if req.n is not None and req.n != 1:
         raise APIError(f"n={req.n} is not supported: this server returns one choice per request (n=1)", param="n",
                        code="unsupported_value")
-    if req.logprobs not in (None, False, 0):
-        raise APIError("logprobs are not supported by this server", param="logprobs", code="unsupported_value")
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(req, name)
         if value not in (None, 0, 0.0):
@@ -149,8 +149,24 @@ def _refuse_unsupported(req: _SamplingFields) -> None:
                        code="invalid_value")
 
 
+def _count_of_logprobs(value, param: str) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_LOGPROBS):
+        raise APIError(f"{param}={_short(value)} is invalid; it must be an integer in [0, {MAX_LOGPROBS}]", param=param,
+                       code="invalid_value")
+
+
+def logprobs_of(req: _SamplingFields) -> Optional[int]:
+    """How many top alternatives each token reports (None: no logprobs): completions' ``logprobs``, chat's
+    ``top_logprobs`` when ``logprobs`` is true. Call after the request's check."""
+    if isinstance(req, ChatCompletionRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return req.logprobs
+
+
 def check_completion_request(req: CompletionRequest) -> None:
     _refuse_unsupported(req)
+    if req.logprobs is not None:
+        _count_of_logprobs(req.logprobs, "logprobs")
     if req.echo:
         raise APIError("echo=true is not supported by this server", param="echo", code="unsupported_value")
     if req.best_of not in (None, 1):
@@ -168,8 +184,13 @@ def check_chat_request(req: ChatCompletionRequest) -> None:
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise APIError("only response_format {'type': 'text'} is supported", param="response_format",
                        code="unsupported_value")
-    if req.top_logprobs:
-        raise APIError("top_logprobs is not supported by this server", param="top_logprobs", code="unsupported_value")
+    if req.logprobs is not None and not isinstance(req.logprobs, bool):
+        raise APIError(f"logprobs={_short(req.logprobs)} is invalid; chat completions take true or false (the count "
+                       f"of alternatives is top_logprobs)", param="logprobs", code="invalid_value")
+    if req.top_logprobs is not None:
+        _count_of_logprobs(req.top_logprobs, "top_logprobs")
+        if req.top_logprobs and not req.logprobs:
+            raise APIError("top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value")
 
 
 def single_prompt(prompt) -> Union[str, list[int]]:
@@ -187,7 +208,7 @@ def single_prompt(prompt) -> Union[str, list[int]]:
 
 
 def sampling_params(req: _SamplingFields, max_tokens: Optional[int], num_prompt_tokens: int,
-                    max_model_len: int, prompt_param: str = "prompt") -> SamplingParams:
+                    max_model_len: int, prompt_param: str = "prompt", logprobs: Optional[int] = None) -> SamplingParams:
     """The engine's ``SamplingParams`` for ``req``; every bad value is a 400 naming its parameter.
 
     ``max_tokens=None``: the rest of the context. ``prompt_param``: the field a too-long prompt is blamed on. The prompt plus ``max_tokens`` must fit the context (as OpenAI
@@ -222,7 +243,7 @@ def sampling_params(req: _SamplingFields, max_tokens: Optional[int], num_prompt_
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              seed=req.seed, stop=stop, ignore_eos=req.ignore_eos)
+                              seed=req.seed, stop=stop, ignore_eos=req.ignore_eos, logprobs=logprobs)
     except SpearError as e:  # the engine's own checks (e.g. the stop-string limit)
         field = str(e).split("=", 1)[0].rsplit(" ", 1)[-1]
         raise APIError(str(e), param=field if field in SamplingParams.__dataclass_fields__ else None,
@@ -240,34 +261,53 @@ def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
             "total_tokens": num_prompt_tokens + num_output_tokens}
 
 
+def completion_logprobs(pieces: list, offset: int = 0) -> dict:
+    """Completions' ``logprobs`` object for ``pieces`` (``(text, TokenLogprobs, {alternative text: logprob})`` per
+    token); ``offset``: the first token's position in the completion text (a stream's later chunks)."""
+    offsets = []
+    for text, _, _ in pieces:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": [t for t, _, _ in pieces], "token_logprobs": [lp.logprob for _, lp, _ in pieces],
+            "top_logprobs": [top for _, _, top in pieces], "text_offset": offsets}
+
+
+def chat_logprobs(pieces: list) -> dict:
+    """Chat's ``logprobs`` object for ``pieces`` (``(text, TokenLogprobs, [(alternative text, logprob)])``)."""
+    def entry(text, logprob):
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"content": [dict(entry(t, lp.logprob), top_logprobs=[entry(a, v) for a, v in top])
+                        for t, lp, top in pieces]}
+
+
 def completion_response(request_id: str, model: str, created: int, text: str, finish_reason: Optional[str],
-                        num_prompt_tokens: int, num_output_tokens: int) -> dict:
+                        num_prompt_tokens: int, num_output_tokens: int, logprobs: Optional[dict] = None) -> dict:
     return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
             "usage": usage(num_prompt_tokens, num_output_tokens)}
 
 
 def completion_chunk(request_id: str, model: str, created: int, text: str, finish_reason: Optional[str],
-                     with_usage_field: bool) -> dict:
+                     with_usage_field: bool, logprobs: Optional[dict] = None) -> dict:
     chunk = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+             "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if with_usage_field:
         chunk["usage"] = None
     return chunk
 
 
 def chat_response(request_id: str, model: str, created: int, text: str, finish_reason: Optional[str],
-                  num_prompt_tokens: int, num_output_tokens: int) -> dict:
+                  num_prompt_tokens: int, num_output_tokens: int, logprobs: Optional[dict] = None) -> dict:
     return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                          "finish_reason": finish_reason}],
             "usage": usage(num_prompt_tokens, num_output_tokens)}
 
 
 def chat_chunk(request_id: str, model: str, created: int, delta: dict, finish_reason: Optional[str],
-               with_usage_field: bool) -> dict:
+               with_usage_field: bool, logprobs: Optional[dict] = None) -> dict:
     chunk = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+             "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if with_usage_field:
         chunk["usage"] = None
     return chunk
