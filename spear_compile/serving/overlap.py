@@ -50,15 +50,14 @@ class OverlappedSteps:
         return self.inflight is not None
 
     def eligible(self) -> bool:
-        """Whether the next step can be launched before the previous one's tokens are known: every request greedy
-        without logprobs (running and waiting: its sampler needs no host) and a free KV block per running request (a
-        decode needs at most one, so the scheduler cannot preempt for them)."""
+        """Whether the next step can be launched before the previous one's tokens are known: every request's token
+        the device argmax with nothing read back (greedy, no logprobs, no penalties; running and waiting) and a free
+        KV block per running request (a decode needs at most one, so the scheduler cannot preempt for them)."""
         sched = self.engine.scheduler
         running = sched.running
         if not (running or sched.waiting) or self.engine.blocks.num_free_blocks < len(running):
             return False
-        return all(r.sampling.greedy and r.sampling.logprobs is None for r in running) and \
-            all(r.sampling.greedy and r.sampling.logprobs is None for r in sched.waiting)
+        return all(r.sampling.device_argmax for r in running) and all(r.sampling.device_argmax for r in sched.waiting)
 
     def step(self) -> list:
         """Schedule and launch a step, then read the previous one back; its outputs are this call's."""

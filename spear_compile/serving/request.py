@@ -26,6 +26,10 @@ class SamplingParams:
     stop_token_ids: list = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: Optional[int] = None  # None: none; k: each sampled token's log-probability and the k most likely
+    presence_penalty: float = 0.0   # OpenAI's: minus this from every token already in the output
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # HF's / vLLM's: a token of the prompt or output has its logit divided by this
+    # if positive, multiplied if negative
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -49,10 +53,24 @@ class SamplingParams:
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
                                          and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs", self.logprobs,
                f"None or an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_real(value) and -2.0 <= value <= 2.0, name, value, "a number in [-2, 2] (0 = off)")
+        _check(_real(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0, "repetition_penalty",
+               self.repetition_penalty, "a number in (0, 10] (1 = off)")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def device_argmax(self) -> bool:
+        """The token is the logits' argmax and nothing else is read back (what an overlapped step can launch on)."""
+        return self.greedy and self.logprobs is None and not self.penalized
 
 
 def _real(x) -> bool:

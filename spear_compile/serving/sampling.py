@@ -34,9 +34,12 @@ class Sampler:
             return []
         out = logits.argmax(dim=-1).tolist()
         for i, req in enumerate(reqs):
-            if not req.sampling.greedy:
-                out[i] = sample_row(logits[i], req.sampling.temperature, req.sampling.top_k, req.sampling.top_p,
-                                    self._generator_for(req))
+            sp = req.sampling
+            row = penalized(logits[i], req) if sp.penalized else logits[i]
+            if not sp.greedy:
+                out[i] = sample_row(row, sp.temperature, sp.top_k, sp.top_p, self._generator_for(req))
+            elif sp.penalized:
+                out[i] = int(row.argmax())
         return out
 
     @torch.no_grad()
@@ -57,6 +60,22 @@ class Sampler:
             n = reqs[i].sampling.logprobs
             out[i] = TokenLogprobs(tokens[i], chosen[j], tuple(zip(top_i[j][:n], top_v[j][:n])))
         return out
+
+
+def penalized(logits: torch.Tensor, req: Request) -> torch.Tensor:
+    """``logits`` (one row) with ``req``'s penalties, as vLLM applies them: repetition (HF's
+    ``RepetitionPenaltyLogitsProcessor``) over the prompt and output tokens, then frequency and presence (OpenAI's)
+    over the output tokens."""
+    sp = req.sampling
+    row = logits.float().clone()
+    if sp.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(req.prompt_token_ids) | set(req.output_token_ids)), device=row.device)
+        picked = row[seen]
+        row[seen] = torch.where(picked > 0, picked / sp.repetition_penalty, picked * sp.repetition_penalty)
+    if (sp.frequency_penalty or sp.presence_penalty) and req.output_token_ids:
+        counts = torch.bincount(torch.tensor(req.output_token_ids, device=row.device), minlength=row.shape[-1])
+        row -= sp.frequency_penalty * counts[:row.shape[-1]] + sp.presence_penalty * (counts[:row.shape[-1]] > 0)
+    return row
 
 
 def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,

@@ -300,3 +300,28 @@ def test_logprobs_equal_the_model_log_softmax(ref_tokenizer):
             assert [t for t, _ in lp.top] == top.indices.tolist()
             if sp.greedy:
                 assert lp.top[0][0] == lp.token_id
+
+
+def test_penalties_equal_hf_and_a_teacher_forced_reference(ref_tokenizer):
+    """Greedy with a repetition penalty equals HF eager ``generate(repetition_penalty=...)``; greedy with presence
+    and frequency penalties picks, at every step, the argmax of HF's eager logits of prompt + outputs so far minus
+    the penalties (OpenAI's definition); the penalties change the tokens (the check can fail)."""
+    new = 12
+    eng = make_engine(quantized_ref(), ref_tokenizer, policy="budget-16")
+    ps = prompts()[:3]
+    rep, pf = greedy(new, repetition_penalty=1.8), greedy(new, presence_penalty=1.5, frequency_penalty=1.0)
+    outs = eng.generate(ps, [rep, pf, greedy(new)])
+    model = dequantized(quantized_ref())
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([ps[0]]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                            repetition_penalty=1.8)[0, len(ps[0]):].tolist()
+        assert outs[0].output_token_ids == hf
+        toks = outs[1].output_token_ids
+        logits = model(torch.tensor([ps[1] + toks])).logits[0, len(ps[1]) - 1:-1].double()
+    for j, tok in enumerate(toks):
+        row = logits[j].clone()
+        for t in set(toks[:j]):
+            row[t] -= 1.0 * toks[:j].count(t) + 1.5
+        assert tok == int(row.argmax()), j
+    plain = eng.generate(ps[:2], greedy(new))
+    assert plain[0].output_token_ids != hf or plain[1].output_token_ids != toks

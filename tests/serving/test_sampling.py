@@ -83,3 +83,32 @@ def test_logprobs_rows_vs_float64():
         assert [t for t, _ in got[i].top] == top.indices.tolist()
         assert max(abs(a - b) for (_, a), b in zip(got[i].top, top.values.tolist())) < 1e-5 if k else got[i].top == ()
     assert Sampler(torch.device("cpu")).logprobs(logits, reqs[:1], tokens[:1]) == [None]
+
+
+@pytest.mark.parametrize("field,value", [("presence_penalty", 2.5), ("frequency_penalty", -3),
+                                         ("presence_penalty", "1"), ("repetition_penalty", 0),
+                                         ("repetition_penalty", float("inf"))])
+def test_bad_penalties_name_the_field(field, value):
+    with pytest.raises(SpearError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_penalties_vs_a_loop_reference():
+    """Repetition over prompt + output (positive logits divided, negative multiplied), then frequency x count and
+    presence over the output only; a request without penalties is not ``penalized``."""
+    from spear_compile.serving.sampling import penalized
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(30, generator=g) * 2
+    req = Request("r", [3, 4, 4], SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.5),
+                  0.0)
+    req.output_token_ids = [4, 7, 7, 7]
+    ref = logits.double().clone()
+    for t in {3, 4, 7}:
+        ref[t] = ref[t] / 1.5 if ref[t] > 0 else ref[t] * 1.5
+    for t, c in ((4, 1), (7, 3)):
+        ref[t] -= 0.25 * c + 0.5
+    before = logits.clone()
+    assert torch.allclose(penalized(logits, req).double(), ref, atol=1e-6)
+    assert torch.equal(logits, before)  # the step's logits are left as they were
+    assert not SamplingParams().penalized and SamplingParams(temperature=0).device_argmax
+    assert not SamplingParams(temperature=0, frequency_penalty=0.1).device_argmax

@@ -37,6 +37,7 @@ CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "conte
 MAX_TOKENS = 8
 MAX_NUM_SEQS = 32        # below the 64 concurrent clients: some wait for a slot
 LONG_MAX_TOKENS = 400   # the disconnecting clients' requests: far more steps than the whole test runs
+PENALTIES = dict(presence_penalty=1.2, frequency_penalty=0.8, repetition_penalty=1.3)
 
 
 class ServerThread:
@@ -74,9 +75,10 @@ def served(request):
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=3)  # logprobs: test_logprobs' reference
     chat_ids = chat_prompt_ids(engine.tokenizer, [ChatMessage(**m) for m in CHAT])
     *offline, offline_chat = engine.generate(PROMPTS + [chat_ids], greedy)
+    penalized = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, **PENALTIES))[0]
     server = ServerThread(build_app(AsyncEngine(engine), MODEL))
     try:
-        yield server.base_url, engine, offline, offline_chat
+        yield server.base_url, engine, offline, offline_chat, penalized
     finally:
         server.stop()
 
@@ -132,7 +134,7 @@ def test_health_and_models(client, served):
 
 def test_completion_greedy_equals_offline(client, served):
     """Each prompt as text and as token ids, all at once: every text equals the offline greedy output."""
-    _, _, offline, _ = served
+    _, _, offline, _, _ = served
     bodies = [{"model": MODEL, "prompt": list(ref.prompt_token_ids) if as_ids else prompt, "max_tokens": MAX_TOKENS,
                "temperature": 0} for as_ids in (False, True) for prompt, ref in zip(PROMPTS, offline)]
     responses = _concurrently(lambda body: client.post("/v1/completions", json=body), bodies)
@@ -187,7 +189,7 @@ def test_chat_greedy_equals_offline(client, served):
 
 
 def test_openai_client(served):
-    base_url, _, offline, offline_chat = served
+    base_url, _, offline, offline_chat, _ = served
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
     out, chunks = _concurrently(lambda f: f(), [
         lambda: client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0),
@@ -248,6 +250,15 @@ def test_logprobs_completion_and_chat(client, served):
     assert streamed == content
 
 
+def test_penalties_equal_offline(client, served):
+    """presence / frequency (OpenAI's) and repetition (vLLM's extension) penalties: the offline engine's text."""
+    ref = served[4]
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPTS[1], "max_tokens": MAX_TOKENS,
+                                             "temperature": 0, **PENALTIES})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == ref.text != served[2][1].text  # the penalties changed the text
+
+
 def test_seeded_sampling_and_stop(client, served):
     """A seeded sampled request twice gives the same text (batched together); a stop string cuts the greedy text
     before its first occurrence."""
@@ -299,6 +310,11 @@ BAD_REQUESTS = [
     ("tpot_slo_zero", "/v1/chat/completions", {"messages": CHAT, "tpot_slo_ms": 0}, 400, "tpot_slo_ms"),
     ("n_two", "/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
     ("echo", "/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
+    ("presence_penalty_high", "/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("frequency_penalty_string", "/v1/completions", {"prompt": "x", "frequency_penalty": "1"}, 400,
+     "frequency_penalty"),
+    ("repetition_penalty_zero", "/v1/chat/completions", {"messages": CHAT, "repetition_penalty": 0}, 400,
+     "repetition_penalty"),
     ("logprobs_negative", "/v1/completions", {"prompt": "x", "logprobs": -1}, 400, "logprobs"),
     ("logprobs_too_many", "/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ("logprobs_string", "/v1/completions", {"prompt": "x", "logprobs": "3"}, 400, "logprobs"),
@@ -427,7 +443,7 @@ def test_64_streams_a_quarter_disconnect(served):
     """64 concurrent streaming clients, every fourth closes its connection after 2 chunks of a 400-token request:
     every other request completes with the offline greedy text, the dropped ones are aborted (they never run to
     their length: fewer engine steps than that pass), and afterwards every KV block is free."""
-    base_url, engine, offline, _ = served
+    base_url, engine, offline, _, _ = served
     _wait_idle(engine)
     steps_before = engine.stats().num_steps
     aborts_before = _metric(base_url, "spear_requests_finished", "spear_requests_finished_total",
@@ -462,7 +478,7 @@ def test_64_streams_a_quarter_disconnect(served):
 
 def test_non_streaming_disconnect_aborts(served):
     """A non-streaming client that gives up (read timeout: httpx closes the connection) cancels its request."""
-    base_url, engine, _, _ = served
+    base_url, engine, _, _, _ = served
     _wait_idle(engine)
     steps_before = engine.stats().num_steps
     body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": LONG_MAX_TOKENS, "ignore_eos": True}

@@ -2,10 +2,12 @@
 
 Requests are validated strictly (a string where an integer belongs is a 400, not a coercion) and unknown fields
 are accepted and ignored, as OpenAI clients send extras (``user``, ...). Options this server does not implement
-(``n > 1``, ``echo``, penalties, tools, ...) are refused with a 400 naming the parameter rather than silently
+(``n > 1``, ``echo``, ``logit_bias``, tools, ...) are refused with a 400 naming the parameter rather than silently
 ignored. Log-probabilities are served in OpenAI's two shapes: completions' ``logprobs: k`` (``tokens``,
 ``token_logprobs``, ``top_logprobs``, ``text_offset``) and chat's ``logprobs: true`` + ``top_logprobs: k``
-(``content``: token, logprob, bytes, top_logprobs); values are the model's raw log-softmax, as vLLM reports. Error bodies have OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+(``content``: token, logprob, bytes, top_logprobs); values are the model's raw log-softmax, as vLLM reports.
+Penalties: OpenAI's ``presence_penalty`` / ``frequency_penalty`` and vLLM's ``repetition_penalty``. Error bodies
+have OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 """
 from __future__ import annotations
 
@@ -75,6 +77,7 @@ class _SamplingFields(_Strict):
     logprobs: Any = None
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None  # vLLM extension (HF's repetition penalty over prompt and output)
     logit_bias: Optional[dict] = None
     ignore_eos: bool = False  # vLLM extension, handy for benchmarks
     ttft_slo_ms: Optional[float] = None   # extensions: this request's latency targets for the SLO-aware scheduler
@@ -133,10 +136,6 @@ def _refuse_unsupported(req: _SamplingFields) -> None:
     if req.n is not None and req.n != 1:
         raise APIError(f"n={req.n} is not supported: this server returns one choice per request (n=1)", param="n",
                        code="unsupported_value")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(req, name)
-        if value not in (None, 0, 0.0):
-            raise APIError(f"{name} is not supported by this server (only 0)", param=name, code="unsupported_value")
     if req.logit_bias:
         raise APIError("logit_bias is not supported by this server", param="logit_bias", code="unsupported_value")
     for name in ("ttft_slo_ms", "tpot_slo_ms"):
@@ -241,9 +240,11 @@ def sampling_params(req: _SamplingFields, max_tokens: Optional[int], num_prompt_
     if req.seed is not None and not 0 <= req.seed < 2 ** 63:
         raise APIError(f"seed={req.seed} is invalid; it must be in [0, 2**63)", param="seed", code="invalid_value")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    penalties = {name: getattr(req, name) for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
+                 if getattr(req, name) is not None}
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              seed=req.seed, stop=stop, ignore_eos=req.ignore_eos, logprobs=logprobs)
+                              seed=req.seed, stop=stop, ignore_eos=req.ignore_eos, logprobs=logprobs, **penalties)
     except SpearError as e:  # the engine's own checks (e.g. the stop-string limit)
         field = str(e).split("=", 1)[0].rsplit(" ", 1)[-1]
         raise APIError(str(e), param=field if field in SamplingParams.__dataclass_fields__ else None,
