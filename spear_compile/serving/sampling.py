@@ -35,11 +35,12 @@ class Sampler:
         out = logits.argmax(dim=-1).tolist()
         for i, req in enumerate(reqs):
             sp = req.sampling
-            row = penalized(logits[i], req) if sp.penalized else logits[i]
-            if not sp.greedy:
-                out[i] = sample_row(row, sp.temperature, sp.top_k, sp.top_p, self._generator_for(req))
-            elif sp.penalized:
-                out[i] = int(row.argmax())
+            greedy, pen = sp.temperature == 0.0, sp.penalized
+            if greedy and not pen:
+                continue  # the argmax above (no per-row tensor: this loop runs for every request every step)
+            row = penalized(logits[i], req) if pen else logits[i]
+            out[i] = int(row.argmax()) if greedy else sample_row(row, sp.temperature, sp.top_k, sp.top_p,
+                                                                 self._generator_for(req))
         return out
 
     @torch.no_grad()
