@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Smoke test of `spear-compile serve` on a GPU: start the server on 127.0.0.1 in the background (bundled
 # spear-ref-16m, W4), send streaming and non-streaming completions and chat requests with curl, one bad request,
-# check /metrics, stop the server. Under 3 minutes (start-up compiles and captures the graphs).
+# check /metrics, replay a short trace through bench/serving_http.py, stop the server. Under 3 minutes (start-up compiles and captures the graphs).
 #   usage (repository root, CUDA machine):  bash bench/serve_smoke.sh
 #   on the lent H200, whose Python lacks the server's packages (wheels: .whl, from bench/device_wheels.sh; one
 #   directory only: the same wheel twice stops the install):
@@ -127,6 +127,11 @@ assert v("spear_kv_cache_blocks_used") == 0, "blocks still held after every requ
 assert v("spear_recompiles", "_total") == 0, "the engine recompiled while serving"
 print("ttft_count", v("spear_time_to_first_token_seconds", "_count"), "recompiles", v("spear_recompiles", "_total"))' "$OUT/serve_smoke_metrics.txt"
 }
+http_bench() {  # a 5 s Poisson trace at 8 req/s through bench/serving_http.py: every request completes
+  $PY -m bench.serving_http --url "$BASE" --rate 8 --duration 5 --max-prompt 256 --max-output 64 --prompt-median 64 \
+      --output-median 32 --vocab 8000 --ttft-slo-ms 1000 --tpot-slo-ms 100 --json "$OUT/serving_http.json" &&
+  $PY -c 'import json,sys; m=json.load(open(sys.argv[1])); assert m["completed"]==m["num_requests"]>0 and not m["failed"], m; print(m["completed"], "requests, TTFT p99", m["ttft_ms_p99"], "ms, TPOT p99", m["tpot_ms_p99"], "ms")' "$OUT/serving_http.json"
+}
 
 check completion completion
 check completion_stream completion_stream
@@ -136,6 +141,7 @@ check concurrent_8_streams concurrent
 check bad_request_400 bad_request
 sleep 0.5
 check metrics metrics
+check http_bench http_bench
 
 echo "server log: $LOG (last lines)"; tail -5 "$LOG"
 echo

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,6 +29,8 @@ from spear_compile.serving.server import build_app  # noqa: E402
 from spear_compile.serving.server.chat import chat_prompt_ids  # noqa: E402
 from spear_compile.serving.server.protocol import ChatMessage  # noqa: E402
 
+from .server_thread import ServerThread  # noqa: E402
+
 MODEL = "spear-ref-16m"
 PROMPTS = ["The history of the city", "Once upon a time there was a", "In 1990, the band released"]
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about rivers."}]
@@ -38,31 +38,6 @@ MAX_TOKENS = 8
 MAX_NUM_SEQS = 32        # below the 64 concurrent clients: some wait for a slot
 LONG_MAX_TOKENS = 400   # the disconnecting clients' requests: far more steps than the whole test runs
 PENALTIES = dict(presence_penalty=1.2, frequency_penalty=0.8, repetition_penalty=1.3)
-
-
-class ServerThread:
-    """uvicorn serving ``app`` on 127.0.0.1 in a background thread, on a socket bound here (port chosen by the OS)."""
-
-    def __init__(self, app, start_timeout_s: float = 120.0):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.base_url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
-                                                    timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + start_timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["one-step-at-a-time", "overlapped"])
