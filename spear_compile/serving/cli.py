@@ -54,6 +54,8 @@ def add_cli(subparsers) -> None:
                    help="with --tp on CUDA: all-reduce the row-parallel ECs' u instead of the peer-reduction epilogue")
     p.add_argument("--overlap-decode", action="store_true",
                    help="launch each decode step before the previous one's tokens are read back (docs/serving.md)")
+    p.add_argument("--enable-prefix-caching", action="store_true",
+                   help="reuse the KV blocks of prompt prefixes already computed (docs/serving.md)")
     p.add_argument("--decode-attention", default="torch", choices=("torch", "triton"),
                    help="decode rows' attention: torch ops (gather, matmuls, softmax; default) or one paged Triton "
                         "kernel per layer")
@@ -177,7 +179,8 @@ def _run_serve(args) -> int:
     options = dict(max_num_seqs=args.max_batch, device=device, compile=fast, cuda_graphs=fast,
                    ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms, max_model_len=args.max_model_len,
                    num_blocks=args.num_blocks, progress=args.tp == 1, dtype=getattr(torch, args.dtype),
-                   overlap_decode=args.overlap_decode, decode_attention=args.decode_attention)
+                   overlap_decode=args.overlap_decode, decode_attention=args.decode_attention,
+                   enable_prefix_caching=args.enable_prefix_caching)
     if args.policy is not None:  # an SLO policy profiles the engine's step cost model at start-up (cached on disk)
         options["policy"] = args.policy
         if args.policy.startswith("slo") and not device.startswith("cuda"):

@@ -55,6 +55,8 @@ class EngineConfig:
     #                                          tensor parallelism's peer-reduction epilogue is on, else 0)
     decode_attention: str = "torch"          # decode rows' attention: "torch" (gather K/V, two matmuls, softmax) or
     #   "triton" (one paged kernel per layer: lowering/attention.py; off by default until measured on a GPU)
+    enable_prefix_caching: bool = False     # reuse the KV blocks of cached prompt prefixes (kv_cache.py; off by
+    #   default until measured on a GPU)
     ec_switch: Optional[bool] = None        # compile + capture the steps without ECs too, so set_ec_enabled(False)
     #   can switch them off while serving (None: on for the "slo" policies, whose EC-aware cost model is fitted on
     #   steps with and without ECs; off otherwise: start-up compiles, tunes and captures half as much)
@@ -86,6 +88,8 @@ class EngineConfig:
                 raise SpearError(f"EngineConfig: {name}={v!r} must be a positive number of milliseconds or None")
         if self.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise SpearError(f"EngineConfig: dtype={self.dtype} must be bfloat16, float16 or float32")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise SpearError(f"EngineConfig: enable_prefix_caching={self.enable_prefix_caching!r} must be True or False")
         if self.decode_attention not in ("torch", "triton"):
             raise SpearError(f"EngineConfig: decode_attention={self.decode_attention!r} must be 'torch' or 'triton'")
         slo = isinstance(self.policy, str) and self.policy.startswith("slo")

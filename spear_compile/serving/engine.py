@@ -82,6 +82,7 @@ class EngineStats:
     ec_enabled: bool
     warmup_s: float
     step_log: list = field(default_factory=list)
+    prefix_cache_hit_tokens: int = 0   # prompt tokens taken from cached KV blocks instead of computed
 
 
 def load_model(model_path: str, quant: Optional[str] = "w4-pc-rtn", ec: Optional[str] = None,
@@ -145,7 +146,7 @@ class Engine:
         self.device = dev
         self.runner = ModelRunner.start(model, config, dev)  # compiled and captured here (a progress bar)
         self.max_model_len = self.runner.max_model_len
-        self.blocks = KVBlockManager(self.runner.num_blocks, config.block_size)
+        self.blocks = KVBlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         # an SLO policy needs this engine's step cost model, profiled once it is warm (below): until then, a budget
         slo_policy = config.policy if isinstance(config.policy, str) and config.policy.startswith("slo") else None
         self.policy = make_policy("budget-512" if slo_policy else config.policy)
@@ -261,6 +262,8 @@ class Engine:
         if not enabled and False not in self.runner.ec_states():
             raise SpearError("Engine.set_ec_enabled(False): this engine compiled its steps with ECs only; start it "
                              "with EngineConfig(ec_switch=True) to switch them off while serving")
+        if bool(enabled) != self._ec_enabled:
+            self.blocks.reset_prefix_cache()   # cached KV was computed by the other model
         self._ec_enabled = bool(enabled)
 
     def load_ecs(self, ec_dir, quant=None) -> None:
@@ -301,6 +304,7 @@ class Engine:
                     for name, params in item.items():
                         for pname, t in params.items():
                             getattr(modules[name], pname).copy_(t)
+                self.blocks.reset_prefix_cache()
             else:
                 req = self.scheduler.abort(item)
                 if req is not None:
@@ -450,4 +454,5 @@ class Engine:
                            last_predicted_s=last.predicted_s if last else None,
                            last_measured_s=last.measured_s if last else None,
                            num_preemptions=self.num_preemptions, ec_enabled=self._ec_enabled,
-                           warmup_s=self.runner.warmup_s, step_log=list(self.step_log))
+                           warmup_s=self.runner.warmup_s, step_log=list(self.step_log),
+                           prefix_cache_hit_tokens=self.blocks.num_cached_tokens)

@@ -126,6 +126,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     block_ids: list = field(default_factory=list)
+    block_hashes: list = field(default_factory=list)  # prefix caching: the chain hashes of its named full blocks
+    cache_epoch: int = -1  # prefix caching: the cache epoch it was admitted in (it names blocks only in that one)
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
     finish_time: Optional[float] = None

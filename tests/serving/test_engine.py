@@ -325,3 +325,36 @@ def test_penalties_equal_hf_and_a_teacher_forced_reference(ref_tokenizer):
         assert tok == int(row.argmax()), j
     plain = eng.generate(ps[:2], greedy(new))
     assert plain[0].output_token_ids != hf or plain[1].output_token_ids != toks
+
+
+@pytest.mark.parametrize("ecs,num_blocks", [(False, 40), (True, 40), (False, 16)], ids=["w4", "w4+ec", "w4-tight"])
+def test_prefix_caching_same_tokens_fewer_computed(ecs, num_blocks, ref_tokenizer):
+    """Prompts sharing a 40-token stem, after one that computed it: the later ones take its cached blocks (hit
+    tokens counted; without preemptions, computed + cached = their prompt tokens exactly) and their greedy tokens
+    equal HF eager ``generate``; with 15 usable 4-token blocks requests are preempted and recomputed (taking their
+    own cached blocks back) and the tokens still equal. Switching ECs off forgets the cache."""
+    stem = prompts()[2]
+    ps = [stem + [11, 12, 13], stem[:33] + [7, 8, 9, 10, 11], stem + [500], prompts()[1]]
+    model = dequantized(quantized_ref(ecs))
+    with torch.no_grad():
+        ref = [model.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)[0, len(p):]
+               .tolist() for p in ps]
+    eng = make_engine(quantized_ref(ecs), ref_tokenizer, policy="budget-16", block_size=4, num_blocks=num_blocks,
+                      enable_prefix_caching=True, ec_switch=ecs)
+    first = eng.generate(ps[:1], greedy())
+    computed_first = sum(r.num_prefill_tokens for r in eng.step_log)
+    hits_first = eng.stats().prefix_cache_hit_tokens
+    rest = eng.generate(ps[1:], greedy())
+    assert [o.output_token_ids for o in first + rest] == ref
+    hits = eng.stats().prefix_cache_hit_tokens - hits_first
+    computed_rest = sum(r.num_prefill_tokens for r in eng.step_log) - computed_first
+    if num_blocks == 40:
+        assert eng.num_preemptions == 0 and hits_first == 0
+        assert hits == 32 + 40                                    # ps[1]: 8 blocks of the stem; ps[2]: 10 blocks
+        assert computed_rest + hits == sum(len(p) for p in ps[1:])
+    else:
+        assert eng.num_preemptions > 0 and hits > 0
+    assert eng.blocks.num_free_blocks == eng.blocks.num_usable_blocks
+    if ecs:
+        eng.set_ec_enabled(False)
+        assert eng.blocks.num_cached_blocks == 0

@@ -136,3 +136,106 @@ def test_make_policy():
     for bad in ("budget-0", "budget-x", "nope", 3):
         with pytest.raises(SpearError):
             make_policy(bad)
+
+
+# ---- prefix caching ---------------------------------------------------------------------------------------------
+def computed(m, r, n=None):
+    """``r`` holds blocks for its tokens and has computed ``n`` of them (all by default), then names them."""
+    n = r.num_tokens if n is None else n
+    assert m.allocate(r, n - r.num_computed_tokens)
+    r.num_computed_tokens = n
+    m.commit(r)
+
+
+def test_prefix_blocks_are_shared_counted_and_kept_after_free():
+    m = KVBlockManager(num_blocks=13, block_size=4, prefix_caching=True)
+    a = Request("a", list(range(1, 11)), SamplingParams(), 0.0)           # 10 tokens: 2 full blocks + 2
+    assert m.match_prefix(a) == 0
+    computed(m, a)
+    assert m.num_cached_blocks == 2 and m.num_free_blocks == 12 - 3
+    b = Request("b", list(range(1, 9)) + [50, 51, 52], SamplingParams(), 1.0)   # shares a's first 2 blocks
+    assert m.match_prefix(b) == 8 and b.block_ids == a.block_ids[:2] and b.num_computed_tokens == 8
+    assert m.num_free_blocks == 9                                           # shared: nothing new taken
+    m.free(a)
+    assert m.num_free_blocks == 10                                          # a's private tail block only
+    m.free(b)
+    assert m.num_free_blocks == 12 and m.num_cached_blocks == 2             # free, but still named
+    c = Request("c", list(range(1, 9)), SamplingParams(), 2.0)              # exactly 2 blocks: the last one recomputed
+    assert m.match_prefix(c) == 4 and c.num_tokens_to_compute == 4
+    d = Request("d", [9] + list(range(2, 12)), SamplingParams(), 3.0)       # differs in token 0: the chain differs
+    assert m.match_prefix(d) == 0 and d.block_ids == []
+    assert m.num_cached_tokens == 12
+
+
+def test_reuse_evicts_names_and_reset_forgets():
+    m = KVBlockManager(num_blocks=4, block_size=2, prefix_caching=True)    # 3 usable blocks
+    a = Request("a", [1, 2, 3, 4, 5], SamplingParams(), 0.0)
+    m.match_prefix(a)
+    computed(m, a)
+    m.free(a)
+    assert m.num_cached_blocks == 2
+    big = Request("big", list(range(10, 16)), SamplingParams(), 1.0)       # needs all 3 blocks: evicts both names
+    assert m.match_prefix(big) == 0
+    assert m.allocate(big, 6) and m.num_cached_blocks == 0
+    m.free(big)
+    again = Request("again", [1, 2, 3, 4, 5], SamplingParams(), 2.0)
+    assert m.match_prefix(again) == 0                                        # the KV was overwritten: no false hit
+    computed(m, again)
+    m.reset_prefix_cache()
+    assert m.num_cached_blocks == 0
+    m.commit(again)                                                         # admitted before the reset: names nothing
+    assert m.num_cached_blocks == 0
+    m.free(again)
+    late = Request("late", [1, 2, 3, 4, 5], SamplingParams(), 3.0)
+    assert m.match_prefix(late) == 0
+
+
+def test_pending_tokens_are_not_named():
+    m = KVBlockManager(num_blocks=8, block_size=2, prefix_caching=True)
+    r = Request("r", [1, 2, 3], SamplingParams(), 0.0)
+    m.match_prefix(r)
+    computed(m, r)
+    r.output_token_ids.append(-1)                                           # an overlapped step's token, unknown
+    computed(m, r, 4)
+    assert len(r.block_hashes) == 1
+    r.output_token_ids[-1] = 7
+    m.commit(r)
+    assert len(r.block_hashes) == 2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_scheduler_with_prefix_caching_keeps_its_invariants(seed):
+    """Random shared-prefix requests through the scheduler with few blocks (preemptions, evictions): no block held
+    twice by one request, refcounts equal the holders, a request's cached blocks hold exactly its tokens' chain,
+    everyone finishes, every block free at the end."""
+    import random
+    rnd = random.Random(seed)
+    blocks = KVBlockManager(24, 4, prefix_caching=True)
+    s = Scheduler(blocks, TokenBudget(16), max_num_seqs=4, max_num_tokens=16)
+    stems = [[rnd.randrange(1, 50) for _ in range(rnd.randrange(4, 14))] for _ in range(3)]
+    reqs = []
+    for i in range(12):
+        prompt = rnd.choice(stems) + [rnd.randrange(1, 50) for _ in range(rnd.randrange(1, 6))]
+        r = Request(str(i), prompt, SamplingParams(max_tokens=rnd.randrange(1, 8)), float(i))
+        reqs.append(r)
+        s.add(r)
+    for _ in range(400):
+        if not s.has_unfinished():
+            break
+        plan = s.schedule()
+        run_step(s, plan, sampled_token=rnd.randrange(1, 50))
+        holders = {}
+        for r in s.running:
+            assert len(r.block_ids) == len(set(r.block_ids))
+            for b in r.block_ids:
+                holders[b] = holders.get(b, 0) + 1
+        assert all(blocks._refs[b] == n for b, n in holders.items())
+        for r in s.running:  # a named block a request holds carries that request's own chain at that position
+            for i, h in enumerate(r.block_hashes):
+                assert blocks._name.get(r.block_ids[i], h) == h
+        assert len(holders) + blocks.num_free_blocks == blocks.num_usable_blocks
+        for r in list(s.running):
+            if len(r.output_token_ids) >= r.sampling.max_tokens and r.num_computed_tokens == r.num_tokens - 1:
+                s.finish(r, RequestStatus.FINISHED_LENGTH)
+    assert not s.has_unfinished()
+    assert blocks.num_free_blocks == blocks.num_usable_blocks and blocks.num_cached_tokens > 0

@@ -164,3 +164,22 @@ def test_overlap_read_back_failure_keeps_the_launched_step(ref_tokenizer):
     finally:
         detokenizer.IncrementalDetokenizer.add = real
     assert final == {"a": "length", "b": "length"}, (final, over.last_error)
+
+
+def test_overlap_with_prefix_caching(ref_tokenizer):
+    """Shared-prefix prompts arriving while others decode, with prefix caching, overlapped vs one step at a time
+    without caching: the same tokens; the overlapped engine still overlaps and its cache hits (blocks holding an
+    overlapped step's unknown token are named only once it is read back)."""
+    stem = list(range(100, 140))
+    ps = [stem + [1, 2], stem[:37] + [3], list(range(200, 211)), stem + [4, 5, 6]]
+    samplings = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (14, 9, 20, 6)]
+    sync, _ = engines(ref_tokenizer, max_num_seqs=4, policy="budget-16", num_blocks=64, block_size=4)
+    _, over = engines(ref_tokenizer, max_num_seqs=4, policy="budget-16", num_blocks=64, block_size=4,
+                      enable_prefix_caching=True)
+    outs = []
+    for eng in (sync, over):
+        eng.generate(ps[:1], samplings[:1])
+        outs.append([o.output_token_ids for o in eng.generate(ps[1:], samplings[1:])])
+        assert eng.blocks.num_free_blocks == eng.blocks.num_usable_blocks
+    assert outs[1] == outs[0]
+    assert over.overlap.num_launched > 10 and over.stats().prefix_cache_hit_tokens >= 36 + 40

@@ -129,6 +129,12 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    def _not_admitted(self, req: Request, is_new: bool) -> None:
+        """A waiting request that took cached blocks but is not admitted this step gives them back."""
+        if is_new and req.block_ids:
+            self.blocks.free(req)
+            req.num_computed_tokens = 0
+
     def _preempt(self, req: Request, plan: StepPlan) -> None:
         self.blocks.free(req)
         self.running.remove(req)
@@ -142,6 +148,9 @@ class Scheduler:
         plan = StepPlan()
         now = self.clock()
         self.running.sort(key=lambda r: r.arrival_time)
+        if self.blocks.prefix_caching:  # name the blocks the last step filled, for requests admitted from now on
+            for req in self.running:
+                self.blocks.commit(req)
         # 1. decodes: one token each, oldest first; preempt the newest running request when blocks run out
         decoding = [r for r in self.running if r.num_tokens_to_compute == 1]
         i = 0
@@ -172,15 +181,19 @@ class Scheduler:
             is_new = req not in self.running
             if is_new and len(self.running) >= self.max_num_seqs:
                 break
+            if is_new and self.blocks.prefix_caching and not req.block_ids:
+                self.blocks.match_prefix(req)  # its cached prefix counts as computed (undone below if not admitted)
             remaining = req.num_tokens_to_compute
             free_tokens = (len(req.block_ids) + self.blocks.num_free_blocks) * self.blocks.block_size \
                 - req.num_computed_tokens
             chunk = min(remaining, budget, free_tokens)
             if chunk <= 0:
+                self._not_admitted(req, is_new)
                 break  # admission by free blocks, in order: no skipping ahead
             if not self.policy.chunked and chunk < remaining:
                 # whole prompts only; a prompt longer than the largest bucket goes alone, in bucket-sized chunks
                 if plan.prefills or remaining <= self.max_num_tokens - len(plan.decodes):
+                    self._not_admitted(req, is_new)
                     break
             ok = self.blocks.allocate(req, chunk)
             assert ok, "block accounting"
