@@ -184,6 +184,14 @@ def make_trace(rate, duration_s, seed, max_prompt, max_output, vocab, burstiness
     return out
 
 
+def add_length_args(ap):
+    """The trace's prompt / output length options (``make_trace``), shared with ``bench/serving_http.py``."""
+    ap.add_argument("--max-prompt", type=int, default=1536)
+    ap.add_argument("--max-output", type=int, default=256)
+    ap.add_argument("--prompt-median", type=int, default=256)
+    ap.add_argument("--output-median", type=int, default=96)
+
+
 # ----------------------------------------------------------------------------------------------- one run
 def run_trace(bundle, policy_name, trace, args, ec_enabled=True, switch_period_s=None, label=None):
     """Release ``trace`` by wall clock into the engine under ``policy_name``; step until done or the drain cap.
@@ -594,10 +602,7 @@ def main(argv=None):
     ap.add_argument("--max-num-tokens", type=int, default=2048)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--max-prompt", type=int, default=1536)
-    ap.add_argument("--max-output", type=int, default=256)
-    ap.add_argument("--prompt-median", type=int, default=256)
-    ap.add_argument("--output-median", type=int, default=96)
+    add_length_args(ap)
     ap.add_argument("--profile-points", type=int, default=None)
     ap.add_argument("--profile-repeats", type=int, default=3)
     ap.add_argument("--cpu-num-blocks", type=int, default=512)

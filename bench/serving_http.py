@@ -19,7 +19,7 @@ import json
 import sys
 import time
 
-from bench.serving import make_trace, metrics, pct  # noqa: F401  (pct: for callers summarizing several runs)
+from bench.serving import add_length_args, make_trace, metrics
 
 
 async def _one(client, url, model, ids, max_tokens, t_send, record, errors, rid):
@@ -86,10 +86,7 @@ def main(argv=None):
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of arrivals")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=32000, help="prompt token ids are drawn below this")
-    ap.add_argument("--max-prompt", type=int, default=1536)
-    ap.add_argument("--max-output", type=int, default=256)
-    ap.add_argument("--prompt-median", type=int, default=256)
-    ap.add_argument("--output-median", type=int, default=96)
+    add_length_args(ap)
     ap.add_argument("--ttft-slo-ms", type=float, default=1000.0)
     ap.add_argument("--tpot-slo-ms", type=float, default=100.0)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take")
