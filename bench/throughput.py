@@ -247,15 +247,22 @@ def decode_rate(eng, variant, batch, args, new=129):
     sync()
     t0 = time.perf_counter()
     tokens = 0
-    host = []
+    host, walls = [], []
+    mixed = 0
     while eng.has_unfinished():
+        t_step = time.perf_counter()
         outs = eng.step()
+        walls.append(time.perf_counter() - t_step)
         tokens += sum(len(o.new_token_ids) for o in outs)
         host.append(eng.step_log[-1].host_s)
+        mixed += eng.step_log[-1].num_prefill_tokens > 0
     sync()
     wall = time.perf_counter() - t0
+    walls.sort()
     row(part="decode", variant=variant, batch=batch, tokens=tokens, tok_per_s=round(tokens / wall, 1),
-        ms_per_step=round(1e3 * wall / max(1, len(host)), 3),
+        ms_per_step=round(1e3 * wall / max(1, len(host)), 3), steps=len(walls), mixed_steps=mixed,
+        step_ms_median=round(1e3 * walls[len(walls) // 2], 3) if walls else None,
+        step_ms_max=round(1e3 * walls[-1], 3) if walls else None,
         host_ms_per_step=round(1e3 * sorted(host)[len(host) // 2], 3), recompiles=eng.stats().recompiles)
 
 
