@@ -191,8 +191,10 @@ def run_engine(variant, args, reqs):
     t0 = time.perf_counter()
     eng = Engine(model, None, cfg, model_name=f"llama1b-{variant}")
     startup = time.perf_counter() - t0
+    frozen = eng.gc_frozen or {}
     row(part="startup", variant=variant, startup_s=round(startup, 1), graphs=len(eng.runner.graphs),
-        tuned_keys=len(TUNER.picks))
+        tuned_keys=len(TUNER.picks), gc_collect_ms=round(1e3 * frozen["collect_s"], 1) if frozen else None,
+        gc_frozen_objects=frozen.get("frozen"))
     if args.decode_only:
         for batch in (1, 16):
             decode_rate(eng, variant, batch, args, new=args.decode_tokens + 1)
@@ -231,7 +233,10 @@ def run_engine(variant, args, reqs):
 
 
 def decode_rate(eng, variant, batch, args, new=129):
-    """Decode tokens/s with ``batch`` requests (prompt 32) decoding together: wall clock over decode-only steps."""
+    """Decode tokens/s with ``batch`` requests (prompt 32) decoding together: wall clock over decode-only steps.
+    Also where the slowest step sits (its index, whether it had prefill tokens) and the garbage collector's pauses
+    inside the window, so that a one-off outlier is named rather than averaged in."""
+    import gc
     from spear_compile.serving import SamplingParams
     batch = min(batch, eng.config.max_num_seqs)
     rng = random.Random(batch)
@@ -245,25 +250,43 @@ def decode_rate(eng, variant, batch, args, new=129):
     if eng.overlap is not None:
         eng.overlap.drain()   # the step in flight's tokens belong before the timed window
     sync()
+    gc_pauses, gc_t = [], [0.0]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_t[0] = time.perf_counter()
+        else:
+            gc_pauses.append((info["generation"], time.perf_counter() - gc_t[0]))
+    gc.callbacks.append(on_gc)
     t0 = time.perf_counter()
     tokens = 0
-    host, walls = [], []
-    mixed = 0
-    while eng.has_unfinished():
-        t_step = time.perf_counter()
-        outs = eng.step()
-        walls.append(time.perf_counter() - t_step)
-        tokens += sum(len(o.new_token_ids) for o in outs)
-        host.append(eng.step_log[-1].host_s)
-        mixed += eng.step_log[-1].num_prefill_tokens > 0
-    sync()
+    host, walls, mixed_at = [], [], []
+    try:
+        while eng.has_unfinished():
+            t_step = time.perf_counter()
+            n_before = eng.num_steps
+            outs = eng.step()
+            walls.append(time.perf_counter() - t_step)
+            tokens += sum(len(o.new_token_ids) for o in outs)
+            if eng.num_steps > n_before:  # a step ran (one that found nothing to do logs nothing)
+                host.append(eng.step_log[-1].host_s)
+                if eng.step_log[-1].num_prefill_tokens > 0:
+                    mixed_at.append(len(walls) - 1)
+        sync()
+    finally:
+        gc.callbacks.remove(on_gc)
     wall = time.perf_counter() - t0
-    walls.sort()
+    slowest = max(range(len(walls)), key=walls.__getitem__) if walls else None
+    ordered = sorted(walls)
     row(part="decode", variant=variant, batch=batch, tokens=tokens, tok_per_s=round(tokens / wall, 1),
-        ms_per_step=round(1e3 * wall / max(1, len(host)), 3), steps=len(walls), mixed_steps=mixed,
-        step_ms_median=round(1e3 * walls[len(walls) // 2], 3) if walls else None,
-        step_ms_max=round(1e3 * walls[-1], 3) if walls else None,
-        host_ms_per_step=round(1e3 * sorted(host)[len(host) // 2], 3), recompiles=eng.stats().recompiles)
+        ms_per_step=round(1e3 * wall / max(1, len(walls)), 3), steps=len(walls), mixed_steps=len(mixed_at),
+        step_ms_median=round(1e3 * ordered[len(ordered) // 2], 3) if walls else None,
+        step_ms_max=round(1e3 * ordered[-1], 3) if walls else None, slowest_step=slowest,
+        mixed_step_at=mixed_at[:4], gc_pauses=len(gc_pauses), gc_ms_total=round(1e3 * sum(t for _, t in gc_pauses), 3),
+        gc_ms_max=round(1e3 * max((t for _, t in gc_pauses), default=0.0), 3),
+        gc_gen2=sum(g == 2 for g, _ in gc_pauses),
+        host_ms_per_step=round(1e3 * sorted(host)[len(host) // 2], 3) if host else None,
+        recompiles=eng.stats().recompiles)
 
 
 def part_engine(args):
@@ -409,8 +432,10 @@ def markdown(env):
     ups = [r for r in ROWS if r.get("part") == "startup"]
     if ups:
         lines += ["## Engine start-up (compile, tune, capture; Llama-3.2-1B shape)", "",
-                  "| variant | start-up s | CUDA graphs | tuner keys (cumulative in the process) |", "|---|---|---|---|"]
-        lines += [f"| {r['variant']} | {r['startup_s']} | {r['graphs']} | {r['tuned_keys']} |" for r in ups]
+                  "| variant | start-up s | CUDA graphs | tuner keys (cumulative in the process) | gc.collect before "
+                  "gc.freeze ms | objects frozen |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['startup_s']} | {r['graphs']} | {r['tuned_keys']} | "
+                  f"{r.get('gc_collect_ms', '-')} | {r.get('gc_frozen_objects', '-')} |" for r in ups]
         lines.append("")
     eng = {r["variant"]: r for r in ROWS if r.get("part") == "engine" and "tok_per_s" in r}
     hf = next((r for r in ROWS if r.get("part") == "hf" and "tok_per_s" in r), None)
@@ -433,14 +458,18 @@ def markdown(env):
     dec = [r for r in ROWS if r.get("part") == "decode" and "tok_per_s" in r]
     if dec:
         lines += ["## Engine decode tokens/s (decode-only steps, wall clock, prompt 32, --decode-tokens new tokens)", "",
-                  "| variant | batch | tok/s | vs bf16 engine (same mode) | ms/step | host ms/step (median) |",
-                  "|---|---|---|---|---|---|"]
+                  "| variant | batch | tok/s | vs bf16 engine (same mode) | ms/step | step ms median / max (at step) "
+                  "| GC pauses in window (ms, max) | host ms/step (median) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in dec:
-            base = "bf16+tattn" if "+tattn" in r["variant"] else "bf16"
-            base += " overlap" if r["variant"].endswith(" overlap") else ""
+            name, late = (r["variant"][:-len(" overlap")], " overlap") if r["variant"].endswith(" overlap") else (r["variant"], "")
+            _, overlap, attention = split_variant(name)
+            base = "bf16" + ("+overlap" if overlap else "") + ("+tattn" if attention == "triton" else "") + late
             b = next((x["tok_per_s"] for x in dec if x["variant"] == base and x["batch"] == r["batch"]), None)
             lines.append(f"| {r['variant']} | {r['batch']} | {r['tok_per_s']} | {ratio(r['tok_per_s'], b)} | "
-                         f"{r['ms_per_step']} | {r['host_ms_per_step']} |")
+                         f"{r['ms_per_step']} | {r.get('step_ms_median', '-')} / {r.get('step_ms_max', '-')} "
+                         f"({r.get('slowest_step', '-')}) | {r.get('gc_pauses', '-')} ({r.get('gc_ms_max', '-')}) | "
+                         f"{r['host_ms_per_step']} |")
         lines.append("")
     gen = [r for r in ROWS if r.get("part") == "hfgen" and "tok_per_s" in r]
     gchk = [r for r in ROWS if r.get("part") == "hfgen-check"]

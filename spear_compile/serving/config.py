@@ -57,6 +57,9 @@ class EngineConfig:
     #   "triton" (one paged kernel per layer: lowering/attention.py; off by default until measured on a GPU)
     enable_prefix_caching: bool = False     # reuse the KV blocks of cached prompt prefixes (kv_cache.py; off by
     #   default until measured on a GPU)
+    freeze_gc: Optional[bool] = None        # after start-up, collect once and move every object alive into the
+    #   collector's permanent generation (gc.freeze), so no full collection walks the compiler's millions of objects
+    #   in the middle of a step (None: on CUDA only)
     ec_switch: Optional[bool] = None        # compile + capture the steps without ECs too, so set_ec_enabled(False)
     #   can switch them off while serving (None: on for the "slo" policies, whose EC-aware cost model is fitted on
     #   steps with and without ECs; off otherwise: start-up compiles, tunes and captures half as much)
@@ -90,6 +93,8 @@ class EngineConfig:
             raise SpearError(f"EngineConfig: dtype={self.dtype} must be bfloat16, float16 or float32")
         if not isinstance(self.enable_prefix_caching, bool):
             raise SpearError(f"EngineConfig: enable_prefix_caching={self.enable_prefix_caching!r} must be True or False")
+        if self.freeze_gc is not None and not isinstance(self.freeze_gc, bool):
+            raise SpearError(f"EngineConfig: freeze_gc={self.freeze_gc!r} must be True, False or None")
         if self.decode_attention not in ("torch", "triton"):
             raise SpearError(f"EngineConfig: decode_attention={self.decode_attention!r} must be 'torch' or 'triton'")
         slo = isinstance(self.policy, str) and self.policy.startswith("slo")

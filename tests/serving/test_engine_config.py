@@ -18,6 +18,7 @@ from spear_compile.serving import EngineConfig
     (dict(ec_switch="yes"), "ec_switch='yes' must be True, False or None"),
     (dict(policy="slo", ec_switch=False), "policy='slo' needs ec_switch=True"),
     (dict(decode_attention="flash"), "decode_attention='flash' must be 'torch' or 'triton'"),
+    (dict(freeze_gc=1), "freeze_gc=1 must be True, False or None"),
 ])
 def test_bad_values_name_the_field(kw, match):
     with pytest.raises(SpearError, match=match):
@@ -29,3 +30,19 @@ def test_ec_switch_defaults_follow_the_policy():
     assert EngineConfig(policy="slo").ec_switch is True    # the EC-aware cost model profiles both states
     assert EngineConfig(policy="slo-ec-blind").ec_switch is True
     assert EngineConfig(ec_switch=True).ec_switch is True
+
+
+def test_freeze_gc_moves_start_up_objects_out_of_the_collectors_reach():
+    """``freeze_gc``: the engine collects once after start-up and freezes the survivors (gc.freeze), so no full
+    collection walks them mid-step; off by default off CUDA (tests build many engines)."""
+    import gc
+    from .conftest import make_engine, toy_model
+    assert make_engine(toy_model()).gc_frozen is None     # CPU default: off
+    gc.unfreeze()
+    try:
+        eng = make_engine(toy_model(), freeze_gc=True)
+        assert eng.gc_frozen["frozen"] > 0 and gc.get_freeze_count() > 0   # frozen objects still die by refcount
+        assert eng.gc_frozen["collect_s"] >= 0.0
+        assert eng.generate([[5, 6, 7]], None)[0].num_output_tokens > 0   # still serves
+    finally:
+        gc.unfreeze()
