@@ -258,6 +258,7 @@ def decode_rate(eng, variant, batch, args, new=129):
         else:
             gc_pauses.append((info["generation"], time.perf_counter() - gc_t[0]))
     gc.callbacks.append(on_gc)
+    before = eng.step_log[-1] if eng.step_log else None
     t0 = time.perf_counter()
     tokens = 0
     host, walls, mixed_at = [], [], []
@@ -276,6 +277,12 @@ def decode_rate(eng, variant, batch, args, new=129):
     finally:
         gc.callbacks.remove(on_gc)
     wall = time.perf_counter() - t0
+    records = []
+    for rec in reversed(eng.step_log):   # the window's steps (overlapped: measured on the device, CUDA events)
+        if rec is before:
+            break
+        records.append(rec)
+    device = sorted(r.measured_s for r in records if r.num_prefill_tokens == 0)
     slowest = max(range(len(walls)), key=walls.__getitem__) if walls else None
     ordered = sorted(walls)
     row(part="decode", variant=variant, batch=batch, tokens=tokens, tok_per_s=round(tokens / wall, 1),
@@ -285,6 +292,7 @@ def decode_rate(eng, variant, batch, args, new=129):
         mixed_step_at=mixed_at[:4], gc_pauses=len(gc_pauses), gc_ms_total=round(1e3 * sum(t for _, t in gc_pauses), 3),
         gc_ms_max=round(1e3 * max((t for _, t in gc_pauses), default=0.0), 3),
         gc_gen2=sum(g == 2 for g, _ in gc_pauses),
+        step_measured_ms_median=round(1e3 * device[len(device) // 2], 3) if device else None,
         host_ms_per_step=round(1e3 * sorted(host)[len(host) // 2], 3) if host else None,
         recompiles=eng.stats().recompiles)
 
