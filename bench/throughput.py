@@ -259,11 +259,13 @@ def decode_rate(eng, variant, batch, args, new=129):
             gc_pauses.append((info["generation"], time.perf_counter() - gc_t[0]))
     gc.callbacks.append(on_gc)
     before = eng.step_log[-1] if eng.step_log else None
+    keys_before, uncaptured_before = set(TUNER.picks), eng.runner.num_uncaptured_decodes
     t0 = time.perf_counter()
     tokens = 0
-    host, walls, mixed_at = [], [], []
+    host, walls, mixed_at, running = [], [], [], []
     try:
         while eng.has_unfinished():
+            running.append(len(eng.scheduler.running))
             t_step = time.perf_counter()
             n_before = eng.num_steps
             outs = eng.step()
@@ -292,6 +294,10 @@ def decode_rate(eng, variant, batch, args, new=129):
         mixed_step_at=mixed_at[:4], gc_pauses=len(gc_pauses), gc_ms_total=round(1e3 * sum(t for _, t in gc_pauses), 3),
         gc_ms_max=round(1e3 * max((t for _, t in gc_pauses), default=0.0), 3),
         gc_gen2=sum(g == 2 for g, _ in gc_pauses),
+        running_at_slowest=running[slowest] if walls else None,
+        last_steps=[(n, round(1e3 * w, 3)) for n, w in zip(running[-6:], walls[-6:])],  # (running, ms)
+        tuned_keys_in_window=[str(k) for k in set(TUNER.picks) - keys_before][:4],
+        uncaptured_decodes=eng.runner.num_uncaptured_decodes - uncaptured_before,
         step_measured_ms_median=round(1e3 * device[len(device) // 2], 3) if device else None,
         host_ms_per_step=round(1e3 * sorted(host)[len(host) // 2], 3) if host else None,
         recompiles=eng.stats().recompiles)

@@ -9,6 +9,7 @@ along; padded to token buckets). ``use_ec`` is a Python bool argument: each EC s
 from __future__ import annotations
 
 import array
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -44,6 +45,36 @@ def pow2_buckets(lo: int, hi: int) -> tuple:
 def int64_tensor(values: list) -> torch.Tensor:
     """A CPU int64 tensor of a flat list of ints (through ``array``: several times faster than ``torch.tensor``)."""
     return torch.frombuffer(array.array("q", values), dtype=torch.int64) if values else torch.zeros(0, dtype=torch.int64)
+
+
+def _on_stream(stream):
+    """``torch.cuda.stream(stream)`` after it waited for the current stream, and the current stream waits for it
+    on exit; a no-op for ``None``."""
+    if stream is None:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def ctx():
+        current = torch.cuda.current_stream(stream.device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            yield
+        current.wait_stream(stream)
+    return ctx()
+
+
+def workspace_footprint(stream, device) -> tuple:
+    """What the W4 decode kernels' workspace of ``stream`` holds (its buffers' keys and addresses): equal before and
+    after a capture when the capture allocated none."""
+    from ..lowering.runtime import WORKSPACES
+    with torch.cuda.stream(stream):
+        ws = WORKSPACES.get(device)
+    bufs = [ws.sync, ws.u, ws.gu, ws.ep, *(ws.batched or ())]
+    for table in (ws.acc, ws.arrive, ws.geo, ws.ecw):
+        for key in sorted(table, key=repr):
+            value = table[key]
+            bufs += list(value) if isinstance(value, tuple) else [value]
+    return tuple(t.data_ptr() for t in bufs)
 
 
 def patch_ids(ids: torch.Tensor, device_ids) -> None:
@@ -150,8 +181,10 @@ class ModelRunner:
         self.graphs: dict = {}           # (use_ec, batch bucket, table bucket) -> DecodeGraph
         self.step_sink = None            # tensor parallelism, rank 0: gets every step's inputs before its forward
         self._pool = None
+        self._capture_stream = None      # CUDA: the stream every decode graph is warmed up and captured on
         self.graphs_before_serving: Optional[int] = None
         self.warmup_s = 0.0
+        self.num_uncaptured_decodes = 0  # decode steps served without a captured graph (none once warmed up)
 
     @classmethod
     def start(cls, model: nn.Module, config: EngineConfig, device: torch.device) -> "ModelRunner":
@@ -277,6 +310,8 @@ class ModelRunner:
             patch_ids(buf, device_ids)
         if g is not None:
             return g.replay()
+        if self.use_cuda_graphs and self.graphs_before_serving is not None:
+            self.num_uncaptured_decodes += 1
         return self._decode_call(batch, self.split_decode(buf, batch, width), use_ec)
 
     def _decode_call(self, batch: int, views: tuple, use_ec: bool):
@@ -402,22 +437,36 @@ class ModelRunner:
         self.warmup_s = time.perf_counter() - t0
 
     def _warm_decode(self, use_ec, batch, width):
+        """Compile (and tune) the decode step for one bucket, then capture it. On CUDA both run on the runner's
+        capture stream: the W4 kernels' persistent workspaces (split-K counters, EC epoch tags) are per stream, and
+        must be allocated by the eager warm-up, outside the graphs' shared memory pool. Allocated inside a capture,
+        they would come from that pool, where the other buckets' graphs, captured before, write their
+        intermediates: a bucket switch would then find its EC epochs clobbered (spinning, then NaN)."""
         flat = torch.tensor(self.decode_inputs([], batch, width), dtype=torch.int64, device=self.device)
         views = self.split_decode(flat, batch, width)
-        for _ in range(2):
-            logits = self._decode_call(batch, views, use_ec)
+        cuda = self.device.type == "cuda"
+        if cuda and self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream(self.device)
+        with _on_stream(self._capture_stream if cuda else None):
+            for _ in range(2):
+                logits = self._decode_call(batch, views, use_ec)
         if not self.use_cuda_graphs:
             return
-        if self.device.type != "cuda":  # config.cuda_graphs_stand_in (tests)
+        if not cuda:  # config.cuda_graphs_stand_in (tests)
             self.graphs[(use_ec, batch, width)] = DecodeGraph(
                 StandInGraph(lambda: self._decode_call(batch, views, use_ec)), flat, views, logits)
             return
         torch.cuda.synchronize(self.device)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        before = workspace_footprint(self._capture_stream, self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream):
             logits = self._decode_call(batch, views, use_ec)
+        if workspace_footprint(self._capture_stream, self.device) != before:
+            raise SpearError(f"serving engine: the decode step (batch {batch}, block-table width {width}) allocated "
+                             "kernel workspace during its CUDA-graph capture, where the shared graph pool would "
+                             "clobber it; its eager warm-up on the capture stream should have allocated it")
         self.graphs[(use_ec, batch, width)] = DecodeGraph(graph, flat, views, logits)
 
     def _warm_mixed(self, use_ec, total):

@@ -57,6 +57,7 @@ def test_graph_bookkeeping_per_ec_state(ref_tokenizer):
     finally:
         type(next(iter(runner.graphs.values()))).replay = replay
     assert {k[0] for k in used} == {True, False} and len({k[1:] for k in used}) >= 2  # several buckets replayed
+    assert runner.num_uncaptured_decodes == 0   # every decode step found its graph
     # without ec_switch (the default outside the SLO policies) only the steps with ECs are captured
     eng = make_engine(model, ref_tokenizer, cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=4,
                       max_num_tokens=16, token_buckets=(8, 16), max_model_len=64, policy="budget-8")
