@@ -7,6 +7,7 @@ export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 SPEAR_TUNE_CACHE=$PWD/.tune_
 export SPEAR_COMPILE_CACHE=/tmp/spear_compile_cache
 export TORCHINDUCTOR_CACHE_DIR=$SPEAR_COMPILE_CACHE/inductor TRITON_CACHE_DIR=$SPEAR_COMPILE_CACHE/triton
 mkdir -p .tune_cache "$TORCHINDUCTOR_CACHE_DIR" "$TRITON_CACHE_DIR"
+touch /tmp/spear_call_start   # device_save.sh returns only the cache files this call wrote
 if [ -f .compile_cache/cache.tgz ]; then tar -xzf .compile_cache/cache.tgz -C "$SPEAR_COMPILE_CACHE"; fi
 echo "device: $(nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader)" \
      "compile cache: $(du -sh "$SPEAR_COMPILE_CACHE" | cut -f1)"
