@@ -19,7 +19,9 @@ the N tile as the MMA's M dimension, so BLOCK_M can stay 16), transposed back be
 
 EC (``HAS_EC``, r <= BLOCK_R): every program also accumulates ``u = x Aᵀ`` over its own K range from the x tile it
 already holds (A is tiny and L2-resident; no cross-program dependency, no spin), and the program that finishes the
-tile gates u (``u ⊙ 2σ(u W_gᵀ + b_g)``, fp32) and adds ``g(u) ⊙ u Bᵀ`` on tensor cores in its epilogue.
+tile gates u (``u ⊙ 2σ(u W_gᵀ + b_g)``, fp32) and adds ``g(u) ⊙ u Bᵀ`` on tensor cores in its epilogue. With
+``EC_PRE`` the K loop is W4-only: ``ec_gu_kernel`` (one launch before, one program per M tile and member) computes
+``g(u) ⊙ u`` once, and the epilogue reads it.
 
 Split-K (``SPLIT_K > 1``, when the N x M tiles alone are too few for the SMs): each program stores its fp32 partial
 (and its u partial) to its own slot of a workspace (plain stores: no atomics on tensor-core accumulator layouts,
@@ -105,7 +107,7 @@ def w4_batched_kernel(
     BLOCK_R: tl.constexpr, USE_SPLIT: tl.constexpr, PER_CHANNEL: tl.constexpr, X_BF16: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_EC: tl.constexpr, GATED: tl.constexpr, SWAP: tl.constexpr,
     INTERPRET: tl.constexpr = False, PLANES: tl.constexpr = False, PERM: tl.constexpr = False,
-    EVEN_K: tl.constexpr = False, XSUM_MMA: tl.constexpr = False,
+    EVEN_K: tl.constexpr = False, XSUM_MMA: tl.constexpr = False, EC_PRE: tl.constexpr = False,
 ):
     """See the module docstring. Member i owns the N-tile programs ``[P_i, P_{i+1})`` (``cdiv(N_i, BLOCK_N) *
     SPLIT_K`` each, times the M tiles), its columns start at ``C_i``. Workspaces (``USE_SPLIT``): ``ws`` fp32
@@ -118,19 +120,19 @@ def w4_batched_kernel(
     rest = pid // m_tiles
     zero = pid * 0  # runtime scalars in every branch
     q_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, bt_ptr, gw_ptr, gb_ptr = q0, s0, z0, b0, a0, bb0, gw0, gb0
-    n, p0, col = zero + N0, zero, zero
+    n, p0, col, member = zero + N0, zero, zero, zero
     if MEMBERS >= 2:
         if rest >= P1:
             q_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, bt_ptr, gw_ptr, gb_ptr = q1, s1, z1, b1, a1, bb1, gw1, gb1
-            n, p0, col = zero + N1, zero + P1, zero + C1
+            n, p0, col, member = zero + N1, zero + P1, zero + C1, zero + 1
     if MEMBERS >= 3:
         if rest >= P2:
             q_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, bt_ptr, gw_ptr, gb_ptr = q2, s2, z2, b2, a2, bb2, gw2, gb2
-            n, p0, col = zero + N2, zero + P2, zero + C2
+            n, p0, col, member = zero + N2, zero + P2, zero + C2, zero + 2
     if MEMBERS >= 4:
         if rest >= P3:
             q_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, bt_ptr, gw_ptr, gb_ptr = q3, s3, z3, b3, a3, bb3, gw3, gb3
-            n, p0, col = zero + N3, zero + P3, zero + C3
+            n, p0, col, member = zero + N3, zero + P3, zero + C3, zero + 3
     t = rest - p0
     pid_n = t // SPLIT_K
     pid_k = t % SPLIT_K
@@ -214,9 +216,10 @@ def w4_batched_kernel(
             if PERM:
                 xd = _mma_order(x, BLOCK_M)
         if HAS_EC:
-            at = tl.load(a_ptr + offs_r[None, :] * K + kk[:, None], mask=(offs_r < R)[None, :] & kk_ok[:, None],
-                         other=0.0)
-            u = dot(x, at, u, INTERPRET)
+            if not EC_PRE:
+                at = tl.load(a_ptr + offs_r[None, :] * K + kk[:, None], mask=(offs_r < R)[None, :] & kk_ok[:, None],
+                             other=0.0)
+                u = dot(x, at, u, INTERPRET)
         if PER_CHANNEL:
             if not PLANES:
                 if SWAP:
@@ -275,7 +278,8 @@ def w4_batched_kernel(
         tl.store(ws_ptrs, acc, mask=out_mask)
         u_rows = (tile_n * SPLIT_K * M + offs_m[:, None]) * BLOCK_R + offs_r[None, :]
         if HAS_EC:
-            tl.store(uws_ptr + u_rows + pid_k * M * BLOCK_R, u, mask=m_mask[:, None])
+            if not EC_PRE:
+                tl.store(uws_ptr + u_rows + pid_k * M * BLOCK_R, u, mask=m_mask[:, None])
         tl.debug_barrier()
         ctr = cnt_ptr + tile_n * m_tiles + pid_m
         arrived = tl.atomic_add(ctr, 1)  # acq_rel, after the CTA barrier: publishes this program's slots
@@ -288,11 +292,16 @@ def w4_batched_kernel(
                 acc += tl.load(ws_ptr + (sk * M + offs_m[:, None]) * N_TOTAL + cols[None, :], mask=out_mask,
                                other=0.0, volatile=True)  # coherent (L2) reads
                 if HAS_EC:
-                    u += tl.load(uws_ptr + u_rows + sk * M * BLOCK_R, mask=m_mask[:, None], other=0.0, volatile=True)
+                    if not EC_PRE:
+                        u += tl.load(uws_ptr + u_rows + sk * M * BLOCK_R, mask=m_mask[:, None], other=0.0,
+                                     volatile=True)
             tl.store(ctr, 0)
         if HAS_EC:
             r_mask = offs_r < R
-            if GATED:
+            if EC_PRE:  # g(u) ⊙ u of this member, by ec_gu_kernel: ``uws`` fp32 [MEMBERS, M, BLOCK_R]
+                u = tl.load(uws_ptr + (member * M + offs_m[:, None]) * BLOCK_R + offs_r[None, :],
+                            mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            elif GATED:
                 gwt = tl.load(gw_ptr + offs_r[None, :] * R + offs_r[:, None], mask=r_mask[None, :] & r_mask[:, None],
                               other=0.0).to(tl.float32)  # gwt[i, j] = W_g[j, i]
                 gb = tl.load(gb_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
@@ -303,3 +312,39 @@ def w4_batched_kernel(
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + offs_m[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def ec_gu_kernel(x_ptr, gu_ptr, a0, gw0, gb0, a1, gw1, gb1, a2, gw2, gb2, a3, gw3, gb3, M, K, R, stride_xm,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GATED: tl.constexpr,
+                 INTERPRET: tl.constexpr = False):
+    """``EC_PRE``: ``g(u) ⊙ u`` (``u = x A_iᵀ`` over all of K, fp32; gated as in ``w4_batched_kernel``'s epilogue) of
+    member ``i = program_id(1)`` for the rows of M tile ``program_id(0)``, into ``gu`` fp32 ``[MEMBERS, M, BLOCK_R]``.
+    Once per launch instead of in every N tile's K loop (which re-reads A and adds an MMA per K block there)."""
+    pid_m = tl.program_id(0)
+    member = tl.program_id(1)
+    a_ptr, gw_ptr, gb_ptr = a0, gw0, gb0
+    if member == 1:
+        a_ptr, gw_ptr, gb_ptr = a1, gw1, gb1
+    if member == 2:
+        a_ptr, gw_ptr, gb_ptr = a2, gw2, gb2
+    if member == 3:
+        a_ptr, gw_ptr, gb_ptr = a3, gw3, gb3
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask = offs_m < M
+    r_mask = offs_r < R
+    u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+        at = tl.load(a_ptr + offs_r[None, :] * K + kk[:, None], mask=r_mask[None, :] & k_ok[:, None], other=0.0)
+        u = dot(x, at, u, INTERPRET)
+    if GATED:
+        gwt = tl.load(gw_ptr + offs_r[None, :] * R + offs_r[:, None], mask=r_mask[None, :] & r_mask[:, None],
+                      other=0.0).to(tl.float32)  # gwt[i, j] = W_g[j, i]
+        gb = tl.load(gb_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+        u = u * (2.0 * tl.sigmoid(tl.dot(u, gwt, input_precision="ieee") + gb[None, :]))
+    tl.store(gu_ptr + (member * M + offs_m[:, None]) * BLOCK_R + offs_r[None, :], u, mask=m_mask[:, None])

@@ -18,7 +18,7 @@ import triton
 
 from ..errors import SpearError
 from .. import options
-from ..kernels.w4_batched import w4_batched_kernel
+from ..kernels.w4_batched import ec_gu_kernel, w4_batched_kernel
 from .prefill import reference_linear
 from .precompile import launcher
 from .runtime import WORKSPACES
@@ -42,13 +42,14 @@ class BatchedConfig:
     planes: bool = False  # one dot per nibble plane against x's stride-8 columns (no layout change of the W tile)
     perm: bool = False  # BLOCK_K 128 only: k permuted in x and W alike into the MMA operand's order (w4_batched._mma_order)
     xsum_mma: bool = False  # Σ_k x (the zero point's term) by a dot with a tile of ones, not a shuffle reduction
+    ec_pre: bool = False  # EC: g(u) ⊙ u by ec_gu_kernel first (one launch), the K loop W4-only (no A re-read per tile)
 
     @property
     def name(self):
         return (f"batched[BM={self.block_m},BN={self.block_n},BK={self.block_k},splitK={self.split_k},"
                 f"warps={self.num_warps},stages={self.num_stages}{',swap' if self.swap else ''}"
                 f"{',planes' if self.planes else ''}{',perm' if self.perm else ''}"
-                f"{',xsum' if self.xsum_mma else ''}]")
+                f"{',xsum' if self.xsum_mma else ''}{',ecpre' if self.ec_pre else ''}]")
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def batched_candidates(m, k, ns, group_size, sms=132, has_ec=False):
     pc = group_size >= k
     shapes = _SHAPES_16 if m <= 16 else (_SHAPES_64 if m <= 64 else _SHAPES_512)
     out = []
-    for bm, bn, bk, warps, stages, swap, planes, perm, xsum in shapes:
+    for i, (bm, bn, bk, warps, stages, swap, planes, perm, xsum) in enumerate(shapes):
         if not pc and (bk > group_size or group_size % bk):
             if bk > 128:
                 continue
@@ -123,10 +124,13 @@ def batched_candidates(m, k, ns, group_size, sms=132, has_ec=False):
         if perm and bk != 128:
             continue
         tiles = sum(triton.cdiv(n, bn) for n in ns) * triton.cdiv(m, bm)
-        for split in _splits(tiles, k, bk, sms):
-            cfg = BatchedConfig(bm, bn, bk, split, warps, stages, swap, planes, perm, xsum)
-            if _split_ok(cfg, m, sum(ns)):
-                out.append(cfg)
+        # EC keys: also the K loop without u (``ec_pre``) for the first shape and the perm tiles, whose W4-only
+        # loops won where their in-loop u lost (session 14, results/batched_decode_h200_s14.md); untimed on a GPU
+        for ec_pre in ((False, True) if has_ec and (i == 0 or perm) else (False,)):
+            for split in _splits(tiles, k, bk, sms):
+                cfg = BatchedConfig(bm, bn, bk, split, warps, stages, swap, planes, perm, xsum, ec_pre)
+                if _split_ok(cfg, m, sum(ns)):
+                    out.append(cfg)
     return list(dict.fromkeys(out))
 
 
@@ -172,9 +176,11 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
     gated = has_ec and members[0].gate_w is not None
     r = members[0].ec_B.shape[1] if has_ec else 0
     block_r = max(16, triton.next_power_of_2(max(r, 1)))
-    if split > 1:
-        ws, uws, cnt = WORKSPACES.get(x2.device).for_batched(split * m * n_total, tiles_total * split * m * block_r if has_ec else 1,
-                                                 tiles_total * m_tiles)
+    ec_pre = has_ec and cfg.ec_pre
+    if split > 1 or ec_pre:   # ec_pre: ``uws`` holds every member's g(u) ⊙ u [g, M, BLOCK_R] instead of u partials
+        n_uws = g * m * block_r if ec_pre else (tiles_total * split * m * block_r if has_ec else 1)
+        ws, uws, cnt = WORKSPACES.get(x2.device).for_batched(split * m * n_total if split > 1 else 1, n_uws,
+                                                             tiles_total * m_tiles if split > 1 else 1)
     else:
         ws = uws = cnt = y  # never touched without split-K
     dummy = x2
@@ -185,6 +191,14 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
                  t.bias if t.bias is not None else dummy, t.ec_A if has_ec else dummy, t.ec_B if has_ec else dummy,
                  t.gate_w if gated else dummy, t.gate_b if gated else dummy]
     pad = lambda v: (list(v) + [v[-1]] * MAX_MEMBERS)[:MAX_MEMBERS - 1]  # noqa: E731
+    if ec_pre:
+        gu_ptrs = []
+        for i in range(MAX_MEMBERS):
+            t = members[min(i, g - 1)]
+            gu_ptrs += [t.ec_A, t.gate_w if gated else dummy, t.gate_b if gated else dummy]
+        launcher(ec_gu_kernel, (triton.cdiv(m, 16), g))(
+            x2, uws, *gu_ptrs, m, k, r, x2.stride(0), BLOCK_M=16, BLOCK_K=128, BLOCK_R=block_r, GATED=gated,
+            INTERPRET=options.interpret(), num_warps=4)
     launcher(w4_batched_kernel, (starts[-1] * m_tiles,))(
         x2, y, ws, uws, cnt, *ptrs,
         *(ns + [ns[-1]] * (MAX_MEMBERS - g)), *pad(starts[:-1] or [starts[-1]]), *pad(cols[:-1] or [cols[-1]]),
@@ -192,7 +206,7 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
         MEMBERS=g, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, BLOCK_R=block_r, USE_SPLIT=split > 1,
         PER_CHANNEL=group_size >= k, X_BF16=x2.dtype == torch.bfloat16, HAS_BIAS=members[0].bias is not None,
         HAS_EC=has_ec, GATED=gated, SWAP=cfg.swap, INTERPRET=options.interpret(), PLANES=cfg.planes, PERM=cfg.perm,
-        EVEN_K=k % bk == 0, XSUM_MMA=cfg.xsum_mma,
+        EVEN_K=k % bk == 0, XSUM_MMA=cfg.xsum_mma, EC_PRE=ec_pre,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y

@@ -71,6 +71,10 @@ CASES = [  # (seed, group (0: per-channel), dtype, ec, gated, bias, config)
     (34, 128, torch.float16, True, True, True, BC(32, 32, 64, 1, xsum_mma=True)),
     (35, 0, torch.float16, True, True, False, BC(16, 32, 64, 2, xsum_mma=True)),
     (36, 64, torch.bfloat16, False, False, True, BC(16, 16, 64, 2, swap=True, xsum_mma=True)),
+    # ec_pre: g(u) ⊙ u by ec_gu_kernel first, the K loop W4-only (split-K, swap + perm, static EC, grouped scales)
+    (38, 0, torch.bfloat16, True, True, False, BC(16, 32, 128, 2, swap=True, perm=True, ec_pre=True)),
+    (39, 128, torch.float16, True, True, True, BC(16, 32, 64, 1, ec_pre=True)),
+    (40, 64, torch.bfloat16, True, False, True, BC(32, 16, 64, 4, ec_pre=True)),
 ]
 
 
@@ -104,13 +108,14 @@ def test_k_not_a_multiple_of_block_k(k, group, cfg):
     _check(y, reference(t, group).to(DEV), torch.bfloat16)
 
 
-def test_ec_term_is_added():
+@pytest.mark.parametrize("ec_pre", [False, True], ids=["u-in-loop", "ec-pre"])
+def test_ec_term_is_added(ec_pre):
     """The EC must change the output by its own term: the W4-only reference is far from the EC output."""
     m, k, n = 6, 256, 40
     t = problem(m, 128, torch.float16, True, True, False, 5, k, n, 32, ec_std=0.2)
     y = torch.full((m, n), float("nan"), dtype=torch.float16)
-    batched.run_single(BC(16, 32, 64, 2), t["x"], t["qdata"], t["scale"], t["zero"], None, 128, t["ec_A"], t["ec_B"],
-                       t["gate_w"], t["gate_b"], None, y)
+    batched.run_single(BC(16, 32, 64, 2, ec_pre=ec_pre), t["x"], t["qdata"], t["scale"], t["zero"], None, 128,
+                       t["ec_A"], t["ec_B"], t["gate_w"], t["gate_b"], None, y)
     _check(y, reference(t, 128), torch.float16)
     assert rel(y, reference(t, 128, with_ec=False)) > 1e-2
 
@@ -124,6 +129,8 @@ GROUPED = [  # (seed, member Ns, group (0: per-channel), dtype, bias, ec, config
     (28, (32, 16, 16), 0, torch.float16, False, False, BC(16, 16, 64, 2, planes=True)),
     (32, (48, 16), 128, torch.bfloat16, False, True, BC(16, 32, 128, 2, swap=True, perm=True)),
     (37, (32, 24), 0, torch.float16, True, False, BC(16, 32, 64, 2, xsum_mma=True)),
+    (41, (40, 24, 24), 0, torch.bfloat16, False, True, BC(16, 32, 128, 2, swap=True, perm=True, ec_pre=True)),
+    (42, (64, 64), 128, torch.float16, True, True, BC(16, 32, 64, 1, ec_pre=True)),  # one program per member's gu
 ]
 
 
@@ -217,16 +224,17 @@ from spear_compile.kernels.aot import compile_for
 from spear_compile.kernels.w4_batched import w4_batched_kernel as kernel
 
 out = {}
-VARIANTS = (("bf16-pc-ec-swap-perm", True, True, True, 16, 128, True, True, False),
-            ("fp16-g128-noswap", False, False, False, 16, 64, False, False, False),
-            ("bf16-g128-m64-xsum", True, False, True, 64, 128, False, False, True))
-for name, x_bf16, pc, ec, bm, bn, swap, perm, xsum in VARIANTS:
+VARIANTS = (("bf16-pc-ec-swap-perm", True, True, True, 16, 128, True, True, False, False),
+            ("fp16-g128-noswap", False, False, False, 16, 64, False, False, False, False),
+            ("bf16-g128-m64-xsum", True, False, True, 64, 128, False, False, True, False),
+            ("bf16-pc-ecpre-swap-perm", True, True, True, 16, 128, True, True, False, True))
+for name, x_bf16, pc, ec, bm, bn, swap, perm, xsum, ec_pre in VARIANTS:
     dt = "*bf16" if x_bf16 else "*fp16"
     types = {n: dt for n in kernel.arg_names[:kernel.arg_names.index("N0")]}
     types.update({f"q{i}": "*i32" for i in range(4)}, ws_ptr="*fp32", uws_ptr="*fp32", cnt_ptr="*i32")
     consts = dict(MEMBERS=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, BLOCK_R=32, USE_SPLIT=True, PER_CHANNEL=pc,
                   X_BF16=x_bf16, HAS_BIAS=False, HAS_EC=ec, GATED=ec, SWAP=swap, INTERPRET=False, PLANES=False,
-                  PERM=perm, EVEN_K=True, XSUM_MMA=xsum)
+                  PERM=perm, EVEN_K=True, XSUM_MMA=xsum, EC_PRE=ec_pre)
     k, n = 2048, 2048
     values = dict(N0=n, N1=n, N2=n, N3=n, P1=0, P2=0, P3=0, C1=n, C2=n, C3=n, M=16, K=k, K8=k // 8, R=32,
                   group_size=k if pc else 128, n_groups=1 if pc else k // 128, stride_xm=k, stride_ym=n, N_TOTAL=n,
@@ -235,13 +243,19 @@ for name, x_bf16, pc, ec, bm, bn, swap, perm, xsum in VARIANTS:
     magic = "0x43004300" if x_bf16 else "0x64006400"
     out[name] = {"lop3": sum("lop3.b32" in line and magic in line.lower() for line in ptx.splitlines()),
                  "mma": ptx.count("mma.")}
+from spear_compile.kernels.w4_batched import ec_gu_kernel
+types = {n: "*bf16" for n in ec_gu_kernel.arg_names[:ec_gu_kernel.arg_names.index("M")]}
+types["gu_ptr"] = "*fp32"
+ptx = compile_for(ec_gu_kernel, dict(BLOCK_M=16, BLOCK_K=128, BLOCK_R=32, GATED=True, INTERPRET=False), types,
+                  dict(M=16, K=2048, R=32, stride_xm=2048)).asm["ptx"]
+out["ec_gu"] = {"mma": ptx.count("mma.")}
 print(json.dumps(out))
 """
 
 
 def test_kernel_compiles_for_sm90():
     """The kernel compiled ahead of time for an H100/H200 (sm_90; bf16 and fp16, per-channel and g128, EC, perm,
-    xsum_mma) in a subprocess without the interpreter: the inline-PTX one-lop3 unpack assembles, with the dtype's
+    xsum_mma, ec_pre and its u kernel) in a subprocess without the interpreter: the inline-PTX one-lop3 unpack assembles, with the dtype's
     magic constant, and the products run on tensor cores."""
     import json
     import subprocess
@@ -254,4 +268,6 @@ def test_kernel_compiles_for_sm90():
                          cwd=Path(__file__).resolve().parents[2])
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(got) == 3 and all(v["lop3"] >= 4 and v["mma"] >= 1 for v in got.values()), got
+    gu = got.pop("ec_gu")
+    assert len(got) == 4 and all(v["lop3"] >= 4 and v["mma"] >= 1 for v in got.values()), got
+    assert gu["mma"] >= 1, gu   # ec_pre's u kernel: x Aᵀ on tensor cores
