@@ -288,10 +288,10 @@ def main():
     if args.configs:
         fixed = [batched.BatchedConfig(**d) for d in eval(args.configs)]  # noqa: S307 (bench CLI)
 
-    def cands_for(m, k, ns, quant):
+    def cands_for(m, k, ns, quant, ec=False):
         if fixed is not None:
             return list(fixed)
-        return batched.batched_candidates(m, k, ns, group_size(quant, k), sms)
+        return batched.batched_candidates(m, k, ns, group_size(quant, k), sms, has_ec=ec)
 
     # ---- compile everything first, in parallel ----
     tasks, dtasks = [], []
@@ -301,7 +301,7 @@ def main():
                 for quant in quants:
                     for ec in ecs:
                         if args.sweep and batched.MIN_M <= m <= batched.MAX_M:
-                            tasks += [(k, ns, quant, ec, m, c) for c in cands_for(m, k, ns, quant)]
+                            tasks += [(k, ns, quant, ec, m, c) for c in cands_for(m, k, ns, quant, ec)]
                         if args.dispatch or args.existing:
                             dtasks.append((k, ns, quant, ec, m))
     precompile(_compile_task, tasks, args.workers, fh, "batched sweep")
@@ -362,7 +362,7 @@ def main():
                         for gi, ((gname, k, ns), ref) in enumerate(zip(groups, refs)):
                             if hook is None:
                                 timed = []
-                                for cfg in cands_for(m, k, ns, quant):
+                                for cfg in cands_for(m, k, ns, quant, ec):
                                     fn = lambda c, cfg=cfg, gi=gi: run_batched(cfg, xs[k], layers[c][gi], quant, ec,
                                                                                 outs[gi])
                                     try:
