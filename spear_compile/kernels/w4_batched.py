@@ -93,6 +93,22 @@ def _w_offset_tile(words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_BF16: 
     return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
 
 
+@triton.jit
+def _a_tile(a_ptr, offs_r, R, K, kk, k_ok):
+    """The EC's ``Aᵀ`` rows ``kk`` as a ``[BLOCK_K, BLOCK_R]`` tile (``A [r, K]``; masked past r and K)."""
+    return tl.load(a_ptr + offs_r[None, :] * K + kk[:, None], mask=(offs_r < R)[None, :] & k_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _gated(u, gw_ptr, gb_ptr, offs_r, R):
+    """``u ⊙ 2σ(u W_gᵀ + b_g)`` in fp32 (the EC gate)."""
+    r_mask = offs_r < R
+    gwt = tl.load(gw_ptr + offs_r[None, :] * R + offs_r[:, None], mask=r_mask[None, :] & r_mask[:, None],
+                  other=0.0).to(tl.float32)  # gwt[i, j] = W_g[j, i]
+    gb = tl.load(gb_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+    return u * (2.0 * tl.sigmoid(tl.dot(u, gwt, input_precision="ieee") + gb[None, :]))
+
+
 # runtime sizes that only bound masks or pick members: one compiled kernel for every M, member width and split
 @triton.jit(do_not_specialize=["N0", "N1", "N2", "N3", "P1", "P2", "P3", "M", "R", "N_TILES_TOTAL", "SPLIT_K"])
 def w4_batched_kernel(
@@ -217,9 +233,7 @@ def w4_batched_kernel(
                 xd = _mma_order(x, BLOCK_M)
         if HAS_EC:
             if not EC_PRE:
-                at = tl.load(a_ptr + offs_r[None, :] * K + kk[:, None], mask=(offs_r < R)[None, :] & kk_ok[:, None],
-                             other=0.0)
-                u = dot(x, at, u, INTERPRET)
+                u = dot(x, _a_tile(a_ptr, offs_r, R, K, kk, kk_ok), u, INTERPRET)
         if PER_CHANNEL:
             if not PLANES:
                 if SWAP:
@@ -302,10 +316,7 @@ def w4_batched_kernel(
                 u = tl.load(uws_ptr + (member * M + offs_m[:, None]) * BLOCK_R + offs_r[None, :],
                             mask=m_mask[:, None] & r_mask[None, :], other=0.0)
             elif GATED:
-                gwt = tl.load(gw_ptr + offs_r[None, :] * R + offs_r[:, None], mask=r_mask[None, :] & r_mask[:, None],
-                              other=0.0).to(tl.float32)  # gwt[i, j] = W_g[j, i]
-                gb = tl.load(gb_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-                u = u * (2.0 * tl.sigmoid(tl.dot(u, gwt, input_precision="ieee") + gb[None, :]))
+                u = _gated(u, gw_ptr, gb_ptr, offs_r, R)
             bt = tl.load(bt_ptr + offs_n[None, :] * R + offs_r[:, None], mask=n_mask[None, :] & r_mask[:, None],
                          other=0.0)  # [BLOCK_R, BLOCK_N] = Bᵀ tile
             acc = dot(u.to(bt.dtype), bt, acc, INTERPRET)
@@ -334,17 +345,12 @@ def ec_gu_kernel(x_ptr, gu_ptr, a0, gw0, gb0, a1, gw1, gb1, a2, gw2, gb2, a3, gw
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     m_mask = offs_m < M
-    r_mask = offs_r < R
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
-        at = tl.load(a_ptr + offs_r[None, :] * K + kk[:, None], mask=r_mask[None, :] & k_ok[:, None], other=0.0)
-        u = dot(x, at, u, INTERPRET)
+        u = dot(x, _a_tile(a_ptr, offs_r, R, K, kk, k_ok), u, INTERPRET)
     if GATED:
-        gwt = tl.load(gw_ptr + offs_r[None, :] * R + offs_r[:, None], mask=r_mask[None, :] & r_mask[:, None],
-                      other=0.0).to(tl.float32)  # gwt[i, j] = W_g[j, i]
-        gb = tl.load(gb_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-        u = u * (2.0 * tl.sigmoid(tl.dot(u, gwt, input_precision="ieee") + gb[None, :]))
+        u = _gated(u, gw_ptr, gb_ptr, offs_r, R)
     tl.store(gu_ptr + (member * M + offs_m[:, None]) * BLOCK_R + offs_r[None, :], u, mask=m_mask[:, None])

@@ -184,18 +184,15 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
     else:
         ws = uws = cnt = y  # never touched without split-K
     dummy = x2
-    ptrs = []
+    ptrs, gu_ptrs = [], []
     for i in range(MAX_MEMBERS):
         t = members[min(i, g - 1)]  # unused slots repeat the last member (never read)
-        ptrs += [t.qdata.view(torch.int32), t.scale, t.zero,
-                 t.bias if t.bias is not None else dummy, t.ec_A if has_ec else dummy, t.ec_B if has_ec else dummy,
-                 t.gate_w if gated else dummy, t.gate_b if gated else dummy]
+        a, gw, gb = (t.ec_A if has_ec else dummy), (t.gate_w if gated else dummy), (t.gate_b if gated else dummy)
+        ptrs += [t.qdata.view(torch.int32), t.scale, t.zero, t.bias if t.bias is not None else dummy, a,
+                 t.ec_B if has_ec else dummy, gw, gb]
+        gu_ptrs += [a, gw, gb]   # ec_gu_kernel's per-member arguments
     pad = lambda v: (list(v) + [v[-1]] * MAX_MEMBERS)[:MAX_MEMBERS - 1]  # noqa: E731
     if ec_pre:
-        gu_ptrs = []
-        for i in range(MAX_MEMBERS):
-            t = members[min(i, g - 1)]
-            gu_ptrs += [t.ec_A, t.gate_w if gated else dummy, t.gate_b if gated else dummy]
         launcher(ec_gu_kernel, (triton.cdiv(m, 16), g))(
             x2, uws, *gu_ptrs, m, k, r, x2.stride(0), BLOCK_M=16, BLOCK_K=128, BLOCK_R=block_r, GATED=gated,
             INTERPRET=options.interpret(), num_warps=4)

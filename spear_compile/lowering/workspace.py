@@ -53,6 +53,16 @@ class Workspace:
     def _zeros(self, numel, dtype):
         return _zeros(numel, dtype, self.device, self._alloc_stream)
 
+    def footprint(self) -> tuple:
+        """Every buffer's address, in a fixed order: equal before and after a CUDA-graph capture that allocated none
+        (the serving engine checks each capture with it)."""
+        bufs = [self.sync, self.u, self.gu, self.ep, *(self.batched or ())]
+        for table in (self.acc, self.arrive, self.geo, self.ecw):
+            for key in sorted(table, key=repr):
+                value = table[key]
+                bufs += list(value) if isinstance(value, tuple) else [value]
+        return tuple(t.data_ptr() for t in bufs)
+
     def for_batched(self, n_ws, n_uws, n_cnt):
         """The batched-decode kernel's split-K partial slots, u partials and arrival counters (the kernel leaves the
         counters at zero), grown on demand: run each shape once before capture, as the tuner does."""

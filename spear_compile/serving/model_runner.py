@@ -64,17 +64,10 @@ def _on_stream(stream):
 
 
 def workspace_footprint(stream, device) -> tuple:
-    """What the W4 decode kernels' workspace of ``stream`` holds (its buffers' keys and addresses): equal before and
-    after a capture when the capture allocated none."""
+    """``Workspace.footprint()`` of the W4 decode kernels' workspace of ``stream``."""
     from ..lowering.runtime import WORKSPACES
     with torch.cuda.stream(stream):
-        ws = WORKSPACES.get(device)
-    bufs = [ws.sync, ws.u, ws.gu, ws.ep, *(ws.batched or ())]
-    for table in (ws.acc, ws.arrive, ws.geo, ws.ecw):
-        for key in sorted(table, key=repr):
-            value = table[key]
-            bufs += list(value) if isinstance(value, tuple) else [value]
-    return tuple(t.data_ptr() for t in bufs)
+        return WORKSPACES.get(device).footprint()
 
 
 def patch_ids(ids: torch.Tensor, device_ids) -> None:

@@ -19,6 +19,22 @@ def test_one_workspace_per_device_and_stream_off_cuda():
     assert pool.get(cpu) is not None
 
 
+def test_footprint_changes_exactly_when_a_buffer_is_allocated():
+    """``Workspace.footprint()`` (the serving engine's check that a CUDA-graph capture allocated no workspace):
+    equal while nothing is allocated, different after any kind of buffer is."""
+    ws = workspace.Workspaces().get(torch.device("cpu"))
+    before = ws.footprint()
+    assert ws.footprint() == before
+    for grow in (lambda: ws.for_n(64), lambda: ws.for_epoch(64, 4), lambda: ws.for_slots(64, 4, 2, 32, term=True),
+                 lambda: ws.for_group(96), lambda: ws.for_batched(16, 16, 4)):
+        grow()
+        after = ws.footprint()
+        assert after != before
+        before = after
+    ws.for_n(64)   # already there: nothing new
+    assert ws.footprint() == before
+
+
 @pytest.mark.gpu
 def test_two_streams_get_their_own_workspaces():
     dev = torch.device("cuda")
