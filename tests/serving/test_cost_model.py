@@ -20,12 +20,14 @@ TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 def _truth_coef(seed):
-    """Known per-bin coefficients in the model's feature order: 5 base + rank per type + rank x tokens per type."""
+    """Known per-bin coefficients in the model's feature order: 6 base + rank per type + rank x tokens per type. The
+    mixed step's own intercept only where a bin holds both kinds (the grid's bins 1 and 2; elsewhere it is the
+    intercept's)."""
     rng = random.Random(seed)
     out = []
     for b in range(5):
         base = [1e-3 * (1 + b + rng.random()), 1e-5 * rng.random() * (b > 0), 2e-6 * rng.random(),
-                2e-9 * rng.random() * (b > 1), 1e-8 * rng.random()]
+                2e-9 * rng.random() * (b > 1), 1e-8 * rng.random(), 3e-3 * (1 + rng.random()) * (b in (1, 2))]
         ec_rank = [2e-6 * (1 + rng.random()) for _ in TYPES]
         ec_tok = [1e-8 * (1 + rng.random()) for _ in TYPES]
         out.append(base + ec_rank + ec_tok)
@@ -211,6 +213,30 @@ def test_corrections_are_reported_per_bin_and_ec_set():
     aware, blind = fit_models(samples, DECODE_BUCKETS, TOKEN_BUCKETS)
     aware.observe(1, 0, 100, SIGS[1], 2 * aware.predict_raw(1, 0, 100, SIGS[1]))
     blind.observe(1, 0, 100, SIGS[1], 2 * blind.predict_raw(1, 0, 100, SIGS[1]))
-    (k, v), = aware.corrections().items()
+    aware.observe(4, 12, 100, SIGS[1], 3 * aware.predict_raw(4, 12, 100, SIGS[1]))
+    (k, v), (km, vm) = aware.corrections().items()
     assert k == f"0|{SIGS[1].key}" and 1.0 < v < 2.0
+    assert km == f"1m|{SIGS[1].key}" and 1.0 < vm < 3.0
     assert list(blind.corrections()) == ["0|any"]
+
+
+def test_decode_only_and_mixed_steps_of_one_bin_have_their_own_fixed_cost():
+    """A GPU's decode-only steps replay a CUDA graph; its mixed steps run the compiled graph with a host-bound fixed
+    cost several times larger, in the same token bins. One intercept per bin cannot fit both kinds (session 14's
+    H200 fit: p90 error 32-46% in the 2-16 and 17-64 bins, a decode step at 32 predicted 5.4 ms); the mixed
+    intercept must fit both within noise and leave the decode-only prediction at the replay's cost."""
+    rng = random.Random(21)
+    samples = []
+    for d in (0,) + DECODE_BUCKETS:
+        for p in (0,) + tuple(b - max(d, 2) for b in TOKEN_BUCKETS if b > max(d, 2)):
+            if d == 0 and p == 0:
+                continue
+            for c in (64, 512, 1024):
+                t = pad_tokens(d, p, DECODE_BUCKETS, TOKEN_BUCKETS, 2)
+                sec = (0.6e-3 + 8e-6 * t + 2e-10 * d * c) if p == 0 else (5e-3 + 6e-6 * t + 1e-9 * p * p)
+                samples.append(StepSample(StepShape(d, p, d * c, t), ECSignature(), sec * (1 + 0.01 * rng.gauss(0, 1))))
+    model = StepCostModel(decode_buckets=DECODE_BUCKETS, token_buckets=TOKEN_BUCKETS, mixed_min_rows=2).fit(samples)
+    for b, err in model.fit_error.items():
+        assert err["p90"] < 0.03, (b, err)
+    dec32 = model.predict_raw(32, 0, 32 * 512)
+    assert abs(dec32 - (0.6e-3 + 8e-6 * 32 + 2e-10 * 32 * 512)) < 0.03 * dec32

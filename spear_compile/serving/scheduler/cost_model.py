@@ -5,9 +5,11 @@ to a graph bucket of ``T`` tokens (decode-only steps: the decode batch buckets; 
 Its time is modelled piecewise-linearly, one linear model per bin of ``T`` at the kernel dispatch boundaries
 (M = 1, 2-16, 17-64, 65-512, > 512: the W4 GEMV, split-K, small-M and dequantize + GEMM regimes):
 
-    t(T, d, p, ctx, ECs) = a_b + b_b T + c_b p + q_b p^2 + e_b ctx + sum over module types j of (f_bj r_j + g_bj r_j T)
+    t(T, d, p, ctx, ECs) = a_b + m_b [p > 0] + b_b T + c_b p + q_b p^2 + e_b ctx
+                           + sum over module types j of (f_bj r_j + g_bj r_j T)
 
-with ``r_j`` the total rank of the active ECs on module type ``j`` (``q_proj``, ``down_proj``, ...), ``p^2`` the
+with ``[p > 0]`` marking a mixed step (it runs the mixed graph, not a decode bucket's CUDA graph: on a GPU its fixed
+cost is several times a replay's, so a bin holding both kinds needs its own intercept for each), ``r_j`` the total rank of the active ECs on module type ``j`` (``q_proj``, ``down_proj``, ...), ``p^2`` the
 chunk's own causal attention, and ``ctx`` the decode attention's KV reads: the summed context, or, when the model
 knows the engine's KV layout (``kv_layout``), the tokens its decode attention gathers (rows x the table-width
 bucket of the longest context x block size: the paged gather reads the padded table of every row). The EC-blind
@@ -33,7 +35,7 @@ from ...errors import SpearError
 
 #: upper ends of the token-count bins (the last bin is open): M = 1, 2-16, 17-64, 65-512, > 512
 DEFAULT_BIN_EDGES = (1, 16, 64, 512)
-BASE_FEATURES = ("intercept", "tokens", "prefill_tokens", "prefill_tokens_sq", "context")
+BASE_FEATURES = ("intercept", "tokens", "prefill_tokens", "prefill_tokens_sq", "context", "mixed")
 
 
 # ----------------------------------------------------------------------------------------------- EC signature
@@ -197,7 +199,7 @@ class StepCostModel:
         self.fitted = False
         self.floor: dict = {}             # per bin: half the fastest step measured in it (a prediction never goes below)
         self.fit_error: dict = {}
-        self._log_correction: dict = {}   # (bin, signature or None) -> log of the multiplicative correction
+        self._log_correction: dict = {}   # (bin, mixed, signature or None) -> log of the multiplicative correction
         self._ec_cache: dict = {}         # signature -> per bin (f . r, g . r)
 
     # features -------------------------------------------------------------------------------------------------
@@ -217,7 +219,7 @@ class StepCostModel:
         t = shape.num_tokens
         ranks = [sig.rank_of(ty) for ty in self.ec_types]
         p = float(shape.num_prefill_tokens)
-        return [1.0, float(t), p, p * p, float(shape.sum_context)] + \
+        return [1.0, float(t), p, p * p, float(shape.sum_context), float(p > 0)] + \
             [float(r) for r in ranks] + [float(r * t) for r in ranks]
 
     # fitting -------------------------------------------------------------------------------------------------
@@ -242,8 +244,9 @@ class StepCostModel:
             xs = xw / scale
             # slopes a step's time cannot have negative (tokens, chunk attention, context, EC ranks): a column
             # fitted negative is dropped and the rest refitted, so extrapolation stays monotone
-            free = {0, 2}  # intercept, prefill tokens (a prefill row may cost less than a decode row)
-            active = list(range(xs.shape[1]))
+            free = {0, 2, 5}  # intercept, prefill tokens (a prefill row may cost less than a decode row), mixed
+            # a column constant over the bin (e.g. "mixed" where every step is mixed) is the intercept's: dropped
+            active = [j for j in range(xs.shape[1]) if j == 0 or np.ptp(x[:, j]) > 0]
             for _ in range(xs.shape[1]):
                 sub = xs[:, active]
                 # ridge as extra rows (keeps unidentified EC columns at zero instead of huge opposite pairs)
@@ -303,9 +306,10 @@ class StepCostModel:
             self._ec_cache[sig] = terms
         return terms
 
-    def correction_key(self, b: int, sig: ECSignature):
-        """EC-aware: one correction per bin and EC set; EC-blind: per bin (it cannot tell EC sets apart)."""
-        return (b, sig if self.ec_terms else None)
+    def correction_key(self, b: int, mixed: bool, sig: ECSignature):
+        """One correction per bin and step kind (decode-only or mixed: a graph replay or not) and, EC-aware, per EC
+        set (EC-blind: it cannot tell EC sets apart)."""
+        return (b, bool(mixed), sig if self.ec_terms else None)
 
     def predict_raw(self, num_decodes: int, num_prefill_tokens: int, sum_context: int,
                     sig: ECSignature = ECSignature(), num_tokens: int = 0) -> float:
@@ -314,7 +318,7 @@ class StepCostModel:
         b = self.bin_of(t)
         c = self.coef[b]
         p = num_prefill_tokens
-        y = c[0] + c[1] * t + c[2] * p + c[3] * p * p + c[4] * sum_context
+        y = c[0] + c[1] * t + c[2] * p + c[3] * p * p + c[4] * sum_context + (c[5] if p else 0.0)
         if self.ec_types and not sig.is_empty:
             f, g = self._ec_terms(sig)[b]
             y += f + g * t
@@ -325,7 +329,7 @@ class StepCostModel:
         """Predicted step time in seconds (fitted model times the bin's online correction)."""
         t = num_tokens or self.pad(num_decodes, num_prefill_tokens)
         y = self.predict_raw(num_decodes, num_prefill_tokens, sum_context, sig, t)
-        lc = self._log_correction.get(self.correction_key(self.bin_of(t), sig))
+        lc = self._log_correction.get(self.correction_key(self.bin_of(t), num_prefill_tokens > 0, sig))
         return y if lc is None else y * math.exp(lc)
 
     def observe(self, num_decodes: int, num_prefill_tokens: int, sum_context: int, sig: ECSignature,
@@ -336,14 +340,15 @@ class StepCostModel:
         t = num_tokens or self.pad(num_decodes, num_prefill_tokens)
         raw = self.predict_raw(num_decodes, num_prefill_tokens, sum_context, sig, t)
         ratio = min(max(measured_s / raw, 0.2), 5.0)
-        key = self.correction_key(self.bin_of(t), sig)
+        key = self.correction_key(self.bin_of(t), num_prefill_tokens > 0, sig)
         old = self._log_correction.get(key, 0.0)
         self._log_correction[key] = old + self.correction_alpha * (math.log(ratio) - old)
 
     def corrections(self) -> dict:
-        """``{"bin|EC set": factor}`` of the online corrections so far (for logs and reports)."""
-        return {f"{b}|{k.key if k is not None else 'any'}": math.exp(v)
-                for (b, k), v in sorted(self._log_correction.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))}
+        """``{"bin[m]|EC set": factor}`` of the online corrections so far (``m``: mixed steps), for logs and reports."""
+        return {f"{b}{'m' if mixed else ''}|{k.key if k is not None else 'any'}": math.exp(v)
+                for (b, mixed, k), v in sorted(self._log_correction.items(),
+                                               key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2])))}
 
     # serialisation ---------------------------------------------------------------------------------------------
     def to_json(self) -> dict:
