@@ -644,12 +644,20 @@ def main(argv=None):
         sig = ec_signature(w4["engine"].model)
         ctx = args.prompt_median + args.output_median
         dec32 = cm.predict_raw(32, 0, cm.context_feature(32, 32 * ctx, 4 * ctx, False), sig)
-        args.tpot_slo_ms = float(max(5, round(5 * dec32 * 1e3 / 5) * 5))
-        log(f"TPOT SLO auto: 5 x decode step at 32 running ({dec32 * 1e3:.2f} ms) -> {args.tpot_slo_ms} ms")
+        # the cheapest mixed step (32 decodes + the smallest chunk): no policy that ever prefills beside running
+        # decodes can keep its inter-token latency below it
+        chunk = max(1, min(b for b in cm.token_buckets if b > 32) - 32) if any(b > 32 for b in cm.token_buckets) else 1
+        mix32 = cm.predict_raw(32, chunk, cm.context_feature(32, 32 * ctx, 4 * ctx, True), sig)
+        slo_s = max(5 * dec32, 2 * mix32)
+        args.tpot_slo_ms = float(max(5, math.ceil(slo_s * 1e3 / 5) * 5))
+        log(f"TPOT SLO auto: max(5 x decode step at 32 running ({dec32 * 1e3:.2f} ms), 2 x that step with a "
+            f"{chunk}-token chunk ({mix32 * 1e3:.2f} ms)) -> {args.tpot_slo_ms} ms")
         results["slo_note"] = (f"The per-token SLO is 5x the profiled decode-only step at 32 running requests "
                                f"({dec32 * 1e3:.2f} ms on this GPU, ECs on), Sarathi-Serve's 'strict' SLO construction "
-                               f"(a small multiple of an undisturbed decode iteration): a stall-free scheduler can hold "
-                               f"it, one long prefill in a step cannot. TTFT {args.ttft_slo_ms:.0f} ms is an interactive "
+                               f"(a small multiple of an undisturbed decode iteration), and at least 2x the cheapest "
+                               f"mixed step at 32 running ({mix32 * 1e3:.2f} ms: a mixed step runs no CUDA graph, so "
+                               f"its fixed cost is not a decode replay's): a stall-free scheduler can hold it, one "
+                               f"long prefill in a step cannot. TTFT {args.ttft_slo_ms:.0f} ms is an interactive "
                                f"chat target for prompts up to {args.max_prompt} tokens on a 1B model.")
     else:
         args.tpot_slo_ms = float(args.tpot_slo_ms)
