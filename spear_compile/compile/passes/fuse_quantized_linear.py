@@ -241,7 +241,9 @@ class FuseQuantizedLinearPass(SpearGraphPass):
             if not why and (out is None or ref is None or out.shape != ref.shape or out.dtype != ref.dtype):
                 why = "matched chain's output shape/dtype differs from the quantized linear's"
             if not why and kind == "plain" and _ec_like(q):
-                why = "feeds an add with a low-rank branch from the same input that matches no EC pattern"
+                ec_why = self._reasons.get(q, "")  # an EC pattern that matched the chain but refused its operands
+                why = "feeds an add with a low-rank branch from the same input that matches no EC pattern" + \
+                      (f" (the EC pattern refused it: {ec_why})" if ec_why.startswith("ec") else "")
             if why:
                 self._reasons[q] = f"{kind}: {why}"
             return not why
