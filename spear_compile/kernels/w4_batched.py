@@ -326,14 +326,21 @@ def w4_batched_kernel(
 
 
 @triton.jit
-def ec_gu_kernel(x_ptr, gu_ptr, a0, gw0, gb0, a1, gw1, gb1, a2, gw2, gb2, a3, gw3, gb3, M, K, R, stride_xm,
+def ec_gu_kernel(x_ptr, gu_ptr, part_ptr, cnt_ptr, a0, gw0, gb0, a1, gw1, gb1, a2, gw2, gb2, a3, gw3, gb3, M, K, R,
+                 stride_xm, K_PER_SPLIT,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GATED: tl.constexpr,
-                 INTERPRET: tl.constexpr = False):
+                 SPLIT: tl.constexpr, INTERPRET: tl.constexpr = False):
     """``EC_PRE``: ``g(u) ⊙ u`` (``u = x A_iᵀ`` over all of K, fp32; gated as in ``w4_batched_kernel``'s epilogue) of
     member ``i = program_id(1)`` for the rows of M tile ``program_id(0)``, into ``gu`` fp32 ``[MEMBERS, M, BLOCK_R]``.
-    Once per launch instead of in every N tile's K loop (which re-reads A and adds an MMA per K block there)."""
+    Once per launch instead of in every N tile's K loop (which re-reads A and adds an MMA per K block there).
+
+    ``SPLIT`` > 1: program ``program_id(2)`` sums ``K_PER_SPLIT`` of K into its slot of ``part`` fp32
+    ``[SPLIT, MEMBERS, M, BLOCK_R]``; the last of the SPLIT to arrive (``cnt`` int32 ``[MEMBERS, M tiles]``, left at
+    zero) adds the slots in a fixed order (deterministic), gates and stores. At decode M one M tile and a few members
+    are a handful of programs, each reading all of A_i serially: one per SM is latency-bound on K."""
     pid_m = tl.program_id(0)
     member = tl.program_id(1)
+    pid_s = tl.program_id(2)
     a_ptr, gw_ptr, gb_ptr = a0, gw0, gb0
     if member == 1:
         a_ptr, gw_ptr, gb_ptr = a1, gw1, gb1
@@ -345,12 +352,27 @@ def ec_gu_kernel(x_ptr, gu_ptr, a0, gw0, gb0, a1, gw1, gb1, a2, gw2, gb2, a3, gw
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     m_mask = offs_m < M
+    rows = (member * M + offs_m[:, None]) * BLOCK_R + offs_r[None, :]
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = pid_s * K_PER_SPLIT
+    for k0 in range(k_lo, tl.minimum(k_lo + K_PER_SPLIT, K), BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
         u = dot(x, _a_tile(a_ptr, offs_r, R, K, kk, k_ok), u, INTERPRET)
-    if GATED:
-        u = _gated(u, gw_ptr, gb_ptr, offs_r, R)
-    tl.store(gu_ptr + (member * M + offs_m[:, None]) * BLOCK_R + offs_r[None, :], u, mask=m_mask[:, None])
+    finish = True
+    if SPLIT > 1:
+        slot = tl.num_programs(1) * M * BLOCK_R
+        tl.store(part_ptr + pid_s * slot + rows, u, mask=m_mask[:, None])
+        tl.debug_barrier()
+        ctr = cnt_ptr + member * tl.num_programs(0) + pid_m
+        finish = tl.atomic_add(ctr, 1) == SPLIT - 1  # acq_rel, after the CTA barrier: publishes this slot
+        if finish:
+            u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for sk in range(0, SPLIT):
+                u += tl.load(part_ptr + sk * slot + rows, mask=m_mask[:, None], other=0.0, volatile=True)
+            tl.store(ctr, 0)
+    if finish:
+        if GATED:
+            u = _gated(u, gw_ptr, gb_ptr, offs_r, R)
+        tl.store(gu_ptr + rows, u, mask=m_mask[:, None])

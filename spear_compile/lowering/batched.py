@@ -28,6 +28,8 @@ MAX_M = 512
 MAX_MEMBERS = 4
 MAX_RANK = 64  # BLOCK_R of the in-loop u = x Aᵀ (registers: BLOCK_M x BLOCK_R fp32 per program)
 MAX_WORKSPACE_BYTES = 256 << 20  # split-K slots: configs needing more are not candidates
+EC_GU_BLOCK_M, EC_GU_BLOCK_K = 16, 128
+EC_GU_PROGRAMS = 64  # ec_gu_kernel splits K until about this many programs run (H100/H200: 132 SMs)
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,19 @@ def _splits(tiles, k, bk, sms):
     return out
 
 
+def ec_gu_split(m: int, members: int, k: int) -> tuple:
+    """(splits, K per split) of ec_gu_kernel: at decode M there are only M tiles x members programs (3 for q|k|v at
+    M = 16), each reading its whole A serially; split K (whole BLOCK_K blocks, none empty) up to about
+    ``EC_GU_PROGRAMS`` programs. Session 15 (H100, M = 16): the unsplit kernel cost about 10-17 µs at K = 4096."""
+    k_blocks = triton.cdiv(k, EC_GU_BLOCK_K)
+    want = max(1, EC_GU_PROGRAMS // (triton.cdiv(m, EC_GU_BLOCK_M) * members))
+    split = 1
+    while split * 2 <= min(want, k_blocks):
+        split *= 2
+    per = triton.cdiv(k_blocks, split)  # blocks per split; then no split is left without one
+    return triton.cdiv(k_blocks, per), per * EC_GU_BLOCK_K
+
+
 def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member], group_size: int,
                 y: torch.Tensor) -> torch.Tensor:
     """``y [M, ΣN] = [x W_1ᵀ (+ b_1) (+ EC_1) | x W_2ᵀ ... ]`` in one launch (``y`` may be a column slice)."""
@@ -177,10 +192,13 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
     r = members[0].ec_B.shape[1] if has_ec else 0
     block_r = max(16, triton.next_power_of_2(max(r, 1)))
     ec_pre = has_ec and cfg.ec_pre
-    if split > 1 or ec_pre:   # ec_pre: ``uws`` holds every member's g(u) ⊙ u [g, M, BLOCK_R] instead of u partials
-        n_uws = g * m * block_r if ec_pre else (tiles_total * split * m * block_r if has_ec else 1)
-        ws, uws, cnt = WORKSPACES.get(x2.device).for_batched(split * m * n_total if split > 1 else 1, n_uws,
-                                                             tiles_total * m_tiles if split > 1 else 1)
+    gu_split, gu_k = ec_gu_split(m, g, k) if ec_pre else (1, k)
+    if split > 1 or ec_pre:
+        # ec_pre: ``uws`` holds every member's g(u) ⊙ u [g, M, BLOCK_R], then ec_gu_kernel's split-K slots, instead of
+        # u partials; its arrival counters share ``cnt`` (each kernel leaves them at zero for the next)
+        n_uws = (1 + gu_split) * g * m * block_r if ec_pre else (tiles_total * split * m * block_r if has_ec else 1)
+        n_cnt = max(tiles_total * m_tiles if split > 1 else 1, g * triton.cdiv(m, EC_GU_BLOCK_M) if ec_pre else 1)
+        ws, uws, cnt = WORKSPACES.get(x2.device).for_batched(split * m * n_total if split > 1 else 1, n_uws, n_cnt)
     else:
         ws = uws = cnt = y  # never touched without split-K
     dummy = x2
@@ -193,8 +211,9 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
         gu_ptrs += [a, gw, gb]   # ec_gu_kernel's per-member arguments
     pad = lambda v: (list(v) + [v[-1]] * MAX_MEMBERS)[:MAX_MEMBERS - 1]  # noqa: E731
     if ec_pre:
-        launcher(ec_gu_kernel, (triton.cdiv(m, 16), g))(
-            x2, uws, *gu_ptrs, m, k, r, x2.stride(0), BLOCK_M=16, BLOCK_K=128, BLOCK_R=block_r, GATED=gated,
+        launcher(ec_gu_kernel, (triton.cdiv(m, EC_GU_BLOCK_M), g, gu_split))(
+            x2, uws, uws[g * m * block_r:], cnt, *gu_ptrs, m, k, r, x2.stride(0), gu_k, BLOCK_M=EC_GU_BLOCK_M,
+            BLOCK_K=EC_GU_BLOCK_K, BLOCK_R=block_r, GATED=gated, SPLIT=gu_split,
             INTERPRET=options.interpret(), num_warps=4)
     launcher(w4_batched_kernel, (starts[-1] * m_tiles,))(
         x2, y, ws, uws, cnt, *ptrs,

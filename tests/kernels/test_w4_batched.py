@@ -95,8 +95,10 @@ def test_single_vs_float64(seed, group, dtype, ec, gated, bias, cfg):
 
 
 @pytest.mark.parametrize("k,group,cfg", [(320, 0, BC(16, 32, 128, 2)), (192, 0, BC(16, 32, 128, 1, swap=True, xsum_mma=True)),
-                                         (320, 0, BC(16, 16, 128, 2, swap=True, perm=True)), (448, 64, BC(16, 32, 64, 2))],
-                         ids=["k320-pc", "k192-pc-xsum", "k320-pc-perm", "k448-g64"])
+                                         (320, 0, BC(16, 16, 128, 2, swap=True, perm=True)), (448, 64, BC(16, 32, 64, 2)),
+                                         (320, 0, BC(16, 32, 128, 2, ec_pre=True)),
+                                         (448, 64, BC(16, 32, 64, 1, swap=True, ec_pre=True))],
+                         ids=["k320-pc", "k192-pc-xsum", "k320-pc-perm", "k448-g64", "k320-pc-ecpre", "k448-g64-swap-ecpre"])
 def test_k_not_a_multiple_of_block_k(k, group, cfg):
     """K not a multiple of BLOCK_K: the last block's masked columns (the ``EVEN_K`` constexpr off) add nothing."""
     m, n = 7, 40
@@ -151,6 +153,18 @@ def test_grouped_vs_float64(seed, ns, group, dtype, bias, ec, cfg):
         y = torch.full((m, sum(ns)), float("nan"), dtype=dtype, device=DEV)
         batched.run_members(cfg, x.to(DEV), [_member(t) for t in members], group, y)
         _check(y, ref, dtype)
+
+
+def test_ec_gu_splits_k_at_decode_m():
+    """ec_gu_kernel's split of K: whole BLOCK_K blocks, none empty, about EC_GU_PROGRAMS programs in all (the
+    split cases above run it: each compares against float64 and leaves the counters at zero)."""
+    assert batched.ec_gu_split(16, 3, 4096) == (16, 256)    # 7B q|k|v at M = 16: 1 M tile x 3 members x 16
+    assert batched.ec_gu_split(64, 3, 4096) == (4, 1024)
+    assert batched.ec_gu_split(7, 1, 320) == (2, 256)      # 3 K blocks: the second split holds one (masked) block
+    assert batched.ec_gu_split(512, 4, 4096) == (1, 4096)
+    for m, g, k in ((2, 1, 128), (16, 2, 11008), (40, 4, 640)):
+        split, per = batched.ec_gu_split(m, g, k)
+        assert per % batched.EC_GU_BLOCK_K == 0 and split * per >= k and (split - 1) * per < k
 
 
 def test_dispatch_routes_batched_configs():
@@ -245,10 +259,12 @@ for name, x_bf16, pc, ec, bm, bn, swap, perm, xsum, ec_pre in VARIANTS:
                  "mma": ptx.count("mma.")}
 from spear_compile.kernels.w4_batched import ec_gu_kernel
 types = {n: "*bf16" for n in ec_gu_kernel.arg_names[:ec_gu_kernel.arg_names.index("M")]}
-types["gu_ptr"] = "*fp32"
-ptx = compile_for(ec_gu_kernel, dict(BLOCK_M=16, BLOCK_K=128, BLOCK_R=32, GATED=True, INTERPRET=False), types,
-                  dict(M=16, K=2048, R=32, stride_xm=2048)).asm["ptx"]
-out["ec_gu"] = {"mma": ptx.count("mma.")}
+types.update(gu_ptr="*fp32", part_ptr="*fp32", cnt_ptr="*i32")
+for split in (1, 8):
+    ptx = compile_for(ec_gu_kernel, dict(BLOCK_M=16, BLOCK_K=128, BLOCK_R=32, GATED=True, SPLIT=split,
+                                         INTERPRET=False), types,
+                      dict(M=16, K=2048, R=32, stride_xm=2048, K_PER_SPLIT=256)).asm["ptx"]
+    out[f"ec_gu{split}"] = {"mma": ptx.count("mma."), "atom": ptx.count("atom.")}
 print(json.dumps(out))
 """
 
@@ -268,6 +284,7 @@ def test_kernel_compiles_for_sm90():
                          cwd=Path(__file__).resolve().parents[2])
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
-    gu = got.pop("ec_gu")
+    gu1, gu8 = got.pop("ec_gu1"), got.pop("ec_gu8")
     assert len(got) == 4 and all(v["lop3"] >= 4 and v["mma"] >= 1 for v in got.values()), got
-    assert gu["mma"] >= 1, gu   # ec_pre's u kernel: x Aᵀ on tensor cores
+    assert gu1["mma"] >= 1 and gu8["mma"] >= 1, (gu1, gu8)   # ec_pre's u kernel: x Aᵀ on tensor cores
+    assert gu1["atom"] == 0 and gu8["atom"] >= 1, (gu1, gu8)  # split K: the arrival counter
