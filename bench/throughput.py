@@ -139,6 +139,8 @@ def part_check(args):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 8000, (n,), generator=g).tolist() for n in lens]
     dtypes = (torch.float32, DEV["dtype"]) if DEV["device"] == "cuda" else (DEV["dtype"],)
+    if args.check_dtypes:
+        dtypes = tuple(getattr(torch, d) for d in args.check_dtypes.split(","))
     tf32 = torch.backends.cuda.matmul.allow_tf32
     for dtype in dtypes:
         torch.backends.cuda.matmul.allow_tf32 = tf32 and dtype != torch.float32   # float32: exact products
@@ -524,6 +526,8 @@ def main():
     ap.add_argument("--decode-only", action="store_true",
                     help="engine part: only the batch-1 / batch-16 decode rates (an engine of 2 decode buckets and "
                          "1 token bucket: a few minutes' start-up per variant, not the 256 requests)")
+    ap.add_argument("--check-dtypes", default="", help="the check part's dtypes, e.g. 'bfloat16' (default: "
+                                                        "float32 and the device's dtype on CUDA)")
     ap.add_argument("--deadline", type=float, default=1e9, help="skip parts starting after this many seconds")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model in place of the 1B shape (smoke test)")
