@@ -49,6 +49,7 @@ class Workspace:
         self.geo = {}     # (N, N tiles) -> (epoch + per-tile phases int32 [1 + N tiles], tagged g(u)⊙u words)
         self.ecw = {}     # mode ecterm: slot geometry -> the published EC term words
         self.batched = None  # the batched kernel's (fp32 split-K slots, fp32 u partials, int32 arrival counters)
+        self.outgrown = []   # batched buffers replaced by larger ones, kept: a captured CUDA graph may still use them
 
     def _zeros(self, numel, dtype):
         return _zeros(numel, dtype, self.device, self._alloc_stream)
@@ -65,11 +66,16 @@ class Workspace:
 
     def for_batched(self, n_ws, n_uws, n_cnt):
         """The batched-decode kernel's split-K partial slots, u partials and arrival counters (the kernel leaves the
-        counters at zero), grown on demand: run each shape once before capture, as the tuner does."""
+        counters at zero), grown on demand: run each shape once before capture, as the tuner does. Outgrown buffers
+        stay alive (``outgrown``): a graph captured before the growth replays into them, and freed they would be
+        handed to other tensors (the engine warms up and captures its buckets one after another, and a smaller
+        batch's pick can need more split-K slots than a larger one's)."""
         have = self.batched
         if have is None or have[0].numel() < n_ws or have[1].numel() < n_uws or have[2].numel() < n_cnt:
             sizes = (n_ws, n_uws, n_cnt) if have is None else (max(n_ws, have[0].numel()), max(n_uws, have[1].numel()),
                                                                max(n_cnt, have[2].numel()))
+            if have is not None:
+                self.outgrown.append(have)
             self.batched = (self._zeros(sizes[0], torch.float32), self._zeros(sizes[1], torch.float32),
                             self._zeros(sizes[2], torch.int32))
         return self.batched

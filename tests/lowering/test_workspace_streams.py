@@ -35,6 +35,21 @@ def test_footprint_changes_exactly_when_a_buffer_is_allocated():
     assert ws.footprint() == before
 
 
+def test_outgrown_batched_buffers_stay_alive():
+    """A graph captured before the batched buffers grew replays into the old ones: they must not be freed (and
+    handed to other tensors) when a later, smaller batch's pick needs more split-K slots."""
+    import weakref
+    ws = workspace.Workspaces().get(torch.device("cpu"))
+    first = ws.for_batched(64, 16, 4)
+    refs = [weakref.ref(t) for t in first]
+    ptrs = [t.data_ptr() for t in first]
+    del first
+    grown = ws.for_batched(128, 16, 4)
+    assert grown[0].numel() == 128 and grown[1].numel() == 16
+    assert all(r() is not None for r in refs) and [t.data_ptr() for t in ws.outgrown[0]] == ptrs
+    assert ws.for_batched(100, 8, 2) is grown and len(ws.outgrown) == 1   # fits: nothing replaced
+
+
 @pytest.mark.gpu
 def test_two_streams_get_their_own_workspaces():
     dev = torch.device("cuda")
