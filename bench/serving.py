@@ -137,7 +137,8 @@ def build_engine(args, kind, ec_fraction=0.0):
                        ec_switch=True)  # the EC-aware vs EC-blind comparison and the EC on/off switching
     engine = Engine(model, tokenizer, cfg, model_name=f"{kind}")
     setup_s = time.perf_counter() - t0
-    log(f"engine {kind} ec={ec_fraction}: setup {setup_s:.1f}s (warm-up {engine.runner.warmup_s:.1f}s), "
+    log(f"engine {kind} ec={ec_fraction}: setup {setup_s:.1f}s (warm-up {engine.runner.warmup_s:.1f}s: "
+        f"{ {k: round(v, 1) for k, v in engine.runner.warmup_breakdown.items()} }), "
         f"ECs {ec_info}, signature {ec_signature(engine.model)}")
     t1 = time.perf_counter()
     samples = profile_engine(engine, repeats=args.profile_repeats, max_points=args.profile_points)
@@ -145,7 +146,8 @@ def build_engine(args, kind, ec_fraction=0.0):
     prof_s = time.perf_counter() - t1
     log(f"  profile {len(samples)} samples in {prof_s:.1f}s; fit error per bin {aware.fit_error}")
     return {"engine": engine, "kind": kind, "ec_info": ec_info, "aware": aware, "blind": blind, "samples": samples,
-            "setup_s": setup_s, "warmup_s": engine.runner.warmup_s, "profile_s": prof_s}
+            "setup_s": setup_s, "warmup_s": engine.runner.warmup_s, "warmup_breakdown": engine.runner.warmup_breakdown,
+            "profile_s": prof_s}
 
 
 def safe_build(args, kind, ec_fraction=0.0):
@@ -635,7 +637,8 @@ def main(argv=None):
     samples_for_plot = {}
 
     w4 = build_engine(args, "w4", args.ec_fraction)
-    results["engines"]["w4_ec"] = {k: w4[k] for k in ("ec_info", "setup_s", "warmup_s", "profile_s")}
+    results["engines"]["w4_ec"] = {k: w4[k] for k in ("ec_info", "setup_s", "warmup_s", "warmup_breakdown",
+                                                                  "profile_s")}
     results["engines"]["w4_ec"]["fit_error"] = w4["aware"].fit_error
     results["engines"]["w4_ec"]["fit_error_blind"] = w4["blind"].fit_error
     samples_for_plot["W4"] = (w4["samples"], w4["aware"])
@@ -744,7 +747,8 @@ def main(argv=None):
         else:
             big = safe_build(args, "w4", args.ec_fraction_large)
         if big is not None:
-            results["engines"]["w4_ec_large"] = {k: big[k] for k in ("ec_info", "setup_s", "warmup_s", "profile_s")}
+            results["engines"]["w4_ec_large"] = {k: big[k] for k in ("ec_info", "setup_s", "warmup_s",
+                                                                          "warmup_breakdown", "profile_s")}
             samples_for_plot["W4 large EC set"] = (big["samples"], big["aware"])
             rate = results.get("stability_rate") or r0
             frac = (big["ec_info"] or {}).get("fraction", args.ec_fraction_large)  # all linears at r=32: ~4.5% (1B)

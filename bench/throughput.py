@@ -196,7 +196,8 @@ def run_engine(variant, args, reqs):
     frozen = eng.gc_frozen or {}
     row(part="startup", variant=variant, startup_s=round(startup, 1), graphs=len(eng.runner.graphs),
         tuned_keys=len(TUNER.picks), gc_collect_ms=round(1e3 * frozen["collect_s"], 1) if frozen else None,
-        gc_frozen_objects=frozen.get("frozen"))
+        gc_frozen_objects=frozen.get("frozen"),
+        warmup={k: round(v, 1) for k, v in eng.runner.warmup_breakdown.items()})
     if args.decode_only:
         for batch in (1, 16):
             decode_rate(eng, variant, batch, args, new=args.decode_tokens + 1)

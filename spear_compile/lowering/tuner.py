@@ -6,6 +6,7 @@ sibling linears). ``Tuner`` holds this process's picks and their timings (and th
 """
 from __future__ import annotations
 
+import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -57,12 +58,15 @@ class Tuner:
         self.cache = cache if cache is not None else TuneCache()
         self._flush = {}  # device -> 64 MB buffer written between timed calls (evicts L2)
         self._streams = {}  # device -> the stream candidates are warmed up on and captured on
+        self.tuned_keys = 0        # keys timed in this process (not from a cache) ...
+        self.tune_seconds = 0.0    # ... and the wall time that took (start-up reports split their time with it)
 
     def clear(self) -> None:
         """Forget this process's picks, timings and loaded cache files (the files on disk stay)."""
         self.picks.clear()
         self.timings.clear()
         self.cache.forget()
+        self.tuned_keys, self.tune_seconds = 0, 0.0
 
     def pin(self, key, cfg) -> None:
         """Make ``cfg`` the pick of ``key`` (benches comparing configs under the compiler)."""
@@ -87,7 +91,10 @@ class Tuner:
         if hit is not None:
             cfg, self.timings[key] = hit
         else:
+            t0 = time.perf_counter()
             cfg = self.tune(key, cands, run, reference, out)
+            self.tuned_keys += 1
+            self.tune_seconds += time.perf_counter() - t0
             self.cache.store(key, cfg.name, self.timings[key], device)
         self.picks[key] = cfg
         return cfg

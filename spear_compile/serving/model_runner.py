@@ -177,6 +177,8 @@ class ModelRunner:
         self._capture_stream = None      # CUDA: the stream every decode graph is warmed up and captured on
         self.graphs_before_serving: Optional[int] = None
         self.warmup_s = 0.0
+        self.warmup_breakdown: dict = {}   # warm_up's seconds: tuning (keys tuned), capture, compile + eager runs
+        self._capture_s = 0.0
         self.num_uncaptured_decodes = 0  # decode steps served without a captured graph (none once warmed up)
 
     @classmethod
@@ -400,7 +402,9 @@ class ModelRunner:
     def warm_up(self, compile_mixed: bool = True):
         """Compile every phase and capture every decode CUDA graph now (a progress bar on stderr), so serving never
         compiles. Runs dummy steps over the padding block only."""
-        t0 = time.perf_counter()
+        from ..lowering.runtime import TUNER
+        t0, tune0, keys0 = time.perf_counter(), TUNER.tune_seconds, TUNER.tuned_keys
+        self._capture_s = 0.0
         # each bucket runs eagerly (compiled, not captured) before its capture: kernel tuning and workspaces happen
         # there, outside the graphs' memory pool (what optimize.warm_kernels does for optimize())
         jobs = []
@@ -428,6 +432,10 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
         self.graphs_before_serving = self.compiled_graphs()
         self.warmup_s = time.perf_counter() - t0
+        tune_s = TUNER.tune_seconds - tune0
+        self.warmup_breakdown = {"total_s": self.warmup_s, "tune_s": tune_s, "tuned_keys": TUNER.tuned_keys - keys0,
+                                 "capture_s": self._capture_s,
+                                 "compile_and_eager_s": self.warmup_s - tune_s - self._capture_s}
 
     def _warm_decode(self, use_ec, batch, width):
         """Compile (and tune) the decode step for one bucket, then capture it. On CUDA both run on the runner's
@@ -453,9 +461,11 @@ class ModelRunner:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         before = workspace_footprint(self._capture_stream, self.device)
+        t0 = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream):
             logits = self._decode_call(batch, views, use_ec)
+        self._capture_s += time.perf_counter() - t0
         if workspace_footprint(self._capture_stream, self.device) != before:
             raise SpearError(f"serving engine: the decode step (batch {batch}, block-table width {width}) allocated "
                              "kernel workspace during its CUDA-graph capture, where the shared graph pool would "

@@ -80,6 +80,21 @@ def no_warnings():
         yield
 
 
+def test_the_tuner_counts_keys_it_timed_not_cache_hits(calls, tmp_path):
+    """``tuned_keys`` / ``tune_seconds`` (the engine's start-up breakdown): a key timed counts, a key found in the
+    cache file by the next process does not, ``clear`` resets both."""
+    single(1)
+    grouped(1)
+    assert TUNER.tuned_keys == 2 and TUNER.tune_seconds >= 0.0
+    restart()
+    assert TUNER.tuned_keys == 0 and TUNER.tune_seconds == 0.0
+    single(1)
+    grouped(1)
+    assert TUNER.tuned_keys == 0 and len(calls) == 2
+    single(4)
+    assert TUNER.tuned_keys == 1
+
+
 @pytest.mark.parametrize("m,gs", [(1, GS), (1, K), (4, GS), (200, GS)])
 def test_a_tuned_key_is_reused_by_the_next_process(calls, tmp_path, m, gs):
     cfg = single(m, gs=gs)
