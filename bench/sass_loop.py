@@ -31,6 +31,8 @@ VARIANTS = [
     ("noswap-perm-xsum", 16, 64, 128, 4, 4, False, False, True, True),
     ("m64-noswap", 64, 128, 128, 8, 3, False, False, False, False),
     ("m64-noswap-xsum", 64, 128, 128, 8, 3, False, False, False, True),
+    ("m64-swap-perm", 64, 128, 128, 8, 3, True, False, True, False),
+    ("m32-swap-perm", 32, 128, 128, 4, 4, True, False, True, False),
 ]
 
 CLASSES = [  # (class, opcode prefixes)
@@ -65,13 +67,13 @@ def launch_args(variant, per_channel=True, has_ec=False, shape=(2048, 2048)):
     consts = dict(MEMBERS=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=32, USE_SPLIT=True, PER_CHANNEL=per_channel,
                   X_BF16=True, HAS_BIAS=False, HAS_EC=has_ec, GATED=has_ec, SWAP=swap, INTERPRET=False, PLANES=planes,
                   PERM=perm)
-    for name, value in (("EVEN_K", True), ("XSUM_MMA", xsum)):  # constexprs an older kernel (an A/B) may lack
+    for name, value in (("EVEN_K", True), ("XSUM_MMA", xsum), ("EC_PRE", False)):  # an older kernel may lack them
         if name in kernel.arg_names:
             consts[name] = value
         elif value and name == "XSUM_MMA":
             return None
     k, n = shape
-    values = dict(N0=n, N1=n, N2=n, N3=n, P1=0, P2=0, P3=0, C1=n, C2=n, C3=n, M=16, K=k, K8=k // 8, R=32,
+    values = dict(N0=n, N1=n, N2=n, N3=n, P1=0, P2=0, P3=0, C1=n, C2=n, C3=n, M=max(16, bm), K=k, K8=k // 8, R=32,
                   group_size=k if per_channel else 128, n_groups=1 if per_channel else k // 128, stride_xm=k,
                   stride_ym=n, N_TOTAL=n, N_TILES_TOTAL=n // bn, SPLIT_K=2)
     return consts, types, values

@@ -75,6 +75,10 @@ CASES = [  # (seed, group (0: per-channel), dtype, ec, gated, bias, config)
     (38, 0, torch.bfloat16, True, True, False, BC(16, 32, 128, 2, swap=True, perm=True, ec_pre=True)),
     (39, 128, torch.float16, True, True, True, BC(16, 32, 64, 1, ec_pre=True)),
     (40, 64, torch.bfloat16, True, False, True, BC(32, 16, 64, 4, ec_pre=True)),
+    # the perm tile at BLOCK_M 64 / 32 (swap: M is the MMA's N), per-channel and grouped, with and without EC
+    (43, 0, torch.bfloat16, True, True, True, BC(64, 32, 128, 2, swap=True, perm=True)),
+    (44, 128, torch.float16, False, False, False, BC(64, 32, 128, 1, swap=True, perm=True)),
+    (45, 0, torch.float16, True, True, False, BC(32, 32, 128, 2, swap=True, perm=True, ec_pre=True)),
 ]
 
 
