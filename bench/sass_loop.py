@@ -33,6 +33,8 @@ VARIANTS = [
     ("m64-noswap-xsum", 64, 128, 128, 8, 3, False, False, False, True),
     ("m64-swap-perm", 64, 128, 128, 8, 3, True, False, True, False),
     ("m32-swap-perm", 32, 128, 128, 4, 4, True, False, True, False),
+    ("bn256-swap-perm", 16, 256, 128, 8, 3, True, False, True, False),
+    ("swap-perm-w8", 16, 128, 128, 8, 3, True, False, True, False),
 ]
 
 CLASSES = [  # (class, opcode prefixes)

@@ -100,10 +100,11 @@ def _split_ok(cfg, m, n_total):
 # M = 64 28 vs 36. ``planes`` (one dot per nibble plane) is correct and compiles but was never timed: forced only.
 # Session 15 (untimed): the ``perm`` tile at BLOCK_M 64 (and 32). The M = 17-64 winner was the BLOCK_M 16 perm tile,
 # which dequantizes every weight tile once per 16 rows (4 times at M = 64): sm_90 SASS (Triton 3.6), K-loop
-# instructions per weight word for all 64 rows, per-channel 63 -> 33, + EC 76 -> 40, g128 90 -> 49; no spills.
+# instructions per weight word for all 64 rows, per-channel 63 -> 33, + EC 76 -> 40, g128 90 -> 49; no spills. At
+# M <= 16 the perm tile 256 wide (8 warps): x's permutation amortized over twice the rows, 15.8 -> 14.1 a word.
 _SHAPES_16 = ((16, 128, 128, 4, 4, True, False, False, False), (16, 64, 128, 4, 4, False, False, False, False),
               (16, 128, 256, 8, 3, True, False, False, False), (16, 128, 128, 8, 3, False, False, False, False),
-              (16, 128, 128, 4, 4, True, False, True, False))
+              (16, 128, 128, 4, 4, True, False, True, False), (16, 256, 128, 8, 3, True, False, True, False))
 _SHAPES_64 = ((16, 128, 128, 4, 4, True, False, False, False), (64, 128, 128, 8, 3, False, False, False, False),
               (64, 64, 128, 4, 4, False, False, False, False), (64, 128, 64, 4, 4, True, False, False, False),
               (64, 128, 64, 4, 4, False, False, False, False), (16, 128, 256, 8, 3, True, False, False, False),

@@ -79,6 +79,7 @@ CASES = [  # (seed, group (0: per-channel), dtype, ec, gated, bias, config)
     (43, 0, torch.bfloat16, True, True, True, BC(64, 32, 128, 2, swap=True, perm=True)),
     (44, 128, torch.float16, False, False, False, BC(64, 32, 128, 1, swap=True, perm=True)),
     (45, 0, torch.float16, True, True, False, BC(32, 32, 128, 2, swap=True, perm=True, ec_pre=True)),
+    (46, 0, torch.bfloat16, True, True, True, BC(16, 256, 128, 2, swap=True, perm=True)),
 ]
 
 
