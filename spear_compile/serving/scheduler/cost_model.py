@@ -9,8 +9,9 @@ Its time is modelled piecewise-linearly, one linear model per bin of ``T`` at th
                            + sum over module types j of (f_bj r_j + g_bj r_j T)
 
 with ``[p > 0]`` marking a mixed step (it runs the mixed graph, not a decode bucket's CUDA graph: on a GPU its fixed
-cost is several times a replay's, so a bin holding both kinds needs its own intercept for each), ``r_j`` the total rank of the active ECs on module type ``j`` (``q_proj``, ``down_proj``, ...), ``p^2`` the
-chunk's own causal attention, and ``ctx`` the decode attention's KV reads: the summed context, or, when the model
+cost is several times a replay's, so a bin holding both kinds needs its own intercept for each), ``r_j`` the total
+rank of the active ECs on module type ``j`` (``q_proj``, ``down_proj``, ...), ``p^2`` the chunk's own causal
+attention, and ``ctx`` the decode attention's KV reads: the summed context, or, when the model
 knows the engine's KV layout (``kv_layout``), the tokens its decode attention gathers (rows x the table-width
 bucket of the longest context x block size: the paged gather reads the padded table of every row). The EC-blind
 model is the same without the EC terms, fitted on EC-free steps only. Fits minimise the relative error (rows
