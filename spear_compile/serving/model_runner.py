@@ -309,9 +309,12 @@ class ModelRunner:
             self.num_uncaptured_decodes += 1
         return self._decode_call(batch, self.split_decode(buf, batch, width), use_ec)
 
+    @torch.no_grad()
     def _decode_call(self, batch: int, views: tuple, use_ec: bool):
         """The compiled decode step for ``batch`` rows: batches up to ``static_rows`` (tensor parallelism with the
-        peer-reduction epilogue) through the graph compiled per batch size, the others through the dynamic one."""
+        peer-reduction epilogue) through the graph compiled per batch size, the others through the dynamic one.
+        Grad mode off here, whoever calls: Dynamo guards on it, and a grad-mode graph would be a recompile whose
+        training-form EC branch the fusion pass does not match (session 16's GPU test called this directly)."""
         if batch <= self.static_rows:
             for v in views:
                 torch._dynamo.mark_static(v, 0)

@@ -78,6 +78,12 @@ def test_compiled_engine_no_recompiles(ref_tokenizer, fresh_compile):
     assert [o.output_token_ids for o in outs] == ref
     eng.generate(prompts()[::-1][:3], SamplingParams(max_tokens=9, temperature=0.7, seed=1, ignore_eos=True))
     assert eng.stats().recompiles == 0
+    runner = eng.runner   # a direct decode call with grad mode on (as a test would) reuses the inference graph
+    batch, width = runner.decode_buckets[-1], runner.table_buckets[0]
+    flat = torch.tensor(runner.decode_inputs([], batch, width), dtype=torch.int64)
+    with torch.enable_grad():
+        runner._decode_call(batch, runner.split_decode(flat, batch, width), False)
+    assert eng.stats().recompiles == 0
 
 
 

@@ -36,10 +36,12 @@ def _config(**kw):
     return EngineConfig(**base)
 
 
+@pytest.mark.filterwarnings("error:spear_compile.*not fused")
 def test_decode_graphs_replay_like_eager_in_any_order():
     from spear_compile.compile.records import recording
-    # compiled afresh (no graph cache: a cached graph runs no pass), recording what the pass fused: session 15's
-    # first H100 run warned these three EC linears unfused in some graph, a fresh probe did not reproduce it
+    # compiled afresh (no graph cache: a cached graph runs no pass), recording what the pass fused. Sessions 15 and
+    # 16 warned these three EC linears unfused: the eager calls below ran with grad mode on, a recompile into a
+    # training-form graph (fixed: the runner's decode call turns grad off); any such warning now fails the test
     with recording() as rec, torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
         eng = Engine(_model(), None, _config())
