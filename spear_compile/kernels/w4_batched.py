@@ -21,7 +21,8 @@ EC (``HAS_EC``, r <= BLOCK_R): every program also accumulates ``u = x Aᵀ`` ove
 already holds (A is tiny and L2-resident; no cross-program dependency, no spin), and the program that finishes the
 tile gates u (``u ⊙ 2σ(u W_gᵀ + b_g)``, fp32) and adds ``g(u) ⊙ u Bᵀ`` on tensor cores in its epilogue. With
 ``EC_PRE`` the K loop is W4-only: ``ec_gu_kernel`` (one launch before, one program per M tile and member) computes
-``g(u) ⊙ u`` once, and the epilogue reads it.
+``g(u) ⊙ u`` once, and the epilogue reads it (on Hopper the W4 launch depends on it programmatically, ``GDC``: the K
+loop runs beside ``ec_gu_kernel`` and only the epilogue waits for it).
 
 Split-K (``SPLIT_K > 1``, when the N x M tiles alone are too few for the SMs): each program stores its fp32 partial
 (and its u partial) to its own slot of a workspace (plain stores: no atomics on tensor-core accumulator layouts,
@@ -124,6 +125,7 @@ def w4_batched_kernel(
     HAS_BIAS: tl.constexpr, HAS_EC: tl.constexpr, GATED: tl.constexpr, SWAP: tl.constexpr,
     INTERPRET: tl.constexpr = False, PLANES: tl.constexpr = False, PERM: tl.constexpr = False,
     EVEN_K: tl.constexpr = False, XSUM_MMA: tl.constexpr = False, EC_PRE: tl.constexpr = False,
+    GDC: tl.constexpr = False,
 ):
     """See the module docstring. Member i owns the N-tile programs ``[P_i, P_{i+1})`` (``cdiv(N_i, BLOCK_N) *
     SPLIT_K`` each, times the M tiles), its columns start at ``C_i``. Workspaces (``USE_SPLIT``): ``ws`` fp32
@@ -313,6 +315,8 @@ def w4_batched_kernel(
         if HAS_EC:
             r_mask = offs_r < R
             if EC_PRE:  # g(u) ⊙ u of this member, by ec_gu_kernel: ``uws`` fp32 [MEMBERS, M, BLOCK_R]
+                if GDC:  # launched dependent on ec_gu_kernel: its K loop ran beside it; wait for its g(u) ⊙ u now
+                    tl.extra.cuda.gdc_wait()
                 u = tl.load(uws_ptr + (member * M + offs_m[:, None]) * BLOCK_R + offs_r[None, :],
                             mask=m_mask[:, None] & r_mask[None, :], other=0.0)
             elif GATED:
@@ -329,7 +333,7 @@ def w4_batched_kernel(
 def ec_gu_kernel(x_ptr, gu_ptr, part_ptr, cnt_ptr, a0, gw0, gb0, a1, gw1, gb1, a2, gw2, gb2, a3, gw3, gb3, M, K, R,
                  stride_xm, K_PER_SPLIT,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GATED: tl.constexpr,
-                 SPLIT: tl.constexpr, INTERPRET: tl.constexpr = False):
+                 SPLIT: tl.constexpr, INTERPRET: tl.constexpr = False, GDC: tl.constexpr = False):
     """``EC_PRE``: ``g(u) ⊙ u`` (``u = x A_iᵀ`` over all of K, fp32; gated as in ``w4_batched_kernel``'s epilogue) of
     member ``i = program_id(1)`` for the rows of M tile ``program_id(0)``, into ``gu`` fp32 ``[MEMBERS, M, BLOCK_R]``.
     Once per launch instead of in every N tile's K loop (which re-reads A and adds an MMA per K block there).
@@ -337,7 +341,12 @@ def ec_gu_kernel(x_ptr, gu_ptr, part_ptr, cnt_ptr, a0, gw0, gb0, a1, gw1, gb1, a
     ``SPLIT`` > 1: program ``program_id(2)`` sums ``K_PER_SPLIT`` of K into its slot of ``part`` fp32
     ``[SPLIT, MEMBERS, M, BLOCK_R]``; the last of the SPLIT to arrive (``cnt`` int32 ``[MEMBERS, M tiles]``, left at
     zero) adds the slots in a fixed order (deterministic), gates and stores. At decode M one M tile and a few members
-    are a handful of programs, each reading all of A_i serially: one per SM is latency-bound on K."""
+    are a handful of programs, each reading all of A_i serially: one per SM is latency-bound on K.
+
+    ``GDC`` (``w4_batched_kernel`` launched next with programmatic dependent launch): every program lets it start at
+    once, so its W4 K loop streams the weights while this runs; it waits (``gdc_wait``) only in its epilogue."""
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
     pid_m = tl.program_id(0)
     member = tl.program_id(1)
     pid_s = tl.program_id(2)

@@ -20,7 +20,7 @@ from ..errors import SpearError
 from .. import options
 from ..kernels.w4_batched import ec_gu_kernel, w4_batched_kernel
 from .prefill import reference_linear
-from .precompile import launcher
+from .precompile import launcher, pdl_ok
 from .runtime import WORKSPACES
 
 MIN_M = 2
@@ -200,12 +200,15 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
     gu_split, gu_k = ec_gu_split(m, g, k) if ec_pre else (1, k)
     if split > 1 or ec_pre:
         # ec_pre: ``uws`` holds every member's g(u) ⊙ u [g, M, BLOCK_R], then ec_gu_kernel's split-K slots, instead of
-        # u partials; its arrival counters share ``cnt`` (each kernel leaves them at zero for the next)
+        # u partials; its arrival counters come first in ``cnt``, the W4 kernel's after them (the two kernels may
+        # run at once under programmatic dependent launch; each leaves its counters at zero for the next launch)
         n_uws = (1 + gu_split) * g * m * block_r if ec_pre else (tiles_total * split * m * block_r if has_ec else 1)
-        n_cnt = max(tiles_total * m_tiles if split > 1 else 1, g * triton.cdiv(m, EC_GU_BLOCK_M) if ec_pre else 1)
-        ws, uws, cnt = WORKSPACES.get(x2.device).for_batched(split * m * n_total if split > 1 else 1, n_uws, n_cnt)
+        n_gu_cnt = g * triton.cdiv(m, EC_GU_BLOCK_M) if ec_pre else 0
+        n_cnt = n_gu_cnt + (tiles_total * m_tiles if split > 1 else 1)
+        ws, uws, gu_cnt = WORKSPACES.get(x2.device).for_batched(split * m * n_total if split > 1 else 1, n_uws, n_cnt)
+        cnt = gu_cnt[n_gu_cnt:]
     else:
-        ws = uws = cnt = y  # never touched without split-K
+        ws = uws = cnt = gu_cnt = y  # never touched without split-K
     dummy = x2
     ptrs, gu_ptrs = [], []
     for i in range(MAX_MEMBERS):
@@ -215,11 +218,12 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
                  t.ec_B if has_ec else dummy, gw, gb]
         gu_ptrs += [a, gw, gb]   # ec_gu_kernel's per-member arguments
     pad = lambda v: (list(v) + [v[-1]] * MAX_MEMBERS)[:MAX_MEMBERS - 1]  # noqa: E731
+    gdc = ec_pre and pdl_ok(x2.device)
     if ec_pre:
         launcher(ec_gu_kernel, (triton.cdiv(m, EC_GU_BLOCK_M), g, gu_split))(
-            x2, uws, uws[g * m * block_r:], cnt, *gu_ptrs, m, k, r, x2.stride(0), gu_k, BLOCK_M=EC_GU_BLOCK_M,
+            x2, uws, uws[g * m * block_r:], gu_cnt, *gu_ptrs, m, k, r, x2.stride(0), gu_k, BLOCK_M=EC_GU_BLOCK_M,
             BLOCK_K=EC_GU_BLOCK_K, BLOCK_R=block_r, GATED=gated, SPLIT=gu_split,
-            INTERPRET=options.interpret(), num_warps=4)
+            INTERPRET=options.interpret(), GDC=gdc, num_warps=4)
     launcher(w4_batched_kernel, (starts[-1] * m_tiles,))(
         x2, y, ws, uws, cnt, *ptrs,
         *(ns + [ns[-1]] * (MAX_MEMBERS - g)), *pad(starts[:-1] or [starts[-1]]), *pad(cols[:-1] or [cols[-1]]),
@@ -227,8 +231,8 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
         MEMBERS=g, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, BLOCK_R=block_r, USE_SPLIT=split > 1,
         PER_CHANNEL=group_size >= k, X_BF16=x2.dtype == torch.bfloat16, HAS_BIAS=members[0].bias is not None,
         HAS_EC=has_ec, GATED=gated, SWAP=cfg.swap, INTERPRET=options.interpret(), PLANES=cfg.planes, PERM=cfg.perm,
-        EVEN_K=k % bk == 0, XSUM_MMA=cfg.xsum_mma, EC_PRE=ec_pre,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EVEN_K=k % bk == 0, XSUM_MMA=cfg.xsum_mma, EC_PRE=ec_pre, GDC=gdc,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if gdc else {}),
     )
     return y
 

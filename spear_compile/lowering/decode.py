@@ -15,7 +15,7 @@ from ..kernels.ec_tiles import ec_u_kernel
 from ..kernels.w4_decode import w4_decode_kernel
 from ..kernels.w4_gemv import w4_gemv_kernel
 from .configs import SLOT_TILES, EcMode, Nibbles, block_r, valid_block_k
-from .precompile import launcher
+from .precompile import launcher, pdl_ok
 from .runtime import WORKSPACES
 
 SLOT_SPINS = 1 << 20  # EC "slots": re-reads of stale slot words before a tile is poisoned
@@ -100,11 +100,6 @@ class _DecodeSetup:
     block_u: int = 1  # mode slots: power of two >= the u tiles
 
 
-def _pdl_ok(device) -> bool:
-    """Programmatic dependent launch: Hopper or newer, compiled kernels only."""
-    return device.type == "cuda" and not options.interpret() and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def _decode_setup(cfg, x2, n, ec_A, ec_B, u, n_tiles=0, split=1, slots_ok=False) -> _DecodeSetup:
     """``slots_ok``: the launch is the M = 1 FMA GEMV, where mode "slots" exists (elsewhere it runs as "epoch")."""
     ws = WORKSPACES.get(x2.device)
@@ -143,7 +138,7 @@ def _decode_setup(cfg, x2, n, ec_A, ec_B, u, n_tiles=0, split=1, slots_ok=False)
     b_early = cfg.ec_b == "early" or (cfg.ec_b == "auto" and split == 1 and mode < EcMode.SLOTS)
     two = mode == EcMode.TWO_KERNELS
     return _DecodeSetup(acc, arrive, ws.sync, u_buf, u, r, br, block_ku, 0 if two else tiles, mode,
-                        tiles if two else 0, gu, phase, b_early, two and cfg.ec == "pdl" and _pdl_ok(x2.device),
+                        tiles if two else 0, gu, phase, b_early, two and cfg.ec == "pdl" and pdl_ok(x2.device),
                         u_sub, block_u)
 
 

@@ -16,6 +16,10 @@ import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
+import torch
+
+from .. import options
+
 
 def _async_compile():
     try:
@@ -31,6 +35,11 @@ def launcher(kernel, grid) -> Callable:
     if mod is not None and mod.active_mode.get() is not None:
         return functools.partial(kernel.warmup, grid=grid)
     return kernel[grid]
+
+
+def pdl_ok(device) -> bool:
+    """Programmatic dependent launch (``launch_pdl``, ``gdc_*``): Hopper or newer, compiled kernels only."""
+    return device.type == "cuda" and not options.interpret() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def available() -> bool:

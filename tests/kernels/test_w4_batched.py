@@ -253,7 +253,7 @@ for name, x_bf16, pc, ec, bm, bn, swap, perm, xsum, ec_pre in VARIANTS:
     types.update({f"q{i}": "*i32" for i in range(4)}, ws_ptr="*fp32", uws_ptr="*fp32", cnt_ptr="*i32")
     consts = dict(MEMBERS=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, BLOCK_R=32, USE_SPLIT=True, PER_CHANNEL=pc,
                   X_BF16=x_bf16, HAS_BIAS=False, HAS_EC=ec, GATED=ec, SWAP=swap, INTERPRET=False, PLANES=False,
-                  PERM=perm, EVEN_K=True, XSUM_MMA=xsum, EC_PRE=ec_pre)
+                  PERM=perm, EVEN_K=True, XSUM_MMA=xsum, EC_PRE=ec_pre, GDC=ec_pre)
     k, n = 2048, 2048
     values = dict(N0=n, N1=n, N2=n, N3=n, P1=0, P2=0, P3=0, C1=n, C2=n, C3=n, M=16, K=k, K8=k // 8, R=32,
                   group_size=k if pc else 128, n_groups=1 if pc else k // 128, stride_xm=k, stride_ym=n, N_TOTAL=n,
@@ -261,22 +261,23 @@ for name, x_bf16, pc, ec, bm, bn, swap, perm, xsum, ec_pre in VARIANTS:
     ptx = compile_for(kernel, consts, types, values, num_warps=4 if bm == 16 else 8).asm["ptx"]
     magic = "0x43004300" if x_bf16 else "0x64006400"
     out[name] = {"lop3": sum("lop3.b32" in line and magic in line.lower() for line in ptx.splitlines()),
-                 "mma": ptx.count("mma.")}
+                 "mma": ptx.count("mma."), "gdc": ptx.count("griddepcontrol.wait")}
 from spear_compile.kernels.w4_batched import ec_gu_kernel
 types = {n: "*bf16" for n in ec_gu_kernel.arg_names[:ec_gu_kernel.arg_names.index("M")]}
 types.update(gu_ptr="*fp32", part_ptr="*fp32", cnt_ptr="*i32")
 for split in (1, 8):
     ptx = compile_for(ec_gu_kernel, dict(BLOCK_M=16, BLOCK_K=128, BLOCK_R=32, GATED=True, SPLIT=split,
-                                         INTERPRET=False), types,
+                                         INTERPRET=False, GDC=split > 1), types,
                       dict(M=16, K=2048, R=32, stride_xm=2048, K_PER_SPLIT=256)).asm["ptx"]
-    out[f"ec_gu{split}"] = {"mma": ptx.count("mma."), "atom": ptx.count("atom.")}
+    out[f"ec_gu{split}"] = {"mma": ptx.count("mma."), "atom": ptx.count("atom."),
+                            "gdc": ptx.count("griddepcontrol.launch_dependents")}
 print(json.dumps(out))
 """
 
 
 def test_kernel_compiles_for_sm90():
     """The kernel compiled ahead of time for an H100/H200 (sm_90; bf16 and fp16, per-channel and g128, EC, perm,
-    xsum_mma, ec_pre and its u kernel) in a subprocess without the interpreter: the inline-PTX one-lop3 unpack
+    xsum_mma, ec_pre and its u kernel, their programmatic dependent launch) in a subprocess without the interpreter: the inline-PTX one-lop3 unpack
     assembles, with the dtype's magic constant, and the products run on tensor cores."""
     import json
     import subprocess
@@ -293,3 +294,6 @@ def test_kernel_compiles_for_sm90():
     assert len(got) == 4 and all(v["lop3"] >= 4 and v["mma"] >= 1 for v in got.values()), got
     assert gu1["mma"] >= 1 and gu8["mma"] >= 1, (gu1, gu8)   # ec_pre's u kernel: x Aᵀ on tensor cores
     assert gu1["atom"] == 0 and gu8["atom"] >= 1, (gu1, gu8)  # split K: the arrival counter
+    # programmatic dependent launch (Hopper): the u kernel releases the W4 launch, whose epilogue waits for it
+    assert gu1["gdc"] == 0 and gu8["gdc"] >= 1 and got["bf16-pc-ecpre-swap-perm"]["gdc"] >= 1, (gu1, gu8, got)
+    assert all(v["gdc"] == 0 for name, v in got.items() if "ecpre" not in name), got
