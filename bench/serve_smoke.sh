@@ -18,6 +18,7 @@ OUT=${OUT:-/tmp}
 START_TIMEOUT_S=${START_TIMEOUT_S:-170}
 BASE=http://127.0.0.1:$PORT
 LOG=$OUT/serve_smoke_server.log
+SCRATCH=$(mktemp -d)   # per-check bodies: $OUT keeps the log, /metrics and serving_http.json (a device call returns 8 files)
 MODEL=spear-ref-16m
 mkdir -p "$OUT"
 command -v curl >/dev/null || { echo "serve_smoke: curl is not installed here"; exit 1; }
@@ -99,17 +100,17 @@ concurrent() {  # 8 streaming requests at once; all end with [DONE]
   for i in $(seq 1 8); do
     curl -sfN "$BASE/v1/completions" -H 'Content-Type: application/json' \
       -d "{\"model\": \"$MODEL\", \"prompt\": \"Request $i says\", \"max_tokens\": 48, \"stream\": true}" \
-      >"$OUT/serve_smoke_c$i.txt" & pids+=($!)
+      >"$SCRATCH/c$i.txt" & pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p" || return 1; done
-  for i in $(seq 1 8); do tail -2 "$OUT/serve_smoke_c$i.txt" | grep -q '^data: \[DONE\]' || return 1; done
+  for i in $(seq 1 8); do tail -2 "$SCRATCH/c$i.txt" | grep -q '^data: \[DONE\]' || return 1; done
   echo "8/8 streams ended with [DONE]"
 }
 bad_request() {
   local code
-  code=$(curl -s -o "$OUT/serve_smoke_bad.json" -w '%{http_code}' "$BASE/v1/completions" \
+  code=$(curl -s -o "$SCRATCH/bad.json" -w '%{http_code}' "$BASE/v1/completions" \
     -H 'Content-Type: application/json' -d '{"prompt": "x", "max_tokens": -5}')
-  [ "$code" = 400 ] && $PY -c 'import json,sys; e=json.load(open(sys.argv[1]))["error"]; assert e["param"]=="max_tokens", e; print(e["code"])' "$OUT/serve_smoke_bad.json"
+  [ "$code" = 400 ] && $PY -c 'import json,sys; e=json.load(open(sys.argv[1]))["error"]; assert e["param"]=="max_tokens", e; print(e["code"])' "$SCRATCH/bad.json"
 }
 metrics() {
   curl -sf "$BASE/metrics" >"$OUT/serve_smoke_metrics.txt" &&

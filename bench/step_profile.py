@@ -12,6 +12,11 @@ starts an engine with the decode buckets 1 and 16 only, then for each (batch, bl
     python3 -m bench.step_profile [--variants bf16,w4+ec+lmhead,w4+ec+lmhead+tattn] [--widths 4,64] [--out DIR]
 
 A ``+tattn`` suffix runs the variant with the paged Triton decode attention (``decode_attention="triton"``).
+
+``--mixed 14,62`` also times a mixed step (one prompt chunk of that many tokens, ``--mixed-decodes`` decodes beside
+it), which runs no CUDA graph: its wall time (execute, then the logits read back), the host part (until ``execute``
+returns, before any wait), the device part (CUDA events) and its kernels. Session 16's H100 profile of the serving
+bench measured 28-70 ms per mixed step whatever its token count (``results/serving_slo.md``); this says where.
 """
 from __future__ import annotations
 
@@ -90,6 +95,50 @@ def profile_step(runner, use_ec, batch, width, steps=5):
     return {n: (c / steps, us / steps) for n, (c, us) in kernels.items()}
 
 
+def mixed_step(runner, use_ec, tokens, decodes, context=64, steps=5):
+    """A mixed step (one ``tokens``-token prompt chunk, ``decodes`` decodes with ``context`` cached): wall / host /
+    device µs (medians of ``steps``), and its kernels as ``profile_step``'s."""
+    import statistics
+    from torch.profiler import ProfilerActivity, profile
+    from spear_compile.serving.scheduler.profile import _fake_requests
+    dec, pre = _fake_requests(decodes, tokens, context, runner.num_blocks, runner.block_size)
+    cuda = runner.device.type == "cuda"
+    with torch.no_grad():
+        for _ in range(2):
+            runner.execute(dec, pre, use_ec)
+        sync()
+        wall, host, device = [], [], []
+        for _ in range(steps):
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+            t0 = time.perf_counter()
+            logits, rows = runner.execute(dec, pre, use_ec)
+            host.append(time.perf_counter() - t0)
+            if cuda:
+                b.record()
+            logits[:rows].argmax(-1).tolist()
+            wall.append(time.perf_counter() - t0)
+            if cuda:
+                b.synchronize()
+                device.append(a.elapsed_time(b) / 1e3)
+        acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                runner.execute(dec, pre, use_ec)
+            sync()
+    kernels = collections.defaultdict(lambda: [0, 0.0])
+    want = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    for e in prof.events():
+        if e.device_type == want:
+            k = kernels[e.name]
+            k[0] += 1
+            k[1] += e.time_range.end - e.time_range.start
+    med = lambda v: round(1e6 * statistics.median(v), 1) if v else None  # noqa: E731
+    return dict(wall_us=med(wall), host_us=med(host), device_us=med(device)), \
+        {n: (c / steps, us / steps) for n, (c, us) in kernels.items()}
+
+
 def replay_us(runner, use_ec, batch, width, replays):
     g = runner.graphs[(use_ec, batch, width)]
     for _ in range(3):
@@ -117,8 +166,11 @@ def main():
     ap.add_argument("--replays", type=int, default=200)
     ap.add_argument("--top", type=int, default=12, help="kernels listed per (variant, batch)")
     ap.add_argument("--out", default=os.path.join(_HERE, "results"))
+    ap.add_argument("--mixed", default="", help="prompt-chunk token counts of mixed steps to time (e.g. 14,62)")
+    ap.add_argument("--mixed-decodes", type=int, default=0, help="decodes beside each mixed step's chunk")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run of this script: a 2-layer model, CPU ops")
     args = ap.parse_args()
+    mixed = [int(t) for t in args.mixed.split(",") if t]
     if args.tiny:
         DEV.update(device="cpu", tiny=True, dtype=torch.float32)
     from spear_compile.serving import Engine, EngineConfig
@@ -130,15 +182,18 @@ def main():
            f"`python3 -m bench.step_profile {' '.join(sys.argv[1:])}`")
     batches = [int(b) for b in args.batches.split(",")]
     widths = [int(w) for w in args.widths.split(",")]
-    summary, detail, rows = [], [], []
+    summary, detail, rows, mixed_rows = [], [], [], []
     for variant in args.variants.split(","):
         reset_compiler()
         base, _, attention = split_variant(variant)
         model, _ = build(base)
         wbytes = weight_bytes(model)
         t0 = time.perf_counter()
-        eng = Engine(model, None, EngineConfig(max_num_seqs=max(batches), max_num_tokens=64, decode_buckets=tuple(batches),
-                                               token_buckets=(64,), max_model_len=1024, policy="budget-64",
+        max_tokens = max([64] + [t + args.mixed_decodes for t in mixed])
+        max_tokens = 1 << (max_tokens - 1).bit_length()
+        eng = Engine(model, None, EngineConfig(max_num_seqs=max(batches + [args.mixed_decodes]), max_num_tokens=max_tokens,
+                                               decode_buckets=tuple(batches), token_buckets=(max_tokens,),
+                                               max_model_len=1024, policy=f"budget-{max_tokens}",
                                                device=device, detokenize=False, dtype=DEV["dtype"],
                                                gpu_memory_utilization=0.3, progress=False, compile=not args.tiny,
                                                cuda_graphs_stand_in=args.tiny,
@@ -175,7 +230,25 @@ def main():
                     detail += [f"### {variant}, batch {batch}, context {width * runner.block_size}", "",
                                "| kernel | per step | µs per step |", "|---|---|---|"]
                     detail += [f"| `{n[:90]}` | {c:g} | {us:.1f} |" for n, (c, us) in top] + [""]
+        for tokens in mixed:
+            times, kern = mixed_step(runner, use_ec, tokens, args.mixed_decodes)
+            ksum, kcount = sum(us for _, us in kern.values()), sum(c for c, _ in kern.values())
+            r = dict(variant=variant, mixed_tokens=tokens, decodes=args.mixed_decodes, padded_to=max_tokens, **times,
+                     kernels=round(kcount), kernel_us=round(ksum, 1))
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            mixed_rows.append(f"| {variant} | {tokens} + {args.mixed_decodes} decodes (bucket {max_tokens}) | "
+                              f"{r['wall_us']} | {r['host_us']} | {r['device_us']} | {r['kernels']} | {r['kernel_us']} |")
+            top = sorted(kern.items(), key=lambda kv: -kv[1][1])[:args.top]
+            detail += [f"### {variant}, mixed step, {tokens} prompt tokens + {args.mixed_decodes} decodes", "",
+                       "| kernel | per step | µs per step |", "|---|---|---|"]
+            detail += [f"| `{n[:90]}` | {c:g} | {us:.1f} |" for n, (c, us) in top] + [""]
         del eng, model
+    if mixed_rows:
+        summary += ["", "Mixed steps (no CUDA graph): wall = execute + the logits read back; host = until execute "
+                    "returns; device = CUDA events around it.", "",
+                    "| variant | step | wall µs | host µs | device µs | kernels | kernel µs |",
+                    "|---|---|---|---|---|---|---|"] + mixed_rows
     md = ["# A decode step, kernel by kernel (Llama-3.2-1B shape, engine decode graphs)", "", env, "",
           "replay: the captured step (CUDA events); kernels: the same compiled step without the graph, under "
           "torch.profiler (GPU time of each kernel); gap = replay - sum of kernel times; roofline = the weights' "
