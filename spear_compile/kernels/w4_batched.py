@@ -376,10 +376,15 @@ def ec_gu_kernel(x_ptr, gu_ptr, part_ptr, cnt_ptr, a0, gw0, gb0, a1, gw1, gb1, a
         tl.debug_barrier()
         ctr = cnt_ptr + member * tl.num_programs(0) + pid_m
         finish = tl.atomic_add(ctr, 1) == SPLIT - 1  # acq_rel, after the CTA barrier: publishes this slot
-        if finish:
+        if finish:  # the slots SUM_SLOTS at a time: their loads in flight together, not one L2 trip per slot
+            SUM_SLOTS: tl.constexpr = 8 if SPLIT >= 8 else (4 if SPLIT >= 4 else 2)
+            offs_s = tl.arange(0, SUM_SLOTS)
             u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for sk in range(0, SPLIT):
-                u += tl.load(part_ptr + sk * slot + rows, mask=m_mask[:, None], other=0.0, volatile=True)
+            for s0 in range(0, SPLIT, SUM_SLOTS):
+                sk = s0 + offs_s
+                part = tl.load(part_ptr + sk[:, None, None] * slot + rows[None, :, :],
+                               mask=(sk[:, None, None] < SPLIT) & m_mask[None, :, None], other=0.0, volatile=True)
+                u += tl.sum(part, axis=0)  # a fixed order: the sum is the same on every run
             tl.store(ctr, 0)
     if finish:
         if GATED:

@@ -160,6 +160,22 @@ def test_grouped_vs_float64(seed, ns, group, dtype, bias, ec, cfg):
         _check(y, ref, dtype)
 
 
+@pytest.mark.parametrize("k", [640, 1408, 1920, 4224])
+def test_ec_pre_split_sums_vs_float64(k):
+    """ec_gu_kernel's finisher sums the split slots a few at a time (masked past the last): K of 5, 11, 15 and 33
+    blocks make 3, 6, 8 and 17 splits, none a whole number of the slots it loads together."""
+    m, n = 5, 32
+    split, _ = batched.ec_gu_split(m, 1, k)
+    assert split == {640: 3, 1408: 6, 1920: 8, 4224: 17}[k]
+    t = _to(problem(m, k, torch.bfloat16, True, True, False, 60 + split, k, n, 32))
+    ref = reference(t, k).to(DEV)
+    for _ in range(2):  # the second launch finds the counters at zero again
+        y = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+        batched.run_single(BC(16, 32, 128, 1, swap=True, perm=True, ec_pre=True), t["x"], t["qdata"], t["scale"],
+                           t["zero"], None, k, t["ec_A"], t["ec_B"], t["gate_w"], t["gate_b"], None, y)
+        _check(y, ref, torch.bfloat16)
+
+
 def test_ec_gu_splits_k_at_decode_m():
     """ec_gu_kernel's split of K: whole BLOCK_K blocks, none empty, about EC_GU_PROGRAMS programs in all (the
     split cases above run it: each compares against float64 and leaves the counters at zero)."""
