@@ -69,7 +69,7 @@ def launch_args(variant, per_channel=True, has_ec=False, shape=(2048, 2048)):
     consts = dict(MEMBERS=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=32, USE_SPLIT=True, PER_CHANNEL=per_channel,
                   X_BF16=True, HAS_BIAS=False, HAS_EC=has_ec, GATED=has_ec, SWAP=swap, INTERPRET=False, PLANES=planes,
                   PERM=perm)
-    for name, value in (("EVEN_K", True), ("XSUM_MMA", xsum), ("EC_PRE", False)):  # an older kernel may lack them
+    for name, value in (("EVEN_K", True), ("XSUM_MMA", xsum), ("EC_PRE", False), ("GDC", False)):  # an older kernel may lack them
         if name in kernel.arg_names:
             consts[name] = value
         elif value and name == "XSUM_MMA":
@@ -134,18 +134,18 @@ def resource(cubin, what):
 
 
 def main_loop(rows, labels):
-    """The longest [target, branch] address range closed by a backward branch: the K loop."""
-    best = None
+    """The K loop: the longest [target, branch] address range closed by a backward branch that holds a tensor-core
+    instruction (the split-K finisher's slot sum is a loop too, without one), else the longest such range."""
+    loops = []
     for addr, op, text in rows:
         if op != "BRA":
             continue
         tgt = re.search(r"(\.L_x_\d+)", text)
         target = labels.get(tgt.group(1)) if tgt else None
-        if target is not None and target < addr and (best is None or addr - target > best[1] - best[0]):
-            best = (target, addr)
-    if best is None:
-        return []
-    return [r for r in rows if best[0] <= r[0] <= best[1]]
+        if target is not None and target < addr:
+            body = [r for r in rows if target <= r[0] <= addr]
+            loops.append((any(r[1].startswith(("HMMA", "HGMMA")) for r in body), addr - target, body))
+    return max(loops, key=lambda t: t[:2])[2] if loops else []
 
 
 def analyse(variant, per_channel=True, has_ec=False):
