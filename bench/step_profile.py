@@ -72,21 +72,26 @@ def weight_bytes(model) -> int:
 
 def profile_step(runner, use_ec, batch, width, steps=5):
     """Kernels of ``steps`` runs of the compiled step (no graph): {name: (count per step, µs per step)}."""
-    from torch.profiler import ProfilerActivity, profile
     flat = torch.tensor(runner.decode_inputs([], batch, width), dtype=torch.int64, device=runner.device)
     views = runner.split_decode(flat, batch, width)
-    cuda = runner.device.type == "cuda"
     with torch.no_grad():
         for _ in range(2):
             runner._decode_call(batch, views, use_ec)
         sync()
-        acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-        with profile(activities=acts) as prof:
-            for _ in range(steps):
-                runner._decode_call(batch, views, use_ec)
-            sync()
+    return kernels_of(lambda: runner._decode_call(batch, views, use_ec), steps, runner.device.type == "cuda")
+
+
+def kernels_of(run, steps, cuda):
+    """``run()`` ``steps`` times under torch.profiler: {kernel name: (count per step, µs per step)} (CPU: the smoke
+    run's ops)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with torch.no_grad(), profile(activities=acts) as prof:
+        for _ in range(steps):
+            run()
+        sync()
     kernels = collections.defaultdict(lambda: [0, 0.0])
-    want = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU  # CPU: the smoke run's ops
+    want = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     for e in prof.events():
         if e.device_type == want:
             k = kernels[e.name]
@@ -99,7 +104,6 @@ def mixed_step(runner, use_ec, tokens, decodes, context=64, steps=5):
     """A mixed step (one ``tokens``-token prompt chunk, ``decodes`` decodes with ``context`` cached): wall / host /
     device µs (medians of ``steps``), and its kernels as ``profile_step``'s."""
     import statistics
-    from torch.profiler import ProfilerActivity, profile
     from spear_compile.serving.scheduler.profile import _fake_requests
     dec, pre = _fake_requests(decodes, tokens, context, runner.num_blocks, runner.block_size)
     cuda = runner.device.type == "cuda"
@@ -122,21 +126,9 @@ def mixed_step(runner, use_ec, tokens, decodes, context=64, steps=5):
             if cuda:
                 b.synchronize()
                 device.append(a.elapsed_time(b) / 1e3)
-        acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-        with profile(activities=acts) as prof:
-            for _ in range(steps):
-                runner.execute(dec, pre, use_ec)
-            sync()
-    kernels = collections.defaultdict(lambda: [0, 0.0])
-    want = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
-    for e in prof.events():
-        if e.device_type == want:
-            k = kernels[e.name]
-            k[0] += 1
-            k[1] += e.time_range.end - e.time_range.start
     med = lambda v: round(1e6 * statistics.median(v), 1) if v else None  # noqa: E731
     return dict(wall_us=med(wall), host_us=med(host), device_us=med(device)), \
-        {n: (c / steps, us / steps) for n, (c, us) in kernels.items()}
+        kernels_of(lambda: runner.execute(dec, pre, use_ec), steps, cuda)
 
 
 def replay_us(runner, use_ec, batch, width, replays):
