@@ -380,8 +380,8 @@ def ec_gu_kernel(x_ptr, gu_ptr, part_ptr, cnt_ptr, a0, gw0, gb0, a1, gw1, gb1, a
             SUM_SLOTS: tl.constexpr = 8 if SPLIT >= 8 else (4 if SPLIT >= 4 else 2)
             offs_s = tl.arange(0, SUM_SLOTS)
             u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for s0 in range(0, SPLIT, SUM_SLOTS):
-                sk = s0 + offs_s
+            for first_slot in range(0, SPLIT, SUM_SLOTS):
+                sk = first_slot + offs_s
                 part = tl.load(part_ptr + sk[:, None, None] * slot + rows[None, :, :],
                                mask=(sk[:, None, None] < SPLIT) & m_mask[None, :, None], other=0.0, volatile=True)
                 u += tl.sum(part, axis=0)  # a fixed order: the sum is the same on every run
