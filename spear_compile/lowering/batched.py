@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import triton
 
 from ..errors import SpearError
 from .. import options
 from ..kernels.w4_batched import ec_gu_kernel, w4_batched_kernel
+from .configs import cdiv, next_pow2
 from .prefill import reference_linear
 from .precompile import launcher, pdl_ok
 from .runtime import WORKSPACES
@@ -130,7 +130,7 @@ def batched_candidates(m, k, ns, group_size, sms=132, has_ec=False):
             bk = group_size
         if perm and bk != 128:
             continue
-        tiles = sum(triton.cdiv(n, bn) for n in ns) * triton.cdiv(m, bm)
+        tiles = sum(cdiv(n, bn) for n in ns) * cdiv(m, bm)
         # EC keys: also the K loop without u (``ec_pre``) for the first shape and the perm tiles, whose W4-only
         # loops won where their in-loop u lost (session 14, results/batched_decode_h200_s14.md); untimed on a GPU
         for ec_pre in ((False, True) if has_ec and (i == 0 or perm) else (False,)):
@@ -144,7 +144,7 @@ def batched_candidates(m, k, ns, group_size, sms=132, has_ec=False):
 def _splits(tiles, k, bk, sms):
     """Split-K factors: 1, the smallest power of two giving >= 1 wave of programs, and twice that, each split >= 4 K
     blocks long."""
-    n_kb = triton.cdiv(k, bk)
+    n_kb = cdiv(k, bk)
     out = [1]
     split = 1
     while tiles * split < sms and n_kb >= 8 * split and split < 16:
@@ -160,13 +160,13 @@ def ec_gu_split(m: int, members: int, k: int) -> tuple:
     """(splits, K per split) of ec_gu_kernel: at decode M there are only M tiles x members programs (3 for q|k|v at
     M = 16), each reading its whole A serially; split K (whole BLOCK_K blocks, none empty) up to about
     ``EC_GU_PROGRAMS`` programs. Session 15 (H100, M = 16): the unsplit kernel cost about 10-17 µs at K = 4096."""
-    k_blocks = triton.cdiv(k, EC_GU_BLOCK_K)
-    want = max(1, EC_GU_PROGRAMS // (triton.cdiv(m, EC_GU_BLOCK_M) * members))
+    k_blocks = cdiv(k, EC_GU_BLOCK_K)
+    want = max(1, EC_GU_PROGRAMS // (cdiv(m, EC_GU_BLOCK_M) * members))
     split = 1
     while split * 2 <= min(want, k_blocks):
         split *= 2
-    per = triton.cdiv(k_blocks, split)  # blocks per split; then no split is left without one
-    return triton.cdiv(k_blocks, per), per * EC_GU_BLOCK_K
+    per = cdiv(k_blocks, split)  # blocks per split; then no split is left without one
+    return cdiv(k_blocks, per), per * EC_GU_BLOCK_K
 
 
 def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member], group_size: int,
@@ -186,16 +186,16 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
         raise SpearError(f"spear_compile.lowering.batched: BLOCK_K={bk} must divide the group {group_size}")
     if (cfg.perm and bk != 128) or (cfg.perm and cfg.planes):
         raise SpearError(f"spear_compile.lowering.batched: {cfg.name}: perm needs BLOCK_K = 128 (got {bk}), not planes")
-    split = max(1, min(cfg.split_k, triton.cdiv(k, bk)))
-    m_tiles = triton.cdiv(m, cfg.block_m)
-    n_tiles = [triton.cdiv(n, cfg.block_n) for n in ns]
+    split = max(1, min(cfg.split_k, cdiv(k, bk)))
+    m_tiles = cdiv(m, cfg.block_m)
+    n_tiles = [cdiv(n, cfg.block_n) for n in ns]
     tiles_total = sum(n_tiles)
     starts = list(itertools.accumulate([t * split for t in n_tiles]))
     cols = list(itertools.accumulate(ns))
     has_ec = members[0].ec_B is not None
     gated = has_ec and members[0].gate_w is not None
     r = members[0].ec_B.shape[1] if has_ec else 0
-    block_r = max(16, triton.next_power_of_2(max(r, 1)))
+    block_r = max(16, next_pow2(max(r, 1)))
     ec_pre = has_ec and cfg.ec_pre
     gu_split, gu_k = ec_gu_split(m, g, k) if ec_pre else (1, k)
     if split > 1 or ec_pre:
@@ -203,7 +203,7 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
         # u partials; its arrival counters come first in ``cnt``, the W4 kernel's after them (the two kernels may
         # run at once under programmatic dependent launch; each leaves its counters at zero for the next launch)
         n_uws = (1 + gu_split) * g * m * block_r if ec_pre else (tiles_total * split * m * block_r if has_ec else 1)
-        n_gu_cnt = g * triton.cdiv(m, EC_GU_BLOCK_M) if ec_pre else 0
+        n_gu_cnt = g * cdiv(m, EC_GU_BLOCK_M) if ec_pre else 0
         n_cnt = n_gu_cnt + (tiles_total * m_tiles if split > 1 else 1)
         ws, uws, gu_cnt = WORKSPACES.get(x2.device).for_batched(split * m * n_total if split > 1 else 1, n_uws, n_cnt)
         cnt = gu_cnt[n_gu_cnt:]
@@ -220,7 +220,7 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
     pad = lambda v: (list(v) + [v[-1]] * MAX_MEMBERS)[:MAX_MEMBERS - 1]  # noqa: E731
     gdc = ec_pre and pdl_ok(x2.device)
     if ec_pre:
-        launcher(ec_gu_kernel, (triton.cdiv(m, EC_GU_BLOCK_M), g, gu_split))(
+        launcher(ec_gu_kernel, (cdiv(m, EC_GU_BLOCK_M), g, gu_split))(
             x2, uws, uws[g * m * block_r:], gu_cnt, *gu_ptrs, m, k, r, x2.stride(0), gu_k, BLOCK_M=EC_GU_BLOCK_M,
             BLOCK_K=EC_GU_BLOCK_K, BLOCK_R=block_r, GATED=gated, SPLIT=gu_split,
             INTERPRET=options.interpret(), GDC=gdc, num_warps=4)

@@ -10,9 +10,8 @@ import itertools
 from typing import NamedTuple
 
 import torch
-import triton
 
-from .configs import (MAX_DECODE_M, DecodeConfig, DequantCublasConfig, GroupedConfig, Nibbles, PrefillConfig,
+from .configs import (MAX_DECODE_M, DecodeConfig, DequantCublasConfig, GroupedConfig, Nibbles, PrefillConfig, cdiv,
                       valid_block_k)
 
 
@@ -25,7 +24,7 @@ def num_sms(device) -> int:
 def split_for(n_tiles: int, k: int, block_k: int, sms: int) -> int:
     """Enough programs to keep ~8 tiles of loads in flight per SM, each split >= 2 K blocks long."""
     split = 1
-    while n_tiles * split < 8 * sms and triton.cdiv(k, block_k) >= 4 * split and split < 32:
+    while n_tiles * split < 8 * sms and cdiv(k, block_k) >= 4 * split and split < 32:
         split *= 2
     return split
 
@@ -37,7 +36,7 @@ def block_k_choices(k, group_size, wanted):
 
 def gemv_splits(n_tiles, k, block_k, sms):
     """Split-K factors that bring the launch to ~1-4 waves of programs (1 when the N tiles already do)."""
-    n_kb = triton.cdiv(k, block_k)
+    n_kb = cdiv(k, block_k)
     out = []
     for split in (1, 2, 4, 8, 16, 32):
         if split > n_kb or (split > 1 and n_tiles * split > 4 * sms):
@@ -65,12 +64,12 @@ def decode_candidates(k, n, group_size, sms=132, has_ec=False, m=1):
         bks = (256, 512, 1024) if pc else (128,)
         for bn, bk, warps in itertools.product((8, 16, 32, 64), bks, (2, 4)):
             if bk <= max(k, 256) and bn * bk // 8 >= 32 * warps:
-                for split in gemv_splits(triton.cdiv(n, bn), k, bk, sms):
+                for split in gemv_splits(cdiv(n, bn), k, bk, sms):
                     out.append(DecodeConfig(bn, bk, split, warps))
         if not pc:
             for bn, bk, warps in _SEG_M1:
                 if bk < k and bk % group_size == 0 and bk > group_size:
-                    for split in gemv_splits(triton.cdiv(n, bn), k, bk, sms):
+                    for split in gemv_splits(cdiv(n, bn), k, bk, sms):
                         out.append(DecodeConfig(bn, bk, split, warps, seg=True))
     tc_bks = [bk for bk in ((128, 256) if pc else (128,)) if valid_block_k(bk, k, group_size)]
     tc_bns = (32,) if m == 1 and not has_ec else (16, 32, 64)  # W4-only M = 1: tensor cores never won (one kept)
@@ -82,9 +81,9 @@ def decode_candidates(k, n, group_size, sms=132, has_ec=False, m=1):
     if m > 1:
         for bn, bk, warps in ((32, 128, 4), (64, 128, 8), (64, 256, 8), (128, 128, 4)):
             for bk2 in block_k_choices(k, group_size, [bk]):
-                base = split_for(triton.cdiv(n, bn), k, bk2, sms)
+                base = split_for(cdiv(n, bn), k, bk2, sms)
                 for split in sorted({base, max(1, base // 2)}):
-                    if triton.cdiv(k, bk2) >= split:
+                    if cdiv(k, bk2) >= split:
                         out.append(DecodeConfig(bn, bk2, split, warps, kernel="v3"))
     return list(dict.fromkeys(out))
 
@@ -98,7 +97,7 @@ def decode_ec_candidates(w4_ranked, k=None, n=None, sms=132, top=3):
     picks = list(w4_ranked[:top])
     if k is not None and n is not None:
         one_wave = [c for c in w4_ranked
-                    if triton.cdiv(n, c.block_n) * min(c.split_k, triton.cdiv(k, c.block_k)) <= sms]
+                    if cdiv(n, c.block_n) * min(c.split_k, cdiv(k, c.block_k)) <= sms]
         picks += one_wave[:1]
     out = []
     for cfg in picks:
@@ -149,9 +148,9 @@ def default_config(m, k, n, group_size, sms=132, has_ec=False):
     if m <= MAX_DECODE_M:
         bk = block_k_choices(k, group_size, [128, 64, 32])[0]
         if m == 1:
-            return DecodeConfig(32, bk, gemv_splits(triton.cdiv(n, 32), k, bk, sms)[0], 2,
+            return DecodeConfig(32, bk, gemv_splits(cdiv(n, 32), k, bk, sms)[0], 2,
                                 ec="slots" if has_ec else "spin", lean=2)
-        return DecodeConfig(32, bk, split_for(triton.cdiv(n, 32), k, bk, sms), 4, kernel="v3",
+        return DecodeConfig(32, bk, split_for(cdiv(n, 32), k, bk, sms), 4, kernel="v3",
                             ec="epoch" if has_ec else "spin")
     if m > 64:  # measured faster than our Triton GEMM at M=256/2048 on H100 (bench/results/kernels.md)
         return DequantCublasConfig(ec="kcat", pad=64, split=True) if has_ec else DequantCublasConfig()
@@ -212,7 +211,7 @@ def _m1_load_candidates(k, ns, group_size, sms, cls):
             continue
         if bn * bk // 8 < 32 * row.warps:
             continue
-        tiles = sum(triton.cdiv(n, bn) for n in ns)
+        tiles = sum(cdiv(n, bn) for n in ns)
         for split in gemv_splits(tiles, k, bk, sms):
             out.append(cls(bn, bk, split, row.warps, seg=row.seg, stages=row.stages, xw=row.xw, lean=int(row.lean),
                            maxnreg=row.maxnreg, rt=row.rt))
@@ -237,7 +236,7 @@ def grouped_candidates(k, ns, group_size, sms=132, m=1):
 def default_grouped_config(m, k, ns, group_size, sms=132):
     if m == 1:
         bk = block_k_choices(k, group_size, [128, 64, 32])[0]
-        tiles = sum(triton.cdiv(n, 32) for n in ns)
+        tiles = sum(cdiv(n, 32) for n in ns)
         return GroupedConfig(32, bk, gemv_splits(tiles, k, bk, sms)[0], 2, lean=2)
     return GroupedConfig(per_member=True)
 

@@ -14,7 +14,7 @@ from ..errors import SpearError
 from ..kernels.ec_tiles import ec_u_kernel
 from ..kernels.w4_decode import w4_decode_kernel
 from ..kernels.w4_gemv import w4_gemv_kernel
-from .configs import SLOT_TILES, EcMode, Nibbles, block_r, valid_block_k
+from .configs import SLOT_TILES, EcMode, Nibbles, block_r, cdiv, next_pow2, valid_block_k
 from .precompile import launcher, pdl_ok
 from .runtime import WORKSPACES
 
@@ -108,7 +108,7 @@ def _decode_setup(cfg, x2, n, ec_A, ec_B, u, n_tiles=0, split=1, slots_ok=False)
     r = ec_B.shape[1] if has_ec else 0
     br = block_r(r)
     block_ku = max(32, 8192 // br)
-    tiles = triton.cdiv(x2.shape[1], block_ku) if has_ec and u is None else 0
+    tiles = cdiv(x2.shape[1], block_ku) if has_ec and u is None else 0
     if cfg.ec not in EcMode.names() or cfg.ec_b not in ("auto", "early", "late"):
         raise SpearError(f"spear_compile.lowering: unknown EC mode in {cfg.name}; modes: {EcMode.names()}")
     mode = EcMode.of(cfg.ec) if tiles else EcMode.SPIN
@@ -120,11 +120,11 @@ def _decode_setup(cfg, x2, n, ec_A, ec_B, u, n_tiles=0, split=1, slots_ok=False)
     if mode >= EcMode.SLOTS:
         k = x2.shape[1]
         cap = cfg.u_tiles or SLOT_TILES
-        u_sub = triton.cdiv(triton.cdiv(k, cap), block_ku)
+        u_sub = cdiv(cdiv(k, cap), block_ku)
         if u_sub > 1 and block_ku > 128:  # several sub-blocks a tile: a runtime loop over half-size ones (two of
             u_sub, block_ku = 2 * u_sub, block_ku // 2  # 256 held the u tile at 160-167 registers, sm_90 AOT)
-        tiles = triton.cdiv(k, u_sub * block_ku)
-        block_u = triton.next_power_of_2(tiles)
+        tiles = cdiv(k, u_sub * block_ku)
+        block_u = next_pow2(tiles)
         state = ws.for_slots(n, n_tiles, tiles, r, mode == EcMode.EC_TERM)
         phase, gu = state[:2]
         if mode == EcMode.EC_TERM:
@@ -172,7 +172,7 @@ def run_decode(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w
         raise SpearError(f"spear_compile.lowering: {cfg.name} cannot run the byte kernel here "
                          f"(M={m}, K={k}, group {group_size}): its BLOCK_K must be a multiple of 16 within one group")
     n = qdata.shape[0]
-    n_tiles = triton.cdiv(n, cfg.block_n)
+    n_tiles = cdiv(n, cfg.block_n)
     d = _decode_setup(cfg, x2, n, ec_A, ec_B, u, n_tiles, cfg.split_k)
     has_ec = ec_B is not None
     n_prog = d.num_u_tiles + n_tiles * cfg.split_k
@@ -196,8 +196,8 @@ def run_decode(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w
 def _run_gemv(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y):
     m, k = x2.shape
     n = qdata.shape[0]
-    n_tiles = triton.cdiv(n, cfg.block_n)
-    n_kb = triton.cdiv(k, cfg.block_k)
+    n_tiles = cdiv(n, cfg.block_n)
+    n_kb = cdiv(k, cfg.block_k)
     split = min(cfg.split_k, n_kb)
     d = _decode_setup(cfg, x2, n, ec_A, ec_B, u, n_tiles, split, slots_ok=m == 1 and not cfg.tc)
     has_ec = ec_B is not None

@@ -11,14 +11,13 @@ from __future__ import annotations
 import itertools
 
 import torch
-import triton
 
 from .. import options
 from ..errors import SpearError
 from ..kernels.w4_gemv_grouped import w4_gemv_grouped_kernel
 from . import batched
 from .candidates import default_grouped_config, grouped_candidates, num_sms
-from .configs import MAX_DECODE_M, MAX_GROUP, DequantCublasConfig, GroupedConfig
+from .configs import MAX_DECODE_M, MAX_GROUP, DequantCublasConfig, GroupedConfig, cdiv
 from .decode import groups_per_block, load_kwargs
 from .dispatch import check_linear, config_for, rows_and_out, runner
 from .prefill import gemv_ok
@@ -67,8 +66,8 @@ def _run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y):
     g = len(qdatas)
     ns = [q.shape[0] for q in qdatas]
     n_total = sum(ns)
-    split = min(cfg.split_k, triton.cdiv(k, cfg.block_k))
-    tiles = [triton.cdiv(n, cfg.block_n) * split for n in ns]
+    split = min(cfg.split_k, cdiv(k, cfg.block_k))
+    tiles = [cdiv(n, cfg.block_n) * split for n in ns]
     starts = list(itertools.accumulate(tiles))  # P_1, P_2, ... (first program of members 1..)
     cols = list(itertools.accumulate(ns))
     acc, arrive = WORKSPACES.get(x2.device).for_group(n_total) if split > 1 else (y, y)

@@ -5,7 +5,6 @@ compiler's prefill decomposition also traces into graphs (``dequantize_w4``, ``e
 from __future__ import annotations
 
 import torch
-import triton
 
 from .. import options
 from ..errors import SpearError
@@ -14,8 +13,8 @@ from ..kernels.ec_prologue import (ec_gate_blocks_kernel, ec_gate_kernel, ec_pro
 from ..kernels.w4_dequantize import w4_dequant_words_kernel, w4_dequantize_kernel
 from ..kernels.w4_prefill import w4_prefill_kernel
 from .candidates import num_sms
-from .configs import (COPY_X_MAX_BLOCK_R, MAX_IN_PLACE_BLOCKS, MAX_IN_PLACE_SPLITS, XPASS_CONFIG, block_r,
-                      valid_block_k)
+from .configs import (COPY_X_MAX_BLOCK_R, MAX_IN_PLACE_BLOCKS, MAX_IN_PLACE_SPLITS, XPASS_CONFIG, block_r, cdiv,
+                      next_pow2, valid_block_k)
 from .decode import project_u
 from .precompile import launcher
 from .runtime import WORKSPACES
@@ -43,7 +42,7 @@ def run_prefill(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_
     if has_ec and u is None:
         u = project_u(x2, ec_A)
     r = ec_B.shape[1] if has_ec else 0
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
     launcher(w4_prefill_kernel, grid)(
         x2, qdata, scale, zero, bias if bias is not None else y, y,
         u.contiguous() if has_ec else y, ec_B if has_ec else y,
@@ -61,9 +60,9 @@ def _dequant_block(k, group_size):
     inside one group (one scale per row) unless the group is under 128 (then scales per word)."""
     k8 = k // 8
     if group_size >= k:  # per-channel: long rows
-        bw = min(64, triton.next_power_of_2(k8))
+        bw = min(64, next_pow2(k8))
     else:
-        bw = min(16, triton.next_power_of_2(k8))
+        bw = min(16, next_pow2(k8))
     per_word = group_size < k and group_size < 8 * bw
     return max(16, 1024 // bw), bw, per_word
 
@@ -102,7 +101,7 @@ def dequantize_w4(qdata, scale, zero, group_size, dtype, *, tail=None, tail_widt
             raise SpearError(f"{where}: [W | B] / W + BA / out= need K % 8 == 0 and 4-byte aligned packed rows")
         w = torch.empty(n, k, dtype=dtype, device=qdata.device)
         block_k = min(128, group_size) if group_size < k else 128  # in one group: one (scale, zero) per row
-        launcher(w4_dequantize_kernel, (triton.cdiv(n, 32), triton.cdiv(k, block_k)))(
+        launcher(w4_dequantize_kernel, (cdiv(n, 32), cdiv(k, block_k)))(
             qdata, scale, zero, w, n, k, group_size, k // group_size, BLOCK_N=32, BLOCK_K=block_k, num_warps=4)
         return w
     w = torch.empty(n, k + tail_width, dtype=dtype, device=qdata.device) if out is None else out
@@ -113,13 +112,13 @@ def dequantize_w4(qdata, scale, zero, group_size, dtype, *, tail=None, tail_widt
     extra = tail if tail is not None else ab[1]
     r = extra.shape[1] if extra is not None else 0
     dummy = scale  # never read; the activation dtype, like B and A
-    grid = (triton.cdiv(n, bn), triton.cdiv(k // 8, bw) + (1 if has_tail else 0))
+    grid = (cdiv(n, bn), cdiv(k // 8, bw) + (1 if has_tail else 0))
     _launcher(w4_dequant_words_kernel, traceable, grid)(
         qdata.view(torch.int32), scale, zero, w, extra if extra is not None else dummy,
         ab[0] if fold is not None else dummy,
         n, k, k // 8, r, tail_width, group_size, k // group_size, w.stride(0), row0, tail_col0,
         BLOCK_N=bn, BLOCK_W=bw, PER_WORD_SCALE=per_word, TAIL=has_tail,
-        BLOCK_T=triton.next_power_of_2(max(tail_width, 16)), FOLD=fold is not None, BLOCK_R=block_r(r),
+        BLOCK_T=next_pow2(max(tail_width, 16)), FOLD=fold is not None, BLOCK_R=block_r(r),
         INTERPRET=options.interpret(), num_warps=4,
     )
     return w
@@ -131,11 +130,11 @@ def _xpass_grid(m, k, cfg, device, max_splits=None):
     ``max_splits`` splits). Returns (BLOCK_M, BLOCK_K, stages, warps, M tiles, K blocks per split, splits)."""
     bm, bk, stages, warps, per_sm = cfg
     bm = bm if m >= 1024 else 16
-    bk = min(bk, max(16, triton.next_power_of_2(k)))
-    m_tiles, n_kb = triton.cdiv(m, bm), triton.cdiv(k, bk)
-    splits = min(n_kb, max_splits or n_kb, max(1, triton.cdiv(per_sm * num_sms(device), m_tiles)))
-    per = triton.cdiv(n_kb, splits)
-    return bm, bk, stages, warps, m_tiles, per, triton.cdiv(n_kb, per)
+    bk = min(bk, max(16, next_pow2(k)))
+    m_tiles, n_kb = cdiv(m, bm), cdiv(k, bk)
+    splits = min(n_kb, max_splits or n_kb, max(1, cdiv(per_sm * num_sms(device), m_tiles)))
+    per = cdiv(n_kb, splits)
+    return bm, bk, stages, warps, m_tiles, per, cdiv(n_kb, per)
 
 
 def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, copy_x=False, split=False,
@@ -162,14 +161,14 @@ def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, co
         if u.stride(-1) != 1:
             u = u.contiguous()
     br = block_r(r)
-    pad = triton.next_power_of_2(width - br) if width > br else 0
+    pad = next_pow2(width - br) if width > br else 0
     dummy = ec_A if ec_A is not None else x2  # never read (not x: x may be a view of ``out``, written here)
     gw, gb = (gate_w, gate_b) if gate_w is not None else (dummy, dummy)
     if not split:
-        _launcher(ec_prologue_kernel, traceable, (triton.cdiv(m, 16),))(
+        _launcher(ec_prologue_kernel, traceable, (cdiv(m, 16),))(
             dummy if x_in_out else x2, ec_A if ec_A is not None else dummy, u if u is not None else dummy, gw, gb, out,
             m, k, r, width, 0 if x_in_out else x2.stride(0), u.stride(0) if u is not None else 0, out.stride(0), col0,
-            BLOCK_M=16, BLOCK_K=min(256, max(16, triton.next_power_of_2(k))), BLOCK_R=br,
+            BLOCK_M=16, BLOCK_K=min(256, max(16, next_pow2(k))), BLOCK_R=br,
             COPY_X=copy_x, U_GIVEN=u is not None, GATED=gate_w is not None, LOOP=copy_x or u is None,
             INTERPRET=options.interpret(), BLOCK_PAD=pad, X_IN_OUT=x_in_out, num_warps=4, num_stages=3,
         )
@@ -186,7 +185,7 @@ def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, co
             BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, COPY_X=copy_x, PROJECT=u is None, X_IN_OUT=x_in_out,
             INTERPRET=options.interpret(), num_warps=warps, num_stages=stages,
         )
-    _launcher(ec_gate_kernel, traceable, (triton.cdiv(m, 16),))(
+    _launcher(ec_gate_kernel, traceable, (cdiv(m, 16),))(
         part if part is not None else out, u if u is not None else dummy, gw, gb, out,
         m, r, width, part.shape[0] if part is not None else 0, u.stride(0) if u is not None else 0,
         out.stride(0), col0,
@@ -232,7 +231,7 @@ def ec_prologue_in_place(out, k, blocks, traceable=False, xpass=None):
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, N_BLK=len(blocks), INTERPRET=options.interpret(),
         num_warps=warps, num_stages=stages,
     )
-    _launcher(ec_gate_blocks_kernel, traceable, (triton.cdiv(m, 16),))(
+    _launcher(ec_gate_blocks_kernel, traceable, (cdiv(m, 16),))(
         part, out, *gw_s, *gb_s, m, k, *r_s, out.stride(0),
         BLOCK_M=16, BLOCK_R=br, N_BLK=len(blocks), N_SPLIT=n_split,
         GATE_MASK=sum(1 << i for i, (_, gw, _) in enumerate(blocks) if gw is not None), num_warps=4,

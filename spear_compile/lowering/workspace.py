@@ -15,9 +15,8 @@ import threading
 from typing import Optional
 
 import torch
-import triton
 
-from .configs import MAX_DECODE_M, MAX_EC_RANK, MAX_GROUP, MIN_BLOCK_N
+from .configs import MAX_DECODE_M, MAX_EC_RANK, MAX_GROUP, MIN_BLOCK_N, cdiv
 
 
 def _zeros(numel, dtype, device, alloc_stream):
@@ -83,7 +82,7 @@ class Workspace:
     def for_n(self, n):
         if n not in self.acc:
             self.acc[n] = self._zeros(MAX_DECODE_M * n, torch.float32)
-            self.arrive[n] = self._zeros(triton.cdiv(n, MIN_BLOCK_N), torch.int32)
+            self.arrive[n] = self._zeros(cdiv(n, MIN_BLOCK_N), torch.int32)
         return self.acc[n], self.arrive[n]
 
     def for_epoch(self, n, n_tiles):
@@ -112,7 +111,7 @@ class Workspace:
         key = ("group", n_total)
         if key not in self.acc:
             self.acc[key] = self._zeros(MAX_DECODE_M * n_total, torch.float32)
-            self.arrive[key] = self._zeros(triton.cdiv(n_total, MIN_BLOCK_N) + MAX_GROUP, torch.int32)
+            self.arrive[key] = self._zeros(cdiv(n_total, MIN_BLOCK_N) + MAX_GROUP, torch.int32)
         return self.acc[key], self.arrive[key]
 
 
