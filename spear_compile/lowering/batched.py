@@ -18,7 +18,7 @@ import torch
 from ..errors import SpearError
 from .. import options
 from ..kernels.w4_batched import ec_gu_kernel, w4_batched_kernel
-from .configs import cdiv, next_pow2
+from .configs import block_r as rank_block, cdiv
 from .prefill import reference_linear
 from .precompile import launcher, pdl_ok
 from .runtime import WORKSPACES
@@ -195,7 +195,7 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
     has_ec = members[0].ec_B is not None
     gated = has_ec and members[0].gate_w is not None
     r = members[0].ec_B.shape[1] if has_ec else 0
-    block_r = max(16, next_pow2(max(r, 1)))
+    block_r = rank_block(r)
     ec_pre = has_ec and cfg.ec_pre
     gu_split, gu_k = ec_gu_split(m, g, k) if ec_pre else (1, k)
     if split > 1 or ec_pre:
