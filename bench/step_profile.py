@@ -101,34 +101,46 @@ def kernels_of(run, steps, cuda):
 
 
 def mixed_step(runner, use_ec, tokens, decodes, context=64, steps=5):
-    """A mixed step (one ``tokens``-token prompt chunk, ``decodes`` decodes with ``context`` cached): wall / host /
-    device µs (medians of ``steps``), and its kernels as ``profile_step``'s."""
+    """A mixed step (one ``tokens``-token prompt chunk, ``decodes`` decodes with ``context`` cached), uncaptured and
+    then replayed from its CUDA graph (captured at its first step): wall / host / device µs of each (medians of
+    ``steps``), the largest |logit| difference between the two, and the uncaptured step's kernels as
+    ``profile_step``'s."""
     import statistics
     from spear_compile.serving.scheduler.profile import _fake_requests
     dec, pre = _fake_requests(decodes, tokens, context, runner.num_blocks, runner.block_size)
     cuda = runner.device.type == "cuda"
-    with torch.no_grad():
-        for _ in range(2):
-            runner.execute(dec, pre, use_ec)
-        sync()
-        wall, host, device = [], [], []
-        for _ in range(steps):
-            if cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-            t0 = time.perf_counter()
-            logits, rows = runner.execute(dec, pre, use_ec)
-            host.append(time.perf_counter() - t0)
-            if cuda:
-                b.record()
-            logits[:rows].argmax(-1).tolist()
-            wall.append(time.perf_counter() - t0)
-            if cuda:
-                b.synchronize()
-                device.append(a.elapsed_time(b) / 1e3)
     med = lambda v: round(1e6 * statistics.median(v), 1) if v else None  # noqa: E731
-    return dict(wall_us=med(wall), host_us=med(host), device_us=med(device)), \
-        kernels_of(lambda: runner.execute(dec, pre, use_ec), steps, cuda)
+    limit, out, logits_of = runner.mixed_graph_limit, {}, {}
+    with torch.no_grad():
+        for mode in ("eager", "graph"):
+            runner.mixed_graph_limit = 0 if mode == "eager" else limit
+            for _ in range(2):
+                runner.execute(dec, pre, use_ec)
+            sync()
+            wall, host, device = [], [], []
+            for _ in range(steps):
+                if cuda:
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                t0 = time.perf_counter()
+                logits, rows = runner.execute(dec, pre, use_ec)
+                host.append(time.perf_counter() - t0)
+                if cuda:
+                    b.record()
+                logits[:rows].argmax(-1).tolist()
+                wall.append(time.perf_counter() - t0)
+                if cuda:
+                    b.synchronize()
+                    device.append(a.elapsed_time(b) / 1e3)
+            logits_of[mode] = logits[:rows].float().clone()
+            prefix = "" if mode == "eager" else "graph_"
+            out.update({prefix + "wall_us": med(wall), prefix + "host_us": med(host), prefix + "device_us": med(device)})
+        out["graphs"] = len(runner.mixed_graphs)
+        out["graph_max_abs_diff"] = float((logits_of["graph"] - logits_of["eager"]).abs().max())
+        runner.mixed_graph_limit = 0
+        kern = kernels_of(lambda: runner.execute(dec, pre, use_ec), steps, cuda)
+        runner.mixed_graph_limit = limit
+    return out, kern
 
 
 def replay_us(runner, use_ec, batch, width, replays):
@@ -183,8 +195,9 @@ def main():
         t0 = time.perf_counter()
         max_tokens = max([64] + [t + args.mixed_decodes for t in mixed])
         max_tokens = 1 << (max_tokens - 1).bit_length()
-        eng = Engine(model, None, EngineConfig(max_num_seqs=max(batches + [args.mixed_decodes]), max_num_tokens=max_tokens,
-                                               decode_buckets=tuple(batches), token_buckets=(max_tokens,),
+        seqs = max(batches + [args.mixed_decodes])
+        eng = Engine(model, None, EngineConfig(max_num_seqs=seqs, max_num_tokens=max_tokens,
+                                               decode_buckets=tuple(sorted(set(batches + [seqs]))), token_buckets=(max_tokens,),
                                                max_model_len=1024, policy=f"budget-{max_tokens}",
                                                device=device, detokenize=False, dtype=DEV["dtype"],
                                                gpu_memory_utilization=0.3, progress=False, compile=not args.tiny,
@@ -230,17 +243,21 @@ def main():
             rows.append(r)
             print(json.dumps(r), flush=True)
             mixed_rows.append(f"| {variant} | {tokens} + {args.mixed_decodes} decodes (bucket {max_tokens}) | "
-                              f"{r['wall_us']} | {r['host_us']} | {r['device_us']} | {r['kernels']} | {r['kernel_us']} |")
+                              f"{r['wall_us']} | {r['host_us']} | {r['device_us']} | {r['kernels']} | {r['kernel_us']} | "
+                              f"{r['graph_wall_us']} | {r['graph_host_us']} | {r['graph_device_us']} | "
+                              f"{r['graph_max_abs_diff']:.3g} |")
             top = sorted(kern.items(), key=lambda kv: -kv[1][1])[:args.top]
             detail += [f"### {variant}, mixed step, {tokens} prompt tokens + {args.mixed_decodes} decodes", "",
                        "| kernel | per step | µs per step |", "|---|---|---|"]
             detail += [f"| `{n[:90]}` | {c:g} | {us:.1f} |" for n, (c, us) in top] + [""]
         del eng, model
     if mixed_rows:
-        summary += ["", "Mixed steps (no CUDA graph): wall = execute + the logits read back; host = until execute "
-                    "returns; device = CUDA events around it.", "",
-                    "| variant | step | wall µs | host µs | device µs | kernels | kernel µs |",
-                    "|---|---|---|---|---|---|---|"] + mixed_rows
+        summary += ["", "Mixed steps, uncaptured then replayed from the graph captured at its first step: wall = execute "
+                    "+ the logits read back; host = until execute returns; device = CUDA events around it; kernels: "
+                    "the uncaptured step's; diff: the largest |logit| difference, graph vs uncaptured.", "",
+                    "| variant | step | wall µs | host µs | device µs | kernels | kernel µs | graph wall µs | "
+                    "graph host µs | graph device µs | diff |",
+                    "|---|---|---|---|---|---|---|---|---|---|---|"] + mixed_rows
     md = ["# A decode step, kernel by kernel (Llama-3.2-1B shape, engine decode graphs)", "", env, "",
           "replay: the captured step (CUDA events); kernels: the same compiled step without the graph, under "
           "torch.profiler (GPU time of each kernel); gap = replay - sum of kernel times; roofline = the weights' "

@@ -25,7 +25,8 @@ class EngineConfig:
     ``block_size``: tokens per KV block. ``num_blocks``: KV blocks (None: from ``gpu_memory_utilization`` on CUDA,
     ``cpu_num_blocks`` on CPU). ``max_num_tokens``: most tokens in one step (the largest token bucket).
     ``policy``: a scheduler policy name (``make_policy``). ``cuda_graphs``: decode-only steps replay CUDA graphs
-    per batch bucket (1, 2, 4, ..., max_num_seqs) and mixed steps per token bucket (CUDA only). ``compile``:
+    per batch bucket (1, 2, 4, ..., max_num_seqs), captured at start-up, and mixed steps per input-shape key,
+    captured at the key's first step, up to ``mixed_cuda_graphs`` of them (CUDA only). ``compile``:
     compile the step function with the ``spear`` backend (all buckets at start-up)."""
     max_num_seqs: int = 64
     max_model_len: Optional[int] = None
@@ -36,6 +37,8 @@ class EngineConfig:
     ttft_slo_ms: Optional[float] = None
     tpot_slo_ms: Optional[float] = None
     cuda_graphs: bool = True
+    mixed_cuda_graphs: int = 256            # most mixed-step graphs (0: mixed steps uncaptured); the graphs share
+    #   the decode graphs' memory pool and one logits buffer, so each adds little memory; a step beyond runs uncaptured
     compile: bool = True
     device: Optional[str] = None
     dtype: torch.dtype = torch.bfloat16
@@ -80,6 +83,7 @@ class EngineConfig:
             pos_int("max_model_len", 2)
         if self.static_decode_rows is not None:
             pos_int("static_decode_rows", 0)
+        pos_int("mixed_cuda_graphs", 0)
         if self.max_num_tokens < self.max_num_seqs:
             raise SpearError(f"EngineConfig: max_num_tokens={self.max_num_tokens} must be >= max_num_seqs="
                              f"{self.max_num_seqs} (a step holds one token per running decode)")

@@ -84,6 +84,8 @@ class EngineStats:
     warmup_s: float
     step_log: list = field(default_factory=list)
     prefix_cache_hit_tokens: int = 0   # prompt tokens taken from cached KV blocks instead of computed
+    mixed_graphs: int = 0              # mixed-step CUDA graphs captured (one per input-shape key)
+    uncaptured_mixed_steps: int = 0    # mixed steps run without a graph while serving (limit reached / capture failed)
 
 
 def load_model(model_path: str, quant: Optional[str] = "w4-pc-rtn", ec: Optional[str] = None,
@@ -469,4 +471,6 @@ class Engine:
                            last_measured_s=last.measured_s if last else None,
                            num_preemptions=self.num_preemptions, ec_enabled=self._ec_enabled,
                            warmup_s=self.runner.warmup_s, step_log=list(self.step_log),
-                           prefix_cache_hit_tokens=self.blocks.num_cached_tokens)
+                           prefix_cache_hit_tokens=self.blocks.num_cached_tokens,
+                           mixed_graphs=len(self.runner.mixed_graphs),
+                           uncaptured_mixed_steps=self.runner.num_uncaptured_mixed)

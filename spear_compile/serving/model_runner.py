@@ -4,7 +4,8 @@ modules) compiled per phase, decode steps replayed from CUDA graphs, and each st
 Two entry points, each compiled once with dynamic sizes (every dynamic size padded to >= 2, so Dynamo's 0/1
 specialization never adds graphs): ``decode_forward`` (decode-only steps; on CUDA captured as one CUDA graph per
 (batch bucket, block-table bucket), per EC state) and ``mixed_forward`` (steps with prefill chunks, decodes riding
-along; padded to token buckets). ``use_ec`` is a Python bool argument: each EC state gets its own graphs.
+along; padded to token buckets; on CUDA captured lazily, one graph per input-shape key at its first step, up to
+``config.mixed_cuda_graphs``). ``use_ec`` is a Python bool argument: each EC state gets its own graphs.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import array
 import contextlib
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -125,6 +127,37 @@ class DecodeGraph:
         return self.logits if out is None else out
 
 
+@dataclass
+class MixedGraph:
+    """A captured mixed step: ``mixed_forward``'s inputs packed flat into ``inputs`` (``views`` point into it, the
+    ids first); its logits are copied into the runner's one shared logits buffer, returned as ``logits``."""
+    graph: object              # torch.cuda.CUDAGraph, or a StandInGraph
+    inputs: torch.Tensor
+    views: tuple
+    logits: torch.Tensor
+
+    def replay(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.logits
+
+
+def pack_flat(args) -> torch.Tensor:
+    """Tensors flattened into one (one host-to-device copy instead of one per tensor)."""
+    return torch.cat([a.reshape(-1) for a in args])
+
+
+def unpack_flat(flat: torch.Tensor, shapes) -> tuple:
+    """Views of ``flat`` with ``shapes`` (``pack_flat``'s inverse)."""
+    out, start = [], 0
+    for shape in shapes:
+        n = 1
+        for d in shape:
+            n *= d
+        out.append(flat[start:start + n].view(shape))
+        start += n
+    return tuple(out)
+
+
 class StandInGraph:
     """Off CUDA (tests): "replays" by running the captured function again on the same static input buffers, so
     the graph bookkeeping (static buffers, views, bucket keys) runs on CPU too."""
@@ -180,6 +213,12 @@ class ModelRunner:
         self.warmup_breakdown: dict = {}   # warm_up's seconds: tuning (keys tuned), capture, compile + eager runs
         self._capture_s = 0.0
         self.num_uncaptured_decodes = 0  # decode steps served without a captured graph (none once warmed up)
+        self.mixed_graphs: dict = {}     # (use_ec, input shapes) -> MixedGraph, captured at the key's first step
+        self.mixed_graph_limit = config.mixed_cuda_graphs if self.use_cuda_graphs and not _multi_rank() else 0
+        self._mixed_logits = None        # the captured mixed steps' shared logits buffer (outside the graph pool)
+        self.num_uncaptured_mixed = 0    # mixed steps run without a graph (limit reached, or capture failed)
+        self.num_mixed_replays = 0
+        self.mixed_capture_s = 0.0
 
     @classmethod
     def start(cls, model: nn.Module, config: EngineConfig, device: torch.device) -> "ModelRunner":
@@ -330,17 +369,82 @@ class ModelRunner:
         return t
 
     @torch.no_grad()
-    def run_mixed(self, use_ec: bool, args: tuple, device_ids=None) -> torch.Tensor:
+    def run_mixed(self, use_ec: bool, args: tuple, device_ids=None, capture: bool = True) -> torch.Tensor:
         """A mixed step's forward from ``mixed_inputs``' CPU tensors (``device_ids`` as ``execute_decode``'s: the
-        decode rows come first)."""
+        decode rows come first): a replay of the graph of its input shapes, captured now (after running the step
+        eagerly) if it has none and ``capture`` and the limit allow, else uncaptured."""
+        key = (use_ec, tuple(tuple(a.shape) for a in args))
+        g = self.mixed_graphs.get(key)
+        if g is None and capture and len(self.mixed_graphs) < self.mixed_graph_limit:
+            return self._capture_mixed(key, args, device_ids)
+        if g is not None:
+            g.inputs.copy_(self._staged(pack_flat(args), device_ids), non_blocking=True)
+            if device_ids is not None:
+                patch_ids(g.views[0], device_ids)
+            self.num_mixed_replays += 1
+            return g.replay()
+        if self.graphs_before_serving is not None and self.mixed_graph_limit:
+            self.num_uncaptured_mixed += 1
         args = [self._staged(a, device_ids).to(self.device, non_blocking=True) for a in args]
         if device_ids is not None:
             patch_ids(args[0], device_ids)
         return self._mixed_fn(*args, use_ec=use_ec)
 
+    def _capture_mixed(self, key, args: tuple, device_ids) -> torch.Tensor:
+        """Run this step eagerly on static input buffers (on CUDA on the capture stream, whose W4 workspaces it
+        allocates outside the graph pool, as ``_warm_decode``), then capture it for the next steps of its shapes.
+        Returns the eager run's logits. A capture that fails or allocates workspace warns, and its shapes (with
+        every later mixed step, on failure) run uncaptured."""
+        use_ec, shapes = key
+        flat = self._staged(pack_flat(args), device_ids).to(self.device, non_blocking=True)
+        views = unpack_flat(flat, shapes)
+        if device_ids is not None:
+            patch_ids(views[0], device_ids)
+        cuda = self.device.type == "cuda"
+        if cuda and self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream(self.device)
+        with _on_stream(self._capture_stream if cuda else None):
+            logits = self._mixed_fn(*views, use_ec=use_ec)
+        if cuda:
+            logits.record_stream(torch.cuda.current_stream(self.device))
+        rows = logits.shape[0]
+        if self._mixed_logits is None:
+            most = 1 << (max(self.config.max_num_seqs, MIN_DIM) - 1).bit_length()
+            self._mixed_logits = torch.empty(most, logits.shape[1], dtype=logits.dtype, device=self.device)
+        if rows > self._mixed_logits.shape[0]:
+            return logits
+        out = self._mixed_logits[:rows]
+        if not cuda:  # config.cuda_graphs_stand_in (tests)
+            self.mixed_graphs[key] = MixedGraph(StandInGraph(lambda: out.copy_(self._mixed_fn(*views, use_ec=use_ec))),
+                                                flat, views, out)
+            return logits
+        t0 = time.perf_counter()
+        torch.cuda.synchronize(self.device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        before = workspace_footprint(self._capture_stream, self.device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream):
+                out.copy_(self._mixed_fn(*views, use_ec=use_ec))
+        except Exception as exc:  # noqa: BLE001  (a step that cannot be captured still runs, uncaptured)
+            self.mixed_graph_limit = 0
+            warnings.warn(f"spear_compile serving: capturing a mixed step (input shapes {shapes}) failed, mixed steps "
+                          f"run uncaptured from now on: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
+            return logits
+        finally:
+            self.mixed_capture_s += time.perf_counter() - t0
+        if workspace_footprint(self._capture_stream, self.device) != before:
+            warnings.warn(f"spear_compile serving: the mixed step of input shapes {shapes} allocated kernel workspace "
+                          "during its CUDA-graph capture; it runs uncaptured", RuntimeWarning, stacklevel=3)
+            self.mixed_graph_limit = len(self.mixed_graphs)
+            return logits
+        self.mixed_graphs[key] = MixedGraph(graph, flat, views, out)
+        return logits
+
     def mixed_inputs(self, decodes, prefills):
         """CPU int64 tensors for ``mixed_forward`` and the number of logits rows that matter."""
-        nd = max(len(decodes), MIN_DIM)
+        nd = next_bucket(max(len(decodes), MIN_DIM), pow2_buckets(MIN_DIM, max(MIN_DIM, self.decode_buckets[-1])))
         ids, pos, sb, so = [], [], [], []
         for r in decodes:
             ids.append(r.token_at(r.num_computed_tokens))
@@ -498,7 +602,13 @@ class ModelRunner:
             f.block_ids = [PAD_BLOCK] * max(MIN_DIM, -(-n // self.block_size))
             fakes.append((f, n))
             left -= n
-        self.run_mixed(use_ec, self.mixed_inputs([], fakes)[0])
+        self.run_mixed(use_ec, self.mixed_inputs([], fakes)[0], capture=False)
+
+
+def _multi_rank() -> bool:
+    """Tensor parallelism: mixed steps stay uncaptured there (their collectives were never captured and checked)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -138,3 +138,38 @@ def test_static_decode_rows_compile_per_batch_size(ref_tokenizer, fresh_compile)
     assert len(dynamic_entries) == 1    # B = 4 only: the small batches never reach the dynamic graph
     assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref
     assert eng.stats().recompiles == 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_mixed_step_graphs(ref_tokenizer, overlap):
+    """Mixed steps (prefill chunks + decodes) captured lazily, one graph per input-shape key (stand-ins on CPU): a
+    replay writes the step's inputs into the graph's static buffer (stale inputs would change the tokens: every
+    replayed step here has new ids, positions and slots), overlapped steps patch the ids into it; the limit
+    holds, and the steps beyond it run uncaptured and equal."""
+    model = toy_model(ecs=True)
+    ref = hf_greedy(model)
+    kw = dict(cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=4, max_num_tokens=16, token_buckets=(8, 16),
+              max_model_len=64, policy="budget-8", overlap_decode=overlap)
+    eng = make_engine(model, ref_tokenizer, **kw)
+    runner = eng.runner
+    assert runner.mixed_graphs == {}   # start-up runs the mixed buckets uncaptured: no graph for dummy shapes
+    from spear_compile.serving.model_runner import MixedGraph
+    replays = []
+    replay = MixedGraph.replay
+
+    def spy(self):
+        replays.append(self)
+        return replay(self)
+    MixedGraph.replay = spy
+    try:
+        assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref
+        first = len(runner.mixed_graphs)
+        assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref
+    finally:
+        MixedGraph.replay = replay
+    assert first >= 2 and replays and len(runner.mixed_graphs) <= runner.config.mixed_cuda_graphs
+    assert runner.num_uncaptured_mixed == 0
+    limited = make_engine(model, ref_tokenizer, mixed_cuda_graphs=1, **kw)
+    assert [o.output_token_ids for o in limited.generate(prompts(), sp())] == ref
+    assert len(limited.runner.mixed_graphs) == 1 and limited.runner.num_uncaptured_mixed > 0
+    assert limited.blocks.num_free_blocks == limited.blocks.num_usable_blocks

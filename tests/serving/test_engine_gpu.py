@@ -4,7 +4,8 @@ workspace was allocated inside its capture would take it from that pool, where t
 their intermediates, and a later bucket switch would find its EC epochs clobbered (spin, then NaN: session 14's
 1.5 s step at the end of the batch-16 decode bench). Here the graphs replay in an interleaved order and each must
 match the same step run eagerly, and serving across bucket switches must equal a run without graphs (greedy; the
-same kernels, so only a near-tie under fp32 atomics' summation order could flip a token)."""
+same kernels, so only a near-tie under fp32 atomics' summation order could flip a token), mixed steps included
+(captured at their shapes' first step, replayed after)."""
 import pytest
 import torch
 
@@ -76,10 +77,13 @@ def test_serving_across_bucket_switches_equals_no_graphs():
     results = []
     for graphs in (True, False):
         eng = Engine(_model(), None, _config(cuda_graphs=graphs))
-        outs = eng.generate(prompts, [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0)
-                                      for n in lens])
-        assert all(lp.logprob > float("-inf") for o in outs for lp in o.output_logprobs), "non-finite logits"
-        results.append([o.output_token_ids for o in outs])
-        assert eng.runner.num_uncaptured_decodes == 0
+        for _ in range(2 if graphs else 1):   # with graphs, twice: the second run replays the mixed steps' graphs
+            outs = eng.generate(prompts, [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0)
+                                          for n in lens])
+            assert all(lp.logprob > float("-inf") for o in outs for lp in o.output_logprobs), "non-finite logits"
+            results.append([o.output_token_ids for o in outs])
+        assert eng.runner.num_uncaptured_decodes == 0 and eng.runner.num_uncaptured_mixed == 0
+        if graphs:   # mixed steps: captured at their shapes' first step (the first run), replayed in the second
+            assert eng.runner.mixed_graphs and eng.runner.num_mixed_replays > 0
         assert eng.blocks.num_free_blocks == eng.blocks.num_usable_blocks
-    assert results[0] == results[1]
+    assert results[0] == results[2] and results[1] == results[2]
