@@ -216,7 +216,7 @@ class ModelRunner:
         self.mixed_graphs: dict = {}     # (use_ec, input shapes) -> MixedGraph, captured at the key's first step
         self.mixed_graph_limit = config.mixed_cuda_graphs if self.use_cuda_graphs and not _multi_rank() else 0
         self._mixed_logits = None        # the captured mixed steps' shared logits buffer (outside the graph pool)
-        self.num_uncaptured_mixed = 0    # mixed steps run without a graph (limit reached, or capture failed)
+        self.num_uncaptured_mixed = 0    # mixed steps served without a graph (limit reached, capture failed, TP)
         self.num_mixed_replays = 0
         self.mixed_capture_s = 0.0
 
@@ -383,7 +383,7 @@ class ModelRunner:
                 patch_ids(g.views[0], device_ids)
             self.num_mixed_replays += 1
             return g.replay()
-        if self.graphs_before_serving is not None and self.mixed_graph_limit:
+        if self.graphs_before_serving is not None and self.use_cuda_graphs and self.config.mixed_cuda_graphs:
             self.num_uncaptured_mixed += 1
         args = [self._staged(a, device_ids).to(self.device, non_blocking=True) for a in args]
         if device_ids is not None:
