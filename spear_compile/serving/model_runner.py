@@ -425,7 +425,9 @@ class ModelRunner:
         before = workspace_footprint(self._capture_stream, self.device)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream):
+            # thread-local: the capture happens while serving, and another thread's CUDA call (the server's) must
+            # neither break it nor fail itself
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream, capture_error_mode="thread_local"):
                 out.copy_(self._mixed_fn(*views, use_ec=use_ec))
         except Exception as exc:  # noqa: BLE001  (a step that cannot be captured still runs, uncaptured)
             self.mixed_graph_limit = 0
