@@ -110,10 +110,10 @@ def mixed_step(runner, use_ec, tokens, decodes, context=64, steps=5):
     dec, pre = _fake_requests(decodes, tokens, context, runner.num_blocks, runner.block_size)
     cuda = runner.device.type == "cuda"
     med = lambda v: round(1e6 * statistics.median(v), 1) if v else None  # noqa: E731
-    limit, out, logits_of = runner.mixed_graph_limit, {}, {}
+    limit, out, logits_of = runner.mixed.limit, {}, {}
     with torch.no_grad():
         for mode in ("eager", "graph"):
-            runner.mixed_graph_limit = 0 if mode == "eager" else limit
+            runner.mixed.limit = 0 if mode == "eager" else limit
             for _ in range(2):
                 runner.execute(dec, pre, use_ec)
             sync()
@@ -135,11 +135,11 @@ def mixed_step(runner, use_ec, tokens, decodes, context=64, steps=5):
             logits_of[mode] = logits[:rows].float().clone()
             prefix = "" if mode == "eager" else "graph_"
             out.update({prefix + "wall_us": med(wall), prefix + "host_us": med(host), prefix + "device_us": med(device)})
-        out["graphs"] = len(runner.mixed_graphs)
+        out["graphs"] = len(runner.mixed.graphs)
         out["graph_max_abs_diff"] = float((logits_of["graph"] - logits_of["eager"]).abs().max())
-        runner.mixed_graph_limit = 0
+        runner.mixed.limit = 0
         kern = kernels_of(lambda: runner.execute(dec, pre, use_ec), steps, cuda)
-        runner.mixed_graph_limit = limit
+        runner.mixed.limit = limit
     return out, kern
 
 

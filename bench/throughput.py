@@ -301,7 +301,7 @@ def decode_rate(eng, variant, batch, args, new=129):
         last_steps=[(n, round(1e3 * w, 3)) for n, w in zip(running[-6:], walls[-6:])],  # (running, ms)
         tuned_keys_in_window=[str(k) for k in set(TUNER.picks) - keys_before][:4],
         uncaptured_decodes=eng.runner.num_uncaptured_decodes - uncaptured_before,
-        mixed_graphs=len(eng.runner.mixed_graphs), uncaptured_mixed=eng.runner.num_uncaptured_mixed,
+        mixed_graphs=len(eng.runner.mixed.graphs), uncaptured_mixed=eng.runner.mixed.uncaptured,
         step_measured_ms_median=round(1e3 * device[len(device) // 2], 3) if device else None,
         # a slow wall step whose device time is slow too was the GPU's (a kernel), else the host's
         step_measured_ms_max=round(1e3 * device[-1], 3) if device else None,

@@ -472,5 +472,5 @@ class Engine:
                            num_preemptions=self.num_preemptions, ec_enabled=self._ec_enabled,
                            warmup_s=self.runner.warmup_s, step_log=list(self.step_log),
                            prefix_cache_hit_tokens=self.blocks.num_cached_tokens,
-                           mixed_graphs=len(self.runner.mixed_graphs),
-                           uncaptured_mixed_steps=self.runner.num_uncaptured_mixed)
+                           mixed_graphs=len(self.runner.mixed.graphs),
+                           uncaptured_mixed_steps=self.runner.mixed.uncaptured)

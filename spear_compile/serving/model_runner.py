@@ -10,11 +10,8 @@ along; padded to token buckets; on CUDA captured lazily, one graph per input-sha
 from __future__ import annotations
 
 import array
-import contextlib
 import sys
 import time
-import warnings
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -22,6 +19,8 @@ import torch.nn as nn
 
 from ..errors import SpearError
 from .config import EngineConfig
+from .cuda_graphs import (DecodeGraph, GraphCapture, MixedGraphs, StandInGraph, multi_rank, pack_flat,
+                          unpack_flat)
 from .kv_cache import PAD_BLOCK
 from .paged_llama import PagedLlama
 
@@ -47,29 +46,6 @@ def pow2_buckets(lo: int, hi: int) -> tuple:
 def int64_tensor(values: list) -> torch.Tensor:
     """A CPU int64 tensor of a flat list of ints (through ``array``: several times faster than ``torch.tensor``)."""
     return torch.frombuffer(array.array("q", values), dtype=torch.int64) if values else torch.zeros(0, dtype=torch.int64)
-
-
-def _on_stream(stream):
-    """``torch.cuda.stream(stream)`` after it waited for the current stream, and the current stream waits for it
-    on exit; a no-op for ``None``."""
-    if stream is None:
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def ctx():
-        current = torch.cuda.current_stream(stream.device)
-        stream.wait_stream(current)
-        with torch.cuda.stream(stream):
-            yield
-        current.wait_stream(stream)
-    return ctx()
-
-
-def workspace_footprint(stream, device) -> tuple:
-    """``Workspace.footprint()`` of the W4 decode kernels' workspace of ``stream``."""
-    from ..lowering.runtime import WORKSPACES
-    with torch.cuda.stream(stream):
-        return WORKSPACES.get(device).footprint()
 
 
 def patch_ids(ids: torch.Tensor, device_ids) -> None:
@@ -114,61 +90,6 @@ def static_decode_rows(model: nn.Module, config: EngineConfig) -> int:
     return 0
 
 
-@dataclass
-class DecodeGraph:
-    """A captured decode step: write the step's inputs into ``inputs`` (the views below point into it), replay."""
-    graph: object              # torch.cuda.CUDAGraph, or a StandInGraph
-    inputs: torch.Tensor       # flat int64 static buffer
-    views: tuple
-    logits: torch.Tensor       # the captured output (static)
-
-    def replay(self) -> torch.Tensor:
-        out = self.graph.replay()
-        return self.logits if out is None else out
-
-
-@dataclass
-class MixedGraph:
-    """A captured mixed step: ``mixed_forward``'s inputs packed flat into ``inputs`` (``views`` point into it, the
-    ids first); its logits are copied into the runner's one shared logits buffer, returned as ``logits``."""
-    graph: object              # torch.cuda.CUDAGraph, or a StandInGraph
-    inputs: torch.Tensor
-    views: tuple
-    logits: torch.Tensor
-
-    def replay(self) -> torch.Tensor:
-        self.graph.replay()
-        return self.logits
-
-
-def pack_flat(args) -> torch.Tensor:
-    """Tensors flattened into one (one host-to-device copy instead of one per tensor)."""
-    return torch.cat([a.reshape(-1) for a in args])
-
-
-def unpack_flat(flat: torch.Tensor, shapes) -> tuple:
-    """Views of ``flat`` with ``shapes`` (``pack_flat``'s inverse)."""
-    out, start = [], 0
-    for shape in shapes:
-        n = 1
-        for d in shape:
-            n *= d
-        out.append(flat[start:start + n].view(shape))
-        start += n
-    return tuple(out)
-
-
-class StandInGraph:
-    """Off CUDA (tests): "replays" by running the captured function again on the same static input buffers, so
-    the graph bookkeeping (static buffers, views, bucket keys) runs on CPU too."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def replay(self):
-        return self.fn()
-
-
 class ModelRunner:
     """Owns the paged model, its compiled entry points and CUDA graphs; turns a step's requests into tensors."""
 
@@ -206,19 +127,13 @@ class ModelRunner:
             self._mixed_fn = torch.compile(self.net.mixed_forward, backend="spear", dynamic=True, fullgraph=True)
         self.graphs: dict = {}           # (use_ec, batch bucket, table bucket) -> DecodeGraph
         self.step_sink = None            # tensor parallelism, rank 0: gets every step's inputs before its forward
-        self._pool = None
-        self._capture_stream = None      # CUDA: the stream every decode graph is warmed up and captured on
+        self.capture = GraphCapture(device)
+        self.mixed = MixedGraphs(self.capture, config.mixed_cuda_graphs if self.use_cuda_graphs and not multi_rank()
+                                 else 0, max_rows=1 << (max(config.max_num_seqs, MIN_DIM) - 1).bit_length())
         self.graphs_before_serving: Optional[int] = None
         self.warmup_s = 0.0
         self.warmup_breakdown: dict = {}   # warm_up's seconds: tuning (keys tuned), capture, compile + eager runs
-        self._capture_s = 0.0
         self.num_uncaptured_decodes = 0  # decode steps served without a captured graph (none once warmed up)
-        self.mixed_graphs: dict = {}     # (use_ec, input shapes) -> MixedGraph, captured at the key's first step
-        self.mixed_graph_limit = config.mixed_cuda_graphs if self.use_cuda_graphs and not _multi_rank() else 0
-        self._mixed_logits = None        # the captured mixed steps' shared logits buffer (outside the graph pool)
-        self.num_uncaptured_mixed = 0    # mixed steps served without a graph (limit reached, capture failed, TP)
-        self.num_mixed_replays = 0
-        self.mixed_capture_s = 0.0
 
     @classmethod
     def start(cls, model: nn.Module, config: EngineConfig, device: torch.device) -> "ModelRunner":
@@ -373,76 +288,28 @@ class ModelRunner:
         """A mixed step's forward from ``mixed_inputs``' CPU tensors (``device_ids`` as ``execute_decode``'s: the
         decode rows come first): a replay of the graph of its input shapes, captured now (after running the step
         eagerly) if it has none and ``capture`` and the limit allow, else uncaptured."""
-        key = (use_ec, tuple(tuple(a.shape) for a in args))
-        g = self.mixed_graphs.get(key)
-        if g is None and capture and len(self.mixed_graphs) < self.mixed_graph_limit:
-            return self._capture_mixed(key, args, device_ids)
-        if g is not None:
-            g.inputs.copy_(self._staged(pack_flat(args), device_ids), non_blocking=True)
+        shapes = tuple(tuple(a.shape) for a in args)
+        g = self.mixed.graphs.get((use_ec, shapes))
+        fresh = g is None and capture and self.mixed.has_room()
+        if g is None and not fresh:
+            if self.graphs_before_serving is not None and self.use_cuda_graphs and self.config.mixed_cuda_graphs:
+                self.mixed.uncaptured += 1
+            args = [self._staged(a, device_ids).to(self.device, non_blocking=True) for a in args]
             if device_ids is not None:
-                patch_ids(g.views[0], device_ids)
-            self.num_mixed_replays += 1
-            return g.replay()
-        if self.graphs_before_serving is not None and self.use_cuda_graphs and self.config.mixed_cuda_graphs:
-            self.num_uncaptured_mixed += 1
-        args = [self._staged(a, device_ids).to(self.device, non_blocking=True) for a in args]
-        if device_ids is not None:
-            patch_ids(args[0], device_ids)
-        return self._mixed_fn(*args, use_ec=use_ec)
-
-    def _capture_mixed(self, key, args: tuple, device_ids) -> torch.Tensor:
-        """Run this step eagerly on static input buffers (on CUDA on the capture stream, whose W4 workspaces it
-        allocates outside the graph pool, as ``_warm_decode``), then capture it for the next steps of its shapes.
-        Returns the eager run's logits. A capture that fails or allocates workspace warns, and its shapes (with
-        every later mixed step, on failure) run uncaptured."""
-        use_ec, shapes = key
-        flat = self._staged(pack_flat(args), device_ids).to(self.device, non_blocking=True)
-        views = unpack_flat(flat, shapes)
+                patch_ids(args[0], device_ids)
+            return self._mixed_fn(*args, use_ec=use_ec)
+        flat = self._staged(pack_flat(args), device_ids)
+        if g is not None:
+            g.inputs.copy_(flat, non_blocking=True)
+            views = g.views
+        else:
+            flat = flat.to(self.device, non_blocking=True)
+            views = unpack_flat(flat, shapes)
         if device_ids is not None:
             patch_ids(views[0], device_ids)
-        cuda = self.device.type == "cuda"
-        if cuda and self._capture_stream is None:
-            self._capture_stream = torch.cuda.Stream(self.device)
-        with _on_stream(self._capture_stream if cuda else None):
-            logits = self._mixed_fn(*views, use_ec=use_ec)
-        if cuda:
-            logits.record_stream(torch.cuda.current_stream(self.device))
-        rows = logits.shape[0]
-        if self._mixed_logits is None:
-            most = 1 << (max(self.config.max_num_seqs, MIN_DIM) - 1).bit_length()
-            self._mixed_logits = torch.empty(most, logits.shape[1], dtype=logits.dtype, device=self.device)
-        if rows > self._mixed_logits.shape[0]:
-            return logits
-        out = self._mixed_logits[:rows]
-        if not cuda:  # config.cuda_graphs_stand_in (tests)
-            self.mixed_graphs[key] = MixedGraph(StandInGraph(lambda: out.copy_(self._mixed_fn(*views, use_ec=use_ec))),
-                                                flat, views, out)
-            return logits
-        t0 = time.perf_counter()
-        torch.cuda.synchronize(self.device)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        before = workspace_footprint(self._capture_stream, self.device)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            # thread-local: the capture happens while serving, and another thread's CUDA call (the server's) must
-            # neither break it nor fail itself
-            with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream, capture_error_mode="thread_local"):
-                out.copy_(self._mixed_fn(*views, use_ec=use_ec))
-        except Exception as exc:  # noqa: BLE001  (a step that cannot be captured still runs, uncaptured)
-            self.mixed_graph_limit = 0
-            warnings.warn(f"spear_compile serving: capturing a mixed step (input shapes {shapes}) failed, mixed steps "
-                          f"run uncaptured from now on: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
-            return logits
-        finally:
-            self.mixed_capture_s += time.perf_counter() - t0
-        if workspace_footprint(self._capture_stream, self.device) != before:
-            warnings.warn(f"spear_compile serving: the mixed step of input shapes {shapes} allocated kernel workspace "
-                          "during its CUDA-graph capture; it runs uncaptured", RuntimeWarning, stacklevel=3)
-            self.mixed_graph_limit = len(self.mixed_graphs)
-            return logits
-        self.mixed_graphs[key] = MixedGraph(graph, flat, views, out)
-        return logits
+        if g is not None:
+            return self.mixed.replay(g)
+        return self.mixed.first_step((use_ec, shapes), flat, views, lambda: self._mixed_fn(*views, use_ec=use_ec))
 
     def mixed_inputs(self, decodes, prefills):
         """CPU int64 tensors for ``mixed_forward`` and the number of logits rows that matter."""
@@ -512,8 +379,7 @@ class ModelRunner:
         """Compile every phase and capture every decode CUDA graph now (a progress bar on stderr), so serving never
         compiles. Runs dummy steps over the padding block only."""
         from ..lowering.runtime import TUNER
-        t0, tune0, keys0 = time.perf_counter(), TUNER.tune_seconds, TUNER.tuned_keys
-        self._capture_s = 0.0
+        t0, tune0, keys0, capture0 = time.perf_counter(), TUNER.tune_seconds, TUNER.tuned_keys, self.capture.capture_s
         # each bucket runs eagerly (compiled, not captured) before its capture: kernel tuning and workspaces happen
         # there, outside the graphs' memory pool (what optimize.warm_kernels does for optimize())
         jobs = []
@@ -541,10 +407,9 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
         self.graphs_before_serving = self.compiled_graphs()
         self.warmup_s = time.perf_counter() - t0
-        tune_s = TUNER.tune_seconds - tune0
+        tune_s, capture_s = TUNER.tune_seconds - tune0, self.capture.capture_s - capture0
         self.warmup_breakdown = {"total_s": self.warmup_s, "tune_s": tune_s, "tuned_keys": TUNER.tuned_keys - keys0,
-                                 "capture_s": self._capture_s,
-                                 "compile_and_eager_s": self.warmup_s - tune_s - self._capture_s}
+                                 "capture_s": capture_s, "compile_and_eager_s": self.warmup_s - tune_s - capture_s}
 
     def _warm_decode(self, use_ec, batch, width):
         """Compile (and tune) the decode step for one bucket, then capture it. On CUDA both run on the runner's
@@ -554,31 +419,16 @@ class ModelRunner:
         intermediates: a bucket switch would then find its EC epochs clobbered (spinning, then NaN)."""
         flat = torch.tensor(self.decode_inputs([], batch, width), dtype=torch.int64, device=self.device)
         views = self.split_decode(flat, batch, width)
-        cuda = self.device.type == "cuda"
-        if cuda and self._capture_stream is None:
-            self._capture_stream = torch.cuda.Stream(self.device)
-        with _on_stream(self._capture_stream if cuda else None):
-            for _ in range(2):
-                logits = self._decode_call(batch, views, use_ec)
+        for _ in range(2):
+            logits = self.capture.eager(lambda: self._decode_call(batch, views, use_ec))
         if not self.use_cuda_graphs:
             return
-        if not cuda:  # config.cuda_graphs_stand_in (tests)
+        if not self.capture.cuda:  # config.cuda_graphs_stand_in (tests)
             self.graphs[(use_ec, batch, width)] = DecodeGraph(
                 StandInGraph(lambda: self._decode_call(batch, views, use_ec)), flat, views, logits)
             return
-        torch.cuda.synchronize(self.device)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        before = workspace_footprint(self._capture_stream, self.device)
-        t0 = time.perf_counter()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream):
-            logits = self._decode_call(batch, views, use_ec)
-        self._capture_s += time.perf_counter() - t0
-        if workspace_footprint(self._capture_stream, self.device) != before:
-            raise SpearError(f"serving engine: the decode step (batch {batch}, block-table width {width}) allocated "
-                             "kernel workspace during its CUDA-graph capture, where the shared graph pool would "
-                             "clobber it; its eager warm-up on the capture stream should have allocated it")
+        graph, logits = self.capture.capture(lambda: self._decode_call(batch, views, use_ec),
+                                             f"the decode step (batch {batch}, block-table width {width})")
         self.graphs[(use_ec, batch, width)] = DecodeGraph(graph, flat, views, logits)
 
     def _warm_mixed(self, use_ec, total):
@@ -605,12 +455,6 @@ class ModelRunner:
             fakes.append((f, n))
             left -= n
         self.run_mixed(use_ec, self.mixed_inputs([], fakes)[0], capture=False)
-
-
-def _multi_rank() -> bool:
-    """Tensor parallelism: mixed steps stay uncaptured there (their collectives were never captured and checked)."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
 
 
 def _progress(total: int, desc: str, enabled: bool):

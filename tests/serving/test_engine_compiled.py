@@ -152,8 +152,8 @@ def test_mixed_step_graphs(ref_tokenizer, overlap):
               max_model_len=64, policy="budget-8", overlap_decode=overlap)
     eng = make_engine(model, ref_tokenizer, **kw)
     runner = eng.runner
-    assert runner.mixed_graphs == {}   # start-up runs the mixed buckets uncaptured: no graph for dummy shapes
-    from spear_compile.serving.model_runner import MixedGraph
+    assert runner.mixed.graphs == {}   # start-up runs the mixed buckets uncaptured: no graph for dummy shapes
+    from spear_compile.serving.cuda_graphs import MixedGraph
     replays = []
     replay = MixedGraph.replay
 
@@ -163,13 +163,13 @@ def test_mixed_step_graphs(ref_tokenizer, overlap):
     MixedGraph.replay = spy
     try:
         assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref
-        first = len(runner.mixed_graphs)
+        first = len(runner.mixed.graphs)
         assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref
     finally:
         MixedGraph.replay = replay
-    assert first >= 2 and replays and len(runner.mixed_graphs) <= runner.config.mixed_cuda_graphs
-    assert runner.num_uncaptured_mixed == 0
+    assert first >= 2 and replays and len(runner.mixed.graphs) <= runner.config.mixed_cuda_graphs
+    assert runner.mixed.uncaptured == 0
     limited = make_engine(model, ref_tokenizer, mixed_cuda_graphs=1, **kw)
     assert [o.output_token_ids for o in limited.generate(prompts(), sp())] == ref
-    assert len(limited.runner.mixed_graphs) == 1 and limited.runner.num_uncaptured_mixed > 0
+    assert len(limited.runner.mixed.graphs) == 1 and limited.runner.mixed.uncaptured > 0
     assert limited.blocks.num_free_blocks == limited.blocks.num_usable_blocks

@@ -53,7 +53,7 @@ def test_decode_graphs_replay_like_eager_in_any_order():
     keys = sorted(runner.graphs)
     assert len(keys) == len(runner.decode_buckets) * len(runner.table_buckets)
     eager = {}
-    stream = runner._capture_stream
+    stream = runner.capture.stream
     for key in keys:   # the same padded step, run eagerly on the stream whose workspaces the graphs use
         use_ec, batch, width = key
         flat = torch.tensor(runner.decode_inputs([], batch, width), dtype=torch.int64, device=runner.device)
@@ -82,8 +82,8 @@ def test_serving_across_bucket_switches_equals_no_graphs():
                                           for n in lens])
             assert all(lp.logprob > float("-inf") for o in outs for lp in o.output_logprobs), "non-finite logits"
             results.append([o.output_token_ids for o in outs])
-        assert eng.runner.num_uncaptured_decodes == 0 and eng.runner.num_uncaptured_mixed == 0
+        assert eng.runner.num_uncaptured_decodes == 0 and eng.runner.mixed.uncaptured == 0
         if graphs:   # mixed steps: captured at their shapes' first step (the first run), replayed in the second
-            assert eng.runner.mixed_graphs and eng.runner.num_mixed_replays > 0
+            assert eng.runner.mixed.graphs and eng.runner.mixed.replays > 0
         assert eng.blocks.num_free_blocks == eng.blocks.num_usable_blocks
     assert results[0] == results[2] and results[1] == results[2]

@@ -1,0 +1,193 @@
+"""The engine's CUDA graphs: one capture stream and one memory pool per runner (``GraphCapture``), the captured
+decode steps (``DecodeGraph``, one per bucket, captured at start-up) and mixed steps (``MixedGraphs``, one per
+input-shape key, captured at the key's first step while serving).
+
+Every step is run eagerly on the capture stream before its capture: the W4 kernels keep persistent workspaces
+(split-K counters, EC epoch tags) per stream, and those must come from the ordinary allocator, not from the pool
+that every graph writes its intermediates into (allocated inside a capture, a bucket switch would find them
+clobbered: session 14's spin and NaN). Off CUDA (tests, ``EngineConfig.cuda_graphs_stand_in``) a ``StandInGraph``
+re-runs the function on the same static buffers, so the bookkeeping runs on CPU too.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import SpearError
+
+
+def on_stream(stream):
+    """``torch.cuda.stream(stream)`` after it waited for the current stream, and the current stream waits for it
+    on exit; a no-op for ``None``."""
+    if stream is None:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def ctx():
+        current = torch.cuda.current_stream(stream.device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            yield
+        current.wait_stream(stream)
+    return ctx()
+
+
+def workspace_footprint(stream, device) -> tuple:
+    """``Workspace.footprint()`` of the W4 decode kernels' workspace of ``stream``."""
+    from ..lowering.runtime import WORKSPACES
+    with torch.cuda.stream(stream):
+        return WORKSPACES.get(device).footprint()
+
+
+def multi_rank() -> bool:
+    """Tensor parallelism: mixed steps stay uncaptured there (their collectives were never captured and checked)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def pack_flat(args) -> torch.Tensor:
+    """Tensors flattened into one (one host-to-device copy instead of one per tensor)."""
+    return torch.cat([a.reshape(-1) for a in args])
+
+
+def unpack_flat(flat: torch.Tensor, shapes) -> tuple:
+    """Views of ``flat`` with ``shapes`` (``pack_flat``'s inverse)."""
+    out, start = [], 0
+    for shape in shapes:
+        n = 1
+        for d in shape:
+            n *= d
+        out.append(flat[start:start + n].view(shape))
+        start += n
+    return tuple(out)
+
+
+class StandInGraph:
+    """Off CUDA (tests): "replays" by running the captured function again on the same static input buffers."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self):
+        return self.fn()
+
+
+@dataclass
+class DecodeGraph:
+    """A captured decode step: write the step's inputs into ``inputs`` (the views below point into it), replay."""
+    graph: object              # torch.cuda.CUDAGraph, or a StandInGraph
+    inputs: torch.Tensor       # flat int64 static buffer
+    views: tuple
+    logits: torch.Tensor       # the captured output (static)
+
+    def replay(self) -> torch.Tensor:
+        out = self.graph.replay()
+        return self.logits if out is None else out
+
+
+@dataclass
+class MixedGraph:
+    """A captured mixed step: ``mixed_forward``'s inputs packed flat into ``inputs`` (``views`` point into it, the
+    ids first); its logits are copied into the shared logits buffer, returned as ``logits``."""
+    graph: object              # torch.cuda.CUDAGraph, or a StandInGraph
+    inputs: torch.Tensor
+    views: tuple
+    logits: torch.Tensor
+
+    def replay(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.logits
+
+
+class GraphCapture:
+    """The capture stream and the memory pool that every graph of one runner shares (they never run at once)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.pool = None
+        self.capture_s = 0.0
+
+    def eager(self, fn: Callable):
+        """``fn()`` on the capture stream (its workspaces allocated outside the pool), ordered with the current
+        stream both ways."""
+        with on_stream(self.stream):
+            return fn()
+
+    def capture(self, fn: Callable, what: str, error_mode: str = "global"):
+        """``(graph, output)`` of ``fn`` captured into the shared pool; ``fn`` must have run eagerly (``eager``)
+        first. Raises ``SpearError`` if the capture allocated kernel workspace."""
+        t0 = time.perf_counter()
+        torch.cuda.synchronize(self.device)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        before = workspace_footprint(self.stream, self.device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode=error_mode):
+                out = fn()
+        finally:
+            self.capture_s += time.perf_counter() - t0
+        if workspace_footprint(self.stream, self.device) != before:
+            raise SpearError(f"serving engine: {what} allocated kernel workspace during its CUDA-graph capture, where "
+                             "the shared graph pool would clobber it; its eager run on the capture stream should have "
+                             "allocated it")
+        return graph, out
+
+
+class MixedGraphs:
+    """Mixed steps' graphs by ``(use_ec, input shapes)``, at most ``limit`` (0 on CPU without stand-ins, and under
+    tensor parallelism). Their logits all go to one buffer of ``max_rows`` rows outside the pool (the engine reads
+    a step's logits before the next step), so a graph keeps no memory of its own but its kernel parameters."""
+
+    def __init__(self, capture: GraphCapture, limit: int, max_rows: int):
+        self.capture = capture
+        self.limit = limit
+        self.max_rows = max_rows
+        self.graphs: dict = {}
+        self.logits = None          # [max_rows, vocab], allocated at the first capture
+        self.replays = 0
+        self.uncaptured = 0         # mixed steps served without a graph (limit reached, capture failed, TP)
+
+    def has_room(self) -> bool:
+        return len(self.graphs) < self.limit
+
+    def replay(self, g: MixedGraph) -> torch.Tensor:
+        self.replays += 1
+        return g.replay()
+
+    def first_step(self, key, flat: torch.Tensor, views: tuple, fn: Callable) -> torch.Tensor:
+        """Run a key's first step eagerly (``fn()`` reads ``views``, which point into ``flat``, on the device), then
+        capture it for the next ones. Returns the eager run's logits. A capture that fails (or allocated kernel
+        workspace) warns, and no later key is captured."""
+        logits = self.capture.eager(fn)
+        if logits.is_cuda:   # made on the capture stream, read on the current one
+            logits.record_stream(torch.cuda.current_stream(logits.device))
+        if self.logits is None:
+            self.logits = torch.empty(self.max_rows, logits.shape[1], dtype=logits.dtype, device=logits.device)
+        rows = logits.shape[0]
+        if rows > self.max_rows:
+            return logits
+        out = self.logits[:rows]
+        if not self.capture.cuda:  # stand-in (tests)
+            self.graphs[key] = MixedGraph(StandInGraph(lambda: out.copy_(fn())), flat, views, out)
+            return logits
+        try:
+            # thread-local: the capture happens while serving; another thread's CUDA call (the server's) must
+            # neither break it nor fail itself
+            graph, _ = self.capture.capture(lambda: out.copy_(fn()), f"the mixed step of input shapes {key[1]}",
+                                            error_mode="thread_local")
+        except Exception as exc:  # noqa: BLE001  (a step that cannot be captured still runs, uncaptured)
+            self.limit = len(self.graphs)
+            warnings.warn(f"spear_compile serving: capturing a mixed step (input shapes {key[1]}) failed; mixed steps "
+                          f"of other shapes than the {self.limit} captured run uncaptured from now on: "
+                          f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
+            return logits
+        self.graphs[key] = MixedGraph(graph, flat, views, out)
+        return logits

@@ -1,0 +1,80 @@
+"""``MixedGraphs`` bookkeeping with a fake capture (CPU): the first step of a key runs eagerly and is captured, later
+steps replay into the shared logits buffer; a failed capture warns, returns the eager logits and stops capturing;
+``pack_flat`` / ``unpack_flat`` round-trip."""
+import pytest
+import torch
+
+from spear_compile.serving.cuda_graphs import MixedGraphs, pack_flat, unpack_flat
+
+
+class FakeGraph:
+    def __init__(self, fn):
+        self.fn, self.replays = fn, 0
+
+    def replay(self):
+        self.replays += 1
+        self.fn()
+
+
+class FakeCapture:
+    """CUDA-like (``cuda`` True) without a GPU: ``capture`` records ``fn`` as the graph, or raises ``fail``."""
+    cuda = True
+    device = torch.device("cpu")
+
+    def __init__(self, fail=None):
+        self.fail, self.eager_runs = fail, 0
+
+    def eager(self, fn):
+        self.eager_runs += 1
+        return fn()
+
+    def capture(self, fn, what, error_mode="global"):
+        if self.fail:
+            raise self.fail
+        return FakeGraph(fn), None
+
+
+def step(x):
+    return torch.stack([x.sum(0).float(), x.prod(0).float()])   # [2, vocab]: depends on every input value
+
+
+def test_first_step_then_replays_into_the_shared_buffer():
+    g = torch.Generator().manual_seed(0)
+    mixed = MixedGraphs(FakeCapture(), limit=4, max_rows=4)
+    shapes = ((3, 5),)
+    flat = torch.randint(1, 9, (15,), generator=g)
+    views = unpack_flat(flat, shapes)
+    first = mixed.first_step((True, shapes), flat, views, lambda: step(views[0]))
+    assert torch.equal(first, step(views[0])) and set(mixed.graphs) == {(True, shapes)}
+    graph = mixed.graphs[(True, shapes)]
+    for _ in range(3):   # new inputs written into the static buffer: the replay must see them
+        new = torch.randint(1, 9, (3, 5), generator=g)
+        graph.inputs.copy_(pack_flat([new]))
+        out = mixed.replay(graph)
+        assert torch.equal(out, step(new)) and out.data_ptr() == mixed.logits.data_ptr()
+    assert mixed.replays == 3 and mixed.capture.eager_runs == 1 and mixed.has_room()
+
+
+def test_failed_capture_warns_returns_eager_logits_and_stops():
+    mixed = MixedGraphs(FakeCapture(fail=RuntimeError("operation not permitted when stream is capturing")),
+                        limit=4, max_rows=4)
+    flat = torch.arange(1, 7)
+    views = unpack_flat(flat, ((2, 3),))
+    with pytest.warns(RuntimeWarning, match="operation not permitted"):
+        out = mixed.first_step((False, ((2, 3),)), flat, views, lambda: step(views[0]))
+    assert torch.equal(out, step(views[0])) and mixed.graphs == {} and not mixed.has_room()
+
+
+def test_rows_beyond_the_buffer_run_eagerly_uncaptured():
+    mixed = MixedGraphs(FakeCapture(), limit=4, max_rows=1)
+    flat = torch.arange(1, 7)
+    views = unpack_flat(flat, ((2, 3),))
+    assert torch.equal(mixed.first_step((True, ((2, 3),)), flat, views, lambda: step(views[0])), step(views[0]))
+    assert mixed.graphs == {}
+
+
+def test_pack_unpack_round_trip():
+    g = torch.Generator().manual_seed(1)
+    parts = [torch.randint(0, 100, s, generator=g) for s in ((4,), (2, 3), (1, 5), (0,))]
+    views = unpack_flat(pack_flat(parts), [tuple(p.shape) for p in parts])
+    assert all(torch.equal(a, b) for a, b in zip(parts, views))
