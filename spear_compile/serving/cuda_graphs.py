@@ -153,6 +153,7 @@ class MixedGraphs:
         self.graphs: dict = {}
         self.logits = None          # [max_rows, vocab], allocated at the first capture
         self.replays = 0
+        self.first_steps = 0        # steps that ran eagerly to capture their key (slow, once per key)
         self.uncaptured = 0         # mixed steps served without a graph (limit reached, capture failed, TP)
 
     def has_room(self) -> bool:
@@ -166,6 +167,7 @@ class MixedGraphs:
         """Run a key's first step eagerly (``fn()`` reads ``views``, which point into ``flat``, on the device), then
         capture it for the next ones. Returns the eager run's logits. A capture that fails (or allocated kernel
         workspace) warns, and no later key is captured."""
+        self.first_steps += 1
         logits = self.capture.eager(fn)
         if logits.is_cuda:   # made on the capture stream, read on the current one
             logits.record_stream(torch.cuda.current_stream(logits.device))

@@ -67,6 +67,7 @@ class StepRecord:
     host_s: float
     num_prefills: int = 0
     ec_enabled: bool = False
+    captured_graph: bool = False   # the step ran eagerly to capture its mixed-step CUDA graph (once per shape key)
 
 
 @dataclass
@@ -367,6 +368,7 @@ class Engine:
         sampled = list(plan.decodes) + [r for r, n in plan.prefills if r.num_computed_tokens + n == r.num_tokens]
         sink = self.runner.step_sink
         sent = sink.steps_sent if sink is not None else 0
+        first_steps = self.runner.mixed.first_steps
         try:
             logits, rows = self.runner.execute(plan.decodes, plan.prefills, ec)
             t_host = time.perf_counter() - t0
@@ -384,12 +386,13 @@ class Engine:
             req.num_computed_tokens += n
         for req, tok, lp in zip(sampled, tokens, logprobs):
             outputs.append(self._append_token(req, tok, now, logprobs=lp))
-        self.policy.observe(plan, measured)
+        captured = self.runner.mixed.first_steps != first_steps
+        self.policy.observe(plan, measured, captured=captured)
         self.num_steps += 1
         self.step_log.append(StepRecord(time=now, num_decodes=len(plan.decodes), num_prefill_tokens=plan.num_prefill_tokens,
                                         sum_context=sum_context, ec_signature=self.ec_signature,
                                         predicted_s=plan.predicted_s, measured_s=measured, host_s=t_host,
-                                        num_prefills=len(plan.prefills), ec_enabled=ec))
+                                        num_prefills=len(plan.prefills), ec_enabled=ec, captured_graph=captured))
         return outputs
 
     def _fail_step(self, plan, error: Exception) -> list:

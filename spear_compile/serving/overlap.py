@@ -100,6 +100,7 @@ class OverlappedSteps:
         if eng.device.type == "cuda":
             started = torch.cuda.Event(enable_timing=True)
             started.record()
+        first_steps = eng.runner.mixed.first_steps
         if prefills:   # decode rows first, then the chunks (``mixed_inputs``); logits: decodes, completed chunks
             args, num_rows = eng.runner.mixed_inputs(decodes, prefills)
             logits = eng.runner.run_mixed(ec and eng.runner.net.has_ecs, args, device_ids)[:num_rows]
@@ -126,7 +127,8 @@ class OverlappedSteps:
         record = StepRecord(time=now, num_decodes=len(decodes), num_prefill_tokens=sum(n for _, n in prefills),
                             sum_context=sum(r.num_computed_tokens for r in decodes), ec_signature=eng.ec_signature,
                             predicted_s=plan.predicted_s, measured_s=float("nan"),
-                            host_s=time.perf_counter() - t0, num_prefills=len(prefills), ec_enabled=ec)
+                            host_s=time.perf_counter() - t0, num_prefills=len(prefills), ec_enabled=ec,
+                            captured_graph=eng.runner.mixed.first_steps != first_steps)
         eng.num_steps += 1
         self.num_launched += 1
         return InFlight(rows, index, tokens, host, ready, started, plan, record)
@@ -152,6 +154,6 @@ class OverlappedSteps:
             step.record.measured_s = step.started.elapsed_time(step.ready) / 1e3
         else:   # off CUDA the forward ran inside the launch
             step.record.measured_s = step.record.host_s
-        eng.policy.observe(step.plan, step.record.measured_s)
+        eng.policy.observe(step.plan, step.record.measured_s, captured=step.record.captured_graph)
         eng.step_log.append(step.record)
         return outputs

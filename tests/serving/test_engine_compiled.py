@@ -164,6 +164,8 @@ def test_mixed_step_graphs(ref_tokenizer, overlap):
     try:
         assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref
         first = len(runner.mixed.graphs)
+        # the steps that captured are flagged in the step log (the SLO policy keeps them out of its correction)
+        assert sum(r.captured_graph for r in eng.step_log) == runner.mixed.first_steps == first
         assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref
     finally:
         MixedGraph.replay = replay

@@ -290,3 +290,22 @@ def test_partial_prefill_ttft_deadline_bounds_the_step_when_the_scheduler_provid
     assert aware.predict(4, bounded, kv, NO_EC) * policy.safety <= 0.01 + 1e-9
     partial.arrival_time = now - 2.0                            # already late: it does not bound the step
     assert policy.prefill_budget(ctx) == free
+
+
+def test_a_step_that_captured_a_graph_neither_corrects_the_model_nor_enters_the_log():
+    """A mixed step's first run of its shapes also captures its CUDA graph (many times the step's cost, once): the
+    engine flags it, and the policy keeps it out of the online correction and the predicted-vs-measured log."""
+    aware, _ = fit_models(profile_samples(), DECODE_BUCKETS, TOKEN_BUCKETS, correction_alpha=0.5)
+    policy = slo(aware)
+    sim = Sim(policy)
+    sim.sched.add(Request("a", [1] * 300, SamplingParams(max_tokens=4), arrival_time=0.0))
+    plan = sim.sched.schedule(NO_EC)
+    assert plan.num_prefill_tokens > 0 and plan.predicted_s
+    policy.observe(plan, 20 * plan.predicted_s, captured=True)
+    assert aware.corrections() == {} and len(policy.log.pairs) == 0
+    for req, n in plan.prefills:
+        req.num_computed_tokens += n
+        req.output_token_ids.append(7)
+    plan = sim.sched.schedule(NO_EC)
+    policy.observe(plan, 2 * plan.predicted_s)   # an ordinary step: corrected and logged
+    assert len(aware.corrections()) == 1 and len(policy.log.pairs) == 1

@@ -70,8 +70,8 @@ class Policy(ABC):
     def predict(self, plan: StepPlan, ctx: StepContext) -> Optional[float]:
         return None
 
-    def observe(self, plan: StepPlan, measured_s: float) -> None:
-        pass
+    def observe(self, plan: StepPlan, measured_s: float, captured: bool = False) -> None:
+        """The engine's measured time of ``plan``; ``captured``: the step also captured a CUDA graph (one-off)."""
 
 
 class Scheduler:

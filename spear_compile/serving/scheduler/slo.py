@@ -198,15 +198,18 @@ class SloAware(Policy):
         self._prev_plan_id = id(plan)
         return pred
 
-    def observe(self, plan: StepPlan, measured_s: float) -> None:
+    def observe(self, plan: StepPlan, measured_s: float, captured: bool = False) -> None:
         """The engine's measured time of ``plan`` (possibly a step or more later): online correction of the cost
-        model, the predicted-vs-measured log, and (with the gap to the next step) the host overhead."""
+        model, the predicted-vs-measured log, and (with the gap to the next step) the host overhead. A step that
+        ran eagerly to capture its CUDA graph (``captured``; once per mixed-step shape) neither corrects the model
+        nor enters the log: its time is a one-off, not the step's cost."""
         entry = self._pending.get(id(plan))
         if entry is None or entry[0] is not plan or not (measured_s > 0 and math.isfinite(measured_s)):
             return
         d, p, ctx_len, sig = entry[1]
-        self.log.add(entry[2], measured_s)
-        self.cost_model.observe(d, p, ctx_len, sig, measured_s)
+        if not captured:
+            self.log.add(entry[2], measured_s)
+            self.cost_model.observe(d, p, ctx_len, sig, measured_s)
         entry[4] = measured_s
         self._settle(entry)
 
