@@ -313,7 +313,11 @@ class ModelRunner:
 
     def mixed_inputs(self, decodes, prefills):
         """CPU int64 tensors for ``mixed_forward`` and the number of logits rows that matter."""
-        nd = next_bucket(max(len(decodes), MIN_DIM), pow2_buckets(MIN_DIM, max(MIN_DIM, self.decode_buckets[-1])))
+        # decode rows padded to a power of two (fewer graph keys), unless that would overflow the largest token bucket
+        nd = max(len(decodes), MIN_DIM)
+        padded = next_bucket(nd, pow2_buckets(MIN_DIM, max(MIN_DIM, self.decode_buckets[-1])))
+        if padded + sum(n for _, n in prefills) <= self.token_buckets[-1]:
+            nd = padded
         ids, pos, sb, so = [], [], [], []
         for r in decodes:
             ids.append(r.token_at(r.num_computed_tokens))
