@@ -61,6 +61,9 @@ def add_cli(subparsers) -> None:
                         "kernel per layer")
     p.add_argument("--eager", action="store_true",
                    help="no torch.compile and no CUDA graphs (the default on CPU)")
+    p.add_argument("--mixed-cuda-graphs", type=int, default=None,
+                   help="most mixed-step (prefill + decode) CUDA graphs, each captured at its shapes' first step "
+                        "(default 256; 0: mixed steps run uncaptured, decode steps still replay graphs)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=_run_serve)
 
@@ -93,6 +96,8 @@ def check_args(args: argparse.Namespace) -> str:
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise SpearError(f"serve: --{name.replace('_', '-')} {value}: expected a positive number of ms")
+    if args.mixed_cuda_graphs is not None and args.mixed_cuda_graphs < 0:
+        raise SpearError(f"serve: --mixed-cuda-graphs {args.mixed_cuda_graphs}: expected an integer >= 0")
     if args.policy is not None:
         if args.policy.startswith("slo"):
             from .scheduler.slo import SLO_POLICY_NAMES
@@ -185,6 +190,8 @@ def _run_serve(args) -> int:
         options["policy"] = args.policy
         if args.policy.startswith("slo") and not device.startswith("cuda"):
             options["profile_points"] = CPU_PROFILE_POINTS  # eager CPU steps are slow: a small sweep
+    if args.mixed_cuda_graphs is not None:
+        options["mixed_cuda_graphs"] = args.mixed_cuda_graphs
     if args.max_num_tokens is not None:
         options["max_num_tokens"] = args.max_num_tokens   # EngineConfig refuses one below --max-batch
     elif args.max_batch > EngineConfig.max_num_tokens:
