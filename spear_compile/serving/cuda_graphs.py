@@ -156,8 +156,9 @@ class MixedGraphs:
         self.first_steps = 0        # steps that ran eagerly to capture their key (slow, once per key)
         self.uncaptured = 0         # mixed steps served without a graph (limit reached, capture failed, TP)
 
-    def has_room(self) -> bool:
-        return len(self.graphs) < self.limit
+    def has_room(self, rows: int) -> bool:
+        """Whether a new key of ``rows`` logits rows may be captured (under the limit, its rows fit the buffer)."""
+        return len(self.graphs) < self.limit and rows <= self.max_rows
 
     def replay(self, g: MixedGraph) -> torch.Tensor:
         self.replays += 1
@@ -173,10 +174,7 @@ class MixedGraphs:
             logits.record_stream(torch.cuda.current_stream(logits.device))
         if self.logits is None:
             self.logits = torch.empty(self.max_rows, logits.shape[1], dtype=logits.dtype, device=logits.device)
-        rows = logits.shape[0]
-        if rows > self.max_rows:
-            return logits
-        out = self.logits[:rows]
+        out = self.logits[:logits.shape[0]]
         if not self.capture.cuda:  # stand-in (tests)
             self.graphs[key] = MixedGraph(StandInGraph(lambda: out.copy_(fn())), flat, views, out)
             return logits

@@ -86,7 +86,7 @@ class EngineStats:
     step_log: list = field(default_factory=list)
     prefix_cache_hit_tokens: int = 0   # prompt tokens taken from cached KV blocks instead of computed
     mixed_graphs: int = 0              # mixed-step CUDA graphs captured (one per input-shape key)
-    uncaptured_mixed_steps: int = 0    # mixed steps run without a graph while serving (limit reached / capture failed)
+    uncaptured_mixed_steps: int = 0    # mixed steps run without a graph while serving (limit reached, capture failed, TP)
 
 
 def load_model(model_path: str, quant: Optional[str] = "w4-pc-rtn", ec: Optional[str] = None,

@@ -290,7 +290,7 @@ class ModelRunner:
         eagerly) if it has none and ``capture`` and the limit allow, else uncaptured."""
         shapes = tuple(tuple(a.shape) for a in args)
         g = self.mixed.graphs.get((use_ec, shapes))
-        fresh = g is None and capture and self.mixed.has_room()
+        fresh = g is None and capture and self.mixed.has_room(rows=shapes[-1][0])   # the last input: logits rows
         if g is None and not fresh:
             if self.graphs_before_serving is not None and self.use_cuda_graphs and self.config.mixed_cuda_graphs:
                 self.mixed.uncaptured += 1

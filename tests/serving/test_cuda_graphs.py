@@ -1,6 +1,6 @@
 """``MixedGraphs`` bookkeeping with a fake capture (CPU): the first step of a key runs eagerly and is captured, later
 steps replay into the shared logits buffer; a failed capture warns, returns the eager logits and stops capturing;
-``pack_flat`` / ``unpack_flat`` round-trip."""
+a key whose logits rows exceed the buffer is not captured; ``pack_flat`` / ``unpack_flat`` round-trip."""
 import pytest
 import torch
 
@@ -52,7 +52,7 @@ def test_first_step_then_replays_into_the_shared_buffer():
         graph.inputs.copy_(pack_flat([new]))
         out = mixed.replay(graph)
         assert torch.equal(out, step(new)) and out.data_ptr() == mixed.logits.data_ptr()
-    assert mixed.replays == 3 and mixed.capture.eager_runs == 1 and mixed.has_room()
+    assert mixed.replays == 3 and mixed.capture.eager_runs == 1 and mixed.has_room(rows=2)
 
 
 def test_failed_capture_warns_returns_eager_logits_and_stops():
@@ -62,15 +62,14 @@ def test_failed_capture_warns_returns_eager_logits_and_stops():
     views = unpack_flat(flat, ((2, 3),))
     with pytest.warns(RuntimeWarning, match="operation not permitted"):
         out = mixed.first_step((False, ((2, 3),)), flat, views, lambda: step(views[0]))
-    assert torch.equal(out, step(views[0])) and mixed.graphs == {} and not mixed.has_room()
+    assert torch.equal(out, step(views[0])) and mixed.graphs == {} and not mixed.has_room(rows=2)
 
 
-def test_rows_beyond_the_buffer_run_eagerly_uncaptured():
+def test_rows_beyond_the_buffer_are_not_captured():
+    """A key whose logits rows exceed the shared buffer gets no graph (the runner runs it uncaptured)."""
     mixed = MixedGraphs(FakeCapture(), limit=4, max_rows=1)
-    flat = torch.arange(1, 7)
-    views = unpack_flat(flat, ((2, 3),))
-    assert torch.equal(mixed.first_step((True, ((2, 3),)), flat, views, lambda: step(views[0])), step(views[0]))
-    assert mixed.graphs == {}
+    assert mixed.has_room(rows=1) and not mixed.has_room(rows=2)
+    assert mixed.capture.eager_runs == 0 and mixed.graphs == {}
 
 
 def test_pack_unpack_round_trip():
