@@ -74,6 +74,10 @@ class Policy(ABC):
         """The engine's measured time of ``plan``; ``captured``: the step also captured a CUDA graph (one-off)."""
 
 
+def _arrival(req: Request) -> float:
+    return req.arrival_time
+
+
 class Scheduler:
     def __init__(self, blocks: KVBlockManager, policy: Policy, max_num_seqs: int, max_num_tokens: int,
                  token_buckets=(), clock: Callable[[], float] = time.monotonic):
@@ -147,12 +151,20 @@ class Scheduler:
     def schedule(self, ec_signature: Any = ()) -> StepPlan:
         plan = StepPlan()
         now = self.clock()
-        self.running.sort(key=lambda r: r.arrival_time)
+        self.running.sort(key=_arrival)
         if self.blocks.prefix_caching:  # name the blocks the last step filled, for requests admitted from now on
             for req in self.running:
                 self.blocks.commit(req)
+        # one pass over the running requests (this runs every step at up to max_num_seqs of them): decoding ones
+        # compute their last sampled token, partially prefilled ones more than one
+        decoding, partial = [], []
+        for r in self.running:
+            todo = len(r.prompt_token_ids) + len(r.output_token_ids) - r.num_computed_tokens
+            if todo == 1:
+                decoding.append(r)
+            elif todo > 1:
+                partial.append(r)
         # 1. decodes: one token each, oldest first; preempt the newest running request when blocks run out
-        decoding = [r for r in self.running if r.num_tokens_to_compute == 1]
         i = 0
         while i < len(decoding):
             req = decoding[i]
@@ -168,7 +180,8 @@ class Scheduler:
                 i += 1
         # 2. prefill chunks within the policy's budget: partially prefilled running requests, then waiting ones
         ordered_waiting = self.policy.order(list(self.waiting), now)
-        partial = [r for r in self.running if r.num_tokens_to_compute > 1]
+        if plan.preempted:
+            partial = [r for r in partial if r.status is not RequestStatus.PREEMPTED]
         ctx = StepContext(now=now, decodes=list(plan.decodes), waiting=ordered_waiting,
                           sum_context_len=sum(r.num_computed_tokens + 1 for r in plan.decodes),
                           ec_signature=ec_signature, max_num_tokens=self.max_num_tokens,

@@ -105,9 +105,11 @@ class SloAware(Policy):
         demoted one first when none was served for ``aging_steps`` steps)."""
         rate = self._prefill_s_per_token(NO_SIGNATURE)  # an optimistic rate: demote only the surely late
         feasible, late = [], []
-        for r in waiting:
-            d = self.ttft_deadline(r)
-            if now + r.num_tokens_to_compute * rate > d:
+        default_ttft = self.ttft_slo_s
+        for r in waiting:   # ttft_deadline and num_tokens_to_compute inlined: every waiting request, every step
+            d = r.arrival_time + (r.ttft_slo_s or default_ttft)
+            todo = len(r.prompt_token_ids) + len(r.output_token_ids) - r.num_computed_tokens
+            if now + todo * rate > d:
                 late.append((d, r.arrival_time, r))
             else:
                 feasible.append((d, r.arrival_time, r))
