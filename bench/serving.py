@@ -16,8 +16,8 @@ Policies: ``fifo`` (whole prompts), ``budget-512`` / ``budget-2048`` (Sarathi-st
 ECs, the default set, switched while serving, the large set), ``burst``, ``bf16``, ``sched`` (scheduler
 micro-benchmark at 64 running). A time budget (``--time-budget``) skips the sections it cannot afford (reported).
 
-  python bench/serving.py --device cuda --json out.json --plots DIR          # Llama-3.2-1B shape, random weights
-  python bench/serving.py --device cpu --model spear_compile/assets/spear-ref-16m --smoke   # CPU smoke
+  python -m bench.serving --device cuda --json out.json --plots DIR          # Llama-3.2-1B shape, random weights
+  python -m bench.serving --device cpu --model spear_compile/assets/spear-ref-16m --smoke   # CPU smoke
 """
 from __future__ import annotations
 
@@ -39,12 +39,12 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # or run as `python -m bench.serving` from the repo root
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
+from bench.scheduler_time import time_schedule  # noqa: E402
 from spear_compile.ec.module import CompensatedLinear  # noqa: E402
 from spear_compile.serving.config import EngineConfig  # noqa: E402
 from spear_compile.serving.engine import Engine  # noqa: E402
 from spear_compile.serving.request import Request, SamplingParams  # noqa: E402
-from spear_compile.serving.kv_cache import KVBlockManager  # noqa: E402
-from spear_compile.serving.scheduler import Scheduler, make_policy  # noqa: E402
+from spear_compile.serving.scheduler import make_policy  # noqa: E402
 from spear_compile.serving.scheduler.cost_model import ec_signature  # noqa: E402
 from spear_compile.serving.scheduler.profile import cost_models_for, profile_engine, template_for  # noqa: E402
 
@@ -452,59 +452,9 @@ def estimate_rate(bundle, args):
 
 
 def sched_microbench(bundle, args, n_running=64, n_waiting=32, steps=2000):
-    """Time ``Scheduler.schedule`` with the SLO policy at ``n_running`` decodes and ``n_waiting`` queued prompts
-    (real Scheduler, KV manager and fitted cost model; the step itself is not run: decodes advance by one token)."""
-    out = {}
-    for name in ("slo", "budget-512"):
-        kw = {}
-        if name == "slo":
-            kw = dict(cost_model=copy.deepcopy(bundle["aware"]), ttft_slo_s=args.ttft_slo_ms / 1e3,
-                      tpot_slo_s=args.tpot_slo_ms / 1e3)
-        pol = make_policy(name, **kw)
-        blocks = KVBlockManager(1 + (n_running + n_waiting) * 200, 16)
-        # fill the batch with a plain budget policy, then time the policy under test
-        sched = Scheduler(blocks, make_policy("budget-2048"), max_num_seqs=n_running,
-                          max_num_tokens=max(bundle["aware"].token_buckets), token_buckets=bundle["aware"].token_buckets)
-        sig = ec_signature(bundle["engine"].model)
-        now = time.monotonic()
-        for k in range(n_running):
-            r = Request(f"run{k}", [1] * 300, SamplingParams(max_tokens=100000), arrival_time=now - 1)
-            sched.add(r)
-        plan = sched.schedule(sig)  # admits them (prefill)
-        for r, c in plan.prefills:
-            r.num_computed_tokens += c
-            r.output_token_ids.append(1)
-            r.last_token_time = time.monotonic()
-        guard = 0
-        while (len(sched.running) < n_running or any(r.num_tokens_to_compute > 1 for r in sched.running)) \
-                and guard < 1000:
-            plan = sched.schedule(sig)
-            for r, c in plan.prefills:
-                r.num_computed_tokens += c
-                if r.num_computed_tokens == r.num_tokens:
-                    r.output_token_ids.append(1)
-            guard += 1
-        for k in range(n_waiting):
-            sched.add(Request(f"wait{k}", [1] * 4000, SamplingParams(max_tokens=4), arrival_time=now))
-        sched.policy = pol  # the queue stays queued (the batch is full); the policy still orders and sizes it
-        ts, cpu = [], []
-        ops0 = getattr(pol, "ops", 0)
-        for _ in range(steps):
-            t, c = time.perf_counter(), time.thread_time()
-            plan = sched.schedule(sig)
-            cpu.append(time.thread_time() - c)
-            ts.append(time.perf_counter() - t)
-            tnow = time.monotonic()
-            for r in plan.decodes:
-                r.num_computed_tokens += 1
-                r.output_token_ids.append(1)
-                r.last_token_time = tnow
-            for r, c in plan.prefills:
-                r.num_computed_tokens += c
-        out[name] = {"running": len(sched.running), "waiting": len(sched.waiting),
-                     "p50_ms": _ms(pct(ts, 50)), "p99_ms": _ms(pct(ts, 99)),
-                     "cpu_p50_ms": _ms(pct(cpu, 50)), "cpu_p99_ms": _ms(pct(cpu, 99)),
-                     "policy_ops_per_step": (getattr(pol, "ops", 0) - ops0) / steps}
+    """``bench/scheduler_time.time_schedule`` with this run's fitted EC-aware cost model and the engine's EC set."""
+    out = time_schedule(bundle["aware"], ec_signature(bundle["engine"].model), args.ttft_slo_ms / 1e3,
+                        args.tpot_slo_ms / 1e3, n_running, n_waiting, steps)
     log(f"  scheduler micro-benchmark at {n_running} running: {out}")
     return out
 
@@ -835,7 +785,7 @@ def write_markdown(results, path, argv):
     w(f"# Serving benchmark: SLO- and EC-aware scheduling ({env.get('gpu', env['device'])}, "
       f"{time.strftime('%Y-%m-%d')})")
     w("")
-    w(f"torch {env['torch']}, triton {env.get('triton', '-')}. Command: `python bench/serving.py {' '.join(argv)}` "
+    w(f"torch {env['torch']}, triton {env.get('triton', '-')}. Command: `python -m bench.serving {' '.join(argv)}` "
       f"({results['elapsed_s']} s in total).")
     w("")
     e = results["engines"].get("w4_ec", {})
