@@ -606,7 +606,7 @@ def main(argv=None):
         # the cheapest mixed step (32 decodes + the smallest chunk): no policy that ever prefills beside running
         # decodes can keep its inter-token latency below it
         chunk = max(1, min(b for b in cm.token_buckets if b > 32) - 32) if any(b > 32 for b in cm.token_buckets) else 1
-        mix32 = cm.predict_raw(32, chunk, cm.context_feature(32, 32 * ctx, 4 * ctx, True), sig)
+        mix32 = cm.predict_raw(32, chunk, cm.context_feature(32, 32 * ctx, 4 * ctx, True, chunk), sig)
         slo_s = max(5 * dec32, 2 * mix32)
         args.tpot_slo_ms = float(max(5, math.ceil(slo_s * 1e3 / 5) * 5))
         log(f"TPOT SLO auto: max(5 x decode step at 32 running ({dec32 * 1e3:.2f} ms), 2 x that step with a "

@@ -18,30 +18,12 @@ import torch
 import torch.nn as nn
 
 from ..errors import SpearError
+from .buckets import MIN_DIM, mixed_decode_rows, next_bucket, pow2_buckets
 from .config import EngineConfig
 from .cuda_graphs import (DecodeGraph, GraphCapture, MixedGraphs, StandInGraph, multi_rank, pack_flat,
                           unpack_flat)
 from .kv_cache import PAD_BLOCK
 from .paged_llama import PagedLlama
-
-MIN_DIM = 2  # every dynamic size is padded to at least this (no 0/1 specialization, no extra graphs)
-
-
-def next_bucket(n: int, buckets) -> int:
-    for b in buckets:
-        if b >= n:
-            return b
-    raise SpearError(f"model runner: {n} exceeds the largest bucket {buckets[-1]}")
-
-
-def pow2_buckets(lo: int, hi: int) -> tuple:
-    out, b = [], lo
-    while b < hi:
-        out.append(b)
-        b *= 2
-    out.append(max(hi, lo))
-    return tuple(sorted(set(out)))
-
 
 def int64_tensor(values: list) -> torch.Tensor:
     """A CPU int64 tensor of a flat list of ints (through ``array``: several times faster than ``torch.tensor``)."""
@@ -313,11 +295,8 @@ class ModelRunner:
 
     def mixed_inputs(self, decodes, prefills):
         """CPU int64 tensors for ``mixed_forward`` and the number of logits rows that matter."""
-        # decode rows padded to a power of two (fewer graph keys), unless that would overflow the largest token bucket
-        nd = max(len(decodes), MIN_DIM)
-        padded = next_bucket(nd, pow2_buckets(MIN_DIM, max(MIN_DIM, self.decode_buckets[-1])))
-        if padded + sum(n for _, n in prefills) <= self.token_buckets[-1]:
-            nd = padded
+        nd = mixed_decode_rows(len(decodes), sum(n for _, n in prefills), self.decode_buckets[-1],
+                               self.token_buckets[-1])
         ids, pos, sb, so = [], [], [], []
         for r in decodes:
             ids.append(r.token_at(r.num_computed_tokens))

@@ -185,14 +185,45 @@ def test_bad_arguments_are_refused():
 
 def test_mixed_steps_count_the_engines_dummy_decode_rows():
     model = StepCostModel(decode_buckets=DECODE_BUCKETS, token_buckets=TOKEN_BUCKETS, mixed_min_rows=2)
-    assert model.pad(0, 16) == 32 and model.pad(1, 14) == 16 and model.pad(3, 13) == 16
+    assert model.pad(0, 16) == 32 and model.pad(1, 14) == 16 and model.pad(4, 12) == 16
+    assert model.pad(3, 13) == 32  # 3 decode rows run as 4 (a power of two): 17 tokens
+    assert model.pad(33, 20) == 128  # 33 rows run as 64
     assert model.pad(1, 0) == 1  # decode-only steps have no dummy rows
-    assert model.prefill_room(0, 16) == 14 and model.prefill_room(5, 16) == 11
+    assert model.prefill_room(0, 16) == 14 and model.prefill_room(5, 16) == 8 and model.prefill_room(33, 64) == 0
     # the room a bucket leaves lands exactly on that bucket
     for d in (0, 1, 2, 7, 64):
         for b in TOKEN_BUCKETS:
             if model.prefill_room(d, b) > 0:
                 assert model.pad(d, model.prefill_room(d, b)) == b
+
+
+def test_padding_agrees_with_the_engines_mixed_steps(tiny_engine):
+    """The cost model pads a mix (tokens, decode rows, the KV its attention gathers) exactly as the engine's model
+    runner builds that step's inputs, over random mixes (seeded)."""
+    from spear_compile.serving.scheduler.profile import _fake_requests, template_for
+    runner = tiny_engine.runner
+    model = template_for(runner)
+    rng = random.Random(7)
+    max_rows, max_tokens = runner.decode_buckets[-1], runner.token_buckets[-1]
+    mixes = [(rng.randint(0, max_rows), None) for _ in range(40)]
+    # and the edges: the prefill tokens at which the padded decode rows stop fitting the largest bucket
+    mixes += [(d, max_tokens - r + k) for d in range(max_rows + 1) for r in {max(d, 2), 1 << max(1, (d - 1).bit_length())}
+              for k in (-1, 0, 1)]
+    for d, p in mixes:
+        if p is None:
+            p = rng.randint(1, max_tokens - max(d, 2))
+        if not 1 <= p <= max_tokens - max(d, 2):
+            continue
+        ctx = rng.randint(1, 40)
+        decodes, prefills = _fake_requests(d, p, ctx, runner.num_blocks, runner.block_size)
+        args, _ = runner.mixed_inputs(decodes, prefills)
+        ids, d_tables = args[0], args[4]
+        assert model.pad(d, p) == ids.numel(), (d, p)
+        assert model.mixed_rows(d, p) == d_tables.shape[0], (d, p)
+        if d:
+            gathered = d_tables.shape[0] * d_tables.shape[1] * runner.block_size
+            assert model.context_feature(d, d * (ctx + 1), ctx + 1, mixed=True, num_prefill_tokens=p) == gathered, \
+                (d, p, ctx)
 
 
 def test_noisy_flat_steps_give_monotone_non_negative_slopes():

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from ...errors import SpearError
+from ..buckets import mixed_decode_rows
 
 #: upper ends of the token-count bins (the last bin is open): M = 1, 2-16, 17-64, 65-512, > 512
 DEFAULT_BIN_EDGES = (1, 16, 64, 512)
@@ -160,15 +161,26 @@ class StepSample:
 def pad_tokens(num_decodes: int, num_prefill_tokens: int, decode_buckets=(), token_buckets=(),
                mixed_min_rows: int = 0) -> int:
     """Tokens the engine's graph computes for this mix: decode-only steps pad to a decode bucket, mixed ones to a
-    token bucket (unpadded past the largest bucket or without buckets). A mixed step holds at least
-    ``mixed_min_rows`` decode rows (the engine pads with dummies)."""
-    n = (max(num_decodes, mixed_min_rows) if num_prefill_tokens else num_decodes) + num_prefill_tokens
+    token bucket (unpadded past the largest bucket or without buckets). ``mixed_min_rows`` > 0: the engine's mixed
+    steps pad their decode rows (``buckets.mixed_decode_rows``: at least that many, a power of two when it fits)."""
+    n = (mixed_rows(num_decodes, num_prefill_tokens, decode_buckets, token_buckets, mixed_min_rows)
+         if num_prefill_tokens else num_decodes) + num_prefill_tokens
     buckets = decode_buckets if num_prefill_tokens == 0 and decode_buckets else token_buckets
     if buckets:
         i = bisect.bisect_left(buckets, n)
         if i < len(buckets):
             return buckets[i]
     return n
+
+
+def mixed_rows(num_decodes: int, num_prefill_tokens: int, decode_buckets=(), token_buckets=(),
+               mixed_min_rows: int = 0) -> int:
+    """Decode rows of a mixed step as the engine runs it (``mixed_min_rows`` 0: unpadded)."""
+    if not mixed_min_rows:
+        return num_decodes
+    if not decode_buckets or not token_buckets:
+        return max(num_decodes, mixed_min_rows)
+    return mixed_decode_rows(num_decodes, num_prefill_tokens, max(decode_buckets), max(token_buckets))
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -276,24 +288,32 @@ class StepCostModel:
         return self
 
     # prediction ------------------------------------------------------------------------------------------------
-    def context_feature(self, num_decodes: int, sum_context: int, max_context: int, mixed: bool) -> int:
+    def context_feature(self, num_decodes: int, sum_context: int, max_context: int, mixed: bool,
+                        num_prefill_tokens: int = 0) -> int:
         """The ``ctx`` feature of a step: with ``kv_layout`` the KV tokens decode attention gathers (decode-only steps
-        pad the rows to the decode bucket; mixed steps run at least 2 rows), else ``sum_context``."""
+        pad the rows to the decode bucket; mixed steps as ``mixed_rows`` pads them beside ``num_prefill_tokens``),
+        else ``sum_context``."""
         if self.kv_layout is None or num_decodes == 0:
             return sum_context if self.kv_layout is None else 0
         block, widths = self.kv_layout
         blocks = -(-max_context // block)
         i = bisect.bisect_left(widths, blocks)
         width = widths[i] if i < len(widths) else blocks
-        rows = max(num_decodes, self.mixed_min_rows) if mixed else self.pad(num_decodes, 0)
+        rows = self.mixed_rows(num_decodes, num_prefill_tokens) if mixed else self.pad(num_decodes, 0)
         return rows * width * block
 
     def pad(self, num_decodes: int, num_prefill_tokens: int) -> int:
         return pad_tokens(num_decodes, num_prefill_tokens, self.decode_buckets, self.token_buckets, self.mixed_min_rows)
 
+    def mixed_rows(self, num_decodes: int, num_prefill_tokens: int) -> int:
+        return mixed_rows(num_decodes, num_prefill_tokens, self.decode_buckets, self.token_buckets,
+                          self.mixed_min_rows)
+
     def prefill_room(self, num_decodes: int, num_tokens: int) -> int:
-        """Prefill tokens that fit a mixed step of ``num_tokens`` beside ``num_decodes`` decodes."""
-        return num_tokens - max(num_decodes, self.mixed_min_rows)
+        """Prefill tokens that fit a mixed step of ``num_tokens`` beside ``num_decodes`` decodes (padded as the
+        engine pads them: the step then runs exactly the ``num_tokens`` bucket)."""
+        rows = self.mixed_rows(num_decodes, max(0, num_tokens - num_decodes))
+        return num_tokens - rows
 
     def _ec_terms(self, sig: ECSignature) -> list:
         terms = self._ec_cache.get(sig)

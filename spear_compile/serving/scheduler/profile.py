@@ -25,11 +25,12 @@ import warnings
 from typing import Optional
 
 from ...errors import SpearError
+from ..buckets import MIN_DIM
 from ..request import Request, SamplingParams
-from .cost_model import ECSignature, StepCostModel, StepSample, StepShape, ec_signature, fit_models
+from .cost_model import ECSignature, StepCostModel, StepSample, StepShape, ec_signature, fit_models, mixed_rows
 
 SCHEMA = 1
-GRID_VERSION = 1
+GRID_VERSION = 2  # 2: mixed steps' decode rows padded as buckets.mixed_decode_rows (samples' padded tokens, KV)
 
 
 # ----------------------------------------------------------------------------------------------- the grid
@@ -41,7 +42,8 @@ def default_grid(decode_buckets, token_buckets, max_model_len: int, max_points: 
     ctxs = sorted({min(64, max_model_len // 4), max(2, max_model_len // 4), max(2, max_model_len // 2)})
     points = []
     for d in (0,) + tuple(decode_buckets):
-        prefills = [0] + [b - max(d, mixed_min_rows) for b in token_buckets if b > max(d, mixed_min_rows)]
+        rows = [(b, mixed_rows(d, b - d, decode_buckets, token_buckets, mixed_min_rows)) for b in token_buckets]
+        prefills = [0] + [b - r for b, r in rows if b > max(r, d)]
         for p in prefills:
             if d == 0 and p == 0:
                 continue
@@ -99,7 +101,7 @@ def profile_runner(runner, ec_states, cost_model_template: StepCostModel, grid, 
                     time_step(runner, decodes, prefills, use_ec)  # warm (first touch of this shape's buffers)
                 times = [time_step(runner, decodes, prefills, use_ec) for _ in range(repeats)]
             padded = cost_model_template.pad(d, p)
-            kv = cost_model_template.context_feature(d, d * (c + 1), c + 1, mixed=p > 0)
+            kv = cost_model_template.context_feature(d, d * (c + 1), c + 1, mixed=p > 0, num_prefill_tokens=p)
             samples.append(StepSample(StepShape(d, p, kv, padded), sig, statistics.median(times)))
             bar.update(1)
         out[sig] = samples
@@ -221,8 +223,7 @@ def template_for(runner) -> StepCostModel:
 
 
 def _mixed_min_rows() -> int:
-    from ..model_runner import MIN_DIM  # a mixed step runs at least this many decode rows (dummies)
-    return MIN_DIM
+    return MIN_DIM  # a mixed step runs at least this many decode rows (dummies)
 
 
 def profile_engine(engine, extra_samples=(), refresh: bool = False, repeats: int = 3, max_points=None,

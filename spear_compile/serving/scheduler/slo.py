@@ -144,13 +144,16 @@ class SloAware(Policy):
                 longest = r.num_computed_tokens + 1
         self.ops += d
         self._longest = longest
-        kv_mixed = self.cost_model.context_feature(d, ctx.sum_context_len, longest, mixed=True)
+        cm = self.cost_model
+
+        def kv_mixed(p):  # the KV a mixed step of p prefill tokens gathers (its decode rows depend on p)
+            return cm.context_feature(d, ctx.sum_context_len, longest, mixed=True, num_prefill_tokens=p)
         # partially prefilled requests that can still make their TTFT: the step finishing them must be in time
         for r in ctx.prefilling:
             self.ops += 1
             s = self.ttft_deadline(r) - now
             rem = r.num_tokens_to_compute
-            if s > 0 and self._predict(d, rem, kv_mixed, sig) * self.safety <= s:
+            if s > 0 and self._predict(d, rem, kv_mixed(rem), sig) * self.safety <= s:
                 slack = min(slack, s)
         buckets = ctx.token_buckets or (ctx.max_num_tokens,)
         if slack == math.inf:
@@ -162,7 +165,7 @@ class SloAware(Policy):
                 room = self.cost_model.prefill_room(d, b)
                 if room <= 0:
                     break
-                if self._predict(d, room, kv_mixed, sig, b) * self.safety <= avail:
+                if self._predict(d, room, kv_mixed(room), sig, b) * self.safety <= avail:
                     budget = room
                     break
         if ctx.prefilling:
@@ -190,7 +193,7 @@ class SloAware(Policy):
         sig = self._sig(ctx.ec_signature)
         longest = self._longest if d == len(ctx.decodes) else max((r.num_computed_tokens + 1 for r in plan.decodes),
                                                                   default=0)
-        kv = self.cost_model.context_feature(d, ctx.sum_context_len, longest, mixed=p > 0)
+        kv = self.cost_model.context_feature(d, ctx.sum_context_len, longest, mixed=p > 0, num_prefill_tokens=p)
         pred = self._predict(d, p, kv, sig)
         # [plan, shape, predicted, gap to the next step's start, measured]: done when both of the last two are in
         self._pending[id(plan)] = [plan, (d, p, kv, sig), pred, None, None]
