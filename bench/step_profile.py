@@ -136,6 +136,9 @@ def mixed_step(runner, use_ec, tokens, decodes, context=64, steps=5):
             prefix = "" if mode == "eager" else "graph_"
             out.update({prefix + "wall_us": med(wall), prefix + "host_us": med(host), prefix + "device_us": med(device)})
         out["graphs"] = len(runner.mixed.graphs)
+        if not out["graphs"]:
+            print(f"WARNING: the mixed step ({tokens} + {decodes} decodes) was not captured (mixed graph limit "
+                  f"{limit}, max rows {runner.mixed.max_rows}): its 'graph' columns are uncaptured too", flush=True)
         out["graph_max_abs_diff"] = float((logits_of["graph"] - logits_of["eager"]).abs().max())
         runner.mixed.limit = 0
         kern = kernels_of(lambda: runner.execute(dec, pre, use_ec), steps, cuda)
@@ -195,7 +198,8 @@ def main():
         t0 = time.perf_counter()
         max_tokens = max([64] + [t + args.mixed_decodes for t in mixed])
         max_tokens = 1 << (max_tokens - 1).bit_length()
-        seqs = max(batches + [args.mixed_decodes])
+        # the mixed step's chunk is a request too: its logits row must fit the graphs' buffer (max_num_seqs rows)
+        seqs = max(batches + [args.mixed_decodes + 1 if mixed else 0])
         eng = Engine(model, None, EngineConfig(max_num_seqs=seqs, max_num_tokens=max_tokens,
                                                decode_buckets=tuple(sorted(set(batches + [seqs]))), token_buckets=(max_tokens,),
                                                max_model_len=1024, policy=f"budget-{max_tokens}",
