@@ -146,6 +146,39 @@ def mixed_step(runner, use_ec, tokens, decodes, context=64, steps=5):
     return out, kern
 
 
+def host_profile(runner, use_ec, tokens, decodes, steps=10, top=30, context=64):
+    """cProfile over ``steps`` uncaptured mixed steps (run eagerly: where their host time goes). Returns markdown
+    rows of the ``top`` functions by own time (µs per step) with their call counts per step."""
+    import cProfile
+    import pstats
+    from spear_compile.serving.scheduler.profile import _fake_requests
+    dec, pre = _fake_requests(decodes, tokens, context, runner.num_blocks, runner.block_size)
+    limit, runner.mixed.limit = runner.mixed.limit, 0
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                runner.execute(dec, pre, use_ec)
+            sync()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(steps):
+                runner.execute(dec, pre, use_ec)
+            prof.disable()
+            sync()
+    finally:
+        runner.mixed.limit = limit
+    stats = pstats.Stats(prof).stats
+    total = sum(v[2] for v in stats.values())
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    out = [f"cProfile, {steps} uncaptured mixed steps ({tokens} + {decodes} decodes): {1e6 * total / steps:.0f} µs of "
+           "profiled host time per step (cProfile's own overhead inflates it: compare rows, not totals).", "",
+           "| function | calls / step | own µs / step | cumulative µs / step |", "|---|---|---|---|"]
+    for (path, line, name), (cc, nc, tt, ct, _) in rows:
+        where = f"{os.path.relpath(path) if path.startswith('/') else path}:{line}"
+        out.append(f"| `{name}` {where[-70:]} | {nc / steps:g} | {1e6 * tt / steps:.1f} | {1e6 * ct / steps:.1f} |")
+    return out
+
+
 def replay_us(runner, use_ec, batch, width, replays):
     g = runner.graphs[(use_ec, batch, width)]
     for _ in range(3):
@@ -175,6 +208,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(_HERE, "results"))
     ap.add_argument("--mixed", default="", help="prompt-chunk token counts of mixed steps to time (e.g. 14,62)")
     ap.add_argument("--mixed-decodes", type=int, default=0, help="decodes beside each mixed step's chunk")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="also cProfile the uncaptured mixed steps (the first --mixed size): where their host time goes")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run of this script: a 2-layer model, CPU ops")
     args = ap.parse_args()
     mixed = [int(t) for t in args.mixed.split(",") if t]
@@ -254,6 +289,9 @@ def main():
             detail += [f"### {variant}, mixed step, {tokens} prompt tokens + {args.mixed_decodes} decodes", "",
                        "| kernel | per step | µs per step |", "|---|---|---|"]
             detail += [f"| `{n[:90]}` | {c:g} | {us:.1f} |" for n, (c, us) in top] + [""]
+        if args.host_profile and mixed:
+            detail += [f"### {variant}: host time of an uncaptured mixed step", ""]
+            detail += host_profile(runner, use_ec, mixed[0], args.mixed_decodes) + [""]
         del eng, model
     if mixed_rows:
         summary += ["", "Mixed steps, uncaptured then replayed from the graph captured at its first step: wall = execute "
