@@ -2,6 +2,6 @@
 #   bash bench/device_ingest.sh <files_at>
 set -e
 mkdir -p bench/tune_cache .compile_cache
-cp "$1"/tune-*.json "$1"/stepcost-*.json bench/tune_cache/ 2>/dev/null || true   # tracked: commit them
-if [ -f "$1/compile_cache.tgz" ]; then cp "$1/compile_cache.tgz" .compile_cache/cache.tgz; fi
+for f in "$1"/tune-*.json "$1"/stepcost-*.json; do [ -f "$f" ] && install -m 644 "$f" bench/tune_cache/; done   # tracked: commit them
+if [ -f "$1/compile_cache.tgz" ]; then install -m 644 "$1/compile_cache.tgz" .compile_cache/cache.tgz; fi
 ls -la bench/tune_cache .compile_cache
