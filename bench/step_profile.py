@@ -291,7 +291,9 @@ def main():
             detail += [f"| `{n[:90]}` | {c:g} | {us:.1f} |" for n, (c, us) in top] + [""]
         if args.host_profile and mixed:
             detail += [f"### {variant}: host time of an uncaptured mixed step", ""]
-            detail += host_profile(runner, use_ec, mixed[0], args.mixed_decodes) + [""]
+            hp = host_profile(runner, use_ec, mixed[0], args.mixed_decodes)
+            print("\n".join(hp), flush=True)   # now: a run cut short by its timeout still shows it
+            detail += hp + [""]
         del eng, model
     if mixed_rows:
         summary += ["", "Mixed steps, uncaptured then replayed from the graph captured at its first step: wall = execute "
