@@ -208,6 +208,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(_HERE, "results"))
     ap.add_argument("--mixed", default="", help="prompt-chunk token counts of mixed steps to time (e.g. 14,62)")
     ap.add_argument("--mixed-decodes", type=int, default=0, help="decodes beside each mixed step's chunk")
+    ap.add_argument("--compile-regions", action="store_true",
+                    help="EngineConfig.compile_regions: one decoder layer compiled per layer structure")
     ap.add_argument("--host-profile", action="store_true",
                     help="also cProfile the uncaptured mixed steps (the first --mixed size): where their host time goes")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run of this script: a 2-layer model, CPU ops")
@@ -241,7 +243,7 @@ def main():
                                                device=device, detokenize=False, dtype=DEV["dtype"],
                                                gpu_memory_utilization=0.3, progress=False, compile=not args.tiny,
                                                cuda_graphs_stand_in=args.tiny,
-                                               decode_attention=attention,
+                                               decode_attention=attention, compile_regions=args.compile_regions,
                                                num_blocks=None if device == "cuda" else 256), model_name=variant)
         startup = time.perf_counter() - t0
         runner = eng.runner

@@ -61,6 +61,9 @@ def add_cli(subparsers) -> None:
                         "kernel per layer")
     p.add_argument("--eager", action="store_true",
                    help="no torch.compile and no CUDA graphs (the default on CPU)")
+    p.add_argument("--compile-regions", action="store_true",
+                   help="compile one decoder layer (per distinct layer structure) and the LM head instead of the "
+                        "whole model per phase: a fraction of the start-up compile time (docs/serving.md)")
     p.add_argument("--mixed-cuda-graphs", type=int, default=None,
                    help="most mixed-step (prefill + decode) CUDA graphs, each captured at its shapes' first step "
                         "(default 256; 0: mixed steps run uncaptured, decode steps still replay graphs)")
@@ -98,6 +101,9 @@ def check_args(args: argparse.Namespace) -> str:
             raise SpearError(f"serve: --{name.replace('_', '-')} {value}: expected a positive number of ms")
     if args.mixed_cuda_graphs is not None and args.mixed_cuda_graphs < 0:
         raise SpearError(f"serve: --mixed-cuda-graphs {args.mixed_cuda_graphs}: expected an integer >= 0")
+    if args.compile_regions and args.tp > 1:
+        raise SpearError("serve: --compile-regions is not supported with --tp > 1 yet (tensor parallelism compiles "
+                         "the whole model: its peer-reduction epilogue needs static decode rows)")
     if args.policy is not None:
         if args.policy.startswith("slo"):
             from .scheduler.slo import SLO_POLICY_NAMES
@@ -185,7 +191,7 @@ def _run_serve(args) -> int:
                    ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms, max_model_len=args.max_model_len,
                    num_blocks=args.num_blocks, progress=args.tp == 1, dtype=getattr(torch, args.dtype),
                    overlap_decode=args.overlap_decode, decode_attention=args.decode_attention,
-                   enable_prefix_caching=args.enable_prefix_caching)
+                   enable_prefix_caching=args.enable_prefix_caching, compile_regions=args.compile_regions)
     if args.policy is not None:  # an SLO policy profiles the engine's step cost model at start-up (cached on disk)
         options["policy"] = args.policy
         if args.policy.startswith("slo") and not device.startswith("cuda"):

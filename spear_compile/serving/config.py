@@ -40,6 +40,9 @@ class EngineConfig:
     mixed_cuda_graphs: int = 256            # most mixed-step graphs (0: mixed steps uncaptured); the graphs share
     #   the decode graphs' memory pool and one logits buffer, so each adds little memory; a step beyond runs uncaptured
     compile: bool = True
+    compile_regions: bool = False           # compile one decoder layer (once per distinct layer structure) and the
+    #   LM head instead of the whole model per phase: a fraction of the start-up compile time; the layers then run
+    #   as separate graphs (no fusion across a layer boundary); off by default until measured on a GPU
     device: Optional[str] = None
     dtype: torch.dtype = torch.bfloat16
     seed: int = 0
@@ -99,6 +102,8 @@ class EngineConfig:
             raise SpearError(f"EngineConfig: enable_prefix_caching={self.enable_prefix_caching!r} must be True or False")
         if self.freeze_gc is not None and not isinstance(self.freeze_gc, bool):
             raise SpearError(f"EngineConfig: freeze_gc={self.freeze_gc!r} must be True, False or None")
+        if not isinstance(self.compile_regions, bool):
+            raise SpearError(f"EngineConfig: compile_regions={self.compile_regions!r} must be True or False")
         if self.decode_attention not in ("torch", "triton"):
             raise SpearError(f"EngineConfig: decode_attention={self.decode_attention!r} must be 'torch' or 'triton'")
         slo = isinstance(self.policy, str) and self.policy.startswith("slo")

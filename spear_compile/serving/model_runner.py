@@ -10,6 +10,7 @@ along; padded to token buckets; on CUDA captured lazily, one graph per input-sha
 from __future__ import annotations
 
 import array
+import functools
 import sys
 import time
 from typing import Optional
@@ -103,10 +104,20 @@ class ModelRunner:
         self._decode_static_fn = self.net.decode_forward_static_rows
         if config.compile:
             from ..compile import backend  # noqa: F401  (registers "spear")
-            self._decode_fn = torch.compile(self.net.decode_forward, backend="spear", dynamic=True, fullgraph=True)
-            self._decode_static_fn = torch.compile(self.net.decode_forward_static_rows, backend="spear", dynamic=True,
-                                                   fullgraph=True)
-            self._mixed_fn = torch.compile(self.net.mixed_forward, backend="spear", dynamic=True, fullgraph=True)
+
+            def compiled(fn):
+                return torch.compile(fn, backend="spear", dynamic=True, fullgraph=True)
+            if config.compile_regions:
+                if self.static_rows:
+                    raise SpearError("EngineConfig: compile_regions=True cannot serve tensor parallelism's static "
+                                     "decode rows (the peer-reduction epilogue); leave compile_regions off")
+                head = compiled(self.net.logits)
+                self._decode_fn = functools.partial(self.net.regional_decode, compiled(self.net.decode_layer), head)
+                self._mixed_fn = functools.partial(self.net.regional_mixed, compiled(self.net.mixed_layer), head)
+            else:
+                self._decode_fn = compiled(self.net.decode_forward)
+                self._decode_static_fn = compiled(self.net.decode_forward_static_rows)
+                self._mixed_fn = compiled(self.net.mixed_forward)
         self.graphs: dict = {}           # (use_ec, batch bucket, table bucket) -> DecodeGraph
         self.step_sink = None            # tensor parallelism, rank 0: gets every step's inputs before its forward
         self.capture = GraphCapture(device)
@@ -376,7 +387,9 @@ class ModelRunner:
         bar = _progress(len(jobs), "spear serving: compile + capture", self.config.progress)
         # no duck sizing: two dims of equal size at trace time must not become one symbol (a guard that they stay
         # equal, i.e. a recompile when e.g. batch and block-table width differ later)
-        with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit),
+        # regional compilation: a graph per distinct layer structure (EC placement) x batch-1 specialization x EC state
+        limit = max(64, 8 * len(self.net.layers), torch._dynamo.config.recompile_limit)
+        with torch._dynamo.config.patch(recompile_limit=limit,
                                         accumulated_recompile_limit=max(4096, torch._dynamo.config.accumulated_recompile_limit)), \
                 torch.fx.experimental._config.patch(use_duck_shape=False):
             for kind, use_ec, a, b in jobs:

@@ -151,33 +151,104 @@ class PagedLlama(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)      # [P, Hkv, G*Q, D]
         return out.view(p, hkv, g, ql, d).permute(0, 3, 1, 2, 4).reshape(p, ql, hkv * g, d)
 
+    def _layer(self, layer, merged_qkv, merged_gate_up, x, attention, use_ec: bool):
+        """One decoder layer; ``attention(q, k, v)`` (pre-RoPE q/k) writes its cache and attends."""
+        t = x.shape[0]
+        attn, mlp = layer.self_attn, layer.mlp
+        h = layer.input_layernorm(x)
+        if merged_qkv is not None:
+            w, b, sizes = merged_qkv
+            q, k, v = F.linear(h, w, b).split(sizes, dim=-1)
+        else:
+            q, k, v = (self._linear(m, h, use_ec) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        o = attention(q, k, v)
+        x = x + self._linear(attn.o_proj, o.reshape(t, self.num_heads * self.head_dim), use_ec)
+        h = layer.post_attention_layernorm(x)
+        if merged_gate_up is not None:
+            w, b, sizes = merged_gate_up
+            gate, up = F.linear(h, w, b).split(sizes, dim=-1)
+        else:
+            gate, up = self._linear(mlp.gate_proj, h, use_ec), self._linear(mlp.up_proj, h, use_ec)
+        g = mlp.act_fn(gate) * up
+        return x + self._linear(mlp.down_proj, g, use_ec)
+
+    def _mixed_attention(self, q, k, v, kc, vc, cos, sin, slot_block, slot_off, d_tables, d_ctx_lens, p_tables,
+                         p_q_index, p_q_pos):
+        """A mixed step's attention: RoPE and cache writes for every token, decode rows (the first
+        ``d_tables.shape[0]``) over their blocks, prefill chunks over theirs."""
+        num_decodes = d_tables.shape[0]
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        kc.index_put_((slot_block, slot_off), k)
+        vc.index_put_((slot_block, slot_off), v)
+        t = q.shape[0]
+        q_ext = torch.cat([q, q.new_zeros(1, self.num_heads, self.head_dim)])
+        out = q.new_zeros(t + 1, self.num_heads, self.head_dim)
+        out[:num_decodes] = self._decode_attention(q[:num_decodes], kc, vc, d_tables, d_ctx_lens)
+        pre = self._prefill_attention(q_ext, kc, vc, p_tables, p_q_index, p_q_pos)
+        out.index_put_((p_q_index.reshape(-1),), pre.reshape(-1, self.num_heads, self.head_dim))
+        return out[:t]
+
     def _layers(self, input_ids, positions, attention, use_ec: bool):
         """The decoder layers; ``attention(i, q, k, v, cos, sin)`` (pre-RoPE q/k) writes layer i's cache and attends."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        t = x.shape[0]
         for i, layer in enumerate(self.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            h = layer.input_layernorm(x)
-            if self.merged_qkv[i] is not None:
-                w, b, sizes = self.merged_qkv[i]
-                q, k, v = F.linear(h, w, b).split(sizes, dim=-1)
-            else:
-                q, k, v = (self._linear(m, h, use_ec) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
-            q = q.view(t, self.num_heads, self.head_dim)
-            k = k.view(t, self.num_kv_heads, self.head_dim)
-            v = v.view(t, self.num_kv_heads, self.head_dim)
-            o = attention(i, q, k, v, cos, sin)
-            x = x + self._linear(attn.o_proj, o.reshape(t, self.num_heads * self.head_dim), use_ec)
-            h = layer.post_attention_layernorm(x)
-            if self.merged_gate_up[i] is not None:
-                w, b, sizes = self.merged_gate_up[i]
-                gate, up = F.linear(h, w, b).split(sizes, dim=-1)
-            else:
-                gate, up = self._linear(mlp.gate_proj, h, use_ec), self._linear(mlp.up_proj, h, use_ec)
-            g = mlp.act_fn(gate) * up
-            x = x + self._linear(mlp.down_proj, g, use_ec)
+            x = self._layer(layer, self.merged_qkv[i], self.merged_gate_up[i], x,
+                            lambda q, k, v, i=i: attention(i, q, k, v, cos, sin), use_ec)
         return x
+
+    # ---- one decoder layer per call, its caches passed in (regional compilation: compiled once, every layer reuses
+    # the graph of its structure instead of one graph holding all of them) ------------------------------------------
+    def decode_layer(self, layer, merged_qkv, merged_gate_up, kc, vc, x, cos, sin, slot_block, slot_off, tables,
+                     ctx_lens, use_ec: bool = True):
+        """``decode_forward``'s work for one layer, its KV caches ``kc``, ``vc`` given."""
+        def attention(q, k, v):
+            if self.decode_attention == "triton":
+                return paged_decode_rope_attention(q, k, v, kc, vc, cos, sin, slot_block, slot_off, tables, ctx_lens,
+                                                   self.scale)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            kc.index_put_((slot_block, slot_off), k)
+            vc.index_put_((slot_block, slot_off), v)
+            return self._decode_attention(q, kc, vc, tables, ctx_lens)
+        return self._layer(layer, merged_qkv, merged_gate_up, x, attention, use_ec)
+
+    def mixed_layer(self, layer, merged_qkv, merged_gate_up, kc, vc, x, cos, sin, slot_block, slot_off, d_tables,
+                    d_ctx_lens, p_tables, p_q_index, p_q_pos, use_ec: bool = True):
+        """``mixed_forward``'s work for one layer, its KV caches ``kc``, ``vc`` given."""
+        def attention(q, k, v):
+            return self._mixed_attention(q, k, v, kc, vc, cos, sin, slot_block, slot_off, d_tables, d_ctx_lens,
+                                         p_tables, p_q_index, p_q_pos)
+        return self._layer(layer, merged_qkv, merged_gate_up, x, attention, use_ec)
+
+    def embed(self, input_ids, positions):
+        """Token embeddings and the RoPE rows of ``positions``."""
+        return self.embed_tokens(input_ids), self.rope_cos[positions], self.rope_sin[positions]
+
+    def logits(self, x, logits_index=None):
+        """Final norm and LM head, of the rows ``logits_index`` if given."""
+        return self._logits(x if logits_index is None else x[logits_index])
+
+    def regional_decode(self, layer_fn, head_fn, input_ids, positions, slot_block, slot_off, tables, ctx_lens,
+                        use_ec: bool = True):
+        """``decode_forward`` as a loop over ``layer_fn`` (``decode_layer``, compiled once) and ``head_fn``
+        (``logits``)."""
+        x, cos, sin = self.embed(input_ids, positions)
+        for i, layer in enumerate(self.layers):
+            x = layer_fn(layer, self.merged_qkv[i], self.merged_gate_up[i], self.k_caches[i], self.v_caches[i], x, cos,
+                         sin, slot_block, slot_off, tables, ctx_lens, use_ec=use_ec)
+        return head_fn(x)
+
+    def regional_mixed(self, layer_fn, head_fn, input_ids, positions, slot_block, slot_off, d_tables, d_ctx_lens,
+                       p_tables, p_q_index, p_q_pos, logits_index, use_ec: bool = True):
+        """``mixed_forward`` as a loop over ``layer_fn`` (``mixed_layer``, compiled once) and ``head_fn``."""
+        x, cos, sin = self.embed(input_ids, positions)
+        for i, layer in enumerate(self.layers):
+            x = layer_fn(layer, self.merged_qkv[i], self.merged_gate_up[i], self.k_caches[i], self.v_caches[i], x, cos,
+                         sin, slot_block, slot_off, d_tables, d_ctx_lens, p_tables, p_q_index, p_q_pos, use_ec=use_ec)
+        return head_fn(x, logits_index)
 
     def _logits(self, x):
         return self.lm_head(self.norm(x))
@@ -204,17 +275,9 @@ class PagedLlama(nn.Module):
                       p_tables, p_q_index, p_q_pos, logits_index, use_ec: bool = True):
         """A step with prefill chunks: tokens [T] = Bd decode rows first, then the chunks' tokens, then padding.
         Returns logits [S, vocab] of the rows ``logits_index``."""
-        num_decodes = d_tables.shape[0]
-
         def attention(i, q, k, v, cos, sin):
-            q, kc, vc = self._rope_and_write(i, q, k, v, cos, sin, slot_block, slot_off)
-            t = q.shape[0]
-            q_ext = torch.cat([q, q.new_zeros(1, self.num_heads, self.head_dim)])
-            out = q.new_zeros(t + 1, self.num_heads, self.head_dim)
-            out[:num_decodes] = self._decode_attention(q[:num_decodes], kc, vc, d_tables, d_ctx_lens)
-            pre = self._prefill_attention(q_ext, kc, vc, p_tables, p_q_index, p_q_pos)
-            out.index_put_((p_q_index.reshape(-1),), pre.reshape(-1, self.num_heads, self.head_dim))
-            return out[:t]
+            return self._mixed_attention(q, k, v, self.k_caches[i], self.v_caches[i], cos, sin, slot_block, slot_off,
+                                         d_tables, d_ctx_lens, p_tables, p_q_index, p_q_pos)
 
         x = self._layers(input_ids, positions, attention, use_ec)
         return self._logits(x[logits_index])

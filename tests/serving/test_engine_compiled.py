@@ -175,3 +175,35 @@ def test_mixed_step_graphs(ref_tokenizer, overlap):
     assert [o.output_token_ids for o in limited.generate(prompts(), sp())] == ref
     assert len(limited.runner.mixed.graphs) == 1 and limited.runner.mixed.uncaptured > 0
     assert limited.blocks.num_free_blocks == limited.blocks.num_usable_blocks
+
+
+def test_compiled_regions(ref_tokenizer, fresh_compile):
+    """``compile_regions=True``: one decoder layer compiled per distinct layer structure (two here: an EC on layer 0's
+    q_proj, another on layer 1's down_proj), the LM head apart, the whole-model entry points never compiled; every
+    linear fused in the layer graphs; tokens equal HF eager ``generate`` with the ECs on and switched off; nothing
+    compiles after start-up."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from spear_compile.serving.paged_llama import PagedLlama
+    model = toy_model(ecs=True)
+    ref_ec = hf_greedy(model)
+    no_ec = copy.deepcopy(model)
+    for mod in no_ec.modules():
+        if hasattr(mod, "ec_B"):
+            mod.ec_B.data.zero_()
+    ref_off = hf_greedy(no_ec)
+    eng = make_engine(model, ref_tokenizer, compile=True, cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=2,
+                      max_num_tokens=16, token_buckets=(16,), max_model_len=64, policy="budget-16", ec_switch=True,
+                      compile_regions=True)
+    decode_layer = _debug_get_cache_entry_list(PagedLlama.decode_layer.__code__)
+    # 2 layer structures x 2 EC states x (batch 1, batch >= 2)
+    assert len(decode_layer) == 8, len(decode_layer)
+    assert len(_debug_get_cache_entry_list(PagedLlama.mixed_layer.__code__)) == 4   # 2 structures x 2 EC states
+    assert not _debug_get_cache_entry_list(PagedLlama.decode_forward.__code__)
+    assert not _debug_get_cache_entry_list(PagedLlama.mixed_forward.__code__)
+    matches = list(fresh_compile.matches)
+    assert matches and all(r.matched for r in matches), [r.reason for r in matches if not r.matched]
+    assert {r.kind for r in matches} >= {"plain", "ec-gated"}
+    assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref_ec
+    eng.set_ec_enabled(False)
+    assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref_off
+    assert eng.stats().recompiles == 0
