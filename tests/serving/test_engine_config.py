@@ -19,6 +19,7 @@ from spear_compile.serving import EngineConfig
     (dict(policy="slo", ec_switch=False), "policy='slo' needs ec_switch=True"),
     (dict(decode_attention="flash"), "decode_attention='flash' must be 'torch' or 'triton'"),
     (dict(freeze_gc=1), "freeze_gc=1 must be True, False or None"),
+    (dict(compile_regions="yes"), "compile_regions='yes' must be True or False"),
 ])
 def test_bad_values_name_the_field(kw, match):
     with pytest.raises(SpearError, match=match):
