@@ -25,18 +25,22 @@ def hf_greedy(model):
                 .tolist() for p in prompts()]
 
 
+def hf_greedy_with_and_without_ecs(model):
+    """HF eager greedy tokens of ``model`` and of a copy whose ECs add nothing (B zeroed)."""
+    no_ec = copy.deepcopy(model)
+    for mod in no_ec.modules():
+        if hasattr(mod, "ec_B"):
+            mod.ec_B.data.zero_()
+    return hf_greedy(model), hf_greedy(no_ec)
+
+
 def sp():
     return SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
 
 
 def test_graph_bookkeeping_per_ec_state(ref_tokenizer):
     model = toy_model(ecs=True)
-    ref_ec = hf_greedy(model)
-    no_ec = copy.deepcopy(model)
-    for mod in no_ec.modules():
-        if hasattr(mod, "ec_B"):
-            mod.ec_B.data.zero_()
-    ref_off = hf_greedy(no_ec)
+    ref_ec, ref_off = hf_greedy_with_and_without_ecs(model)
     assert ref_ec != ref_off
     eng = make_engine(model, ref_tokenizer, cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=4,
                       max_num_tokens=16, token_buckets=(8, 16), max_model_len=64, policy="budget-8", ec_switch=True)
@@ -185,12 +189,7 @@ def test_compiled_regions(ref_tokenizer, fresh_compile):
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from spear_compile.serving.paged_llama import PagedLlama
     model = toy_model(ecs=True)
-    ref_ec = hf_greedy(model)
-    no_ec = copy.deepcopy(model)
-    for mod in no_ec.modules():
-        if hasattr(mod, "ec_B"):
-            mod.ec_B.data.zero_()
-    ref_off = hf_greedy(no_ec)
+    ref_ec, ref_off = hf_greedy_with_and_without_ecs(model)
     eng = make_engine(model, ref_tokenizer, compile=True, cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=2,
                       max_num_tokens=16, token_buckets=(16,), max_model_len=64, policy="budget-16", ec_switch=True,
                       compile_regions=True)
