@@ -112,8 +112,8 @@ class ModelRunner:
                     raise SpearError("EngineConfig: compile_regions=True cannot serve tensor parallelism's static "
                                      "decode rows (the peer-reduction epilogue); leave compile_regions off")
                 head = compiled(self.net.logits)
-                self._decode_fn = functools.partial(self.net.regional_decode, compiled(self.net.decode_layer), head)
-                self._mixed_fn = functools.partial(self.net.regional_mixed, compiled(self.net.mixed_layer), head)
+                self._decode_fn = functools.partial(self.net.decode_loop, compiled(self.net.decode_layer), head)
+                self._mixed_fn = functools.partial(self.net.mixed_loop, compiled(self.net.mixed_layer), head)
             else:
                 self._decode_fn = compiled(self.net.decode_forward)
                 self._decode_static_fn = compiled(self.net.decode_forward_static_rows)

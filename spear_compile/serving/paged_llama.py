@@ -119,13 +119,13 @@ class PagedLlama(nn.Module):
             return mod(x)
         return base_linear(mod, x)
 
-    def _rope_and_write(self, i, q, k, v, cos, sin, slot_block, slot_off):
-        """RoPE on q and k, k and v into layer ``i``'s cache at their slots; returns (q, k cache, v cache)."""
+    @staticmethod
+    def _rope_and_write(q, k, v, kc, vc, cos, sin, slot_block, slot_off):
+        """RoPE on q and k, k and v into the caches ``kc``, ``vc`` at their slots; returns the rotated q."""
         q, k = rope(q, cos, sin), rope(k, cos, sin)
-        kc, vc = self.k_caches[i], self.v_caches[i]
         kc.index_put_((slot_block, slot_off), k)
         vc.index_put_((slot_block, slot_off), v)
-        return q, kc, vc
+        return q
 
     def _gather(self, cache, tables):  # [N, L] block ids -> [N, kv_heads, L * block_size, head_dim]
         return gather_blocks(cache, tables, self.num_kv_heads, self.block_size, self.head_dim)
@@ -180,9 +180,7 @@ class PagedLlama(nn.Module):
         """A mixed step's attention: RoPE and cache writes for every token, decode rows (the first
         ``d_tables.shape[0]``) over their blocks, prefill chunks over theirs."""
         num_decodes = d_tables.shape[0]
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
-        kc.index_put_((slot_block, slot_off), k)
-        vc.index_put_((slot_block, slot_off), v)
+        q = self._rope_and_write(q, k, v, kc, vc, cos, sin, slot_block, slot_off)
         t = q.shape[0]
         q_ext = torch.cat([q, q.new_zeros(1, self.num_heads, self.head_dim)])
         out = q.new_zeros(t + 1, self.num_heads, self.head_dim)
@@ -191,27 +189,16 @@ class PagedLlama(nn.Module):
         out.index_put_((p_q_index.reshape(-1),), pre.reshape(-1, self.num_heads, self.head_dim))
         return out[:t]
 
-    def _layers(self, input_ids, positions, attention, use_ec: bool):
-        """The decoder layers; ``attention(i, q, k, v, cos, sin)`` (pre-RoPE q/k) writes layer i's cache and attends."""
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        for i, layer in enumerate(self.layers):
-            x = self._layer(layer, self.merged_qkv[i], self.merged_gate_up[i], x,
-                            lambda q, k, v, i=i: attention(i, q, k, v, cos, sin), use_ec)
-        return x
-
-    # ---- one decoder layer per call, its caches passed in (regional compilation: compiled once, every layer reuses
-    # the graph of its structure instead of one graph holding all of them) ------------------------------------------
+    # ---- one decoder layer per call, its caches passed in: the entry points below loop over them; regional
+    # compilation compiles a layer once, every layer of the same structure reusing its graph ------------------------
     def decode_layer(self, layer, merged_qkv, merged_gate_up, kc, vc, x, cos, sin, slot_block, slot_off, tables,
                      ctx_lens, use_ec: bool = True):
         """``decode_forward``'s work for one layer, its KV caches ``kc``, ``vc`` given."""
         def attention(q, k, v):
-            if self.decode_attention == "triton":
+            if self.decode_attention == "triton":   # RoPE, the cache writes and the attention: one launch
                 return paged_decode_rope_attention(q, k, v, kc, vc, cos, sin, slot_block, slot_off, tables, ctx_lens,
                                                    self.scale)
-            q, k = rope(q, cos, sin), rope(k, cos, sin)
-            kc.index_put_((slot_block, slot_off), k)
-            vc.index_put_((slot_block, slot_off), v)
+            q = self._rope_and_write(q, k, v, kc, vc, cos, sin, slot_block, slot_off)
             return self._decode_attention(q, kc, vc, tables, ctx_lens)
         return self._layer(layer, merged_qkv, merged_gate_up, x, attention, use_ec)
 
@@ -229,11 +216,12 @@ class PagedLlama(nn.Module):
 
     def logits(self, x, logits_index=None):
         """Final norm and LM head, of the rows ``logits_index`` if given."""
-        return self._logits(x if logits_index is None else x[logits_index])
+        x = x if logits_index is None else x[logits_index]
+        return self.lm_head(self.norm(x))
 
-    def regional_decode(self, layer_fn, head_fn, input_ids, positions, slot_block, slot_off, tables, ctx_lens,
+    def decode_loop(self, layer_fn, head_fn, input_ids, positions, slot_block, slot_off, tables, ctx_lens,
                         use_ec: bool = True):
-        """``decode_forward`` as a loop over ``layer_fn`` (``decode_layer``, compiled once) and ``head_fn``
+        """A decode step as a loop over ``layer_fn`` (``decode_layer``, or its compiled region) and ``head_fn``
         (``logits``)."""
         x, cos, sin = self.embed(input_ids, positions)
         for i, layer in enumerate(self.layers):
@@ -241,29 +229,20 @@ class PagedLlama(nn.Module):
                          sin, slot_block, slot_off, tables, ctx_lens, use_ec=use_ec)
         return head_fn(x)
 
-    def regional_mixed(self, layer_fn, head_fn, input_ids, positions, slot_block, slot_off, d_tables, d_ctx_lens,
+    def mixed_loop(self, layer_fn, head_fn, input_ids, positions, slot_block, slot_off, d_tables, d_ctx_lens,
                        p_tables, p_q_index, p_q_pos, logits_index, use_ec: bool = True):
-        """``mixed_forward`` as a loop over ``layer_fn`` (``mixed_layer``, compiled once) and ``head_fn``."""
+        """A mixed step as a loop over ``layer_fn`` (``mixed_layer``, or its compiled region) and ``head_fn``."""
         x, cos, sin = self.embed(input_ids, positions)
         for i, layer in enumerate(self.layers):
             x = layer_fn(layer, self.merged_qkv[i], self.merged_gate_up[i], self.k_caches[i], self.v_caches[i], x, cos,
                          sin, slot_block, slot_off, d_tables, d_ctx_lens, p_tables, p_q_index, p_q_pos, use_ec=use_ec)
         return head_fn(x, logits_index)
 
-    def _logits(self, x):
-        return self.lm_head(self.norm(x))
-
     # ---- entry points -------------------------------------------------------------------------------------------
     def decode_forward(self, input_ids, positions, slot_block, slot_off, tables, ctx_lens, use_ec: bool = True):
         """Decode-only step: B sequences, one token each. Returns logits [B, vocab]."""
-        def attention(i, q, k, v, cos, sin):
-            if self.decode_attention == "triton":   # RoPE, the cache writes and the attention: one launch
-                return paged_decode_rope_attention(q, k, v, self.k_caches[i], self.v_caches[i], cos, sin, slot_block,
-                                                   slot_off, tables, ctx_lens, self.scale)
-            q, kc, vc = self._rope_and_write(i, q, k, v, cos, sin, slot_block, slot_off)
-            return self._decode_attention(q, kc, vc, tables, ctx_lens)
-
-        return self._logits(self._layers(input_ids, positions, attention, use_ec))
+        return self.decode_loop(self.decode_layer, self.logits, input_ids, positions, slot_block, slot_off, tables,
+                                    ctx_lens, use_ec)
 
     def decode_forward_static_rows(self, input_ids, positions, slot_block, slot_off, tables, ctx_lens, use_ec: bool = True):
         """``decode_forward`` under its own code object, so that it compiles apart: called with the batch dimension
@@ -275,9 +254,5 @@ class PagedLlama(nn.Module):
                       p_tables, p_q_index, p_q_pos, logits_index, use_ec: bool = True):
         """A step with prefill chunks: tokens [T] = Bd decode rows first, then the chunks' tokens, then padding.
         Returns logits [S, vocab] of the rows ``logits_index``."""
-        def attention(i, q, k, v, cos, sin):
-            return self._mixed_attention(q, k, v, self.k_caches[i], self.v_caches[i], cos, sin, slot_block, slot_off,
-                                         d_tables, d_ctx_lens, p_tables, p_q_index, p_q_pos)
-
-        x = self._layers(input_ids, positions, attention, use_ec)
-        return self._logits(x[logits_index])
+        return self.mixed_loop(self.mixed_layer, self.logits, input_ids, positions, slot_block, slot_off, d_tables,
+                                   d_ctx_lens, p_tables, p_q_index, p_q_pos, logits_index, use_ec)

@@ -219,11 +219,7 @@ def engine_layout(runner) -> dict:
 def template_for(runner) -> StepCostModel:
     """An unfitted model with the engine's buckets and KV layout (pads and computes features like the engine)."""
     return StepCostModel(decode_buckets=runner.decode_buckets, token_buckets=runner.token_buckets,
-                         kv_layout=(runner.block_size, runner.table_buckets), mixed_min_rows=_mixed_min_rows())
-
-
-def _mixed_min_rows() -> int:
-    return MIN_DIM  # a mixed step runs at least this many decode rows (dummies)
+                         kv_layout=(runner.block_size, runner.table_buckets), mixed_min_rows=MIN_DIM)
 
 
 def profile_engine(engine, extra_samples=(), refresh: bool = False, repeats: int = 3, max_points=None,
@@ -239,7 +235,7 @@ def profile_engine(engine, extra_samples=(), refresh: bool = False, repeats: int
     layout = engine_layout(runner)
     template = template_for(runner)
     grid = default_grid(runner.decode_buckets, runner.token_buckets, runner.max_model_len, max_points,
-                        _mixed_min_rows())
+                        MIN_DIM)
     layout = dict(layout, grid_points=len(grid), repeats=repeats)
     samples = list(extra_samples)
     todo = []
@@ -266,7 +262,7 @@ def cost_models_for(engine, extra_samples=(), refresh: bool = False, samples=Non
     if samples is None:
         samples = profile_engine(engine, extra_samples, refresh, **kwargs)
     return fit_models(samples, runner.decode_buckets, runner.token_buckets,
-                      kv_layout=(runner.block_size, runner.table_buckets), mixed_min_rows=_mixed_min_rows())
+                      kv_layout=(runner.block_size, runner.table_buckets), mixed_min_rows=MIN_DIM)
 
 
 def _runner_of(engine):
