@@ -269,12 +269,12 @@ def run_trace(bundle, policy_name, trace, args, ec_enabled=True, switch_period_s
             engine.set_ec_enabled(True)
     records = list(engine.step_log)[log_start:]
     m = metrics(times, meta, ttft_slo, tpot_slo, t0)
-    errs = [abs(r.predicted_s - r.measured_s) / r.measured_s * 100 for r in records
-            if r.predicted_s is not None and r.measured_s > 0]
+    predicted = [(abs(r.predicted_s - r.measured_s) / r.measured_s * 100, r.captured_graph) for r in records
+                 if r.predicted_s is not None and r.measured_s > 0]
+    errs = [e for e, _ in predicted]
     # the same without the steps that captured a mixed-step CUDA graph (once per shape key: a one-off, which the
     # SLO policy keeps out of its online correction); both are reported
-    errs_replayed = [abs(r.predicted_s - r.measured_s) / r.measured_s * 100 for r in records
-                     if r.predicted_s is not None and r.measured_s > 0 and not r.captured_graph]
+    errs_replayed = [e for e, captured in predicted if not captured]
     st = [dt for _, dt in sched_times]
     st64 = [dt for k, dt in sched_times if k >= 48]
     m.update(policy=policy_name, label=label or policy_name, num_steps=engine.num_steps - steps_before,
