@@ -107,10 +107,7 @@ class ModelRunner:
 
             def compiled(fn):
                 return torch.compile(fn, backend="spear", dynamic=True, fullgraph=True)
-            if config.compile_regions:
-                if self.static_rows:
-                    raise SpearError("EngineConfig: compile_regions=True cannot serve tensor parallelism's static "
-                                     "decode rows (the peer-reduction epilogue); leave compile_regions off")
+            if config.compile_regions:   # (start() refused it with static decode rows)
                 head = compiled(self.net.logits)
                 self._decode_fn = functools.partial(self.net.decode_loop, compiled(self.net.decode_layer), head)
                 self._mixed_fn = functools.partial(self.net.mixed_loop, compiled(self.net.mixed_layer), head)
@@ -132,6 +129,10 @@ class ModelRunner:
     def start(cls, model: nn.Module, config: EngineConfig, device: torch.device) -> "ModelRunner":
         """The runner an engine (or a tensor-parallel follower rank) serves with: built, then compiled and captured
         for every bucket when ``config`` compiles or captures."""
+        if config.compile and config.compile_regions and static_decode_rows(model, config):
+            # before unwrapping: a refused start leaves the model as it was
+            raise SpearError("EngineConfig: compile_regions=True cannot serve static decode rows (tensor "
+                             "parallelism's peer-reduction epilogue, static_decode_rows); leave compile_regions off")
         if config.compile:
             from ..compile.unwrap import unwrap_quantized
             unwrap_quantized(model)  # plain tensors at the compiled graph's inputs (see unwrap.py)

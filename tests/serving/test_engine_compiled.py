@@ -206,3 +206,15 @@ def test_compiled_regions(ref_tokenizer, fresh_compile):
     eng.set_ec_enabled(False)
     assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref_off
     assert eng.stats().recompiles == 0
+
+
+def test_compiled_regions_refuse_static_decode_rows_before_touching_the_model(ref_tokenizer):
+    """``compile_regions`` with static decode rows (tensor parallelism's peer-reduction epilogue) is refused before
+    the engine unwraps the quantized weights: the model stays as it was."""
+    from spear_compile.errors import SpearError
+    model = toy_model()
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(SpearError, match="compile_regions=True cannot serve static decode rows"):
+        make_engine(model, ref_tokenizer, compile=True, compile_regions=True, static_decode_rows=2, max_num_seqs=2,
+                    max_num_tokens=16, token_buckets=(16,), max_model_len=64, policy="budget-16")
+    assert {n: type(m) for n, m in model.named_modules()} == before
