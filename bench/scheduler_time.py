@@ -15,11 +15,11 @@ import copy
 import json
 import os
 import platform
-import statistics
 import time
 
 import torch
 
+from bench.stats import pct
 from spear_compile.serving.kv_cache import KVBlockManager
 from spear_compile.serving.request import Request, SamplingParams
 from spear_compile.serving.scheduler import Scheduler, make_policy
@@ -27,11 +27,6 @@ from spear_compile.serving.scheduler.cost_model import StepSample, fit_models
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLES = [os.path.join(HERE, "results", f"stepcost_h100_s16_{v}.json") for v in ("w4", "w4_ec")]
-
-
-def quantile(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
 def time_schedule(cost_model, sig, ttft_slo_s, tpot_slo_s, n_running=64, n_waiting=32, steps=2000,
@@ -78,10 +73,10 @@ def time_schedule(cost_model, sig, ttft_slo_s, tpot_slo_s, n_running=64, n_waiti
                 r.last_token_time = tnow
             for r, c in plan.prefills:
                 r.num_computed_tokens += c
-        ms = lambda xs, q: round(quantile(xs, q) * 1e3, 3)  # noqa: E731
+        ms = lambda xs, q: round(pct(xs, q) * 1e3, 3)  # noqa: E731
         out[name] = {"running": len(sched.running), "waiting": len(sched.waiting),
-                     "p50_ms": ms(ts, 0.5), "p99_ms": ms(ts, 0.99), "cpu_p50_ms": ms(cpu, 0.5),
-                     "cpu_p99_ms": ms(cpu, 0.99), "policy_ops_per_step": (getattr(pol, "ops", 0) - ops0) / steps}
+                     "p50_ms": ms(ts, 50), "p99_ms": ms(ts, 99), "cpu_p50_ms": ms(cpu, 50),
+                     "cpu_p99_ms": ms(cpu, 99), "policy_ops_per_step": (getattr(pol, "ops", 0) - ops0) / steps}
     return out
 
 

@@ -40,6 +40,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 from bench.scheduler_time import time_schedule  # noqa: E402
+from bench.stats import pct  # noqa: E402
 from spear_compile.ec.module import CompensatedLinear  # noqa: E402
 from spear_compile.serving.config import EngineConfig  # noqa: E402
 from spear_compile.serving.engine import Engine  # noqa: E402
@@ -57,17 +58,6 @@ def log(msg):
     line = f"[{time.strftime('%H:%M:%S')}] {msg}"
     LOG.append(line)
     print(line, file=sys.stderr, flush=True)
-
-
-def pct(xs, q):
-    xs = sorted(x for x in xs if x is not None)
-    if not xs:
-        return None
-    k = (len(xs) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    if lo == hi or math.isinf(xs[hi]):
-        return xs[hi]
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 # ----------------------------------------------------------------------------------------------- model
