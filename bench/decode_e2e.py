@@ -28,6 +28,7 @@ import spear_compile  # noqa: E402
 from spear_compile.compile import records  # noqa: E402
 from spear_compile.ec.module import CompensatedLinear  # noqa: E402
 from spear_compile.compile.api import optimize, warm_kernels  # noqa: E402
+from spear_compile.modules import cache_kwarg  # noqa: E402
 
 REF = os.path.join(os.path.dirname(spear_compile.__file__), "assets", "spear-ref-16m")
 ROWS = []
@@ -71,7 +72,8 @@ def greedy(prefill, step, prompt, n_new, cache, cudagraphs, host=None, around=No
     cache.reset()
     p = prompt.shape[1]
     pos = torch.arange(p, device=prompt.device)
-    logits = prefill(input_ids=prompt, past_key_values=cache, cache_position=pos, use_cache=True).logits
+    kw = cache_kwarg(prefill)
+    logits = prefill(input_ids=prompt, cache_position=pos, use_cache=True, **{kw: cache}).logits
     tok = logits[:, -1:].argmax(-1)
     toks = [tok]
     pos = torch.full((1,), p, device=prompt.device, dtype=torch.long)
@@ -82,7 +84,7 @@ def greedy(prefill, step, prompt, n_new, cache, cudagraphs, host=None, around=No
     for i in range(n_new - 1):
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        logits = step(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+        logits = step(input_ids=tok, cache_position=pos, use_cache=True, **{kw: cache}).logits
         tok = logits[:, -1:].argmax(-1)
         pos = pos + 1
         toks.append(tok)
@@ -328,8 +330,8 @@ def prefill_timing(args, variant, reps=5):
     pos = torch.arange(n, device="cuda")
     with torch.no_grad():  # the eager model's last-position logits: the compiled prefill is checked against them
         ref_cache = make_cache(model, n + 8)
-        ref = model(input_ids=ids, past_key_values=ref_cache, cache_position=pos, use_cache=True,
-                    logits_to_keep=1).logits.float()
+        ref = model(input_ids=ids, cache_position=pos, use_cache=True, logits_to_keep=1,
+                    **{cache_kwarg(model): ref_cache}).logits.float()
         del ref_cache
     if base == "spear":
         optimize(model, quant=None, fullgraph=True, dynamic=False, mode="reduce-overhead" if "cg" in opts else None)
@@ -341,7 +343,8 @@ def prefill_timing(args, variant, reps=5):
     def run():
         if "cg" in opts:
             torch.compiler.cudagraph_mark_step_begin()
-        return model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1).logits
+        return model(input_ids=ids, cache_position=pos, use_cache=True, logits_to_keep=1,
+                     **{cache_kwarg(model): cache}).logits
 
     for _ in range(3):  # compile, tune the M = n kernels
         cache.reset()  # the cache counts the tokens it holds: every prefill starts from an empty one

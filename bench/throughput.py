@@ -32,6 +32,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))  # run as a script: bench/ of
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 import spear_compile  # noqa: E402
 from spear_compile.ec.module import CompensatedLinear  # noqa: E402
+from spear_compile.modules import cache_kwarg  # noqa: E402
 from spear_compile.lowering.runtime import TUNER  # noqa: E402
 
 REF = os.path.join(os.path.dirname(spear_compile.__file__), "assets", "spear-ref-16m")
@@ -344,8 +345,8 @@ def part_hf(args):
         new = max(o for _, o in batch)
         cache.reset()
         with torch.no_grad():
-            model.generate(ids.to(DEV["device"]), attention_mask=mask.to(DEV["device"]), past_key_values=cache, max_new_tokens=new,
-                           min_new_tokens=new, do_sample=False)
+            model.generate(ids.to(DEV["device"]), attention_mask=mask.to(DEV["device"]), max_new_tokens=new,
+                           min_new_tokens=new, do_sample=False, **{cache_kwarg(model): cache})
     t0 = time.perf_counter()
     run(batches[0][:b])  # compile
     warm = time.perf_counter() - t0

@@ -13,6 +13,7 @@ import spear_compile
 from spear_compile.ec.module import CompensatedLinear
 from spear_compile.compile.inspection import inspect
 from spear_compile.compile.api import optimize
+from spear_compile.modules import cache_kwarg
 
 MODEL = os.path.join(os.path.dirname(spear_compile.__file__), "assets", "spear-ref-16m")
 
@@ -41,13 +42,14 @@ def main():
     eager = model.forward
     optimize(model, quant="w4-pc-rtn", mode="reduce-overhead" if device == "cuda" else None, fullgraph=True, dynamic=False)
     pos = torch.arange(ids.shape[1], device=device)
-    nxt = eager(input_ids=ids, past_key_values=cache, cache_position=pos).logits[:, -1:].argmax(-1)  # eager prefill
+    kw = cache_kwarg(model)  # "cache" in newer transformers, "past_key_values" before
+    nxt = eager(input_ids=ids, cache_position=pos, **{kw: cache}).logits[:, -1:].argmax(-1)  # eager prefill
     out = [nxt]
     for i in range(args.tokens - 1):
         if device == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         pos = torch.tensor([ids.shape[1] + i], device=device)
-        nxt = model.forward(input_ids=nxt, past_key_values=cache, cache_position=pos).logits[:, -1:].argmax(-1)
+        nxt = model.forward(input_ids=nxt, cache_position=pos, **{kw: cache}).logits[:, -1:].argmax(-1)
         out.append(nxt)
     print(tok.decode(torch.cat([ids] + out, 1)[0]))
 

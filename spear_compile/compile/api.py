@@ -15,6 +15,7 @@ import torch.nn as nn
 from . import backend as _backend
 from .records import active
 from ..errors import SpearError
+from ..modules import CACHE_KWARGS
 from ..quant.api import DEFAULT_SKIP, as_config, quantize
 from ..quant.config import QuantConfig
 from ..quant.weight import QuantizedWeight
@@ -143,7 +144,7 @@ def _decode_only(eager_forward, compiled_forward):
             new_tokens = ids.shape[1] if ids is not None and ids.dim() == 3 else None
         else:
             new_tokens = ids.shape[-1]
-        cache = kwargs.get("past_key_values")
+        cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
         fresh = any(not getattr(layer, "is_initialized", True) for layer in getattr(cache, "layers", ()))
         if new_tokens != 1 or fresh:  # prefill, or a one-token prompt whose cache is not allocated yet
             return eager_forward(*args, **kwargs)

@@ -10,6 +10,7 @@ import torch
 import spear_compile
 from spear_compile.ec.module import CompensatedLinear
 from spear_compile.compile.api import optimize, sibling_groups
+from spear_compile.modules import cache_kwarg
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,11 +23,12 @@ PROMPT, NEW = 8, 32
 def greedy(prefill, step, cache, prompt, n_new):
     cache.reset()
     p = prompt.shape[1]
-    logits = prefill(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(p), use_cache=True).logits
+    kw = cache_kwarg(prefill)
+    logits = prefill(input_ids=prompt, cache_position=torch.arange(p), use_cache=True, **{kw: cache}).logits
     tok, toks, all_logits = logits[:, -1:].argmax(-1), [], []
     for i in range(n_new):
         toks.append(tok)
-        logits = step(input_ids=tok, past_key_values=cache, cache_position=torch.tensor([p + i]), use_cache=True).logits
+        logits = step(input_ids=tok, cache_position=torch.tensor([p + i]), use_cache=True, **{kw: cache}).logits
         all_logits.append(logits.float())
         tok = logits[:, -1:].argmax(-1)
     return torch.cat(toks, 1), torch.cat(all_logits, 1)

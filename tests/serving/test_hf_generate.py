@@ -45,4 +45,6 @@ def test_decode_only_routing():
     fwd(input_ids=torch.zeros(2, 1, dtype=torch.long), past_key_values=ready)
     fwd(torch.zeros(1, 1, dtype=torch.long))
     fwd(inputs_embeds=torch.zeros(1, 3, 8))
-    assert calls == ["eager", "eager", "compiled", "compiled", "eager"]
+    fwd(input_ids=torch.zeros(2, 1, dtype=torch.long), cache=fresh)   # the keyword of transformers >= 5.2x
+    fwd(input_ids=torch.zeros(2, 1, dtype=torch.long), cache=ready)
+    assert calls == ["eager", "eager", "compiled", "compiled", "eager", "eager", "compiled"]
