@@ -124,7 +124,8 @@ def build_engine(args, kind, ec_fraction=0.0):
                        max_num_tokens=args.max_num_tokens, max_model_len=args.max_model_len, detokenize=False,
                        compile=args.compile, cuda_graphs=args.compile and dev.type == "cuda", progress=False,
                        cpu_num_blocks=args.cpu_num_blocks, step_log_size=100000, block_size=args.block_size,
-                       ec_switch=True)  # the EC-aware vs EC-blind comparison and the EC on/off switching
+                       ec_switch=True,  # the EC-aware vs EC-blind comparison and the EC on/off switching
+                       compile_regions=args.compile_regions)
     engine = Engine(model, tokenizer, cfg, model_name=f"{kind}")
     setup_s = time.perf_counter() - t0
     log(f"engine {kind} ec={ec_fraction}: setup {setup_s:.1f}s (warm-up {engine.runner.warmup_s:.1f}s: "
@@ -555,6 +556,8 @@ def main(argv=None):
     ap.add_argument("--profile-repeats", type=int, default=3)
     ap.add_argument("--cpu-num-blocks", type=int, default=512)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--compile-regions", action="store_true",
+                    help="EngineConfig.compile_regions: one decoder layer compiled per layer structure (shorter start-up)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU settings (bundled 16M model, short traces)")
     ap.add_argument("--replot", default=None, help="draw the plots (and --md) from a finished run's JSON (+ _raw.json)")
     args = ap.parse_args(argv)
@@ -784,8 +787,9 @@ def write_markdown(results, path, argv):
     w(f"Model: {model}, W4 per-channel RTN (LM head bf16), gated r={a['ec_rank']} ECs on "
       f"{info.get('num_ecs', '?')} linears = {100 * info.get('fraction', 0):.2f}% of the model's bytes. Engine: "
       f"max_num_seqs {a['max_num_seqs']}, max_num_tokens {a['max_num_tokens']} (power-of-two token buckets), "
-      f"max_model_len {a['max_model_len']}, block {a['block_size']}, compiled (`spear` backend) with decode CUDA "
-      f"graphs: {a['compile']}.")
+      f"max_model_len {a['max_model_len']}, block {a['block_size']}, compiled (`spear` backend"
+      f"{', one decoder layer per layer structure' if a.get('compile_regions') else ''}) with CUDA graphs: "
+      f"{a['compile']}.")
     w("")
     w(f"Trace: {a['duration']} s of arrivals per run (Poisson at the rate; the burst runs gamma with burstiness 0.25), "
       f"prompt lengths lognormal (median {a['prompt_median']}, sigma 1.0, clipped to {a['max_prompt']}), outputs "
