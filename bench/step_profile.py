@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import os
@@ -110,40 +111,53 @@ def mixed_step(runner, use_ec, tokens, decodes, context=64, steps=5):
     dec, pre = _fake_requests(decodes, tokens, context, runner.num_blocks, runner.block_size)
     cuda = runner.device.type == "cuda"
     med = lambda v: round(1e6 * statistics.median(v), 1) if v else None  # noqa: E731
-    limit, out, logits_of = runner.mixed.limit, {}, {}
+    out, logits_of = {}, {}
     with torch.no_grad():
         for mode in ("eager", "graph"):
-            runner.mixed.limit = 0 if mode == "eager" else limit
-            for _ in range(2):
-                runner.execute(dec, pre, use_ec)
-            sync()
-            wall, host, device = [], [], []
-            for _ in range(steps):
-                if cuda:
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                t0 = time.perf_counter()
-                logits, rows = runner.execute(dec, pre, use_ec)
-                host.append(time.perf_counter() - t0)
-                if cuda:
-                    b.record()
-                logits[:rows].argmax(-1).tolist()
-                wall.append(time.perf_counter() - t0)
-                if cuda:
-                    b.synchronize()
-                    device.append(a.elapsed_time(b) / 1e3)
-            logits_of[mode] = logits[:rows].float().clone()
+            ctx = uncaptured(runner) if mode == "eager" else contextlib.nullcontext()
+            with ctx:
+                for _ in range(2):
+                    runner.execute(dec, pre, use_ec)
+                sync()
+                wall, host, device = [], [], []
+                for _ in range(steps):
+                    if cuda:
+                        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        a.record()
+                    t0 = time.perf_counter()
+                    logits, rows = runner.execute(dec, pre, use_ec)
+                    host.append(time.perf_counter() - t0)
+                    if cuda:
+                        b.record()
+                    logits[:rows].argmax(-1).tolist()
+                    wall.append(time.perf_counter() - t0)
+                    if cuda:
+                        b.synchronize()
+                        device.append(a.elapsed_time(b) / 1e3)
+                logits_of[mode] = logits[:rows].float().clone()
             prefix = "" if mode == "eager" else "graph_"
             out.update({prefix + "wall_us": med(wall), prefix + "host_us": med(host), prefix + "device_us": med(device)})
         out["graphs"] = len(runner.mixed.graphs)
         if not out["graphs"]:
             print(f"WARNING: the mixed step ({tokens} + {decodes} decodes) was not captured (mixed graph limit "
-                  f"{limit}, max rows {runner.mixed.max_rows}): its 'graph' columns are uncaptured too", flush=True)
+                  f"{runner.mixed.limit}, max rows {runner.mixed.max_rows}): its 'graph' columns are uncaptured too",
+                  flush=True)
         out["graph_max_abs_diff"] = float((logits_of["graph"] - logits_of["eager"]).abs().max())
-        runner.mixed.limit = 0
-        kern = kernels_of(lambda: runner.execute(dec, pre, use_ec), steps, cuda)
-        runner.mixed.limit = limit
+        with uncaptured(runner):
+            kern = kernels_of(lambda: runner.execute(dec, pre, use_ec), steps, cuda)
     return out, kern
+
+
+@contextlib.contextmanager
+def uncaptured(runner):
+    """Mixed steps run without CUDA graphs inside: none is captured (limit 0) and the captured ones are set aside
+    (a step whose graph exists replays it whatever the limit)."""
+    limit, graphs = runner.mixed.limit, runner.mixed.graphs
+    runner.mixed.limit, runner.mixed.graphs = 0, {}
+    try:
+        yield
+    finally:
+        runner.mixed.limit, runner.mixed.graphs = limit, graphs
 
 
 def host_profile(runner, use_ec, tokens, decodes, steps=10, top=30, context=64):
@@ -153,20 +167,16 @@ def host_profile(runner, use_ec, tokens, decodes, steps=10, top=30, context=64):
     import pstats
     from spear_compile.serving.scheduler.profile import _fake_requests
     dec, pre = _fake_requests(decodes, tokens, context, runner.num_blocks, runner.block_size)
-    limit, runner.mixed.limit = runner.mixed.limit, 0
-    try:
-        with torch.no_grad():
-            for _ in range(2):
-                runner.execute(dec, pre, use_ec)
-            sync()
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(steps):
-                runner.execute(dec, pre, use_ec)
-            prof.disable()
-            sync()
-    finally:
-        runner.mixed.limit = limit
+    with torch.no_grad(), uncaptured(runner):
+        for _ in range(2):
+            runner.execute(dec, pre, use_ec)
+        sync()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(steps):
+            runner.execute(dec, pre, use_ec)
+        prof.disable()
+        sync()
     stats = pstats.Stats(prof).stats
     total = sum(v[2] for v in stats.values())
     rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
