@@ -607,8 +607,8 @@ def main(argv=None):
         results["slo_note"] = (f"The per-token SLO is 5x the profiled decode-only step at 32 running requests "
                                f"({dec32 * 1e3:.2f} ms on this GPU, ECs on), Sarathi-Serve's 'strict' SLO construction "
                                f"(a small multiple of an undisturbed decode iteration), and at least 2x the cheapest "
-                               f"mixed step at 32 running ({mix32 * 1e3:.2f} ms: a mixed step runs no CUDA graph, so "
-                               f"its fixed cost is not a decode replay's): a stall-free scheduler can hold it, one "
+                               f"mixed step at 32 running ({mix32 * 1e3:.2f} ms, 32 decodes + a {chunk}-token chunk): "
+                               f"a stall-free scheduler can hold it, one "
                                f"long prefill in a step cannot. TTFT {args.ttft_slo_ms:.0f} ms is an interactive "
                                f"chat target for prompts up to {args.max_prompt} tokens on a 1B model.")
     else:
