@@ -1,7 +1,9 @@
 # Run at the end of every device call (bench/GPU_RUNS.md): the tuning cache and the compile caches back into $OUT
 # (a returned file may hold 16 MiB: the Triton cache is left out when both do not fit, then the Inductor one too).
-# only the tuning / step-cost files this call wrote ($OUT returns 8 files at most)
-find bench/tune_cache -name '*.json' -newer /tmp/spear_call_start -exec cp {} "$OUT"/ \; 2>/dev/null
+# the tuning / step-cost files that differ from the tree's (tuned by this call or an earlier one on this machine)
+for f in "${SPEAR_TUNE_CACHE:-/nonexistent}"/*.json; do
+    [ -f "$f" ] && ! cmp -s "$f" "bench/tune_cache/${f##*/}" && cp "$f" "$OUT"/
+done
 [ -n "$SPEAR_COMPILE_CACHE" ] && cd "$SPEAR_COMPILE_CACHE" 2>/dev/null || exit 0
 for parts in "inductor triton" "inductor"; do
     tar -czf "$OUT/compile_cache.tgz" $parts 2>/dev/null
