@@ -70,13 +70,15 @@ def test_decode_graphs_replay_like_eager_in_any_order():
             assert err < 1e-2, f"graph {key} vs eager: max error {err:.3g} of the largest logit"
 
 
-def test_serving_across_bucket_switches_equals_no_graphs():
+@pytest.mark.parametrize("regions", [False, True], ids=["whole_model", "compile_regions"])
+def test_serving_across_bucket_switches_equals_no_graphs(regions):
+    """``compile_regions``: each decoder layer its own compiled graph inside the step's CUDA graph."""
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 8000, (n,), generator=g).tolist() for n in (7, 19, 3, 30, 12)]
     lens = (20, 6, 14, 3, 9)   # requests leave at different steps: the batch shrinks 4 -> 3 -> 2 -> 1, and grows
     results = []
     for graphs in (True, False):
-        eng = Engine(_model(), None, _config(cuda_graphs=graphs))
+        eng = Engine(_model(), None, _config(cuda_graphs=graphs, compile_regions=regions))
         for _ in range(2 if graphs else 1):   # with graphs, twice: the second run replays the mixed steps' graphs
             outs = eng.generate(prompts, [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0)
                                           for n in lens])
