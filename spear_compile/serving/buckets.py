@@ -25,10 +25,19 @@ def pow2_buckets(lo: int, hi: int) -> tuple:
     return tuple(sorted(set(out)))
 
 
+def pow2_bucket(n: int, lo: int, hi: int) -> int:
+    """``next_bucket(n, pow2_buckets(lo, hi))`` for ``n <= max(hi, lo)``, without building the buckets (the step cost
+    model pads with it several times a scheduling step)."""
+    b = lo
+    while b < n:
+        b *= 2
+    return b if b < hi else max(hi, lo)
+
+
 def mixed_decode_rows(num_decodes: int, num_prefill_tokens: int, max_decode_rows: int, max_tokens: int) -> int:
     """Decode rows a mixed step runs: at least ``MIN_DIM`` (dummies), padded to a power of two up to
     ``max_decode_rows`` (fewer graph keys), unless the padded rows and the prefill tokens would overflow
     ``max_tokens`` (the largest token bucket)."""
     rows = max(num_decodes, MIN_DIM)
-    padded = next_bucket(rows, pow2_buckets(MIN_DIM, max(MIN_DIM, max_decode_rows, rows)))
+    padded = pow2_bucket(rows, MIN_DIM, max(MIN_DIM, max_decode_rows, rows))
     return padded if padded + num_prefill_tokens <= max_tokens else rows

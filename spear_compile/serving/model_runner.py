@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import SpearError
-from .buckets import MIN_DIM, mixed_decode_rows, next_bucket, pow2_buckets
+from .buckets import MIN_DIM, mixed_decode_rows, next_bucket, pow2_bucket, pow2_buckets
 from .config import EngineConfig
 from .cuda_graphs import (DecodeGraph, GraphCapture, MixedGraphs, StandInGraph, multi_rank, pack_flat,
                           unpack_flat)
@@ -322,7 +322,7 @@ class ModelRunner:
         d_tables = self._table(decodes, d_width) + [PAD_BLOCK] * ((nd - len(decodes)) * d_width)
         d_ctx = [r.num_computed_tokens + 1 for r in decodes] + [1] * (nd - len(decodes))
         logits_rows = list(range(len(decodes)))
-        q_len = next_bucket(max(max(n for _, n in prefills), MIN_DIM), pow2_buckets(MIN_DIM, max(MIN_DIM, self.token_buckets[-1])))
+        q_len = pow2_bucket(max(max(n for _, n in prefills), MIN_DIM), MIN_DIM, max(MIN_DIM, self.token_buckets[-1]))
         num_p = max(len(prefills), MIN_DIM)
         num_p = 1 << (num_p - 1).bit_length()
         q_index, q_pos = [], []

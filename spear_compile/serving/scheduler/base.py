@@ -165,9 +165,13 @@ class Scheduler:
             elif todo > 1:
                 partial.append(r)
         # 1. decodes: one token each, oldest first; preempt the newest running request when blocks run out
-        i = 0
+        i, block_size = 0, self.blocks.block_size
         while i < len(decoding):
             req = decoding[i]
+            if req.num_computed_tokens < len(req.block_ids) * block_size:  # room in its last block (most steps)
+                plan.decodes.append(req)
+                i += 1
+                continue
             while not self.blocks.allocate(req, 1):
                 victim = self.running[-1]
                 self._preempt(victim, plan)

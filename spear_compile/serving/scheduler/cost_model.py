@@ -214,6 +214,7 @@ class StepCostModel:
         self.fit_error: dict = {}
         self._log_correction: dict = {}   # (bin, mixed, signature or None) -> log of the multiplicative correction
         self._ec_cache: dict = {}         # signature -> per bin (f . r, g . r)
+        self._rows_cache: dict = {}       # (decodes, prefill tokens) -> mixed decode rows (the scheduler asks often)
 
     # features -------------------------------------------------------------------------------------------------
     @property
@@ -306,8 +307,14 @@ class StepCostModel:
         return pad_tokens(num_decodes, num_prefill_tokens, self.decode_buckets, self.token_buckets, self.mixed_min_rows)
 
     def mixed_rows(self, num_decodes: int, num_prefill_tokens: int) -> int:
-        return mixed_rows(num_decodes, num_prefill_tokens, self.decode_buckets, self.token_buckets,
-                          self.mixed_min_rows)
+        key = (num_decodes, num_prefill_tokens)
+        rows = self._rows_cache.get(key)
+        if rows is None:
+            rows = mixed_rows(num_decodes, num_prefill_tokens, self.decode_buckets, self.token_buckets,
+                              self.mixed_min_rows)
+            if len(self._rows_cache) < 65536:   # bounded: a scheduler asks about few (decodes, bucket) pairs
+                self._rows_cache[key] = rows
+        return rows
 
     def prefill_room(self, num_decodes: int, num_tokens: int) -> int:
         """Prefill tokens that fit a mixed step of ``num_tokens`` beside ``num_decodes`` decodes (padded as the
