@@ -364,12 +364,12 @@ def warm_up_shapes(bundle, policies, rate, args, clock):
     seconds' probe would count against whichever policy met the shape first. Returns the mixed graphs before/after."""
     mixed = bundle["engine"].runner.mixed
     before, t0 = len(mixed.graphs), time.perf_counter()
-    for k in range(args.warmup_runs):
-        for policy in policies:
-            if clock.left < run_cost(args) * (1 + len(policies)):
-                log("  warm-up cut short (time)")
-                break
-            probe(bundle, policy, rate, args, seed=500 + k, label=f"warm-up {policy}")
+    runs = [(k, policy) for k in range(args.warmup_runs) for policy in policies]
+    for k, policy in runs:
+        if clock.left < run_cost(args) * (1 + len(policies)):
+            log("  warm-up cut short (time)")
+            break
+        probe(bundle, policy, rate, args, seed=500 + k, label=f"warm-up {policy}")
     out = {"mixed_graphs_before": before, "mixed_graphs_after": len(mixed.graphs),
            "seconds": round(time.perf_counter() - t0, 1)}
     log(f"warm-up runs: mixed-step graphs {before} -> {len(mixed.graphs)} in {out['seconds']} s")

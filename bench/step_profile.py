@@ -114,27 +114,8 @@ def mixed_step(runner, use_ec, tokens, decodes, context=64, steps=5):
     out, logits_of = {}, {}
     with torch.no_grad():
         for mode in ("eager", "graph"):
-            ctx = uncaptured(runner) if mode == "eager" else contextlib.nullcontext()
-            with ctx:
-                for _ in range(2):
-                    runner.execute(dec, pre, use_ec)
-                sync()
-                wall, host, device = [], [], []
-                for _ in range(steps):
-                    if cuda:
-                        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        a.record()
-                    t0 = time.perf_counter()
-                    logits, rows = runner.execute(dec, pre, use_ec)
-                    host.append(time.perf_counter() - t0)
-                    if cuda:
-                        b.record()
-                    logits[:rows].argmax(-1).tolist()
-                    wall.append(time.perf_counter() - t0)
-                    if cuda:
-                        b.synchronize()
-                        device.append(a.elapsed_time(b) / 1e3)
-                logits_of[mode] = logits[:rows].float().clone()
+            with uncaptured(runner) if mode == "eager" else contextlib.nullcontext():
+                wall, host, device, logits_of[mode] = timed_steps(runner, dec, pre, use_ec, steps, cuda)
             prefix = "" if mode == "eager" else "graph_"
             out.update({prefix + "wall_us": med(wall), prefix + "host_us": med(host), prefix + "device_us": med(device)})
         out["graphs"] = len(runner.mixed.graphs)
@@ -146,6 +127,30 @@ def mixed_step(runner, use_ec, tokens, decodes, context=64, steps=5):
         with uncaptured(runner):
             kern = kernels_of(lambda: runner.execute(dec, pre, use_ec), steps, cuda)
     return out, kern
+
+
+def timed_steps(runner, dec, pre, use_ec, steps, cuda):
+    """Two warm-up steps, then ``steps`` timed ones: wall (execute + the logits read back), host (until execute
+    returns) and device (CUDA events) seconds, and the last step's logits rows."""
+    for _ in range(2):
+        runner.execute(dec, pre, use_ec)
+    sync()
+    wall, host, device = [], [], []
+    for _ in range(steps):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+        t0 = time.perf_counter()
+        logits, rows = runner.execute(dec, pre, use_ec)
+        host.append(time.perf_counter() - t0)
+        if cuda:
+            b.record()
+        logits[:rows].argmax(-1).tolist()
+        wall.append(time.perf_counter() - t0)
+        if cuda:
+            b.synchronize()
+            device.append(a.elapsed_time(b) / 1e3)
+    return wall, host, device, logits[:rows].float().clone()
 
 
 @contextlib.contextmanager

@@ -220,7 +220,7 @@ class PagedLlama(nn.Module):
         return self.lm_head(self.norm(x))
 
     def decode_loop(self, layer_fn, head_fn, input_ids, positions, slot_block, slot_off, tables, ctx_lens,
-                        use_ec: bool = True):
+                    use_ec: bool = True):
         """A decode step as a loop over ``layer_fn`` (``decode_layer``, or its compiled region) and ``head_fn``
         (``logits``)."""
         x, cos, sin = self.embed(input_ids, positions)
@@ -230,7 +230,7 @@ class PagedLlama(nn.Module):
         return head_fn(x)
 
     def mixed_loop(self, layer_fn, head_fn, input_ids, positions, slot_block, slot_off, d_tables, d_ctx_lens,
-                       p_tables, p_q_index, p_q_pos, logits_index, use_ec: bool = True):
+                   p_tables, p_q_index, p_q_pos, logits_index, use_ec: bool = True):
         """A mixed step as a loop over ``layer_fn`` (``mixed_layer``, or its compiled region) and ``head_fn``."""
         x, cos, sin = self.embed(input_ids, positions)
         for i, layer in enumerate(self.layers):
@@ -242,7 +242,7 @@ class PagedLlama(nn.Module):
     def decode_forward(self, input_ids, positions, slot_block, slot_off, tables, ctx_lens, use_ec: bool = True):
         """Decode-only step: B sequences, one token each. Returns logits [B, vocab]."""
         return self.decode_loop(self.decode_layer, self.logits, input_ids, positions, slot_block, slot_off, tables,
-                                    ctx_lens, use_ec)
+                                ctx_lens, use_ec)
 
     def decode_forward_static_rows(self, input_ids, positions, slot_block, slot_off, tables, ctx_lens, use_ec: bool = True):
         """``decode_forward`` under its own code object, so that it compiles apart: called with the batch dimension
@@ -255,4 +255,4 @@ class PagedLlama(nn.Module):
         """A step with prefill chunks: tokens [T] = Bd decode rows first, then the chunks' tokens, then padding.
         Returns logits [S, vocab] of the rows ``logits_index``."""
         return self.mixed_loop(self.mixed_layer, self.logits, input_ids, positions, slot_block, slot_off, d_tables,
-                                   d_ctx_lens, p_tables, p_q_index, p_q_pos, logits_index, use_ec)
+                               d_ctx_lens, p_tables, p_q_index, p_q_pos, logits_index, use_ec)

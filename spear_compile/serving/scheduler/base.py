@@ -168,7 +168,8 @@ class Scheduler:
         i, block_size = 0, self.blocks.block_size
         while i < len(decoding):
             req = decoding[i]
-            if req.num_computed_tokens < len(req.block_ids) * block_size:  # room in its last block (most steps)
+            # KVBlockManager.allocate's first check, inlined (most steps: room in the last block; no call per decode)
+            if req.num_computed_tokens < len(req.block_ids) * block_size:
                 plan.decodes.append(req)
                 i += 1
                 continue
