@@ -16,6 +16,7 @@ from ..errors import SpearError
 from .configs import m_bucket
 from .precompile import precompile
 from .tune_cache import TuneCache
+from .workspace import outside_graph_pools
 
 Timings = List[Tuple[str, object]]  # (config name, ms or "failed: ..." / "wrong: ...")
 
@@ -92,7 +93,9 @@ class Tuner:
             cfg, self.timings[key] = hit
         else:
             t0 = time.perf_counter()
-            cfg = self.tune(key, cands, run, reference, out)
+            # (on a thread of its own: inside a CUDA-graph tree's warm-up its buffers and timing captures would
+            # draw from the tree's pool)
+            cfg = outside_graph_pools(lambda: self.tune(key, cands, run, reference, out))
             self.tuned_keys += 1
             self.tune_seconds += time.perf_counter() - t0
             self.cache.store(key, cfg.name, self.timings[key], device)

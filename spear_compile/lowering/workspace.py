@@ -6,30 +6,66 @@ never sees another's state: but two launches running at once on two streams of o
 that is the capture stream: warm a shape up on the stream that will capture it (Inductor's CUDA-graph trees
 warm up and record on one stream of their own) or the first capture allocates that stream's buffers and records
 their zero-fill into the graph. Outside capture the buffers are allocated and zeroed on a stream of their own
-(the current stream then waits for it): never from a CUDA-graph memory pool routed to the current stream (as in a
-CUDA-graph tree's warm-up), whose checkpoint restores could hand their memory out again.
+(the current stream then waits for it), from a thread of their own (``outside_graph_pools``): a CUDA-graph tree's
+warm-up routes every allocation of the *calling thread* to the tree's pool, whatever the stream, and then refuses
+to go on ("tensors in the cudagraph pool not tracked as outputs"; its checkpoint restores would hand their memory
+out again).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 
 from .configs import MAX_DECODE_M, MAX_EC_RANK, MAX_GROUP, MIN_BLOCK_N, cdiv
 
+T = TypeVar("T")
+
 
 def _zeros(numel, dtype, device, alloc_stream):
-    """A persistent zeroed buffer: made on ``alloc_stream`` (outside any pool routed to the current stream) and
-    waited for by the current stream; made in place during capture (the zero-fill is captured)."""
+    """A persistent zeroed buffer: made on ``alloc_stream`` from a thread of its own (outside any CUDA-graph pool)
+    and waited for by the current stream; made in place during capture (the zero-fill is captured)."""
     if alloc_stream is None or torch.cuda.is_current_stream_capturing():
         return torch.zeros(numel, dtype=dtype, device=device)
     current = torch.cuda.current_stream(device)
     alloc_stream.wait_stream(current)
-    with torch.cuda.stream(alloc_stream):
-        t = torch.zeros(numel, dtype=dtype, device=device)
+
+    def make():
+        with torch.cuda.stream(alloc_stream):
+            return torch.zeros(numel, dtype=dtype, device=device)
+    t = outside_graph_pools(make)
     current.wait_stream(alloc_stream)
     return t
+
+
+def outside_graph_pools(fn: Callable[[], T]) -> T:
+    """``fn()`` run on a short-lived thread of its own, on the caller's CUDA device and stream, in its grad mode and
+    context variables:
+    its allocations come from the ordinary caching allocator even inside a CUDA-graph tree's warm-up, which routes
+    the calling thread's allocations to the tree's pool (``torch._C._cuda_beginAllocateCurrentThreadToPool``).
+    For what outlives the call (workspaces, the tuner's buffers) and what runs CUDA graphs of its own (the tuner's
+    timing captures). The caller waits for it; its exception is raised in the caller."""
+    grad, context = torch.is_grad_enabled(), contextvars.copy_context()
+    stream = torch.cuda.current_stream() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    box = {}
+
+    def target():
+        try:
+            with torch.set_grad_enabled(grad), (torch.cuda.stream(stream) if stream is not None
+                                                else contextlib.nullcontext()):
+                box["value"] = context.run(fn)
+        except BaseException as e:  # noqa: BLE001  (re-raised in the caller)
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="spear-outside-graph-pools")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 class Workspace:

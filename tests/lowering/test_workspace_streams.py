@@ -102,3 +102,22 @@ def test_decode_on_two_streams_at_once_matches_one_stream(m, ec, cfg):
         for y in outs[i]:
             assert rel(y.cpu(), refs[i]) < 1e-2, f"stream {i}: {cfg.name} wrong when run beside another stream"
             assert rel(y.cpu(), alone[i].cpu().double()) < 2e-3
+
+
+def test_outside_graph_pools_runs_on_its_own_thread_in_the_callers_state():
+    """The thread that makes workspaces and tunes outside any CUDA-graph pool: another thread, the caller's grad
+    mode, its value returned and its exception raised in the caller."""
+    import threading
+    caller = threading.get_ident()
+    seen = {}
+
+    def probe():
+        seen.update(thread=threading.get_ident(), grad=torch.is_grad_enabled())
+        return 7
+
+    with torch.no_grad():
+        assert workspace.outside_graph_pools(probe) == 7
+    assert seen == {"thread": seen["thread"], "grad": False} and seen["thread"] != caller
+    assert workspace.outside_graph_pools(lambda: torch.is_grad_enabled()) is True
+    with pytest.raises(ValueError, match="boom"):
+        workspace.outside_graph_pools(lambda: (_ for _ in ()).throw(ValueError("boom")))
