@@ -273,6 +273,10 @@ def run_trace(bundle, policy_name, trace, args, ec_enabled=True, switch_period_s
              step_err_p50_pct=pct(errs, 50), step_err_p90_pct=pct(errs, 90), num_predicted_steps=len(errs),
              step_err_p90_pct_no_capture=pct(errs_replayed, 90),
              capture_steps=sum(r.captured_graph for r in records),
+             uncaptured_mixed_steps=sum(r.uncaptured_mixed for r in records),
+             mixed_graphs=len(engine.runner.mixed.graphs),
+             graph_capture_mib=round(engine.runner.capture.capture_bytes / 2 ** 20, 1),
+             graph_captures=engine.runner.capture.captures,
              sched_ms_p50=_ms(pct(st, 50)), sched_ms_p99=_ms(pct(st, 99)), sched_ms_p50_at_48plus=_ms(pct(st64, 50)),
              max_running=max((k for k, _ in sched_times), default=0),
              ec_switches=bool(switch_period_s), ec_enabled=ec_enabled,
@@ -361,7 +365,9 @@ class Clock:
 def warm_up_shapes(bundle, policies, rate, args, clock):
     """Unmeasured runs of a trace (its own seed) per policy before the measured ones: a mixed step's first occurrence
     of a shape runs uncaptured and captures its CUDA graph (tens of ms, once per shape while serving), which in a few
-    seconds' probe would count against whichever policy met the shape first. Returns the mixed graphs before/after."""
+    seconds' probe would count against whichever policy met the shape first. Run k is at ``rate / 2 ** k``: the
+    capacity search probes downwards from the start rate, and fewer requests running meet other shapes (fewer decode
+    rows, shorter block tables). Returns the mixed graphs before/after and the rates."""
     mixed = bundle["engine"].runner.mixed
     before, t0 = len(mixed.graphs), time.perf_counter()
     runs = [(k, policy) for k in range(args.warmup_runs) for policy in policies]
@@ -369,9 +375,10 @@ def warm_up_shapes(bundle, policies, rate, args, clock):
         if clock.left < run_cost(args) * (1 + len(policies)):
             log("  warm-up cut short (time)")
             break
-        probe(bundle, policy, rate, args, seed=500 + k, label=f"warm-up {policy}")
+        probe(bundle, policy, rate / 2 ** k, args, seed=500 + k, label=f"warm-up {policy}")
     out = {"mixed_graphs_before": before, "mixed_graphs_after": len(mixed.graphs),
-           "seconds": round(time.perf_counter() - t0, 1)}
+           "seconds": round(time.perf_counter() - t0, 1),
+           "rates": [round(rate / 2 ** k, 2) for k in range(args.warmup_runs)]}
     log(f"warm-up runs: mixed-step graphs {before} -> {len(mixed.graphs)} in {out['seconds']} s")
     return out
 
@@ -562,7 +569,7 @@ def main(argv=None):
     ap.add_argument("--drain-s", type=float, default=4.0, help="seconds after the last arrival before aborting")
     ap.add_argument("--probes", type=int, default=3)
     ap.add_argument("--warmup-runs", type=int, default=1, help="unmeasured runs per policy before the measured ones "
-                    "(mixed-step graphs captured at their shapes' first step)")
+                    "(mixed-step graphs captured at their shapes' first step), run k at the start rate / 2^k")
     ap.add_argument("--time-budget", type=float, default=480.0)
     ap.add_argument("--ec-fraction", type=float, default=0.01)
     ap.add_argument("--ec-fraction-large", type=float, default=0.05)
@@ -822,10 +829,18 @@ def write_markdown(results, path, argv):
     wu = results.get("warmup")
     if wu:
         w("")
-        w(f"Before the measured runs, {a.get('warmup_runs', 1)} unmeasured run(s) per policy at the start rate "
+        rates = ", ".join(f"{r:g}" for r in wu.get("rates", [])) or "the start rate"
+        w(f"Before the measured runs, {a.get('warmup_runs', 1)} unmeasured run(s) per policy (at {rates} req/s) "
           f"captured the mixed-step CUDA graphs of the shapes they met ({wu['mixed_graphs_before']} -> "
           f"{wu['mixed_graphs_after']} graphs, {wu['seconds']} s); shapes a measured run meets first still capture "
           f"there (counted under the cost model below).")
+    unc = sum(m.get("uncaptured_mixed_steps") or 0 for m in runs)
+    last = runs[-1] if runs else {}
+    if last.get("graph_captures"):
+        w("")
+        w(f"CUDA graphs at the end: {last.get('mixed_graphs')} mixed-step graphs; all {last['graph_captures']} "
+          f"captures took {last.get('graph_capture_mib')} MiB of device memory. Mixed steps run uncaptured in the "
+          f"measured runs (graph limit reached or the device low on memory): {unc}.")
     w("")
     w(f"SLO: TTFT {slo['ttft_ms']:.0f} ms, per-token latency {slo['tpot_ms']:.0f} ms. " + results.get("slo_note", ""))
     w("")
@@ -864,8 +879,9 @@ def write_markdown(results, path, argv):
     w("## All runs")
     w("")
     w("| run | rate | done | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms | E2EL p50 / p99 ms | goodput "
-      "req/s | attain. | tok/s | ITL > SLO | step err p50 / p90 % | sched ms p50 / p99 | recompiles |")
-    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+      "req/s | attain. | tok/s | ITL > SLO | step err p50 / p90 % | sched ms p50 / p99 | recompiles | mixed steps "
+      "capturing / uncaptured (graphs) |")
+    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for m in runs:
         g = lambda x: "-" if x is None else (f"{x:.1f}" if isinstance(x, float) else str(x))  # noqa: E731
         w(f"| {m['label']} | {m['rate']:.2f} | {m['completed']}/{m['num_requests']} | {g(m['ttft_ms_p50'])} / "
@@ -873,7 +889,8 @@ def write_markdown(results, path, argv):
           f"{g(m['itl_ms_p99'])} | {g(m['e2el_ms_p50'])} / {g(m['e2el_ms_p99'])} | {m['goodput_rps']:.2f} | "
           f"{m['slo_attainment']:.2f} | {m['output_tok_s']:.0f} | {m.get('itl_violations')}/{m.get('num_itl')} | "
           f"{g(m['step_err_p50_pct'])} / {g(m['step_err_p90_pct'])} | {g(m['sched_ms_p50'])} / {g(m['sched_ms_p99'])} "
-          f"| {m['recompiles']} |")
+          f"| {m['recompiles']} | {g(m.get('capture_steps'))} / {g(m.get('uncaptured_mixed_steps'))} "
+          f"({g(m.get('mixed_graphs'))}) |")
     w("")
     stab = [m for m in runs if m.get("stability")]
     if stab:

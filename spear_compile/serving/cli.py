@@ -66,7 +66,7 @@ def add_cli(subparsers) -> None:
                         "whole model per phase: a fraction of the start-up compile time (docs/serving.md)")
     p.add_argument("--mixed-cuda-graphs", type=int, default=None,
                    help="most mixed-step (prefill + decode) CUDA graphs, each captured at its shapes' first step "
-                        "(default 256; 0: mixed steps run uncaptured, decode steps still replay graphs)")
+                        "(default 1024; 0: mixed steps run uncaptured, decode steps still replay graphs)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=_run_serve)
 

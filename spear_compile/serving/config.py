@@ -37,8 +37,11 @@ class EngineConfig:
     ttft_slo_ms: Optional[float] = None
     tpot_slo_ms: Optional[float] = None
     cuda_graphs: bool = True
-    mixed_cuda_graphs: int = 256            # most mixed-step graphs (0: mixed steps uncaptured); the graphs share
-    #   the decode graphs' memory pool and one logits buffer, so each adds little memory; a step beyond runs uncaptured
+    mixed_cuda_graphs: int = 1024           # most mixed-step graphs (0: mixed steps uncaptured); the graphs share
+    #   the decode graphs' memory pool and one logits buffer, so each adds little memory; a step beyond runs uncaptured,
+    #   as every new key does once a capture leaves the device under 1 GiB free (GraphCapture.MIN_FREE_BYTES). 256
+    #   was reached in the first measured run of session 20's serving bench (243 graphs after one warm-up run of a
+    #   1B model at 16.7 req/s), and the uncaptured steps that followed (30-45 ms) decided every probe's p99 ITL
     compile: bool = True
     compile_regions: bool = False           # compile one decoder layer (once per distinct layer structure) and the
     #   LM head instead of the whole model per phase: a fraction of the start-up compile time; the layers then run

@@ -107,12 +107,22 @@ class MixedGraph:
 class GraphCapture:
     """The capture stream and the memory pool that every graph of one runner shares (they never run at once)."""
 
+    MIN_FREE_BYTES = 1 << 30   # no capture while serving leaves the device less free memory than this
+
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.pool = None
         self.capture_s = 0.0
+        self.captures = 0
+        self.capture_bytes = 0          # device memory the captures took (graph objects and the pool's growth)
+        self.free_bytes = None          # the device's free memory after the last capture
+
+    def low_on_memory(self) -> bool:
+        """Whether the last capture left the device less than ``MIN_FREE_BYTES`` free: graphs captured while
+        serving use memory beside the KV cache, so capturing stops there (those steps run uncaptured)."""
+        return self.free_bytes is not None and self.free_bytes < self.MIN_FREE_BYTES
 
     def eager(self, fn: Callable):
         """``fn()`` on the capture stream (its workspaces allocated outside the pool), ordered with the current
@@ -128,12 +138,16 @@ class GraphCapture:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         before = workspace_footprint(self.stream, self.device)
+        free_before = torch.cuda.mem_get_info(self.device)[0]
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode=error_mode):
                 out = fn()
         finally:
             self.capture_s += time.perf_counter() - t0
+            self.free_bytes = torch.cuda.mem_get_info(self.device)[0]
+            self.capture_bytes += max(0, free_before - self.free_bytes)
+            self.captures += 1
         if workspace_footprint(self.stream, self.device) != before:
             raise SpearError(f"serving engine: {what} allocated kernel workspace during its CUDA-graph capture, where "
                              "the shared graph pool would clobber it; its eager run on the capture stream should have "
@@ -157,8 +171,9 @@ class MixedGraphs:
         self.uncaptured = 0         # mixed steps served without a graph (limit reached, capture failed, TP)
 
     def has_room(self, rows: int) -> bool:
-        """Whether a new key of ``rows`` logits rows may be captured (under the limit, its rows fit the buffer)."""
-        return len(self.graphs) < self.limit and rows <= self.max_rows
+        """Whether a new key of ``rows`` logits rows may be captured (under the limit, its rows fit the buffer, the
+        device not low on memory)."""
+        return len(self.graphs) < self.limit and rows <= self.max_rows and not self.capture.low_on_memory()
 
     def replay(self, g: MixedGraph) -> torch.Tensor:
         self.replays += 1

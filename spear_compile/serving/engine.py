@@ -68,6 +68,7 @@ class StepRecord:
     num_prefills: int = 0
     ec_enabled: bool = False
     captured_graph: bool = False   # the step ran eagerly to capture its mixed-step CUDA graph (once per shape key)
+    uncaptured_mixed: bool = False  # a mixed step run without a graph (the limit reached, or its capture failed)
 
 
 @dataclass
@@ -87,6 +88,7 @@ class EngineStats:
     prefix_cache_hit_tokens: int = 0   # prompt tokens taken from cached KV blocks instead of computed
     mixed_graphs: int = 0              # mixed-step CUDA graphs captured (one per input-shape key)
     uncaptured_mixed_steps: int = 0    # mixed steps run without a graph while serving (limit reached, capture failed, TP)
+    graph_capture_mib: float = 0.0     # device memory the CUDA-graph captures took (decode and mixed graphs)
 
 
 def load_model(model_path: str, quant: Optional[str] = "w4-pc-rtn", ec: Optional[str] = None,
@@ -368,7 +370,7 @@ class Engine:
         sampled = list(plan.decodes) + [r for r, n in plan.prefills if r.num_computed_tokens + n == r.num_tokens]
         sink = self.runner.step_sink
         sent = sink.steps_sent if sink is not None else 0
-        first_steps = self.runner.mixed.first_steps
+        first_steps, uncaptured = self.runner.mixed.first_steps, self.runner.mixed.uncaptured
         try:
             logits, rows = self.runner.execute(plan.decodes, plan.prefills, ec)
             t_host = time.perf_counter() - t0
@@ -392,7 +394,8 @@ class Engine:
         self.step_log.append(StepRecord(time=now, num_decodes=len(plan.decodes), num_prefill_tokens=plan.num_prefill_tokens,
                                         sum_context=sum_context, ec_signature=self.ec_signature,
                                         predicted_s=plan.predicted_s, measured_s=measured, host_s=t_host,
-                                        num_prefills=len(plan.prefills), ec_enabled=ec, captured_graph=captured))
+                                        num_prefills=len(plan.prefills), ec_enabled=ec, captured_graph=captured,
+                                        uncaptured_mixed=self.runner.mixed.uncaptured != uncaptured))
         return outputs
 
     def _fail_step(self, plan, error: Exception) -> list:
@@ -476,4 +479,5 @@ class Engine:
                            warmup_s=self.runner.warmup_s, step_log=list(self.step_log),
                            prefix_cache_hit_tokens=self.blocks.num_cached_tokens,
                            mixed_graphs=len(self.runner.mixed.graphs),
-                           uncaptured_mixed_steps=self.runner.mixed.uncaptured)
+                           uncaptured_mixed_steps=self.runner.mixed.uncaptured,
+                           graph_capture_mib=round(self.runner.capture.capture_bytes / 2 ** 20, 1))

@@ -100,7 +100,7 @@ class OverlappedSteps:
         if eng.device.type == "cuda":
             started = torch.cuda.Event(enable_timing=True)
             started.record()
-        first_steps = eng.runner.mixed.first_steps
+        first_steps, uncaptured = eng.runner.mixed.first_steps, eng.runner.mixed.uncaptured
         if prefills:   # decode rows first, then the chunks (``mixed_inputs``); logits: decodes, completed chunks
             args, num_rows = eng.runner.mixed_inputs(decodes, prefills)
             logits = eng.runner.run_mixed(ec and eng.runner.net.has_ecs, args, device_ids)[:num_rows]
@@ -128,7 +128,8 @@ class OverlappedSteps:
                             sum_context=sum(r.num_computed_tokens for r in decodes), ec_signature=eng.ec_signature,
                             predicted_s=plan.predicted_s, measured_s=float("nan"),
                             host_s=time.perf_counter() - t0, num_prefills=len(prefills), ec_enabled=ec,
-                            captured_graph=eng.runner.mixed.first_steps != first_steps)
+                            captured_graph=eng.runner.mixed.first_steps != first_steps,
+                            uncaptured_mixed=eng.runner.mixed.uncaptured != uncaptured)
         eng.num_steps += 1
         self.num_launched += 1
         return InFlight(rows, index, tokens, host, ready, started, plan, record)

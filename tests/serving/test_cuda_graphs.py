@@ -22,7 +22,10 @@ class FakeCapture:
     device = torch.device("cpu")
 
     def __init__(self, fail=None):
-        self.fail, self.eager_runs = fail, 0
+        self.fail, self.eager_runs, self.low = fail, 0, False
+
+    def low_on_memory(self):
+        return self.low
 
     def eager(self, fn):
         self.eager_runs += 1
@@ -77,3 +80,19 @@ def test_pack_unpack_round_trip():
     parts = [torch.randint(0, 100, s, generator=g) for s in ((4,), (2, 3), (1, 5), (0,))]
     views = unpack_flat(pack_flat(parts), [tuple(p.shape) for p in parts])
     assert all(torch.equal(a, b) for a, b in zip(parts, views))
+
+
+def test_no_capture_when_the_device_is_low_on_memory():
+    """Graphs captured while serving take memory beside the KV cache: once a capture leaves the device under
+    ``GraphCapture.MIN_FREE_BYTES`` free, new keys run uncaptured (and captured ones still replay)."""
+    mixed = MixedGraphs(FakeCapture(), limit=4, max_rows=4)
+    assert mixed.has_room(rows=2)
+    mixed.capture.low = True
+    assert not mixed.has_room(rows=2)
+    from spear_compile.serving.cuda_graphs import GraphCapture
+    cap = GraphCapture(torch.device("cpu"))
+    assert not cap.low_on_memory()                       # nothing captured yet: nothing known
+    cap.free_bytes = GraphCapture.MIN_FREE_BYTES
+    assert not cap.low_on_memory()
+    cap.free_bytes = GraphCapture.MIN_FREE_BYTES - 1
+    assert cap.low_on_memory()

@@ -178,6 +178,8 @@ def test_mixed_step_graphs(ref_tokenizer, overlap):
     limited = make_engine(model, ref_tokenizer, mixed_cuda_graphs=1, **kw)
     assert [o.output_token_ids for o in limited.generate(prompts(), sp())] == ref
     assert len(limited.runner.mixed.graphs) == 1 and limited.runner.mixed.uncaptured > 0
+    assert sum(r.uncaptured_mixed for r in limited.step_log) == limited.runner.mixed.uncaptured   # flagged per step
+    assert not any(r.uncaptured_mixed for r in eng.step_log)
     assert limited.blocks.num_free_blocks == limited.blocks.num_usable_blocks
 
 

@@ -30,26 +30,34 @@ from ..request import Request, SamplingParams
 from .cost_model import ECSignature, StepCostModel, StepSample, StepShape, ec_signature, fit_models, mixed_rows
 
 SCHEMA = 1
-GRID_VERSION = 2  # 2: mixed steps' decode rows padded as buckets.mixed_decode_rows (samples' padded tokens, KV)
+GRID_VERSION = 3  # 2: mixed steps' decode rows padded as buckets.mixed_decode_rows (samples' padded tokens, KV);
+#                   3: a mixed point runs at most max_num_seqs - 1 decodes (the prefill is a running request too)
 
 
 # ----------------------------------------------------------------------------------------------- the grid
 def default_grid(decode_buckets, token_buckets, max_model_len: int, max_points: Optional[int] = None,
-                 mixed_min_rows: int = 0) -> list:
+                 mixed_min_rows: int = 0, max_num_seqs: Optional[int] = None) -> list:
     """(decodes, prefill tokens, context per decode) points: decodes on the decode buckets (and 0); prefill so that
     a step's tokens land on each token bucket (and 0); three contexts (short, a quarter and half of the longest).
-    ``max_points`` keeps an evenly spaced subset (tiny CPU sweeps)."""
+    A step with a prefill runs at most ``max_num_seqs - 1`` decodes (the prefilling request is running too): a
+    point beside a full decode bucket takes one decode fewer (session 20: 64 decodes + a prefill needed 128 logits
+    rows, more than the engine's mixed-step graphs hold, so those points ran uncaptured at 30-45 ms and skewed the
+    fit). ``max_points`` keeps an evenly spaced subset (tiny CPU sweeps)."""
     ctxs = sorted({min(64, max_model_len // 4), max(2, max_model_len // 4), max(2, max_model_len // 2)})
     points = []
-    for d in (0,) + tuple(decode_buckets):
-        rows = [(b, mixed_rows(d, b - d, decode_buckets, token_buckets, mixed_min_rows)) for b in token_buckets]
-        prefills = [0] + [b - r for b, r in rows if b > max(r, d)]
-        for p in prefills:
-            if d == 0 and p == 0:
-                continue
-            for c in (ctxs if d else ctxs[:1]):
-                if p + 1 < max_model_len:
-                    points.append((d, p, c))
+    for bucket in (0,) + tuple(decode_buckets):
+        for p_on in (False, True):
+            d = bucket if not p_on or max_num_seqs is None else min(bucket, max_num_seqs - 1)
+            if p_on:
+                rows = [(b, mixed_rows(d, b - d, decode_buckets, token_buckets, mixed_min_rows)) for b in token_buckets]
+                prefills = [b - r for b, r in rows if b > max(r, d)]
+            else:
+                prefills = [0] if bucket else []
+            for p in prefills:
+                for c in (ctxs if d else ctxs[:1]):
+                    if p + 1 < max_model_len:
+                        points.append((d, p, c))
+    points = list(dict.fromkeys(points))  # (two buckets can meet at max_num_seqs - 1)
     if max_points and len(points) > max_points:
         step = len(points) / max_points
         points = [points[int(i * step)] for i in range(max_points)]
@@ -235,7 +243,7 @@ def profile_engine(engine, extra_samples=(), refresh: bool = False, repeats: int
     layout = engine_layout(runner)
     template = template_for(runner)
     grid = default_grid(runner.decode_buckets, runner.token_buckets, runner.max_model_len, max_points,
-                        MIN_DIM)
+                        MIN_DIM, runner.config.max_num_seqs)
     layout = dict(layout, grid_points=len(grid), repeats=repeats)
     samples = list(extra_samples)
     todo = []
