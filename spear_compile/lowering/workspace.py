@@ -42,20 +42,20 @@ def _zeros(numel, dtype, device, alloc_stream):
 
 
 def outside_graph_pools(fn: Callable[[], T]) -> T:
-    """``fn()`` run on a short-lived thread of its own, on the caller's CUDA device and stream, in its grad mode and
-    context variables:
+    """``fn()`` run on a short-lived thread of its own, on the caller's CUDA device and stream, in its grad and
+    inference modes (in-place writes to an inference tensor need the latter) and context variables:
     its allocations come from the ordinary caching allocator even inside a CUDA-graph tree's warm-up, which routes
     the calling thread's allocations to the tree's pool (``torch._C._cuda_beginAllocateCurrentThreadToPool``).
     For what outlives the call (workspaces, the tuner's buffers) and what runs CUDA graphs of its own (the tuner's
     timing captures). The caller waits for it; its exception is raised in the caller."""
-    grad, context = torch.is_grad_enabled(), contextvars.copy_context()
+    grad, inference, context = torch.is_grad_enabled(), torch.is_inference_mode_enabled(), contextvars.copy_context()
     stream = torch.cuda.current_stream() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     box = {}
 
     def target():
         try:
-            with torch.set_grad_enabled(grad), (torch.cuda.stream(stream) if stream is not None
-                                                else contextlib.nullcontext()):
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
+                    (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
                 box["value"] = context.run(fn)
         except BaseException as e:  # noqa: BLE001  (re-raised in the caller)
             box["error"] = e

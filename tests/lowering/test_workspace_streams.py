@@ -119,5 +119,9 @@ def test_outside_graph_pools_runs_on_its_own_thread_in_the_callers_state():
         assert workspace.outside_graph_pools(probe) == 7
     assert seen == {"thread": seen["thread"], "grad": False} and seen["thread"] != caller
     assert workspace.outside_graph_pools(lambda: torch.is_grad_enabled()) is True
+    with torch.inference_mode():
+        out = torch.zeros(3)
+        workspace.outside_graph_pools(lambda: out.add_(1))   # in place on an inference tensor: inference mode too
+    assert out.tolist() == [1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="boom"):
         workspace.outside_graph_pools(lambda: (_ for _ in ()).throw(ValueError("boom")))
