@@ -1,0 +1,219 @@
+"""Capacity under the SLO per scheduling policy, simulated on a GPU's measured step costs (no GPU needed).
+
+``bench/serving.py`` measures the real engine on a GPU; there, one-off costs (a mixed step's first occurrence of a
+shape, which captures its CUDA graph; steps beyond the graph limit, uncaptured) can decide a few seconds' p99. This
+bench asks the steady-state question on the host: the real ``Scheduler`` and policies, driven by a simulated clock,
+each step costing what the GPU's start-up profile measured (``bench/tune_cache/stepcost-*.json``: the samples
+``scheduler.profile`` took of the real compiled graphs; a piecewise-linear fit of them, times a lognormal noise of the
+fit's own residual spread), over the same seeded traces and the same capacity search and criterion (p99 TTFT and p99
+inter-token latency inside their SLOs). It shows at which per-token SLOs a scheduler can matter on that GPU: where
+FIFO's longest step already fits the SLO, no policy can beat it by much.
+
+    python -m bench.serving_sim --stepcost bench/tune_cache/stepcost-5415339e227db04d.json --tpot-slo-ms 35,17
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import random
+import statistics
+import sys
+
+from bench.serving import add_length_args, make_trace, metrics, passes
+from bench.stats import pct
+from spear_compile.serving.buckets import MIN_DIM
+from spear_compile.serving.kv_cache import KVBlockManager
+from spear_compile.serving.request import Request, RequestStatus, SamplingParams
+from spear_compile.serving.scheduler import Scheduler, make_policy
+from spear_compile.serving.scheduler.cost_model import StepSample, fit_models
+
+POLICIES = "fifo,budget-512,budget-2048,slo-ec-blind,slo"
+
+
+def load_profile(paths, max_num_seqs):
+    """(samples, layout, gpu) of step-cost files of one engine (ECs on and off). Mixed samples with
+    ``max_num_seqs`` decodes are dropped: the engine never runs them (the prefilling request is running too), and
+    grid-2 profiles took them uncaptured (session 20)."""
+    samples, layout, gpu = [], None, None
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        fields = doc["fields"]
+        if layout is not None and fields["layout"]["token_buckets"] != layout["token_buckets"]:
+            raise SystemExit(f"{path}: another engine layout than {paths[0]}")
+        layout, gpu = fields["layout"], fields["gpu"]
+        for row in doc["samples"]:
+            s = StepSample.from_json(row)
+            if not (s.shape.num_prefill_tokens and s.shape.num_decodes >= max_num_seqs):
+                samples.append(s)
+    return samples, layout, gpu
+
+
+class TrueCost:
+    """A step's simulated time: the fit of the measured samples (no online correction) times lognormal noise whose
+    spread is the fit's own residual spread on those samples."""
+
+    def __init__(self, samples, layout, seed):
+        kv = (layout["block_size"], tuple(layout["table_buckets"]))
+        self.model, _ = fit_models(samples, layout["decode_buckets"], layout["token_buckets"], correction_alpha=0.0,
+                                   kv_layout=kv, mixed_min_rows=MIN_DIM)
+        logs = [math.log(s.seconds / self.predict_sample(s)) for s in samples]
+        self.sigma = statistics.pstdev(logs)
+        self.rng = random.Random(seed)
+
+    def predict_sample(self, s):
+        return self.model.predict_raw(s.shape.num_decodes, s.shape.num_prefill_tokens, s.shape.sum_context,
+                                      s.signature, s.shape.num_padded_tokens)
+
+    def __call__(self, decodes, num_prefill_tokens, sig):
+        ctxs = [r.num_computed_tokens + 1 for r in decodes]
+        kv = self.model.context_feature(len(decodes), sum(ctxs), max(ctxs, default=0), num_prefill_tokens > 0,
+                                        num_prefill_tokens)
+        t = self.model.predict_raw(len(decodes), num_prefill_tokens, kv, sig)
+        return t * math.exp(self.rng.gauss(0.0, self.sigma))
+
+
+def simulate(policy, trace, truth, sig, args, ttft_slo_s, tpot_slo_s):
+    """Serve ``trace`` ((arrival s, prompt ids, output tokens) per request) under ``policy`` on a simulated clock:
+    arrivals released as the clock passes them, one step at a time, requests still running ``drain_s`` after the
+    last arrival aborted (as ``bench/serving.py``'s ``run_trace``). Returns ``metrics``' dict."""
+    clock = [0.0]
+    sched = Scheduler(KVBlockManager(args.num_blocks, args.block_size), policy, max_num_seqs=args.max_num_seqs,
+                      max_num_tokens=args.max_num_tokens, token_buckets=args.token_buckets, clock=lambda: clock[0])
+    reqs, times, meta = [], {}, {}
+    for k, (arr, ids, o) in enumerate(trace):
+        r = Request(f"r{k}", ids, SamplingParams(max_tokens=o, ignore_eos=True), arrival_time=arr,
+                    ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s)
+        reqs.append(r)
+        times[r.request_id], meta[r.request_id] = [], (arr, len(ids), o)
+    cap = (trace[-1][0] if trace else 0.0) + args.drain_s
+    i = 0
+    while clock[0] <= cap:
+        while i < len(reqs) and reqs[i].arrival_time <= clock[0]:
+            sched.add(reqs[i])
+            i += 1
+        if not sched.has_unfinished():
+            if i == len(reqs):
+                break
+            clock[0] = reqs[i].arrival_time
+            continue
+        plan = sched.schedule(sig)
+        dt = truth(plan.decodes, plan.num_prefill_tokens, sig) + args.host_ms / 1e3
+        clock[0] += dt
+        policy.observe(plan, dt)
+        done = list(plan.decodes) + [r for r, n in plan.prefills if r.num_computed_tokens + n == r.num_tokens]
+        for r in plan.decodes:
+            r.num_computed_tokens += 1
+        for r, n in plan.prefills:
+            r.num_computed_tokens += n
+        for r in done:
+            r.output_token_ids.append(7)
+            times[r.request_id].append(clock[0])
+            if len(r.output_token_ids) >= r.sampling.max_tokens:
+                sched.finish(r, RequestStatus.FINISHED_LENGTH)
+    return metrics(times, meta, ttft_slo_s, tpot_slo_s, 0.0)
+
+
+def capacity(name, make, truth, sig, args, ttft_ms, tpot_ms):
+    """``bench/serving.py``'s search: r0, then x2 or /2 until bracketed, then geometric midpoints; a rate passes
+    when every seed's run passes (p99 TTFT and p99 ITL within the SLOs)."""
+    crit = argparse.Namespace(ttft_slo_ms=ttft_ms, tpot_slo_ms=tpot_ms)
+    lo = hi = None
+    rate = args.start_rate
+    runs = []
+    for _ in range(args.probes):
+        ok = True
+        for seed in args.seeds:
+            trace = make_trace(rate, args.duration, seed, args.max_prompt, args.max_output, 32000, 1.0,
+                               args.prompt_median, output_median=args.output_median)
+            m = simulate(make(), trace, truth, sig, args, ttft_ms / 1e3, tpot_ms / 1e3)
+            runs.append(dict(policy=name, rate=rate, seed=seed, ttft_ms_p99=m["ttft_ms_p99"],
+                             itl_ms_p99=m["itl_ms_p99"], tpot_ms_p99=m["tpot_ms_p99"], goodput_rps=m["goodput_rps"],
+                             output_tok_s=m["output_tok_s"]))
+            ok = ok and passes(m, crit)
+        if ok:
+            lo = rate if lo is None else max(lo, rate)
+        else:
+            hi = rate if hi is None else min(hi, rate)
+        rate = hi / 2 if lo is None else lo * 2 if hi is None else math.sqrt(lo * hi)
+    return lo, hi, runs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stepcost", required=True, help="comma list of stepcost-*.json files of one engine")
+    ap.add_argument("--policies", default=POLICIES)
+    ap.add_argument("--tpot-slo-ms", default="35", help="comma list of per-token SLOs (ms)")
+    ap.add_argument("--ttft-slo-ms", type=float, default=1000.0)
+    ap.add_argument("--ec", choices=("on", "off"), default="on", help="serve with the profile's ECs on or off")
+    ap.add_argument("--duration", type=float, default=3.0, help="seconds of arrivals per run")
+    ap.add_argument("--drain-s", type=float, default=2.5)
+    ap.add_argument("--seeds", default="1000,1001,1002")
+    ap.add_argument("--probes", type=int, default=8)
+    ap.add_argument("--start-rate", type=float, default=16.0)
+    ap.add_argument("--host-ms", type=float, default=0.0, help="host time added to every step (ms)")
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--num-blocks", type=int, default=16384)
+    ap.add_argument("--noise-seed", type=int, default=0)
+    ap.add_argument("--md", help="write a markdown report here")
+    add_length_args(ap)
+    args = ap.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    samples, layout, gpu = load_profile(args.stepcost.split(","), args.max_num_seqs)
+    args.block_size, args.token_buckets = layout["block_size"], tuple(layout["token_buckets"])
+    args.max_num_tokens = args.token_buckets[-1]
+    sigs = sorted({s.signature for s in samples}, key=lambda s: s.total_rank)
+    sig = sigs[-1] if args.ec == "on" else sigs[0]
+    truth = TrueCost(samples, layout, args.noise_seed)
+    aware, blind = fit_models(samples, layout["decode_buckets"], layout["token_buckets"],
+                              kv_layout=(layout["block_size"], tuple(layout["table_buckets"])), mixed_min_rows=MIN_DIM)
+    lines = [f"# Simulated capacity per policy on measured step costs ({gpu})", "",
+             f"{datetime.date.today()}. Command: `python -m bench.serving_sim {' '.join(argv or sys.argv[1:])}`", "",
+             f"{len(samples)} profiled steps (`{args.stepcost}`), ECs {args.ec}; the simulated step time is their fit "
+             f"times lognormal noise of sigma {truth.sigma:.3f} (the fit's residual spread); host time per step "
+             f"{args.host_ms} ms; no CUDA-graph captures, no uncaptured steps. Trace: {args.duration} s of Poisson "
+             f"arrivals per run, prompts lognormal (median {args.prompt_median}, clipped to {args.max_prompt}), outputs "
+             f"lognormal (median {args.output_median}, clipped to {args.max_output}); max_num_seqs "
+             f"{args.max_num_seqs}; a rate passes when all {len(args.seeds)} seeds' runs have p99 TTFT <= "
+             f"{args.ttft_slo_ms:.0f} ms and p99 inter-token latency <= the per-token SLO.", ""]
+    longest = max(s.seconds for s in samples if s.shape.num_prefill_tokens)
+    lines += [f"Longest profiled mixed step: {1e3 * longest:.1f} ms.", "",
+              "| per-token SLO ms | policy | capacity req/s | first failing | vs fifo | vs best budget |",
+              "|---|---|---|---|---|---|"]
+    all_runs = []
+    for tpot_ms in [float(x) for x in args.tpot_slo_ms.split(",")]:
+        caps = {}
+        for name in args.policies.split(","):
+            def make(name=name):
+                if name.startswith("slo"):
+                    return make_policy(name, cost_model=aware, blind_cost_model=blind,
+                                       ttft_slo_s=args.ttft_slo_ms / 1e3, tpot_slo_s=tpot_ms / 1e3)
+                return make_policy(name)
+            lo, hi, runs = capacity(name, make, truth, sig, args, args.ttft_slo_ms, tpot_ms)
+            caps[name] = (lo, hi)
+            all_runs += [dict(r, tpot_slo_ms=tpot_ms) for r in runs]
+            print(f"SLO {tpot_ms} ms {name}: capacity {lo}, first failing {hi}", flush=True)
+        budgets = [n for n in caps if n.startswith("budget-") and caps[n][0]]
+        best = max(budgets, key=lambda n: caps[n][0], default=None)
+        for name, (lo, hi) in caps.items():
+            f = caps.get("fifo", (None, None))[0]
+            b = caps[best][0] if best else None
+            ratio = lambda x, y: f"{x / y:.2f}x" if x and y else "-"  # noqa: E731
+            lines.append(f"| {tpot_ms:g} | {name} | {lo and round(lo, 2)} | {hi and round(hi, 2)} | {ratio(lo, f)} | "
+                         f"{ratio(lo, b)}{f' ({best})' if best and name.startswith('slo') else ''} |")
+    lines += ["", "## Runs", "", "| SLO ms | policy | rate | seed | TTFT p99 ms | ITL p99 ms | TPOT p99 ms | goodput |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in all_runs:
+        lines.append(f"| {r['tpot_slo_ms']:g} | {r['policy']} | {r['rate']:.2f} | {r['seed']} | {r['ttft_ms_p99']} | "
+                     f"{r['itl_ms_p99']} | {r['tpot_ms_p99']} | {r['goodput_rps']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    if args.md:
+        with open(args.md, "w", encoding="utf-8") as f:
+            f.write(text)
+    print("\n".join(lines[:lines.index("## Runs")]))
+
+
+if __name__ == "__main__":
+    main()
