@@ -157,11 +157,15 @@ def main(argv=None):
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--num-blocks", type=int, default=16384)
     ap.add_argument("--noise-seed", type=int, default=0)
+    ap.add_argument("--token-buckets", help="what-if: the engine's token buckets instead of the profile's (comma list; "
+                    "step times interpolated by the fit)")
     ap.add_argument("--md", help="write a markdown report here")
     add_length_args(ap)
     args = ap.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     samples, layout, gpu = load_profile(args.stepcost.split(","), args.max_num_seqs)
+    if args.token_buckets:   # what-if: other token buckets (the fit interpolates its per-token cost between them)
+        layout = dict(layout, token_buckets=[int(x) for x in args.token_buckets.split(",")])
     args.block_size, args.token_buckets = layout["block_size"], tuple(layout["token_buckets"])
     args.max_num_tokens = args.token_buckets[-1]
     sigs = sorted({s.signature for s in samples}, key=lambda s: s.total_rank)
