@@ -264,6 +264,7 @@ def decode_rate(eng, variant, batch, args, new=129):
     gc.callbacks.append(on_gc)
     before = eng.step_log[-1] if eng.step_log else None
     keys_before, uncaptured_before = set(TUNER.picks), eng.runner.num_uncaptured_decodes
+    allocs_before = alloc_counters()
     t0 = time.perf_counter()
     tokens = 0
     host, walls, mixed_at, running = [], [], [], []
@@ -283,6 +284,7 @@ def decode_rate(eng, variant, batch, args, new=129):
     finally:
         gc.callbacks.remove(on_gc)
     wall = time.perf_counter() - t0
+    allocs = {k: v - allocs_before.get(k, 0) for k, v in alloc_counters().items()}
     records = []
     for rec in reversed(eng.step_log):   # the window's steps (overlapped: measured on the device, CUDA events)
         if rec is before:
@@ -307,7 +309,21 @@ def decode_rate(eng, variant, batch, args, new=129):
         # a slow wall step whose device time is slow too was the GPU's (a kernel), else the host's
         step_measured_ms_max=round(1e3 * device[-1], 3) if device else None,
         host_ms_per_step=round(1e3 * sorted(host)[len(host) // 2], 3) if host else None,
-        recompiles=eng.stats().recompiles)
+        recompiles=eng.stats().recompiles,
+        # cudaMalloc / cudaFree (a free synchronizes the device) and pinned host allocations inside the window: a
+        # step that pays one stalls (session 20: one W4 batch-16 step of 77 ms, unexplained)
+        allocs_in_window={k: v for k, v in allocs.items() if v})
+
+
+def alloc_counters() -> dict:
+    """The CUDA caching allocators' counts of device and pinned-host allocations, frees and retries ({} off CUDA)."""
+    if not torch.cuda.is_available():
+        return {}
+    dev = torch.cuda.memory_stats()
+    out = {k: dev.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")}
+    host = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+    out.update({f"host_{k}": host.get(k, 0) for k in ("num_host_alloc", "num_host_free")})
+    return out
 
 
 def part_engine(args):
