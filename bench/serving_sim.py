@@ -14,6 +14,7 @@ FIFO's longest step already fits the SLO, no policy can beat it by much.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import math
@@ -23,7 +24,7 @@ import sys
 
 from bench.serving import add_length_args, make_trace, metrics, passes
 from bench.stats import pct
-from spear_compile.serving.buckets import MIN_DIM
+from spear_compile.serving.buckets import MIN_DIM, mixed_step_dims
 from spear_compile.serving.kv_cache import KVBlockManager
 from spear_compile.serving.request import Request, RequestStatus, SamplingParams
 from spear_compile.serving.scheduler import Scheduler, make_policy
@@ -75,10 +76,43 @@ class TrueCost:
         return t * math.exp(self.rng.gauss(0.0, self.sigma))
 
 
-def simulate(policy, trace, truth, sig, args, ttft_slo_s, tpot_slo_s):
+class GraphKeys:
+    """The engine's mixed-step CUDA graphs, by key (``buckets.mixed_step_dims``): a new key's first step runs
+    uncaptured and captures (``extra_s`` charges it ``uncaptured_s + capture_s``), a key beyond ``limit`` runs
+    uncaptured every time (``uncaptured_s``). The engine keeps its graphs across runs and policies, so one object
+    serves a whole search. ``uncaptured_s = capture_s = 0``: the steady state (every key captured)."""
+
+    def __init__(self, limit, uncaptured_s, capture_s, layout, max_num_seqs):
+        self.limit, self.uncaptured_s, self.capture_s = limit, uncaptured_s, capture_s
+        self.keys = set()
+        self.layout, self.max_rows = layout, 1 << (max(max_num_seqs, MIN_DIM) - 1).bit_length()
+        self.table_buckets = tuple(layout["table_buckets"])
+        self.captures = self.uncaptured = 0
+
+    def extra_s(self, plan) -> float:
+        if not plan.prefills:
+            return 0.0   # decode steps replay the graphs captured at start-up
+        dims = mixed_step_dims(len(plan.decodes), max((len(r.block_ids) for r in plan.decodes), default=0),
+                               [n for _, n in plan.prefills], max(len(r.block_ids) for r, _ in plan.prefills),
+                               sum(r.num_computed_tokens + n == r.num_tokens for r, n in plan.prefills),
+                               self.layout["decode_buckets"][-1], tuple(self.layout["token_buckets"]),
+                               self.table_buckets)
+        key = dims.shapes()
+        if key in self.keys:
+            return 0.0
+        if len(self.keys) < self.limit and dims.logits_rows <= self.max_rows:
+            self.keys.add(key)
+            self.captures += 1
+            return self.uncaptured_s + self.capture_s
+        self.uncaptured += 1
+        return self.uncaptured_s
+
+
+def simulate(policy, trace, truth, sig, args, ttft_slo_s, tpot_slo_s, graphs=None):
     """Serve ``trace`` ((arrival s, prompt ids, output tokens) per request) under ``policy`` on a simulated clock:
     arrivals released as the clock passes them, one step at a time, requests still running ``drain_s`` after the
-    last arrival aborted (as ``bench/serving.py``'s ``run_trace``). Returns ``metrics``' dict."""
+    last arrival aborted (as ``bench/serving.py``'s ``run_trace``); ``graphs``: the mixed-step graph keys (one-off
+    costs), else none. Returns ``metrics``' dict."""
     clock = [0.0]
     sched = Scheduler(KVBlockManager(args.num_blocks, args.block_size), policy, max_num_seqs=args.max_num_seqs,
                       max_num_tokens=args.max_num_tokens, token_buckets=args.token_buckets, clock=lambda: clock[0])
@@ -101,6 +135,8 @@ def simulate(policy, trace, truth, sig, args, ttft_slo_s, tpot_slo_s):
             continue
         plan = sched.schedule(sig)
         dt = truth(plan.decodes, plan.num_prefill_tokens, sig) + args.host_ms / 1e3
+        if graphs is not None:
+            dt += graphs.extra_s(plan)
         clock[0] += dt
         policy.observe(plan, dt)
         done = list(plan.decodes) + [r for r, n in plan.prefills if r.num_computed_tokens + n == r.num_tokens]
@@ -116,29 +152,44 @@ def simulate(policy, trace, truth, sig, args, ttft_slo_s, tpot_slo_s):
     return metrics(times, meta, ttft_slo_s, tpot_slo_s, 0.0)
 
 
-def capacity(name, make, truth, sig, args, ttft_ms, tpot_ms):
-    """``bench/serving.py``'s search: r0, then x2 or /2 until bracketed, then geometric midpoints; a rate passes
-    when every seed's run passes (p99 TTFT and p99 ITL within the SLOs)."""
+def search(makers, truth, sig, args, ttft_ms, tpot_ms, graphs=None):
+    """``bench/serving.py``'s capacity search, round-robin over the policies (so a shared ``graphs`` evolves as the
+    engine's does): r0, then x2 or /2 until bracketed, then geometric midpoints; a rate passes when every seed's run
+    passes (p99 TTFT and p99 ITL within the SLOs). ``args.seeds`` None: probe k uses seed 1000 + k, as the GPU
+    bench. Returns ({policy: (capacity, first failing)}, runs)."""
     crit = argparse.Namespace(ttft_slo_ms=ttft_ms, tpot_slo_ms=tpot_ms)
-    lo = hi = None
-    rate = args.start_rate
+    state = {name: [None, None, args.start_rate] for name in makers}
     runs = []
-    for _ in range(args.probes):
-        ok = True
-        for seed in args.seeds:
-            trace = make_trace(rate, args.duration, seed, args.max_prompt, args.max_output, 32000, 1.0,
-                               args.prompt_median, output_median=args.output_median)
-            m = simulate(make(), trace, truth, sig, args, ttft_ms / 1e3, tpot_ms / 1e3)
-            runs.append(dict(policy=name, rate=rate, seed=seed, ttft_ms_p99=m["ttft_ms_p99"],
-                             itl_ms_p99=m["itl_ms_p99"], tpot_ms_p99=m["tpot_ms_p99"], goodput_rps=m["goodput_rps"],
-                             output_tok_s=m["output_tok_s"]))
-            ok = ok and passes(m, crit)
-        if ok:
-            lo = rate if lo is None else max(lo, rate)
-        else:
-            hi = rate if hi is None else min(hi, rate)
-        rate = hi / 2 if lo is None else lo * 2 if hi is None else math.sqrt(lo * hi)
-    return lo, hi, runs
+    for k in range(args.probes):
+        for name, make in makers.items():
+            lo, hi, rate = state[name]
+            ok = True
+            for seed in args.seeds or [1000 + k]:
+                trace = make_trace(rate, args.duration, seed, args.max_prompt, args.max_output, 32000, 1.0,
+                                   args.prompt_median, output_median=args.output_median)
+                before = (graphs.captures, graphs.uncaptured) if graphs else (0, 0)
+                m = simulate(make(), trace, truth, sig, args, ttft_ms / 1e3, tpot_ms / 1e3, graphs)
+                after = (graphs.captures, graphs.uncaptured) if graphs else (0, 0)
+                runs.append(dict(policy=name, rate=rate, seed=seed, ttft_ms_p99=m["ttft_ms_p99"],
+                                 itl_ms_p99=m["itl_ms_p99"], tpot_ms_p99=m["tpot_ms_p99"],
+                                 goodput_rps=m["goodput_rps"], output_tok_s=m["output_tok_s"],
+                                 captures=after[0] - before[0], uncaptured=after[1] - before[1]))
+                ok = ok and passes(m, crit)
+            if ok:
+                lo = rate if lo is None else max(lo, rate)
+            else:
+                hi = rate if hi is None else min(hi, rate)
+            state[name] = [lo, hi, hi / 2 if lo is None else lo * 2 if hi is None else math.sqrt(lo * hi)]
+    return {name: (lo, hi) for name, (lo, hi, _) in state.items()}, runs
+
+
+def warm_up(makers, truth, sig, args, ttft_ms, tpot_ms, graphs):
+    """``bench/serving.py``'s unmeasured warm-up runs: run k of each policy at the start rate / 2^k, seed 500 + k."""
+    for k in range(args.warmup_runs):
+        for make in makers.values():
+            trace = make_trace(args.start_rate / 2 ** k, args.duration, 500 + k, args.max_prompt, args.max_output,
+                               32000, 1.0, args.prompt_median, output_median=args.output_median)
+            simulate(make(), trace, truth, sig, args, ttft_ms / 1e3, tpot_ms / 1e3, graphs)
 
 
 def main(argv=None):
@@ -150,7 +201,13 @@ def main(argv=None):
     ap.add_argument("--ec", choices=("on", "off"), default="on", help="serve with the profile's ECs on or off")
     ap.add_argument("--duration", type=float, default=3.0, help="seconds of arrivals per run")
     ap.add_argument("--drain-s", type=float, default=2.5)
-    ap.add_argument("--seeds", default="1000,1001,1002")
+    ap.add_argument("--seeds", default="1000,1001,1002", help="seeds of every probe's runs, or 'probe': probe k "
+                    "runs seed 1000 + k once (as bench/serving.py)")
+    ap.add_argument("--uncaptured-ms", type=float, default=0.0, help="extra ms of a mixed step run without a graph "
+                    "(0 with --capture-ms 0: steady state, no graph keys kept)")
+    ap.add_argument("--capture-ms", type=float, default=0.0, help="extra ms of a step capturing its graph, on top")
+    ap.add_argument("--graph-limit", type=int, default=1024)
+    ap.add_argument("--warmup-runs", type=int, default=1)
     ap.add_argument("--probes", type=int, default=8)
     ap.add_argument("--start-rate", type=float, default=16.0)
     ap.add_argument("--host-ms", type=float, default=0.0, help="host time added to every step (ms)")
@@ -162,7 +219,8 @@ def main(argv=None):
     ap.add_argument("--md", help="write a markdown report here")
     add_length_args(ap)
     args = ap.parse_args(argv)
-    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.seeds = None if args.seeds == "probe" else [int(s) for s in args.seeds.split(",")]
+    lines_graphs = []
     samples, layout, gpu = load_profile(args.stepcost.split(","), args.max_num_seqs)
     if args.token_buckets:   # what-if: other token buckets (the fit interpolates its per-token cost between them)
         layout = dict(layout, token_buckets=[int(x) for x in args.token_buckets.split(",")])
@@ -180,7 +238,7 @@ def main(argv=None):
              f"{args.host_ms} ms; no CUDA-graph captures, no uncaptured steps. Trace: {args.duration} s of Poisson "
              f"arrivals per run, prompts lognormal (median {args.prompt_median}, clipped to {args.max_prompt}), outputs "
              f"lognormal (median {args.output_median}, clipped to {args.max_output}); max_num_seqs "
-             f"{args.max_num_seqs}; a rate passes when all {len(args.seeds)} seeds' runs have p99 TTFT <= "
+             f"{args.max_num_seqs}; a rate passes when all {len(args.seeds) if args.seeds else 1} seeds' runs have p99 TTFT <= "
              f"{args.ttft_slo_ms:.0f} ms and p99 inter-token latency <= the per-token SLO.", ""]
     longest = max(s.seconds for s in samples if s.shape.num_prefill_tokens)
     lines += [f"Longest profiled mixed step: {1e3 * longest:.1f} ms.", "",
@@ -188,17 +246,27 @@ def main(argv=None):
               "|---|---|---|---|---|---|"]
     all_runs = []
     for tpot_ms in [float(x) for x in args.tpot_slo_ms.split(",")]:
-        caps = {}
-        for name in args.policies.split(","):
-            def make(name=name):
-                if name.startswith("slo"):
-                    return make_policy(name, cost_model=aware, blind_cost_model=blind,
-                                       ttft_slo_s=args.ttft_slo_ms / 1e3, tpot_slo_s=tpot_ms / 1e3)
-                return make_policy(name)
-            lo, hi, runs = capacity(name, make, truth, sig, args, args.ttft_slo_ms, tpot_ms)
-            caps[name] = (lo, hi)
-            all_runs += [dict(r, tpot_slo_ms=tpot_ms) for r in runs]
+        def maker(name):
+            if name.startswith("slo"):
+                return lambda: make_policy(name, cost_model=copy.deepcopy(aware), blind_cost_model=copy.deepcopy(blind),
+                                           ttft_slo_s=args.ttft_slo_ms / 1e3, tpot_slo_s=tpot_ms / 1e3)
+            return lambda: make_policy(name)
+        makers = {name: maker(name) for name in args.policies.split(",")}
+        graphs = None
+        if args.uncaptured_ms or args.capture_ms:   # one engine per SLO setting, as one GPU bench run
+            graphs = GraphKeys(args.graph_limit, args.uncaptured_ms / 1e3, args.capture_ms / 1e3, layout,
+                               args.max_num_seqs)
+            warm_up(makers, truth, sig, args, args.ttft_slo_ms, tpot_ms, graphs)
+            warm = len(graphs.keys)
+        caps, runs = search(makers, truth, sig, args, args.ttft_slo_ms, tpot_ms, graphs)
+        all_runs += [dict(r, tpot_slo_ms=tpot_ms) for r in runs]
+        for name, (lo, hi) in caps.items():
             print(f"SLO {tpot_ms} ms {name}: capacity {lo}, first failing {hi}", flush=True)
+        if graphs is not None:
+            lines_graphs.append(f"- SLO {tpot_ms:g} ms: {warm} mixed-step graph keys after the warm-up, "
+                                f"{len(graphs.keys)} at the end (limit {args.graph_limit}); "
+                                f"{sum(r['captures'] for r in runs)} capturing and {sum(r['uncaptured'] for r in runs)} "
+                                f"uncaptured mixed steps in the measured runs.")
         budgets = [n for n in caps if n.startswith("budget-") and caps[n][0]]
         best = max(budgets, key=lambda n: caps[n][0], default=None)
         for name, (lo, hi) in caps.items():
@@ -207,11 +275,16 @@ def main(argv=None):
             ratio = lambda x, y: f"{x / y:.2f}x" if x and y else "-"  # noqa: E731
             lines.append(f"| {tpot_ms:g} | {name} | {lo and round(lo, 2)} | {hi and round(hi, 2)} | {ratio(lo, f)} | "
                          f"{ratio(lo, b)}{f' ({best})' if best and name.startswith('slo') else ''} |")
-    lines += ["", "## Runs", "", "| SLO ms | policy | rate | seed | TTFT p99 ms | ITL p99 ms | TPOT p99 ms | goodput |",
-              "|---|---|---|---|---|---|---|---|"]
+    if lines_graphs:
+        lines += ["", f"One-off costs modelled: a new mixed-step shape's first step +{args.uncaptured_ms + args.capture_ms:g} "
+                  f"ms (uncaptured + capture), a step beyond the {args.graph_limit}-graph limit +{args.uncaptured_ms:g} ms; "
+                  f"{args.warmup_runs} warm-up run(s) per policy first."] + lines_graphs
+    lines += ["", "## Runs", "", "| SLO ms | policy | rate | seed | TTFT p99 ms | ITL p99 ms | TPOT p99 ms | goodput | "
+              "capturing / uncaptured steps |", "|---|---|---|---|---|---|---|---|---|"]
     for r in all_runs:
         lines.append(f"| {r['tpot_slo_ms']:g} | {r['policy']} | {r['rate']:.2f} | {r['seed']} | {r['ttft_ms_p99']} | "
-                     f"{r['itl_ms_p99']} | {r['tpot_ms_p99']} | {r['goodput_rps']:.2f} |")
+                     f"{r['itl_ms_p99']} | {r['tpot_ms_p99']} | {r['goodput_rps']:.2f} | {r['captures']} / "
+                     f"{r['uncaptured']} |")
     text = "\n".join(lines) + "\n"
     if args.md:
         with open(args.md, "w", encoding="utf-8") as f:

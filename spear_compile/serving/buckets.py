@@ -3,6 +3,8 @@ rules, which the model runner pads each step by and the step cost model predicts
 imports it without torch)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..errors import SpearError
 
 MIN_DIM = 2  # every dynamic size is padded to at least this (no 0/1 specialization, no extra graphs)
@@ -41,3 +43,49 @@ def mixed_decode_rows(num_decodes: int, num_prefill_tokens: int, max_decode_rows
     rows = max(num_decodes, MIN_DIM)
     padded = pow2_bucket(rows, MIN_DIM, max(MIN_DIM, max_decode_rows, rows))
     return padded if padded + num_prefill_tokens <= max_tokens else rows
+
+
+def table_width(max_blocks: int, table_buckets) -> int:
+    """The block-table bucket holding a step's longest block list (``max_blocks`` blocks; 0 when none)."""
+    return next_bucket(max(max_blocks, 1, MIN_DIM), table_buckets)
+
+
+def _pow2_at_least_min(n: int) -> int:
+    n = max(n, MIN_DIM)
+    return 1 << (n - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class MixedDims:
+    """A mixed step's padded sizes: the input shapes of its graph (``shapes``), hence its CUDA-graph key."""
+    tokens: int          # token bucket (decode rows first, then the chunks, then padding)
+    decode_rows: int
+    decode_width: int    # decode block-table width
+    prefills: int        # chunk rows
+    chunk_len: int
+    prefill_width: int
+    logits_rows: int
+
+    def shapes(self) -> tuple:
+        """``ModelRunner.mixed_inputs``' argument shapes: ids, positions, slot blocks, slot offsets, decode tables,
+        decode context lengths, prefill tables, query index, query positions, logits rows."""
+        t, nd, np_, ql = self.tokens, self.decode_rows, self.prefills, self.chunk_len
+        return ((t,), (t,), (t,), (t,), (nd, self.decode_width), (nd,), (np_, self.prefill_width), (np_, ql),
+                (np_, ql), (self.logits_rows,))
+
+
+def mixed_step_dims(num_decodes: int, decode_blocks: int, chunk_lens, prefill_blocks: int, num_completing: int,
+                    max_decode_rows: int, token_buckets, table_buckets) -> MixedDims:
+    """The padding of a mixed step of ``num_decodes`` decodes (their longest block list ``decode_blocks``) and
+    prefill chunks of ``chunk_lens`` tokens (longest block list ``prefill_blocks``), ``num_completing`` of which end
+    their prompts (a logits row each): tokens to a token bucket, decode rows as ``mixed_decode_rows``, chunk rows,
+    chunk length and logits rows to powers of two, block tables to their buckets."""
+    chunks = list(chunk_lens)
+    max_tokens = token_buckets[-1]
+    nd = mixed_decode_rows(num_decodes, sum(chunks), max_decode_rows, max_tokens)
+    used = nd + sum(chunks)
+    return MixedDims(tokens=next_bucket(used, token_buckets) if used <= max_tokens else used, decode_rows=nd,
+                     decode_width=table_width(decode_blocks, table_buckets), prefills=_pow2_at_least_min(len(chunks)),
+                     chunk_len=pow2_bucket(max(max(chunks, default=0), MIN_DIM), MIN_DIM, max(MIN_DIM, max_tokens)),
+                     prefill_width=table_width(prefill_blocks, table_buckets),
+                     logits_rows=_pow2_at_least_min(num_decodes + num_completing))

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import SpearError
-from .buckets import MIN_DIM, mixed_decode_rows, next_bucket, pow2_bucket, pow2_buckets
+from .buckets import MIN_DIM, mixed_step_dims, next_bucket, pow2_buckets, table_width
 from .config import EngineConfig
 from .cuda_graphs import (DecodeGraph, GraphCapture, MixedGraphs, StandInGraph, multi_rank, pack_flat,
                           unpack_flat)
@@ -207,8 +207,7 @@ class ModelRunner:
 
     def _width(self, reqs) -> int:
         """The block-table bucket holding every request's blocks."""
-        need = max([len(r.block_ids) for r in reqs] + [1])
-        return next_bucket(max(need, MIN_DIM), self.table_buckets)
+        return table_width(max((len(r.block_ids) for r in reqs), default=0), self.table_buckets)
 
     # ---- execution ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -306,9 +305,14 @@ class ModelRunner:
         return self.mixed.first_step((use_ec, shapes), flat, views, lambda: self._mixed_fn(*views, use_ec=use_ec))
 
     def mixed_inputs(self, decodes, prefills):
-        """CPU int64 tensors for ``mixed_forward`` and the number of logits rows that matter."""
-        nd = mixed_decode_rows(len(decodes), sum(n for _, n in prefills), self.decode_buckets[-1],
-                               self.token_buckets[-1])
+        """CPU int64 tensors for ``mixed_forward`` (shapes ``buckets.mixed_step_dims``) and the number of logits rows
+        that matter."""
+        dims = mixed_step_dims(len(decodes), max((len(r.block_ids) for r in decodes), default=0),
+                               [n for _, n in prefills], max((len(r.block_ids) for r, _ in prefills), default=0),
+                               sum(r.num_computed_tokens + n == r.num_tokens for r, n in prefills),
+                               self.decode_buckets[-1], self.token_buckets, self.table_buckets)
+        nd, d_width, p_width = dims.decode_rows, dims.decode_width, dims.prefill_width
+        q_len, num_p, total, s = dims.chunk_len, dims.prefills, dims.tokens, dims.logits_rows
         ids, pos, sb, so = [], [], [], []
         for r in decodes:
             ids.append(r.token_at(r.num_computed_tokens))
@@ -318,13 +322,9 @@ class ModelRunner:
             so += o
         for _ in range(nd - len(decodes)):  # dummy decode rows (prefill-only step)
             ids.append(0), pos.append(0), sb.append(PAD_BLOCK), so.append(0)
-        d_width = self._width(decodes)
         d_tables = self._table(decodes, d_width) + [PAD_BLOCK] * ((nd - len(decodes)) * d_width)
         d_ctx = [r.num_computed_tokens + 1 for r in decodes] + [1] * (nd - len(decodes))
         logits_rows = list(range(len(decodes)))
-        q_len = pow2_bucket(max(max(n for _, n in prefills), MIN_DIM), MIN_DIM, max(MIN_DIM, self.token_buckets[-1]))
-        num_p = max(len(prefills), MIN_DIM)
-        num_p = 1 << (num_p - 1).bit_length()
         q_index, q_pos = [], []
         for r, n in prefills:
             start = r.num_computed_tokens
@@ -339,20 +339,15 @@ class ModelRunner:
             q_pos.append(list(range(start, start + n)))
             if start + n == r.num_tokens:
                 logits_rows.append(first + n - 1)
-        used = len(ids)
-        total = next_bucket(used, self.token_buckets) if used <= self.token_buckets[-1] else used
-        pad = total - used
+        pad = total - len(ids)
         ids += [0] * pad
         pos += [0] * pad
         sb += [PAD_BLOCK] * pad
         so += [0] * pad
         q_index = [row + [total] * (q_len - len(row)) for row in q_index] + [[total] * q_len] * (num_p - len(prefills))
         q_pos = [row + [0] * (q_len - len(row)) for row in q_pos] + [[0] * q_len] * (num_p - len(prefills))
-        p_width = self._width([r for r, _ in prefills])
         p_tables = self._table([r for r, _ in prefills], p_width) + [PAD_BLOCK] * ((num_p - len(prefills)) * p_width)
         num_rows = len(logits_rows)
-        s = max(num_rows, MIN_DIM)
-        s = 1 << (s - 1).bit_length()
         logits_rows += [0] * (s - num_rows)
         def t(x, *shape):
             if x and isinstance(x[0], list):

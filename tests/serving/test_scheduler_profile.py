@@ -131,3 +131,35 @@ def test_every_mixed_point_of_the_grid_fits_the_mixed_step_graphs(engine):
         assert d + 1 <= cap, (d, p, c)
         args, rows = runner.mixed_inputs(decodes, prefills)
         assert rows == d + 1 and args[-1].shape[0] <= runner.mixed.max_rows, (d, p, c, tuple(args[-1].shape))
+
+
+def test_mixed_step_dims_are_the_runner_input_shapes(engine):
+    """``buckets.mixed_step_dims`` (what the simulator and the key census pad by) is what ``mixed_inputs`` builds,
+    on random steps: decodes of random contexts beside 1-3 chunks, some completing their prompts."""
+    import random
+
+    from spear_compile.serving.buckets import mixed_step_dims
+    from spear_compile.serving.request import Request
+    runner = engine.runner
+    rng = random.Random(7)
+    blocks = iter(range(1, 10 ** 6))
+    for _ in range(60):
+        d = rng.randrange(0, runner.config.max_num_seqs)
+        decodes, _ = profile._fake_requests(d, 0, rng.randrange(1, 120), runner.num_blocks, runner.block_size)
+        prefills = []
+        for k in range(rng.randrange(1, 4)):
+            prompt = rng.randrange(2, 100)
+            r = Request(f"p{k}", [1] * prompt, SamplingParams(max_tokens=2), arrival_time=0.0)
+            r.num_computed_tokens = rng.randrange(0, prompt)
+            n = rng.randrange(1, prompt - r.num_computed_tokens + 1)
+            r.block_ids = [next(blocks) % (runner.num_blocks - 1) + 1
+                           for _ in range(-(-(r.num_computed_tokens + n) // runner.block_size))]
+            prefills.append((r, n))
+        if d + sum(n for _, n in prefills) > runner.token_buckets[-1]:
+            continue
+        args, rows = runner.mixed_inputs(decodes, prefills)
+        dims = mixed_step_dims(d, max((len(r.block_ids) for r in decodes), default=0), [n for _, n in prefills],
+                               max(len(r.block_ids) for r, _ in prefills),
+                               sum(r.num_computed_tokens + n == r.num_tokens for r, n in prefills),
+                               runner.decode_buckets[-1], runner.token_buckets, runner.table_buckets)
+        assert tuple(tuple(a.shape) for a in args) == dims.shapes(), (d, [n for _, n in prefills])

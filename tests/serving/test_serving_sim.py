@@ -61,3 +61,22 @@ def test_profile_drops_mixed_steps_with_a_full_batch_of_decodes(tmp_path):
                                                      for s in samples)
     truth = serving_sim.TrueCost(samples, layout, seed=0)
     assert truth.sigma < 0.05
+
+
+def test_graph_keys_charge_a_new_shape_once_and_steps_beyond_the_limit_always():
+    from types import SimpleNamespace
+    layout = dict(decode_buckets=[1, 2, 4, 8], token_buckets=list(TOKEN_BUCKETS), table_buckets=[2, 4, 8, 16, 32])
+    graphs = serving_sim.GraphKeys(limit=1, uncaptured_s=0.03, capture_s=0.02, layout=layout, max_num_seqs=8)
+
+    def req(blocks, computed, tokens):
+        return SimpleNamespace(block_ids=[1] * blocks, num_computed_tokens=computed, num_tokens=tokens)
+
+    def plan(decodes, chunk):
+        return SimpleNamespace(decodes=[req(3, 40, 41)] * decodes, prefills=[(req(2, 0, 30), chunk)])
+
+    assert graphs.extra_s(SimpleNamespace(decodes=[req(3, 40, 41)], prefills=[])) == 0.0   # decode step: replays
+    assert graphs.extra_s(plan(2, 10)) == pytest.approx(0.05)      # first of its shape: uncaptured, then captured
+    assert graphs.extra_s(plan(2, 12)) == 0.0                      # the same padded shapes: replays
+    assert graphs.extra_s(plan(2, 30)) == pytest.approx(0.03)      # a new shape beyond the limit: uncaptured
+    assert graphs.extra_s(plan(2, 30)) == pytest.approx(0.03)      # ... every time
+    assert (graphs.captures, graphs.uncaptured, len(graphs.keys)) == (1, 2, 1)
