@@ -125,7 +125,7 @@ def build_engine(args, kind, ec_fraction=0.0):
                        compile=args.compile, cuda_graphs=args.compile and dev.type == "cuda", progress=False,
                        cpu_num_blocks=args.cpu_num_blocks, step_log_size=100000, block_size=args.block_size,
                        ec_switch=True,  # the EC-aware vs EC-blind comparison and the EC on/off switching
-                       compile_regions=args.compile_regions)
+                       compile_regions=args.compile_regions, decode_attention=args.decode_attention)
     engine = Engine(model, tokenizer, cfg, model_name=f"{kind}")
     setup_s = time.perf_counter() - t0
     log(f"engine {kind} ec={ec_fraction}: setup {setup_s:.1f}s (warm-up {engine.runner.warmup_s:.1f}s: "
@@ -365,9 +365,10 @@ class Clock:
 def warm_up_shapes(bundle, policies, rate, args, clock):
     """Unmeasured runs of a trace (its own seed) per policy before the measured ones: a mixed step's first occurrence
     of a shape runs uncaptured and captures its CUDA graph (tens of ms, once per shape while serving), which in a few
-    seconds' probe would count against whichever policy met the shape first. Run k is at ``rate / 2 ** k``: the
-    capacity search probes downwards from the start rate, and fewer requests running meet other shapes (fewer decode
-    rows, shorter block tables). Returns the mixed graphs before/after and the rates."""
+    seconds' probe would count against whichever policy met the shape first. Run k is at ``warmup_rate(rate, k)``
+    (the start rate, then twice it, half of it, four times it, ...): the capacity search probes up or down from the
+    start rate, and another number of requests running meets other shapes (decode rows, block-table widths).
+    Returns the mixed graphs before/after and the rates."""
     mixed = bundle["engine"].runner.mixed
     before, t0 = len(mixed.graphs), time.perf_counter()
     runs = [(k, policy) for k in range(args.warmup_runs) for policy in policies]
@@ -375,12 +376,18 @@ def warm_up_shapes(bundle, policies, rate, args, clock):
         if clock.left < run_cost(args) * (1 + len(policies)):
             log("  warm-up cut short (time)")
             break
-        probe(bundle, policy, rate / 2 ** k, args, seed=500 + k, label=f"warm-up {policy}")
+        probe(bundle, policy, warmup_rate(rate, k), args, seed=500 + k, label=f"warm-up {policy}")
     out = {"mixed_graphs_before": before, "mixed_graphs_after": len(mixed.graphs),
            "seconds": round(time.perf_counter() - t0, 1),
-           "rates": [round(rate / 2 ** k, 2) for k in range(args.warmup_runs)]}
+           "rates": [round(warmup_rate(rate, k), 2) for k in range(args.warmup_runs)]}
     log(f"warm-up runs: mixed-step graphs {before} -> {len(mixed.graphs)} in {out['seconds']} s")
     return out
+
+
+def warmup_rate(rate, k):
+    """The rate of warm-up run k: ``rate``, ``2 rate``, ``rate / 2``, ``4 rate``, ``rate / 4``, ..."""
+    step = (k + 1) // 2
+    return rate * 2.0 ** (step if k % 2 else -step)
 
 
 def run_cost(args):
@@ -568,8 +575,11 @@ def main(argv=None):
     ap.add_argument("--duration", type=float, default=5.0, help="seconds of arrivals per run")
     ap.add_argument("--drain-s", type=float, default=4.0, help="seconds after the last arrival before aborting")
     ap.add_argument("--probes", type=int, default=3)
+    ap.add_argument("--decode-attention", choices=("torch", "triton"), default="torch",
+                    help="EngineConfig.decode_attention ('triton': one paged kernel, mixed steps' decode tables at the "
+                         "largest width, half the mixed-step graph keys)")
     ap.add_argument("--warmup-runs", type=int, default=1, help="unmeasured runs per policy before the measured ones "
-                    "(mixed-step graphs captured at their shapes' first step), run k at the start rate / 2^k")
+                    "(mixed-step graphs captured at their shapes' first step), at the start rate, twice it, half of it, ...")
     ap.add_argument("--time-budget", type=float, default=480.0)
     ap.add_argument("--ec-fraction", type=float, default=0.01)
     ap.add_argument("--ec-fraction-large", type=float, default=0.05)

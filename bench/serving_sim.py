@@ -22,7 +22,7 @@ import random
 import statistics
 import sys
 
-from bench.serving import add_length_args, make_trace, metrics, passes
+from bench.serving import add_length_args, make_trace, metrics, passes, warmup_rate
 from bench.stats import pct
 from spear_compile.serving.buckets import MIN_DIM, mixed_step_dims
 from spear_compile.serving.kv_cache import KVBlockManager
@@ -82,8 +82,9 @@ class GraphKeys:
     uncaptured every time (``uncaptured_s``). The engine keeps its graphs across runs and policies, so one object
     serves a whole search. ``uncaptured_s = capture_s = 0``: the steady state (every key captured)."""
 
-    def __init__(self, limit, uncaptured_s, capture_s, layout, max_num_seqs):
+    def __init__(self, limit, uncaptured_s, capture_s, layout, max_num_seqs, full_decode_tables=False):
         self.limit, self.uncaptured_s, self.capture_s = limit, uncaptured_s, capture_s
+        self.full_decode_tables = full_decode_tables   # EngineConfig(decode_attention="triton")
         self.keys = set()
         self.layout, self.max_rows = layout, 1 << (max(max_num_seqs, MIN_DIM) - 1).bit_length()
         self.table_buckets = tuple(layout["table_buckets"])
@@ -96,7 +97,7 @@ class GraphKeys:
                                [n for _, n in plan.prefills], max(len(r.block_ids) for r, _ in plan.prefills),
                                sum(r.num_computed_tokens + n == r.num_tokens for r, n in plan.prefills),
                                self.layout["decode_buckets"][-1], tuple(self.layout["token_buckets"]),
-                               self.table_buckets)
+                               self.table_buckets, full_decode_tables=self.full_decode_tables)
         key = dims.shapes()
         if key in self.keys:
             return 0.0
@@ -184,10 +185,11 @@ def search(makers, truth, sig, args, ttft_ms, tpot_ms, graphs=None):
 
 
 def warm_up(makers, truth, sig, args, ttft_ms, tpot_ms, graphs):
-    """``bench/serving.py``'s unmeasured warm-up runs: run k of each policy at the start rate / 2^k, seed 500 + k."""
+    """``bench/serving.py``'s unmeasured warm-up runs: run k of each policy at ``warmup_rate(start rate, k)``, seed
+    500 + k."""
     for k in range(args.warmup_runs):
         for make in makers.values():
-            trace = make_trace(args.start_rate / 2 ** k, args.duration, 500 + k, args.max_prompt, args.max_output,
+            trace = make_trace(warmup_rate(args.start_rate, k), args.duration, 500 + k, args.max_prompt, args.max_output,
                                32000, 1.0, args.prompt_median, output_median=args.output_median)
             simulate(make(), trace, truth, sig, args, ttft_ms / 1e3, tpot_ms / 1e3, graphs)
 
@@ -208,6 +210,8 @@ def main(argv=None):
     ap.add_argument("--capture-ms", type=float, default=0.0, help="extra ms of a step capturing its graph, on top")
     ap.add_argument("--graph-limit", type=int, default=1024)
     ap.add_argument("--warmup-runs", type=int, default=1)
+    ap.add_argument("--decode-attention", choices=("torch", "triton"), default="torch",
+                    help="the engine's decode attention: 'triton' pads mixed steps' decode tables to the largest width")
     ap.add_argument("--probes", type=int, default=8)
     ap.add_argument("--start-rate", type=float, default=16.0)
     ap.add_argument("--host-ms", type=float, default=0.0, help="host time added to every step (ms)")
@@ -255,7 +259,7 @@ def main(argv=None):
         graphs = None
         if args.uncaptured_ms or args.capture_ms:   # one engine per SLO setting, as one GPU bench run
             graphs = GraphKeys(args.graph_limit, args.uncaptured_ms / 1e3, args.capture_ms / 1e3, layout,
-                               args.max_num_seqs)
+                               args.max_num_seqs, full_decode_tables=args.decode_attention == "triton")
             warm_up(makers, truth, sig, args, args.ttft_slo_ms, tpot_ms, graphs)
             warm = len(graphs.keys)
         caps, runs = search(makers, truth, sig, args, args.ttft_slo_ms, tpot_ms, graphs)

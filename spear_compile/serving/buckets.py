@@ -75,17 +75,20 @@ class MixedDims:
 
 
 def mixed_step_dims(num_decodes: int, decode_blocks: int, chunk_lens, prefill_blocks: int, num_completing: int,
-                    max_decode_rows: int, token_buckets, table_buckets) -> MixedDims:
+                    max_decode_rows: int, token_buckets, table_buckets, full_decode_tables: bool = False) -> MixedDims:
     """The padding of a mixed step of ``num_decodes`` decodes (their longest block list ``decode_blocks``) and
     prefill chunks of ``chunk_lens`` tokens (longest block list ``prefill_blocks``), ``num_completing`` of which end
     their prompts (a logits row each): tokens to a token bucket, decode rows as ``mixed_decode_rows``, chunk rows,
-    chunk length and logits rows to powers of two, block tables to their buckets."""
+    chunk length and logits rows to powers of two, block tables to their buckets. ``full_decode_tables``: the decode
+    tables at the largest width (for a decode attention that reads only each row's context, whose cost the width
+    does not change: one graph key instead of one per width)."""
     chunks = list(chunk_lens)
     max_tokens = token_buckets[-1]
     nd = mixed_decode_rows(num_decodes, sum(chunks), max_decode_rows, max_tokens)
     used = nd + sum(chunks)
+    decode_width = table_buckets[-1] if full_decode_tables else table_width(decode_blocks, table_buckets)
     return MixedDims(tokens=next_bucket(used, token_buckets) if used <= max_tokens else used, decode_rows=nd,
-                     decode_width=table_width(decode_blocks, table_buckets), prefills=_pow2_at_least_min(len(chunks)),
+                     decode_width=decode_width, prefills=_pow2_at_least_min(len(chunks)),
                      chunk_len=pow2_bucket(max(max(chunks, default=0), MIN_DIM), MIN_DIM, max(MIN_DIM, max_tokens)),
                      prefill_width=table_width(prefill_blocks, table_buckets),
                      logits_rows=_pow2_at_least_min(num_decodes + num_completing))

@@ -310,7 +310,8 @@ class ModelRunner:
         dims = mixed_step_dims(len(decodes), max((len(r.block_ids) for r in decodes), default=0),
                                [n for _, n in prefills], max((len(r.block_ids) for r, _ in prefills), default=0),
                                sum(r.num_computed_tokens + n == r.num_tokens for r, n in prefills),
-                               self.decode_buckets[-1], self.token_buckets, self.table_buckets)
+                               self.decode_buckets[-1], self.token_buckets, self.table_buckets,
+                               full_decode_tables=self.config.decode_attention == "triton")
         nd, d_width, p_width = dims.decode_rows, dims.decode_width, dims.prefill_width
         q_len, num_p, total, s = dims.chunk_len, dims.prefills, dims.tokens, dims.logits_rows
         ids, pos, sb, so = [], [], [], []

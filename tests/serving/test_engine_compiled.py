@@ -102,6 +102,10 @@ def test_compiled_engine_triton_decode_attention(ref_tokenizer, fresh_compile, m
                       decode_attention="triton")
     assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref
     assert eng.stats().recompiles == 0
+    # the kernel reads only each row's context: mixed steps pass their decode tables at the largest width (one
+    # graph key for every width), and the tokens above are still HF's
+    keys = list(eng.runner.mixed.graphs)
+    assert keys and {shapes[4][1] for _, shapes in keys} == {eng.runner.table_buckets[-1]}
 
 
 @pytest.mark.parametrize("attention", ["torch", "triton"])

@@ -80,3 +80,8 @@ def test_graph_keys_charge_a_new_shape_once_and_steps_beyond_the_limit_always():
     assert graphs.extra_s(plan(2, 30)) == pytest.approx(0.03)      # a new shape beyond the limit: uncaptured
     assert graphs.extra_s(plan(2, 30)) == pytest.approx(0.03)      # ... every time
     assert (graphs.captures, graphs.uncaptured, len(graphs.keys)) == (1, 2, 1)
+
+
+def test_warm_up_rates_go_both_ways_from_the_start_rate():
+    from bench.serving import warmup_rate
+    assert [warmup_rate(8.0, k) for k in range(5)] == [8.0, 16.0, 4.0, 32.0, 2.0]
