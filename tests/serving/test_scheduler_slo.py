@@ -309,3 +309,42 @@ def test_a_step_that_captured_a_graph_neither_corrects_the_model_nor_enters_the_
     plan = sim.sched.schedule(NO_EC)
     policy.observe(plan, 2 * plan.predicted_s)   # an ordinary step: corrected and logged
     assert len(aware.corrections()) == 1 and len(policy.log.pairs) == 1
+
+
+def test_every_observed_step_lands_however_long_the_policy_runs(models):
+    """Thousands of steps through the real Scheduler, far past the policy's 256-entry bookkeeping bound, no plan kept
+    after its step (as the engine: CPython then hands a freed plan's address, hence its id(), to a later one): every
+    predicted step's observation lands in the log. Session 20: evicting entries by remembered ids dropped live
+    entries whose plans had a reused id, depending on the memory layout."""
+    policy = slo(models[0])
+    clock = [0.0]
+    sched = Scheduler(KVBlockManager(4096, 16), policy, max_num_seqs=64, max_num_tokens=TOKEN_BUCKETS[-1],
+                      token_buckets=TOKEN_BUCKETS, clock=lambda: clock[0])
+    pending = sorted(trace(rate=12, n=120, seed=5), key=lambda r: r.arrival_time)
+    predicted = i = 0
+    while i < len(pending) or sched.has_unfinished():
+        while i < len(pending) and pending[i].arrival_time <= clock[0]:
+            sched.add(pending[i])
+            i += 1
+        if not sched.has_unfinished():
+            clock[0] = pending[i].arrival_time
+            continue
+        plan = sched.schedule(NO_EC)
+        dt = true_step_s(len(plan.decodes), plan.num_prefill_tokens, 0, NO_EC)
+        clock[0] += dt
+        policy.observe(plan, dt)
+        predicted += plan.predicted_s is not None
+        for req in plan.decodes:
+            req.num_computed_tokens += 1
+            req.output_token_ids.append(7)
+        for req, n in plan.prefills:
+            req.num_computed_tokens += n
+            if req.num_computed_tokens == req.num_tokens:
+                req.output_token_ids.append(7)
+        for req in list(plan.decodes) + [r for r, _ in plan.prefills]:
+            if len(req.output_token_ids) >= req.sampling.max_tokens:
+                sched.finish(req, RequestStatus.FINISHED_LENGTH)
+        del plan
+    assert predicted > 1000
+    assert len(policy.log.pairs) == predicted
+    assert len(policy._pending) <= 256

@@ -22,7 +22,6 @@ Cost per step: O(running + waiting) plus a sort of the waiting queue and at most
 from __future__ import annotations
 
 import math
-from collections import deque
 from typing import Optional
 
 from ...errors import SpearError
@@ -80,8 +79,7 @@ class SloAware(Policy):
         self._aging_now = False
         self._prev_now: Optional[float] = None
         self._prev_plan_id: Optional[int] = None
-        self._pending: dict = {}       # id(plan) -> (plan, shape args) until observe()
-        self._pending_order: deque = deque()
+        self._pending: dict = {}       # id(plan) -> (plan, shape args) until observe(), oldest first
         self._rate_cache: dict = {}    # signature -> seconds per prefill token at the largest bucket
 
     # helpers -------------------------------------------------------------------------------------------------
@@ -196,10 +194,11 @@ class SloAware(Policy):
         kv = self.cost_model.context_feature(d, ctx.sum_context_len, longest, mixed=p > 0, num_prefill_tokens=p)
         pred = self._predict(d, p, kv, sig)
         # [plan, shape, predicted, gap to the next step's start, measured]: done when both of the last two are in
+        # keyed by id(plan): unique among the entries, which hold their plans (an id freed and reused can only be
+        # a settled entry's, gone from here); the oldest unsettled entries go past 256
         self._pending[id(plan)] = [plan, (d, p, kv, sig), pred, None, None]
-        self._pending_order.append(id(plan))
-        while len(self._pending_order) > 256:
-            self._pending.pop(self._pending_order.popleft(), None)
+        while len(self._pending) > 256:
+            del self._pending[next(iter(self._pending))]
         self._prev_plan_id = id(plan)
         return pred
 
