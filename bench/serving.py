@@ -577,7 +577,7 @@ def main(argv=None):
     ap.add_argument("--probes", type=int, default=3)
     ap.add_argument("--decode-attention", choices=("torch", "triton"), default="torch",
                     help="EngineConfig.decode_attention ('triton': one paged kernel, mixed steps' decode tables at the "
-                         "largest width, half the mixed-step graph keys)")
+                         "largest width: about 30 %% fewer mixed-step graph keys in serving_sim)")
     ap.add_argument("--warmup-runs", type=int, default=1, help="unmeasured runs per policy before the measured ones "
                     "(mixed-step graphs captured at their shapes' first step), at the start rate, twice it, half of it, ...")
     ap.add_argument("--time-budget", type=float, default=480.0)

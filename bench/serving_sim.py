@@ -24,7 +24,7 @@ import sys
 
 from bench.serving import add_length_args, make_trace, metrics, passes, warmup_rate
 from bench.stats import pct
-from spear_compile.serving.buckets import MIN_DIM, mixed_step_dims
+from spear_compile.serving.buckets import MIN_DIM, mixed_step_dims_for, pow2_dim
 from spear_compile.serving.kv_cache import KVBlockManager
 from spear_compile.serving.request import Request, RequestStatus, SamplingParams
 from spear_compile.serving.scheduler import Scheduler, make_policy
@@ -52,14 +52,19 @@ def load_profile(paths, max_num_seqs):
     return samples, layout, gpu
 
 
-class TrueCost:
-    """A step's simulated time: the fit of the measured samples (no online correction) times lognormal noise whose
-    spread is the fit's own residual spread on those samples."""
+def fit(samples, layout):
+    """The engine's (EC-aware, EC-blind) cost models fitted on ``samples``, padded as ``layout``'s engine pads."""
+    return fit_models(samples, layout["decode_buckets"], layout["token_buckets"],
+                      kv_layout=(layout["block_size"], tuple(layout["table_buckets"])), mixed_min_rows=MIN_DIM)
 
-    def __init__(self, samples, layout, seed):
-        kv = (layout["block_size"], tuple(layout["table_buckets"]))
-        self.model, _ = fit_models(samples, layout["decode_buckets"], layout["token_buckets"], correction_alpha=0.0,
-                                   kv_layout=kv, mixed_min_rows=MIN_DIM)
+
+class TrueCost:
+    """A step's simulated time: ``model``'s fitted time of the measured samples (``predict_raw``: no online
+    correction; the policies get copies of their own) times lognormal noise whose spread is the fit's own residual
+    spread on those samples."""
+
+    def __init__(self, model, samples, seed):
+        self.model = model
         logs = [math.log(s.seconds / self.predict_sample(s)) for s in samples]
         self.sigma = statistics.pstdev(logs)
         self.rng = random.Random(seed)
@@ -86,18 +91,15 @@ class GraphKeys:
         self.limit, self.uncaptured_s, self.capture_s = limit, uncaptured_s, capture_s
         self.full_decode_tables = full_decode_tables   # EngineConfig(decode_attention="triton")
         self.keys = set()
-        self.layout, self.max_rows = layout, 1 << (max(max_num_seqs, MIN_DIM) - 1).bit_length()
+        self.layout, self.max_rows = layout, pow2_dim(max_num_seqs)   # the engine's mixed logits buffer
         self.table_buckets = tuple(layout["table_buckets"])
         self.captures = self.uncaptured = 0
 
     def extra_s(self, plan) -> float:
         if not plan.prefills:
             return 0.0   # decode steps replay the graphs captured at start-up
-        dims = mixed_step_dims(len(plan.decodes), max((len(r.block_ids) for r in plan.decodes), default=0),
-                               [n for _, n in plan.prefills], max(len(r.block_ids) for r, _ in plan.prefills),
-                               sum(r.num_computed_tokens + n == r.num_tokens for r, n in plan.prefills),
-                               self.layout["decode_buckets"][-1], tuple(self.layout["token_buckets"]),
-                               self.table_buckets, full_decode_tables=self.full_decode_tables)
+        dims = mixed_step_dims_for(plan.decodes, plan.prefills, self.layout["decode_buckets"][-1],
+                                   tuple(self.layout["token_buckets"]), self.table_buckets, self.full_decode_tables)
         key = dims.shapes()
         if key in self.keys:
             return 0.0
@@ -232,9 +234,8 @@ def main(argv=None):
     args.max_num_tokens = args.token_buckets[-1]
     sigs = sorted({s.signature for s in samples}, key=lambda s: s.total_rank)
     sig = sigs[-1] if args.ec == "on" else sigs[0]
-    truth = TrueCost(samples, layout, args.noise_seed)
-    aware, blind = fit_models(samples, layout["decode_buckets"], layout["token_buckets"],
-                              kv_layout=(layout["block_size"], tuple(layout["table_buckets"])), mixed_min_rows=MIN_DIM)
+    aware, blind = fit(samples, layout)
+    truth = TrueCost(aware, samples, args.noise_seed)
     lines = [f"# Simulated capacity per policy on measured step costs ({gpu})", "",
              f"{datetime.date.today()}. Command: `python -m bench.serving_sim {' '.join(argv or sys.argv[1:])}`", "",
              f"{len(samples)} profiled steps (`{args.stepcost}`), ECs {args.ec}; the simulated step time is their fit "

@@ -50,9 +50,9 @@ def table_width(max_blocks: int, table_buckets) -> int:
     return next_bucket(max(max_blocks, 1, MIN_DIM), table_buckets)
 
 
-def _pow2_at_least_min(n: int) -> int:
-    n = max(n, MIN_DIM)
-    return 1 << (n - 1).bit_length()
+def pow2_dim(n: int) -> int:
+    """``n`` padded to a power of two, at least ``MIN_DIM`` (chunk rows, logits rows, the mixed logits buffer)."""
+    return 1 << (max(n, MIN_DIM) - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,17 @@ def mixed_step_dims(num_decodes: int, decode_blocks: int, chunk_lens, prefill_bl
     used = nd + sum(chunks)
     decode_width = table_buckets[-1] if full_decode_tables else table_width(decode_blocks, table_buckets)
     return MixedDims(tokens=next_bucket(used, token_buckets) if used <= max_tokens else used, decode_rows=nd,
-                     decode_width=decode_width, prefills=_pow2_at_least_min(len(chunks)),
+                     decode_width=decode_width, prefills=pow2_dim(len(chunks)),
                      chunk_len=pow2_bucket(max(max(chunks, default=0), MIN_DIM), MIN_DIM, max(MIN_DIM, max_tokens)),
                      prefill_width=table_width(prefill_blocks, table_buckets),
-                     logits_rows=_pow2_at_least_min(num_decodes + num_completing))
+                     logits_rows=pow2_dim(num_decodes + num_completing))
+
+
+def mixed_step_dims_for(decodes, prefills, max_decode_rows: int, token_buckets, table_buckets,
+                        full_decode_tables: bool = False) -> MixedDims:
+    """``mixed_step_dims`` of a step's requests: ``decodes`` and ``(request, chunk length)`` ``prefills``, as
+    scheduled (their ``block_ids`` already hold the step's tokens)."""
+    return mixed_step_dims(len(decodes), max((len(r.block_ids) for r in decodes), default=0),
+                           [n for _, n in prefills], max((len(r.block_ids) for r, _ in prefills), default=0),
+                           sum(r.num_computed_tokens + n == r.num_tokens for r, n in prefills),
+                           max_decode_rows, token_buckets, table_buckets, full_decode_tables)

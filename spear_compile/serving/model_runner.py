@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import SpearError
-from .buckets import MIN_DIM, mixed_step_dims, next_bucket, pow2_buckets, table_width
+from .buckets import MIN_DIM, mixed_step_dims_for, next_bucket, pow2_buckets, pow2_dim, table_width
 from .config import EngineConfig
 from .cuda_graphs import (DecodeGraph, GraphCapture, MixedGraphs, StandInGraph, multi_rank, pack_flat,
                           unpack_flat)
@@ -119,7 +119,7 @@ class ModelRunner:
         self.step_sink = None            # tensor parallelism, rank 0: gets every step's inputs before its forward
         self.capture = GraphCapture(device)
         self.mixed = MixedGraphs(self.capture, config.mixed_cuda_graphs if self.use_cuda_graphs and not multi_rank()
-                                 else 0, max_rows=1 << (max(config.max_num_seqs, MIN_DIM) - 1).bit_length())
+                                 else 0, max_rows=pow2_dim(config.max_num_seqs))
         self.graphs_before_serving: Optional[int] = None
         self.warmup_s = 0.0
         self.warmup_breakdown: dict = {}   # warm_up's seconds: tuning (keys tuned), capture, compile + eager runs
@@ -305,13 +305,10 @@ class ModelRunner:
         return self.mixed.first_step((use_ec, shapes), flat, views, lambda: self._mixed_fn(*views, use_ec=use_ec))
 
     def mixed_inputs(self, decodes, prefills):
-        """CPU int64 tensors for ``mixed_forward`` (shapes ``buckets.mixed_step_dims``) and the number of logits rows
+        """CPU int64 tensors for ``mixed_forward`` (shapes ``buckets.mixed_step_dims_for``) and the number of logits rows
         that matter."""
-        dims = mixed_step_dims(len(decodes), max((len(r.block_ids) for r in decodes), default=0),
-                               [n for _, n in prefills], max((len(r.block_ids) for r, _ in prefills), default=0),
-                               sum(r.num_computed_tokens + n == r.num_tokens for r, n in prefills),
-                               self.decode_buckets[-1], self.token_buckets, self.table_buckets,
-                               full_decode_tables=self.config.decode_attention == "triton")
+        dims = mixed_step_dims_for(decodes, prefills, self.decode_buckets[-1], self.token_buckets, self.table_buckets,
+                                   full_decode_tables=self.config.decode_attention == "triton")
         nd, d_width, p_width = dims.decode_rows, dims.decode_width, dims.prefill_width
         q_len, num_p, total, s = dims.chunk_len, dims.prefills, dims.tokens, dims.logits_rows
         ids, pos, sb, so = [], [], [], []

@@ -134,11 +134,11 @@ def test_every_mixed_point_of_the_grid_fits_the_mixed_step_graphs(engine):
 
 
 def test_mixed_step_dims_are_the_runner_input_shapes(engine):
-    """``buckets.mixed_step_dims`` (what the simulator and the key census pad by) is what ``mixed_inputs`` builds,
+    """``buckets.mixed_step_dims_for`` (what the simulator pads by) is what ``mixed_inputs`` builds,
     on random steps: decodes of random contexts beside 1-3 chunks, some completing their prompts."""
     import random
 
-    from spear_compile.serving.buckets import mixed_step_dims
+    from spear_compile.serving.buckets import mixed_step_dims_for
     from spear_compile.serving.request import Request
     runner = engine.runner
     rng = random.Random(7)
@@ -158,8 +158,6 @@ def test_mixed_step_dims_are_the_runner_input_shapes(engine):
         if d + sum(n for _, n in prefills) > runner.token_buckets[-1]:
             continue
         args, rows = runner.mixed_inputs(decodes, prefills)
-        dims = mixed_step_dims(d, max((len(r.block_ids) for r in decodes), default=0), [n for _, n in prefills],
-                               max(len(r.block_ids) for r, _ in prefills),
-                               sum(r.num_computed_tokens + n == r.num_tokens for r, n in prefills),
-                               runner.decode_buckets[-1], runner.token_buckets, runner.table_buckets)
+        dims = mixed_step_dims_for(decodes, prefills, runner.decode_buckets[-1], runner.token_buckets,
+                                   runner.table_buckets)
         assert tuple(tuple(a.shape) for a in args) == dims.shapes(), (d, [n for _, n in prefills])

@@ -59,7 +59,7 @@ def test_profile_drops_mixed_steps_with_a_full_batch_of_decodes(tmp_path):
     assert gpu == "test" and got_layout == layout
     assert len(samples) == len(rows) - 2 and not any(s.shape.num_decodes == 8 and s.shape.num_prefill_tokens
                                                      for s in samples)
-    truth = serving_sim.TrueCost(samples, layout, seed=0)
+    truth = serving_sim.TrueCost(serving_sim.fit(samples, layout)[0], samples, seed=0)
     assert truth.sigma < 0.05
 
 

@@ -46,17 +46,13 @@ def default_grid(decode_buckets, token_buckets, max_model_len: int, max_points: 
     ctxs = sorted({min(64, max_model_len // 4), max(2, max_model_len // 4), max(2, max_model_len // 2)})
     points = []
     for bucket in (0,) + tuple(decode_buckets):
-        for p_on in (False, True):
-            d = bucket if not p_on or max_num_seqs is None else min(bucket, max_num_seqs - 1)
-            if p_on:
-                rows = [(b, mixed_rows(d, b - d, decode_buckets, token_buckets, mixed_min_rows)) for b in token_buckets]
-                prefills = [b - r for b, r in rows if b > max(r, d)]
-            else:
-                prefills = [0] if bucket else []
-            for p in prefills:
-                for c in (ctxs if d else ctxs[:1]):
-                    if p + 1 < max_model_len:
-                        points.append((d, p, c))
+        d = bucket if max_num_seqs is None else min(bucket, max_num_seqs - 1)   # decodes beside a prefill
+        rows = [(b, mixed_rows(d, b - d, decode_buckets, token_buckets, mixed_min_rows)) for b in token_buckets]
+        steps = ([(bucket, 0)] if bucket else []) + [(d, b - r) for b, r in rows if b > max(r, d)]
+        for decodes, p in steps:
+            for c in (ctxs if decodes else ctxs[:1]):
+                if p + 1 < max_model_len:
+                    points.append((decodes, p, c))
     points = list(dict.fromkeys(points))  # (two buckets can meet at max_num_seqs - 1)
     if max_points and len(points) > max_points:
         step = len(points) / max_points
