@@ -18,6 +18,7 @@ import copy
 import datetime
 import json
 import math
+import platform
 import random
 import statistics
 import sys
@@ -236,8 +237,12 @@ def main(argv=None):
     sig = sigs[-1] if args.ec == "on" else sigs[0]
     aware, blind = fit(samples, layout)
     truth = TrueCost(aware, samples, args.noise_seed)
+    with open(args.stepcost.split(",")[0], encoding="utf-8") as f:
+        fields = json.load(f)["fields"]
     lines = [f"# Simulated capacity per policy on measured step costs ({gpu})", "",
-             f"{datetime.date.today()}. Command: `python -m bench.serving_sim {' '.join(argv or sys.argv[1:])}`", "",
+             f"{datetime.date.today()}; step costs profiled on the {gpu} with torch {fields.get('torch')}, triton "
+             f"{fields.get('triton')}; simulated on {platform.machine()} CPU, Python {platform.python_version()}. "
+             f"Command: `python -m bench.serving_sim {' '.join(argv or sys.argv[1:])}`", "",
              f"{len(samples)} profiled steps (`{args.stepcost}`), ECs {args.ec}; the simulated step time is their fit "
              f"times lognormal noise of sigma {truth.sigma:.3f} (the fit's residual spread); host time per step "
              f"{args.host_ms} ms; no CUDA-graph captures, no uncaptured steps. Trace: {args.duration} s of Poisson "
