@@ -260,18 +260,21 @@ def run_trace(bundle, policy_name, trace, args, ec_enabled=True, switch_period_s
             engine.set_ec_enabled(True)
     records = list(engine.step_log)[log_start:]
     m = metrics(times, meta, ttft_slo, tpot_slo, t0)
-    predicted = [(abs(r.predicted_s - r.measured_s) / r.measured_s * 100, r.captured_graph) for r in records
-                 if r.predicted_s is not None and r.measured_s > 0]
-    errs = [e for e, _ in predicted]
+    predicted = [(abs(r.predicted_s - r.measured_s) / r.measured_s * 100, r.captured_graph, r.num_prefill_tokens > 0)
+                 for r in records if r.predicted_s is not None and r.measured_s > 0]
+    errs = [e for e, _, _ in predicted]
     # the same without the steps that captured a mixed-step CUDA graph (once per shape key: a one-off, which the
-    # SLO policy keeps out of its online correction); both are reported
-    errs_replayed = [e for e, captured in predicted if not captured]
+    # SLO policy keeps out of its online correction); both are reported, and the replayed ones per step kind
+    errs_replayed = [e for e, captured, _ in predicted if not captured]
+    errs_mixed = [e for e, captured, mixed in predicted if mixed and not captured]
+    errs_decode = [e for e, _, mixed in predicted if not mixed]
     st = [dt for _, dt in sched_times]
     st64 = [dt for k, dt in sched_times if k >= 48]
     m.update(policy=policy_name, label=label or policy_name, num_steps=engine.num_steps - steps_before,
              unfinished=len(unfinished), recompiles=engine.runner.recompiles - recompiles_before,
              step_err_p50_pct=pct(errs, 50), step_err_p90_pct=pct(errs, 90), num_predicted_steps=len(errs),
-             step_err_p90_pct_no_capture=pct(errs_replayed, 90),
+             step_err_p90_pct_no_capture=pct(errs_replayed, 90), step_err_p90_pct_decode=pct(errs_decode, 90),
+             step_err_p90_pct_mixed=pct(errs_mixed, 90), num_mixed_steps=len(errs_mixed),
              capture_steps=sum(r.captured_graph for r in records),
              uncaptured_mixed_steps=sum(r.uncaptured_mixed for r in records),
              mixed_graphs=len(engine.runner.mixed.graphs),
@@ -282,14 +285,18 @@ def run_trace(bundle, policy_name, trace, args, ec_enabled=True, switch_period_s
              ec_switches=bool(switch_period_s), ec_enabled=ec_enabled,
              step_time_ms_p50=_ms(pct([r.measured_s for r in records], 50)),
              overhead_ms=_ms(getattr(policy, "overhead_s", None)))
-    m["_raw"] = {"ttft": m.pop("_ttft"), "itl": m.pop("_itl"), "steps": [(r.num_decodes, r.num_prefill_tokens,
-                                                                         r.predicted_s, r.measured_s, r.ec_enabled)
-                                                                        for r in records]}
+    m["_raw"] = {"ttft": m.pop("_ttft"), "itl": m.pop("_itl"),
+                 "steps": [[r.num_decodes, r.num_prefills, r.num_prefill_tokens, r.sum_context, r.ec_enabled,
+                            r.captured_graph, r.uncaptured_mixed, r.predicted_s, r.measured_s] for r in records]}
     log(f"  {m['label']:>14} rate {m.get('rate', 0):6.2f} req/s: {m['completed']}/{m['num_requests']} done, "
         f"TTFT p99 {m['ttft_ms_p99']} ms, ITL p99 {m['itl_ms_p99']} ms, TPOT p99 {m['tpot_ms_p99']} ms, goodput "
         f"{m['goodput_rps']:.2f} req/s, tput {m['output_tok_s']:.0f} tok/s, step err p90 {m['step_err_p90_pct']}%, "
         f"sched p50 {m['sched_ms_p50']} ms, recompiles {m['recompiles']}")
     return m
+
+
+def _pct1(x):
+    return "-" if x is None else f"{x:.1f}%"
 
 
 def _ms(x):
@@ -770,6 +777,10 @@ def main(argv=None):
     results["errors"] = ERRORS
     raw = {"runs": [{"label": m["label"], "rate": m["rate"], "common_rate": bool(m.get("common_rate")),
                      "ttft": m["_raw"]["ttft"], "itl": m["_raw"]["itl"]} for m in results["runs"] if m.get("common_rate")],
+           # every run's steps, for the cost model's error by step shape (columns in "step_fields")
+           "step_fields": ["num_decodes", "num_prefills", "num_prefill_tokens", "sum_context", "ec_enabled",
+                           "captured_graph", "uncaptured_mixed", "predicted_s", "measured_s"],
+           "steps": [{"label": m["label"], "rate": m.get("rate"), "steps": m["_raw"]["steps"]} for m in results["runs"]],
            "samples": {name: {"samples": [x.to_json() for x in smp], "model": model.to_json()}
                        for name, (smp, model) in samples_for_plot.items()}}
     if args.json:
@@ -945,6 +956,11 @@ def write_markdown(results, path, argv):
         if nc and caps:
             w(f"- The same without the {caps} steps that captured a mixed-step CUDA graph (once per shape key): p90 "
               f"{min(nc):.1f}-{max(nc):.1f}%.")
+        kinds = [(m["label"], m.get("rate"), m.get("step_err_p90_pct_decode"), m.get("step_err_p90_pct_mixed"),
+                  m.get("num_mixed_steps")) for m in runs if m.get("step_err_p90_pct") is not None]
+        if any(k[2] is not None or k[3] is not None for k in kinds):
+            w("- p90 error per step kind (decode-only / replayed mixed steps, n mixed): " + "; ".join(
+                f"{lab} {rate or 0:.1f} req/s {_pct1(dec)} / {_pct1(mix)} ({n})" for lab, rate, dec, mix, n in kinds) + ".")
     sm = results.get("sched_microbench")
     if sm:
         w(f"- Scheduler time per step at {sm['slo']['running']} running + {sm['slo']['waiting']} waiting (real "

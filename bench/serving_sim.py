@@ -239,13 +239,15 @@ def main(argv=None):
     truth = TrueCost(aware, samples, args.noise_seed)
     with open(args.stepcost.split(",")[0], encoding="utf-8") as f:
         fields = json.load(f)["fields"]
+    one_off = ("new mixed-step shapes' one-off costs as below" if args.uncaptured_ms or args.capture_ms
+               else "no CUDA-graph captures, no uncaptured steps")
     lines = [f"# Simulated capacity per policy on measured step costs ({gpu})", "",
              f"{datetime.date.today()}; step costs profiled on the {gpu} with torch {fields.get('torch')}, triton "
              f"{fields.get('triton')}; simulated on {platform.machine()} CPU, Python {platform.python_version()}. "
              f"Command: `python -m bench.serving_sim {' '.join(argv or sys.argv[1:])}`", "",
              f"{len(samples)} profiled steps (`{args.stepcost}`), ECs {args.ec}; the simulated step time is their fit "
              f"times lognormal noise of sigma {truth.sigma:.3f} (the fit's residual spread); host time per step "
-             f"{args.host_ms} ms; no CUDA-graph captures, no uncaptured steps. Trace: {args.duration} s of Poisson "
+             f"{args.host_ms} ms; {one_off}. Trace: {args.duration} s of Poisson "
              f"arrivals per run, prompts lognormal (median {args.prompt_median}, clipped to {args.max_prompt}), outputs "
              f"lognormal (median {args.output_median}, clipped to {args.max_output}); max_num_seqs "
              f"{args.max_num_seqs}; a rate passes when all {len(args.seeds) if args.seeds else 1} seeds' runs have p99 TTFT <= "

@@ -301,6 +301,8 @@ def decode_rate(eng, variant, batch, args, new=129):
         gc_ms_max=round(1e3 * max((t for _, t in gc_pauses), default=0.0), 3),
         gc_gen2=sum(g == 2 for g, _ in gc_pauses),
         running_at_slowest=running[slowest] if walls else None,
+        # the step in which the first request finished (its rows move on the device from the next step on)
+        first_finish_at=next((i - 1 for i in range(1, len(running)) if running[i] < running[i - 1]), None),
         last_steps=[(n, round(1e3 * w, 3)) for n, w in zip(running[-6:], walls[-6:])],  # (running, ms)
         tuned_keys_in_window=[str(k) for k in set(TUNER.picks) - keys_before][:4],
         uncaptured_decodes=eng.runner.num_uncaptured_decodes - uncaptured_before,

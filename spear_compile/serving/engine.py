@@ -162,6 +162,7 @@ class Engine:
         self.sampler = Sampler(dev, config.seed)
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         self.vocab_size = int(model.config.vocab_size)
+        self.sampler.warm_up(self.vocab_size, model.model.embed_tokens.weight.dtype)
         self._ec_enabled = self.runner.net.has_ecs
         self._ec_signatures = {True: _ec_signature(model, True), False: _ec_signature(model, False)}
         self._inputs: queue.SimpleQueue = queue.SimpleQueue()

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .request import Request, TokenLogprobs
+from .request import Request, SamplingParams, TokenLogprobs
 
 
 class Sampler:
@@ -26,6 +26,20 @@ class Sampler:
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+
+    @torch.no_grad()
+    def warm_up(self, vocab_size: int, dtype: torch.dtype) -> None:
+        """Run every sampling path once on dummy logits (penalties, top-k / top-p draws, log-probabilities), so that
+        the first request that asks for one does not pay the one-off costs of its first kernels (on CUDA, lazily
+        loaded modules: tens of ms, with the step's CUDA events around them)."""
+        sp = SamplingParams(max_tokens=2, temperature=0.7, top_k=8, top_p=0.9, seed=0, logprobs=2,
+                            presence_penalty=0.1, frequency_penalty=0.1, repetition_penalty=1.1)
+        reqs = [Request(f"warm-up-{i}", [1, 2], sp if i else SamplingParams(temperature=0.0), 0.0,
+                        output_token_ids=[3]) for i in range(2)]
+        logits = torch.zeros(len(reqs), vocab_size, dtype=dtype, device=self.device)
+        tokens = self.sample(logits, reqs)
+        self.logprobs(logits, reqs, tokens)
+        self.release(reqs[1].request_id)
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, reqs: list) -> list:

@@ -112,3 +112,24 @@ def test_penalties_vs_a_loop_reference():
     assert torch.equal(logits, before)  # the step's logits are left as they were
     assert not SamplingParams().penalized and SamplingParams(temperature=0).device_argmax
     assert not SamplingParams(temperature=0, frequency_penalty=0.1).device_argmax
+
+
+def test_warm_up_leaves_no_state_behind():
+    """The engine's start-up sampling warm-up keeps no generator and does not advance the shared one: the tokens of
+    unseeded requests drawn after it are the ones drawn without it."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    reqs = [Request(f"r{i}", [1], SamplingParams(temperature=1.0), 0.0) for i in range(3)]
+    cold, warm = Sampler(torch.device("cpu"), seed=7), Sampler(torch.device("cpu"), seed=7)
+    warm.warm_up(50, torch.bfloat16)
+    assert warm._generators == {}
+    assert warm.sample(logits, reqs) == cold.sample(logits, reqs)
+
+
+def test_patch_ids_moves_rows_as_the_index_says():
+    from spear_compile.serving.model_runner import patch_ids
+    ids = torch.full((5,), -1, dtype=torch.int64)
+    tokens = torch.tensor([10, 11, 12, 13], dtype=torch.int64)
+    patch_ids(ids, (tokens, [2, 0, 3], [0, 1, 4]))   # a request finished: rows move up
+    assert ids.tolist() == [12, 10, -1, -1, 13]
+    patch_ids(ids, (tokens, [0, 1], [0, 1]))          # the previous step's rows, in order: a slice copy
+    assert ids.tolist() == [10, 11, -1, -1, 13]
