@@ -125,7 +125,8 @@ def build_engine(args, kind, ec_fraction=0.0):
                        compile=args.compile, cuda_graphs=args.compile and dev.type == "cuda", progress=False,
                        cpu_num_blocks=args.cpu_num_blocks, step_log_size=100000, block_size=args.block_size,
                        ec_switch=True,  # the EC-aware vs EC-blind comparison and the EC on/off switching
-                       compile_regions=args.compile_regions, decode_attention=args.decode_attention)
+                       compile_regions=args.compile_regions, decode_attention=args.decode_attention,
+                       mixed_graph_padding=args.mixed_graph_padding)
     engine = Engine(model, tokenizer, cfg, model_name=f"{kind}")
     setup_s = time.perf_counter() - t0
     log(f"engine {kind} ec={ec_fraction}: setup {setup_s:.1f}s (warm-up {engine.runner.warmup_s:.1f}s: "
@@ -212,7 +213,7 @@ def run_trace(bundle, policy_name, trace, args, ec_enabled=True, switch_period_s
 
     sched.schedule = timed
     log_start = len(engine.step_log)
-    steps_before = engine.num_steps
+    steps_before, padded_before = engine.num_steps, engine.runner.mixed.padded_replays
     recompiles_before = engine.runner.recompiles
     clock = sched.clock
     t0 = clock()
@@ -277,6 +278,7 @@ def run_trace(bundle, policy_name, trace, args, ec_enabled=True, switch_period_s
              step_err_p90_pct_mixed=pct(errs_mixed, 90), num_mixed_steps=len(errs_mixed),
              capture_steps=sum(r.captured_graph for r in records),
              uncaptured_mixed_steps=sum(r.uncaptured_mixed for r in records),
+             padded_mixed_steps=engine.runner.mixed.padded_replays - padded_before,
              mixed_graphs=len(engine.runner.mixed.graphs),
              graph_capture_mib=round(engine.runner.capture.capture_bytes / 2 ** 20, 1),
              graph_captures=engine.runner.capture.captures,
@@ -587,6 +589,8 @@ def main(argv=None):
                          "largest width: about 30 %% fewer mixed-step graph keys in serving_sim)")
     ap.add_argument("--warmup-runs", type=int, default=1, help="unmeasured runs per policy before the measured ones "
                     "(mixed-step graphs captured at their shapes' first step), at the start rate, twice it, half of it, ...")
+    ap.add_argument("--mixed-graph-padding", type=float, default=2.0, help="EngineConfig.mixed_graph_padding (0: "
+                    "every new mixed-step shape captures its own graph, as before session 21)")
     ap.add_argument("--time-budget", type=float, default=480.0)
     ap.add_argument("--ec-fraction", type=float, default=0.01)
     ap.add_argument("--ec-fraction-large", type=float, default=0.05)
@@ -840,7 +844,8 @@ def write_markdown(results, path, argv):
       f"max_num_seqs {a['max_num_seqs']}, max_num_tokens {a['max_num_tokens']} (power-of-two token buckets), "
       f"max_model_len {a['max_model_len']}, block {a['block_size']}, compiled (`spear` backend"
       f"{', one decoder layer per layer structure' if a.get('compile_regions') else ''}) with CUDA graphs: "
-      f"{a['compile']}.")
+      f"{a['compile']}; mixed-step graph padding {a.get('mixed_graph_padding', 0):g} (a new shape a captured graph "
+      f"covers replays it).")
     w("")
     w(f"Trace: {a['duration']} s of arrivals per run (Poisson at the rate; the burst runs gamma with burstiness 0.25), "
       f"prompt lengths lognormal (median {a['prompt_median']}, sigma 1.0, clipped to {a['max_prompt']}), outputs "
@@ -861,7 +866,8 @@ def write_markdown(results, path, argv):
         w("")
         w(f"CUDA graphs at the end: {last.get('mixed_graphs')} mixed-step graphs; all {last['graph_captures']} "
           f"captures took {last.get('graph_capture_mib')} MiB of device memory. Mixed steps run uncaptured in the "
-          f"measured runs (graph limit reached or the device low on memory): {unc}.")
+          f"measured runs (graph limit reached or the device low on memory): {unc}. Padded into a captured graph "
+          f"of larger shapes (`mixed_graph_padding`): {sum(m.get('padded_mixed_steps') or 0 for m in runs)}.")
     w("")
     w(f"SLO: TTFT {slo['ttft_ms']:.0f} ms, per-token latency {slo['tpot_ms']:.0f} ms. " + results.get("slo_note", ""))
     w("")
@@ -901,7 +907,7 @@ def write_markdown(results, path, argv):
     w("")
     w("| run | rate | done | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms | E2EL p50 / p99 ms | goodput "
       "req/s | attain. | tok/s | ITL > SLO | step err p50 / p90 % | sched ms p50 / p99 | recompiles | mixed steps "
-      "capturing / uncaptured (graphs) |")
+      "capturing / uncaptured / padded (graphs) |")
     w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for m in runs:
         g = lambda x: "-" if x is None else (f"{x:.1f}" if isinstance(x, float) else str(x))  # noqa: E731
@@ -910,8 +916,8 @@ def write_markdown(results, path, argv):
           f"{g(m['itl_ms_p99'])} | {g(m['e2el_ms_p50'])} / {g(m['e2el_ms_p99'])} | {m['goodput_rps']:.2f} | "
           f"{m['slo_attainment']:.2f} | {m['output_tok_s']:.0f} | {m.get('itl_violations')}/{m.get('num_itl')} | "
           f"{g(m['step_err_p50_pct'])} / {g(m['step_err_p90_pct'])} | {g(m['sched_ms_p50'])} / {g(m['sched_ms_p99'])} "
-          f"| {m['recompiles']} | {g(m.get('capture_steps'))} / {g(m.get('uncaptured_mixed_steps'))} "
-          f"({g(m.get('mixed_graphs'))}) |")
+          f"| {m['recompiles']} | {g(m.get('capture_steps'))} / {g(m.get('uncaptured_mixed_steps'))} / "
+          f"{g(m.get('padded_mixed_steps'))} ({g(m.get('mixed_graphs'))}) |")
     w("")
     stab = [m for m in runs if m.get("stability")]
     if stab:

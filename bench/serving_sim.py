@@ -88,13 +88,15 @@ class GraphKeys:
     uncaptured every time (``uncaptured_s``). The engine keeps its graphs across runs and policies, so one object
     serves a whole search. ``uncaptured_s = capture_s = 0``: the steady state (every key captured)."""
 
-    def __init__(self, limit, uncaptured_s, capture_s, layout, max_num_seqs, full_decode_tables=False):
+    def __init__(self, limit, uncaptured_s, capture_s, layout, max_num_seqs, full_decode_tables=False,
+                 max_padding=0.0):
         self.limit, self.uncaptured_s, self.capture_s = limit, uncaptured_s, capture_s
         self.full_decode_tables = full_decode_tables   # EngineConfig(decode_attention="triton")
-        self.keys = set()
+        self.max_padding = max_padding                 # EngineConfig.mixed_graph_padding (its extra attention: free)
+        self.keys = {}                                 # shapes -> MixedDims
         self.layout, self.max_rows = layout, pow2_dim(max_num_seqs)   # the engine's mixed logits buffer
         self.table_buckets = tuple(layout["table_buckets"])
-        self.captures = self.uncaptured = 0
+        self.captures = self.uncaptured = self.padded = 0
 
     def extra_s(self, plan) -> float:
         if not plan.prefills:
@@ -104,8 +106,11 @@ class GraphKeys:
         key = dims.shapes()
         if key in self.keys:
             return 0.0
+        if self.max_padding and any(d.covers(dims, self.max_padding) for d in self.keys.values()):
+            self.padded += 1
+            return 0.0
         if len(self.keys) < self.limit and dims.logits_rows <= self.max_rows:
-            self.keys.add(key)
+            self.keys[key] = dims
             self.captures += 1
             return self.uncaptured_s + self.capture_s
         self.uncaptured += 1
@@ -171,13 +176,14 @@ def search(makers, truth, sig, args, ttft_ms, tpot_ms, graphs=None):
             for seed in args.seeds or [1000 + k]:
                 trace = make_trace(rate, args.duration, seed, args.max_prompt, args.max_output, 32000, 1.0,
                                    args.prompt_median, output_median=args.output_median)
-                before = (graphs.captures, graphs.uncaptured) if graphs else (0, 0)
+                before = (graphs.captures, graphs.uncaptured, graphs.padded) if graphs else (0, 0, 0)
                 m = simulate(make(), trace, truth, sig, args, ttft_ms / 1e3, tpot_ms / 1e3, graphs)
-                after = (graphs.captures, graphs.uncaptured) if graphs else (0, 0)
+                after = (graphs.captures, graphs.uncaptured, graphs.padded) if graphs else (0, 0, 0)
                 runs.append(dict(policy=name, rate=rate, seed=seed, ttft_ms_p99=m["ttft_ms_p99"],
                                  itl_ms_p99=m["itl_ms_p99"], tpot_ms_p99=m["tpot_ms_p99"],
                                  goodput_rps=m["goodput_rps"], output_tok_s=m["output_tok_s"],
-                                 captures=after[0] - before[0], uncaptured=after[1] - before[1]))
+                                 captures=after[0] - before[0], uncaptured=after[1] - before[1],
+                                 padded=after[2] - before[2]))
                 ok = ok and passes(m, crit)
             if ok:
                 lo = rate if lo is None else max(lo, rate)
@@ -212,6 +218,8 @@ def main(argv=None):
                     "(0 with --capture-ms 0: steady state, no graph keys kept)")
     ap.add_argument("--capture-ms", type=float, default=0.0, help="extra ms of a step capturing its graph, on top")
     ap.add_argument("--graph-limit", type=int, default=1024)
+    ap.add_argument("--graph-padding", type=float, default=2.0, help="EngineConfig.mixed_graph_padding: a new shape "
+                    "covered by a captured one (buckets.MixedDims.covers) replays it, free (0: off)")
     ap.add_argument("--warmup-runs", type=int, default=1)
     ap.add_argument("--decode-attention", choices=("torch", "triton"), default="torch",
                     help="the engine's decode attention: 'triton' pads mixed steps' decode tables to the largest width")
@@ -267,7 +275,8 @@ def main(argv=None):
         graphs = None
         if args.uncaptured_ms or args.capture_ms:   # one engine per SLO setting, as one GPU bench run
             graphs = GraphKeys(args.graph_limit, args.uncaptured_ms / 1e3, args.capture_ms / 1e3, layout,
-                               args.max_num_seqs, full_decode_tables=args.decode_attention == "triton")
+                               args.max_num_seqs, full_decode_tables=args.decode_attention == "triton",
+                               max_padding=args.graph_padding)
             warm_up(makers, truth, sig, args, args.ttft_slo_ms, tpot_ms, graphs)
             warm = len(graphs.keys)
         caps, runs = search(makers, truth, sig, args, args.ttft_slo_ms, tpot_ms, graphs)
@@ -277,8 +286,9 @@ def main(argv=None):
         if graphs is not None:
             lines_graphs.append(f"- SLO {tpot_ms:g} ms: {warm} mixed-step graph keys after the warm-up, "
                                 f"{len(graphs.keys)} at the end (limit {args.graph_limit}); "
-                                f"{sum(r['captures'] for r in runs)} capturing and {sum(r['uncaptured'] for r in runs)} "
-                                f"uncaptured mixed steps in the measured runs.")
+                                f"{sum(r['captures'] for r in runs)} capturing, {sum(r['uncaptured'] for r in runs)} "
+                                f"uncaptured and {sum(r['padded'] for r in runs)} padded (into a covering graph) mixed "
+                                f"steps in the measured runs.")
         budgets = [n for n in caps if n.startswith("budget-") and caps[n][0]]
         best = max(budgets, key=lambda n: caps[n][0], default=None)
         for name, (lo, hi) in caps.items():
@@ -289,14 +299,15 @@ def main(argv=None):
                          f"{ratio(lo, b)}{f' ({best})' if best and name.startswith('slo') else ''} |")
     if lines_graphs:
         lines += ["", f"One-off costs modelled: a new mixed-step shape's first step +{args.uncaptured_ms + args.capture_ms:g} "
-                  f"ms (uncaptured + capture), a step beyond the {args.graph_limit}-graph limit +{args.uncaptured_ms:g} ms; "
+                  f"ms (uncaptured + capture) unless a captured graph covers it (graph padding {args.graph_padding:g}: "
+                  f"replayed at no extra cost), a step beyond the {args.graph_limit}-graph limit +{args.uncaptured_ms:g} ms; "
                   f"{args.warmup_runs} warm-up run(s) per policy first."] + lines_graphs
     lines += ["", "## Runs", "", "| SLO ms | policy | rate | seed | TTFT p99 ms | ITL p99 ms | TPOT p99 ms | goodput | "
-              "capturing / uncaptured steps |", "|---|---|---|---|---|---|---|---|---|"]
+              "capturing / uncaptured / padded steps |", "|---|---|---|---|---|---|---|---|---|"]
     for r in all_runs:
         lines.append(f"| {r['tpot_slo_ms']:g} | {r['policy']} | {r['rate']:.2f} | {r['seed']} | {r['ttft_ms_p99']} | "
                      f"{r['itl_ms_p99']} | {r['tpot_ms_p99']} | {r['goodput_rps']:.2f} | {r['captures']} / "
-                     f"{r['uncaptured']} |")
+                     f"{r['uncaptured']} / {r['padded']} |")
     text = "\n".join(lines) + "\n"
     if args.md:
         with open(args.md, "w", encoding="utf-8") as f:

@@ -73,6 +73,26 @@ class MixedDims:
         return ((t,), (t,), (t,), (t,), (nd, self.decode_width), (nd,), (np_, self.prefill_width), (np_, ql),
                 (np_, ql), (self.logits_rows,))
 
+    @classmethod
+    def from_shapes(cls, shapes) -> "MixedDims":
+        """The dims whose ``shapes()`` are ``shapes`` (a mixed-step graph's key)."""
+        (t,), _, _, _, (nd, dw), _, (np_, pw), (_, ql), _, (s,) = shapes
+        return cls(t, nd, dw, np_, ql, pw, s)
+
+    def attention_cells(self) -> int:
+        """Chunk query rows x prefill block-table width: the prefill attention's work at these dims."""
+        return self.prefills * self.chunk_len * self.prefill_width
+
+    def covers(self, other: "MixedDims", max_padding: float) -> bool:
+        """Whether a step of dims ``other`` may run padded to these: the same tokens and decode rows (the linears'
+        work unchanged), every other dim at least ``other``'s, the prefill attention's work and the decode tables'
+        width at most ``max_padding`` times ``other``'s."""
+        return (self.tokens == other.tokens and self.decode_rows == other.decode_rows
+                and other.decode_width <= self.decode_width <= max_padding * other.decode_width
+                and self.prefills >= other.prefills and self.chunk_len >= other.chunk_len
+                and self.prefill_width >= other.prefill_width and self.logits_rows >= other.logits_rows
+                and self.attention_cells() <= max_padding * other.attention_cells())
+
 
 def mixed_step_dims(num_decodes: int, decode_blocks: int, chunk_lens, prefill_blocks: int, num_completing: int,
                     max_decode_rows: int, token_buckets, table_buckets, full_decode_tables: bool = False) -> MixedDims:

@@ -67,6 +67,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--mixed-cuda-graphs", type=int, default=None,
                    help="most mixed-step (prefill + decode) CUDA graphs, each captured at its shapes' first step "
                         "(default 1024; 0: mixed steps run uncaptured, decode steps still replay graphs)")
+    p.add_argument("--mixed-graph-padding", type=float, default=None,
+                   help="a mixed step with no graph of its own replays a captured one of larger shapes, its attention "
+                        "padded at most this many times (default 2; 0: off, every new shape captures its own)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=_run_serve)
 
@@ -101,6 +104,9 @@ def check_args(args: argparse.Namespace) -> str:
             raise SpearError(f"serve: --{name.replace('_', '-')} {value}: expected a positive number of ms")
     if args.mixed_cuda_graphs is not None and args.mixed_cuda_graphs < 0:
         raise SpearError(f"serve: --mixed-cuda-graphs {args.mixed_cuda_graphs}: expected an integer >= 0")
+    if args.mixed_graph_padding is not None and not (args.mixed_graph_padding == 0 or 1 <= args.mixed_graph_padding <= 64):
+        raise SpearError(f"serve: --mixed-graph-padding {args.mixed_graph_padding}: expected 0 (off) or a number in "
+                         "[1, 64]")
     if args.compile_regions and args.tp > 1:
         raise SpearError("serve: --compile-regions is not supported with --tp > 1 yet (tensor parallelism compiles "
                          "the whole model: its peer-reduction epilogue needs static decode rows)")
@@ -198,6 +204,8 @@ def _run_serve(args) -> int:
             options["profile_points"] = CPU_PROFILE_POINTS  # eager CPU steps are slow: a small sweep
     if args.mixed_cuda_graphs is not None:
         options["mixed_cuda_graphs"] = args.mixed_cuda_graphs
+    if args.mixed_graph_padding is not None:
+        options["mixed_graph_padding"] = args.mixed_graph_padding
     if args.max_num_tokens is not None:
         options["max_num_tokens"] = args.max_num_tokens   # EngineConfig refuses one below --max-batch
     elif args.max_batch > EngineConfig.max_num_tokens:

@@ -42,6 +42,11 @@ class EngineConfig:
     #   as every new key does once a capture leaves the device under 1 GiB free (GraphCapture.MIN_FREE_BYTES). 256
     #   was reached in the first measured run of session 20's serving bench (243 graphs after one warm-up run of a
     #   1B model at 16.7 req/s), and the uncaptured steps that followed (30-45 ms) decided every probe's p99 ITL
+    mixed_graph_padding: float = 2.0        # a mixed step whose input shapes have no graph replays a captured one
+    #   of larger shapes that covers them (the same tokens and decode rows; its prefill attention work and decode
+    #   tables at most this many times the step's own: buckets.MixedDims.covers) instead of running uncaptured and
+    #   capturing its own (0: off). In a simulation on session 21's H100 step costs, 2.0 cut the shapes first met in
+    #   the measured runs by a third (serving_sim --graph-padding); not yet measured on a GPU
     compile: bool = True
     compile_regions: bool = False           # compile one decoder layer (once per distinct layer structure) and the
     #   LM head instead of the whole model per phase: a fraction of the start-up compile time; the layers then run
@@ -90,6 +95,9 @@ class EngineConfig:
         if self.static_decode_rows is not None:
             pos_int("static_decode_rows", 0)
         pos_int("mixed_cuda_graphs", 0)
+        p = self.mixed_graph_padding
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (p == 0 or 1 <= p <= 64):
+            raise SpearError(f"EngineConfig: mixed_graph_padding={p!r} must be 0 (off) or a number in [1, 64]")
         if self.max_num_tokens < self.max_num_seqs:
             raise SpearError(f"EngineConfig: max_num_tokens={self.max_num_tokens} must be >= max_num_seqs="
                              f"{self.max_num_seqs} (a step holds one token per running decode)")

@@ -14,11 +14,12 @@ import contextlib
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from ..errors import SpearError
+from .buckets import MixedDims
 
 
 def on_stream(stream):
@@ -169,6 +170,25 @@ class MixedGraphs:
         self.replays = 0
         self.first_steps = 0        # steps that ran eagerly to capture their key (slow, once per key)
         self.uncaptured = 0         # mixed steps served without a graph (limit reached, capture failed, TP)
+        self.padded_replays = 0     # steps replayed in the graph of larger dims that covers theirs (``covering``)
+        self._dims: dict = {}       # key -> MixedDims of the captured keys (``covering``'s scan)
+
+    def covering(self, use_ec: bool, dims: MixedDims, max_padding: float) -> Optional[MixedDims]:
+        """The dims of the captured graph a step of ``dims`` should replay: its own if captured, else (``max_padding``
+        > 0) those of the captured graph that covers them (``MixedDims.covers``) with the least prefill attention
+        work, else None (the step captures its own graph, or runs uncaptured). Padding a step costs a little
+        attention; a shape's first step costs its uncaptured run and its capture (tens of ms with a 1B model)."""
+        if (use_ec, dims.shapes()) in self.graphs:
+            return dims
+        best = None
+        if max_padding:
+            for key in self.graphs:
+                if key[0] != use_ec:
+                    continue
+                d = self._dims.get(key) or self._dims.setdefault(key, MixedDims.from_shapes(key[1]))
+                if d.covers(dims, max_padding) and (best is None or d.attention_cells() < best.attention_cells()):
+                    best = d
+        return best
 
     def has_room(self, rows: int) -> bool:
         """Whether a new key of ``rows`` logits rows may be captured (under the limit, its rows fit the buffer, the

@@ -88,6 +88,7 @@ class EngineStats:
     prefix_cache_hit_tokens: int = 0   # prompt tokens taken from cached KV blocks instead of computed
     mixed_graphs: int = 0              # mixed-step CUDA graphs captured (one per input-shape key)
     uncaptured_mixed_steps: int = 0    # mixed steps run without a graph while serving (limit reached, capture failed, TP)
+    padded_mixed_steps: int = 0        # mixed steps replayed in a captured graph of larger shapes (mixed_graph_padding)
     graph_capture_mib: float = 0.0     # device memory the CUDA-graph captures took (decode and mixed graphs)
 
 
@@ -481,4 +482,5 @@ class Engine:
                            prefix_cache_hit_tokens=self.blocks.num_cached_tokens,
                            mixed_graphs=len(self.runner.mixed.graphs),
                            uncaptured_mixed_steps=self.runner.mixed.uncaptured,
+                           padded_mixed_steps=self.runner.mixed.padded_replays,
                            graph_capture_mib=round(self.runner.capture.capture_bytes / 2 ** 20, 1))

@@ -219,7 +219,7 @@ class ModelRunner:
         use_ec = use_ec and self.net.has_ecs
         if not prefills:
             return self.execute_decode(decodes, use_ec), len(decodes)
-        args, rows = self.mixed_inputs(decodes, prefills)
+        args, rows = self.mixed_inputs(decodes, prefills, use_ec)
         if self.step_sink is not None:
             self.step_sink.mixed(use_ec, args)
         return self.run_mixed(use_ec, args), rows
@@ -304,11 +304,17 @@ class ModelRunner:
             return self.mixed.replay(g)
         return self.mixed.first_step((use_ec, shapes), flat, views, lambda: self._mixed_fn(*views, use_ec=use_ec))
 
-    def mixed_inputs(self, decodes, prefills):
+    def mixed_inputs(self, decodes, prefills, use_ec: Optional[bool] = None):
         """CPU int64 tensors for ``mixed_forward`` (shapes ``buckets.mixed_step_dims_for``) and the number of logits rows
-        that matter."""
+        that matter. With ``use_ec`` (a step to serve), padded to the dims of a captured graph that covers the step's
+        when it has none of its own (``MixedGraphs.covering``, ``EngineConfig.mixed_graph_padding``)."""
         dims = mixed_step_dims_for(decodes, prefills, self.decode_buckets[-1], self.token_buckets, self.table_buckets,
                                    full_decode_tables=self.config.decode_attention == "triton")
+        if use_ec is not None:
+            graph_dims = self.mixed.covering(use_ec, dims, self.config.mixed_graph_padding)
+            if graph_dims is not None and graph_dims != dims:
+                self.mixed.padded_replays += 1
+                dims = graph_dims
         nd, d_width, p_width = dims.decode_rows, dims.decode_width, dims.prefill_width
         q_len, num_p, total, s = dims.chunk_len, dims.prefills, dims.tokens, dims.logits_rows
         ids, pos, sb, so = [], [], [], []

@@ -102,8 +102,9 @@ class OverlappedSteps:
             started.record()
         first_steps, uncaptured = eng.runner.mixed.first_steps, eng.runner.mixed.uncaptured
         if prefills:   # decode rows first, then the chunks (``mixed_inputs``); logits: decodes, completed chunks
-            args, num_rows = eng.runner.mixed_inputs(decodes, prefills)
-            logits = eng.runner.run_mixed(ec and eng.runner.net.has_ecs, args, device_ids)[:num_rows]
+            use_ec = ec and eng.runner.net.has_ecs
+            args, num_rows = eng.runner.mixed_inputs(decodes, prefills, use_ec)
+            logits = eng.runner.run_mixed(use_ec, args, device_ids)[:num_rows]
         else:
             logits = eng.runner.execute_decode(decodes, ec, device_ids)
         tokens = logits.argmax(dim=-1)

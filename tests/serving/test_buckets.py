@@ -27,3 +27,18 @@ def test_mixed_step_dims_full_decode_tables():
     full = mixed_step_dims(*args, full_decode_tables=True)
     assert full.decode_width == 32 and full.shapes()[4] == (full.decode_rows, 32)
     assert full.prefill_width == mixed_step_dims(*args).prefill_width == 2
+
+
+def test_mixed_dims_round_trip_and_cover():
+    """``MixedDims.from_shapes`` inverts ``shapes``; ``covers``: the same tokens and decode rows, every other dim at
+    least as large, the prefill attention work and the decode tables' width at most ``max_padding`` times."""
+    from spear_compile.serving.buckets import MixedDims
+    small = MixedDims(tokens=64, decode_rows=8, decode_width=4, prefills=2, chunk_len=32, prefill_width=4, logits_rows=8)
+    assert MixedDims.from_shapes(small.shapes()) == small and small.attention_cells() == 2 * 32 * 4
+    wider = MixedDims(64, 8, 4, 2, 32, 8, 8)             # twice the attention
+    assert wider.covers(small, 2.0) and not wider.covers(small, 1.5) and small.covers(small, 1.0)
+    assert not small.covers(wider, 8.0)                   # smaller in a dim
+    for other in (MixedDims(128, 8, 4, 2, 32, 4, 8), MixedDims(64, 16, 4, 2, 32, 4, 8)):
+        assert not other.covers(small, 64.0)              # tokens or decode rows differ: the linears' work would
+    assert not MixedDims(64, 8, 16, 2, 32, 4, 8).covers(small, 2.0)   # decode tables 4x wider
+    assert MixedDims(64, 8, 4, 4, 64, 4, 16).covers(small, 4.0) and not MixedDims(64, 8, 4, 4, 64, 4, 16).covers(small, 3.9)

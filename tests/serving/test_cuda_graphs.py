@@ -96,3 +96,20 @@ def test_no_capture_when_the_device_is_low_on_memory():
     assert not cap.low_on_memory()
     cap.free_bytes = GraphCapture.MIN_FREE_BYTES - 1
     assert cap.low_on_memory()
+
+
+def test_covering_picks_the_least_padding_of_the_same_ec_state():
+    from spear_compile.serving.buckets import MixedDims
+    mixed = MixedGraphs(FakeCapture(), limit=8, max_rows=16)
+    step_dims = MixedDims(64, 8, 4, 2, 16, 4, 8)
+    graphs = {True: [MixedDims(64, 8, 4, 2, 32, 4, 8), MixedDims(64, 8, 4, 2, 32, 8, 8), MixedDims(64, 16, 4, 2, 16, 4, 8)],
+              False: [MixedDims(64, 8, 4, 2, 16, 8, 8)]}
+    for use_ec, dims_list in graphs.items():
+        for d in dims_list:
+            flat = torch.zeros(sum(torch.Size(s).numel() for s in d.shapes()), dtype=torch.int64)
+            mixed.first_step((use_ec, d.shapes()), flat, unpack_flat(flat, d.shapes()), lambda: torch.zeros(2, 3))
+    assert mixed.covering(True, step_dims, 4.0) == MixedDims(64, 8, 4, 2, 32, 4, 8)   # 2x, not 4x; not 16 rows
+    assert mixed.covering(True, step_dims, 1.5) is None and mixed.covering(True, step_dims, 0) is None
+    assert mixed.covering(False, step_dims, 2.0) == MixedDims(64, 8, 4, 2, 16, 8, 8)
+    own = MixedDims(64, 8, 4, 2, 32, 8, 8)
+    assert mixed.covering(True, own, 0) == own   # a captured key is its own cover, padding or not

@@ -224,3 +224,31 @@ def test_compiled_regions_refuse_static_decode_rows_before_touching_the_model(re
         make_engine(model, ref_tokenizer, compile=True, compile_regions=True, static_decode_rows=2, max_num_seqs=2,
                     max_num_tokens=16, token_buckets=(16,), max_model_len=64, policy="budget-16")
     assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_mixed_steps_padded_into_covering_graphs(ref_tokenizer):
+    """``mixed_graph_padding``: a mixed step whose shapes have no graph replays a captured one of larger shapes that
+    covers them (the same tokens and decode rows; longer chunks, more chunk rows, wider tables) instead of capturing
+    its own: the tokens stay HF eager ``generate``'s, longer prompts first and then shorter ones (whose steps the
+    long prompts' graphs cover), fewer graphs and first steps than with padding off."""
+    model = toy_model(ecs=True)
+    g = torch.Generator().manual_seed(5)
+    long = [torch.randint(3, 8000, (n,), generator=g).tolist() for n in (30, 22, 17, 40)]
+    short = [torch.randint(3, 8000, (n,), generator=g).tolist() for n in (6, 3, 11, 9)]
+    with torch.no_grad():
+        ref = [model.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)[0, len(p):]
+               .tolist() for p in long + short]
+    kw = dict(cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=4, max_num_tokens=16, token_buckets=(8, 16),
+              max_model_len=64, policy="budget-8")
+    counts = {}
+    for padding in (0, 2.0):
+        eng = make_engine(model, ref_tokenizer, mixed_graph_padding=padding, **kw)
+        got = [o.output_token_ids for o in eng.generate(long, sp())] + \
+              [o.output_token_ids for o in eng.generate(short, sp())]
+        assert got == ref, padding
+        mixed = eng.runner.mixed
+        counts[padding] = (len(mixed.graphs), mixed.first_steps, mixed.padded_replays)
+        assert eng.stats().padded_mixed_steps == mixed.padded_replays and mixed.uncaptured == 0
+        assert eng.blocks.num_free_blocks == eng.blocks.num_usable_blocks
+    assert counts[0][2] == 0 and counts[2.0][2] > 0
+    assert counts[2.0][0] < counts[0][0] and counts[2.0][1] < counts[0][1]

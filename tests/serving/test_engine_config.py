@@ -20,6 +20,9 @@ from spear_compile.serving import EngineConfig
     (dict(decode_attention="flash"), "decode_attention='flash' must be 'torch' or 'triton'"),
     (dict(freeze_gc=1), "freeze_gc=1 must be True, False or None"),
     (dict(compile_regions="yes"), "compile_regions='yes' must be True or False"),
+    (dict(mixed_graph_padding=0.5), "mixed_graph_padding=0.5 must be 0 \\(off\\) or a number in \\[1, 64\\]"),
+    (dict(mixed_graph_padding=True), "mixed_graph_padding=True"),
+    (dict(mixed_graph_padding="2"), "mixed_graph_padding='2'"),
 ])
 def test_bad_values_name_the_field(kw, match):
     with pytest.raises(SpearError, match=match):
