@@ -113,6 +113,8 @@ def main():
                                                             "budget is short)")
     ap.add_argument("--models", default="Llama-3.2-1B,Llama-2-7B")
     ap.add_argument("--ms", default="1,16,2048")
+    ap.add_argument("--ops", default=OPS, help="bench/kernels.py --ops (fewer: less cold tuning in the old tree, whose "
+                    "7B rows never fit the budget in session 21)")
     ap.add_argument("--variants", default=E2E_VARIANTS, help="decode_e2e variants, first ones first")
     args = ap.parse_args()
     wanted = set(args.steps.split(","))
@@ -133,7 +135,7 @@ def main():
         kb = share["kernels"] * args.budget
         steps.append((f"kernels {tag}", entry + ["--out", os.path.join(args.out, f"kernels_{tag}"),
                                                   "--models", args.models, "--ms", args.ms,
-                                                  "--ops", OPS, "--budget", str(int(kb - 40))], root, env, kb))
+                                                  "--ops", args.ops, "--budget", str(int(kb - 40))], root, env, kb))
     for tag, root in (("old", args.old), ("new", NEW)) if "e2e" in wanted else ():
         env = dict(base_env, TRITON_CACHE_DIR=os.path.join(caches, f"triton_cache_{tag}"))
         entry = [sys.executable, "bench/decode_e2e.py"] if tag == "old" else [sys.executable, "-m", "bench.decode_e2e"]
