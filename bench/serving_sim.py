@@ -26,6 +26,7 @@ import sys
 from bench.serving import add_length_args, make_trace, metrics, passes, warmup_rate
 from bench.stats import pct
 from spear_compile.serving.buckets import MIN_DIM, mixed_step_dims_for, pow2_dim
+from spear_compile.serving.cuda_graphs import MixedGraphs
 from spear_compile.serving.kv_cache import KVBlockManager
 from spear_compile.serving.request import Request, RequestStatus, SamplingParams
 from spear_compile.serving.scheduler import Scheduler, make_policy
@@ -82,35 +83,48 @@ class TrueCost:
         return t * math.exp(self.rng.gauss(0.0, self.sigma))
 
 
+class _NoCapture:
+    """``MixedGraphs``' capture, for key bookkeeping only: never low on memory."""
+    cuda = False
+
+    @staticmethod
+    def low_on_memory() -> bool:
+        return False
+
+
 class GraphKeys:
-    """The engine's mixed-step CUDA graphs, by key (``buckets.mixed_step_dims``): a new key's first step runs
-    uncaptured and captures (``extra_s`` charges it ``uncaptured_s + capture_s``), a key beyond ``limit`` runs
-    uncaptured every time (``uncaptured_s``). The engine keeps its graphs across runs and policies, so one object
-    serves a whole search. ``uncaptured_s = capture_s = 0``: the steady state (every key captured)."""
+    """The engine's mixed-step CUDA graphs, by key (``buckets.mixed_step_dims``), kept by the engine's own
+    ``MixedGraphs`` rules (its limit, logits buffer rows and ``covering``; graphs without contents): a step a captured
+    graph covers replays it (the padding free here), a new key's first step runs uncaptured and captures (``extra_s``
+    charges it ``uncaptured_s + capture_s``), a key beyond ``limit`` runs uncaptured every time (``uncaptured_s``).
+    The engine keeps its graphs across runs and policies, so one object serves a whole search.
+    ``uncaptured_s = capture_s = 0``: the steady state (every key captured)."""
 
     def __init__(self, limit, uncaptured_s, capture_s, layout, max_num_seqs, full_decode_tables=False,
                  max_padding=0.0):
-        self.limit, self.uncaptured_s, self.capture_s = limit, uncaptured_s, capture_s
+        self.uncaptured_s, self.capture_s = uncaptured_s, capture_s
         self.full_decode_tables = full_decode_tables   # EngineConfig(decode_attention="triton")
-        self.max_padding = max_padding                 # EngineConfig.mixed_graph_padding (its extra attention: free)
-        self.keys = {}                                 # shapes -> MixedDims
-        self.layout, self.max_rows = layout, pow2_dim(max_num_seqs)   # the engine's mixed logits buffer
+        self.max_padding = max_padding                 # EngineConfig.mixed_graph_padding
+        self.mixed = MixedGraphs(_NoCapture(), limit, max_rows=pow2_dim(max_num_seqs))   # the engine's logits buffer
+        self.layout = layout
         self.table_buckets = tuple(layout["table_buckets"])
         self.captures = self.uncaptured = self.padded = 0
+
+    @property
+    def keys(self):
+        return self.mixed.graphs
 
     def extra_s(self, plan) -> float:
         if not plan.prefills:
             return 0.0   # decode steps replay the graphs captured at start-up
         dims = mixed_step_dims_for(plan.decodes, plan.prefills, self.layout["decode_buckets"][-1],
                                    tuple(self.layout["token_buckets"]), self.table_buckets, self.full_decode_tables)
-        key = dims.shapes()
-        if key in self.keys:
+        graph_dims = self.mixed.covering(True, dims, self.max_padding)
+        if graph_dims is not None:
+            self.padded += graph_dims != dims
             return 0.0
-        if self.max_padding and any(d.covers(dims, self.max_padding) for d in self.keys.values()):
-            self.padded += 1
-            return 0.0
-        if len(self.keys) < self.limit and dims.logits_rows <= self.max_rows:
-            self.keys[key] = dims
+        if self.mixed.has_room(dims.logits_rows):
+            self.mixed.graphs[(True, dims.shapes())] = None
             self.captures += 1
             return self.uncaptured_s + self.capture_s
         self.uncaptured += 1
