@@ -288,8 +288,9 @@ def run_trace(bundle, policy_name, trace, args, ec_enabled=True, switch_period_s
              step_time_ms_p50=_ms(pct([r.measured_s for r in records], 50)),
              overhead_ms=_ms(getattr(policy, "overhead_s", None)))
     m["_raw"] = {"ttft": m.pop("_ttft"), "itl": m.pop("_itl"),
-                 "steps": [[r.num_decodes, r.num_prefills, r.num_prefill_tokens, r.sum_context, r.ec_enabled,
-                            r.captured_graph, r.uncaptured_mixed, r.predicted_s, r.measured_s] for r in records]}
+                 "steps": [[r.num_decodes, r.num_prefills, r.num_prefill_tokens, r.sum_context, r.prefill_context,
+                            r.mixed_dims, r.ec_enabled, r.captured_graph, r.uncaptured_mixed, r.predicted_s,
+                            r.measured_s] for r in records]}
     log(f"  {m['label']:>14} rate {m.get('rate', 0):6.2f} req/s: {m['completed']}/{m['num_requests']} done, "
         f"TTFT p99 {m['ttft_ms_p99']} ms, ITL p99 {m['itl_ms_p99']} ms, TPOT p99 {m['tpot_ms_p99']} ms, goodput "
         f"{m['goodput_rps']:.2f} req/s, tput {m['output_tok_s']:.0f} tok/s, step err p90 {m['step_err_p90_pct']}%, "
@@ -782,8 +783,10 @@ def main(argv=None):
     raw = {"runs": [{"label": m["label"], "rate": m["rate"], "common_rate": bool(m.get("common_rate")),
                      "ttft": m["_raw"]["ttft"], "itl": m["_raw"]["itl"]} for m in results["runs"] if m.get("common_rate")],
            # every run's steps, for the cost model's error by step shape (columns in "step_fields")
-           "step_fields": ["num_decodes", "num_prefills", "num_prefill_tokens", "sum_context", "ec_enabled",
-                           "captured_graph", "uncaptured_mixed", "predicted_s", "measured_s"],
+           "step_fields": ["num_decodes", "num_prefills", "num_prefill_tokens", "sum_context", "prefill_context",
+                           "mixed_dims (tokens, decode_rows, decode_width, prefills, chunk_len, prefill_width, "
+                           "logits_rows)", "ec_enabled", "captured_graph", "uncaptured_mixed", "predicted_s",
+                           "measured_s"],
            "steps": [{"label": m["label"], "rate": m.get("rate"), "steps": m["_raw"]["steps"]} for m in results["runs"]],
            "samples": {name: {"samples": [x.to_json() for x in smp], "model": model.to_json()}
                        for name, (smp, model) in samples_for_plot.items()}}

@@ -69,6 +69,9 @@ class StepRecord:
     ec_enabled: bool = False
     captured_graph: bool = False   # the step ran eagerly to capture its mixed-step CUDA graph (once per shape key)
     uncaptured_mixed: bool = False  # a mixed step run without a graph (the limit reached, or its capture failed)
+    prefill_context: int = 0       # tokens cached before the step's prefill chunks (what the chunks attend to besides
+    #                                themselves)
+    mixed_dims: Optional[tuple] = None  # a mixed step's padded sizes (buckets.MixedDims as a tuple), as it ran
 
 
 @dataclass
@@ -369,6 +372,7 @@ class Engine:
         if plan.is_empty:
             return outputs
         sum_context = sum(r.num_computed_tokens + 1 for r in plan.decodes)
+        prefill_context = sum(r.num_computed_tokens for r, _ in plan.prefills)
         sampled = list(plan.decodes) + [r for r, n in plan.prefills if r.num_computed_tokens + n == r.num_tokens]
         sink = self.runner.step_sink
         sent = sink.steps_sent if sink is not None else 0
@@ -397,7 +401,9 @@ class Engine:
                                         sum_context=sum_context, ec_signature=self.ec_signature,
                                         predicted_s=plan.predicted_s, measured_s=measured, host_s=t_host,
                                         num_prefills=len(plan.prefills), ec_enabled=ec, captured_graph=captured,
-                                        uncaptured_mixed=self.runner.mixed.uncaptured != uncaptured))
+                                        uncaptured_mixed=self.runner.mixed.uncaptured != uncaptured,
+                                        prefill_context=prefill_context,
+                                        mixed_dims=self.runner.last_mixed_dims if plan.prefills else None))
         return outputs
 
     def _fail_step(self, plan, error: Exception) -> list:

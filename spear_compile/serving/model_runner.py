@@ -10,6 +10,7 @@ along; padded to token buckets; on CUDA captured lazily, one graph per input-sha
 from __future__ import annotations
 
 import array
+import dataclasses
 import functools
 import sys
 import time
@@ -121,6 +122,7 @@ class ModelRunner:
         self.mixed = MixedGraphs(self.capture, config.mixed_cuda_graphs if self.use_cuda_graphs and not multi_rank()
                                  else 0, max_rows=pow2_dim(config.max_num_seqs))
         self.graphs_before_serving: Optional[int] = None
+        self.last_mixed_dims: Optional[tuple] = None   # the padded sizes of the last mixed step served (MixedDims)
         self.warmup_s = 0.0
         self.warmup_breakdown: dict = {}   # warm_up's seconds: tuning (keys tuned), capture, compile + eager runs
         self.num_uncaptured_decodes = 0  # decode steps served without a captured graph (none once warmed up)
@@ -315,6 +317,7 @@ class ModelRunner:
             if graph_dims is not None and graph_dims != dims:
                 self.mixed.padded_replays += 1
                 dims = graph_dims
+            self.last_mixed_dims = dataclasses.astuple(dims)   # the step log's record of what ran
         nd, d_width, p_width = dims.decode_rows, dims.decode_width, dims.prefill_width
         q_len, num_p, total, s = dims.chunk_len, dims.prefills, dims.tokens, dims.logits_rows
         ids, pos, sb, so = [], [], [], []

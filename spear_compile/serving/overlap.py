@@ -85,6 +85,7 @@ class OverlappedSteps:
         eng = self.engine
         prev = self.inflight
         rows = list(decodes) + [r for r, n in prefills if r.num_computed_tokens + n == r.num_tokens]  # sampled
+        prefill_context = sum(r.num_computed_tokens for r, _ in prefills)
         device_ids = None
         if prev is not None:  # decode rows whose last token is the previous step's: copied on the device
             where = {id(r): i for i, r in enumerate(prev.rows)}
@@ -130,7 +131,9 @@ class OverlappedSteps:
                             predicted_s=plan.predicted_s, measured_s=float("nan"),
                             host_s=time.perf_counter() - t0, num_prefills=len(prefills), ec_enabled=ec,
                             captured_graph=eng.runner.mixed.first_steps != first_steps,
-                            uncaptured_mixed=eng.runner.mixed.uncaptured != uncaptured)
+                            uncaptured_mixed=eng.runner.mixed.uncaptured != uncaptured,
+                            prefill_context=prefill_context,
+                            mixed_dims=eng.runner.last_mixed_dims if prefills else None)
         eng.num_steps += 1
         self.num_launched += 1
         return InFlight(rows, index, tokens, host, ready, started, plan, record)

@@ -252,3 +252,19 @@ def test_mixed_steps_padded_into_covering_graphs(ref_tokenizer):
         assert eng.blocks.num_free_blocks == eng.blocks.num_usable_blocks
     assert counts[0][2] == 0 and counts[2.0][2] > 0
     assert counts[2.0][0] < counts[0][0] and counts[2.0][1] < counts[0][1]
+
+
+def test_step_log_records_what_a_mixed_step_ran(ref_tokenizer):
+    """The step log keeps, per mixed step, the padded sizes it ran at (``mixed_dims``, a ``MixedDims`` tuple whose
+    token bucket holds the step's tokens) and the context its chunks attend to besides themselves."""
+    from spear_compile.serving.buckets import MixedDims
+    eng = make_engine(toy_model(), ref_tokenizer, max_num_seqs=4, max_num_tokens=16, token_buckets=(8, 16),
+                      max_model_len=64, policy="budget-8")
+    eng.generate([list(range(3, 23)), list(range(30, 35))], sp())   # a 20-token prompt: chunks of at most 8
+    mixed = [r for r in eng.step_log if r.num_prefill_tokens]
+    assert mixed and all(r.mixed_dims is not None for r in mixed)
+    assert not any(r.mixed_dims for r in eng.step_log if not r.num_prefill_tokens)
+    for r in mixed:
+        dims = MixedDims(*r.mixed_dims)
+        assert dims.tokens >= r.num_decodes + r.num_prefill_tokens and dims.prefills >= r.num_prefills
+    assert sorted(r.prefill_context for r in mixed if r.prefill_context)[:2] == [8, 16]   # the 20-token prompt's chunks
