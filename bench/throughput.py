@@ -399,6 +399,21 @@ def hf_generate_rate(model, batch, new=128, prompt=32, reps=2):
     return batch * new / best, warm
 
 
+def first_mismatch_gaps(got, want, ref_logits, prompt_len: int) -> list:
+    """Per row whose tokens differ from the eager reference's: (new-token index of the first difference, the
+    reference's logit of its own token minus its logit of the compiled run's token there). Before that index both
+    runs saw the same tokens, so a gap near bf16's rounding (a few 0.01) is a near-tie that either rounding may
+    break; a large one is a wrong kernel."""
+    out = []
+    for b in range(got.shape[0]):
+        diff = (got[b, prompt_len:] != want[b, prompt_len:]).nonzero()
+        if len(diff):
+            j = int(diff[0])
+            lg = ref_logits[b, j].float()
+            out.append([j, round(float(lg[want[b, prompt_len + j]] - lg[got[b, prompt_len + j]]), 4)])
+    return out
+
+
 def part_hfcheck(args):
     """HF generate() after optimize on spear-ref-16m: greedy tokens vs eager, batch 1 and 8, with and without ECs."""
     from transformers import AutoModelForCausalLM
@@ -414,13 +429,16 @@ def part_hfcheck(args):
             ids = torch.randint(3, 8000, (batch, 12), generator=torch.Generator().manual_seed(batch)).to(DEV["device"])
             kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, cache_implementation="static")
             with torch.no_grad():
-                want = model.generate(ids, disable_compile=True, **kw)
+                ref = model.generate(ids, disable_compile=True, return_dict_in_generate=True, output_logits=True,
+                                     **kw)
+                want = ref.sequences
                 if batch == 1:
                     optimize(model, quant=None, mode="reduce-overhead", fullgraph=True, dynamic=False)
                 got = model.generate(ids, **kw)
                 again = model.generate(ids, **kw)
             row(part="hfgen-check", ecs=ecs, batch=batch, identical=bool(torch.equal(got, want)),
                 identical_rerun=bool(torch.equal(again, want)), mismatches=int((got != want).sum()),
+                first_mismatch_gaps=first_mismatch_gaps(got, want, torch.stack(ref.logits, 1), ids.shape[1]),
                 cudagraph_skips=int(torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)))
         del model
 
@@ -515,9 +533,10 @@ def markdown(env):
     if gen or gchk:
         lines += ["## HF generate() after optimize(mode=\"reduce-overhead\")", ""]
         if gchk:
-            lines += ["| spear-ref-16m | batch | greedy == eager | rerun == eager | cudagraph skips |", "|---|---|---|---|---|"]
+            lines += ["| spear-ref-16m | batch | greedy == eager | rerun == eager | first mismatch [new token, eager's "
+                      "logit gap] per row | cudagraph skips |", "|---|---|---|---|---|---|"]
             lines += [f"| W4{' + ECs' if r['ecs'] else ''} | {r['batch']} | {r['identical']} | {r['identical_rerun']} | "
-                      f"{r['cudagraph_skips']} |" for r in gchk]
+                      f"{r.get('first_mismatch_gaps') or '-'} | {r['cudagraph_skips']} |" for r in gchk]
             lines.append("")
         if gen:
             lines += ["| 1B variant | batch | tok/s | vs bf16 HF compiled generate | cudagraph skips |", "|---|---|---|---|---|"]
