@@ -548,9 +548,7 @@ def plots(results, args, bundles_samples):
                 tag = f"{name} ECs {'off' if sig.is_empty else 'on'}"
                 sc = ax.scatter([s.shape.num_tokens for s in pts], [s.seconds * 1e3 for s in pts], s=8, alpha=0.5,
                                 label=f"{tag} measured")
-                pred = sorted((s.shape.num_tokens, model.predict_raw(s.shape.num_decodes, s.shape.num_prefill_tokens,
-                                                                     s.shape.sum_context, s.signature,
-                                                                     s.shape.num_padded_tokens) * 1e3) for s in pts)
+                pred = sorted((s.shape.num_tokens, model.predict_shape(s.shape, s.signature) * 1e3) for s in pts)
                 ax.plot([p[0] for p in pred], [p[1] for p in pred], ".", ms=3, color=sc.get_facecolor()[0],
                         alpha=0.9, label=f"{tag} fitted")
         ax.set_xscale("log")

@@ -72,14 +72,15 @@ class TrueCost:
         self.rng = random.Random(seed)
 
     def predict_sample(self, s):
-        return self.model.predict_raw(s.shape.num_decodes, s.shape.num_prefill_tokens, s.shape.sum_context,
-                                      s.signature, s.shape.num_padded_tokens)
+        return self.model.predict_shape(s.shape, s.signature)
 
-    def __call__(self, decodes, num_prefill_tokens, sig):
+    def __call__(self, decodes, prefills, sig):
+        """``decodes`` and ``(request, chunk)`` ``prefills`` as scheduled (before the step advances them)."""
         ctxs = [r.num_computed_tokens + 1 for r in decodes]
-        kv = self.model.context_feature(len(decodes), sum(ctxs), max(ctxs, default=0), num_prefill_tokens > 0,
-                                        num_prefill_tokens)
-        t = self.model.predict_raw(len(decodes), num_prefill_tokens, kv, sig)
+        p = sum(n for _, n in prefills)
+        kv = self.model.context_feature(len(decodes), sum(ctxs), max(ctxs, default=0), p > 0, p)
+        cells = self.model.prefill_cells([(r.num_computed_tokens, n) for r, n in prefills])
+        t = self.model.predict_raw(len(decodes), p, kv, sig, 0, cells)
         return t * math.exp(self.rng.gauss(0.0, self.sigma))
 
 
@@ -157,7 +158,7 @@ def simulate(policy, trace, truth, sig, args, ttft_slo_s, tpot_slo_s, graphs=Non
             clock[0] = reqs[i].arrival_time
             continue
         plan = sched.schedule(sig)
-        dt = truth(plan.decodes, plan.num_prefill_tokens, sig) + args.host_ms / 1e3
+        dt = truth(plan.decodes, plan.prefills, sig) + args.host_ms / 1e3
         if graphs is not None:
             dt += graphs.extra_s(plan)
         clock[0] += dt

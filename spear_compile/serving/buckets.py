@@ -94,6 +94,28 @@ class MixedDims:
                 and self.attention_cells() <= max_padding * other.attention_cells())
 
 
+def prefill_dims(chunk_lens, prefill_blocks: int, max_tokens: int, table_buckets) -> tuple:
+    """(chunk rows, chunk length, block-table width) a mixed step pads its prefill chunks of ``chunk_lens`` tokens
+    to (their longest block list ``prefill_blocks``): rows and length to powers of two, the table to its bucket."""
+    chunks = list(chunk_lens)
+    return (pow2_dim(len(chunks)), pow2_bucket(max(max(chunks, default=0), MIN_DIM), MIN_DIM, max(MIN_DIM, max_tokens)),
+            table_width(prefill_blocks, table_buckets))
+
+
+def prefill_attention_cells(chunks, block_size: int, max_tokens: int, table_buckets) -> int:
+    """The prefill attention's work in a mixed step of ``chunks`` = ``(tokens before, chunk length)`` pairs, at the
+    sizes the step's graph runs: chunk rows x chunk length x the block table's tokens (``MixedDims.attention_cells``
+    times the block size; a block list past the largest table bucket counts unpadded, as the step cost model
+    extrapolates). 0 without chunks."""
+    chunks = list(chunks)
+    if not chunks:
+        return 0
+    longest = max(-(-(c + n) // block_size) for c, n in chunks)
+    rows, length, width = prefill_dims([n for _, n in chunks], min(longest, table_buckets[-1]), max_tokens,
+                                       table_buckets)
+    return rows * length * max(width, longest) * block_size
+
+
 def mixed_step_dims(num_decodes: int, decode_blocks: int, chunk_lens, prefill_blocks: int, num_completing: int,
                     max_decode_rows: int, token_buckets, table_buckets, full_decode_tables: bool = False) -> MixedDims:
     """The padding of a mixed step of ``num_decodes`` decodes (their longest block list ``decode_blocks``) and
@@ -107,10 +129,9 @@ def mixed_step_dims(num_decodes: int, decode_blocks: int, chunk_lens, prefill_bl
     nd = mixed_decode_rows(num_decodes, sum(chunks), max_decode_rows, max_tokens)
     used = nd + sum(chunks)
     decode_width = table_buckets[-1] if full_decode_tables else table_width(decode_blocks, table_buckets)
+    rows, length, width = prefill_dims(chunks, prefill_blocks, max_tokens, table_buckets)
     return MixedDims(tokens=next_bucket(used, token_buckets) if used <= max_tokens else used, decode_rows=nd,
-                     decode_width=decode_width, prefills=pow2_dim(len(chunks)),
-                     chunk_len=pow2_bucket(max(max(chunks, default=0), MIN_DIM), MIN_DIM, max(MIN_DIM, max_tokens)),
-                     prefill_width=table_width(prefill_blocks, table_buckets),
+                     decode_width=decode_width, prefills=rows, chunk_len=length, prefill_width=width,
                      logits_rows=pow2_dim(num_decodes + num_completing))
 
 

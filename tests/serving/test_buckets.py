@@ -42,3 +42,23 @@ def test_mixed_dims_round_trip_and_cover():
         assert not other.covers(small, 64.0)              # tokens or decode rows differ: the linears' work would
     assert not MixedDims(64, 8, 16, 2, 32, 4, 8).covers(small, 2.0)   # decode tables 4x wider
     assert MixedDims(64, 8, 4, 4, 64, 4, 16).covers(small, 4.0) and not MixedDims(64, 8, 4, 4, 64, 4, 16).covers(small, 3.9)
+
+
+def test_prefill_attention_cells_are_the_mixed_dims_attention_work():
+    """The step cost model's prefill attention feature is ``MixedDims.attention_cells`` x block size of the dims the
+    runner pads the same chunks to, on random chunks (1-5, some after context)."""
+    import random
+
+    from spear_compile.serving.buckets import mixed_step_dims, pow2_buckets, prefill_attention_cells
+    rng = random.Random(3)
+    tokens, tables = pow2_buckets(16, 2048), pow2_buckets(2, 128)
+    assert prefill_attention_cells([], 16, 2048, tables) == 0
+    for _ in range(200):
+        chunks = [(rng.choice((0, rng.randrange(0, 1500))), rng.randrange(1, 400)) for _ in range(rng.randrange(1, 6))]
+        if sum(n for _, n in chunks) > 2000:
+            continue
+        blocks = max(-(-(c + n) // 16) for c, n in chunks)
+        dims = mixed_step_dims(3, 4, [n for _, n in chunks], blocks, 1, 64, tokens, tables)
+        assert prefill_attention_cells(chunks, 16, 2048, tables) == dims.attention_cells() * 16, (chunks, dims)
+    # past the largest table bucket: unpadded, never an error (the cost model extrapolates)
+    assert prefill_attention_cells([(2040, 8)], 16, 2048, (2, 4, 8)) == 2 * 8 * 128 * 16

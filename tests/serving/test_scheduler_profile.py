@@ -120,15 +120,17 @@ def test_every_mixed_point_of_the_grid_fits_the_mixed_step_graphs(engine):
     cap = runner.config.max_num_seqs
     grid = profile.default_grid(runner.decode_buckets, runner.token_buckets, runner.max_model_len, None, 2, cap)
     unbounded = profile.default_grid(runner.decode_buckets, runner.token_buckets, runner.max_model_len, None, 2)
-    assert any(d == max(runner.decode_buckets) and p for d, p, _ in unbounded)   # what the bound removes
-    assert any(d == cap for d, p, _ in grid if not p) and any(d == cap - 1 for d, p, _ in grid if p)
+    assert any(d == max(runner.decode_buckets) and p for d, p, _, _ in unbounded)   # what the bound removes
+    assert any(d == cap for d, p, _, _ in grid if not p) and any(d == cap - 1 for d, p, _, _ in grid if p)
     assert len(grid) == len(set(grid))
-    for d, p, c in grid:
-        decodes, prefills = profile._fake_requests(d, p, c, runner.num_blocks, runner.block_size)
+    # chunks after a prompt's first tokens, beside no decodes and beside some (the prefill attention feature)
+    assert {d == 0 for d, p, _, before in grid if p and before} == {True, False}
+    for d, p, c, before in grid:
+        decodes, prefills = profile._fake_requests(d, p, c, runner.num_blocks, runner.block_size, before)
         if not p:
-            assert d <= max(runner.decode_buckets)
+            assert d <= max(runner.decode_buckets) and not before
             continue
-        assert d + 1 <= cap, (d, p, c)
+        assert d + 1 <= cap and before + p < runner.max_model_len, (d, p, c, before)
         args, rows = runner.mixed_inputs(decodes, prefills)
         assert rows == d + 1 and args[-1].shape[0] <= runner.mixed.max_rows, (d, p, c, tuple(args[-1].shape))
 
@@ -141,6 +143,7 @@ def test_mixed_step_dims_are_the_runner_input_shapes(engine):
     from spear_compile.serving.buckets import mixed_step_dims_for
     from spear_compile.serving.request import Request
     runner = engine.runner
+    template = profile.template_for(runner)
     rng = random.Random(7)
     blocks = iter(range(1, 10 ** 6))
     for _ in range(60):
@@ -161,3 +164,18 @@ def test_mixed_step_dims_are_the_runner_input_shapes(engine):
         dims = mixed_step_dims_for(decodes, prefills, runner.decode_buckets[-1], runner.token_buckets,
                                    runner.table_buckets)
         assert tuple(tuple(a.shape) for a in args) == dims.shapes(), (d, [n for _, n in prefills])
+        # the cost model's prefill attention feature is these dims' work
+        cells = template.prefill_cells([(r.num_computed_tokens, n) for r, n in prefills])
+        assert cells == dims.attention_cells() * runner.block_size, (cells, dims)
+
+
+def test_profiled_chunk_after_context_runs_and_carries_its_attention_cells(engine):
+    """A grid point of a chunk after a prompt's first tokens runs through the real step (its prefill reads the
+    earlier blocks) and its sample carries the larger attention work the cost model prices it by."""
+    runner = engine.runner
+    template = profile.template_for(runner)
+    grid = [(0, 32, 8, 0), (0, 32, 8, 160), (2, 30, 8, 96)]
+    (sig, samples), = profile.profile_runner(runner, [(False, ECSignature())], template, grid, repeats=1).items()
+    cells = [s.shape.prefill_cells for s in samples]
+    assert cells == [template.prefill_cells([(before, p)]) for _, p, _, before in grid]
+    assert cells[1] > cells[0] and all(s.seconds > 0 for s in samples)

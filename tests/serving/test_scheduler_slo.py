@@ -348,3 +348,26 @@ def test_every_observed_step_lands_however_long_the_policy_runs(models):
     assert predicted > 1000
     assert len(policy.log.pairs) == predicted
     assert len(policy._pending) <= 256
+
+
+def test_a_plan_is_priced_by_the_keys_its_chunks_read():
+    """The policy's prediction of a plan gives the cost model each chunk's tokens before it: a chunk after a long
+    context (its attention reads it) is predicted dearer than the same chunk from a prompt's start, and the
+    observation that follows corrects the model at the same feature values."""
+    samples = []
+    for d in (0, 2, 8):
+        for p in (16, 100, 300, 900):
+            for before in (0, 1000):
+                cells = p * (before + p)
+                y = 3e-3 + 1.8e-5 * (d + p) + 1e-8 * cells
+                samples.append(StepSample(StepShape(d, p, 0, 0, cells), NO_EC, y))
+    aware, _ = fit_models(samples, DECODE_BUCKETS, TOKEN_BUCKETS, correction_alpha=0.0)
+    policy = slo(aware)
+    preds = []
+    for before in (0, 1000):
+        r = Request(f"r{before}", [1] * (before + 300), SamplingParams(), arrival_time=0.0)
+        r.num_computed_tokens = before
+        plan = type("P", (), {"decodes": [], "prefills": [(r, 300)], "num_prefill_tokens": 300})()
+        preds.append(policy.predict(plan, _ctx()))
+        assert policy._pending[id(plan)][1][4] == 300 * (before + 300)
+    assert preds[1] > preds[0] * 1.1, preds

@@ -21,8 +21,8 @@ class Constant:
     def __init__(self, seconds):
         self.seconds, self.calls = seconds, []
 
-    def __call__(self, decodes, num_prefill_tokens, sig):
-        self.calls.append((len(decodes), num_prefill_tokens))
+    def __call__(self, decodes, prefills, sig):
+        self.calls.append((len(decodes), sum(n for _, n in prefills)))
         return self.seconds
 
 

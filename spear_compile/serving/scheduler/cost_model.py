@@ -5,13 +5,17 @@ to a graph bucket of ``T`` tokens (decode-only steps: the decode batch buckets; 
 Its time is modelled piecewise-linearly, one linear model per bin of ``T`` at the kernel dispatch boundaries
 (M = 1, 2-16, 17-64, 65-512, > 512: the W4 GEMV, split-K, small-M and dequantize + GEMM regimes):
 
-    t(T, d, p, ctx, ECs) = a_b + m_b [p > 0] + b_b T + c_b p + q_b p^2 + e_b ctx
-                           + sum over module types j of (f_bj r_j + g_bj r_j T)
+    t(T, d, p, A, ctx, ECs) = a_b + m_b [p > 0] + b_b T + c_b p + q_b A + e_b ctx
+                              + sum over module types j of (f_bj r_j + g_bj r_j T)
 
 with ``[p > 0]`` marking a mixed step (it runs the mixed graph, not a decode bucket's CUDA graph: on a GPU its fixed
 cost is several times a replay's, so a bin holding both kinds needs its own intercept for each), ``r_j`` the total
-rank of the active ECs on module type ``j`` (``q_proj``, ``down_proj``, ...), ``p^2`` the chunk's own causal
-attention, and ``ctx`` the decode attention's KV reads: the summed context, or, when the model
+rank of the active ECs on module type ``j`` (``q_proj``, ``down_proj``, ...), ``A`` the prefill attention's work at
+the sizes the mixed graph runs (``buckets.prefill_attention_cells``: chunk rows x chunk length x block-table tokens,
+each padded; so a chunk after a long context, or several chunks, cost more than one chunk from a prompt's start;
+session 22's H100 serving steps replayed (``bench/step_error.py --replay``): mixed steps' p90 error 21-25 % with
+``p^2`` in its place, 12-15 % with ``A``), and
+``ctx`` the decode attention's KV reads: the summed context, or, when the model
 knows the engine's KV layout (``kv_layout``), the tokens its decode attention gathers (rows x the table-width
 bucket of the longest context x block size: the paged gather reads the padded table of every row). The EC-blind
 model is the same without the EC terms, fitted on EC-free steps only. Fits minimise the relative error (rows
@@ -33,11 +37,11 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from ...errors import SpearError
-from ..buckets import mixed_decode_rows
+from ..buckets import mixed_decode_rows, prefill_attention_cells
 
 #: upper ends of the token-count bins (the last bin is open): M = 1, 2-16, 17-64, 65-512, > 512
 DEFAULT_BIN_EDGES = (1, 16, 64, 512)
-BASE_FEATURES = ("intercept", "tokens", "prefill_tokens", "prefill_tokens_sq", "context", "mixed")
+BASE_FEATURES = ("intercept", "tokens", "prefill_tokens", "prefill_attention", "context", "mixed")
 
 
 # ----------------------------------------------------------------------------------------------- EC signature
@@ -119,12 +123,14 @@ def ec_signature(model, enabled: bool = True) -> ECSignature:
 # ----------------------------------------------------------------------------------------------- samples
 @dataclass(frozen=True)
 class StepShape:
-    """One step's batch mix: decode tokens, prefill tokens, summed decode context, and the tokens the graph ran
-    (after padding to its bucket; 0 = unpadded, ``d + p``)."""
+    """One step's batch mix: decode tokens, prefill tokens, summed decode context, the tokens the graph ran (after
+    padding to its bucket; 0 = unpadded, ``d + p``), and the prefill attention's work (``prefill_cells``, the
+    model's ``A``; None = one chunk from a prompt's start, as in profiles before session 22)."""
     num_decodes: int
     num_prefill_tokens: int
     sum_context: int
     num_padded_tokens: int = 0
+    prefill_cells: Optional[int] = None
 
     @property
     def num_tokens(self) -> int:
@@ -140,13 +146,16 @@ class StepSample:
     def to_json(self) -> list:
         s = self.shape
         return [s.num_decodes, s.num_prefill_tokens, s.sum_context, s.num_padded_tokens,
-                [list(x) for x in self.signature.per_type], self.seconds]
+                [list(x) for x in self.signature.per_type], self.seconds, s.prefill_cells]
 
     @classmethod
     def from_json(cls, row) -> "StepSample":
-        if not (isinstance(row, list) and len(row) == 6 and all(isinstance(v, int) for v in row[:4])
-                and isinstance(row[4], list) and isinstance(row[5], (int, float))):
-            raise ValueError(f"sample {row!r} is not [decodes, prefill, context, padded, signature, seconds]")
+        """From ``to_json``'s list; the 6-entry form of earlier profiles (no ``prefill_cells``) reads as None."""
+        if not (isinstance(row, list) and len(row) in (6, 7) and all(isinstance(v, int) for v in row[:4])
+                and isinstance(row[4], list) and isinstance(row[5], (int, float))
+                and (len(row) == 6 or row[6] is None or (isinstance(row[6], int) and row[6] >= 0))):
+            raise ValueError(f"sample {row!r} is not [decodes, prefill, context, padded, signature, seconds, "
+                             f"prefill cells]")
         sig = []
         for x in row[4]:
             if not (isinstance(x, list) and len(x) == 3 and isinstance(x[0], str) and isinstance(x[1], int)
@@ -155,7 +164,8 @@ class StepSample:
             sig.append(tuple(x))
         if not (row[5] > 0 and math.isfinite(row[5])):
             raise ValueError(f"sample time {row[5]!r} is not a positive number")
-        return cls(StepShape(*row[:4]), ECSignature(tuple(sorted(sig))), float(row[5]))
+        cells = row[6] if len(row) == 7 else None
+        return cls(StepShape(*row[:4], prefill_cells=cells), ECSignature(tuple(sorted(sig))), float(row[5]))
 
 
 def pad_tokens(num_decodes: int, num_prefill_tokens: int, decode_buckets=(), token_buckets=(),
@@ -215,6 +225,7 @@ class StepCostModel:
         self._log_correction: dict = {}   # (bin, mixed, signature or None) -> log of the multiplicative correction
         self._ec_cache: dict = {}         # signature -> per bin (f . r, g . r)
         self._rows_cache: dict = {}       # (decodes, prefill tokens) -> mixed decode rows (the scheduler asks often)
+        self._cells_cache: dict = {}      # prefill tokens -> attention cells of one chunk from a prompt's start
 
     # features -------------------------------------------------------------------------------------------------
     @property
@@ -232,9 +243,33 @@ class StepCostModel:
     def features(self, shape: StepShape, sig: ECSignature) -> list:
         t = shape.num_tokens
         ranks = [sig.rank_of(ty) for ty in self.ec_types]
-        p = float(shape.num_prefill_tokens)
-        return [1.0, float(t), p, p * p, float(shape.sum_context), float(p > 0)] + \
+        p = shape.num_prefill_tokens
+        cells = self.cells(p, shape.prefill_cells)
+        return [1.0, float(t), float(p), float(cells), float(shape.sum_context), float(p > 0)] + \
             [float(r) for r in ranks] + [float(r * t) for r in ranks]
+
+    def prefill_cells(self, chunks) -> int:
+        """The ``A`` feature of a step's prefill ``chunks`` (``(tokens before, chunk length)`` pairs): the attention
+        work at the engine's padded sizes with ``kv_layout``, else unpadded (sum of length x (before + length))."""
+        chunks = list(chunks)
+        if self.kv_layout is None:
+            return sum(n * (c + n) for c, n in chunks)
+        block, widths = self.kv_layout
+        return prefill_attention_cells(chunks, block, max(self.token_buckets, default=0) or
+                                       max((n for _, n in chunks), default=0), widths)
+
+    def cells(self, num_prefill_tokens: int, prefill_cells: Optional[int] = None) -> int:
+        """``prefill_cells``, or when None those of one chunk of ``num_prefill_tokens`` from a prompt's start."""
+        if prefill_cells is not None:
+            return prefill_cells
+        if not num_prefill_tokens:
+            return 0
+        c = self._cells_cache.get(num_prefill_tokens)
+        if c is None:
+            c = self.prefill_cells([(0, num_prefill_tokens)])
+            if len(self._cells_cache) < 65536:
+                self._cells_cache[num_prefill_tokens] = c
+        return c
 
     # fitting -------------------------------------------------------------------------------------------------
     def fit(self, samples: Iterable[StepSample]) -> "StepCostModel":
@@ -340,33 +375,42 @@ class StepCostModel:
         return (b, bool(mixed), sig if self.ec_terms else None)
 
     def predict_raw(self, num_decodes: int, num_prefill_tokens: int, sum_context: int,
-                    sig: ECSignature = ECSignature(), num_tokens: int = 0) -> float:
-        """Fitted time, without the online correction. ``num_tokens``: padded tokens if known (else padded here)."""
+                    sig: ECSignature = ECSignature(), num_tokens: int = 0,
+                    prefill_cells: Optional[int] = None) -> float:
+        """Fitted time, without the online correction. ``num_tokens``: padded tokens if known (else padded here).
+        ``prefill_cells``: the chunks' ``prefill_cells`` (None: one chunk from a prompt's start)."""
         t = num_tokens or self.pad(num_decodes, num_prefill_tokens)
         b = self.bin_of(t)
         c = self.coef[b]
         p = num_prefill_tokens
-        y = c[0] + c[1] * t + c[2] * p + c[3] * p * p + c[4] * sum_context + (c[5] if p else 0.0)
+        y = c[0] + c[1] * t + c[2] * p + c[4] * sum_context
+        if p:
+            y += c[3] * self.cells(p, prefill_cells) + c[5]
         if self.ec_types and not sig.is_empty:
             f, g = self._ec_terms(sig)[b]
             y += f + g * t
         return max(y, self.floor.get(b, 0.0), 1e-6)
 
+    def predict_shape(self, shape: StepShape, sig: ECSignature = ECSignature()) -> float:
+        """``predict_raw`` of a sample's shape."""
+        return self.predict_raw(shape.num_decodes, shape.num_prefill_tokens, shape.sum_context, sig,
+                                shape.num_padded_tokens, shape.prefill_cells)
+
     def predict(self, num_decodes: int, num_prefill_tokens: int, sum_context: int,
-                sig: ECSignature = ECSignature(), num_tokens: int = 0) -> float:
+                sig: ECSignature = ECSignature(), num_tokens: int = 0, prefill_cells: Optional[int] = None) -> float:
         """Predicted step time in seconds (fitted model times the bin's online correction)."""
         t = num_tokens or self.pad(num_decodes, num_prefill_tokens)
-        y = self.predict_raw(num_decodes, num_prefill_tokens, sum_context, sig, t)
+        y = self.predict_raw(num_decodes, num_prefill_tokens, sum_context, sig, t, prefill_cells)
         lc = self._log_correction.get(self.correction_key(self.bin_of(t), num_prefill_tokens > 0, sig))
         return y if lc is None else y * math.exp(lc)
 
     def observe(self, num_decodes: int, num_prefill_tokens: int, sum_context: int, sig: ECSignature,
-                measured_s: float, num_tokens: int = 0) -> None:
+                measured_s: float, num_tokens: int = 0, prefill_cells: Optional[int] = None) -> None:
         """Move the bin's correction toward measured / fitted (exponentially weighted, in log space)."""
         if not (measured_s > 0 and math.isfinite(measured_s)) or self.correction_alpha == 0.0:
             return
         t = num_tokens or self.pad(num_decodes, num_prefill_tokens)
-        raw = self.predict_raw(num_decodes, num_prefill_tokens, sum_context, sig, t)
+        raw = self.predict_raw(num_decodes, num_prefill_tokens, sum_context, sig, t, prefill_cells)
         ratio = min(max(measured_s / raw, 0.2), 5.0)
         key = self.correction_key(self.bin_of(t), num_prefill_tokens > 0, sig)
         old = self._log_correction.get(key, 0.0)
@@ -397,6 +441,9 @@ def model_from_json(doc: dict) -> StepCostModel:
                       kv_layout=(kv[0], kv[1]) if kv else None, mixed_min_rows=doc.get("mixed_min_rows", 0))
     if len(doc["coef"]) != len(m.coef) or any(len(c) != m.num_features for c in doc["coef"]):
         raise SpearError("StepCostModel: stored coefficients do not match the model's bins and features")
+    if "feature_names" in doc and list(doc["feature_names"]) != list(m.feature_names):
+        raise SpearError(f"StepCostModel: stored features {doc['feature_names']} are not this model's "
+                         f"{list(m.feature_names)} (a model saved before session 22's prefill-attention feature)")
     m.coef = [[float(x) for x in c] for c in doc["coef"]]
     m.floor = {b: float(v) for b, v in enumerate(doc.get("floor") or [])}
     m.fitted = True

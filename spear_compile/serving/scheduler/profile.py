@@ -30,15 +30,19 @@ from ..request import Request, SamplingParams
 from .cost_model import ECSignature, StepCostModel, StepSample, StepShape, ec_signature, fit_models, mixed_rows
 
 SCHEMA = 1
-GRID_VERSION = 3  # 2: mixed steps' decode rows padded as buckets.mixed_decode_rows (samples' padded tokens, KV);
-#                   3: a mixed point runs at most max_num_seqs - 1 decodes (the prefill is a running request too)
+GRID_VERSION = 4  # 2: mixed steps' decode rows padded as buckets.mixed_decode_rows (samples' padded tokens, KV);
+#                   3: a mixed point runs at most max_num_seqs - 1 decodes (the prefill is a running request too);
+#                   4: chunks after a prompt's first tokens (the prefill attention feature), samples carry its cells
 
 
 # ----------------------------------------------------------------------------------------------- the grid
 def default_grid(decode_buckets, token_buckets, max_model_len: int, max_points: Optional[int] = None,
                  mixed_min_rows: int = 0, max_num_seqs: Optional[int] = None) -> list:
-    """(decodes, prefill tokens, context per decode) points: decodes on the decode buckets (and 0); prefill so that
-    a step's tokens land on each token bucket (and 0); three contexts (short, a quarter and half of the longest).
+    """(decodes, prefill tokens, context per decode, prompt tokens before the chunk) points: decodes on the decode
+    buckets (and 0); prefill so that a step's tokens land on each token bucket (and 0); three contexts (short, a
+    quarter and half of the longest); chunks from a prompt's start, and, beside no decodes and the middle decode
+    bucket, chunks after a quarter and half of the longest context (their attention reads it: the cost model's
+    prefill attention feature needs both kinds to tell chunk length from the keys read).
     A step with a prefill runs at most ``max_num_seqs - 1`` decodes (the prefilling request is running too): a
     point beside a full decode bucket takes one decode fewer (session 20: 64 decodes + a prefill needed 128 logits
     rows, more than the engine's mixed-step graphs hold, so those points ran uncaptured at 30-45 ms and skewed the
@@ -52,7 +56,15 @@ def default_grid(decode_buckets, token_buckets, max_model_len: int, max_points: 
         for decodes, p in steps:
             for c in (ctxs if decodes else ctxs[:1]):
                 if p + 1 < max_model_len:
-                    points.append((decodes, p, c))
+                    points.append((decodes, p, c, 0))
+    befores = sorted({max(2, max_model_len // 4), max(2, max_model_len // 2)})
+    for bucket in sorted({0, tuple(decode_buckets)[len(decode_buckets) // 2] if decode_buckets else 0}):
+        d = bucket if max_num_seqs is None else min(bucket, max_num_seqs - 1)
+        for b in token_buckets:
+            p = b - mixed_rows(d, b - d, decode_buckets, token_buckets, mixed_min_rows) if d else b
+            for before in befores:
+                if p > 0 and before + p + 1 < max_model_len:
+                    points.append((d, p, ctxs[0], before))
     points = list(dict.fromkeys(points))  # (two buckets can meet at max_num_seqs - 1)
     if max_points and len(points) > max_points:
         step = len(points) / max_points
@@ -60,9 +72,10 @@ def default_grid(decode_buckets, token_buckets, max_model_len: int, max_points: 
     return points
 
 
-def _fake_requests(d: int, p: int, ctx: int, num_blocks: int, block_size: int):
-    """``d`` decoding requests with ``ctx`` tokens cached and one prefill request of ``p`` prompt tokens, on block
-    ids cycling over the usable blocks (aliasing is harmless: nothing reads the results)."""
+def _fake_requests(d: int, p: int, ctx: int, num_blocks: int, block_size: int, before: int = 0):
+    """``d`` decoding requests with ``ctx`` tokens cached and one prefill request of ``p`` prompt tokens after
+    ``before`` already computed, on block ids cycling over the usable blocks (aliasing is harmless: nothing reads
+    the results)."""
     nxt = [1]
 
     def blocks(n_tokens):
@@ -81,8 +94,9 @@ def _fake_requests(d: int, p: int, ctx: int, num_blocks: int, block_size: int):
         decodes.append(r)
     prefills = []
     if p:
-        r = Request("profile-p", [1] * p, SamplingParams(max_tokens=2), arrival_time=0.0)
-        r.block_ids = blocks(p)
+        r = Request("profile-p", [1] * (before + p), SamplingParams(max_tokens=2), arrival_time=0.0)
+        r.num_computed_tokens = before
+        r.block_ids = blocks(before + p)
         prefills.append((r, p))
     return decodes, prefills
 
@@ -98,15 +112,16 @@ def profile_runner(runner, ec_states, cost_model_template: StepCostModel, grid, 
     bar = _progress(total, progress)
     for use_ec, sig in ec_states:
         samples = []
-        for d, p, c in grid:
-            decodes, prefills = _fake_requests(d, p, c, runner.num_blocks, runner.block_size)
+        for d, p, c, before in grid:
+            decodes, prefills = _fake_requests(d, p, c, runner.num_blocks, runner.block_size, before)
             with torch.no_grad():
                 if runner.device.type == "cuda":
                     time_step(runner, decodes, prefills, use_ec)  # warm (first touch of this shape's buffers)
                 times = [time_step(runner, decodes, prefills, use_ec) for _ in range(repeats)]
             padded = cost_model_template.pad(d, p)
             kv = cost_model_template.context_feature(d, d * (c + 1), c + 1, mixed=p > 0, num_prefill_tokens=p)
-            samples.append(StepSample(StepShape(d, p, kv, padded), sig, statistics.median(times)))
+            cells = cost_model_template.prefill_cells([(before, p)] if p else [])
+            samples.append(StepSample(StepShape(d, p, kv, padded, cells), sig, statistics.median(times)))
             bar.update(1)
         out[sig] = samples
     bar.close()

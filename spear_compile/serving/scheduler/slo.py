@@ -151,8 +151,12 @@ class SloAware(Policy):
             self.ops += 1
             s = self.ttft_deadline(r) - now
             rem = r.num_tokens_to_compute
-            if s > 0 and self._predict(d, rem, kv_mixed(rem), sig) * self.safety <= s:
+            if s > 0 and self._predict(d, rem, kv_mixed(rem), sig, 0,
+                                       cm.prefill_cells([(r.num_computed_tokens, rem)])) * self.safety <= s:
                 slack = min(slack, s)
+        # a budget's chunk is taken as one chunk after the context of the request served first (partial prompts
+        # go first): its prefill attention reads that context too
+        before = ctx.prefilling[0].num_computed_tokens if ctx.prefilling else 0
         buckets = ctx.token_buckets or (ctx.max_num_tokens,)
         if slack == math.inf:
             budget = self.cost_model.prefill_room(d, max(buckets[-1], ctx.max_num_tokens))
@@ -163,7 +167,8 @@ class SloAware(Policy):
                 room = self.cost_model.prefill_room(d, b)
                 if room <= 0:
                     break
-                if self._predict(d, room, kv_mixed(room), sig, b) * self.safety <= avail:
+                cells = cm.prefill_cells([(before, room)]) if before else None
+                if self._predict(d, room, kv_mixed(room), sig, b, cells) * self.safety <= avail:
                     budget = room
                     break
         if ctx.prefilling:
@@ -175,9 +180,9 @@ class SloAware(Policy):
         self.last_slack_s = slack
         return self.last_budget
 
-    def _predict(self, d, p, ctx_len, sig, padded=0) -> float:
+    def _predict(self, d, p, ctx_len, sig, padded=0, cells=None) -> float:
         self.ops += 1
-        return self.cost_model.predict(d, p, ctx_len, sig, padded)
+        return self.cost_model.predict(d, p, ctx_len, sig, padded, cells)
 
     def predict(self, plan: StepPlan, ctx: StepContext) -> Optional[float]:
         d, p = len(plan.decodes), plan.num_prefill_tokens
@@ -192,11 +197,12 @@ class SloAware(Policy):
         longest = self._longest if d == len(ctx.decodes) else max((r.num_computed_tokens + 1 for r in plan.decodes),
                                                                   default=0)
         kv = self.cost_model.context_feature(d, ctx.sum_context_len, longest, mixed=p > 0, num_prefill_tokens=p)
-        pred = self._predict(d, p, kv, sig)
+        cells = self.cost_model.prefill_cells([(r.num_computed_tokens, n) for r, n in plan.prefills]) if p else 0
+        pred = self._predict(d, p, kv, sig, 0, cells)
         # [plan, shape, predicted, gap to the next step's start, measured]: done when both of the last two are in
         # keyed by id(plan): unique among the entries, which hold their plans (an id freed and reused can only be
         # a settled entry's, gone from here); the oldest unsettled entries go past 256
-        self._pending[id(plan)] = [plan, (d, p, kv, sig), pred, None, None]
+        self._pending[id(plan)] = [plan, (d, p, kv, sig, cells), pred, None, None]
         while len(self._pending) > 256:
             del self._pending[next(iter(self._pending))]
         self._prev_plan_id = id(plan)
@@ -210,10 +216,10 @@ class SloAware(Policy):
         entry = self._pending.get(id(plan))
         if entry is None or entry[0] is not plan or not (measured_s > 0 and math.isfinite(measured_s)):
             return
-        d, p, ctx_len, sig = entry[1]
+        d, p, ctx_len, sig, cells = entry[1]
         if not captured:
             self.log.add(entry[2], measured_s)
-            self.cost_model.observe(d, p, ctx_len, sig, measured_s)
+            self.cost_model.observe(d, p, ctx_len, sig, measured_s, prefill_cells=cells)
         entry[4] = measured_s
         self._settle(entry)
 
