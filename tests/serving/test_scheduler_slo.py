@@ -371,3 +371,16 @@ def test_a_plan_is_priced_by_the_keys_its_chunks_read():
         preds.append(policy.predict(plan, _ctx()))
         assert policy._pending[id(plan)][1][4] == 300 * (before + 300)
     assert preds[1] > preds[0] * 1.1, preds
+
+    # the budget: a partial prompt served first reads its computed tokens, so a slack the same chunk from a prompt's
+    # start fits may not fit it (the rest of a budget past its prompt is priced as a chunk from a start)
+    now = 5.0
+    decs = _decodes(8, now, since_last=0.008)
+    budgets = []
+    for before in (0, 1000):
+        r = Request(f"p{before}", [1] * (before + 1500), SamplingParams(), arrival_time=now)
+        r.num_computed_tokens = before
+        c = _ctx(decs, NO_EC, now)
+        c.prefilling = [r]
+        budgets.append(slo(aware).prefill_budget(c))
+    assert 0 < budgets[1] < budgets[0], budgets

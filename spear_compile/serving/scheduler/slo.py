@@ -154,9 +154,17 @@ class SloAware(Policy):
             if s > 0 and self._predict(d, rem, kv_mixed(rem), sig, 0,
                                        cm.prefill_cells([(r.num_computed_tokens, rem)])) * self.safety <= s:
                 slack = min(slack, s)
-        # a budget's chunk is taken as one chunk after the context of the request served first (partial prompts
-        # go first): its prefill attention reads that context too
-        before = ctx.prefilling[0].num_computed_tokens if ctx.prefilling else 0
+        # a budget's chunks as the base scheduler fills them: the partial prompt served first (its attention reads
+        # its computed tokens too) up to its remaining tokens, the rest one chunk from a prompt's start
+        first = ctx.prefilling[0] if ctx.prefilling else None
+        before = first.num_computed_tokens if first is not None else 0
+        first_rem = first.num_tokens_to_compute if first is not None else 0
+
+        def cells_of(room):
+            if not before:
+                return None   # one chunk from a prompt's start: the model's default
+            return cm.prefill_cells([(before, min(room, first_rem))] +
+                                    ([(0, room - first_rem)] if room > first_rem else []))
         buckets = ctx.token_buckets or (ctx.max_num_tokens,)
         if slack == math.inf:
             budget = self.cost_model.prefill_room(d, max(buckets[-1], ctx.max_num_tokens))
@@ -167,8 +175,7 @@ class SloAware(Policy):
                 room = self.cost_model.prefill_room(d, b)
                 if room <= 0:
                     break
-                cells = cm.prefill_cells([(before, room)]) if before else None
-                if self._predict(d, room, kv_mixed(room), sig, b, cells) * self.safety <= avail:
+                if self._predict(d, room, kv_mixed(room), sig, b, cells_of(room)) * self.safety <= avail:
                     budget = room
                     break
         if ctx.prefilling:
