@@ -1,8 +1,8 @@
 """Where the step cost model's error sits: a serving bench run's steps (``bench/serving.py --json``'s ``*_raw.json``,
 or its ``.gz``), predicted vs measured, grouped by what the step did. Session 21's H100 run had a p90 error of 6-7 % at 47 req/s and
-9-18 % above 90 req/s, where the SLO policy chunks long prompts and packs several prefills into a step, whose prefill
-attention (chunk rows x their keys, padded to the graph's sizes) the model's features (prefill tokens and their
-square, decode context) do not see; this table says whether those steps carry the error.
+9-18 % above 90 req/s, where the SLO policy chunks long prompts and packs several prefills into a step; session 22's
+table put the error there (chunks after a context, several chunks), which the model's prefill tokens squared did not
+see, and the model now prices the padded attention work instead.
 
     python -m bench.step_error bench/results/serving_slo_h100_s22_raw.json.gz [--policies slo,slo-ec-blind]
     python -m bench.step_error bench/results/serving_slo_h100_s22_raw.json.gz --replay
@@ -55,8 +55,7 @@ def rows(raw: dict, policies) -> list:
 
 def replay(raw: dict, policies) -> list:
     """(run label, kind, model, relative error) of every SLO run's predicted step, replayed (see the docstring)."""
-    from spear_compile.serving.scheduler.cost_model import (
-        ECSignature, StepCostModel, StepSample)
+    from spear_compile.serving.scheduler.cost_model import ECSignature, StepCostModel, StepSample
 
     class SquareModel(StepCostModel):
         """The cost model before session 22: the chunk's tokens squared as its attention's work."""
@@ -64,7 +63,7 @@ def replay(raw: dict, policies) -> list:
             return num_prefill_tokens * num_prefill_tokens
 
     fields = [f.split(" ")[0] for f in raw["step_fields"]]
-    (name, doc), = raw["samples"].items()
+    (doc,) = raw["samples"].values()
     samples = [StepSample.from_json(r) for r in doc["samples"]]
     layout = doc["model"]
     common = dict(decode_buckets=layout["decode_buckets"], token_buckets=layout["token_buckets"],
@@ -90,7 +89,7 @@ def replay(raw: dict, policies) -> list:
                     out.append((run_label, kind, label, (step["predicted_s"] - step["measured_s"]) / step["measured_s"]))
                 continue
             d, p = step["num_decodes"], step["num_prefill_tokens"]
-            tokens, rows, _, chunk_rows, chunk_len, width, _ = step["mixed_dims"]
+            tokens, _, _, chunk_rows, chunk_len, width, _ = step["mixed_dims"]
             sig = full_sig if (aware and step["ec_enabled"]) else ECSignature()
             for label, m in models.items():
                 block = m.kv_layout[0]
