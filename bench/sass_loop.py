@@ -7,7 +7,7 @@ program), one thread handles that / (32 x warps) of them, so instructions / word
 instructions (a warp issues each once) / words a thread. Marlin's fragment-ordered loop issues about 9 a word;
 an issue-bound loop's time scales with this number (``NOTES_kernels.md``, issue 18).
 
-    python -m bench.sass_loop                       # the tuner's M <= 64 shapes, each variant
+    python -m bench.sass_loop                       # the tuner's M <= 64 shapes and its M = 256-512 picks
     python -m bench.sass_loop --dump perm           # also print the loop's SASS of the variants named
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-# (name, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap, planes, perm, xsum_mma): the tuner's M <= 64 shapes
+# (name, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap, planes, perm, xsum_mma[, zsub]): the tuner's M <= 64 shapes
 VARIANTS = [
     ("swap", 16, 128, 128, 4, 4, True, False, False, False),
     ("swap-perm", 16, 128, 128, 4, 4, True, False, True, False),
@@ -35,6 +35,19 @@ VARIANTS = [
     ("m32-swap-perm", 32, 128, 128, 4, 4, True, False, True, False),
     ("bn256-swap-perm", 16, 256, 128, 8, 3, True, False, True, False),
     ("swap-perm-w8", 16, 128, 128, 8, 3, True, False, True, False),
+    # the tuner's M = 256-512 picks on the H100 (session 22's kernels table: 1.5-1.8x bf16 per layer there)
+    ("m64-bk64-w4", 64, 128, 64, 4, 4, False, False, False, False),
+    ("m128-bk64-w4", 128, 128, 64, 4, 4, False, False, False, False),
+    ("m128-bk128-w8", 128, 128, 128, 8, 3, False, False, False, False),
+    ("m128-bk64-w4-swap", 128, 128, 64, 4, 4, True, False, False, False),
+    ("m128-bk64-w4-xsum", 128, 128, 64, 4, 4, False, False, False, True),
+    # ``zsub`` (session 22): q - zero in the weight tile (one packed fma per word pair), no Σx term in the loop
+    ("m64-bk64-w4-zsub", 64, 128, 64, 4, 4, False, False, False, False, True),
+    ("m128-bk64-w4-zsub", 128, 128, 64, 4, 4, False, False, False, False, True),
+    ("m128-bk128-w8-zsub", 128, 128, 128, 8, 3, False, False, False, False, True),
+    ("m128-bk64-w4-swap-zsub", 128, 128, 64, 4, 4, True, False, False, False, True),
+    ("m64-swap-perm-zsub", 64, 128, 128, 8, 3, True, False, True, False, True),
+    ("swap-perm-zsub", 16, 128, 128, 4, 4, True, False, True, False, True),
 ]
 
 CLASSES = [  # (class, opcode prefixes)
@@ -61,7 +74,8 @@ def launch_args(variant, per_channel=True, has_ec=False, shape=(2048, 2048)):
     """(constexprs, pointer types, runtime values) of ``w4_batched_kernel`` for one variant at a real launch
     (Llama-3.2-1B q_proj by default, M = 16, split-K 2)."""
     from spear_compile.kernels import w4_batched as mod
-    _, bm, bn, bk, warps, stages, swap, planes, perm, xsum = variant
+    _, bm, bn, bk, warps, stages, swap, planes, perm, xsum = variant[:10]
+    zsub = variant[10] if len(variant) > 10 else False
     kernel = mod.w4_batched_kernel
     pointers = kernel.arg_names[:kernel.arg_names.index("N0")]  # every argument before the sizes is a pointer
     types = {n: "*bf16" for n in pointers}
@@ -69,10 +83,11 @@ def launch_args(variant, per_channel=True, has_ec=False, shape=(2048, 2048)):
     consts = dict(MEMBERS=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=32, USE_SPLIT=True, PER_CHANNEL=per_channel,
                   X_BF16=True, HAS_BIAS=False, HAS_EC=has_ec, GATED=has_ec, SWAP=swap, INTERPRET=False, PLANES=planes,
                   PERM=perm)
-    for name, value in (("EVEN_K", True), ("XSUM_MMA", xsum), ("EC_PRE", False), ("GDC", False)):  # an older kernel may lack them
+    for name, value in (("EVEN_K", True), ("XSUM_MMA", xsum), ("EC_PRE", False), ("GDC", False),
+                        ("ZSUB", zsub)):  # an older kernel may lack them
         if name in kernel.arg_names:
             consts[name] = value
-        elif value and name == "XSUM_MMA":
+        elif value and name in ("XSUM_MMA", "ZSUB"):
             return None
     k, n = shape
     values = dict(N0=n, N1=n, N2=n, N3=n, P1=0, P2=0, P3=0, C1=n, C2=n, C3=n, M=max(16, bm), K=k, K8=k // 8, R=32,

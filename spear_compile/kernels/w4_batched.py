@@ -14,7 +14,10 @@ divides the group). Σx: per-channel, each thread sums its runs of 8 adjacent k 
 reduced once after it; per group, a row reduction per block; or (``XSUM_MMA``) a dot of x with a tile of ones in the
 accumulator's own layout. The unpack is one ``lop3`` per nibble pair (inline PTX) and, with ``EVEN_K`` (K a multiple
 of BLOCK_K), the loads' masks are loop-invariant: offline sm_90 SASS of the K loop (``bench/sass_loop.py``) went
-from 21.4 to 15.8 instructions a weight word for the ``PERM`` tile at M = 16. ``SWAP``: the dot as ``yᵀ = W xᵀ`` (W the A operand, which Hopper's wgmma reads from registers;
+from 21.4 to 15.8 instructions a weight word for the ``PERM`` tile at M = 16. ``ZSUB``: the
+tile holds ``q - zero`` instead (``OFFSET + zero`` taken off each magic word pair by one packed fma: exact, zeros
+being integer codes), so no Σx term at all: it saves the loop a third of its instructions at BLOCK_M 128, where Σx
+is the per-row work every N tile repeats (``bench/results/sass_loop_s22.md``). ``SWAP``: the dot as ``yᵀ = W xᵀ`` (W the A operand, which Hopper's wgmma reads from registers;
 the N tile as the MMA's M dimension, so BLOCK_M can stay 16), transposed back before the epilogue.
 
 EC (``HAS_EC``, r <= BLOCK_R): every program also accumulates ``u = x Aᵀ`` over its own K range from the x tile it
@@ -59,6 +62,27 @@ def _magic(t, X_BF16: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _neg_zero_pair(zc, X_BF16: tl.constexpr):
+    """``-(OFFSET + zero)`` (fp32 ``zc``, one per weight row) as two packed bf16/fp16 halves of an int32, for
+    ``_minus_zero``."""
+    X_DT: tl.constexpr = tl.bfloat16 if X_BF16 else tl.float16
+    h = (-zc).to(X_DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return h | (h << 16)
+
+
+@triton.jit
+def _minus_zero(t, zpair, X_BF16: tl.constexpr):
+    """``t - (OFFSET + zero)`` on both packed halves of ``OFFSET + q`` (one ``fma.rn.{bf16,f16}x2`` per word pair,
+    sm_80+): ``q - zero``, a small integer, exact. ``zpair``: ``_neg_zero_pair`` broadcast to ``t``'s shape."""
+    if X_BF16:
+        return tl.inline_asm_elementwise("{ .reg .b32 one; mov.b32 one, 0x3F803F80; fma.rn.bf16x2 $0, $1, one, $2; }",
+                                         "=r,r,r", [t, zpair], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("{ .reg .b32 one; mov.b32 one, 0x3C003C00; fma.rn.f16x2 $0, $1, one, $2; }",
+                                         "=r,r,r", [t, zpair], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _w_plane(words, i: tl.constexpr, X_BF16: tl.constexpr, INTERPRET: tl.constexpr):
     """Nibble ``i`` of every int32 word as ``OFFSET + q`` in the activation dtype (same shape and layout as words)."""
     X_DT: tl.constexpr = tl.bfloat16 if X_BF16 else tl.float16
@@ -78,14 +102,21 @@ def _mma_order(t, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _w_offset_tile(words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_BF16: tl.constexpr,
-                   INTERPRET: tl.constexpr):
-    """``[BLOCK_N, BLOCK_K]`` of ``OFFSET + q`` in the activation dtype, k in natural order, from int32 words."""
+def _w_offset_tile(words, zpair, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_BF16: tl.constexpr,
+                   INTERPRET: tl.constexpr, ZSUB: tl.constexpr = False):
+    """``[BLOCK_N, BLOCK_K]`` of ``OFFSET + q`` in the activation dtype, k in natural order, from int32 words;
+    ``ZSUB`` (not under the interpreter): ``q - zero`` (``zpair`` ``[BLOCK_N, 1]``, ``_neg_zero_pair``)."""
     X_DT: tl.constexpr = tl.bfloat16 if X_BF16 else tl.float16
     t0 = _magic(words, X_BF16, INTERPRET)  # nibble 0 (low half), nibble 4 (high half)
     t1 = _magic(words >> 4, X_BF16, INTERPRET)
     t2 = _magic(words >> 8, X_BF16, INTERPRET)
     t3 = _magic(words >> 12, X_BF16, INTERPRET)
+    if ZSUB:
+        if not INTERPRET:
+            t0 = _minus_zero(t0, zpair, X_BF16)
+            t1 = _minus_zero(t1, zpair, X_BF16)
+            t2 = _minus_zero(t2, zpair, X_BF16)
+            t3 = _minus_zero(t3, zpair, X_BF16)
     # nested joins: flat index 4a + 2b + c for join(join(join(P0, P4), join(P2, P6)), join(join(P1, P5), join(P3, P7)))
     even = tl.join(tl.join(_half(t0, False, X_DT), _half(t0, True, X_DT)),
                    tl.join(_half(t2, False, X_DT), _half(t2, True, X_DT)))
@@ -125,7 +156,7 @@ def w4_batched_kernel(
     HAS_BIAS: tl.constexpr, HAS_EC: tl.constexpr, GATED: tl.constexpr, SWAP: tl.constexpr,
     INTERPRET: tl.constexpr = False, PLANES: tl.constexpr = False, PERM: tl.constexpr = False,
     EVEN_K: tl.constexpr = False, XSUM_MMA: tl.constexpr = False, EC_PRE: tl.constexpr = False,
-    GDC: tl.constexpr = False,
+    GDC: tl.constexpr = False, ZSUB: tl.constexpr = False,
 ):
     """See the module docstring. Member i owns the N-tile programs ``[P_i, P_{i+1})`` (``cdiv(N_i, BLOCK_N) *
     SPLIT_K`` each, times the M tiles), its columns start at ``C_i``. Workspaces (``USE_SPLIT``): ``ws`` fp32
@@ -183,6 +214,13 @@ def w4_batched_kernel(
         else:
             ones = tl.full((BLOCK_N, BLOCK_K), 1.0, tl.bfloat16 if X_BF16 else tl.float16)
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    tl.static_assert(not (ZSUB and (PLANES or XSUM_MMA)), "ZSUB replaces the Σx term: not with PLANES or XSUM_MMA")
+    zrow = tl.zeros((BLOCK_N,), dtype=tl.float32)         # ZSUB: OFFSET + zero per weight row (this K block's group)
+    zpair = tl.zeros((BLOCK_N, 1), dtype=tl.int32)        # ZSUB: its negation, two packed halves (_neg_zero_pair)
+    if ZSUB:
+        if PER_CHANNEL:
+            zrow = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) + OFFSET
+            zpair = _neg_zero_pair(zrow, X_BF16)[:, None]
     for kb in range(kb_lo, kb_hi):
         k0 = kb * BLOCK_K
         kw = kb * (BLOCK_K // 8) + offs_j
@@ -218,18 +256,27 @@ def w4_batched_kernel(
                         part = dot(xi, tl.trans(wi), part, INTERPRET)
             xb = tl.sum(xs, axis=1)
         else:
-            w = _w_offset_tile(words, BLOCK_N, BLOCK_K, X_BF16, INTERPRET)
+            if ZSUB:
+                if not PER_CHANNEL:
+                    zrow = tl.load(z_ptr + offs_n * n_groups + k0 // group_size, mask=n_mask,
+                                   other=0.0).to(tl.float32) + OFFSET
+                    zpair = _neg_zero_pair(zrow, X_BF16)[:, None]
+            w = _w_offset_tile(words, zpair, BLOCK_N, BLOCK_K, X_BF16, INTERPRET, ZSUB)
+            if ZSUB:
+                if INTERPRET:  # no inline PTX: the same exact small integers in fp32 (the dot's operands there)
+                    w = w.to(tl.float32) - zrow[:, None]
             if PERM:
                 w = _mma_order(w, BLOCK_N)
         if HAS_EC or not PLANES:
             x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & kk_ok[None, :], other=0.0)
         if not PLANES:
             if not XSUM_MMA:
-                if PER_CHANNEL:
-                    # runs of 8 adjacent k (one 16-byte load a thread): no cross-thread reduction inside the loop
-                    xacc += tl.sum(tl.reshape(x.to(tl.float32), (BLOCK_M, BLOCK_K // 8, 8)), axis=2)
-                else:
-                    xb = tl.sum(x.to(tl.float32), axis=1)
+                if not ZSUB:  # (ZSUB: the weights already hold q - zero, no Σx term)
+                    if PER_CHANNEL:
+                        # runs of 8 adjacent k (one 16-byte load a thread): no cross-thread reduction inside the loop
+                        xacc += tl.sum(tl.reshape(x.to(tl.float32), (BLOCK_M, BLOCK_K // 8, 8)), axis=2)
+                    else:
+                        xb = tl.sum(x.to(tl.float32), axis=1)
             xd = x  # the dot's x: in the weight tile's k order
             if PERM:
                 xd = _mma_order(x, BLOCK_M)
@@ -258,6 +305,8 @@ def w4_batched_kernel(
                 if XSUM_MMA:
                     sxb = dot(ones, tl.trans(xd), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), INTERPRET)
                     acc += s[:, None] * (part - zc[:, None] * sxb)
+                elif ZSUB:
+                    acc += s[:, None] * part
                 else:
                     acc += s[:, None] * (part - zc[:, None] * xb[None, :])
             else:
@@ -266,18 +315,23 @@ def w4_batched_kernel(
                 if XSUM_MMA:
                     sxb = dot(xd, tl.trans(ones), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRET)
                     acc += s[None, :] * (part - zc[None, :] * sxb)
+                elif ZSUB:
+                    acc += s[None, :] * part
                 else:
                     acc += s[None, :] * (part - zc[None, :] * xb[:, None])
     if PER_CHANNEL:
         if not PLANES:
-            xtot = tl.sum(xacc, axis=1)
+            if not ZSUB:
+                xtot = tl.sum(xacc, axis=1)
         if SWAP:
             s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
             zc = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None] + OFFSET
         else:
             s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             zc = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :] + OFFSET
-        if XSUM_MMA:
+        if ZSUB:
+            acc = s * acc
+        elif XSUM_MMA:
             acc = s * (acc - zc * sx)  # in the dot's layout: no cross-thread move
         elif SWAP:
             acc = s * (acc - zc * xtot[None, :])

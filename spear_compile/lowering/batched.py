@@ -45,13 +45,14 @@ class BatchedConfig:
     perm: bool = False  # BLOCK_K 128 only: k permuted in x and W alike into the MMA operand's order (w4_batched._mma_order)
     xsum_mma: bool = False  # Σ_k x (the zero point's term) by a dot with a tile of ones, not a shuffle reduction
     ec_pre: bool = False  # EC: g(u) ⊙ u by ec_gu_kernel first (one launch), the K loop W4-only (no A re-read per tile)
+    zsub: bool = False  # q - zero in the weight tile (a packed fma per word pair): no Σx term in the K loop
 
     @property
     def name(self):
         return (f"batched[BM={self.block_m},BN={self.block_n},BK={self.block_k},splitK={self.split_k},"
                 f"warps={self.num_warps},stages={self.num_stages}{',swap' if self.swap else ''}"
                 f"{',planes' if self.planes else ''}{',perm' if self.perm else ''}"
-                f"{',xsum' if self.xsum_mma else ''}{',ecpre' if self.ec_pre else ''}]")
+                f"{',xsum' if self.xsum_mma else ''}{',ecpre' if self.ec_pre else ''}{',zsub' if self.zsub else ''}]")
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,10 @@ def _split_ok(cfg, m, n_total):
 # which dequantizes every weight tile once per 16 rows (4 times at M = 64): sm_90 SASS (Triton 3.6), K-loop
 # instructions per weight word for all 64 rows, per-channel 63 -> 33, + EC 76 -> 40, g128 90 -> 49; no spills. At
 # M <= 16 the perm tile 256 wide (8 warps): x's permutation amortized over twice the rows, 15.8 -> 14.1 a word.
+# Session 22 (untimed; results/sass_loop_s22.md): ``zsub`` (q - zero in the weight tile, no Σx term; the Σx work
+# grows with BLOCK_M) cut the K loop of the M = 256-512 picks by a third (BM 128: 382 -> 248 instructions, regs
+# 242 -> 174 at BK 128) and the BM 64 tiles by a fifth, but adds to BM 16's: every M > 16 shape without planes or
+# xsum_mma is also a candidate with it.
 _SHAPES_16 = ((16, 128, 128, 4, 4, True, False, False, False), (16, 64, 128, 4, 4, False, False, False, False),
               (16, 128, 256, 8, 3, True, False, False, False), (16, 128, 128, 8, 3, False, False, False, False),
               (16, 128, 128, 4, 4, True, False, True, False), (16, 256, 128, 8, 3, True, False, True, False))
@@ -133,11 +138,13 @@ def batched_candidates(m, k, ns, group_size, sms=132, has_ec=False):
         tiles = sum(cdiv(n, bn) for n in ns) * cdiv(m, bm)
         # EC keys: also the K loop without u (``ec_pre``) for the first shape and the perm tiles, whose W4-only
         # loops won where their in-loop u lost (session 14, results/batched_decode_h200_s14.md); untimed on a GPU
+        zsubs = (False, True) if m > 16 and bm > 16 and not (planes or xsum) else (False,)
         for ec_pre in ((False, True) if has_ec and (i == 0 or perm) else (False,)):
             for split in _splits(tiles, k, bk, sms):
-                cfg = BatchedConfig(bm, bn, bk, split, warps, stages, swap, planes, perm, xsum, ec_pre)
-                if _split_ok(cfg, m, sum(ns)):
-                    out.append(cfg)
+                for zsub in zsubs:
+                    cfg = BatchedConfig(bm, bn, bk, split, warps, stages, swap, planes, perm, xsum, ec_pre, zsub)
+                    if _split_ok(cfg, m, sum(ns)):
+                        out.append(cfg)
     return list(dict.fromkeys(out))
 
 
@@ -186,6 +193,8 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
         raise SpearError(f"spear_compile.lowering.batched: BLOCK_K={bk} must divide the group {group_size}")
     if (cfg.perm and bk != 128) or (cfg.perm and cfg.planes):
         raise SpearError(f"spear_compile.lowering.batched: {cfg.name}: perm needs BLOCK_K = 128 (got {bk}), not planes")
+    if cfg.zsub and (cfg.planes or cfg.xsum_mma):
+        raise SpearError(f"spear_compile.lowering.batched: {cfg.name}: zsub replaces the Σx term of planes / xsum")
     split = max(1, min(cfg.split_k, cdiv(k, bk)))
     m_tiles = cdiv(m, cfg.block_m)
     n_tiles = [cdiv(n, cfg.block_n) for n in ns]
@@ -231,7 +240,7 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
         MEMBERS=g, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, BLOCK_R=block_r, USE_SPLIT=split > 1,
         PER_CHANNEL=group_size >= k, X_BF16=x2.dtype == torch.bfloat16, HAS_BIAS=members[0].bias is not None,
         HAS_EC=has_ec, GATED=gated, SWAP=cfg.swap, INTERPRET=options.interpret(), PLANES=cfg.planes, PERM=cfg.perm,
-        EVEN_K=k % bk == 0, XSUM_MMA=cfg.xsum_mma, EC_PRE=ec_pre, GDC=gdc,
+        EVEN_K=k % bk == 0, XSUM_MMA=cfg.xsum_mma, EC_PRE=ec_pre, GDC=gdc, ZSUB=cfg.zsub,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if gdc else {}),
     )
     return y

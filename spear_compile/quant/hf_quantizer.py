@@ -25,6 +25,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .config import QuantConfig
 from ..ec.module import CompensatedLinear, ec_shapes
 from ..errors import SpearError
+from .rtn import zeros_problem
 from .weight import QuantizedWeight
 
 METHOD = "spear"
@@ -153,6 +154,9 @@ class SpearHfQuantizer(HfQuantizer):
             if isinstance(m, _Serialized):
                 if m.weight_qdata.is_meta:
                     raise SpearError(f"from_pretrained: the checkpoint lacks the tensors of quantized module {name!r}")
+                problem = zeros_problem(m.weight_zero.data, m.info["bits"])
+                if problem:
+                    raise SpearError(f"from_pretrained: {name}.weight_zero of the checkpoint {problem}")
                 _set(model, name, m.rebuild())
         return model
 

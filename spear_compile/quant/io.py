@@ -26,6 +26,7 @@ from ..errors import SpearError
 from ..modules import replace_submodule
 from ..transaction import model_transaction
 from .api import as_config
+from .rtn import zeros_problem
 from .weight import QuantizedWeight
 
 FORMAT = "spear-quantized"
@@ -146,6 +147,9 @@ def _check_module_meta(name: str, info, tensors: dict, where: str) -> None:
         codes_max = int(torch.maximum(q & 0xF, q >> 4).max()) if bits <= 4 and q.numel() else int(q.max()) if q.numel() else 0
         if codes_max > 2 ** bits - 1:
             raise SpearError(f"{where}: {name}.weight.qdata holds code {codes_max}, beyond {bits}-bit codes (metadata says bits={bits})")
+    problem = zeros_problem(parts["zero"], bits)
+    if problem:
+        raise SpearError(f"{where}: {name}.weight.zero {problem}")
     if info["symmetric"] and parts["zero"].numel() and not bool((parts["zero"].float() == 2 ** (bits - 1)).all()):
         raise SpearError(f"{where}: {name} is marked symmetric but its zeros are not all {2 ** (bits - 1)}")
 

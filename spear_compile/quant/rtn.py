@@ -8,6 +8,8 @@ Scales and zeros have shape ``[N, K // group_size]`` and the weight's dtype.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..errors import SpearError
@@ -43,6 +45,20 @@ def qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.round(-lo / scale).clamp(0, qmax)
     return scale, zero
+
+
+def zeros_problem(zero: torch.Tensor, bits: int) -> Optional[str]:
+    """Why ``zero`` is not a valid zero-point tensor (integers in ``[0, 2^bits - 1]``, what ``qparams`` makes; the
+    batched kernel's ``zsub`` tile holds ``q - zero`` exactly only then), or None when it is."""
+    if not zero.numel():
+        return None
+    z = zero.float()
+    if not bool((z == z.round()).all()):
+        return "holds non-integer zero points"
+    lo, hi = float(z.min()), float(z.max())
+    if lo < 0 or hi > 2 ** bits - 1:
+        return f"holds zero points in [{lo:g}, {hi:g}], outside [0, {2 ** bits - 1}] for {bits}-bit codes"
+    return None
 
 
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

@@ -8,6 +8,8 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -80,6 +82,12 @@ CASES = [  # (seed, group (0: per-channel), dtype, ec, gated, bias, config)
     (44, 128, torch.float16, False, False, False, BC(64, 32, 128, 1, swap=True, perm=True)),
     (45, 0, torch.float16, True, True, False, BC(32, 32, 128, 2, swap=True, perm=True, ec_pre=True)),
     (46, 0, torch.bfloat16, True, True, True, BC(16, 256, 128, 2, swap=True, perm=True)),
+    # zsub: q - zero in the weight tile, no Σx term (per-channel and grouped, both dtypes, swap, perm, EC, ec_pre)
+    (47, 0, torch.bfloat16, False, False, False, BC(64, 32, 64, 2, zsub=True)),
+    (48, 128, torch.bfloat16, True, True, True, BC(32, 32, 128, 1, zsub=True)),
+    (49, 0, torch.float16, True, False, True, BC(64, 32, 128, 2, swap=True, perm=True, zsub=True)),
+    (50, 64, torch.float16, False, False, False, BC(32, 16, 64, 2, swap=True, zsub=True)),
+    (51, 0, torch.bfloat16, True, True, False, BC(64, 32, 128, 2, swap=True, perm=True, ec_pre=True, zsub=True)),
 ]
 
 
@@ -102,8 +110,10 @@ def test_single_vs_float64(seed, group, dtype, ec, gated, bias, cfg):
 @pytest.mark.parametrize("k,group,cfg", [(320, 0, BC(16, 32, 128, 2)), (192, 0, BC(16, 32, 128, 1, swap=True, xsum_mma=True)),
                                          (320, 0, BC(16, 16, 128, 2, swap=True, perm=True)), (448, 64, BC(16, 32, 64, 2)),
                                          (320, 0, BC(16, 32, 128, 2, ec_pre=True)),
-                                         (448, 64, BC(16, 32, 64, 1, swap=True, ec_pre=True))],
-                         ids=["k320-pc", "k192-pc-xsum", "k320-pc-perm", "k448-g64", "k320-pc-ecpre", "k448-g64-swap-ecpre"])
+                                         (448, 64, BC(16, 32, 64, 1, swap=True, ec_pre=True)),
+                                         (320, 0, BC(32, 32, 128, 2, zsub=True)), (448, 64, BC(32, 32, 64, 1, swap=True, zsub=True))],
+                         ids=["k320-pc", "k192-pc-xsum", "k320-pc-perm", "k448-g64", "k320-pc-ecpre", "k448-g64-swap-ecpre",
+                              "k320-pc-zsub", "k448-g64-swap-zsub"])
 def test_k_not_a_multiple_of_block_k(k, group, cfg):
     """K not a multiple of BLOCK_K: the last block's masked columns (the ``EVEN_K`` constexpr off) add nothing."""
     m, n = 7, 40
@@ -237,6 +247,19 @@ def test_candidates_range_and_blocks():
                 assert c.block_m <= max(16, m) or c.block_m == 64
 
 
+def test_zsub_is_a_candidate_above_m16_only_and_never_with_xsum_or_planes():
+    for m, want in ((16, False), (64, True), (256, True), (512, True)):
+        cands = batched.candidates_for(m, 2048, [2048], 2048)
+        assert any(c.zsub for c in cands) == want, m
+        assert not any(c.zsub and (c.xsum_mma or c.planes or c.block_m <= 16) for c in cands)
+        # every zsub candidate is a copy of one without it (the tuner times both)
+        assert {dataclasses.replace(c, zsub=False) for c in cands if c.zsub} <= set(cands)
+    t = _to(problem(8, 128, torch.bfloat16, False, False, False, 3, 128, 32, 32))
+    with pytest.raises(SpearError, match="zsub replaces"):
+        batched.run_single(BC(16, 16, 128, 1, xsum_mma=True, zsub=True), t["x"], t["qdata"], t["scale"], t["zero"],
+                           None, 128, None, None, None, None, None, torch.empty(8, 32, dtype=torch.bfloat16, device=DEV))
+
+
 def test_perm_needs_block_k_128():
     t = problem(3, 64, torch.float16, False, False, False, 53, 256, 16, 32)
     y = torch.empty(3, 16, dtype=torch.float16)
@@ -262,14 +285,16 @@ out = {}
 VARIANTS = (("bf16-pc-ec-swap-perm", True, True, True, 16, 128, True, True, False, False),
             ("fp16-g128-noswap", False, False, False, 16, 64, False, False, False, False),
             ("bf16-g128-m64-xsum", True, False, True, 64, 128, False, False, True, False),
-            ("bf16-pc-ecpre-swap-perm", True, True, True, 16, 128, True, True, False, True))
-for name, x_bf16, pc, ec, bm, bn, swap, perm, xsum, ec_pre in VARIANTS:
+            ("bf16-pc-ecpre-swap-perm", True, True, True, 16, 128, True, True, False, True),
+            ("bf16-pc-m64-zsub", True, True, False, 64, 128, False, False, False, False, True),
+            ("fp16-g128-m64-swap-zsub", False, False, True, 64, 128, True, False, False, False, True))
+for name, x_bf16, pc, ec, bm, bn, swap, perm, xsum, ec_pre, *zsub in VARIANTS:
     dt = "*bf16" if x_bf16 else "*fp16"
     types = {n: dt for n in kernel.arg_names[:kernel.arg_names.index("N0")]}
     types.update({f"q{i}": "*i32" for i in range(4)}, ws_ptr="*fp32", uws_ptr="*fp32", cnt_ptr="*i32")
     consts = dict(MEMBERS=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, BLOCK_R=32, USE_SPLIT=True, PER_CHANNEL=pc,
                   X_BF16=x_bf16, HAS_BIAS=False, HAS_EC=ec, GATED=ec, SWAP=swap, INTERPRET=False, PLANES=False,
-                  PERM=perm, EVEN_K=True, XSUM_MMA=xsum, EC_PRE=ec_pre, GDC=ec_pre)
+                  PERM=perm, EVEN_K=True, XSUM_MMA=xsum, EC_PRE=ec_pre, GDC=ec_pre, ZSUB=bool(zsub))
     k, n = 2048, 2048
     values = dict(N0=n, N1=n, N2=n, N3=n, P1=0, P2=0, P3=0, C1=n, C2=n, C3=n, M=16, K=k, K8=k // 8, R=32,
                   group_size=k if pc else 128, n_groups=1 if pc else k // 128, stride_xm=k, stride_ym=n, N_TOTAL=n,
@@ -277,7 +302,8 @@ for name, x_bf16, pc, ec, bm, bn, swap, perm, xsum, ec_pre in VARIANTS:
     ptx = compile_for(kernel, consts, types, values, num_warps=4 if bm == 16 else 8).asm["ptx"]
     magic = "0x43004300" if x_bf16 else "0x64006400"
     out[name] = {"lop3": sum("lop3.b32" in line and magic in line.lower() for line in ptx.splitlines()),
-                 "mma": ptx.count("mma."), "gdc": ptx.count("griddepcontrol.wait")}
+                 "mma": ptx.count("mma."), "gdc": ptx.count("griddepcontrol.wait"),
+                 "zsub_fma": ptx.count("fma.rn.bf16x2" if x_bf16 else "fma.rn.f16x2")}
 from spear_compile.kernels.w4_batched import ec_gu_kernel
 types = {n: "*bf16" for n in ec_gu_kernel.arg_names[:ec_gu_kernel.arg_names.index("M")]}
 types.update(gu_ptr="*fp32", part_ptr="*fp32", cnt_ptr="*i32")
@@ -293,7 +319,7 @@ print(json.dumps(out))
 
 def test_kernel_compiles_for_sm90():
     """The kernel compiled ahead of time for an H100/H200 (sm_90; bf16 and fp16, per-channel and g128, EC, perm,
-    xsum_mma, ec_pre and its u kernel, their programmatic dependent launch) in a subprocess without the interpreter: the inline-PTX one-lop3 unpack
+    xsum_mma, zsub, ec_pre and its u kernel, their programmatic dependent launch) in a subprocess without the interpreter: the inline-PTX one-lop3 unpack
     assembles, with the dtype's magic constant, and the products run on tensor cores."""
     import json
     import subprocess
@@ -307,7 +333,9 @@ def test_kernel_compiles_for_sm90():
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     gu1, gu8 = got.pop("ec_gu1"), got.pop("ec_gu8")
-    assert len(got) == 4 and all(v["lop3"] >= 4 and v["mma"] >= 1 for v in got.values()), got
+    assert len(got) == 6 and all(v["lop3"] >= 4 and v["mma"] >= 1 for v in got.values()), got
+    # zsub: q - zero by the packed fma in the weight tile (the dtype's form), nowhere else
+    assert all((v["zsub_fma"] >= 4) == ("zsub" in name) for name, v in got.items()), got
     assert gu1["mma"] >= 1 and gu8["mma"] >= 1, (gu1, gu8)   # ec_pre's u kernel: x Aᵀ on tensor cores
     assert gu1["atom"] == 0 and gu8["atom"] >= 1, (gu1, gu8)  # split K: the arrival counter
     # programmatic dependent launch (Hopper): the u kernel releases the W4 launch, whose epilogue waits for it

@@ -124,3 +124,31 @@ def test_missing_tensor_is_refused(saved, tmp_path):
 def test_save_refuses_unquantized_model(tmp_path):
     with pytest.raises(SpearError, match="no quantized linear"):
         save_quantized(tiny_llama(), tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("zeros,match", [(0.5, "non-integer zero points"), (17.0, r"zero points in \[\d+, 17\], outside \[0, 15\]")],
+                         ids=["fractional", "out-of-range"])
+def test_zero_points_that_are_not_codes_are_refused(saved, tmp_path, zeros, match):
+    """Zero points are integers in the codes' range (what RTN and GPTQ make): the kernels subtract them from the
+    codes exactly (the batched kernel's ``zsub`` tile in bf16), so a file with other zeros is refused by name, with
+    consistent checksums, and the model is left as it was."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from spear_compile.quant.io import _sha256
+    _, path = saved
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    key = "model.layers.0.mlp.up_proj.weight.zero"
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = zeros
+    info = json.loads(meta["spear"])
+    info["sha256"][key] = _sha256(tensors[key])
+    bad = tmp_path / "zeros.safetensors"
+    save_file(tensors, str(bad), metadata={"spear": json.dumps(info)})
+    other = quantize(tiny_llama(), "w4-g32-rtn")
+    before = snapshot(other)
+    with pytest.raises(SpearError, match=f"up_proj.weight.zero holds {match}"):
+        load_quantized(other, bad)
+    assert_untouched(other, before)
