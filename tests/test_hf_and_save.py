@@ -143,3 +143,20 @@ def test_torchao_quantize_skips_the_same_modules_by_default():
     names = lambda m: sorted(n for n, x in m.named_modules() if isinstance(getattr(x, "weight", None), QuantizedWeight))  # noqa: E731
     assert names(a) == names(b) and len(names(a)) == 14 and "lm_head" not in names(a)
     _assert_bit_identical(a, b)
+
+
+def test_from_pretrained_refuses_zero_points_that_are_not_codes(tmp_path):
+    """A checkpoint whose zero points are not integer codes (the kernels subtract them exactly) is refused with the
+    module named, not loaded into wrong outputs."""
+    from safetensors.torch import load_file, save_file
+    fp_dir = save_tiny(tmp_path / "fp")
+    model = transformers.AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.bfloat16)
+    spear_compile.quantize(model, "w4-pc-rtn").save_pretrained(tmp_path / "q")
+    path = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(str(path))
+    key = "model.layers.1.mlp.gate_proj.weight_zero"
+    tensors[key] = tensors[key].clone()
+    tensors[key][3, 0] += 0.5
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(SpearError, match="gate_proj.weight_zero of the checkpoint holds non-integer zero points"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
