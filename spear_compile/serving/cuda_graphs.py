@@ -172,6 +172,8 @@ class MixedGraphs:
         self.uncaptured = 0         # mixed steps served without a graph (limit reached, capture failed, TP)
         self.padded_replays = 0     # steps replayed in the graph of larger dims that covers theirs (``covering``)
         self._dims: dict = {}       # key -> MixedDims of the captured keys (``covering``'s scan)
+        self._covers: dict = {}     # (use_ec, dims) -> ``covering``'s answer while no graph was added since
+        self._covers_at = 0         # len(self.graphs) when ``_covers`` was filled
 
     def covering(self, use_ec: bool, dims: MixedDims, max_padding: float) -> Optional[MixedDims]:
         """The dims of the captured graph a step of ``dims`` should replay: its own if captured, else (``max_padding``
@@ -180,14 +182,23 @@ class MixedGraphs:
         attention; a shape's first step costs its uncaptured run and its capture (tens of ms with a 1B model)."""
         if (use_ec, dims.shapes()) in self.graphs:
             return dims
+        if not max_padding:
+            return None
+        if self._covers_at != len(self.graphs):   # a graph was added: answers may change (graphs are never removed)
+            self._covers.clear()
+            self._covers_at = len(self.graphs)
+        memo = (use_ec, dims, max_padding)
+        if memo in self._covers:   # the scan below takes ~0.1 ms over 400 graphs; padded steps repeat their dims
+            return self._covers[memo]
         best = None
-        if max_padding:
-            for key in self.graphs:
-                if key[0] != use_ec:
-                    continue
-                d = self._dims.get(key) or self._dims.setdefault(key, MixedDims.from_shapes(key[1]))
-                if d.covers(dims, max_padding) and (best is None or d.attention_cells() < best.attention_cells()):
-                    best = d
+        for key in self.graphs:
+            if key[0] != use_ec:
+                continue
+            d = self._dims.get(key) or self._dims.setdefault(key, MixedDims.from_shapes(key[1]))
+            if d.covers(dims, max_padding) and (best is None or d.attention_cells() < best.attention_cells()):
+                best = d
+        if len(self._covers) < 65536:
+            self._covers[memo] = best
         return best
 
     def has_room(self, rows: int) -> bool:

@@ -113,3 +113,32 @@ def test_covering_picks_the_least_padding_of_the_same_ec_state():
     assert mixed.covering(False, step_dims, 2.0) == MixedDims(64, 8, 4, 2, 16, 8, 8)
     own = MixedDims(64, 8, 4, 2, 32, 8, 8)
     assert mixed.covering(True, own, 0) == own   # a captured key is its own cover, padding or not
+
+
+def test_covering_remembers_its_answer_until_a_graph_is_added():
+    """A padded step's dims come back step after step: the scan over every captured graph runs once per dims, and
+    again after any capture (a new graph may cover them with less padding, or cover them at all)."""
+    from spear_compile.serving.buckets import MixedDims
+    mixed = MixedGraphs(FakeCapture(), limit=8, max_rows=16)
+
+    def capture(d):
+        flat = torch.zeros(sum(torch.Size(s).numel() for s in d.shapes()), dtype=torch.int64)
+        mixed.first_step((True, d.shapes()), flat, unpack_flat(flat, d.shapes()), lambda: torch.zeros(2, 3))
+
+    step_dims = MixedDims(64, 8, 4, 2, 16, 4, 8)
+    assert mixed.covering(True, step_dims, 4.0) is None
+    capture(MixedDims(64, 8, 4, 2, 32, 8, 8))                                   # 4x the attention: covers at 4
+    assert mixed.covering(True, step_dims, 4.0) == MixedDims(64, 8, 4, 2, 32, 8, 8)
+    scans = []
+    real = MixedDims.covers
+    MixedDims.covers = lambda self, other, p: scans.append(1) or real(self, other, p)
+    try:
+        for _ in range(5):
+            assert mixed.covering(True, step_dims, 4.0) == MixedDims(64, 8, 4, 2, 32, 8, 8)
+        assert not scans                                                          # remembered
+        capture(MixedDims(64, 8, 4, 2, 32, 4, 8))                               # 2x: less padding
+        assert mixed.covering(True, step_dims, 4.0) == MixedDims(64, 8, 4, 2, 32, 4, 8)
+        assert len(scans) == 2                                                    # scanned again, both graphs
+        assert mixed.covering(True, step_dims, 1.5) is None                       # another padding: its own answer
+    finally:
+        MixedDims.covers = real
