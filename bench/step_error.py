@@ -8,12 +8,12 @@ see, and the model now prices the padded attention work instead.
     python -m bench.step_error bench/results/serving_slo_h100_s22_raw.json.gz --replay
 
 ``--replay``: the SLO runs' mixed steps predicted again, offline, by the cost model of this tree and by the model
-before session 22 (``p^2`` in place of the prefill attention feature), both fitted on the run's own start-up profile
+before session 22 (``p^2`` in place of the prefill attention feature, one online correction per bin), both fitted on the run's own start-up profile
 and corrected online step by step as the engine does; decode-only steps keep their recorded predictions (neither
 model changed them). The decode context of a mixed step is approximated (the log keeps its sum, not its longest
 row), the same for both models, so compare the two replayed columns with each other. The prefill attention work is
 the step's logged sizes, which are the covering graph's for a step that ran padded (``mixed_graph_padding``): the
-live policy prices such a step at its own sizes (session 22: 9.1-9.4 % instead of 8.8-9.5 %).
+live policy prices such a step at its own sizes (session 22's `slo` runs: 7.9-8.3 % instead of 7.9-8.4 %).
 """
 from __future__ import annotations
 
@@ -60,9 +60,13 @@ def replay(raw: dict, policies) -> list:
     from spear_compile.serving.scheduler.cost_model import ECSignature, StepCostModel, StepSample
 
     class SquareModel(StepCostModel):
-        """The cost model before session 22: the chunk's tokens squared as its attention's work."""
+        """The cost model before session 22: the chunk's tokens squared as its attention's work, one online
+        correction per bin (not per graph bucket)."""
         def cells(self, num_prefill_tokens, prefill_cells=None):
             return num_prefill_tokens * num_prefill_tokens
+
+        def correction_key(self, num_tokens, mixed, sig):
+            return (self.bin_of(num_tokens), bool(mixed), sig if self.ec_terms else None)
 
     fields = [f.split(" ")[0] for f in raw["step_fields"]]
     (doc,) = raw["samples"].values()
