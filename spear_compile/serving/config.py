@@ -46,7 +46,8 @@ class EngineConfig:
     #   of larger shapes that covers them (the same tokens and decode rows; its prefill attention work and decode
     #   tables at most this many times the step's own: buckets.MixedDims.covers) instead of running uncaptured and
     #   capturing its own (0: off). In a simulation on session 21's H100 step costs, 2.0 cut the shapes first met in
-    #   the measured runs by a third (serving_sim --graph-padding); not yet measured on a GPU
+    #   the measured runs by a third (serving_sim --graph-padding); on the H100 (session 22's serving bench) the
+    #   measured runs met 0-9 first-time shapes instead of 7-12, and budget-512's capacity rose 16.64 -> 46.95 req/s
     compile: bool = True
     compile_regions: bool = False           # compile one decoder layer (once per distinct layer structure) and the
     #   LM head instead of the whole model per phase: a fraction of the start-up compile time; the layers then run

@@ -403,9 +403,10 @@ class ModelRunner:
                 bar.update(1)
         bar.close()
         # overlapped steps move a step's tokens into the next one's rows on the device (patch_ids); its index path
-        # first runs when a request finishes beside others. On CUDA its kernels' lazily loaded modules are the likely
+        # first runs when a request finishes beside others. On CUDA its kernels' lazily loaded modules were the likely
         # cause of a 55-77 ms step there (H100, sessions 16-21: the W4 batch-16 outlier, in the process's first
-        # engine only; to be confirmed on a GPU): run it once here
+        # engine only): run it once here. With this and ``Sampler.warm_up``, session 22's H100 run had none (slowest
+        # step 3.98 ms; the two warm-ups were not tried apart)
         ids = torch.zeros(2, dtype=torch.int64, device=self.device)
         patch_ids(ids, (torch.ones(2, dtype=torch.int64, device=self.device), [1], [0]))
         if self.device.type == "cuda":
