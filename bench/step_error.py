@@ -5,15 +5,16 @@ table put the error there (chunks after a context, several chunks), which the mo
 see, and the model now prices the padded attention work instead.
 
     python -m bench.step_error bench/results/serving_slo_h100_s22_raw.json.gz [--policies slo,slo-ec-blind]
-    python -m bench.step_error bench/results/serving_slo_h100_s22_raw.json.gz --replay
+    python -m bench.step_error bench/results/serving_slo_h100_s22_raw.json.gz --replay [--own-sizes]
 
 ``--replay``: the SLO runs' mixed steps predicted again, offline, by the cost model of this tree and by the model
 before session 22 (``p^2`` in place of the prefill attention feature, one online correction per bin), both fitted on the run's own start-up profile
 and corrected online step by step as the engine does; decode-only steps keep their recorded predictions (neither
 model changed them). The decode context of a mixed step is approximated (the log keeps its sum, not its longest
 row), the same for both models, so compare the two replayed columns with each other. The prefill attention work is
-the step's logged sizes, which are the covering graph's for a step that ran padded (``mixed_graph_padding``): the
-live policy prices such a step at its own sizes (session 22's `slo` runs: 7.9-8.3 % instead of 7.9-8.4 %).
+the step's logged sizes, which are the covering graph's for a step that ran padded (``mixed_graph_padding``); the
+live policy prices such a step at its own sizes, which ``--own-sizes`` does for the steps of one chunk (their chunk
+is known from the log: its tokens and the context before it; a step of several chunks keeps its logged sizes).
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def rows(raw: dict, policies) -> list:
     return out
 
 
-def replay(raw: dict, policies) -> list:
+def replay(raw: dict, policies, own_sizes: bool = False) -> list:
     """(run label, kind, model, relative error) of every SLO run's predicted step, replayed (see the docstring)."""
     from spear_compile.serving.scheduler.cost_model import ECSignature, StepCostModel, StepSample
 
@@ -101,7 +102,10 @@ def replay(raw: dict, policies) -> list:
                 block = m.kv_layout[0]
                 longest = math.ceil(1.5 * step["sum_context"] / d) if d else 0   # approximated (see the docstring)
                 kv = m.context_feature(d, step["sum_context"], min(longest, block * m.kv_layout[1][-1]), True, p)
-                cells = chunk_rows * chunk_len * width * block
+                if own_sizes and step["num_prefills"] == 1:
+                    cells = m.prefill_cells([(step["prefill_context"], p)])
+                else:
+                    cells = chunk_rows * chunk_len * width * block
                 pred = m.predict(d, p, kv, sig, tokens, cells)
                 if not step["captured_graph"]:
                     m.observe(d, p, kv, sig, step["measured_s"], tokens, cells)
@@ -144,6 +148,8 @@ def main(argv=None):
     ap.add_argument("--policies", default="slo,slo-ec-blind", help="run labels to read (comma list; '' all)")
     ap.add_argument("--replay", action="store_true", help="the SLO runs replayed by this tree's cost model and the "
                                                           "one before session 22 (see the docstring)")
+    ap.add_argument("--own-sizes", action="store_true", help="--replay: one-chunk steps priced at their own sizes, as "
+                                                             "the live policy prices them, not the covering graph's")
     args = ap.parse_args(argv)
     with (gzip.open if args.raw.endswith(".gz") else open)(args.raw, "rt", encoding="utf-8") as f:
         raw = json.load(f)
@@ -151,7 +157,7 @@ def main(argv=None):
         raise SystemExit(f"{args.raw}: no per-step records (written by bench/serving.py since session 21)")
     policies = set(filter(None, args.policies.split(",")))
     if args.replay:
-        errors = replay(raw, policies & {"slo", "slo-ec-blind"} or {"slo", "slo-ec-blind"})
+        errors = replay(raw, policies & {"slo", "slo-ec-blind"} or {"slo", "slo-ec-blind"}, args.own_sizes)
         print(replay_table(errors) if errors else "no predicted steps in these runs")
         return
     errors = rows(raw, policies)
