@@ -286,7 +286,7 @@ def run_trace(bundle, policy_name, trace, args, ec_enabled=True, switch_period_s
              max_running=max((k for k, _ in sched_times), default=0),
              ec_switches=bool(switch_period_s), ec_enabled=ec_enabled,
              step_time_ms_p50=_ms(pct([r.measured_s for r in records], 50)),
-             overhead_ms=_ms(getattr(policy, "overhead_s", None)))
+             overhead_ms=_ms(getattr(policy, "overhead_s", None)), safety=getattr(policy, "safety_now", None))
     m["_raw"] = {"ttft": m.pop("_ttft"), "itl": m.pop("_itl"),
                  "steps": [[r.num_decodes, r.num_prefills, r.num_prefill_tokens, r.sum_context, r.prefill_context,
                             r.mixed_dims, r.ec_enabled, r.captured_graph, r.uncaptured_mixed, r.predicted_s,

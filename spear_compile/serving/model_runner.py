@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import SpearError
-from .buckets import MIN_DIM, mixed_step_dims_for, next_bucket, pow2_buckets, pow2_dim, table_width
+from .buckets import MIN_DIM, mixed_step_dims, mixed_step_dims_for, next_bucket, pow2_buckets, pow2_dim, table_width
 from .config import EngineConfig
 from .cuda_graphs import (DecodeGraph, GraphCapture, MixedGraphs, StandInGraph, multi_rank, pack_flat,
                           unpack_flat)
@@ -305,6 +305,23 @@ class ModelRunner:
         if g is not None:
             return self.mixed.replay(g)
         return self.mixed.first_step((use_ec, shapes), flat, views, lambda: self._mixed_fn(*views, use_ec=use_ec))
+
+    def padded_attention_cells(self, use_ec: bool, num_decodes: int, decode_tokens: int, chunks) -> Optional[int]:
+        """The prefill attention work (``buckets.prefill_attention_cells``' units) of the captured graph a mixed step
+        would replay padded (``MixedGraphs.covering``), or None when it would run at its own dims. The step:
+        ``num_decodes`` decodes (the longest ``decode_tokens`` long with this step's token) and ``chunks`` =
+        ``(tokens before, chunk length, ends its prompt)``. The step cost model prices a step at what it runs."""
+        if not chunks or not self.config.mixed_graph_padding or not self.mixed.graphs:
+            return None
+        bs = self.block_size
+        prefill_blocks = max(-(-(c + n) // bs) for c, n, _ in chunks)
+        dims = mixed_step_dims(num_decodes, -(-decode_tokens // bs), [n for _, n, _ in chunks], prefill_blocks,
+                               sum(1 for *_, done in chunks if done), self.decode_buckets[-1], self.token_buckets,
+                               self.table_buckets, full_decode_tables=self.config.decode_attention == "triton")
+        cover = self.mixed.covering(use_ec and self.net.has_ecs, dims, self.config.mixed_graph_padding)
+        if cover is None or cover == dims:
+            return None
+        return cover.prefills * cover.chunk_len * max(cover.prefill_width, prefill_blocks) * bs
 
     def mixed_inputs(self, decodes, prefills, use_ec: Optional[bool] = None):
         """CPU int64 tensors for ``mixed_forward`` (shapes ``buckets.mixed_step_dims_for``) and the number of logits rows

@@ -384,3 +384,87 @@ def test_a_plan_is_priced_by_the_keys_its_chunks_read():
         c.prefilling = [r]
         budgets.append(slo(aware).prefill_budget(c))
     assert 0 < budgets[1] < budgets[0], budgets
+
+
+def test_a_step_the_engine_would_pad_is_priced_at_the_padded_graph():
+    """When the engine says a step would replay a captured graph of larger dims (``StepContext.run_cells``: its
+    padded prefill attention work), the policy prices the step there: the plan's prediction and the cost model's
+    correction use those cells, and a budget whose padded step no longer fits the slack shrinks."""
+    samples = []
+    for d in (0, 2, 8):
+        for p in (16, 100, 300, 900):
+            for before in (0, 1000):
+                cells = p * (before + p)
+                samples.append(StepSample(StepShape(d, p, 0, 0, cells), NO_EC,
+                                          3e-3 + 1.8e-5 * (d + p) + 1e-8 * cells))
+    aware, _ = fit_models(samples, DECODE_BUCKETS, TOKEN_BUCKETS, correction_alpha=0.0)
+    calls = []
+
+    def run_cells(num_decodes, decode_tokens, chunks):   # every step pads to 4x its own attention work
+        calls.append((num_decodes, decode_tokens, list(chunks)))
+        return 4 * sum(n * (c + n) for c, n, _ in chunks)
+
+    r = Request("r", [1] * 300, SamplingParams(), arrival_time=0.0)
+    plan = type("P", (), {"decodes": [], "prefills": [(r, 300)], "num_prefill_tokens": 300})()
+    own = slo(aware).predict(plan, _ctx())
+    ctx = _ctx()
+    ctx.run_cells = run_cells
+    policy = slo(aware)
+    padded = policy.predict(plan, ctx)
+    assert policy._pending[id(plan)][1][4] == 4 * 300 * 300 and padded > own * 1.1
+    assert calls[-1] == (0, 0, [(0, 300, True)])
+
+    now = 5.0
+    decs = _decodes(8, now, since_last=0.008)
+    budgets = []
+    for hook in (None, run_cells):
+        c = _ctx(decs, NO_EC, now, waiting=[Request("w", [1] * 1800, SamplingParams(), arrival_time=now)])
+        c.run_cells = hook
+        budgets.append(slo(aware).prefill_budget(c))
+    assert 0 < budgets[1] < budgets[0], budgets
+    assert calls[-1][:2] == (8, 501)   # the decodes' longest context with this step's token
+
+
+
+def test_the_safety_factor_learns_the_mixed_steps_error_tail(models):
+    """``safety_now`` becomes the 95th percentile of measured / predicted time over recent mixed steps (never below
+    ``safety``): 10 % of steps 1.4x slower than predicted lift it to 1.4, and a budget whose step fitted the slack at
+    1.1 no longer does. Decode-only steps and steps that captured a graph do not count; ``safety_quantile=0``
+    keeps the factor fixed."""
+    aware, _ = models
+    r = Request("r", [1] * 300, SamplingParams(), arrival_time=0.0)
+
+    def feed(policy, ratios, p=300, captured=False):
+        for ratio in ratios:
+            plan = type("P", (), {"decodes": [], "prefills": [(r, p)] if p else [], "num_prefill_tokens": p})()
+            if not p:
+                plan.decodes = _decodes(1, 0.0, 0.0)
+            pred = policy.predict(plan, _ctx())
+            policy.observe(plan, pred * ratio, captured=captured)
+
+    tail = [1.0] * 9 + [1.4]
+    learned, fixed = slo(aware), slo(aware, safety_quantile=0.0)
+    feed(learned, tail * 4, p=0)                 # decode-only steps
+    feed(learned, tail * 4, captured=True)       # steps that captured their graph
+    assert learned.safety_now == learned.safety == 1.1
+    for policy in (learned, fixed):
+        feed(policy, tail * 7)
+    assert learned.safety_now == pytest.approx(1.4) and fixed.safety_now == 1.1
+    feed(learned, [0.5] * 256)                   # a model that now over-predicts: back to the floor
+    assert learned.safety_now == 1.1
+    feed(learned, tail * 26)
+
+    now = 5.0
+    decs = _decodes(8, now, since_last=0.0)
+    probe = slo(aware)
+    c = _ctx(decs, NO_EC, now, waiting=[Request("w", [1] * 1800, SamplingParams(), arrival_time=now)])
+    room = probe.cost_model.prefill_room(8, 256)
+    step = probe._predict(8, room, probe.cost_model.context_feature(8, c.sum_context_len, 501, mixed=True,
+                                                                      num_prefill_tokens=room), NO_EC, 256)
+    budgets = []
+    for policy in (fixed, learned):              # a slack the 256-token step fits at 1.1x, not at 1.4x
+        policy.tpot_slo_s = step * 1.25
+        budgets.append(policy.prefill_budget(_ctx(decs, NO_EC, now, waiting=c.waiting)))
+    assert budgets[0] == room and 0 < budgets[1] < room, budgets
+    with pytest.raises(SpearError, match="safety_quantile"):
+        slo(aware, safety_quantile=1.0)

@@ -27,7 +27,8 @@ from typing import Optional
 from ...errors import SpearError
 from ..buckets import MIN_DIM
 from ..request import Request, SamplingParams
-from .cost_model import ECSignature, StepCostModel, StepSample, StepShape, ec_signature, fit_models, mixed_rows
+from .cost_model import StepCostModel, StepSample, StepShape, fit_models, mixed_rows
+from .ec_signature import ECSignature, ec_signature
 
 SCHEMA = 1
 GRID_VERSION = 4  # 2: mixed steps' decode rows padded as buckets.mixed_decode_rows (samples' padded tokens, KV);
