@@ -171,30 +171,33 @@ class MixedGraphs:
         self.first_steps = 0        # steps that ran eagerly to capture their key (slow, once per key)
         self.uncaptured = 0         # mixed steps served without a graph (limit reached, capture failed, TP)
         self.padded_replays = 0     # steps replayed in the graph of larger dims that covers theirs (``covering``)
-        self._dims: dict = {}       # key -> MixedDims of the captured keys (``covering``'s scan)
+        self._by_rows: dict = {}    # (use_ec, tokens, decode rows) -> captured MixedDims (``covering``'s candidates)
         self._covers: dict = {}     # (use_ec, dims) -> ``covering``'s answer while no graph was added since
-        self._covers_at = 0         # len(self.graphs) when ``_covers`` was filled
+        self._covers_at = -1        # len(self.graphs) when ``_covers`` and ``_by_rows`` were built
 
     def covering(self, use_ec: bool, dims: MixedDims, max_padding: float) -> Optional[MixedDims]:
         """The dims of the captured graph a step of ``dims`` should replay: its own if captured, else (``max_padding``
         > 0) those of the captured graph that covers them (``MixedDims.covers``) with the least prefill attention
         work, else None (the step captures its own graph, or runs uncaptured). Padding a step costs a little
-        attention; a shape's first step costs its uncaptured run and its capture (tens of ms with a 1B model)."""
+        attention; a shape's first step costs its uncaptured run and its capture (tens of ms with a 1B model).
+        The SLO policy asks this for the steps it weighs too (``ModelRunner.padded_attention_cells``): answers are
+        remembered, and only graphs of the same tokens and decode rows (all that may cover a step) are scanned."""
         if (use_ec, dims.shapes()) in self.graphs:
             return dims
         if not max_padding:
             return None
         if self._covers_at != len(self.graphs):   # a graph was added: answers may change (graphs are never removed)
             self._covers.clear()
+            self._by_rows.clear()
+            for key in self.graphs:
+                d = MixedDims.from_shapes(key[1])
+                self._by_rows.setdefault((key[0], d.tokens, d.decode_rows), []).append(d)
             self._covers_at = len(self.graphs)
         memo = (use_ec, dims, max_padding)
-        if memo in self._covers:   # the scan below takes ~0.1 ms over 400 graphs; padded steps repeat their dims
+        if memo in self._covers:
             return self._covers[memo]
         best = None
-        for key in self.graphs:
-            if key[0] != use_ec:
-                continue
-            d = self._dims.get(key) or self._dims.setdefault(key, MixedDims.from_shapes(key[1]))
+        for d in self._by_rows.get((use_ec, dims.tokens, dims.decode_rows), ()):
             if d.covers(dims, max_padding) and (best is None or d.attention_cells() < best.attention_cells()):
                 best = d
         if len(self._covers) < 65536:

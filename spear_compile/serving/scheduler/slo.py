@@ -48,7 +48,7 @@ class SloAware(Policy):
     ``safety_quantile`` (0: off): by the running quantile of measured / predicted time over the last
     ``SAFETY_WINDOW`` mixed steps when larger. A mixed step carries every running decode's token, so for p99
     inter-token latency inside the SLO the step that fills the slack must overrun it rarely: the model's p50 error is
-    small but its mixed-step tail is not (session 23 on the H100: measured / predicted p90 1.09-1.18, p98 1.30-1.47).
+    small but its mixed-step tail is not (session 23 on the H100: measured / predicted p90 1.09-1.19, p98 1.23-1.47).
     ``min_chunk`` / ``aging_steps``: the anti-starvation guarantee (see module docstring).
     """
     chunked = True
@@ -165,17 +165,23 @@ class SloAware(Policy):
         def kv_mixed(p):  # the KV a mixed step of p prefill tokens gathers (its decode rows depend on p)
             return cm.context_feature(d, ctx.sum_context_len, longest, mixed=True, num_prefill_tokens=p)
 
-        def padded_cells(chunks):  # the engine's padded graph's attention work if it would replay one, else None
-            return run_cells(d, longest, chunks) if run_cells is not None else None
+        def fits(p, chunks, limit, bucket=0, own_cells=None):
+            """Whether a step of ``p`` prefill tokens in ``chunks`` = (tokens before, length, ends its prompt) fits
+            ``limit`` at its own padding (``own_cells``; None: one chunk from a prompt's start), then, if the engine
+            would replay it padded in a larger captured graph (``run_cells``), there too. Padding only adds work, so
+            the engine is asked only about a step that fits unpadded (mostly the first bucket tried)."""
+            kv = kv_mixed(p)
+            if self._predict(d, p, kv, sig, bucket, own_cells) * self.safety_now > limit:
+                return False
+            padded = run_cells(d, longest, chunks) if run_cells is not None else None
+            return padded is None or self._predict(d, p, kv, sig, bucket, padded) * self.safety_now <= limit
         # partially prefilled requests that can still make their TTFT: the step finishing them must be in time
         for r in ctx.prefilling:
             self.ops += 1
             s = self.ttft_deadline(r) - now
             rem = r.num_tokens_to_compute
-            cells = padded_cells([(r.num_computed_tokens, rem, True)])
-            if cells is None:
-                cells = cm.prefill_cells([(r.num_computed_tokens, rem)])
-            if s > 0 and self._predict(d, rem, kv_mixed(rem), sig, 0, cells) * self.safety_now <= s:
+            if s > 0 and fits(rem, [(r.num_computed_tokens, rem, True)], s,
+                              own_cells=cm.prefill_cells([(r.num_computed_tokens, rem)])):
                 slack = min(slack, s)
         # a budget's chunks as the base scheduler fills them: the partial prompt served first (its attention reads
         # its computed tokens too) up to its remaining tokens, the rest one chunk from a prompt's start
@@ -183,13 +189,12 @@ class SloAware(Policy):
         before = first.num_computed_tokens if first is not None else 0
         first_rem = first.num_tokens_to_compute if first is not None else 0
 
-        def cells_of(room):
-            chunks = ([(before, min(room, first_rem), room >= first_rem)] +
-                      ([(0, room - first_rem, False)] if room > first_rem else [])) if before else [(0, room, False)]
-            cells = padded_cells(chunks)
-            if cells is not None or not before:
-                return cells   # None: one chunk from a prompt's start, the model's default
-            return cm.prefill_cells([(c, n) for c, n, _ in chunks])
+        def chunks_of(room):
+            if not before:
+                return [(0, room, False)], None   # one chunk from a prompt's start: the model's default cells
+            chunks = [(before, min(room, first_rem), room >= first_rem)] + (
+                [(0, room - first_rem, False)] if room > first_rem else [])
+            return chunks, cm.prefill_cells([(c, n) for c, n, _ in chunks])
         buckets = ctx.token_buckets or (ctx.max_num_tokens,)
         if slack == math.inf:
             budget = self.cost_model.prefill_room(d, max(buckets[-1], ctx.max_num_tokens))
@@ -200,7 +205,8 @@ class SloAware(Policy):
                 room = self.cost_model.prefill_room(d, b)
                 if room <= 0:
                     break
-                if self._predict(d, room, kv_mixed(room), sig, b, cells_of(room)) * self.safety_now <= avail:
+                chunks, own = chunks_of(room)
+                if fits(room, chunks, avail, b, own):
                     budget = room
                     break
         if ctx.prefilling:
