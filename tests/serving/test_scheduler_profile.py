@@ -120,19 +120,29 @@ def test_every_mixed_point_of_the_grid_fits_the_mixed_step_graphs(engine):
     cap = runner.config.max_num_seqs
     grid = profile.default_grid(runner.decode_buckets, runner.token_buckets, runner.max_model_len, None, 2, cap)
     unbounded = profile.default_grid(runner.decode_buckets, runner.token_buckets, runner.max_model_len, None, 2)
-    assert any(d == max(runner.decode_buckets) and p for d, p, _, _ in unbounded)   # what the bound removes
-    assert any(d == cap for d, p, _, _ in grid if not p) and any(d == cap - 1 for d, p, _, _ in grid if p)
+    assert any(d == max(runner.decode_buckets) and p for d, p, *_ in unbounded)   # what the bound removes
+    assert any(d == cap for d, p, *_ in grid if not p) and any(d == cap - 1 for d, p, *_ in grid if p)
     assert len(grid) == len(set(grid))
     # chunks after a prompt's first tokens, beside no decodes and beside some (the prefill attention feature)
-    assert {d == 0 for d, p, _, before in grid if p and before} == {True, False}
-    for d, p, c, before in grid:
-        decodes, prefills = profile._fake_requests(d, p, c, runner.num_blocks, runner.block_size, before)
+    assert {d == 0 for d, p, _, before, _ in grid if p and before} == {True, False}
+    # steps of several chunks, from a prompt's start and after a context (their graphs pad chunk rows and lengths)
+    assert {(k, before > 0) for _, p, _, before, k in grid if p and k > 1} == {(2, False), (2, True), (4, False),
+                                                                              (4, True)}
+    template = profile.template_for(runner)
+    for d, p, c, before, k in grid:
+        decodes, prefills = profile._fake_requests(d, p, c, runner.num_blocks, runner.block_size, before, k)
         if not p:
-            assert d <= max(runner.decode_buckets) and not before
+            assert d <= max(runner.decode_buckets) and not before and k == 1
             continue
-        assert d + 1 <= cap and before + p < runner.max_model_len, (d, p, c, before)
+        assert d + k <= cap and before + p // k < runner.max_model_len, (d, p, c, before, k)
+        assert [n for _, n in prefills] == profile.chunk_lens(p, k) and sum(profile.chunk_lens(p, k)) == p
         args, rows = runner.mixed_inputs(decodes, prefills)
-        assert rows == d + 1 and args[-1].shape[0] <= runner.mixed.max_rows, (d, p, c, tuple(args[-1].shape))
+        assert rows == d + k and args[-1].shape[0] <= runner.mixed.max_rows, (d, p, c, tuple(args[-1].shape))
+        # the sample's attention feature is what the step's graph pads its chunks to (rows x length x table)
+        q_index = args[7]
+        assert template.prefill_cells([(before, n) for _, n in prefills]) == \
+            q_index.shape[0] * q_index.shape[1] * max(args[6].shape[1], -(-(before + max(profile.chunk_lens(p, k))) //
+                                                                          runner.block_size)) * runner.block_size
 
 
 def test_mixed_step_dims_are_the_runner_input_shapes(engine):
@@ -170,12 +180,15 @@ def test_mixed_step_dims_are_the_runner_input_shapes(engine):
 
 
 def test_profiled_chunk_after_context_runs_and_carries_its_attention_cells(engine):
-    """A grid point of a chunk after a prompt's first tokens runs through the real step (its prefill reads the
-    earlier blocks) and its sample carries the larger attention work the cost model prices it by."""
+    """A grid point of a chunk after a prompt's first tokens, or of several chunks, runs through the real step (its
+    prefill reads the earlier blocks) and its sample carries the attention work the cost model prices it by: that of
+    its chunks at the graph's padding (a chunk after a context reads more keys; four chunks run four rows)."""
     runner = engine.runner
     template = profile.template_for(runner)
-    grid = [(0, 32, 8, 0), (0, 32, 8, 160), (2, 30, 8, 96)]
+    grid = [(0, 32, 8, 0, 1), (0, 32, 8, 160, 1), (2, 30, 8, 96, 1), (0, 32, 8, 0, 4), (1, 30, 8, 40, 2)]
     (sig, samples), = profile.profile_runner(runner, [(False, ECSignature())], template, grid, repeats=1).items()
     cells = [s.shape.prefill_cells for s in samples]
-    assert cells == [template.prefill_cells([(before, p)]) for _, p, _, before in grid]
-    assert cells[1] > cells[0] and all(s.seconds > 0 for s in samples)
+    assert cells == [template.prefill_cells([(before, n) for n in profile.chunk_lens(p, k)])
+                     for _, p, _, before, k in grid]
+    assert cells[1] > cells[0] and cells[3] != template.prefill_cells([(0, 32)]) and all(s.seconds > 0 for s in samples)
+    assert [s.shape.num_prefill_tokens for s in samples] == [p for _, p, *_ in grid]

@@ -31,15 +31,17 @@ from .cost_model import StepCostModel, StepSample, StepShape, fit_models, mixed_
 from .ec_signature import ECSignature, ec_signature
 
 SCHEMA = 1
-GRID_VERSION = 4  # 2: mixed steps' decode rows padded as buckets.mixed_decode_rows (samples' padded tokens, KV);
+GRID_VERSION = 5  # 2: mixed steps' decode rows padded as buckets.mixed_decode_rows (samples' padded tokens, KV);
 #                   3: a mixed point runs at most max_num_seqs - 1 decodes (the prefill is a running request too);
-#                   4: chunks after a prompt's first tokens (the prefill attention feature), samples carry its cells
+#                   4: chunks after a prompt's first tokens (the prefill attention feature), samples carry its cells;
+#                   5: steps of 2 and 4 chunks (their graphs pad chunk rows and lengths: the attention feature's
+#                      largest values, which session 23's H100 serving met and the profile never ran)
 
 
 # ----------------------------------------------------------------------------------------------- the grid
 def default_grid(decode_buckets, token_buckets, max_model_len: int, max_points: Optional[int] = None,
                  mixed_min_rows: int = 0, max_num_seqs: Optional[int] = None) -> list:
-    """(decodes, prefill tokens, context per decode, prompt tokens before the chunk) points: decodes on the decode
+    """(decodes, prefill tokens, context per decode, prompt tokens before each chunk, chunks) points: decodes on the decode
     buckets (and 0); prefill so that a step's tokens land on each token bucket (and 0); three contexts (short, a
     quarter and half of the longest); chunks from a prompt's start, and, beside no decodes and the middle decode
     bucket, chunks after a quarter and half of the longest context (their attention reads it: the cost model's
@@ -47,7 +49,9 @@ def default_grid(decode_buckets, token_buckets, max_model_len: int, max_points: 
     A step with a prefill runs at most ``max_num_seqs - 1`` decodes (the prefilling request is running too): a
     point beside a full decode bucket takes one decode fewer (session 20: 64 decodes + a prefill needed 128 logits
     rows, more than the engine's mixed-step graphs hold, so those points ran uncaptured at 30-45 ms and skewed the
-    fit). ``max_points`` keeps an evenly spaced subset (tiny CPU sweeps)."""
+    fit). Then, at the four largest token buckets, 2 and 4 chunks of equal length (``chunk_lens``) from a prompt's
+    start and after a quarter of the longest context: their graphs pad the chunk rows and lengths, the prefill
+    attention's largest work. ``max_points`` keeps an evenly spaced subset (tiny CPU sweeps)."""
     ctxs = sorted({min(64, max_model_len // 4), max(2, max_model_len // 4), max(2, max_model_len // 2)})
     points = []
     for bucket in (0,) + tuple(decode_buckets):
@@ -57,7 +61,7 @@ def default_grid(decode_buckets, token_buckets, max_model_len: int, max_points: 
         for decodes, p in steps:
             for c in (ctxs if decodes else ctxs[:1]):
                 if p + 1 < max_model_len:
-                    points.append((decodes, p, c, 0))
+                    points.append((decodes, p, c, 0, 1))
     befores = sorted({max(2, max_model_len // 4), max(2, max_model_len // 2)})
     for bucket in sorted({0, tuple(decode_buckets)[len(decode_buckets) // 2] if decode_buckets else 0}):
         d = bucket if max_num_seqs is None else min(bucket, max_num_seqs - 1)
@@ -65,7 +69,15 @@ def default_grid(decode_buckets, token_buckets, max_model_len: int, max_points: 
             p = b - mixed_rows(d, b - d, decode_buckets, token_buckets, mixed_min_rows) if d else b
             for before in befores:
                 if p > 0 and before + p + 1 < max_model_len:
-                    points.append((d, p, ctxs[0], before))
+                    points.append((d, p, ctxs[0], before, 1))
+    for chunks in (2, 4):
+        for bucket in sorted({0, tuple(decode_buckets)[len(decode_buckets) // 2] if decode_buckets else 0}):
+            d = bucket if max_num_seqs is None else max(0, min(bucket, max_num_seqs - chunks))
+            for b in token_buckets[-4:]:   # the largest steps: where padded chunk rows cost the most
+                p = b - mixed_rows(d, b - d, decode_buckets, token_buckets, mixed_min_rows) if d else b
+                for before in (0, befores[0]):
+                    if p >= chunks * MIN_DIM and before + -(-p // chunks) + 1 < max_model_len:
+                        points.append((d, p, ctxs[0], before, chunks))
     points = list(dict.fromkeys(points))  # (two buckets can meet at max_num_seqs - 1)
     if max_points and len(points) > max_points:
         step = len(points) / max_points
@@ -73,10 +85,15 @@ def default_grid(decode_buckets, token_buckets, max_model_len: int, max_points: 
     return points
 
 
-def _fake_requests(d: int, p: int, ctx: int, num_blocks: int, block_size: int, before: int = 0):
-    """``d`` decoding requests with ``ctx`` tokens cached and one prefill request of ``p`` prompt tokens after
-    ``before`` already computed, on block ids cycling over the usable blocks (aliasing is harmless: nothing reads
-    the results)."""
+def chunk_lens(p: int, chunks: int) -> list:
+    """``p`` prefill tokens as ``chunks`` chunks of (nearly) equal length."""
+    return [p // chunks + (j < p % chunks) for j in range(chunks)] if p else []
+
+
+def _fake_requests(d: int, p: int, ctx: int, num_blocks: int, block_size: int, before: int = 0, chunks: int = 1):
+    """``d`` decoding requests with ``ctx`` tokens cached and ``chunks`` prefill requests sharing ``p`` prompt
+    tokens (``chunk_lens``), each after ``before`` already computed, on block ids cycling over the usable blocks
+    (aliasing is harmless: nothing reads the results)."""
     nxt = [1]
 
     def blocks(n_tokens):
@@ -94,11 +111,11 @@ def _fake_requests(d: int, p: int, ctx: int, num_blocks: int, block_size: int, b
         r.block_ids = blocks(ctx + 1)
         decodes.append(r)
     prefills = []
-    if p:
-        r = Request("profile-p", [1] * (before + p), SamplingParams(max_tokens=2), arrival_time=0.0)
+    for j, n in enumerate(chunk_lens(p, chunks)):
+        r = Request(f"profile-p{j}", [1] * (before + n), SamplingParams(max_tokens=2), arrival_time=0.0)
         r.num_computed_tokens = before
-        r.block_ids = blocks(before + p)
-        prefills.append((r, p))
+        r.block_ids = blocks(before + n)
+        prefills.append((r, n))
     return decodes, prefills
 
 
@@ -113,15 +130,15 @@ def profile_runner(runner, ec_states, cost_model_template: StepCostModel, grid, 
     bar = _progress(total, progress)
     for use_ec, sig in ec_states:
         samples = []
-        for d, p, c, before in grid:
-            decodes, prefills = _fake_requests(d, p, c, runner.num_blocks, runner.block_size, before)
+        for d, p, c, before, chunks in grid:
+            decodes, prefills = _fake_requests(d, p, c, runner.num_blocks, runner.block_size, before, chunks)
             with torch.no_grad():
                 if runner.device.type == "cuda":
                     time_step(runner, decodes, prefills, use_ec)  # warm (first touch of this shape's buffers)
                 times = [time_step(runner, decodes, prefills, use_ec) for _ in range(repeats)]
             padded = cost_model_template.pad(d, p)
             kv = cost_model_template.context_feature(d, d * (c + 1), c + 1, mixed=p > 0, num_prefill_tokens=p)
-            cells = cost_model_template.prefill_cells([(before, p)] if p else [])
+            cells = cost_model_template.prefill_cells([(before, n) for n in chunk_lens(p, chunks)])
             samples.append(StepSample(StepShape(d, p, kv, padded, cells), sig, statistics.median(times)))
             bar.update(1)
         out[sig] = samples
