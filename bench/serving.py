@@ -46,7 +46,7 @@ from spear_compile.serving.config import EngineConfig  # noqa: E402
 from spear_compile.serving.engine import Engine  # noqa: E402
 from spear_compile.serving.request import Request, SamplingParams  # noqa: E402
 from spear_compile.serving.scheduler import make_policy  # noqa: E402
-from spear_compile.serving.scheduler.cost_model import ec_signature  # noqa: E402
+from spear_compile.serving.scheduler.ec_signature import ec_signature  # noqa: E402
 from spear_compile.serving.scheduler.profile import cost_models_for, profile_engine, template_for  # noqa: E402
 
 POLICIES = ("fifo", "budget-512", "budget-2048", "slo-ec-blind", "slo")

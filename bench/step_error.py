@@ -58,7 +58,8 @@ def rows(raw: dict, policies) -> list:
 
 def replay(raw: dict, policies, own_sizes: bool = False) -> list:
     """(run label, kind, model, relative error) of every SLO run's predicted step, replayed (see the docstring)."""
-    from spear_compile.serving.scheduler.cost_model import ECSignature, StepCostModel, StepSample
+    from spear_compile.serving.scheduler.cost_model import StepCostModel, StepSample
+    from spear_compile.serving.scheduler.ec_signature import ECSignature
 
     class SquareModel(StepCostModel):
         """The cost model before session 22: the chunk's tokens squared as its attention's work, one online

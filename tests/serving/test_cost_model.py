@@ -12,7 +12,8 @@ import torch.nn as nn
 from spear_compile.ec.module import CompensatedLinear
 from spear_compile.errors import SpearError
 from spear_compile.serving.scheduler.cost_model import (
-    ECSignature, StepCostModel, StepSample, StepShape, StepTimer, ec_signature, fit_models, pad_tokens)
+    StepCostModel, StepSample, StepShape, StepTimer, fit_models, pad_tokens)
+from spear_compile.serving.scheduler.ec_signature import ECSignature, ec_signature
 
 TYPES = ("down_proj", "o_proj", "q_proj")
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)

@@ -11,7 +11,7 @@ from spear_compile.serving.config import EngineConfig
 from spear_compile.serving.engine import Engine
 from spear_compile.serving.request import SamplingParams
 from spear_compile.serving.scheduler import profile
-from spear_compile.serving.scheduler.cost_model import ECSignature, ec_signature
+from spear_compile.serving.scheduler.ec_signature import ECSignature, ec_signature
 
 MODEL = os.path.join(os.path.dirname(__file__), "..", "..", "spear_compile", "assets", "spear-ref-16m")
 

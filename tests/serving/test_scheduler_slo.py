@@ -9,7 +9,8 @@ from spear_compile.errors import SpearError
 from spear_compile.serving.kv_cache import KVBlockManager
 from spear_compile.serving.request import Request, RequestStatus, SamplingParams
 from spear_compile.serving.scheduler import Scheduler, make_policy
-from spear_compile.serving.scheduler.cost_model import ECSignature, StepCostModel, StepSample, StepShape, fit_models
+from spear_compile.serving.scheduler.cost_model import StepCostModel, StepSample, StepShape, fit_models
+from spear_compile.serving.scheduler.ec_signature import ECSignature
 from spear_compile.serving.scheduler.slo import SloAware
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)

@@ -40,7 +40,7 @@ from typing import Iterable, Optional
 
 from ...errors import SpearError
 from ..buckets import mixed_decode_rows, prefill_attention_cells
-from .ec_signature import ECSignature, as_signature, ec_signature, is_active_ec, module_type  # noqa: F401
+from .ec_signature import ECSignature
 
 #: upper ends of the token-count bins (the last bin is open): M = 1, 2-16, 17-64, 65-512, > 512
 DEFAULT_BIN_EDGES = (1, 16, 64, 512)
