@@ -102,6 +102,12 @@ def prefill_dims(chunk_lens, prefill_blocks: int, max_tokens: int, table_buckets
             table_width(prefill_blocks, table_buckets))
 
 
+def attention_cells_at(rows: int, length: int, width: int, blocks: int, block_size: int) -> int:
+    """Prefill attention work of a graph of ``rows`` chunk rows x ``length`` x a ``width``-block table, in tokens:
+    a block list of ``blocks`` past the table counts unpadded (as the step cost model extrapolates)."""
+    return rows * length * max(width, blocks) * block_size
+
+
 def prefill_attention_cells(chunks, block_size: int, max_tokens: int, table_buckets) -> int:
     """The prefill attention's work in a mixed step of ``chunks`` = ``(tokens before, chunk length)`` pairs, at the
     sizes the step's graph runs: chunk rows x chunk length x the block table's tokens (``MixedDims.attention_cells``
@@ -113,7 +119,7 @@ def prefill_attention_cells(chunks, block_size: int, max_tokens: int, table_buck
     longest = max(-(-(c + n) // block_size) for c, n in chunks)
     rows, length, width = prefill_dims([n for _, n in chunks], min(longest, table_buckets[-1]), max_tokens,
                                        table_buckets)
-    return rows * length * max(width, longest) * block_size
+    return attention_cells_at(rows, length, width, longest, block_size)
 
 
 def mixed_step_dims(num_decodes: int, decode_blocks: int, chunk_lens, prefill_blocks: int, num_completing: int,

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import SpearError
-from .buckets import MIN_DIM, mixed_step_dims, mixed_step_dims_for, next_bucket, pow2_buckets, pow2_dim, table_width
+from .buckets import MIN_DIM, attention_cells_at, mixed_step_dims, mixed_step_dims_for, next_bucket, pow2_buckets, pow2_dim, table_width
 from .config import EngineConfig
 from .cuda_graphs import (DecodeGraph, GraphCapture, MixedGraphs, StandInGraph, multi_rank, pack_flat,
                           unpack_flat)
@@ -321,7 +321,7 @@ class ModelRunner:
         cover = self.mixed.covering(use_ec and self.net.has_ecs, dims, self.config.mixed_graph_padding)
         if cover is None or cover == dims:
             return None
-        return cover.prefills * cover.chunk_len * max(cover.prefill_width, prefill_blocks) * bs
+        return attention_cells_at(cover.prefills, cover.chunk_len, cover.prefill_width, prefill_blocks, bs)
 
     def mixed_inputs(self, decodes, prefills, use_ec: Optional[bool] = None):
         """CPU int64 tensors for ``mixed_forward`` (shapes ``buckets.mixed_step_dims_for``) and the number of logits rows
