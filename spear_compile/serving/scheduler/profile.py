@@ -63,20 +63,18 @@ def default_grid(decode_buckets, token_buckets, max_model_len: int, max_points: 
                 if p + 1 < max_model_len:
                     points.append((decodes, p, c, 0, 1))
     befores = sorted({max(2, max_model_len // 4), max(2, max_model_len // 2)})
-    for bucket in sorted({0, tuple(decode_buckets)[len(decode_buckets) // 2] if decode_buckets else 0}):
-        d = bucket if max_num_seqs is None else min(bucket, max_num_seqs - 1)
-        for b in token_buckets:
-            p = b - mixed_rows(d, b - d, decode_buckets, token_buckets, mixed_min_rows) if d else b
-            for before in befores:
-                if p > 0 and before + p + 1 < max_model_len:
-                    points.append((d, p, ctxs[0], before, 1))
-    for chunks in (2, 4):
-        for bucket in sorted({0, tuple(decode_buckets)[len(decode_buckets) // 2] if decode_buckets else 0}):
+    few = sorted({0, tuple(decode_buckets)[len(decode_buckets) // 2] if decode_buckets else 0})
+    # (chunks, token buckets, tokens before each chunk, fewest prefill tokens): one chunk after a context at every
+    # bucket; 2 and 4 chunks at the largest buckets, where padded chunk rows cost the most
+    for chunks, buckets, chunk_befores, least in ((1, token_buckets, befores, 1),
+                                                   (2, token_buckets[-4:], (0, befores[0]), 2 * MIN_DIM),
+                                                   (4, token_buckets[-4:], (0, befores[0]), 4 * MIN_DIM)):
+        for bucket in few:
             d = bucket if max_num_seqs is None else max(0, min(bucket, max_num_seqs - chunks))
-            for b in token_buckets[-4:]:   # the largest steps: where padded chunk rows cost the most
+            for b in buckets:
                 p = b - mixed_rows(d, b - d, decode_buckets, token_buckets, mixed_min_rows) if d else b
-                for before in (0, befores[0]):
-                    if p >= chunks * MIN_DIM and before + -(-p // chunks) + 1 < max_model_len:
+                for before in chunk_befores:
+                    if p >= least and before + -(-p // chunks) + 1 < max_model_len:
                         points.append((d, p, ctxs[0], before, chunks))
     points = list(dict.fromkeys(points))  # (two buckets can meet at max_num_seqs - 1)
     if max_points and len(points) > max_points:
