@@ -58,6 +58,7 @@ def rows(raw: dict, policies) -> list:
 
 def replay(raw: dict, policies, own_sizes: bool = False) -> list:
     """(run label, kind, model, relative error) of every SLO run's predicted step, replayed (see the docstring)."""
+    from spear_compile.serving.buckets import attention_cells_at
     from spear_compile.serving.scheduler.cost_model import StepCostModel, StepSample
     from spear_compile.serving.scheduler.ec_signature import ECSignature
 
@@ -106,7 +107,7 @@ def replay(raw: dict, policies, own_sizes: bool = False) -> list:
                 if own_sizes and step["num_prefills"] == 1:
                     cells = m.prefill_cells([(step["prefill_context"], p)])
                 else:
-                    cells = chunk_rows * chunk_len * width * block
+                    cells = attention_cells_at(chunk_rows, chunk_len, width, 0, block)   # as the graph ran
                 pred = m.predict(d, p, kv, sig, tokens, cells)
                 if not step["captured_graph"]:
                     m.observe(d, p, kv, sig, step["measured_s"], tokens, cells)
