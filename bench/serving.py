@@ -372,23 +372,25 @@ class Clock:
         return self.budget_s - (time.perf_counter() - self.t0)
 
 
-def warm_up_shapes(bundle, policies, rate, args, clock):
+def warm_up_shapes(bundle, policies, rate, args, clock, ec_states=(True,)):
     """Unmeasured runs of a trace (its own seed) per policy before the measured ones: a mixed step's first occurrence
     of a shape runs uncaptured and captures its CUDA graph (tens of ms, once per shape while serving), which in a few
     seconds' probe would count against whichever policy met the shape first. Run k is at ``warmup_rate(rate, k)``
     (the start rate, then twice it, half of it, four times it, ...): the capacity search probes up or down from the
-    start rate, and another number of requests running meets other shapes (decode rows, block-table widths).
+    start rate, and another number of requests running meets other shapes (decode rows, block-table widths). Each
+    EC state in ``ec_states`` has its own graphs (the stability runs serve with the ECs off too).
     Returns the mixed graphs before/after and the rates."""
     mixed = bundle["engine"].runner.mixed
     before, t0 = len(mixed.graphs), time.perf_counter()
-    runs = [(k, policy) for k in range(args.warmup_runs) for policy in policies]
-    for k, policy in runs:
+    runs = [(k, policy, ec) for k in range(args.warmup_runs) for ec in ec_states for policy in policies]
+    for k, policy, ec in runs:
         if clock.left < run_cost(args) * (1 + len(policies)):
             log("  warm-up cut short (time)")
             break
-        probe(bundle, policy, warmup_rate(rate, k), args, seed=500 + k, label=f"warm-up {policy}")
+        probe(bundle, policy, warmup_rate(rate, k), args, seed=500 + k, label=f"warm-up {policy}",
+              **({} if ec else {"ec_enabled": False}))
     out = {"mixed_graphs_before": before, "mixed_graphs_after": len(mixed.graphs),
-           "seconds": round(time.perf_counter() - t0, 1),
+           "seconds": round(time.perf_counter() - t0, 1), "ec_states": list(ec_states),
            "rates": [round(warmup_rate(rate, k), 2) for k in range(args.warmup_runs)]}
     log(f"warm-up runs: mixed-step graphs {before} -> {len(mixed.graphs)} in {out['seconds']} s")
     return out
@@ -672,7 +674,8 @@ def main(argv=None):
     results["r0"] = r0
     log(f"start rate {r0:.2f} req/s")
     if args.warmup_runs and {"capacity", "stability", "burst"} & set(sections):
-        results["warmup"] = warm_up_shapes(w4, policies, r0, args, clock)
+        ec_states = (True, False) if "stability" in sections else (True,)
+        results["warmup"] = warm_up_shapes(w4, policies, r0, args, clock, ec_states)
     if "capacity" in sections:
         if args.rates != "auto":
             for p in policies:
@@ -738,7 +741,7 @@ def main(argv=None):
             checkpoint(results, args)
     free_engine(w4)
 
-    large_cost = 60 + 4 * run_cost(args)
+    large_cost = 60 + (4 + 3 * args.warmup_runs) * run_cost(args)
     if "stability" in sections and args.ec_fraction_large > 0:
         big = None
         if clock.left < large_cost:
@@ -750,6 +753,8 @@ def main(argv=None):
                                                                           "warmup_breakdown", "profile_s")}
             samples_for_plot["W4 large EC set"] = (big["samples"], big["aware"])
             rate = results.get("stability_rate") or r0
+            if args.warmup_runs:
+                results["warmup_large"] = warm_up_shapes(big, ("slo", "budget-2048", "slo-ec-blind"), rate, args, clock)
             frac = (big["ec_info"] or {}).get("fraction", args.ec_fraction_large)  # all linears at r=32: ~4.5% (1B)
             for p in ("slo", "budget-2048", "slo-ec-blind"):
                 if clock.left < run_cost(args):
@@ -857,10 +862,15 @@ def write_markdown(results, path, argv):
     if wu:
         w("")
         rates = ", ".join(f"{r:g}" for r in wu.get("rates", [])) or "the start rate"
-        w(f"Before the measured runs, {a.get('warmup_runs', 1)} unmeasured run(s) per policy (at {rates} req/s) "
+        ecs = " with the ECs on and off" if False in wu.get("ec_states", [True]) else ""
+        w(f"Before the measured runs, {a.get('warmup_runs', 1)} unmeasured run(s) per policy{ecs} (at {rates} req/s) "
           f"captured the mixed-step CUDA graphs of the shapes they met ({wu['mixed_graphs_before']} -> "
           f"{wu['mixed_graphs_after']} graphs, {wu['seconds']} s); shapes a measured run meets first still capture "
           f"there (counted under the cost model below).")
+        wl = results.get("warmup_large")
+        if wl:
+            w(f"The large EC set's engine had its own warm-up runs ({wl['mixed_graphs_before']} -> "
+              f"{wl['mixed_graphs_after']} graphs, {wl['seconds']} s).")
     unc = sum(m.get("uncaptured_mixed_steps") or 0 for m in runs)
     last = runs[-1] if runs else {}
     if last.get("graph_captures"):
