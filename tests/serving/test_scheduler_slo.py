@@ -469,3 +469,42 @@ def test_the_safety_factor_learns_the_mixed_steps_error_tail(models):
     assert budgets[0] == room and 0 < budgets[1] < room, budgets
     with pytest.raises(SpearError, match="safety_quantile"):
         slo(aware, safety_quantile=1.0)
+
+
+def test_a_budget_filled_with_several_prompts_keeps_each_step_inside_the_slack():
+    """The budget is priced as one chunk; the scheduler fills it with several short prompts, which the engine runs
+    in a graph padded to the longest chunk and a power-of-two chunk count (``run_cells``). Each chunk after the
+    first joins only if the step priced at its actual chunks fits (``SloAware.admit``): every step with decodes is
+    predicted inside its slack. Without the check (the base ``Policy.admit``), some are not."""
+    from spear_compile.serving.scheduler.base import Policy
+    samples = []
+    for d in (0, 2, 8, 32, 64):
+        for p in (16, 100, 300, 900, 1900):
+            for before in (0, 1000):
+                cells = p * (before + p)
+                samples.append(StepSample(StepShape(d, p, 0, 0, cells), NO_EC,
+                                          3e-3 + 1.8e-5 * (d + p) + 1e-8 * cells))
+    aware, _ = fit_models(samples, DECODE_BUCKETS, TOKEN_BUCKETS, correction_alpha=0.0)
+
+    def run_cells(num_decodes, decode_tokens, chunks):   # chunk count, length and keys padded to graph dims
+        rows = 1 << (len(chunks) - 1).bit_length()
+        pad = lambda x: max(256, 1 << (x - 1).bit_length())  # noqa: E731
+        return rows * pad(max(n for _, n, _ in chunks)) * pad(max(c + n for c, n, _ in chunks))
+
+    class NoAdmitCheck(SloAware):
+        admit = Policy.admit
+
+    over = {}
+    for cls in (SloAware, NoAdmitCheck):
+        policy = cls(aware, ttft_slo_s=1.0, tpot_slo_s=0.012)
+        sim = Sim(policy)
+        sim.sched.run_cells = run_cells
+        sim.run(trace(rate=100, n=200, seed=5, prompt_scale=0.3))
+        over[cls.__name__] = checked = 0
+        for plan, _, predicted, slack, _ in sim.steps:
+            if plan.decodes and len(plan.prefills) > 1 and slack is not None and math.isfinite(slack):
+                checked += 1
+                over[cls.__name__] += predicted > slack - policy.overhead_s + 1e-12
+        assert checked > 20, (cls.__name__, checked)
+        assert len(sim.done) == 200
+    assert over["SloAware"] == 0 and over["NoAdmitCheck"] > 0, over

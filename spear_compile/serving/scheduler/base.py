@@ -70,6 +70,11 @@ class Policy(ABC):
     def prefill_budget(self, ctx: StepContext) -> int:
         """Tokens for prefill chunks this step (decodes are always scheduled on top)."""
 
+    def admit(self, ctx: StepContext, plan: StepPlan, req: Request, chunk: int) -> int:
+        """How much of ``chunk`` (``req``'s next prefill chunk, within the budget) joins ``plan``; 0: none, and no
+        later request's either this step (admission is in order)."""
+        return chunk
+
     def predict(self, plan: StepPlan, ctx: StepContext) -> Optional[float]:
         return None
 
@@ -215,6 +220,11 @@ class Scheduler:
             if not self.policy.chunked and chunk < remaining:
                 # whole prompts only; a prompt longer than the largest bucket goes alone, in bucket-sized chunks
                 if plan.prefills or remaining <= self.max_num_tokens - len(plan.decodes):
+                    self._not_admitted(req, is_new)
+                    break
+            if self.policy.chunked:
+                chunk = self.policy.admit(ctx, plan, req, chunk)
+                if chunk <= 0:
                     self._not_admitted(req, is_new)
                     break
             ok = self.blocks.allocate(req, chunk)
