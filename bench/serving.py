@@ -126,7 +126,8 @@ def build_engine(args, kind, ec_fraction=0.0):
                        cpu_num_blocks=args.cpu_num_blocks, step_log_size=100000, block_size=args.block_size,
                        ec_switch=True,  # the EC-aware vs EC-blind comparison and the EC on/off switching
                        compile_regions=args.compile_regions, decode_attention=args.decode_attention,
-                       mixed_graph_padding=args.mixed_graph_padding)
+                       mixed_graph_padding=args.mixed_graph_padding,
+                       mixed_graph_bucket_padding=args.mixed_graph_bucket_padding)
     engine = Engine(model, tokenizer, cfg, model_name=f"{kind}")
     setup_s = time.perf_counter() - t0
     log(f"engine {kind} ec={ec_fraction}: setup {setup_s:.1f}s (warm-up {engine.runner.warmup_s:.1f}s: "
@@ -611,6 +612,9 @@ def main(argv=None):
                     "(mixed-step graphs captured at their shapes' first step), at the start rate, twice it, half of it, ...")
     ap.add_argument("--mixed-graph-padding", type=float, default=2.0, help="EngineConfig.mixed_graph_padding (0: "
                     "every new mixed-step shape captures its own graph, as before session 21)")
+    ap.add_argument("--mixed-graph-bucket-padding", type=float, default=1.0,
+                    help="EngineConfig.mixed_graph_bucket_padding (> 1: a covering graph may have up to this many "
+                         "times the step's tokens and decode rows)")
     ap.add_argument("--time-budget", type=float, default=480.0)
     ap.add_argument("--ec-fraction", type=float, default=0.01)
     ap.add_argument("--ec-fraction-large", type=float, default=0.05)
@@ -873,7 +877,8 @@ def write_markdown(results, path, argv):
       f"max_num_seqs {a['max_num_seqs']}, max_num_tokens {a['max_num_tokens']} (power-of-two token buckets), "
       f"max_model_len {a['max_model_len']}, block {a['block_size']}, compiled (`spear` backend"
       f"{', one decoder layer per layer structure' if a.get('compile_regions') else ''}) with CUDA graphs: "
-      f"{a['compile']}; mixed-step graph padding {a.get('mixed_graph_padding', 0):g} (a new shape a captured graph "
+      f"{a['compile']}; mixed-step graph padding {a.get('mixed_graph_padding', 0):g}, bucket padding "
+      f"{a.get('mixed_graph_bucket_padding', 1):g} (a new shape a captured graph "
       f"covers replays it).")
     w("")
     w(f"Trace: {a['duration']} s of arrivals per run (Poisson at the rate; the burst runs gamma with burstiness 0.25), "

@@ -70,6 +70,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--mixed-graph-padding", type=float, default=None,
                    help="a mixed step with no graph of its own replays a captured one of larger shapes, its attention "
                         "padded at most this many times (default 2; 0: off, every new shape captures its own)")
+    p.add_argument("--mixed-graph-bucket-padding", type=float, default=None,
+                   help="that graph may also have up to this many times the step's tokens and decode rows (default 1: "
+                        "the same)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=_run_serve)
 
@@ -106,6 +109,9 @@ def check_args(args: argparse.Namespace) -> str:
         raise SpearError(f"serve: --mixed-cuda-graphs {args.mixed_cuda_graphs}: expected an integer >= 0")
     if args.mixed_graph_padding is not None and not (args.mixed_graph_padding == 0 or 1 <= args.mixed_graph_padding <= 64):
         raise SpearError(f"serve: --mixed-graph-padding {args.mixed_graph_padding}: expected 0 (off) or a number in "
+                         "[1, 64]")
+    if args.mixed_graph_bucket_padding is not None and not 1 <= args.mixed_graph_bucket_padding <= 64:
+        raise SpearError(f"serve: --mixed-graph-bucket-padding {args.mixed_graph_bucket_padding}: expected a number in "
                          "[1, 64]")
     if args.compile_regions and args.tp > 1:
         raise SpearError("serve: --compile-regions is not supported with --tp > 1 yet (tensor parallelism compiles "
@@ -206,6 +212,8 @@ def _run_serve(args) -> int:
         options["mixed_cuda_graphs"] = args.mixed_cuda_graphs
     if args.mixed_graph_padding is not None:
         options["mixed_graph_padding"] = args.mixed_graph_padding
+    if args.mixed_graph_bucket_padding is not None:
+        options["mixed_graph_bucket_padding"] = args.mixed_graph_bucket_padding
     if args.max_num_tokens is not None:
         options["max_num_tokens"] = args.max_num_tokens   # EngineConfig refuses one below --max-batch
     elif args.max_batch > EngineConfig.max_num_tokens:

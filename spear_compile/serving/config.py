@@ -48,6 +48,11 @@ class EngineConfig:
     #   capturing its own (0: off). In a simulation on session 21's H100 step costs, 2.0 cut the shapes first met in
     #   the measured runs by a third (serving_sim --graph-padding); on the H100 (session 22's serving bench) the
     #   measured runs met 0-9 first-time shapes instead of 7-12, and budget-512's capacity rose 16.64 -> 46.95 req/s
+    mixed_graph_bucket_padding: float = 1.0  # > 1: the covering graph may also have up to this many times the
+    #   step's tokens and decode rows (a larger token bucket: more linear work, priced by the SLO policy). Replaying
+    #   session 24's H100 serving steps (bench/capture_replay.py), a graph met earlier would have covered 5-24 of
+    #   59-68 capturing steps at 2.0 (19-37 with mixed_graph_padding 4; 0 at 1.0 and 2); each capture stalls every
+    #   running request for 50-120 ms. Off until served and measured
     compile: bool = True
     compile_regions: bool = False           # compile one decoder layer (once per distinct layer structure) and the
     #   LM head instead of the whole model per phase: a fraction of the start-up compile time; the layers then run
@@ -99,6 +104,9 @@ class EngineConfig:
         p = self.mixed_graph_padding
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not (p == 0 or 1 <= p <= 64):
             raise SpearError(f"EngineConfig: mixed_graph_padding={p!r} must be 0 (off) or a number in [1, 64]")
+        b = self.mixed_graph_bucket_padding
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 1 <= b <= 64:
+            raise SpearError(f"EngineConfig: mixed_graph_bucket_padding={b!r} must be a number in [1, 64] (1: off)")
         if self.max_num_tokens < self.max_num_seqs:
             raise SpearError(f"EngineConfig: max_num_tokens={self.max_num_tokens} must be >= max_num_seqs="
                              f"{self.max_num_seqs} (a step holds one token per running decode)")

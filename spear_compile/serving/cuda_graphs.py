@@ -156,6 +156,12 @@ class GraphCapture:
         return graph, out
 
 
+def _padded_cost(d: MixedDims) -> tuple:
+    """The order ``MixedGraphs.covering`` prefers covering graphs in: fewest tokens (the linears), then decode rows,
+    then prefill attention work."""
+    return d.tokens, d.decode_rows, d.attention_cells()
+
+
 class MixedGraphs:
     """Mixed steps' graphs by ``(use_ec, input shapes)``, at most ``limit`` (0 on CPU without stand-ins, and under
     tensor parallelism). Their logits all go to one buffer of ``max_rows`` rows outside the pool (the engine reads
@@ -172,16 +178,18 @@ class MixedGraphs:
         self.uncaptured = 0         # mixed steps served without a graph (limit reached, capture failed, TP)
         self.padded_replays = 0     # steps replayed in the graph of larger dims that covers theirs (``covering``)
         self._by_rows: dict = {}    # (use_ec, tokens, decode rows) -> captured MixedDims (``covering``'s candidates)
-        self._covers: dict = {}     # (use_ec, dims) -> ``covering``'s answer while no graph was added since
+        self._covers: dict = {}     # (use_ec, dims, paddings) -> ``covering``'s answer while no graph was added
         self._covers_at = -1        # len(self.graphs) when ``_covers`` and ``_by_rows`` were built
 
-    def covering(self, use_ec: bool, dims: MixedDims, max_padding: float) -> Optional[MixedDims]:
+    def covering(self, use_ec: bool, dims: MixedDims, max_padding: float,
+                 bucket_padding: float = 1.0) -> Optional[MixedDims]:
         """The dims of the captured graph a step of ``dims`` should replay: its own if captured, else (``max_padding``
-        > 0) those of the captured graph that covers them (``MixedDims.covers``) with the least prefill attention
-        work, else None (the step captures its own graph, or runs uncaptured). Padding a step costs a little
-        attention; a shape's first step costs its uncaptured run and its capture (tens of ms with a 1B model).
-        The SLO policy asks this for the steps it weighs too (``ModelRunner.padded_attention_cells``): answers are
-        remembered, and only graphs of the same tokens and decode rows (all that may cover a step) are scanned."""
+        > 0) those of the captured graph that covers them (``MixedDims.covers``; ``bucket_padding`` > 1: also of a
+        larger token bucket or more decode rows) with the fewest tokens, then decode rows, then prefill attention
+        work, else None (the step captures its own graph, or runs uncaptured). Padding a step costs a little work;
+        a shape's first step costs its uncaptured run and its capture (50-120 ms with a 1B model on an H100).
+        The SLO policy asks this for the steps it weighs too (``ModelRunner.padded_step``): answers are
+        remembered, and only graphs of the tokens and decode rows that may cover a step are scanned."""
         if (use_ec, dims.shapes()) in self.graphs:
             return dims
         if not max_padding:
@@ -193,13 +201,20 @@ class MixedGraphs:
                 d = MixedDims.from_shapes(key[1])
                 self._by_rows.setdefault((key[0], d.tokens, d.decode_rows), []).append(d)
             self._covers_at = len(self.graphs)
-        memo = (use_ec, dims, max_padding)
+        memo = (use_ec, dims, max_padding, bucket_padding)
         if memo in self._covers:
             return self._covers[memo]
+        if bucket_padding <= 1.0:
+            groups = [self._by_rows.get((use_ec, dims.tokens, dims.decode_rows), ())]
+        else:
+            top_t, top_r = bucket_padding * dims.tokens, bucket_padding * max(1, dims.decode_rows)
+            groups = [g for (ec, t, r), g in self._by_rows.items()
+                      if ec == use_ec and dims.tokens <= t <= top_t and dims.decode_rows <= r <= top_r]
         best = None
-        for d in self._by_rows.get((use_ec, dims.tokens, dims.decode_rows), ()):
-            if d.covers(dims, max_padding) and (best is None or d.attention_cells() < best.attention_cells()):
-                best = d
+        for group in groups:
+            for d in group:
+                if d.covers(dims, max_padding, bucket_padding) and (best is None or _padded_cost(d) < _padded_cost(best)):
+                    best = d
         if len(self._covers) < 65536:
             self._covers[memo] = best
         return best

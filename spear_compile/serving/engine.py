@@ -163,7 +163,7 @@ class Engine:
         # a step with fewer than MIN_DIM decodes gets padding decode rows: keep room for them in the largest bucket
         self.scheduler = Scheduler(self.blocks, self.policy, config.max_num_seqs,
                                    max(config.max_num_seqs, config.max_num_tokens - MIN_DIM), config.token_buckets)
-        self.scheduler.run_cells = self._run_cells
+        self.scheduler.run_dims = self._run_dims
         self.sampler = Sampler(dev, config.seed)
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         self.vocab_size = int(model.config.vocab_size)
@@ -190,9 +190,10 @@ class Engine:
             self.set_policy(slo_policy, cost_model=aware, blind_cost_model=blind)
         self.gc_frozen = self._freeze_gc(config.freeze_gc if config.freeze_gc is not None else dev.type == "cuda")
 
-    def _run_cells(self, num_decodes: int, decode_tokens: int, chunks) -> Optional[int]:
-        """``StepContext.run_cells``: a mixed step's prefill attention work at the captured graph it would replay."""
-        return self.runner.padded_attention_cells(self._ec_enabled, num_decodes, decode_tokens, chunks)
+    def _run_dims(self, num_decodes: int, decode_tokens: int, chunks) -> Optional[tuple]:
+        """``StepContext.run_dims``: a mixed step's tokens and prefill attention work at the captured graph it would
+        replay padded (None: at its own dims)."""
+        return self.runner.padded_step(self._ec_enabled, num_decodes, decode_tokens, chunks)
 
     @staticmethod
     def _freeze_gc(enabled: bool) -> Optional[dict]:

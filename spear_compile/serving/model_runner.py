@@ -306,11 +306,12 @@ class ModelRunner:
             return self.mixed.replay(g)
         return self.mixed.first_step((use_ec, shapes), flat, views, lambda: self._mixed_fn(*views, use_ec=use_ec))
 
-    def padded_attention_cells(self, use_ec: bool, num_decodes: int, decode_tokens: int, chunks) -> Optional[int]:
-        """The prefill attention work (``buckets.prefill_attention_cells``' units) of the captured graph a mixed step
-        would replay padded (``MixedGraphs.covering``), or None when it would run at its own dims. The step:
-        ``num_decodes`` decodes (the longest ``decode_tokens`` long with this step's token) and ``chunks`` =
-        ``(tokens before, chunk length, ends its prompt)``. The step cost model prices a step at what it runs."""
+    def padded_step(self, use_ec: bool, num_decodes: int, decode_tokens: int, chunks) -> Optional[tuple]:
+        """``(tokens, prefill attention work)`` (the token bucket and ``buckets.prefill_attention_cells``' units) of
+        the captured graph a mixed step would replay padded (``MixedGraphs.covering``), or None when it would run
+        at its own dims. The step: ``num_decodes`` decodes (the longest ``decode_tokens`` long with this step's
+        token) and ``chunks`` = ``(tokens before, chunk length, ends its prompt)``. The step cost model prices a
+        step at what it runs."""
         if not chunks or not self.config.mixed_graph_padding or not self.mixed.graphs:
             return None
         bs = self.block_size
@@ -318,19 +319,22 @@ class ModelRunner:
         dims = mixed_step_dims(num_decodes, -(-decode_tokens // bs), [n for _, n, _ in chunks], prefill_blocks,
                                sum(1 for *_, done in chunks if done), self.decode_buckets[-1], self.token_buckets,
                                self.table_buckets, full_decode_tables=self.config.decode_attention == "triton")
-        cover = self.mixed.covering(use_ec and self.net.has_ecs, dims, self.config.mixed_graph_padding)
+        cover = self.mixed.covering(use_ec and self.net.has_ecs, dims, self.config.mixed_graph_padding,
+                                    self.config.mixed_graph_bucket_padding)
         if cover is None or cover == dims:
             return None
-        return attention_cells_at(cover.prefills, cover.chunk_len, cover.prefill_width, prefill_blocks, bs)
+        return cover.tokens, attention_cells_at(cover.prefills, cover.chunk_len, cover.prefill_width, prefill_blocks, bs)
 
     def mixed_inputs(self, decodes, prefills, use_ec: Optional[bool] = None):
         """CPU int64 tensors for ``mixed_forward`` (shapes ``buckets.mixed_step_dims_for``) and the number of logits rows
         that matter. With ``use_ec`` (a step to serve), padded to the dims of a captured graph that covers the step's
-        when it has none of its own (``MixedGraphs.covering``, ``EngineConfig.mixed_graph_padding``)."""
+        when it has none of its own (``MixedGraphs.covering``, ``EngineConfig.mixed_graph_padding`` and
+        ``mixed_graph_bucket_padding``)."""
         dims = mixed_step_dims_for(decodes, prefills, self.decode_buckets[-1], self.token_buckets, self.table_buckets,
                                    full_decode_tables=self.config.decode_attention == "triton")
         if use_ec is not None:
-            graph_dims = self.mixed.covering(use_ec, dims, self.config.mixed_graph_padding)
+            graph_dims = self.mixed.covering(use_ec, dims, self.config.mixed_graph_padding,
+                                             self.config.mixed_graph_bucket_padding)
             if graph_dims is not None and graph_dims != dims:
                 self.mixed.padded_replays += 1
                 dims = graph_dims

@@ -62,3 +62,18 @@ def test_prefill_attention_cells_are_the_mixed_dims_attention_work():
         assert prefill_attention_cells(chunks, 16, 2048, tables) == dims.attention_cells() * 16, (chunks, dims)
     # past the largest table bucket: unpadded, never an error (the cost model extrapolates)
     assert prefill_attention_cells([(2040, 8)], 16, 2048, (2, 4, 8)) == 2 * 8 * 128 * 16
+
+
+def test_a_larger_token_bucket_or_more_decode_rows_cover_only_with_bucket_padding():
+    from spear_compile.serving.buckets import MixedDims
+    step = MixedDims(64, 8, 4, 2, 16, 8, 8)
+    bigger = MixedDims(128, 8, 4, 2, 16, 8, 8)
+    more_rows = MixedDims(128, 16, 4, 2, 16, 8, 16)
+    assert not bigger.covers(step, 2.0) and not more_rows.covers(step, 2.0)
+    assert bigger.covers(step, 2.0, 2.0) and more_rows.covers(step, 2.0, 2.0)
+    assert not MixedDims(256, 8, 4, 2, 16, 8, 8).covers(step, 2.0, 2.0)       # over twice the tokens
+    assert not MixedDims(128, 32, 4, 2, 16, 8, 32).covers(step, 2.0, 2.0)     # over twice the decode rows
+    # the chunks need the tokens beside the decode rows: 64 - 8 = 56 here, 64 - 16 = 48 there
+    assert not MixedDims(64, 16, 4, 2, 16, 8, 8).covers(step, 2.0, 2.0)
+    assert not MixedDims(128, 8, 4, 1, 16, 8, 8).covers(step, 2.0, 2.0)       # fewer chunk rows never cover
+    assert step.covers(step, 1.0) and step.covers(step, 1.0, 2.0)

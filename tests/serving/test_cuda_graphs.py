@@ -131,7 +131,7 @@ def test_covering_remembers_its_answer_until_a_graph_is_added():
     assert mixed.covering(True, step_dims, 4.0) == MixedDims(64, 8, 4, 2, 32, 8, 8)
     scans = []
     real = MixedDims.covers
-    MixedDims.covers = lambda self, other, p: scans.append(1) or real(self, other, p)
+    MixedDims.covers = lambda self, other, p, b=1.0: scans.append(1) or real(self, other, p, b)
     try:
         for _ in range(5):
             assert mixed.covering(True, step_dims, 4.0) == MixedDims(64, 8, 4, 2, 32, 8, 8)

@@ -254,23 +254,28 @@ def test_mixed_steps_padded_into_covering_graphs(ref_tokenizer):
     assert counts[2.0][0] < counts[0][0] and counts[2.0][1] < counts[0][1]
 
 
-def test_the_scheduler_is_told_which_steps_run_padded(ref_tokenizer):
-    """``StepContext.run_cells`` (what the SLO policy prices a step by) names, before each step runs, the padded
-    graph the runner then replays: the covering graph's prefill attention work for a padded step, None for a step
-    at its own dims. Checked against the dims the runner records, from the requests' block lists."""
+@pytest.mark.parametrize("bucket_padding", [1.0, 2.0])
+def test_the_scheduler_is_told_which_steps_run_padded(ref_tokenizer, bucket_padding):
+    """``StepContext.run_dims`` (what the SLO policy prices a step by) names, before each step runs, the padded
+    graph the runner then replays: the covering graph's tokens and prefill attention work for a padded step, None
+    for a step at its own dims. Checked against the dims the runner records, from the requests' block lists; with
+    ``mixed_graph_bucket_padding`` 2 too (a covering graph of a larger token bucket or more decode rows), where the
+    greedy tokens must equal those of the engine without any padding."""
     from spear_compile.serving.buckets import MixedDims, mixed_step_dims_for
     model = toy_model(ecs=True)
     g = torch.Generator().manual_seed(6)
     long = [torch.randint(3, 8000, (n,), generator=g).tolist() for n in (30, 22, 17, 40)]
     short = [torch.randint(3, 8000, (n,), generator=g).tolist() for n in (6, 3, 11, 9)]
-    eng = make_engine(model, ref_tokenizer, cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=4,
-                      max_num_tokens=16, token_buckets=(8, 16), max_model_len=64, policy="budget-8",
-                      mixed_graph_padding=2.0)
-    runner, seen = eng.runner, []
+    kw = dict(cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=4, max_num_tokens=16, token_buckets=(8, 16),
+              max_model_len=64, policy="budget-8")
+    ref = make_engine(model, ref_tokenizer, mixed_graph_padding=0, **kw)
+    expected = [[o.output_token_ids for o in ref.generate(batch, sp())] for batch in (long, short)]
+    eng = make_engine(model, ref_tokenizer, mixed_graph_padding=2.0, mixed_graph_bucket_padding=bucket_padding, **kw)
+    runner, seen, bigger = eng.runner, [], []
     execute = runner.execute
 
     def checked(decodes, prefills, use_ec):
-        told = eng.scheduler.run_cells(len(decodes), max((r.num_computed_tokens + 1 for r in decodes), default=0),
+        told = eng.scheduler.run_dims(len(decodes), max((r.num_computed_tokens + 1 for r in decodes), default=0),
                                        [(r.num_computed_tokens, n, r.num_computed_tokens + n == r.num_tokens)
                                         for r, n in prefills]) if prefills else None
         out = execute(decodes, prefills, use_ec)
@@ -281,13 +286,15 @@ def test_the_scheduler_is_told_which_steps_run_padded(ref_tokenizer):
             blocks = max(len(r.block_ids) for r, _ in prefills)
             want = ran.prefills * ran.chunk_len * max(ran.prefill_width, blocks) * runner.block_size
             seen.append(ran != own)
-            assert told == (want if ran != own else None), (told, ran, own)
+            bigger.append((ran.tokens, ran.decode_rows) != (own.tokens, own.decode_rows))
+            assert told == ((ran.tokens, want) if ran != own else None), (told, ran, own)
         return out
 
     runner.execute = checked
-    eng.generate(long, sp())
-    eng.generate(short, sp())
+    got = [[o.output_token_ids for o in eng.generate(batch, sp())] for batch in (long, short)]
     assert any(seen) and not all(seen), seen   # both kinds of step were checked
+    assert got == expected
+    assert any(bigger) == (bucket_padding > 1), bigger   # a larger token bucket or more decode rows replayed
 
 
 def test_step_log_records_what_a_mixed_step_ran(ref_tokenizer):

@@ -23,6 +23,8 @@ from spear_compile.serving import EngineConfig
     (dict(mixed_graph_padding=0.5), "mixed_graph_padding=0.5 must be 0 \\(off\\) or a number in \\[1, 64\\]"),
     (dict(mixed_graph_padding=True), "mixed_graph_padding=True"),
     (dict(mixed_graph_padding="2"), "mixed_graph_padding='2'"),
+    (dict(mixed_graph_bucket_padding=0), "mixed_graph_bucket_padding=0 must be a number in \\[1, 64\\]"),
+    (dict(mixed_graph_bucket_padding=True), "mixed_graph_bucket_padding=True"),
 ])
 def test_bad_values_name_the_field(kw, match):
     with pytest.raises(SpearError, match=match):

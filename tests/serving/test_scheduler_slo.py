@@ -370,7 +370,7 @@ def test_a_plan_is_priced_by_the_keys_its_chunks_read():
         r.num_computed_tokens = before
         plan = type("P", (), {"decodes": [], "prefills": [(r, 300)], "num_prefill_tokens": 300})()
         preds.append(policy.predict(plan, _ctx()))
-        assert policy._pending[id(plan)][1][4] == 300 * (before + 300)
+        assert policy._pending[id(plan)][1][5] == 300 * (before + 300)
     assert preds[1] > preds[0] * 1.1, preds
 
     # the budget: a partial prompt served first reads its computed tokens, so a slack the same chunk from a prompt's
@@ -388,9 +388,9 @@ def test_a_plan_is_priced_by_the_keys_its_chunks_read():
 
 
 def test_a_step_the_engine_would_pad_is_priced_at_the_padded_graph():
-    """When the engine says a step would replay a captured graph of larger dims (``StepContext.run_cells``: its
-    padded prefill attention work), the policy prices the step there: the plan's prediction and the cost model's
-    correction use those cells, and a budget whose padded step no longer fits the slack shrinks."""
+    """When the engine says a step would replay a captured graph of larger dims (``StepContext.run_dims``: its
+    tokens and padded prefill attention work), the policy prices the step there: the plan's prediction and the cost
+    model's correction use those dims, and a budget whose padded step no longer fits the slack shrinks."""
     samples = []
     for d in (0, 2, 8):
         for p in (16, 100, 300, 900):
@@ -401,29 +401,36 @@ def test_a_step_the_engine_would_pad_is_priced_at_the_padded_graph():
     aware, _ = fit_models(samples, DECODE_BUCKETS, TOKEN_BUCKETS, correction_alpha=0.0)
     calls = []
 
-    def run_cells(num_decodes, decode_tokens, chunks):   # every step pads to 4x its own attention work
+    def run_dims(num_decodes, decode_tokens, chunks):   # every step pads to 4x its own attention work
         calls.append((num_decodes, decode_tokens, list(chunks)))
-        return 4 * sum(n * (c + n) for c, n, _ in chunks)
+        return 0, 4 * sum(n * (c + n) for c, n, _ in chunks)
 
     r = Request("r", [1] * 300, SamplingParams(), arrival_time=0.0)
     plan = type("P", (), {"decodes": [], "prefills": [(r, 300)], "num_prefill_tokens": 300})()
     own = slo(aware).predict(plan, _ctx())
     ctx = _ctx()
-    ctx.run_cells = run_cells
+    ctx.run_dims = run_dims
     policy = slo(aware)
     padded = policy.predict(plan, ctx)
-    assert policy._pending[id(plan)][1][4] == 4 * 300 * 300 and padded > own * 1.1
+    assert policy._pending[id(plan)][1][5] == 4 * 300 * 300 and padded > own * 1.1
     assert calls[-1] == (0, 0, [(0, 300, True)])
 
     now = 5.0
     decs = _decodes(8, now, since_last=0.008)
     budgets = []
-    for hook in (None, run_cells):
+    for hook in (None, run_dims):
         c = _ctx(decs, NO_EC, now, waiting=[Request("w", [1] * 1800, SamplingParams(), arrival_time=now)])
-        c.run_cells = hook
+        c.run_dims = hook
         budgets.append(slo(aware).prefill_budget(c))
     assert 0 < budgets[1] < budgets[0], budgets
     assert calls[-1][:2] == (8, 501)   # the decodes' longest context with this step's token
+
+    # a covering graph of a larger token bucket (``EngineConfig.mixed_graph_bucket_padding``): priced at its tokens
+    ctx = _ctx()
+    ctx.run_dims = lambda nd, dt, chunks: (1024, 300 * 300)
+    policy = slo(aware)
+    bigger = policy.predict(plan, ctx)
+    assert policy._pending[id(plan)][1][4:] == (1024, 300 * 300) and bigger > own * 1.2, (bigger, own)
 
 
 
@@ -473,7 +480,7 @@ def test_the_safety_factor_learns_the_mixed_steps_error_tail(models):
 
 def test_a_budget_filled_with_several_prompts_keeps_each_step_inside_the_slack():
     """The budget is priced as one chunk; the scheduler fills it with several short prompts, which the engine runs
-    in a graph padded to the longest chunk and a power-of-two chunk count (``run_cells``). Each chunk after the
+    in a graph padded to the longest chunk and a power-of-two chunk count (``run_dims``). Each chunk after the
     first joins only if the step priced at its actual chunks fits (``SloAware.admit``): every step with decodes is
     predicted inside its slack. Without the check (the base ``Policy.admit``), some are not."""
     from spear_compile.serving.scheduler.base import Policy
@@ -486,10 +493,10 @@ def test_a_budget_filled_with_several_prompts_keeps_each_step_inside_the_slack()
                                           3e-3 + 1.8e-5 * (d + p) + 1e-8 * cells))
     aware, _ = fit_models(samples, DECODE_BUCKETS, TOKEN_BUCKETS, correction_alpha=0.0)
 
-    def run_cells(num_decodes, decode_tokens, chunks):   # chunk count, length and keys padded to graph dims
+    def run_dims(num_decodes, decode_tokens, chunks):   # chunk count, length and keys padded to graph dims
         rows = 1 << (len(chunks) - 1).bit_length()
         pad = lambda x: max(256, 1 << (x - 1).bit_length())  # noqa: E731
-        return rows * pad(max(n for _, n, _ in chunks)) * pad(max(c + n for c, n, _ in chunks))
+        return 0, rows * pad(max(n for _, n, _ in chunks)) * pad(max(c + n for c, n, _ in chunks))
 
     class NoAdmitCheck(SloAware):
         admit = Policy.admit
@@ -498,7 +505,7 @@ def test_a_budget_filled_with_several_prompts_keeps_each_step_inside_the_slack()
     for cls in (SloAware, NoAdmitCheck):
         policy = cls(aware, ttft_slo_s=1.0, tpot_slo_s=0.012)
         sim = Sim(policy)
-        sim.sched.run_cells = run_cells
+        sim.sched.run_dims = run_dims
         sim.run(trace(rate=100, n=200, seed=5, prompt_scale=0.3))
         over[cls.__name__] = checked = 0
         for plan, _, predicted, slack, _ in sim.steps:

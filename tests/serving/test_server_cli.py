@@ -40,6 +40,7 @@ def _free_port() -> int:
     (["--quant", "none", "--quant-lm-head"], "--quant-lm-head"),
     (["--mixed-cuda-graphs", "-1"], "--mixed-cuda-graphs -1"),
     (["--mixed-graph-padding", "0.5"], "--mixed-graph-padding 0.5"),
+    (["--mixed-graph-bucket-padding", "0.5"], "--mixed-graph-bucket-padding 0.5"),
     (["--compile-regions", "--tp", "2"], "--compile-regions"),
 ])
 def test_serve_user_errors_exit_2(capsys, args, words):

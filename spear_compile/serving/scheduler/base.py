@@ -53,9 +53,9 @@ class StepContext:
     max_num_tokens: int
     token_buckets: tuple
     prefilling: list = field(default_factory=list)  # running requests part-way through their prompt (TTFT-bound)
-    # (num_decodes, longest decode's tokens, [(tokens before, chunk length, ends its prompt)]) -> the prefill
-    # attention cells of the captured graph the engine would replay the step in, padded; None: its own dims
-    run_cells: Optional[Callable] = None
+    # (num_decodes, longest decode's tokens, [(tokens before, chunk length, ends its prompt)]) -> (tokens, prefill
+    # attention cells) of the captured graph the engine would replay the step in, padded; None: its own dims
+    run_dims: Optional[Callable] = None
 
 
 class Policy(ABC):
@@ -97,7 +97,7 @@ class Scheduler:
         self.max_num_tokens = max_num_tokens
         self.token_buckets = tuple(token_buckets) or (max_num_tokens,)
         self.clock = clock
-        self.run_cells: Optional[Callable] = None   # the engine's ``StepContext.run_cells``
+        self.run_dims: Optional[Callable] = None   # the engine's ``StepContext.run_dims``
         self.waiting: deque = deque()
         self.running: list = []
 
@@ -199,7 +199,7 @@ class Scheduler:
         ctx = StepContext(now=now, decodes=list(plan.decodes), waiting=ordered_waiting,
                           sum_context_len=sum(r.num_computed_tokens + 1 for r in plan.decodes),
                           ec_signature=ec_signature, max_num_tokens=self.max_num_tokens,
-                          token_buckets=self.token_buckets, prefilling=partial, run_cells=self.run_cells)
+                          token_buckets=self.token_buckets, prefilling=partial, run_dims=self.run_dims)
         budget = min(int(self.policy.prefill_budget(ctx)), self.max_num_tokens - len(plan.decodes))
         # no new admissions in a step that had to preempt (they would only be preempted again)
         for req in partial + ([] if plan.preempted else ordered_waiting):

@@ -165,7 +165,7 @@ class SloAware(Policy):
         self._longest = longest
         cm = self.cost_model
 
-        run_cells = ctx.run_cells
+        run_dims = ctx.run_dims
 
         def kv_mixed(p):  # the KV a mixed step of p prefill tokens gathers (its decode rows depend on p)
             return cm.context_feature(d, ctx.sum_context_len, longest, mixed=True, num_prefill_tokens=p)
@@ -173,13 +173,14 @@ class SloAware(Policy):
         def fits(p, chunks, limit, bucket=0, own_cells=None):
             """Whether a step of ``p`` prefill tokens in ``chunks`` = (tokens before, length, ends its prompt) fits
             ``limit`` at its own padding (``own_cells``; None: one chunk from a prompt's start), then, if the engine
-            would replay it padded in a larger captured graph (``run_cells``), there too. Padding only adds work, so
-            the engine is asked only about a step that fits unpadded (mostly the first bucket tried)."""
+            would replay it padded in a larger captured graph (``run_dims``: its tokens and attention work), there
+            too. Padding only adds work, so the engine is asked only about a step that fits unpadded (mostly the
+            first bucket tried)."""
             kv = kv_mixed(p)
             if self._predict(d, p, kv, sig, bucket, own_cells) * self.safety_now > limit:
                 return False
-            padded = run_cells(d, longest, chunks) if run_cells is not None else None
-            return padded is None or self._predict(d, p, kv, sig, bucket, padded) * self.safety_now <= limit
+            padded = run_dims(d, longest, chunks) if run_dims is not None else None
+            return padded is None or self._predict(d, p, kv, sig, *padded) * self.safety_now <= limit
         # partially prefilled requests that can still make their TTFT: the step finishing them must be in time
         for r in ctx.prefilling:
             self.ops += 1
@@ -229,7 +230,7 @@ class SloAware(Policy):
         each a chunk with its own attention rows, and the engine pads a step of more chunks into a graph of more
         (session 24 on the H100: 6-8 chunks of a 960-token budget predicted 16.9-17.5 ms against a 15 ms SLO).
         A chunk after the first joins only if the step with it, priced at its chunks as the engine will run it
-        (``run_cells``), still fits the slack; else it is halved down to ``min_chunk``, and past the first
+        (``run_dims``), still fits the slack; else it is halved down to ``min_chunk``, and past the first
         chunk that does not fit whole no later one is tried this step."""
         avail = self._avail
         if not plan.prefills or avail == math.inf:
@@ -243,10 +244,9 @@ class SloAware(Policy):
         while c >= min(chunk, self.min_chunk):
             step = chunks + [(before, c, before + c == req.num_tokens)]
             kv = cm.context_feature(d, ctx.sum_context_len, longest, mixed=True, num_prefill_tokens=p0 + c)
-            cells = ctx.run_cells(d, longest, step) if ctx.run_cells is not None else None
-            if cells is None:
-                cells = cm.prefill_cells([(b, n) for b, n, _ in step])
-            if self._predict(d, p0 + c, kv, sig, 0, cells) * self.safety_now <= avail:
+            ran = ctx.run_dims(d, longest, step) if ctx.run_dims is not None else None
+            tokens, cells = ran if ran is not None else (0, cm.prefill_cells([(b, n) for b, n, _ in step]))
+            if self._predict(d, p0 + c, kv, sig, tokens, cells) * self.safety_now <= avail:
                 self._admit_closed = c < chunk
                 return c
             c //= 2
@@ -270,17 +270,16 @@ class SloAware(Policy):
         longest = self._longest if d == len(ctx.decodes) else max((r.num_computed_tokens + 1 for r in plan.decodes),
                                                                   default=0)
         kv = self.cost_model.context_feature(d, ctx.sum_context_len, longest, mixed=p > 0, num_prefill_tokens=p)
-        cells = 0
+        tokens, cells = 0, 0
         if p:   # priced at the graph the engine will run it in (a captured one of larger dims, padded) if it knows
             chunks = [(r.num_computed_tokens, n, r.num_computed_tokens + n == r.num_tokens) for r, n in plan.prefills]
-            cells = ctx.run_cells(d, longest, chunks) if ctx.run_cells is not None else None
-            if cells is None:
-                cells = self.cost_model.prefill_cells([(c, n) for c, n, _ in chunks])
-        pred = self._predict(d, p, kv, sig, 0, cells)
+            ran = ctx.run_dims(d, longest, chunks) if ctx.run_dims is not None else None
+            tokens, cells = ran if ran is not None else (0, self.cost_model.prefill_cells([(c, n) for c, n, _ in chunks]))
+        pred = self._predict(d, p, kv, sig, tokens, cells)
         # [plan, shape, predicted, gap to the next step's start, measured]: done when both of the last two are in
         # keyed by id(plan): unique among the entries, which hold their plans (an id freed and reused can only be
         # a settled entry's, gone from here); the oldest unsettled entries go past 256
-        self._pending[id(plan)] = [plan, (d, p, kv, sig, cells), pred, None, None]
+        self._pending[id(plan)] = [plan, (d, p, kv, sig, tokens, cells), pred, None, None]
         while len(self._pending) > 256:
             del self._pending[next(iter(self._pending))]
         self._prev_plan_id = id(plan)
@@ -294,12 +293,12 @@ class SloAware(Policy):
         entry = self._pending.get(id(plan))
         if entry is None or entry[0] is not plan or not (measured_s > 0 and math.isfinite(measured_s)):
             return
-        d, p, ctx_len, sig, cells = entry[1]
+        d, p, ctx_len, sig, tokens, cells = entry[1]
         if not captured:
             self.log.add(entry[2], measured_s)
             if p and self.safety_quantile and entry[2] > 0:
                 self._learn_safety(measured_s / entry[2])
-            self.cost_model.observe(d, p, ctx_len, sig, measured_s, prefill_cells=cells)
+            self.cost_model.observe(d, p, ctx_len, sig, measured_s, num_tokens=tokens, prefill_cells=cells)
         entry[4] = measured_s
         self._settle(entry)
 
