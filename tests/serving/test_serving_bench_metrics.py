@@ -39,3 +39,22 @@ def test_passes_follows_the_criterion():
     args.capacity_criterion = "itl-no-capture"
     assert passes(m, args)
     assert not passes(m, args, exclude_captures=False)
+
+
+def test_capture_replay_counts_captures_an_earlier_graph_would_have_covered(tmp_path):
+    import json
+
+    from bench.capture_replay import replay
+    step = lambda dims, captured, ec=True: [8, 1, 40, 0, 0, list(dims), ec, captured, False, None, 0.01]  # noqa: E731
+    raw = {"steps": [{"label": "a", "steps": [
+        step((128, 8, 4, 2, 32, 8, 8), True),       # the first graph: nothing earlier covers it
+        step((64, 8, 4, 2, 16, 8, 8), True),        # covered by the first only with a larger token bucket
+        step((64, 8, 4, 2, 16, 8, 8), True, False),  # EC off: no graph of that state met earlier
+        step((128, 8, 4, 4, 32, 8, 8), True),       # more chunk rows than any graph met before: never covered
+    ]}]}
+    path = tmp_path / "raw.json"
+    path.write_text(json.dumps(raw))
+    r = replay(str(path))
+    assert r["captures"] == 4
+    assert r["covered"][(2.0, 1.0)] == 0 and r["covered"][(2.0, 2.0)] == 1
+    assert r["covered"][(4.0, 1.0)] == 0 and r["covered"][(4.0, 2.0)] == 1
