@@ -28,6 +28,7 @@ from bench.stats import pct
 from spear_compile.serving.buckets import MIN_DIM, mixed_step_dims_for, pow2_dim
 from spear_compile.serving.cuda_graphs import MixedGraphs
 from spear_compile.serving.kv_cache import KVBlockManager
+from spear_compile.serving.model_runner import ModelRunner
 from spear_compile.serving.request import Request, RequestStatus, SamplingParams
 from spear_compile.serving.scheduler import Scheduler, make_policy
 from spear_compile.serving.scheduler.cost_model import StepSample, fit_models
@@ -83,6 +84,15 @@ class TrueCost:
         t = self.model.predict_raw(len(decodes), p, kv, sig, 0, cells)
         return t * math.exp(self.rng.gauss(0.0, self.sigma))
 
+    def at_tokens(self, plan, tokens, sig):
+        """The fitted extra time of ``plan`` run at ``tokens`` (a larger token bucket) over its own bucket."""
+        ctxs = [r.num_computed_tokens + 1 for r in plan.decodes]
+        p = plan.num_prefill_tokens
+        kv = self.model.context_feature(len(ctxs), sum(ctxs), max(ctxs, default=0), p > 0, p)
+        cells = self.model.prefill_cells([(r.num_computed_tokens, n) for r, n in plan.prefills])
+        own = self.model.predict_raw(len(ctxs), p, kv, sig, 0, cells)
+        return max(0.0, self.model.predict_raw(len(ctxs), p, kv, sig, tokens, cells) - own)
+
 
 class _NoCapture:
     """``MixedGraphs``' capture, for key bookkeeping only: never low on memory."""
@@ -102,27 +112,42 @@ class GraphKeys:
     ``uncaptured_s = capture_s = 0``: the steady state (every key captured)."""
 
     def __init__(self, limit, uncaptured_s, capture_s, layout, max_num_seqs, full_decode_tables=False,
-                 max_padding=0.0):
+                 max_padding=0.0, bucket_padding=1.0, truth=None):
         self.uncaptured_s, self.capture_s = uncaptured_s, capture_s
         self.full_decode_tables = full_decode_tables   # EngineConfig(decode_attention="triton")
         self.max_padding = max_padding                 # EngineConfig.mixed_graph_padding
+        self.bucket_padding = bucket_padding           # EngineConfig.mixed_graph_bucket_padding
+        self.truth = truth                             # charges a step replayed at a larger token bucket its extra work
         self.mixed = MixedGraphs(_NoCapture(), limit, max_rows=pow2_dim(max_num_seqs))   # the engine's logits buffer
         self.layout = layout
         self.table_buckets = tuple(layout["table_buckets"])
         self.captures = self.uncaptured = self.padded = 0
+        # what ``ModelRunner.padded_step`` reads of its runner, so that the SLO policy is told (``run_dims``) what the
+        # engine would tell it
+        self.config = argparse.Namespace(mixed_graph_padding=max_padding, mixed_graph_bucket_padding=bucket_padding,
+                                         decode_attention="triton" if full_decode_tables else "torch")
+        self.net = argparse.Namespace(has_ecs=True)
+        self.block_size = layout.get("block_size", 16)
+        self.decode_buckets, self.token_buckets = layout["decode_buckets"], tuple(layout["token_buckets"])
+
+    def run_dims(self, num_decodes, decode_tokens, chunks):
+        """``StepContext.run_dims`` as the engine answers it (``ModelRunner.padded_step`` on these keys)."""
+        return ModelRunner.padded_step(self, True, num_decodes, decode_tokens, chunks)
 
     @property
     def keys(self):
         return self.mixed.graphs
 
-    def extra_s(self, plan) -> float:
+    def extra_s(self, plan, sig=None) -> float:
         if not plan.prefills:
             return 0.0   # decode steps replay the graphs captured at start-up
         dims = mixed_step_dims_for(plan.decodes, plan.prefills, self.layout["decode_buckets"][-1],
                                    tuple(self.layout["token_buckets"]), self.table_buckets, self.full_decode_tables)
-        graph_dims = self.mixed.covering(True, dims, self.max_padding)
+        graph_dims = self.mixed.covering(True, dims, self.max_padding, self.bucket_padding)
         if graph_dims is not None:
             self.padded += graph_dims != dims
+            if graph_dims.tokens > dims.tokens and self.truth is not None:   # the larger bucket's linear work
+                return self.truth.at_tokens(plan, graph_dims.tokens, sig)
             return 0.0
         if self.mixed.has_room(dims.logits_rows):
             self.mixed.graphs[(True, dims.shapes())] = None
@@ -140,6 +165,8 @@ def simulate(policy, trace, truth, sig, args, ttft_slo_s, tpot_slo_s, graphs=Non
     clock = [0.0]
     sched = Scheduler(KVBlockManager(args.num_blocks, args.block_size), policy, max_num_seqs=args.max_num_seqs,
                       max_num_tokens=args.max_num_tokens, token_buckets=args.token_buckets, clock=lambda: clock[0])
+    if graphs is not None and graphs.max_padding:
+        sched.run_dims = graphs.run_dims
     reqs, times, meta = [], {}, {}
     for k, (arr, ids, o) in enumerate(trace):
         r = Request(f"r{k}", ids, SamplingParams(max_tokens=o, ignore_eos=True), arrival_time=arr,
@@ -160,7 +187,7 @@ def simulate(policy, trace, truth, sig, args, ttft_slo_s, tpot_slo_s, graphs=Non
         plan = sched.schedule(sig)
         dt = truth(plan.decodes, plan.prefills, sig) + args.host_ms / 1e3
         if graphs is not None:
-            dt += graphs.extra_s(plan)
+            dt += graphs.extra_s(plan, sig)
         clock[0] += dt
         policy.observe(plan, dt)
         done = list(plan.decodes) + [r for r, n in plan.prefills if r.num_computed_tokens + n == r.num_tokens]
@@ -235,6 +262,9 @@ def main(argv=None):
     ap.add_argument("--graph-limit", type=int, default=1024)
     ap.add_argument("--graph-padding", type=float, default=2.0, help="EngineConfig.mixed_graph_padding: a new shape "
                     "covered by a captured one (buckets.MixedDims.covers) replays it, free (0: off)")
+    ap.add_argument("--graph-bucket-padding", type=float, default=1.0, help="EngineConfig.mixed_graph_bucket_padding: "
+                    "the covering graph may have up to this many times the step's tokens and decode rows (the larger "
+                    "bucket's extra linear work charged from the fit)")
     ap.add_argument("--warmup-runs", type=int, default=1)
     ap.add_argument("--decode-attention", choices=("torch", "triton"), default="torch",
                     help="the engine's decode attention: 'triton' pads mixed steps' decode tables to the largest width")
@@ -291,7 +321,8 @@ def main(argv=None):
         if args.uncaptured_ms or args.capture_ms:   # one engine per SLO setting, as one GPU bench run
             graphs = GraphKeys(args.graph_limit, args.uncaptured_ms / 1e3, args.capture_ms / 1e3, layout,
                                args.max_num_seqs, full_decode_tables=args.decode_attention == "triton",
-                               max_padding=args.graph_padding)
+                               max_padding=args.graph_padding, bucket_padding=args.graph_bucket_padding,
+                               truth=truth)
             warm_up(makers, truth, sig, args, args.ttft_slo_ms, tpot_ms, graphs)
             warm = len(graphs.keys)
         caps, runs = search(makers, truth, sig, args, args.ttft_slo_ms, tpot_ms, graphs)
@@ -314,7 +345,8 @@ def main(argv=None):
                          f"{ratio(lo, b)}{f' ({best})' if best and name.startswith('slo') else ''} |")
     if lines_graphs:
         lines += ["", f"One-off costs modelled: a new mixed-step shape's first step +{args.uncaptured_ms + args.capture_ms:g} "
-                  f"ms (uncaptured + capture) unless a captured graph covers it (graph padding {args.graph_padding:g}: "
+                  f"ms (uncaptured + capture) unless a captured graph covers it (graph padding {args.graph_padding:g}, "
+                  f"bucket padding {args.graph_bucket_padding:g}: "
                   f"replayed at no extra cost), a step beyond the {args.graph_limit}-graph limit +{args.uncaptured_ms:g} ms; "
                   f"{args.warmup_runs} warm-up run(s) per policy first."] + lines_graphs
     lines += ["", "## Runs", "", "| SLO ms | policy | rate | seed | TTFT p99 ms | ITL p99 ms | TPOT p99 ms | goodput | "
