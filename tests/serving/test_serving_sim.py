@@ -85,3 +85,27 @@ def test_graph_keys_charge_a_new_shape_once_and_steps_beyond_the_limit_always():
 def test_warm_up_rates_go_both_ways_from_the_start_rate():
     from bench.serving import warmup_rate
     assert [warmup_rate(8.0, k) for k in range(5)] == [8.0, 16.0, 4.0, 32.0, 2.0]
+
+
+def test_graph_keys_replay_a_larger_token_bucket_only_with_bucket_padding_and_charge_its_work():
+    from types import SimpleNamespace
+    layout = dict(decode_buckets=[1, 2, 4, 8], token_buckets=list(TOKEN_BUCKETS), table_buckets=[2, 4, 8, 16, 32],
+                  block_size=16)
+    charged = []
+    truth = SimpleNamespace(at_tokens=lambda plan, tokens, sig: charged.append(tokens) or 0.004)
+
+    def req(blocks, computed, tokens):
+        return SimpleNamespace(block_ids=[1] * blocks, num_computed_tokens=computed, num_tokens=tokens)
+
+    def plan(decodes, chunk):
+        return SimpleNamespace(decodes=[req(3, 40, 41)] * decodes, prefills=[(req(2, 0, 30), chunk)])
+
+    for bucket_padding, second in ((1.0, 0.05), (2.0, 0.004)):
+        graphs = serving_sim.GraphKeys(limit=8, uncaptured_s=0.03, capture_s=0.02, layout=layout, max_num_seqs=8,
+                                       max_padding=2.0, bucket_padding=bucket_padding, truth=truth)
+        assert graphs.extra_s(plan(2, 28)) == pytest.approx(0.05)      # a 30-token step: the 32 bucket, captured
+        assert graphs.extra_s(plan(2, 10)) == pytest.approx(second)    # a 12-token step (16): captures, or replays 32
+        # the engine's answer to the SLO policy: the covering graph's tokens (None: the step runs at its own dims)
+        told = graphs.run_dims(2, 41, [(0, 9, False)])
+        assert (told is not None and told[0] == 32) == (bucket_padding > 1), told
+    assert charged == [32]
