@@ -404,8 +404,7 @@ def warm_up_shapes(bundle, policies, rate, args, clock, ec_states=(True,)):
         if clock.left < run_cost(args) * (1 + len(policies)):
             log("  warm-up cut short (time)")
             break
-        probe(bundle, policy, warmup_rate(rate, k), args, seed=500 + k, label=f"warm-up {policy}",
-              **({} if ec else {"ec_enabled": False}))
+        probe(bundle, policy, warmup_rate(rate, k), args, seed=500 + k, label=f"warm-up {policy}", ec_enabled=ec)
     out = {"mixed_graphs_before": before, "mixed_graphs_after": len(mixed.graphs),
            "seconds": round(time.perf_counter() - t0, 1), "ec_states": list(ec_states),
            "rates": [round(warmup_rate(rate, k), 2) for k in range(args.warmup_runs)]}

@@ -75,23 +75,22 @@ class TrueCost:
     def predict_sample(self, s):
         return self.model.predict_shape(s.shape, s.signature)
 
-    def __call__(self, decodes, prefills, sig):
-        """``decodes`` and ``(request, chunk)`` ``prefills`` as scheduled (before the step advances them)."""
+    def _fitted(self, decodes, prefills, sig, tokens=0):
+        """The fit's time of a step of ``decodes`` and ``(request, chunk)`` ``prefills`` (before the step advances
+        them), at ``tokens`` padded tokens (0: its own bucket)."""
         ctxs = [r.num_computed_tokens + 1 for r in decodes]
         p = sum(n for _, n in prefills)
         kv = self.model.context_feature(len(decodes), sum(ctxs), max(ctxs, default=0), p > 0, p)
         cells = self.model.prefill_cells([(r.num_computed_tokens, n) for r, n in prefills])
-        t = self.model.predict_raw(len(decodes), p, kv, sig, 0, cells)
-        return t * math.exp(self.rng.gauss(0.0, self.sigma))
+        return self.model.predict_raw(len(decodes), p, kv, sig, tokens, cells)
+
+    def __call__(self, decodes, prefills, sig):
+        return self._fitted(decodes, prefills, sig) * math.exp(self.rng.gauss(0.0, self.sigma))
 
     def at_tokens(self, plan, tokens, sig):
         """The fitted extra time of ``plan`` run at ``tokens`` (a larger token bucket) over its own bucket."""
-        ctxs = [r.num_computed_tokens + 1 for r in plan.decodes]
-        p = plan.num_prefill_tokens
-        kv = self.model.context_feature(len(ctxs), sum(ctxs), max(ctxs, default=0), p > 0, p)
-        cells = self.model.prefill_cells([(r.num_computed_tokens, n) for r, n in plan.prefills])
-        own = self.model.predict_raw(len(ctxs), p, kv, sig, 0, cells)
-        return max(0.0, self.model.predict_raw(len(ctxs), p, kv, sig, tokens, cells) - own)
+        return max(0.0, self._fitted(plan.decodes, plan.prefills, sig, tokens)
+                   - self._fitted(plan.decodes, plan.prefills, sig))
 
 
 class _NoCapture:

@@ -88,13 +88,10 @@ class MixedDims:
         and at most ``bucket_padding`` times them (1: the same, the linears' work unchanged) with room for its
         chunks beside the decode rows, every other dim at least ``other``'s, the prefill attention's work and the
         decode tables' width at most ``max_padding`` times ``other``'s."""
-        if bucket_padding <= 1.0:
-            same = self.tokens == other.tokens and self.decode_rows == other.decode_rows
-        else:
-            same = (other.tokens <= self.tokens <= bucket_padding * other.tokens
-                    and other.decode_rows <= self.decode_rows <= bucket_padding * max(1, other.decode_rows)
-                    and self.tokens - self.decode_rows >= other.tokens - other.decode_rows)
-        return (same and other.decode_width <= self.decode_width <= max_padding * other.decode_width
+        return (other.tokens <= self.tokens <= bucket_padding * other.tokens
+                and other.decode_rows <= self.decode_rows <= bucket_padding * other.decode_rows   # >= MIN_DIM rows
+                and self.tokens - self.decode_rows >= other.tokens - other.decode_rows
+                and other.decode_width <= self.decode_width <= max_padding * other.decode_width
                 and self.prefills >= other.prefills and self.chunk_len >= other.chunk_len
                 and self.prefill_width >= other.prefill_width and self.logits_rows >= other.logits_rows
                 and self.attention_cells() <= max_padding * other.attention_cells())

@@ -207,7 +207,7 @@ class MixedGraphs:
         if bucket_padding <= 1.0:
             groups = [self._by_rows.get((use_ec, dims.tokens, dims.decode_rows), ())]
         else:
-            top_t, top_r = bucket_padding * dims.tokens, bucket_padding * max(1, dims.decode_rows)
+            top_t, top_r = bucket_padding * dims.tokens, bucket_padding * dims.decode_rows
             groups = [g for (ec, t, r), g in self._by_rows.items()
                       if ec == use_ec and dims.tokens <= t <= top_t and dims.decode_rows <= r <= top_r]
         best = None

@@ -222,11 +222,10 @@ class Scheduler:
                 if plan.prefills or remaining <= self.max_num_tokens - len(plan.decodes):
                     self._not_admitted(req, is_new)
                     break
-            if self.policy.chunked:
-                chunk = self.policy.admit(ctx, plan, req, chunk)
-                if chunk <= 0:
-                    self._not_admitted(req, is_new)
-                    break
+            chunk = self.policy.admit(ctx, plan, req, chunk)
+            if chunk <= 0:
+                self._not_admitted(req, is_new)
+                break
             ok = self.blocks.allocate(req, chunk)
             assert ok, "block accounting"
             if is_new:

@@ -238,20 +238,24 @@ class SloAware(Policy):
         if self._admit_closed:
             return 0
         d, longest, sig, cm = len(plan.decodes), self._longest, self._sig_now, self.cost_model
-        chunks = [(r.num_computed_tokens, n, r.num_computed_tokens + n == r.num_tokens) for r, n in plan.prefills]
+        chunks = _chunks(plan.prefills)
         before, p0 = req.num_computed_tokens, plan.num_prefill_tokens
         c = chunk
         while c >= min(chunk, self.min_chunk):
             step = chunks + [(before, c, before + c == req.num_tokens)]
             kv = cm.context_feature(d, ctx.sum_context_len, longest, mixed=True, num_prefill_tokens=p0 + c)
-            ran = ctx.run_dims(d, longest, step) if ctx.run_dims is not None else None
-            tokens, cells = ran if ran is not None else (0, cm.prefill_cells([(b, n) for b, n, _ in step]))
-            if self._predict(d, p0 + c, kv, sig, tokens, cells) * self.safety_now <= avail:
+            if self._predict(d, p0 + c, kv, sig, *self._run_at(ctx, d, longest, step)) * self.safety_now <= avail:
                 self._admit_closed = c < chunk
                 return c
             c //= 2
         self._admit_closed = True
         return 0
+
+    def _run_at(self, ctx: StepContext, d: int, longest: int, chunks) -> tuple:
+        """(tokens, prefill attention cells) a step of ``chunks`` runs at: the covering graph's if the engine would
+        replay it padded (``ctx.run_dims``), else its own (tokens 0: the cost model pads them)."""
+        ran = ctx.run_dims(d, longest, chunks) if ctx.run_dims is not None else None
+        return ran if ran is not None else (0, self.cost_model.prefill_cells([(b, n) for b, n, _ in chunks]))
 
     def _predict(self, d, p, ctx_len, sig, padded=0, cells=None) -> float:
         self.ops += 1
@@ -272,9 +276,7 @@ class SloAware(Policy):
         kv = self.cost_model.context_feature(d, ctx.sum_context_len, longest, mixed=p > 0, num_prefill_tokens=p)
         tokens, cells = 0, 0
         if p:   # priced at the graph the engine will run it in (a captured one of larger dims, padded) if it knows
-            chunks = [(r.num_computed_tokens, n, r.num_computed_tokens + n == r.num_tokens) for r, n in plan.prefills]
-            ran = ctx.run_dims(d, longest, chunks) if ctx.run_dims is not None else None
-            tokens, cells = ran if ran is not None else (0, self.cost_model.prefill_cells([(c, n) for c, n, _ in chunks]))
+            tokens, cells = self._run_at(ctx, d, longest, _chunks(plan.prefills))
         pred = self._predict(d, p, kv, sig, tokens, cells)
         # [plan, shape, predicted, gap to the next step's start, measured]: done when both of the last two are in
         # keyed by id(plan): unique among the entries, which hold their plans (an id freed and reused can only be
@@ -360,3 +362,7 @@ def make_slo_policy(name: str, cost_model: Optional[StepCostModel] = None,
             raise SpearError("policy 'slo' needs the EC-aware cost_model")
         return SloAware(cost_model, ec_aware=True, **kwargs)
     return SloAware(blind_cost_model or cost_model, ec_aware=False, **kwargs)
+
+def _chunks(prefills) -> list:
+    """A plan's ``(request, chunk)`` prefills as ``(tokens before, chunk length, ends its prompt)``."""
+    return [(r.num_computed_tokens, n, r.num_computed_tokens + n == r.num_tokens) for r, n in prefills]
