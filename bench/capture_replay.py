@@ -10,6 +10,7 @@ bucket padding. A lower bound: the warm-up runs' graphs are not in the file, and
 from __future__ import annotations
 
 import argparse
+import datetime
 import gzip
 import json
 
@@ -52,7 +53,9 @@ def main(argv=None):
     print(text)
     if args.md:
         with open(args.md, "w") as f:
-            f.write("# Graph captures a looser covering rule would have avoided (`python -m bench.capture_replay`)\n\n"
+            f.write("# Graph captures a looser covering rule would have avoided\n\n"
+                    f"{datetime.date.today()}, CPU analysis of the step logs below (their GPU, torch and Triton: the "
+                    f"runs' own result files). Command: `python -m bench.capture_replay {' '.join(args.raw)}`\n\n"
                     + text + "\n")
 
 
