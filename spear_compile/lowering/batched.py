@@ -116,10 +116,38 @@ _SHAPES_64 = ((16, 128, 128, 4, 4, True, False, False, False), (64, 128, 128, 8,
               (16, 64, 128, 4, 4, False, False, False, False), (16, 128, 128, 4, 4, True, False, True, False),
               (64, 128, 128, 8, 3, False, False, False, True), (64, 128, 128, 8, 3, True, False, True, False),
               (32, 128, 128, 4, 4, True, False, True, False))
+# Session 25 (untimed on a GPU): large tiles for the compute-bound M = 65-512 keys (1B layer
+# at M = 256: 31 GFLOP against 30 MB of W4 weights), where BLOCK_M <= 128 non-swap tiles dequantize every weight
+# M / BLOCK_M times into small wgmmas and ``dequant+cublas`` won every M = 256-512 key. ``_LARGE_512``: 8 warps (two
+# warpgroups), a 128 x 128 to 128 x 256 / 256 x 128 accumulator (wgmma 64x128 / 64x256, N 256 wide), zsub only (fewer
+# loop instructions and no 128 + q cancellation). Offline sm_90 SASS (Triton 3.6, ``bench/sass_loop.py``'s compile,
+# per-channel, K = N = 4096): K-loop issue cycles per tensor-core cycle (loop instructions x warps / 4 schedulers over
+# 2 BM BN BK / 4096 FLOP a clock) 0.34-0.60 against 0.49 for the BM 128 BK 128 zsub tile above; wgmma waits for
+# itself every iteration (``WARPGROUP.DEPBAR.LE gsb0, 0x0``), so the loop is dequantize + MMA in series, not
+# overlapped. Registers 211-255, no spills in the configs listed (``_tile_regs`` filters): the non-swap ones spill 2-18
+# instructions in the split-K finisher (split 1 only: ``SPLIT_TILE_REGS``); under g128 the per-group ``part`` doubles
+# the accumulator and all but the swap 128 x 128 tile spill (per-channel only: ``GROUPED_TILE_REGS``); the in-loop u
+# spills several (EC keys: ``ec_pre`` only). Tried and dropped (spills of 60-180 instructions, or dominated): swap
+# BM 256 (BN 128 / 64), swap BM 128 BN 256, swap BN 64, swap BM 128 BK 64, non-swap BK 128 without perm, 4 stages
+# (the same loop).
+_LARGE_512 = ((128, 128, 128, 8, 3, True, False, True, False), (64, 256, 128, 8, 3, True, False, True, False),
+              (128, 256, 64, 8, 3, False, False, False, False), (128, 256, 128, 8, 3, False, False, True, False),
+              (256, 128, 64, 8, 3, False, False, False, False))
 _SHAPES_512 = ((64, 128, 128, 8, 3, False, False, False, False), (64, 64, 128, 4, 4, False, False, False, False),
                (64, 128, 64, 4, 4, True, False, False, False), (64, 128, 64, 4, 4, False, False, False, False),
                (128, 128, 64, 4, 4, False, False, False, False), (128, 128, 128, 8, 3, False, False, False, False),
-               (64, 128, 128, 8, 3, False, False, False, True), (64, 128, 128, 8, 3, True, False, True, False))
+               (64, 128, 128, 8, 3, False, False, False, True), (64, 128, 128, 8, 3, True, False, True, False)
+               ) + _LARGE_512
+
+
+GROUPED_TILE_REGS = 160  # _LARGE_512 under g128: tiles above this spilled (offline sm_90 SASS, bf16 or fp16)
+SPLIT_TILE_REGS = 128  # _LARGE_512 with split-K: tiles above this spilled in the finisher (no split-K for them)
+
+
+def _tile_regs(bm, bn, bk, warps, grouped):
+    """Registers a thread holds for the tile: the fp32 accumulator (two under grouped scales: the K block's ``part``
+    and the running sum) plus the dequantized W tile (two 16-bit halves a register)."""
+    return (2 if grouped else 1) * bm * bn // (32 * warps) + bn * bk // (64 * warps)
 
 
 def batched_candidates(m, k, ns, group_size, sms=132, has_ec=False):
@@ -128,7 +156,11 @@ def batched_candidates(m, k, ns, group_size, sms=132, has_ec=False):
     pc = group_size >= k
     shapes = _SHAPES_16 if m <= 16 else (_SHAPES_64 if m <= 64 else _SHAPES_512)
     out = []
-    for i, (bm, bn, bk, warps, stages, swap, planes, perm, xsum) in enumerate(shapes):
+    for i, shape in enumerate(shapes):
+        bm, bn, bk, warps, stages, swap, planes, perm, xsum = shape
+        large = shape in _LARGE_512
+        if large and (bm >= 2 * m or (not pc and _tile_regs(bm, bn, bk, warps, True) > GROUPED_TILE_REGS)):
+            continue  # half the tile or more would be padding; g128's second accumulator spills (see above)
         if not pc and (bk > group_size or group_size % bk):
             if bk > 128:
                 continue
@@ -137,10 +169,14 @@ def batched_candidates(m, k, ns, group_size, sms=132, has_ec=False):
             continue
         tiles = sum(cdiv(n, bn) for n in ns) * cdiv(m, bm)
         # EC keys: also the K loop without u (``ec_pre``) for the first shape and the perm tiles, whose W4-only
-        # loops won where their in-loop u lost (session 14, results/batched_decode_h200_s14.md); untimed on a GPU
-        zsubs = (False, True) if m > 16 and bm > 16 and not (planes or xsum) else (False,)
-        for ec_pre in ((False, True) if has_ec and (i == 0 or perm) else (False,)):
+        # loops won where their in-loop u lost (session 14, results/batched_decode_h200_s14.md); untimed on a GPU.
+        # The large tiles: zsub only, and ec_pre only on EC keys (the in-loop u spills several of them)
+        zsubs = (True,) if large else ((False, True) if m > 16 and bm > 16 and not (planes or xsum) else (False,))
+        ec_pres = (True,) if has_ec and large else ((False, True) if has_ec and (i == 0 or perm) else (False,))
+        for ec_pre in ec_pres:
             for split in _splits(tiles, k, bk, sms):
+                if large and split > 1 and _tile_regs(bm, bn, bk, warps, False) > SPLIT_TILE_REGS:
+                    continue
                 for zsub in zsubs:
                     cfg = BatchedConfig(bm, bn, bk, split, warps, stages, swap, planes, perm, xsum, ec_pre, zsub)
                     if _split_ok(cfg, m, sum(ns)):

@@ -252,12 +252,87 @@ def test_zsub_is_a_candidate_above_m16_only_and_never_with_xsum_or_planes():
         cands = batched.candidates_for(m, 2048, [2048], 2048)
         assert any(c.zsub for c in cands) == want, m
         assert not any(c.zsub and (c.xsum_mma or c.planes or c.block_m <= 16) for c in cands)
-        # every zsub candidate is a copy of one without it (the tuner times both)
-        assert {dataclasses.replace(c, zsub=False) for c in cands if c.zsub} <= set(cands)
+        # every zsub candidate is a copy of one without it (the tuner times both), but the large M > 64 tiles
+        # (batched._LARGE_512), which are candidates with zsub only
+        assert {dataclasses.replace(c, zsub=False) for c in cands if c.zsub and not _large(c)} <= set(cands)
     t = _to(problem(8, 128, torch.bfloat16, False, False, False, 3, 128, 32, 32))
     with pytest.raises(SpearError, match="zsub replaces"):
         batched.run_single(BC(16, 16, 128, 1, xsum_mma=True, zsub=True), t["x"], t["qdata"], t["scale"], t["zero"],
                            None, 128, None, None, None, None, None, torch.empty(8, 32, dtype=torch.bfloat16, device=DEV))
+
+
+def _large(c):
+    """The config is one of ``batched._LARGE_512``'s shapes (their BLOCK_K, 64 or 128, divides a group of 128)."""
+    return (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages, c.swap, c.planes, c.perm,
+            c.xsum_mma) in batched._LARGE_512
+
+
+# Session 24: the large M = 65-512 tiles (zsub) per shape: per-channel without EC (split-K, two M and two N tiles,
+# the second of each partial), g128 with the gated EC by ec_pre (fp16), per-channel with a static EC by ec_pre and
+# split-K, g128 with the in-loop u. More than the tuner offers (it keeps the non-swap tiles per-channel, at split 1
+# and EC by ec_pre only, where their sm_90 registers did not spill): the kernel runs every combination all the same
+def _large_cases():
+    out = []
+    for i, (bm, bn, bk, warps, stages, swap, planes, perm, xsum) in enumerate(batched._LARGE_512):
+        cfg = lambda split, ec_pre: BC(bm, bn, bk, split, warps, stages, swap, planes, perm, xsum, ec_pre,  # noqa
+                                       zsub=True)
+        out += [(70 + 4 * i, bm + 2, 512, bn + 24, 0, torch.bfloat16, False, False, True, cfg(2, False)),
+                (71 + 4 * i, 67, 384, bn // 2 + 8, 128, torch.float16, True, True, False, cfg(1, True)),
+                (72 + 4 * i, 200, 512, bn + 8, 0, torch.bfloat16, True, False, True, cfg(2, True)),
+                (73 + 4 * i, 80, 256, 40, 128, torch.bfloat16, True, True, False, cfg(2, False))]
+    return out
+
+
+LARGE_CASES = _large_cases()
+
+
+@pytest.mark.parametrize("seed,m,k,n,group,dtype,ec,gated,bias,cfg", LARGE_CASES,
+                         ids=[f"s{c[0]}-m{c[1]}-g{c[4]}-ec{int(c[6])}{int(c[7])}-{c[9].name}" for c in LARGE_CASES])
+def test_large_m_tiles_vs_float64(seed, m, k, n, group, dtype, ec, gated, bias, cfg):
+    group = group or k
+    t = _to(problem(m, group, dtype, ec, gated, bias, seed, k, n, 32))
+    ref = reference(t, group).to(DEV)
+    for _ in range(2):  # the second call checks the split-K counters were left at zero
+        y = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+        batched.run_single(cfg, t["x"], t["qdata"], t["scale"], t["zero"], t["bias"], group, t["ec_A"], t["ec_B"],
+                           t["gate_w"], t["gate_b"], None, y)
+        _check(y, ref, dtype)
+    buffers = WORKSPACES.get(torch.device(DEV)).batched
+    assert buffers is None or int(buffers[2].abs().sum()) == 0
+
+
+LLAMA = {  # (K, member Ns) of q|k|v, o, gate|up, down
+    "Llama-3.2-1B": ((2048, (2048, 512, 512)), (2048, (2048,)), (2048, (8192, 8192)), (8192, (2048,))),
+    "Llama-2-7B": ((4096, (4096,) * 3), (4096, (4096,)), (4096, (11008, 11008)), (11008, (4096,))),
+}
+
+
+@pytest.mark.parametrize("model", list(LLAMA))
+def test_large_m_tiles_are_valid_candidates_at_real_shapes(model):
+    """At M = 128, 256, 512 and the models' launches: the large tiles are candidates with zsub only, ec_pre only on
+    EC keys, g128 only where their registers did not spill (the swap 128 x 128), never half padding, BLOCK_K within
+    the group (perm at 128), split-K within the workspace limit, >= 1 K block a split and only where the finisher
+    did not spill (the swap tiles); every shape is offered at M = 256 per-channel."""
+    seen = set()
+    for m in (128, 256, 512):
+        for k, ns in LLAMA[model]:
+            for group in (k, 128):
+                for ec in (False, True):
+                    cands = batched.candidates_for(m, k, list(ns), group, 132, ec, 32 if ec else 0)
+                    assert len(cands) == len(set(cands))
+                    for c in (c for c in cands if _large(c)):
+                        assert c.zsub and c.ec_pre == ec and not (c.planes or c.xsum_mma), c
+                        assert c.block_m < 2 * m, c
+                        assert group >= k or (group % c.block_k == 0 and batched._tile_regs(
+                            c.block_m, c.block_n, c.block_k, c.num_warps, True) <= batched.GROUPED_TILE_REGS), c
+                        assert not c.perm or c.block_k == 128, c
+                        assert batched._split_ok(c, m, sum(ns)) and c.split_k <= k // c.block_k, c
+                        assert c.split_k == 1 or batched._tile_regs(
+                            c.block_m, c.block_n, c.block_k, c.num_warps, False) <= batched.SPLIT_TILE_REGS, c
+                        if m == 256 and group >= k and not ec:
+                            seen.add(dataclasses.replace(c, split_k=1, zsub=False))
+    assert len(seen) == len(batched._LARGE_512)
+    assert not any(_large(c) for c in batched.candidates_for(64, 2048, [2048], 2048))  # M <= 64: _SHAPES_64
 
 
 def test_perm_needs_block_k_128():
@@ -287,7 +362,8 @@ VARIANTS = (("bf16-pc-ec-swap-perm", True, True, True, 16, 128, True, True, Fals
             ("bf16-g128-m64-xsum", True, False, True, 64, 128, False, False, True, False),
             ("bf16-pc-ecpre-swap-perm", True, True, True, 16, 128, True, True, False, True),
             ("bf16-pc-m64-zsub", True, True, False, 64, 128, False, False, False, False, True),
-            ("fp16-g128-m64-swap-zsub", False, False, True, 64, 128, True, False, False, False, True))
+            ("fp16-g128-m64-swap-zsub", False, False, True, 64, 128, True, False, False, False, True),
+            ("bf16-pc-m128-swap-perm-ecpre-zsub", True, True, True, 128, 128, True, True, False, True, True))
 for name, x_bf16, pc, ec, bm, bn, swap, perm, xsum, ec_pre, *zsub in VARIANTS:
     dt = "*bf16" if x_bf16 else "*fp16"
     types = {n: dt for n in kernel.arg_names[:kernel.arg_names.index("N0")]}
@@ -319,7 +395,7 @@ print(json.dumps(out))
 
 def test_kernel_compiles_for_sm90():
     """The kernel compiled ahead of time for an H100/H200 (sm_90; bf16 and fp16, per-channel and g128, EC, perm,
-    xsum_mma, zsub, ec_pre and its u kernel, their programmatic dependent launch) in a subprocess without the interpreter: the inline-PTX one-lop3 unpack
+    xsum_mma, zsub, ec_pre and its u kernel, their programmatic dependent launch, a large M > 64 tile) in a subprocess without the interpreter: the inline-PTX one-lop3 unpack
     assembles, with the dtype's magic constant, and the products run on tensor cores."""
     import json
     import subprocess
@@ -333,7 +409,7 @@ def test_kernel_compiles_for_sm90():
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     gu1, gu8 = got.pop("ec_gu1"), got.pop("ec_gu8")
-    assert len(got) == 6 and all(v["lop3"] >= 4 and v["mma"] >= 1 for v in got.values()), got
+    assert len(got) == 7 and all(v["lop3"] >= 4 and v["mma"] >= 1 for v in got.values()), got
     # zsub: q - zero by the packed fma in the weight tile (the dtype's form), nowhere else
     assert all((v["zsub_fma"] >= 4) == ("zsub" in name) for name, v in got.items()), got
     assert gu1["mma"] >= 1 and gu8["mma"] >= 1, (gu1, gu8)   # ec_pre's u kernel: x Aᵀ on tensor cores
