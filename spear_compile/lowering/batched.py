@@ -132,7 +132,10 @@ _SHAPES_64 = ((16, 128, 128, 4, 4, True, False, False, False), (64, 128, 128, 8,
 # (the same loop).
 _LARGE_512 = ((128, 128, 128, 8, 3, True, False, True, False), (64, 256, 128, 8, 3, True, False, True, False),
               (128, 256, 64, 8, 3, False, False, False, False), (128, 256, 128, 8, 3, False, False, True, False),
-              (256, 128, 64, 8, 3, False, False, False, False))
+              (256, 128, 64, 8, 3, False, False, False, False),
+              # dominated in SASS (issue/TC 0.70) but 128 registers at split 1 and 80 KB of shared memory: two CTAs an
+              # SM, so one's dequantize may run under the other's MMAs (a probe for that overlap)
+              (128, 128, 64, 8, 4, True, False, False, False))
 _SHAPES_512 = ((64, 128, 128, 8, 3, False, False, False, False), (64, 64, 128, 4, 4, False, False, False, False),
                (64, 128, 64, 4, 4, True, False, False, False), (64, 128, 64, 4, 4, False, False, False, False),
                (128, 128, 64, 4, 4, False, False, False, False), (128, 128, 128, 8, 3, False, False, False, False),

@@ -267,7 +267,7 @@ def _large(c):
             c.xsum_mma) in batched._LARGE_512
 
 
-# Session 24: the large M = 65-512 tiles (zsub) per shape: per-channel without EC (split-K, two M and two N tiles,
+# Session 25: the large M = 65-512 tiles (zsub) per shape: per-channel without EC (split-K, two M and two N tiles,
 # the second of each partial), g128 with the gated EC by ec_pre (fp16), per-channel with a static EC by ec_pre and
 # split-K, g128 with the in-loop u. More than the tuner offers (it keeps the non-swap tiles per-channel, at split 1
 # and EC by ec_pre only, where their sm_90 registers did not spill): the kernel runs every combination all the same
