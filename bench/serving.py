@@ -611,7 +611,7 @@ def main(argv=None):
                     "(mixed-step graphs captured at their shapes' first step), at the start rate, twice it, half of it, ...")
     ap.add_argument("--mixed-graph-padding", type=float, default=2.0, help="EngineConfig.mixed_graph_padding (0: "
                     "every new mixed-step shape captures its own graph, as before session 21)")
-    ap.add_argument("--mixed-graph-bucket-padding", type=float, default=1.0,
+    ap.add_argument("--mixed-graph-bucket-padding", type=float, default=2.0,
                     help="EngineConfig.mixed_graph_bucket_padding (> 1: a covering graph may have up to this many "
                          "times the step's tokens and decode rows)")
     ap.add_argument("--time-budget", type=float, default=480.0)

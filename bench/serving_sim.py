@@ -261,7 +261,7 @@ def main(argv=None):
     ap.add_argument("--graph-limit", type=int, default=1024)
     ap.add_argument("--graph-padding", type=float, default=2.0, help="EngineConfig.mixed_graph_padding: a new shape "
                     "covered by a captured one (buckets.MixedDims.covers) replays it, free (0: off)")
-    ap.add_argument("--graph-bucket-padding", type=float, default=1.0, help="EngineConfig.mixed_graph_bucket_padding: "
+    ap.add_argument("--graph-bucket-padding", type=float, default=2.0, help="EngineConfig.mixed_graph_bucket_padding: "
                     "the covering graph may have up to this many times the step's tokens and decode rows (the larger "
                     "bucket's extra linear work charged from the fit)")
     ap.add_argument("--warmup-runs", type=int, default=1)

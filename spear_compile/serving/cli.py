@@ -71,8 +71,8 @@ def add_cli(subparsers) -> None:
                    help="a mixed step with no graph of its own replays a captured one of larger shapes, its attention "
                         "padded at most this many times (default 2; 0: off, every new shape captures its own)")
     p.add_argument("--mixed-graph-bucket-padding", type=float, default=None,
-                   help="that graph may also have up to this many times the step's tokens and decode rows (default 1: "
-                        "the same)")
+                   help="that graph may also have up to this many times the step's tokens and decode rows (default 2; "
+                        "1: the same)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=_run_serve)
 

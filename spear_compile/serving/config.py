@@ -48,11 +48,11 @@ class EngineConfig:
     #   capturing its own (0: off). In a simulation on session 21's H100 step costs, 2.0 cut the shapes first met in
     #   the measured runs by a third (serving_sim --graph-padding); on the H100 (session 22's serving bench) the
     #   measured runs met 0-9 first-time shapes instead of 7-12, and budget-512's capacity rose 16.64 -> 46.95 req/s
-    mixed_graph_bucket_padding: float = 1.0  # > 1: the covering graph may also have up to this many times the
-    #   step's tokens and decode rows (a larger token bucket: more linear work, priced by the SLO policy). Replaying
-    #   session 24's H100 serving steps (bench/capture_replay.py), a graph met earlier would have covered 5-24 of
-    #   59-68 capturing steps at 2.0 (19-37 with mixed_graph_padding 4; 0 at 1.0 and 2); each capture stalls every
-    #   running request for 50-120 ms. Off until served and measured
+    mixed_graph_bucket_padding: float = 2.0  # > 1: the covering graph may also have up to this many times the
+    #   step's tokens and decode rows (a larger token bucket: more linear work, priced by the SLO policy; 1: off).
+    #   Each capture stalls every running request for 50-120 ms. At 1.0 session 24's H100 runs captured 4-19 graphs
+    #   per measured run after warm-ups; at 2.0 session 25's (results/serving_slo_h100_s25.md) `slo` captured 0-1 per
+    #   run, with p99 per-token latency inside a 10 ms SLO
     compile: bool = True
     compile_regions: bool = False           # compile one decoder layer (once per distinct layer structure) and the
     #   LM head instead of the whole model per phase: a fraction of the start-up compile time; the layers then run
