@@ -95,10 +95,15 @@ CASES = [  # (seed, group (0: per-channel), dtype, ec, gated, bias, config)
                          ids=[f"s{c[0]}-g{c[1]}-{str(c[2])[6:]}-ec{int(c[3])}{int(c[4])}-{c[6].name}" for c in CASES])
 def test_single_vs_float64(seed, group, dtype, ec, gated, bias, cfg):
     m, k, n = _shape(seed)
-    group = group or k
+    _check_single(cfg, seed, m, k, n, group or k, dtype, ec, gated, bias)
+
+
+def _check_single(cfg, seed, m, k, n, group, dtype, ec, gated, bias):
+    """One launch of ``cfg`` vs the float64 reference, twice (the second call checks the split-K counters were left
+    at zero), into a NaN-poisoned output."""
     t = _to(problem(m, group, dtype, ec, gated, bias, seed, k, n, 32))
     ref = reference(t, group).to(DEV)
-    for _ in range(2):  # the second call checks the split-K counters were left at zero
+    for _ in range(2):
         y = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
         batched.run_single(cfg, t["x"], t["qdata"], t["scale"], t["zero"], t["bias"], group, t["ec_A"], t["ec_B"],
                            t["gate_w"], t["gate_b"], None, y)
@@ -289,16 +294,7 @@ LARGE_CASES = _large_cases()
 @pytest.mark.parametrize("seed,m,k,n,group,dtype,ec,gated,bias,cfg", LARGE_CASES,
                          ids=[f"s{c[0]}-m{c[1]}-g{c[4]}-ec{int(c[6])}{int(c[7])}-{c[9].name}" for c in LARGE_CASES])
 def test_large_m_tiles_vs_float64(seed, m, k, n, group, dtype, ec, gated, bias, cfg):
-    group = group or k
-    t = _to(problem(m, group, dtype, ec, gated, bias, seed, k, n, 32))
-    ref = reference(t, group).to(DEV)
-    for _ in range(2):  # the second call checks the split-K counters were left at zero
-        y = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
-        batched.run_single(cfg, t["x"], t["qdata"], t["scale"], t["zero"], t["bias"], group, t["ec_A"], t["ec_B"],
-                           t["gate_w"], t["gate_b"], None, y)
-        _check(y, ref, dtype)
-    buffers = WORKSPACES.get(torch.device(DEV)).batched
-    assert buffers is None or int(buffers[2].abs().sum()) == 0
+    _check_single(cfg, seed, m, k, n, group or k, dtype, ec, gated, bias)
 
 
 LLAMA = {  # (K, member Ns) of q|k|v, o, gate|up, down
