@@ -117,8 +117,8 @@ _SHAPES_64 = ((16, 128, 128, 4, 4, True, False, False, False), (64, 128, 128, 8,
               (64, 128, 128, 8, 3, False, False, False, True), (64, 128, 128, 8, 3, True, False, True, False),
               (32, 128, 128, 4, 4, True, False, True, False))
 # Session 25 (timed on an H100: won 0 of 56 keys at M = 256-1,024, the closest 2-10 % behind; kept as candidates
-# because the margin is small and another GPU or Triton may differ; results/kernels_large_m_h100_s25.md): large tiles for the compute-bound M = 65-512 keys (1B layer
-# at M = 256: 31 GFLOP against 30 MB of W4 weights), where BLOCK_M <= 128 non-swap tiles dequantize every weight
+# because the margin is small and another GPU or Triton may differ; results/kernels_large_m_h100_s25.md): large
+# tiles for the compute-bound M = 65-512 keys (1B layer at M = 256: 31 GFLOP against 30 MB of W4 weights), where BLOCK_M <= 128 non-swap tiles dequantize every weight
 # M / BLOCK_M times into small wgmmas and ``dequant+cublas`` won every M = 256-512 key. ``_LARGE_512``: 8 warps (two
 # warpgroups), a 128 x 128 to 128 x 256 / 256 x 128 accumulator (wgmma 64x128 / 64x256, N 256 wide), zsub only (fewer
 # loop instructions and no 128 + q cancellation). Offline sm_90 SASS (Triton 3.6, ``bench/sass_loop.py``'s compile,
