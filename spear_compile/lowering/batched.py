@@ -117,20 +117,20 @@ _SHAPES_64 = ((16, 128, 128, 4, 4, True, False, False, False), (64, 128, 128, 8,
               (64, 128, 128, 8, 3, False, False, False, True), (64, 128, 128, 8, 3, True, False, True, False),
               (32, 128, 128, 4, 4, True, False, True, False))
 # Session 25 (timed on an H100: won 0 of 56 keys at M = 256-1,024, the closest 2-10 % behind; kept as candidates
-# because the margin is small and another GPU or Triton may differ; results/kernels_large_m_h100_s25.md): large
-# tiles for the compute-bound M = 65-512 keys (1B layer at M = 256: 31 GFLOP against 30 MB of W4 weights), where BLOCK_M <= 128 non-swap tiles dequantize every weight
-# M / BLOCK_M times into small wgmmas and ``dequant+cublas`` won every M = 256-512 key. ``_LARGE_512``: 8 warps (two
-# warpgroups), a 128 x 128 to 128 x 256 / 256 x 128 accumulator (wgmma 64x128 / 64x256, N 256 wide), zsub only (fewer
-# loop instructions and no 128 + q cancellation). Offline sm_90 SASS (Triton 3.6, ``bench/sass_loop.py``'s compile,
-# per-channel, K = N = 4096): K-loop issue cycles per tensor-core cycle (loop instructions x warps / 4 schedulers over
-# 2 BM BN BK / 4096 FLOP a clock) 0.34-0.60 against 0.49 for the BM 128 BK 128 zsub tile above; wgmma waits for
-# itself every iteration (``WARPGROUP.DEPBAR.LE gsb0, 0x0``), so the loop is dequantize + MMA in series, not
-# overlapped. Registers 211-255, no spills in the configs listed (``_tile_regs`` filters): the non-swap ones spill 2-18
-# instructions in the split-K finisher (split 1 only: ``SPLIT_TILE_REGS``); under g128 the per-group ``part`` doubles
-# the accumulator and all but the swap 128 x 128 tile spill (per-channel only: ``GROUPED_TILE_REGS``); the in-loop u
-# spills several (EC keys: ``ec_pre`` only). Tried and dropped (spills of 60-180 instructions, or dominated): swap
-# BM 256 (BN 128 / 64), swap BM 128 BN 256, swap BN 64, swap BM 128 BK 64, non-swap BK 128 without perm, 4 stages
-# (the same loop).
+# because the margin is small and another GPU or Triton may differ; results/kernels_large_m_h100_s25.md): large tiles
+# for the compute-bound M = 65-512 keys (1B layer at M = 256: 31 GFLOP against 30 MB of W4 weights), where BLOCK_M <=
+# 128 non-swap tiles dequantize every weight M / BLOCK_M times into small wgmmas and ``dequant+cublas`` won every M =
+# 256-512 key. ``_LARGE_512``: 8 warps (two warpgroups), a 128 x 128 to 128 x 256 / 256 x 128 accumulator (wgmma
+# 64x128 / 64x256, N 256 wide), zsub only (fewer loop instructions and no 128 + q cancellation). Offline sm_90 SASS
+# (Triton 3.6, ``bench/sass_loop.py``'s compile, per-channel, K = N = 4096): K-loop issue cycles per tensor-core cycle
+# (loop instructions x warps / 4 schedulers over 2 BM BN BK / 4096 FLOP a clock) 0.34-0.60 against 0.49 for the BM 128
+# BK 128 zsub tile above; wgmma waits for itself every iteration (``WARPGROUP.DEPBAR.LE gsb0, 0x0``), so the loop is
+# dequantize + MMA in series, not overlapped. Registers 211-255, no spills in the configs listed (``_tile_regs``
+# filters): the non-swap ones spill 2-18 instructions in the split-K finisher (split 1 only: ``SPLIT_TILE_REGS``);
+# under g128 the per-group ``part`` doubles the accumulator and all but the swap 128 x 128 tile spill (per-channel
+# only: ``GROUPED_TILE_REGS``); the in-loop u spills several (EC keys: ``ec_pre`` only). Tried and dropped (spills of
+# 60-180 instructions, or dominated): swap BM 256 (BN 128 / 64), swap BM 128 BN 256, swap BN 64, swap BM 128 BK 64,
+# non-swap BK 128 without perm, 4 stages (the same loop).
 _LARGE_512 = ((128, 128, 128, 8, 3, True, False, True, False), (64, 256, 128, 8, 3, True, False, True, False),
               (128, 256, 64, 8, 3, False, False, False, False), (128, 256, 128, 8, 3, False, False, True, False),
               (256, 128, 64, 8, 3, False, False, False, False),
