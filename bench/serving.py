@@ -942,7 +942,11 @@ def write_markdown(results, path, argv):
     w(f"- SLO- and EC-aware vs FIFO without chunking: {t1} (bar >= 2x)")
     if best_budget:
         t2, r2 = _cap_ratio(caps, "slo", best_budget)
-        w(f"- SLO- and EC-aware vs the best fixed budget ({best_budget}): {t2} (bar >= 1.2x)")
+        slo_cap = caps.get("slo") or {}
+        same = [slo_cap.get(k) == caps[best_budget].get(k) for k in ("capacity_rps", "first_failing_rps")]
+        unresolved = (" (not resolved: both passed the same highest probe and failed the same next one; more "
+                      "probes would tell them apart)" if all(same) and slo_cap.get("first_failing_rps") else "")
+        w(f"- SLO- and EC-aware vs the best fixed budget ({best_budget}): {t2} (bar >= 1.2x){unresolved}")
     w("")
     w("## All runs")
     w("")
