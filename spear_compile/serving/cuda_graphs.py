@@ -210,11 +210,8 @@ class MixedGraphs:
             top_t, top_r = bucket_padding * dims.tokens, bucket_padding * dims.decode_rows
             groups = [g for (ec, t, r), g in self._by_rows.items()
                       if ec == use_ec and dims.tokens <= t <= top_t and dims.decode_rows <= r <= top_r]
-        best = None
-        for group in groups:
-            for d in group:
-                if d.covers(dims, max_padding, bucket_padding) and (best is None or _padded_cost(d) < _padded_cost(best)):
-                    best = d
+        best = min((d for group in groups for d in group if d.covers(dims, max_padding, bucket_padding)),
+                   key=_padded_cost, default=None)
         if len(self._covers) < 65536:
             self._covers[memo] = best
         return best

@@ -323,7 +323,8 @@ class ModelRunner:
                                     self.config.mixed_graph_bucket_padding)
         if cover is None or cover == dims:
             return None
-        return cover.tokens, attention_cells_at(cover.prefills, cover.chunk_len, cover.prefill_width, prefill_blocks, bs)
+        cells = attention_cells_at(cover.prefills, cover.chunk_len, cover.prefill_width, prefill_blocks, bs)
+        return cover.tokens, cells
 
     def mixed_inputs(self, decodes, prefills, use_ec: Optional[bool] = None):
         """CPU int64 tensors for ``mixed_forward`` (shapes ``buckets.mixed_step_dims_for``) and the number of logits rows

@@ -391,8 +391,9 @@ print(json.dumps(out))
 
 def test_kernel_compiles_for_sm90():
     """The kernel compiled ahead of time for an H100/H200 (sm_90; bf16 and fp16, per-channel and g128, EC, perm,
-    xsum_mma, zsub, ec_pre and its u kernel, their programmatic dependent launch, a large M > 64 tile) in a subprocess without the interpreter: the inline-PTX one-lop3 unpack
-    assembles, with the dtype's magic constant, and the products run on tensor cores."""
+    xsum_mma, zsub, ec_pre and its u kernel, their programmatic dependent launch, a large M > 64 tile) in a
+    subprocess without the interpreter: the inline-PTX one-lop3 unpack assembles, with the dtype's magic constant,
+    and the products run on tensor cores."""
     import json
     import subprocess
     import sys
