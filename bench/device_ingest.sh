@@ -3,5 +3,5 @@
 set -e
 mkdir -p bench/tune_cache .compile_cache
 for f in "$1"/tune-*.json "$1"/stepcost-*.json; do [ -f "$f" ] && install -m 644 "$f" bench/tune_cache/; done   # tracked: commit them
-if [ -f "$1/compile_cache.tgz" ]; then install -m 644 "$1/compile_cache.tgz" .compile_cache/cache.tgz; fi
+if [ -f "$1/compile_cache.txz" ]; then rm -f .compile_cache/cache.tgz; install -m 644 "$1/compile_cache.txz" .compile_cache/cache.txz; fi
 ls -la bench/tune_cache .compile_cache

@@ -6,7 +6,7 @@ for f in "${SPEAR_TUNE_CACHE:-/nonexistent}"/*.json; do
 done
 [ -n "$SPEAR_COMPILE_CACHE" ] && cd "$SPEAR_COMPILE_CACHE" 2>/dev/null || exit 0
 for parts in "inductor triton" "inductor"; do
-    tar -czf "$OUT/compile_cache.tgz" $parts 2>/dev/null
-    if [ "$(stat -c %s "$OUT/compile_cache.tgz")" -le 15728640 ]; then echo "compile cache saved: $parts"; exit 0; fi
+    tar -I "xz -T0 -6" -cf "$OUT/compile_cache.txz" $parts 2>/dev/null
+    if [ "$(stat -c %s "$OUT/compile_cache.txz")" -le 15728640 ]; then echo "compile cache saved: $parts"; exit 0; fi
 done
-rm -f "$OUT/compile_cache.tgz"; echo "compile cache too large to return"
+rm -f "$OUT/compile_cache.txz"; echo "compile cache too large to return"

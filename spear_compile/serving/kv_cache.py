@@ -72,16 +72,21 @@ class KVBlockManager:
 
     def allocate(self, req: Request, num_new_tokens: int) -> bool:
         """Append the blocks ``req`` needs to ``req.block_ids``; False (and nothing changed) if too few are free."""
-        if req.num_computed_tokens + num_new_tokens <= len(req.block_ids) * self.block_size:
+        ids, bs = req.block_ids, self.block_size
+        short = req.num_computed_tokens + num_new_tokens - len(ids) * bs
+        if short <= 0:
             return True   # the common decode step: room in its last block
-        need = self.blocks_needed(req, num_new_tokens)
-        if need > len(self._free):
+        need, free = -(-short // bs), self._free
+        if need > len(free):
             return False
+        # every running decode crosses a block boundary now and then, often many in one step: kept lean
+        refs, named = self._refs, self._name
         for _ in range(need):
-            block, _ = self._free.popitem(last=False)
-            self._forget(block)  # handed out again: its old content is gone
-            self._refs[block] = 1
-            req.block_ids.append(block)
+            block = free.popitem(last=False)[0]
+            if named:
+                self._forget(block)  # handed out again: its old content is gone
+            refs[block] = 1
+            ids.append(block)
         return True
 
     def free(self, req: Request) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from operator import itemgetter
 from typing import Optional
 
 from ...errors import SpearError
@@ -337,8 +338,7 @@ class SloAware(Policy):
             self.overhead_s += self.overhead_alpha * (max(0.0, gap - measured) - self.overhead_s)
 
 
-def _first_two(x):
-    return (x[0], x[1])
+_first_two = itemgetter(0, 1)  # (deadline, arrival): the order's sort key
 
 
 SLO_POLICY_NAMES = ("slo", "slo-ec-blind")
