@@ -150,6 +150,24 @@ class DequantCublasConfig:
 
 
 @dataclass(frozen=True)
+class GluonW4Config:
+    """The Gluon Hopper W4 GEMM (``gluon_w4``, large M): one ``block_m x block_n`` tile a CTA; ``block_k`` divides
+    the scale group; ``num_stages``: depth of the x / weight-word TMA ring; ``variant``: ``dq2`` (packed 16-bit
+    dequantize, inline PTX) or ``f32`` (fp32 dequantize, then cast)."""
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 4
+    variant: str = "dq2"
+
+    @property
+    def name(self):
+        return (f"gluon[BM={self.block_m},BN={self.block_n},BK={self.block_k},warps={self.num_warps},"
+                f"stages={self.num_stages},{self.variant}]")
+
+
+@dataclass(frozen=True)
 class GroupedConfig:
     """One launch of ``w4_gemv_grouped_kernel`` for every member, or (``per_member``) one launch per
     member with its own tuned config, into column slices of the grouped output."""

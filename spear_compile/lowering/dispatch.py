@@ -6,7 +6,9 @@ for this key, and runs it:
 
 * ``DecodeConfig``: split-K GEMV with the EC in the same launch or after a u kernel (``decode``);
 * ``PrefillConfig``: the Triton W4 GEMM, EC in the epilogue (``prefill``);
-* ``DequantCublasConfig``: dequantize + cuBLAS, the EC joined as the tuner picks per key (``prefill``).
+* ``DequantCublasConfig``: dequantize + cuBLAS, the EC joined as the tuner picks per key (``prefill``);
+* ``GluonW4Config``: the Gluon Hopper GEMM, EC-free keys at 64 < M <= 1024 on sm_90 (``gluon_w4``;
+  ``SPEAR_GLUON_KERNEL=0``: not a candidate).
 
 The config is timed on the first CUDA call of each key and cached in-process and on disk (``tune_cache``); during
 CUDA-graph capture, under the interpreter, or with ``SPEAR_AUTOTUNE=0`` the heuristic default is used. ``choose``
@@ -24,16 +26,19 @@ from typing import Optional
 
 import torch
 
+from .. import options
 from ..errors import SpearError
-from . import batched
+from . import batched, gluon_w4
 from .candidates import (decode_candidates, decode_ec_candidates, default_config, num_sms,  # noqa: F401
                          prefill_candidates)
-from .configs import (MAX_DECODE_M, MAX_EC_RANK, DecodeConfig, DequantCublasConfig, GroupedConfig,  # noqa: F401
-                      PrefillConfig)
+from .configs import (MAX_DECODE_M, MAX_EC_RANK, DecodeConfig, DequantCublasConfig, GluonW4Config,  # noqa: F401
+                      GroupedConfig, PrefillConfig)
 from .decode import project_u, run_decode  # noqa: F401  (project_u: the tensor-parallel hook, public here)
 from .prefill import run_dequant_cublas, run_prefill
 from .runtime import TUNER
 from .tuner import linear_key
+
+MAX_GLUON_M = 1024  # the Gluon GEMM is a tuning candidate for EC-free keys at 64 < M <= this
 
 
 def runner(cfg):
@@ -44,6 +49,8 @@ def runner(cfg):
         return run_decode
     if isinstance(cfg, PrefillConfig):
         return run_prefill
+    if isinstance(cfg, GluonW4Config):
+        return gluon_w4.run_single
     return run_dequant_cublas
 
 
@@ -73,6 +80,11 @@ def config_for(x2, args, k, n, group_size, has_ec, gated):
                  else prefill_candidates(m, k, group_size, has_ec, gated))
     if args[10] is None:  # the batched tensor-core kernel for 2 <= M <= 512 (not with a given u: the TP hook)
         cands = cands + batched.candidates_for(m, k, [n], group_size, sms, has_ec, args[7].shape[1] if has_ec else 0)
+    if not has_ec and MAX_GLUON_M >= m > 64 and options.current().gluon_kernel \
+            and gluon_w4.supported(x2, args[1], group_size):
+        # the Gluon Hopper GEMM (dequantize under the async wgmma): won 7B M = 128-256 on an H100, lost M >= 1024
+        # (bench/results/gluon_w4_h100_s26.md)
+        cands = cands + gluon_w4.gluon_candidates(m, k, n, group_size, sms)
     y = args[-1]
     return TUNER.pick(key, x2.device, cands, lambda cfg: runner(cfg)(cfg, *args),
                       lambda: run_dequant_cublas(None, *args[:-1], torch.empty_like(y)), y)

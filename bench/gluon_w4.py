@@ -1,0 +1,385 @@
+"""The Gluon Hopper W4A16 GEMM (``lowering/gluon_w4.py``) against bf16 cuBLAS and dequantize + cuBLAS, large M.
+
+For Llama-3.2-1B and Llama-2-7B (the 7 linears of a decoder layer), M in {128, 256, 512, 1024, 2048}, per-channel
+and g128: (a) every Gluon candidate config (``gluon_candidates`` plus an fp32-dequantize control) is checked against
+a float64 dequantize-then-matmul reference at that M, with bias at M = 77 (row masking) on the first M; a config
+that fails (error, or max |err| / max |ref| > 2e-2, or norm-relative > 3e-3) is printed and excluded; (b) times, as
+CUDA-event-timed CUDA-graph replays with the linear's weights cycled over enough copies to exceed L2 (50 MB): the
+best passing Gluon config, bf16 ``F.linear``, ``dequantize_w4`` + ``F.linear`` and, with ``--dispatch``, the tuned
+``dispatch.launch`` ("ours W4"); (c) a markdown table per (model, M, quant), a summary and a JSON under ``--out``.
+
+    python3 -m bench.gluon_w4 --out DIR            # full run (~3 min on an H100)
+    python3 -m bench.gluon_w4 --out DIR --quick    # Llama-3.2-1B, M = 256, per-channel
+    python3 -m bench.gluon_w4 --sass               # no GPU: sm_90 SASS facts of the candidate tiles (Triton 3.6)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+from bench.kernels import L2_BYTES, MODELS, layer_shapes  # the same layers as the per-layer kernels bench
+
+MS = (128, 256, 512, 1024, 2048)
+G = 128
+MAX_REL, NORM_REL = 2e-2, 3e-3
+MAX_COPIES = 32
+
+
+class Log:
+    def __init__(self, path):
+        self.fh = open(path, "w") if path else None
+
+    def __call__(self, *a):
+        s = " ".join(str(x) for x in a)
+        print(s, flush=True)
+        if self.fh:
+            self.fh.write(s + "\n")
+            self.fh.flush()
+
+
+# ------------------------------------------------------------------ offline SASS (no GPU)
+def sass_report(log):
+    """Compile every candidate tile for sm_90 (per-channel and g128, bias, bf16) and report registers, spills,
+    shared memory and the K loop's wgmma wait (``DEPBAR.LE gsb0, 0x1``: one MMA in flight across the dequantize)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from spear_compile.kernels import w4_gluon
+    from spear_compile.lowering.gluon_w4 import _TILES, GROUP_M, GluonW4Config
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    kern = w4_gluon.w4_gluon_kernel
+    cfgs = [c for c, _ in _TILES] + [GluonW4Config(128, 128, 64, 8, 4, "f32")]
+    log(f"triton {triton.__version__}: sm_90 SASS of w4_gluon_kernel (bf16, bias)")
+    log("| config | quant | regs | spill instrs | smem B | loop instrs | loop wgmma wait |")
+    log("|---|---|---|---|---|---|---|")
+    for cfg in cfgs:
+        for pc in (True, False):
+            bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+            xl = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.bfloat16)
+            ql = gl.NVMMASharedLayout.get_default_for([bn, bk // 8], gl.int32)
+            types = dict(x_desc=f"tensordesc<bf16[{bm}, {bk}],{xl!r}>",
+                         q_desc=f"tensordesc<i32[{bn}, {bk // 8}],{ql!r}>",
+                         s_ptr="*bf16", z_ptr="*bf16", bias_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", K="i32",
+                         n_groups="i32", stride_ym="i32")
+            consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=cfg.num_stages, GROUP_M=GROUP_M,
+                          GROUP_TILES=1 if pc else G // bk, PER_CHANNEL=pc, HAS_BIAS=True, DQ2=cfg.variant == "dq2",
+                          num_warps=cfg.num_warps)
+            sig, attrs = {}, {}
+            for i, name in enumerate(kern.arg_names):
+                if name in consts:
+                    sig[name] = "constexpr"
+                else:
+                    sig[name] = types[name]
+                    if types[name].startswith("*") or name in ("N", "K", "stride_ym"):
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+            try:
+                src = GluonASTSource(fn=kern, signature=sig, attrs=attrs,
+                                     constexprs={(kern.arg_names.index(n),): v for n, v in consts.items()})
+                c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+            except Exception as e:  # noqa: BLE001
+                log(f"| {cfg.name} | {'pc' if pc else 'g128'} | compile failed: {type(e).__name__}: "
+                    f"{str(e).splitlines()[-1][:200]} |")
+                continue
+            with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+                f.write(c.asm["cubin"])
+            try:
+                text = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", f.name], capture_output=True,
+                                      text=True).stdout
+                res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                                     text=True).stdout
+            finally:
+                os.unlink(f.name)
+            reg = re.search(r"REG:(\d+)", res)
+            spill = sum(1 for line in text.splitlines() if re.search(r"\b(LDL|STL)(\.\w+)*\s", line))
+            loop = _mma_loop(text)
+            waits = sorted({re.sub(r".*DEPBAR\.LE\s+", "", t) for t in loop if "WARPGROUP.DEPBAR" in t})
+            log(f"| {cfg.name} | {'pc' if pc else 'g128'} | {reg.group(1) if reg else '?'} | {spill} | "
+                f"{c.metadata.shared} | {len(loop)} | {', '.join(waits) or 'none'} |")
+
+
+def _mma_loop(text):
+    """SASS lines of the loop that holds the first HGMMA (from its backward branch's target to the branch)."""
+    rows, labels, pending = [], {}, []
+    for line in text.splitlines():
+        lab = re.match(r"^\s*(\.L_x_\d+):", line)
+        if lab:
+            pending.append(lab.group(1))
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if not m:
+            continue
+        addr = int(m.group(1), 16)
+        for name in pending:
+            labels[name] = addr
+        pending = []
+        rows.append((addr, m.group(2).strip()))
+    hg = [a for a, t in rows if "HGMMA" in t]
+    if not hg:
+        return []
+    for a, t in rows:
+        if a > hg[0] and re.search(r"\bBRA\b", t):
+            tgt = re.search(r"(\.L_x_\d+)", t)
+            if tgt and labels.get(tgt.group(1), 1 << 62) < hg[0]:
+                return [r for b, r in rows if labels[tgt.group(1)] <= b <= a]
+    return []
+
+
+# ------------------------------------------------------------------ GPU bench
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="Llama-3.2-1B, M = 256, per-channel only")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--quants", default="pc,g128")
+    ap.add_argument("--dispatch", action="store_true", help="also time the tuned dispatch.launch (tunes: slow)")
+    ap.add_argument("--budget", type=float, default=190.0, help="seconds; later (model, M) steps are skipped")
+    ap.add_argument("--sass", action="store_true", help="no GPU: offline sm_90 SASS facts of the tiles")
+    args = ap.parse_args()
+    if args.sass:
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+        sass_report(Log(os.path.join(args.out, "gluon_w4_sass.md") if args.out else None))
+        return
+    if not args.out:
+        ap.error("--out is required")
+    if args.quick:
+        args.models, args.ms, args.quants = "Llama-3.2-1B", "256", "pc"
+    os.makedirs(args.out, exist_ok=True)
+    log = Log(os.path.join(args.out, "gluon_w4_log.txt"))
+    t0 = time.time()
+
+    import torch
+    import torch.nn.functional as F
+    import triton
+
+    from spear_compile.lowering import gluon_w4, prefill
+    from spear_compile.quant.packing import pack
+
+    os.environ.setdefault("SPEAR_TUNE_CACHE", "0")
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    info = dict(device=props.name, sms=props.multi_processor_count, capability=list(torch.cuda.get_device_capability()),
+                torch=torch.__version__, triton=triton.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command="python3 -m bench.gluon_w4 " + " ".join(sys.argv[1:]))
+    log(json.dumps(info))
+    from spear_compile.kernels import w4_gluon
+    log(f"gluon available: {w4_gluon.AVAILABLE}")
+    gen = torch.Generator(device=dev).manual_seed(1234)
+
+    def time_graph(fn, copies, reps=15):
+        """µs per call: one graph replays ``fn(c)`` for every weight copy c."""
+        for c in range(copies):
+            fn(c)
+        torch.cuda.synchronize()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn(0)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=s):
+            for c in range(copies):
+                fn(c)
+        g.replay()
+        torch.cuda.synchronize()
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for a, b in ev:
+            a.record()
+            g.replay()
+            b.record()
+        torch.cuda.synchronize()
+        ts = sorted(a.elapsed_time(b) for a, b in ev)
+        del g
+        return ts[len(ts) // 2] * 1e3 / copies
+
+    def make_linear(k, n):
+        codes = torch.randint(0, 16, (n, k), device=dev, dtype=torch.uint8, generator=gen)
+        L = dict(k=k, n=n, q=pack(codes, 4))
+        for tag, groups in (("pc", 1), ("g128", k // G)):
+            L["s_" + tag] = (torch.rand(n, groups, device=dev, generator=gen) * 0.01 + 0.002).to(torch.bfloat16)
+            L["z_" + tag] = torch.randint(0, 16, (n, groups), device=dev, generator=gen).to(torch.bfloat16)
+        L["bias"] = (torch.randn(n, device=dev, generator=gen) * 0.1).to(torch.bfloat16)
+        return L
+
+    def w64(L, tag):
+        n, k = L["n"], L["k"]
+        b = L["q"]
+        q = torch.stack([b & 0xF, b >> 4], -1).reshape(n, k).double()  # low nibble = even k
+        gs = k if tag == "pc" else G
+        w = (q.reshape(n, k // gs, gs) - L["z_" + tag].double()[..., None]) * L["s_" + tag].double()[..., None]
+        return w.reshape(n, k)
+
+    def errors(y, ref):
+        if not torch.isfinite(y).all():
+            return float("inf"), float("inf")
+        d = y.double() - ref
+        return (d.abs().max() / ref.abs().max()).item(), (d.norm() / ref.norm()).item()
+
+    quants = args.quants.split(",")
+    ms = [int(v) for v in args.ms.split(",")]
+    control = gluon_w4.GluonW4Config(128, 128, 64, 8, 4, "f32")
+    results, tables, failures = [], [], []
+    compile_note = {}
+    for model in args.models.split(","):
+        shapes = layer_shapes(MODELS[model])
+        int4_bytes = sum(k * n // 2 for _, k, n in shapes)
+        # per linear: copies whose int4 weights exceed 4 x L2 (at most MAX_COPIES: the smallest stay under it)
+        ncopies = [min(MAX_COPIES, max(2, math.ceil(4 * L2_BYTES / (k * n // 2)))) for _, k, n in shapes]
+        lins = [[make_linear(k, n) for _ in range(nc)] for (_, k, n), nc in zip(shapes, ncopies)]
+        wbf = [[prefill.dequantize_w4(L["q"], L["s_g128"], L["z_g128"], G, torch.bfloat16) for L in Ls]
+               for Ls in lins]  # bf16 weights for cuBLAS (values don't matter for timing)
+        log(f"== {model}: weight copies per linear {ncopies}, int4 layer {int4_bytes / 1e6:.1f} MB "
+            f"({time.time() - t0:.0f} s)")
+        for tag in quants:
+            refs_w = {li: w64(lins[li][0], tag) for li in range(len(shapes))}
+            checked_mask = set()
+            for m in ms:
+                if time.time() - t0 > args.budget:
+                    log(f"budget {args.budget:.0f} s spent: skipping {model} {tag} M={m}")
+                    continue
+                x = (torch.randn(m, shapes[0][1], device=dev, generator=gen)).to(torch.bfloat16)
+                rows = []
+                for li, (name, k, n) in enumerate(shapes):
+                    L0, Ls, copies = lins[li][0], lins[li], ncopies[li]
+                    gs = k if tag == "pc" else G
+                    xs = x if x.shape[1] == k else torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16)
+                    ref = xs.double() @ refs_w[li].T
+                    cands = gluon_w4.gluon_candidates(m, k, n, gs, props.multi_processor_count)
+                    if control not in cands:
+                        cands.append(control)
+                    passing = []
+                    for cfg in cands:
+                        try:
+                            tc = time.time()
+                            y = torch.full((m, n), float("nan"), device=dev, dtype=torch.bfloat16)
+                            gluon_w4.run_gluon_w4(xs, L0["q"], L0["s_" + tag], L0["z_" + tag], None, gs, y, cfg)
+                            torch.cuda.synchronize()
+                            compile_note.setdefault(cfg.name, round(time.time() - tc, 1))
+                            e_max, e_norm = errors(y, ref)
+                            ok = e_max <= MAX_REL and e_norm <= NORM_REL
+                            where = f"M={m}"
+                            if ok and (cfg, tag, k, n) not in checked_mask:  # masking (M = 77) + bias, once
+                                checked_mask.add((cfg, tag, k, n))
+                                x77 = xs[:77].contiguous()
+                                y77 = torch.full((77, n), float("nan"), device=dev, dtype=torch.bfloat16)
+                                gluon_w4.run_gluon_w4(x77, L0["q"], L0["s_" + tag], L0["z_" + tag], L0["bias"], gs,
+                                                      y77, cfg)
+                                torch.cuda.synchronize()
+                                e2 = errors(y77, ref[:77] + L0["bias"].double())
+                                if not (e2[0] <= MAX_REL and e2[1] <= NORM_REL):
+                                    ok, e_max, e_norm, where = False, e2[0], e2[1], "M=77+bias"
+                            if ok:
+                                passing.append(cfg)
+                            else:
+                                failures.append(dict(model=model, quant=tag, linear=name, m=where, config=cfg.name,
+                                                     max_rel=e_max, norm_rel=e_norm))
+                                log(f"FAIL {model} {tag} {name} {where} {cfg.name}: max {e_max:.2e} "
+                                    f"norm {e_norm:.2e}")
+                        except Exception as e:  # noqa: BLE001
+                            failures.append(dict(model=model, quant=tag, linear=name, m=m, config=cfg.name,
+                                                 error=f"{type(e).__name__}: {e}"))
+                            log(f"ERROR {model} {tag} {name} M={m} {cfg.name}: {type(e).__name__}: "
+                                f"{str(e)[:300]}")
+                            if len([f for f in failures if "error" in f]) <= 2:
+                                log(traceback.format_exc()[-2000:])
+                    ys = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+                    t_bf16 = time_graph(lambda c: F.linear(xs, wbf[li][c]), copies)
+                    t_deq = time_graph(lambda c: F.linear(xs, prefill.dequantize_w4(
+                        Ls[c]["q"], Ls[c]["s_" + tag], Ls[c]["z_" + tag], gs, torch.bfloat16)), copies)
+                    t_disp = None
+                    if args.dispatch:
+                        from spear_compile.lowering import dispatch
+                        try:
+                            t_disp = time_graph(lambda c: dispatch.launch(
+                                xs, Ls[c]["q"], Ls[c]["s_" + tag], Ls[c]["z_" + tag], None, gs), copies)
+                        except Exception as e:  # noqa: BLE001
+                            log(f"dispatch {name}: {type(e).__name__}: {e}")
+                    per_cfg = {}
+                    for cfg in passing:
+                        try:
+                            per_cfg[cfg.name] = time_graph(lambda c: gluon_w4.run_gluon_w4(
+                                xs, Ls[c]["q"], Ls[c]["s_" + tag], Ls[c]["z_" + tag], None, gs, ys, cfg), copies)
+                        except Exception as e:  # noqa: BLE001
+                            log(f"ERROR timing {name} {cfg.name}: {type(e).__name__}: {str(e)[:300]}")
+                    best = min(per_cfg, key=per_cfg.get) if per_cfg else None
+                    rows.append(dict(linear=name, k=k, n=n, bf16=t_bf16, deq_cublas=t_deq, dispatch=t_disp,
+                                     gluon=per_cfg.get(best), gluon_cfg=best, gluon_all=per_cfg))
+                results.append(dict(model=model, m=m, quant=tag, rows=rows))
+                tables.append(_table(model, m, tag, rows, args.dispatch))
+                log(tables[-1])
+    summary = _summary(results, args.dispatch)
+    log(summary)
+    log(f"failures: {len(failures)}; compile+first-run seconds per config: {json.dumps(compile_note)}")
+    log(f"total {time.time() - t0:.0f} s")
+    with open(os.path.join(args.out, "gluon_w4.md"), "w") as fh:
+        fh.write(f"# Gluon W4A16 GEMM vs cuBLAS ({info['device']}, torch {info['torch']}, triton {info['triton']})\n\n")
+        fh.write(f"Command: `{info['command']}`. µs per linear: median of CUDA-event-timed CUDA-graph replays "
+                 "with the "
+                 "weights cycled over copies beyond L2. `deq+cuBLAS`: `dequantize_w4` + `F.linear`.\n\n")
+        fh.write(summary + "\n\n" + "\n\n".join(tables) + "\n")
+        if failures:
+            fh.write("\n## Failures\n\n" + "\n".join(f"- {json.dumps(f)}" for f in failures) + "\n")
+    with open(os.path.join(args.out, "gluon_w4.json"), "w") as fh:
+        json.dump(dict(info=info, results=results, failures=failures, compile_s=compile_note), fh, indent=1)
+
+
+def _fmt(v):
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _ratio(a, b):
+    return "-" if a is None or b is None or not b else f"{a / b:.2f}"
+
+
+def _table(model, m, tag, rows, with_disp):
+    head = "| linear | K | N | bf16 µs | deq+cuBLAS µs |" + (" ours W4 µs |" if with_disp else "") + \
+        " gluon µs | gluon/bf16 | gluon/deq | gluon config |"
+    out = [f"### {model}, M={m}, {tag}", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        out.append(f"| {r['linear']} | {r['k']} | {r['n']} | {_fmt(r['bf16'])} | {_fmt(r['deq_cublas'])} |"
+                   + (f" {_fmt(r['dispatch'])} |" if with_disp else "")
+                   + f" {_fmt(r['gluon'])} | {_ratio(r['gluon'], r['bf16'])} | {_ratio(r['gluon'], r['deq_cublas'])} |"
+                   f" `{r['gluon_cfg']}` |")
+    s = _sums(rows)
+    out.append(f"| **sum** | | | {_fmt(s['bf16'])} | {_fmt(s['deq_cublas'])} |"
+               + (f" {_fmt(s['dispatch'])} |" if with_disp else "")
+               + f" {_fmt(s['gluon'])} | {_ratio(s['gluon'], s['bf16'])} | {_ratio(s['gluon'], s['deq_cublas'])} | |")
+    return "\n".join(out)
+
+
+def _sums(rows):
+    s = {}
+    for key in ("bf16", "deq_cublas", "dispatch", "gluon"):
+        vals = [r[key] for r in rows]
+        s[key] = None if any(v is None for v in vals) else sum(vals)
+    return s
+
+
+def _summary(results, with_disp):
+    head = "| model | M | quant | bf16 µs | deq+cuBLAS µs |" + (" ours W4 µs |" if with_disp else "") + \
+        " gluon µs | gluon/bf16 | gluon/deq+cuBLAS |"
+    out = ["## Per layer (sum of the 7 linears)", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for res in results:
+        s = _sums(res["rows"])
+        out.append(f"| {res['model']} | {res['m']} | {res['quant']} | {_fmt(s['bf16'])} | {_fmt(s['deq_cublas'])} |"
+                   + (f" {_fmt(s['dispatch'])} |" if with_disp else "")
+                   + f" {_fmt(s['gluon'])} | {_ratio(s['gluon'], s['bf16'])} | {_ratio(s['gluon'], s['deq_cublas'])} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

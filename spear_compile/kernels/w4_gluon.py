@@ -1,0 +1,234 @@
+"""Hopper (sm_90) W4A16 GEMM in Gluon for large M: the int4 dequantize overlaps the asynchronous wgmma.
+
+``y[M, N] = x[M, K] @ Wᵀ (+ bias)``, ``W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]``, q read as int32 words
+``[N, K/8]`` (nibble i of word j is k = 8j + i). One CTA per ``BLOCK_M x BLOCK_N`` output tile, 1 or 2 warpgroups.
+
+Pipeline per K tile i (``BLOCK_K`` = 64, inside one scale group):
+
+* TMA: the x tile ``[BLOCK_M, BLOCK_K]`` and the word tile ``[BLOCK_N, BLOCK_K/8]`` (int32) of tile t land in stage
+  t % NUM_STAGES of a shared ring, one mbarrier (expect-tx) per stage; x rows past M read as zeros. The stage of tile
+  i - 2 is refilled with tile i + NUM_STAGES - 2 right after iteration i's barrier. Weight words never pass through
+  registers in flight, so the ``fence.proxy.async`` below never waits on a global load.
+* Dequantize (the warps, while MMA i - 1 runs on the tensor cores): the words are read from shared memory and
+  ``DQ2`` (default) turns each into 4 packed bf16x2/f16x2 pairs in 13-17 instructions (``_dq2_asm``: magic-exponent
+  ``lop3``, ``prmt``, packed ``sub`` of magic + zero, packed ``mul`` by the group scale), stored as int32 pairs
+  through a reinterpreted view of the same NVMMA-swizzled buffer; ``DQ2=False`` is the fp32 path
+  (``(q | 0x4B000000)`` as fp32 is 2^23 + q, minus 2^23 + zero, times scale, cast). The bf16/fp16 tile goes K-major
+  into a 3-deep W ring (the wgmma B operand through ``.permute``). Grouped (scale, zero) rows are loaded two tiles
+  ahead, after the fence.
+* ``fence_async_shared`` + CTA barrier, then ``warpgroup_mma(x_stage, w_buf.T, acc, is_async=True)`` and
+  ``warpgroup_mma_wait(1)``: MMA i stays in flight across the dequantize of tile i + 1; only MMA i - 1 must have
+  retired. The barrier of iteration i proves every warpgroup retired MMA i - 2, so the W buffer (3-deep ring: with
+  2 warpgroups a 2-deep one would race) and the stage of tile i - 2 may be rewritten from there on.
+* Epilogue: per-channel scale (``q - zero`` is exact in bf16/fp16, so the loop skips it), bias, cast, masked store.
+
+Only definitions run at import; ``AVAILABLE`` is False where Gluon or its Hopper names are missing (the kernel is
+written against Triton 3.6's Gluon API).
+"""
+from __future__ import annotations
+
+try:  # Gluon's Hopper API (Triton 3.6 names); any other Triton may lack or rename them
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    # the TMA load: ``async_copy_global_to_shared`` in Triton 3.6, ``async_load`` (same arguments) from 3.7 on
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    # Triton 3.6 names the kernel uses that later Gluon renamed (``thread_barrier``, ``_reinterpret``)
+    AVAILABLE = all(hasattr(gl, n) for n in ("NVMMASharedLayout", "inline_asm_elementwise", "thread_barrier")) \
+        and hasattr(gl.shared_memory_descriptor, "_reinterpret")
+except Exception:  # noqa: BLE001 - an old or new Triton: the path is simply unavailable
+    AVAILABLE = False
+
+
+def _dq2_asm(ty, magic, scaled):
+    """PTX: one int32 word (``$4``) -> 4 packed 16-bit pairs ``$0..$3`` = (k0,k1), (k2,k3), (k4,k5), (k6,k7).
+    ``lop3`` puts nibbles i and i + 4 under the magic exponent (bf16 0x4300 = 128 + q, fp16 0x6400 = 1024 + q, both
+    with an ulp of 1), ``prmt`` pairs neighbouring k, ``sub`` takes the packed (magic + zero) ``$5`` (exact: zero
+    points are integers in [0, 15]), ``mul`` the packed scale ``$6`` (grouped only; one rounding, as in fp32)."""
+    lines = [
+        "{", ".reg .b32 t0, t1, t2, t3, s1, s2, s3;",
+        "shr.u32 s1, $4, 4;", "shr.u32 s2, $4, 8;", "shr.u32 s3, $4, 12;",
+        f"lop3.b32 t0, $4, 0x000f000f, {magic}, 0xea;", f"lop3.b32 t1, s1, 0x000f000f, {magic}, 0xea;",
+        f"lop3.b32 t2, s2, 0x000f000f, {magic}, 0xea;", f"lop3.b32 t3, s3, 0x000f000f, {magic}, 0xea;",
+        "prmt.b32 $0, t0, t1, 0x5410;", "prmt.b32 $1, t2, t3, 0x5410;",
+        "prmt.b32 $2, t0, t1, 0x7632;", "prmt.b32 $3, t2, t3, 0x7632;",
+    ]
+    for r in range(4):
+        lines.append(f"sub.{ty} ${r}, ${r}, $5;")
+        if scaled:
+            lines.append(f"mul.{ty} ${r}, ${r}, $6;")
+    return "\n".join(lines + ["}"])
+
+
+if AVAILABLE:
+    _ASM_BF16 = gl.constexpr(_dq2_asm("rn.bf16x2", "0x43004300", False))
+    _ASM_BF16_S = gl.constexpr(_dq2_asm("rn.bf16x2", "0x43004300", True))
+    _ASM_F16 = gl.constexpr(_dq2_asm("rn.f16x2", "0x64006400", False))
+    _ASM_F16_S = gl.constexpr(_dq2_asm("rn.f16x2", "0x64006400", True))
+
+    @gluon.constexpr_function
+    def _mma_warps(BLOCK_M, num_warps):
+        """``warps_per_cta`` of the wgmma accumulator: warpgroups stacked along M when BLOCK_M allows, else along N."""
+        if num_warps == 4 or BLOCK_M >= 16 * num_warps:
+            return [num_warps, 1]
+        return [4, num_warps // 4]
+
+    @gluon.constexpr_function
+    def _instr_n(BLOCK_M, BLOCK_N, num_warps):
+        wn = 1 if (num_warps == 4 or BLOCK_M >= 16 * num_warps) else num_warps // 4
+        n = min(256, BLOCK_N // wn)
+        while (BLOCK_N // wn) % n:
+            n -= 8
+        return n
+
+    @gluon.constexpr_function
+    def _word_spt(KW):
+        return min(KW, 4)
+
+    @gluon.jit
+    def _pack2(v, dtype: gl.constexpr):
+        """fp32 vector -> int32 holding the value twice as a packed 16-bit pair of ``dtype``."""
+        h = v.to(dtype).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        return h | (h << 16)
+
+    @gluon.jit
+    def w4_gluon_kernel(
+        x_desc, q_desc, s_ptr, z_ptr, bias_ptr, y_ptr,
+        M, N, K, n_groups, stride_ym,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr,
+        GROUP_M: gl.constexpr, GROUP_TILES: gl.constexpr, PER_CHANNEL: gl.constexpr, HAS_BIAS: gl.constexpr,
+        DQ2: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        dtype: gl.constexpr = x_desc.dtype
+        KW: gl.constexpr = BLOCK_K // 8  # int32 words a row per K tile
+        NBUF: gl.constexpr = 3  # the W ring's depth (the docstring: 3 keeps 2 warpgroups race-free)
+        # ---- tile order: GROUP_M row tiles in a row share each W column tile (L2 reuse)
+        pid = gl.program_id(0)
+        num_m = gl.cdiv(M, BLOCK_M)
+        num_n = N // BLOCK_N
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        rows = gl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % rows
+        pid_n = (pid % per_group) // rows
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+
+        # ---- layouts
+        SPT: gl.constexpr = _word_spt(KW)
+        TPK: gl.constexpr = KW // SPT
+        TPN: gl.constexpr = 32 // TPK
+        L3: gl.constexpr = gl.BlockedLayout([1, SPT, 8], [TPN, TPK, 1], [num_warps, 1, 1], [2, 1, 0])
+        LW: gl.constexpr = gl.SliceLayout(2, L3)  # the words [BLOCK_N, KW]
+        LN: gl.constexpr = gl.SliceLayout(1, LW)  # per-row vectors (scale, zero)
+        LI: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, L3))  # nibble index
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=_mma_warps(BLOCK_M, num_warps),
+            instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 16])
+        w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], dtype)
+        # the same bytes as int32 pairs (the swizzle is defined on 16-byte chunks of 128-byte rows)
+        w32_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=w_layout.swizzle_byte_width,
+                                                        element_bitwidth=32, rank=2)
+        IS_BF16: gl.constexpr = dtype == gl.bfloat16
+        MAGIC: gl.constexpr = 128.0 if IS_BF16 else 1024.0
+
+        x_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+        q_smem = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, BLOCK_N, KW], q_desc.layout)
+        w_smem = gl.allocate_shared_memory(dtype, [NBUF, BLOCK_N, BLOCK_K], w_layout)
+        bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for si in gl.static_range(NUM_STAGES):
+            mbarrier.init(bars.index(si), count=1)
+        fence_async_shared()
+        STAGE_BYTES: gl.constexpr = x_desc.block_type.nbytes + q_desc.block_type.nbytes
+
+        n_k = K // BLOCK_K
+        # ---- prologue: the x and word tiles 0 .. NUM_STAGES - 1 by TMA (x rows past M read as zeros)
+        for si in gl.static_range(NUM_STAGES):
+            p = si < n_k
+            mbarrier.expect(bars.index(si), STAGE_BYTES, pred=p)
+            _tma_load(x_desc, [off_m, si * BLOCK_K], bars.index(si), x_smem.index(si), pred=p)
+            _tma_load(q_desc, [off_n, si * KW], bars.index(si), q_smem.index(si), pred=p)
+
+        offs_n = off_n + gl.arange(0, BLOCK_N, layout=LN)
+        shifts = gl.expand_dims(gl.expand_dims((gl.arange(0, 8, layout=LI) * 4).to(gl.uint32), 0), 1)  # [1, 1, 8]
+        if PER_CHANNEL:
+            zpc = gl.load(z_ptr + offs_n).to(gl.float32)
+            zc = zpc + 8388608.0
+            z2pc = gl.expand_dims(_pack2(zpc + MAGIC, dtype), 1)
+        else:  # (scale, zero) of tiles i and i + 1 in registers; tile i + 2's loaded during iteration i
+            za = gl.load(z_ptr + offs_n * n_groups).to(gl.float32)
+            sa = gl.load(s_ptr + offs_n * n_groups).to(gl.float32)
+            g1 = gl.minimum(n_k - 1, 1) // GROUP_TILES
+            zb = gl.load(z_ptr + offs_n * n_groups + g1).to(gl.float32)
+            sb = gl.load(s_ptr + offs_n * n_groups + g1).to(gl.float32)
+
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
+        for i in range(n_k):
+            cs = i % NUM_STAGES
+            mbarrier.wait(bars.index(cs), (i // NUM_STAGES) & 1)
+            words = q_smem.index(cs).load(LW)
+            # ---- dequantize tile i into W buffer i % 3 (overlaps MMA i - 1 on the tensor cores)
+            buf = i % NBUF
+            if DQ2:  # packed 16-bit math, 2 values an instruction (see _dq2_asm)
+                if PER_CHANNEL:
+                    if IS_BF16:
+                        o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_BF16, "=r,=r,=r,=r,r,r", [words, z2pc],
+                                                                   dtype=(gl.int32,) * 4, is_pure=True, pack=1)
+                    else:
+                        o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_F16, "=r,=r,=r,=r,r,r", [words, z2pc],
+                                                                   dtype=(gl.int32,) * 4, is_pure=True, pack=1)
+                else:
+                    z2 = gl.expand_dims(_pack2(za + MAGIC, dtype), 1)
+                    s2 = gl.expand_dims(_pack2(sa, dtype), 1)
+                    if IS_BF16:
+                        o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_BF16_S, "=r,=r,=r,=r,r,r,r", [words, z2, s2],
+                                                                   dtype=(gl.int32,) * 4, is_pure=True, pack=1)
+                    else:
+                        o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_F16_S, "=r,=r,=r,=r,r,r,r", [words, z2, s2],
+                                                                   dtype=(gl.int32,) * 4, is_pure=True, pack=1)
+                # [BLOCK_N, KW, 2, 2]: flat index 2c + b holds o_(2c+b), i.e. the pairs in k order
+                pairs = gl.reshape(gl.join(gl.join(o0, o2), gl.join(o1, o3)), [BLOCK_N, BLOCK_K // 2])
+                w_smem.index(buf)._reinterpret(gl.int32, [BLOCK_N, BLOCK_K // 2], w32_layout).store(pairs)
+            else:  # fp32 math on [BLOCK_N, KW, 8], k = 8j + nibble
+                if PER_CHANNEL:
+                    zcur = zc
+                else:
+                    zcur = za + 8388608.0
+                q3 = (gl.expand_dims(words.to(gl.uint32, bitcast=True), 2) >> shifts) & 0xF
+                w3 = (q3 | 0x4B000000).to(gl.float32, bitcast=True) - gl.expand_dims(gl.expand_dims(zcur, 1), 2)
+                if not PER_CHANNEL:
+                    w3 = w3 * gl.expand_dims(gl.expand_dims(sa, 1), 2)
+                w_smem.index(buf).store(gl.reshape(w3.to(dtype), [BLOCK_N, BLOCK_K]))
+            fence_async_shared()
+            gl.thread_barrier()  # all W stores are in; every warp read its words; every warpgroup retired MMA i - 2
+            # ---- refill the stage of tile i - 2 with tile i + NUM_STAGES - 2
+            t = i + NUM_STAGES - 2
+            refill = (i >= 2) & (t < n_k)
+            st = t % NUM_STAGES
+            mbarrier.expect(bars.index(st), STAGE_BYTES, pred=refill)
+            _tma_load(x_desc, [off_m, t * BLOCK_K], bars.index(st), x_smem.index(st), pred=refill)
+            _tma_load(q_desc, [off_n, t * KW], bars.index(st), q_smem.index(st), pred=refill)
+            if not PER_CHANNEL:  # after the fence, so that the fence does not wait for these loads
+                za = zb
+                sa = sb
+                g2 = gl.minimum(i + 2, n_k - 1) // GROUP_TILES
+                zb = gl.load(z_ptr + offs_n * n_groups + g2).to(gl.float32)
+                sb = gl.load(s_ptr + offs_n * n_groups + g2).to(gl.float32)
+            # ---- MMA i, asynchronous; retire MMA i - 1 only
+            acc = warpgroup_mma(x_smem.index(cs), w_smem.index(buf).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        for si in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(bars.index(si))
+
+        # ---- epilogue
+        cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
+        rows_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+        if PER_CHANNEL:
+            acc = acc * gl.expand_dims(gl.load(s_ptr + cols).to(gl.float32), 0)
+        if HAS_BIAS:
+            acc = acc + gl.expand_dims(gl.load(bias_ptr + cols).to(gl.float32), 0)
+        y_ptrs = y_ptr + gl.expand_dims(rows_m, 1) * stride_ym + gl.expand_dims(cols, 0)
+        mask = gl.expand_dims(rows_m < M, 1) & gl.expand_dims(cols < N, 0)
+        gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)

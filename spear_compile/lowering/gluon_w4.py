@@ -1,0 +1,164 @@
+"""Host side of the Gluon Hopper W4A16 GEMM (``kernels/w4_gluon.py``): config, candidates, applicability, launch.
+
+Large M only (prefill, M = 128..2048): one CTA per ``block_m x block_n`` output tile, x and the int32 weight words
+by TMA, the dequantize of K tile i + 1 overlapping the asynchronous wgmma of tile i. Needs an sm_90 GPU and the
+Gluon API of Triton 3.6 (``w4_gluon.AVAILABLE``); nothing here touches the GPU at import.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from ..errors import SpearError
+from .configs import GluonW4Config
+from .precompile import launcher
+
+WHERE = "spear_compile.lowering.gluon_w4"
+GROUP_M = 8
+VARIANTS = ("dq2", "f32")  # dq2: packed bf16x2/f16x2 dequantize (inline PTX); f32: fp32 dequantize, then cast
+H100_SMS = 132
+
+
+# (config, relative speed of a full wave): bigger accumulators amortize the dequantize over more MMA work
+_TILES = (
+    (GluonW4Config(128, 256, 64, 8, 4), 1.00),
+    (GluonW4Config(128, 128, 64, 8, 3), 0.90),  # 110 KB of shared memory: two CTAs an SM
+    (GluonW4Config(128, 128, 64, 8, 4), 0.90),
+    (GluonW4Config(128, 128, 64, 4, 4), 0.85),
+    (GluonW4Config(64, 128, 64, 4, 4), 0.70),
+    (GluonW4Config(64, 64, 64, 4, 6), 0.50),
+)
+
+
+def smem_bytes(cfg: GluonW4Config) -> int:
+    """Shared memory of one CTA: the x + word TMA ring and the 3-deep dequantized W ring."""
+    stage = cfg.block_m * cfg.block_k * 2 + cfg.block_n * cfg.block_k // 2
+    return cfg.num_stages * stage + 3 * cfg.block_n * cfg.block_k * 2 + 64
+
+
+def gluon_candidates(m: int, k: int, n: int, group_size: int, sms: int = H100_SMS) -> List[GluonW4Config]:
+    """Up to 4 configs worth timing at this shape on an H100: tiles that divide N, ranked by the expected rate
+    of a full wave times the fraction of the last wave the grid fills (small grids favour small tiles; a CTA of
+    at most 113 KB of shared memory shares its SM with a second one)."""
+    scored = []
+    for cfg, speed in _TILES:
+        if n % cfg.block_n or k % cfg.block_k or (group_size < k and group_size % cfg.block_k):
+            continue
+        slots = sms * (2 if smem_bytes(cfg) <= 113 * 1024 else 1)
+        tiles = -(-m // cfg.block_m) * (n // cfg.block_n)
+        fill = tiles / sms if tiles < sms else tiles / (-(-tiles // slots) * slots)
+        scored.append((speed * fill, cfg))
+    scored.sort(key=lambda t: -t[0])
+    return [cfg for _, cfg in scored[:4]]
+
+
+def _available() -> bool:
+    try:
+        from ..kernels import w4_gluon
+    except Exception:  # noqa: BLE001
+        return False
+    return bool(w4_gluon.AVAILABLE)
+
+
+def supported(x2: torch.Tensor, qdata: torch.Tensor, group_size: int) -> bool:
+    """Whether this path applies: CUDA sm_90, bf16/fp16 x ``[M, K]``, K and N multiples of 128, the group per-channel
+    or a multiple of 64 dividing K, and Triton's Gluon (3.6 API) importable."""
+    if not (isinstance(x2, torch.Tensor) and isinstance(qdata, torch.Tensor)):
+        return False
+    if not (x2.is_cuda and qdata.is_cuda) or x2.dim() != 2 or qdata.dim() != 2:
+        return False
+    if x2.dtype not in (torch.bfloat16, torch.float16) or qdata.dtype != torch.uint8:
+        return False
+    k, n = x2.shape[1], qdata.shape[0]
+    if k % 128 or n % 128 or qdata.shape[1] * 2 != k:
+        return False
+    if group_size < k and (group_size % 64 or k % group_size):
+        return False
+    if torch.cuda.get_device_capability(x2.device) != (9, 0):
+        return False
+    return _available()
+
+
+def _check(x2, qdata, scale, zero, bias, group_size, y, cfg):
+    if cfg.variant not in VARIANTS:
+        raise SpearError(f"{WHERE}: variant must be one of {VARIANTS}, got {cfg.variant!r}")
+    if cfg.block_k != 64 or cfg.block_m not in (64, 128) or cfg.block_n not in (64, 128, 256) \
+            or cfg.num_warps not in (4, 8) or not 2 <= cfg.num_stages <= 8:
+        raise SpearError(f"{WHERE}: unsupported config {cfg.name} (BK 64, BM 64/128, BN 64/128/256, 4/8 warps)")
+    if cfg.num_warps == 8 and cfg.block_n < 128:
+        raise SpearError(f"{WHERE}: 8 warps need block_n >= 128, got {cfg.name}")
+    if x2.dim() != 2 or x2.dtype not in (torch.bfloat16, torch.float16):
+        raise SpearError(f"{WHERE}: x must be bf16/fp16 [M, K], got {x2.dtype} {tuple(x2.shape)}")
+    m, k = x2.shape
+    if qdata.dtype != torch.uint8 or qdata.dim() != 2 or qdata.shape[1] * 2 != k:
+        raise SpearError(f"{WHERE}: qdata must be uint8 [N, K/2] = [N, {k // 2}], got {qdata.dtype} "
+                         f"{tuple(qdata.shape)}")
+    n = qdata.shape[0]
+    if k % cfg.block_k or n % cfg.block_n:
+        raise SpearError(f"{WHERE}: K={k} must be a multiple of block_k={cfg.block_k} and N={n} of "
+                         f"block_n={cfg.block_n}")
+    if not 0 < group_size <= k or k % group_size or (group_size < k and group_size % cfg.block_k):
+        raise SpearError(f"{WHERE}: group_size={group_size} must divide K={k} and be K or a multiple of "
+                         f"block_k={cfg.block_k}")
+    groups = k // group_size
+    for name, t in (("scale", scale), ("zero", zero)):
+        if t.shape != (n, groups) or t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise SpearError(f"{WHERE}: {name} must be float [N, K/group] = [{n}, {groups}], got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_floating_point()):
+        raise SpearError(f"{WHERE}: bias must be float [N] = [{n}], got {bias.dtype} {tuple(bias.shape)}")
+    if y.shape != (m, n) or y.dtype != x2.dtype or y.stride(1) != 1:
+        raise SpearError(f"{WHERE}: y must be {x2.dtype} [M, N] = [{m}, {n}] with unit column stride, got "
+                         f"{y.dtype} {tuple(y.shape)} stride {y.stride()}")
+    devs = {t.device for t in (x2, qdata, scale, zero, y) + ((bias,) if bias is not None else ())}
+    if len(devs) != 1 or not x2.is_cuda:
+        raise SpearError(f"{WHERE}: every operand must be on one CUDA device, got {sorted(map(str, devs))}")
+
+
+def run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg: GluonW4Config):
+    """``y = x2 @ ((q - zero) * scale)ᵀ (+ bias)`` with the Gluon kernel; returns ``y``."""
+    _check(x2, qdata, scale, zero, bias, group_size, y, cfg)
+    if not _available():
+        raise SpearError(f"{WHERE}: Triton's Gluon Hopper API (3.6) is not available in this Triton")
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from ..kernels.w4_gluon import w4_gluon_kernel
+
+    m, k = x2.shape
+    n = qdata.shape[0]
+    if m == 0:
+        return y
+    # TMA: 16-byte aligned base and row pitch, unit column stride
+    if x2.stride(1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16:
+        x2 = x2.contiguous() if x2.stride(1) != 1 else x2.clone()
+    q32 = qdata if qdata.is_contiguous() else qdata.contiguous()
+    if q32.data_ptr() % 16:
+        q32 = q32.clone()
+    q32 = q32.view(torch.int32)  # [N, K/8]: nibble i of word j is k = 8j + i (little endian)
+    scale = scale.contiguous()
+    zero = zero.contiguous()
+    gdt = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [bm, bk],
+                              gl.NVMMASharedLayout.get_default_for([bm, bk], gdt))
+    q_desc = TensorDescriptor(q32, [n, k // 8], [k // 8, 1], [bn, bk // 8],
+                              gl.NVMMASharedLayout.get_default_for([bn, bk // 8], gl.int32))
+    per_channel = group_size >= k
+    grid = (-(-m // bm) * (n // bn),)
+    launcher(w4_gluon_kernel, grid)(
+        x_desc, q_desc, scale, zero, bias if bias is not None else scale, y,
+        m, n, k, k // group_size, y.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=cfg.num_stages, GROUP_M=GROUP_M,
+        GROUP_TILES=1 if per_channel else group_size // bk, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
+        DQ2=cfg.variant == "dq2", num_warps=cfg.num_warps,
+    )
+    return y
+
+
+def run_single(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y):
+    """``dispatch``'s runner signature; the Gluon GEMM has no EC epilogue (the tuner offers it for EC-free keys)."""
+    if ec_B is not None or u is not None:
+        raise SpearError(f"{WHERE}: {cfg.name} has no EC epilogue; an EC linear runs the Triton or cuBLAS paths")
+    return run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg)
