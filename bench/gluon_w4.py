@@ -26,7 +26,7 @@ import tempfile
 import time
 import traceback
 
-from bench.kernels import L2_BYTES, MODELS, layer_shapes  # the same layers as the per-layer kernels bench
+from bench.kernels import L2_BYTES, MODELS, layer_shapes, time_graph  # the per-layer kernels bench's
 
 MS = (128, 256, 512, 1024, 2048)
 G = 128
@@ -179,32 +179,6 @@ def main():
     from spear_compile.kernels import w4_gluon
     log(f"gluon available: {w4_gluon.AVAILABLE}")
     gen = torch.Generator(device=dev).manual_seed(1234)
-
-    def time_graph(fn, copies, reps=15):
-        """µs per call: one graph replays ``fn(c)`` for every weight copy c."""
-        for c in range(copies):
-            fn(c)
-        torch.cuda.synchronize()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn(0)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=s):
-            for c in range(copies):
-                fn(c)
-        g.replay()
-        torch.cuda.synchronize()
-        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for a, b in ev:
-            a.record()
-            g.replay()
-            b.record()
-        torch.cuda.synchronize()
-        ts = sorted(a.elapsed_time(b) for a, b in ev)
-        del g
-        return ts[len(ts) // 2] * 1e3 / copies
 
     def make_linear(k, n):
         codes = torch.randint(0, 16, (n, k), device=dev, dtype=torch.uint8, generator=gen)
