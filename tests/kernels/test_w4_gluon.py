@@ -54,6 +54,29 @@ def test_bad_input_raises(bad):
         gluon_w4.run_gluon_w4(x, q, s, s, None, group, y, bad.get("cfg", GC()))
 
 
+@pytest.mark.parametrize("m,has_ec,switch,expect", [(256, False, "1", True), (1024, False, "1", True),
+                                                     (64, False, "1", False), (2048, False, "1", False),
+                                                     (256, True, "1", False), (256, False, "0", False)])
+def test_dispatch_offers_gluon_tiles_where_it_applies(monkeypatch, m, has_ec, switch, expect):
+    """The tuner's candidate list (``dispatch.config_for``) holds the Gluon tiles for EC-free keys at 64 < M <= 1024
+    while ``SPEAR_GLUON_KERNEL`` is on, never elsewhere: ``supported`` (the sm_90 check) and the tuner are faked."""
+    from spear_compile.lowering import dispatch
+    from spear_compile.lowering.runtime import TUNER
+    seen = []
+    monkeypatch.setenv("SPEAR_GLUON_KERNEL", switch)
+    monkeypatch.setattr(gluon_w4, "supported", lambda x2, q, g: True)
+    monkeypatch.setattr(TUNER, "can_tune", lambda x: True)
+    monkeypatch.setattr(TUNER, "pick", lambda key, dev, cands, run, ref, out: seen.append(cands) or cands[0])
+    k, n, r = 256, 128, 16
+    t = problem(m, 128, torch.bfloat16, has_ec, False, False, 3, k, n, r if has_ec else 0)
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    args = (t["x"], t["qdata"], t["scale"], t["zero"], None, 128, t["ec_A"], t["ec_B"], None, None, None, y)
+    dispatch.config_for(t["x"], args, k, n, 128, has_ec, False)
+    gluon = [c for c in seen[-1] if isinstance(c, GC)]
+    assert bool(gluon) == expect, [c.name for c in seen[-1]]
+    assert all(dispatch.runner(c) is gluon_w4.run_single for c in gluon)
+
+
 # ------------------------------------------------------------------ GPU
 def _gpu_ok():
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
