@@ -1,5 +1,7 @@
 # Run at the end of every device call (bench/GPU_RUNS.md): the tuning cache and the compile caches back into $OUT
 # (a returned file may hold 16 MiB: the Triton cache is left out when both do not fit, then the Inductor one too).
+# a call returns at most 8 files: drop a finished run's checkpoint (bench.serving's .partial) to make room
+for f in "$OUT"/*.partial; do [ -f "$f" ] && [ -f "${f%.partial}" ] && rm -f "$f"; done
 # the tuning / step-cost files that differ from the tree's (tuned by this call or an earlier one on this machine)
 for f in "${SPEAR_TUNE_CACHE:-/nonexistent}"/*.json; do
     [ -f "$f" ] && ! cmp -s "$f" "bench/tune_cache/${f##*/}" && cp "$f" "$OUT"/
