@@ -1,8 +1,9 @@
-"""Host side of the Gluon Hopper W4A16 GEMM (``kernels/w4_gluon.py``): config, candidates, applicability, launch.
+"""Host side of the Gluon Hopper W4A16 GEMM (``kernels/w4_gluon.py``): candidates, applicability, launch (the config
+is ``configs.GluonW4Config``).
 
-Large M only (prefill, M = 128..2048): one CTA per ``block_m x block_n`` output tile, x and the int32 weight words
-by TMA, the dequantize of K tile i + 1 overlapping the asynchronous wgmma of tile i. Needs an sm_90 GPU and the
-Gluon API of Triton 3.6 (``w4_gluon.AVAILABLE``); nothing here touches the GPU at import.
+Large M (the tuner offers it at 64 < M <= 1024, EC-free keys): one CTA per ``block_m x block_n`` output tile, x and
+the int32 weight words by TMA, the dequantize of K tile i + 1 overlapping the asynchronous wgmma of tile i. Needs an
+sm_90 GPU and the Gluon API of Triton 3.6 (``w4_gluon.AVAILABLE``); nothing here touches the GPU at import.
 """
 from __future__ import annotations
 
