@@ -197,6 +197,8 @@ def run_trace(bundle, policy_name, trace, args, ec_enabled=True, switch_period_s
     if policy_name.startswith("slo"):
         kwargs = dict(cost_model=copy.deepcopy(bundle["aware"]), blind_cost_model=copy.deepcopy(bundle["blind"]),
                       ttft_slo_s=ttft_slo, tpot_slo_s=tpot_slo)
+        if args.slo_safety is not None:
+            kwargs["safety"] = args.slo_safety
     engine.set_policy(policy_name, **kwargs)
     policy = engine.policy
     if engine.runner.net.has_ecs:
@@ -596,6 +598,8 @@ def main(argv=None):
     ap.add_argument("--md", default=None, help="write a markdown report here")
     ap.add_argument("--plots", default=None)
     ap.add_argument("--ttft-slo-ms", type=float, default=1000.0)
+    ap.add_argument("--slo-safety", type=float, default=None, help="SloAware's safety: the least factor on a step's "
+                    "predicted time before it must fit the slack (default: the policy's own)")
     ap.add_argument("--tpot-slo-ms", default="auto", help="ms, or 'auto': 5x the profiled decode-only step at "
                                                           "32 running (Sarathi-Serve's strict SLO)")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds of arrivals per run")

@@ -249,6 +249,8 @@ def main(argv=None):
     ap.add_argument("--stepcost", required=True, help="comma list of stepcost-*.json files of one engine")
     ap.add_argument("--policies", default=POLICIES)
     ap.add_argument("--tpot-slo-ms", default="35", help="comma list of per-token SLOs (ms)")
+    ap.add_argument("--slo-safety", type=float, default=None,
+                    help="SloAware's least factor on predicted step time (default: the policy's own)")
     ap.add_argument("--ttft-slo-ms", type=float, default=1000.0)
     ap.add_argument("--ec", choices=("on", "off"), default="on", help="serve with the profile's ECs on or off")
     ap.add_argument("--duration", type=float, default=3.0, help="seconds of arrivals per run")
@@ -312,8 +314,9 @@ def main(argv=None):
     for tpot_ms in [float(x) for x in args.tpot_slo_ms.split(",")]:
         def maker(name):
             if name.startswith("slo"):
+                kw = {} if args.slo_safety is None else {"safety": args.slo_safety}
                 return lambda: make_policy(name, cost_model=copy.deepcopy(aware), blind_cost_model=copy.deepcopy(blind),
-                                           ttft_slo_s=args.ttft_slo_ms / 1e3, tpot_slo_s=tpot_ms / 1e3)
+                                           ttft_slo_s=args.ttft_slo_ms / 1e3, tpot_slo_s=tpot_ms / 1e3, **kw)
             return lambda: make_policy(name)
         makers = {name: maker(name) for name in args.policies.split(",")}
         graphs = None
