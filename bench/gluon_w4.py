@@ -11,6 +11,12 @@ best passing Gluon config, bf16 ``F.linear``, ``dequantize_w4`` + ``F.linear`` a
     python3 -m bench.gluon_w4 --out DIR            # full run (~3 min on an H100)
     python3 -m bench.gluon_w4 --out DIR --quick    # Llama-3.2-1B, M = 256, per-channel
     python3 -m bench.gluon_w4 --sass               # no GPU: sm_90 SASS facts of the candidate tiles (Triton 3.6)
+    python3 -m bench.gluon_w4 --compile-check 128,256,64,8,4,ws   # no GPU: compile one config (exit status)
+
+The warp-specialized configs (``gluon_w4.WS_CONFIGS``, ``variant="ws"``; ``--no-ws`` drops them) are checked and
+timed beside the others, in their own ``ws`` columns (best ws config per linear). Each is first compiled in a child
+process (``--compile-check``; a failed assertion in Triton's C++ aborts the process instead of raising); one that
+fails there is logged and skipped, as is one that raises or misses the float64 bounds in the run.
 """
 from __future__ import annotations
 
@@ -47,50 +53,113 @@ class Log:
 
 
 # ------------------------------------------------------------------ offline SASS (no GPU)
-def sass_report(log):
-    """Compile every candidate tile for sm_90 (per-channel and g128, bias, bf16) and report registers, spills,
-    shared memory and the K loop's wgmma wait (``DEPBAR.LE gsb0, 0x1``: one MMA in flight across the dequantize)."""
+def _compile_sm90(cfg, pc, dtype="bf16"):
+    """Compile ``cfg`` (the ws kernel for ``variant="ws"``) offline for sm_90 with this Triton: per-channel (``pc``)
+    or g128, bias, ``dtype`` activations; returns triton's compiled kernel. Needs no GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from spear_compile.kernels import w4_gluon
-    from spear_compile.lowering.gluon_w4 import _TILES, GROUP_M, GluonW4Config
+    from spear_compile.lowering import gluon_w4
+
+    ws = cfg.variant == "ws"
+    kern = w4_gluon.w4_gluon_ws_kernel if ws else w4_gluon.w4_gluon_kernel
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
+    xl = gl.NVMMASharedLayout.get_default_for([bm, bk], gdt)
+    ql = gl.NVMMASharedLayout.get_default_for([bn, bk // 8], gl.int32)
+    types = dict(x_desc=f"tensordesc<{dtype}[{bm}, {bk}],{xl!r}>",
+                 q_desc=f"tensordesc<i32[{bn}, {bk // 8}],{ql!r}>",
+                 s_ptr=f"*{dtype}", z_ptr=f"*{dtype}", bias_ptr=f"*{dtype}", y_ptr=f"*{dtype}", M="i32", N="i32",
+                 K="i32", n_groups="i32", stride_ym="i32")
+    consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=cfg.num_stages, GROUP_M=gluon_w4.GROUP_M,
+                  GROUP_TILES=1 if pc else G // bk, PER_CHANNEL=pc, HAS_BIAS=True, num_warps=cfg.num_warps)
+    options = {"num_warps": cfg.num_warps}
+    if ws:
+        load_part, _, maxnreg = gluon_w4.ws_layout(cfg)
+        consts.update(W_STAGES=gluon_w4.WS_W_STAGES, LOAD_PART=load_part, DQ_REGS=gluon_w4.WS_DQ_REGS)
+        options["maxnreg"] = maxnreg
+    else:
+        consts["DQ2"] = cfg.variant == "dq2"
+    sig, attrs = {}, {}
+    for i, name in enumerate(kern.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = types[name]
+            if types[name].startswith("*") or name in ("N", "K", "stride_ym"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = GluonASTSource(fn=kern, signature=sig, attrs=attrs,
+                         constexprs={(kern.arg_names.index(n),): v for n, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _cfg_arg(cfg):
+    return f"{cfg.block_m},{cfg.block_n},{cfg.block_k},{cfg.num_warps},{cfg.num_stages},{cfg.variant}"
+
+
+def compile_check(arg):
+    """``--compile-check BM,BN,BK,WARPS,STAGES,VARIANT``: compile that config offline for sm_90 (pc and g128, bf16
+    and fp16); exit status 0 when all compiled. Run in a subprocess by the GPU bench, because a failed assertion in
+    Triton's C++ aborts the whole process instead of raising."""
+    from spear_compile.lowering.gluon_w4 import GluonW4Config
+    f = arg.split(",")
+    cfg = GluonW4Config(int(f[0]), int(f[1]), int(f[2]), int(f[3]), int(f[4]), f[5])
+    for pc in (True, False):
+        for dt in ("bf16", "fp16"):
+            _compile_sm90(cfg, pc, dt)
+    print(f"compiled {cfg.name}")
+
+
+def ws_precheck(cfgs, log, timeout=900):
+    """The configs of ``cfgs`` that compile in child processes (``compile_check``, all at once); the others are
+    logged and left out."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    t = time.time()
+    procs = [(cfg, subprocess.Popen([sys.executable, "-m", "bench.gluon_w4", "--compile-check", _cfg_arg(cfg)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root))
+             for cfg in cfgs]
+    ok = []
+    for cfg, p in procs:
+        try:
+            out = p.communicate(timeout=max(1.0, timeout - (time.time() - t)))[0] or ""
+            good, why = p.returncode == 0, f"exit {p.returncode}: {out[-600:]}"
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            good, why = False, f"compile timed out after {timeout} s"
+        if good:
+            ok.append(cfg)
+            log(f"ws precheck: {cfg.name} compiles ({time.time() - t:.0f} s)")
+        else:
+            log(f"ws precheck: SKIP {cfg.name}: {why}")
+    return ok
+
+
+def sass_report(log):
+    """Compile every candidate tile and every ws config for sm_90 (per-channel and g128, bias, bf16) and report
+    registers, spills, shared memory and the K loop's wgmma wait (``DEPBAR.LE gsb0, 0x1``: one MMA in flight across
+    the dequantize); for ws, per partition loop: HGMMAs, the waits, mbarrier (``SYNCS``) ops, ``BAR.SYNC``s (a
+    partition's own named barrier is ``BAR.SYNC 0xID, 0xTHREADS``) and the highest register the loop touches."""
+    import triton
+
+    from spear_compile.lowering.gluon_w4 import _TILES, WS_CONFIGS, GluonW4Config, ws_layout
 
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    kern = w4_gluon.w4_gluon_kernel
-    cfgs = [c for c, _ in _TILES] + [GluonW4Config(128, 128, 64, 8, 4, "f32")]
-    log(f"triton {triton.__version__}: sm_90 SASS of w4_gluon_kernel (bf16, bias)")
+    cfgs = [c for c, _ in _TILES] + [GluonW4Config(128, 128, 64, 8, 4, "f32")] + list(WS_CONFIGS)
+    log(f"triton {triton.__version__}: sm_90 SASS of w4_gluon_kernel / w4_gluon_ws_kernel (bf16, bias)")
     log("| config | quant | regs | spill instrs | smem B | loop instrs | loop wgmma wait |")
     log("|---|---|---|---|---|---|---|")
+    ws_rows = []
     for cfg in cfgs:
         for pc in (True, False):
-            bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
-            xl = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.bfloat16)
-            ql = gl.NVMMASharedLayout.get_default_for([bn, bk // 8], gl.int32)
-            types = dict(x_desc=f"tensordesc<bf16[{bm}, {bk}],{xl!r}>",
-                         q_desc=f"tensordesc<i32[{bn}, {bk // 8}],{ql!r}>",
-                         s_ptr="*bf16", z_ptr="*bf16", bias_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", K="i32",
-                         n_groups="i32", stride_ym="i32")
-            consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=cfg.num_stages, GROUP_M=GROUP_M,
-                          GROUP_TILES=1 if pc else G // bk, PER_CHANNEL=pc, HAS_BIAS=True, DQ2=cfg.variant == "dq2",
-                          num_warps=cfg.num_warps)
-            sig, attrs = {}, {}
-            for i, name in enumerate(kern.arg_names):
-                if name in consts:
-                    sig[name] = "constexpr"
-                else:
-                    sig[name] = types[name]
-                    if types[name].startswith("*") or name in ("N", "K", "stride_ym"):
-                        attrs[(i,)] = [["tt.divisibility", 16]]
             try:
-                src = GluonASTSource(fn=kern, signature=sig, attrs=attrs,
-                                     constexprs={(kern.arg_names.index(n),): v for n, v in consts.items()})
-                c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+                c = _compile_sm90(cfg, pc)
             except Exception as e:  # noqa: BLE001
                 log(f"| {cfg.name} | {'pc' if pc else 'g128'} | compile failed: {type(e).__name__}: "
-                    f"{str(e).splitlines()[-1][:200]} |")
+                    f"{str(e).splitlines()[-1][:200] if str(e) else ''} |")
                 continue
             with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
                 f.write(c.asm["cubin"])
@@ -107,6 +176,73 @@ def sass_report(log):
             waits = sorted({re.sub(r".*DEPBAR\.LE\s+", "", t) for t in loop if "WARPGROUP.DEPBAR" in t})
             log(f"| {cfg.name} | {'pc' if pc else 'g128'} | {reg.group(1) if reg else '?'} | {spill} | "
                 f"{c.metadata.shared} | {len(loop)} | {', '.join(waits) or 'none'} |")
+            if cfg.variant == "ws":
+                load_part, warps, maxnreg = ws_layout(cfg)
+                budgets = sorted({int(v, 16)
+                                  for v in re.findall(r"USETMAXREG\.\S+\s+(?:UP\d,\s*)?(0x[0-9a-f]+)", text)})
+                parts = []
+                for what, anchor in (("mma", r"\bHGMMA\b"), ("dequant", r"\bSTS\.128\b"),
+                                     ("load", r"\bUTMALDG\b")):
+                    lp = _loop_of(text, anchor)
+                    if not lp or (what == "load" and not load_part and any("STS.128" in t for t in lp)):
+                        continue
+                    syncs = {}
+                    for t in lp:
+                        m = re.search(r"\b(SYNCS\.[A-Z0-9.]+)", t)
+                        if m:
+                            syncs[m.group(1)] = syncs.get(m.group(1), 0) + 1
+                    bars = [re.sub(r"^.*?BAR\.SYNC\.DEFER_BLOCKING\s*", "", t) for t in lp if "BAR.SYNC" in t]
+                    regs = [int(r) for t in lp for r in re.findall(r"\bR(\d+)\b", t)]
+                    for t in lp:  # an HGMMA names only the first of its N / 2 fp32 accumulator registers
+                        hm = re.search(r"HGMMA\.64x(\d+)x\d+\.F32\S*\s+R(\d+)", t)
+                        if hm:
+                            regs.append(int(hm.group(2)) + int(hm.group(1)) // 2 - 1)
+                    waits = sorted({re.sub(r".*DEPBAR\.LE\s+", "", t) for t in lp if "WARPGROUP.DEPBAR" in t})
+                    parts.append(f"{what}: {len(lp)} instrs, {sum('HGMMA' in t for t in lp)} HGMMA, "
+                                 f"depbar {','.join(waits) or '-'}, {sum(syncs.values())} SYNCS "
+                                 f"({', '.join(f'{k} x{v}' for k, v in sorted(syncs.items()))}), "
+                                 f"BAR.SYNC [{'; '.join(bars)}], max reg R{max(regs) if regs else '-'}")
+                ws_rows.append(f"- {cfg.name} {'pc' if pc else 'g128'}: {warps} warps (load partition: "
+                               f"{'1 warp' if load_part else 'none, in the dequantize warpgroup'}), maxnreg {maxnreg}, "
+                               f"setmaxnreg values {budgets}; " + " | ".join(parts))
+    if ws_rows:
+        log("\nws partitions (loops found from their anchor instruction: HGMMA, STS.128 W store, UTMALDG):")
+        for row in ws_rows:
+            log(row)
+
+
+def _loop_of(text, anchor):
+    """SASS lines of the innermost loop around the first instruction matching ``anchor`` (regex)."""
+    rows, labels, pending = _sass_rows(text)
+    hits = [a for a, t in rows if re.search(anchor, t)]
+    if not hits:
+        return []
+    best = None
+    for a, t in rows:
+        if a > hits[0] and re.search(r"\bBRA\b", t):
+            tgt = re.search(r"(\.L_x_\d+)", t)
+            start = labels.get(tgt.group(1), 1 << 62) if tgt else 1 << 62
+            if start <= hits[0] and (best is None or a - start < best[1] - best[0]):
+                best = (start, a)
+    return [r for b, r in rows if best[0] <= b <= best[1]] if best else []
+
+
+def _sass_rows(text):
+    rows, labels, pending = [], {}, []
+    for line in text.splitlines():
+        lab = re.match(r"^\s*(\.L_x_\d+):", line)
+        if lab:
+            pending.append(lab.group(1))
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if not m:
+            continue
+        addr = int(m.group(1), 16)
+        for name in pending:
+            labels[name] = addr
+        pending = []
+        rows.append((addr, m.group(2).strip()))
+    return rows, labels, pending
 
 
 def _mma_loop(text):
@@ -147,7 +283,13 @@ def main():
     ap.add_argument("--dispatch", action="store_true", help="also time the tuned dispatch.launch (tunes: slow)")
     ap.add_argument("--budget", type=float, default=190.0, help="seconds; later (model, M) steps are skipped")
     ap.add_argument("--sass", action="store_true", help="no GPU: offline sm_90 SASS facts of the tiles")
+    ap.add_argument("--no-ws", action="store_true", help="leave out the warp-specialized configs (WS_CONFIGS)")
+    ap.add_argument("--compile-check", default=None, metavar="BM,BN,BK,WARPS,STAGES,VARIANT",
+                    help="no GPU: compile one config offline (what the ws precheck runs in a child process)")
     args = ap.parse_args()
+    if args.compile_check:
+        compile_check(args.compile_check)
+        return
     if args.sass:
         if args.out:
             os.makedirs(args.out, exist_ok=True)
@@ -206,6 +348,9 @@ def main():
     quants = args.quants.split(",")
     ms = [int(v) for v in args.ms.split(",")]
     control = gluon_w4.GluonW4Config(128, 128, 64, 8, 4, "f32")
+    # the warp-specialized configs: compiled first in child processes (a C++ assertion in Triton would abort this
+    # one); only those that compiled are run here, and any error of theirs is logged and the config skipped
+    ws_cfgs = [] if args.no_ws else ws_precheck(gluon_w4.WS_CONFIGS, log)
     results, tables, failures = [], [], []
     compile_note = {}
     for model in args.models.split(","):
@@ -235,6 +380,8 @@ def main():
                     cands = gluon_w4.gluon_candidates(m, k, n, gs, props.multi_processor_count)
                     if control not in cands:
                         cands.append(control)
+                    cands += [c for c in ws_cfgs if n % c.block_n == 0 and k % c.block_k == 0
+                              and (gs >= k or gs % c.block_k == 0)]
                     passing = []
                     for cfg in cands:
                         try:
@@ -289,13 +436,17 @@ def main():
                                 xs, Ls[c]["q"], Ls[c]["s_" + tag], Ls[c]["z_" + tag], None, gs, ys, cfg), copies)
                         except Exception as e:  # noqa: BLE001
                             log(f"ERROR timing {name} {cfg.name}: {type(e).__name__}: {str(e)[:300]}")
-                    best = min(per_cfg, key=per_cfg.get) if per_cfg else None
+                    plain = {c: t for c, t in per_cfg.items() if not c.endswith(",ws]")}
+                    wsd = {c: t for c, t in per_cfg.items() if c.endswith(",ws]")}
+                    best = min(plain, key=plain.get) if plain else None
+                    best_ws = min(wsd, key=wsd.get) if wsd else None
                     rows.append(dict(linear=name, k=k, n=n, bf16=t_bf16, deq_cublas=t_deq, dispatch=t_disp,
-                                     gluon=per_cfg.get(best), gluon_cfg=best, gluon_all=per_cfg))
+                                     gluon=plain.get(best), gluon_cfg=best, ws=wsd.get(best_ws), ws_cfg=best_ws,
+                                     gluon_all=per_cfg))
                 results.append(dict(model=model, m=m, quant=tag, rows=rows))
-                tables.append(_table(model, m, tag, rows, args.dispatch))
+                tables.append(_table(model, m, tag, rows, args.dispatch, bool(ws_cfgs)))
                 log(tables[-1])
-    summary = _summary(results, args.dispatch)
+    summary = _summary(results, args.dispatch, bool(ws_cfgs))
     log(summary)
     log(f"failures: {len(failures)}; compile+first-run seconds per config: {json.dumps(compile_note)}")
     log(f"total {time.time() - t0:.0f} s")
@@ -319,39 +470,46 @@ def _ratio(a, b):
     return "-" if a is None or b is None or not b else f"{a / b:.2f}"
 
 
-def _table(model, m, tag, rows, with_disp):
+def _table(model, m, tag, rows, with_disp, with_ws=False):
     head = "| linear | K | N | bf16 µs | deq+cuBLAS µs |" + (" ours W4 µs |" if with_disp else "") + \
-        " gluon µs | gluon/bf16 | gluon/deq | gluon config |"
+        " gluon µs | gluon/bf16 | gluon/deq | gluon config |" + \
+        (" ws µs | ws/bf16 | ws/gluon | ws config |" if with_ws else "")
     out = [f"### {model}, M={m}, {tag}", "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         out.append(f"| {r['linear']} | {r['k']} | {r['n']} | {_fmt(r['bf16'])} | {_fmt(r['deq_cublas'])} |"
                    + (f" {_fmt(r['dispatch'])} |" if with_disp else "")
                    + f" {_fmt(r['gluon'])} | {_ratio(r['gluon'], r['bf16'])} | {_ratio(r['gluon'], r['deq_cublas'])} |"
-                   f" `{r['gluon_cfg']}` |")
+                   f" `{r['gluon_cfg']}` |"
+                   + (f" {_fmt(r.get('ws'))} | {_ratio(r.get('ws'), r['bf16'])} | {_ratio(r.get('ws'), r['gluon'])} |"
+                      f" `{r.get('ws_cfg')}` |" if with_ws else ""))
     s = _sums(rows)
     out.append(f"| **sum** | | | {_fmt(s['bf16'])} | {_fmt(s['deq_cublas'])} |"
                + (f" {_fmt(s['dispatch'])} |" if with_disp else "")
-               + f" {_fmt(s['gluon'])} | {_ratio(s['gluon'], s['bf16'])} | {_ratio(s['gluon'], s['deq_cublas'])} | |")
+               + f" {_fmt(s['gluon'])} | {_ratio(s['gluon'], s['bf16'])} | {_ratio(s['gluon'], s['deq_cublas'])} | |"
+               + (f" {_fmt(s['ws'])} | {_ratio(s['ws'], s['bf16'])} | {_ratio(s['ws'], s['gluon'])} | |"
+                  if with_ws else ""))
     return "\n".join(out)
 
 
 def _sums(rows):
     s = {}
-    for key in ("bf16", "deq_cublas", "dispatch", "gluon"):
-        vals = [r[key] for r in rows]
+    for key in ("bf16", "deq_cublas", "dispatch", "gluon", "ws"):
+        vals = [r.get(key) for r in rows]
         s[key] = None if any(v is None for v in vals) else sum(vals)
     return s
 
 
-def _summary(results, with_disp):
+def _summary(results, with_disp, with_ws=False):
     head = "| model | M | quant | bf16 µs | deq+cuBLAS µs |" + (" ours W4 µs |" if with_disp else "") + \
-        " gluon µs | gluon/bf16 | gluon/deq+cuBLAS |"
+        " gluon µs | gluon/bf16 | gluon/deq+cuBLAS |" + (" ws µs | ws/bf16 | ws/gluon |" if with_ws else "")
     out = ["## Per layer (sum of the 7 linears)", "", head, "|" + "---|" * (head.count("|") - 1)]
     for res in results:
         s = _sums(res["rows"])
         out.append(f"| {res['model']} | {res['m']} | {res['quant']} | {_fmt(s['bf16'])} | {_fmt(s['deq_cublas'])} |"
                    + (f" {_fmt(s['dispatch'])} |" if with_disp else "")
-                   + f" {_fmt(s['gluon'])} | {_ratio(s['gluon'], s['bf16'])} | {_ratio(s['gluon'], s['deq_cublas'])} |")
+                   + f" {_fmt(s['gluon'])} | {_ratio(s['gluon'], s['bf16'])} | {_ratio(s['gluon'], s['deq_cublas'])} |"
+                   + (f" {_fmt(s['ws'])} | {_ratio(s['ws'], s['bf16'])} | {_ratio(s['ws'], s['gluon'])} |"
+                      if with_ws else ""))
     return "\n".join(out)
 
 

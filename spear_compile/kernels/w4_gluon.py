@@ -232,3 +232,221 @@ if AVAILABLE:
         y_ptrs = y_ptr + gl.expand_dims(rows_m, 1) * stride_ym + gl.expand_dims(cols, 0)
         mask = gl.expand_dims(rows_m < M, 1) & gl.expand_dims(cols < N, 0)
         gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ====================================================================================================================
+# Warp-specialized variant (``variant="ws"``), Machete-like: three partitions talk through mbarrier rings only.
+#
+# * load (worker, 1 warp, 24 registers; ``LOAD_PART``): for K tile i, waits ``empty[s]`` (s = i % NUM_STAGES), then
+#   TMA-loads the x tile and the word tile into stage s, completing ``ready[s]`` by expect-tx. Without it
+#   (``LOAD_PART=False``: 8 MMA warps of 128 accumulator registers need ~154 registers a thread, and 8 + 4 + 1 warps
+#   round up to 16, which caps every thread at 128) the dequantize warpgroup issues the loads itself: tiles
+#   0 .. NUM_STAGES - 1 up front, then tile i + NUM_STAGES - 2 after publishing W tile i (its stage held tile i - 2,
+#   whose MMA retired once MMA i - 1 was issued, so the wait cannot deadlock).
+# * dequantize (worker, 4 warps = one warpgroup, ``DQ_REGS`` registers): waits ``ready[s]``, reads the words, turns
+#   them into bf16/fp16 pairs (``_dq2_asm``; grouped (scale, zero) rows prefetched two tiles ahead), waits
+#   ``w_empty[b]`` (b = i % W_STAGES), stores the tile into W slot b, ``fence_async_shared``, then arrives on
+#   ``w_ready[b]`` and on ``empty[s]`` (its share of the stage: the words are no longer needed).
+# * MMA (the default partition, ``num_warps`` = 4 or 8 warps): waits ``ready[s]`` (x landed) and ``w_ready[b]``,
+#   issues ``warpgroup_mma(x[s], W[b]ᵀ, acc, is_async=True)``, ``warpgroup_mma_wait(1)``: MMA i - 1 retired, so it
+#   arrives on ``empty`` and ``w_empty`` of tile i - 1's slots. Epilogue (per-channel scale, bias, cast, masked store)
+#   at the end, in the same warps.
+#
+# mbarrier phases: every barrier starts in phase 0; a consumer of fill u = i // DEPTH waits parity u & 1, a producer
+# waiting for the slot to be free waits parity (u & 1) ^ 1 (a fresh barrier counts its "previous" phase, parity 1,
+# as complete, so the first DEPTH waits pass). ``empty[s]`` counts 2 arrivals a fill (dequantize + MMA); the others 1.
+# No barrier can run a full phase ahead of a waiter: each fill needs the waiter's own release of the previous one.
+# An arrive is done by one thread (thread 0 of the partition), so the partition's warps first meet at a barrier.
+# ====================================================================================================================
+if AVAILABLE:
+    @gluon.jit
+    def _ws_load_partition(x_desc, q_desc, x_smem, q_smem, ready, empty, off_m, off_n, n_k,
+                           NUM_STAGES: gl.constexpr):
+        BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+        KW: gl.constexpr = q_desc.block_type.shape[1]
+        STAGE_BYTES: gl.constexpr = x_desc.block_type.nbytes + q_desc.block_type.nbytes
+        for i in range(n_k):
+            s = i % NUM_STAGES
+            mbarrier.wait(empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), STAGE_BYTES)
+            _tma_load(x_desc, [off_m, i * BLOCK_K], ready.index(s), x_smem.index(s))
+            _tma_load(q_desc, [off_n, i * KW], ready.index(s), q_smem.index(s))
+
+    @gluon.jit
+    def _ws_dequant_partition(x_desc, q_desc, x_smem, q_smem, w_smem, ready, empty, w_ready, w_empty, s_ptr, z_ptr,
+                              off_m, off_n, n_k, n_groups, NUM_STAGES: gl.constexpr, W_STAGES: gl.constexpr,
+                              GROUP_TILES: gl.constexpr, PER_CHANNEL: gl.constexpr, LOAD_PART: gl.constexpr,
+                              DQ_WARPS: gl.constexpr):
+        BLOCK_N: gl.constexpr = w_smem.type.shape[1]
+        BLOCK_K: gl.constexpr = w_smem.type.shape[2]
+        dtype: gl.constexpr = w_smem.dtype
+        KW: gl.constexpr = BLOCK_K // 8
+        SPT: gl.constexpr = _word_spt(KW)
+        TPK: gl.constexpr = KW // SPT
+        TPN: gl.constexpr = 32 // TPK
+        L3: gl.constexpr = gl.BlockedLayout([1, SPT, 8], [TPN, TPK, 1], [DQ_WARPS, 1, 1], [2, 1, 0])
+        LW: gl.constexpr = gl.SliceLayout(2, L3)  # the words [BLOCK_N, KW]
+        LN: gl.constexpr = gl.SliceLayout(1, LW)  # per-row vectors (scale, zero)
+        w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], dtype)
+        w32_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=w_layout.swizzle_byte_width,
+                                                        element_bitwidth=32, rank=2)
+        IS_BF16: gl.constexpr = dtype == gl.bfloat16
+        MAGIC: gl.constexpr = 128.0 if IS_BF16 else 1024.0
+
+        STAGE_BYTES: gl.constexpr = x_desc.block_type.nbytes + q_desc.block_type.nbytes
+        if not LOAD_PART:  # no load partition: this one issues the TMA loads, tiles 0 .. NUM_STAGES - 1 first
+            for si in gl.static_range(NUM_STAGES):
+                p = si < n_k
+                mbarrier.expect(ready.index(si), STAGE_BYTES, pred=p)
+                _tma_load(x_desc, [off_m, si * BLOCK_K], ready.index(si), x_smem.index(si), pred=p)
+                _tma_load(q_desc, [off_n, si * KW], ready.index(si), q_smem.index(si), pred=p)
+
+        offs_n = off_n + gl.arange(0, BLOCK_N, layout=LN)
+        if PER_CHANNEL:
+            z2pc = gl.expand_dims(_pack2(gl.load(z_ptr + offs_n).to(gl.float32) + MAGIC, dtype), 1)
+        else:  # (scale, zero) of tiles i and i + 1 in registers; tile i + 2's loaded during iteration i
+            za = gl.load(z_ptr + offs_n * n_groups).to(gl.float32)
+            sa = gl.load(s_ptr + offs_n * n_groups).to(gl.float32)
+            g1 = gl.minimum(n_k - 1, 1) // GROUP_TILES
+            zb = gl.load(z_ptr + offs_n * n_groups + g1).to(gl.float32)
+            sb = gl.load(s_ptr + offs_n * n_groups + g1).to(gl.float32)
+        for i in range(n_k):
+            s = i % NUM_STAGES
+            mbarrier.wait(ready.index(s), (i // NUM_STAGES) & 1)
+            words = q_smem.index(s).load(LW)
+            if PER_CHANNEL:
+                if IS_BF16:
+                    o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_BF16, "=r,=r,=r,=r,r,r", [words, z2pc],
+                                                               dtype=(gl.int32,) * 4, is_pure=True, pack=1)
+                else:
+                    o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_F16, "=r,=r,=r,=r,r,r", [words, z2pc],
+                                                               dtype=(gl.int32,) * 4, is_pure=True, pack=1)
+            else:
+                z2 = gl.expand_dims(_pack2(za + MAGIC, dtype), 1)
+                s2 = gl.expand_dims(_pack2(sa, dtype), 1)
+                if IS_BF16:
+                    o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_BF16_S, "=r,=r,=r,=r,r,r,r", [words, z2, s2],
+                                                               dtype=(gl.int32,) * 4, is_pure=True, pack=1)
+                else:
+                    o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_F16_S, "=r,=r,=r,=r,r,r,r", [words, z2, s2],
+                                                               dtype=(gl.int32,) * 4, is_pure=True, pack=1)
+                za = zb
+                sa = sb
+                g2 = gl.minimum(i + 2, n_k - 1) // GROUP_TILES
+                zb = gl.load(z_ptr + offs_n * n_groups + g2).to(gl.float32)
+                sb = gl.load(s_ptr + offs_n * n_groups + g2).to(gl.float32)
+            pairs = gl.reshape(gl.join(gl.join(o0, o2), gl.join(o1, o3)), [BLOCK_N, BLOCK_K // 2])
+            b = i % W_STAGES
+            mbarrier.wait(w_empty.index(b), ((i // W_STAGES) & 1) ^ 1)
+            w_smem.index(b)._reinterpret(gl.int32, [BLOCK_N, BLOCK_K // 2], w32_layout).store(pairs)
+            # W stores -> the MMA's async-proxy reads; word reads -> the next TMA write of stage s
+            fence_async_shared()
+            gl.thread_barrier()  # every warp of the partition stored its part / read its words (one thread arrives)
+            mbarrier.arrive(w_ready.index(b), count=1)
+            mbarrier.arrive(empty.index(s), count=1)
+            if not LOAD_PART:  # refill the stage of tile i - 2 (MMA i - 2 retired once MMA i - 1 was issued)
+                t = i + NUM_STAGES - 2
+                refill = (i >= 2) & (t < n_k)
+                st = t % NUM_STAGES
+                mbarrier.wait(empty.index(st), ((t // NUM_STAGES) & 1) ^ 1, pred=refill)
+                mbarrier.expect(ready.index(st), STAGE_BYTES, pred=refill)
+                _tma_load(x_desc, [off_m, t * BLOCK_K], ready.index(st), x_smem.index(st), pred=refill)
+                _tma_load(q_desc, [off_n, t * KW], ready.index(st), q_smem.index(st), pred=refill)
+
+    @gluon.jit
+    def _ws_mma_partition(x_smem, w_smem, ready, empty, w_ready, w_empty, s_ptr, bias_ptr, y_ptr, M, N,
+                          stride_ym, off_m, off_n, n_k,
+                          NUM_STAGES: gl.constexpr, W_STAGES: gl.constexpr, PER_CHANNEL: gl.constexpr,
+                          HAS_BIAS: gl.constexpr, num_warps: gl.constexpr):
+        BLOCK_M: gl.constexpr = x_smem.type.shape[1]
+        BLOCK_N: gl.constexpr = w_smem.type.shape[1]
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=_mma_warps(BLOCK_M, num_warps),
+            instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 16])
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
+        for i in range(n_k):
+            s = i % NUM_STAGES
+            b = i % W_STAGES
+            mbarrier.wait(ready.index(s), (i // NUM_STAGES) & 1)
+            mbarrier.wait(w_ready.index(b), (i // W_STAGES) & 1)
+            acc = warpgroup_mma(x_smem.index(s), w_smem.index(b).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            if num_warps > 4:  # thread 0 arrives for both warpgroups: the other one must have retired MMA i - 1 too
+                gl.thread_barrier()
+            # MMA i - 1 retired: its x stage and W slot are free
+            prev = gl.maximum(i - 1, 0)
+            mbarrier.arrive(empty.index(prev % NUM_STAGES), count=1, pred=i > 0)
+            mbarrier.arrive(w_empty.index(prev % W_STAGES), count=1, pred=i > 0)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+        # ---- epilogue
+        cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
+        rows_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+        if PER_CHANNEL:
+            acc = acc * gl.expand_dims(gl.load(s_ptr + cols).to(gl.float32), 0)
+        if HAS_BIAS:
+            acc = acc + gl.expand_dims(gl.load(bias_ptr + cols).to(gl.float32), 0)
+        y_ptrs = y_ptr + gl.expand_dims(rows_m, 1) * stride_ym + gl.expand_dims(cols, 0)
+        mask = gl.expand_dims(rows_m < M, 1) & gl.expand_dims(cols < N, 0)
+        gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @gluon.jit
+    def w4_gluon_ws_kernel(
+        x_desc, q_desc, s_ptr, z_ptr, bias_ptr, y_ptr,
+        M, N, K, n_groups, stride_ym,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr,
+        W_STAGES: gl.constexpr, GROUP_M: gl.constexpr, GROUP_TILES: gl.constexpr, PER_CHANNEL: gl.constexpr,
+        HAS_BIAS: gl.constexpr, LOAD_PART: gl.constexpr, DQ_REGS: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """Warp-specialized W4A16 GEMM (see the block comment above): same arguments and contract as
+        ``w4_gluon_kernel`` (dq2 dequantize only), plus ``W_STAGES`` (the W ring's depth) and ``DQ_REGS`` (registers
+        of the dequantize warpgroup); launch with ``maxnreg`` so that all warps fit the register file."""
+        dtype: gl.constexpr = x_desc.dtype
+        KW: gl.constexpr = BLOCK_K // 8
+        pid = gl.program_id(0)
+        num_m = gl.cdiv(M, BLOCK_M)
+        num_n = N // BLOCK_N
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        rows = gl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % rows
+        pid_n = (pid % per_group) // rows
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        n_k = K // BLOCK_K
+
+        w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], dtype)
+        x_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+        q_smem = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, BLOCK_N, KW], q_desc.layout)
+        w_smem = gl.allocate_shared_memory(dtype, [W_STAGES, BLOCK_N, BLOCK_K], w_layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        w_ready = gl.allocate_shared_memory(gl.int64, [W_STAGES, 1], mbarrier.MBarrierLayout())
+        w_empty = gl.allocate_shared_memory(gl.int64, [W_STAGES, 1], mbarrier.MBarrierLayout())
+        for si in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready.index(si), count=1)
+            mbarrier.init(empty.index(si), count=2)  # the dequantize partition (words) + the MMA partition (x)
+        for bi in gl.static_range(W_STAGES):
+            mbarrier.init(w_ready.index(bi), count=1)
+            mbarrier.init(w_empty.index(bi), count=1)
+        fence_async_shared()
+
+        if LOAD_PART:
+            gl.warp_specialize([
+                (_ws_mma_partition, (x_smem, w_smem, ready, empty, w_ready, w_empty, s_ptr, bias_ptr, y_ptr, M, N,
+                                     stride_ym, off_m, off_n, n_k, NUM_STAGES, W_STAGES, PER_CHANNEL, HAS_BIAS,
+                                     num_warps)),
+                (_ws_dequant_partition, (x_desc, q_desc, x_smem, q_smem, w_smem, ready, empty, w_ready, w_empty,
+                                         s_ptr, z_ptr, off_m, off_n, n_k, n_groups, NUM_STAGES, W_STAGES, GROUP_TILES,
+                                         PER_CHANNEL, LOAD_PART, 4)),
+                (_ws_load_partition, (x_desc, q_desc, x_smem, q_smem, ready, empty, off_m, off_n, n_k, NUM_STAGES)),
+            ], [4, 1], [DQ_REGS, 24])
+        else:  # 2 MMA warpgroups of 128 accumulator registers: 12 warps at most, so no separate load warp
+            gl.warp_specialize([
+                (_ws_mma_partition, (x_smem, w_smem, ready, empty, w_ready, w_empty, s_ptr, bias_ptr, y_ptr, M, N,
+                                     stride_ym, off_m, off_n, n_k, NUM_STAGES, W_STAGES, PER_CHANNEL, HAS_BIAS,
+                                     num_warps)),
+                (_ws_dequant_partition, (x_desc, q_desc, x_smem, q_smem, w_smem, ready, empty, w_ready, w_empty,
+                                         s_ptr, z_ptr, off_m, off_n, n_k, n_groups, NUM_STAGES, W_STAGES, GROUP_TILES,
+                                         PER_CHANNEL, LOAD_PART, 4)),
+            ], [4], [DQ_REGS])

@@ -153,7 +153,7 @@ class DequantCublasConfig:
 class GluonW4Config:
     """The Gluon Hopper W4 GEMM (``gluon_w4``, large M): one ``block_m x block_n`` tile a CTA; ``block_k`` divides
     the scale group; ``num_stages``: depth of the x / weight-word TMA ring; ``variant``: ``dq2`` (packed 16-bit
-    dequantize, inline PTX) or ``f32`` (fp32 dequantize, then cast)."""
+    dequantize, inline PTX), ``f32`` (fp32 dequantize, then cast) or ``ws`` (the warp-specialized kernel, dq2 math)."""
     block_m: int = 128
     block_n: int = 128
     block_k: int = 64

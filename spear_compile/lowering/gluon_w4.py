@@ -17,7 +17,8 @@ from .precompile import launcher
 
 WHERE = "spear_compile.lowering.gluon_w4"
 GROUP_M = 8
-VARIANTS = ("dq2", "f32")  # dq2: packed bf16x2/f16x2 dequantize (inline PTX); f32: fp32 dequantize, then cast
+VARIANTS = ("dq2", "f32", "ws")  # dq2: packed bf16x2/f16x2 dequantize (inline PTX); f32: fp32 dequantize, then
+# cast; ws: the warp-specialized kernel (``w4_gluon_ws_kernel``: load / dequantize / MMA partitions, dq2 math)
 H100_SMS = 132
 
 
@@ -36,6 +37,36 @@ def smem_bytes(cfg: GluonW4Config) -> int:
     """Shared memory of one CTA: the x + word TMA ring and the 3-deep dequantized W ring."""
     stage = cfg.block_m * cfg.block_k * 2 + cfg.block_n * cfg.block_k // 2
     return cfg.num_stages * stage + 3 * cfg.block_n * cfg.block_k * 2 + 64
+
+
+# warp-specialized tiles worth trying on an H100 (``variant="ws"``). Not offered to the tuner (``gluon_candidates``)
+# until a GPU run has measured them: ``bench/gluon_w4.py`` checks and times them beside the tiles above.
+WS_CONFIGS = (
+    GluonW4Config(128, 128, 64, 4, 4, "ws"),  # 1 MMA warpgroup (128 accumulator registers) + dequantize wg + load warp
+    GluonW4Config(128, 128, 64, 8, 4, "ws"),  # 2 MMA warpgroups (64 each) + dequantize wg + load warp: 16 warps
+    GluonW4Config(128, 256, 64, 8, 4, "ws"),  # 2 MMA warpgroups (128 each) + dequantize wg issuing the TMA: 12 warps
+    GluonW4Config(128, 256, 64, 8, 5, "ws"),
+)
+WS_W_STAGES = 3  # depth of the ws kernel's dequantized W ring
+WS_DQ_REGS = 128  # registers of its dequantize warpgroup (setmaxnreg); the load warp gets 24
+WS_MAX_SMEM = 227 * 1024  # sm_90's opt-in shared memory a block
+
+
+def ws_layout(cfg: GluonW4Config):
+    """(LOAD_PART, total warps, maxnreg) of the ws kernel at ``cfg``: a separate 1-warp load partition unless the
+    MMA warps hold more than 64 accumulator registers each with 8 of them (then 8 + 4 + 1 warps would round up to 16,
+    capping every thread at 128 registers, below the 2 x 64 x 256 wgmma's ~154; the dequantize warpgroup issues the
+    TMA instead). Warps round up to whole warpgroups; maxnreg = the register file over the threads, a multiple of 8."""
+    acc_regs = cfg.block_m * cfg.block_n // (cfg.num_warps * 32)
+    load_part = cfg.num_warps == 4 or acc_regs <= 64
+    warps = -(-(cfg.num_warps + 4 + (1 if load_part else 0)) // 4) * 4
+    return load_part, warps, min(255, 65536 // (warps * 32)) // 8 * 8
+
+
+def smem_bytes_ws(cfg: GluonW4Config) -> int:
+    """Shared memory of one ws CTA: the x + word TMA ring, the W ring and the 4 mbarrier rings."""
+    stage = cfg.block_m * cfg.block_k * 2 + cfg.block_n * cfg.block_k // 2
+    return cfg.num_stages * stage + WS_W_STAGES * cfg.block_n * cfg.block_k * 2 + 16 * (cfg.num_stages + WS_W_STAGES)
 
 
 def gluon_candidates(m: int, k: int, n: int, group_size: int, sms: int = H100_SMS) -> List[GluonW4Config]:
@@ -89,6 +120,19 @@ def _check(x2, qdata, scale, zero, bias, group_size, y, cfg):
         raise SpearError(f"{WHERE}: unsupported config {cfg.name} (BK 64, BM 64/128, BN 64/128/256, 4/8 warps)")
     if cfg.num_warps == 8 and cfg.block_n < 128:
         raise SpearError(f"{WHERE}: 8 warps need block_n >= 128, got {cfg.name}")
+    if cfg.variant == "ws":
+        acc_regs = cfg.block_m * cfg.block_n // (cfg.num_warps * 32)
+        if acc_regs > 128:
+            raise SpearError(f"{WHERE}: {cfg.name}: {acc_regs} fp32 accumulator registers a thread (at most 128; "
+                             f"block_m x block_n = {cfg.block_m}x{cfg.block_n} needs 8 warps)")
+        if cfg.num_stages > 6:
+            raise SpearError(f"{WHERE}: {cfg.name}: the ws kernel takes 2-6 stages")
+        if not ws_layout(cfg)[0] and cfg.num_stages < 3:  # the dequantize warps load tile i + stages - 2 after tile i
+            raise SpearError(f"{WHERE}: {cfg.name}: without a load warp (8 warps, 128 x 256) the ws kernel needs "
+                             f"3-6 stages")
+        if smem_bytes_ws(cfg) > WS_MAX_SMEM:
+            raise SpearError(f"{WHERE}: {cfg.name} needs {smem_bytes_ws(cfg)} B of shared memory (at most "
+                             f"{WS_MAX_SMEM})")
     if x2.dim() != 2 or x2.dtype not in (torch.bfloat16, torch.float16):
         raise SpearError(f"{WHERE}: x must be bf16/fp16 [M, K], got {x2.dtype} {tuple(x2.shape)}")
     m, k = x2.shape
@@ -125,7 +169,7 @@ def run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg: GluonW4Config
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from ..kernels.w4_gluon import w4_gluon_kernel
+    from ..kernels.w4_gluon import w4_gluon_kernel, w4_gluon_ws_kernel
 
     m, k = x2.shape
     n = qdata.shape[0]
@@ -148,6 +192,16 @@ def run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg: GluonW4Config
                               gl.NVMMASharedLayout.get_default_for([bn, bk // 8], gl.int32))
     per_channel = group_size >= k
     grid = (-(-m // bm) * (n // bn),)
+    if cfg.variant == "ws":
+        load_part, _, maxnreg = ws_layout(cfg)
+        launcher(w4_gluon_ws_kernel, grid)(
+            x_desc, q_desc, scale, zero, bias if bias is not None else scale, y,
+            m, n, k, k // group_size, y.stride(0),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=cfg.num_stages, W_STAGES=WS_W_STAGES, GROUP_M=GROUP_M,
+            GROUP_TILES=1 if per_channel else group_size // bk, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
+            LOAD_PART=load_part, DQ_REGS=WS_DQ_REGS, num_warps=cfg.num_warps, maxnreg=maxnreg,
+        )
+        return y
     launcher(w4_gluon_kernel, grid)(
         x_desc, q_desc, scale, zero, bias if bias is not None else scale, y,
         m, n, k, k // group_size, y.stride(0),

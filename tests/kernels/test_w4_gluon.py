@@ -2,8 +2,9 @@
 
 GPU tests (``gpu`` marker; skipped unless the device is sm_90 and Triton's Gluon 3.6 API is present): random shapes
 with fixed seeds, per-channel and g128, bf16 and fp16, M not a multiple of BLOCK_M, with and without bias, every
-tile of ``gluon_candidates`` and the fp32-dequantize variant; outputs poisoned with NaN before the call. The CPU tests
-check that the modules import on any Triton and that the path declines CPU tensors and bad configs."""
+tile of ``gluon_candidates``, the fp32-dequantize variant and the warp-specialized ``WS_CONFIGS``; outputs poisoned with
+NaN before the call. The CPU tests check that the modules import on any Triton, that the path declines CPU tensors and
+bad configs, and which ws configs ``_check`` accepts."""
 import dataclasses
 
 import pytest
@@ -54,6 +55,151 @@ def test_bad_input_raises(bad):
         gluon_w4.run_gluon_w4(x, q, s, s, None, group, y, bad.get("cfg", GC()))
 
 
+def _cpu_args(m=8, k=256, n=256, group=128):
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    q = torch.zeros(n, k // 2, dtype=torch.uint8)
+    s = torch.ones(n, max(1, k // group), dtype=torch.bfloat16)
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    return x, q, s, s, None, group, y
+
+
+def test_ws_configs_pass_check():
+    """Every exported ws config (and a few more legal ones) gets past ``_check``: on CPU tensors the one complaint left
+    is the device. None of them is offered to the tuner."""
+    for cfg in gluon_w4.WS_CONFIGS + (GC(64, 128, 64, 4, 4, "ws"), GC(128, 64, 64, 4, 6, "ws"),
+                                      GC(128, 256, 64, 8, 3, "ws"), GC(128, 128, 64, 4, 2, "ws")):
+        assert cfg.variant == "ws"
+        with pytest.raises(SpearError, match="one CUDA device"):
+            gluon_w4._check(*_cpu_args(k=512, n=512), cfg)
+        load_part, warps, maxnreg = gluon_w4.ws_layout(cfg)
+        assert warps % 4 == 0 and warps * 32 * maxnreg <= 65536 and maxnreg % 8 == 0
+        assert gluon_w4.smem_bytes_ws(cfg) <= gluon_w4.WS_MAX_SMEM
+    for m, k, n, g in ((256, 4096, 11008, 128), (1024, 2048, 8192, 2048)):
+        assert all(c.variant != "ws" for c in gluon_w4.gluon_candidates(m, k, n, g))
+    # the 2 x 128-accumulator-register layout (8 warps, 128 x 256) leaves out the load warp: 12 warps, 168 registers
+    assert gluon_w4.ws_layout(GC(128, 256, 64, 8, 4, "ws")) == (False, 12, 168)
+    assert gluon_w4.ws_layout(GC(128, 128, 64, 4, 4, "ws")) == (True, 12, 168)
+    assert gluon_w4.ws_layout(GC(128, 128, 64, 8, 4, "ws")) == (True, 16, 128)
+
+
+@pytest.mark.parametrize("cfg,why", [
+    (GC(128, 256, 64, 4, 4, "ws"), "accumulator registers"),  # 256 fp32 a thread with one warpgroup
+    (GC(128, 256, 64, 8, 6, "ws"), "shared memory"),           # 6 x 24 KB + 3 x 32 KB
+    (GC(128, 128, 64, 4, 7, "ws"), "2-6 stages"),
+    (GC(128, 256, 64, 8, 2, "ws"), "3-6 stages"),                # no load warp: stage of tile i - 2 refilled after i
+    (GC(128, 128, 128, 4, 4, "ws"), "unsupported config"),     # BLOCK_K must stay 64
+    (GC(128, 64, 64, 8, 4, "ws"), "block_n >= 128"),
+])
+def test_ws_check_refuses(cfg, why):
+    with pytest.raises(SpearError, match=why):
+        gluon_w4._check(*_cpu_args(k=512, n=512), cfg)
+
+
+class _Bar:
+    """An mbarrier: ``phase`` counts completed phases; ``try_wait.parity(p)`` passes once the current phase's parity
+    differs from p (a fresh barrier passes parity 1)."""
+    def __init__(self, count):
+        self.count, self.pending, self.phase = count, count, 0
+
+    def arrive(self):
+        self.pending -= 1
+        assert self.pending >= 0
+        if self.pending == 0:
+            self.phase, self.pending = self.phase + 1, self.count
+
+    def done(self, parity):
+        return (self.phase & 1) != parity
+
+
+def _ws_protocol(n_k, S, W, load_part, seed):
+    """The ws kernel's partitions (``w4_gluon_ws_kernel``) as generators under a random schedule: the same waits,
+    parities, arrivals and refill order; TMA copies land at random later times; MMA i - 1 retires at MMA i's wait(1).
+    Asserts every consumer sees its own tile and no slot is rewritten while an MMA may read it; raises on deadlock."""
+    import random
+    rnd = random.Random(seed)
+    ready, empty = [_Bar(1) for _ in range(S)], [_Bar(2) for _ in range(S)]
+    w_ready, w_empty = [_Bar(1) for _ in range(W)], [_Bar(1) for _ in range(W)]
+    x, q, w, x_busy, w_busy, tma = [None] * S, [None] * S, [None] * W, [None] * S, [None] * W, []
+
+    def load():
+        for i in range(n_k):
+            while not empty[i % S].done(((i // S) & 1) ^ 1):
+                yield
+            assert x_busy[i % S] is None
+            tma.append((i % S, i))
+            yield
+
+    def dequant():
+        if not load_part:
+            tma.extend((t, t) for t in range(min(S, n_k)))
+        for i in range(n_k):
+            s, b = i % S, i % W
+            while not ready[s].done((i // S) & 1):
+                yield
+            assert q[s] == i
+            yield
+            while not w_empty[b].done(((i // W) & 1) ^ 1):
+                yield
+            assert w_busy[b] is None
+            w[b] = i
+            yield
+            w_ready[b].arrive()
+            empty[s].arrive()
+            yield
+            t = i + S - 2
+            if not load_part and i >= 2 and t < n_k:
+                while not empty[t % S].done(((t // S) & 1) ^ 1):
+                    yield
+                assert x_busy[t % S] is None
+                tma.append((t % S, t))
+                yield
+
+    def mma():
+        inflight = []
+        for i in range(n_k):
+            s, b = i % S, i % W
+            while not (ready[s].done((i // S) & 1) and w_ready[b].done((i // W) & 1)):
+                yield
+            assert x[s] == i and w[b] == i
+            x_busy[s], w_busy[b] = i, i
+            inflight.append((s, b))
+            yield
+            if len(inflight) > 1:  # warpgroup_mma_wait(1): MMA i - 1 retired
+                ps, pb = inflight.pop(0)
+                x_busy[ps], w_busy[pb] = None, None
+                empty[ps].arrive()
+                w_empty[pb].arrive()
+            yield
+
+    gens = {"mma": mma(), "dq": dequant(), **({"load": load()} if load_part else {})}
+    for _ in range(100000):
+        if not gens and not tma:
+            return
+        k = rnd.choice(list(gens) + (["tma"] if tma else []))
+        if k == "tma":
+            st, t = tma.pop(rnd.randrange(len(tma)))
+            x[st], q[st] = t, t
+            ready[st].arrive()
+        else:
+            try:
+                next(gens[k])
+            except StopIteration:
+                del gens[k]
+    raise AssertionError("deadlock")
+
+
+def test_ws_mbarrier_protocol_model():
+    """The ws kernel's ring protocol (phases, counts, refill order) on a CPU model, for every stage count ``_check``
+    admits; and the one it refuses (no load warp, 2 stages) deadlocks."""
+    for load_part, stages in ((True, (2, 3, 4, 6)), (False, (3, 4, 5, 6))):
+        for S in stages:
+            for n_k in (1, 2, 3, 7, 13):
+                for seed in range(12):
+                    _ws_protocol(n_k, S, gluon_w4.WS_W_STAGES, load_part, seed)
+    with pytest.raises(AssertionError, match="deadlock"):
+        _ws_protocol(8, 2, gluon_w4.WS_W_STAGES, False, 0)
+
+
 @pytest.mark.parametrize("m,has_ec,switch,expect", [(256, False, "1", True), (1024, False, "1", True),
                                                      (64, False, "1", False), (2048, False, "1", False),
                                                      (256, True, "1", False), (256, False, "0", False)])
@@ -98,7 +244,7 @@ CASES = [  # (seed, M, K, N, group (0: per-channel), dtype, bias)
 
 def _configs(m, k, n, group):
     cands = list(gluon_w4.gluon_candidates(m, k, n, group))
-    for c in (GC(128, 128, 64, 8, 4, "f32"), GC(128, 256, 64, 8, 4), GC(64, 64, 64, 4, 6)):
+    for c in (GC(128, 128, 64, 8, 4, "f32"), GC(128, 256, 64, 8, 4), GC(64, 64, 64, 4, 6)) + gluon_w4.WS_CONFIGS:
         if n % c.block_n == 0 and c not in cands:
             cands.append(c)
     return cands
