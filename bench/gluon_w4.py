@@ -28,7 +28,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 
@@ -147,7 +146,8 @@ def sass_report(log):
 
     from spear_compile.lowering.gluon_w4 import _TILES, WS_CONFIGS, GluonW4Config, ws_layout
 
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    from bench.sass_loop import disassemble, resource
+
     cfgs = [c for c, _ in _TILES] + [GluonW4Config(128, 128, 64, 8, 4, "f32")] + list(WS_CONFIGS)
     log(f"triton {triton.__version__}: sm_90 SASS of w4_gluon_kernel / w4_gluon_ws_kernel (bf16, bias)")
     log("| config | quant | regs | spill instrs | smem B | loop instrs | loop wgmma wait |")
@@ -161,29 +161,22 @@ def sass_report(log):
                 log(f"| {cfg.name} | {'pc' if pc else 'g128'} | compile failed: {type(e).__name__}: "
                     f"{str(e).splitlines()[-1][:200] if str(e) else ''} |")
                 continue
-            with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-                f.write(c.asm["cubin"])
-            try:
-                text = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", f.name], capture_output=True,
-                                      text=True).stdout
-                res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
-                                     text=True).stdout
-            finally:
-                os.unlink(f.name)
-            reg = re.search(r"REG:(\d+)", res)
-            spill = sum(1 for line in text.splitlines() if re.search(r"\b(LDL|STL)(\.\w+)*\s", line))
-            loop = _mma_loop(text)
+            rows3, labels = disassemble(c.asm["cubin"])
+            rows = [(a, t) for a, _, t in rows3]
+            reg = resource(c.asm["cubin"], "REG")
+            spill = sum(1 for _, op, _ in rows3 if op.split(".")[0] in ("LDL", "STL"))
+            loop = _mma_loop(rows, labels)
             waits = sorted({re.sub(r".*DEPBAR\.LE\s+", "", t) for t in loop if "WARPGROUP.DEPBAR" in t})
-            log(f"| {cfg.name} | {'pc' if pc else 'g128'} | {reg.group(1) if reg else '?'} | {spill} | "
+            log(f"| {cfg.name} | {'pc' if pc else 'g128'} | {reg if reg is not None else '?'} | {spill} | "
                 f"{c.metadata.shared} | {len(loop)} | {', '.join(waits) or 'none'} |")
             if cfg.variant == "ws":
                 load_part, warps, maxnreg = ws_layout(cfg)
-                budgets = sorted({int(v, 16)
-                                  for v in re.findall(r"USETMAXREG\.\S+\s+(?:UP\d,\s*)?(0x[0-9a-f]+)", text)})
+                budgets = sorted({int(v, 16) for _, t in rows
+                                  for v in re.findall(r"USETMAXREG\.\S+\s+(?:UP\d,\s*)?(0x[0-9a-f]+)", t)})
                 parts = []
                 for what, anchor in (("mma", r"\bHGMMA\b"), ("dequant", r"\bSTS\.128\b"),
                                      ("load", r"\bUTMALDG\b")):
-                    lp = _loop_of(text, anchor)
+                    lp = _loop_of(rows, labels, anchor)
                     if not lp or (what == "load" and not load_part and any("STS.128" in t for t in lp)):
                         continue
                     syncs = {}
@@ -211,9 +204,9 @@ def sass_report(log):
             log(row)
 
 
-def _loop_of(text, anchor):
-    """SASS lines of the innermost loop around the first instruction matching ``anchor`` (regex)."""
-    rows, labels, pending = _sass_rows(text)
+def _loop_of(rows, labels, anchor):
+    """SASS lines of the innermost loop around the first instruction matching ``anchor`` (regex); ``rows``:
+    (address, text) of ``sass_loop.parse_sass``."""
     hits = [a for a, t in rows if re.search(anchor, t)]
     if not hits:
         return []
@@ -227,40 +220,8 @@ def _loop_of(text, anchor):
     return [r for b, r in rows if best[0] <= b <= best[1]] if best else []
 
 
-def _sass_rows(text):
-    rows, labels, pending = [], {}, []
-    for line in text.splitlines():
-        lab = re.match(r"^\s*(\.L_x_\d+):", line)
-        if lab:
-            pending.append(lab.group(1))
-            continue
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
-        if not m:
-            continue
-        addr = int(m.group(1), 16)
-        for name in pending:
-            labels[name] = addr
-        pending = []
-        rows.append((addr, m.group(2).strip()))
-    return rows, labels, pending
-
-
-def _mma_loop(text):
+def _mma_loop(rows, labels):
     """SASS lines of the loop that holds the first HGMMA (from its backward branch's target to the branch)."""
-    rows, labels, pending = [], {}, []
-    for line in text.splitlines():
-        lab = re.match(r"^\s*(\.L_x_\d+):", line)
-        if lab:
-            pending.append(lab.group(1))
-            continue
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
-        if not m:
-            continue
-        addr = int(m.group(1), 16)
-        for name in pending:
-            labels[name] = addr
-        pending = []
-        rows.append((addr, m.group(2).strip()))
     hg = [a for a, t in rows if "HGMMA" in t]
     if not hg:
         return []
@@ -470,24 +431,28 @@ def _ratio(a, b):
     return "-" if a is None or b is None or not b else f"{a / b:.2f}"
 
 
+def _cells(r, with_disp, with_ws, cfg_cols):
+    """A row's timing cells from bf16 on: µs, the dispatch's, gluon's ratios, ws's; ``cfg_cols``: the gluon and ws
+    config columns (a table's rows), empty cells (its sum row) or none (the summary)."""
+    cells = f" {_fmt(r['bf16'])} | {_fmt(r['deq_cublas'])} |" + (f" {_fmt(r.get('dispatch'))} |" if with_disp else "") \
+        + f" {_fmt(r['gluon'])} | {_ratio(r['gluon'], r['bf16'])} | {_ratio(r['gluon'], r['deq_cublas'])} |"
+    if cfg_cols is not None:
+        cells += f" `{r['gluon_cfg']}` |" if cfg_cols else " |"
+    if with_ws:
+        cells += f" {_fmt(r.get('ws'))} | {_ratio(r.get('ws'), r['bf16'])} | {_ratio(r.get('ws'), r['gluon'])} |"
+        if cfg_cols is not None:
+            cells += f" `{r.get('ws_cfg')}` |" if cfg_cols else " |"
+    return cells
+
+
 def _table(model, m, tag, rows, with_disp, with_ws=False):
     head = "| linear | K | N | bf16 µs | deq+cuBLAS µs |" + (" ours W4 µs |" if with_disp else "") + \
         " gluon µs | gluon/bf16 | gluon/deq | gluon config |" + \
         (" ws µs | ws/bf16 | ws/gluon | ws config |" if with_ws else "")
     out = [f"### {model}, M={m}, {tag}", "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        out.append(f"| {r['linear']} | {r['k']} | {r['n']} | {_fmt(r['bf16'])} | {_fmt(r['deq_cublas'])} |"
-                   + (f" {_fmt(r['dispatch'])} |" if with_disp else "")
-                   + f" {_fmt(r['gluon'])} | {_ratio(r['gluon'], r['bf16'])} | {_ratio(r['gluon'], r['deq_cublas'])} |"
-                   f" `{r['gluon_cfg']}` |"
-                   + (f" {_fmt(r.get('ws'))} | {_ratio(r.get('ws'), r['bf16'])} | {_ratio(r.get('ws'), r['gluon'])} |"
-                      f" `{r.get('ws_cfg')}` |" if with_ws else ""))
-    s = _sums(rows)
-    out.append(f"| **sum** | | | {_fmt(s['bf16'])} | {_fmt(s['deq_cublas'])} |"
-               + (f" {_fmt(s['dispatch'])} |" if with_disp else "")
-               + f" {_fmt(s['gluon'])} | {_ratio(s['gluon'], s['bf16'])} | {_ratio(s['gluon'], s['deq_cublas'])} | |"
-               + (f" {_fmt(s['ws'])} | {_ratio(s['ws'], s['bf16'])} | {_ratio(s['ws'], s['gluon'])} | |"
-                  if with_ws else ""))
+        out.append(f"| {r['linear']} | {r['k']} | {r['n']} |" + _cells(r, with_disp, with_ws, True))
+    out.append("| **sum** | | |" + _cells(_sums(rows), with_disp, with_ws, False))
     return "\n".join(out)
 
 
@@ -504,12 +469,8 @@ def _summary(results, with_disp, with_ws=False):
         " gluon µs | gluon/bf16 | gluon/deq+cuBLAS |" + (" ws µs | ws/bf16 | ws/gluon |" if with_ws else "")
     out = ["## Per layer (sum of the 7 linears)", "", head, "|" + "---|" * (head.count("|") - 1)]
     for res in results:
-        s = _sums(res["rows"])
-        out.append(f"| {res['model']} | {res['m']} | {res['quant']} | {_fmt(s['bf16'])} | {_fmt(s['deq_cublas'])} |"
-                   + (f" {_fmt(s['dispatch'])} |" if with_disp else "")
-                   + f" {_fmt(s['gluon'])} | {_ratio(s['gluon'], s['bf16'])} | {_ratio(s['gluon'], s['deq_cublas'])} |"
-                   + (f" {_fmt(s['ws'])} | {_ratio(s['ws'], s['bf16'])} | {_ratio(s['ws'], s['gluon'])} |"
-                      if with_ws else ""))
+        out.append(f"| {res['model']} | {res['m']} | {res['quant']} |"
+                   + _cells(_sums(res["rows"]), with_disp, with_ws, None))
     return "\n".join(out)
 
 

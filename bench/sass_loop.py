@@ -116,7 +116,13 @@ def disassemble(cubin):
         text = subprocess.run([str(nvdisasm), "-c", "-hex", f.name], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(f.name)
-    rows, labels, pending = [], {}, []  # rows: (address, opcode, text); labels: name -> address
+    return parse_sass(text)
+
+
+def parse_sass(text):
+    """nvdisasm's listing as ``rows`` of (address, opcode without its predicate, instruction text) and ``labels``
+    (name -> address of the instruction after it)."""
+    rows, labels, pending = [], {}, []
     for line in text.splitlines():
         lab = re.match(r"^(\.L_x_\d+):", line.strip())
         if lab:

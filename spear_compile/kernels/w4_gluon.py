@@ -93,6 +93,72 @@ if AVAILABLE:
         return h | (h << 16)
 
     @gluon.jit
+    def _tile_offsets(M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+        """(off_m, off_n) of this program's output tile: GROUP_M row tiles in a row share each W column tile (L2
+        reuse)."""
+        pid = gl.program_id(0)
+        num_m = gl.cdiv(M, BLOCK_M)
+        num_n = N // BLOCK_N
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        rows = gl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % rows
+        pid_n = (pid % per_group) // rows
+        return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+    @gluon.jit
+    def _load_stage(x_desc, q_desc, bar, x_buf, q_buf, off_m, off_n, t, pred):
+        """TMA: K tile ``t``'s x tile and weight-word tile into one ring stage, completing ``bar`` by expect-tx (x rows
+        past M read as zeros); nothing when ``pred`` is false."""
+        mbarrier.expect(bar, x_desc.block_type.nbytes + q_desc.block_type.nbytes, pred=pred)
+        _tma_load(x_desc, [off_m, t * x_desc.block_type.shape[1]], bar, x_buf, pred=pred)
+        _tma_load(q_desc, [off_n, t * q_desc.block_type.shape[1]], bar, q_buf, pred=pred)
+
+    @gluon.jit
+    def _zero_scale(z_ptr, s_ptr, offs_n, n_groups, g):
+        """Group ``g``'s zero points and scales of the rows ``offs_n``, in fp32."""
+        return (gl.load(z_ptr + offs_n * n_groups + g).to(gl.float32),
+                gl.load(s_ptr + offs_n * n_groups + g).to(gl.float32))
+
+    @gluon.jit
+    def _dq2_pairs(words, z2, s2, PER_CHANNEL: gl.constexpr, IS_BF16: gl.constexpr, BLOCK_N: gl.constexpr,
+                   BLOCK_K: gl.constexpr):
+        """The words ``[BLOCK_N, BLOCK_K / 8]`` dequantized (``_dq2_asm``: packed ``z2`` = magic + zero, grouped also
+        the packed scale ``s2``) as int32 pairs ``[BLOCK_N, BLOCK_K / 2]`` in k order."""
+        if PER_CHANNEL:
+            if IS_BF16:
+                o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_BF16, "=r,=r,=r,=r,r,r", [words, z2],
+                                                           dtype=(gl.int32,) * 4, is_pure=True, pack=1)
+            else:
+                o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_F16, "=r,=r,=r,=r,r,r", [words, z2],
+                                                           dtype=(gl.int32,) * 4, is_pure=True, pack=1)
+        else:
+            if IS_BF16:
+                o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_BF16_S, "=r,=r,=r,=r,r,r,r", [words, z2, s2],
+                                                           dtype=(gl.int32,) * 4, is_pure=True, pack=1)
+            else:
+                o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_F16_S, "=r,=r,=r,=r,r,r,r", [words, z2, s2],
+                                                           dtype=(gl.int32,) * 4, is_pure=True, pack=1)
+        # [BLOCK_N, KW, 2, 2]: flat index 2c + b holds o_(2c+b), i.e. the pairs in k order
+        return gl.reshape(gl.join(gl.join(o0, o2), gl.join(o1, o3)), [BLOCK_N, BLOCK_K // 2])
+
+    @gluon.jit
+    def _store_tile(acc, s_ptr, bias_ptr, y_ptr, M, N, stride_ym, off_m, off_n, PER_CHANNEL: gl.constexpr,
+                    HAS_BIAS: gl.constexpr):
+        """Epilogue: per-channel scale (``q - zero`` was exact, so the loop left it out), bias, cast, masked store."""
+        BLOCK_M: gl.constexpr = acc.type.shape[0]
+        BLOCK_N: gl.constexpr = acc.type.shape[1]
+        cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc.type.layout))
+        rows_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc.type.layout))
+        if PER_CHANNEL:
+            acc = acc * gl.expand_dims(gl.load(s_ptr + cols).to(gl.float32), 0)
+        if HAS_BIAS:
+            acc = acc + gl.expand_dims(gl.load(bias_ptr + cols).to(gl.float32), 0)
+        y_ptrs = y_ptr + gl.expand_dims(rows_m, 1) * stride_ym + gl.expand_dims(cols, 0)
+        mask = gl.expand_dims(rows_m < M, 1) & gl.expand_dims(cols < N, 0)
+        gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @gluon.jit
     def w4_gluon_kernel(
         x_desc, q_desc, s_ptr, z_ptr, bias_ptr, y_ptr,
         M, N, K, n_groups, stride_ym,
@@ -103,17 +169,7 @@ if AVAILABLE:
         dtype: gl.constexpr = x_desc.dtype
         KW: gl.constexpr = BLOCK_K // 8  # int32 words a row per K tile
         NBUF: gl.constexpr = 3  # the W ring's depth (the docstring: 3 keeps 2 warpgroups race-free)
-        # ---- tile order: GROUP_M row tiles in a row share each W column tile (L2 reuse)
-        pid = gl.program_id(0)
-        num_m = gl.cdiv(M, BLOCK_M)
-        num_n = N // BLOCK_N
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        rows = gl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % rows
-        pid_n = (pid % per_group) // rows
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
+        off_m, off_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         # ---- layouts
         SPT: gl.constexpr = _word_spt(KW)
@@ -140,15 +196,12 @@ if AVAILABLE:
         for si in gl.static_range(NUM_STAGES):
             mbarrier.init(bars.index(si), count=1)
         fence_async_shared()
-        STAGE_BYTES: gl.constexpr = x_desc.block_type.nbytes + q_desc.block_type.nbytes
 
         n_k = K // BLOCK_K
-        # ---- prologue: the x and word tiles 0 .. NUM_STAGES - 1 by TMA (x rows past M read as zeros)
+        # ---- prologue: the x and word tiles 0 .. NUM_STAGES - 1 by TMA
         for si in gl.static_range(NUM_STAGES):
-            p = si < n_k
-            mbarrier.expect(bars.index(si), STAGE_BYTES, pred=p)
-            _tma_load(x_desc, [off_m, si * BLOCK_K], bars.index(si), x_smem.index(si), pred=p)
-            _tma_load(q_desc, [off_n, si * KW], bars.index(si), q_smem.index(si), pred=p)
+            _load_stage(x_desc, q_desc, bars.index(si), x_smem.index(si), q_smem.index(si), off_m, off_n, si,
+                        si < n_k)
 
         offs_n = off_n + gl.arange(0, BLOCK_N, layout=LN)
         shifts = gl.expand_dims(gl.expand_dims((gl.arange(0, 8, layout=LI) * 4).to(gl.uint32), 0), 1)  # [1, 1, 8]
@@ -157,11 +210,8 @@ if AVAILABLE:
             zc = zpc + 8388608.0
             z2pc = gl.expand_dims(_pack2(zpc + MAGIC, dtype), 1)
         else:  # (scale, zero) of tiles i and i + 1 in registers; tile i + 2's loaded during iteration i
-            za = gl.load(z_ptr + offs_n * n_groups).to(gl.float32)
-            sa = gl.load(s_ptr + offs_n * n_groups).to(gl.float32)
-            g1 = gl.minimum(n_k - 1, 1) // GROUP_TILES
-            zb = gl.load(z_ptr + offs_n * n_groups + g1).to(gl.float32)
-            sb = gl.load(s_ptr + offs_n * n_groups + g1).to(gl.float32)
+            za, sa = _zero_scale(z_ptr, s_ptr, offs_n, n_groups, 0)
+            zb, sb = _zero_scale(z_ptr, s_ptr, offs_n, n_groups, gl.minimum(n_k - 1, 1) // GROUP_TILES)
 
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
         for i in range(n_k):
@@ -172,23 +222,10 @@ if AVAILABLE:
             buf = i % NBUF
             if DQ2:  # packed 16-bit math, 2 values an instruction (see _dq2_asm)
                 if PER_CHANNEL:
-                    if IS_BF16:
-                        o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_BF16, "=r,=r,=r,=r,r,r", [words, z2pc],
-                                                                   dtype=(gl.int32,) * 4, is_pure=True, pack=1)
-                    else:
-                        o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_F16, "=r,=r,=r,=r,r,r", [words, z2pc],
-                                                                   dtype=(gl.int32,) * 4, is_pure=True, pack=1)
+                    pairs = _dq2_pairs(words, z2pc, z2pc, PER_CHANNEL, IS_BF16, BLOCK_N, BLOCK_K)
                 else:
-                    z2 = gl.expand_dims(_pack2(za + MAGIC, dtype), 1)
-                    s2 = gl.expand_dims(_pack2(sa, dtype), 1)
-                    if IS_BF16:
-                        o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_BF16_S, "=r,=r,=r,=r,r,r,r", [words, z2, s2],
-                                                                   dtype=(gl.int32,) * 4, is_pure=True, pack=1)
-                    else:
-                        o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_F16_S, "=r,=r,=r,=r,r,r,r", [words, z2, s2],
-                                                                   dtype=(gl.int32,) * 4, is_pure=True, pack=1)
-                # [BLOCK_N, KW, 2, 2]: flat index 2c + b holds o_(2c+b), i.e. the pairs in k order
-                pairs = gl.reshape(gl.join(gl.join(o0, o2), gl.join(o1, o3)), [BLOCK_N, BLOCK_K // 2])
+                    pairs = _dq2_pairs(words, gl.expand_dims(_pack2(za + MAGIC, dtype), 1),
+                                       gl.expand_dims(_pack2(sa, dtype), 1), PER_CHANNEL, IS_BF16, BLOCK_N, BLOCK_K)
                 w_smem.index(buf)._reinterpret(gl.int32, [BLOCK_N, BLOCK_K // 2], w32_layout).store(pairs)
             else:  # fp32 math on [BLOCK_N, KW, 8], k = 8j + nibble
                 if PER_CHANNEL:
@@ -206,15 +243,11 @@ if AVAILABLE:
             t = i + NUM_STAGES - 2
             refill = (i >= 2) & (t < n_k)
             st = t % NUM_STAGES
-            mbarrier.expect(bars.index(st), STAGE_BYTES, pred=refill)
-            _tma_load(x_desc, [off_m, t * BLOCK_K], bars.index(st), x_smem.index(st), pred=refill)
-            _tma_load(q_desc, [off_n, t * KW], bars.index(st), q_smem.index(st), pred=refill)
+            _load_stage(x_desc, q_desc, bars.index(st), x_smem.index(st), q_smem.index(st), off_m, off_n, t, refill)
             if not PER_CHANNEL:  # after the fence, so that the fence does not wait for these loads
                 za = zb
                 sa = sb
-                g2 = gl.minimum(i + 2, n_k - 1) // GROUP_TILES
-                zb = gl.load(z_ptr + offs_n * n_groups + g2).to(gl.float32)
-                sb = gl.load(s_ptr + offs_n * n_groups + g2).to(gl.float32)
+                zb, sb = _zero_scale(z_ptr, s_ptr, offs_n, n_groups, gl.minimum(i + 2, n_k - 1) // GROUP_TILES)
             # ---- MMA i, asynchronous; retire MMA i - 1 only
             acc = warpgroup_mma(x_smem.index(cs), w_smem.index(buf).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
@@ -222,16 +255,7 @@ if AVAILABLE:
         for si in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(bars.index(si))
 
-        # ---- epilogue
-        cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
-        rows_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
-        if PER_CHANNEL:
-            acc = acc * gl.expand_dims(gl.load(s_ptr + cols).to(gl.float32), 0)
-        if HAS_BIAS:
-            acc = acc + gl.expand_dims(gl.load(bias_ptr + cols).to(gl.float32), 0)
-        y_ptrs = y_ptr + gl.expand_dims(rows_m, 1) * stride_ym + gl.expand_dims(cols, 0)
-        mask = gl.expand_dims(rows_m < M, 1) & gl.expand_dims(cols < N, 0)
-        gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        _store_tile(acc, s_ptr, bias_ptr, y_ptr, M, N, stride_ym, off_m, off_n, PER_CHANNEL, HAS_BIAS)
 
 
 # ====================================================================================================================
@@ -262,15 +286,10 @@ if AVAILABLE:
     @gluon.jit
     def _ws_load_partition(x_desc, q_desc, x_smem, q_smem, ready, empty, off_m, off_n, n_k,
                            NUM_STAGES: gl.constexpr):
-        BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
-        KW: gl.constexpr = q_desc.block_type.shape[1]
-        STAGE_BYTES: gl.constexpr = x_desc.block_type.nbytes + q_desc.block_type.nbytes
         for i in range(n_k):
             s = i % NUM_STAGES
             mbarrier.wait(empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), STAGE_BYTES)
-            _tma_load(x_desc, [off_m, i * BLOCK_K], ready.index(s), x_smem.index(s))
-            _tma_load(q_desc, [off_n, i * KW], ready.index(s), q_smem.index(s))
+            _load_stage(x_desc, q_desc, ready.index(s), x_smem.index(s), q_smem.index(s), off_m, off_n, i, True)
 
     @gluon.jit
     def _ws_dequant_partition(x_desc, q_desc, x_smem, q_smem, w_smem, ready, empty, w_ready, w_empty, s_ptr, z_ptr,
@@ -293,49 +312,29 @@ if AVAILABLE:
         IS_BF16: gl.constexpr = dtype == gl.bfloat16
         MAGIC: gl.constexpr = 128.0 if IS_BF16 else 1024.0
 
-        STAGE_BYTES: gl.constexpr = x_desc.block_type.nbytes + q_desc.block_type.nbytes
         if not LOAD_PART:  # no load partition: this one issues the TMA loads, tiles 0 .. NUM_STAGES - 1 first
             for si in gl.static_range(NUM_STAGES):
-                p = si < n_k
-                mbarrier.expect(ready.index(si), STAGE_BYTES, pred=p)
-                _tma_load(x_desc, [off_m, si * BLOCK_K], ready.index(si), x_smem.index(si), pred=p)
-                _tma_load(q_desc, [off_n, si * KW], ready.index(si), q_smem.index(si), pred=p)
+                _load_stage(x_desc, q_desc, ready.index(si), x_smem.index(si), q_smem.index(si), off_m, off_n, si,
+                            si < n_k)
 
         offs_n = off_n + gl.arange(0, BLOCK_N, layout=LN)
         if PER_CHANNEL:
             z2pc = gl.expand_dims(_pack2(gl.load(z_ptr + offs_n).to(gl.float32) + MAGIC, dtype), 1)
         else:  # (scale, zero) of tiles i and i + 1 in registers; tile i + 2's loaded during iteration i
-            za = gl.load(z_ptr + offs_n * n_groups).to(gl.float32)
-            sa = gl.load(s_ptr + offs_n * n_groups).to(gl.float32)
-            g1 = gl.minimum(n_k - 1, 1) // GROUP_TILES
-            zb = gl.load(z_ptr + offs_n * n_groups + g1).to(gl.float32)
-            sb = gl.load(s_ptr + offs_n * n_groups + g1).to(gl.float32)
+            za, sa = _zero_scale(z_ptr, s_ptr, offs_n, n_groups, 0)
+            zb, sb = _zero_scale(z_ptr, s_ptr, offs_n, n_groups, gl.minimum(n_k - 1, 1) // GROUP_TILES)
         for i in range(n_k):
             s = i % NUM_STAGES
             mbarrier.wait(ready.index(s), (i // NUM_STAGES) & 1)
             words = q_smem.index(s).load(LW)
             if PER_CHANNEL:
-                if IS_BF16:
-                    o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_BF16, "=r,=r,=r,=r,r,r", [words, z2pc],
-                                                               dtype=(gl.int32,) * 4, is_pure=True, pack=1)
-                else:
-                    o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_F16, "=r,=r,=r,=r,r,r", [words, z2pc],
-                                                               dtype=(gl.int32,) * 4, is_pure=True, pack=1)
+                pairs = _dq2_pairs(words, z2pc, z2pc, PER_CHANNEL, IS_BF16, BLOCK_N, BLOCK_K)
             else:
-                z2 = gl.expand_dims(_pack2(za + MAGIC, dtype), 1)
-                s2 = gl.expand_dims(_pack2(sa, dtype), 1)
-                if IS_BF16:
-                    o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_BF16_S, "=r,=r,=r,=r,r,r,r", [words, z2, s2],
-                                                               dtype=(gl.int32,) * 4, is_pure=True, pack=1)
-                else:
-                    o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_F16_S, "=r,=r,=r,=r,r,r,r", [words, z2, s2],
-                                                               dtype=(gl.int32,) * 4, is_pure=True, pack=1)
+                pairs = _dq2_pairs(words, gl.expand_dims(_pack2(za + MAGIC, dtype), 1),
+                                   gl.expand_dims(_pack2(sa, dtype), 1), PER_CHANNEL, IS_BF16, BLOCK_N, BLOCK_K)
                 za = zb
                 sa = sb
-                g2 = gl.minimum(i + 2, n_k - 1) // GROUP_TILES
-                zb = gl.load(z_ptr + offs_n * n_groups + g2).to(gl.float32)
-                sb = gl.load(s_ptr + offs_n * n_groups + g2).to(gl.float32)
-            pairs = gl.reshape(gl.join(gl.join(o0, o2), gl.join(o1, o3)), [BLOCK_N, BLOCK_K // 2])
+                zb, sb = _zero_scale(z_ptr, s_ptr, offs_n, n_groups, gl.minimum(i + 2, n_k - 1) // GROUP_TILES)
             b = i % W_STAGES
             mbarrier.wait(w_empty.index(b), ((i // W_STAGES) & 1) ^ 1)
             w_smem.index(b)._reinterpret(gl.int32, [BLOCK_N, BLOCK_K // 2], w32_layout).store(pairs)
@@ -349,9 +348,8 @@ if AVAILABLE:
                 refill = (i >= 2) & (t < n_k)
                 st = t % NUM_STAGES
                 mbarrier.wait(empty.index(st), ((t // NUM_STAGES) & 1) ^ 1, pred=refill)
-                mbarrier.expect(ready.index(st), STAGE_BYTES, pred=refill)
-                _tma_load(x_desc, [off_m, t * BLOCK_K], ready.index(st), x_smem.index(st), pred=refill)
-                _tma_load(q_desc, [off_n, t * KW], ready.index(st), q_smem.index(st), pred=refill)
+                _load_stage(x_desc, q_desc, ready.index(st), x_smem.index(st), q_smem.index(st), off_m, off_n, t,
+                            refill)
 
     @gluon.jit
     def _ws_mma_partition(x_smem, w_smem, ready, empty, w_ready, w_empty, s_ptr, bias_ptr, y_ptr, M, N,
@@ -379,16 +377,7 @@ if AVAILABLE:
             mbarrier.arrive(w_empty.index(prev % W_STAGES), count=1, pred=i > 0)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
-        # ---- epilogue
-        cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
-        rows_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
-        if PER_CHANNEL:
-            acc = acc * gl.expand_dims(gl.load(s_ptr + cols).to(gl.float32), 0)
-        if HAS_BIAS:
-            acc = acc + gl.expand_dims(gl.load(bias_ptr + cols).to(gl.float32), 0)
-        y_ptrs = y_ptr + gl.expand_dims(rows_m, 1) * stride_ym + gl.expand_dims(cols, 0)
-        mask = gl.expand_dims(rows_m < M, 1) & gl.expand_dims(cols < N, 0)
-        gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        _store_tile(acc, s_ptr, bias_ptr, y_ptr, M, N, stride_ym, off_m, off_n, PER_CHANNEL, HAS_BIAS)
 
     @gluon.jit
     def w4_gluon_ws_kernel(
@@ -403,16 +392,7 @@ if AVAILABLE:
         of the dequantize warpgroup); launch with ``maxnreg`` so that all warps fit the register file."""
         dtype: gl.constexpr = x_desc.dtype
         KW: gl.constexpr = BLOCK_K // 8
-        pid = gl.program_id(0)
-        num_m = gl.cdiv(M, BLOCK_M)
-        num_n = N // BLOCK_N
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        rows = gl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % rows
-        pid_n = (pid % per_group) // rows
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
+        off_m, off_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         n_k = K // BLOCK_K
 
         w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], dtype)

@@ -33,10 +33,19 @@ _TILES = (
 )
 
 
+def _stage_bytes(cfg: GluonW4Config) -> int:
+    """One stage of the TMA ring: a bf16/fp16 x tile and its int4 weight words."""
+    return cfg.block_m * cfg.block_k * 2 + cfg.block_n * cfg.block_k // 2
+
+
+def _acc_regs(cfg: GluonW4Config) -> int:
+    """fp32 accumulator registers a thread of the MMA warps."""
+    return cfg.block_m * cfg.block_n // (cfg.num_warps * 32)
+
+
 def smem_bytes(cfg: GluonW4Config) -> int:
     """Shared memory of one CTA: the x + word TMA ring and the 3-deep dequantized W ring."""
-    stage = cfg.block_m * cfg.block_k * 2 + cfg.block_n * cfg.block_k // 2
-    return cfg.num_stages * stage + 3 * cfg.block_n * cfg.block_k * 2 + 64
+    return cfg.num_stages * _stage_bytes(cfg) + 3 * cfg.block_n * cfg.block_k * 2 + 64
 
 
 # warp-specialized tiles worth trying on an H100 (``variant="ws"``). Not offered to the tuner (``gluon_candidates``)
@@ -57,16 +66,15 @@ def ws_layout(cfg: GluonW4Config):
     MMA warps hold more than 64 accumulator registers each with 8 of them (then 8 + 4 + 1 warps would round up to 16,
     capping every thread at 128 registers, below the 2 x 64 x 256 wgmma's ~154; the dequantize warpgroup issues the
     TMA instead). Warps round up to whole warpgroups; maxnreg = the register file over the threads, a multiple of 8."""
-    acc_regs = cfg.block_m * cfg.block_n // (cfg.num_warps * 32)
-    load_part = cfg.num_warps == 4 or acc_regs <= 64
+    load_part = cfg.num_warps == 4 or _acc_regs(cfg) <= 64
     warps = -(-(cfg.num_warps + 4 + (1 if load_part else 0)) // 4) * 4
     return load_part, warps, min(255, 65536 // (warps * 32)) // 8 * 8
 
 
 def smem_bytes_ws(cfg: GluonW4Config) -> int:
     """Shared memory of one ws CTA: the x + word TMA ring, the W ring and the 4 mbarrier rings."""
-    stage = cfg.block_m * cfg.block_k * 2 + cfg.block_n * cfg.block_k // 2
-    return cfg.num_stages * stage + WS_W_STAGES * cfg.block_n * cfg.block_k * 2 + 16 * (cfg.num_stages + WS_W_STAGES)
+    return (cfg.num_stages * _stage_bytes(cfg) + WS_W_STAGES * cfg.block_n * cfg.block_k * 2
+            + 16 * (cfg.num_stages + WS_W_STAGES))
 
 
 def gluon_candidates(m: int, k: int, n: int, group_size: int, sms: int = H100_SMS) -> List[GluonW4Config]:
@@ -121,7 +129,7 @@ def _check(x2, qdata, scale, zero, bias, group_size, y, cfg):
     if cfg.num_warps == 8 and cfg.block_n < 128:
         raise SpearError(f"{WHERE}: 8 warps need block_n >= 128, got {cfg.name}")
     if cfg.variant == "ws":
-        acc_regs = cfg.block_m * cfg.block_n // (cfg.num_warps * 32)
+        acc_regs = _acc_regs(cfg)
         if acc_regs > 128:
             raise SpearError(f"{WHERE}: {cfg.name}: {acc_regs} fp32 accumulator registers a thread (at most 128; "
                              f"block_m x block_n = {cfg.block_m}x{cfg.block_n} needs 8 warps)")
