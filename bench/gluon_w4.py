@@ -12,11 +12,19 @@ best passing Gluon config, bf16 ``F.linear``, ``dequantize_w4`` + ``F.linear`` a
     python3 -m bench.gluon_w4 --out DIR --quick    # Llama-3.2-1B, M = 256, per-channel
     python3 -m bench.gluon_w4 --sass               # no GPU: sm_90 SASS facts of the candidate tiles (Triton 3.6)
     python3 -m bench.gluon_w4 --compile-check 128,256,64,8,4,ws   # no GPU: compile one config (exit status)
+    python3 -m bench.gluon_w4 --swap-sass          # no GPU: the swap kernel's SASS table only
 
 The warp-specialized configs (``gluon_w4.WS_CONFIGS``, ``variant="ws"``; ``--no-ws`` drops them) are checked and
 timed beside the others, in their own ``ws`` columns (best ws config per linear). Each is first compiled in a child
 process (``--compile-check``; a failed assertion in Triton's C++ aborts the process instead of raising); one that
 fails there is logged and skipped, as is one that raises or misses the float64 bounds in the run.
+
+The swapped-operand configs (``gluon_w4.SWAP_CONFIGS``, ``variant="swap"``: yᵀ tiles with W dequantized in registers
+as the wgmma A operand, split-K by fp32 slots + arrival counters; ``--no-swap`` drops them) go through the same child
+process precheck and get their own ``swap`` columns (best swap config per linear; token tiles larger than max(64, M),
+and the 64-token tile above M = 128, are not tried). ``--swap-sass`` (no GPU) prints only the swap kernel's SASS table (bf16 and fp16).
+
+    python3 -m bench.gluon_w4 --out DIR --models Llama-2-7B,Llama-3.2-1B --ms 128,256,512 --budget 240
 """
 from __future__ import annotations
 
@@ -53,8 +61,9 @@ class Log:
 
 # ------------------------------------------------------------------ offline SASS (no GPU)
 def _compile_sm90(cfg, pc, dtype="bf16"):
-    """Compile ``cfg`` (the ws kernel for ``variant="ws"``) offline for sm_90 with this Triton: per-channel (``pc``)
-    or g128, bias, ``dtype`` activations; returns triton's compiled kernel. Needs no GPU."""
+    """Compile ``cfg`` (the ws kernel for ``variant="ws"``, the swap kernel for ``"swap"``) offline for sm_90 with
+    this Triton: per-channel (``pc``) or g128, bias, ``dtype`` activations; returns triton's compiled kernel. Needs no
+    GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
@@ -64,7 +73,8 @@ def _compile_sm90(cfg, pc, dtype="bf16"):
     from spear_compile.lowering import gluon_w4
 
     ws = cfg.variant == "ws"
-    kern = w4_gluon.w4_gluon_ws_kernel if ws else w4_gluon.w4_gluon_kernel
+    swap = cfg.variant == "swap"
+    kern = w4_gluon.w4_gluon_ws_kernel if ws else w4_gluon.w4_gluon_swap_kernel if swap else w4_gluon.w4_gluon_kernel
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
     xl = gl.NVMMASharedLayout.get_default_for([bm, bk], gdt)
@@ -72,16 +82,19 @@ def _compile_sm90(cfg, pc, dtype="bf16"):
     types = dict(x_desc=f"tensordesc<{dtype}[{bm}, {bk}],{xl!r}>",
                  q_desc=f"tensordesc<i32[{bn}, {bk // 8}],{ql!r}>",
                  s_ptr=f"*{dtype}", z_ptr=f"*{dtype}", bias_ptr=f"*{dtype}", y_ptr=f"*{dtype}", M="i32", N="i32",
-                 K="i32", n_groups="i32", stride_ym="i32")
-    consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=cfg.num_stages, GROUP_M=gluon_w4.GROUP_M,
+                 K="i32", n_groups="i32", stride_ym="i32", ws_ptr="*fp32", cnt_ptr="*i32", K_TILES="i32")
+    consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=cfg.num_stages,
                   GROUP_TILES=1 if pc else G // bk, PER_CHANNEL=pc, HAS_BIAS=True, num_warps=cfg.num_warps)
     options = {"num_warps": cfg.num_warps}
     if ws:
         load_part, _, maxnreg = gluon_w4.ws_layout(cfg)
-        consts.update(W_STAGES=gluon_w4.WS_W_STAGES, LOAD_PART=load_part, DQ_REGS=gluon_w4.WS_DQ_REGS)
+        consts.update(W_STAGES=gluon_w4.WS_W_STAGES, LOAD_PART=load_part, DQ_REGS=gluon_w4.WS_DQ_REGS,
+                      GROUP_M=gluon_w4.GROUP_M)
         options["maxnreg"] = maxnreg
+    elif swap:
+        consts["SPLIT_K"] = cfg.split_k
     else:
-        consts["DQ2"] = cfg.variant == "dq2"
+        consts.update(DQ2=cfg.variant == "dq2", GROUP_M=gluon_w4.GROUP_M)
     sig, attrs = {}, {}
     for i, name in enumerate(kern.arg_names):
         if name in consts:
@@ -96,23 +109,25 @@ def _compile_sm90(cfg, pc, dtype="bf16"):
 
 
 def _cfg_arg(cfg):
-    return f"{cfg.block_m},{cfg.block_n},{cfg.block_k},{cfg.num_warps},{cfg.num_stages},{cfg.variant}"
+    return f"{cfg.block_m},{cfg.block_n},{cfg.block_k},{cfg.num_warps},{cfg.num_stages},{cfg.variant}" \
+        + (f",{cfg.split_k}" if cfg.split_k != 1 else "")
 
 
 def compile_check(arg):
-    """``--compile-check BM,BN,BK,WARPS,STAGES,VARIANT``: compile that config offline for sm_90 (pc and g128, bf16
-    and fp16); exit status 0 when all compiled. Run in a subprocess by the GPU bench, because a failed assertion in
-    Triton's C++ aborts the whole process instead of raising."""
+    """``--compile-check BM,BN,BK,WARPS,STAGES,VARIANT[,SPLIT_K]``: compile that config offline for sm_90 (pc and
+    g128, bf16 and fp16); exit status 0 when all compiled. Run in a subprocess by the GPU bench, because a failed
+    assertion in Triton's C++ aborts the whole process instead of raising."""
     from spear_compile.lowering.gluon_w4 import GluonW4Config
     f = arg.split(",")
-    cfg = GluonW4Config(int(f[0]), int(f[1]), int(f[2]), int(f[3]), int(f[4]), f[5])
+    cfg = GluonW4Config(int(f[0]), int(f[1]), int(f[2]), int(f[3]), int(f[4]), f[5],
+                        *([int(f[6])] if len(f) > 6 else []))
     for pc in (True, False):
         for dt in ("bf16", "fp16"):
             _compile_sm90(cfg, pc, dt)
     print(f"compiled {cfg.name}")
 
 
-def ws_precheck(cfgs, log, timeout=900):
+def ws_precheck(cfgs, log, timeout=900, what="ws"):
     """The configs of ``cfgs`` that compile in child processes (``compile_check``, all at once); the others are
     logged and left out."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,9 +146,9 @@ def ws_precheck(cfgs, log, timeout=900):
             good, why = False, f"compile timed out after {timeout} s"
         if good:
             ok.append(cfg)
-            log(f"ws precheck: {cfg.name} compiles ({time.time() - t:.0f} s)")
+            log(f"{what} precheck: {cfg.name} compiles ({time.time() - t:.0f} s)")
         else:
-            log(f"ws precheck: SKIP {cfg.name}: {why}")
+            log(f"{what} precheck: SKIP {cfg.name}: {why}")
     return ok
 
 
@@ -202,6 +217,56 @@ def sass_report(log):
         log("\nws partitions (loops found from their anchor instruction: HGMMA, STS.128 W store, UTMALDG):")
         for row in ws_rows:
             log(row)
+    swap_sass_report(log)
+
+
+_DQ_OPS = ("PRMT", "IMAD", "LOP3.LUT", "HADD2.BF16_V2", "HMUL2.BF16_V2", "HADD2", "HMUL2", "HFMA2", "HFMA2.BF16_V2")
+
+
+def swap_sass_report(log, cfgs=None, dtypes=("bf16",)):
+    """The swap kernel (``SWAP_CONFIGS``) for sm_90: registers, spills, shared memory and its K loop (unrolled by 2:
+    per K tile below): HGMMAs, their operand (``R`` = A from registers), shared-memory loads / stores and CTA barriers
+    in the loop, the wgmma wait depth, and the dequantize instructions (PRMT, IMAD, LOP3, packed HADD2/HMUL2) per
+    int32 word a thread handles."""
+    from spear_compile.lowering.gluon_w4 import SWAP_CONFIGS
+
+    from bench.sass_loop import disassemble, resource
+
+    cfgs = SWAP_CONFIGS if cfgs is None else cfgs
+    log("\nswap kernel (w4_gluon_swap_kernel), K loop per 64-wide K tile (the loop body holds 2)")
+    log("| config | quant | dtype | regs | spill instrs | smem B | loop instrs / tile | HGMMA / tile | A operand | "
+        "LDS / tile | STS in loop | BAR.SYNC / tile | loop wgmma wait | dequant instrs / word-thread | serialized |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for cfg in cfgs:
+        for dt in dtypes:
+            for pc in (True, False):
+                try:
+                    c = _compile_sm90(cfg, pc, dt)
+                except Exception as e:  # noqa: BLE001
+                    log(f"| {cfg.name} | {'pc' if pc else 'g128'} | {dt} | compile failed: {type(e).__name__}: "
+                        f"{str(e).splitlines()[-1][:200] if str(e) else ''} |")
+                    continue
+                rows3, labels = disassemble(c.asm["cubin"])
+                rows = [(a, t) for a, _, t in rows3]
+                reg = resource(c.asm["cubin"], "REG")
+                spill = sum(1 for _, op, _ in rows3 if op.split(".")[0] in ("LDL", "STL"))
+                loop = _mma_loop(rows, labels)
+                ops = [re.sub(r"^\s*(@!?U?P\w+\s+)?", "", t).split()[0] if t.strip() else "" for t in loop]
+                tiles = 2
+                hg = [t for t in loop if "HGMMA" in t]
+                a_reg = sorted({("R" if re.search(r"HGMMA\S*\s+R\d+,\s*R\d+", t) else "smem") for t in hg})
+                lds = [o for o in ops if o.startswith("LDS")]
+                sts = sum(o.startswith("STS") for o in ops)
+                bars = sum(o.startswith("BAR.SYNC") for o in ops)
+                waits = sorted({re.sub(r".*DEPBAR\.LE\s+", "", t) for t in loop if "WARPGROUP.DEPBAR" in t})
+                dq = sum(o in _DQ_OPS for o in ops)
+                words = cfg.block_n * (cfg.block_k // 8) * 4 // (cfg.num_warps * 32)  # per thread per tile
+                # ptxas serializes wgmma (DEPBAR 0x0 after every HGMMA) when it cannot keep operands in flight
+                serial = sum("gsb0" in t for t in hg) >= len(hg) > 0 and len(hg) > 2
+                log(f"| {cfg.name} | {'pc' if pc else 'g128'} | {dt} | {reg} | {spill} | {c.metadata.shared} | "
+                    f"{len(loop) / tiles:.0f} | {len(hg) / tiles:.0f} | {','.join(a_reg) or '-'} | "
+                    f"{len(lds) / tiles:.0f} ({','.join(sorted(set(lds)))}) | {sts} | {bars / tiles:.0f} | "
+                    f"{', '.join(waits) or 'none'} | {dq / tiles / max(words, 1):.2f} | {'YES' if serial else 'no'} |")
 
 
 def _loop_of(rows, labels, anchor):
@@ -245,11 +310,20 @@ def main():
     ap.add_argument("--budget", type=float, default=190.0, help="seconds; later (model, M) steps are skipped")
     ap.add_argument("--sass", action="store_true", help="no GPU: offline sm_90 SASS facts of the tiles")
     ap.add_argument("--no-ws", action="store_true", help="leave out the warp-specialized configs (WS_CONFIGS)")
-    ap.add_argument("--compile-check", default=None, metavar="BM,BN,BK,WARPS,STAGES,VARIANT",
-                    help="no GPU: compile one config offline (what the ws precheck runs in a child process)")
+    ap.add_argument("--no-swap", action="store_true", help="leave out the swapped-operand configs (SWAP_CONFIGS)")
+    ap.add_argument("--swap-sass", action="store_true",
+                    help="no GPU: only the swap kernel's SASS table (bf16 and fp16, pc and g128)")
+    ap.add_argument("--compile-check", default=None, metavar="BM,BN,BK,WARPS,STAGES,VARIANT[,SPLIT_K]",
+                    help="no GPU: compile one config offline (what the ws/swap precheck runs in a child process)")
     args = ap.parse_args()
     if args.compile_check:
         compile_check(args.compile_check)
+        return
+    if args.swap_sass:
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+        swap_sass_report(Log(os.path.join(args.out, "gluon_w4_swap_sass.md") if args.out else None),
+                         dtypes=("bf16", "fp16"))
         return
     if args.sass:
         if args.out:
@@ -311,7 +385,11 @@ def main():
     control = gluon_w4.GluonW4Config(128, 128, 64, 8, 4, "f32")
     # the warp-specialized configs: compiled first in child processes (a C++ assertion in Triton would abort this
     # one); only those that compiled are run here, and any error of theirs is logged and the config skipped
-    ws_cfgs = [] if args.no_ws else ws_precheck(gluon_w4.WS_CONFIGS, log)
+    # the swapped-operand configs likewise (one batch of child processes for both)
+    pre = ([] if args.no_ws else list(gluon_w4.WS_CONFIGS)) + ([] if args.no_swap else list(gluon_w4.SWAP_CONFIGS))
+    compiled = ws_precheck(pre, log, what="ws/swap") if pre else []
+    ws_cfgs = [c for c in compiled if c.variant == "ws"]
+    swap_cfgs = [c for c in compiled if c.variant == "swap"]
     results, tables, failures = [], [], []
     compile_note = {}
     for model in args.models.split(","):
@@ -343,6 +421,11 @@ def main():
                         cands.append(control)
                     cands += [c for c in ws_cfgs if n % c.block_n == 0 and k % c.block_k == 0
                               and (gs >= k or gs % c.block_k == 0)]
+                    # swap: token tiles up to M (a 256-token tile at M = 128 only re-reads padding); the 64-token
+                    # tile only at M <= 128 (above, it re-dequantizes every weight M / 64 times)
+                    cands += [c for c in swap_cfgs if n % c.block_n == 0 and k % c.block_k == 0
+                              and (gs >= k or gs % c.block_k == 0) and c.block_m <= max(64, m)
+                              and (c.block_m >= 128 or m <= 128)]
                     passing = []
                     for cfg in cands:
                         try:
@@ -397,17 +480,19 @@ def main():
                                 xs, Ls[c]["q"], Ls[c]["s_" + tag], Ls[c]["z_" + tag], None, gs, ys, cfg), copies)
                         except Exception as e:  # noqa: BLE001
                             log(f"ERROR timing {name} {cfg.name}: {type(e).__name__}: {str(e)[:300]}")
-                    plain = {c: t for c, t in per_cfg.items() if not c.endswith(",ws]")}
+                    plain = {c: t for c, t in per_cfg.items() if not c.endswith((",ws]", ",swap]"))}
                     wsd = {c: t for c, t in per_cfg.items() if c.endswith(",ws]")}
+                    swd = {c: t for c, t in per_cfg.items() if c.endswith(",swap]")}
                     best = min(plain, key=plain.get) if plain else None
                     best_ws = min(wsd, key=wsd.get) if wsd else None
+                    best_sw = min(swd, key=swd.get) if swd else None
                     rows.append(dict(linear=name, k=k, n=n, bf16=t_bf16, deq_cublas=t_deq, dispatch=t_disp,
                                      gluon=plain.get(best), gluon_cfg=best, ws=wsd.get(best_ws), ws_cfg=best_ws,
-                                     gluon_all=per_cfg))
+                                     swap=swd.get(best_sw), swap_cfg=best_sw, gluon_all=per_cfg))
                 results.append(dict(model=model, m=m, quant=tag, rows=rows))
-                tables.append(_table(model, m, tag, rows, args.dispatch, bool(ws_cfgs)))
+                tables.append(_table(model, m, tag, rows, args.dispatch, bool(ws_cfgs), bool(swap_cfgs)))
                 log(tables[-1])
-    summary = _summary(results, args.dispatch, bool(ws_cfgs))
+    summary = _summary(results, args.dispatch, bool(ws_cfgs), bool(swap_cfgs))
     log(summary)
     log(f"failures: {len(failures)}; compile+first-run seconds per config: {json.dumps(compile_note)}")
     log(f"total {time.time() - t0:.0f} s")
@@ -431,9 +516,9 @@ def _ratio(a, b):
     return "-" if a is None or b is None or not b else f"{a / b:.2f}"
 
 
-def _cells(r, with_disp, with_ws, cfg_cols):
-    """A row's timing cells from bf16 on: µs, the dispatch's, gluon's ratios, ws's; ``cfg_cols``: the gluon and ws
-    config columns (a table's rows), empty cells (its sum row) or none (the summary)."""
+def _cells(r, with_disp, with_ws, cfg_cols, with_swap=False):
+    """A row's timing cells from bf16 on: µs, the dispatch's, gluon's ratios, ws's, swap's; ``cfg_cols``: the gluon,
+    ws and swap config columns (a table's rows), empty cells (its sum row) or none (the summary)."""
     cells = f" {_fmt(r['bf16'])} | {_fmt(r['deq_cublas'])} |" + (f" {_fmt(r.get('dispatch'))} |" if with_disp else "") \
         + f" {_fmt(r['gluon'])} | {_ratio(r['gluon'], r['bf16'])} | {_ratio(r['gluon'], r['deq_cublas'])} |"
     if cfg_cols is not None:
@@ -442,35 +527,42 @@ def _cells(r, with_disp, with_ws, cfg_cols):
         cells += f" {_fmt(r.get('ws'))} | {_ratio(r.get('ws'), r['bf16'])} | {_ratio(r.get('ws'), r['gluon'])} |"
         if cfg_cols is not None:
             cells += f" `{r.get('ws_cfg')}` |" if cfg_cols else " |"
+    if with_swap:
+        cells += f" {_fmt(r.get('swap'))} | {_ratio(r.get('swap'), r['bf16'])} | " \
+            f"{_ratio(r.get('swap'), r['gluon'])} |"
+        if cfg_cols is not None:
+            cells += f" `{r.get('swap_cfg')}` |" if cfg_cols else " |"
     return cells
 
 
-def _table(model, m, tag, rows, with_disp, with_ws=False):
+def _table(model, m, tag, rows, with_disp, with_ws=False, with_swap=False):
     head = "| linear | K | N | bf16 µs | deq+cuBLAS µs |" + (" ours W4 µs |" if with_disp else "") + \
         " gluon µs | gluon/bf16 | gluon/deq | gluon config |" + \
-        (" ws µs | ws/bf16 | ws/gluon | ws config |" if with_ws else "")
+        (" ws µs | ws/bf16 | ws/gluon | ws config |" if with_ws else "") + \
+        (" swap µs | swap/bf16 | swap/gluon | swap config |" if with_swap else "")
     out = [f"### {model}, M={m}, {tag}", "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        out.append(f"| {r['linear']} | {r['k']} | {r['n']} |" + _cells(r, with_disp, with_ws, True))
-    out.append("| **sum** | | |" + _cells(_sums(rows), with_disp, with_ws, False))
+        out.append(f"| {r['linear']} | {r['k']} | {r['n']} |" + _cells(r, with_disp, with_ws, True, with_swap))
+    out.append("| **sum** | | |" + _cells(_sums(rows), with_disp, with_ws, False, with_swap))
     return "\n".join(out)
 
 
 def _sums(rows):
     s = {}
-    for key in ("bf16", "deq_cublas", "dispatch", "gluon", "ws"):
+    for key in ("bf16", "deq_cublas", "dispatch", "gluon", "ws", "swap"):
         vals = [r.get(key) for r in rows]
         s[key] = None if any(v is None for v in vals) else sum(vals)
     return s
 
 
-def _summary(results, with_disp, with_ws=False):
+def _summary(results, with_disp, with_ws=False, with_swap=False):
     head = "| model | M | quant | bf16 µs | deq+cuBLAS µs |" + (" ours W4 µs |" if with_disp else "") + \
-        " gluon µs | gluon/bf16 | gluon/deq+cuBLAS |" + (" ws µs | ws/bf16 | ws/gluon |" if with_ws else "")
+        " gluon µs | gluon/bf16 | gluon/deq+cuBLAS |" + (" ws µs | ws/bf16 | ws/gluon |" if with_ws else "") + \
+        (" swap µs | swap/bf16 | swap/gluon |" if with_swap else "")
     out = ["## Per layer (sum of the 7 linears)", "", head, "|" + "---|" * (head.count("|") - 1)]
     for res in results:
         out.append(f"| {res['model']} | {res['m']} | {res['quant']} |"
-                   + _cells(_sums(res["rows"]), with_disp, with_ws, None))
+                   + _cells(_sums(res["rows"]), with_disp, with_ws, None, with_swap))
     return "\n".join(out)
 
 

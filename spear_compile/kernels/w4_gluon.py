@@ -22,6 +22,9 @@ Pipeline per K tile i (``BLOCK_K`` = 64, inside one scale group):
   2 warpgroups a 2-deep one would race) and the stage of tile i - 2 may be rewritten from there on.
 * Epilogue: per-channel scale (``q - zero`` is exact in bf16/fp16, so the loop skips it), bias, cast, masked store.
 
+Also here: the warp-specialized ``w4_gluon_ws_kernel`` and the swapped-operand ``w4_gluon_swap_kernel`` (yᵀ tiles, W
+dequantized in registers straight into the wgmma A operand, optional split-K); see their block comments.
+
 Only definitions run at import; ``AVAILABLE`` is False where Gluon or its Hopper names are missing (the kernel is
 written against Triton 3.6's Gluon API).
 """
@@ -430,3 +433,274 @@ if AVAILABLE:
                                          s_ptr, z_ptr, off_m, off_n, n_k, n_groups, NUM_STAGES, W_STAGES, GROUP_TILES,
                                          PER_CHANNEL, LOAD_PART, 4)),
             ], [4], [DQ_REGS])
+
+
+# ====================================================================================================================
+# Swapped-operand variant (``variant="swap"``, Machete-like): ``yᵀ[N, M] = W[N, K] xᵀ`` with W the wgmma A operand
+# straight from registers, x the B operand from shared memory (``x_tile.permute((1, 0))``: K-major B).
+#
+# * TMA: the x tile ``[BLOCK_M, BLOCK_K]`` and the word tile ``[BLOCK_N, BLOCK_K/8]`` of K tile t land in stage
+#   t % NUM_STAGES (x rows past M read as zeros), one expect-tx mbarrier a stage. Step i (``_swap_step``): issue MMA i,
+#   ``warpgroup_mma_wait(1)`` (MMA i - 1 retired), fence + CTA barrier (every warp retired MMA i - 1 and read the
+#   words of tiles <= i), refill the stage of tile i - 1 with tile i - 1 + NUM_STAGES, then wait for tile i + 1 and
+#   dequantize it (``_swap_tile``) while MMA i runs. The last step's "tile i + 1" is clamped to the last tile (its
+#   stage is never refilled, so the wait passes): one redundant dequantize instead of a branch.
+# * Dequantize in registers into the wgmma A layout (``DotOperandLayout(0, acc, k_width=2)``): a thread of lane
+#   4g + c holds, for its rows, the k pairs (2c, 2c + 1) and (2c + 8, 2c + 9) of every k16 block, i.e. byte c of each
+#   int32 word of its rows. The words are read from shared memory in a layout where the 4 lanes of a row group read the
+#   same words (a broadcast: ``_swap_word_layout``), viewed as ``[BLOCK_N/16, 2, 8, KW]`` = (row / 16, row bit 3,
+#   row % 8, word) and broadcast along a 5th dim C of 4 (lanes c): ``_SW_*`` turns (word, c) into the bf16x2/f16x2
+#   pair of nibbles 2c, 2c + 1 (``prmt`` byte c, ``* 0x1001`` puts the high nibble at bit 16, ``lop3`` the magic
+#   exponent, ``sub`` magic + zero, ``mul`` the group scale when grouped: 4-5 instructions a word and thread).
+#   ``join`` of the two halves and a reshape give ``[BLOCK_N, BLOCK_K]`` with k = 8 word + 2c + h, whose linear
+#   layout equals the dot-operand layout up to a register order, so ``convert_layout(assert_trivial=True)`` moves
+#   nothing: the W tile never goes back to shared memory.
+# * ``warpgroup_mma(a_i, x_i.permute, acc, is_async=True)`` then ``warpgroup_mma_wait(1, deps=(acc, a_i))``: MMA i
+#   stays in flight (its A registers kept alive) across the dequantize of tile i + 1. The K loop is unrolled by 2 with
+#   two A variables (odd tail after it): with one loop-carried A, the copy at the loop latch redefines the registers of
+#   the MMA in flight and ptxas serializes every wgmma (C7515, ``DEPBAR.LE gsb0, 0x0`` after each HGMMA).
+# * Split-K (``SPLIT_K`` > 1): program (n tile, m tile, s) takes K tiles [s * K_TILES, (s + 1) * K_TILES); each writes
+#   its fp32 (scaled) partial tile to its slot of ``ws``, then (CTA barrier, one acq_rel atomic a program) increments
+#   the tile's arrival counter; the last arrival sums the slots in split order, resets the counter to 0, adds the
+#   bias and stores y (the protocol of ``w4_batched``).
+# * Epilogue: per-channel scale per accumulator row (weight row), bias per row, cast, the yᵀ tile converted to a
+#   layout with 8 consecutive n a thread and stored transposed into y ``[M, N]`` (rows past M masked).
+# ====================================================================================================================
+def _swap_asm(ty, magic, scaled):
+    """PTX: word ``$2``, selector ``$3`` = c | 0x4440 (``prmt``: byte c of the word, zeros above), packed magic + zero
+    ``$4`` (and packed scale ``$5``) -> the two 16-bit values ``$0`` (k = 2c) and ``$1`` (k = 2c + 1) of that byte."""
+    lines = ["{", ".reg .b32 t, p, z;", "mov.b32 z, 0;", "prmt.b32 t, $2, z, $3;", "mul.lo.u32 t, t, 4097;",
+             f"lop3.b32 p, t, 0x000f000f, {magic}, 0xea;", f"sub.{ty} p, p, $4;"]
+    if scaled:
+        lines.append(f"mul.{ty} p, p, $5;")
+    return "\n".join(lines + ["mov.b32 {$0, $1}, p;", "}"])
+
+
+if AVAILABLE:
+    _SW_BF16 = gl.constexpr(_swap_asm("rn.bf16x2", "0x43004300", False))
+    _SW_BF16_S = gl.constexpr(_swap_asm("rn.bf16x2", "0x43004300", True))
+    _SW_F16 = gl.constexpr(_swap_asm("rn.f16x2", "0x64006400", False))
+    _SW_F16_S = gl.constexpr(_swap_asm("rn.f16x2", "0x64006400", True))
+
+    @gluon.constexpr_function
+    def _log2(v):
+        return v.bit_length() - 1
+
+    @gluon.constexpr_function
+    def _swap_word_layout(BLOCK_N, KW, num_warps):
+        """The words ``[BLOCK_N, KW]`` as the dequantize needs them: lanes 4g + c read row g's words (c broadcast),
+        row bit 3 and the words in registers, rows / 16 over the warps then registers (the dot operand's rows)."""
+        regs = [[8, 0]] + [[0, 1 << b] for b in range(_log2(KW))]
+        warps = []
+        for b in range(_log2(BLOCK_N // 16)):
+            (warps if len(warps) < _log2(num_warps) else regs).append([16 << b, 0])
+        return gl.DistributedLinearLayout(reg_bases=regs, lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
+                                          warp_bases=warps, block_bases=[], shape=[BLOCK_N, KW])
+
+    @gluon.jit
+    def _swap_rows(off_n, L5: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Global weight-row index ``[BLOCK_N/16, 2, 8]`` (n = off_n + 16 r + 8 i + g) in the layout that expands to
+        ``L5``'s ``[BLOCK_N/16, 2, 8, 1, 1]``."""
+        L3: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, L5))
+        r = gl.arange(0, BLOCK_N // 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
+        i = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
+        g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
+        return off_n + gl.expand_dims(gl.expand_dims(r * 16, 1), 2) + gl.expand_dims(gl.expand_dims(i * 8, 0), 2) \
+            + gl.expand_dims(gl.expand_dims(g, 0), 1)
+
+    @gluon.jit
+    def _x5(v):
+        """``[R, 2, 8]`` row vector -> ``[R, 2, 8, 1, 1]``."""
+        return gl.expand_dims(gl.expand_dims(v, 3), 4)
+
+    @gluon.jit
+    def _swap_dequant(words, sel, z2, s2, a_layout: gl.constexpr, L5: gl.constexpr, PER_CHANNEL: gl.constexpr,
+                      IS_BF16: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+        """Words ``[BLOCK_N, KW]`` (``_swap_word_layout``) -> the dequantized ``[BLOCK_N, BLOCK_K]`` tile in the wgmma
+        A-operand layout ``a_layout``; ``sel`` ``[1, 1, 1, 1, 4]`` the prmt selectors, ``z2`` / ``s2``
+        ``[R, 2, 8, 1, 1]`` packed (magic + zero) / scale."""
+        KW: gl.constexpr = BLOCK_K // 8
+        w4 = gl.convert_layout(gl.reshape(words, [BLOCK_N // 16, 2, 8, KW]), gl.SliceLayout(4, L5),
+                               assert_trivial=True)
+        w5 = gl.expand_dims(w4, 4)
+        if IS_BF16:
+            if PER_CHANNEL:
+                lo, hi = gl.inline_asm_elementwise(_SW_BF16, "=h,=h,r,r,r", [w5, sel, z2],
+                                                   dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+            else:
+                lo, hi = gl.inline_asm_elementwise(_SW_BF16_S, "=h,=h,r,r,r,r", [w5, sel, z2, s2],
+                                                   dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        else:
+            if PER_CHANNEL:
+                lo, hi = gl.inline_asm_elementwise(_SW_F16, "=h,=h,r,r,r", [w5, sel, z2],
+                                                   dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+            else:
+                lo, hi = gl.inline_asm_elementwise(_SW_F16_S, "=h,=h,r,r,r,r", [w5, sel, z2, s2],
+                                                   dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+        # [R, 2, 8, KW, 4, 2] -> [BLOCK_N, BLOCK_K]: n = 16 r + 8 i + g, k = 8 word + 2 c + h
+        w = gl.reshape(gl.join(lo, hi), [BLOCK_N, BLOCK_K])
+        return gl.convert_layout(w, a_layout, assert_trivial=True)
+
+    @gluon.jit
+    def _swap_store(acc, bias_ptr, y_ptr, M, stride_ym, off_m, off_n, HAS_BIAS: gl.constexpr,
+                    num_warps: gl.constexpr):
+        """The yᵀ tile ``acc [BLOCK_N, BLOCK_M]`` (+ bias per row), cast, stored transposed into y (rows < M)."""
+        BLOCK_N: gl.constexpr = acc.type.shape[0]
+        BLOCK_M: gl.constexpr = acc.type.shape[1]
+        if HAS_BIAS:
+            rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc.type.layout))
+            acc = acc + gl.expand_dims(gl.load(bias_ptr + rows).to(gl.float32), 1)
+        OL: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, num_warps], [0, 1])  # 8 consecutive n a thread
+        out = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), OL)
+        n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OL))
+        m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, OL))
+        ptrs = y_ptr + gl.expand_dims(m, 0) * stride_ym + gl.expand_dims(n, 1)
+        mask = gl.expand_dims(m < M, 0) & gl.expand_dims(n >= 0, 1)
+        gl.store(ptrs, out, mask=mask)
+
+    @gluon.jit
+    def _swap_tile(q_smem, bars, zg, sg, z2pc, sel, t, n_k, a_layout: gl.constexpr,
+                   LWD: gl.constexpr, L5: gl.constexpr, NUM_STAGES: gl.constexpr, GROUP_TILES: gl.constexpr,
+                   PER_CHANNEL: gl.constexpr, IS_BF16: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+        """Local K tile ``t`` (clamped to the last one, whose stage is never refilled: a redundant dequantize at the
+        end instead of a branch) waited for, its words read and dequantized into the A-operand layout; grouped:
+        ``zg`` / ``sg`` its group's zero points / scales (fp32 ``[R, 2, 8]``, loaded a step ahead)."""
+        t = gl.minimum(t, n_k - 1)
+        s = t % NUM_STAGES
+        mbarrier.wait(bars.index(s), (t // NUM_STAGES) & 1)
+        words = q_smem.index(s).load(LWD)
+        if PER_CHANNEL:
+            a = _swap_dequant(words, sel, z2pc, z2pc, a_layout, L5, PER_CHANNEL, IS_BF16, BLOCK_N, BLOCK_K)
+        else:
+            dtype: gl.constexpr = gl.bfloat16 if IS_BF16 else gl.float16
+            MAGIC: gl.constexpr = 128.0 if IS_BF16 else 1024.0
+            a = _swap_dequant(words, sel, _x5(_pack2(zg + MAGIC, dtype)), _x5(_pack2(sg, dtype)), a_layout, L5,
+                              PER_CHANNEL, IS_BF16, BLOCK_N, BLOCK_K)
+        return a
+
+    @gluon.jit
+    def _swap_step(acc, a, zg, sg, x_desc, q_desc, x_smem, q_smem, bars, z_ptr, s_ptr, rows3, z2pc, sel, off_m, off_n,
+                   t0, i, n_k, n_groups, a_layout: gl.constexpr, LWD: gl.constexpr, L5: gl.constexpr,
+                   NUM_STAGES: gl.constexpr, GROUP_TILES: gl.constexpr, PER_CHANNEL: gl.constexpr,
+                   IS_BF16: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+        """MMA i (A = ``a``, tile i dequantized), retire MMA i - 1, refill its stage with tile i - 1 + NUM_STAGES,
+        dequantize tile i + 1 (overlapping MMA i) with ``zg`` / ``sg`` (grouped: its zero points / scales); returns
+        (acc, A of tile i + 1, zero points and scales of tile i + 2, loaded here)."""
+        if PER_CHANNEL:
+            zn = zg
+            sn = sg
+        else:  # tile i + 2's group rows: in flight across this step (L2 latency off the dequantize's path)
+            zn, sn = _zero_scale(z_ptr, s_ptr, rows3, n_groups, (t0 + gl.minimum(i + 2, n_k - 1)) // GROUP_TILES)
+        acc = warpgroup_mma(a, x_smem.index(i % NUM_STAGES).permute((1, 0)), acc, is_async=True)
+        acc, a = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a))
+        # every warp retired MMA i - 1 and read tile i's words: the stage of tile i - 1 is free
+        fence_async_shared()
+        gl.thread_barrier()
+        t = i - 1 + NUM_STAGES
+        st = t % NUM_STAGES
+        _load_stage(x_desc, q_desc, bars.index(st), x_smem.index(st), q_smem.index(st), off_m, off_n, t0 + t,
+                    (i >= 1) & (t < n_k))
+        a_next = _swap_tile(q_smem, bars, zg, sg, z2pc, sel, i + 1, n_k, a_layout, LWD, L5, NUM_STAGES, GROUP_TILES,
+                            PER_CHANNEL, IS_BF16, BLOCK_N, BLOCK_K)
+        return acc, a_next, zn, sn
+
+    @gluon.jit
+    def w4_gluon_swap_kernel(
+        x_desc, q_desc, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+        M, N, K, n_groups, stride_ym, K_TILES,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr,
+        SPLIT_K: gl.constexpr, GROUP_TILES: gl.constexpr, PER_CHANNEL: gl.constexpr, HAS_BIAS: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """``yᵀ`` tiles with W dequantized in registers as the wgmma A operand (see the block comment above). Grid
+        (N / BLOCK_N, cdiv(M, BLOCK_M), SPLIT_K); ``K_TILES``: K tiles a split; ``ws`` fp32 slots
+        ``[tiles, SPLIT_K, BLOCK_N, BLOCK_M]`` and ``cnt`` int32 arrival counters ``[tiles]`` (zero, left zero) are
+        read only when ``SPLIT_K`` > 1."""
+        dtype: gl.constexpr = x_desc.dtype
+        KW: gl.constexpr = BLOCK_K // 8
+        IS_BF16: gl.constexpr = dtype == gl.bfloat16
+        MAGIC: gl.constexpr = 128.0 if IS_BF16 else 1024.0
+        pid_n = gl.program_id(0)
+        pid_m = gl.program_id(1)
+        off_n = pid_n * BLOCK_N
+        off_m = pid_m * BLOCK_M
+        if SPLIT_K > 1:
+            t0 = gl.program_id(2) * K_TILES
+            n_k = gl.maximum(gl.minimum(K // BLOCK_K - t0, K_TILES), 0)
+        else:
+            t0 = 0
+            n_k = K // BLOCK_K
+
+        # ---- layouts
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                             instr_shape=[16, min(BLOCK_M, 256), 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        LWD: gl.constexpr = _swap_word_layout(BLOCK_N, KW, num_warps)
+        # [BLOCK_N / 16, 2, 8, KW, 4]: registers (row bit 3, words), lanes (c, then row % 8), warps (rows / 16)
+        L5: gl.constexpr = gl.BlockedLayout([1, 2, 1, KW, 1], [1, 1, 8, 1, 4], [num_warps, 1, 1, 1, 1],
+                                            [4, 1, 3, 2, 0])
+        LC: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, L5))))
+        c4 = gl.arange(0, 4, layout=LC) | 0x4440
+        sel = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(c4, 0), 0), 0), 0)
+
+        x_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+        q_smem = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, BLOCK_N, KW], q_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for si in gl.static_range(NUM_STAGES):
+            mbarrier.init(bars.index(si), count=1)
+        fence_async_shared()
+        for si in gl.static_range(NUM_STAGES):
+            _load_stage(x_desc, q_desc, bars.index(si), x_smem.index(si), q_smem.index(si), off_m, off_n, t0 + si,
+                        si < n_k)
+
+        rows3 = _swap_rows(off_n, L5, BLOCK_N)
+        if PER_CHANNEL:
+            z2 = _x5(_pack2(gl.load(z_ptr + rows3).to(gl.float32) + MAGIC, dtype))
+            zg = rows3.to(gl.float32)  # unused
+            sg = zg
+        else:  # (zero, scale) rows of tile 0 now, of tile 1 for the first step
+            z2 = rows3  # unused
+            z0, s0 = _zero_scale(z_ptr, s_ptr, rows3, n_groups, t0 // GROUP_TILES)
+            zg, sg = _zero_scale(z_ptr, s_ptr, rows3, n_groups, (t0 + gl.minimum(n_k - 1, 1)) // GROUP_TILES)
+        if PER_CHANNEL:
+            a0 = _swap_tile(q_smem, bars, zg, sg, z2, sel, 0, n_k, a_layout, LWD, L5, NUM_STAGES, GROUP_TILES,
+                            PER_CHANNEL, IS_BF16, BLOCK_N, BLOCK_K)
+        else:
+            a0 = _swap_tile(q_smem, bars, z0, s0, z2, sel, 0, n_k, a_layout, LWD, L5, NUM_STAGES, GROUP_TILES,
+                            PER_CHANNEL, IS_BF16, BLOCK_N, BLOCK_K)
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_layout)
+        # two A register sets: MMA i reads set i % 2 while tile i + 1 is dequantized into the other one (unrolled by
+        # 2 so that no register copy redefines the operand of an MMA in flight); n_k >= 1 (host)
+        for j in range(n_k // 2):
+            acc, a1, zg, sg = _swap_step(acc, a0, zg, sg, x_desc, q_desc, x_smem, q_smem, bars, z_ptr, s_ptr, rows3, z2,
+                                         sel, off_m, off_n, t0, 2 * j, n_k, n_groups, a_layout, LWD, L5, NUM_STAGES,
+                                         GROUP_TILES, PER_CHANNEL, IS_BF16, BLOCK_N, BLOCK_K)
+            acc, a0, zg, sg = _swap_step(acc, a1, zg, sg, x_desc, q_desc, x_smem, q_smem, bars, z_ptr, s_ptr, rows3, z2,
+                                         sel, off_m, off_n, t0, 2 * j + 1, n_k, n_groups, a_layout, LWD, L5,
+                                         NUM_STAGES, GROUP_TILES, PER_CHANNEL, IS_BF16, BLOCK_N, BLOCK_K)
+        if n_k % 2 == 1:
+            acc = warpgroup_mma(a0, x_smem.index((n_k - 1) % NUM_STAGES).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        for si in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(bars.index(si))
+
+        if PER_CHANNEL:  # q - zero was exact; the scale per weight row
+            rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
+            acc = acc * gl.expand_dims(gl.load(s_ptr + rows).to(gl.float32), 1)
+        if SPLIT_K > 1:
+            tile = pid_m * gl.num_programs(0) + pid_n
+            offs = gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout)), 1) * BLOCK_M \
+                + gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_layout)), 0)
+            slots = ws_ptr + tile.to(gl.int64) * (SPLIT_K * BLOCK_N * BLOCK_M)
+            gl.store(slots + gl.program_id(2) * (BLOCK_N * BLOCK_M) + offs, acc)
+            gl.thread_barrier()  # every thread's slot stores precede the one (acq_rel) arrival below
+            arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:  # the last split: sum the slots in split order (deterministic)
+                tot = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_layout)
+                for sk in range(SPLIT_K):  # a loop, not unrolled: one slot's registers at a time
+                    tot += gl.load(slots + sk * (BLOCK_N * BLOCK_M) + offs, volatile=True)  # coherent (L2) reads
+                gl.store(cnt_ptr + tile, 0)
+                _swap_store(tot, bias_ptr, y_ptr, M, stride_ym, off_m, off_n, HAS_BIAS, num_warps)
+        else:
+            _swap_store(acc, bias_ptr, y_ptr, M, stride_ym, off_m, off_n, HAS_BIAS, num_warps)

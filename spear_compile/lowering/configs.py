@@ -153,18 +153,21 @@ class DequantCublasConfig:
 class GluonW4Config:
     """The Gluon Hopper W4 GEMM (``gluon_w4``, large M): one ``block_m x block_n`` tile a CTA; ``block_k`` divides
     the scale group; ``num_stages``: depth of the x / weight-word TMA ring; ``variant``: ``dq2`` (packed 16-bit
-    dequantize, inline PTX), ``f32`` (fp32 dequantize, then cast) or ``ws`` (the warp-specialized kernel, dq2 math)."""
+    dequantize, inline PTX), ``f32`` (fp32 dequantize, then cast), ``ws`` (the warp-specialized kernel, dq2 math) or
+    ``swap`` (yᵀ tiles, W dequantized in registers as the wgmma A operand: ``block_n`` weight rows x ``block_m``
+    tokens); ``split_k``: K splits of the swap kernel (1 elsewhere; named only when > 1)."""
     block_m: int = 128
     block_n: int = 128
     block_k: int = 64
     num_warps: int = 8
     num_stages: int = 4
     variant: str = "dq2"
+    split_k: int = 1
 
     @property
     def name(self):
         return (f"gluon[BM={self.block_m},BN={self.block_n},BK={self.block_k},warps={self.num_warps},"
-                f"stages={self.num_stages},{self.variant}]")
+                f"stages={self.num_stages}{f',splitK={self.split_k}' if self.split_k != 1 else ''},{self.variant}]")
 
 
 @dataclass(frozen=True)

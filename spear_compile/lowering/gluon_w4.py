@@ -4,6 +4,10 @@ is ``configs.GluonW4Config``).
 Large M (the tuner offers it at 64 < M <= 1024, EC-free keys): one CTA per ``block_m x block_n`` output tile, x and
 the int32 weight words by TMA, the dequantize of K tile i + 1 overlapping the asynchronous wgmma of tile i. Needs an
 sm_90 GPU and the Gluon API of Triton 3.6 (``w4_gluon.AVAILABLE``); nothing here touches the GPU at import.
+
+``variant="swap"`` (``SWAP_CONFIGS``, bench-only for now): yᵀ tiles of ``block_n`` weight rows x ``block_m`` tokens with
+W dequantized in registers as the wgmma A operand, grid (N tiles, M tiles, split-K); split-K partials go to fp32 slots
+of the per-stream workspace (``Workspace.for_batched``, shared with the batched kernel: both leave its counters at 0).
 """
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ from .precompile import launcher
 
 WHERE = "spear_compile.lowering.gluon_w4"
 GROUP_M = 8
-VARIANTS = ("dq2", "f32", "ws")  # dq2: packed bf16x2/f16x2 dequantize (inline PTX); f32: fp32 dequantize, then
-# cast; ws: the warp-specialized kernel (``w4_gluon_ws_kernel``: load / dequantize / MMA partitions, dq2 math)
+VARIANTS = ("dq2", "f32", "ws", "swap")  # dq2: packed bf16x2/f16x2 dequantize (inline PTX); f32: fp32 dequantize,
+# then cast; ws: the warp-specialized kernel (``w4_gluon_ws_kernel``: load / dequantize / MMA partitions, dq2 math);
+# swap: ``w4_gluon_swap_kernel`` (yᵀ tiles, W dequantized in registers as the wgmma A operand, optional split-K)
 H100_SMS = 132
 
 
@@ -77,6 +82,47 @@ def smem_bytes_ws(cfg: GluonW4Config) -> int:
             + 16 * (cfg.num_stages + WS_W_STAGES))
 
 
+# swapped-operand tiles (``variant="swap"``: ``block_n`` weight rows = the wgmma M, ``block_m`` tokens = the wgmma N,
+# so at M <= block_m every weight is dequantized once). Bench-only, like WS_CONFIGS, until a GPU run measures them.
+SWAP_CONFIGS = (
+    GluonW4Config(128, 128, 64, 8, 4, "swap"),              # 2 warpgroups x 64 rows, 64 accumulator registers
+    GluonW4Config(128, 128, 64, 8, 4, "swap", split_k=2),
+    GluonW4Config(128, 128, 64, 4, 4, "swap", split_k=2),   # 1 warpgroup x 2 x 64 rows, 128 accumulator registers
+    GluonW4Config(256, 128, 64, 8, 4, "swap"),              # M <= 256 in one tile: 128 accumulator registers
+    GluonW4Config(256, 128, 64, 8, 4, "swap", split_k=2),
+    GluonW4Config(256, 128, 64, 8, 4, "swap", split_k=4),
+    GluonW4Config(256, 64, 64, 4, 3, "swap", split_k=2),   # 1 warpgroup; 3 stages (104 KB): 2 CTAs an SM
+    GluonW4Config(256, 64, 64, 4, 3, "swap", split_k=4),
+    GluonW4Config(64, 128, 64, 8, 6, "swap", split_k=4),    # small M: a 64-token tile, deep ring
+    GluonW4Config(128, 128, 64, 8, 4, "swap", split_k=4),   # M <= 128 at N = 4096: 32 x 4 CTAs
+    GluonW4Config(128, 128, 64, 8, 4, "swap", split_k=8),   # M <= 128 at N = 2048: 16 x 8 CTAs
+)
+SWAP_SPLITS = (1, 2, 4, 8)
+SWAP_MAX_SMEM = 227 * 1024
+SWAP_MAX_WS = 1 << 31  # fp32 elements of the split-K slots (int32 offsets inside a tile, int64 tile bases)
+
+
+def smem_bytes_swap(cfg: GluonW4Config) -> int:
+    """Shared memory of one swap CTA: the x + word TMA ring and its mbarriers; the epilogue's transposing
+    ``convert_layout`` (a ``block_n x block_m`` 16-bit tile) reuses the ring's space once the loop is done."""
+    return max(cfg.num_stages * _stage_bytes(cfg) + 8 * cfg.num_stages, cfg.block_n * cfg.block_m * 2) + 64
+
+
+def swap_split(cfg: GluonW4Config, k: int):
+    """(splits launched, K tiles a split): ``cfg.split_k`` capped so that every split gets at least one K tile (the
+    kernel's pipeline needs one) and the counters see exactly the splits launched."""
+    n_k = k // cfg.block_k
+    per = -(-n_k // min(cfg.split_k, n_k))
+    return -(-n_k // per), per
+
+
+def swap_workspace(cfg: GluonW4Config, m: int, n: int, k: int):
+    """(fp32 slot elements, int32 counters) the swap kernel needs at this shape (split-K only)."""
+    split, _ = swap_split(cfg, k)
+    tiles = -(-m // cfg.block_m) * (n // cfg.block_n)
+    return tiles * split * cfg.block_n * cfg.block_m, tiles
+
+
 def gluon_candidates(m: int, k: int, n: int, group_size: int, sms: int = H100_SMS) -> List[GluonW4Config]:
     """Up to 4 configs worth timing at this shape on an H100: tiles that divide N, ranked by the expected rate
     of a full wave times the fraction of the last wave the grid fills (small grids favour small tiles; a CTA of
@@ -120,14 +166,41 @@ def supported(x2: torch.Tensor, qdata: torch.Tensor, group_size: int) -> bool:
     return _available()
 
 
+def _check_swap(cfg: GluonW4Config):
+    """The swap kernel's config rules (shape-free): BK 64; block_n weight rows (64 a warpgroup, 4 warps: 64 or 128,
+    8 warps: 128 or 256); block_m tokens (the wgmma N: 64, 128 or 256); at most 128 fp32 accumulator registers a
+    thread; split-K 1/2/4/8; 3-6 stages (the stage of tile i - 1 is refilled during step i); the ring in shared
+    memory."""
+    if cfg.block_k != 64 or cfg.block_m not in (64, 128, 256) or cfg.num_warps not in (4, 8):
+        raise SpearError(f"{WHERE}: unsupported swap config {cfg.name} (BK 64, BM 64/128/256 tokens, 4/8 warps)")
+    if cfg.block_n not in ((64, 128) if cfg.num_warps == 4 else (128, 256)):
+        raise SpearError(f"{WHERE}: {cfg.name}: the swap kernel's block_n (weight rows) must be 64/128 with 4 warps, "
+                         f"128/256 with 8")
+    acc_regs = _acc_regs(cfg)
+    if acc_regs > 128:
+        raise SpearError(f"{WHERE}: {cfg.name}: {acc_regs} fp32 accumulator registers a thread (at most 128)")
+    if cfg.split_k not in SWAP_SPLITS:
+        raise SpearError(f"{WHERE}: {cfg.name}: split_k must be one of {SWAP_SPLITS}, got {cfg.split_k}")
+    if not 3 <= cfg.num_stages <= 6:
+        raise SpearError(f"{WHERE}: {cfg.name}: the swap kernel takes 3-6 stages")
+    if smem_bytes_swap(cfg) > SWAP_MAX_SMEM:
+        raise SpearError(f"{WHERE}: {cfg.name} needs {smem_bytes_swap(cfg)} B of shared memory (at most "
+                         f"{SWAP_MAX_SMEM})")
+
+
 def _check(x2, qdata, scale, zero, bias, group_size, y, cfg):
     if cfg.variant not in VARIANTS:
         raise SpearError(f"{WHERE}: variant must be one of {VARIANTS}, got {cfg.variant!r}")
-    if cfg.block_k != 64 or cfg.block_m not in (64, 128) or cfg.block_n not in (64, 128, 256) \
-            or cfg.num_warps not in (4, 8) or not 2 <= cfg.num_stages <= 8:
-        raise SpearError(f"{WHERE}: unsupported config {cfg.name} (BK 64, BM 64/128, BN 64/128/256, 4/8 warps)")
-    if cfg.num_warps == 8 and cfg.block_n < 128:
-        raise SpearError(f"{WHERE}: 8 warps need block_n >= 128, got {cfg.name}")
+    if cfg.variant == "swap":
+        _check_swap(cfg)
+    else:
+        if cfg.block_k != 64 or cfg.block_m not in (64, 128) or cfg.block_n not in (64, 128, 256) \
+                or cfg.num_warps not in (4, 8) or not 2 <= cfg.num_stages <= 8:
+            raise SpearError(f"{WHERE}: unsupported config {cfg.name} (BK 64, BM 64/128, BN 64/128/256, 4/8 warps)")
+        if cfg.num_warps == 8 and cfg.block_n < 128:
+            raise SpearError(f"{WHERE}: 8 warps need block_n >= 128, got {cfg.name}")
+        if cfg.split_k != 1:
+            raise SpearError(f"{WHERE}: {cfg.name}: split-K is the swap variant's only")
     if cfg.variant == "ws":
         acc_regs = _acc_regs(cfg)
         if acc_regs > 128:
@@ -151,6 +224,8 @@ def _check(x2, qdata, scale, zero, bias, group_size, y, cfg):
     if k % cfg.block_k or n % cfg.block_n:
         raise SpearError(f"{WHERE}: K={k} must be a multiple of block_k={cfg.block_k} and N={n} of "
                          f"block_n={cfg.block_n}")
+    if cfg.variant == "swap" and swap_workspace(cfg, m, n, k)[0] > SWAP_MAX_WS:
+        raise SpearError(f"{WHERE}: {cfg.name}: the split-K slots at M={m}, N={n} exceed {SWAP_MAX_WS} fp32")
     if not 0 < group_size <= k or k % group_size or (group_size < k and group_size % cfg.block_k):
         raise SpearError(f"{WHERE}: group_size={group_size} must divide K={k} and be K or a multiple of "
                          f"block_k={cfg.block_k}")
@@ -177,7 +252,7 @@ def run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg: GluonW4Config
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from ..kernels.w4_gluon import w4_gluon_kernel, w4_gluon_ws_kernel
+    from ..kernels.w4_gluon import w4_gluon_kernel, w4_gluon_swap_kernel, w4_gluon_ws_kernel
 
     m, k = x2.shape
     n = qdata.shape[0]
@@ -199,6 +274,23 @@ def run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg: GluonW4Config
     q_desc = TensorDescriptor(q32, [n, k // 8], [k // 8, 1], [bn, bk // 8],
                               gl.NVMMASharedLayout.get_default_for([bn, bk // 8], gl.int32))
     per_channel = group_size >= k
+    if cfg.variant == "swap":
+        split, k_tiles = swap_split(cfg, k)
+        if split > 1:
+            from .runtime import WORKSPACES
+            n_ws, n_cnt = swap_workspace(cfg, m, n, k)
+            # the batched kernel's slots / counters (same stream, same protocol: counters left at zero)
+            ws, _, cnt = WORKSPACES.get(x2.device).for_batched(n_ws, 1, n_cnt)
+        else:
+            ws, cnt = y, y  # never touched without split-K
+        launcher(w4_gluon_swap_kernel, (n // bn, -(-m // bm), split))(
+            x_desc, q_desc, scale, zero, bias if bias is not None else scale, y, ws, cnt,
+            m, n, k, k // group_size, y.stride(0), k_tiles,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=cfg.num_stages, SPLIT_K=split,
+            GROUP_TILES=1 if per_channel else group_size // bk, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
+            num_warps=cfg.num_warps,
+        )
+        return y
     grid = (-(-m // bm) * (n // bn),)
     if cfg.variant == "ws":
         load_part, _, maxnreg = ws_layout(cfg)

@@ -2,9 +2,10 @@
 
 GPU tests (``gpu`` marker; skipped unless the device is sm_90 and Triton's Gluon 3.6 API is present): random shapes
 with fixed seeds, per-channel and g128, bf16 and fp16, M not a multiple of BLOCK_M, with and without bias, every
-tile of ``gluon_candidates``, the fp32-dequantize variant and the warp-specialized ``WS_CONFIGS``; outputs poisoned with
-NaN before the call. The CPU tests check that the modules import on any Triton, that the path declines CPU tensors and
-bad configs, and which ws configs ``_check`` accepts."""
+tile of ``gluon_candidates``, the fp32-dequantize variant, the warp-specialized ``WS_CONFIGS`` and the swapped-operand
+``SWAP_CONFIGS`` (``-k swap``); outputs poisoned with NaN before the call. The CPU tests check that the modules import
+on any Triton, that the path declines CPU tensors and bad configs, which ws / swap configs ``_check`` accepts, and (swap)
+a CPU model of the kernel's tiling, dequantize bit tricks, split-K slots and stage ring against torch.matmul."""
 import dataclasses
 
 import pytest
@@ -223,6 +224,202 @@ def test_dispatch_offers_gluon_tiles_where_it_applies(monkeypatch, m, has_ec, sw
     assert all(dispatch.runner(c) is gluon_w4.run_single for c in gluon)
 
 
+# ------------------------------------------------------------------ swap variant (CPU: rules, index math, pipeline)
+def test_swap_gpu_cases_cover_every_config():
+    """The GPU cases (``SWAP_CASES``) run every swap config at least twice, on shapes it divides."""
+    allc = gluon_w4.SWAP_CONFIGS + SWAP_EXTRA
+    seen = [i for c in SWAP_CASES for i in c[7]]
+    assert all(seen.count(i) >= 2 for i in range(len(allc)))
+    assert all(c[3] % allc[i].block_n == 0 for c in SWAP_CASES for i in c[7])
+
+
+def test_swap_configs_pass_check():
+    """Every exported swap config (and a few more legal ones) gets past ``_check`` (on CPU tensors the one complaint
+    left is the device), has a unique name, fits shared memory, and is not offered to the tuner."""
+    extra = (GC(64, 64, 64, 4, 3, "swap"), GC(128, 64, 64, 4, 6, "swap", split_k=8), GC(128, 256, 64, 8, 3, "swap"),
+             GC(64, 128, 64, 4, 5, "swap"))
+    names = set()
+    for cfg in gluon_w4.SWAP_CONFIGS + extra:
+        assert cfg.variant == "swap" and cfg.name not in names
+        names.add(cfg.name)
+        with pytest.raises(SpearError, match="one CUDA device"):
+            gluon_w4._check(*_cpu_args(k=512, n=512), cfg)
+        assert gluon_w4.smem_bytes_swap(cfg) <= gluon_w4.SWAP_MAX_SMEM
+        assert gluon_w4._acc_regs(cfg) <= 128
+    assert len({c.name for c in gluon_w4.SWAP_CONFIGS}) == len(gluon_w4.SWAP_CONFIGS)
+    for m, k, n, g in ((256, 4096, 11008, 128), (128, 2048, 2048, 2048), (512, 8192, 2048, 128)):
+        assert all(c.variant != "swap" for c in gluon_w4.gluon_candidates(m, k, n, g))
+    # the old names are unchanged (split_k = 1 is not named)
+    assert GC(128, 128, 64, 8, 4).name == "gluon[BM=128,BN=128,BK=64,warps=8,stages=4,dq2]"
+    assert GC(128, 128, 64, 8, 4, "swap", split_k=4).name == "gluon[BM=128,BN=128,BK=64,warps=8,stages=4,splitK=4,swap]"
+
+
+@pytest.mark.parametrize("cfg,why", [
+    (GC(128, 128, 64, 4, 4, "swap", split_k=3), "split_k"),
+    (GC(256, 128, 64, 4, 4, "swap"), "accumulator registers"),     # 256 fp32 a thread
+    (GC(128, 64, 64, 8, 4, "swap"), "block_n"),                    # 8 warps = 128 weight rows at least
+    (GC(128, 256, 64, 4, 4, "swap"), "block_n"),                   # 4 warps: 64 or 128 rows
+    (GC(32, 128, 64, 4, 4, "swap"), "unsupported swap config"),    # the wgmma N: 64/128/256 tokens
+    (GC(128, 128, 128, 4, 4, "swap"), "unsupported swap config"),  # BLOCK_K stays 64
+    (GC(128, 128, 64, 4, 2, "swap"), "3-6 stages"),
+    (GC(128, 128, 64, 8, 4, "dq2", split_k=2), "split-K"),         # split-K is swap's only
+])
+def test_swap_check_refuses(cfg, why):
+    with pytest.raises(SpearError, match=why):
+        gluon_w4._check(*_cpu_args(k=512, n=512), cfg)
+
+
+def test_swap_split_covers_k():
+    """``swap_split``: every launched split gets >= 1 K tile, the splits tile [0, K / 64) exactly, at most
+    ``split_k`` of them."""
+    for k in (64, 128, 256, 384, 2048, 4096, 11008 // 64 * 64):
+        for sk in gluon_w4.SWAP_SPLITS:
+            cfg = GC(128, 128, 64, 8, 4, "swap", split_k=sk)
+            split, per = gluon_w4.swap_split(cfg, k)
+            n_k = k // 64
+            assert 1 <= split <= sk and (split - 1) * per < n_k <= split * per
+            ranges = [(s * per, min(n_k - s * per, per)) for s in range(split)]
+            assert all(cnt >= 1 for _, cnt in ranges) and sum(cnt for _, cnt in ranges) == n_k
+
+
+def _bf16_bits(v):
+    """int32 tensor of 16-bit patterns -> bfloat16 values."""
+    return v.to(torch.int16).view(torch.bfloat16) if v.dtype != torch.int16 else v.view(torch.bfloat16)
+
+
+def _swap_model(x, qdata, scale, zero, bias, group, cfg):
+    """A CPU model of ``w4_gluon_swap_kernel``'s index math in float64: grid (n tile, m tile, split), K range of a
+    split, the per-thread dequantize (byte c of word j -> k = 8 j + 2 c + h, ``prmt`` / ``* 0x1001`` / ``lop3``
+    magic / packed subtract (and multiply) emulated bit for bit for bf16), the [R, 2, 8, KW, 4, 2] -> [BN, BK] reshape,
+    the split-K slots ``[tile, split, BN, BM]`` and the transposed, M-masked store."""
+    m, k = x.shape
+    n = qdata.shape[0]
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    kw = bk // 8
+    words = qdata.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # [N, K/8]
+    split, per = gluon_w4.swap_split(cfg, k)
+    n_tiles, m_tiles = n // bn, -(-m // bm)
+    pc = group >= k
+    slots = torch.zeros(m_tiles * n_tiles * split * bn * bm, dtype=torch.float64)
+    y = torch.full((m, n), float("nan"), dtype=torch.float64)
+    xpad = torch.zeros(m_tiles * bm, k, dtype=torch.float64)
+    xpad[:m] = x.double()  # TMA: rows past M read as zeros
+    cnt = torch.zeros(m_tiles * n_tiles, dtype=torch.int64)
+    r_ = torch.arange(bn // 16)[:, None, None]
+    i_ = torch.arange(2)[None, :, None]
+    g_ = torch.arange(8)[None, None, :]
+    c_ = torch.arange(4)
+    for pid_k in range(split):  # the splits in any order: the last arrival finishes
+        for pid_m in range(m_tiles):
+            for pid_n in range(n_tiles):
+                off_n, off_m = pid_n * bn, pid_m * bm
+                t0 = pid_k * per
+                n_k = max(min(k // bk - t0, per), 0)
+                assert n_k >= 1
+                rows = off_n + 16 * r_ + 8 * i_ + g_  # [R, 2, 8]
+                acc = torch.zeros(bn, bm, dtype=torch.float64)
+                for t in range(t0, t0 + n_k):
+                    w = words[rows, t * kw:(t + 1) * kw]  # [R, 2, 8, KW]
+                    byte = (w[..., None] >> (8 * c_)) & 0xFF  # prmt: byte c, zeros above  [R, 2, 8, KW, 4]
+                    p = ((byte * 0x1001) & 0x000F000F) | 0x43004300
+                    lo, hi = _bf16_bits(p & 0xFFFF).double(), _bf16_bits(p >> 16).double()  # 128 + q, exact
+                    z = zero[rows, (t * bk) // group].double()[..., None, None] + 128.0
+                    lo, hi = lo - z, hi - z  # exact: q - zero
+                    if not pc:
+                        s = scale[rows, (t * bk) // group].double()[..., None, None]
+                        lo = (lo * s).to(torch.bfloat16).double()  # mul.rn.bf16x2: one rounding
+                        hi = (hi * s).to(torch.bfloat16).double()
+                    a = torch.stack([lo, hi], -1).reshape(bn, bk)  # n = 16 r + 8 i + g, k = 8 j + 2 c + h
+                    acc += a @ xpad[off_m:off_m + bm, t * bk:(t + 1) * bk].T
+                if pc:
+                    acc *= scale[off_n:off_n + bn, 0].double()[:, None]
+                tile = pid_m * n_tiles + pid_n
+                base = tile * split * bn * bm
+                slots[base + pid_k * bn * bm: base + (pid_k + 1) * bn * bm] = acc.reshape(-1)
+                cnt[tile] += split > 1  # the counters are touched by split-K launches only
+                if split == 1 or cnt[tile] == split:
+                    if split > 1:
+                        acc = slots[base: base + split * bn * bm].reshape(split, bn, bm).sum(0)
+                        cnt[tile] = 0
+                    if bias is not None:
+                        acc = acc + bias[off_n:off_n + bn].double()[:, None]
+                    mm = off_m + torch.arange(bm)
+                    keep = mm < m
+                    y[mm[keep], off_n:off_n + bn] = acc.T[keep]
+    assert (cnt == 0).all()
+    return y
+
+
+@pytest.mark.parametrize("m,k,n,group,cfg", [
+    (37, 512, 256, 512, GC(64, 128, 64, 8, 6, "swap", split_k=4)),
+    (200, 768, 256, 128, GC(256, 64, 64, 4, 4, "swap", split_k=4)),   # 12 K tiles over 4 splits of 3
+    (130, 384, 128, 384, GC(128, 128, 64, 4, 4, "swap", split_k=8)),  # 6 K tiles: 6 splits of 1
+    (1, 256, 128, 128, GC(128, 128, 64, 8, 4, "swap")),
+])
+def test_swap_model_matches_matmul(m, k, n, group, cfg):
+    """The kernel's tiling / dequantize / split-K / store mapping (``_swap_model``) reproduces x Wᵀ + b."""
+    t = problem(m, group, torch.bfloat16, False, False, True, 5, k, n, 0)
+    y = _swap_model(t["x"], t["qdata"], t["scale"], t["zero"], t["bias"], group, cfg)
+    w = w64(t, group)
+    if group < k:  # grouped weights enter the MMA rounded to bf16
+        w = w.to(torch.bfloat16).double()
+    ref = t["x"].double() @ w.T + t["bias"].double()
+    assert not torch.isnan(y).any()
+    assert torch.allclose(y, ref, rtol=1e-9, atol=1e-9)
+
+
+def _swap_pipeline(n_k, S):
+    """``w4_gluon_swap_kernel``'s stage ring in program order (one warpgroup; the CTA barrier of a step orders every
+    warp): prologue loads, ``_swap_tile`` waits (clamped to the last tile), ``_swap_step`` (MMA i, wait(1), refill the
+    stage of tile i - 1 with tile i - 1 + S, tile i + 1), the unrolled-by-2 loop and the odd tail. Asserts each wait
+    sees its own fill (no parity aliasing), no stage is refilled before its MMA retired and its words were read, and
+    every tile is multiplied once, in order."""
+    stage, fills, words_read, retired, inflight, done = [None] * S, [0] * S, set(), set(), [], []
+
+    def load(t):
+        s = t % S
+        assert stage[s] is None or (stage[s] in retired and stage[s] in words_read), (t, stage[s])
+        stage[s], fills[s] = t, fills[s] + 1
+
+    def tile(t):
+        t = min(t, n_k - 1)
+        s = t % S
+        assert stage[s] == t and fills[s] - 1 == t // S  # the parity (t // S) & 1 names the latest fill
+        words_read.add(t)
+
+    def mma(i):
+        assert stage[i % S] == i and i in words_read
+        inflight.append(i)
+        done.append(i)
+
+    def step(i):
+        mma(i)
+        while len(inflight) > 1:  # warpgroup_mma_wait(1)
+            retired.add(inflight.pop(0))
+        t = i - 1 + S
+        if i >= 1 and t < n_k:
+            load(t)
+        tile(i + 1)
+
+    for si in range(min(S, n_k)):
+        load(si)
+    tile(0)
+    for j in range(n_k // 2):
+        step(2 * j)
+        step(2 * j + 1)
+    if n_k % 2:
+        mma(n_k - 1)
+    assert done == list(range(n_k))
+
+
+def test_swap_pipeline_model():
+    for S in (3, 4, 5, 6):
+        for n_k in (1, 2, 3, 4, 5, 7, 8, 13, 64):
+            _swap_pipeline(n_k, S)
+    with pytest.raises(AssertionError):  # one stage cannot hold tile i + 1 while MMA i reads tile i
+        _swap_pipeline(8, 1)
+
+
 # ------------------------------------------------------------------ GPU
 def _gpu_ok():
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
@@ -277,6 +474,57 @@ def test_gluon_vs_float64(case):
         errs[cfg.name] = (rel(out, ref_mma), rel(out, ref)) if not torch.isnan(out).any() else (float("nan"),) * 2
     bad = {name: e for name, e in errs.items() if not (e[0] < 3e-3 and e[1] < 5e-3)}
     assert not bad, f"configs off the float64 references (norm-relative error vs rounded weights, vs exact): {bad}"
+
+
+SWAP_EXTRA = (GC(64, 64, 64, 4, 3, "swap"), GC(128, 128, 64, 8, 3, "swap", split_k=8),
+              GC(128, 64, 64, 4, 5, "swap", split_k=2))
+SWAP_CASES = [  # (seed, M, K, N, group (0: per-channel), dtype, bias, indices into SWAP_CONFIGS + SWAP_EXTRA)
+    # 3-4 configs a case (each one a few JIT compiles), every config in at least two cases, split-K 1 and > 1
+    (21, 1, 256, 128, 0, torch.bfloat16, True, (0, 8, 11)),
+    (22, 37, 2048, 512, 128, torch.bfloat16, False, (1, 6, 13)),
+    (23, 128, 4096, 2048, 0, torch.bfloat16, True, (2, 3, 5, 9)),
+    (24, 200, 2048, 512, 128, torch.float16, True, (4, 7, 12)),
+    (25, 256, 256, 2048, 128, torch.bfloat16, False, (3, 5, 12, 10)),  # 4 K tiles: split-K 4 and 8 -> 4 of 1
+    (26, 512, 2048, 512, 0, torch.float16, False, (0, 4, 7)),
+    (27, 512, 4096, 128, 128, torch.bfloat16, True, (2, 8, 6, 9)),
+    (28, 37, 256, 512, 0, torch.float16, True, (1, 11, 13)),
+    (29, 256, 2048, 2048, 0, torch.bfloat16, False, (3, 6, 5, 10)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", SWAP_CASES, ids=lambda c: f"s{c[0]}-M{c[1]}-K{c[2]}-N{c[3]}-g{c[4]}-{str(c[5])[6:]}")
+def test_swap_vs_float64(case):
+    """``variant="swap"`` (the case's configs of ``SWAP_CONFIGS`` + ``SWAP_EXTRA``, split-K 1-8) against float64, the
+    same bounds as ``test_gluon_vs_float64``; a second launch (split-K counters must be back at zero) gives the same
+    bits."""
+    if not _gpu_ok():
+        pytest.skip("needs an sm_90 GPU and Triton's Gluon (3.6 API)")
+    seed, m, k, n, group, dtype, bias, which = case
+    gs = group or k
+    t = problem(m, gs, dtype, False, False, bias, seed, k, n, 0)
+    ref = reference(t, gs)
+    ref_mma = ref if not group else t["x"].double() @ w64(t, gs).to(dtype).double().T \
+        + (t["bias"].double() if bias else 0.0)
+    dev = "cuda"
+    x, q, s, z = (t[name].to(dev) for name in ("x", "qdata", "scale", "zero"))
+    b = t["bias"].to(dev) if bias else None
+    errs, unstable = {}, []
+    for cfg in ((gluon_w4.SWAP_CONFIGS + SWAP_EXTRA)[i] for i in which):
+        assert n % cfg.block_n == 0
+        y = torch.full((m, n), float("nan"), dtype=dtype, device=dev)
+        gluon_w4.run_gluon_w4(x, q, s, z, b, gs, y, cfg)
+        y2 = torch.full((m, n), float("nan"), dtype=dtype, device=dev)
+        gluon_w4.run_gluon_w4(x, q, s, z, b, gs, y2, cfg)
+        torch.cuda.synchronize()
+        out = y.cpu()
+        if not torch.equal(out, y2.cpu()):
+            unstable.append(cfg.name)
+        errs[cfg.name] = (rel(out, ref_mma), rel(out, ref)) if not torch.isnan(out).any() else (float("nan"),) * 2
+    assert errs
+    bad = {name: e for name, e in errs.items() if not (e[0] < 3e-3 and e[1] < 5e-3)}
+    assert not bad, f"swap configs off the float64 references (norm-relative, vs rounded weights, vs exact): {bad}"
+    assert not unstable, f"swap configs whose second launch differs (split-K counters not reset?): {unstable}"
 
 
 @pytest.mark.gpu
