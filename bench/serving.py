@@ -205,6 +205,7 @@ def run_trace(bundle, policy_name, trace, args, ec_enabled=True, switch_period_s
         engine.set_ec_enabled(ec_enabled)
     sched = engine.scheduler
     sched_times = []
+    slot_bound = [0]  # steps planned with every sequence slot taken and requests still waiting
     orig = sched.schedule
 
     def timed(sig=()):
@@ -212,6 +213,8 @@ def run_trace(bundle, policy_name, trace, args, ec_enabled=True, switch_period_s
         t = time.perf_counter()
         plan = orig(sig)
         sched_times.append((n, time.perf_counter() - t))
+        if sched.waiting and len(sched.running) >= sched.max_num_seqs:
+            slot_bound[0] += 1
         return plan
 
     sched.schedule = timed
@@ -291,6 +294,7 @@ def run_trace(bundle, policy_name, trace, args, ec_enabled=True, switch_period_s
              graph_captures=engine.runner.capture.captures,
              sched_ms_p50=_ms(pct(st, 50)), sched_ms_p99=_ms(pct(st, 99)), sched_ms_p50_at_48plus=_ms(pct(st64, 50)),
              max_running=max((k for k, _ in sched_times), default=0),
+             slot_bound_pct=round(100.0 * slot_bound[0] / len(sched_times), 1) if sched_times else None,
              ec_switches=bool(switch_period_s), ec_enabled=ec_enabled,
              step_time_ms_p50=_ms(pct([r.measured_s for r in records], 50)),
              overhead_ms=_ms(getattr(policy, "overhead_s", None)), safety=getattr(policy, "safety_now", None))
@@ -954,17 +958,20 @@ def write_markdown(results, path, argv):
     w("")
     w("## All runs")
     w("")
+    w("`slots full %`: steps planned with all `max_num_seqs` sequence slots taken while requests waited (their TTFT "
+      "then grows whatever the step's slack).")
+    w("")
     w("| run | rate | done | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 (no capture) ms | E2EL p50 / p99 ms | goodput "
-      "req/s | attain. | tok/s | ITL > SLO | step err p50 / p90 % | sched ms p50 / p99 | recompiles | mixed steps "
-      "capturing / uncaptured / padded (graphs) |")
-    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+      "req/s | attain. | tok/s | ITL > SLO | slots full % | step err p50 / p90 % | sched ms p50 / p99 | recompiles | "
+      "mixed steps capturing / uncaptured / padded (graphs) |")
+    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for m in runs:
         g = lambda x: "-" if x is None else (f"{x:.1f}" if isinstance(x, float) else str(x))  # noqa: E731
         w(f"| {m['label']} | {m['rate']:.2f} | {m['completed']}/{m['num_requests']} | {g(m['ttft_ms_p50'])} / "
           f"{g(m['ttft_ms_p99'])} | {g(m['tpot_ms_p50'])} / {g(m['tpot_ms_p99'])} | {g(m['itl_ms_p50'])} / "
           f"{g(m['itl_ms_p99'])} ({g(m.get('itl_ms_p99_no_capture'))}) | {g(m['e2el_ms_p50'])} / {g(m['e2el_ms_p99'])} | {m['goodput_rps']:.2f} | "
           f"{m['slo_attainment']:.2f} | {m['output_tok_s']:.0f} | {m.get('itl_violations')}/{m.get('num_itl')} | "
-          f"{g(m['step_err_p50_pct'])} / {g(m['step_err_p90_pct'])} | {g(m['sched_ms_p50'])} / {g(m['sched_ms_p99'])} "
+          f"{g(m.get('slot_bound_pct'))} | {g(m['step_err_p50_pct'])} / {g(m['step_err_p90_pct'])} | {g(m['sched_ms_p50'])} / {g(m['sched_ms_p99'])} "
           f"| {m['recompiles']} | {g(m.get('capture_steps'))} / {g(m.get('uncaptured_mixed_steps'))} / "
           f"{g(m.get('padded_mixed_steps'))} ({g(m.get('mixed_graphs'))}) |")
     w("")

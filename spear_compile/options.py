@@ -20,6 +20,9 @@ variable                   meaning                                 default
                            (M 2..512) is not a tuner candidate
 ``SPEAR_GLUON_KERNEL``     ``0``: the Gluon Hopper W4 GEMM (sm_90, ``1``
                            EC-free, M 65..1024) is not a candidate
+``SPEAR_GLUON_SWAP``       ``1``: its swapped-operand variant      ``0``
+                           (W as the register A operand, split-K;
+                           EC-free, M 17..1024) is a candidate too
 ``SPEAR_DECOMPOSE_PREFILL`` ``0``: keep static-M prefill linears   ``1``
                            as our op (no dequantize + mm in graph)
 ``SPEAR_EC_MERGE``         ``0``: EC siblings keep a GEMM each     ``1``
@@ -58,7 +61,7 @@ class XPassConfig(NamedTuple):
 XPASS_IN_PLACE_DEFAULT = XPassConfig(64, 128, 3, 4, 1)  # best total of bench/xpass_sweep.py (sessions 8, 9)
 
 _VARIABLES = ("SPEAR_AUTOTUNE", "SPEAR_TUNE_CACHE", "SPEAR_TUNE_COMPILE_THREADS", "SPEAR_GROUP_LINEARS",
-              "SPEAR_BATCHED_KERNEL", "SPEAR_GLUON_KERNEL", "SPEAR_DECOMPOSE_PREFILL", "SPEAR_EC_MERGE",
+              "SPEAR_BATCHED_KERNEL", "SPEAR_GLUON_KERNEL", "SPEAR_GLUON_SWAP", "SPEAR_DECOMPOSE_PREFILL", "SPEAR_EC_MERGE",
               "SPEAR_EC_PAD_X", "SPEAR_XPASS_IN_PLACE", "TRITON_INTERPRET", "XDG_CACHE_HOME", "HOME")
 
 
@@ -70,6 +73,7 @@ class Options:
     group_linears: bool = True
     batched_kernel: bool = True
     gluon_kernel: bool = True
+    gluon_swap: bool = False  # opt-in until a GPU run has timed it (bench/GPU_RUNS.md)
     decompose_prefill: bool = True
     ec_merge: bool = True
     ec_pad_x: str = "auto"  # "auto" | "0" | "1"
@@ -130,6 +134,7 @@ def _parse(values: tuple) -> Options:
         group_linears=_switch("SPEAR_GROUP_LINEARS", env["SPEAR_GROUP_LINEARS"], True),
         batched_kernel=_switch("SPEAR_BATCHED_KERNEL", env["SPEAR_BATCHED_KERNEL"], True),
         gluon_kernel=_switch("SPEAR_GLUON_KERNEL", env["SPEAR_GLUON_KERNEL"], True),
+        gluon_swap=_switch("SPEAR_GLUON_SWAP", env["SPEAR_GLUON_SWAP"], False),
         decompose_prefill=_switch("SPEAR_DECOMPOSE_PREFILL", env["SPEAR_DECOMPOSE_PREFILL"], True),
         ec_merge=_switch("SPEAR_EC_MERGE", env["SPEAR_EC_MERGE"], True),
         ec_pad_x=pad_x,

@@ -5,7 +5,7 @@ Large M (the tuner offers it at 64 < M <= 1024, EC-free keys): one CTA per ``blo
 the int32 weight words by TMA, the dequantize of K tile i + 1 overlapping the asynchronous wgmma of tile i. Needs an
 sm_90 GPU and the Gluon API of Triton 3.6 (``w4_gluon.AVAILABLE``); nothing here touches the GPU at import.
 
-``variant="swap"`` (``SWAP_CONFIGS``, bench-only for now): yᵀ tiles of ``block_n`` weight rows x ``block_m`` tokens with
+``variant="swap"`` (``SWAP_CONFIGS``; tuner candidates only with ``SPEAR_GLUON_SWAP=1`` until a GPU run times them): yᵀ tiles of ``block_n`` weight rows x ``block_m`` tokens with
 W dequantized in registers as the wgmma A operand, grid (N tiles, M tiles, split-K); split-K partials go to fp32 slots
 of the per-stream workspace (``Workspace.for_batched``, shared with the batched kernel: both leave its counters at 0).
 """
@@ -135,6 +135,27 @@ def gluon_candidates(m: int, k: int, n: int, group_size: int, sms: int = H100_SM
         tiles = -(-m // cfg.block_m) * (n // cfg.block_n)
         fill = tiles / sms if tiles < sms else tiles / (-(-tiles // slots) * slots)
         scored.append((speed * fill, cfg))
+    scored.sort(key=lambda t: -t[0])
+    return [cfg for _, cfg in scored[:4]]
+
+
+def swap_candidates(m: int, k: int, n: int, group_size: int, sms: int = H100_SMS) -> List[GluonW4Config]:
+    """Up to 4 ``SWAP_CONFIGS`` worth timing at this shape (offered by ``dispatch`` only with ``SPEAR_GLUON_SWAP=1``):
+    token tiles up to max(64, M) (the 64-token tile only at M <= 128: above it re-dequantizes every weight M / 64
+    times), ranked by how full the last wave of CTAs is, over the square root of the dequantize's redundancy (one
+    pass per token tile), with a small charge per extra K split (its fp32 slots through L2)."""
+    scored = []
+    for cfg in SWAP_CONFIGS:
+        if n % cfg.block_n or k % cfg.block_k or (group_size < k and group_size % cfg.block_k):
+            continue
+        if cfg.block_m > max(64, m) or (cfg.block_m < 128 and m > 128):
+            continue
+        split, _ = swap_split(cfg, k)
+        m_tiles = -(-m // cfg.block_m)
+        slots = sms * (2 if smem_bytes_swap(cfg) <= 113 * 1024 else 1)
+        ctas = (n // cfg.block_n) * m_tiles * split
+        fill = ctas / (-(-ctas // slots) * slots)
+        scored.append((fill / m_tiles ** 0.5 * (1.0 - 0.05 * (split - 1)), cfg))
     scored.sort(key=lambda t: -t[0])
     return [cfg for _, cfg in scored[:4]]
 

@@ -224,6 +224,54 @@ def test_dispatch_offers_gluon_tiles_where_it_applies(monkeypatch, m, has_ec, sw
     assert all(dispatch.runner(c) is gluon_w4.run_single for c in gluon)
 
 
+@pytest.mark.parametrize("m,has_ec,switch,expect", [(256, False, "1", True), (17, False, "1", True),
+                                                     (1024, False, "1", True), (16, False, "1", False),
+                                                     (2048, False, "1", False), (256, True, "1", False),
+                                                     (256, False, "0", False), (256, False, None, False)])
+def test_dispatch_offers_swap_tiles_only_when_asked(monkeypatch, m, has_ec, switch, expect):
+    """The swapped-operand tiles join the tuner's candidates for EC-free keys at 16 < M <= 1024 only with
+    ``SPEAR_GLUON_SWAP=1`` (off by default: never timed on a GPU yet); each offered tile divides the shape."""
+    from spear_compile.lowering import dispatch
+    from spear_compile.lowering.runtime import TUNER
+    seen = []
+    if switch is None:
+        monkeypatch.delenv("SPEAR_GLUON_SWAP", raising=False)
+    else:
+        monkeypatch.setenv("SPEAR_GLUON_SWAP", switch)
+    monkeypatch.setattr(gluon_w4, "supported", lambda x2, q, g: True)
+    monkeypatch.setattr(TUNER, "can_tune", lambda x: True)
+    monkeypatch.setattr(TUNER, "pick", lambda key, dev, cands, run, ref, out: seen.append(cands) or cands[0])
+    k, n, r = 512, 256, 16
+    t = problem(m, 128, torch.bfloat16, has_ec, False, False, 3, k, n, r if has_ec else 0)
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    args = (t["x"], t["qdata"], t["scale"], t["zero"], None, 128, t["ec_A"], t["ec_B"], None, None, None, y)
+    dispatch.config_for(t["x"], args, k, n, 128, has_ec, False)
+    swap = [c for c in seen[-1] if isinstance(c, GC) and c.variant == "swap"]
+    assert bool(swap) == expect, [c.name for c in seen[-1]]
+    assert all(n % c.block_n == 0 and c.block_m <= max(64, m) for c in swap)
+    assert all(dispatch.runner(c) is gluon_w4.run_single for c in swap)
+
+
+@pytest.mark.parametrize("m,k,n,g", [(17, 2048, 512, 2048), (64, 4096, 4096, 128), (128, 2048, 8192, 2048),
+                                     (256, 4096, 11008, 128), (512, 11008, 4096, 128), (1024, 2048, 2048, 2048)])
+def test_swap_candidates_fit_the_shape(m, k, n, g):
+    """At most 4 distinct swap configs, each dividing N and K (and the group), each passing ``_check`` but for the
+    device (CPU tensors), with token tiles no larger than max(64, M)."""
+    cands = gluon_w4.swap_candidates(m, k, n, g)
+    assert 0 < len(cands) <= 4 and len(set(cands)) == len(cands)
+    for cfg in cands:
+        assert cfg in gluon_w4.SWAP_CONFIGS and n % cfg.block_n == 0 and k % cfg.block_k == 0
+        assert g >= k or g % cfg.block_k == 0
+        assert cfg.block_m <= max(64, m) and (cfg.block_m >= 128 or m <= 128)
+        assert swap_split_covers(cfg, k)
+
+
+def swap_split_covers(cfg, k):
+    split, per = gluon_w4.swap_split(cfg, k)
+    n_k = k // cfg.block_k
+    return 1 <= split <= cfg.split_k and (split - 1) * per < n_k <= split * per
+
+
 # ------------------------------------------------------------------ swap variant (CPU: rules, index math, pipeline)
 def test_swap_gpu_cases_cover_every_config():
     """The GPU cases (``SWAP_CASES``) run every swap config at least twice, on shapes it divides."""
