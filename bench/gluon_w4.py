@@ -161,8 +161,6 @@ def sass_report(log):
 
     from spear_compile.lowering.gluon_w4 import _TILES, WS_CONFIGS, GluonW4Config, ws_layout
 
-    from bench.sass_loop import disassemble, resource
-
     cfgs = [c for c, _ in _TILES] + [GluonW4Config(128, 128, 64, 8, 4, "f32")] + list(WS_CONFIGS)
     log(f"triton {triton.__version__}: sm_90 SASS of w4_gluon_kernel / w4_gluon_ws_kernel (bf16, bias)")
     log("| config | quant | regs | spill instrs | smem B | loop instrs | loop wgmma wait |")
@@ -170,17 +168,10 @@ def sass_report(log):
     ws_rows = []
     for cfg in cfgs:
         for pc in (True, False):
-            try:
-                c = _compile_sm90(cfg, pc)
-            except Exception as e:  # noqa: BLE001
-                log(f"| {cfg.name} | {'pc' if pc else 'g128'} | compile failed: {type(e).__name__}: "
-                    f"{str(e).splitlines()[-1][:200] if str(e) else ''} |")
+            facts = _sass_facts(cfg, pc, "bf16", log, f"| {cfg.name} | {'pc' if pc else 'g128'} |")
+            if facts is None:
                 continue
-            rows3, labels = disassemble(c.asm["cubin"])
-            rows = [(a, t) for a, _, t in rows3]
-            reg = resource(c.asm["cubin"], "REG")
-            spill = sum(1 for _, op, _ in rows3 if op.split(".")[0] in ("LDL", "STL"))
-            loop = _mma_loop(rows, labels)
+            c, rows3, rows, labels, reg, spill, loop = facts
             waits = sorted({re.sub(r".*DEPBAR\.LE\s+", "", t) for t in loop if "WARPGROUP.DEPBAR" in t})
             log(f"| {cfg.name} | {'pc' if pc else 'g128'} | {reg if reg is not None else '?'} | {spill} | "
                 f"{c.metadata.shared} | {len(loop)} | {', '.join(waits) or 'none'} |")
@@ -230,8 +221,6 @@ def swap_sass_report(log, cfgs=None, dtypes=("bf16",)):
     int32 word a thread handles."""
     from spear_compile.lowering.gluon_w4 import SWAP_CONFIGS
 
-    from bench.sass_loop import disassemble, resource
-
     cfgs = SWAP_CONFIGS if cfgs is None else cfgs
     log("\nswap kernel (w4_gluon_swap_kernel), K loop per 64-wide K tile (the loop body holds 2)")
     log("| config | quant | dtype | regs | spill instrs | smem B | loop instrs / tile | HGMMA / tile | A operand | "
@@ -240,17 +229,10 @@ def swap_sass_report(log, cfgs=None, dtypes=("bf16",)):
     for cfg in cfgs:
         for dt in dtypes:
             for pc in (True, False):
-                try:
-                    c = _compile_sm90(cfg, pc, dt)
-                except Exception as e:  # noqa: BLE001
-                    log(f"| {cfg.name} | {'pc' if pc else 'g128'} | {dt} | compile failed: {type(e).__name__}: "
-                        f"{str(e).splitlines()[-1][:200] if str(e) else ''} |")
+                facts = _sass_facts(cfg, pc, dt, log, f"| {cfg.name} | {'pc' if pc else 'g128'} | {dt} |")
+                if facts is None:
                     continue
-                rows3, labels = disassemble(c.asm["cubin"])
-                rows = [(a, t) for a, _, t in rows3]
-                reg = resource(c.asm["cubin"], "REG")
-                spill = sum(1 for _, op, _ in rows3 if op.split(".")[0] in ("LDL", "STL"))
-                loop = _mma_loop(rows, labels)
+                c, rows3, rows, labels, reg, spill, loop = facts
                 ops = [re.sub(r"^\s*(@!?U?P\w+\s+)?", "", t).split()[0] if t.strip() else "" for t in loop]
                 tiles = 2
                 hg = [t for t in loop if "HGMMA" in t]
@@ -267,6 +249,22 @@ def swap_sass_report(log, cfgs=None, dtypes=("bf16",)):
                     f"{len(loop) / tiles:.0f} | {len(hg) / tiles:.0f} | {','.join(a_reg) or '-'} | "
                     f"{len(lds) / tiles:.0f} ({','.join(sorted(set(lds)))}) | {sts} | {bars / tiles:.0f} | "
                     f"{', '.join(waits) or 'none'} | {dq / tiles / max(words, 1):.2f} | {'YES' if serial else 'no'} |")
+
+
+def _sass_facts(cfg, pc, dt, log, row_head):
+    """Compile ``cfg`` offline for sm_90 and disassemble it: (compiled, SASS rows (address, opcode, text), (address,
+    text) rows, labels, registers, spill instructions, the MMA loop's lines); None (logged as a table row starting
+    ``row_head``) when the compile fails."""
+    from bench.sass_loop import disassemble, resource
+    try:
+        c = _compile_sm90(cfg, pc, dt)
+    except Exception as e:  # noqa: BLE001
+        log(f"{row_head} compile failed: {type(e).__name__}: {str(e).splitlines()[-1][:200] if str(e) else ''} |")
+        return None
+    rows3, labels = disassemble(c.asm["cubin"])
+    rows = [(a, t) for a, _, t in rows3]
+    spill = sum(1 for _, op, _ in rows3 if op.split(".")[0] in ("LDL", "STL"))
+    return c, rows3, rows, labels, resource(c.asm["cubin"], "REG"), spill, _mma_loop(rows, labels)
 
 
 def _loop_of(rows, labels, anchor):
