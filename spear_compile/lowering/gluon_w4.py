@@ -96,6 +96,10 @@ SWAP_CONFIGS = (
     GluonW4Config(64, 128, 64, 8, 6, "swap", split_k=4),    # small M: a 64-token tile, deep ring
     GluonW4Config(128, 128, 64, 8, 4, "swap", split_k=4),   # M <= 128 at N = 4096: 32 x 4 CTAs
     GluonW4Config(128, 128, 64, 8, 4, "swap", split_k=8),   # M <= 128 at N = 2048: 16 x 8 CTAs
+    # 256 weight rows a CTA: half the x tile reads from L2 per weight (every N tile reads all of x), 240-254
+    # registers without spills (offline sm_90)
+    GluonW4Config(128, 256, 64, 8, 4, "swap"),
+    GluonW4Config(128, 256, 64, 8, 4, "swap", split_k=2),
 )
 SWAP_SPLITS = (1, 2, 4, 8)
 SWAP_MAX_SMEM = 227 * 1024

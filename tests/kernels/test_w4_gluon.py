@@ -528,14 +528,14 @@ SWAP_EXTRA = (GC(64, 64, 64, 4, 3, "swap"), GC(128, 128, 64, 8, 3, "swap", split
               GC(128, 64, 64, 4, 5, "swap", split_k=2))
 SWAP_CASES = [  # (seed, M, K, N, group (0: per-channel), dtype, bias, indices into SWAP_CONFIGS + SWAP_EXTRA)
     # 3-4 configs a case (each one a few JIT compiles), every config in at least two cases, split-K 1 and > 1
-    (21, 1, 256, 128, 0, torch.bfloat16, True, (0, 8, 11)),
-    (22, 37, 2048, 512, 128, torch.bfloat16, False, (1, 6, 13)),
+    (21, 1, 256, 128, 0, torch.bfloat16, True, (0, 8, 13)),
+    (22, 37, 2048, 512, 128, torch.bfloat16, False, (1, 6, 15, 12)),
     (23, 128, 4096, 2048, 0, torch.bfloat16, True, (2, 3, 5, 9)),
-    (24, 200, 2048, 512, 128, torch.float16, True, (4, 7, 12)),
-    (25, 256, 256, 2048, 128, torch.bfloat16, False, (3, 5, 12, 10)),  # 4 K tiles: split-K 4 and 8 -> 4 of 1
-    (26, 512, 2048, 512, 0, torch.float16, False, (0, 4, 7)),
+    (24, 200, 2048, 512, 128, torch.float16, True, (4, 7, 14, 12)),
+    (25, 256, 256, 2048, 128, torch.bfloat16, False, (3, 5, 14, 10)),  # 4 K tiles: split-K 4 and 8 -> 4 of 1
+    (26, 512, 2048, 512, 0, torch.float16, False, (0, 4, 7, 11)),
     (27, 512, 4096, 128, 128, torch.bfloat16, True, (2, 8, 6, 9)),
-    (28, 37, 256, 512, 0, torch.float16, True, (1, 11, 13)),
+    (28, 37, 256, 512, 0, torch.float16, True, (1, 13, 15, 11)),
     (29, 256, 2048, 2048, 0, torch.bfloat16, False, (3, 6, 5, 10)),
 ]
 
