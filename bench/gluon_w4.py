@@ -384,7 +384,8 @@ def main():
     # the warp-specialized configs: compiled first in child processes (a C++ assertion in Triton would abort this
     # one); only those that compiled are run here, and any error of theirs is logged and the config skipped
     # the swapped-operand configs likewise (one batch of child processes for both)
-    pre = ([] if args.no_ws else list(gluon_w4.WS_CONFIGS)) + ([] if args.no_swap else list(gluon_w4.SWAP_CONFIGS))
+    pre = ([] if args.no_ws else list(gluon_w4.WS_CONFIGS)) + ([] if args.no_swap else [
+        c for c in gluon_w4.SWAP_CONFIGS if any(gluon_w4.swap_tile_fits(c, m) for m in ms)])  # those these M use
     compiled = ws_precheck(pre, log, what="ws/swap") if pre else []
     ws_cfgs = [c for c in compiled if c.variant == "ws"]
     swap_cfgs = [c for c in compiled if c.variant == "swap"]
@@ -419,11 +420,10 @@ def main():
                         cands.append(control)
                     cands += [c for c in ws_cfgs if n % c.block_n == 0 and k % c.block_k == 0
                               and (gs >= k or gs % c.block_k == 0)]
-                    # swap: token tiles up to M (a 256-token tile at M = 128 only re-reads padding); the 64-token
-                    # tile only at M <= 128 (above, it re-dequantizes every weight M / 64 times)
+                    # swap: token tiles that suit M (``swap_tile_fits``: no 256-token tile at M = 128, which only
+                    # reads padding; no tile that re-dequantizes every weight more than 2-4 times)
                     cands += [c for c in swap_cfgs if n % c.block_n == 0 and k % c.block_k == 0
-                              and (gs >= k or gs % c.block_k == 0) and c.block_m <= max(64, m)
-                              and (c.block_m >= 128 or m <= 128)]
+                              and (gs >= k or gs % c.block_k == 0) and gluon_w4.swap_tile_fits(c, m)]
                     passing = []
                     for cfg in cands:
                         try:

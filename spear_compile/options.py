@@ -22,7 +22,7 @@ variable                   meaning                                 default
                            EC-free, M 65..1024) is not a candidate
 ``SPEAR_GLUON_SWAP``       ``1``: its swapped-operand variant      ``0``
                            (W as the register A operand, split-K;
-                           EC-free, M 17..1024) is a candidate too
+                           EC-free, M 2..1024) is a candidate too
 ``SPEAR_DECOMPOSE_PREFILL`` ``0``: keep static-M prefill linears   ``1``
                            as our op (no dequantize + mm in graph)
 ``SPEAR_EC_MERGE``         ``0``: EC siblings keep a GEMM each     ``1``

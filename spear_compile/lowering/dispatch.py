@@ -8,7 +8,7 @@ for this key, and runs it:
 * ``PrefillConfig``: the Triton W4 GEMM, EC in the epilogue (``prefill``);
 * ``DequantCublasConfig``: dequantize + cuBLAS, the EC joined as the tuner picks per key (``prefill``);
 * ``GluonW4Config``: the Gluon Hopper GEMM, EC-free keys at 64 < M <= 1024 on sm_90 (``gluon_w4``;
-  ``SPEAR_GLUON_KERNEL=0``: not a candidate); its swapped-operand variant at 16 < M <= 1024 only with
+  ``SPEAR_GLUON_KERNEL=0``: not a candidate); its swapped-operand variant at 2 <= M <= 1024 only with
   ``SPEAR_GLUON_SWAP=1``.
 
 The config is timed on the first CUDA call of each key and cached in-process and on disk (``tune_cache``); during
@@ -86,7 +86,7 @@ def config_for(x2, args, k, n, group_size, has_ec, gated):
         # the Gluon Hopper GEMM (dequantize under the async wgmma): won 7B M = 128-256 on an H100, lost M >= 1024
         # (bench/results/gluon_w4_h100_s26.md)
         cands = cands + gluon_w4.gluon_candidates(m, k, n, group_size, sms)
-    if not has_ec and MAX_GLUON_M >= m > MAX_DECODE_M and options.current().gluon_swap \
+    if not has_ec and MAX_GLUON_M >= m >= 2 and options.current().gluon_swap \
             and gluon_w4.supported(x2, args[1], group_size):
         # its swapped-operand variant (W in registers as the wgmma A operand, split-K): opt-in, not yet timed
         cands = cands + gluon_w4.swap_candidates(m, k, n, group_size, sms)

@@ -100,6 +100,12 @@ SWAP_CONFIGS = (
     # registers without spills (offline sm_90)
     GluonW4Config(128, 256, 64, 8, 4, "swap"),
     GluonW4Config(128, 256, 64, 8, 4, "swap", split_k=2),
+    # small M (batched decode): 16- and 32-token tiles, 77-89 registers and 33-37 KB (offline sm_90), so two or
+    # three CTAs an SM keep enough weight words in flight for HBM
+    GluonW4Config(16, 128, 64, 8, 6, "swap", split_k=4),
+    GluonW4Config(32, 128, 64, 8, 4, "swap", split_k=4),
+    GluonW4Config(32, 64, 64, 4, 6, "swap", split_k=4),
+    GluonW4Config(16, 64, 64, 4, 6, "swap", split_k=8),     # small N (1B k, v: N = 512): 8 x 8 CTAs
 )
 SWAP_SPLITS = (1, 2, 4, 8)
 SWAP_MAX_SMEM = 227 * 1024
@@ -143,16 +149,24 @@ def gluon_candidates(m: int, k: int, n: int, group_size: int, sms: int = H100_SM
     return [cfg for _, cfg in scored[:4]]
 
 
+def swap_tile_fits(cfg: GluonW4Config, m: int) -> bool:
+    """Whether ``cfg``'s token tile suits M: no larger than M rounded up to a power of two (at least 16), and at most
+    2 token tiles (dequantize passes over the weights) at M <= 128, 4 above (where tiles under 128 tokens are out)."""
+    cover = 1 << max(4, (m - 1).bit_length())
+    passes = -(-m // cfg.block_m)
+    return cfg.block_m <= cover and passes <= (2 if m <= 128 else 4) and (cfg.block_m >= 128 or m <= 128)
+
+
 def swap_candidates(m: int, k: int, n: int, group_size: int, sms: int = H100_SMS) -> List[GluonW4Config]:
     """Up to 4 ``SWAP_CONFIGS`` worth timing at this shape (offered by ``dispatch`` only with ``SPEAR_GLUON_SWAP=1``):
-    token tiles up to max(64, M) (the 64-token tile only at M <= 128: above it re-dequantizes every weight M / 64
-    times), ranked by how full the last wave of CTAs is, over the square root of the dequantize's redundancy (one
-    pass per token tile), with a small charge per extra K split (its fp32 slots through L2)."""
+    token tiles that suit M (``swap_tile_fits``), ranked by how full the last wave of CTAs is, over the square root
+    of the dequantize's redundancy (one pass per token tile), with a small charge per extra K split (its fp32 slots
+    through L2)."""
     scored = []
     for cfg in SWAP_CONFIGS:
         if n % cfg.block_n or k % cfg.block_k or (group_size < k and group_size % cfg.block_k):
             continue
-        if cfg.block_m > max(64, m) or (cfg.block_m < 128 and m > 128):
+        if not swap_tile_fits(cfg, m):
             continue
         split, _ = swap_split(cfg, k)
         m_tiles = -(-m // cfg.block_m)
@@ -193,11 +207,11 @@ def supported(x2: torch.Tensor, qdata: torch.Tensor, group_size: int) -> bool:
 
 def _check_swap(cfg: GluonW4Config):
     """The swap kernel's config rules (shape-free): BK 64; block_n weight rows (64 a warpgroup, 4 warps: 64 or 128,
-    8 warps: 128 or 256); block_m tokens (the wgmma N: 64, 128 or 256); at most 128 fp32 accumulator registers a
+    8 warps: 128 or 256); block_m tokens (the wgmma N: 16, 32, 64, 128 or 256); at most 128 fp32 accumulator registers a
     thread; split-K 1/2/4/8; 3-6 stages (the stage of tile i - 1 is refilled during step i); the ring in shared
     memory."""
-    if cfg.block_k != 64 or cfg.block_m not in (64, 128, 256) or cfg.num_warps not in (4, 8):
-        raise SpearError(f"{WHERE}: unsupported swap config {cfg.name} (BK 64, BM 64/128/256 tokens, 4/8 warps)")
+    if cfg.block_k != 64 or cfg.block_m not in (16, 32, 64, 128, 256) or cfg.num_warps not in (4, 8):
+        raise SpearError(f"{WHERE}: unsupported swap config {cfg.name} (BK 64, BM 16/32/64/128/256 tokens, 4/8 warps)")
     if cfg.block_n not in ((64, 128) if cfg.num_warps == 4 else (128, 256)):
         raise SpearError(f"{WHERE}: {cfg.name}: the swap kernel's block_n (weight rows) must be 64/128 with 4 warps, "
                          f"128/256 with 8")

@@ -225,11 +225,12 @@ def test_dispatch_offers_gluon_tiles_where_it_applies(monkeypatch, m, has_ec, sw
 
 
 @pytest.mark.parametrize("m,has_ec,switch,expect", [(256, False, "1", True), (17, False, "1", True),
-                                                     (1024, False, "1", True), (16, False, "1", False),
+                                                     (1024, False, "1", True), (2, False, "1", True),
+                                                     (16, False, "1", True), (1, False, "1", False),
                                                      (2048, False, "1", False), (256, True, "1", False),
                                                      (256, False, "0", False), (256, False, None, False)])
 def test_dispatch_offers_swap_tiles_only_when_asked(monkeypatch, m, has_ec, switch, expect):
-    """The swapped-operand tiles join the tuner's candidates for EC-free keys at 16 < M <= 1024 only with
+    """The swapped-operand tiles join the tuner's candidates for EC-free keys at 2 <= M <= 1024 only with
     ``SPEAR_GLUON_SWAP=1`` (off by default: never timed on a GPU yet); each offered tile divides the shape."""
     from spear_compile.lowering import dispatch
     from spear_compile.lowering.runtime import TUNER
@@ -248,21 +249,22 @@ def test_dispatch_offers_swap_tiles_only_when_asked(monkeypatch, m, has_ec, swit
     dispatch.config_for(t["x"], args, k, n, 128, has_ec, False)
     swap = [c for c in seen[-1] if isinstance(c, GC) and c.variant == "swap"]
     assert bool(swap) == expect, [c.name for c in seen[-1]]
-    assert all(n % c.block_n == 0 and c.block_m <= max(64, m) for c in swap)
+    assert all(n % c.block_n == 0 and gluon_w4.swap_tile_fits(c, m) for c in swap)
     assert all(dispatch.runner(c) is gluon_w4.run_single for c in swap)
 
 
-@pytest.mark.parametrize("m,k,n,g", [(17, 2048, 512, 2048), (64, 4096, 4096, 128), (128, 2048, 8192, 2048),
+@pytest.mark.parametrize("m,k,n,g", [(2, 2048, 2048, 2048), (16, 4096, 11008, 128),
+                                     (17, 2048, 512, 2048), (64, 4096, 4096, 128), (128, 2048, 8192, 2048),
                                      (256, 4096, 11008, 128), (512, 11008, 4096, 128), (1024, 2048, 2048, 2048)])
 def test_swap_candidates_fit_the_shape(m, k, n, g):
-    """At most 4 distinct swap configs, each dividing N and K (and the group), each passing ``_check`` but for the
-    device (CPU tensors), with token tiles no larger than max(64, M)."""
+    """At most 4 distinct swap configs, each dividing N and K (and the group), with a token tile that suits M
+    (``swap_tile_fits``: at most twice M, at least 16)."""
     cands = gluon_w4.swap_candidates(m, k, n, g)
     assert 0 < len(cands) <= 4 and len(set(cands)) == len(cands)
     for cfg in cands:
         assert cfg in gluon_w4.SWAP_CONFIGS and n % cfg.block_n == 0 and k % cfg.block_k == 0
         assert g >= k or g % cfg.block_k == 0
-        assert cfg.block_m <= max(64, m) and (cfg.block_m >= 128 or m <= 128)
+        assert gluon_w4.swap_tile_fits(cfg, m) and cfg.block_m <= max(16, 2 * m)
         assert swap_split_covers(cfg, k)
 
 
@@ -307,7 +309,7 @@ def test_swap_configs_pass_check():
     (GC(256, 128, 64, 4, 4, "swap"), "accumulator registers"),     # 256 fp32 a thread
     (GC(128, 64, 64, 8, 4, "swap"), "block_n"),                    # 8 warps = 128 weight rows at least
     (GC(128, 256, 64, 4, 4, "swap"), "block_n"),                   # 4 warps: 64 or 128 rows
-    (GC(32, 128, 64, 4, 4, "swap"), "unsupported swap config"),    # the wgmma N: 64/128/256 tokens
+    (GC(48, 128, 64, 4, 4, "swap"), "unsupported swap config"),    # the wgmma N: 16/32/64/128/256 tokens
     (GC(128, 128, 128, 4, 4, "swap"), "unsupported swap config"),  # BLOCK_K stays 64
     (GC(128, 128, 64, 4, 2, "swap"), "3-6 stages"),
     (GC(128, 128, 64, 8, 4, "dq2", split_k=2), "split-K"),         # split-K is swap's only
@@ -528,15 +530,18 @@ SWAP_EXTRA = (GC(64, 64, 64, 4, 3, "swap"), GC(128, 128, 64, 8, 3, "swap", split
               GC(128, 64, 64, 4, 5, "swap", split_k=2))
 SWAP_CASES = [  # (seed, M, K, N, group (0: per-channel), dtype, bias, indices into SWAP_CONFIGS + SWAP_EXTRA)
     # 3-4 configs a case (each one a few JIT compiles), every config in at least two cases, split-K 1 and > 1
-    (21, 1, 256, 128, 0, torch.bfloat16, True, (0, 8, 13)),
-    (22, 37, 2048, 512, 128, torch.bfloat16, False, (1, 6, 15, 12)),
+    (21, 1, 256, 128, 0, torch.bfloat16, True, (0, 8, 17)),
+    (22, 37, 2048, 512, 128, torch.bfloat16, False, (1, 6, 19, 12)),
     (23, 128, 4096, 2048, 0, torch.bfloat16, True, (2, 3, 5, 9)),
-    (24, 200, 2048, 512, 128, torch.float16, True, (4, 7, 14, 12)),
-    (25, 256, 256, 2048, 128, torch.bfloat16, False, (3, 5, 14, 10)),  # 4 K tiles: split-K 4 and 8 -> 4 of 1
+    (24, 200, 2048, 512, 128, torch.float16, True, (4, 7, 18, 12)),
+    (25, 256, 256, 2048, 128, torch.bfloat16, False, (3, 5, 18, 10)),  # 4 K tiles: split-K 4 and 8 -> 4 of 1
     (26, 512, 2048, 512, 0, torch.float16, False, (0, 4, 7, 11)),
     (27, 512, 4096, 128, 128, torch.bfloat16, True, (2, 8, 6, 9)),
-    (28, 37, 256, 512, 0, torch.float16, True, (1, 13, 15, 11)),
+    (28, 37, 256, 512, 0, torch.float16, True, (1, 17, 19, 11)),
     (29, 256, 2048, 2048, 0, torch.bfloat16, False, (3, 6, 5, 10)),
+    (30, 8, 2048, 512, 0, torch.bfloat16, True, (13, 14, 15, 16)),    # the small token tiles: M = 8, 16, 45
+    (31, 16, 4096, 1024, 128, torch.float16, False, (13, 14, 15, 16)),
+    (32, 45, 1024, 256, 128, torch.bfloat16, True, (13, 14, 15)),
 ]
 
 
