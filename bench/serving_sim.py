@@ -173,7 +173,7 @@ def simulate(policy, trace, truth, sig, args, ttft_slo_s, tpot_slo_s, graphs=Non
         reqs.append(r)
         times[r.request_id], meta[r.request_id] = [], (arr, len(ids), o)
     cap = (trace[-1][0] if trace else 0.0) + args.drain_s
-    i = 0
+    i, steps, slot_bound = 0, 0, 0
     while clock[0] <= cap:
         while i < len(reqs) and reqs[i].arrival_time <= clock[0]:
             sched.add(reqs[i])
@@ -184,6 +184,8 @@ def simulate(policy, trace, truth, sig, args, ttft_slo_s, tpot_slo_s, graphs=Non
             clock[0] = reqs[i].arrival_time
             continue
         plan = sched.schedule(sig)
+        steps += 1
+        slot_bound += bool(sched.waiting) and len(sched.running) >= sched.max_num_seqs  # as bench/serving.py
         dt = truth(plan.decodes, plan.prefills, sig) + args.host_ms / 1e3
         if graphs is not None:
             dt += graphs.extra_s(plan, sig)
@@ -199,7 +201,9 @@ def simulate(policy, trace, truth, sig, args, ttft_slo_s, tpot_slo_s, graphs=Non
             times[r.request_id].append(clock[0])
             if len(r.output_token_ids) >= r.sampling.max_tokens:
                 sched.finish(r, RequestStatus.FINISHED_LENGTH)
-    return metrics(times, meta, ttft_slo_s, tpot_slo_s, 0.0)
+    m = metrics(times, meta, ttft_slo_s, tpot_slo_s, 0.0)
+    m["slot_bound_pct"] = round(100.0 * slot_bound / steps, 1) if steps else None
+    return m
 
 
 def search(makers, truth, sig, args, ttft_ms, tpot_ms, graphs=None):
@@ -223,6 +227,7 @@ def search(makers, truth, sig, args, ttft_ms, tpot_ms, graphs=None):
                 runs.append(dict(policy=name, rate=rate, seed=seed, ttft_ms_p99=m["ttft_ms_p99"],
                                  itl_ms_p99=m["itl_ms_p99"], tpot_ms_p99=m["tpot_ms_p99"],
                                  goodput_rps=m["goodput_rps"], output_tok_s=m["output_tok_s"],
+                                 slot_bound_pct=m["slot_bound_pct"],
                                  captures=after[0] - before[0], uncaptured=after[1] - before[1],
                                  padded=after[2] - before[2]))
                 ok = ok and passes(m, crit)
@@ -351,12 +356,13 @@ def main(argv=None):
                   f"bucket padding {args.graph_bucket_padding:g}: "
                   f"replayed at no extra cost), a step beyond the {args.graph_limit}-graph limit +{args.uncaptured_ms:g} ms; "
                   f"{args.warmup_runs} warm-up run(s) per policy first."] + lines_graphs
-    lines += ["", "## Runs", "", "| SLO ms | policy | rate | seed | TTFT p99 ms | ITL p99 ms | TPOT p99 ms | goodput | "
-              "capturing / uncaptured / padded steps |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Runs", "", "`slots full %`: steps planned with every sequence slot taken while requests waited.",
+              "", "| SLO ms | policy | rate | seed | TTFT p99 ms | ITL p99 ms | TPOT p99 ms | goodput | slots full % | "
+              "capturing / uncaptured / padded steps |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in all_runs:
         lines.append(f"| {r['tpot_slo_ms']:g} | {r['policy']} | {r['rate']:.2f} | {r['seed']} | {r['ttft_ms_p99']} | "
-                     f"{r['itl_ms_p99']} | {r['tpot_ms_p99']} | {r['goodput_rps']:.2f} | {r['captures']} / "
-                     f"{r['uncaptured']} / {r['padded']} |")
+                     f"{r['itl_ms_p99']} | {r['tpot_ms_p99']} | {r['goodput_rps']:.2f} | {r['slot_bound_pct']} | "
+                     f"{r['captures']} / {r['uncaptured']} / {r['padded']} |")
     text = "\n".join(lines) + "\n"
     if args.md:
         with open(args.md, "w", encoding="utf-8") as f:
