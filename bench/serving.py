@@ -955,6 +955,13 @@ def write_markdown(results, path, argv):
         unresolved = (" (not resolved: both passed the same highest probe and failed the same next one; more "
                       "probes would tell them apart)" if all(same) and slo_cap.get("first_failing_rps") else "")
         w(f"- SLO- and EC-aware vs the best fixed budget ({best_budget}): {t2} (bar >= 1.2x){unresolved}")
+    fail = (caps.get("slo") or {}).get("first_failing_rps")
+    bound = [m.get("slot_bound_pct") for m in runs if m.get("capacity_probe") and m["label"] == "slo"
+             and fail is not None and abs(m["rate"] - fail) < 1e-9]
+    if bound and bound[0] is not None and bound[0] >= 25:
+        w(f"- At its first failing rate `slo` planned {bound[0]:.0f} % of its steps with every one of the "
+          f"{a['max_num_seqs']} sequence slots taken while requests waited: the slots, not the SLO, capped it "
+          f"(a larger `--max-num-seqs` would raise its capacity)")
     w("")
     w("## All runs")
     w("")
