@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from spear_compile.errors import SpearError
-from spear_compile.lowering import gluon_w4
+from spear_compile.lowering import dispatch, gluon_w4
 from w4_problems import problem, reference, rel, w64
 
 GC = gluon_w4.GluonW4Config
@@ -207,21 +207,26 @@ def test_ws_mbarrier_protocol_model():
 def test_dispatch_offers_gluon_tiles_where_it_applies(monkeypatch, m, has_ec, switch, expect):
     """The tuner's candidate list (``dispatch.config_for``) holds the Gluon tiles for EC-free keys at 64 < M <= 1024
     while ``SPEAR_GLUON_KERNEL`` is on, never elsewhere: ``supported`` (the sm_90 check) and the tuner are faked."""
-    from spear_compile.lowering import dispatch
+    monkeypatch.setenv("SPEAR_GLUON_KERNEL", switch)
+    cands = _dispatch_candidates(monkeypatch, m, has_ec, 256, 128)
+    gluon = [c for c in cands if isinstance(c, GC)]
+    assert bool(gluon) == expect, [c.name for c in cands]
+    assert all(dispatch.runner(c) is gluon_w4.run_single for c in gluon)
+
+
+def _dispatch_candidates(monkeypatch, m, has_ec, k, n):
+    """The candidate list ``dispatch.config_for`` hands the tuner for one [M, K] x [N, K] call (g128, EC r = 16 if
+    ``has_ec``), with ``supported`` (the sm_90 check) and the tuner faked."""
     from spear_compile.lowering.runtime import TUNER
     seen = []
-    monkeypatch.setenv("SPEAR_GLUON_KERNEL", switch)
     monkeypatch.setattr(gluon_w4, "supported", lambda x2, q, g: True)
     monkeypatch.setattr(TUNER, "can_tune", lambda x: True)
     monkeypatch.setattr(TUNER, "pick", lambda key, dev, cands, run, ref, out: seen.append(cands) or cands[0])
-    k, n, r = 256, 128, 16
-    t = problem(m, 128, torch.bfloat16, has_ec, False, False, 3, k, n, r if has_ec else 0)
+    t = problem(m, 128, torch.bfloat16, has_ec, False, False, 3, k, n, 16 if has_ec else 0)
     y = torch.empty(m, n, dtype=torch.bfloat16)
     args = (t["x"], t["qdata"], t["scale"], t["zero"], None, 128, t["ec_A"], t["ec_B"], None, None, None, y)
     dispatch.config_for(t["x"], args, k, n, 128, has_ec, False)
-    gluon = [c for c in seen[-1] if isinstance(c, GC)]
-    assert bool(gluon) == expect, [c.name for c in seen[-1]]
-    assert all(dispatch.runner(c) is gluon_w4.run_single for c in gluon)
+    return seen[-1]
 
 
 @pytest.mark.parametrize("m,has_ec,switch,expect", [(256, False, "1", True), (17, False, "1", True),
@@ -232,23 +237,14 @@ def test_dispatch_offers_gluon_tiles_where_it_applies(monkeypatch, m, has_ec, sw
 def test_dispatch_offers_swap_tiles_only_when_asked(monkeypatch, m, has_ec, switch, expect):
     """The swapped-operand tiles join the tuner's candidates for EC-free keys at 2 <= M <= 1024 only with
     ``SPEAR_GLUON_SWAP=1`` (off by default: never timed on a GPU yet); each offered tile divides the shape."""
-    from spear_compile.lowering import dispatch
-    from spear_compile.lowering.runtime import TUNER
-    seen = []
     if switch is None:
         monkeypatch.delenv("SPEAR_GLUON_SWAP", raising=False)
     else:
         monkeypatch.setenv("SPEAR_GLUON_SWAP", switch)
-    monkeypatch.setattr(gluon_w4, "supported", lambda x2, q, g: True)
-    monkeypatch.setattr(TUNER, "can_tune", lambda x: True)
-    monkeypatch.setattr(TUNER, "pick", lambda key, dev, cands, run, ref, out: seen.append(cands) or cands[0])
-    k, n, r = 512, 256, 16
-    t = problem(m, 128, torch.bfloat16, has_ec, False, False, 3, k, n, r if has_ec else 0)
-    y = torch.empty(m, n, dtype=torch.bfloat16)
-    args = (t["x"], t["qdata"], t["scale"], t["zero"], None, 128, t["ec_A"], t["ec_B"], None, None, None, y)
-    dispatch.config_for(t["x"], args, k, n, 128, has_ec, False)
-    swap = [c for c in seen[-1] if isinstance(c, GC) and c.variant == "swap"]
-    assert bool(swap) == expect, [c.name for c in seen[-1]]
+    k, n = 512, 256
+    cands = _dispatch_candidates(monkeypatch, m, has_ec, k, n)
+    swap = [c for c in cands if isinstance(c, GC) and c.variant == "swap"]
+    assert bool(swap) == expect, [c.name for c in cands]
     assert all(n % c.block_n == 0 and gluon_w4.swap_tile_fits(c, m) for c in swap)
     assert all(dispatch.runner(c) is gluon_w4.run_single for c in swap)
 
@@ -497,23 +493,29 @@ def _configs(m, k, n, group):
     return cands
 
 
+def _gpu_problem(seed, m, k, n, group, dtype, bias):
+    """(group size, the two float64 references, the operands x, qdata, scale, zero, bias on the GPU). The references:
+    what the kernel computes exactly up to accumulation order and the output's rounding (grouped weights enter the MMA
+    rounded to the activation dtype; per-channel ones as exact q - zero, scaled after the loop), and the ideal one.
+    That rounding alone puts a small problem (M = 1, K = 256) at 3.05e-3 of the ideal reference, so each check has its
+    own bound."""
+    gs = group or k
+    t = problem(m, gs, dtype, False, False, bias, seed, k, n, 0)
+    ref = reference(t, gs)
+    ref_mma = ref if not group else t["x"].double() @ w64(t, gs).to(dtype).double().T \
+        + (t["bias"].double() if bias else 0.0)
+    ops = tuple(t[name].to("cuda") for name in ("x", "qdata", "scale", "zero"))
+    return gs, ref_mma, ref, ops + (t["bias"].to("cuda") if bias else None,)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"s{c[0]}-M{c[1]}-K{c[2]}-N{c[3]}-g{c[4]}-{str(c[5])[6:]}")
 def test_gluon_vs_float64(case):
     if not _gpu_ok():
         pytest.skip("needs an sm_90 GPU and Triton's Gluon (3.6 API)")
     seed, m, k, n, group, dtype, bias = case
-    gs = group or k
-    t = problem(m, gs, dtype, False, False, bias, seed, k, n, 0)
-    ref = reference(t, gs)
-    # what the kernel computes exactly up to accumulation order and the output's rounding: grouped weights enter the
-    # MMA rounded to the activation dtype (per-channel ones as exact q - zero, scaled after the loop). That rounding
-    # alone puts a small problem (M = 1, K = 256) at 3.05e-3 of the ideal reference, so each check has its own bound
-    ref_mma = ref if not group else t["x"].double() @ w64(t, gs).to(dtype).double().T \
-        + (t["bias"].double() if bias else 0.0)
+    gs, ref_mma, ref, (x, q, s, z, b) = _gpu_problem(seed, m, k, n, group, dtype, bias)
     dev = "cuda"
-    x, q, s, z = (t[name].to(dev) for name in ("x", "qdata", "scale", "zero"))
-    b = t["bias"].to(dev) if bias else None
     assert gluon_w4.supported(x, q, gs)
     errs = {}
     for cfg in _configs(m, k, n, gs):
@@ -554,14 +556,8 @@ def test_swap_vs_float64(case):
     if not _gpu_ok():
         pytest.skip("needs an sm_90 GPU and Triton's Gluon (3.6 API)")
     seed, m, k, n, group, dtype, bias, which = case
-    gs = group or k
-    t = problem(m, gs, dtype, False, False, bias, seed, k, n, 0)
-    ref = reference(t, gs)
-    ref_mma = ref if not group else t["x"].double() @ w64(t, gs).to(dtype).double().T \
-        + (t["bias"].double() if bias else 0.0)
+    gs, ref_mma, ref, (x, q, s, z, b) = _gpu_problem(seed, m, k, n, group, dtype, bias)
     dev = "cuda"
-    x, q, s, z = (t[name].to(dev) for name in ("x", "qdata", "scale", "zero"))
-    b = t["bias"].to(dev) if bias else None
     errs, unstable = {}, []
     for cfg in ((gluon_w4.SWAP_CONFIGS + SWAP_EXTRA)[i] for i in which):
         assert n % cfg.block_n == 0
@@ -587,7 +583,6 @@ def test_dispatch_tunes_gluon_candidates(monkeypatch, switch):
     M = 256 key (none of them failing), its pick matches float64, and ``SPEAR_GLUON_KERNEL=0`` drops them."""
     if not _gpu_ok():
         pytest.skip("needs an sm_90 GPU and Triton's Gluon (3.6 API)")
-    from spear_compile.lowering import dispatch
     from spear_compile.lowering.runtime import TUNER
     from spear_compile.lowering.tuner import linear_key
     monkeypatch.setenv("SPEAR_GLUON_KERNEL", switch)
