@@ -122,13 +122,16 @@ def _ws_protocol(n_k, S, W, load_part, seed):
     w_ready, w_empty = [_Bar(1) for _ in range(W)], [_Bar(1) for _ in range(W)]
     x, q, w, x_busy, w_busy, tma = [None] * S, [None] * S, [None] * W, [None] * S, [None] * W, []
 
+    def issue(t):  # one TMA refill of tile t's stage, once both consumers released it
+        while not empty[t % S].done(((t // S) & 1) ^ 1):
+            yield
+        assert x_busy[t % S] is None
+        tma.append((t % S, t))
+        yield
+
     def load():
         for i in range(n_k):
-            while not empty[i % S].done(((i // S) & 1) ^ 1):
-                yield
-            assert x_busy[i % S] is None
-            tma.append((i % S, i))
-            yield
+            yield from issue(i)
 
     def dequant():
         if not load_part:
@@ -149,11 +152,7 @@ def _ws_protocol(n_k, S, W, load_part, seed):
             yield
             t = i + S - 2
             if not load_part and i >= 2 and t < n_k:
-                while not empty[t % S].done(((t // S) & 1) ^ 1):
-                    yield
-                assert x_busy[t % S] is None
-                tma.append((t % S, t))
-                yield
+                yield from issue(t)
 
     def mma():
         inflight = []
