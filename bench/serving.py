@@ -213,8 +213,7 @@ def run_trace(bundle, policy_name, trace, args, ec_enabled=True, switch_period_s
         t = time.perf_counter()
         plan = orig(sig)
         sched_times.append((n, time.perf_counter() - t))
-        if sched.waiting and len(sched.running) >= sched.max_num_seqs:
-            slot_bound[0] += 1
+        slot_bound[0] += sched.slots_full
         return plan
 
     sched.schedule = timed

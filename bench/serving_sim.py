@@ -185,7 +185,7 @@ def simulate(policy, trace, truth, sig, args, ttft_slo_s, tpot_slo_s, graphs=Non
             continue
         plan = sched.schedule(sig)
         steps += 1
-        slot_bound += bool(sched.waiting) and len(sched.running) >= sched.max_num_seqs  # as bench/serving.py
+        slot_bound += sched.slots_full
         dt = truth(plan.decodes, plan.prefills, sig) + args.host_ms / 1e3
         if graphs is not None:
             dt += graphs.extra_s(plan, sig)

@@ -93,11 +93,14 @@ def test_admission_by_free_blocks_and_max_num_seqs():
     s = Scheduler(KVBlockManager(4, 4), FifoNoChunk(), max_num_seqs=2, max_num_tokens=64)
     for i in range(3):
         s.add(req(i, 4))
+    assert not s.slots_full                                                # nothing running yet
     plan = s.schedule()
     assert len(plan.prefills) == 2 and len(s.waiting) == 1                # max_num_seqs
+    assert s.slots_full                                                    # both slots taken, one waiting
     s2 = Scheduler(KVBlockManager(3, 4), FifoNoChunk(), max_num_seqs=8, max_num_tokens=64)
     s2.add(req(0, 8)), s2.add(req(1, 8))
     plan = s2.schedule()
+    assert not s2.slots_full                                               # blocks, not slots, held it
     assert [r.request_id for r, _ in plan.prefills] == ["0"] and len(s2.waiting) == 1   # blocks
 
 

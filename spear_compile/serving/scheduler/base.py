@@ -134,6 +134,11 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     @property
+    def slots_full(self) -> bool:
+        """Every sequence slot is taken while requests wait: none can start, whatever a step's slack."""
+        return bool(self.waiting) and len(self.running) >= self.max_num_seqs
+
+    @property
     def num_running(self) -> int:
         return len(self.running)
 
