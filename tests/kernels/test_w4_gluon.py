@@ -575,6 +575,52 @@ def test_swap_vs_float64(case):
     assert not unstable, f"swap configs whose second launch differs (split-K counters not reset?): {unstable}"
 
 
+def _index_maps(y, w):
+    """For ``y`` (K x N) meant to equal ``wᵀ`` exactly: which row of ``wᵀ`` each wrong row of ``y`` holds and which
+    column each wrong column holds, compared as sorted values so that a k and an n permutation together are both
+    found (-1: none), so a failing fragment order reads as a permutation of k or n."""
+    wt = w.T
+
+    def find(a, b):  # for each slice of a that differs from b's: the index of b's slice with the same values
+        sb = b.sort(dim=1).values
+        return {i: next((j for j in range(b.shape[0]) if torch.equal(a[i].sort().values, sb[j])), -1)
+                for i in range(a.shape[0]) if not torch.equal(a[i], b[i])}
+
+    rows, cols = ({i: j for i, j in find(a, b).items() if i != j} for a, b in ((y, wt), (y.T, wt.T)))
+    return dict(list(rows.items())[:16]), dict(list(cols.items())[:16]), len(rows), len(cols)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [0, 128])
+def test_swap_index_map_exact(group):
+    """x = I (K tokens, one-hot), integer weights (scale 1, zero 8): every swap config must return ``Wᵀ`` bit for bit
+    (small integers are exact in bf16 and fp32). A wrong byte or half order in the register dequantize shows in the
+    message as the k rows (x = e_k picks W's column k) or n columns it swapped."""
+    if not _gpu_ok():
+        pytest.skip("needs an sm_90 GPU and Triton's Gluon (3.6 API)")
+    from spear_compile.quant.packing import pack
+    k, n = 256, 256
+    gs = group or k
+    g = torch.Generator().manual_seed(40 + group)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    w = (q - 8).to(torch.bfloat16)
+    x = torch.eye(k, dtype=torch.bfloat16, device="cuda")
+    qd = pack(q, 4).to("cuda")
+    s = torch.ones(n, k // gs, dtype=torch.bfloat16, device="cuda")
+    z = torch.full((n, k // gs), 8.0, dtype=torch.bfloat16, device="cuda")
+    wrong = {}
+    for cfg in gluon_w4.SWAP_CONFIGS + SWAP_EXTRA:
+        if n % cfg.block_n or k % cfg.block_k:
+            continue
+        y = torch.full((k, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        gluon_w4.run_gluon_w4(x, qd, s, z, None, gs, y, cfg)
+        out = y.cpu()
+        if not torch.equal(out, w.T):
+            rows, cols, nr, nc = _index_maps(out, w)
+            wrong[cfg.name] = f"{nr} wrong k rows (k: equals wᵀ row) {rows}; {nc} wrong n columns {cols}"
+    assert not wrong, "swap configs not exact on x = I:\n" + "\n".join(f"{a}: {b}" for a, b in wrong.items())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("switch", ["1", "0"])
 def test_dispatch_tunes_gluon_candidates(monkeypatch, switch):
