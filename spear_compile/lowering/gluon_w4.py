@@ -159,9 +159,13 @@ def swap_tile_fits(cfg: GluonW4Config, m: int) -> bool:
 
 def swap_candidates(m: int, k: int, n: int, group_size: int, sms: int = H100_SMS) -> List[GluonW4Config]:
     """Up to 4 ``SWAP_CONFIGS`` worth timing at this shape (offered by ``dispatch`` only with ``SPEAR_GLUON_SWAP=1``):
-    token tiles that suit M (``swap_tile_fits``), ranked by how full the last wave of CTAs is, over the square root
-    of the dequantize's redundancy (one pass per token tile), with a small charge per extra K split (its fp32 slots
-    through L2)."""
+    token tiles that suit M (``swap_tile_fits``), ranked by a model of the kernel's time fitted to session 28's H100
+    timings of every config on 28 per-channel shapes at M = 128 and 256 (``bench/results/gluon_w4_swap_h100_s28.md``;
+    g128 and other M untimed): one CTA an SM (these tiles
+    take the register file), each CTA's time that of the weights it dequantizes (BLOCK_N x K / splits; the token tile
+    enters only through the CTA count), plus split-K's fp32 slots through L2 (M x N a split). The measured best
+    config was in this top 4 on 21 of the 28 shapes; on the other 7 the top 4 held one within 2 % of it (the old
+    ranking, by last-wave fill over the square root of the token tiles, missed the best by up to 1.71x)."""
     scored = []
     for cfg in SWAP_CONFIGS:
         if n % cfg.block_n or k % cfg.block_k or (group_size < k and group_size % cfg.block_k):
@@ -169,12 +173,11 @@ def swap_candidates(m: int, k: int, n: int, group_size: int, sms: int = H100_SMS
         if not swap_tile_fits(cfg, m):
             continue
         split, _ = swap_split(cfg, k)
-        m_tiles = -(-m // cfg.block_m)
-        slots = sms * (2 if smem_bytes_swap(cfg) <= 113 * 1024 else 1)
-        ctas = (n // cfg.block_n) * m_tiles * split
-        fill = ctas / (-(-ctas // slots) * slots)
-        scored.append((fill / m_tiles ** 0.5 * (1.0 - 0.05 * (split - 1)), cfg))
-    scored.sort(key=lambda t: -t[0])
+        ctas = (n // cfg.block_n) * -(-m // cfg.block_m) * split
+        waves = -(-ctas // sms)
+        cost = waves * cfg.block_n * k / split + (64 * m * n / sms if split > 1 else 0.0)
+        scored.append((cost, cfg))
+    scored.sort(key=lambda t: t[0])
     return [cfg for _, cfg in scored[:4]]
 
 
