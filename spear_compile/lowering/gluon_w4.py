@@ -159,13 +159,13 @@ def swap_tile_fits(cfg: GluonW4Config, m: int) -> bool:
 
 def swap_candidates(m: int, k: int, n: int, group_size: int, sms: int = H100_SMS) -> List[GluonW4Config]:
     """Up to 4 ``SWAP_CONFIGS`` worth timing at this shape (offered by ``dispatch`` only with ``SPEAR_GLUON_SWAP=1``):
-    token tiles that suit M (``swap_tile_fits``), ranked by a model of the kernel's time fitted to session 28's H100
-    timings of every config on 28 per-channel shapes at M = 128 and 256 (``bench/results/gluon_w4_swap_h100_s28.md``;
-    g128 and other M untimed): one CTA an SM (these tiles take the register file), each CTA's time that of the
-    weights it dequantizes (BLOCK_N x K / splits; the token tile enters only through the CTA count), plus split-K's
-    fp32 slots through L2 (M x N a split). The measured best config was in this top 4 on 21 of the 28 shapes; on the
-    other 7 the top 4 held one within 2 % of it (the old ranking, by last-wave fill over the square root of the token
-    tiles, missed the best by up to 1.71x)."""
+    token tiles that suit M (``swap_tile_fits``), ranked by a cost fitted to session 28's H100 timings of every config
+    on 28 per-channel shapes at M = 128 and 256 (``bench/results/gluon_w4_swap_h100_s28.md``; g128 and other M
+    untimed): waves of one CTA an SM (these tiles take the register file) times each CTA's walk along K (BLOCK_N x
+    K / splits; the token tile enters only through the CTA count), plus split-K's fp32 slots through L2 (M x N a
+    split). A ranking, not a timing model: the measured best config was in this top 4 on 21 of the 28 shapes, and on
+    the other 7 the top 4 held one within 2 % of it (the old ranking, by last-wave fill over the square root of the
+    token tiles, missed the best by up to 1.71x)."""
     scored = []
     for cfg in SWAP_CONFIGS:
         if n % cfg.block_n or k % cfg.block_k or (group_size < k and group_size % cfg.block_k):
