@@ -64,11 +64,15 @@ def _dq2_asm(ty, magic, scaled):
     return "\n".join(lines + ["}"])
 
 
+# (PTX packed type, magic exponent bits: 2^7 for bf16, 2^10 for fp16, so a nibble n ORed in reads as magic + n)
+_BF16X2 = ("rn.bf16x2", "0x43004300")
+_F16X2 = ("rn.f16x2", "0x64006400")
+
 if AVAILABLE:
-    _ASM_BF16 = gl.constexpr(_dq2_asm("rn.bf16x2", "0x43004300", False))
-    _ASM_BF16_S = gl.constexpr(_dq2_asm("rn.bf16x2", "0x43004300", True))
-    _ASM_F16 = gl.constexpr(_dq2_asm("rn.f16x2", "0x64006400", False))
-    _ASM_F16_S = gl.constexpr(_dq2_asm("rn.f16x2", "0x64006400", True))
+    _ASM_BF16 = gl.constexpr(_dq2_asm(*_BF16X2, False))
+    _ASM_BF16_S = gl.constexpr(_dq2_asm(*_BF16X2, True))
+    _ASM_F16 = gl.constexpr(_dq2_asm(*_F16X2, False))
+    _ASM_F16_S = gl.constexpr(_dq2_asm(*_F16X2, True))
 
     @gluon.constexpr_function
     def _mma_warps(BLOCK_M, num_warps):
@@ -477,10 +481,10 @@ def _swap_asm(ty, magic, scaled):
 
 
 if AVAILABLE:
-    _SW_BF16 = gl.constexpr(_swap_asm("rn.bf16x2", "0x43004300", False))
-    _SW_BF16_S = gl.constexpr(_swap_asm("rn.bf16x2", "0x43004300", True))
-    _SW_F16 = gl.constexpr(_swap_asm("rn.f16x2", "0x64006400", False))
-    _SW_F16_S = gl.constexpr(_swap_asm("rn.f16x2", "0x64006400", True))
+    _SW_BF16 = gl.constexpr(_swap_asm(*_BF16X2, False))
+    _SW_BF16_S = gl.constexpr(_swap_asm(*_BF16X2, True))
+    _SW_F16 = gl.constexpr(_swap_asm(*_F16X2, False))
+    _SW_F16_S = gl.constexpr(_swap_asm(*_F16X2, True))
 
     @gluon.constexpr_function
     def _log2(v):
@@ -658,16 +662,14 @@ if AVAILABLE:
             z2 = _x5(_pack2(gl.load(z_ptr + rows3).to(gl.float32) + MAGIC, dtype))
             zg = rows3.to(gl.float32)  # unused
             sg = zg
+            z0 = zg
+            s0 = sg
         else:  # (zero, scale) rows of tile 0 now, of tile 1 for the first step
             z2 = rows3  # unused
             z0, s0 = _zero_scale(z_ptr, s_ptr, rows3, n_groups, t0 // GROUP_TILES)
             zg, sg = _zero_scale(z_ptr, s_ptr, rows3, n_groups, (t0 + gl.minimum(n_k - 1, 1)) // GROUP_TILES)
-        if PER_CHANNEL:
-            a0 = _swap_tile(q_smem, bars, zg, sg, z2, sel, 0, n_k, a_layout, LWD, L5, NUM_STAGES, GROUP_TILES,
-                            PER_CHANNEL, IS_BF16, BLOCK_N, BLOCK_K)
-        else:
-            a0 = _swap_tile(q_smem, bars, z0, s0, z2, sel, 0, n_k, a_layout, LWD, L5, NUM_STAGES, GROUP_TILES,
-                            PER_CHANNEL, IS_BF16, BLOCK_N, BLOCK_K)
+        a0 = _swap_tile(q_smem, bars, z0, s0, z2, sel, 0, n_k, a_layout, LWD, L5, NUM_STAGES, GROUP_TILES,
+                        PER_CHANNEL, IS_BF16, BLOCK_N, BLOCK_K)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_layout)
         # two A register sets: MMA i reads set i % 2 while tile i + 1 is dequantized into the other one (unrolled by
         # 2 so that no register copy redefines the operand of an MMA in flight); n_k >= 1 (host)
