@@ -959,8 +959,8 @@ def write_markdown(results, path, argv):
              and fail is not None and abs(m["rate"] - fail) < 1e-9]
     if bound and bound[0] is not None and bound[0] >= 25:
         w(f"- At its first failing rate `slo` planned {bound[0]:.0f} % of its steps with every one of the "
-          f"{a['max_num_seqs']} sequence slots taken while requests waited: the slots, not the SLO, capped it "
-          f"(a larger `--max-num-seqs` would raise its capacity)")
+          f"{a['max_num_seqs']} sequence slots taken while requests waited: the slots, not the SLO, bounded those "
+          f"steps (more slots need not help: session 28's 128 lowered every policy's capacity)")
     w("")
     w("## All runs")
     w("")

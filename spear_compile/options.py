@@ -61,8 +61,8 @@ class XPassConfig(NamedTuple):
 XPASS_IN_PLACE_DEFAULT = XPassConfig(64, 128, 3, 4, 1)  # best total of bench/xpass_sweep.py (sessions 8, 9)
 
 _VARIABLES = ("SPEAR_AUTOTUNE", "SPEAR_TUNE_CACHE", "SPEAR_TUNE_COMPILE_THREADS", "SPEAR_GROUP_LINEARS",
-              "SPEAR_BATCHED_KERNEL", "SPEAR_GLUON_KERNEL", "SPEAR_GLUON_SWAP", "SPEAR_DECOMPOSE_PREFILL", "SPEAR_EC_MERGE",
-              "SPEAR_EC_PAD_X", "SPEAR_XPASS_IN_PLACE", "TRITON_INTERPRET", "XDG_CACHE_HOME", "HOME")
+              "SPEAR_BATCHED_KERNEL", "SPEAR_GLUON_KERNEL", "SPEAR_GLUON_SWAP", "SPEAR_DECOMPOSE_PREFILL",
+              "SPEAR_EC_MERGE", "SPEAR_EC_PAD_X", "SPEAR_XPASS_IN_PLACE", "TRITON_INTERPRET", "XDG_CACHE_HOME", "HOME")
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class Options:
     group_linears: bool = True
     batched_kernel: bool = True
     gluon_kernel: bool = True
-    gluon_swap: bool = False  # opt-in until a GPU run has timed it (bench/GPU_RUNS.md)
+    gluon_swap: bool = False  # opt-in until the tuned dispatch has run with it (bench/GPU_RUNS.md)
     decompose_prefill: bool = True
     ec_merge: bool = True
     ec_pad_x: str = "auto"  # "auto" | "0" | "1"

@@ -88,7 +88,8 @@ def config_for(x2, args, k, n, group_size, has_ec, gated):
         cands = cands + gluon_w4.gluon_candidates(m, k, n, group_size, sms)
     if not has_ec and MAX_GLUON_M >= m >= 2 and options.current().gluon_swap \
             and gluon_w4.supported(x2, args[1], group_size):
-        # its swapped-operand variant (W in registers as the wgmma A operand, split-K): opt-in, not yet timed
+        # its swapped-operand variant (W in registers as the wgmma A operand, split-K): opt-in until the tuned
+        # dispatch has run with it (per kernel 0.75-0.91x the above at M = 128-256, gluon_w4_swap_h100_s28.md)
         cands = cands + gluon_w4.swap_candidates(m, k, n, group_size, sms)
     y = args[-1]
     return TUNER.pick(key, x2.device, cands, lambda cfg: runner(cfg)(cfg, *args),

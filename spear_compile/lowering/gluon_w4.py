@@ -5,9 +5,10 @@ Large M (the tuner offers it at 64 < M <= 1024, EC-free keys): one CTA per ``blo
 the int32 weight words by TMA, the dequantize of K tile i + 1 overlapping the asynchronous wgmma of tile i. Needs an
 sm_90 GPU and the Gluon API of Triton 3.6 (``w4_gluon.AVAILABLE``); nothing here touches the GPU at import.
 
-``variant="swap"`` (``SWAP_CONFIGS``; tuner candidates only with ``SPEAR_GLUON_SWAP=1`` until a GPU run times them): yᵀ tiles of ``block_n`` weight rows x ``block_m`` tokens with
-W dequantized in registers as the wgmma A operand, grid (N tiles, M tiles, split-K); split-K partials go to fp32 slots
-of the per-stream workspace (``Workspace.for_batched``, shared with the batched kernel: both leave its counters at 0).
+``variant="swap"`` (``SWAP_CONFIGS``; tuner candidates only with ``SPEAR_GLUON_SWAP=1`` until the tuned dispatch and
+the engine have run with them): yᵀ tiles of ``block_n`` weight rows x ``block_m`` tokens with W dequantized in
+registers as the wgmma A operand, grid (N tiles, M tiles, split-K); split-K partials go to fp32 slots of the per-stream
+workspace (``Workspace.for_batched``, shared with the batched kernel: both leave its counters at 0).
 """
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ def smem_bytes_ws(cfg: GluonW4Config) -> int:
 
 
 # swapped-operand tiles (``variant="swap"``: ``block_n`` weight rows = the wgmma M, ``block_m`` tokens = the wgmma N,
-# so at M <= block_m every weight is dequantized once). Bench-only, like WS_CONFIGS, until a GPU run measures them.
+# so at M <= block_m every weight is dequantized once). Timed in session 28 (per-channel, M = 128 / 256); tuner
+# candidates only with SPEAR_GLUON_SWAP=1 until the tuned dispatch has run with them.
 SWAP_CONFIGS = (
     GluonW4Config(128, 128, 64, 8, 4, "swap"),              # 2 warpgroups x 64 rows, 64 accumulator registers
     GluonW4Config(128, 128, 64, 8, 4, "swap", split_k=2),
