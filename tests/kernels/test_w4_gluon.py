@@ -604,8 +604,8 @@ def _index_maps(y, w):
     wt = w.T
 
     def find(a, b):  # for each slice of a that differs from b's: the index of b's slice with the same values
-        sb = b.sort(dim=1).values
-        return {i: next((j for j in range(b.shape[0]) if torch.equal(a[i].sort().values, sb[j])), -1)
+        sa, sb = a.sort(dim=1).values, b.sort(dim=1).values
+        return {i: next((j for j in range(b.shape[0]) if torch.equal(sa[i], sb[j])), -1)
                 for i in range(a.shape[0]) if not torch.equal(a[i], b[i])}
 
     rows, cols = ({i: j for i, j in find(a, b).items() if i != j} for a, b in ((y, wt), (y.T, wt.T)))
