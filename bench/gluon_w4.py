@@ -22,7 +22,8 @@ fails there is logged and skipped, as is one that raises or misses the float64 b
 The swapped-operand configs (``gluon_w4.SWAP_CONFIGS``, ``variant="swap"``: yᵀ tiles with W dequantized in registers
 as the wgmma A operand, split-K by fp32 slots + arrival counters; ``--no-swap`` drops them) go through the same child
 process precheck and get their own ``swap`` columns (best swap config per linear; token tiles larger than max(64, M),
-and the 64-token tile above M = 128, are not tried). ``--swap-sass`` (no GPU) prints only the swap kernel's SASS table (bf16 and fp16).
+and the 64-token tile above M = 128, are not tried). ``--swap-sass`` (no GPU) prints only the swap kernel's SASS
+table (bf16 and fp16).
 
     python3 -m bench.gluon_w4 --out DIR --models Llama-2-7B,Llama-3.2-1B --ms 128,256,512 --budget 240
 """
@@ -418,12 +419,11 @@ def main():
                     cands = gluon_w4.gluon_candidates(m, k, n, gs, props.multi_processor_count)
                     if control not in cands:
                         cands.append(control)
-                    cands += [c for c in ws_cfgs if n % c.block_n == 0 and k % c.block_k == 0
-                              and (gs >= k or gs % c.block_k == 0)]
+                    cands += [c for c in ws_cfgs if gluon_w4.tiles_shape(c, k, n, gs)]
                     # swap: token tiles that suit M (``swap_tile_fits``: no 256-token tile at M = 128, which only
                     # reads padding; no tile that re-dequantizes every weight more than 2-4 times)
-                    cands += [c for c in swap_cfgs if n % c.block_n == 0 and k % c.block_k == 0
-                              and (gs >= k or gs % c.block_k == 0) and gluon_w4.swap_tile_fits(c, m)]
+                    cands += [c for c in swap_cfgs
+                              if gluon_w4.tiles_shape(c, k, n, gs) and gluon_w4.swap_tile_fits(c, m)]
                     passing = []
                     for cfg in cands:
                         try:

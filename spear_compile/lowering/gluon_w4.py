@@ -135,13 +135,19 @@ def swap_workspace(cfg: GluonW4Config, m: int, n: int, k: int):
     return tiles * split * cfg.block_n * cfg.block_m, tiles
 
 
+def tiles_shape(cfg: GluonW4Config, k: int, n: int, group_size: int) -> bool:
+    """Whether ``cfg``'s tile divides the shape: N by block_n, K by block_k, and a scale group (when not per-channel)
+    by block_k (a K tile never spans two groups). Every variant's rule (``_check`` raises where it fails)."""
+    return not (n % cfg.block_n or k % cfg.block_k or (group_size < k and group_size % cfg.block_k))
+
+
 def gluon_candidates(m: int, k: int, n: int, group_size: int, sms: int = H100_SMS) -> List[GluonW4Config]:
     """Up to 4 configs worth timing at this shape on an H100: tiles that divide N, ranked by the expected rate
     of a full wave times the fraction of the last wave the grid fills (small grids favour small tiles; a CTA of
     at most 113 KB of shared memory shares its SM with a second one)."""
     scored = []
     for cfg, speed in _TILES:
-        if n % cfg.block_n or k % cfg.block_k or (group_size < k and group_size % cfg.block_k):
+        if not tiles_shape(cfg, k, n, group_size):
             continue
         slots = sms * (2 if smem_bytes(cfg) <= 113 * 1024 else 1)
         tiles = -(-m // cfg.block_m) * (n // cfg.block_n)
@@ -170,9 +176,7 @@ def swap_candidates(m: int, k: int, n: int, group_size: int, sms: int = H100_SMS
     token tiles, missed the best by up to 1.71x)."""
     scored = []
     for cfg in SWAP_CONFIGS:
-        if n % cfg.block_n or k % cfg.block_k or (group_size < k and group_size % cfg.block_k):
-            continue
-        if not swap_tile_fits(cfg, m):
+        if not (tiles_shape(cfg, k, n, group_size) and swap_tile_fits(cfg, m)):
             continue
         split, _ = swap_split(cfg, k)
         ctas = (n // cfg.block_n) * -(-m // cfg.block_m) * split
