@@ -2,7 +2,7 @@
 
 Where: the directory ``SPEAR_TUNE_CACHE`` names (``0`` or an empty value: off), else
 ``$XDG_CACHE_HOME/spear_compile`` or ``~/.cache/spear_compile``. One JSON file per environment: GPU name, SM
-count, torch version, triton version and a hash of the lowering's and kernels' sources (``spear_compile/lowering/*.py``,
+count, torch version, triton version, the candidate switches (``options.gluon_kernel`` / ``gluon_swap``) and a hash of the lowering's and kernels' sources (``spear_compile/lowering/*.py``,
 ``spear_compile/kernels/*.py``);
 the file name carries a short hash of those fields and the file's header repeats them, so a new GPU, a new
 torch/triton or an edited kernel, candidate list or timing code starts a new file (the old ones are left as they
@@ -63,9 +63,11 @@ def _code_hash():
 
 
 def environment(device):
-    """The fields a cache file is valid for (its header repeats them)."""
+    """The fields a cache file is valid for (its header repeats them); the switches that add tuner candidates
+    included, so turning one on or off is tuned again rather than served the other setting's picks."""
+    opts = options.current()
     return dict(_device_fields(device), torch=str(torch.__version__), triton=str(triton.__version__),
-                code=_code_hash())
+                code=_code_hash(), candidates={"gluon": opts.gluon_kernel, "gluon_swap": opts.gluon_swap})
 
 
 def _path_for(fields):

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+from spear_compile import options
 from spear_compile.lowering import candidates, dispatch, grouped as grouped_module, runtime, tune_cache
 from spear_compile.lowering.tuner import group_key, linear_key
 
@@ -161,11 +162,13 @@ def test_two_processes_saving_different_keys_both_survive(calls, tmp_path):
     assert len(cache_files(tmp_path)) == 1
 
 
-@pytest.mark.parametrize("change", ["code", "gpu", "sms", "torch", "triton"])
+@pytest.mark.parametrize("change", ["code", "gpu", "sms", "torch", "triton", "gluon_swap"])
 def test_another_environment_retunes(calls, tmp_path, monkeypatch, change):
     cfg = single(1)
     restart()
-    if change == "code":
+    if change == "gluon_swap":   # a switch that adds candidates: the other setting's picks are not served
+        monkeypatch.setenv("SPEAR_GLUON_SWAP", "0" if options.current().gluon_swap else "1")
+    elif change == "code":
         monkeypatch.setattr(tune_cache, "_code_hash", lambda: "0123456789abcdef")
     elif change in ("gpu", "sms"):
         other = dict(GPU, **({"gpu": "Other GPU"} if change == "gpu" else {"sms": 114}))
