@@ -2,8 +2,8 @@
 
 Where: the directory ``SPEAR_TUNE_CACHE`` names (``0`` or an empty value: off), else
 ``$XDG_CACHE_HOME/spear_compile`` or ``~/.cache/spear_compile``. One JSON file per environment: GPU name, SM
-count, torch version, triton version, the candidate switches (``options.gluon_kernel`` / ``gluon_swap``) and a hash of the lowering's and kernels' sources (``spear_compile/lowering/*.py``,
-``spear_compile/kernels/*.py``);
+count, torch version, triton version, the candidate switches (``options.gluon_kernel`` / ``gluon_swap``) and a
+hash of the lowering's and kernels' sources (``spear_compile/lowering/*.py``, ``spear_compile/kernels/*.py``);
 the file name carries a short hash of those fields and the file's header repeats them, so a new GPU, a new
 torch/triton or an edited kernel, candidate list or timing code starts a new file (the old ones are left as they
 are). Each entry maps a tuner key (``tuner.LinearKey`` / ``GroupKey``, a tuple stored as a JSON list) to the
