@@ -192,16 +192,33 @@ def precompile(fn, tasks, workers, fh, what):
 
 
 # ------------------------------------------------------------------ the launches of one group
-def run_dispatch(x, Ls, quant, ec):
-    """The group as compiled through ``dispatch``: grouped linear without EC (``launch_grouped``); with ECs the pass
-    leaves siblings ungrouped, so one ``launch`` per member."""
+def add_packed(Ls):
+    """Each member's codes, scales and zeros also as views of one buffer per part (``L["packed"]``), the layout
+    ``compile.siblings.pack_siblings`` gives sibling weights (``--packed``)."""
+    joined = {"q": torch.cat([L["q"] for L in Ls])}
+    for quant in ("pc", "g128"):
+        for i in (0, 1):
+            joined[(quant, i)] = torch.cat([L[quant][i] for L in Ls])
+    row = 0
+    for L in Ls:
+        rows = slice(row, row + L["n"])
+        L["packed"] = {"q": joined["q"][rows], **{quant: (joined[(quant, 0)][rows], joined[(quant, 1)][rows])
+                                                  for quant in ("pc", "g128")}}
+        row += L["n"]
+
+
+def run_dispatch(x, Ls, quant, ec, packed=False):
+    """The group as compiled through ``dispatch``: grouped linear without EC (``launch_grouped``; ``packed``: the
+    members' weights adjacent in one buffer, ``add_packed``); with ECs the pass leaves siblings ungrouped, so one
+    ``launch`` per member."""
     from spear_compile.lowering import dispatch, grouped, prefill, runtime
 
     gs = group_size(quant, Ls[0]["k"])
     if not ec:
         if len(Ls) == 1:
             return dispatch.launch(x, Ls[0]["q"], *Ls[0][quant], None, gs)
-        return grouped.launch_grouped(x, [L["q"] for L in Ls], [L[quant][0] for L in Ls], [L[quant][1] for L in Ls],
+        Ws = [L["packed"] for L in Ls] if packed else Ls
+        return grouped.launch_grouped(x, [W["q"] for W in Ws], [W[quant][0] for W in Ws], [W[quant][1] for W in Ws],
                                        None, gs)
     return [dispatch.launch(x, L["q"], *L[quant], None, gs, L["A"], L["B"], L["gw"], L["gb"]) for L in Ls]
 
@@ -257,6 +274,8 @@ def main():
     ap.add_argument("--configs", default="", help="python list of BatchedConfig kwargs dicts replacing the candidates")
     ap.add_argument("--dispatch", action="store_true", help="the real dispatch tuner, batched hook on")
     ap.add_argument("--existing", action="store_true", help="the real dispatch tuner, batched hook off")
+    ap.add_argument("--packed", action="store_true",
+                    help="the real dispatch tuner (hook on) with sibling weights in one buffer (pack_siblings)")
     ap.add_argument("--dispatch-ecs", default="0,1", help="EC settings timed through dispatch / existing")
     ap.add_argument("--quants", default="pc,g128")
     ap.add_argument("--ecs", default="0,1")
@@ -302,10 +321,10 @@ def main():
                     for ec in ecs:
                         if args.sweep and batched.MIN_M <= m <= batched.MAX_M:
                             tasks += [(k, ns, quant, ec, m, c) for c in cands_for(m, k, ns, quant, ec)]
-                        if args.dispatch or args.existing:
+                        if args.dispatch or args.existing or args.packed:
                             dtasks.append((k, ns, quant, ec, m))
     precompile(_compile_task, tasks, args.workers, fh, "batched sweep")
-    if args.dispatch or args.existing:
+    if args.dispatch or args.existing or args.packed:
         precompile(_dispatch_task, dtasks, args.workers, fh, "dispatch keys")
 
     gen = torch.Generator(device=dev).manual_seed(1234)
@@ -320,6 +339,8 @@ def main():
             for Ls in Lg:
                 for L in Ls:
                     add_baselines(L, tinygemm=not args.smoke)
+                if args.packed:
+                    add_packed(Ls)
         cats = [[torch.cat([L["w_bf16"] for L in Ls]) for Ls in Lg] for Lg in layers]
         log(fh, f"== {model}: {copies} weight copies, int4 layer {int4 / 1e6:.1f} MB")
         for m in ms:
@@ -353,6 +374,8 @@ def main():
                         variants["dispatch"] = "on"
                     if args.existing and ec in dispatch_ecs:
                         variants["existing"] = "off"
+                    if args.packed and not ec:  # EC members are never grouped
+                        variants["packed"] = "packed"
                     for var, hook in variants.items():
                         best_cfgs, gtimes = [], []
                         if hook is not None:
@@ -389,20 +412,22 @@ def main():
                             else:
                                 try:
                                     batched_kernel(hook != "off")
-                                    out = run_dispatch(xs[k], layers[0][gi], quant, ec)
+                                    pk = hook == "packed"
+                                    out = run_dispatch(xs[k], layers[0][gi], quant, ec, pk)
                                     out = torch.cat(out, -1) if isinstance(out, list) else out
                                     e = rel_err(out, ref)
                                     errs.append((model, m, gname, tag, var, e))
-                                    fn = lambda c, gi=gi: run_dispatch(xs[k], layers[c][gi], quant, ec)
+                                    fn = lambda c, gi=gi, pk=pk: run_dispatch(xs[k], layers[c][gi], quant, ec, pk)
                                     if not e < 1e-2:  # the existing kernels were held to 1e-2 (bench/kernels.py)
                                         log(fh, f"BAD {model} M={m} {gname} {tag} {var}: rel err {e:.3e}")
                                         gtimes = None
                                         break
                                     gtimes.append(time_graph(fn, copies))
-                                    names = [grouped.choose_grouped(m, k, ns, group_size(quant, k))] if not ec and \
-                                        len(ns) > 1 else [dispatch.choose(m, k, n, group_size(quant, k),
-                                                                           ec_rank=RANK if ec else 0, gated=ec)
-                                                          for n in ns]
+                                    if not ec and len(ns) > 1:
+                                        names = [grouped.choose_grouped(m, k, ns, group_size(quant, k), adjacent=pk)]
+                                    else:
+                                        names = [dispatch.choose(m, k, n, group_size(quant, k),
+                                                                 ec_rank=RANK if ec else 0, gated=ec) for n in ns]
                                     best_cfgs.append(" | ".join(names))
                                 finally:
                                     batched_kernel(True)
@@ -416,8 +441,8 @@ def main():
                             fn = lambda c, cfgs=best_cfgs: [run_batched(cfg, xs[k], layers[c][gi], quant, ec, outs[gi])
                                                             for gi, ((_, k, _), cfg) in enumerate(zip(groups, cfgs))]
                         else:
-                            fn = lambda c: [run_dispatch(xs[k], layers[c][gi], quant, ec)
-                                            for gi, (_, k, _) in enumerate(groups)]
+                            fn = lambda c, pk=hook == "packed": [run_dispatch(xs[k], layers[c][gi], quant, ec, pk)
+                                                                 for gi, (_, k, _) in enumerate(groups)]
                             batched_kernel(hook != "off")
                         try:
                             res[f"{var}_{tag}"] = time_graph(fn, copies)
@@ -439,7 +464,7 @@ def main():
     worst = max((e for *_, e in errs if e == e), default=float("nan"))
     log(fh, f"correctness: {len(errs)} checks, worst rel err {worst:.2e}, "
             f"{sum(1 for *_, e in errs if not e < TOL)} over {TOL:.0e}")
-    for var in ("ours", "dispatch", "existing"):
+    for var in ("ours", "dispatch", "existing", "packed"):
         es = [e for _, _, _, _, name, e in errs if (name == var or (var == "ours" and name.startswith("batched")))]
         if es:
             log(fh, f"  {var}: {len(es)} checks, worst {max(es):.2e}")
@@ -448,7 +473,7 @@ def main():
                        errs=errs), f, indent=1)
     # ---- compact table ----
     cols = ["bf16", "bf16_grp", "tinygemm"] + sorted({k_ for r in rows for k_ in r
-                                                      if k_.startswith(("ours_", "dispatch_", "existing_"))
+                                                      if k_.startswith(("ours_", "dispatch_", "existing_", "packed_"))
                                                       and not k_.endswith("_sum")})
     log(fh, "\n| model | M | " + " | ".join(cols) + " | roof g128 |")
     log(fh, "|---|---|" + "---|" * (len(cols) + 1))

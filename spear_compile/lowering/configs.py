@@ -173,13 +173,16 @@ class GluonW4Config:
 @dataclass(frozen=True)
 class GroupedConfig:
     """One launch of ``w4_gemv_grouped_kernel`` for every member, or (``per_member``) one launch per
-    member with its own tuned config, into column slices of the grouped output."""
+    member with its own tuned config, into column slices of the grouped output, or (``concat``) the members'
+    adjacent weights (``compile.siblings.pack_siblings``) as one linear of ``N_1 + ... + N_g`` outputs, run by the
+    single-linear dispatch with its own tuned config."""
     block_n: int = 0
     block_k: int = 0
     split_k: int = 1
     num_warps: int = 4
     tc: bool = False
     per_member: bool = False
+    concat: bool = False  # members whose weights are adjacent row blocks of one buffer: one GEMM over all of them
     seg: bool = False  # as DecodeConfig.seg
     stages: int = 0  # as DecodeConfig.stages
     lean: int = 0  # as DecodeConfig.lean
@@ -192,6 +195,8 @@ class GroupedConfig:
     def name(self):
         if self.per_member:
             return "grouped[per-member launches]"
+        if self.concat:
+            return "grouped[one linear over adjacent members]"
         return (f"grouped[BN={self.block_n},BK={self.block_k},splitK={self.split_k},warps={self.num_warps}"
                 f"{',tc' if self.tc else ''}{',seg' if self.seg else ''}{_load_suffix(self)}]")
 

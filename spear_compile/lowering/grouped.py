@@ -3,8 +3,10 @@
 
 M = 1 runs the 2-4 members in one launch of ``w4_gemv_grouped_kernel``; M 2..16 times that kernel's tensor-core
 configs against per-member launches; larger M launches the members one by one (their own tuned configs) into
-column slices of the same output. Keyed by (K, member Ns, group, dtype, M bucket, bias); candidates:
-``candidates.grouped_candidates``.
+column slices of the same output, or, when their weights are adjacent row blocks of one buffer
+(``compile.siblings.pack_siblings`` lays them out so), as one linear of ``N_1 + ... + N_g`` outputs (its own tuned
+config: the GEMMs that beat bf16 at large M need wide N; three launches at N = 512-2,048 pay three fixed costs).
+Keyed by (K, member Ns, group, dtype, M bucket, bias, adjacency); candidates: ``candidates.grouped_candidates``.
 """
 from __future__ import annotations
 
@@ -37,6 +39,43 @@ def _check_group(x, qdatas, scales, zeros, biases, group_size):
                None, None, None, None, None)
 
 
+def adjacent_rows(parts):
+    """``parts`` (2-D row blocks, or 1-D) as one tensor when each starts where the one before ends in the same
+    storage (contiguous, same dtype, device and trailing shape), else None."""
+    first = parts[0]
+    if first is None or not first.is_contiguous():
+        return None
+    storage, end = first.untyped_storage().data_ptr(), first.data_ptr()
+    for p in parts:
+        if (p is None or not p.is_contiguous() or p.dtype != first.dtype or p.device != first.device
+                or p.shape[1:] != first.shape[1:] or p.untyped_storage().data_ptr() != storage or p.data_ptr() != end):
+            return None
+        end += p.numel() * p.element_size()
+    return first.as_strided((sum(p.shape[0] for p in parts), *first.shape[1:]), first.stride())
+
+
+def _adjacent(qdatas, scales, zeros, biases):
+    """The members' (qdata, scale, zero, bias) as one linear's when all four are adjacent (``adjacent_rows``)."""
+    if len(qdatas) < 2:
+        return None
+    joined = [adjacent_rows(qdatas), adjacent_rows(scales), adjacent_rows(zeros)]
+    joined.append(None if biases[0] is None else adjacent_rows(biases))
+    if any(t is None for t in joined[:3]) or (biases[0] is not None and joined[3] is None):
+        return None
+    return joined
+
+
+def _concat_into(x2, qdatas, scales, zeros, biases, group_size, y):
+    """The adjacent members as one linear (its own tuned config) into ``y``; per member when not adjacent."""
+    joined = _adjacent(qdatas, scales, zeros, biases)
+    if joined is None:
+        return _members_into(x2, qdatas, scales, zeros, biases, group_size, y)
+    args = (x2, *joined, group_size, None, None, None, None, None, y)
+    cfg = config_for(x2, args, x2.shape[1], y.shape[1], group_size, False, False)
+    runner(cfg)(cfg, *args)
+    return y
+
+
 def _members_into(x2, qdatas, scales, zeros, biases, group_size, y, config=None):
     """One launch per member (its own tuned config, or ``config`` for all) into column slices of ``y``."""
     col = 0
@@ -60,6 +99,8 @@ def _run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y):
     """``y [M, ΣN] = [x W_1ᵀ | x W_2ᵀ | ...] (+ biases)``: one grouped launch where the kernel applies, else per member."""
     if isinstance(cfg, batched.BatchedConfig):
         return batched.run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y)
+    if cfg.concat:
+        return _concat_into(x2, qdatas, scales, zeros, biases, group_size, y)
     if not _grouped_kernel_ok(cfg, x2, qdatas):
         return _members_into(x2, qdatas, scales, zeros, biases, group_size, y)
     m, k = x2.shape
@@ -92,13 +133,16 @@ def _run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y):
 def grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y):
     m, k = x2.shape
     ns = [q.shape[0] for q in qdatas]
-    key = group_key(m, k, ns, group_size, x2.dtype, biases[0] is not None)
+    # one linear over adjacent members: above the grouped decode kernels' M, where wide-N GEMMs pay
+    concat = m > MAX_DECODE_M and _adjacent(qdatas, scales, zeros, biases) is not None
+    key = group_key(m, k, ns, group_size, x2.dtype, biases[0] is not None, concat)
     if key in TUNER.picks:
         return TUNER.picks[key]
     sms = num_sms(x2.device)
     extra = batched.candidates_for(m, k, ns, group_size, sms) if TUNER.can_tune(x2) else []  # batched, M 2..512
-    if m > MAX_DECODE_M and not extra:
-        return GroupedConfig(per_member=True)  # prefill: each member its own tuned GEMM
+    large = [GroupedConfig(concat=True)] * concat + [GroupedConfig(per_member=True)]
+    if m > MAX_DECODE_M and (not TUNER.can_tune(x2) or len(large) + len(extra) == 1):
+        return large[0]  # prefill: one linear over adjacent members, else each member its own tuned GEMM
     if not TUNER.can_tune(x2):
         return default_grouped_config(m, k, ns, group_size, sms)
     args = (x2, qdatas, scales, zeros, biases, group_size, y)
@@ -106,19 +150,21 @@ def grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y):
     def reference():
         return _members_into(x2, qdatas, scales, zeros, biases, group_size, torch.empty_like(y), DequantCublasConfig())
 
-    cands = (grouped_candidates(k, ns, group_size, sms, m) if m <= MAX_DECODE_M
-             else [GroupedConfig(per_member=True)]) + extra
+    cands = (grouped_candidates(k, ns, group_size, sms, m) if m <= MAX_DECODE_M else large) + extra
     return TUNER.pick(key, x2.device, cands, lambda cfg: _run_grouped(cfg, *args), reference, y)
 
 
-def choose_grouped(m: int, k: int, ns, group_size: int, dtype=torch.bfloat16, bias: bool = False) -> str:
-    """Human-readable name of what ``launch_grouped`` would run for members of widths ``ns``."""
+def choose_grouped(m: int, k: int, ns, group_size: int, dtype=torch.bfloat16, bias: bool = False,
+                   adjacent: bool = False) -> str:
+    """Human-readable name of what ``launch_grouped`` would run for members of widths ``ns`` (``adjacent``: their
+    weights one buffer's adjacent row blocks, ``compile.siblings.pack_siblings``)."""
     group_size = group_size or k
-    key = group_key(m, k, list(ns), group_size, dtype, bias)
+    adjacent = adjacent and m > MAX_DECODE_M
+    key = group_key(m, k, list(ns), group_size, dtype, bias, adjacent)
     if key in TUNER.picks:
         return f"{TUNER.picks[key].name} (tuned, bucket M<={key.m_bucket})"
     if m > MAX_DECODE_M:
-        return "grouped[per-member launches] (prefill)"
+        return f"{GroupedConfig(concat=adjacent, per_member=not adjacent).name} (prefill)"
     return f"{default_grouped_config(m, k, list(ns), group_size).name} (default; tuned on first CUDA call)"
 
 

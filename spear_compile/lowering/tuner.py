@@ -40,14 +40,16 @@ class GroupKey(NamedTuple):
     dtype: str
     m_bucket: str
     bias: bool
+    adjacent: bool = False  # the members' weights are one buffer's adjacent row blocks (a concat candidate)
 
 
 def linear_key(m, k, n, group_size, dtype, has_ec, gated) -> LinearKey:
     return LinearKey(k, n, group_size, str(dtype), m_bucket(m), bool(has_ec), bool(gated))
 
 
-def group_key(m, k, ns, group_size, dtype, has_bias) -> GroupKey:
-    return GroupKey("grouped", k, sum(ns), tuple(ns), group_size, str(dtype), m_bucket(m), bool(has_bias))
+def group_key(m, k, ns, group_size, dtype, has_bias, adjacent=False) -> GroupKey:
+    return GroupKey("grouped", k, sum(ns), tuple(ns), group_size, str(dtype), m_bucket(m), bool(has_bias),
+                    bool(adjacent))
 
 
 class Tuner:

@@ -25,6 +25,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .config import QuantConfig
 from ..ec.module import CompensatedLinear, ec_shapes
 from ..errors import SpearError
+from .io import own_storage
 from .rtn import zeros_problem
 from .weight import QuantizedWeight
 
@@ -169,9 +170,9 @@ class SpearHfQuantizer(HfQuantizer):
             owner, _, leaf = key.rpartition(".")
             if isinstance(t, QuantizedWeight):
                 for part in QUANT_PARTS:
-                    state[f"{owner}.weight_{part}"] = getattr(t, part)
+                    state[f"{owner}.weight_{part}"] = own_storage(getattr(t, part))
             else:
-                state[key] = t
+                state[key] = own_storage(t)  # biases of packed siblings
         return state, {}
 
     def is_serializable(self, *args, **kwargs):

@@ -39,6 +39,15 @@ def _sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(raw.numpy().tobytes()).hexdigest()
 
 
+def own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a CPU copy of it when it views part of a larger buffer (sibling weights packed into one by
+    ``compile.siblings``): a saved tensor never shares memory (safetensors 0.8 writes disjoint views, older
+    releases may refuse them)."""
+    if t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.detach().to("cpu", copy=True)
+
+
 def _quantized_modules(model: nn.Module):
     return {name: m for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and isinstance(m.weight, QuantizedWeight)}
@@ -73,7 +82,7 @@ def save_quantized(model: nn.Module, path: Union[str, Path], config: Union[Quant
             continue
         seen[id(t)] = key
         tensors[key] = t
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tensors = {k: own_storage(v.detach().contiguous().cpu()) for k, v in tensors.items()}
     meta = dict(format=FORMAT, format_version=FORMAT_VERSION, model_class=type(model).__name__,
                 config=config.to_dict() if config else None, modules=modules, ec_modules=ecs, aliases=aliases,
                 sha256={k: _sha256(v) for k, v in tensors.items()})

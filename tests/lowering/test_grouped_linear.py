@@ -103,3 +103,51 @@ def test_grouped_candidates_small():
         assert 4 <= len(c1) <= 16 and all(not c.tc and not c.per_member for c in c1)
         c16 = candidates.grouped_candidates(k, ns, gs, 132, m=16)
         assert len(c16) <= 6 and any(c.per_member for c in c16) and all(c.split_k == 1 for c in c16)
+
+
+def _packed(members):
+    """The members' parts re-laid as adjacent row blocks of one buffer each (what ``compile.siblings`` does)."""
+    out = [dict(t) for t in members]
+    for part in ("qdata", "scale", "zero", "bias"):
+        if members[0][part] is None:
+            continue
+        joined, row = torch.cat([t[part] for t in members]), 0
+        for t in out:
+            n = t[part].shape[0]
+            t[part] = joined[row:row + n]
+            row += n
+    return out
+
+
+def test_adjacent_rows_only_for_one_buffers_consecutive_blocks():
+    buf = torch.arange(40, dtype=torch.float32).reshape(10, 4)
+    assert torch.equal(grouped.adjacent_rows([buf[0:3], buf[3:4], buf[4:10]]), buf)
+    assert torch.equal(grouped.adjacent_rows([buf[2:5], buf[5:7]]), buf[2:7])
+    assert grouped.adjacent_rows([buf[3:4], buf[0:3]]) is None          # out of order
+    assert grouped.adjacent_rows([buf[0:3], buf[4:6]]) is None          # a gap
+    assert grouped.adjacent_rows([buf[0:3], buf[3:6].clone()]) is None  # another storage
+    assert grouped.adjacent_rows([buf[0:3, :2], buf[3:6, :2]]) is None  # not contiguous
+    assert grouped.adjacent_rows([buf[0:3], None]) is None
+    flat = torch.arange(10.0)
+    assert torch.equal(grouped.adjacent_rows([flat[:4], flat[4:]]), flat)  # biases
+
+
+@pytest.mark.parametrize("group,dtype,bias", [(K, torch.bfloat16, True), (64, torch.float16, False)])
+def test_concat_runs_adjacent_members_as_one_linear(monkeypatch, group, dtype, bias):
+    m, ns = 20, (48, 16, 32)  # M > 16: where the concat candidate is offered
+    x, members = _problem(m, ns, group, dtype, bias, seed=torch.seed() % 2**31)
+    ref = _reference(x, members, group)
+    runs = []
+    real_runner = grouped.runner
+    monkeypatch.setattr(grouped, "runner", lambda cfg: runs.append(cfg) or real_runner(cfg))
+    packed = _packed(members)
+    out = _run(x, packed, group, G(concat=True))
+    assert out.shape == (m, sum(ns)) and _rel(out, ref) < 1e-2 and len(runs) == 1  # one launch, N = 96
+    runs.clear()
+    out = _run(x, members, group, G(concat=True))  # not adjacent: per member, still right
+    assert _rel(out, ref) < 1e-2 and len(runs) == len(ns)
+    runs.clear()
+    assert _rel(_run(x, packed, group, None), ref) < 1e-2 and len(runs) == 1  # untuned default: concat if adjacent
+    assert grouped.choose_grouped(m, K, ns, group, dtype, bias, adjacent=True).startswith("grouped[one linear")
+    assert grouped.choose_grouped(m, K, ns, group, dtype, bias).startswith("grouped[per-member")
+    assert grouped.choose_grouped(1, K, ns, group, dtype, bias, adjacent=True).startswith("grouped[BN=")

@@ -1,0 +1,91 @@
+"""compile.siblings: sibling quantized linears (q|k|v, gate|up) re-laid as one buffer's adjacent row blocks keep
+every value, the logits and every save path bit-exact (a tiny HF Llama, CPU); optimize() packs them."""
+import pytest
+import torch
+
+import spear_compile
+from spear_compile import CompensatedLinear
+from spear_compile.compile.siblings import pack_siblings
+from spear_compile.lowering.grouped import adjacent_rows
+from spear_compile.quant.io import load_quantized, save_quantized
+
+from tests.test_ec_helpers import save_tiny
+
+transformers = pytest.importorskip("transformers")
+EC_NAME = "model.layers.0.self_attn.k_proj"  # an EC member stays out of its group: q|v packed without it
+
+
+def _load(fp_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.bfloat16).eval()
+
+
+def _quantized(fp_dir, spec="w4-g32-rtn"):
+    model = spear_compile.quantize(_load(fp_dir), spec, progress=False)
+    parent, _, leaf = EC_NAME.rpartition(".")
+    ec = CompensatedLinear.wrap(model.get_submodule(EC_NAME), 4, "sigmoid")
+    g = torch.Generator().manual_seed(0)
+    for p in ec.ec_parameters():
+        p.data = (torch.randn(p.shape, generator=g) * 0.05).to(p.dtype)
+    setattr(model.get_submodule(parent), leaf, ec)
+    return model
+
+
+def _logits(model):
+    ids = torch.randint(0, 8192, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _parts(model):
+    return {n: tuple(getattr(m.weight, p).clone() for p in ("qdata", "scale", "zero"))
+            for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), spear_compile.QuantizedWeight)}
+
+
+def _groups(model):
+    layers = len(model.model.layers)
+    out = []
+    for i in range(layers):
+        attn = [f"model.layers.{i}.self_attn.{p}_proj" for p in "qkv"]
+        out.append([n for n in attn if n != EC_NAME])
+        out.append([f"model.layers.{i}.mlp.{p}_proj" for p in ("gate", "up")])
+    return out
+
+
+def _adjacent(model, names):
+    mods = [model.get_submodule(n) for n in names]
+    return all(adjacent_rows([getattr(m.weight, p) for m in mods]) is not None for p in ("qdata", "scale", "zero"))
+
+
+def test_pack_siblings_keeps_values_logits_and_saves_bit_exact(tmp_path):
+    fp_dir = save_tiny(tmp_path / "fp")
+    model = _quantized(fp_dir)
+    before, logits = _parts(model), _logits(model)
+    groups = _groups(model)
+    assert not any(_adjacent(model, g) for g in groups)
+    assert pack_siblings(model) == len(groups)
+    assert all(_adjacent(model, g) for g in groups)
+    assert not _adjacent(model, ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"])
+    after = _parts(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(a, b) for n in before for a, b in zip(before[n], after[n]))
+    assert torch.equal(_logits(model), logits)
+    assert pack_siblings(model) == 0  # already packed
+
+    save_quantized(model, tmp_path / "q.safetensors")
+    loaded = load_quantized(_load(fp_dir), tmp_path / "q.safetensors")
+    assert torch.equal(_logits(loaded), logits)
+    model.save_pretrained(tmp_path / "hf")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert torch.equal(_logits(again), logits)
+    assert all(torch.equal(a, b) for n, parts in _parts(again).items() for a, b in zip(parts, before[n]))
+
+
+def test_optimize_packs_siblings_unless_switched_off(tmp_path, monkeypatch):
+    fp_dir = save_tiny(tmp_path / "fp")
+    model = _quantized(fp_dir)
+    spear_compile.optimize(model, "w4-g32-rtn")
+    assert all(_adjacent(model, g) for g in _groups(model))
+    monkeypatch.setenv("SPEAR_PACK_SIBLINGS", "0")
+    model = _quantized(fp_dir)
+    spear_compile.optimize(model, "w4-g32-rtn")
+    assert not any(_adjacent(model, g) for g in _groups(model))
