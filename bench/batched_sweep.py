@@ -167,12 +167,15 @@ def _dispatch_task(task):
     import torch as t_
     from spear_compile.lowering import dispatch, grouped, prefill, runtime
 
-    k, ns, quant, ec, m = task
+    k, ns, quant, ec, m, packed = task
     try:
         gen = t_.Generator(device="cuda").manual_seed(0)
         Ls = [make_linear(k, n, "cuda", gen) for n in ns]
         x = t_.randn(m, k, device="cuda", dtype=t_.bfloat16)
         run_dispatch(x, Ls, quant, ec)
+        if packed and not ec and len(ns) > 1:  # the adjacent-members key too (its concat candidate's single key)
+            add_packed(Ls)
+            run_dispatch(x, Ls, quant, ec, True)
         t_.cuda.synchronize()
         return None
     except Exception as e:  # noqa: BLE001
@@ -322,7 +325,7 @@ def main():
                         if args.sweep and batched.MIN_M <= m <= batched.MAX_M:
                             tasks += [(k, ns, quant, ec, m, c) for c in cands_for(m, k, ns, quant, ec)]
                         if args.dispatch or args.existing or args.packed:
-                            dtasks.append((k, ns, quant, ec, m))
+                            dtasks.append((k, ns, quant, ec, m, args.packed))
     precompile(_compile_task, tasks, args.workers, fh, "batched sweep")
     if args.dispatch or args.existing or args.packed:
         precompile(_dispatch_task, dtasks, args.workers, fh, "dispatch keys")
