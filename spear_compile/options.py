@@ -16,13 +16,15 @@ variable                   meaning                                 default
                            (``1``: serially, as each is timed)
 ``SPEAR_GROUP_LINEARS``    ``0``: no grouped launch of sibling     ``1``
                            linears (q|k|v, gate|up)
+``SPEAR_PACK_SIBLINGS``    ``0``: siblings keep separate weight    ``1``
+                           buffers (no one-GEMM group at M > 16)
 ``SPEAR_BATCHED_KERNEL``   ``0``: the batched tensor-core kernel   ``1``
                            (M 2..512) is not a tuner candidate
 ``SPEAR_GLUON_KERNEL``     ``0``: the Gluon Hopper W4 GEMM (sm_90, ``1``
                            EC-free, M 65..1024) is not a candidate
-``SPEAR_GLUON_SWAP``       ``1``: its swapped-operand variant      ``0``
+``SPEAR_GLUON_SWAP``       ``0``: its swapped-operand variant      ``1``
                            (W as the register A operand, split-K;
-                           EC-free, M 2..1024) is a candidate too
+                           EC-free, M 2..1024) is not a candidate
 ``SPEAR_DECOMPOSE_PREFILL`` ``0``: keep static-M prefill linears   ``1``
                            as our op (no dequantize + mm in graph)
 ``SPEAR_EC_MERGE``         ``0``: EC siblings keep a GEMM each     ``1``
@@ -61,8 +63,9 @@ class XPassConfig(NamedTuple):
 XPASS_IN_PLACE_DEFAULT = XPassConfig(64, 128, 3, 4, 1)  # best total of bench/xpass_sweep.py (sessions 8, 9)
 
 _VARIABLES = ("SPEAR_AUTOTUNE", "SPEAR_TUNE_CACHE", "SPEAR_TUNE_COMPILE_THREADS", "SPEAR_GROUP_LINEARS",
-              "SPEAR_PACK_SIBLINGS", "SPEAR_BATCHED_KERNEL", "SPEAR_GLUON_KERNEL", "SPEAR_GLUON_SWAP", "SPEAR_DECOMPOSE_PREFILL",
-              "SPEAR_EC_MERGE", "SPEAR_EC_PAD_X", "SPEAR_XPASS_IN_PLACE", "TRITON_INTERPRET", "XDG_CACHE_HOME", "HOME")
+              "SPEAR_PACK_SIBLINGS", "SPEAR_BATCHED_KERNEL", "SPEAR_GLUON_KERNEL", "SPEAR_GLUON_SWAP",
+              "SPEAR_DECOMPOSE_PREFILL", "SPEAR_EC_MERGE", "SPEAR_EC_PAD_X", "SPEAR_XPASS_IN_PLACE", "TRITON_INTERPRET",
+              "XDG_CACHE_HOME", "HOME")
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ class Options:
     pack_siblings: bool = True  # sibling weights as one buffer (compile.siblings): one GEMM a group at M > 16
     batched_kernel: bool = True
     gluon_kernel: bool = True
-    gluon_swap: bool = False  # opt-in until the tuned dispatch has run with it (bench/GPU_RUNS.md)
+    gluon_swap: bool = True  # the tuned layer: 0.64-0.97x its time without it (packed_siblings_h100_s30.md)
     decompose_prefill: bool = True
     ec_merge: bool = True
     ec_pad_x: str = "auto"  # "auto" | "0" | "1"
@@ -136,7 +139,7 @@ def _parse(values: tuple) -> Options:
         pack_siblings=_switch("SPEAR_PACK_SIBLINGS", env["SPEAR_PACK_SIBLINGS"], True),
         batched_kernel=_switch("SPEAR_BATCHED_KERNEL", env["SPEAR_BATCHED_KERNEL"], True),
         gluon_kernel=_switch("SPEAR_GLUON_KERNEL", env["SPEAR_GLUON_KERNEL"], True),
-        gluon_swap=_switch("SPEAR_GLUON_SWAP", env["SPEAR_GLUON_SWAP"], False),
+        gluon_swap=_switch("SPEAR_GLUON_SWAP", env["SPEAR_GLUON_SWAP"], True),
         decompose_prefill=_switch("SPEAR_DECOMPOSE_PREFILL", env["SPEAR_DECOMPOSE_PREFILL"], True),
         ec_merge=_switch("SPEAR_EC_MERGE", env["SPEAR_EC_MERGE"], True),
         ec_pad_x=pad_x,

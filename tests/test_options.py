@@ -17,7 +17,7 @@ def test_defaults(monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", "/x")
     o = options.current()
     assert (o.autotune, o.group_linears, o.decompose_prefill, o.ec_merge, o.ec_pad_x) == (True, True, True, True, "auto")
-    assert o.batched_kernel is True and o.gluon_kernel is True and o.gluon_swap is False
+    assert o.batched_kernel is True and o.gluon_kernel is True and o.gluon_swap is True
     assert o.xpass_in_place == options.XPASS_IN_PLACE_DEFAULT == (64, 128, 3, 4, 1)
     assert o.tune_cache_dir == os.path.join("/x", "spear_compile")
 

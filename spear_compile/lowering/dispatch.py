@@ -8,8 +8,8 @@ for this key, and runs it:
 * ``PrefillConfig``: the Triton W4 GEMM, EC in the epilogue (``prefill``);
 * ``DequantCublasConfig``: dequantize + cuBLAS, the EC joined as the tuner picks per key (``prefill``);
 * ``GluonW4Config``: the Gluon Hopper GEMM, EC-free keys at 64 < M <= 1024 on sm_90 (``gluon_w4``;
-  ``SPEAR_GLUON_KERNEL=0``: not a candidate); its swapped-operand variant at 2 <= M <= 1024 only with
-  ``SPEAR_GLUON_SWAP=1``.
+  ``SPEAR_GLUON_KERNEL=0``: not a candidate); its swapped-operand variant at 2 <= M <= 1024 (``SPEAR_GLUON_SWAP=0``:
+  not a candidate).
 
 The config is timed on the first CUDA call of each key and cached in-process and on disk (``tune_cache``); during
 CUDA-graph capture, under the interpreter, or with ``SPEAR_AUTOTUNE=0`` the heuristic default is used. ``choose``
@@ -88,8 +88,8 @@ def config_for(x2, args, k, n, group_size, has_ec, gated):
         cands = cands + gluon_w4.gluon_candidates(m, k, n, group_size, sms)
     if not has_ec and MAX_GLUON_M >= m >= 2 and options.current().gluon_swap \
             and gluon_w4.supported(x2, args[1], group_size):
-        # its swapped-operand variant (W in registers as the wgmma A operand, split-K): opt-in until the tuned
-        # dispatch has run with it (per kernel 0.75-0.91x the above at M = 128-256, gluon_w4_swap_h100_s28.md)
+        # its swapped-operand variant (W in registers as the wgmma A operand, split-K): per kernel 0.75-0.91x the above
+        # at M = 128-256 (gluon_w4_swap_h100_s28.md); the tuned layer 0.64-0.97x without it at M = 64-512 (s30)
         cands = cands + gluon_w4.swap_candidates(m, k, n, group_size, sms)
     y = args[-1]
     return TUNER.pick(key, x2.device, cands, lambda cfg: runner(cfg)(cfg, *args),

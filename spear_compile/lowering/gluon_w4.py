@@ -5,10 +5,10 @@ Large M (the tuner offers it at 64 < M <= 1024, EC-free keys): one CTA per ``blo
 the int32 weight words by TMA, the dequantize of K tile i + 1 overlapping the asynchronous wgmma of tile i. Needs an
 sm_90 GPU and the Gluon API of Triton 3.6 (``w4_gluon.AVAILABLE``); nothing here touches the GPU at import.
 
-``variant="swap"`` (``SWAP_CONFIGS``; tuner candidates only with ``SPEAR_GLUON_SWAP=1`` until the tuned dispatch and
-the engine have run with them): yᵀ tiles of ``block_n`` weight rows x ``block_m`` tokens with W dequantized in
-registers as the wgmma A operand, grid (N tiles, M tiles, split-K); split-K partials go to fp32 slots of the per-stream
-workspace (``Workspace.for_batched``, shared with the batched kernel: both leave its counters at 0).
+``variant="swap"`` (``SWAP_CONFIGS``; tuner candidates unless ``SPEAR_GLUON_SWAP=0``): yᵀ tiles of ``block_n`` weight
+rows x ``block_m`` tokens with W dequantized in registers as the wgmma A operand, grid (N tiles, M tiles, split-K);
+split-K partials go to fp32 slots of the per-stream workspace (``Workspace.for_batched``, shared with the batched
+kernel: both leave its counters at 0).
 """
 from __future__ import annotations
 
@@ -84,8 +84,8 @@ def smem_bytes_ws(cfg: GluonW4Config) -> int:
 
 
 # swapped-operand tiles (``variant="swap"``: ``block_n`` weight rows = the wgmma M, ``block_m`` tokens = the wgmma N,
-# so at M <= block_m every weight is dequantized once). Timed in session 28 (per-channel, M = 128 / 256); tuner
-# candidates only with SPEAR_GLUON_SWAP=1 until the tuned dispatch has run with them.
+# so at M <= block_m every weight is dequantized once). Timed in session 28 (per-channel, M = 128 / 256) and through
+# the tuned dispatch in session 30 (M = 64-512: the layer 0.64-0.97x its time without them); SPEAR_GLUON_SWAP=0: off.
 SWAP_CONFIGS = (
     GluonW4Config(128, 128, 64, 8, 4, "swap"),              # 2 warpgroups x 64 rows, 64 accumulator registers
     GluonW4Config(128, 128, 64, 8, 4, "swap", split_k=2),
@@ -166,7 +166,7 @@ def swap_tile_fits(cfg: GluonW4Config, m: int) -> bool:
 
 
 def swap_candidates(m: int, k: int, n: int, group_size: int, sms: int = H100_SMS) -> List[GluonW4Config]:
-    """Up to 4 ``SWAP_CONFIGS`` worth timing at this shape (offered by ``dispatch`` only with ``SPEAR_GLUON_SWAP=1``):
+    """Up to 4 ``SWAP_CONFIGS`` worth timing at this shape (offered by ``dispatch`` unless ``SPEAR_GLUON_SWAP=0``):
     token tiles that suit M (``swap_tile_fits``), ranked by a cost fitted to session 28's H100 timings of every config
     on 28 per-channel shapes at M = 128 and 256 (``bench/results/gluon_w4_swap_h100_s28.md``; g128 and other M
     untimed): waves of one CTA an SM (these tiles take the register file) times each CTA's walk along K (BLOCK_N x

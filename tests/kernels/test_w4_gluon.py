@@ -205,10 +205,11 @@ def test_ws_mbarrier_protocol_model():
                                                      (256, True, "1", False), (256, False, "0", False)])
 def test_dispatch_offers_gluon_tiles_where_it_applies(monkeypatch, m, has_ec, switch, expect):
     """The tuner's candidate list (``dispatch.config_for``) holds the Gluon tiles for EC-free keys at 64 < M <= 1024
-    while ``SPEAR_GLUON_KERNEL`` is on, never elsewhere: ``supported`` (the sm_90 check) and the tuner are faked."""
+    while ``SPEAR_GLUON_KERNEL`` is on, never elsewhere: ``supported`` (the sm_90 check) and the tuner are faked.
+    (The swapped-operand tiles have their own switch: the next test.)"""
     monkeypatch.setenv("SPEAR_GLUON_KERNEL", switch)
     cands = _dispatch_candidates(monkeypatch, m, has_ec, 256, 128)
-    gluon = [c for c in cands if isinstance(c, GC)]
+    gluon = [c for c in cands if isinstance(c, GC) and c.variant != "swap"]
     assert bool(gluon) == expect, [c.name for c in cands]
     assert all(dispatch.runner(c) is gluon_w4.run_single for c in gluon)
 
@@ -232,10 +233,12 @@ def _dispatch_candidates(monkeypatch, m, has_ec, k, n):
                                                      (1024, False, "1", True), (2, False, "1", True),
                                                      (16, False, "1", True), (1, False, "1", False),
                                                      (2048, False, "1", False), (256, True, "1", False),
-                                                     (256, False, "0", False), (256, False, None, False)])
-def test_dispatch_offers_swap_tiles_only_when_asked(monkeypatch, m, has_ec, switch, expect):
-    """The swapped-operand tiles join the tuner's candidates for EC-free keys at 2 <= M <= 1024 only with
-    ``SPEAR_GLUON_SWAP=1`` (off by default: never timed on a GPU yet); each offered tile divides the shape."""
+                                                     (256, False, "0", False), (256, False, None, True),
+                                                     (1, False, None, False), (256, True, None, False)])
+def test_dispatch_offers_swap_tiles_unless_switched_off(monkeypatch, m, has_ec, switch, expect):
+    """The swapped-operand tiles join the tuner's candidates for EC-free keys at 2 <= M <= 1024 unless
+    ``SPEAR_GLUON_SWAP=0`` (on by default since session 30's tuned-layer timings); each offered tile divides the
+    shape."""
     if switch is None:
         monkeypatch.delenv("SPEAR_GLUON_SWAP", raising=False)
     else:
