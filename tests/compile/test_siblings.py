@@ -89,3 +89,27 @@ def test_optimize_packs_siblings_unless_switched_off(tmp_path, monkeypatch):
     model = _quantized(fp_dir)
     spear_compile.optimize(model, "w4-g32-rtn")
     assert not any(_adjacent(model, g) for g in _groups(model))
+
+
+@pytest.mark.parametrize("pack", ["1", "0"])
+def test_compiled_graph_hands_the_grouped_op_adjacent_members(tmp_path, monkeypatch, fresh_compile, pack):
+    """Through optimize()'s compiled graph (CPU Inductor, a 20-token prefill) the grouped op receives the packed
+    members still adjacent (the kernels' path is faked on the CPU: the reference runs, the adjacency is recorded);
+    with packing off they never are."""
+    import importlib
+    from spear_compile.lowering import grouped
+    fused_linear = importlib.import_module("spear_compile.lowering.fused_linear")  # the module, not its op
+    seen = []
+
+    def launch_grouped(x, qdata, scale, zero, bias, group_size):
+        seen.append(grouped._adjacent(qdata, scale, zero, bias) is not None)
+        return fused_linear.reference_grouped_linear(x, qdata, scale, zero, bias, group_size)
+
+    monkeypatch.setattr(fused_linear, "_kernel_path", lambda x, qdata: fused_linear.reference_fused_linear)
+    monkeypatch.setattr(grouped, "launch_grouped", launch_grouped)
+    monkeypatch.setenv("SPEAR_PACK_SIBLINGS", pack)
+    model = _quantized(save_tiny(tmp_path / "fp"))
+    ref = _logits(model)
+    spear_compile.optimize(model, "w4-g32-rtn")
+    assert torch.allclose(_logits(model), ref, rtol=2e-2, atol=2e-2)
+    assert len(seen) >= len(_groups(model)) and all(seen) == (pack == "1") and any(seen) == (pack == "1")
