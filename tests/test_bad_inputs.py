@@ -32,7 +32,7 @@ from spear_compile import cli  # noqa: E402
 from spear_compile.ec.io import load_ecs, model_identity, save_ecs  # noqa: E402
 from spear_compile.evaluate import evaluate  # noqa: E402
 from spear_compile.quant.io import load_quantized, save_quantized  # noqa: E402
-from test_ec_helpers import save_tiny, tiny_llama  # noqa: E402
+from test_ec_helpers import save_tiny, tiny_llama, wrap_random_ec  # noqa: E402
 
 
 # ---- the harness ---------------------------------------------------------------------------------
@@ -163,12 +163,7 @@ class World:
 
     def _ecs(self, spec, out):
         model = self.quantized(spec)
-        par, _, leaf = EC_MODULE.rpartition(".")
-        ec = CompensatedLinear.wrap(model.get_submodule(EC_MODULE), 4, "sigmoid")
-        g = torch.Generator().manual_seed(1)
-        for p in ec.ec_parameters():
-            p.data = (torch.randn(p.shape, generator=g) * 0.05).to(p.dtype)
-        setattr(model.get_submodule(par), leaf, ec)
+        wrap_random_ec(model, EC_MODULE, 4, "sigmoid", seed=1)
         save_ecs(model, out, {"quant": QuantConfig.from_spec(spec).to_dict(), "base_model": model_identity(model)})
         return out
 

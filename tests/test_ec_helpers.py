@@ -16,6 +16,19 @@ def tiny_llama(hidden=64, layers=2, seed=0, dtype=torch.bfloat16):
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+def wrap_random_ec(model, name, rank=4, gate="sigmoid", seed=0):
+    """Wrap the quantized linear ``name`` of ``model`` in a ``CompensatedLinear`` whose EC parameters are random
+    (std 0.05, seeded); returns the wrapper."""
+    from spear_compile import CompensatedLinear
+    parent, _, leaf = name.rpartition(".")
+    ec = CompensatedLinear.wrap(model.get_submodule(name), rank, gate)
+    g = torch.Generator().manual_seed(seed)
+    for p in ec.ec_parameters():
+        p.data = (torch.randn(p.shape, generator=g) * 0.05).to(p.dtype)
+    setattr(model.get_submodule(parent), leaf, ec)
+    return ec
+
+
 def save_tiny(path, **kw):
     model = tiny_llama(**kw)
     model.save_pretrained(path)

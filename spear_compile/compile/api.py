@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 
 from . import backend as _backend
-from .. import options as _options
 from .records import active
 from ..errors import SpearError
 from ..modules import CACHE_KWARGS
@@ -93,9 +92,8 @@ def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn
                 raise SpearError("optimize: ec= needs a quantized model")
             from ..ec.io import load_ecs
             load_ecs(model, ec, config)
-        if _options.current().pack_siblings and (options or {}).get(_backend.GROUP_OPTION,
-                                                                     _options.current().group_linears):
-            pack_siblings(model)  # sibling weights as one buffer: a grouped linear runs as one GEMM at M > 16
+        # sibling weights as one buffer: a grouped linear runs as one GEMM at M > 16
+        pack_siblings(model, group_linears=(options or {}).get(_backend.GROUP_OPTION))
         if unwrap:
             unwrap_quantized(model)
         if mode in ("reduce-overhead", "max-autotune"):

@@ -13,23 +13,18 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .. import options
 from ..quant.weight import QuantizedWeight
 
 PARTS = ("qdata", "scale", "zero")
 
 
-def _adjacent(members) -> bool:
-    from ..lowering.grouped import adjacent_rows
-    parts = [[getattr(m.weight, p) for m in members] for p in PARTS]
-    if members[0].bias is not None:
-        parts.append([m.bias for m in members])
-    return all(adjacent_rows(p) is not None for p in parts)
-
-
 @torch.no_grad()
 def pack_members(members) -> bool:
     """Lay out one group's weights (and biases) as adjacent row blocks; False when they already are."""
-    if _adjacent(members):
+    from ..lowering.grouped import adjacent_members
+    if adjacent_members(*([getattr(m.weight, p) for m in members] for p in PARTS),
+                        [m.bias for m in members]) is not None:
         return False
     weights = [m.weight for m in members]
     joined = {p: torch.cat([getattr(w, p) for w in weights]) for p in PARTS}
@@ -46,11 +41,16 @@ def pack_members(members) -> bool:
     return True
 
 
-def pack_siblings(model: nn.Module, example: Optional[dict] = None) -> int:
+def pack_siblings(model: nn.Module, example: Optional[dict] = None, group_linears: Optional[bool] = None) -> int:
     """Pack every sibling group of ``model`` (``sibling_groups(model, example)``: found by one eager forward; none
     for a model that is not a Hugging Face causal LM unless ``example`` is given). Returns the groups re-laid.
-    Not under tensor parallelism (returns 0): that forward's collectives would need every rank to join it."""
+    Returns 0 without packing when ``SPEAR_PACK_SIBLINGS=0``, when sibling linears are not grouped (``group_linears``,
+    default ``SPEAR_GROUP_LINEARS``), or under tensor parallelism (that forward's collectives would need every rank
+    to join it)."""
     from .api import sibling_groups
+    opts = options.current()
+    if not (opts.pack_siblings and (opts.group_linears if group_linears is None else group_linears)):
+        return 0
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return 0

@@ -54,8 +54,9 @@ def adjacent_rows(parts):
     return first.as_strided((sum(p.shape[0] for p in parts), *first.shape[1:]), first.stride())
 
 
-def _adjacent(qdatas, scales, zeros, biases):
-    """The members' (qdata, scale, zero, bias) as one linear's when all four are adjacent (``adjacent_rows``)."""
+def adjacent_members(qdatas, scales, zeros, biases):
+    """The members' (qdata, scale, zero, bias) as one linear's when all four are adjacent (``adjacent_rows``; biases
+    all None or all given), else None."""
     if len(qdatas) < 2:
         return None
     joined = [adjacent_rows(qdatas), adjacent_rows(scales), adjacent_rows(zeros)]
@@ -67,7 +68,7 @@ def _adjacent(qdatas, scales, zeros, biases):
 
 def _concat_into(x2, qdatas, scales, zeros, biases, group_size, y):
     """The adjacent members as one linear (its own tuned config) into ``y``; per member when not adjacent."""
-    joined = _adjacent(qdatas, scales, zeros, biases)
+    joined = adjacent_members(qdatas, scales, zeros, biases)
     if joined is None:
         return _members_into(x2, qdatas, scales, zeros, biases, group_size, y)
     args = (x2, *joined, group_size, None, None, None, None, None, y)
@@ -134,7 +135,7 @@ def grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y):
     m, k = x2.shape
     ns = [q.shape[0] for q in qdatas]
     # one linear over adjacent members: above the grouped decode kernels' M, where wide-N GEMMs pay
-    concat = m > MAX_DECODE_M and _adjacent(qdatas, scales, zeros, biases) is not None
+    concat = m > MAX_DECODE_M and adjacent_members(qdatas, scales, zeros, biases) is not None
     key = group_key(m, k, ns, group_size, x2.dtype, biases[0] is not None, concat)
     if key in TUNER.picks:
         return TUNER.picks[key]

@@ -136,11 +136,9 @@ class ModelRunner:
             raise SpearError("EngineConfig: compile_regions=True cannot serve static decode rows (tensor "
                              "parallelism's peer-reduction epilogue, static_decode_rows); leave compile_regions off")
         if config.compile:
-            from .. import options
             from ..compile.siblings import pack_siblings
             from ..compile.unwrap import unwrap_quantized
-            if options.current().group_linears and options.current().pack_siblings:
-                pack_siblings(model)  # sibling weights as one buffer: a grouped linear is one GEMM at M > 16
+            pack_siblings(model)  # sibling weights as one buffer: a grouped linear is one GEMM at M > 16
             unwrap_quantized(model)  # plain tensors at the compiled graph's inputs (see unwrap.py)
         runner = cls(model, config, device)
         if config.compile or runner.use_cuda_graphs:

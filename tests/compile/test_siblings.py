@@ -4,12 +4,11 @@ import pytest
 import torch
 
 import spear_compile
-from spear_compile import CompensatedLinear
 from spear_compile.compile.siblings import pack_siblings
 from spear_compile.lowering.grouped import adjacent_rows
 from spear_compile.quant.io import load_quantized, save_quantized
 
-from tests.test_ec_helpers import save_tiny
+from tests.test_ec_helpers import save_tiny, wrap_random_ec
 
 transformers = pytest.importorskip("transformers")
 EC_NAME = "model.layers.0.self_attn.k_proj"  # an EC member stays out of its group: q|v packed without it
@@ -21,12 +20,7 @@ def _load(fp_dir):
 
 def _quantized(fp_dir, spec="w4-g32-rtn"):
     model = spear_compile.quantize(_load(fp_dir), spec, progress=False)
-    parent, _, leaf = EC_NAME.rpartition(".")
-    ec = CompensatedLinear.wrap(model.get_submodule(EC_NAME), 4, "sigmoid")
-    g = torch.Generator().manual_seed(0)
-    for p in ec.ec_parameters():
-        p.data = (torch.randn(p.shape, generator=g) * 0.05).to(p.dtype)
-    setattr(model.get_submodule(parent), leaf, ec)
+    wrap_random_ec(model, EC_NAME, 4, "sigmoid", seed=0)
     return model
 
 
@@ -102,7 +96,7 @@ def test_compiled_graph_hands_the_grouped_op_adjacent_members(tmp_path, monkeypa
     seen = []
 
     def launch_grouped(x, qdata, scale, zero, bias, group_size):
-        seen.append(grouped._adjacent(qdata, scale, zero, bias) is not None)
+        seen.append(grouped.adjacent_members(qdata, scale, zero, bias) is not None)
         return fused_linear.reference_grouped_linear(x, qdata, scale, zero, bias, group_size)
 
     monkeypatch.setattr(fused_linear, "_kernel_path", lambda x, qdata: fused_linear.reference_fused_linear)
