@@ -4,8 +4,10 @@ the Triton launch replaced by a no-op, for the batched kernel with and without a
 step, eager use) pays per linear in Python on top of Triton's own launch. ``--steps``: also a compiled engine (CPU
 Inductor, 16 tiny layers, W4, no graphs): an uncaptured decode step against mixed steps, to see whether the mixed
 graph is heavier than the decode graph (the GPU's mixed steps cost 28-70 ms: ``results/serving_slo.md``).
+``--gpu`` (CUDA): the whole stack per call, real launches, one 1B layer's ops (``gpu_layer_times``;
+``results/serving_host_overhead_h100_s31.md``).
 
-    python -m bench.launch_host_time [--calls 3000] [--steps]
+    python -m bench.launch_host_time [--calls 3000] [--steps] [--gpu]
 """
 from __future__ import annotations
 
@@ -31,7 +33,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--steps", action="store_true", help="also time uncaptured decode and mixed engine steps")
+    ap.add_argument("--gpu", action="store_true", help="only the CUDA per-layer stack timings (gpu_layer_times)")
     args = ap.parse_args()
+    if args.gpu:
+        return gpu_layer_times()
     steps = step_times() if args.steps else []  # first: the launch timings below patch the kernel path out
     import triton
     from spear_compile.lowering import batched, dispatch
@@ -97,6 +102,85 @@ def step_times():
                 ts.append(time.perf_counter() - t0)
         out.append((what, 1e3 * statistics.median(ts)))
     return out
+
+
+def host_us(fn, n=100):
+    """Host us per call of ``fn`` on CUDA, ``n`` calls back to back (timed until the last returns)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return 1e6 * t / n
+
+
+def gpu_layer_times():
+    """``--gpu``: host us per eager call of one Llama-3.2-1B decoder layer's W4 ops on CUDA (q|k|v and gate|up packed
+    as ``compile.siblings`` packs them, o, down; per-channel; tuned through the real dispatch first), per M, for each
+    layer of the call stack: ``torch.ops.spear.*`` (what a compiled graph calls, and what a mixed step's eager first
+    run and its capture pay per linear), ``grouped.launch_grouped`` / ``dispatch.launch``, the picked config's runner
+    alone, and bf16 ``F.linear`` over the same width. 100 calls back to back, timed until the last returns (launches
+    are asynchronous). Then one cProfile of the op calls at M = 256."""
+    import cProfile
+    import pstats
+
+    import torch.nn.functional as F
+
+    import spear_compile  # noqa: F401  (registers the ops)
+    from bench.batched_sweep import MODELS, add_packed, groups_of, make_linear
+    from spear_compile.lowering import dispatch, grouped
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(dev).manual_seed(0)
+    layer = {}
+    for name, k, ns in groups_of(MODELS["Llama-3.2-1B"]):
+        Ls = [make_linear(k, n, dev, gen) for n in ns]
+        if len(Ls) > 1:
+            add_packed(Ls)
+        layer[name] = Ls
+    print(f"{'M':>4} {'op':<8} {'torch.ops':>10} {'launch':>10} {'runner':>10} {'bf16':>8}  (host us per call)")
+    for m in (16, 256, 512):
+        for name, Ls in layer.items():
+            k = Ls[0]["k"]
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16) * 0.1
+            if len(Ls) > 1:
+                W = [L["packed"] for L in Ls]
+                args = ([w["q"] for w in W], [w["pc"][0] for w in W], [w["pc"][1] for w in W], [None] * len(W), k)
+                op = lambda: torch.ops.spear.grouped_linear(x, *args)  # noqa: E731
+                direct = lambda: grouped.launch_grouped(x, *args[:3], None, k)  # noqa: E731
+            else:
+                L = Ls[0]
+                op = lambda: torch.ops.spear.fused_linear(x, L["q"], *L["pc"], None, k, None, None, None, None)  # noqa
+                direct = lambda: dispatch.launch(x, L["q"], *L["pc"], None, k)  # noqa: E731
+            direct()   # tunes the key
+            n_total = sum(L["n"] for L in Ls)
+            y = torch.empty(m, Ls[0]["n"], device=dev, dtype=torch.bfloat16)
+            cfg_args = (x, Ls[0]["q"], *Ls[0]["pc"], None, k, None, None, None, None, None, y)
+            cfg = dispatch.config_for(x, cfg_args, k, Ls[0]["n"], k, False, False)
+            run = lambda: dispatch.runner(cfg)(cfg, *cfg_args)  # noqa: E731
+            w = torch.randn(n_total, k, device=dev, dtype=torch.bfloat16)
+            bf = lambda: F.linear(x, w)  # noqa: E731
+            print(f"{m:>4} {name:<8} {host_us(op):>10.1f} {host_us(direct):>10.1f} {host_us(run):>10.1f} "
+                  f"{host_us(bf):>8.1f}   runner = {cfg.name} (member 0)", flush=True)
+        if m == 256:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(20):
+                for name, Ls in layer.items():
+                    k = Ls[0]["k"]
+                    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+                    if len(Ls) > 1:
+                        W = [L["packed"] for L in Ls]
+                        torch.ops.spear.grouped_linear(x, [w["q"] for w in W], [w["pc"][0] for w in W],
+                                                       [w["pc"][1] for w in W], [None] * len(W), k)
+                    else:
+                        torch.ops.spear.fused_linear(x, Ls[0]["q"], *Ls[0]["pc"], None, k, None, None, None, None)
+            torch.cuda.synchronize()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+
 
 
 if __name__ == "__main__":

@@ -102,6 +102,12 @@ def build(variant: str, seed=0):
     return model, ecs
 
 
+def bf16_twin(variant: str) -> str:
+    """The bf16 engine variant run in the same mode (overlap, decode attention) as ``variant``."""
+    _, overlap, attention = split_variant(variant)
+    return "bf16" + ("+overlap" if overlap else "") + ("+tattn" if attention == "triton" else "")
+
+
 def split_variant(variant: str) -> tuple:
     """``(model variant, overlapped steps, decode attention)`` of an engine variant name: a ``+overlap`` suffix runs
     the whole run with overlapped steps (EngineConfig.overlap_decode), a last ``+tattn`` the paged Triton decode
@@ -179,8 +185,9 @@ def part_check(args):
     torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
-def run_engine(variant, args, reqs):
-    from spear_compile.serving import Engine, EngineConfig, SamplingParams
+def make_engine(variant, args):
+    """``(engine, model, ecs, start-up seconds)`` of one variant, sized by ``args`` (also bench.engine_profile's)."""
+    from spear_compile.serving import Engine, EngineConfig
     reset_compiler()
     base, overlap, attention = split_variant(variant)
     model, ecs = build(base)
@@ -193,7 +200,13 @@ def run_engine(variant, args, reqs):
                        overlap_decode=overlap, decode_attention=attention)
     t0 = time.perf_counter()
     eng = Engine(model, None, cfg, model_name=f"llama1b-{variant}")
-    startup = time.perf_counter() - t0
+    return eng, model, ecs, time.perf_counter() - t0
+
+
+def run_engine(variant, args, reqs):
+    from spear_compile.serving import SamplingParams
+    eng, model, ecs, startup = make_engine(variant, args)
+    overlap = split_variant(variant)[1]
     frozen = eng.gc_frozen or {}
     row(part="startup", variant=variant, startup_s=round(startup, 1), graphs=len(eng.runner.graphs),
         tuned_keys=len(TUNER.picks), gc_collect_ms=round(1e3 * frozen["collect_s"], 1) if frozen else None,
@@ -208,19 +221,39 @@ def run_engine(variant, args, reqs):
     prompts = [p for p, _ in reqs]
     eng.generate(prompts[:4], [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * 4)  # warm path
     sync()
+    steps_before, captures_before = eng.num_steps, eng.runner.mixed.first_steps
     t0 = time.perf_counter()
     outs = eng.generate(prompts, samplings)
     sync()
     wall = time.perf_counter() - t0
     out_tokens = sum(o.num_output_tokens for o in outs)
     assert out_tokens == sum(o for _, o in reqs)
-    steps = list(eng.step_log)[-eng.num_steps:]
+    steps = list(eng.step_log)[-(eng.num_steps - steps_before):]
     host = [r.host_s for r in steps if r.num_prefill_tokens == 0]
     row(part="engine", variant=variant, ecs=len(ecs), requests=len(reqs), output_tokens=out_tokens,
         prompt_tokens=sum(len(p) for p in prompts), wall_s=round(wall, 2), tok_per_s=round(out_tokens / wall, 1),
         total_tok_per_s=round((out_tokens + sum(len(p) for p in prompts)) / wall, 1), startup_s=round(startup, 1),
-        recompiles=eng.stats().recompiles, preemptions=eng.num_preemptions, steps=eng.num_steps,
-        graphs=len(eng.runner.graphs), decode_host_ms_median=round(1e3 * sorted(host)[len(host) // 2], 3) if host else None)
+        recompiles=eng.stats().recompiles, preemptions=eng.num_preemptions, steps=len(steps),
+        graphs=len(eng.runner.graphs), mixed_captures=eng.runner.mixed.first_steps - captures_before,
+        decode_host_ms_median=round(1e3 * sorted(host)[len(host) // 2], 3) if host else None)
+    if args.warm:
+        # a server's steady state: as many other requests of the same distribution (seed + 1), unseen, on the engine
+        # the first pass warmed (its mixed-step graphs captured lazily, at each step shape's first step)
+        step_breakdown(variant + " cold", steps)
+        other = make_requests(len(reqs), args.seed + 1, 128256)
+        steps_before, captures_before = eng.num_steps, eng.runner.mixed.first_steps
+        t0 = time.perf_counter()
+        outs = eng.generate([p for p, _ in other], [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True)
+                                                    for _, o in other])
+        sync()
+        wall = time.perf_counter() - t0
+        steps = list(eng.step_log)[-(eng.num_steps - steps_before):]
+        row(part="engine-warm", variant=variant, requests=len(other), output_tokens=sum(o for _, o in other),
+            wall_s=round(wall, 3), tok_per_s=round(sum(o.num_output_tokens for o in outs) / wall, 1), steps=len(steps),
+            mixed_captures=eng.runner.mixed.first_steps - captures_before, recompiles=eng.stats().recompiles)
+    step_breakdown(variant + (" warm" if args.warm else ""), steps)
+    if args.profile:
+        profile_passes(eng, variant, args)
     if overlap:
         row(part="overlap", variant=variant, launched=eng.overlap.num_launched, steps=eng.num_steps)
         del eng, model
@@ -234,6 +267,47 @@ def run_engine(variant, args, reqs):
     row(part="overlap", variant=variant, launched=eng.overlap.num_launched)
     eng.overlap = None
     del eng, model
+
+
+def profile_passes(eng, variant, args):
+    """Where a pass's time goes (printed, not timed): 64 new requests (other lengths: new mixed-step shapes, so the
+    pass captures graphs) under cProfile, the host's top functions by own time; then the same requests again
+    (replays) under the torch profiler, the device's top kernels."""
+    import cProfile
+    import pstats
+    from spear_compile.serving import SamplingParams
+    reqs = make_requests(64, args.seed + 1, 128256)
+    prompts, samplings = [p for p, _ in reqs], [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True)
+                                                 for _, o in reqs]
+    prof = cProfile.Profile()
+    prof.enable()
+    eng.generate(prompts, samplings)
+    sync()
+    prof.disable()
+    print(f"== {variant}: host, 64 new requests (captures), top by own time")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tp:
+        eng.generate(prompts, samplings)
+        sync()
+    print(f"== {variant}: device, the same requests again (replays), top kernels")
+    print(tp.key_averages().table(sort_by="device_time_total", row_limit=30, max_name_column_width=90))
+
+
+def step_breakdown(variant, steps):
+    """Where the 256 requests' device time went: decode-only steps by batch bucket, mixed steps by token bucket
+    (count, total and median measured ms), so a slower variant names the step kind that makes it slower."""
+    buckets = {}
+    for r in steps:
+        tokens = r.num_decodes + r.num_prefill_tokens
+        kind = "decode" if not r.num_prefill_tokens else \
+            "mixed-capture" if r.captured_graph else "mixed-eager" if r.uncaptured_mixed else "mixed"
+        size = 1 << max(0, (tokens - 1).bit_length())
+        buckets.setdefault((kind, size), []).append(r.measured_s)
+    for (kind, size), times in sorted(buckets.items()):
+        times.sort()
+        row(part="steps", variant=variant, kind=kind, tokens_le=size, steps=len(times),
+            total_ms=round(1e3 * sum(times), 1), median_ms=round(1e3 * times[len(times) // 2], 3))
 
 
 def decode_rate(eng, variant, batch, args, new=129):
@@ -498,19 +572,30 @@ def markdown(env):
     hf = next((r for r in ROWS if r.get("part") == "hf" and "tok_per_s" in r), None)
     if eng or hf:
         lines += ["## Offline throughput (Llama-3.2-1B shape, random weights, same requests)", "",
-                  "| system | output tok/s | vs HF generate bf16 | vs bf16 engine | wall s | start-up s | recompiles | preemptions |",
-                  "|---|---|---|---|---|---|---|---|"]
-        base_eng = eng.get("bf16", {}).get("tok_per_s")
+                  "A fresh engine (after start-up): mixed-step graphs are captured at each step shape's first step, "
+                  "inside this pass (`mixed captures`).", "",
+                  "| system | output tok/s | vs HF generate bf16 | vs bf16 engine | wall s | start-up s | recompiles | "
+                  "preemptions | mixed captures |", "|---|---|---|---|---|---|---|---|---|"]
         for v, r in eng.items():
             vs_hf = f"{r['tok_per_s'] / hf['tok_per_s']:.2f}x" if hf else "-"
-            base = eng.get("bf16+overlap", {}).get("tok_per_s") if v.endswith("+overlap") else None
-            base = base or base_eng   # the bf16 engine in the same mode where it ran
+            base = (eng.get(bf16_twin(v)) or eng.get("bf16") or {}).get("tok_per_s")  # same mode where it ran
             vs_b = f"{r['tok_per_s'] / base:.2f}x" if base else "-"
             lines.append(f"| engine {v} ({r['ecs']} ECs) | {r['tok_per_s']} | {vs_hf} | {vs_b} | {r['wall_s']} | "
-                         f"{r['startup_s']} | {r['recompiles']} | {r['preemptions']} |")
+                         f"{r['startup_s']} | {r['recompiles']} | {r['preemptions']} | {r.get('mixed_captures', '-')} |")
         if hf:
             lines.append(f"| HF generate bf16 (static cache, batches of {hf['batch']}) | {hf['tok_per_s']} | 1.00x | - | "
                          f"{hf['wall_s']} | {hf['warmup_s']} | - | - |")
+        lines.append("")
+    warm = {r["variant"]: r for r in ROWS if r.get("part") == "engine-warm"}
+    if warm:
+        lines += ["## The warmed engine (`--warm`): as many other requests (seed + 1) after the pass above", "",
+                  "| system | output tok/s | vs bf16 engine (warm) | wall s | mixed captures | recompiles |",
+                  "|---|---|---|---|---|---|"]
+        for v, r in warm.items():
+            base = (warm.get(bf16_twin(v)) or {}).get("tok_per_s")
+            vs_b = f"{r['tok_per_s'] / base:.2f}x" if base else "-"
+            lines.append(f"| engine {v} | {r['tok_per_s']} | {vs_b} | {r['wall_s']} | {r['mixed_captures']} | "
+                         f"{r['recompiles']} |")
         lines.append("")
     dec = [r for r in ROWS if r.get("part") == "decode" and "tok_per_s" in r]
     if dec:
@@ -561,6 +646,11 @@ def main():
     ap.add_argument("--hfgen-variants", default="bf16,w4,w4+ec")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warm", action="store_true", help="the engine part then serves as many other requests (seed + "
+                    "1) on the warmed engine (engine-warm rows: a server's steady state; mixed-step graphs are "
+                    "captured at each step shape's first step, which the first pass pays)")
+    ap.add_argument("--profile", action="store_true", help="engine part: also profile a pass (bench.throughput."
+                    "profile_passes: host and device top lists; printed only)")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-tokens", type=int, default=512)
     ap.add_argument("--hf-batch", type=int, default=64)

@@ -8,8 +8,6 @@ On CUDA with a 4-bit container and bf16/fp16 activations it runs the Triton kern
 """
 from __future__ import annotations
 
-from typing import List, Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -39,22 +37,33 @@ def _kernel_path(x, qdata):
     return launch
 
 
-@torch.library.custom_op("spear::fused_linear", mutates_args=())
-def fused_linear(
-    x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-    bias: Optional[torch.Tensor], group_size: int,
-    ec_A: Optional[torch.Tensor], ec_B: Optional[torch.Tensor],
-    gate_w: Optional[torch.Tensor], gate_b: Optional[torch.Tensor],
-) -> torch.Tensor:
+# Both ops are registered on a Library fragment, not with ``torch.library.custom_op``: custom_op runs every call
+# through Python autograd, redispatch, dynamo-disable and aliasing-check layers (100-120 us a call on an H100's host,
+# ``bench/launch_host_time.py --gpu``), which every quantized linear of a mixed step's eager first run and of its CUDA-graph
+# capture paid. They are inference ops: no autograd kernel (the dispatcher's fallback; the trainable path is
+# ``spear::qlinear``). ``fused_linear`` / ``grouped_linear`` below are the ops' overloads.
+_LIB = torch.library.Library("spear", "FRAGMENT")   # kept alive with the module: dropping it unregisters the ops
+_PT2 = (torch.Tag.pt2_compliant_tag,)
+
+
+def _fused_linear(x, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b):
     launch = _kernel_path(x, qdata)
     if launch is None:
         return reference_fused_linear(x, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b)
     return launch(x, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b)
 
 
-@fused_linear.register_fake
+_LIB.define("fused_linear(Tensor x, Tensor qdata, Tensor scale, Tensor zero, Tensor? bias, SymInt group_size, "
+            "Tensor? ec_A, Tensor? ec_B, Tensor? gate_w, Tensor? gate_b) -> Tensor", tags=_PT2)
+_LIB.impl("fused_linear", _fused_linear, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("spear::fused_linear", lib=_LIB)
 def _(x, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b):
     return x.new_empty(*x.shape[:-1], qdata.shape[0])
+
+
+fused_linear = torch.ops.spear.fused_linear.default
 
 
 # ---- horizontal fusion: sibling linears of the same x ------------------------------------------
@@ -63,11 +72,7 @@ def reference_grouped_linear(x, qdata, scale, zero, bias, group_size):
                       for q, s, z, b in zip(qdata, scale, zero, bias)], dim=-1)
 
 
-@torch.library.custom_op("spear::grouped_linear", mutates_args=())
-def grouped_linear(
-    x: torch.Tensor, qdata: List[torch.Tensor], scale: List[torch.Tensor], zero: List[torch.Tensor],
-    bias: List[Optional[torch.Tensor]], group_size: int,
-) -> torch.Tensor:
+def _grouped_linear(x, qdata, scale, zero, bias, group_size):
     """``cat([qlinear_i(x) + bias_i for i], -1)``: 2-4 quantized linears of the same ``x`` (same K, group size,
     dtype; ``bias`` entries all tensors or all None) in one op. The pass ``group_sibling_linears`` makes it of sibling
     ``spear::fused_linear``s without EC and slices its output per member; on CUDA one grouped kernel launch."""
@@ -78,6 +83,14 @@ def grouped_linear(
     return launch_grouped(x, qdata, scale, zero, bias, group_size)
 
 
-@grouped_linear.register_fake
+_LIB.define("grouped_linear(Tensor x, Tensor[] qdata, Tensor[] scale, Tensor[] zero, Tensor?[] bias, "
+            "SymInt group_size) -> Tensor", tags=_PT2)
+_LIB.impl("grouped_linear", _grouped_linear, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("spear::grouped_linear", lib=_LIB)
 def _(x, qdata, scale, zero, bias, group_size):
     return x.new_empty(*x.shape[:-1], sum(q.shape[0] for q in qdata))
+
+
+grouped_linear = torch.ops.spear.grouped_linear.default

@@ -12,6 +12,7 @@ kernel: both leave its counters at 0).
 """
 from __future__ import annotations
 
+import functools
 from typing import List
 
 import torch
@@ -237,6 +238,19 @@ def _check_swap(cfg: GluonW4Config):
 
 
 def _check(x2, qdata, scale, zero, bias, group_size, y, cfg):
+    _check_shapes(cfg, x2.shape, x2.dtype, qdata.shape, qdata.dtype, scale.shape, scale.dtype, zero.shape, zero.dtype,
+                  None if bias is None else (bias.shape, bias.is_floating_point()), y.shape, y.dtype, y.stride(1),
+                  group_size)
+    if not (x2.is_cuda and qdata.device == x2.device == scale.device == zero.device == y.device
+            and (bias is None or bias.device == x2.device)):
+        devs = {t.device for t in (x2, qdata, scale, zero, y) + ((bias,) if bias is not None else ())}
+        raise SpearError(f"{WHERE}: every operand must be on one CUDA device, got {sorted(map(str, devs))}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_shapes(cfg, x_shape, x_dtype, q_shape, q_dtype, s_shape, s_dtype, z_shape, z_dtype, bias, y_shape, y_dtype,
+                  y_col_stride, group_size):
+    """The config and the operands' shapes and dtypes (remembered: a call's shapes repeat every step)."""
     if cfg.variant not in VARIANTS:
         raise SpearError(f"{WHERE}: variant must be one of {VARIANTS}, got {cfg.variant!r}")
     if cfg.variant == "swap":
@@ -262,13 +276,12 @@ def _check(x2, qdata, scale, zero, bias, group_size, y, cfg):
         if smem_bytes_ws(cfg) > WS_MAX_SMEM:
             raise SpearError(f"{WHERE}: {cfg.name} needs {smem_bytes_ws(cfg)} B of shared memory (at most "
                              f"{WS_MAX_SMEM})")
-    if x2.dim() != 2 or x2.dtype not in (torch.bfloat16, torch.float16):
-        raise SpearError(f"{WHERE}: x must be bf16/fp16 [M, K], got {x2.dtype} {tuple(x2.shape)}")
-    m, k = x2.shape
-    if qdata.dtype != torch.uint8 or qdata.dim() != 2 or qdata.shape[1] * 2 != k:
-        raise SpearError(f"{WHERE}: qdata must be uint8 [N, K/2] = [N, {k // 2}], got {qdata.dtype} "
-                         f"{tuple(qdata.shape)}")
-    n = qdata.shape[0]
+    if len(x_shape) != 2 or x_dtype not in (torch.bfloat16, torch.float16):
+        raise SpearError(f"{WHERE}: x must be bf16/fp16 [M, K], got {x_dtype} {tuple(x_shape)}")
+    m, k = x_shape
+    if q_dtype != torch.uint8 or len(q_shape) != 2 or q_shape[1] * 2 != k:
+        raise SpearError(f"{WHERE}: qdata must be uint8 [N, K/2] = [N, {k // 2}], got {q_dtype} {tuple(q_shape)}")
+    n = q_shape[0]
     if k % cfg.block_k or n % cfg.block_n:
         raise SpearError(f"{WHERE}: K={k} must be a multiple of block_k={cfg.block_k} and N={n} of "
                          f"block_n={cfg.block_n}")
@@ -278,18 +291,22 @@ def _check(x2, qdata, scale, zero, bias, group_size, y, cfg):
         raise SpearError(f"{WHERE}: group_size={group_size} must divide K={k} and be K or a multiple of "
                          f"block_k={cfg.block_k}")
     groups = k // group_size
-    for name, t in (("scale", scale), ("zero", zero)):
-        if t.shape != (n, groups) or t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise SpearError(f"{WHERE}: {name} must be float [N, K/group] = [{n}, {groups}], got {t.dtype} "
-                             f"{tuple(t.shape)}")
-    if bias is not None and (bias.shape != (n,) or not bias.is_floating_point()):
-        raise SpearError(f"{WHERE}: bias must be float [N] = [{n}], got {bias.dtype} {tuple(bias.shape)}")
-    if y.shape != (m, n) or y.dtype != x2.dtype or y.stride(1) != 1:
-        raise SpearError(f"{WHERE}: y must be {x2.dtype} [M, N] = [{m}, {n}] with unit column stride, got "
-                         f"{y.dtype} {tuple(y.shape)} stride {y.stride()}")
-    devs = {t.device for t in (x2, qdata, scale, zero, y) + ((bias,) if bias is not None else ())}
-    if len(devs) != 1 or not x2.is_cuda:
-        raise SpearError(f"{WHERE}: every operand must be on one CUDA device, got {sorted(map(str, devs))}")
+    for name, shape, dtype in (("scale", s_shape, s_dtype), ("zero", z_shape, z_dtype)):
+        if tuple(shape) != (n, groups) or dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise SpearError(f"{WHERE}: {name} must be float [N, K/group] = [{n}, {groups}], got {dtype} "
+                             f"{tuple(shape)}")
+    if bias is not None and (tuple(bias[0]) != (n,) or not bias[1]):
+        raise SpearError(f"{WHERE}: bias must be float [N] = [{n}], got shape {tuple(bias[0])}")
+    if tuple(y_shape) != (m, n) or y_dtype != x_dtype or y_col_stride != 1:
+        raise SpearError(f"{WHERE}: y must be {x_dtype} [M, N] = [{m}, {n}] with unit column stride, got "
+                         f"{y_dtype} {tuple(y_shape)} column stride {y_col_stride}")
+
+
+@functools.lru_cache(maxsize=64)
+def _smem_layout(rows: int, cols: int, dtype):
+    """The TMA tile's shared layout (built once per tile shape: a Gluon layout object is not cheap to make)."""
+    from triton.experimental.gluon import language as gl
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], dtype)
 
 
 def run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg: GluonW4Config):
@@ -317,10 +334,8 @@ def run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg: GluonW4Config
     zero = zero.contiguous()
     gdt = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
-    x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [bm, bk],
-                              gl.NVMMASharedLayout.get_default_for([bm, bk], gdt))
-    q_desc = TensorDescriptor(q32, [n, k // 8], [k // 8, 1], [bn, bk // 8],
-                              gl.NVMMASharedLayout.get_default_for([bn, bk // 8], gl.int32))
+    x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [bm, bk], _smem_layout(bm, bk, gdt))
+    q_desc = TensorDescriptor(q32, [n, k // 8], [k // 8, 1], [bn, bk // 8], _smem_layout(bn, bk // 8, gl.int32))
     per_channel = group_size >= k
     if cfg.variant == "swap":
         split, k_tiles = swap_split(cfg, k)

@@ -40,18 +40,26 @@ def _check_group(x, qdatas, scales, zeros, biases, group_size):
 
 
 def adjacent_rows(parts):
-    """``parts`` (2-D row blocks, or 1-D) as one tensor when each starts where the one before ends in the same
-    storage (contiguous, same dtype, device and trailing shape), else None."""
+    """``parts`` (2-D row blocks, or 1-D) as one tensor when each starts where the one before ends inside the first
+    one's storage (contiguous, same dtype, device and trailing shape), else None. (Memory inside one storage's
+    range belongs to that storage: one ``untyped_storage()`` read, not one a part; on a mixed step's eager first
+    run this check runs for every grouped linear.)"""
     first = parts[0]
     if first is None or not first.is_contiguous():
         return None
-    storage, end = first.untyped_storage().data_ptr(), first.data_ptr()
+    dtype, device, trail = first.dtype, first.device, first.shape[1:]
+    end = first.data_ptr()
+    rows = 0
     for p in parts:
-        if (p is None or not p.is_contiguous() or p.dtype != first.dtype or p.device != first.device
-                or p.shape[1:] != first.shape[1:] or p.untyped_storage().data_ptr() != storage or p.data_ptr() != end):
+        if (p is None or p.data_ptr() != end or not p.is_contiguous() or p.dtype != dtype or p.device != device
+                or p.shape[1:] != trail):
             return None
         end += p.numel() * p.element_size()
-    return first.as_strided((sum(p.shape[0] for p in parts), *first.shape[1:]), first.stride())
+        rows += p.shape[0]
+    storage = first.untyped_storage()
+    if end > storage.data_ptr() + storage.nbytes():
+        return None
+    return first.as_strided((rows, *trail), first.stride())
 
 
 def adjacent_members(qdatas, scales, zeros, biases):
@@ -66,9 +74,10 @@ def adjacent_members(qdatas, scales, zeros, biases):
     return joined
 
 
-def _concat_into(x2, qdatas, scales, zeros, biases, group_size, y):
-    """The adjacent members as one linear (its own tuned config) into ``y``; per member when not adjacent."""
-    joined = adjacent_members(qdatas, scales, zeros, biases)
+def _concat_into(x2, qdatas, scales, zeros, biases, group_size, y, joined=None):
+    """The adjacent members as one linear (its own tuned config) into ``y``; per member when not adjacent.
+    ``joined``: ``adjacent_members``' answer when the caller has it."""
+    joined = joined or adjacent_members(qdatas, scales, zeros, biases)
     if joined is None:
         return _members_into(x2, qdatas, scales, zeros, biases, group_size, y)
     args = (x2, *joined, group_size, None, None, None, None, None, y)
@@ -96,12 +105,13 @@ def _grouped_kernel_ok(cfg, x2, qdatas):
             and all(gemv_ok(k, q) for q in qdatas))
 
 
-def _run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y):
-    """``y [M, ΣN] = [x W_1ᵀ | x W_2ᵀ | ...] (+ biases)``: one grouped launch where the kernel applies, else per member."""
+def _run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y, joined=None):
+    """``y [M, ΣN] = [x W_1ᵀ | x W_2ᵀ | ...] (+ biases)``: one grouped launch where the kernel applies, else per member
+    (``joined``: the members as one linear when adjacent, from ``adjacent_members``)."""
     if isinstance(cfg, batched.BatchedConfig):
         return batched.run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y)
     if cfg.concat:
-        return _concat_into(x2, qdatas, scales, zeros, biases, group_size, y)
+        return _concat_into(x2, qdatas, scales, zeros, biases, group_size, y, joined)
     if not _grouped_kernel_ok(cfg, x2, qdatas):
         return _members_into(x2, qdatas, scales, zeros, biases, group_size, y)
     m, k = x2.shape
@@ -131,11 +141,13 @@ def _run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y):
     return y
 
 
-def grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y):
+def grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y, joined=None):
+    """The config ``launch_grouped`` runs (``joined``: ``adjacent_members``' answer, None when not adjacent or M
+    <= ``MAX_DECODE_M``)."""
     m, k = x2.shape
     ns = [q.shape[0] for q in qdatas]
     # one linear over adjacent members: above the grouped decode kernels' M, where wide-N GEMMs pay
-    concat = m > MAX_DECODE_M and adjacent_members(qdatas, scales, zeros, biases) is not None
+    concat = m > MAX_DECODE_M and joined is not None
     key = group_key(m, k, ns, group_size, x2.dtype, biases[0] is not None, concat)
     if key in TUNER.picks:
         return TUNER.picks[key]
@@ -152,7 +164,7 @@ def grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y):
         return _members_into(x2, qdatas, scales, zeros, biases, group_size, torch.empty_like(y), DequantCublasConfig())
 
     cands = (grouped_candidates(k, ns, group_size, sms, m) if m <= MAX_DECODE_M else large) + extra
-    return TUNER.pick(key, x2.device, cands, lambda cfg: _run_grouped(cfg, *args), reference, y)
+    return TUNER.pick(key, x2.device, cands, lambda cfg: _run_grouped(cfg, *args, joined), reference, y)
 
 
 def choose_grouped(m: int, k: int, ns, group_size: int, dtype=torch.bfloat16, bias: bool = False,
@@ -184,8 +196,9 @@ def launch_grouped(x, qdatas, scales, zeros, biases, group_size, config=None):
     x2, m, y = rows_and_out(x, n_total)
     if m == 0:
         return y.reshape(*x.shape[:-1], n_total)
-    cfg = config or grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y)
-    _run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y)
+    joined = adjacent_members(qdatas, scales, zeros, biases) if m > MAX_DECODE_M else None
+    cfg = config or grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y, joined)
+    _run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y, joined)
     return y.reshape(*x.shape[:-1], n_total)
 
 

@@ -126,6 +126,9 @@ def test_adjacent_rows_only_for_one_buffers_consecutive_blocks():
     assert grouped.adjacent_rows([buf[3:4], buf[0:3]]) is None          # out of order
     assert grouped.adjacent_rows([buf[0:3], buf[4:6]]) is None          # a gap
     assert grouped.adjacent_rows([buf[0:3], buf[3:6].clone()]) is None  # another storage
+    first = torch.empty(0).set_(buf.untyped_storage()[0:3 * buf.stride(0) * buf.element_size()], 0, (3, 4))
+    assert first.data_ptr() == buf.data_ptr()
+    assert grouped.adjacent_rows([first, buf[3:6]]) is None   # next in memory, past the first one's storage
     assert grouped.adjacent_rows([buf[0:3, :2], buf[3:6, :2]]) is None  # not contiguous
     assert grouped.adjacent_rows([buf[0:3], None]) is None
     flat = torch.arange(10.0)
