@@ -128,7 +128,9 @@ def build_engine(args, kind, ec_fraction=0.0):
                        compile_regions=args.compile_regions, decode_attention=args.decode_attention,
                        mixed_graph_padding=args.mixed_graph_padding,
                        mixed_graph_bucket_padding=args.mixed_graph_bucket_padding,
-                       overlap_decode=args.overlap)
+                       overlap_decode=args.overlap,
+                       # off unless asked: the engines of later policies would start with the earlier ones' shapes
+                       mixed_shape_cache=args.shape_cache)
     engine = Engine(model, tokenizer, cfg, model_name=f"{kind}")
     setup_s = time.perf_counter() - t0
     log(f"engine {kind} ec={ec_fraction}: setup {setup_s:.1f}s (warm-up {engine.runner.warmup_s:.1f}s: "
@@ -624,6 +626,9 @@ def main(argv=None):
     ap.add_argument("--mixed-graph-bucket-padding", type=float, default=2.0,
                     help="EngineConfig.mixed_graph_bucket_padding (> 1: a covering graph may have up to this many "
                          "times the step's tokens and decode rows)")
+    ap.add_argument("--shape-cache", action="store_true",
+                    help="EngineConfig.mixed_shape_cache for every engine (off by default here: an engine would "
+                         "start with the mixed-step shapes every engine before it captured)")
     ap.add_argument("--overlap", action="store_true",
                     help="EngineConfig.overlap_decode for every engine: each step is planned and launched while the "
                          "device runs the one before (the trace is greedy, so every step qualifies), so the "

@@ -197,7 +197,7 @@ def make_engine(variant, args):
     cfg = EngineConfig(**sizes, max_model_len=1024, policy=f"budget-{sizes['max_num_tokens']}", device=DEV["device"],
                        detokenize=False, dtype=DEV["dtype"], compile=not DEV["tiny"],
                        num_blocks=None if DEV["device"] == "cuda" else 2048, gpu_memory_utilization=0.3,
-                       overlap_decode=overlap, decode_attention=attention)
+                       overlap_decode=overlap, decode_attention=attention, mixed_shape_cache=args.shape_cache)
     t0 = time.perf_counter()
     eng = Engine(model, None, cfg, model_name=f"llama1b-{variant}")
     return eng, model, ecs, time.perf_counter() - t0
@@ -646,6 +646,10 @@ def main():
     ap.add_argument("--hfgen-variants", default="bf16,w4,w4+ec")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shape-cache", action="store_true",
+                    help="EngineConfig.mixed_shape_cache (off by default here: a fresh engine, as the bar measures); "
+                         "on, a variant whose engine ran before on this machine starts with its mixed-step shapes "
+                         "captured")
     ap.add_argument("--warm", action="store_true", help="the engine part then serves as many other requests (seed + "
                     "1) on the warmed engine (engine-warm rows: a server's steady state; mixed-step graphs are "
                     "captured at each step shape's first step, which the first pass pays)")

@@ -9,8 +9,10 @@ variable                   meaning                                 default
 ========================== ======================================= ==========================================
 ``SPEAR_AUTOTUNE``         ``0``: never time kernel configs; the   ``1``
                            heuristic defaults are used
-``SPEAR_TUNE_CACHE``       directory of the tuner's on-disk cache; ``$XDG_CACHE_HOME/spear_compile`` or
-                           ``0`` or empty: off                     ``~/.cache/spear_compile``
+``SPEAR_TUNE_CACHE``       directory of the tuner's on-disk cache  ``$XDG_CACHE_HOME/spear_compile`` or
+                           (and the serving engine's step-cost     ``~/.cache/spear_compile``
+                           and mixed-step shape files); ``0`` or
+                           empty: off
 ``SPEAR_TUNE_COMPILE_THREADS`` threads compiling a tuning's         ``min(16, CPUs)``
                            candidate kernels before they are timed
                            (``1``: serially, as each is timed)

@@ -53,6 +53,10 @@ class EngineConfig:
     #   Each capture stalls every running request for 50-120 ms. At 1.0 session 24's H100 runs captured 4-19 graphs
     #   per measured run after warm-ups; at 2.0 session 25's (results/serving_slo_h100_s25.md) `slo` captured 0-1 per
     #   run, with p99 per-token latency inside a 10 ms SLO
+    mixed_shape_cache: bool = True          # keep the mixed-step shapes this engine captures beside the tuning cache
+    #   and capture them at the next start-up of the same engine, before serving (shape_cache.py; a new shape's
+    #   first step costs an eager run and a capture: 15-50 ms on an H100). Off with the on-disk cache
+    #   (SPEAR_TUNE_CACHE=0) or without mixed-step graphs
     compile: bool = True
     compile_regions: bool = False           # compile one decoder layer (once per distinct layer structure) and the
     #   LM head instead of the whole model per phase: a fraction of the start-up compile time; the layers then run
@@ -118,6 +122,8 @@ class EngineConfig:
                 raise SpearError(f"EngineConfig: {name}={v!r} must be a positive number of milliseconds or None")
         if self.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise SpearError(f"EngineConfig: dtype={self.dtype} must be bfloat16, float16 or float32")
+        if not isinstance(self.mixed_shape_cache, bool):
+            raise SpearError(f"EngineConfig: mixed_shape_cache={self.mixed_shape_cache!r} must be True or False")
         if not isinstance(self.enable_prefix_caching, bool):
             raise SpearError(f"EngineConfig: enable_prefix_caching={self.enable_prefix_caching!r} must be True or False")
         if self.freeze_gc is not None and not isinstance(self.freeze_gc, bool):

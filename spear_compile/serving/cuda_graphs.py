@@ -180,6 +180,7 @@ class MixedGraphs:
         self._by_rows: dict = {}    # (use_ec, tokens, decode rows) -> captured MixedDims (``covering``'s candidates)
         self._covers: dict = {}     # (use_ec, dims, paddings) -> ``covering``'s answer while no graph was added
         self._covers_at = -1        # len(self.graphs) when ``_covers`` and ``_by_rows`` were built
+        self.on_capture: Optional[Callable] = None   # called with each new key once its graph is captured
 
     def covering(self, use_ec: bool, dims: MixedDims, max_padding: float,
                  bucket_padding: float = 1.0) -> Optional[MixedDims]:
@@ -238,6 +239,7 @@ class MixedGraphs:
         out = self.logits[:logits.shape[0]]
         if not self.capture.cuda:  # stand-in (tests)
             self.graphs[key] = MixedGraph(StandInGraph(lambda: out.copy_(fn())), flat, views, out)
+            self._captured(key)
             return logits
         try:
             # thread-local: the capture happens while serving; another thread's CUDA call (the server's) must
@@ -251,4 +253,9 @@ class MixedGraphs:
                           f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
             return logits
         self.graphs[key] = MixedGraph(graph, flat, views, out)
+        self._captured(key)
         return logits
+
+    def _captured(self, key) -> None:
+        if self.on_capture is not None:
+            self.on_capture(key)

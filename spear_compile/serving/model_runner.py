@@ -20,11 +20,12 @@ import torch
 import torch.nn as nn
 
 from ..errors import SpearError
-from .buckets import MIN_DIM, attention_cells_at, mixed_step_dims, mixed_step_dims_for, next_bucket, pow2_buckets, pow2_dim, table_width
+from .buckets import MIN_DIM, MixedDims, attention_cells_at, mixed_step_dims, mixed_step_dims_for, next_bucket, pow2_buckets, pow2_dim, table_width
 from .config import EngineConfig
 from .cuda_graphs import (DecodeGraph, GraphCapture, MixedGraphs, StandInGraph, multi_rank, pack_flat,
                           unpack_flat)
 from .kv_cache import PAD_BLOCK
+from .shape_cache import MixedShapeCache
 from .paged_llama import PagedLlama
 
 def int64_tensor(values: list) -> torch.Tensor:
@@ -121,6 +122,10 @@ class ModelRunner:
         self.capture = GraphCapture(device)
         self.mixed = MixedGraphs(self.capture, config.mixed_cuda_graphs if self.use_cuda_graphs and not multi_rank()
                                  else 0, max_rows=pow2_dim(config.max_num_seqs))
+        self.shapes = None               # the mixed-step shapes kept on disk (shape_cache.py), captured at start-up
+        if config.mixed_shape_cache and self.mixed.limit:
+            self.shapes = MixedShapeCache.for_runner(self, model)
+            self.mixed.on_capture = lambda key: self.shapes.add(key[0], MixedDims.from_shapes(key[1]))
         self.graphs_before_serving: Optional[int] = None
         self.last_mixed_dims: Optional[tuple] = None   # the padded sizes of the last mixed step served (MixedDims)
         self.warmup_s = 0.0
@@ -411,6 +416,8 @@ class ModelRunner:
             if compile_mixed:
                 for total in self.token_buckets:
                     jobs.append(("mixed", use_ec, total, None))
+        if self.shapes is not None:   # the mixed-step shapes an earlier run of this engine captured
+            jobs += [("shape", use_ec, dims, None) for use_ec, dims in self.shapes.entries if use_ec in self.ec_states()]
         bar = _progress(len(jobs), "spear serving: compile + capture", self.config.progress)
         # no duck sizing: two dims of equal size at trace time must not become one symbol (a guard that they stay
         # equal, i.e. a recompile when e.g. batch and block-table width differ later)
@@ -422,8 +429,10 @@ class ModelRunner:
             for kind, use_ec, a, b in jobs:
                 if kind == "decode":
                     self._warm_decode(use_ec, a, b)
-                else:
+                elif kind == "mixed":
                     self._warm_mixed(use_ec, a)
+                elif self.mixed.has_room(a.logits_rows):
+                    self.run_mixed(use_ec, self.padding_inputs(a))   # captured now (its first step)
                 bar.update(1)
         bar.close()
         # overlapped steps move a step's tokens into the next one's rows on the device (patch_ids); its index path
@@ -439,7 +448,8 @@ class ModelRunner:
         self.warmup_s = time.perf_counter() - t0
         tune_s, capture_s = TUNER.tune_seconds - tune0, self.capture.capture_s - capture0
         self.warmup_breakdown = {"total_s": self.warmup_s, "tune_s": tune_s, "tuned_keys": TUNER.tuned_keys - keys0,
-                                 "capture_s": capture_s, "compile_and_eager_s": self.warmup_s - tune_s - capture_s}
+                                 "capture_s": capture_s, "compile_and_eager_s": self.warmup_s - tune_s - capture_s,
+                                 "mixed_graphs": len(self.mixed.graphs)}
 
     def _warm_decode(self, use_ec, batch, width):
         """Compile (and tune) the decode step for one bucket, then capture it. On CUDA both run on the runner's
@@ -460,6 +470,16 @@ class ModelRunner:
         graph, logits = self.capture.capture(lambda: self._decode_call(batch, views, use_ec),
                                              f"the decode step (batch {batch}, block-table width {width})")
         self.graphs[(use_ec, batch, width)] = DecodeGraph(graph, flat, views, logits)
+
+    def padding_inputs(self, dims: MixedDims) -> tuple:
+        """``mixed_inputs``' tensors for a step of ``dims`` whose rows are all padding (every slot in the padding
+        block, every chunk row empty): what a recorded shape is captured with at start-up."""
+        def full(value, *shape):
+            return torch.full(shape, value, dtype=torch.int64)
+        t, nd, np_, ql = dims.tokens, dims.decode_rows, dims.prefills, dims.chunk_len
+        return (full(0, t), full(0, t), full(PAD_BLOCK, t), full(0, t), full(PAD_BLOCK, nd, dims.decode_width),
+                full(1, nd), full(PAD_BLOCK, np_, dims.prefill_width), full(t, np_, ql), full(0, np_, ql),
+                full(0, dims.logits_rows))
 
     def _warm_mixed(self, use_ec, total):
         # a prefill-only step of `total` tokens spread over two padding "requests" (all slots in the padding block)

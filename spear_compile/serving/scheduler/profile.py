@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import statistics
-import tempfile
 import time
-import warnings
 from typing import Optional
 
 from ...errors import SpearError
+from .. import json_cache
 from ..buckets import MIN_DIM
 from ..request import Request, SamplingParams
 from .cost_model import StepCostModel, StepSample, StepShape, fit_models, mixed_rows
@@ -189,57 +187,24 @@ def cache_fields(device, model, layout: dict, sig: ECSignature) -> dict:
 
 
 def cache_path(fields: dict) -> Optional[str]:
-    from ...lowering import tune_cache
-    directory = tune_cache.cache_dir()
-    if directory is None:
-        return None
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return os.path.join(directory, f"stepcost-{digest}.json")
+    return json_cache.path_for("stepcost", fields)
+
+
+def _parse_samples(rows) -> list:
+    if not isinstance(rows, list) or not rows:
+        raise ValueError("no samples")
+    return [StepSample.from_json(r) for r in rows]
 
 
 def load_samples(path: Optional[str], fields: dict) -> Optional[list]:
     """The cached samples, or None when missing, or (with a warning) unreadable, corrupt or for another key."""
-    if path is None:
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-            raise ValueError(f"not a schema-{SCHEMA} step-cost profile")
-        if json.dumps(data.get("fields"), sort_keys=True, default=str) != json.dumps(fields, sort_keys=True,
-                                                                                     default=str):
-            raise ValueError("header does not match this engine")
-        rows = data.get("samples")
-        if not isinstance(rows, list) or not rows:
-            raise ValueError("no samples")
-        return [StepSample.from_json(r) for r in rows]
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        warnings.warn(f"spear_compile step-cost profile {path}: {type(e).__name__}: {e}; ignoring it (re-profiled "
-                      f"and rewritten)", stacklevel=2)
-        return None
+    return json_cache.load(path, SCHEMA, fields, "samples", _parse_samples, "step-cost profile",
+                           "re-profiled and rewritten")
 
 
 def save_samples(path: Optional[str], fields: dict, samples: list) -> None:
     """Write atomically (temporary file + ``os.replace``); a failed write warns and changes nothing."""
-    if path is None:
-        return
-    tmp = None
-    try:
-        text = json.dumps({"schema": SCHEMA, "fields": fields, "samples": [s.to_json() for s in samples]},
-                          default=str)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".stepcost-", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-        tmp = None
-    except (OSError, TypeError, ValueError) as e:
-        warnings.warn(f"spear_compile step-cost profile {path}: could not save ({type(e).__name__}: {e})", stacklevel=2)
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+    json_cache.save(path, SCHEMA, fields, "samples", [s.to_json() for s in samples], "step-cost profile")
 
 
 # ----------------------------------------------------------------------------------------------- engine entry point
