@@ -39,9 +39,9 @@ def _kernel_path(x, qdata):
 
 # Both ops are registered on a Library fragment, not with ``torch.library.custom_op``: custom_op runs every call
 # through Python autograd, redispatch, dynamo-disable and aliasing-check layers (100-120 us a call on an H100's host,
-# ``bench/launch_host_time.py --gpu``), which every quantized linear of a mixed step's eager first run and of its CUDA-graph
-# capture paid. They are inference ops: no autograd kernel (the dispatcher's fallback; the trainable path is
-# ``spear::qlinear``). ``fused_linear`` / ``grouped_linear`` below are the ops' overloads.
+# ``bench/launch_host_time.py --gpu``), which every quantized linear of a mixed step's eager first run and of its
+# CUDA-graph capture paid. They are inference ops: no autograd kernel (the dispatcher's fallback; the trainable path
+# is ``spear::qlinear``). ``fused_linear`` / ``grouped_linear`` below are the ops' overloads.
 _LIB = torch.library.Library("spear", "FRAGMENT")   # kept alive with the module: dropping it unregisters the ops
 _PT2 = (torch.Tag.pt2_compliant_tag,)
 

@@ -106,8 +106,8 @@ def _grouped_kernel_ok(cfg, x2, qdatas):
 
 
 def _run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y, joined=None):
-    """``y [M, ΣN] = [x W_1ᵀ | x W_2ᵀ | ...] (+ biases)``: one grouped launch where the kernel applies, else per member
-    (``joined``: the members as one linear when adjacent, from ``adjacent_members``)."""
+    """``y [M, ΣN] = [x W_1ᵀ | x W_2ᵀ | ...] (+ biases)``: one grouped launch where the kernel applies, else per
+    member (``joined``: the members as one linear when adjacent, from ``adjacent_members``)."""
     if isinstance(cfg, batched.BatchedConfig):
         return batched.run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y)
     if cfg.concat:

@@ -417,7 +417,8 @@ class ModelRunner:
                 for total in self.token_buckets:
                     jobs.append(("mixed", use_ec, total, None))
         if self.shapes is not None:   # the mixed-step shapes an earlier run of this engine captured
-            jobs += [("shape", use_ec, dims, None) for use_ec, dims in self.shapes.entries if use_ec in self.ec_states()]
+            jobs += [("shape", use_ec, dims, None) for use_ec, dims in self.shapes.entries
+                     if use_ec in self.ec_states()]
         bar = _progress(len(jobs), "spear serving: compile + capture", self.config.progress)
         # no duck sizing: two dims of equal size at trace time must not become one symbol (a guard that they stay
         # equal, i.e. a recompile when e.g. batch and block-table width differ later)
