@@ -287,11 +287,13 @@ def profile_passes(eng, variant, args):
     print(f"== {variant}: host, 64 new requests (captures), top by own time")
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tp:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV["device"] == "cuda" else [])
+    with profile(activities=activities) as tp:
         eng.generate(prompts, samplings)
         sync()
     print(f"== {variant}: device, the same requests again (replays), top kernels")
-    print(tp.key_averages().table(sort_by="device_time_total", row_limit=30, max_name_column_width=90))
+    print(tp.key_averages().table(sort_by="device_time_total" if DEV["device"] == "cuda" else "cpu_time_total",
+                                  row_limit=30, max_name_column_width=90))
 
 
 def step_breakdown(variant, steps):
