@@ -42,7 +42,7 @@ def _parse(rows) -> List[Tuple[bool, MixedDims]]:
     out = []
     for row in rows:
         use_ec, dims = row
-        if not isinstance(use_ec, bool) or sorted(dims) != sorted(names) or \
+        if not isinstance(use_ec, bool) or not isinstance(dims, dict) or sorted(dims) != sorted(names) or \
                 not all(isinstance(v, int) and v > 0 for v in dims.values()):
             raise ValueError(f"bad entry {row!r}")
         out.append((use_ec, MixedDims(**dims)))

@@ -77,9 +77,11 @@ def test_corrupt_file_is_refused_whole_and_rewritten(tmp_path, monkeypatch, ref_
     assert serve(eng) == want
     with open(path) as f:
         assert len(json.load(f)["shapes"]) == good        # rewritten from what this engine captured
-    path.write_text("{not json")
-    with pytest.warns(UserWarning, match="mixed-step shape cache"):
-        assert len(engine(ref_tokenizer).runner.mixed.graphs) == 0
+    for bad in ("{not json", json.dumps(dict(data, shapes=[[True, list(MixedDims.__dataclass_fields__)]])),
+                json.dumps(dict(data, shapes=7)), json.dumps(dict(data, schema=99))):
+        path.write_text(bad)
+        with pytest.warns(UserWarning, match="mixed-step shape cache"):
+            assert len(engine(ref_tokenizer).runner.mixed.graphs) == 0
 
 
 def test_other_layout_or_cache_off_reads_nothing(tmp_path, monkeypatch, ref_tokenizer):
