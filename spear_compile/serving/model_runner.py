@@ -347,6 +347,12 @@ class ModelRunner:
                 self.mixed.padded_replays += 1
                 dims = graph_dims
             self.last_mixed_dims = dataclasses.astuple(dims)   # the step log's record of what ran
+        return self.inputs_at(dims, decodes, prefills)
+
+    def inputs_at(self, dims: MixedDims, decodes, prefills):
+        """``mixed_inputs``' tensors and logits rows for ``decodes`` and ``prefills`` at ``dims`` (which hold them):
+        the rest of every row is padding (slots in the padding block, empty chunk rows). With neither, a step of
+        padding only: what a recorded shape is captured with at start-up."""
         nd, d_width, p_width = dims.decode_rows, dims.decode_width, dims.prefill_width
         q_len, num_p, total, s = dims.chunk_len, dims.prefills, dims.tokens, dims.logits_rows
         ids, pos, sb, so = [], [], [], []
@@ -433,7 +439,7 @@ class ModelRunner:
                 elif kind == "mixed":
                     self._warm_mixed(use_ec, a)
                 elif self.mixed.has_room(a.logits_rows):
-                    self.run_mixed(use_ec, self.padding_inputs(a))   # captured now (its first step)
+                    self.run_mixed(use_ec, self.inputs_at(a, [], [])[0])   # captured now (its first step)
                 bar.update(1)
         bar.close()
         # overlapped steps move a step's tokens into the next one's rows on the device (patch_ids); its index path
@@ -471,16 +477,6 @@ class ModelRunner:
         graph, logits = self.capture.capture(lambda: self._decode_call(batch, views, use_ec),
                                              f"the decode step (batch {batch}, block-table width {width})")
         self.graphs[(use_ec, batch, width)] = DecodeGraph(graph, flat, views, logits)
-
-    def padding_inputs(self, dims: MixedDims) -> tuple:
-        """``mixed_inputs``' tensors for a step of ``dims`` whose rows are all padding (every slot in the padding
-        block, every chunk row empty): what a recorded shape is captured with at start-up."""
-        def full(value, *shape):
-            return torch.full(shape, value, dtype=torch.int64)
-        t, nd, np_, ql = dims.tokens, dims.decode_rows, dims.prefills, dims.chunk_len
-        return (full(0, t), full(0, t), full(PAD_BLOCK, t), full(0, t), full(PAD_BLOCK, nd, dims.decode_width),
-                full(1, nd), full(PAD_BLOCK, np_, dims.prefill_width), full(t, np_, ql), full(0, np_, ql),
-                full(0, dims.logits_rows))
 
     def _warm_mixed(self, use_ec, total):
         # a prefill-only step of `total` tokens spread over two padding "requests" (all slots in the padding block)
