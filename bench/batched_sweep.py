@@ -27,6 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.kernels import copy_bandwidth, rel_err  # noqa: E402
 from bench.kernels import time_graph as _time_graph  # noqa: E402
+from spear_compile import options  # noqa: E402
 
 MODELS = {
     "Llama-3.2-1B": dict(hidden=2048, inter=8192, heads=32, kv=8, head_dim=64),
@@ -212,8 +213,9 @@ def add_packed(Ls):
 
 def run_dispatch(x, Ls, quant, ec, packed=False):
     """The group as compiled through ``dispatch``: grouped linear without EC (``launch_grouped``; ``packed``: the
-    members' weights adjacent in one buffer, ``add_packed``); with ECs the pass leaves siblings ungrouped, so one
-    ``launch`` per member."""
+    members' weights adjacent in one buffer, ``add_packed``); siblings that all carry an EC as the grouping pass
+    makes them since session 32 (``launch_grouped_ec``: the batched kernel over every member where it tunes faster),
+    unless ``SPEAR_GROUP_EC_LINEARS=0`` (then one ``launch`` per member, the pass's earlier output)."""
     from spear_compile.lowering import dispatch, grouped, prefill, runtime
 
     gs = group_size(quant, Ls[0]["k"])
@@ -223,6 +225,10 @@ def run_dispatch(x, Ls, quant, ec, packed=False):
         Ws = [L["packed"] for L in Ls] if packed else Ls
         return grouped.launch_grouped(x, [W["q"] for W in Ws], [W[quant][0] for W in Ws], [W[quant][1] for W in Ws],
                                        None, gs)
+    if len(Ls) > 1 and options.current().group_ec_linears:
+        return grouped.launch_grouped_ec(x, [L["q"] for L in Ls], [L[quant][0] for L in Ls],
+                                         [L[quant][1] for L in Ls], [None] * len(Ls), gs, [L["A"] for L in Ls],
+                                         [L["B"] for L in Ls], [L["gw"] for L in Ls], [L["gb"] for L in Ls])
     return [dispatch.launch(x, L["q"], *L[quant], None, gs, L["A"], L["B"], L["gw"], L["gb"]) for L in Ls]
 
 
@@ -428,6 +434,8 @@ def main():
                                     gtimes.append(time_graph(fn, copies))
                                     if not ec and len(ns) > 1:
                                         names = [grouped.choose_grouped(m, k, ns, group_size(quant, k), adjacent=pk)]
+                                    elif len(ns) > 1 and options.current().group_ec_linears:
+                                        names = [grouped.choose_grouped_ec(m, k, ns, group_size(quant, k), rank=RANK)]
                                     else:
                                         names = [dispatch.choose(m, k, n, group_size(quant, k),
                                                                  ec_rank=RANK if ec else 0, gated=ec) for n in ns]

@@ -65,7 +65,7 @@ class XPassConfig(NamedTuple):
 XPASS_IN_PLACE_DEFAULT = XPassConfig(64, 128, 3, 4, 1)  # best total of bench/xpass_sweep.py (sessions 8, 9)
 
 _VARIABLES = ("SPEAR_AUTOTUNE", "SPEAR_TUNE_CACHE", "SPEAR_TUNE_COMPILE_THREADS", "SPEAR_GROUP_LINEARS",
-              "SPEAR_PACK_SIBLINGS", "SPEAR_BATCHED_KERNEL", "SPEAR_GLUON_KERNEL", "SPEAR_GLUON_SWAP",
+              "SPEAR_GROUP_EC_LINEARS", "SPEAR_PACK_SIBLINGS", "SPEAR_BATCHED_KERNEL", "SPEAR_GLUON_KERNEL", "SPEAR_GLUON_SWAP",
               "SPEAR_DECOMPOSE_PREFILL", "SPEAR_EC_MERGE", "SPEAR_EC_PAD_X", "SPEAR_XPASS_IN_PLACE", "TRITON_INTERPRET",
               "XDG_CACHE_HOME", "HOME")
 
@@ -76,6 +76,7 @@ class Options:
     tune_cache_dir: Optional[str] = None  # None: the on-disk tuning cache is off
     tune_compile_threads: int = 1
     group_linears: bool = True
+    group_ec_linears: bool = True  # siblings that all carry an EC grouped too (spear::grouped_linear_ec)
     pack_siblings: bool = True  # sibling weights as one buffer (compile.siblings): one GEMM a group at M > 16
     batched_kernel: bool = True
     gluon_kernel: bool = True
@@ -138,6 +139,7 @@ def _parse(values: tuple) -> Options:
         tune_compile_threads=_count("SPEAR_TUNE_COMPILE_THREADS", env["SPEAR_TUNE_COMPILE_THREADS"], 1)
         or min(16, os.cpu_count() or 1),
         group_linears=_switch("SPEAR_GROUP_LINEARS", env["SPEAR_GROUP_LINEARS"], True),
+        group_ec_linears=_switch("SPEAR_GROUP_EC_LINEARS", env["SPEAR_GROUP_EC_LINEARS"], True),
         pack_siblings=_switch("SPEAR_PACK_SIBLINGS", env["SPEAR_PACK_SIBLINGS"], True),
         batched_kernel=_switch("SPEAR_BATCHED_KERNEL", env["SPEAR_BATCHED_KERNEL"], True),
         gluon_kernel=_switch("SPEAR_GLUON_KERNEL", env["SPEAR_GLUON_KERNEL"], True),

@@ -12,17 +12,18 @@ from spear_compile import SpearError, options
 def test_defaults(monkeypatch):
     for name in ("SPEAR_AUTOTUNE", "SPEAR_GROUP_LINEARS", "SPEAR_DECOMPOSE_PREFILL", "SPEAR_EC_MERGE", "SPEAR_EC_PAD_X",
                  "SPEAR_XPASS_IN_PLACE", "SPEAR_TUNE_CACHE", "SPEAR_BATCHED_KERNEL", "SPEAR_GLUON_KERNEL",
-                 "SPEAR_GLUON_SWAP"):
+                 "SPEAR_GLUON_SWAP", "SPEAR_GROUP_EC_LINEARS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", "/x")
     o = options.current()
     assert (o.autotune, o.group_linears, o.decompose_prefill, o.ec_merge, o.ec_pad_x) == (True, True, True, True, "auto")
-    assert o.batched_kernel is True and o.gluon_kernel is True and o.gluon_swap is True
+    assert o.batched_kernel is True and o.gluon_kernel is True and o.gluon_swap is True and o.group_ec_linears is True
     assert o.xpass_in_place == options.XPASS_IN_PLACE_DEFAULT == (64, 128, 3, 4, 1)
     assert o.tune_cache_dir == os.path.join("/x", "spear_compile")
 
 
 @pytest.mark.parametrize("name,field", [("SPEAR_AUTOTUNE", "autotune"), ("SPEAR_GROUP_LINEARS", "group_linears"),
+                                        ("SPEAR_GROUP_EC_LINEARS", "group_ec_linears"),
                                         ("SPEAR_DECOMPOSE_PREFILL", "decompose_prefill"), ("SPEAR_EC_MERGE", "ec_merge"),
                                         ("SPEAR_BATCHED_KERNEL", "batched_kernel"),
                                         ("SPEAR_GLUON_KERNEL", "gluon_kernel"), ("SPEAR_GLUON_SWAP", "gluon_swap")])

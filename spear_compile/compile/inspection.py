@@ -71,7 +71,8 @@ class InspectionReport:
         out.append(f"{len(self.groups)} sibling groups ({sum(len(g.members) for g in self.groups)} linears), "
                    f"{launches} launches for {self.matched} fused linears")
         for g in self.groups:
-            out.append(f"  g{g.index}: {' | '.join(g.modules)}  (N {'+'.join(map(str, g.ns))}, K {g.k})")
+            ec = f", EC r={g.ec_rank} each" if g.ec_rank else ""
+            out.append(f"  g{g.index}: {' | '.join(g.modules)}  (N {'+'.join(map(str, g.ns))}, K {g.k}{ec})")
         if self.peer_reduce:
             out.append(f"{sum(r.rewritten for r in self.peer_reduce)}/{len(self.peer_reduce)} row-parallel EC linears "
                        f"peer-reduced (u reduction):")
@@ -100,8 +101,11 @@ def kernel_for(m: int, rec: MatchRecord, device: str, group: Optional[GroupRecor
     if device != "cuda" or rec.dtype not in ("bfloat16", "float16"):
         return f"reference ({device}, {rec.dtype})"
     from ..lowering.dispatch import choose
-    from ..lowering.grouped import choose_grouped
+    from ..lowering.grouped import choose_grouped, choose_grouped_ec
     try:
+        if group is not None and group.ec_rank:
+            return choose_grouped_ec(m, group.k, group.ns, group.group_size, getattr(torch, group.dtype), group.bias,
+                                     group.ec_rank, rec.gated)
         if group is not None:
             return choose_grouped(m, group.k, group.ns, group.group_size, getattr(torch, group.dtype), group.bias)
         return choose(m, rec.k, rec.n, rec.group_size, getattr(torch, rec.dtype), rec.rank, rec.gated)

@@ -46,7 +46,7 @@ class MatchRecord:
 class GroupRecord:
     index: int                     # position in CompileRecords.groups (MatchRecord.group refers to it)
     graph: int                     # index of the compiled graph
-    node: str                      # the spear::grouped_linear node
+    node: str                      # the spear::grouped_linear (or grouped_linear_ec) node
     members: Tuple[str, ...]       # the members' qlinear node names, in output-column order
     modules: Tuple[Optional[str], ...]
     ns: Tuple[int, ...]            # the members' output widths
@@ -54,6 +54,7 @@ class GroupRecord:
     group_size: int = 0
     dtype: str = ""
     bias: bool = False
+    ec_rank: int = 0               # the members' EC rank (spear::grouped_linear_ec), 0 without ECs
     decomposed: bool = False       # replaced by dequantize + aten.mm (static prefill M, no CUDA graphs)
 
     def as_dict(self) -> dict:

@@ -16,6 +16,13 @@ from ..kernels.paged_decode_attention import paged_decode_attention_kernel, page
 from .precompile import launcher
 
 
+# Both ops read q / k / v through their strides (the kernels need only a unit inner stride, else the reference
+# runs): Inductor may hand them the slices of a grouped q|k|v output as they are. Without the tag it copies each
+# slice to the contiguous layout the graph was traced with (3 copy kernels per layer of a W4 decode step: session 32's
+# profile, about 4 % of the step at 64 rows).
+_ANY_STRIDES = (torch.Tag.flexible_layout,)
+
+
 def gather_blocks(cache, tables, kv_heads: int, block_size: int, head_dim: int) -> torch.Tensor:
     """The cache rows of each table's blocks as dense K or V: ``[N, L]`` block ids -> ``[N, kv_heads, L * block_size,
     head_dim]`` (the sizes as ints: see ``reference_paged_decode_attention``)."""
@@ -64,7 +71,7 @@ def check_inputs(q, k_cache, v_cache, tables, ctx_lens) -> None:
                          f"{tuple(ctx_lens.shape)}")
 
 
-@torch.library.custom_op("spear::paged_decode_attention", mutates_args=())
+@torch.library.custom_op("spear::paged_decode_attention", mutates_args=(), tags=_ANY_STRIDES)
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                            ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
     check_inputs(q, k_cache, v_cache, tables, ctx_lens)
@@ -107,7 +114,7 @@ def reference_paged_decode_rope_attention(q, k, v, k_cache, v_cache, cos, sin, s
     return reference_paged_decode_attention(q, k_cache, v_cache, tables, ctx_lens, scale, kv_heads, block_size)
 
 
-@torch.library.custom_op("spear::paged_decode_rope_attention", mutates_args=("k_cache", "v_cache"))
+@torch.library.custom_op("spear::paged_decode_rope_attention", mutates_args=("k_cache", "v_cache"), tags=_ANY_STRIDES)
 def paged_decode_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                                 v_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_block: torch.Tensor,
                                 slot_off: torch.Tensor, tables: torch.Tensor, ctx_lens: torch.Tensor,

@@ -94,3 +94,34 @@ def _(x, qdata, scale, zero, bias, group_size):
 
 
 grouped_linear = torch.ops.spear.grouped_linear.default
+
+
+# ---- sibling linears that all carry an EC --------------------------------------------------------
+def reference_grouped_linear_ec(x, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b):
+    return torch.cat([reference_fused_linear(x, *member, group_size, *ec)
+                      for member, ec in zip(zip(qdata, scale, zero, bias), zip(ec_A, ec_B, gate_w, gate_b))], dim=-1)
+
+
+def _grouped_linear_ec(x, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b):
+    """``cat([fused_linear_i(x) for i], -1)`` for 2-4 sibling linears of the same ``x`` that all carry an EC of one
+    rank, all gated or all static (``group_sibling_linears`` makes it): on CUDA at M 2..512 one batched launch
+    with every member's EC (after ``ec_gu_kernel``'s g(u) ⊙ u), where the tuner finds it faster than the members'
+    own launches; elsewhere one launch per member."""
+    launch = _kernel_path(x, qdata[0])
+    if launch is None:
+        return reference_grouped_linear_ec(x, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b)
+    from .grouped import launch_grouped_ec
+    return launch_grouped_ec(x, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b)
+
+
+_LIB.define("grouped_linear_ec(Tensor x, Tensor[] qdata, Tensor[] scale, Tensor[] zero, Tensor?[] bias, "
+            "SymInt group_size, Tensor[] ec_A, Tensor[] ec_B, Tensor?[] gate_w, Tensor?[] gate_b) -> Tensor", tags=_PT2)
+_LIB.impl("grouped_linear_ec", _grouped_linear_ec, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("spear::grouped_linear_ec", lib=_LIB)
+def _(x, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b):
+    return x.new_empty(*x.shape[:-1], sum(q.shape[0] for q in qdata))
+
+
+grouped_linear_ec = torch.ops.spear.grouped_linear_ec.default

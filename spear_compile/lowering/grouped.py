@@ -22,7 +22,7 @@ from .candidates import default_grouped_config, grouped_candidates, num_sms
 from .configs import MAX_DECODE_M, MAX_GROUP, DequantCublasConfig, GroupedConfig, cdiv
 from .decode import groups_per_block, load_kwargs
 from .dispatch import check_linear, config_for, rows_and_out, runner
-from .prefill import gemv_ok
+from .prefill import gemv_ok, run_dequant_cublas
 from .precompile import launcher
 from .runtime import TUNER, WORKSPACES
 from .tuner import group_key
@@ -215,3 +215,104 @@ def warm_grouped(k: int, ns, group_size: int, dtype=torch.bfloat16, bias: bool =
     for m in ms:
         launch_grouped(torch.randn(m, k, dtype=dtype, device=device), qs, ss, zs, bs, group_size)
     return len(ms)
+
+
+# ---- sibling linears that all carry an EC (``spear::grouped_linear_ec``) ---------------------------------------
+def grouped_ec_key(m, k, ns, group_size, dtype, has_bias, rank: int, gated: bool) -> tuple:
+    """The tuner key of an EC group: ``group_key``'s with its tag naming the EC (rank, gated or static)."""
+    return group_key(m, k, ns, group_size, dtype, has_bias)._replace(tag=f"grouped-ec{rank}{'g' if gated else 's'}")
+
+
+def _ec_members_into(x2, members, group_size, y):
+    """One launch per member (its own tuned config for its EC key) into column slices of ``y``."""
+    col = 0
+    for t in members:
+        n = t.qdata.shape[0]
+        args = (x2, t.qdata, t.scale, t.zero, t.bias, group_size, t.ec_A, t.ec_B, t.gate_w, t.gate_b, None,
+                y[:, col:col + n])
+        cfg = config_for(x2, args, x2.shape[1], n, group_size, True, t.gate_w is not None)
+        runner(cfg)(cfg, *args)
+        col += n
+    return y
+
+
+def _run_grouped_ec(cfg, x2, members, group_size, y):
+    if isinstance(cfg, batched.BatchedConfig) and batched.applies(x2.shape[0], x2.shape[1], members, group_size):
+        return batched.run_members(cfg, x2, members, group_size, y)
+    return _ec_members_into(x2, members, group_size, y)
+
+
+def grouped_ec_config_for(x2, members, group_size, y):
+    """The config ``launch_grouped_ec`` runs: the tuner's pick between the batched kernel over every member (and
+    its EC) and the members' own launches (``GroupedConfig(per_member=True)``, also the default where it cannot
+    time, and outside the batched kernel's M range)."""
+    m, k = x2.shape
+    ns = [t.qdata.shape[0] for t in members]
+    rank, gated = members[0].ec_B.shape[1], members[0].gate_w is not None
+    own = GroupedConfig(per_member=True)
+    key = grouped_ec_key(m, k, ns, group_size, x2.dtype, members[0].bias is not None, rank, gated)
+    if key in TUNER.picks:   # (also inside a CUDA-graph capture, where nothing is tuned)
+        return TUNER.picks[key]
+    if not TUNER.can_tune(x2) or not batched.applies(m, k, members, group_size):
+        return own
+    extra = batched.candidates_for(m, k, ns, group_size, num_sms(x2.device), True, rank)
+    if not extra:
+        return own
+    # the members' own keys tuned first (outside the timing of this key)
+    _ec_members_into(x2, members, group_size, torch.empty_like(y))
+
+    def reference():
+        out = torch.empty_like(y)
+        col = 0
+        for t in members:
+            n = t.qdata.shape[0]
+            run_dequant_cublas(None, x2, t.qdata, t.scale, t.zero, t.bias, group_size, t.ec_A, t.ec_B, t.gate_w,
+                               t.gate_b, None, out[:, col:col + n])
+            col += n
+        return out
+
+    return TUNER.pick(key, x2.device, [own] + extra, lambda cfg: _run_grouped_ec(cfg, x2, members, group_size, y),
+                      reference, y)
+
+
+def choose_grouped_ec(m: int, k: int, ns, group_size: int, dtype=torch.bfloat16, bias: bool = False, rank: int = 32,
+                      gated: bool = True) -> str:
+    """Human-readable name of what ``launch_grouped_ec`` would run for members of widths ``ns`` with ECs of
+    ``rank``."""
+    group_size = group_size or k
+    ec = f" + EC r={rank}{' gated' if gated else ' static'} each"
+    key = grouped_ec_key(m, k, list(ns), group_size, dtype, bias, rank, gated)
+    if key in TUNER.picks:
+        return f"{TUNER.picks[key].name}{ec} (tuned, bucket M<={key.m_bucket})"
+    if not batched.MIN_M <= m <= batched.MAX_M:
+        return f"{GroupedConfig(per_member=True).name}{ec}"
+    return f"{GroupedConfig(per_member=True).name}{ec} (default; batched kernel tuned on first CUDA call)"
+
+
+def launch_grouped_ec(x, qdatas, scales, zeros, biases, group_size, ec_As, ec_Bs, gate_ws, gate_bs, config=None):
+    """``launch_grouped`` for members that all carry an EC (``ec_As[i] [r, K]``, ``ec_Bs[i] [N_i, r]``, gates all
+    given or all None), one rank: ``[..., N_1 + ... + N_g]``, member i's ``x W_iᵀ + b_i + B_i g(A_i x) ⊙ A_i x``
+    in its columns. ``config``: a ``BatchedConfig`` or ``GroupedConfig(per_member=True)`` to force one."""
+    where = "spear_compile.lowering.grouped.launch_grouped_ec"
+    lists = [list(v) for v in (qdatas, scales, zeros, biases, ec_As, ec_Bs, gate_ws, gate_bs)]
+    g = len(lists[0])
+    if g < 1 or any(len(v) != g for v in lists):
+        raise SpearError(f"{where}: every list (qdata, scale, zero, bias, ec_A, ec_B, gate_w, gate_b) needs the same "
+                         f"length >= 1, got {[len(v) for v in lists]}")
+    qdatas, scales, zeros, biases, ec_As, ec_Bs, gate_ws, gate_bs = lists
+    if len({b is None for b in biases}) > 1 or len({w is None for w in gate_ws}) > 1:
+        raise SpearError(f"{where}: biases and gates must be all given or all None")
+    if any(a is None or b is None for a, b in zip(ec_As, ec_Bs)) or len({b.shape[-1] for b in ec_Bs}) > 1:
+        raise SpearError(f"{where}: every member needs an EC (ec_A and ec_B) of one rank, got ranks "
+                         f"{[None if b is None else tuple(b.shape) for b in ec_Bs]}")
+    for i in range(g):
+        check_linear(x, qdatas[i], scales[i], zeros[i], biases[i], group_size, ec_As[i], ec_Bs[i], gate_ws[i],
+                     gate_bs[i], None)
+    members = [batched.Member(*t) for t in zip(qdatas, scales, zeros, biases, ec_As, ec_Bs, gate_ws, gate_bs)]
+    n_total = sum(q.shape[0] for q in qdatas)
+    x2, m, y = rows_and_out(x, n_total)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n_total)
+    cfg = config or grouped_ec_config_for(x2, members, group_size, y)
+    _run_grouped_ec(cfg, x2, members, group_size, y)
+    return y.reshape(*x.shape[:-1], n_total)

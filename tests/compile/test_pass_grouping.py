@@ -10,7 +10,7 @@ from spear_compile.quant.config import QuantConfig
 from spear_compile.ec.module import CompensatedLinear
 from spear_compile.compile.inspection import inspect
 from spear_compile.compile.passes.fuse_quantized_linear import FUSED
-from spear_compile.compile.passes.group_sibling_linears import GROUPED
+from spear_compile.compile.passes.group_sibling_linears import GROUPED, GROUPED_EC
 from spear_compile.compile.pass_manager import SpearPassManager
 from spear_compile.quant.api import quantize_linear_
 
@@ -33,17 +33,19 @@ class Block(nn.Module):
     """q|k|v (attention-like views of the outputs), gate|up (SiLU product), o and down on their own inputs;
     ``ec`` wraps k in an EC (stays ungrouped); ``e``: a biased sibling of q (its own group of one: ungrouped)."""
 
-    def __init__(self, ec=False, biased_sibling=False, dtype=torch.bfloat16, k=64):
+    def __init__(self, ec=False, biased_sibling=False, dtype=torch.bfloat16, k=64, ec_all=False):
         super().__init__()
         self.q, self.k, self.v = qlin(k, 64, dtype=dtype, seed=1), qlin(k, 32, dtype=dtype, seed=2), qlin(k, 32, dtype=dtype, seed=3)
         self.gate, self.up = qlin(k, 96, dtype=dtype, seed=4), qlin(k, 96, dtype=dtype, seed=5)
         self.down = qlin(96, k, dtype=dtype, seed=6)
         self.e = qlin(k, 16, bias=True, dtype=dtype, seed=7) if biased_sibling else None
-        if ec:
-            self.k = CompensatedLinear.wrap(self.k, 8, gate="sigmoid")
-            g = torch.Generator().manual_seed(8)
-            for p in self.k.ec_parameters():
+        g = torch.Generator().manual_seed(8)
+        # ``ec``: k alone; ``ec_all``: every linear but down (siblings that all carry one: grouped_linear_ec)
+        for name in ("q", "k", "v", "gate", "up") if ec_all else ("k",) if ec else ():
+            wrapped = CompensatedLinear.wrap(getattr(self, name), 8, gate="sigmoid")
+            for p in wrapped.ec_parameters():
                 p.data = (torch.randn(p.shape, generator=g) * 0.2).to(dtype)
+            setattr(self, name, wrapped)
 
     def forward(self, x):
         q = self.q(x).unflatten(-1, (4, 16))
@@ -92,6 +94,35 @@ def test_ec_member_and_bias_mismatch_stay_ungrouped():
     kinds = {r.module: (r.kind, r.group) for r in records.active().matches}
     assert kinds["k"] == ("ec-gated", None) and kinds["e"] == ("plain", None)
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(3, 64), (1, 2, 64)])
+def test_ec_siblings_grouped_with_their_ecs(shape):
+    m = Block(ec_all=True, dtype=torch.float32)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        eager = m(x)
+    out, targets = compile_run(m, x)
+    assert targets.count(GROUPED_EC) == 2 and GROUPED not in targets and targets.count(FUSED) == 1
+    groups = [(g.modules, g.ns, g.ec_rank) for g in records.active().groups]
+    assert groups == [(("q", "k", "v"), (64, 32, 32), 8), (("gate", "up"), (96, 96), 8)]
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_ec_siblings_left_to_the_prefill_decomposition_and_off_by_env(monkeypatch):
+    m = Block(ec_all=True, dtype=torch.float32)
+    x = torch.randn(70, 64)  # a static M the decomposition takes (no CUDA graphs)
+    with torch.no_grad():
+        eager = m(x)
+    out, targets = compile_run(m, x)
+    assert GROUPED_EC not in targets and not records.active().groups
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+    with_ec = SpearPassManager().uuid()
+    monkeypatch.setenv("SPEAR_GROUP_EC_LINEARS", "0")
+    assert SpearPassManager().uuid() != with_ec  # the FX graph cache is keyed on it
+    torch._dynamo.reset()
+    _, targets = compile_run(m, torch.randn(3, 64))
+    assert GROUPED_EC not in targets and targets.count(FUSED) == 6
 
 
 def test_grouping_off_by_option_and_env(monkeypatch):

@@ -8,7 +8,7 @@ import torch
 
 from spear_compile.errors import SpearError
 from spear_compile.lowering import candidates, configs, grouped, runtime
-from tests.w4_problems import member, members_reference, rel
+from tests.w4_problems import member, members_reference, problem, reference, rel
 
 K = 256
 
@@ -154,3 +154,56 @@ def test_concat_runs_adjacent_members_as_one_linear(monkeypatch, group, dtype, b
     assert grouped.choose_grouped(m, K, ns, group, dtype, bias, adjacent=True).startswith("grouped[one linear")
     assert grouped.choose_grouped(m, K, ns, group, dtype, bias).startswith("grouped[per-member")
     assert grouped.choose_grouped(1, K, ns, group, dtype, bias, adjacent=True).startswith("grouped[BN=")
+
+
+# ---- members that all carry an EC (spear::grouped_linear_ec) ----------------------------------------------------
+def _ec_problem(m, ns, group, dtype, bias, gated, seed, r=16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, K, generator=g).to(dtype)
+    members = [problem(m, group, dtype, True, gated, bias, seed + 1 + i, K, n, r) for i, n in enumerate(ns)]
+    return x, members
+
+
+def _run_ec(x, members, group, cfg):
+    parts = [[t[name] for t in members] for name in ("qdata", "scale", "zero", "bias", "ec_A", "ec_B", "gate_w",
+                                                      "gate_b")]
+    return grouped.launch_grouped_ec(x, *parts[:4], group, *parts[4:], config=cfg)
+
+
+EC_CASES = [  # (M, member Ns, group, dtype, bias, gated, config: None = the default)
+    (3, (32, 16, 16), K, torch.bfloat16, False, True, None),                       # per member (the default)
+    (1, (48, 16), 64, torch.float16, True, False, None),                            # M = 1, static ECs, bias
+    (5, (32, 16, 16), K, torch.bfloat16, False, True, "batched"),                   # one batched launch, gated
+    (6, (48, 32), 64, torch.float16, True, False, "batched"),                       # static ECs, groups, bias
+]
+
+
+@pytest.mark.parametrize("m,ns,group,dtype,bias,gated,cfg", EC_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}-{'g' if c[5] else 's'}-{c[6]}" for c in EC_CASES])
+def test_grouped_ec_vs_float64(m, ns, group, dtype, bias, gated, cfg):
+    from spear_compile.lowering import batched
+    x, members = _ec_problem(m, ns, group, dtype, bias, gated, seed=torch.seed() % 2**30)
+    ref = torch.cat([reference(dict(t, x=x), group) for t in members], -1)
+    config = batched.BatchedConfig(16, 32, 64, 1) if cfg == "batched" else None
+    for _ in range(2):  # the second call checks the workspaces were left clean
+        out = _run_ec(x, members, group, config)
+        assert out.shape == (m, sum(ns)) and out.dtype == dtype
+        assert _rel(out, ref) < 1e-2
+    # the op's CPU path (the reference) agrees
+    parts = [[t[name] for t in members] for name in ("qdata", "scale", "zero", "bias", "ec_A", "ec_B", "gate_w",
+                                                      "gate_b")]
+    op = torch.ops.spear.grouped_linear_ec(x, *parts[:4], group, *parts[4:])
+    assert _rel(op, ref) < 1e-2
+
+
+def test_grouped_ec_bad_inputs():
+    x, members = _ec_problem(3, (32, 16), K, torch.bfloat16, False, True, seed=5)
+    parts = [[t[name] for t in members] for name in ("qdata", "scale", "zero", "bias", "ec_A", "ec_B", "gate_w",
+                                                      "gate_b")]
+    with pytest.raises(SpearError, match="same length"):
+        grouped.launch_grouped_ec(x, *parts[:4], K, parts[4][:1], *parts[5:])
+    with pytest.raises(SpearError, match="every member needs an EC"):
+        grouped.launch_grouped_ec(x, *parts[:4], K, [parts[4][0], None], *parts[5:])
+    with pytest.raises(SpearError, match="gates must be all given or all None"):
+        grouped.launch_grouped_ec(x, *parts[:4], K, *parts[4:6], [parts[6][0], None], [parts[7][0], None])
+    assert "EC r=16 gated each" in grouped.choose_grouped_ec(3, K, (32, 16), K, rank=16)

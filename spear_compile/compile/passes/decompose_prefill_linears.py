@@ -94,7 +94,7 @@ def _val(node):
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
-def _static_m(xv) -> Optional[int]:
+def static_m(xv) -> Optional[int]:
     """M = the product of x's leading dims when every dim is a plain int, else None."""
     if xv is None or not all(isinstance(d, int) for d in xv.shape):
         return None
@@ -338,7 +338,7 @@ class DecomposePrefillLinearsPass(SpearGraphPass):
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target not in (FUSED, GROUPED):
                 continue
-            m = _static_m(_val(node.args[0]))
+            m = static_m(_val(node.args[0]))
             if m is not None and m >= MIN_M:
                 cands.append(node)
         buckets: dict = {}
