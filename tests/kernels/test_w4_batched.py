@@ -219,6 +219,22 @@ def test_dispatch_routes_batched_configs():
     _check(out.reshape(10, 48), members_reference(t["x"], ms, group), dtype)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 24, 200])
+def test_grouped_ec_through_the_tuner(m):
+    """``launch_grouped_ec`` as the compiled graph calls it (no config): at M 2..512 the tuner times the batched launch
+    over every member and its EC against the members' own launches; every M matches float64."""
+    k, group, dtype = 512, 128, torch.bfloat16
+    x = problem(m, group, dtype, False, False, False, 40, k, 8, 32)["x"].to(DEV)
+    ms = [_to(problem(m, group, dtype, True, True, False, 41 + i, k, n, 32)) for i, n in enumerate((256, 128, 128))]
+    parts = [[t[name] for t in ms] for name in ("qdata", "scale", "zero", "bias", "ec_A", "ec_B", "gate_w", "gate_b")]
+    for _ in range(2):
+        out = grouped.launch_grouped_ec(x, *parts[:4], group, *parts[4:])
+        _check(out, torch.cat([reference(dict(t, x=x), group) for t in ms], -1), dtype)
+    name = grouped.choose_grouped_ec(m, k, (256, 128, 128), group, dtype, rank=32)
+    assert ("tuned" in name) == (batched.MIN_M <= m <= batched.MAX_M), name
+
+
 def test_switched_off_it_is_no_candidate(monkeypatch):
     """``SPEAR_BATCHED_KERNEL=0`` takes the kernel out of the tuner's lists (the ``--existing`` side of
     bench/batched_sweep.py), at the next call."""
