@@ -91,6 +91,26 @@ def test_compiled_engine_no_recompiles(ref_tokenizer, fresh_compile):
 
 
 
+def test_compiled_engine_groups_ec_siblings(ref_tokenizer, fresh_compile, monkeypatch):
+    """ECs on every linear of layer 0: its q|k|v and gate|up run as ``spear::grouped_linear_ec`` in the compiled
+    graphs (the op's CPU reference here); tokens equal HF eager ``generate``, nothing compiles after start-up."""
+    import importlib
+    from .conftest import attach_ecs
+    fused_linear = importlib.import_module("spear_compile.lowering.fused_linear")  # (the package exports the op)
+    model = attach_ecs(toy_model(), names=[f"model.layers.0.{n}" for n in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")], rank=4)
+    ref = hf_greedy(copy.deepcopy(model))
+    widths, real = [], fused_linear.reference_grouped_linear_ec
+    monkeypatch.setattr(fused_linear, "reference_grouped_linear_ec",
+                        lambda *a: widths.append(len(a[1])) or real(*a))
+    eng = make_engine(model, ref_tokenizer, compile=True, cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=2,
+                      max_num_tokens=16, token_buckets=(16,), max_model_len=64, policy="budget-16")
+    assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref
+    assert sorted(set(widths)) == [2, 3]   # gate|up and q|k|v, each one op
+    assert eng.stats().recompiles == 0
+
+
 def test_compiled_engine_triton_decode_attention(ref_tokenizer, fresh_compile, monkeypatch):
     """The paged decode-attention op inside the compiled graphs (one custom op per layer; the Triton interpreter runs
     it on CPU): tokens equal HF eager ``generate``, nothing compiles after start-up."""
