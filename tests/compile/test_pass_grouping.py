@@ -107,6 +107,9 @@ def test_ec_siblings_grouped_with_their_ecs(shape):
     groups = [(g.modules, g.ns, g.ec_rank) for g in records.active().groups]
     assert groups == [(("q", "k", "v"), (64, 32, 32), 8), (("gate", "up"), (96, 96), 8)]
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+    if shape == (3, 64):
+        text = inspect(m, example_input=x).table()
+        assert "q | k | v  (N 64+32+32, K 64, EC r=8 each)" in text and "3 launches for 6 fused linears" in text
 
 
 def test_ec_siblings_left_to_the_prefill_decomposition_and_off_by_env(monkeypatch):
