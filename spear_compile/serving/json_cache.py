@@ -1,7 +1,8 @@
 """The serving engine's JSON files beside the tuning cache (``tune_cache.cache_dir()``): the step-cost profile
-(``scheduler/profile.py``) and the mixed-step graph shapes (``shape_cache.py``). A file names its schema and the
-fields it is valid for; one that is unreadable, corrupt or for other fields is refused whole, with a warning, and
-rewritten by its owner. Writes are atomic (a temporary file, then ``os.replace``)."""
+(``scheduler/profile.py``) and the mixed-step graph shapes (``shape_cache.py``), and the model and engine fields
+both are keyed on (``model_fingerprint``, ``engine_layout``). A file names its schema and the fields it is valid
+for; one that is unreadable, corrupt or for other fields is refused whole, with a warning, and rewritten by its
+owner. Writes are atomic (a temporary file, then ``os.replace``)."""
 from __future__ import annotations
 
 import hashlib
@@ -62,3 +63,33 @@ def save(path: Optional[str], schema: int, fields: dict, key: str, rows: list, w
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# ---- the fields both files are keyed on (beside their own) ---------------------------------------------------
+def model_fingerprint(model) -> dict:
+    """Shape and weight formats of ``model``: config sizes, and each distinct linear weight format with its count."""
+    model = getattr(model, "_orig_mod", model)
+    cfg = getattr(model, "config", None)
+    sizes = {k: getattr(cfg, k, None) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                  "num_attention_heads", "num_key_value_heads", "vocab_size",
+                                                  "head_dim")} if cfg is not None else {}
+    formats: dict = {}
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if w is None or not hasattr(w, "shape") or w.dim() != 2:
+            continue
+        fmt = f"{type(w).__name__}:{getattr(w, 'dtype', '')}:{'unwrapped' if hasattr(m, '_spear_qdata') else ''}"
+        for attr in ("bits", "group_size", "symmetric"):
+            if hasattr(w, attr):
+                fmt += f":{attr}={getattr(w, attr)}"
+        formats[fmt] = formats.get(fmt, 0) + 1
+    return {"sizes": sizes, "weights": dict(sorted(formats.items()))}
+
+
+def engine_layout(runner) -> dict:
+    """The engine's buckets and graph settings: what its cache files' samples and shapes depend on."""
+    cfg = runner.config
+    return {"decode_buckets": list(runner.decode_buckets), "token_buckets": list(runner.token_buckets),
+            "table_buckets": list(runner.table_buckets), "block_size": runner.block_size,
+            "cuda_graphs": bool(runner.use_cuda_graphs), "compile": bool(cfg.compile),
+            "max_model_len": runner.max_model_len}

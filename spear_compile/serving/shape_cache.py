@@ -25,11 +25,10 @@ WHAT = "mixed-step shape cache"
 def cache_fields(runner, model) -> dict:
     """What the recorded shapes are valid for: the device, the model's sizes and weight formats, the buckets and the
     mixed-step padding settings (which decide the shapes a trace captures)."""
-    from .scheduler.profile import engine_layout, model_fingerprint
     cfg = runner.config
     device = runner.device
     return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-                model=model_fingerprint(model), layout=engine_layout(runner), ecs=bool(runner.net.has_ecs),
+                model=json_cache.model_fingerprint(model), layout=json_cache.engine_layout(runner), ecs=bool(runner.net.has_ecs),
                 max_num_seqs=cfg.max_num_seqs, max_num_tokens=cfg.max_num_tokens,
                 decode_attention=cfg.decode_attention, mixed_graph_padding=cfg.mixed_graph_padding,
                 mixed_graph_bucket_padding=cfg.mixed_graph_bucket_padding)

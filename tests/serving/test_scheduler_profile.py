@@ -10,6 +10,7 @@ from spear_compile.ec.module import CompensatedLinear
 from spear_compile.serving.config import EngineConfig
 from spear_compile.serving.engine import Engine
 from spear_compile.serving.request import SamplingParams
+from spear_compile.serving import json_cache
 from spear_compile.serving.scheduler import profile
 from spear_compile.serving.scheduler.ec_signature import ECSignature, ec_signature
 
@@ -72,7 +73,7 @@ def test_profile_is_cached_per_ec_state_and_survives_corruption(engine, cache_di
 
 def test_cache_is_off_when_the_tuning_cache_is_off(engine, monkeypatch):
     monkeypatch.setenv("SPEAR_TUNE_CACHE", "0")
-    fields = profile.cache_fields(engine.device, engine.model, profile.engine_layout(engine.runner), ECSignature())
+    fields = profile.cache_fields(engine.device, engine.model, json_cache.engine_layout(engine.runner), ECSignature())
     assert profile.cache_path(fields) is None
 
 

@@ -23,6 +23,7 @@ from typing import Optional
 
 from ...errors import SpearError
 from .. import json_cache
+from ..json_cache import engine_layout, model_fingerprint
 from ..buckets import MIN_DIM
 from ..request import Request, SamplingParams
 from .cost_model import StepCostModel, StepSample, StepShape, fit_models, mixed_rows
@@ -151,26 +152,6 @@ def time_step(runner, decodes, prefills, use_ec) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- the cache
-def model_fingerprint(model) -> dict:
-    """Shape and weight formats of ``model``: config sizes, and each distinct linear weight format with its count."""
-    model = getattr(model, "_orig_mod", model)
-    cfg = getattr(model, "config", None)
-    sizes = {k: getattr(cfg, k, None) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                  "num_attention_heads", "num_key_value_heads", "vocab_size",
-                                                  "head_dim")} if cfg is not None else {}
-    formats: dict = {}
-    for m in model.modules():
-        w = getattr(m, "weight", None)
-        if w is None or not hasattr(w, "shape") or w.dim() != 2:
-            continue
-        fmt = f"{type(w).__name__}:{getattr(w, 'dtype', '')}:{'unwrapped' if hasattr(m, '_spear_qdata') else ''}"
-        for attr in ("bits", "group_size", "symmetric"):
-            if hasattr(w, attr):
-                fmt += f":{attr}={getattr(w, attr)}"
-        formats[fmt] = formats.get(fmt, 0) + 1
-    return {"sizes": sizes, "weights": dict(sorted(formats.items()))}
-
-
 def _runner_code_hash() -> str:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     h = hashlib.sha256()
@@ -208,14 +189,6 @@ def save_samples(path: Optional[str], fields: dict, samples: list) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- engine entry point
-def engine_layout(runner) -> dict:
-    cfg = runner.config
-    return {"decode_buckets": list(runner.decode_buckets), "token_buckets": list(runner.token_buckets),
-            "table_buckets": list(runner.table_buckets), "block_size": runner.block_size,
-            "cuda_graphs": bool(runner.use_cuda_graphs), "compile": bool(cfg.compile),
-            "max_model_len": runner.max_model_len}
-
-
 def template_for(runner) -> StepCostModel:
     """An unfitted model with the engine's buckets and KV layout (pads and computes features like the engine)."""
     return StepCostModel(decode_buckets=runner.decode_buckets, token_buckets=runner.token_buckets,
