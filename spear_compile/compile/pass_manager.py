@@ -2,8 +2,9 @@
 ``post_grad_custom_pre_pass``, see ``backend.py``) that runs our passes, in order:
 
 1. ``FuseQuantizedLinearPass``: ``spear::qlinear`` (+ EC) -> ``spear::fused_linear``;
-2. ``GroupSiblingLinearsPass``: sibling fused_linears of one x -> ``spear::grouped_linear`` (``group_linears=False``
-   or ``SPEAR_GROUP_LINEARS=0``: off);
+2. ``GroupSiblingLinearsPass``: sibling fused_linears of one x -> ``spear::grouped_linear``, or
+   ``spear::grouped_linear_ec`` when all carry an EC of one rank (``group_linears=False`` or
+   ``SPEAR_GROUP_LINEARS=0``: off; ``SPEAR_GROUP_EC_LINEARS=0``: EC'd siblings stay apart);
 3. ``DecomposePrefillLinearsPass``: W4 nodes at a static prefill M in a graph without CUDA graphs -> dequantize +
    ``aten.mm`` (``decompose_prefill=False`` or ``SPEAR_DECOMPOSE_PREFILL=0``: off).
 
