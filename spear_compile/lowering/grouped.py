@@ -28,15 +28,19 @@ from .runtime import TUNER, WORKSPACES
 from .tuner import group_key
 
 
-def _check_group(x, qdatas, scales, zeros, biases, group_size):
-    where = "spear_compile.lowering.grouped.launch_grouped"
+def _check_group(x, qdatas, scales, zeros, biases, group_size, ecs=None, where="launch_grouped"):
+    """Every member's operands checked (``dispatch.check_linear``); ``ecs``: the members' (ec_A, ec_B, gate_w,
+    gate_b) lists too."""
+    where = f"spear_compile.lowering.grouped.{where}"
+    names = "qdata/scale/zero/bias" + ("/ec_A/ec_B/gate_w/gate_b" if ecs else "")
+    lists = (qdatas, scales, zeros, biases) + tuple(ecs or ())
     g = len(qdatas)
-    if not 1 <= g or len(scales) != g or len(zeros) != g or (biases is not None and len(biases) != g):
-        raise SpearError(f"{where}: qdata/scale/zero/bias lists must have the same length >= 1, got "
-                         f"{g}/{len(scales)}/{len(zeros)}/{None if biases is None else len(biases)}")
+    if not 1 <= g or any(v is not None and len(v) != g for v in lists):
+        raise SpearError(f"{where}: {names} lists must have the same length >= 1, got "
+                         f"{'/'.join(str(None if v is None else len(v)) for v in lists)}")
     for i in range(g):
         check_linear(x, qdatas[i], scales[i], zeros[i], None if biases is None else biases[i], group_size,
-               None, None, None, None, None)
+                     *([e[i] for e in ecs] if ecs else [None] * 4), None)
 
 
 def adjacent_rows(parts):
@@ -79,22 +83,30 @@ def _concat_into(x2, qdatas, scales, zeros, biases, group_size, y, joined=None):
     ``joined``: ``adjacent_members``' answer when the caller has it."""
     joined = joined or adjacent_members(qdatas, scales, zeros, biases)
     if joined is None:
-        return _members_into(x2, qdatas, scales, zeros, biases, group_size, y)
+        return _members_into(x2, _members(qdatas, scales, zeros, biases), group_size, y)
     args = (x2, *joined, group_size, None, None, None, None, None, y)
     cfg = config_for(x2, args, x2.shape[1], y.shape[1], group_size, False, False)
     runner(cfg)(cfg, *args)
     return y
 
 
-def _members_into(x2, qdatas, scales, zeros, biases, group_size, y, config=None):
-    """One launch per member (its own tuned config, or ``config`` for all) into column slices of ``y``."""
+def _members(qdatas, scales, zeros, biases):
+    return [batched.Member(q, s, z, b) for q, s, z, b in zip(qdatas, scales, zeros, biases)]
+
+
+def _members_into(x2, members, group_size, y, config=None, run=None):
+    """One launch per member (``batched.Member``s, EC included) into column slices of ``y``: each with its own
+    tuned config for its key, or ``config`` for all, or ``run(*args)`` (the runner's arguments after the config)."""
     col = 0
-    for i, q in enumerate(qdatas):
-        n = q.shape[0]
-        yi = y[:, col:col + n]
-        args = (x2, q, scales[i], zeros[i], biases[i], group_size, None, None, None, None, None, yi)
-        cfg = config or config_for(x2, args, x2.shape[1], n, group_size, False, False)
-        runner(cfg)(cfg, *args)
+    for t in members:
+        n = t.qdata.shape[0]
+        args = (x2, t.qdata, t.scale, t.zero, t.bias, group_size, t.ec_A, t.ec_B, t.gate_w, t.gate_b, None,
+                y[:, col:col + n])
+        if run is not None:
+            run(*args)
+        else:
+            cfg = config or config_for(x2, args, x2.shape[1], n, group_size, t.ec_B is not None, t.gate_w is not None)
+            runner(cfg)(cfg, *args)
         col += n
     return y
 
@@ -113,7 +125,7 @@ def _run_grouped(cfg, x2, qdatas, scales, zeros, biases, group_size, y, joined=N
     if cfg.concat:
         return _concat_into(x2, qdatas, scales, zeros, biases, group_size, y, joined)
     if not _grouped_kernel_ok(cfg, x2, qdatas):
-        return _members_into(x2, qdatas, scales, zeros, biases, group_size, y)
+        return _members_into(x2, _members(qdatas, scales, zeros, biases), group_size, y)
     m, k = x2.shape
     g = len(qdatas)
     ns = [q.shape[0] for q in qdatas]
@@ -161,7 +173,8 @@ def grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y, joined=
     args = (x2, qdatas, scales, zeros, biases, group_size, y)
 
     def reference():
-        return _members_into(x2, qdatas, scales, zeros, biases, group_size, torch.empty_like(y), DequantCublasConfig())
+        return _members_into(x2, _members(qdatas, scales, zeros, biases), group_size, torch.empty_like(y),
+                             DequantCublasConfig())
 
     cands = (grouped_candidates(k, ns, group_size, sms, m) if m <= MAX_DECODE_M else large) + extra
     return TUNER.pick(key, x2.device, cands, lambda cfg: _run_grouped(cfg, *args, joined), reference, y)
@@ -223,23 +236,10 @@ def grouped_ec_key(m, k, ns, group_size, dtype, has_bias, rank: int, gated: bool
     return group_key(m, k, ns, group_size, dtype, has_bias)._replace(tag=f"grouped-ec{rank}{'g' if gated else 's'}")
 
 
-def _ec_members_into(x2, members, group_size, y):
-    """One launch per member (its own tuned config for its EC key) into column slices of ``y``."""
-    col = 0
-    for t in members:
-        n = t.qdata.shape[0]
-        args = (x2, t.qdata, t.scale, t.zero, t.bias, group_size, t.ec_A, t.ec_B, t.gate_w, t.gate_b, None,
-                y[:, col:col + n])
-        cfg = config_for(x2, args, x2.shape[1], n, group_size, True, t.gate_w is not None)
-        runner(cfg)(cfg, *args)
-        col += n
-    return y
-
-
 def _run_grouped_ec(cfg, x2, members, group_size, y):
     if isinstance(cfg, batched.BatchedConfig) and batched.applies(x2.shape[0], x2.shape[1], members, group_size):
         return batched.run_members(cfg, x2, members, group_size, y)
-    return _ec_members_into(x2, members, group_size, y)
+    return _members_into(x2, members, group_size, y)
 
 
 def grouped_ec_config_for(x2, members, group_size, y):
@@ -259,17 +259,11 @@ def grouped_ec_config_for(x2, members, group_size, y):
     if not extra:
         return own
     # the members' own keys tuned first (outside the timing of this key)
-    _ec_members_into(x2, members, group_size, torch.empty_like(y))
+    _members_into(x2, members, group_size, torch.empty_like(y))
 
-    def reference():
-        out = torch.empty_like(y)
-        col = 0
-        for t in members:
-            n = t.qdata.shape[0]
-            run_dequant_cublas(None, x2, t.qdata, t.scale, t.zero, t.bias, group_size, t.ec_A, t.ec_B, t.gate_w,
-                               t.gate_b, None, out[:, col:col + n])
-            col += n
-        return out
+    def reference():   # torch dequantize + cuBLAS + the ECs by torch ops, per member
+        return _members_into(x2, members, group_size, torch.empty_like(y),
+                             run=lambda *args: run_dequant_cublas(None, *args))
 
     return TUNER.pick(key, x2.device, [own] + extra, lambda cfg: _run_grouped_ec(cfg, x2, members, group_size, y),
                       reference, y)
@@ -294,20 +288,14 @@ def launch_grouped_ec(x, qdatas, scales, zeros, biases, group_size, ec_As, ec_Bs
     given or all None), one rank: ``[..., N_1 + ... + N_g]``, member i's ``x W_iᵀ + b_i + B_i g(A_i x) ⊙ A_i x``
     in its columns. ``config``: a ``BatchedConfig`` or ``GroupedConfig(per_member=True)`` to force one."""
     where = "spear_compile.lowering.grouped.launch_grouped_ec"
-    lists = [list(v) for v in (qdatas, scales, zeros, biases, ec_As, ec_Bs, gate_ws, gate_bs)]
-    g = len(lists[0])
-    if g < 1 or any(len(v) != g for v in lists):
-        raise SpearError(f"{where}: every list (qdata, scale, zero, bias, ec_A, ec_B, gate_w, gate_b) needs the same "
-                         f"length >= 1, got {[len(v) for v in lists]}")
-    qdatas, scales, zeros, biases, ec_As, ec_Bs, gate_ws, gate_bs = lists
+    qdatas, scales, zeros, biases, ec_As, ec_Bs, gate_ws, gate_bs = (
+        list(v) for v in (qdatas, scales, zeros, biases, ec_As, ec_Bs, gate_ws, gate_bs))
     if len({b is None for b in biases}) > 1 or len({w is None for w in gate_ws}) > 1:
         raise SpearError(f"{where}: biases and gates must be all given or all None")
     if any(a is None or b is None for a, b in zip(ec_As, ec_Bs)) or len({b.shape[-1] for b in ec_Bs}) > 1:
-        raise SpearError(f"{where}: every member needs an EC (ec_A and ec_B) of one rank, got ranks "
+        raise SpearError(f"{where}: every member needs an EC (ec_A and ec_B) of one rank, got ec_B shapes "
                          f"{[None if b is None else tuple(b.shape) for b in ec_Bs]}")
-    for i in range(g):
-        check_linear(x, qdatas[i], scales[i], zeros[i], biases[i], group_size, ec_As[i], ec_Bs[i], gate_ws[i],
-                     gate_bs[i], None)
+    _check_group(x, qdatas, scales, zeros, biases, group_size, (ec_As, ec_Bs, gate_ws, gate_bs), "launch_grouped_ec")
     members = [batched.Member(*t) for t in zip(qdatas, scales, zeros, biases, ec_As, ec_Bs, gate_ws, gate_bs)]
     n_total = sum(q.shape[0] for q in qdatas)
     x2, m, y = rows_and_out(x, n_total)

@@ -28,7 +28,8 @@ def cache_fields(runner, model) -> dict:
     cfg = runner.config
     device = runner.device
     return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-                model=json_cache.model_fingerprint(model), layout=json_cache.engine_layout(runner), ecs=bool(runner.net.has_ecs),
+                model=json_cache.model_fingerprint(model), layout=json_cache.engine_layout(runner),
+                ecs=bool(runner.net.has_ecs),
                 max_num_seqs=cfg.max_num_seqs, max_num_tokens=cfg.max_num_tokens,
                 decode_attention=cfg.decode_attention, mixed_graph_padding=cfg.mixed_graph_padding,
                 mixed_graph_bucket_padding=cfg.mixed_graph_bucket_padding)

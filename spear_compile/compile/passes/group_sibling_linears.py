@@ -11,8 +11,9 @@ balanced groups (5 -> 3 + 2). Siblings that all carry an EC of one rank (all gat
 ``spear::grouped_linear_ec`` instead (``SPEAR_GROUP_EC_LINEARS=0``: off), unless their M is static and large
 enough for ``DecomposePrefillLinearsPass`` to take them; an EC node is never grouped with one without. Nodes with
 a different bias-ness or an input defined after the first member stay as they were. Every group is logged in the
-compile's ``CompileRecords.groups`` and marked on the members' ``MatchRecord`` (``group`` field). Off: ``SPEAR_GROUP_LINEARS=0`` in the environment, or
-``options={"spear_group_linears": False}`` for ``torch.compile(..., backend="spear")``.
+compile's ``CompileRecords.groups`` and marked on the members' ``MatchRecord`` (``group`` field). Off:
+``SPEAR_GROUP_LINEARS=0`` in the environment, or ``options={"spear_group_linears": False}`` for
+``torch.compile(..., backend="spear")``.
 """
 from __future__ import annotations
 
