@@ -13,6 +13,7 @@ import torch
 
 from .. import options
 from ..errors import SpearError
+from .capture import capturing
 from .configs import m_bucket
 from .precompile import precompile
 from .tune_cache import TuneCache
@@ -152,7 +153,7 @@ class Tuner:
         graphs = []
         for with_fn in (True, False):
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, stream=stream):
+            with capturing(g, stream):
                 for _ in range(reps):
                     buf.zero_()
                     if with_fn:

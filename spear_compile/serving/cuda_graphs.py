@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import SpearError
+from ..lowering.capture import capturing
 from .buckets import MixedDims
 
 
@@ -43,6 +44,12 @@ def workspace_footprint(stream, device) -> tuple:
     from ..lowering.runtime import WORKSPACES
     with torch.cuda.stream(stream):
         return WORKSPACES.get(device).footprint()
+
+
+def usable_bytes(device) -> int:
+    """Device memory this process may still allocate: the driver's free memory and the caching allocator's cached,
+    unused blocks (captures no longer empty that cache, ``lowering.capture``)."""
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def multi_rank() -> bool:
@@ -135,18 +142,17 @@ class GraphCapture:
         """``(graph, output)`` of ``fn`` captured into the shared pool; ``fn`` must have run eagerly (``eager``)
         first. Raises ``SpearError`` if the capture allocated kernel workspace."""
         t0 = time.perf_counter()
-        torch.cuda.synchronize(self.device)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         before = workspace_footprint(self.stream, self.device)
-        free_before = torch.cuda.mem_get_info(self.device)[0]
+        free_before = usable_bytes(self.device)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode=error_mode):
+            with capturing(graph, self.stream, self.pool, error_mode):
                 out = fn()
         finally:
             self.capture_s += time.perf_counter() - t0
-            self.free_bytes = torch.cuda.mem_get_info(self.device)[0]
+            self.free_bytes = usable_bytes(self.device)
             self.capture_bytes += max(0, free_before - self.free_bytes)
             self.captures += 1
         if workspace_footprint(self.stream, self.device) != before:
