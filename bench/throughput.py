@@ -197,7 +197,8 @@ def make_engine(variant, args):
     cfg = EngineConfig(**sizes, max_model_len=1024, policy=f"budget-{sizes['max_num_tokens']}", device=DEV["device"],
                        detokenize=False, dtype=DEV["dtype"], compile=not DEV["tiny"],
                        num_blocks=None if DEV["device"] == "cuda" else 2048, gpu_memory_utilization=0.3,
-                       overlap_decode=overlap, decode_attention=attention, mixed_shape_cache=args.shape_cache)
+                       overlap_decode=overlap, decode_attention=attention, mixed_shape_cache=args.shape_cache,
+                       mixed_capture_first=args.capture_first)
     t0 = time.perf_counter()
     eng = Engine(model, None, cfg, model_name=f"llama1b-{variant}")
     return eng, model, ecs, time.perf_counter() - t0
@@ -235,7 +236,7 @@ def run_engine(variant, args, reqs):
         total_tok_per_s=round((out_tokens + sum(len(p) for p in prompts)) / wall, 1), startup_s=round(startup, 1),
         recompiles=eng.stats().recompiles, preemptions=eng.num_preemptions, steps=len(steps),
         graphs=len(eng.runner.graphs), mixed_captures=eng.runner.mixed.first_steps - captures_before,
-        decode_host_ms_median=round(1e3 * sorted(host)[len(host) // 2], 3) if host else None)
+        captured_first=eng.runner.mixed.captured_first, decode_host_ms_median=round(1e3 * sorted(host)[len(host) // 2], 3) if host else None)
     if args.warm:
         # a server's steady state: as many other requests of the same distribution (seed + 1), unseen, on the engine
         # the first pass warmed (its mixed-step graphs captured lazily, at each step shape's first step)
@@ -648,6 +649,9 @@ def main():
     ap.add_argument("--hfgen-variants", default="bf16,w4,w4+ec")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--capture-first", action="store_true",
+                    help="EngineConfig.mixed_capture_first: a new mixed-step shape of token count and logits rows "
+                         "already run eagerly is captured without an eager run first")
     ap.add_argument("--shape-cache", action="store_true",
                     help="EngineConfig.mixed_shape_cache (off by default here: a fresh engine, as the bar measures); "
                          "on, a variant whose engine ran before on this machine starts with its mixed-step shapes "

@@ -57,6 +57,10 @@ class EngineConfig:
     #   and capture them at the next start-up of the same engine, before serving (shape_cache.py; a new shape's
     #   first step costs an eager run and a capture: 15-50 ms on an H100). Off with the on-disk cache
     #   (SPEAR_TUNE_CACHE=0) or without mixed-step graphs
+    mixed_capture_first: bool = False       # a new mixed-step shape whose token count and logits rows already ran
+    #   eagerly is captured at once and replayed, skipping its eager run (MixedGraphs.first_step): one host pass
+    #   over the step instead of two (session 33, H100: the uncaptured W4 + EC mixed step is bound by its 26 ms of
+    #   host time, bf16's by 12 ms, so each W4 + EC capture cost 54-56 ms). Off until measured on a GPU
     compile: bool = True
     compile_regions: bool = False           # compile one decoder layer (once per distinct layer structure) and the
     #   LM head instead of the whole model per phase: a fraction of the start-up compile time; the layers then run
@@ -122,6 +126,8 @@ class EngineConfig:
                 raise SpearError(f"EngineConfig: {name}={v!r} must be a positive number of milliseconds or None")
         if self.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise SpearError(f"EngineConfig: dtype={self.dtype} must be bfloat16, float16 or float32")
+        if not isinstance(self.mixed_capture_first, bool):
+            raise SpearError(f"EngineConfig: mixed_capture_first={self.mixed_capture_first!r} must be True or False")
         if not isinstance(self.mixed_shape_cache, bool):
             raise SpearError(f"EngineConfig: mixed_shape_cache={self.mixed_shape_cache!r} must be True or False")
         if not isinstance(self.enable_prefix_caching, bool):

@@ -187,6 +187,9 @@ class MixedGraphs:
         self._covers: dict = {}     # (use_ec, dims, paddings) -> ``covering``'s answer while no graph was added
         self._covers_at = -1        # len(self.graphs) when ``_covers`` and ``_by_rows`` were built
         self.on_capture: Optional[Callable] = None   # called with each new key once its graph is captured
+        self.capture_first = False  # EngineConfig.mixed_capture_first: capture a key's first step, then replay it
+        self.captured_first = 0     # first steps captured without an eager run before (``capture_first``)
+        self._eager_sizes: set = set()   # (use_ec, tokens, logits rows) run eagerly on the capture stream
 
     def covering(self, use_ec: bool, dims: MixedDims, max_padding: float,
                  bucket_padding: float = 1.0) -> Optional[MixedDims]:
@@ -235,32 +238,57 @@ class MixedGraphs:
     def first_step(self, key, flat: torch.Tensor, views: tuple, fn: Callable) -> torch.Tensor:
         """Run a key's first step eagerly (``fn()`` reads ``views``, which point into ``flat``, on the device), then
         capture it for the next ones. Returns the eager run's logits. A capture that fails (or allocated kernel
-        workspace) warns, and no later key is captured."""
+        workspace) warns, and no later key is captured. With ``capture_first``, a key whose token count and logits
+        rows already ran eagerly on the capture stream (so every kernel workspace those sizes need exists: they
+        depend on the linears' rows, not on the attention's shapes) is captured at once and replayed: one host pass
+        over the step instead of two."""
         self.first_steps += 1
+        shapes = key[1]
+        sizes = (key[0], shapes[0][0], shapes[-1][0])   # the inputs: ids [tokens] first, logits rows last
+        if self.capture_first and sizes in self._eager_sizes:
+            out = self.logits[:sizes[2]]
+            if self._capture(key, flat, views, out, fn, "capture-first"):
+                self.captured_first += 1
+                return self.graphs[key].replay()
+            if len(self.graphs) >= self.limit:   # captures stopped: this step runs uncaptured
+                return self.capture.eager(fn)
         logits = self.capture.eager(fn)
+        self._eager_sizes.add(sizes)
         if logits.is_cuda:   # made on the capture stream, read on the current one
             logits.record_stream(torch.cuda.current_stream(logits.device))
         if self.logits is None:
             self.logits = torch.empty(self.max_rows, logits.shape[1], dtype=logits.dtype, device=logits.device)
-        out = self.logits[:logits.shape[0]]
+        self._capture(key, flat, views, self.logits[:logits.shape[0]], fn, "")
+        return logits
+
+    def _capture(self, key, flat, views, out, fn, how: str) -> bool:
+        """Capture ``out.copy_(fn())`` as ``key``'s graph; False if that failed. A failed capture after an eager
+        run (or one that allocated kernel workspace) stops all later captures; a failed capture-first only stops
+        capturing first."""
         if not self.capture.cuda:  # stand-in (tests)
             self.graphs[key] = MixedGraph(StandInGraph(lambda: out.copy_(fn())), flat, views, out)
             self._captured(key)
-            return logits
+            return True
         try:
             # thread-local: the capture happens while serving; another thread's CUDA call (the server's) must
             # neither break it nor fail itself
             graph, _ = self.capture.capture(lambda: out.copy_(fn()), f"the mixed step of input shapes {key[1]}",
                                             error_mode="thread_local")
         except Exception as exc:  # noqa: BLE001  (a step that cannot be captured still runs, uncaptured)
+            if how and not isinstance(exc, SpearError):
+                self.capture_first = False
+                warnings.warn(f"spear_compile serving: capturing a mixed step (input shapes {key[1]}) before any "
+                              f"eager run of it failed; new shapes run eagerly before their capture from now on: "
+                              f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
+                return False
             self.limit = len(self.graphs)
             warnings.warn(f"spear_compile serving: capturing a mixed step (input shapes {key[1]}) failed; mixed steps "
                           f"of other shapes than the {self.limit} captured run uncaptured from now on: "
                           f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
-            return logits
+            return False
         self.graphs[key] = MixedGraph(graph, flat, views, out)
         self._captured(key)
-        return logits
+        return True
 
     def _captured(self, key) -> None:
         if self.on_capture is not None:

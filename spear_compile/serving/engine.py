@@ -92,6 +92,7 @@ class EngineStats:
     mixed_graphs: int = 0              # mixed-step CUDA graphs captured (one per input-shape key)
     uncaptured_mixed_steps: int = 0    # mixed steps run without a graph while serving (limit reached, capture failed, TP)
     padded_mixed_steps: int = 0        # mixed steps replayed in a captured graph of larger shapes (mixed_graph_padding)
+    captured_first_steps: int = 0      # mixed-step keys captured without an eager run first (mixed_capture_first)
     graph_capture_mib: float = 0.0     # device memory the CUDA-graph captures took (decode and mixed graphs)
 
 
@@ -495,4 +496,5 @@ class Engine:
                            mixed_graphs=len(self.runner.mixed.graphs),
                            uncaptured_mixed_steps=self.runner.mixed.uncaptured,
                            padded_mixed_steps=self.runner.mixed.padded_replays,
+                           captured_first_steps=self.runner.mixed.captured_first,
                            graph_capture_mib=round(self.runner.capture.capture_bytes / 2 ** 20, 1))

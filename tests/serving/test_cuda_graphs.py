@@ -142,3 +142,82 @@ def test_covering_remembers_its_answer_until_a_graph_is_added():
         assert mixed.covering(True, step_dims, 1.5) is None                       # another padding: its own answer
     finally:
         MixedDims.covers = real
+
+
+class FlakyCapture(FakeCapture):
+    """Fails its first ``times`` captures with ``fail``, then captures."""
+
+    def __init__(self, fail, times=1):
+        super().__init__()
+        self.error, self.times = fail, times
+
+    def capture(self, fn, what, error_mode="global"):
+        if self.times:
+            self.times -= 1
+            raise self.error
+        return FakeGraph(fn), None
+
+
+def _key_step(mixed, ec, shapes, g):
+    """A first step of a key of ``shapes`` (ids-like first input, logits rows from the last), fresh inputs; returns
+    (logits, expected)."""
+    flat = torch.randint(1, 9, (sum(torch.Size(s).numel() for s in shapes),), generator=g)
+    views = unpack_flat(flat, shapes)
+    return mixed.first_step((ec, shapes), flat, views, lambda: step(views[-1])), step(views[-1])
+
+
+def test_capture_first_skips_the_eager_run_of_sizes_already_run():
+    """With ``capture_first`` a new key whose tokens (first input) and logits rows (last) already ran eagerly is
+    captured at once and replayed (no eager run); new tokens, new rows or the other EC state run eagerly first."""
+    g = torch.Generator().manual_seed(2)
+    mixed = MixedGraphs(FakeCapture(), limit=8, max_rows=4)
+    mixed.capture_first = True
+    cap = mixed.capture
+    for ec, shapes, eager in ((True, ((4,), (2, 3)), 1), (True, ((4,), (7,), (2, 3)), 1),   # same sizes: captured
+                              (True, ((8,), (2, 3)), 2), (True, ((4,), (3, 3)), 3), (False, ((4,), (5,), (2, 3)), 4),
+                              (True, ((4,), (6,), (2, 3)), 4)):
+        out, want = _key_step(mixed, ec, shapes, g)
+        assert torch.equal(out, want) and cap.eager_runs == eager and (ec, shapes) in mixed.graphs
+    assert mixed.captured_first == 2 and mixed.first_steps == 6 and len(mixed.graphs) == 6
+    graph = mixed.graphs[(True, ((4,), (7,), (2, 3)))]     # a graph captured first replays new inputs too
+    new = [torch.randint(1, 9, s, generator=g) for s in ((4,), (7,), (2, 3))]
+    graph.inputs.copy_(pack_flat(new))
+    assert torch.equal(mixed.replay(graph), step(new[-1]))
+
+
+def test_capture_first_off_by_default_runs_every_key_eagerly():
+    g = torch.Generator().manual_seed(3)
+    mixed = MixedGraphs(FakeCapture(), limit=8, max_rows=4)
+    for shapes in (((4,), (2, 3)), ((4,), (7,), (2, 3))):
+        out, want = _key_step(mixed, True, shapes, g)
+        assert torch.equal(out, want)
+    assert mixed.capture.eager_runs == 2 and mixed.captured_first == 0
+
+
+def test_failed_capture_first_falls_back_to_eager_then_capture():
+    """A capture-first that fails (not for kernel workspace) warns, turns capturing first off and runs the step as
+    before: eagerly, then captured."""
+    g = torch.Generator().manual_seed(4)
+    mixed = MixedGraphs(FakeCapture(), limit=8, max_rows=4)
+    mixed.capture_first = True
+    _key_step(mixed, True, ((4,), (2, 3)), g)
+    mixed.capture = FlakyCapture(RuntimeError("operation not permitted when stream is capturing"))
+    with pytest.warns(RuntimeWarning, match="before any eager run"):
+        out, want = _key_step(mixed, True, ((4,), (7,), (2, 3)), g)
+    assert torch.equal(out, want) and not mixed.capture_first and mixed.capture.eager_runs == 1
+    assert (True, ((4,), (7,), (2, 3))) in mixed.graphs and mixed.captured_first == 0 and mixed.has_room(rows=2)
+
+
+def test_capture_first_that_allocated_workspace_stops_capturing():
+    """A capture-first that allocated kernel workspace (``SpearError``) stops all captures, as after an eager run;
+    the step itself still runs (eagerly) and returns its logits."""
+    from spear_compile.errors import SpearError
+    g = torch.Generator().manual_seed(5)
+    mixed = MixedGraphs(FakeCapture(), limit=8, max_rows=4)
+    mixed.capture_first = True
+    _key_step(mixed, True, ((4,), (2, 3)), g)
+    mixed.capture = FlakyCapture(SpearError("allocated kernel workspace during its CUDA-graph capture"))
+    with pytest.warns(RuntimeWarning, match="allocated kernel workspace"):
+        out, want = _key_step(mixed, True, ((4,), (7,), (2, 3)), g)
+    assert torch.equal(out, want) and mixed.capture.eager_runs == 1 and not mixed.has_room(rows=2)
+    assert len(mixed.graphs) == 1 and mixed.captured_first == 0

@@ -207,6 +207,21 @@ def test_mixed_step_graphs(ref_tokenizer, overlap):
     assert limited.blocks.num_free_blocks == limited.blocks.num_usable_blocks
 
 
+def test_mixed_steps_captured_first(ref_tokenizer):
+    """``mixed_capture_first``: a new mixed-step shape whose token bucket and logits rows already ran eagerly is
+    captured (stand-ins on CPU) and replayed without an eager run first; the greedy tokens stay HF eager's."""
+    model = toy_model(ecs=True)
+    ref = hf_greedy(model)
+    eng = make_engine(model, ref_tokenizer, cuda_graphs=True, cuda_graphs_stand_in=True, max_num_seqs=4,
+                      max_num_tokens=16, token_buckets=(8, 16), max_model_len=64, policy="budget-8",
+                      mixed_capture_first=True, mixed_graph_padding=0)
+    for _ in range(2):
+        assert [o.output_token_ids for o in eng.generate(prompts(), sp())] == ref
+    mixed = eng.runner.mixed
+    assert 0 < mixed.captured_first < mixed.first_steps == len(mixed.graphs)
+    assert eng.stats().captured_first_steps == mixed.captured_first and mixed.uncaptured == 0
+
+
 def test_compiled_regions(ref_tokenizer, fresh_compile):
     """``compile_regions=True``: one decoder layer compiled per distinct layer structure (two here: an EC on layer 0's
     q_proj, another on layer 1's down_proj), the LM head apart, the whole-model entry points never compiled; every

@@ -20,6 +20,8 @@ from spear_compile.serving import EngineConfig
     (dict(decode_attention="flash"), "decode_attention='flash' must be 'torch' or 'triton'"),
     (dict(freeze_gc=1), "freeze_gc=1 must be True, False or None"),
     (dict(compile_regions="yes"), "compile_regions='yes' must be True or False"),
+    (dict(mixed_capture_first=1), "mixed_capture_first=1 must be True or False"),
+    (dict(mixed_shape_cache="on"), "mixed_shape_cache='on' must be True or False"),
     (dict(mixed_graph_padding=0.5), "mixed_graph_padding=0.5 must be 0 \\(off\\) or a number in \\[1, 64\\]"),
     (dict(mixed_graph_padding=True), "mixed_graph_padding=True"),
     (dict(mixed_graph_padding="2"), "mixed_graph_padding='2'"),
