@@ -242,3 +242,24 @@ def test_scheduler_with_prefix_caching_keeps_its_invariants(seed):
                 s.finish(r, RequestStatus.FINISHED_LENGTH)
     assert not s.has_unfinished()
     assert blocks.num_free_blocks == blocks.num_usable_blocks and blocks.num_cached_tokens > 0
+
+
+def test_chunks_leave_room_for_padded_decode_rows():
+    """With the engine's ``decode_rows`` (its padding of a mixed step's decode rows), a budget-filling chunk leaves
+    room for the padded rows, so the step runs at a decode-row bucket; without it, room for the decodes only."""
+    from spear_compile.serving.buckets import mixed_decode_rows
+    for hooked, chunk in ((False, 59), (True, 56)):
+        s = Scheduler(KVBlockManager(400, 4), TokenBudget(64), max_num_seqs=8, max_num_tokens=64)
+        if hooked:
+            s.decode_rows = lambda n: mixed_decode_rows(n, 0, 8, 64)
+        for i in range(5):   # five requests past their prompts: decoding
+            r = Request(f"d{i}", [1, 2, 3], SamplingParams(max_tokens=50), arrival_time=float(i))
+            s.add(r)
+        first = s.schedule()
+        for r, n in first.prefills:
+            r.num_computed_tokens += n
+            r.output_token_ids.append(7)
+        s.add(Request("long", list(range(1, 200)), SamplingParams(max_tokens=4), arrival_time=9.0))
+        plan = s.schedule()
+        assert len(plan.decodes) == 5 and plan.prefills[0][1] == chunk, (hooked, plan.prefills)
+        assert mixed_decode_rows(5, chunk, 8, 64) == (8 if hooked else 5)

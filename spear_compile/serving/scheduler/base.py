@@ -97,6 +97,10 @@ class Scheduler:
         self.token_buckets = tuple(token_buckets) or (max_num_tokens,)
         self.clock = clock
         self.run_dims: Optional[Callable] = None   # the engine's ``StepContext.run_dims``
+        # the engine's padding of a mixed step's decode rows (``buckets.mixed_decode_rows`` with no prefill): a step's
+        # decodes take that many of its ``max_num_tokens``, so its chunks leave room for the padded rows and the step
+        # runs at a decode-row bucket (one graph key per bucket, not one per decode count); None: the decodes' count
+        self.decode_rows: Optional[Callable[[int], int]] = None
         self.waiting: deque = deque()
         self.running: list = []
 
@@ -204,7 +208,8 @@ class Scheduler:
                           sum_context_len=sum(r.num_computed_tokens + 1 for r in plan.decodes),
                           ec_signature=ec_signature, max_num_tokens=self.max_num_tokens,
                           token_buckets=self.token_buckets, prefilling=partial, run_dims=self.run_dims)
-        budget = min(int(self.policy.prefill_budget(ctx)), self.max_num_tokens - len(plan.decodes))
+        room = self.max_num_tokens - (self.decode_rows(len(plan.decodes)) if self.decode_rows else len(plan.decodes))
+        budget = min(int(self.policy.prefill_budget(ctx)), room)
         # no new admissions in a step that had to preempt (they would only be preempted again)
         for req in partial + ([] if plan.preempted else ordered_waiting):
             if budget <= 0:
@@ -223,7 +228,7 @@ class Scheduler:
                 break  # admission by free blocks, in order: no skipping ahead
             if not self.policy.chunked and chunk < remaining:
                 # whole prompts only; a prompt longer than the largest bucket goes alone, in bucket-sized chunks
-                if plan.prefills or remaining <= self.max_num_tokens - len(plan.decodes):
+                if plan.prefills or remaining <= room:
                     self._not_admitted(req, is_new)
                     break
             chunk = self.policy.admit(ctx, plan, req, chunk)
