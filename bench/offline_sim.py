@@ -32,6 +32,9 @@ def main(argv=None):
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--token-buckets", default="16,32,64,128,256,512", help="bench/throughput.py's engine")
     ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--graph-padding", type=float, default=2.0, help="EngineConfig.mixed_graph_padding")
+    ap.add_argument("--graph-bucket-padding", type=float, default=2.0, help="EngineConfig.mixed_graph_bucket_padding")
+    ap.add_argument("--rules", default="padded,exact", help="scheduler rules to run: padded (the engine's), exact")
     args = ap.parse_args(argv)
     samples, layout, gpu = sim.load_profile(args.stepcost.split(","), args.max_num_seqs)
     layout = dict(layout, token_buckets=[int(x) for x in args.token_buckets.split(",")])
@@ -42,17 +45,19 @@ def main(argv=None):
     print(f"# Offline throughput with one-off capture costs, simulated ({gpu} step costs)\n\n{datetime.date.today()}, "
           f"{platform.machine()} CPU. Command: `python -m bench.offline_sim {' '.join(argv or sys.argv[1:])}`\n\n"
           f"{args.requests} requests (bench/throughput.py's, seeds 0 and 1), max_num_seqs {args.max_num_seqs}, "
-          f"token buckets {buckets}, budget-{args.budget}.\n")
+          f"token buckets {buckets}, budget-{args.budget}, graph padding {args.graph_padding:g} (bucket "
+          f"{args.graph_bucket_padding:g}).\n")
     print("| scheduler | capture ms | pass 1 tok/s | captures | pass 2 tok/s | captures |")
     print("|---|---|---|---|---|---|")
-    for padded in (True, False):
+    for padded in [r == "padded" for r in args.rules.split(",")]:
         for capture_ms in [float(x) for x in args.capture_ms.split(",")]:
             run = argparse.Namespace(num_blocks=16384, block_size=layout["block_size"], max_num_seqs=args.max_num_seqs,
                                      max_num_tokens=buckets[-1] - (0 if padded else MIN_DIM), token_buckets=buckets,
                                      drain_s=1e9, host_ms=0.0, pad_decode_rows=padded,
                                      max_decode_rows=layout["decode_buckets"][-1])
             graphs = sim.GraphKeys(1024, capture_ms / 2e3, capture_ms / 2e3, layout, args.max_num_seqs,
-                                   full_decode_tables=True, max_padding=2.0, bucket_padding=2.0, truth=truth)
+                                   full_decode_tables=True, max_padding=args.graph_padding,
+                                   bucket_padding=args.graph_bucket_padding, truth=truth)
             cells = []
             for seed in (0, 1):
                 trace = [(0.0, p, o) for p, o in make_requests(args.requests, seed, 32000)]
