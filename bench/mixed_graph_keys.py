@@ -2,7 +2,8 @@
 
 120 requests (prompts of 50-400 tokens, 20-100 output tokens, seeded) through the toy engine of the tests with
 stand-in graphs, at a token budget of 512 (32 running) and 2048 (64 running) with 2048-token steps, and at 512 (64
-running) with 512-token steps (bench/throughput.py's sizes: the budget fills the largest token bucket). Prints a markdown table; the numbers in
+running) with 512-token steps (bench/throughput.py's sizes: the budget fills the largest token bucket). Prints a
+markdown table; the numbers in
 ``docs/serving.md`` come from ``results/mixed_graph_keys_cpu.md``.
 
     python -m bench.mixed_graph_keys
@@ -34,7 +35,8 @@ def main():
         eng.generate(prompts, params)
         m = eng.runner.mixed
         steps = m.first_steps + m.replays + m.uncaptured
-        print(f"| {budget} | {seqs} | {max_tokens} | {steps} | {len(m.graphs)} | {m.replays} | {m.replays / max(1, steps):.0%} | "
+        print(f"| {budget} | {seqs} | {max_tokens} | {steps} | {len(m.graphs)} | {m.replays} | "
+              f"{m.replays / max(1, steps):.0%} | "
               f"{m.uncaptured} |")
 
 

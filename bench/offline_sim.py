@@ -8,7 +8,8 @@ capture cost and each scheduler rule: the engine's (a mixed step's chunks leave 
 their bucket) and the old one (room for the decodes themselves less two dummy rows, so that a step filling the
 largest token bucket ran at its exact decode count: one graph key per count).
 
-    python -m bench.offline_sim --stepcost bench/tune_cache/stepcost-8c3881410172c3bf.json,bench/tune_cache/stepcost-f240af304a0111c7.json
+    python -m bench.offline_sim --stepcost \
+        bench/tune_cache/stepcost-8c3881410172c3bf.json,bench/tune_cache/stepcost-f240af304a0111c7.json
 """
 from __future__ import annotations
 

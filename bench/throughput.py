@@ -236,7 +236,8 @@ def run_engine(variant, args, reqs):
         total_tok_per_s=round((out_tokens + sum(len(p) for p in prompts)) / wall, 1), startup_s=round(startup, 1),
         recompiles=eng.stats().recompiles, preemptions=eng.num_preemptions, steps=len(steps),
         graphs=len(eng.runner.graphs), mixed_captures=eng.runner.mixed.first_steps - captures_before,
-        captured_first=eng.runner.mixed.captured_first, decode_host_ms_median=round(1e3 * sorted(host)[len(host) // 2], 3) if host else None)
+        captured_first=eng.runner.mixed.captured_first,
+        decode_host_ms_median=round(1e3 * sorted(host)[len(host) // 2], 3) if host else None)
     if args.warm:
         # a server's steady state: as many other requests of the same distribution (seed + 1), unseen, on the engine
         # the first pass warmed (its mixed-step graphs captured lazily, at each step shape's first step)

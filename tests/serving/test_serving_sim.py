@@ -109,3 +109,19 @@ def test_graph_keys_replay_a_larger_token_bucket_only_with_bucket_padding_and_ch
         told = graphs.run_dims(2, 41, [(0, 9, False)])
         assert (told is not None and told[0] == 32) == (bucket_padding > 1), told
     assert charged == [32]
+
+
+def test_offline_sim_runs_both_scheduler_rules(capsys):
+    """``bench.offline_sim`` on a committed H100 profile: a row per rule and capture cost; capture costs only slow a
+    pass down, and the engine's padded decode rows never need more graph keys than exact counts on this trace."""
+    from bench import offline_sim
+    offline_sim.main(["--stepcost", "bench/tune_cache/stepcost-8c3881410172c3bf.json,"
+                      "bench/tune_cache/stepcost-f240af304a0111c7.json", "--requests", "48", "--capture-ms", "0,50"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| padded")
+            or line.startswith("| exact")]
+    assert len(rows) == 4
+    cells = {(r[0][2:], float(r[1])): (float(r[2]), int(r[3]), float(r[4]), int(r[5].rstrip(" |"))) for r in rows}
+    for rule in ("padded decode rows (engine)", "exact decode rows (before session 33)"):
+        free, costly = cells[(rule, 0.0)], cells[(rule, 50.0)]
+        assert costly[0] < free[0] and costly[1] == free[1] > 0
+    assert cells[("padded decode rows (engine)", 0.0)][1] <= cells[("exact decode rows (before session 33)", 0.0)][1]
