@@ -247,7 +247,7 @@ class MixedGraphs:
         sizes = (key[0], shapes[0][0], shapes[-1][0])   # the inputs: ids [tokens] first, logits rows last
         if self.capture_first and sizes in self._eager_sizes:
             out = self.logits[:sizes[2]]
-            if self._capture(key, flat, views, out, fn, "capture-first"):
+            if self._capture(key, flat, views, out, fn, ran_eagerly=False):
                 self.captured_first += 1
                 return self.graphs[key].replay()
             if len(self.graphs) >= self.limit:   # captures stopped: this step runs uncaptured
@@ -258,10 +258,10 @@ class MixedGraphs:
             logits.record_stream(torch.cuda.current_stream(logits.device))
         if self.logits is None:
             self.logits = torch.empty(self.max_rows, logits.shape[1], dtype=logits.dtype, device=logits.device)
-        self._capture(key, flat, views, self.logits[:logits.shape[0]], fn, "")
+        self._capture(key, flat, views, self.logits[:logits.shape[0]], fn, ran_eagerly=True)
         return logits
 
-    def _capture(self, key, flat, views, out, fn, how: str) -> bool:
+    def _capture(self, key, flat, views, out, fn, ran_eagerly: bool) -> bool:
         """Capture ``out.copy_(fn())`` as ``key``'s graph; False if that failed. A failed capture after an eager
         run (or one that allocated kernel workspace) stops all later captures; a failed capture-first only stops
         capturing first."""
@@ -275,7 +275,7 @@ class MixedGraphs:
             graph, _ = self.capture.capture(lambda: out.copy_(fn()), f"the mixed step of input shapes {key[1]}",
                                             error_mode="thread_local")
         except Exception as exc:  # noqa: BLE001  (a step that cannot be captured still runs, uncaptured)
-            if how and not isinstance(exc, SpearError):
+            if not ran_eagerly and not isinstance(exc, SpearError):
                 self.capture_first = False
                 warnings.warn(f"spear_compile serving: capturing a mixed step (input shapes {key[1]}) before any "
                               f"eager run of it failed; new shapes run eagerly before their capture from now on: "
