@@ -54,8 +54,8 @@ def main(argv=None):
         for capture_ms in [float(x) for x in args.capture_ms.split(",")]:
             run = argparse.Namespace(num_blocks=16384, block_size=layout["block_size"], max_num_seqs=args.max_num_seqs,
                                      max_num_tokens=buckets[-1] - (0 if padded else MIN_DIM), token_buckets=buckets,
-                                     drain_s=1e9, host_ms=0.0, pad_decode_rows=padded,
-                                     max_decode_rows=layout["decode_buckets"][-1])
+                                     drain_s=1e9, host_ms=0.0,
+                                     max_decode_rows=layout["decode_buckets"][-1] if padded else None)
             graphs = sim.GraphKeys(1024, capture_ms / 2e3, capture_ms / 2e3, layout, args.max_num_seqs,
                                    full_decode_tables=True, max_padding=args.graph_padding,
                                    bucket_padding=args.graph_bucket_padding, truth=truth)

@@ -25,7 +25,7 @@ import sys
 
 from bench.serving import add_length_args, make_trace, metrics, passes, warmup_rate
 from bench.stats import pct
-from spear_compile.serving.buckets import MIN_DIM, mixed_decode_rows, mixed_step_dims_for, pow2_dim
+from spear_compile.serving.buckets import MIN_DIM, mixed_step_dims_for, pow2_dim
 from spear_compile.serving.cuda_graphs import MixedGraphs
 from spear_compile.serving.kv_cache import KVBlockManager
 from spear_compile.serving.model_runner import ModelRunner
@@ -163,12 +163,10 @@ def simulate(policy, trace, truth, sig, args, ttft_slo_s, tpot_slo_s, graphs=Non
     costs), else none. Returns ``metrics``' dict."""
     clock = [0.0]
     sched = Scheduler(KVBlockManager(args.num_blocks, args.block_size), policy, max_num_seqs=args.max_num_seqs,
-                      max_num_tokens=args.max_num_tokens, token_buckets=args.token_buckets, clock=lambda: clock[0])
+                      max_num_tokens=args.max_num_tokens, token_buckets=args.token_buckets, clock=lambda: clock[0],
+                      max_decode_rows=args.max_decode_rows)   # as the engine (None: room for the exact decode count)
     if graphs is not None and graphs.max_padding:
         sched.run_dims = graphs.run_dims
-    if args.pad_decode_rows:   # as the engine: a step's chunks leave room for its padded decode rows
-        max_rows, max_tokens = args.max_decode_rows, args.token_buckets[-1]
-        sched.decode_rows = lambda n: mixed_decode_rows(n, 0, max_rows, max_tokens)
     reqs, times, meta = [], {}, {}
     for k, (arr, ids, o) in enumerate(trace):
         r = Request(f"r{k}", ids, SamplingParams(max_tokens=o, ignore_eos=True), arrival_time=arr,
@@ -295,7 +293,7 @@ def main(argv=None):
         layout = dict(layout, token_buckets=[int(x) for x in args.token_buckets.split(",")])
     args.block_size, args.token_buckets = layout["block_size"], tuple(layout["token_buckets"])
     args.max_num_tokens = args.token_buckets[-1]
-    args.max_decode_rows, args.pad_decode_rows = layout["decode_buckets"][-1], True
+    args.max_decode_rows = layout["decode_buckets"][-1]
     sigs = sorted({s.signature for s in samples}, key=lambda s: s.total_rank)
     sig = sigs[-1] if args.ec == "on" else sigs[0]
     aware, blind = fit(samples, layout)

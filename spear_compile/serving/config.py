@@ -126,16 +126,11 @@ class EngineConfig:
                 raise SpearError(f"EngineConfig: {name}={v!r} must be a positive number of milliseconds or None")
         if self.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise SpearError(f"EngineConfig: dtype={self.dtype} must be bfloat16, float16 or float32")
-        if not isinstance(self.mixed_capture_first, bool):
-            raise SpearError(f"EngineConfig: mixed_capture_first={self.mixed_capture_first!r} must be True or False")
-        if not isinstance(self.mixed_shape_cache, bool):
-            raise SpearError(f"EngineConfig: mixed_shape_cache={self.mixed_shape_cache!r} must be True or False")
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise SpearError(f"EngineConfig: enable_prefix_caching={self.enable_prefix_caching!r} must be True or False")
+        for name in ("mixed_capture_first", "mixed_shape_cache", "enable_prefix_caching", "compile_regions"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpearError(f"EngineConfig: {name}={getattr(self, name)!r} must be True or False")
         if self.freeze_gc is not None and not isinstance(self.freeze_gc, bool):
             raise SpearError(f"EngineConfig: freeze_gc={self.freeze_gc!r} must be True, False or None")
-        if not isinstance(self.compile_regions, bool):
-            raise SpearError(f"EngineConfig: compile_regions={self.compile_regions!r} must be True or False")
         if self.decode_attention not in ("torch", "triton"):
             raise SpearError(f"EngineConfig: decode_attention={self.decode_attention!r} must be 'torch' or 'triton'")
         slo = isinstance(self.policy, str) and self.policy.startswith("slo")

@@ -173,7 +173,7 @@ class MixedGraphs:
     tensor parallelism). Their logits all go to one buffer of ``max_rows`` rows outside the pool (the engine reads
     a step's logits before the next step), so a graph keeps no memory of its own but its kernel parameters."""
 
-    def __init__(self, capture: GraphCapture, limit: int, max_rows: int):
+    def __init__(self, capture: GraphCapture, limit: int, max_rows: int, capture_first: bool = False):
         self.capture = capture
         self.limit = limit
         self.max_rows = max_rows
@@ -187,7 +187,7 @@ class MixedGraphs:
         self._covers: dict = {}     # (use_ec, dims, paddings) -> ``covering``'s answer while no graph was added
         self._covers_at = -1        # len(self.graphs) when ``_covers`` and ``_by_rows`` were built
         self.on_capture: Optional[Callable] = None   # called with each new key once its graph is captured
-        self.capture_first = False  # EngineConfig.mixed_capture_first: capture a key's first step, then replay it
+        self.capture_first = capture_first  # EngineConfig.mixed_capture_first (``first_step``); off after a failure
         self.captured_first = 0     # first steps captured without an eager run before (``capture_first``)
         self._eager_sizes: set = set()   # (use_ec, tokens, logits rows) run eagerly on the capture stream
 
@@ -250,15 +250,14 @@ class MixedGraphs:
             if self._capture(key, flat, views, out, fn, ran_eagerly=False):
                 self.captured_first += 1
                 return self.graphs[key].replay()
-            if len(self.graphs) >= self.limit:   # captures stopped: this step runs uncaptured
-                return self.capture.eager(fn)
         logits = self.capture.eager(fn)
         self._eager_sizes.add(sizes)
         if logits.is_cuda:   # made on the capture stream, read on the current one
             logits.record_stream(torch.cuda.current_stream(logits.device))
         if self.logits is None:
             self.logits = torch.empty(self.max_rows, logits.shape[1], dtype=logits.dtype, device=logits.device)
-        self._capture(key, flat, views, self.logits[:logits.shape[0]], fn, ran_eagerly=True)
+        if len(self.graphs) < self.limit:   # (a capture-first that allocated workspace stopped captures)
+            self._capture(key, flat, views, self.logits[:logits.shape[0]], fn, ran_eagerly=True)
         return logits
 
     def _capture(self, key, flat, views, out, fn, ran_eagerly: bool) -> bool:

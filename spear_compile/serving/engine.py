@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 
 from ..errors import SpearError
-from .buckets import mixed_decode_rows
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVBlockManager
@@ -162,12 +161,10 @@ class Engine:
         # an SLO policy needs this engine's step cost model, profiled once it is warm (below): until then, a budget
         slo_policy = config.policy if isinstance(config.policy, str) and config.policy.startswith("slo") else None
         self.policy = make_policy("budget-512" if slo_policy else config.policy)
+        # a mixed step's chunks leave room for its decode rows padded to their bucket (at least MIN_DIM dummies)
         self.scheduler = Scheduler(self.blocks, self.policy, config.max_num_seqs, config.max_num_tokens,
-                                   config.token_buckets)
+                                   config.token_buckets, max_decode_rows=self.runner.decode_buckets[-1])
         self.scheduler.run_dims = self._run_dims
-        # the decode rows a mixed step pads to (at least MIN_DIM dummies, a power of two): its chunks leave room
-        max_rows, max_tokens = self.runner.decode_buckets[-1], self.runner.token_buckets[-1]
-        self.scheduler.decode_rows = lambda n: mixed_decode_rows(n, 0, max_rows, max_tokens)
         self.sampler = Sampler(dev, config.seed)
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         self.vocab_size = int(model.config.vocab_size)

@@ -121,8 +121,8 @@ class ModelRunner:
         self.step_sink = None            # tensor parallelism, rank 0: gets every step's inputs before its forward
         self.capture = GraphCapture(device)
         self.mixed = MixedGraphs(self.capture, config.mixed_cuda_graphs if self.use_cuda_graphs and not multi_rank()
-                                 else 0, max_rows=pow2_dim(config.max_num_seqs))
-        self.mixed.capture_first = config.mixed_capture_first
+                                 else 0, max_rows=pow2_dim(config.max_num_seqs),
+                                 capture_first=config.mixed_capture_first)
         self.shapes = None               # the mixed-step shapes kept on disk (shape_cache.py), captured at start-up
         if config.mixed_shape_cache and self.mixed.limit:
             self.shapes = MixedShapeCache.for_runner(self, model)

@@ -170,8 +170,7 @@ def test_capture_first_skips_the_eager_run_of_sizes_already_run():
     """With ``capture_first`` a new key whose tokens (first input) and logits rows (last) already ran eagerly is
     captured at once and replayed (no eager run); new tokens, new rows or the other EC state run eagerly first."""
     g = torch.Generator().manual_seed(2)
-    mixed = MixedGraphs(FakeCapture(), limit=8, max_rows=4)
-    mixed.capture_first = True
+    mixed = MixedGraphs(FakeCapture(), limit=8, max_rows=4, capture_first=True)
     cap = mixed.capture
     for ec, shapes, eager in ((True, ((4,), (2, 3)), 1), (True, ((4,), (7,), (2, 3)), 1),   # same sizes: captured
                               (True, ((8,), (2, 3)), 2), (True, ((4,), (3, 3)), 3), (False, ((4,), (5,), (2, 3)), 4),
@@ -194,30 +193,31 @@ def test_capture_first_off_by_default_runs_every_key_eagerly():
     assert mixed.capture.eager_runs == 2 and mixed.captured_first == 0
 
 
+def _failed_capture_first(seed, error, match):
+    """A capture-first engine's second key (sizes of the first) whose capture raises ``error``: warns ``match``,
+    returns the right logits from one eager run, none captured first; returns the ``MixedGraphs``."""
+    g = torch.Generator().manual_seed(seed)
+    mixed = MixedGraphs(FakeCapture(), limit=8, max_rows=4, capture_first=True)
+    _key_step(mixed, True, ((4,), (2, 3)), g)
+    mixed.capture = FlakyCapture(error)
+    with pytest.warns(RuntimeWarning, match=match):
+        out, want = _key_step(mixed, True, ((4,), (7,), (2, 3)), g)
+    assert torch.equal(out, want) and mixed.capture.eager_runs == 1 and mixed.captured_first == 0
+    return mixed
+
+
 def test_failed_capture_first_falls_back_to_eager_then_capture():
     """A capture-first that fails (not for kernel workspace) warns, turns capturing first off and runs the step as
     before: eagerly, then captured."""
-    g = torch.Generator().manual_seed(4)
-    mixed = MixedGraphs(FakeCapture(), limit=8, max_rows=4)
-    mixed.capture_first = True
-    _key_step(mixed, True, ((4,), (2, 3)), g)
-    mixed.capture = FlakyCapture(RuntimeError("operation not permitted when stream is capturing"))
-    with pytest.warns(RuntimeWarning, match="before any eager run"):
-        out, want = _key_step(mixed, True, ((4,), (7,), (2, 3)), g)
-    assert torch.equal(out, want) and not mixed.capture_first and mixed.capture.eager_runs == 1
-    assert (True, ((4,), (7,), (2, 3))) in mixed.graphs and mixed.captured_first == 0 and mixed.has_room(rows=2)
+    mixed = _failed_capture_first(4, RuntimeError("operation not permitted when stream is capturing"),
+                                  "before any eager run")
+    assert not mixed.capture_first and (True, ((4,), (7,), (2, 3))) in mixed.graphs and mixed.has_room(rows=2)
 
 
 def test_capture_first_that_allocated_workspace_stops_capturing():
     """A capture-first that allocated kernel workspace (``SpearError``) stops all captures, as after an eager run;
     the step itself still runs (eagerly) and returns its logits."""
     from spear_compile.errors import SpearError
-    g = torch.Generator().manual_seed(5)
-    mixed = MixedGraphs(FakeCapture(), limit=8, max_rows=4)
-    mixed.capture_first = True
-    _key_step(mixed, True, ((4,), (2, 3)), g)
-    mixed.capture = FlakyCapture(SpearError("allocated kernel workspace during its CUDA-graph capture"))
-    with pytest.warns(RuntimeWarning, match="allocated kernel workspace"):
-        out, want = _key_step(mixed, True, ((4,), (7,), (2, 3)), g)
-    assert torch.equal(out, want) and mixed.capture.eager_runs == 1 and not mixed.has_room(rows=2)
-    assert len(mixed.graphs) == 1 and mixed.captured_first == 0
+    mixed = _failed_capture_first(5, SpearError("allocated kernel workspace during its CUDA-graph capture"),
+                                  "allocated kernel workspace")
+    assert not mixed.has_room(rows=2) and len(mixed.graphs) == 1

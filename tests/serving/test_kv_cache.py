@@ -245,13 +245,12 @@ def test_scheduler_with_prefix_caching_keeps_its_invariants(seed):
 
 
 def test_chunks_leave_room_for_padded_decode_rows():
-    """With the engine's ``decode_rows`` (its padding of a mixed step's decode rows), a budget-filling chunk leaves
-    room for the padded rows, so the step runs at a decode-row bucket; without it, room for the decodes only."""
+    """With the engine's largest decode bucket (``max_decode_rows``), a budget-filling chunk leaves room for the
+    decode rows padded to their bucket, so the step runs at that bucket; without it, room for the decodes only."""
     from spear_compile.serving.buckets import mixed_decode_rows
     for hooked, chunk in ((False, 59), (True, 56)):
-        s = Scheduler(KVBlockManager(400, 4), TokenBudget(64), max_num_seqs=8, max_num_tokens=64)
-        if hooked:
-            s.decode_rows = lambda n: mixed_decode_rows(n, 0, 8, 64)
+        s = Scheduler(KVBlockManager(400, 4), TokenBudget(64), max_num_seqs=8, max_num_tokens=64,
+                      max_decode_rows=8 if hooked else None)
         for i in range(5):   # five requests past their prompts: decoding
             r = Request(f"d{i}", [1, 2, 3], SamplingParams(max_tokens=50), arrival_time=float(i))
             s.add(r)

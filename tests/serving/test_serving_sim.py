@@ -12,7 +12,7 @@ TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
 def sim_args(**kw):
     base = dict(num_blocks=4096, block_size=16, max_num_seqs=8, max_num_tokens=2048, token_buckets=TOKEN_BUCKETS,
-                drain_s=5.0, host_ms=0.0, pad_decode_rows=True, max_decode_rows=8)
+                drain_s=5.0, host_ms=0.0, max_decode_rows=8)
     base.update(kw)
     return argparse.Namespace(**base)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from ...errors import SpearError
+from ..buckets import mixed_decode_rows
 from ..kv_cache import KVBlockManager
 from ..request import Request, RequestStatus
 
@@ -87,7 +88,7 @@ class Policy(ABC):
 
 class Scheduler:
     def __init__(self, blocks: KVBlockManager, policy: Policy, max_num_seqs: int, max_num_tokens: int,
-                 token_buckets=(), clock: Callable[[], float] = time.monotonic):
+                 token_buckets=(), clock: Callable[[], float] = time.monotonic, max_decode_rows: Optional[int] = None):
         if max_num_seqs < 1 or max_num_tokens < max_num_seqs:
             raise SpearError(f"Scheduler: need 1 <= max_num_seqs ({max_num_seqs}) <= max_num_tokens ({max_num_tokens})")
         self.blocks = blocks
@@ -97,10 +98,11 @@ class Scheduler:
         self.token_buckets = tuple(token_buckets) or (max_num_tokens,)
         self.clock = clock
         self.run_dims: Optional[Callable] = None   # the engine's ``StepContext.run_dims``
-        # the engine's padding of a mixed step's decode rows (``buckets.mixed_decode_rows`` with no prefill): a step's
-        # decodes take that many of its ``max_num_tokens``, so its chunks leave room for the padded rows and the step
-        # runs at a decode-row bucket (one graph key per bucket, not one per decode count); None: the decodes' count
-        self.decode_rows: Optional[Callable[[int], int]] = None
+        # the engine's largest decode bucket: a step's decodes take their rows padded as the engine pads them
+        # (``buckets.mixed_decode_rows`` with no prefill) of ``max_num_tokens``, so its chunks leave room for the padded
+        # rows and the step runs at a decode-row bucket (one graph key per bucket, not one per decode count); None:
+        # the decodes take their count
+        self.max_decode_rows = max_decode_rows
         self.waiting: deque = deque()
         self.running: list = []
 
@@ -208,7 +210,10 @@ class Scheduler:
                           sum_context_len=sum(r.num_computed_tokens + 1 for r in plan.decodes),
                           ec_signature=ec_signature, max_num_tokens=self.max_num_tokens,
                           token_buckets=self.token_buckets, prefilling=partial, run_dims=self.run_dims)
-        room = self.max_num_tokens - (self.decode_rows(len(plan.decodes)) if self.decode_rows else len(plan.decodes))
+        rows = len(plan.decodes)
+        if self.max_decode_rows is not None:
+            rows = mixed_decode_rows(rows, 0, self.max_decode_rows, self.max_num_tokens)
+        room = self.max_num_tokens - rows
         budget = min(int(self.policy.prefill_budget(ctx)), room)
         # no new admissions in a step that had to preempt (they would only be preempted again)
         for req in partial + ([] if plan.preempted else ordered_waiting):
