@@ -650,9 +650,9 @@ def main():
     ap.add_argument("--hfgen-variants", default="bf16,w4,w4+ec")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--capture-first", action="store_true",
-                    help="EngineConfig.mixed_capture_first: a new mixed-step shape of token count and logits rows "
-                         "already run eagerly is captured without an eager run first")
+    ap.add_argument("--capture-first", action=argparse.BooleanOptionalAction, default=True,
+                    help="EngineConfig.mixed_capture_first (default on): a new mixed-step shape of token count and "
+                         "logits rows already run eagerly is captured without an eager run first")
     ap.add_argument("--shape-cache", action="store_true",
                     help="EngineConfig.mixed_shape_cache (off by default here: a fresh engine, as the bar measures); "
                          "on, a variant whose engine ran before on this machine starts with its mixed-step shapes "

@@ -184,7 +184,7 @@ def test_capture_first_skips_the_eager_run_of_sizes_already_run():
     assert torch.equal(mixed.replay(graph), step(new[-1]))
 
 
-def test_capture_first_off_by_default_runs_every_key_eagerly():
+def test_without_capture_first_every_key_runs_eagerly():
     g = torch.Generator().manual_seed(3)
     mixed = MixedGraphs(FakeCapture(), limit=8, max_rows=4)
     for shapes in (((4,), (2, 3)), ((4,), (7,), (2, 3))):
