@@ -284,7 +284,8 @@ def main():
     ap.add_argument("--dispatch", action="store_true", help="the real dispatch tuner, batched hook on")
     ap.add_argument("--existing", action="store_true", help="the real dispatch tuner, batched hook off")
     ap.add_argument("--packed", action="store_true",
-                    help="the real dispatch tuner (hook on) with sibling weights in one buffer (pack_siblings)")
+                    help="the real dispatch tuner (hook on) with sibling weights in one buffer (pack_siblings); EC off "
+                         "only: time the EC-on layer as compiled with --dispatch --dispatch-ecs 1")
     ap.add_argument("--dispatch-ecs", default="0,1", help="EC settings timed through dispatch / existing")
     ap.add_argument("--quants", default="pc,g128")
     ap.add_argument("--ecs", default="0,1")
@@ -383,7 +384,7 @@ def main():
                         variants["dispatch"] = "on"
                     if args.existing and ec in dispatch_ecs:
                         variants["existing"] = "off"
-                    if args.packed and not ec:  # EC members are never grouped
+                    if args.packed and not ec:  # the EC-on layer as compiled: --dispatch --dispatch-ecs 1
                         variants["packed"] = "packed"
                     for var, hook in variants.items():
                         best_cfgs, gtimes = [], []
