@@ -103,7 +103,8 @@ def load_causal_lm(path, dtype=torch.bfloat16, device=None):
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, SafetensorError) as e:
-        raise SpearError(f"model {str(path)!r} cannot be loaded: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        raise SpearError(f"model {str(path)!r} cannot be loaded: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300]}") from None
     model = model.eval()
     return model.to(device) if device is not None else model
 
@@ -115,7 +116,8 @@ def load_tokenizer(path):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-        raise SpearError(f"tokenizer of {str(path)!r} cannot be loaded: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        raise SpearError(f"tokenizer of {str(path)!r} cannot be loaded: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300]}") from None
 
 
 def check_seq_len(model, seq_len: int, name: str = "seq_len") -> None:

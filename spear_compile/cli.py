@@ -78,7 +78,8 @@ def add_eval_cli(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spear-compile", description="SPEAR: low-bit LLMs with gated error compensators")
+    parser = argparse.ArgumentParser(prog="spear-compile",
+                                     description="SPEAR: low-bit LLMs with gated error compensators")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_eval_cli(subparsers)
     for module in SUBCOMMANDS.values():

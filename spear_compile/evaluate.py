@@ -43,7 +43,8 @@ def calibration_tokens(tokenizer, calib_path: Union[str, Path], nsamples: int, s
         raise SpearError(f"calibration: nsamples must be >= 1, got {nsamples}")
     ids = tokenize_file(tokenizer, calib_path)
     if ids.numel() < seq_len:
-        raise SpearError(f"calibration file {str(calib_path)!r}: {ids.numel()} tokens is shorter than one segment of {seq_len}")
+        raise SpearError(f"calibration file {str(calib_path)!r}: {ids.numel()} tokens is shorter than one segment "
+                         f"of {seq_len}")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (nsamples,), generator=gen)
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])

@@ -73,7 +73,8 @@ def optimize(model: nn.Module, quant: Union[str, QuantConfig, None] = "w4-pc-rtn
     if mode not in (None, "default") and options:
         raise SpearError("optimize: give either mode= or options=, not both (as torch.compile)")
     if quant is not None and not isinstance(quant, (str, QuantConfig)):
-        raise SpearError(f"optimize: quant must be a spec string like 'w4-pc-rtn', a QuantConfig or None, got {type(quant).__name__}")
+        raise SpearError(f"optimize: quant must be a spec string like 'w4-pc-rtn', a QuantConfig or None, "
+                         f"got {type(quant).__name__}")
     config = as_config(quant) if quant is not None else None
     if ec is not None:  # every check on the ECs before the model is quantized
         if config is None:
@@ -201,7 +202,8 @@ def warm_kernels(model: nn.Module, ms=(1,), example: Optional[dict] = None) -> i
     groups = sibling_groups(model, example) if options.current().group_linears else []
     for members in groups:
         w = members[0].weight
-        key = (w.shape[1], tuple(m.weight.shape[0] for m in members), w.group_size, w.dtype, members[0].bias is not None)
+        key = (w.shape[1], tuple(m.weight.shape[0] for m in members), w.group_size, w.dtype,
+               members[0].bias is not None)
         if key not in seen:
             seen.add(key)
             warm_grouped(key[0], key[1], key[2], key[3], key[4], ms, device=w.qdata.device)

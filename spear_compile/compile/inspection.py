@@ -126,7 +126,8 @@ def _example_input(model: nn.Module, m: int, device):
 def _isolated() -> dict:
     """Recompiles of this compile counted apart from the model's other compiles (torch >= 2.12), so repeated
     inspections do not exhaust the shared recompile limit."""
-    return {"isolate_recompiles": True} if "isolate_recompiles" in _python_inspect.signature(torch.compile).parameters else {}
+    return ({"isolate_recompiles": True} if "isolate_recompiles" in _python_inspect.signature(torch.compile).parameters
+            else {})
 
 
 @torch.no_grad()
@@ -164,9 +165,11 @@ def inspect(model: nn.Module, example_input: Optional[torch.Tensor] = None, m: i
 
 # ---- CLI: spear-compile inspect ----------------------------------------------------------------
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("inspect", help="show which quantized linears the compiler fuses and which kernel each gets")
+    p = subparsers.add_parser("inspect",
+                              help="show which quantized linears the compiler fuses and which kernel each gets")
     from ..evaluate import DEFAULT_MODEL
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="Hugging Face model directory (default: bundled spear-ref-16m)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="Hugging Face model directory (default: bundled spear-ref-16m)")
     p.add_argument("--quant", default="w4-pc-rtn", help="quantization spec, e.g. w4-pc-rtn, w4-g128-rtn")
     p.add_argument("--ec", default=None, help="EC directory (save_ecs output) to attach")
     from ..cli import positive_int

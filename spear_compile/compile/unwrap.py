@@ -21,7 +21,8 @@ _BUFFERS = ("_spear_qdata", "_spear_scale", "_spear_zero")
 
 def _qlinear(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     check_linear_input(x, (mod.out_features, mod.in_features), mod._spear_scale.dtype)  # the subclass's checks
-    return torch.ops.spear.qlinear(x, mod._spear_qdata, mod._spear_scale, mod._spear_zero, mod.bias, mod._spear_group_size)
+    return torch.ops.spear.qlinear(x, mod._spear_qdata, mod._spear_scale, mod._spear_zero, mod.bias,
+                                   mod._spear_group_size)
 
 
 class PlainQuantizedLinear(nn.Linear):

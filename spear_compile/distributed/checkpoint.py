@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 from ..errors import SpearError
 from ..quant.io import load_quantized, save_quantized
 from .layers import make_row_parallel
-from .parallelize import ATTN, MLP, _mesh_coordinates, _refuse_unsupported, apply_layout, decoder_layers, plan_layout, tp_state
+from .parallelize import (ATTN, MLP, _mesh_coordinates, _refuse_unsupported, apply_layout, decoder_layers, plan_layout,
+                          tp_state)
 
 FORMAT = "spear-tp"
 FORMAT_VERSION = 1
@@ -61,7 +62,8 @@ def read_tp_metadata(path: Union[str, Path]) -> dict:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(KEY)
     except Exception as e:  # safetensors' own error types for damaged files
-        raise SpearError(f"load_sharded: {str(path)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+        raise SpearError(f"load_sharded: {str(path)!r} is not a readable safetensors file "
+                         f"({type(e).__name__}: {e})") from e
     if raw is None:
         raise SpearError(f"load_sharded: {str(path)!r} has no {KEY!r} metadata; was it written by save_sharded?")
     try:
@@ -85,7 +87,8 @@ def check_shard_checksums(path: Path) -> None:
         for key in f.keys():
             raw = f.get_tensor(key).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
             if hashlib.sha256(raw).hexdigest() != sums[key]:
-                raise SpearError(f"load_sharded: {path.name}: checksum mismatch for tensor {key!r}: the file is corrupt")
+                raise SpearError(f"load_sharded: {path.name}: checksum mismatch for tensor {key!r}: "
+                                 "the file is corrupt")
 
 
 def check_shard_metadata(meta: dict, path: Path, model: nn.Module, rank: int, world: int):
@@ -93,12 +96,14 @@ def check_shard_metadata(meta: dict, path: Path, model: nn.Module, rank: int, wo
     from ..ec.io import model_identity
     if meta.get("world_size") != world:
         raise SpearError(f"load_sharded: {path.name} was written for TP={meta.get('world_size')}, the mesh has "
-                         f"{world} ranks; re-shard from the full quantized model (parallelize + save_sharded at TP={world})")
+                         f"{world} ranks; re-shard from the full quantized model "
+                         f"(parallelize + save_sharded at TP={world})")
     if meta.get("rank") != rank:
         raise SpearError(f"load_sharded: {path.name} holds rank {meta.get('rank')}'s shard, this is rank {rank}")
     mine = model_identity(model)
     if meta.get("base_model", {}).get("config_hash") != mine["config_hash"]:
-        raise SpearError(f"load_sharded: {path.name} was cut from base model {meta.get('base_model')}, this model is {mine}")
+        raise SpearError(f"load_sharded: {path.name} was cut from base model {meta.get('base_model')}, "
+                         f"this model is {mine}")
     saved = meta.get("layout") or {}
     layout = plan_layout(model, rank, world, saved.get("mlp_unit"))
     if layout.as_dict() != saved:

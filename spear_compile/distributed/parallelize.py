@@ -71,7 +71,8 @@ def decoder_layers(model: nn.Module):
             sub = getattr(layer, owner, None)
             for n in names:
                 if not isinstance(getattr(sub, n, None), nn.Linear):
-                    raise SpearError(f"parallelize: layer {i} has no nn.Linear {owner}.{n}; Llama-family layers expected")
+                    raise SpearError(f"parallelize: layer {i} has no nn.Linear {owner}.{n}; "
+                                     "Llama-family layers expected")
     return layers
 
 
@@ -114,11 +115,14 @@ def plan_layout(model: nn.Module, rank: int, world: int, mlp_unit: Optional[int]
             for n in names:
                 mod = getattr(getattr(layer, owner), n)
                 n_want, k_want = want[n]
-                if (n_want is not None and mod.out_features != n_want) or (k_want is not None and mod.in_features != k_want):
+                if (n_want is not None and mod.out_features != n_want) or \
+                        (k_want is not None and mod.in_features != k_want):
                     raise SpearError(f"parallelize: layers.{i}.{owner}.{n} is [{mod.out_features}, {mod.in_features}], "
-                                     f"the config implies N={n_want or mod.out_features}, K={k_want or mod.in_features}")
+                                     f"the config implies N={n_want or mod.out_features}, "
+                                     f"K={k_want or mod.in_features}")
         h = layout.heads
-        check_column_cut(layer.self_attn.o_proj.weight, h.q0 * head_dim, h.q1 * head_dim, f"layers.{i}.self_attn.o_proj")
+        check_column_cut(layer.self_attn.o_proj.weight, h.q0 * head_dim, h.q1 * head_dim,
+                         f"layers.{i}.self_attn.o_proj")
         check_column_cut(layer.mlp.down_proj.weight, *layout.mlp, f"layers.{i}.mlp.down_proj")
     return layout
 

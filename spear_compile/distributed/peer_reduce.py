@@ -81,8 +81,10 @@ def peer_reduce_row_ec_kernel(
         for k0 in range(k_start, k_stop, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             kmask = offs_k < k_stop
-            xt = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
-            at = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :], mask=(offs_r[:, None] < R) & kmask[None, :], other=0.0)
+            xt = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
+                         mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
+            at = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :],
+                         mask=(offs_r[:, None] < R) & kmask[None, :], other=0.0)
             u += tl.dot(xt.to(tl.float32), tl.trans(at.to(tl.float32)), input_precision="ieee")
         slot = buf_offset + ((parity * WORLD + RANK) * R_SPLIT + pid) * slot_elems
         for peer in tl.static_range(WORLD):  # the dual write: every peer's buffer, this rank's own included
@@ -101,8 +103,10 @@ def peer_reduce_row_ec_kernel(
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            xt = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-            packed = tl.load(q_ptr + offs_n[:, None] * half_k + offs_b[None, :], mask=nmask[:, None] & (offs_b[None, :] < half_k), other=0)
+            xt = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
+                         mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+            packed = tl.load(q_ptr + offs_n[:, None] * half_k + offs_b[None, :],
+                             mask=nmask[:, None] & (offs_b[None, :] < half_k), other=0)
             codes = tl.join(packed & 0xF, packed >> 4).reshape(BLOCK_N, BLOCK_K)  # byte j: codes 2j (low), 2j+1 (high)
             gmask = nmask[:, None] & (offs_k[None, :] < K)
             gidx = offs_n[:, None] * GROUPS + offs_k[None, :] // GROUP_SIZE
@@ -123,7 +127,8 @@ def peer_reduce_row_ec_kernel(
             u += tl.load(partials + i * slot_elems + tile2d, volatile=True)
         rmask = offs_r < R
         if GATED:
-            gw = tl.load(gw_ptr + offs_r[:, None] * R + offs_r[None, :], mask=rmask[:, None] & rmask[None, :], other=0.0)
+            gw = tl.load(gw_ptr + offs_r[:, None] * R + offs_r[None, :],
+                         mask=rmask[:, None] & rmask[None, :], other=0.0)
             h = tl.dot(u, tl.trans(gw.to(tl.float32)), input_precision="ieee")
             if HAS_GATE_BIAS:
                 h += tl.load(gb_ptr + offs_r, mask=rmask, other=0.0).to(tl.float32)[None, :]
@@ -185,8 +190,8 @@ class PeerReduceWorkspace:
         world = torch.distributed.get_world_size(torch.distributed.distributed_c10d._resolve_process_group(group_name))
         block_r, floats, pad_bytes = cls.sizes(world, slots, r_split, max_rank)
         if pad_bytes > symm_mem.get_signal_pad_size():
-            raise SpearError(f"peer reduce: {slots} layer slots x {world} ranks x {r_split} chunks need {pad_bytes} bytes of "
-                             f"signal pad, {symm_mem.get_signal_pad_size()} are configured: call "
+            raise SpearError(f"peer reduce: {slots} layer slots x {world} ranks x {r_split} chunks need {pad_bytes} "
+                             f"bytes of signal pad, {symm_mem.get_signal_pad_size()} are configured: call "
                              f"torch.distributed._symmetric_memory.set_signal_pad_size before the first symmetric "
                              f"allocation, or use one workspace per group of layers")
         buf = symm_mem.empty(floats, dtype=torch.float32, device=device).zero_()
@@ -213,13 +218,15 @@ def peer_reduce_row_ec(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor
     if qdata.dtype != torch.uint8 or tuple(qdata.shape) != (n, k // 2) or k % 2:
         raise SpearError(f"peer reduce: qdata {tuple(qdata.shape)} {qdata.dtype} is not a 4-bit container for K={k}")
     if k % group_size or tuple(scale.shape) != (n, k // group_size) or tuple(zero.shape) != (n, k // group_size):
-        raise SpearError(f"peer reduce: scale/zero {tuple(scale.shape)} inconsistent with N={n}, K={k}, group_size={group_size}")
+        raise SpearError(f"peer reduce: scale/zero {tuple(scale.shape)} inconsistent with N={n}, K={k}, "
+                         f"group_size={group_size}")
     if tuple(ec_A.shape) != (r, k) or tuple(ec_B.shape) != (n, r) or r > ws.block_r:
-        raise SpearError(f"peer reduce: EC A {tuple(ec_A.shape)} / B {tuple(ec_B.shape)} inconsistent with N={n}, K={k} "
-                         f"or rank above the workspace's {ws.block_r}")
+        raise SpearError(f"peer reduce: EC A {tuple(ec_A.shape)} / B {tuple(ec_B.shape)} inconsistent with "
+                         f"N={n}, K={k} or rank above the workspace's {ws.block_r}")
     if not 0 <= slot < ws.slots:
         raise SpearError(f"peer reduce: slot {slot} outside the workspace's {ws.slots}")
-    return _launch(x, qdata, scale, zero, group_size, ec_A, ec_B, gate_w, gate_b, ws, slot, phase, block_n, block_k, out)
+    return _launch(x, qdata, scale, zero, group_size, ec_A, ec_B, gate_w, gate_b, ws, slot, phase,
+                   block_n, block_k, out)
 
 
 def _launch(x, qdata, scale, zero, group_size, ec_A, ec_B, gate_w, gate_b, ws, slot, phase, block_n=64, block_k=64,
@@ -249,8 +256,8 @@ def _launch(x, qdata, scale, zero, group_size, ec_A, ec_B, gate_w, gate_b, ws, s
 
 # ---- the op a row-parallel module calls (opaque to torch.compile; CUDA-graph capturable) -----------------
 @torch.library.custom_op("spear::peer_reduce_row_ec", mutates_args=("epoch", "done"))
-def peer_reduce_row_ec_op(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
-                          ec_A: torch.Tensor, ec_B: torch.Tensor, gate_w: Optional[torch.Tensor],
+def peer_reduce_row_ec_op(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                          group_size: int, ec_A: torch.Tensor, ec_B: torch.Tensor, gate_w: Optional[torch.Tensor],
                           gate_b: Optional[torch.Tensor], epoch: torch.Tensor, done: torch.Tensor, buffer_ptrs: int,
                           signal_pad_ptrs: int, rank: int, world: int, r_split: int, block_r: int,
                           buf_offset: int, flag_offset: int, phase: int = 0) -> torch.Tensor:

@@ -111,7 +111,8 @@ def check_column_cut(weight: torch.Tensor, k0: int, k1: int, name: str) -> None:
     per_channel = weight.group_size == weight.shape[1]
     unit = 2 if per_channel else weight.group_size
     if k0 % unit or k1 % unit:
-        raise SpearError(f"tensor parallel: {name}: the row-parallel cut [{k0}, {k1}) of K={weight.shape[1]} does not fall "
+        raise SpearError(f"tensor parallel: {name}: the row-parallel cut [{k0}, {k1}) of K={weight.shape[1]} "
+                         "does not fall "
                          f"on {'a packed byte (even column)' if per_channel else f'a quantization group of {unit}'} "
                          f"boundary; use a per-channel config or a shard unit that is a multiple of {unit}")
 

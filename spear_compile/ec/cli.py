@@ -23,10 +23,11 @@ def add_cli(subparsers) -> None:
     p.add_argument("--gate", default="sigmoid", choices=GATES)
     p.add_argument("--placement", default="diagnostic", choices=MODES)
     p.add_argument("--rank", type=int, default=None,
-                   help=f"EC rank (with --alloc capture: the largest rank); default {DIAGNOSTIC_RANK} for the diagnostic "
-                        f"placement, else {DEFAULT_RANK}")
+                   help=f"EC rank (with --alloc capture: the largest rank); default {DIAGNOSTIC_RANK} for the "
+                        f"diagnostic placement, else {DEFAULT_RANK}")
     p.add_argument("--score", default=None, choices=SCORES,
-                   help=f"diagnostic score the placement ranks by (default {DIAGNOSTIC_SCORE}; 'local' placement: local_score)")
+                   help=f"diagnostic score the placement ranks by (default {DIAGNOSTIC_SCORE}; 'local' placement: "
+                        "local_score)")
     p.add_argument("--alloc", default=None, choices=ALLOCS,
                    help="'fixed' rank by score, 'per_byte' fixed rank by score per byte, or 'capture': ranks allocated "
                         f"by score x captured error share per byte (default {DIAGNOSTIC_ALLOC})")

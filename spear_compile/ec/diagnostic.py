@@ -104,7 +104,8 @@ def diagnose(fp_model: nn.Module, q_model: nn.Module, wins: torch.Tensor,
         raise SpearError("diagnose: empty calibration set")
     fp_mods, q_mods = dict(fp_model.named_modules()), dict(q_model.named_modules())
     if names is None:
-        names = [n for n, m in q_mods.items() if isinstance(m, nn.Linear) and type(m.weight).__name__ == "QuantizedWeight"]
+        names = [n for n, m in q_mods.items()
+                 if isinstance(m, nn.Linear) and type(m.weight).__name__ == "QuantizedWeight"]
     names = list(names)
     if not names:
         raise SpearError("diagnose: no quantized linear to score")
@@ -113,7 +114,8 @@ def diagnose(fp_model: nn.Module, q_model: nn.Module, wins: torch.Tensor,
         if n not in fp_mods or n not in q_mods:
             raise SpearError(f"diagnose: module {n!r} missing from the FP or quantized model")
         if tuple(fp_mods[n].weight.shape) != tuple(q_mods[n].weight.shape):
-            raise SpearError(f"diagnose: {n}: FP weight {tuple(fp_mods[n].weight.shape)} vs quantized {tuple(q_mods[n].weight.shape)}")
+            raise SpearError(f"diagnose: {n}: FP weight {tuple(fp_mods[n].weight.shape)} vs quantized "
+                             f"{tuple(q_mods[n].weight.shape)}")
         w_q[n] = dense_weight(q_mods[n].weight)
     stats = {n: _Moments() for n in names}
 

@@ -92,11 +92,13 @@ def read_manifest(ec_dir: Union[str, Path]) -> dict:
         raise SpearError(f"load_ecs: {str(path)!r} is not valid UTF-8 JSON ({e})") from None
     except OSError as e:
         raise SpearError(f"load_ecs: cannot read {str(path)!r} ({e.strerror or e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("modules"), dict):
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or \
+            not isinstance(manifest.get("modules"), dict):
         raise SpearError(f"load_ecs: {str(path)!r} is not a {FORMAT} manifest")
     for key in ("quant", "base_model"):
         if key in manifest and not isinstance(manifest[key], dict):
-            raise SpearError(f"load_ecs: {str(path)!r}: entry {key!r} is a {type(manifest[key]).__name__}, not an object: corrupt manifest")
+            raise SpearError(f"load_ecs: {str(path)!r}: entry {key!r} is a {type(manifest[key]).__name__}, "
+                             "not an object: corrupt manifest")
     bad = [n for n, info in manifest["modules"].items() if not isinstance(info, dict)]
     if bad:
         raise SpearError(f"load_ecs: {str(path)!r}: module entry {bad[0]!r} is not an object: corrupt manifest")
@@ -109,7 +111,8 @@ def _check_config(manifest: dict, config) -> QuantConfig:
         raise SpearError(f"load_ecs: config must be a QuantConfig or a spec string, got {config!r}")
     saved = manifest.get("quant", {})
     if not isinstance(saved, dict):
-        raise SpearError(f"load_ecs: the manifest's 'quant' entry is {type(saved).__name__}, not an object: corrupt manifest")
+        raise SpearError(f"load_ecs: the manifest's 'quant' entry is {type(saved).__name__}, "
+                         "not an object: corrupt manifest")
     mine = cfg.to_dict()
     diff = [k for k in ("bits", "group_size", "symmetric", "method") if saved.get(k) != mine[k]]
     if diff:
@@ -229,7 +232,8 @@ def _plan(model: nn.Module, ec_dir, config, before_quantizing: bool, swap: bool 
                                                     name=f"{name}.weight")
         else:
             if not isinstance(weight, QuantizedWeight):
-                raise SpearError(f"load_ecs: {name!r} is not quantized; quantize the model with the manifest's config first")
+                raise SpearError(f"load_ecs: {name!r} is not quantized; "
+                                 "quantize the model with the manifest's config first")
             if not weight_matches(weight, cfg):
                 raise SpearError(f"load_ecs: {name!r} is quantized as {describe_weight(weight)}, but the ECs (and "
                                  f"config) are for {cfg.spec!r}: quantize the model with {cfg.spec!r}")
@@ -239,8 +243,8 @@ def _plan(model: nn.Module, ec_dir, config, before_quantizing: bool, swap: bool 
         want_fp = info.get("weight_sha256")
         if want_fp is not None and weight is not None and want_fp != weight_fingerprint(weight):
             raise SpearError(f"load_ecs: {name!r}: the ECs were fitted on different quantized weights (same config "
-                             f"{manifest.get('quant', {}).get('spec')!r}, other codes: e.g. GPTQ on other calibration samples, "
-                             f"another device or another dtype); re-run calibrate for this model")
+                             f"{manifest.get('quant', {}).get('spec')!r}, other codes: e.g. GPTQ on other calibration "
+                             f"samples, another device or another dtype); re-run calibrate for this model")
         rank, gate = info.get("rank"), info.get("gate")
         if gate not in GATES or isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= min(n, k):
             raise SpearError(f"load_ecs: {name!r}: bad rank {rank!r} or gate {gate!r} in the manifest")
@@ -261,5 +265,6 @@ def _plan(model: nn.Module, ec_dir, config, before_quantizing: bool, swap: bool 
         plan.append((name, rank, gate, want))
     extra = set(tensors) - expected
     if extra:
-        raise SpearError(f"load_ecs: {len(extra)} tensors in {TENSORS} not described by the manifest, e.g. {sorted(extra)[0]!r}")
+        raise SpearError(f"load_ecs: {len(extra)} tensors in {TENSORS} not described by the manifest, "
+                         f"e.g. {sorted(extra)[0]!r}")
     return manifest, tensors, plan

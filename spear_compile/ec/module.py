@@ -19,8 +19,8 @@ GATES = ("sigmoid", "none")
 
 
 def gated(u: torch.Tensor, gate_w: torch.Tensor, gate_b) -> torch.Tensor:
-    """``g(u) ⊙ u`` with ``g(u) = 2·sigmoid(u W_gᵀ + b_g)``: the EC gate, written here only (the module's forward, the
-    reference ops, the compiler's fallbacks and the tuner's reference call this; the kernels implement it)."""
+    """``g(u) ⊙ u`` with ``g(u) = 2·sigmoid(u W_gᵀ + b_g)``: the EC gate, written here only (the module's forward,
+    the reference ops, the compiler's fallbacks and the tuner's reference call this; the kernels implement it)."""
     return u * (2.0 * torch.sigmoid(F.linear(u, gate_w, gate_b)))
 
 

@@ -51,7 +51,8 @@ DEFAULT_RANK = 8      # every other placement
 TRAIN_DEFAULTS = dict(steps=600, lr=1e-3, topk=None)
 CONFIG_TRAIN = {
     "w3-pc-rtn": dict(steps=1200, lr=2e-3, topk=0),   # held-out full KL 0.1660 -> 0.1601; test 53.2 -> 57.3%
-    "w4-pc-gptq": dict(lr=2e-3, topk=0),              # the W4-pc RTN selection: held-out 0.0231 -> 0.0228, test 42.2 -> 45.2%
+    "w4-pc-gptq": dict(lr=2e-3, topk=0),              # the W4-pc RTN selection: held-out 0.0231 -> 0.0228,
+                                                      # test 42.2 -> 45.2%
 }
 ALLOCS = ("fixed", "per_byte", "capture")  # fixed rank by score; fixed rank by score per byte; allocated ranks
 SVD_CACHE_RANK = 64
@@ -132,10 +133,12 @@ def calibration_windows(calib, tokenizer, seq_len: int, n_windows: int) -> torch
     """``[W, seq_len]`` token windows from a text file path or a ``[W, T]`` LongTensor."""
     if isinstance(calib, torch.Tensor):
         if calib.ndim != 2 or calib.numel() == 0 or calib.dtype not in (torch.int32, torch.int64):
-            raise SpearError(f"calibrate: calibration tensor must be a non-empty [W, T] integer tensor, got {tuple(calib.shape)} {calib.dtype}")
+            raise SpearError(f"calibrate: calibration tensor must be a non-empty [W, T] integer tensor, "
+                             f"got {tuple(calib.shape)} {calib.dtype}")
         return calib[:n_windows].long()
     if tokenizer is None:
-        raise SpearError("calibrate: a text calibration file needs the model's tokenizer; pass a model path or token windows")
+        raise SpearError("calibrate: a text calibration file needs the model's tokenizer; "
+                         "pass a model path or token windows")
     ids = tokenize_file(tokenizer, calib)
     return windows(ids, seq_len, n_windows, source=str(calib))[:, :seq_len].contiguous()
 
@@ -258,7 +261,8 @@ def _spec(spec: dict) -> dict:
     if sp["gate_init"] not in GATE_INITS:
         raise SpearError(f"calibrate: unknown gate_init {sp['gate_init']!r}; supported: {GATE_INITS}")
     if sp["topk"] is not None and (not isinstance(sp["topk"], int) or sp["topk"] < 0):
-        raise SpearError(f"calibrate: topk must be None (cached teacher), 0 (full vocabulary) or k > 0, got {sp['topk']!r}")
+        raise SpearError(f"calibrate: topk must be None (cached teacher), 0 (full vocabulary) or k > 0, "
+                         f"got {sp['topk']!r}")
     if sp["placement"] == "local":
         sp["score"] = sp["score"] or "local_score"
         sp["alloc"] = sp["alloc"] or "fixed"
@@ -303,7 +307,8 @@ def fit_many(prep: Prepared, specs: Sequence[dict], steps: int = 600, batch_size
     the teacher then runs beside each step); default the prepared windows' length."""
     specs = [_spec(dict(sp)) for sp in specs]
     if seq_len and prep.max_positions and seq_len > prep.max_positions:
-        raise SpearError(f"calibrate: seq_len={seq_len} exceeds the model's max_position_embeddings={prep.max_positions}")
+        raise SpearError(f"calibrate: seq_len={seq_len} exceeds the model's "
+                         f"max_position_embeddings={prep.max_positions}")
     if not specs:
         raise SpearError("calibrate: no fit requested")
     if out_dirs is not None and len(out_dirs) != len(specs):

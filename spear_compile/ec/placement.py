@@ -31,7 +31,8 @@ def ec_params(n: int, k: int, rank: int, gate: str) -> int:
 
 def check_budget(budget: float) -> float:
     if not isinstance(budget, (int, float)) or not 0 < budget < 1:
-        raise SpearError(f"placement: budget must be a fraction in (0, 1) of the quantized model's bytes, got {budget!r}")
+        raise SpearError(f"placement: budget must be a fraction in (0, 1) of the quantized model's bytes, "
+                         f"got {budget!r}")
     return float(budget)
 
 
@@ -80,7 +81,8 @@ def place(shapes: Dict[str, Tuple[int, int]], budget_bytes: int, mode: str = "di
             r += 1
         if r == 0:
             need = sum(cost(n, 1) for n in shapes)
-            raise SpearError(f"placement 'all': rank 1 on all {len(shapes)} modules needs {need} bytes, budget is {budget_bytes}")
+            raise SpearError(f"placement 'all': rank 1 on all {len(shapes)} modules needs {need} bytes, "
+                             f"budget is {budget_bytes}")
         return {n: r for n in shapes}
     for n, (nn_, k) in shapes.items():
         if rank < 1 or rank > min(nn_, k):

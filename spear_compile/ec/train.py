@@ -311,7 +311,8 @@ def train_stacked(model: nn.Module, wins: torch.Tensor, teacher, seeds: Sequence
             raise SpearError("train_ecs: give the cached teacher or the FP model")
         top_logp, top_idx = teacher
         if wins.numel() == 0 or wins.shape[:2] != top_logp.shape[:2]:
-            raise SpearError(f"train_ecs: windows {tuple(wins.shape)} and teacher cache {tuple(top_logp.shape)} do not match")
+            raise SpearError(f"train_ecs: windows {tuple(wins.shape)} and teacher cache {tuple(top_logp.shape)} "
+                             "do not match")
         cache_ks = None
         if topks is not None and any(k and k != top_logp.shape[-1] for k in topks):
             cache_ks = [int(k or top_logp.shape[-1]) for k in topks]
@@ -327,8 +328,8 @@ def train_stacked(model: nn.Module, wins: torch.Tensor, teacher, seeds: Sequence
     if steps < 0 or batch_size < 1:
         raise SpearError(f"train_ecs: steps={steps} must be >= 0 and batch_size={batch_size} >= 1")
     device = ecs[0].A.device
-    per_fit = lambda v: torch.tensor([float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * nf)],  # noqa: E731
-                                     device=device, dtype=torch.float32)
+    per_fit = lambda v: torch.tensor(  # noqa: E731
+        [float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * nf)], device=device, dtype=torch.float32)
     lrs, glr = per_fit(lr), per_fit(gate_lr_mult) * per_fit(lr)
     if lrs.numel() != nf or glr.numel() != nf:
         raise SpearError(f"train_ecs: lr / gate_lr_mult need one value or {nf}")

@@ -23,7 +23,8 @@ def as_config(config: Union[QuantConfig, str, None], where: str = "quant") -> Op
     if config is None or isinstance(config, QuantConfig):
         return config
     if not isinstance(config, str):
-        raise SpearError(f"{where}: expected a spec string like 'w4-pc-rtn' or a QuantConfig, got {type(config).__name__}")
+        raise SpearError(f"{where}: expected a spec string like 'w4-pc-rtn' or a QuantConfig, "
+                         f"got {type(config).__name__}")
     return QuantConfig.from_spec(config)
 
 
@@ -148,7 +149,8 @@ def _torchao_handler(module: nn.Module, config: QuantConfig) -> nn.Module:
     if name is not None and any(name == s or name.endswith("." + s) for s in DEFAULT_SKIP):
         return module  # the same default skip as spear_compile.quantize (the LM head stays in float)
     if config.method != "rtn":
-        raise SpearError("torchao.quantize_ supports our RTN configs only; GPTQ needs calibration data: use spear_compile.quantize(model, cfg, calib=...)")
+        raise SpearError("torchao.quantize_ supports our RTN configs only; GPTQ needs calibration data: "
+                         "use spear_compile.quantize(model, cfg, calib=...)")
     if not isinstance(module, nn.Linear):
         raise SpearError(f"quantize_: {type(module).__name__} is not an nn.Linear")
     return quantize_linear_(module, config)

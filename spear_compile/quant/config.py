@@ -37,7 +37,8 @@ class QuantConfig(AOBaseConfig):
             raise SpearError(f"QuantConfig: unsupported bits={self.bits}; supported: {SUPPORTED_BITS}")
         if self.group_size is not None and self.group_size not in SUPPORTED_GROUPS:
             raise SpearError(
-                f"QuantConfig: unsupported group_size={self.group_size}; supported: None (per-channel) or {SUPPORTED_GROUPS}"
+                f"QuantConfig: unsupported group_size={self.group_size}; "
+                f"supported: None (per-channel) or {SUPPORTED_GROUPS}"
             )
         if self.method not in SUPPORTED_METHODS:
             raise SpearError(f"QuantConfig: unsupported method={self.method!r}; supported: {SUPPORTED_METHODS}")
@@ -64,7 +65,8 @@ class QuantConfig(AOBaseConfig):
         m = _SPEC.match(spec)
         if m is None:
             raise SpearError(
-                f"quant spec {spec!r} not understood; expected e.g. w4-pc-rtn, w4-g128-rtn, w4-pc-sym-rtn, w3-pc-rtn, w4-pc-gptq or none"
+                f"quant spec {spec!r} not understood; expected e.g. w4-pc-rtn, w4-g128-rtn, w4-pc-sym-rtn, w3-pc-rtn, "
+                "w4-pc-gptq or none"
             )
         gran = m["gran"]
         return cls(

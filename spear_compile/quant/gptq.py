@@ -55,7 +55,8 @@ def gptq_quantize_weight(w: torch.Tensor, H: torch.Tensor, bits: int, group_size
     gs = k if group_size is None else group_size
     check_weight(w, gs, name)
     if H.shape != (k, k):
-        raise SpearError(f"{name}: Hessian shape {tuple(H.shape)} does not match weight shape {tuple(w.shape)} (expected [{k}, {k}])")
+        raise SpearError(f"{name}: Hessian shape {tuple(H.shape)} does not match weight shape {tuple(w.shape)} "
+                         f"(expected [{k}, {k}])")
     if not torch.isfinite(H).all():
         raise SpearError(f"{name}: Hessian has NaN/inf values")
     if block < 1:
@@ -133,8 +134,10 @@ def _group_by_block(linears) -> "OrderedDict[str, List[Tuple[str, nn.Linear]]]":
 def _check_calib(calib) -> torch.Tensor:
     if calib is None:
         raise SpearError("gptq: calibration tokens are required (calib=None); pass a [num_seqs, seq_len] LongTensor")
-    if not isinstance(calib, torch.Tensor) or calib.ndim != 2 or calib.dtype not in (torch.long, torch.int32, torch.int64):
-        desc = f"{type(calib).__name__} {tuple(calib.shape)} {calib.dtype}" if isinstance(calib, torch.Tensor) else type(calib).__name__
+    if not isinstance(calib, torch.Tensor) or calib.ndim != 2 or \
+            calib.dtype not in (torch.long, torch.int32, torch.int64):
+        desc = (f"{type(calib).__name__} {tuple(calib.shape)} {calib.dtype}" if isinstance(calib, torch.Tensor)
+                else type(calib).__name__)
         raise SpearError(f"gptq: calib must be a [num_seqs, seq_len] integer tensor, got {desc}")
     if calib.numel() == 0 or calib.shape[0] < 1:
         raise SpearError(f"gptq: calib is empty (shape {tuple(calib.shape)})")

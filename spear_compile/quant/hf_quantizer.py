@@ -117,13 +117,15 @@ class SpearHfQuantizer(HfQuantizer):
     def validate_environment(self, *args, **kwargs):
         cfg = QuantConfig.from_spec(self.quantization_config.spec)
         if not self.pre_quantized and (cfg is None or cfg.method != "rtn"):
-            raise SpearError(f"from_pretrained: quantizing on load supports RTN specs only, got {self.quantization_config.spec!r}; "
+            raise SpearError("from_pretrained: quantizing on load supports RTN specs only, "
+                             f"got {self.quantization_config.spec!r}; "
                              "use spear_compile.quantize(model, spec, calib=...) for GPTQ")
 
     def update_dtype(self, dtype):
         """A pre-quantized checkpoint loads in the dtype its scales were saved in (a float32 model around
         bf16 quantized linears would fail at its first forward): refused here, naming the dtype to use."""
-        saved = {info.get("dtype") for info in self.quantization_config.modules.values()} if self.pre_quantized else set()
+        saved = ({info.get("dtype") for info in self.quantization_config.modules.values()} if self.pre_quantized
+                 else set())
         if dtype is not None and saved and saved != {str(dtype).replace("torch.", "")}:
             raise SpearError(f"from_pretrained: this spear checkpoint is {'/'.join(sorted(saved))}; load it with "
                              f"dtype=torch.{sorted(saved)[0]} (got {dtype})")

@@ -102,7 +102,8 @@ def _read(path: Path):
     except SpearError:
         raise
     except Exception as e:  # safetensors raises its own error types for truncated/garbled files
-        raise SpearError(f"load_quantized: {str(path)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+        raise SpearError(f"load_quantized: {str(path)!r} is not a readable safetensors file "
+                         f"({type(e).__name__}: {e})") from e
     if raw_meta is None:
         raise SpearError(f"load_quantized: {str(path)!r} has no spear metadata; was it written by save_quantized?")
     try:
@@ -112,8 +113,8 @@ def _read(path: Path):
     if not isinstance(meta, dict):
         raise SpearError(f"load_quantized: {str(path)!r} has corrupt metadata (a {type(meta).__name__}, not an object)")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise SpearError(f"load_quantized: {str(path)!r} has format {meta.get('format')!r} v{meta.get('format_version')}; "
-                         f"expected {FORMAT!r} v{FORMAT_VERSION}")
+        raise SpearError(f"load_quantized: {str(path)!r} has format {meta.get('format')!r} "
+                         f"v{meta.get('format_version')}; expected {FORMAT!r} v{FORMAT_VERSION}")
     for key in ("modules", "ec_modules", "aliases", "sha256"):
         if not isinstance(meta.get(key), dict):
             raise SpearError(f"load_quantized: {str(path)!r} metadata lacks {key!r}: corrupt file")
@@ -153,9 +154,11 @@ def _check_module_meta(name: str, info, tensors: dict, where: str) -> None:
             raise SpearError(f"{where}: {name}.weight.{p} holds NaN/inf values")
     q = parts["qdata"]
     if bits < 8:
-        codes_max = int(torch.maximum(q & 0xF, q >> 4).max()) if bits <= 4 and q.numel() else int(q.max()) if q.numel() else 0
+        codes_max = (int(torch.maximum(q & 0xF, q >> 4).max()) if bits <= 4 and q.numel()
+                     else int(q.max()) if q.numel() else 0)
         if codes_max > 2 ** bits - 1:
-            raise SpearError(f"{where}: {name}.weight.qdata holds code {codes_max}, beyond {bits}-bit codes (metadata says bits={bits})")
+            raise SpearError(f"{where}: {name}.weight.qdata holds code {codes_max}, beyond {bits}-bit codes "
+                             f"(metadata says bits={bits})")
     problem = zeros_problem(parts["zero"], bits)
     if problem:
         raise SpearError(f"{where}: {name}.weight.zero {problem}")
@@ -169,7 +172,8 @@ def _validate(model: nn.Module, meta: dict, tensors: dict, path: Path) -> None:
     if set(sums) != set(tensors):
         missing = sorted(set(sums) - set(tensors))
         extra = sorted(set(tensors) - set(sums))
-        raise SpearError(f"{where}: tensors do not match the checksum list (missing: {missing[:5]}, unlisted: {extra[:5]})")
+        raise SpearError(f"{where}: tensors do not match the checksum list "
+                         f"(missing: {missing[:5]}, unlisted: {extra[:5]})")
     for k, t in tensors.items():
         if _sha256(t) != sums[k]:
             raise SpearError(f"{where}: checksum mismatch for tensor {k!r}: the file is corrupt")
@@ -180,7 +184,8 @@ def _validate(model: nn.Module, meta: dict, tensors: dict, path: Path) -> None:
         m = modules.get(name)
         if not isinstance(m, nn.Linear):
             raise SpearError(f"{where}: quantized module {name!r} is not an nn.Linear of {type(model).__name__} "
-                             f"(found {type(m).__name__ if m is not None else 'nothing'}): file is for another architecture")
+                             f"(found {type(m).__name__ if m is not None else 'nothing'}): "
+                             "file is for another architecture")
         n, k = info["shape"]
         if (m.out_features, m.in_features) != (n, k):
             raise SpearError(f"{where}: module {name!r} has shape [{m.out_features}, {m.in_features}] in the model, "
@@ -231,7 +236,8 @@ def _validate(model: nn.Module, meta: dict, tensors: dict, path: Path) -> None:
     quant_keys = {f"{n}.weight.{p}" for n in meta["modules"] for p in QUANT_PARTS}
     extra = set(tensors) - expected - ec_keys - quant_keys
     if extra:
-        raise SpearError(f"{where}: the file has tensors the model does not: {sorted(extra)[:5]}: file is for another architecture")
+        raise SpearError(f"{where}: the file has tensors the model does not: {sorted(extra)[:5]}: "
+                         "file is for another architecture")
 
 
 @torch.no_grad()

@@ -14,7 +14,8 @@ def model_bytes(model: nn.Module) -> dict:
     """
     seen = set()
     out = dict(total=0, quantized_weights=0, quantized_weights_nominal=0, ec=0, other=0)
-    for name, p in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+    for name, p in list(model.named_parameters(remove_duplicate=False)) + \
+            list(model.named_buffers(remove_duplicate=False)):
         if id(p) in seen:
             continue
         seen.add(id(p))

@@ -22,7 +22,8 @@ def check_weight(w: torch.Tensor, group_size: int, name: str = "weight") -> None
         raise SpearError(f"{name}: expected a floating-point weight, got {w.dtype}")
     n, k = w.shape
     if k % group_size:
-        raise SpearError(f"{name}: in_features K={k} (shape {tuple(w.shape)}) is not divisible by group_size={group_size}")
+        raise SpearError(f"{name}: in_features K={k} (shape {tuple(w.shape)}) is not divisible by "
+                         f"group_size={group_size}")
     if not torch.isfinite(w).all():
         bad = (~torch.isfinite(w)).sum().item()
         raise SpearError(f"{name}: weight of shape {tuple(w.shape)} has {bad} NaN/inf values")

@@ -96,9 +96,11 @@ implements_torch_function = QuantizedWeight.implements_torch_function
 def check_linear_input(x: torch.Tensor, weight_shape: tuple, dtype: torch.dtype) -> None:
     """The input checks of a quantized linear (the subclass's ``F.linear`` and the unwrapped forward)."""
     if x.shape[-1] != weight_shape[1]:
-        raise SpearError(f"quantized linear: input has {x.shape[-1]} features, weight expects K={weight_shape[1]} (weight shape {weight_shape})")
+        raise SpearError(f"quantized linear: input has {x.shape[-1]} features, weight expects K={weight_shape[1]} "
+                         f"(weight shape {weight_shape})")
     if x.dtype != dtype:
-        raise SpearError(f"quantized linear: activation dtype {x.dtype} does not match the weight's compute dtype {dtype}")
+        raise SpearError(f"quantized linear: activation dtype {x.dtype} does not match the weight's "
+                         f"compute dtype {dtype}")
 
 
 @implements([aten.linear.default])

@@ -72,7 +72,8 @@ class AsyncEngine:
         self._wake.set()
 
     async def generate(self, prompt, sampling: Optional[SamplingParams] = None, request_id: Optional[str] = None,
-                       ttft_slo_s: Optional[float] = None, tpot_slo_s: Optional[float] = None) -> AsyncIterator[RequestOutput]:
+                       ttft_slo_s: Optional[float] = None,
+                       tpot_slo_s: Optional[float] = None) -> AsyncIterator[RequestOutput]:
         """Yields a RequestOutput each time the request gets tokens; the last one has ``finished=True``. Bad input
         raises ``SpearError`` at the first iteration, before anything is queued."""
         await self.start()
@@ -84,7 +85,8 @@ class AsyncEngine:
         self._queues[request_id] = q
         finished = False
         try:
-            self.engine.add_request(prompt, sampling, request_id=request_id, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s)
+            self.engine.add_request(prompt, sampling, request_id=request_id, ttft_slo_s=ttft_slo_s,
+                                    tpot_slo_s=tpot_slo_s)
         except Exception:
             self._queues.pop(request_id, None)
             raise

@@ -107,7 +107,8 @@ def check_args(args: argparse.Namespace) -> str:
             raise SpearError(f"serve: --{name.replace('_', '-')} {value}: expected a positive number of ms")
     if args.mixed_cuda_graphs is not None and args.mixed_cuda_graphs < 0:
         raise SpearError(f"serve: --mixed-cuda-graphs {args.mixed_cuda_graphs}: expected an integer >= 0")
-    if args.mixed_graph_padding is not None and not (args.mixed_graph_padding == 0 or 1 <= args.mixed_graph_padding <= 64):
+    if args.mixed_graph_padding is not None and not (args.mixed_graph_padding == 0
+                                                     or 1 <= args.mixed_graph_padding <= 64):
         raise SpearError(f"serve: --mixed-graph-padding {args.mixed_graph_padding}: expected 0 (off) or a number in "
                          "[1, 64]")
     if args.mixed_graph_bucket_padding is not None and not 1 <= args.mixed_graph_bucket_padding <= 64:

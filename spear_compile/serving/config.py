@@ -144,10 +144,13 @@ class EngineConfig:
         if self.decode_buckets is None:
             self.decode_buckets = powers_of_two_up_to(self.max_num_seqs)
         if self.token_buckets is None:
-            self.token_buckets = powers_of_two_up_to(self.max_num_tokens, min(self.min_token_bucket, self.max_num_tokens))
+            self.token_buckets = powers_of_two_up_to(self.max_num_tokens,
+                                                     min(self.min_token_bucket, self.max_num_tokens))
         self.decode_buckets = tuple(sorted(set(self.decode_buckets)))
         self.token_buckets = tuple(sorted(set(self.token_buckets)))
         if self.decode_buckets[-1] != self.max_num_seqs or self.decode_buckets[0] < 1:
-            raise SpearError(f"EngineConfig: decode_buckets={self.decode_buckets} must end at max_num_seqs={self.max_num_seqs}")
+            raise SpearError(f"EngineConfig: decode_buckets={self.decode_buckets} must end at "
+                             f"max_num_seqs={self.max_num_seqs}")
         if self.token_buckets[-1] != self.max_num_tokens or self.token_buckets[0] < 1:
-            raise SpearError(f"EngineConfig: token_buckets={self.token_buckets} must end at max_num_tokens={self.max_num_tokens}")
+            raise SpearError(f"EngineConfig: token_buckets={self.token_buckets} must end at "
+                             f"max_num_tokens={self.max_num_tokens}")

@@ -90,7 +90,8 @@ class EngineStats:
     step_log: list = field(default_factory=list)
     prefix_cache_hit_tokens: int = 0   # prompt tokens taken from cached KV blocks instead of computed
     mixed_graphs: int = 0              # mixed-step CUDA graphs captured (one per input-shape key)
-    uncaptured_mixed_steps: int = 0    # mixed steps run without a graph while serving (limit reached, capture failed, TP)
+    uncaptured_mixed_steps: int = 0    # mixed steps run without a graph while serving
+                                       # (limit reached, capture failed, TP)
     padded_mixed_steps: int = 0        # mixed steps replayed in a captured graph of larger shapes (mixed_graph_padding)
     captured_first_steps: int = 0      # mixed-step keys captured without an eager run first (mixed_capture_first)
     graph_capture_mib: float = 0.0     # device memory the CUDA-graph captures took (decode and mixed graphs)
@@ -135,8 +136,8 @@ def _ec_signature(model: nn.Module, enabled: bool):
 
 
 class Engine:
-    def __init__(self, model: nn.Module, tokenizer, config: Optional[EngineConfig] = None, model_name: Optional[str] = None,
-                 step_channel=None):
+    def __init__(self, model: nn.Module, tokenizer, config: Optional[EngineConfig] = None,
+                 model_name: Optional[str] = None, step_channel=None):
         """``step_channel``: tensor parallelism only (``tensor_parallel.start_engine`` passes it): rank 0's runner
         hands it every step's inputs, which the other ranks' runners replay."""
         config = config or EngineConfig()
@@ -147,12 +148,14 @@ class Engine:
         self.config = config
         self.tokenizer = tokenizer
         self.model = model.eval()
-        self.model_name = model_name or os.path.basename(str(getattr(model.config, "_name_or_path", "") or "model").rstrip("/")) or "model"
+        self.model_name = model_name or os.path.basename(
+            str(getattr(model.config, "_name_or_path", "") or "model").rstrip("/")) or "model"
         dev = torch.device(config.device) if config.device else model.model.embed_tokens.weight.device
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         if model.model.embed_tokens.weight.device != dev:
-            raise SpearError(f"Engine: the model is on {model.model.embed_tokens.weight.device}, config.device is {dev}; "
+            raise SpearError(f"Engine: the model is on {model.model.embed_tokens.weight.device}, "
+                             f"config.device is {dev}; "
                              "move the model first")
         self.device = dev
         self.runner = ModelRunner.start(model, config, dev)  # compiled and captured here (a progress bar)
@@ -220,7 +223,8 @@ class Engine:
     @staticmethod
     def _eos_ids(model, tokenizer) -> frozenset:
         ids = set()
-        for src in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        for src in (getattr(tokenizer, "eos_token_id", None),
+                    getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
             if isinstance(src, int):
                 ids.add(src)
             elif isinstance(src, (list, tuple)):
@@ -404,7 +408,8 @@ class Engine:
         captured = self.runner.mixed.first_steps != first_steps
         self.policy.observe(plan, measured, captured=captured)
         self.num_steps += 1
-        self.step_log.append(StepRecord(time=now, num_decodes=len(plan.decodes), num_prefill_tokens=plan.num_prefill_tokens,
+        self.step_log.append(StepRecord(time=now, num_decodes=len(plan.decodes),
+                                        num_prefill_tokens=plan.num_prefill_tokens,
                                         sum_context=sum_context, ec_signature=self.ec_signature,
                                         predicted_s=plan.predicted_s, measured_s=measured, host_s=t_host,
                                         num_prefills=len(plan.prefills), ec_enabled=ec, captured_graph=captured,
@@ -416,7 +421,8 @@ class Engine:
     def _fail_step(self, plan, error: Exception) -> list:
         """A step raised: its requests finish with 'error' (their blocks freed), the engine serves the rest."""
         self.last_error = error
-        warnings.warn(f"serving engine: step failed ({type(error).__name__}: {error}); its requests finish with 'error'")
+        warnings.warn(f"serving engine: step failed ({type(error).__name__}: {error}); "
+                      "its requests finish with 'error'")
         return [self._finished(req, RequestStatus.FINISHED_ERROR)
                 for req in list(plan.decodes) + [r for r, _ in plan.prefills] if not req.is_finished]
 

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import SpearError
-from .buckets import MIN_DIM, MixedDims, attention_cells_at, mixed_step_dims, mixed_step_dims_for, next_bucket, pow2_buckets, pow2_dim, table_width
+from .buckets import (MIN_DIM, MixedDims, attention_cells_at, mixed_step_dims, mixed_step_dims_for, next_bucket,
+                      pow2_buckets, pow2_dim, table_width)
 from .config import EngineConfig
 from .cuda_graphs import (DecodeGraph, GraphCapture, MixedGraphs, StandInGraph, multi_rank, pack_flat,
                           unpack_flat)
@@ -30,7 +31,8 @@ from .paged_llama import PagedLlama
 
 def int64_tensor(values: list) -> torch.Tensor:
     """A CPU int64 tensor of a flat list of ints (through ``array``: several times faster than ``torch.tensor``)."""
-    return torch.frombuffer(array.array("q", values), dtype=torch.int64) if values else torch.zeros(0, dtype=torch.int64)
+    return (torch.frombuffer(array.array("q", values), dtype=torch.int64) if values
+            else torch.zeros(0, dtype=torch.int64))
 
 
 def patch_ids(ids: torch.Tensor, device_ids) -> None:
@@ -91,7 +93,8 @@ class ModelRunner:
         model_max = getattr(cfg, "max_position_embeddings", None) or 2048
         want = config.max_model_len or model_max
         if want > model_max:
-            raise SpearError(f"EngineConfig: max_model_len={want} exceeds the model's max_position_embeddings={model_max}")
+            raise SpearError(f"EngineConfig: max_model_len={want} exceeds the model's "
+                             f"max_position_embeddings={model_max}")
         self.max_model_len = min(want, (num_blocks - 1) * config.block_size)
         self.max_blocks_per_seq = -(-self.max_model_len // config.block_size)
         self.table_buckets = pow2_buckets(MIN_DIM, max(MIN_DIM, self.max_blocks_per_seq))
@@ -335,9 +338,9 @@ class ModelRunner:
         return cover.tokens, cells
 
     def mixed_inputs(self, decodes, prefills, use_ec: Optional[bool] = None):
-        """CPU int64 tensors for ``mixed_forward`` (shapes ``buckets.mixed_step_dims_for``) and the number of logits rows
-        that matter. With ``use_ec`` (a step to serve), padded to the dims of a captured graph that covers the step's
-        when it has none of its own (``MixedGraphs.covering``, ``EngineConfig.mixed_graph_padding`` and
+        """CPU int64 tensors for ``mixed_forward`` (shapes ``buckets.mixed_step_dims_for``) and the number of logits
+        rows that matter. With ``use_ec`` (a step to serve), padded to the dims of a captured graph that covers the
+        step's when it has none of its own (``MixedGraphs.covering``, ``EngineConfig.mixed_graph_padding`` and
         ``mixed_graph_bucket_padding``)."""
         dims = mixed_step_dims_for(decodes, prefills, self.decode_buckets[-1], self.token_buckets, self.table_buckets,
                                    full_decode_tables=self.config.decode_attention == "triton")
@@ -432,7 +435,8 @@ class ModelRunner:
         # regional compilation: a graph per distinct layer structure (EC placement) x batch-1 specialization x EC state
         limit = max(64, 8 * len(self.net.layers), torch._dynamo.config.recompile_limit)
         with torch._dynamo.config.patch(recompile_limit=limit,
-                                        accumulated_recompile_limit=max(4096, torch._dynamo.config.accumulated_recompile_limit)), \
+                                        accumulated_recompile_limit=max(
+                                            4096, torch._dynamo.config.accumulated_recompile_limit)), \
                 torch.fx.experimental._config.patch(use_duck_shape=False):
             for kind, use_ec, a, b in jobs:
                 if kind == "decode":

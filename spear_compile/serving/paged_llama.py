@@ -1,4 +1,5 @@
-"""The paged-KV forward the serving engine compiles: ``PagedLlama`` over a Hugging Face Llama-family model's own modules.
+"""The paged-KV forward the serving engine compiles: ``PagedLlama`` over a Hugging Face Llama-family model's own
+modules.
 
 It runs the HF model's embedding, norms, rotary tables and linears (our quantized linears and their ECs, called as
 modules, so the ``spear`` pass fuses them exactly as under ``optimize``) over a flattened token batch, gpt-fast style,
@@ -37,7 +38,8 @@ def check_llama_like(model: nn.Module) -> None:
         ok = all(hasattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) and \
             all(hasattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj", "act_fn"))
     if not ok:
-        raise SpearError(f"serving engine: {type(model).__name__} is not a Llama-family causal LM (needs model.embed_tokens, "
+        raise SpearError(f"serving engine: {type(model).__name__} is not a Llama-family causal LM "
+                         "(needs model.embed_tokens, "
                          "layers with self_attn.q/k/v/o_proj and mlp.gate/up/down_proj, norm, rotary_emb, lm_head)")
 
 
@@ -76,7 +78,8 @@ class PagedLlama(nn.Module):
         check_llama_like(hf_model)
         cfg = hf_model.config
         base = hf_model.model
-        self.embed_tokens, self.layers, self.norm, self.lm_head = base.embed_tokens, base.layers, base.norm, hf_model.lm_head
+        self.embed_tokens, self.layers, self.norm, self.lm_head = base.embed_tokens, base.layers, base.norm, \
+            hf_model.lm_head
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
@@ -244,7 +247,8 @@ class PagedLlama(nn.Module):
         return self.decode_loop(self.decode_layer, self.logits, input_ids, positions, slot_block, slot_off, tables,
                                 ctx_lens, use_ec)
 
-    def decode_forward_static_rows(self, input_ids, positions, slot_block, slot_off, tables, ctx_lens, use_ec: bool = True):
+    def decode_forward_static_rows(self, input_ids, positions, slot_block, slot_off, tables, ctx_lens,
+                                   use_ec: bool = True):
         """``decode_forward`` under its own code object, so that it compiles apart: called with the batch dimension
         marked static (one graph per batch bucket), which the tensor-parallel peer-reduction pass needs (static
         M <= 16 rows)."""

@@ -44,7 +44,8 @@ class SamplingParams:
         _check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= -1, "top_k",
                self.top_k, "an integer >= 1, or -1 / 0 for off")
         _check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
-                                     and 0 <= self.seed < 2 ** 63), "seed", self.seed, "None or an integer in [0, 2**63)")
+                                     and 0 <= self.seed < 2 ** 63),
+               "seed", self.seed, "None or an integer in [0, 2**63)")
         _check(len(self.stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in self.stop), "stop",
                self.stop, f"at most {MAX_STOP_STRINGS} non-empty strings")
         _check(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids),

@@ -261,8 +261,8 @@ def _our_kernels_fit(x, qdatas, scales, zeros, group_size, ecs) -> bool:
 
 def _members(node):
     """``(x, [(qdata, scale, zero, bias, A, B, gate_w, gate_b) per member])`` (nodes, EC entries None without one)
-    of a fused/grouped node, or None for an EC this pass does not write (A without B, a gate weight without its bias: the runtime op
-    checks and reports those)."""
+    of a fused/grouped node, or None for an EC this pass does not write (A without B, a gate weight without its bias:
+    the runtime op checks and reports those)."""
     if node.target is GROUPED:
         x, qs, ss, zs, bs = node.args[:5]
         return x, [Member(q, s, z, b, None, None, None, None) for q, s, z, b in zip(qs, ss, zs, bs)]

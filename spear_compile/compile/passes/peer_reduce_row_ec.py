@@ -198,7 +198,8 @@ class PeerReduceRowEcPass(SpearGraphPass):
         self._state["rewritten"][q.name] = rec
         self._state["matches"][q.name] = (MatchRecord(  # its row among the quantized linears (inspect)
             node=q.name, module=rec.module, matched=True, kind="peer-reduce",
-            reason="row-parallel W4 + EC + u all-reduce -> spear::peer_reduce_row_ec", x_shape=tuple(_val(kw["x"]).shape),
+            reason="row-parallel W4 + EC + u all-reduce -> spear::peer_reduce_row_ec",
+            x_shape=tuple(_val(kw["x"]).shape),
             n=rec.n, k=rec.k, group_size=kw["group_size"], dtype=str(_val(kw["x"]).dtype).replace("torch.", ""),
             rank=rec.rank, gated=rec.gated, bias=rec.bias, graph=rec.graph))
 
@@ -229,11 +230,12 @@ class PeerReduceRowEcPass(SpearGraphPass):
         if orphans:
             warnings.warn(f"spear_compile: {len(orphans)} workspace slot mark(s) stood before "
                           f"{sorted(n.name for n in orphans)}, which belong to no row-parallel W4 + EC linear (a "
-                          f"qlinear whose output and whose input's x Aᵀ are all-reduced): removed, not used", stacklevel=2)
+                          f"qlinear whose output and whose input's x Aᵀ are all-reduced): removed, not used",
+                          stacklevel=2)
         if not candidates:
             return 0
-        self._state = dict(slots=slots, reasons={}, rewritten={}, matches={}, graph=ctx.graph, op=_op("peer_reduce_row_ec"),
-                           order={n: i for i, n in enumerate(graph.nodes)})
+        self._state = dict(slots=slots, reasons={}, rewritten={}, matches={}, graph=ctx.graph,
+                           op=_op("peer_reduce_row_ec"), order={n: i for i, n in enumerate(graph.nodes)})
         count = self.pattern_pass.apply(graph)
         records = []
         for q in candidates:
@@ -242,7 +244,8 @@ class PeerReduceRowEcPass(SpearGraphPass):
                 continue
             u_reduce = _u_reduction(q.args[0])
             workspace = u_reduce in slots
-            reason = self._state["reasons"].get(q, "the fallback's chain (qlinear + EC + u all-reduce) matches no pattern")
+            reason = self._state["reasons"].get(
+                q, "the fallback's chain (qlinear + EC + u all-reduce) matches no pattern")
             rec = self._record(q, {}, False, reason, workspace)
             records.append(rec)
             if reason != NO_WORKSPACE:
@@ -250,6 +253,7 @@ class PeerReduceRowEcPass(SpearGraphPass):
                               f"fallback, not spear::peer_reduce_row_ec: {reason}", stacklevel=2)
         records += self._state["rewritten"].values()  # rewritten nodes that were no candidate (none expected)
         ctx.records.peer_reduce.extend(records)
-        ctx.records.matches.extend(self._state["matches"][q.name] for q in candidates if q.name in self._state["matches"])
+        ctx.records.matches.extend(self._state["matches"][q.name] for q in candidates
+                                   if q.name in self._state["matches"])
         self._state = {}
         return count

@@ -23,8 +23,8 @@ weighted by 1 / measured time), which is what the SLO check needs.
 
 Online, ``observe`` corrects each graph bucket (the padded token count; and, EC-aware, each EC signature) by an
 exponentially weighted multiplicative factor, the running geometric mean of measured / predicted. Per bucket rather
-than per bin (session 22, replayed on that session's H100 steps, all steps: p90 9.1-9.4 % -> 7.9-8.3 % at 102-205 req/s): a
-bin spans buckets whose graphs differ in more than the linear terms see.
+than per bin (session 22, replayed on that session's H100 steps, all steps: p90 9.1-9.4 % -> 7.9-8.3 % at 102-205
+req/s): a bin spans buckets whose graphs differ in more than the linear terms see.
 
 ``StepTimer`` measures steps with CUDA events recorded around them and read one step later (``query``, never a
 synchronise inside the step); on CPU it uses the wall clock.
@@ -147,7 +147,8 @@ class StepCostModel:
         nb = len(edges) + 1
         self.coef = [[0.0] * self.num_features for _ in range(nb)]  # per bin
         self.fitted = False
-        self.floor: dict = {}             # per bin: half the fastest step measured in it (a prediction never goes below)
+        self.floor: dict = {}             # per bin: half the fastest step measured in it
+                                          # (a prediction never goes below)
         self.fit_error: dict = {}
         self._log_correction: dict = {}   # (bin, mixed, signature or None) -> log of the multiplicative correction
         self._ec_cache: dict = {}         # signature -> per bin (f . r, g . r)

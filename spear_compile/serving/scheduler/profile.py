@@ -40,8 +40,8 @@ GRID_VERSION = 5  # 2: mixed steps' decode rows padded as buckets.mixed_decode_r
 # ----------------------------------------------------------------------------------------------- the grid
 def default_grid(decode_buckets, token_buckets, max_model_len: int, max_points: Optional[int] = None,
                  mixed_min_rows: int = 0, max_num_seqs: Optional[int] = None) -> list:
-    """(decodes, prefill tokens, context per decode, prompt tokens before each chunk, chunks) points: decodes on the decode
-    buckets (and 0); prefill so that a step's tokens land on each token bucket (and 0); three contexts (short, a
+    """(decodes, prefill tokens, context per decode, prompt tokens before each chunk, chunks) points: decodes on the
+    decode buckets (and 0); prefill so that a step's tokens land on each token bucket (and 0); three contexts (short, a
     quarter and half of the longest); chunks from a prompt's start, and, beside no decodes and the middle decode
     bucket, chunks after a quarter and half of the longest context (their attention reads it: the cost model's
     prefill attention feature needs both kinds to tell chunk length from the keys read).

@@ -4,8 +4,9 @@ Each step (the base ``Scheduler`` already gives every running decode its token):
 
 * **Slack.** The tightest deadline among the step's outputs: for every running decode, its TPOT SLO minus the
   time since its last token; for a partially prefilled request whose remaining prompt this step could finish in
-  time, its TTFT deadline (``ctx.prefilling``: the running requests part-way through their prompt). The host time between steps (sampling, detokenizing, scheduling: learned online as
-  the inter-step gap minus the predicted step time) is taken off the slack.
+  time, its TTFT deadline (``ctx.prefilling``: the running requests part-way through their prompt). The host time
+  between steps (sampling, detokenizing, scheduling: learned online as the inter-step gap minus the predicted step time)
+  is taken off the slack.
 * **Budget.** The largest token count on the engine's bucket grid whose predicted step time (cost model, with the
   active EC signature; the EC-blind ablation predicts as if no EC were active; a step the engine would pad into a
   captured graph of larger dims priced there), times a safety factor, fits the slack. The factor is learned: the

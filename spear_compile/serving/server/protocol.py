@@ -210,8 +210,8 @@ def sampling_params(req: _SamplingFields, max_tokens: Optional[int], num_prompt_
                     max_model_len: int, prompt_param: str = "prompt", logprobs: Optional[int] = None) -> SamplingParams:
     """The engine's ``SamplingParams`` for ``req``; every bad value is a 400 naming its parameter.
 
-    ``max_tokens=None``: the rest of the context. ``prompt_param``: the field a too-long prompt is blamed on. The prompt plus ``max_tokens`` must fit the context (as OpenAI
-    answers: ``context_length_exceeded``)."""
+    ``max_tokens=None``: the rest of the context. ``prompt_param``: the field a too-long prompt is blamed on. The prompt
+    plus ``max_tokens`` must fit the context (as OpenAI answers: ``context_length_exceeded``)."""
     if num_prompt_tokens >= max_model_len:
         raise APIError(f"this model's maximum context length is {max_model_len} tokens; the prompt has "
                        f"{num_prompt_tokens} tokens, leaving no room for a completion", param=prompt_param,
