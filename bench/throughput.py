@@ -49,6 +49,9 @@ def sync():
 def row(**kw):
     ROWS.append(kw)
     print(json.dumps(kw), flush=True)
+    if DEV.get("rows_file"):  # each row on disk as it comes: a run killed by its timeout keeps what it measured
+        with open(DEV["rows_file"], "a") as f:
+            f.write(json.dumps(kw) + "\n")
 
 
 def attach_random_ecs(model, fraction, rank, seed, scale=0.02):
@@ -678,7 +681,10 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    DEV.update(device=args.device, tiny=args.tiny, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
+    rows_file = os.path.join(args.out, "serving_throughput.rows.jsonl")
+    open(rows_file, "w").close()
+    DEV.update(device=args.device, tiny=args.tiny, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32,
+               rows_file=rows_file)
     torch.backends.cuda.matmul.allow_tf32 = True
     import transformers
     import triton
