@@ -9,7 +9,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["SPEAR_TUNE_CACHE"] = "0"  # the tuner's on-disk cache: off (never the user's); test_tune_cache sets its own
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# at most two threads, shared by the pytest-xdist workers (``-n 2``: one thread each on the 2-core CI machine)
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _workers))
 
 
 def pytest_configure(config):
