@@ -60,7 +60,7 @@ class EngineConfig:
     mixed_capture_first: bool = True        # a new mixed-step shape whose token count and logits rows already ran
     #   eagerly is captured at once and replayed, skipping its eager run (MixedGraphs.first_step): one host pass
     #   over the step instead of two. Session 34, one H200, 256 requests: W4 + EC captures 36 ms median instead of
-    #   60, the fresh engine 14,671 tok/s instead of 12,008 (bf16: 17,003 instead of 15,570)
+    #   60, the fresh engine 14,671 tok/s instead of 12,009 (bf16: 17,003 instead of 15,570)
     compile: bool = True
     compile_regions: bool = False           # compile one decoder layer (once per distinct layer structure) and the
     #   LM head instead of the whole model per phase: a fraction of the start-up compile time; the layers then run
