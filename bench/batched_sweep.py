@@ -28,6 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench.kernels import copy_bandwidth, rel_err  # noqa: E402
 from bench.kernels import time_graph as _time_graph  # noqa: E402
 from spear_compile import options  # noqa: E402
+from spear_compile.compile.siblings import merged_ec_views  # noqa: E402
 
 MODELS = {
     "Llama-3.2-1B": dict(hidden=2048, inter=8192, heads=32, kv=8, head_dim=64),
@@ -174,7 +175,7 @@ def _dispatch_task(task):
         Ls = [make_linear(k, n, "cuda", gen) for n in ns]
         x = t_.randn(m, k, device="cuda", dtype=t_.bfloat16)
         run_dispatch(x, Ls, quant, ec)
-        if packed and not ec and len(ns) > 1:  # the adjacent-members key too (its concat candidate's single key)
+        if packed and len(ns) > 1:  # the adjacent-members key too (its concat candidate's single key)
             add_packed(Ls)
             run_dispatch(x, Ls, quant, ec, True)
         t_.cuda.synchronize()
@@ -209,6 +210,10 @@ def add_packed(Ls):
         L["packed"] = {"q": joined["q"][rows], **{quant: (joined[(quant, 0)][rows], joined[(quant, 1)][rows])
                                                   for quant in ("pc", "g128")}}
         row += L["n"]
+    if len(Ls) > 1:  # the ECs as one EC of rank g·r, as pack_siblings lays out EC'd siblings
+        views = merged_ec_views(*([L[p] for L in Ls] for p in ("A", "B", "gw", "gb")))
+        for L, (a, b, gw, gb) in zip(Ls, views):
+            L["packed"].update(A=a, B=b, gw=gw, gb=gb)
 
 
 def run_dispatch(x, Ls, quant, ec, packed=False):
@@ -226,9 +231,10 @@ def run_dispatch(x, Ls, quant, ec, packed=False):
         return grouped.launch_grouped(x, [W["q"] for W in Ws], [W[quant][0] for W in Ws], [W[quant][1] for W in Ws],
                                        None, gs)
     if len(Ls) > 1 and options.current().group_ec_linears:
-        return grouped.launch_grouped_ec(x, [L["q"] for L in Ls], [L[quant][0] for L in Ls],
-                                         [L[quant][1] for L in Ls], [None] * len(Ls), gs, [L["A"] for L in Ls],
-                                         [L["B"] for L in Ls], [L["gw"] for L in Ls], [L["gb"] for L in Ls])
+        Ws = [L["packed"] for L in Ls] if packed else Ls   # packed: weights and ECs merged (pack_siblings)
+        return grouped.launch_grouped_ec(x, [W["q"] for W in Ws], [W[quant][0] for W in Ws],
+                                         [W[quant][1] for W in Ws], [None] * len(Ws), gs, [W["A"] for W in Ws],
+                                         [W["B"] for W in Ws], [W["gw"] for W in Ws], [W["gb"] for W in Ws])
     return [dispatch.launch(x, L["q"], *L[quant], None, gs, L["A"], L["B"], L["gw"], L["gb"]) for L in Ls]
 
 
@@ -284,8 +290,8 @@ def main():
     ap.add_argument("--dispatch", action="store_true", help="the real dispatch tuner, batched hook on")
     ap.add_argument("--existing", action="store_true", help="the real dispatch tuner, batched hook off")
     ap.add_argument("--packed", action="store_true",
-                    help="the real dispatch tuner (hook on) with sibling weights in one buffer (pack_siblings); EC off "
-                         "only: time the EC-on layer as compiled with --dispatch --dispatch-ecs 1")
+                    help="the real dispatch tuner (hook on) with sibling weights in one buffer and EC'd siblings' ECs "
+                         "merged (pack_siblings); --dispatch --dispatch-ecs 1: the EC-on layer unmerged beside it")
     ap.add_argument("--dispatch-ecs", default="0,1", help="EC settings timed through dispatch / existing")
     ap.add_argument("--quants", default="pc,g128")
     ap.add_argument("--ecs", default="0,1")
@@ -384,7 +390,7 @@ def main():
                         variants["dispatch"] = "on"
                     if args.existing and ec in dispatch_ecs:
                         variants["existing"] = "off"
-                    if args.packed and not ec:  # the EC-on layer as compiled: --dispatch --dispatch-ecs 1
+                    if args.packed:  # as compiled after pack_siblings (weights, and ECs merged: merged_ec)
                         variants["packed"] = "packed"
                     for var, hook in variants.items():
                         best_cfgs, gtimes = [], []
@@ -436,7 +442,8 @@ def main():
                                     if not ec and len(ns) > 1:
                                         names = [grouped.choose_grouped(m, k, ns, group_size(quant, k), adjacent=pk)]
                                     elif len(ns) > 1 and options.current().group_ec_linears:
-                                        names = [grouped.choose_grouped_ec(m, k, ns, group_size(quant, k), rank=RANK)]
+                                        names = [grouped.choose_grouped_ec(m, k, ns, group_size(quant, k), rank=RANK,
+                                                                           merged=pk)]
                                     else:
                                         names = [dispatch.choose(m, k, n, group_size(quant, k),
                                                                  ec_rank=RANK if ec else 0, gated=ec) for n in ns]

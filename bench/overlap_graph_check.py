@@ -37,7 +37,7 @@ def main():
             u = u * 2 * torch.sigmoid(u @ gw.double().T + gb.double())
             return x @ w64.T + bias.double() + u @ B.double().T
 
-        key = linear_key(m, k, n, group, dt, True, True)
+        key = linear_key(m, k, n, group, dt, True, True, r)
         for cfg in [dispatch.DequantCublasConfig(ec=e, pad=p, overlap=o, split=s)
                     for e in ("after", "c_in", "kcat") for o in (False, True) for s in (False, True)
                     for p in ((0, 64) if e == "kcat" else (0,))]:

@@ -45,7 +45,7 @@ def child(keys):
         y = dispatch.launch(x, q, scale, zero, None, k, **ec)
         torch.cuda.synchronize()
         secs = time.perf_counter() - t0
-        key = dispatch.linear_key(m, k, n, k, x.dtype, bool(r), bool(r))
+        key = dispatch.linear_key(m, k, n, k, x.dtype, bool(r), bool(r), r)
         timings = dispatch.TUNER.timings.get(key, [])
         rows.append(dict(m=m, k=k, n=n, ec_rank=r, tune_s=round(secs, 2), pick=dispatch.TUNER.picks[key].name,
                          candidates=len(timings), finite=bool(torch.isfinite(y).all())))

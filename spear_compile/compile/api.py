@@ -212,10 +212,11 @@ def warm_kernels(model: nn.Module, ms=(1,), example: Optional[dict] = None) -> i
 
 
 @torch.no_grad()
-def sibling_groups(model: nn.Module, example: Optional[dict] = None) -> list:
+def sibling_groups(model: nn.Module, example: Optional[dict] = None, with_ec: bool = False) -> list:
     """The groups of quantized, EC-free linears the grouping pass would fuse: those that read the same
     input tensor (same K, group size, dtype and bias-ness), in call order, split like the pass does
-    (``balanced_chunks``). Found by one eager forward with input hooks;
+    (``balanced_chunks``). ``with_ec``: also those that all carry an EC of one rank and gate (the pass's
+    ``spear::grouped_linear_ec``). Found by one eager forward with input hooks;
     ``[]`` when no example can be made (not a Hugging Face model and no ``example`` given)."""
     from ..ec.module import CompensatedLinear
     from .passes.group_sibling_linears import balanced_chunks
@@ -228,8 +229,8 @@ def sibling_groups(model: nn.Module, example: Optional[dict] = None) -> list:
     hooks = []
     for mod in model.modules():
         w = getattr(mod, "weight", None)
-        if isinstance(mod, nn.Linear) and isinstance(w, QuantizedWeight) and not (
-                isinstance(mod, CompensatedLinear) and mod.rank > 0):
+        if isinstance(mod, nn.Linear) and isinstance(w, QuantizedWeight) and (with_ec or not (
+                isinstance(mod, CompensatedLinear) and mod.rank > 0)):
             hooks.append(mod.register_forward_pre_hook(lambda m, args: calls.append((args[0], m))))
     try:
         model(**example)
@@ -244,7 +245,8 @@ def sibling_groups(model: nn.Module, example: Optional[dict] = None) -> list:
     buckets: dict = {}
     for x, mod in calls:
         w = mod.weight
-        key = (id(x), w.shape[1], w.group_size, w.dtype, mod.bias is not None)
+        ec = (mod.rank, mod.gate) if isinstance(mod, CompensatedLinear) and mod.rank > 0 else None
+        key = (id(x), w.shape[1], w.group_size, w.dtype, mod.bias is not None, ec)
         if mod not in buckets.setdefault(key, []):
             buckets[key].append(mod)
     return [chunk for mods in buckets.values() for chunk in balanced_chunks(mods) if len(chunk) >= 2]

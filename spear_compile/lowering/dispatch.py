@@ -64,7 +64,7 @@ def config_for(x2, args, k, n, group_size, has_ec, gated):
     """The config ``launch`` runs for ``args`` (``x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w,
     gate_b, u, y``): the tuner's pick for the key, or the default where it cannot time (CPU, capture, off)."""
     m = x2.shape[0]
-    key = linear_key(m, k, n, group_size, x2.dtype, has_ec, gated)
+    key = linear_key(m, k, n, group_size, x2.dtype, has_ec, gated, args[7].shape[1] if has_ec else 0)
     if key in TUNER.picks:
         return TUNER.picks[key]
     sms = num_sms(x2.device)
@@ -100,7 +100,7 @@ def choose(m: int, k: int, n: int, group_size: int, dtype=torch.bfloat16, ec_ran
     """Human-readable name of the kernel + config ``launch`` would use for this call."""
     group_size = group_size or k
     ec_rank = ec_rank or 0
-    key = linear_key(m, k, n, group_size, dtype, ec_rank > 0, gated)
+    key = linear_key(m, k, n, group_size, dtype, ec_rank > 0, gated, ec_rank)
     ec = "" if ec_rank <= 0 else f" + EC r={ec_rank}{' gated' if gated else ' static'}"
     if key in TUNER.picks:
         return f"{TUNER.picks[key].name}{ec} (tuned, bucket M<={key.m_bucket})"
@@ -122,6 +122,7 @@ def launch(x, qdata, scale, zero, bias, group_size, ec_A=None, ec_B=None, gate_w
     ``u``: precomputed ``x Aᵀ`` ``[M, r]`` (e.g. all-reduced across GPUs); ``config``: force one.
     """
     check_linear(x, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u)
+    ec_A, ec_B, gate_w, gate_b = contiguous_ec(ec_A, ec_B, gate_w, gate_b)
     k = x.shape[-1]
     n = qdata.shape[0]
     x2, m, y = rows_and_out(x, n)
@@ -135,6 +136,13 @@ def launch(x, qdata, scale, zero, bias, group_size, ec_A=None, ec_B=None, gate_w
         raise SpearError(f"spear_compile.lowering.dispatch: decode config given for M={m} > {MAX_DECODE_M}")
     runner(cfg)(cfg, *args)
     return y.reshape(*x.shape[:-1], n)
+
+
+def contiguous_ec(*ec):
+    """The EC operands (ec_A, ec_B, gate_w, gate_b; None entries kept) contiguous, as the kernels read them: a
+    member of a merged EC (``grouped.merged_ec``) holds views into its block-diagonal B and gate weight, copied
+    for the paths that launch it alone."""
+    return tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in ec)
 
 
 def check_linear(x, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u):

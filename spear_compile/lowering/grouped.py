@@ -7,10 +7,18 @@ column slices of the same output, or, when their weights are adjacent row blocks
 (``compile.siblings.pack_siblings`` lays them out so), as one linear of ``N_1 + ... + N_g`` outputs (its own tuned
 config: the GEMMs that beat bf16 at large M need wide N; three launches at N = 512-2,048 pay three fixed costs).
 Keyed by (K, member Ns, group, dtype, M bucket, bias, adjacency); candidates: ``candidates.grouped_candidates``.
+
+Siblings that all carry an EC (``spear::grouped_linear_ec``) run the batched kernel over every member and its EC,
+or one launch per member, or, when ``pack_siblings`` laid their weights and ECs out as one linear's (``merged_ec``:
+A and the gate bias adjacent row blocks, B and the gate weight the diagonal blocks of one matrix), as one linear of
+``N_1 + ... + N_g`` outputs with one EC of rank ``g·r`` (its own tuned config: the single-linear EC paths, e.g. the
+M = 1 GEMV with its EC modes, instead of g launches).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from typing import Optional
 
 import torch
 
@@ -21,7 +29,7 @@ from . import batched
 from .candidates import default_grouped_config, grouped_candidates, num_sms
 from .configs import MAX_DECODE_M, MAX_GROUP, DequantCublasConfig, GroupedConfig, cdiv
 from .decode import groups_per_block, load_kwargs
-from .dispatch import check_linear, config_for, rows_and_out, runner
+from .dispatch import check_linear, config_for, contiguous_ec, rows_and_out, runner
 from .prefill import gemv_ok, run_dequant_cublas
 from .precompile import launcher
 from .runtime import TUNER, WORKSPACES
@@ -64,6 +72,41 @@ def adjacent_rows(parts):
     if end > storage.data_ptr() + storage.nbytes():
         return None
     return first.as_strided((rows, *trail), first.stride())
+
+
+def block_diagonal(parts):
+    """``parts`` (2-D, ``[n_i, c_i]``) as one ``[Σn, Σc]`` tensor when each is the i-th diagonal block of one
+    row-major matrix inside the first one's storage (same dtype and device, stride ``(Σc, 1)``), else None. The
+    blocks off the diagonal are not read here: only ``compile.siblings.pack_members`` lays tensors out so, with
+    zeros there, and nothing writes them but through the blocks' views."""
+    first = parts[0]
+    if first is None or first.dim() != 2:
+        return None
+    width = sum(0 if p is None or p.dim() != 2 else p.shape[1] for p in parts)
+    row = col = 0
+    for p in parts:
+        if (p is None or p.dim() != 2 or p.dtype != first.dtype or p.device != first.device
+                or p.stride() != (width, 1) or p.data_ptr() != first.data_ptr() + (row * width + col) * p.element_size()):
+            return None
+        row, col = row + p.shape[0], col + p.shape[1]
+    storage = first.untyped_storage()
+    if first.data_ptr() + row * width * first.element_size() > storage.data_ptr() + storage.nbytes():
+        return None
+    return first.as_strided((row, width), (width, 1))
+
+
+def merged_ec(ec_As, ec_Bs, gate_ws, gate_bs):
+    """The members' ECs as one EC of rank ``Σr`` (``(A, B, gate_w, gate_b)``; gates None when static) when laid out
+    as ``pack_members`` lays them (A and gate_b adjacent row blocks, B and gate_w block-diagonal), else None:
+    ``x Wᵀ + B g(A x) ⊙ A x`` over the joined weights then gives every member's columns exactly."""
+    if len(ec_As) < 2:
+        return None
+    a, b = adjacent_rows(ec_As), block_diagonal(ec_Bs)
+    gated = gate_ws[0] is not None
+    gw, gb = (block_diagonal(gate_ws), adjacent_rows(gate_bs)) if gated else (None, None)
+    if a is None or b is None or (gated and (gw is None or gb is None)):
+        return None
+    return a, b, gw, gb
 
 
 def adjacent_members(qdatas, scales, zeros, biases):
@@ -231,53 +274,90 @@ def warm_grouped(k: int, ns, group_size: int, dtype=torch.bfloat16, bias: bool =
 
 
 # ---- sibling linears that all carry an EC (``spear::grouped_linear_ec``) ---------------------------------------
-def grouped_ec_key(m, k, ns, group_size, dtype, has_bias, rank: int, gated: bool) -> tuple:
-    """The tuner key of an EC group: ``group_key``'s with its tag naming the EC (rank, gated or static)."""
-    return group_key(m, k, ns, group_size, dtype, has_bias)._replace(tag=f"grouped-ec{rank}{'g' if gated else 's'}")
+def grouped_ec_key(m, k, ns, group_size, dtype, has_bias, rank: int, gated: bool, merged: bool = False) -> tuple:
+    """The tuner key of an EC group: ``group_key``'s with its tag naming the EC (rank, gated or static);
+    ``merged``: laid out as one linear with one EC (``merged_ec``; its ``adjacent`` field)."""
+    return group_key(m, k, ns, group_size, dtype, has_bias, merged)._replace(
+        tag=f"grouped-ec{rank}{'g' if gated else 's'}")
 
 
-def _run_grouped_ec(cfg, x2, members, group_size, y):
+def _run_merged(x2, one, group_size, y):
+    """The group as one linear with its merged EC (``one``: the joined weights and ``merged_ec``), its own tuned
+    config for its key."""
+    args = (x2, *one[:4], group_size, *one[4:], None, y)
+    cfg = config_for(x2, args, x2.shape[1], y.shape[1], group_size, True, one[6] is not None)
+    runner(cfg)(cfg, *args)
+    return y
+
+
+def _contiguous_members(members):
+    """``members`` with their EC operands as the kernels read them (``contiguous_ec``): copies only for the
+    members of a merged EC (launched one by one or by the batched kernel)."""
+    if all(t is None or t.is_contiguous() for m in members for t in (m.ec_B, m.gate_w)):
+        return members
+    return [dataclasses.replace(m, **dict(zip(("ec_A", "ec_B", "gate_w", "gate_b"),
+                                                contiguous_ec(m.ec_A, m.ec_B, m.gate_w, m.gate_b)))) for m in members]
+
+
+def _run_grouped_ec(cfg, x2, members, group_size, y, one=None):
+    if isinstance(cfg, GroupedConfig) and cfg.concat and one is not None:
+        return _run_merged(x2, one, group_size, y)
+    members = _contiguous_members(members)
     if isinstance(cfg, batched.BatchedConfig) and batched.applies(x2.shape[0], x2.shape[1], members, group_size):
         return batched.run_members(cfg, x2, members, group_size, y)
     return _members_into(x2, members, group_size, y)
 
 
-def grouped_ec_config_for(x2, members, group_size, y):
+def grouped_ec_config_for(x2, members, group_size, y, one=None):
     """The config ``launch_grouped_ec`` runs: the tuner's pick between the batched kernel over every member (and
-    its EC) and the members' own launches (``GroupedConfig(per_member=True)``, also the default where it cannot
-    time, and outside the batched kernel's M range)."""
+    its EC), the members' own launches (``GroupedConfig(per_member=True)``) and, for a merged group (``one``: its
+    weights and EC joined, ``merged_ec``), one linear with one EC (``GroupedConfig(concat=True)``). Where nothing
+    can be timed: the merged linear when there is one (one launch instead of g), else the members' own launches."""
     m, k = x2.shape
     ns = [t.qdata.shape[0] for t in members]
     rank, gated = members[0].ec_B.shape[1], members[0].gate_w is not None
-    own = GroupedConfig(per_member=True)
-    key = grouped_ec_key(m, k, ns, group_size, x2.dtype, members[0].bias is not None, rank, gated)
+    own, merged = GroupedConfig(per_member=True), GroupedConfig(concat=True)
+    key = grouped_ec_key(m, k, ns, group_size, x2.dtype, members[0].bias is not None, rank, gated, one is not None)
     if key in TUNER.picks:   # (also inside a CUDA-graph capture, where nothing is tuned)
         return TUNER.picks[key]
-    if not TUNER.can_tune(x2) or not batched.applies(m, k, members, group_size):
+    if not TUNER.can_tune(x2):
+        return merged if one is not None else own
+    extra = batched.candidates_for(m, k, ns, group_size, num_sms(x2.device), True, rank) \
+        if batched.applies(m, k, members, group_size) else []
+    cands = [own] + [merged] * (one is not None) + extra
+    if len(cands) == 1:
         return own
-    extra = batched.candidates_for(m, k, ns, group_size, num_sms(x2.device), True, rank)
-    if not extra:
-        return own
-    # the members' own keys tuned first (outside the timing of this key)
+    # the members' own keys and the merged linear's tuned first (outside the timing of this key)
+    members = _contiguous_members(members)
     _members_into(x2, members, group_size, torch.empty_like(y))
+    if one is not None:
+        _run_merged(x2, one, group_size, torch.empty_like(y))
 
     def reference():   # torch dequantize + cuBLAS + the ECs by torch ops, per member
         return _members_into(x2, members, group_size, torch.empty_like(y),
                              run=lambda *args: run_dequant_cublas(None, *args))
 
-    return TUNER.pick(key, x2.device, [own] + extra, lambda cfg: _run_grouped_ec(cfg, x2, members, group_size, y),
+    return TUNER.pick(key, x2.device, cands, lambda cfg: _run_grouped_ec(cfg, x2, members, group_size, y, one),
                       reference, y)
 
 
 def choose_grouped_ec(m: int, k: int, ns, group_size: int, dtype=torch.bfloat16, bias: bool = False, rank: int = 32,
-                      gated: bool = True) -> str:
+                      gated: bool = True, merged: Optional[bool] = None) -> str:
     """Human-readable name of what ``launch_grouped_ec`` would run for members of widths ``ns`` with ECs of
-    ``rank``."""
+    ``rank`` (``merged``: laid out as one linear with one EC by ``compile.siblings.pack_siblings``; None: not
+    known, the merged key's pick when there is one)."""
     group_size = group_size or k
     ec = f" + EC r={rank}{' gated' if gated else ' static'} each"
-    key = grouped_ec_key(m, k, list(ns), group_size, dtype, bias, rank, gated)
+    key = grouped_ec_key(m, k, list(ns), group_size, dtype, bias, rank, gated, merged is not False)
+    if merged is None:
+        merged = key in TUNER.picks
+        key = key if merged else key._replace(adjacent=False)
     if key in TUNER.picks:
-        return f"{TUNER.picks[key].name}{ec} (tuned, bucket M<={key.m_bucket})"
+        cfg = TUNER.picks[key]
+        name = "grouped[one linear with the merged EC]" if getattr(cfg, "concat", False) else cfg.name
+        return f"{name}{ec} (tuned, bucket M<={key.m_bucket})"
+    if merged:
+        return f"grouped[one linear with the merged EC]{ec} (default; tuned on first CUDA call)"
     if not batched.MIN_M <= m <= batched.MAX_M:
         return f"{GroupedConfig(per_member=True).name}{ec}"
     return f"{GroupedConfig(per_member=True).name}{ec} (default; batched kernel tuned on first CUDA call)"
@@ -286,7 +366,8 @@ def choose_grouped_ec(m: int, k: int, ns, group_size: int, dtype=torch.bfloat16,
 def launch_grouped_ec(x, qdatas, scales, zeros, biases, group_size, ec_As, ec_Bs, gate_ws, gate_bs, config=None):
     """``launch_grouped`` for members that all carry an EC (``ec_As[i] [r, K]``, ``ec_Bs[i] [N_i, r]``, gates all
     given or all None), one rank: ``[..., N_1 + ... + N_g]``, member i's ``x W_iᵀ + b_i + B_i g(A_i x) ⊙ A_i x``
-    in its columns. ``config``: a ``BatchedConfig`` or ``GroupedConfig(per_member=True)`` to force one."""
+    in its columns. ``config``: a ``BatchedConfig`` or ``GroupedConfig(per_member=True)`` (or ``concat=True`` for
+    a merged group, ``merged_ec``) to force one."""
     where = "spear_compile.lowering.grouped.launch_grouped_ec"
     qdatas, scales, zeros, biases, ec_As, ec_Bs, gate_ws, gate_bs = (
         list(v) for v in (qdatas, scales, zeros, biases, ec_As, ec_Bs, gate_ws, gate_bs))
@@ -296,11 +377,14 @@ def launch_grouped_ec(x, qdatas, scales, zeros, biases, group_size, ec_As, ec_Bs
         raise SpearError(f"{where}: every member needs an EC (ec_A and ec_B) of one rank, got ec_B shapes "
                          f"{[None if b is None else tuple(b.shape) for b in ec_Bs]}")
     _check_group(x, qdatas, scales, zeros, biases, group_size, (ec_As, ec_Bs, gate_ws, gate_bs), "launch_grouped_ec")
-    members = [batched.Member(*t) for t in zip(qdatas, scales, zeros, biases, ec_As, ec_Bs, gate_ws, gate_bs)]
     n_total = sum(q.shape[0] for q in qdatas)
     x2, m, y = rows_and_out(x, n_total)
     if m == 0:
         return y.reshape(*x.shape[:-1], n_total)
-    cfg = config or grouped_ec_config_for(x2, members, group_size, y)
-    _run_grouped_ec(cfg, x2, members, group_size, y)
+    joined = adjacent_members(qdatas, scales, zeros, biases)
+    ec = merged_ec(ec_As, ec_Bs, gate_ws, gate_bs) if joined is not None else None
+    one = (*joined, *ec) if ec is not None else None
+    members = [batched.Member(*t) for t in zip(qdatas, scales, zeros, biases, ec_As, ec_Bs, gate_ws, gate_bs)]
+    cfg = config or grouped_ec_config_for(x2, members, group_size, y, one)
+    _run_grouped_ec(cfg, x2, members, group_size, y, one)
     return y.reshape(*x.shape[:-1], n_total)

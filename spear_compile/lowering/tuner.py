@@ -30,6 +30,8 @@ class LinearKey(NamedTuple):
     m_bucket: str
     has_ec: bool
     gated: bool
+    ec_rank: int = 0  # the EC's rank: a single linear's EC and a merged sibling EC (rank g·r, grouped.merged_ec)
+    #                   of one (K, N) tune apart
 
 
 class GroupKey(NamedTuple):
@@ -44,8 +46,9 @@ class GroupKey(NamedTuple):
     adjacent: bool = False  # the members' weights are one buffer's adjacent row blocks (a concat candidate)
 
 
-def linear_key(m, k, n, group_size, dtype, has_ec, gated) -> LinearKey:
-    return LinearKey(k, n, group_size, str(dtype), m_bucket(m), bool(has_ec), bool(gated))
+def linear_key(m, k, n, group_size, dtype, has_ec, gated, ec_rank=0) -> LinearKey:
+    return LinearKey(k, n, group_size, str(dtype), m_bucket(m), bool(has_ec), bool(gated),
+                     int(ec_rank) if has_ec else 0)
 
 
 def group_key(m, k, ns, group_size, dtype, has_bias, adjacent=False) -> GroupKey:

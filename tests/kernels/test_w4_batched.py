@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from spear_compile.errors import SpearError
-from spear_compile.lowering import batched, dispatch, grouped
+from spear_compile.lowering import batched, configs, dispatch, grouped
 from spear_compile.lowering.runtime import WORKSPACES
 from w4_problems import member, members_reference, problem, reference, rel, v64
 
@@ -233,6 +233,32 @@ def test_grouped_ec_through_the_tuner(m):
         _check(out, torch.cat([reference(dict(t, x=x), group) for t in ms], -1), dtype)
     name = grouped.choose_grouped_ec(m, k, (256, 128, 128), group, dtype, rank=32)
     assert ("tuned" in name) == (batched.MIN_M <= m <= batched.MAX_M), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,ns", [(1, (256, 128, 128)), (1, (512, 512)), (24, (256, 128, 128)), (200, (512, 512))])
+def test_merged_ec_group_through_the_tuner(m, ns):
+    """Siblings laid out by ``pack_members`` (weights adjacent, ECs merged into one of rank g·r = 96 or 64):
+    ``launch_grouped_ec`` as the compiled graph calls it times the merged linear (the single-linear EC paths at
+    rank g·r) against the members' own and batched launches; every pick matches float64, as does each forced one."""
+    from spear_compile.compile.siblings import merged_ec_views
+    k, group, dtype = 512, 128, torch.bfloat16
+    x = problem(m, group, dtype, False, False, False, 50, k, 8, 32)["x"].to(DEV)
+    ms = [_to(problem(m, group, dtype, True, True, False, 51 + i, k, n, 32)) for i, n in enumerate(ns)]
+    names = ("qdata", "scale", "zero", "bias", "ec_A", "ec_B", "gate_w", "gate_b")
+    parts = [[t[name] for t in ms] for name in names]
+    ref = torch.cat([reference(dict(t, x=x), group) for t in ms], -1)
+    for i in range(3):   # the weights as one buffer's row blocks, the ECs merged
+        joined, row = torch.cat(parts[i]), 0
+        for j, t in enumerate(parts[i]):
+            parts[i][j], row = joined[row:row + t.shape[0]], row + t.shape[0]
+    parts[4:] = [list(v) for v in zip(*merged_ec_views(*parts[4:]))]
+    assert grouped.merged_ec(*parts[4:]) is not None
+    for cfg in (None, None, configs.GroupedConfig(concat=True), configs.GroupedConfig(per_member=True)):
+        out = grouped.launch_grouped_ec(x, *parts[:4], group, *parts[4:], config=cfg)
+        _check(out, ref, dtype)
+    name = grouped.choose_grouped_ec(m, k, ns, group, dtype, rank=32, merged=True)
+    assert "(tuned, bucket" in name, name
 
 
 def test_switched_off_it_is_no_candidate(monkeypatch):

@@ -207,3 +207,97 @@ def test_grouped_ec_bad_inputs():
     with pytest.raises(SpearError, match="gates must be all given or all None"):
         grouped.launch_grouped_ec(x, *parts[:4], K, *parts[4:6], [parts[6][0], None], [parts[7][0], None])
     assert "EC r=16 gated each" in grouped.choose_grouped_ec(3, K, (32, 16), K, rank=16)
+
+
+# ---- EC'd siblings laid out as one linear with one EC (compile.siblings.pack_members) --------------------------
+def _merged(members):
+    """``_packed`` and the ECs as one EC of rank g·r (``compile.siblings.merged_ec_views``)."""
+    from spear_compile.compile.siblings import merged_ec_views
+    out = _packed(members)
+    names = ("ec_A", "ec_B", "gate_w", "gate_b")
+    views = merged_ec_views(*([t[p] for t in members] for p in names))
+    for t, v in zip(out, views):
+        t.update(zip(names, v))
+    return out
+
+
+def test_block_diagonal_only_for_one_matrixs_diagonal_blocks():
+    buf = torch.zeros(10, 6)
+    blocks = [buf[0:4, 0:2], buf[4:7, 2:4], buf[7:10, 4:6]]
+    assert torch.equal(grouped.block_diagonal(blocks), buf)
+    assert grouped.block_diagonal(blocks[::-1]) is None                     # out of order
+    assert grouped.block_diagonal([buf[0:4, 0:2], buf[4:7, 4:6]]) is None   # not the next block
+    assert grouped.block_diagonal([buf[0:4, 0:2], buf[4:7, 2:4].clone()]) is None   # another storage
+    assert grouped.block_diagonal([b.contiguous() for b in blocks]) is None  # each its own contiguous tensor
+    assert grouped.block_diagonal([buf[0:4, 0:2], None]) is None
+    wide = torch.zeros(10, 8)  # the row stride is not the blocks' total width
+    assert grouped.block_diagonal([wide[0:4, 0:2], wide[4:7, 2:4], wide[7:10, 4:6]]) is None
+    short = torch.zeros(6, 6)  # the last block would end past the storage
+    rows = torch.empty(0).set_(short.untyped_storage(), 0, (4, 2), (6, 1))
+    assert grouped.block_diagonal([rows, torch.empty(0).set_(short.untyped_storage(), 4 * 6 + 2, (3, 2), (6, 1))]) is None
+
+
+MERGED_CASES = [  # (M, member Ns, group, dtype, bias, gated, config: None = the default, "merged" forced, ...)
+    (1, (32, 16, 16), K, torch.bfloat16, False, True, None),       # M = 1, q|k|v-like: the default is one launch
+    (1, (48, 16), 64, torch.float16, True, False, None),          # static ECs, groups, bias
+    (4, (32, 16), 64, torch.bfloat16, False, True, "merged"),     # M 2..16, forced
+    (20, (32, 32), K, torch.float16, True, True, "merged"),       # M > 16
+    (3, (32, 16, 16), K, torch.bfloat16, False, True, "per_member"),  # members alone: their views copied
+    (5, (48, 32), 64, torch.bfloat16, True, True, "batched"),     # the batched kernel over the members
+]
+
+
+@pytest.mark.parametrize("m,ns,group,dtype,bias,gated,cfg", MERGED_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}-{'g' if c[5] else 's'}-{c[6]}" for c in MERGED_CASES])
+def test_merged_ec_group_vs_float64(monkeypatch, m, ns, group, dtype, bias, gated, cfg):
+    """Members whose weights and ECs ``pack_members`` laid out as one linear with one EC: the default (nothing
+    tuned here) and the forced merged config run one launch of rank g·r; every other config still runs right on
+    the members' strided EC views."""
+    from spear_compile.lowering import batched
+    x, members = _ec_problem(m, ns, group, dtype, bias, gated, seed=torch.seed() % 2**30, r=8)
+    ref = torch.cat([reference(dict(t, x=x), group) for t in members], -1)
+    merged = _merged(members)
+    assert not merged[0]["ec_B"].is_contiguous() and all(torch.equal(a["ec_B"], b["ec_B"])
+                                                          for a, b in zip(merged, members))
+    runs = []
+    real_runner = grouped.runner
+    monkeypatch.setattr(grouped, "runner", lambda c: runs.append(c) or real_runner(c))
+    config = {None: None, "merged": G(concat=True), "per_member": G(per_member=True),
+              "batched": batched.BatchedConfig(16, 32, 64, 1)}[cfg]
+    for _ in range(2):
+        runs.clear()
+        out = _run_ec(x, merged, group, config)
+        assert out.shape == (m, sum(ns)) and out.dtype == dtype and _rel(out, ref) < 1e-2
+    if cfg in (None, "merged"):
+        assert len(runs) == 1   # one linear: N = ΣN, EC rank g·r
+    if cfg is None:
+        assert grouped.choose_grouped_ec(m, K, ns, group, dtype, bias, 8, gated, merged=True).startswith(
+            "grouped[one linear with the merged EC]")
+
+
+def test_merged_ec_refused_unless_both_weights_and_ecs_are_laid_out(monkeypatch):
+    """Only weights adjacent, or only ECs merged: the members run one by one (never a wrong merged read)."""
+    x, members = _ec_problem(1, (32, 16), K, torch.bfloat16, False, True, seed=11, r=8)
+    ref = torch.cat([reference(dict(t, x=x), K) for t in members], -1)
+    runs = []
+    real_runner = grouped.runner
+    monkeypatch.setattr(grouped, "runner", lambda c: runs.append(c) or real_runner(c))
+    merged = _merged(members)
+    weights_only = [dict(p, **{n: t[n] for n in ("ec_A", "ec_B", "gate_w", "gate_b")}) for p, t in zip(merged, members)]
+    ecs_only = [dict(p, **{n: t[n] for n in ("qdata", "scale", "zero")}) for p, t in zip(merged, members)]
+    for case in (weights_only, ecs_only):
+        runs.clear()
+        out = _run_ec(x, case, K, G(concat=True))
+        assert _rel(out, ref) < 1e-2 and len(runs) == 2
+
+
+def test_single_launch_copies_a_strided_ec_view():
+    """``dispatch.launch`` given a member's strided EC views (B and the gate weight inside the merged EC's
+    block-diagonal matrices) reads them right."""
+    from spear_compile.lowering import dispatch
+    x, members = _ec_problem(2, (32, 16), K, torch.bfloat16, True, True, seed=12, r=8)
+    t = _merged(members)[1]
+    assert not t["ec_B"].is_contiguous() and not t["gate_w"].is_contiguous()
+    out = dispatch.launch(x, t["qdata"], t["scale"], t["zero"], t["bias"], K, t["ec_A"], t["ec_B"], t["gate_w"],
+                          t["gate_b"])
+    assert _rel(out, reference(dict(members[1], x=x), K)) < 1e-2

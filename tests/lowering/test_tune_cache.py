@@ -132,7 +132,7 @@ def test_ec_decode_keys_rebuild_their_candidates_from_the_restored_w4_ranking(ca
     """The EC key's candidates come from the W4 key's ranking (``Tuner.ranked`` over its timings): after a restart
     both keys hit, the W4 key's log is restored first, so the EC candidates and pick are the same."""
     cfg = single(1, ec=True, gated=gated)
-    w4_key, ec_key = (linear_key(1, K, N, GS, DT, False, False), linear_key(1, K, N, GS, DT, True, gated))
+    w4_key, ec_key = (linear_key(1, K, N, GS, DT, False, False), linear_key(1, K, N, GS, DT, True, gated, 32))
     assert [k for k, _ in calls] == [w4_key, ec_key]
     ec_cands = calls[1][1]
     w4_cands = candidates.decode_candidates(K, N, GS, 132, False, 1)

@@ -58,7 +58,7 @@ from ...errors import SpearError
 from ...lowering import fused_linear  # noqa: F401  (registers spear::fused_linear, spear::grouped_linear)
 from ...lowering import prefill
 from ...lowering.configs import COPY_X_MAX_BLOCK_R, MAX_IN_PLACE_BLOCKS, block_r
-from ...lowering.dispatch import check_linear
+from ...lowering.dispatch import check_linear, contiguous_ec
 from ...quant.qlinear import dequantize_packed
 from ..records import PassContext
 from .base import SpearGraphPass
@@ -202,6 +202,8 @@ def _dequantized_ec(x, members, group_size, ours, in_place, structure="kcat"):
     gate (``prefill.ec_prologue_in_place``), instead of the prologue copying x beside the stacked EC's v."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
+    # (a member of a merged EC, ``compile.siblings.pack_members``, holds views into a block-diagonal B and gate)
+    members = [m._replace(**dict(zip(Member._fields[4:], contiguous_ec(*m[4:])))) for m in members]
     ns = [m.qdata.shape[0] for m in members]
     biases = [m.bias for m in members]
     bias = None if biases[0] is None else biases[0] if len(members) == 1 else torch.cat(biases, 0)
