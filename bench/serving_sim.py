@@ -117,7 +117,8 @@ class GraphKeys:
         self.max_padding = max_padding                 # EngineConfig.mixed_graph_padding
         self.bucket_padding = bucket_padding           # EngineConfig.mixed_graph_bucket_padding
         self.truth = truth                             # charges a step replayed at a larger token bucket its extra work
-        self.mixed = MixedGraphs(_NoCapture(), limit, max_rows=pow2_dim(max_num_seqs))   # the engine's logits buffer
+        # (max_rows: the engine's logits buffer; capture_first off: the step costs above were fitted without it)
+        self.mixed = MixedGraphs(_NoCapture(), limit, max_rows=pow2_dim(max_num_seqs), capture_first=False)
         self.layout = layout
         self.table_buckets = tuple(layout["table_buckets"])
         self.captures = self.uncaptured = self.padded = 0

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import SpearError
-from ..quant.io import load_quantized, save_quantized
+from ..quant.io import load_quantized, read_metadata, save_quantized
 from .layers import make_row_parallel
 from .parallelize import (ATTN, MLP, _mesh_coordinates, _refuse_unsupported, apply_layout, decoder_layers, plan_layout,
                           tp_state)
@@ -55,25 +55,7 @@ def save_sharded(model: nn.Module, directory: Union[str, Path], config=None) -> 
 
 
 def read_tp_metadata(path: Union[str, Path]) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SpearError(f"load_sharded: {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(KEY)
-    except Exception as e:  # safetensors' own error types for damaged files
-        raise SpearError(f"load_sharded: {str(path)!r} is not a readable safetensors file "
-                         f"({type(e).__name__}: {e})") from e
-    if raw is None:
-        raise SpearError(f"load_sharded: {str(path)!r} has no {KEY!r} metadata; was it written by save_sharded?")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise SpearError(f"load_sharded: {str(path)!r} has corrupt {KEY!r} metadata ({e})") from e
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise SpearError(f"load_sharded: {str(path)!r} is {meta.get('format')!r} v{meta.get('format_version')}, "
-                         f"expected {FORMAT!r} v{FORMAT_VERSION}")
-    return meta
+    return read_metadata(path, KEY, "load_sharded", "save_sharded", FORMAT, FORMAT_VERSION)[0]
 
 
 def check_shard_checksums(path: Path) -> None:

@@ -92,29 +92,37 @@ def save_quantized(model: nn.Module, path: Union[str, Path], config: Union[Quant
     return path
 
 
-def _read(path: Path):
+def read_metadata(path, key: str, where: str, writer: str, fmt: str, version: int, tensors: bool = False):
+    """A safetensors file's JSON metadata under ``key`` (and, ``tensors``, its tensors: ``(meta, tensors or None)``),
+    refused with a ``SpearError`` naming ``where`` and the file when it is missing, unreadable, without that
+    metadata (not written by ``writer``), corrupt, or of another format than ``fmt`` v``version``."""
+    path = Path(path)
     if not path.is_file():
-        raise SpearError(f"load_quantized: {str(path)!r} does not exist")
+        raise SpearError(f"{where}: {str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw_meta = (f.metadata() or {}).get("spear")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except SpearError:
-        raise
+            raw = (f.metadata() or {}).get(key)
+            loaded = {k: f.get_tensor(k) for k in f.keys()} if tensors else None
     except Exception as e:  # safetensors raises its own error types for truncated/garbled files
-        raise SpearError(f"load_quantized: {str(path)!r} is not a readable safetensors file "
+        raise SpearError(f"{where}: {str(path)!r} is not a readable safetensors file "
                          f"({type(e).__name__}: {e})") from e
-    if raw_meta is None:
-        raise SpearError(f"load_quantized: {str(path)!r} has no spear metadata; was it written by save_quantized?")
+    if raw is None:
+        raise SpearError(f"{where}: {str(path)!r} has no {key} metadata; was it written by {writer}?")
     try:
-        meta = json.loads(raw_meta)
+        meta = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise SpearError(f"load_quantized: {str(path)!r} has corrupt metadata ({e})") from e
+        raise SpearError(f"{where}: {str(path)!r} has corrupt metadata ({key}: {e})") from e
     if not isinstance(meta, dict):
-        raise SpearError(f"load_quantized: {str(path)!r} has corrupt metadata (a {type(meta).__name__}, not an object)")
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise SpearError(f"load_quantized: {str(path)!r} has format {meta.get('format')!r} "
-                         f"v{meta.get('format_version')}; expected {FORMAT!r} v{FORMAT_VERSION}")
+        raise SpearError(f"{where}: {str(path)!r} has corrupt metadata ({key}: a {type(meta).__name__}, not an "
+                         f"object)")
+    if meta.get("format") != fmt or meta.get("format_version") != version:
+        raise SpearError(f"{where}: {str(path)!r} has format {meta.get('format')!r} v{meta.get('format_version')}; "
+                         f"expected {fmt!r} v{version}")
+    return meta, loaded
+
+
+def _read(path: Path):
+    meta, tensors = read_metadata(path, "spear", "load_quantized", "save_quantized", FORMAT, FORMAT_VERSION, True)
     for key in ("modules", "ec_modules", "aliases", "sha256"):
         if not isinstance(meta.get(key), dict):
             raise SpearError(f"load_quantized: {str(path)!r} metadata lacks {key!r}: corrupt file")

@@ -173,7 +173,7 @@ class MixedGraphs:
     tensor parallelism). Their logits all go to one buffer of ``max_rows`` rows outside the pool (the engine reads
     a step's logits before the next step), so a graph keeps no memory of its own but its kernel parameters."""
 
-    def __init__(self, capture: GraphCapture, limit: int, max_rows: int, capture_first: bool = False):
+    def __init__(self, capture: GraphCapture, limit: int, max_rows: int, *, capture_first: bool):
         self.capture = capture
         self.limit = limit
         self.max_rows = max_rows

@@ -43,7 +43,7 @@ def step(x):
 
 def test_first_step_then_replays_into_the_shared_buffer():
     g = torch.Generator().manual_seed(0)
-    mixed = MixedGraphs(FakeCapture(), limit=4, max_rows=4)
+    mixed = MixedGraphs(FakeCapture(), limit=4, max_rows=4, capture_first=False)
     shapes = ((3, 5),)
     flat = torch.randint(1, 9, (15,), generator=g)
     views = unpack_flat(flat, shapes)
@@ -60,7 +60,7 @@ def test_first_step_then_replays_into_the_shared_buffer():
 
 def test_failed_capture_warns_returns_eager_logits_and_stops():
     mixed = MixedGraphs(FakeCapture(fail=RuntimeError("operation not permitted when stream is capturing")),
-                        limit=4, max_rows=4)
+                        limit=4, max_rows=4, capture_first=False)
     flat = torch.arange(1, 7)
     views = unpack_flat(flat, ((2, 3),))
     with pytest.warns(RuntimeWarning, match="operation not permitted"):
@@ -70,7 +70,7 @@ def test_failed_capture_warns_returns_eager_logits_and_stops():
 
 def test_rows_beyond_the_buffer_are_not_captured():
     """A key whose logits rows exceed the shared buffer gets no graph (the runner runs it uncaptured)."""
-    mixed = MixedGraphs(FakeCapture(), limit=4, max_rows=1)
+    mixed = MixedGraphs(FakeCapture(), limit=4, max_rows=1, capture_first=False)
     assert mixed.has_room(rows=1) and not mixed.has_room(rows=2)
     assert mixed.capture.eager_runs == 0 and mixed.graphs == {}
 
@@ -85,7 +85,7 @@ def test_pack_unpack_round_trip():
 def test_no_capture_when_the_device_is_low_on_memory():
     """Graphs captured while serving take memory beside the KV cache: once a capture leaves the device under
     ``GraphCapture.MIN_FREE_BYTES`` free, new keys run uncaptured (and captured ones still replay)."""
-    mixed = MixedGraphs(FakeCapture(), limit=4, max_rows=4)
+    mixed = MixedGraphs(FakeCapture(), limit=4, max_rows=4, capture_first=False)
     assert mixed.has_room(rows=2)
     mixed.capture.low = True
     assert not mixed.has_room(rows=2)
@@ -100,7 +100,7 @@ def test_no_capture_when_the_device_is_low_on_memory():
 
 def test_covering_picks_the_least_padding_of_the_same_ec_state():
     from spear_compile.serving.buckets import MixedDims
-    mixed = MixedGraphs(FakeCapture(), limit=8, max_rows=16)
+    mixed = MixedGraphs(FakeCapture(), limit=8, max_rows=16, capture_first=False)
     step_dims = MixedDims(64, 8, 4, 2, 16, 4, 8)
     graphs = {True: [MixedDims(64, 8, 4, 2, 32, 4, 8), MixedDims(64, 8, 4, 2, 32, 8, 8), MixedDims(64, 16, 4, 2, 16, 4, 8)],
               False: [MixedDims(64, 8, 4, 2, 16, 8, 8)]}
@@ -119,7 +119,7 @@ def test_covering_remembers_its_answer_until_a_graph_is_added():
     """A padded step's dims come back step after step: the scan over every captured graph runs once per dims, and
     again after any capture (a new graph may cover them with less padding, or cover them at all)."""
     from spear_compile.serving.buckets import MixedDims
-    mixed = MixedGraphs(FakeCapture(), limit=8, max_rows=16)
+    mixed = MixedGraphs(FakeCapture(), limit=8, max_rows=16, capture_first=False)
 
     def capture(d):
         flat = torch.zeros(sum(torch.Size(s).numel() for s in d.shapes()), dtype=torch.int64)
@@ -186,7 +186,7 @@ def test_capture_first_skips_the_eager_run_of_sizes_already_run():
 
 def test_without_capture_first_every_key_runs_eagerly():
     g = torch.Generator().manual_seed(3)
-    mixed = MixedGraphs(FakeCapture(), limit=8, max_rows=4)
+    mixed = MixedGraphs(FakeCapture(), limit=8, max_rows=4, capture_first=False)
     for shapes in (((4,), (2, 3)), ((4,), (7,), (2, 3))):
         out, want = _key_step(mixed, True, shapes, g)
         assert torch.equal(out, want)
