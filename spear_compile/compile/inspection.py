@@ -105,9 +105,10 @@ def kernel_for(m: int, rec: MatchRecord, device: str, group: Optional[GroupRecor
     try:
         if group is not None and group.ec_rank:
             return choose_grouped_ec(m, group.k, group.ns, group.group_size, getattr(torch, group.dtype), group.bias,
-                                     group.ec_rank, rec.gated)
-        if group is not None:
-            return choose_grouped(m, group.k, group.ns, group.group_size, getattr(torch, group.dtype), group.bias)
+                                     group.ec_rank, rec.gated, merged=None)
+        if group is not None:  # (packed siblings or not: unknown here; the adjacent key's pick when there is one)
+            return choose_grouped(m, group.k, group.ns, group.group_size, getattr(torch, group.dtype), group.bias,
+                                  adjacent=None)
         return choose(m, rec.k, rec.n, rec.group_size, getattr(torch, rec.dtype), rec.rank, rec.gated)
     except Exception as e:  # noqa: BLE001  (inspection reports, it does not fail)
         return f"reference (dispatch.choose failed: {e})"

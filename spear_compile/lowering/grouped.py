@@ -224,12 +224,15 @@ def grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y, joined=
 
 
 def choose_grouped(m: int, k: int, ns, group_size: int, dtype=torch.bfloat16, bias: bool = False,
-                   adjacent: bool = False) -> str:
+                   adjacent: Optional[bool] = False) -> str:
     """Human-readable name of what ``launch_grouped`` would run for members of widths ``ns`` (``adjacent``: their
-    weights one buffer's adjacent row blocks, ``compile.siblings.pack_siblings``)."""
+    weights one buffer's adjacent row blocks, ``compile.siblings.pack_siblings``; None: not known, the adjacent
+    key's pick when there is one)."""
     group_size = group_size or k
-    adjacent = adjacent and m > MAX_DECODE_M
-    key = group_key(m, k, list(ns), group_size, dtype, bias, adjacent)
+    key = group_key(m, k, list(ns), group_size, dtype, bias, m > MAX_DECODE_M and adjacent is not False)
+    if adjacent is None and key not in TUNER.picks:
+        key = key._replace(adjacent=False)
+    adjacent = key.adjacent
     if key in TUNER.picks:
         return f"{TUNER.picks[key].name} (tuned, bucket M<={key.m_bucket})"
     if m > MAX_DECODE_M:

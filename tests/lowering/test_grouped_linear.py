@@ -301,3 +301,22 @@ def test_single_launch_copies_a_strided_ec_view():
     out = dispatch.launch(x, t["qdata"], t["scale"], t["zero"], t["bias"], K, t["ec_A"], t["ec_B"], t["gate_w"],
                           t["gate_b"])
     assert _rel(out, reference(dict(members[1], x=x), K)) < 1e-2
+
+
+def test_choose_names_the_packed_keys_pick_when_the_layout_is_unknown():
+    """``compile.inspect`` cannot see whether a group's weights (or ECs) were packed: ``adjacent=None`` /
+    ``merged=None`` name the packed key's pick when one was tuned, else the unpacked one's."""
+    from spear_compile.lowering.tuner import group_key
+    ns, dt = (64, 32), torch.bfloat16
+    runtime.TUNER.pin(group_key(20, K, list(ns), K, dt, False, True), G(concat=True))
+    runtime.TUNER.pin(group_key(20, K, list(ns), K, dt, False, False), G(per_member=True))
+    ec_key = grouped.grouped_ec_key(3, K, list(ns), K, dt, False, 8, True, True)
+    runtime.TUNER.pin(ec_key, G(concat=True))
+    try:
+        assert grouped.choose_grouped(20, K, ns, K, dt, adjacent=None).startswith("grouped[one linear")
+        assert grouped.choose_grouped(20, K, ns, K, dt).startswith("grouped[per-member")
+        assert grouped.choose_grouped_ec(3, K, ns, K, dt, rank=8).startswith("grouped[one linear with the merged")
+        assert grouped.choose_grouped_ec(3, K, ns, K, dt, rank=8, merged=False).startswith("grouped[per-member")
+        assert grouped.choose_grouped_ec(3, K, ns, K, dt, rank=16).startswith("grouped[per-member")
+    finally:
+        runtime.TUNER.clear()
