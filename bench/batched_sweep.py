@@ -291,7 +291,8 @@ def main():
     ap.add_argument("--existing", action="store_true", help="the real dispatch tuner, batched hook off")
     ap.add_argument("--packed", action="store_true",
                     help="the real dispatch tuner (hook on) with sibling weights in one buffer and EC'd siblings' ECs "
-                         "merged (pack_siblings); --dispatch --dispatch-ecs 1: the EC-on layer unmerged beside it")
+                         "merged (pack_siblings with SPEAR_MERGE_SIBLING_ECS=1); --dispatch --dispatch-ecs 1: the "
+                         "EC-on layer as compiled by default (unmerged) beside it")
     ap.add_argument("--dispatch-ecs", default="0,1", help="EC settings timed through dispatch / existing")
     ap.add_argument("--quants", default="pc,g128")
     ap.add_argument("--ecs", default="0,1")

@@ -20,6 +20,11 @@ variable                   meaning                                 default
                            linears (q|k|v, gate|up)
 ``SPEAR_PACK_SIBLINGS``    ``0``: siblings keep separate weight    ``1``
                            buffers (no one-GEMM group at M > 16)
+``SPEAR_MERGE_SIBLING_ECS`` ``1``: EC'd siblings packed too, their  ``0``
+                           ECs merged into one of rank g·r (one
+                           launch at M = 1; members launched alone
+                           copy their strided EC views: slower at
+                           M >= 16 on an H100, session 35)
 ``SPEAR_BATCHED_KERNEL``   ``0``: the batched tensor-core kernel   ``1``
                            (M 2..512) is not a tuner candidate
 ``SPEAR_GLUON_KERNEL``     ``0``: the Gluon Hopper W4 GEMM (sm_90, ``1``
@@ -65,9 +70,9 @@ class XPassConfig(NamedTuple):
 XPASS_IN_PLACE_DEFAULT = XPassConfig(64, 128, 3, 4, 1)  # best total of bench/xpass_sweep.py (sessions 8, 9)
 
 _VARIABLES = ("SPEAR_AUTOTUNE", "SPEAR_TUNE_CACHE", "SPEAR_TUNE_COMPILE_THREADS", "SPEAR_GROUP_LINEARS",
-              "SPEAR_GROUP_EC_LINEARS", "SPEAR_PACK_SIBLINGS", "SPEAR_BATCHED_KERNEL", "SPEAR_GLUON_KERNEL",
-              "SPEAR_GLUON_SWAP", "SPEAR_DECOMPOSE_PREFILL", "SPEAR_EC_MERGE", "SPEAR_EC_PAD_X", "SPEAR_XPASS_IN_PLACE",
-              "TRITON_INTERPRET", "XDG_CACHE_HOME", "HOME")
+              "SPEAR_GROUP_EC_LINEARS", "SPEAR_PACK_SIBLINGS", "SPEAR_MERGE_SIBLING_ECS", "SPEAR_BATCHED_KERNEL",
+              "SPEAR_GLUON_KERNEL", "SPEAR_GLUON_SWAP", "SPEAR_DECOMPOSE_PREFILL", "SPEAR_EC_MERGE", "SPEAR_EC_PAD_X",
+              "SPEAR_XPASS_IN_PLACE", "TRITON_INTERPRET", "XDG_CACHE_HOME", "HOME")
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class Options:
     group_linears: bool = True
     group_ec_linears: bool = True  # siblings that all carry an EC grouped too (spear::grouped_linear_ec)
     pack_siblings: bool = True  # sibling weights as one buffer (compile.siblings): one GEMM a group at M > 16
+    merge_sibling_ecs: bool = False  # EC'd siblings packed too, ECs merged (compile.siblings._pack_ecs)
     batched_kernel: bool = True
     gluon_kernel: bool = True
     gluon_swap: bool = True  # the tuned layer: 0.64-0.97x its time without it (packed_siblings_h100_s30.md)
@@ -141,6 +147,7 @@ def _parse(values: tuple) -> Options:
         group_linears=_switch("SPEAR_GROUP_LINEARS", env["SPEAR_GROUP_LINEARS"], True),
         group_ec_linears=_switch("SPEAR_GROUP_EC_LINEARS", env["SPEAR_GROUP_EC_LINEARS"], True),
         pack_siblings=_switch("SPEAR_PACK_SIBLINGS", env["SPEAR_PACK_SIBLINGS"], True),
+        merge_sibling_ecs=_switch("SPEAR_MERGE_SIBLING_ECS", env["SPEAR_MERGE_SIBLING_ECS"], False),
         batched_kernel=_switch("SPEAR_BATCHED_KERNEL", env["SPEAR_BATCHED_KERNEL"], True),
         gluon_kernel=_switch("SPEAR_GLUON_KERNEL", env["SPEAR_GLUON_KERNEL"], True),
         gluon_swap=_switch("SPEAR_GLUON_SWAP", env["SPEAR_GLUON_SWAP"], True),

@@ -6,13 +6,17 @@ once the old tensors are freed. ``spear::grouped_linear`` then may run the group
 ``N_1 + ... + N_g`` outputs (``lowering.grouped``: one wide GEMM instead of 2-4 narrow ones, each with its fixed
 costs). Groups are those the grouping pass fuses (``compile.api.sibling_groups``).
 
-Siblings that all carry an EC of one rank and gate (``spear::grouped_linear_ec``) get their ECs laid out as one EC
-of rank ``g·r`` too: ``A = [A_1; ...]`` and the gate bias as adjacent row blocks, ``B`` and the gate weight as the
-diagonal blocks of one zero matrix (``B: [ΣN, g·r]``, ``W_g: [g·r, g·r]``), each member's EC parameters views of
-its blocks (B and W_g views with row stride ``g·r``; the kernels that launch a member alone copy them,
-``lowering.dispatch.contiguous_ec``). The group then may run as one linear with one EC (``lowering.grouped.merged_ec``):
-one launch at M = 1 instead of one a member. The zeros cost memory (a Llama-3.2-1B layer's, r = 32: 1.5 MB);
-the state dict keeps each member's own values and shapes.
+With ``SPEAR_MERGE_SIBLING_ECS=1`` (off by default: measured slower at M >= 16, below), siblings that all carry an
+EC of one rank and gate (``spear::grouped_linear_ec``) are packed too, their ECs laid out as one EC of rank
+``g·r``: ``A = [A_1; ...]`` and the gate bias as adjacent row blocks, ``B`` and the gate weight as the diagonal
+blocks of one zero matrix (``B: [ΣN, g·r]``, ``W_g: [g·r, g·r]``), each member's EC parameters views of its blocks
+(B and W_g views with row stride ``g·r``; the kernels that launch a member alone copy them,
+``lowering.dispatch.contiguous_ec``). The group then may run as one linear with one EC
+(``lowering.grouped.merged_ec``): one launch at M = 1 instead of one a member. The zeros cost memory (a
+Llama-3.2-1B layer's, r = 32: 1.5 MB); the state dict keeps each member's own values and shapes. On an H100
+(session 35, ``bench/results/merged_ec_h100_s35.md``) the merged linear won the M = 1 q|k|v groups (1B 13.2 ->
+10.8 µs) but every other pick paid the copies of the members' strided views (1B q|k|v at M = 16 13.6 -> 27.5 µs):
+kernels that read B and the gate weight with a row stride would remove them.
 """
 from __future__ import annotations
 
@@ -105,7 +109,7 @@ def pack_siblings(model: nn.Module, example: Optional[dict] = None, group_linear
     for a model that is not a Hugging Face causal LM unless ``example`` is given). Returns the groups re-laid.
     Returns 0 without packing when ``SPEAR_PACK_SIBLINGS=0``, when sibling linears are not grouped (``group_linears``,
     default ``SPEAR_GROUP_LINEARS``), or under tensor parallelism (that forward's collectives would need every rank
-    to join it)."""
+    to join it). EC'd groups only with ``SPEAR_MERGE_SIBLING_ECS=1``."""
     from .api import sibling_groups
     opts = options.current()
     if not (opts.pack_siblings and (opts.group_linears if group_linears is None else group_linears)):
@@ -113,5 +117,5 @@ def pack_siblings(model: nn.Module, example: Optional[dict] = None, group_linear
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return 0
-    groups = sibling_groups(model, example, with_ec=opts.group_ec_linears)
+    groups = sibling_groups(model, example, with_ec=opts.group_ec_linears and opts.merge_sibling_ecs)
     return sum(pack_members(members) for members in groups)
