@@ -71,8 +71,9 @@ def save_ecs(model: nn.Module, out_dir: Union[str, Path], manifest: dict) -> dic
             for pname in ("ec_A", "ec_B", "ec_gate_w", "ec_gate_b"):
                 p = getattr(m, pname)
                 if p is not None:
-                    # (a copy of its own: after ``compile.siblings.pack_siblings`` siblings' ECs share buffers)
-                    tensors[f"{name}.{pname}"] = p.detach().cpu().clone()
+                    # (a contiguous copy of its own: merged sibling ECs, ``compile.siblings``, share buffers)
+                    tensors[f"{name}.{pname}"] = p.detach().to("cpu", memory_format=torch.contiguous_format,
+                                                               copy=True)
     if not modules:
         raise SpearError("save_ecs: the model has no CompensatedLinear")
     save_file(tensors, str(out_dir / TENSORS))

@@ -223,15 +223,20 @@ def grouped_config_for(x2, qdatas, scales, zeros, biases, group_size, y, joined=
     return TUNER.pick(key, x2.device, cands, lambda cfg: _run_grouped(cfg, *args, joined), reference, y)
 
 
+def _known_layout(key, layout: Optional[bool]):
+    """``key`` (its ``adjacent`` field set unless ``layout`` is False), or, when the layout is not known (``layout``
+    None) and that key has no pick, the same key without it (``choose_grouped`` / ``choose_grouped_ec``)."""
+    return key if layout is not None or key in TUNER.picks else key._replace(adjacent=False)
+
+
 def choose_grouped(m: int, k: int, ns, group_size: int, dtype=torch.bfloat16, bias: bool = False,
                    adjacent: Optional[bool] = False) -> str:
     """Human-readable name of what ``launch_grouped`` would run for members of widths ``ns`` (``adjacent``: their
     weights one buffer's adjacent row blocks, ``compile.siblings.pack_siblings``; None: not known, the adjacent
     key's pick when there is one)."""
     group_size = group_size or k
-    key = group_key(m, k, list(ns), group_size, dtype, bias, m > MAX_DECODE_M and adjacent is not False)
-    if adjacent is None and key not in TUNER.picks:
-        key = key._replace(adjacent=False)
+    key = _known_layout(group_key(m, k, list(ns), group_size, dtype, bias, m > MAX_DECODE_M and adjacent is not False),
+                        adjacent)
     adjacent = key.adjacent
     if key in TUNER.picks:
         return f"{TUNER.picks[key].name} (tuned, bucket M<={key.m_bucket})"
@@ -351,16 +356,14 @@ def choose_grouped_ec(m: int, k: int, ns, group_size: int, dtype=torch.bfloat16,
     known, the merged key's pick when there is one)."""
     group_size = group_size or k
     ec = f" + EC r={rank}{' gated' if gated else ' static'} each"
-    key = grouped_ec_key(m, k, list(ns), group_size, dtype, bias, rank, gated, merged is not False)
-    if merged is None:
-        merged = key in TUNER.picks
-        key = key if merged else key._replace(adjacent=False)
+    key = _known_layout(grouped_ec_key(m, k, list(ns), group_size, dtype, bias, rank, gated, merged is not False),
+                        merged)
+    one_linear = "grouped[one linear with the merged EC]"
     if key in TUNER.picks:
         cfg = TUNER.picks[key]
-        name = "grouped[one linear with the merged EC]" if getattr(cfg, "concat", False) else cfg.name
-        return f"{name}{ec} (tuned, bucket M<={key.m_bucket})"
-    if merged:
-        return f"grouped[one linear with the merged EC]{ec} (default; tuned on first CUDA call)"
+        return f"{one_linear if getattr(cfg, 'concat', False) else cfg.name}{ec} (tuned, bucket M<={key.m_bucket})"
+    if key.adjacent:
+        return f"{one_linear}{ec} (default; tuned on first CUDA call)"
     if not batched.MIN_M <= m <= batched.MAX_M:
         return f"{GroupedConfig(per_member=True).name}{ec}"
     return f"{GroupedConfig(per_member=True).name}{ec} (default; batched kernel tuned on first CUDA call)"
