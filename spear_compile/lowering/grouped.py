@@ -85,8 +85,9 @@ def block_diagonal(parts):
     width = sum(0 if p is None or p.dim() != 2 else p.shape[1] for p in parts)
     row = col = 0
     for p in parts:
+        at = first.data_ptr() + (row * width + col) * first.element_size()  # the i-th diagonal block's start
         if (p is None or p.dim() != 2 or p.dtype != first.dtype or p.device != first.device
-                or p.stride() != (width, 1) or p.data_ptr() != first.data_ptr() + (row * width + col) * p.element_size()):
+                or p.stride() != (width, 1) or p.data_ptr() != at):
             return None
         row, col = row + p.shape[0], col + p.shape[1]
     storage = first.untyped_storage()
