@@ -91,7 +91,7 @@ def launch_args(variant, per_channel=True, has_ec=False, shape=(2048, 2048)):
             return None
     k, n = shape
     values = dict(N0=n, N1=n, N2=n, N3=n, P1=0, P2=0, P3=0, C1=n, C2=n, C3=n, M=max(16, bm), K=k, K8=k // 8, R=32,
-                  group_size=k if per_channel else 128, n_groups=1 if per_channel else k // 128, stride_xm=k,
+                  EC_LD=32, group_size=k if per_channel else 128, n_groups=1 if per_channel else k // 128, stride_xm=k,
                   stride_ym=n, N_TOTAL=n, N_TILES_TOTAL=n // bn, SPLIT_K=2)
     return consts, types, values
 

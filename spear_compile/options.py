@@ -22,9 +22,9 @@ variable                   meaning                                 default
                            buffers (no one-GEMM group at M > 16)
 ``SPEAR_MERGE_SIBLING_ECS`` ``1``: EC'd siblings packed too, their  ``0``
                            ECs merged into one of rank g·r (one
-                           launch at M = 1; members launched alone
-                           copy their strided EC views: slower at
-                           M >= 16 on an H100, session 35)
+                           launch at M = 1; slower at M >= 16 on
+                           an H100 in session 35, before the
+                           kernels read the views in place)
 ``SPEAR_BATCHED_KERNEL``   ``0``: the batched tensor-core kernel   ``1``
                            (M 2..512) is not a tuner candidate
 ``SPEAR_GLUON_KERNEL``     ``0``: the Gluon Hopper W4 GEMM (sm_90, ``1``

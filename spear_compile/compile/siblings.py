@@ -10,13 +10,15 @@ With ``SPEAR_MERGE_SIBLING_ECS=1`` (off by default: measured slower at M >= 16, 
 EC of one rank and gate (``spear::grouped_linear_ec``) are packed too, their ECs laid out as one EC of rank
 ``g·r``: ``A = [A_1; ...]`` and the gate bias as adjacent row blocks, ``B`` and the gate weight as the diagonal
 blocks of one zero matrix (``B: [ΣN, g·r]``, ``W_g: [g·r, g·r]``), each member's EC parameters views of its blocks
-(B and W_g views with row stride ``g·r``; the kernels that launch a member alone copy them,
-``lowering.dispatch.contiguous_ec``). The group then may run as one linear with one EC
+(B and W_g views with row stride ``g·r``). The group then may run as one linear with one EC
 (``lowering.grouped.merged_ec``): one launch at M = 1 instead of one a member. The zeros cost memory (a
 Llama-3.2-1B layer's, r = 32: 1.5 MB); the state dict keeps each member's own values and shapes. On an H100
 (session 35, ``bench/results/merged_ec_h100_s35.md``) the merged linear won the M = 1 q|k|v groups (1B 13.2 ->
-10.8 µs) but every other pick paid the copies of the members' strided views (1B q|k|v at M = 16 13.6 -> 27.5 µs):
-kernels that read B and the gate weight with a row stride would remove them.
+10.8 µs) but every other pick paid copies of the members' strided views (1B q|k|v at M = 16 13.6 -> 27.5 µs).
+Since session 36 none copies: the batched kernel reads B and W_g with their row stride, and a member launched
+alone takes A and the gate whole and its own rows of the merged B (``lowering.grouped.solo_members``; B's zero
+blocks make that its own EC, at rank g·r); only a member's forward outside the group op copies its views
+(``lowering.dispatch.contiguous_ec``). Not yet timed on a GPU, so merging stays opt-in.
 """
 from __future__ import annotations
 

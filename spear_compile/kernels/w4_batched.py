@@ -22,7 +22,9 @@ the N tile as the MMA's M dimension, so BLOCK_M can stay 16), transposed back be
 
 EC (``HAS_EC``, r <= BLOCK_R): every program also accumulates ``u = x Aᵀ`` over its own K range from the x tile it
 already holds (A is tiny and L2-resident; no cross-program dependency, no spin), and the program that finishes the
-tile gates u (``u ⊙ 2σ(u W_gᵀ + b_g)``, fp32) and adds ``g(u) ⊙ u Bᵀ`` on tensor cores in its epilogue. With
+tile gates u (``u ⊙ 2σ(u W_gᵀ + b_g)``, fp32) and adds ``g(u) ⊙ u Bᵀ`` on tensor cores in its epilogue. B and
+``W_g`` are read with row stride ``EC_LD``: r for a member's own EC, g·r for a member's view of a merged EC
+(``compile.siblings``: one block-diagonal B and ``W_g`` for the group), so no copy is made per call. With
 ``EC_PRE`` the K loop is W4-only: ``ec_gu_kernel`` (one launch before, one program per M tile and member) computes
 ``g(u) ⊙ u`` once, and the epilogue reads it (on Hopper the W4 launch depends on it programmatically, ``GDC``: the K
 loop runs beside ``ec_gu_kernel`` and only the epilogue waits for it).
@@ -132,17 +134,18 @@ def _a_tile(a_ptr, offs_r, R, K, kk, k_ok):
 
 
 @triton.jit
-def _gated(u, gw_ptr, gb_ptr, offs_r, R):
-    """``u ⊙ 2σ(u W_gᵀ + b_g)`` in fp32 (the EC gate)."""
+def _gated(u, gw_ptr, gb_ptr, offs_r, R, EC_LD):
+    """``u ⊙ 2σ(u W_gᵀ + b_g)`` in fp32 (the EC gate; ``W_g``'s rows ``EC_LD`` apart)."""
     r_mask = offs_r < R
-    gwt = tl.load(gw_ptr + offs_r[None, :] * R + offs_r[:, None], mask=r_mask[None, :] & r_mask[:, None],
+    gwt = tl.load(gw_ptr + offs_r[None, :] * EC_LD + offs_r[:, None], mask=r_mask[None, :] & r_mask[:, None],
                   other=0.0).to(tl.float32)  # gwt[i, j] = W_g[j, i]
     gb = tl.load(gb_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
     return u * (2.0 * tl.sigmoid(tl.dot(u, gwt, input_precision="ieee") + gb[None, :]))
 
 
 # runtime sizes that only bound masks or pick members: one compiled kernel for every M, member width and split
-@triton.jit(do_not_specialize=["N0", "N1", "N2", "N3", "P1", "P2", "P3", "M", "R", "N_TILES_TOTAL", "SPLIT_K"])
+@triton.jit(do_not_specialize=["N0", "N1", "N2", "N3", "P1", "P2", "P3", "M", "R", "EC_LD", "N_TILES_TOTAL",
+                               "SPLIT_K"])
 def w4_batched_kernel(
     x_ptr, y_ptr, ws_ptr, uws_ptr, cnt_ptr,
     q0, s0, z0, b0, a0, bb0, gw0, gb0,
@@ -150,7 +153,7 @@ def w4_batched_kernel(
     q2, s2, z2, b2, a2, bb2, gw2, gb2,
     q3, s3, z3, b3, a3, bb3, gw3, gb3,
     N0, N1, N2, N3, P1, P2, P3, C1, C2, C3,
-    M, K, K8, R, group_size, n_groups, stride_xm, stride_ym, N_TOTAL, N_TILES_TOTAL, SPLIT_K,
+    M, K, K8, R, EC_LD, group_size, n_groups, stride_xm, stride_ym, N_TOTAL, N_TILES_TOTAL, SPLIT_K,
     MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, USE_SPLIT: tl.constexpr, PER_CHANNEL: tl.constexpr, X_BF16: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_EC: tl.constexpr, GATED: tl.constexpr, SWAP: tl.constexpr,
@@ -374,8 +377,8 @@ def w4_batched_kernel(
                 u = tl.load(uws_ptr + (member * M + offs_m[:, None]) * BLOCK_R + offs_r[None, :],
                             mask=m_mask[:, None] & r_mask[None, :], other=0.0)
             elif GATED:
-                u = _gated(u, gw_ptr, gb_ptr, offs_r, R)
-            bt = tl.load(bt_ptr + offs_n[None, :] * R + offs_r[:, None], mask=n_mask[None, :] & r_mask[:, None],
+                u = _gated(u, gw_ptr, gb_ptr, offs_r, R, EC_LD)
+            bt = tl.load(bt_ptr + offs_n[None, :] * EC_LD + offs_r[:, None], mask=n_mask[None, :] & r_mask[:, None],
                          other=0.0)  # [BLOCK_R, BLOCK_N] = Bᵀ tile
             acc = dot(u.to(bt.dtype), bt, acc, INTERPRET)
         if HAS_BIAS:
@@ -385,7 +388,7 @@ def w4_batched_kernel(
 
 @triton.jit
 def ec_gu_kernel(x_ptr, gu_ptr, part_ptr, cnt_ptr, a0, gw0, gb0, a1, gw1, gb1, a2, gw2, gb2, a3, gw3, gb3, M, K, R,
-                 stride_xm, K_PER_SPLIT,
+                 EC_LD, stride_xm, K_PER_SPLIT,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GATED: tl.constexpr,
                  SPLIT: tl.constexpr, INTERPRET: tl.constexpr = False, GDC: tl.constexpr = False):
     """``EC_PRE``: ``g(u) ⊙ u`` (``u = x A_iᵀ`` over all of K, fp32; gated as in ``w4_batched_kernel``'s epilogue) of
@@ -442,5 +445,5 @@ def ec_gu_kernel(x_ptr, gu_ptr, part_ptr, cnt_ptr, a0, gw0, gb0, a1, gw1, gb1, a
             tl.store(ctr, 0)
     if finish:
         if GATED:
-            u = _gated(u, gw_ptr, gb_ptr, offs_r, R)
+            u = _gated(u, gw_ptr, gb_ptr, offs_r, R, EC_LD)
         tl.store(gu_ptr + rows, u, mask=m_mask[:, None])

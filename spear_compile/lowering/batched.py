@@ -9,6 +9,7 @@ bench/results/batched_decode.md (faster than bf16 at M = 16 per-channel, slower 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -86,6 +87,28 @@ def applies(m, k, members: Sequence[Member], group_size) -> bool:
         if len(ranks) > 1 or max(ranks) > MAX_RANK or len(gates) > 1 or any(t.ec_A is None for t in members):
             return False
     return len({t.bias is not None for t in members}) == 1
+
+
+def ec_row_stride(members: Sequence[Member]) -> Optional[int]:
+    """The row stride with which the kernel reads every member's B and gate weight: r for members' own ECs, g·r
+    for members' views of a merged EC (``compile.siblings.merged_ec_views``); 0 without ECs; None where the
+    members' strides differ or an operand lacks unit column stride (A and the gate bias: contiguous)."""
+    if members[0].ec_B is None:
+        return 0
+    ld = members[0].ec_B.stride(0)
+    for t in members:
+        if t.ec_B.stride() != (ld, 1) or not t.ec_A.is_contiguous():
+            return None
+        if t.gate_w is not None and (t.gate_w.stride() != (ld, 1) or not t.gate_b.is_contiguous()):
+            return None
+    return ld
+
+
+def _dense_ec(t: Member) -> Member:
+    """``t`` with its EC operands copied to fresh row-major tensors (row stride r)."""
+    fresh = lambda v: None if v is None else torch.empty(v.shape, dtype=v.dtype, device=v.device).copy_(v)  # noqa: E731
+    return dataclasses.replace(t, ec_A=fresh(t.ec_A), ec_B=fresh(t.ec_B), gate_w=fresh(t.gate_w),
+                               gate_b=fresh(t.gate_b))
 
 
 def _split_ok(cfg, m, n_total):
@@ -244,6 +267,10 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
     has_ec = members[0].ec_B is not None
     gated = has_ec and members[0].gate_w is not None
     r = members[0].ec_B.shape[1] if has_ec else 0
+    ec_ld = ec_row_stride(members)
+    if ec_ld is None:   # a layout the kernel cannot read in place: copied (none that spear builds)
+        members = [_dense_ec(t) for t in members]
+        ec_ld = r
     block_r = rank_block(r)
     ec_pre = has_ec and cfg.ec_pre
     gu_split, gu_k = ec_gu_split(m, g, k) if ec_pre else (1, k)
@@ -270,13 +297,13 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
     gdc = ec_pre and pdl_ok(x2.device)
     if ec_pre:
         launcher(ec_gu_kernel, (cdiv(m, EC_GU_BLOCK_M), g, gu_split))(
-            x2, uws, uws[g * m * block_r:], gu_cnt, *gu_ptrs, m, k, r, x2.stride(0), gu_k, BLOCK_M=EC_GU_BLOCK_M,
+            x2, uws, uws[g * m * block_r:], gu_cnt, *gu_ptrs, m, k, r, ec_ld, x2.stride(0), gu_k, BLOCK_M=EC_GU_BLOCK_M,
             BLOCK_K=EC_GU_BLOCK_K, BLOCK_R=block_r, GATED=gated, SPLIT=gu_split,
             INTERPRET=options.interpret(), GDC=gdc, num_warps=4)
     launcher(w4_batched_kernel, (starts[-1] * m_tiles,))(
         x2, y, ws, uws, cnt, *ptrs,
         *(ns + [ns[-1]] * (MAX_MEMBERS - g)), *pad(starts[:-1] or [starts[-1]]), *pad(cols[:-1] or [cols[-1]]),
-        m, k, k // 8, r, group_size, k // group_size, x2.stride(0), y.stride(0), n_total, tiles_total, split,
+        m, k, k // 8, r, ec_ld, group_size, k // group_size, x2.stride(0), y.stride(0), n_total, tiles_total, split,
         MEMBERS=g, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, BLOCK_R=block_r, USE_SPLIT=split > 1,
         PER_CHANNEL=group_size >= k, X_BF16=x2.dtype == torch.bfloat16, HAS_BIAS=members[0].bias is not None,
         HAS_EC=has_ec, GATED=gated, SWAP=cfg.swap, INTERPRET=options.interpret(), PLANES=cfg.planes, PERM=cfg.perm,

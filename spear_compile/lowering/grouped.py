@@ -27,7 +27,7 @@ from ..errors import SpearError
 from ..kernels.w4_gemv_grouped import w4_gemv_grouped_kernel
 from . import batched
 from .candidates import default_grouped_config, grouped_candidates, num_sms
-from .configs import MAX_DECODE_M, MAX_GROUP, DequantCublasConfig, GroupedConfig, cdiv
+from .configs import MAX_DECODE_M, MAX_EC_RANK, MAX_GROUP, DequantCublasConfig, GroupedConfig, cdiv
 from .decode import groups_per_block, load_kwargs
 from .dispatch import check_linear, config_for, contiguous_ec, rows_and_out, runner
 from .prefill import gemv_ok, run_dequant_cublas
@@ -299,29 +299,37 @@ def _run_merged(x2, one, group_size, y):
     return y
 
 
-def _contiguous_members(members):
-    """``members`` with their EC operands as the kernels read them (``contiguous_ec``): copies only for the
-    members of a merged EC (launched one by one or by the batched kernel)."""
+def solo_members(members, ec=None):
+    """``members`` as each is launched alone (one launch per member). With the group's merged EC (``ec``:
+    ``merged_ec``'s ``(A, B, gate_w, gate_b)``), each takes A and the gate whole and its own rows of B: B's zero
+    blocks make that its own EC, at rank g·r, read in place. Otherwise their EC operands contiguous
+    (``contiguous_ec``: a copy only for views the kernels cannot read)."""
+    if ec is not None:
+        a, b, gw, gb = ec
+        starts = itertools.accumulate((m.qdata.shape[0] for m in members), initial=0)
+        return [dataclasses.replace(m, ec_A=a, ec_B=b[c:c + m.qdata.shape[0]], gate_w=gw, gate_b=gb)
+                for m, c in zip(members, starts)]
     if all(t is None or t.is_contiguous() for m in members for t in (m.ec_B, m.gate_w)):
         return members
     return [dataclasses.replace(m, **dict(zip(("ec_A", "ec_B", "gate_w", "gate_b"),
                                                 contiguous_ec(m.ec_A, m.ec_B, m.gate_w, m.gate_b)))) for m in members]
 
 
-def _run_grouped_ec(cfg, x2, members, group_size, y, one=None):
+def _run_grouped_ec(cfg, x2, members, group_size, y, one=None, solo=None):
+    """``solo``: ``solo_members(members, ...)``, the members' operands for their own launches."""
     if isinstance(cfg, GroupedConfig) and cfg.concat and one is not None:
         return _run_merged(x2, one, group_size, y)
-    members = _contiguous_members(members)
     if isinstance(cfg, batched.BatchedConfig) and batched.applies(x2.shape[0], x2.shape[1], members, group_size):
-        return batched.run_members(cfg, x2, members, group_size, y)
-    return _members_into(x2, members, group_size, y)
+        return batched.run_members(cfg, x2, members, group_size, y)   # reads merged EC views in place
+    return _members_into(x2, solo or solo_members(members), group_size, y)
 
 
-def grouped_ec_config_for(x2, members, group_size, y, one=None):
+def grouped_ec_config_for(x2, members, group_size, y, one=None, solo=None):
     """The config ``launch_grouped_ec`` runs: the tuner's pick between the batched kernel over every member (and
-    its EC), the members' own launches (``GroupedConfig(per_member=True)``) and, for a merged group (``one``: its
-    weights and EC joined, ``merged_ec``), one linear with one EC (``GroupedConfig(concat=True)``). Where nothing
-    can be timed: the merged linear when there is one (one launch instead of g), else the members' own launches."""
+    its EC), the members' own launches (``GroupedConfig(per_member=True)``; ``solo``: their operands, as
+    ``_run_grouped_ec``) and, for a merged group (``one``: its weights and EC joined, ``merged_ec``), one linear
+    with one EC (``GroupedConfig(concat=True)``). Where nothing can be timed: the merged linear when there is one
+    (one launch instead of g), else the members' own launches."""
     m, k = x2.shape
     ns = [t.qdata.shape[0] for t in members]
     rank, gated = members[0].ec_B.shape[1], members[0].gate_w is not None
@@ -337,16 +345,16 @@ def grouped_ec_config_for(x2, members, group_size, y, one=None):
     if len(cands) == 1:
         return own
     # the members' own keys and the merged linear's tuned first (outside the timing of this key)
-    members = _contiguous_members(members)
-    _members_into(x2, members, group_size, torch.empty_like(y))
+    solo = solo or solo_members(members)
+    _members_into(x2, solo, group_size, torch.empty_like(y))
     if one is not None:
         _run_merged(x2, one, group_size, torch.empty_like(y))
 
     def reference():   # torch dequantize + cuBLAS + the ECs by torch ops, per member
-        return _members_into(x2, members, group_size, torch.empty_like(y),
+        return _members_into(x2, solo, group_size, torch.empty_like(y),
                              run=lambda *args: run_dequant_cublas(None, *args))
 
-    return TUNER.pick(key, x2.device, cands, lambda cfg: _run_grouped_ec(cfg, x2, members, group_size, y, one),
+    return TUNER.pick(key, x2.device, cands, lambda cfg: _run_grouped_ec(cfg, x2, members, group_size, y, one, solo),
                       reference, y)
 
 
@@ -389,9 +397,12 @@ def launch_grouped_ec(x, qdatas, scales, zeros, biases, group_size, ec_As, ec_Bs
     if m == 0:
         return y.reshape(*x.shape[:-1], n_total)
     joined = adjacent_members(qdatas, scales, zeros, biases)
-    ec = merged_ec(ec_As, ec_Bs, gate_ws, gate_bs) if joined is not None else None
-    one = (*joined, *ec) if ec is not None else None
+    ec = merged_ec(ec_As, ec_Bs, gate_ws, gate_bs)
+    if ec is not None and ec[1].shape[1] > MAX_EC_RANK:   # past the single-linear kernels' rank
+        ec = None
+    one = (*joined, *ec) if joined is not None and ec is not None else None
     members = [batched.Member(*t) for t in zip(qdatas, scales, zeros, biases, ec_As, ec_Bs, gate_ws, gate_bs)]
-    cfg = config or grouped_ec_config_for(x2, members, group_size, y, one)
-    _run_grouped_ec(cfg, x2, members, group_size, y, one)
+    solo = solo_members(members, ec)
+    cfg = config or grouped_ec_config_for(x2, members, group_size, y, one, solo)
+    _run_grouped_ec(cfg, x2, members, group_size, y, one, solo)
     return y.reshape(*x.shape[:-1], n_total)

@@ -410,7 +410,7 @@ for name, x_bf16, pc, ec, bm, bn, swap, perm, xsum, ec_pre, *zsub in VARIANTS:
                   X_BF16=x_bf16, HAS_BIAS=False, HAS_EC=ec, GATED=ec, SWAP=swap, INTERPRET=False, PLANES=False,
                   PERM=perm, EVEN_K=True, XSUM_MMA=xsum, EC_PRE=ec_pre, GDC=ec_pre, ZSUB=bool(zsub))
     k, n = 2048, 2048
-    values = dict(N0=n, N1=n, N2=n, N3=n, P1=0, P2=0, P3=0, C1=n, C2=n, C3=n, M=16, K=k, K8=k // 8, R=32,
+    values = dict(N0=n, N1=n, N2=n, N3=n, P1=0, P2=0, P3=0, C1=n, C2=n, C3=n, M=16, K=k, K8=k // 8, R=32, EC_LD=32,
                   group_size=k if pc else 128, n_groups=1 if pc else k // 128, stride_xm=k, stride_ym=n, N_TOTAL=n,
                   N_TILES_TOTAL=n // bn, SPLIT_K=2)
     ptx = compile_for(kernel, consts, types, values, num_warps=4 if bm == 16 else 8).asm["ptx"]
@@ -424,7 +424,7 @@ types.update(gu_ptr="*fp32", part_ptr="*fp32", cnt_ptr="*i32")
 for split in (1, 8):
     ptx = compile_for(ec_gu_kernel, dict(BLOCK_M=16, BLOCK_K=128, BLOCK_R=32, GATED=True, SPLIT=split,
                                          INTERPRET=False, GDC=split > 1), types,
-                      dict(M=16, K=2048, R=32, stride_xm=2048, K_PER_SPLIT=256)).asm["ptx"]
+                      dict(M=16, K=2048, R=32, EC_LD=32, stride_xm=2048, K_PER_SPLIT=256)).asm["ptx"]
     out[f"ec_gu{split}"] = {"mma": ptx.count("mma."), "atom": ptx.count("atom."),
                             "gdc": ptx.count("griddepcontrol.launch_dependents")}
 print(json.dumps(out))

@@ -242,8 +242,10 @@ MERGED_CASES = [  # (M, member Ns, group, dtype, bias, gated, config: None = the
     (1, (48, 16), 64, torch.float16, True, False, None),          # static ECs, groups, bias
     (4, (32, 16), 64, torch.bfloat16, False, True, "merged"),     # M 2..16, forced
     (20, (32, 32), K, torch.float16, True, True, "merged"),       # M > 16
-    (3, (32, 16, 16), K, torch.bfloat16, False, True, "per_member"),  # members alone: their views copied
+    (3, (32, 16, 16), K, torch.bfloat16, False, True, "per_member"),  # members alone: their rows of the merged EC
     (5, (48, 32), 64, torch.bfloat16, True, True, "batched"),     # the batched kernel over the members
+    (6, (32, 16, 16), K, torch.float16, False, True, "batched_pre"),  # ... its u kernel first, split-K
+    (3, (32, 16), K, torch.bfloat16, False, False, "batched_pre"),    # ... static ECs
 ]
 
 
@@ -263,16 +265,44 @@ def test_merged_ec_group_vs_float64(monkeypatch, m, ns, group, dtype, bias, gate
     real_runner = grouped.runner
     monkeypatch.setattr(grouped, "runner", lambda c: runs.append(c) or real_runner(c))
     config = {None: None, "merged": G(concat=True), "per_member": G(per_member=True),
-              "batched": batched.BatchedConfig(16, 32, 64, 1)}[cfg]
+              "batched": batched.BatchedConfig(16, 32, 64, 1),
+              "batched_pre": batched.BatchedConfig(16, 16, 32, 2, ec_pre=True)}[cfg]
+    # no config copies an EC view: the batched kernel reads them in place, members alone take the merged EC's rows
+    assert batched.ec_row_stride([batched.Member(**{n: t[n] for n in _MEMBER_FIELDS}) for t in merged]) == len(ns) * 8
+    monkeypatch.setattr(batched, "_dense_ec", lambda t: pytest.fail("a merged EC view was copied"))
+    monkeypatch.setattr(grouped, "contiguous_ec", lambda *ec: pytest.fail("a merged EC view was copied"))
     for _ in range(2):
         runs.clear()
         out = _run_ec(x, merged, group, config)
         assert out.shape == (m, sum(ns)) and out.dtype == dtype and _rel(out, ref) < 1e-2
     if cfg in (None, "merged"):
         assert len(runs) == 1   # one linear: N = ΣN, EC rank g·r
+    if cfg == "per_member":
+        assert len(runs) == len(ns)
     if cfg is None:
         assert grouped.choose_grouped_ec(m, K, ns, group, dtype, bias, 8, gated, merged=True).startswith(
             "grouped[one linear with the merged EC]")
+
+
+_MEMBER_FIELDS = ("qdata", "scale", "zero", "bias", "ec_A", "ec_B", "gate_w", "gate_b")
+
+
+def test_batched_kernel_copies_ec_layouts_it_cannot_read_in_place():
+    """Members whose B row strides differ (one a merged view, one its own), or a B without unit column stride:
+    ``ec_row_stride`` says None and the batched kernel runs on copies, still right."""
+    from spear_compile.lowering import batched
+    x, members = _ec_problem(5, (32, 16), K, torch.bfloat16, False, True, seed=13, r=8)
+    ref = torch.cat([reference(dict(t, x=x), K) for t in members], -1)
+    merged = _merged(members)
+    mixed = [merged[0], dict(merged[1], **{n: members[1][n] for n in ("ec_A", "ec_B", "gate_w", "gate_b")})]
+    col_major = [dict(t, ec_B=t["ec_B"].t().contiguous().t()) for t in members]
+    assert not col_major[0]["ec_B"].is_contiguous()
+    for case in (mixed, col_major):
+        as_members = [batched.Member(**{n: t[n] for n in _MEMBER_FIELDS}) for t in case]
+        assert batched.ec_row_stride(as_members) is None
+        y = torch.empty(5, 48, dtype=torch.bfloat16)
+        out = batched.run_members(batched.BatchedConfig(16, 16, 32, 1), x, as_members, K, y)
+        assert _rel(out, ref) < 1e-2
 
 
 def test_merged_ec_refused_unless_both_weights_and_ecs_are_laid_out(monkeypatch):
