@@ -61,10 +61,10 @@ class Log:
 
 
 # ------------------------------------------------------------------ offline SASS (no GPU)
-def _compile_sm90(cfg, pc, dtype="bf16"):
-    """Compile ``cfg`` (the ws kernel for ``variant="ws"``, the swap kernel for ``"swap"``) offline for sm_90 with
-    this Triton: per-channel (``pc``) or g128, bias, ``dtype`` activations; returns triton's compiled kernel. Needs no
-    GPU."""
+def _compile_sm90(cfg, pc, dtype="bf16", accumulate=False):
+    """Compile ``cfg`` (the ws kernel for ``variant="ws"``, the swap kernel for ``"swap"``, adding into y with
+    ``accumulate``) offline for sm_90 with this Triton: per-channel (``pc``) or g128, bias, ``dtype`` activations;
+    returns triton's compiled kernel. Needs no GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
@@ -93,7 +93,7 @@ def _compile_sm90(cfg, pc, dtype="bf16"):
                       GROUP_M=gluon_w4.GROUP_M)
         options["maxnreg"] = maxnreg
     elif swap:
-        consts["SPLIT_K"] = cfg.split_k
+        consts.update(SPLIT_K=cfg.split_k, ACCUMULATE=accumulate)
     else:
         consts.update(DQ2=cfg.variant == "dq2", GROUP_M=gluon_w4.GROUP_M)
     sig, attrs = {}, {}

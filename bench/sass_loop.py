@@ -84,7 +84,7 @@ def launch_args(variant, per_channel=True, has_ec=False, shape=(2048, 2048)):
                   X_BF16=True, HAS_BIAS=False, HAS_EC=has_ec, GATED=has_ec, SWAP=swap, INTERPRET=False, PLANES=planes,
                   PERM=perm)
     for name, value in (("EVEN_K", True), ("XSUM_MMA", xsum), ("EC_PRE", False), ("GDC", False),
-                        ("ZSUB", zsub)):  # an older kernel may lack them
+                        ("ZSUB", zsub), ("ACCUMULATE", False)):  # an older kernel may lack them
         if name in kernel.arg_names:
             consts[name] = value
         elif value and name in ("XSUM_MMA", "ZSUB"):

@@ -34,6 +34,9 @@ Split-K (``SPLIT_K > 1``, when the N x M tiles alone are too few for the SMs): e
 whose replicated lanes an atomic add would sum twice), then one acq_rel increment of the tile's arrival counter;
 the last arrival sums the slots, runs the epilogue and resets the counter (nothing else to clean).
 
+``ACCUMULATE``: y already holds a C input (``lowering.c_in``: the EC term computed first); the epilogue adds it in
+fp32 before the one rounding.
+
 Program order: M tiles fastest, so the programs that read one weight tile run together (one DRAM read, L2 hits).
 """
 from __future__ import annotations
@@ -159,7 +162,7 @@ def w4_batched_kernel(
     HAS_BIAS: tl.constexpr, HAS_EC: tl.constexpr, GATED: tl.constexpr, SWAP: tl.constexpr,
     INTERPRET: tl.constexpr = False, PLANES: tl.constexpr = False, PERM: tl.constexpr = False,
     EVEN_K: tl.constexpr = False, XSUM_MMA: tl.constexpr = False, EC_PRE: tl.constexpr = False,
-    GDC: tl.constexpr = False, ZSUB: tl.constexpr = False,
+    GDC: tl.constexpr = False, ZSUB: tl.constexpr = False, ACCUMULATE: tl.constexpr = False,
 ):
     """See the module docstring. Member i owns the N-tile programs ``[P_i, P_{i+1})`` (``cdiv(N_i, BLOCK_N) *
     SPLIT_K`` each, times the M tiles), its columns start at ``C_i``. Workspaces (``USE_SPLIT``): ``ws`` fp32
@@ -383,7 +386,10 @@ def w4_batched_kernel(
             acc = dot(u.to(bt.dtype), bt, acc, INTERPRET)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + cols[None, :]
+        if ACCUMULATE:  # y holds a C input (the EC term, ``lowering.c_in``): added in fp32, rounded once
+            acc += tl.load(y_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit

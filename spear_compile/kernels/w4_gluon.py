@@ -467,8 +467,9 @@ if AVAILABLE:
 #   its fp32 (scaled) partial tile to its slot of ``ws``, then (CTA barrier, one acq_rel atomic a program) increments
 #   the tile's arrival counter; the last arrival sums the slots in split order, resets the counter to 0, adds the
 #   bias and stores y (the protocol of ``w4_batched``).
-# * Epilogue: per-channel scale per accumulator row (weight row), bias per row, cast, the yᵀ tile converted to a
-#   layout with 8 consecutive n a thread and stored transposed into y ``[M, N]`` (rows past M masked).
+# * Epilogue: per-channel scale per accumulator row (weight row), bias per row, (``ACCUMULATE``: plus the C input y
+#   holds, ``lowering.c_in``), cast, the yᵀ tile converted to a layout with 8 consecutive n a thread and stored
+#   transposed into y ``[M, N]`` (rows past M masked).
 # ====================================================================================================================
 def _swap_asm(ty, magic, scaled):
     """PTX: word ``$2``, selector ``$3`` = c | 0x4440 (``prmt``: byte c of the word, zeros above), packed magic + zero
@@ -547,19 +548,23 @@ if AVAILABLE:
 
     @gluon.jit
     def _swap_store(acc, bias_ptr, y_ptr, M, stride_ym, off_m, off_n, HAS_BIAS: gl.constexpr,
-                    num_warps: gl.constexpr):
-        """The yᵀ tile ``acc [BLOCK_N, BLOCK_M]`` (+ bias per row), cast, stored transposed into y (rows < M)."""
+                    ACCUMULATE: gl.constexpr, num_warps: gl.constexpr):
+        """The yᵀ tile ``acc [BLOCK_N, BLOCK_M]`` (+ bias per row) (+ the C input y holds, ``ACCUMULATE``), cast,
+        stored transposed into y (rows < M)."""
         BLOCK_N: gl.constexpr = acc.type.shape[0]
         BLOCK_M: gl.constexpr = acc.type.shape[1]
         if HAS_BIAS:
             rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc.type.layout))
             acc = acc + gl.expand_dims(gl.load(bias_ptr + rows).to(gl.float32), 1)
         OL: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, num_warps], [0, 1])  # 8 consecutive n a thread
-        out = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), OL)
         n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OL))
         m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, OL))
         ptrs = y_ptr + gl.expand_dims(m, 0) * stride_ym + gl.expand_dims(n, 1)
         mask = gl.expand_dims(m < M, 0) & gl.expand_dims(n >= 0, 1)
+        if ACCUMULATE:  # C loaded coalesced (16-bit, as stored), moved into the accumulator's layout, added in fp32
+            c = gl.load(ptrs, mask=mask, other=0.0)
+            acc = acc + gl.convert_layout(c, acc.type.layout).to(gl.float32)
+        out = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), OL)
         gl.store(ptrs, out, mask=mask)
 
     @gluon.jit
@@ -614,7 +619,7 @@ if AVAILABLE:
         M, N, K, n_groups, stride_ym, K_TILES,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr,
         SPLIT_K: gl.constexpr, GROUP_TILES: gl.constexpr, PER_CHANNEL: gl.constexpr, HAS_BIAS: gl.constexpr,
-        num_warps: gl.constexpr,
+        ACCUMULATE: gl.constexpr, num_warps: gl.constexpr,
     ):
         """``yᵀ`` tiles with W dequantized in registers as the wgmma A operand (see the block comment above). Grid
         (N / BLOCK_N, cdiv(M, BLOCK_M), SPLIT_K); ``K_TILES``: K tiles a split; ``ws`` fp32 slots
@@ -703,6 +708,6 @@ if AVAILABLE:
                 for sk in range(SPLIT_K):  # a loop, not unrolled: one slot's registers at a time
                     tot += gl.load(slots + sk * (BLOCK_N * BLOCK_M) + offs, volatile=True)  # coherent (L2) reads
                 gl.store(cnt_ptr + tile, 0)
-                _swap_store(tot, bias_ptr, y_ptr, M, stride_ym, off_m, off_n, HAS_BIAS, num_warps)
+                _swap_store(tot, bias_ptr, y_ptr, M, stride_ym, off_m, off_n, HAS_BIAS, ACCUMULATE, num_warps)
         else:
-            _swap_store(acc, bias_ptr, y_ptr, M, stride_ym, off_m, off_n, HAS_BIAS, num_warps)
+            _swap_store(acc, bias_ptr, y_ptr, M, stride_ym, off_m, off_n, HAS_BIAS, ACCUMULATE, num_warps)

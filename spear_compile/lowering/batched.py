@@ -240,8 +240,9 @@ def ec_gu_split(m: int, members: int, k: int) -> tuple:
 
 
 def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member], group_size: int,
-                y: torch.Tensor) -> torch.Tensor:
-    """``y [M, ΣN] = [x W_1ᵀ (+ b_1) (+ EC_1) | x W_2ᵀ ... ]`` in one launch (``y`` may be a column slice)."""
+                y: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+    """``y [M, ΣN] = [x W_1ᵀ (+ b_1) (+ EC_1) | x W_2ᵀ ... ]`` in one launch (``y`` may be a column slice);
+    ``accumulate``: added to what ``y`` holds (its C input, ``lowering.c_in``), rounded once."""
     m, k = x2.shape
     if not applies(m, k, members, group_size):
         raise SpearError(f"spear_compile.lowering.batched: {cfg.name} cannot run these members (K={k}, group "
@@ -307,7 +308,7 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
         MEMBERS=g, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, BLOCK_R=block_r, USE_SPLIT=split > 1,
         PER_CHANNEL=group_size >= k, X_BF16=x2.dtype == torch.bfloat16, HAS_BIAS=members[0].bias is not None,
         HAS_EC=has_ec, GATED=gated, SWAP=cfg.swap, INTERPRET=options.interpret(), PLANES=cfg.planes, PERM=cfg.perm,
-        EVEN_K=k % bk == 0, XSUM_MMA=cfg.xsum_mma, EC_PRE=ec_pre, GDC=gdc, ZSUB=cfg.zsub,
+        EVEN_K=k % bk == 0, XSUM_MMA=cfg.xsum_mma, EC_PRE=ec_pre, GDC=gdc, ZSUB=cfg.zsub, ACCUMULATE=accumulate,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if gdc else {}),
     )
     return y

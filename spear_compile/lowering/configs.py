@@ -171,6 +171,21 @@ class GluonW4Config:
 
 
 @dataclass(frozen=True)
+class CInConfig:
+    """An EC linear as the C input of an EC-free W4 kernel (``lowering.c_in``; ``EcStructure.C_IN`` generalised):
+    ``v = g(u) ⊙ u`` (``ec_prologue``, ``split`` as ``DequantCublasConfig.split``), ``y = v Bᵀ (+ bias)`` by
+    cuBLAS, then ``base`` adds ``x Wᵀ`` into y in its epilogue, rounding once. ``base``: the batched kernel, the
+    Gluon swap kernel or dequantize + cuBLAS (``c_in.accumulates``) - the EC-free winners above M = 16, which have
+    no EC epilogue of their own."""
+    base: object
+    split: bool = False
+
+    @property
+    def name(self):
+        return f"c_in[{self.base.name}{',split' if self.split else ''}]"
+
+
+@dataclass(frozen=True)
 class GroupedConfig:
     """One launch of ``w4_gemv_grouped_kernel`` for every member, or (``per_member``) one launch per
     member with its own tuned config, into column slices of the grouped output, or (``concat``) the members'

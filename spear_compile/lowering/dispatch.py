@@ -9,7 +9,9 @@ for this key, and runs it:
 * ``DequantCublasConfig``: dequantize + cuBLAS, the EC joined as the tuner picks per key (``prefill``);
 * ``GluonW4Config``: the Gluon Hopper GEMM, EC-free keys at 64 < M <= 1024 on sm_90 (``gluon_w4``;
   ``SPEAR_GLUON_KERNEL=0``: not a candidate); its swapped-operand variant at 2 <= M <= 1024 (``SPEAR_GLUON_SWAP=0``:
-  not a candidate).
+  not a candidate);
+* ``CInConfig`` (EC keys, M >= 2): the EC term first (prologue + a cuBLAS ``v Bᵀ``), then one of the EC-free key's
+  fastest configs adds ``x Wᵀ`` into it (``c_in``).
 
 The config is timed on the first CUDA call of each key and cached in-process and on disk (``tune_cache``); during
 CUDA-graph capture, under the interpreter, or with ``SPEAR_AUTOTUNE=0`` the heuristic default is used. ``choose``
@@ -29,11 +31,11 @@ import torch
 
 from .. import options
 from ..errors import SpearError
-from . import batched, gluon_w4
+from . import batched, c_in, gluon_w4
 from .candidates import (decode_candidates, decode_ec_candidates, default_config, num_sms,  # noqa: F401
                          prefill_candidates)
-from .configs import (MAX_DECODE_M, MAX_EC_RANK, DecodeConfig, DequantCublasConfig, GluonW4Config,  # noqa: F401
-                      GroupedConfig, PrefillConfig)
+from .configs import (MAX_DECODE_M, MAX_EC_RANK, CInConfig, DecodeConfig, DequantCublasConfig,  # noqa: F401
+                      GluonW4Config, GroupedConfig, PrefillConfig)
 from .decode import project_u, run_decode  # noqa: F401  (project_u: the tensor-parallel hook, public here)
 from .prefill import run_dequant_cublas, run_prefill
 from .runtime import TUNER
@@ -52,6 +54,8 @@ def runner(cfg):
         return run_prefill
     if isinstance(cfg, GluonW4Config):
         return gluon_w4.run_single
+    if isinstance(cfg, CInConfig):
+        return c_in.run_c_in
     return run_dequant_cublas
 
 
@@ -60,25 +64,12 @@ def clear_tuning():
     TUNER.clear()
 
 
-def config_for(x2, args, k, n, group_size, has_ec, gated):
-    """The config ``launch`` runs for ``args`` (``x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w,
-    gate_b, u, y``): the tuner's pick for the key, or the default where it cannot time (CPU, capture, off)."""
-    m = x2.shape[0]
-    key = linear_key(m, k, n, group_size, x2.dtype, has_ec, gated, args[7].shape[1] if has_ec else 0)
-    if key in TUNER.picks:
-        return TUNER.picks[key]
-    sms = num_sms(x2.device)
-    if not TUNER.can_tune(x2):
-        return default_config(m, k, n, group_size, sms, has_ec)
-    if has_ec and m <= MAX_DECODE_M:  # the EC rides on the W4 key's fastest configs
-        x2_, q, sc, z, b, gs = args[:6]
-        config_for(x2, (x2_, q, sc, z, b, gs, None, None, None, None, None, torch.empty_like(args[-1])),
-                   k, n, group_size, False, False)
-        cands = decode_ec_candidates(TUNER.ranked(linear_key(m, k, n, group_size, x2.dtype, False, False),
-                                                  decode_candidates(k, n, group_size, sms, False, m)), k, n, sms)
-    else:
-        cands = (decode_candidates(k, n, group_size, sms, has_ec, m) if m <= MAX_DECODE_M
-                 else prefill_candidates(m, k, group_size, has_ec, gated))
+def own_candidates(x2, args, group_size, sms, has_ec=False, gated=False):
+    """The configs whose kernels run ``args``' linear (and its EC, ``has_ec``) in one go, for the tuner."""
+    m, k = x2.shape
+    n = args[1].shape[0]
+    cands = (decode_candidates(k, n, group_size, sms, has_ec, m) if m <= MAX_DECODE_M
+             else prefill_candidates(m, k, group_size, has_ec, gated))
     if args[10] is None:  # the batched tensor-core kernel for 2 <= M <= 512 (not with a given u: the TP hook)
         cands = cands + batched.candidates_for(m, k, [n], group_size, sms, has_ec, args[7].shape[1] if has_ec else 0)
     if not has_ec and MAX_GLUON_M >= m > 64 and options.current().gluon_kernel \
@@ -91,6 +82,34 @@ def config_for(x2, args, k, n, group_size, has_ec, gated):
         # its swapped-operand variant (W in registers as the wgmma A operand, split-K): per kernel 0.75-0.91x the above
         # at M = 128-256 (gluon_w4_swap_h100_s28.md); the tuned layer 0.64-0.97x without it at M = 64-512 (s30)
         cands = cands + gluon_w4.swap_candidates(m, k, n, group_size, sms)
+    return cands
+
+
+def config_for(x2, args, k, n, group_size, has_ec, gated):
+    """The config ``launch`` runs for ``args`` (``x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w,
+    gate_b, u, y``): the tuner's pick for the key, or the default where it cannot time (CPU, capture, off)."""
+    m = x2.shape[0]
+    key = linear_key(m, k, n, group_size, x2.dtype, has_ec, gated, args[7].shape[1] if has_ec else 0)
+    if key in TUNER.picks:
+        return TUNER.picks[key]
+    sms = num_sms(x2.device)
+    if not TUNER.can_tune(x2):
+        return default_config(m, k, n, group_size, sms, has_ec)
+    if has_ec:  # the EC rides on the EC-free key's fastest configs (that key tuned first, outside this one's timing)
+        free_args = (*args[:6], None, None, None, None, None, torch.empty_like(args[-1]))
+        config_for(x2, free_args, k, n, group_size, False, False)
+        free_key = linear_key(m, k, n, group_size, x2.dtype, False, False)
+        if m <= MAX_DECODE_M:
+            cands = decode_ec_candidates(TUNER.ranked(free_key, decode_candidates(k, n, group_size, sms, False, m)),
+                                         k, n, sms)
+            if args[10] is None:
+                cands = cands + batched.candidates_for(m, k, [n], group_size, sms, True, args[7].shape[1])
+        else:
+            cands = own_candidates(x2, args, group_size, sms, True, gated)
+        if m >= 2:   # the EC as the C input of the EC-free winners, which have no EC epilogue (lowering.c_in)
+            cands = cands + c_in.candidates(TUNER.ranked(free_key, own_candidates(x2, free_args, group_size, sms)))
+    else:
+        cands = own_candidates(x2, args, group_size, sms)
     y = args[-1]
     return TUNER.pick(key, x2.device, cands, lambda cfg: runner(cfg)(cfg, *args),
                       lambda: run_dequant_cublas(None, *args[:-1], torch.empty_like(y)), y)

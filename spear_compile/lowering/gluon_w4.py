@@ -309,8 +309,11 @@ def _smem_layout(rows: int, cols: int, dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, cols], dtype)
 
 
-def run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg: GluonW4Config):
-    """``y = x2 @ ((q - zero) * scale)ᵀ (+ bias)`` with the Gluon kernel; returns ``y``."""
+def run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg: GluonW4Config, accumulate: bool = False):
+    """``y = x2 @ ((q - zero) * scale)ᵀ (+ bias)`` with the Gluon kernel; returns ``y``. ``accumulate`` (the swap
+    variant): added to what ``y`` holds (its C input, ``lowering.c_in``), rounded once."""
+    if accumulate and cfg.variant != "swap":
+        raise SpearError(f"{WHERE}: {cfg.name}: only the swap variant adds into y (accumulate)")
     _check(x2, qdata, scale, zero, bias, group_size, y, cfg)
     if not _available():
         raise SpearError(f"{WHERE}: Triton's Gluon Hopper API (3.6) is not available in this Triton")
@@ -351,7 +354,7 @@ def run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg: GluonW4Config
             m, n, k, k // group_size, y.stride(0), k_tiles,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=cfg.num_stages, SPLIT_K=split,
             GROUP_TILES=1 if per_channel else group_size // bk, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
-            num_warps=cfg.num_warps,
+            ACCUMULATE=accumulate, num_warps=cfg.num_warps,
         )
         return y
     grid = (-(-m // bm) * (n // bn),)

@@ -239,7 +239,7 @@ def ec_prologue_in_place(out, k, blocks, traceable=False, xpass=None):
     return out
 
 
-def _mm_into(a, b, bias, y):
+def mm_into(a, b, bias, y):
     """``y = a bᵀ (+ bias)`` by cuBLAS, written into ``y`` (which may be a column slice)."""
     return torch.addmm(bias, a, b.t(), out=y) if bias is not None else torch.mm(a, b.t(), out=y)
 
@@ -249,7 +249,7 @@ def reference_linear(x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_
     from ..quant.qlinear import dequantize_packed
 
     w = dequantize_packed(qdata, scale, zero, x2.shape[1], x2.dtype)
-    _mm_into(x2, w, bias, y)
+    mm_into(x2, w, bias, y)
     if ec_B is not None:
         if u is None:
             u = project_u(x2, ec_A)
@@ -272,10 +272,10 @@ def run_dequant_cublas(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B
     if ec in ("kcat", "fold") and not gemv_ok(k, qdata):
         ec = "after"
     if ec == "none":
-        return _mm_into(x2, dequantize_w4(qdata, scale, zero, group_size, dt), bias, y)
+        return mm_into(x2, dequantize_w4(qdata, scale, zero, group_size, dt), bias, y)
     r = ec_B.shape[1]
     if ec == "fold":
-        return _mm_into(x2, dequantize_w4(qdata, scale, zero, group_size, dt, fold=(ec_A, ec_B)), bias, y)
+        return mm_into(x2, dequantize_w4(qdata, scale, zero, group_size, dt, fold=(ec_A, ec_B)), bias, y)
     overlap = cfg.overlap and x2.is_cuda
     if ec == "kcat":
         rp = -(-r // (cfg.pad or 8)) * (cfg.pad or 8)
@@ -296,13 +296,13 @@ def run_dequant_cublas(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B
         w = dequantize_w4(qdata, scale, zero, group_size, dt)
     fork.join()
     if ec == "kcat":
-        return _mm_into(xv, wc, bias, y)
+        return mm_into(xv, wc, bias, y)
     v = xv
     if ec == "c_in":
-        _mm_into(v, ec_B, bias, y)
+        mm_into(v, ec_B, bias, y)
         y.addmm_(x2, w.t())
     else:  # after
-        _mm_into(x2, w, bias, y)
+        mm_into(x2, w, bias, y)
         y.addmm_(v, ec_B.t())
     return y
 

@@ -261,6 +261,30 @@ def test_merged_ec_group_through_the_tuner(m, ns):
     assert "(tuned, bucket" in name, name
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,group", [(16, 2048, 2048, 2048), (64, 2048, 6144, 128), (256, 4096, 4096, 2048),
+                                         (200, 2048, 8192, 128)])
+def test_c_in_through_the_tuner(m, k, n, group):
+    """An EC linear (gated r = 32) as the compiled graph calls it: the tuner also times the EC as the C input of
+    the EC-free key's fastest accumulating configs (``lowering.c_in``: Gluon swap, batched, dequantize + cuBLAS);
+    the pick and each offered ``CInConfig``, forced, match float64."""
+    from spear_compile.lowering import c_in
+    from spear_compile.lowering.runtime import TUNER
+    from spear_compile.lowering.tuner import linear_key
+    dtype = torch.bfloat16
+    t = _to(problem(m, group, dtype, True, True, False, 60, k, n, 32))
+    ref = reference(t, group)
+    args = (t["x"], t["qdata"], t["scale"], t["zero"], None, group, t["ec_A"], t["ec_B"], t["gate_w"], t["gate_b"])
+    _check(dispatch.launch(*args), ref, dtype)
+    key = linear_key(m, k, n, group, dtype, True, True, 32)
+    offered = [name for name, _ in TUNER.timings[key] if name.startswith("c_in[")]
+    assert offered, TUNER.timings[key]
+    free = TUNER.ranked(linear_key(m, k, n, group, dtype, False, False),
+                        dispatch.own_candidates(t["x"], (*args, None, None), group, 132))
+    for cfg in c_in.candidates(free):
+        _check(dispatch.launch(*args, config=cfg), ref, dtype)
+
+
 def test_switched_off_it_is_no_candidate(monkeypatch):
     """``SPEAR_BATCHED_KERNEL=0`` takes the kernel out of the tuner's lists (the ``--existing`` side of
     bench/batched_sweep.py), at the next call."""
@@ -408,7 +432,8 @@ for name, x_bf16, pc, ec, bm, bn, swap, perm, xsum, ec_pre, *zsub in VARIANTS:
     types.update({f"q{i}": "*i32" for i in range(4)}, ws_ptr="*fp32", uws_ptr="*fp32", cnt_ptr="*i32")
     consts = dict(MEMBERS=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, BLOCK_R=32, USE_SPLIT=True, PER_CHANNEL=pc,
                   X_BF16=x_bf16, HAS_BIAS=False, HAS_EC=ec, GATED=ec, SWAP=swap, INTERPRET=False, PLANES=False,
-                  PERM=perm, EVEN_K=True, XSUM_MMA=xsum, EC_PRE=ec_pre, GDC=ec_pre, ZSUB=bool(zsub))
+                  PERM=perm, EVEN_K=True, XSUM_MMA=xsum, EC_PRE=ec_pre, GDC=ec_pre, ZSUB=bool(zsub),
+                  ACCUMULATE=name.endswith("zsub"))   # two variants add into y (lowering.c_in's base)
     k, n = 2048, 2048
     values = dict(N0=n, N1=n, N2=n, N3=n, P1=0, P2=0, P3=0, C1=n, C2=n, C3=n, M=16, K=k, K8=k // 8, R=32, EC_LD=32,
                   group_size=k if pc else 128, n_groups=1 if pc else k // 128, stride_xm=k, stride_ym=n, N_TOTAL=n,
@@ -433,9 +458,9 @@ print(json.dumps(out))
 
 def test_kernel_compiles_for_sm90():
     """The kernel compiled ahead of time for an H100/H200 (sm_90; bf16 and fp16, per-channel and g128, EC, perm,
-    xsum_mma, zsub, ec_pre and its u kernel, their programmatic dependent launch, a large M > 64 tile) in a
-    subprocess without the interpreter: the inline-PTX one-lop3 unpack assembles, with the dtype's magic constant,
-    and the products run on tensor cores."""
+    xsum_mma, zsub, ec_pre and its u kernel, their programmatic dependent launch, a large M > 64 tile, adding into y)
+    in a subprocess without the interpreter: the inline-PTX one-lop3 unpack assembles, with the dtype's magic
+    constant, and the products run on tensor cores."""
     import json
     import subprocess
     import sys

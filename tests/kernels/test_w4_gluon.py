@@ -600,6 +600,28 @@ def test_swap_vs_float64(case):
     assert not unstable, f"swap configs whose second launch differs (split-K counters not reset?): {unstable}"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c in SWAP_CASES if c[0] in (22, 24, 25, 30)],
+                         ids=lambda c: f"s{c[0]}-M{c[1]}-K{c[2]}-N{c[3]}-g{c[4]}-{str(c[5])[6:]}")
+def test_swap_accumulates_into_y(case):
+    """``accumulate=True`` (``lowering.c_in``'s base): y's C input plus the linear, against float64 C + the
+    references, split-K 1 and > 1; twice (counters back at zero, y refilled)."""
+    if not _gpu_ok():
+        pytest.skip("needs an sm_90 GPU and Triton's Gluon (3.6 API)")
+    seed, m, k, n, group, dtype, bias, which = case
+    gs, ref_mma, ref, (x, q, s, z, b) = _gpu_problem(seed, m, k, n, group, dtype, bias)
+    c = (torch.randn(m, n, generator=torch.Generator().manual_seed(seed)) * ref.std().item()).to(dtype)
+    errs = {}
+    for cfg in ((gluon_w4.SWAP_CONFIGS + SWAP_EXTRA)[i] for i in which):
+        for _ in range(2):
+            y = c.to("cuda")
+            gluon_w4.run_gluon_w4(x, q, s, z, b, gs, y, cfg, accumulate=True)
+            out = y.cpu()
+            errs[cfg.name] = (rel(out, ref_mma + c.double()), rel(out, ref + c.double()))
+    bad = {name: e for name, e in errs.items() if not (e[0] < 3e-3 and e[1] < 5e-3)}
+    assert not bad, f"swap configs adding into y off the float64 references: {bad}"
+
+
 def _index_maps(y, w):
     """For ``y`` (K x N) meant to equal ``wᵀ`` exactly: which row of ``wᵀ`` each wrong row of ``y`` holds and which
     column each wrong column holds, compared as sorted values so that a k and an n permutation together are both
