@@ -61,9 +61,9 @@ class Log:
 
 
 # ------------------------------------------------------------------ offline SASS (no GPU)
-def _compile_sm90(cfg, pc, dtype="bf16", accumulate=False):
+def _compile_sm90(cfg, pc, dtype="bf16", accumulate=False, ec_rank=0):
     """Compile ``cfg`` (the ws kernel for ``variant="ws"``, the swap kernel for ``"swap"``, adding into y with
-    ``accumulate``) offline for sm_90 with this Triton: per-channel (``pc``) or g128, bias, ``dtype`` activations;
+    ``accumulate``, with an EC of rank ``ec_rank`` in its epilogue) offline for sm_90 with this Triton: per-channel (``pc``) or g128, bias, ``dtype`` activations;
     returns triton's compiled kernel. Needs no GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -83,7 +83,8 @@ def _compile_sm90(cfg, pc, dtype="bf16", accumulate=False):
     types = dict(x_desc=f"tensordesc<{dtype}[{bm}, {bk}],{xl!r}>",
                  q_desc=f"tensordesc<i32[{bn}, {bk // 8}],{ql!r}>",
                  s_ptr=f"*{dtype}", z_ptr=f"*{dtype}", bias_ptr=f"*{dtype}", y_ptr=f"*{dtype}", M="i32", N="i32",
-                 K="i32", n_groups="i32", stride_ym="i32", ws_ptr="*fp32", cnt_ptr="*i32", K_TILES="i32")
+                 K="i32", n_groups="i32", stride_ym="i32", ws_ptr="*fp32", cnt_ptr="*i32", K_TILES="i32",
+                 v_ptr=f"*{dtype}", eb_ptr=f"*{dtype}", R="i32", EC_LD="i32")
     consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=cfg.num_stages,
                   GROUP_TILES=1 if pc else G // bk, PER_CHANNEL=pc, HAS_BIAS=True, num_warps=cfg.num_warps)
     options = {"num_warps": cfg.num_warps}
@@ -93,7 +94,8 @@ def _compile_sm90(cfg, pc, dtype="bf16", accumulate=False):
                       GROUP_M=gluon_w4.GROUP_M)
         options["maxnreg"] = maxnreg
     elif swap:
-        consts.update(SPLIT_K=cfg.split_k, ACCUMULATE=accumulate)
+        consts.update(SPLIT_K=cfg.split_k, ACCUMULATE=accumulate, EC=ec_rank > 0,
+                      BLOCK_R=gluon_w4.swap_ec_block(ec_rank) if ec_rank else 16)
     else:
         consts.update(DQ2=cfg.variant == "dq2", GROUP_M=gluon_w4.GROUP_M)
     sig, attrs = {}, {}

@@ -467,6 +467,8 @@ if AVAILABLE:
 #   its fp32 (scaled) partial tile to its slot of ``ws``, then (CTA barrier, one acq_rel atomic a program) increments
 #   the tile's arrival counter; the last arrival sums the slots in split order, resets the counter to 0, adds the
 #   bias and stores y (the protocol of ``w4_batched``).
+# * EC (``EC``): after the per-channel scale (and the split-K sum), the tile that stores adds ``B_tile vᵀ``, v being
+#   ``g(u) ⊙ u`` of the EC prologue: one more wgmma, B's rows from registers, v's from shared memory (``_swap_ec``).
 # * Epilogue: per-channel scale per accumulator row (weight row), bias per row, (``ACCUMULATE``: plus the C input y
 #   holds, ``lowering.c_in``), cast, the yᵀ tile converted to a layout with 8 consecutive n a thread and stored
 #   transposed into y ``[M, N]`` (rows past M masked).
@@ -568,6 +570,32 @@ if AVAILABLE:
         gl.store(ptrs, out, mask=mask)
 
     @gluon.jit
+    def _swap_ec(acc, v_ptr, eb_ptr, M, R, EC_LD, off_m, off_n, BLOCK_R: gl.constexpr, num_warps: gl.constexpr):
+        """``acc += B_tile v_tileᵀ``: the EC term as one more wgmma after the K loop. ``v = g(u) ⊙ u`` ``[M, R]``
+        (the EC prologue's, x's dtype) is the K-major B operand from shared memory, as x is in the loop; the tile's
+        B rows ``[BLOCK_N, R]`` (row stride ``EC_LD``) the A operand from registers, as W is. R is padded with zeros
+        to ``BLOCK_R`` (a multiple of the wgmma's K of 16)."""
+        BLOCK_N: gl.constexpr = acc.type.shape[0]
+        BLOCK_M: gl.constexpr = acc.type.shape[1]
+        dtype: gl.constexpr = v_ptr.dtype.element_ty
+        LB: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])  # 16-byte rows of 8 values
+        r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, LB))
+        n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LB))
+        m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LB))
+        r_ok = gl.expand_dims(r < R, 0)
+        # v first, through registers into shared memory, then B's rows: only one of them held beside the accumulator
+        v = gl.load(v_ptr + gl.expand_dims(m, 1) * R + gl.expand_dims(r, 0), mask=gl.expand_dims(m < M, 1) & r_ok,
+                    other=0.0)
+        v_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_R],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_R], dtype), v)
+        fence_async_shared()
+        gl.thread_barrier()  # every warp's part of v is in shared memory before either warpgroup's wgmma reads it
+        bt = gl.load(eb_ptr + gl.expand_dims(n, 1) * EC_LD + gl.expand_dims(r, 0), mask=r_ok, other=0.0)
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
+        acc = warpgroup_mma(gl.convert_layout(bt, a_layout), v_smem.permute((1, 0)), acc, is_async=True)
+        return warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+    @gluon.jit
     def _swap_tile(q_smem, bars, zg, sg, z2pc, sel, t, n_k, a_layout: gl.constexpr,
                    LWD: gl.constexpr, L5: gl.constexpr, NUM_STAGES: gl.constexpr, GROUP_TILES: gl.constexpr,
                    PER_CHANNEL: gl.constexpr, IS_BF16: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
@@ -615,16 +643,17 @@ if AVAILABLE:
 
     @gluon.jit
     def w4_gluon_swap_kernel(
-        x_desc, q_desc, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-        M, N, K, n_groups, stride_ym, K_TILES,
+        x_desc, q_desc, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, v_ptr, eb_ptr,
+        M, N, K, n_groups, stride_ym, K_TILES, R, EC_LD,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr,
         SPLIT_K: gl.constexpr, GROUP_TILES: gl.constexpr, PER_CHANNEL: gl.constexpr, HAS_BIAS: gl.constexpr,
-        ACCUMULATE: gl.constexpr, num_warps: gl.constexpr,
+        ACCUMULATE: gl.constexpr, EC: gl.constexpr, BLOCK_R: gl.constexpr, num_warps: gl.constexpr,
     ):
         """``yᵀ`` tiles with W dequantized in registers as the wgmma A operand (see the block comment above). Grid
         (N / BLOCK_N, cdiv(M, BLOCK_M), SPLIT_K); ``K_TILES``: K tiles a split; ``ws`` fp32 slots
         ``[tiles, SPLIT_K, BLOCK_N, BLOCK_M]`` and ``cnt`` int32 arrival counters ``[tiles]`` (zero, left zero) are
-        read only when ``SPLIT_K`` > 1."""
+        read only when ``SPLIT_K`` > 1. ``EC``: the tile that stores adds ``B v_ᵀ`` (``_swap_ec``; ``v`` ``[M, R]``,
+        ``eb`` = B ``[N, R]`` with row stride ``EC_LD``)."""
         dtype: gl.constexpr = x_desc.dtype
         KW: gl.constexpr = BLOCK_K // 8
         IS_BF16: gl.constexpr = dtype == gl.bfloat16
@@ -708,6 +737,10 @@ if AVAILABLE:
                 for sk in range(SPLIT_K):  # a loop, not unrolled: one slot's registers at a time
                     tot += gl.load(slots + sk * (BLOCK_N * BLOCK_M) + offs, volatile=True)  # coherent (L2) reads
                 gl.store(cnt_ptr + tile, 0)
+                if EC:
+                    tot = _swap_ec(tot, v_ptr, eb_ptr, M, R, EC_LD, off_m, off_n, BLOCK_R, num_warps)
                 _swap_store(tot, bias_ptr, y_ptr, M, stride_ym, off_m, off_n, HAS_BIAS, ACCUMULATE, num_warps)
         else:
+            if EC:
+                acc = _swap_ec(acc, v_ptr, eb_ptr, M, R, EC_LD, off_m, off_n, BLOCK_R, num_warps)
             _swap_store(acc, bias_ptr, y_ptr, M, stride_ym, off_m, off_n, HAS_BIAS, ACCUMULATE, num_warps)

@@ -8,8 +8,8 @@ for this key, and runs it:
 * ``PrefillConfig``: the Triton W4 GEMM, EC in the epilogue (``prefill``);
 * ``DequantCublasConfig``: dequantize + cuBLAS, the EC joined as the tuner picks per key (``prefill``);
 * ``GluonW4Config``: the Gluon Hopper GEMM, EC-free keys at 64 < M <= 1024 on sm_90 (``gluon_w4``;
-  ``SPEAR_GLUON_KERNEL=0``: not a candidate); its swapped-operand variant at 2 <= M <= 1024 (``SPEAR_GLUON_SWAP=0``:
-  not a candidate);
+  ``SPEAR_GLUON_KERNEL=0``: not a candidate); its swapped-operand variant at 2 <= M <= 1024, EC keys too (the EC in
+  its epilogue; ``SPEAR_GLUON_SWAP=0``: not a candidate);
 * ``CInConfig`` (EC keys, M >= 2): the EC term first (prologue + a cuBLAS ``v Bᵀ``), then one of the EC-free key's
   fastest configs adds ``x Wᵀ`` into it (``c_in``).
 
@@ -77,12 +77,18 @@ def own_candidates(x2, args, group_size, sms, has_ec=False, gated=False):
         # the Gluon Hopper GEMM (dequantize under the async wgmma): won 7B M = 128-256 on an H100, lost M >= 1024
         # (bench/results/gluon_w4_h100_s26.md)
         cands = cands + gluon_w4.gluon_candidates(m, k, n, group_size, sms)
-    if not has_ec and MAX_GLUON_M >= m >= 2 and options.current().gluon_swap \
-            and gluon_w4.supported(x2, args[1], group_size):
-        # its swapped-operand variant (W in registers as the wgmma A operand, split-K): per kernel 0.75-0.91x the above
-        # at M = 128-256 (gluon_w4_swap_h100_s28.md); the tuned layer 0.64-0.97x without it at M = 64-512 (s30)
-        cands = cands + gluon_w4.swap_candidates(m, k, n, group_size, sms)
-    return cands
+    return cands + _swap_candidates(x2, args, group_size, sms, has_ec)
+
+
+def _swap_candidates(x2, args, group_size, sms, has_ec):
+    """The Gluon GEMM's swapped-operand variant (W in registers as the wgmma A operand, split-K) at 2 <= M <= 1024:
+    per kernel 0.75-0.91x the Gluon GEMM at M = 128-256 (gluon_w4_swap_h100_s28.md); the tuned layer 0.64-0.97x
+    without it at M = 64-512 (s30). EC keys too: the tiles that take the EC in their epilogue (``swap_ec_fits``)."""
+    m, k = x2.shape
+    if not (MAX_GLUON_M >= m >= 2 and options.current().gluon_swap and gluon_w4.supported(x2, args[1], group_size)):
+        return []
+    cands = gluon_w4.swap_candidates(m, k, args[1].shape[0], group_size, sms)
+    return [c for c in cands if gluon_w4.swap_ec_fits(c, args[7].shape[1])] if has_ec else cands
 
 
 def config_for(x2, args, k, n, group_size, has_ec, gated):
@@ -104,6 +110,7 @@ def config_for(x2, args, k, n, group_size, has_ec, gated):
                                          k, n, sms)
             if args[10] is None:
                 cands = cands + batched.candidates_for(m, k, [n], group_size, sms, True, args[7].shape[1])
+            cands = cands + _swap_candidates(x2, args, group_size, sms, True)
         else:
             cands = own_candidates(x2, args, group_size, sms, True, gated)
         if m >= 2:   # the EC as the C input of the EC-free winners, which have no EC epilogue (lowering.c_in)

@@ -121,6 +121,27 @@ def smem_bytes_swap(cfg: GluonW4Config) -> int:
     return max(cfg.num_stages * _stage_bytes(cfg) + 8 * cfg.num_stages, cfg.block_n * cfg.block_m * 2) + 64
 
 
+MAX_SWAP_EC_RANK = 128  # the swap kernel's EC epilogue (``_swap_ec``): B's rows in registers, v in shared memory
+
+
+def swap_ec_block(r: int) -> int:
+    """The EC rank padded for the epilogue's wgmma (K a multiple of 16, a power of two)."""
+    return max(16, 1 << (r - 1).bit_length())
+
+
+SWAP_EC_REGS = 160  # accumulator + B tile + v tile registers a thread up to which the EC epilogue did not spill
+
+
+def swap_ec_fits(cfg: GluonW4Config, r: int) -> bool:
+    """Whether ``cfg``'s swap kernel takes an EC of rank ``r`` in its epilogue without spilling: its fp32
+    accumulator, the B tile and the v tile (16-bit pairs) a thread, against ``SWAP_EC_REGS`` (offline sm_90, Triton
+    3.6, all 20 swap configs at r = 32 and 96: no spill at <= 160, spills at >= 168; ``bench/NOTES_kernels.md``,
+    session 36)."""
+    rb = swap_ec_block(r)
+    ec_regs = (cfg.block_n + cfg.block_m) * rb // (64 * cfg.num_warps)
+    return r <= MAX_SWAP_EC_RANK and _acc_regs(cfg) + ec_regs <= SWAP_EC_REGS
+
+
 def swap_split(cfg: GluonW4Config, k: int):
     """(splits launched, K tiles a split): ``cfg.split_k`` capped so that every split gets at least one K tile (the
     kernel's pipeline needs one) and the counters see exactly the splits launched."""
@@ -309,11 +330,21 @@ def _smem_layout(rows: int, cols: int, dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, cols], dtype)
 
 
-def run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg: GluonW4Config, accumulate: bool = False):
-    """``y = x2 @ ((q - zero) * scale)ᵀ (+ bias)`` with the Gluon kernel; returns ``y``. ``accumulate`` (the swap
-    variant): added to what ``y`` holds (its C input, ``lowering.c_in``), rounded once."""
-    if accumulate and cfg.variant != "swap":
-        raise SpearError(f"{WHERE}: {cfg.name}: only the swap variant adds into y (accumulate)")
+def run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg: GluonW4Config, accumulate: bool = False,
+                 ec=None):
+    """``y = x2 @ ((q - zero) * scale)ᵀ (+ bias)`` with the Gluon kernel; returns ``y``. The swap variant also takes
+    ``accumulate``: added to what ``y`` holds (its C input, ``lowering.c_in``), rounded once; ``ec = (v, B)``:
+    ``+ v Bᵀ`` in its epilogue (``v = g(u) ⊙ u`` ``[M, r]`` in x's dtype, B ``[N, r]`` with unit column stride)."""
+    if (accumulate or ec is not None) and cfg.variant != "swap":
+        raise SpearError(f"{WHERE}: {cfg.name}: only the swap variant adds into y (accumulate) or takes an EC")
+    if ec is not None:
+        v, eb = ec
+        r = eb.shape[1]
+        if r > MAX_SWAP_EC_RANK or tuple(v.shape) != (x2.shape[0], r) or v.dtype != x2.dtype or v.stride(1) != 1 \
+                or v.stride(0) != r or eb.shape[0] != qdata.shape[0] or eb.stride(1) != 1:
+            raise SpearError(f"{WHERE}: {cfg.name}: the EC epilogue takes v [M, r] contiguous in x's dtype and B "
+                             f"[N, r] (r <= {MAX_SWAP_EC_RANK}, unit column stride), got v {tuple(v.shape)} "
+                             f"{v.dtype} and B {tuple(eb.shape)}")
     _check(x2, qdata, scale, zero, bias, group_size, y, cfg)
     if not _available():
         raise SpearError(f"{WHERE}: Triton's Gluon Hopper API (3.6) is not available in this Triton")
@@ -349,12 +380,15 @@ def run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg: GluonW4Config
             ws, _, cnt = WORKSPACES.get(x2.device).for_batched(n_ws, 1, n_cnt)
         else:
             ws, cnt = y, y  # never touched without split-K
+        v, eb = ec if ec is not None else (scale, scale)   # (never read without an EC)
+        r = eb.shape[1] if ec is not None else 0
         launcher(w4_gluon_swap_kernel, (n // bn, -(-m // bm), split))(
-            x_desc, q_desc, scale, zero, bias if bias is not None else scale, y, ws, cnt,
-            m, n, k, k // group_size, y.stride(0), k_tiles,
+            x_desc, q_desc, scale, zero, bias if bias is not None else scale, y, ws, cnt, v, eb,
+            m, n, k, k // group_size, y.stride(0), k_tiles, r, eb.stride(0) if ec is not None else 0,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=cfg.num_stages, SPLIT_K=split,
             GROUP_TILES=1 if per_channel else group_size // bk, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
-            ACCUMULATE=accumulate, num_warps=cfg.num_warps,
+            ACCUMULATE=accumulate, EC=ec is not None, BLOCK_R=swap_ec_block(r) if r else 16,
+            num_warps=cfg.num_warps,
         )
         return y
     grid = (-(-m // bm) * (n // bn),)
@@ -379,7 +413,14 @@ def run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg: GluonW4Config
 
 
 def run_single(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u, y):
-    """``dispatch``'s runner signature; the Gluon GEMM has no EC epilogue (the tuner offers it for EC-free keys)."""
-    if ec_B is not None or u is not None:
-        raise SpearError(f"{WHERE}: {cfg.name} has no EC epilogue; an EC linear runs the Triton or cuBLAS paths")
-    return run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg)
+    """``dispatch``'s runner signature. An EC (the swap variant only, rank <= ``MAX_SWAP_EC_RANK``): ``v = g(u) ⊙ u``
+    by the EC prologue (``u`` given: the tensor-parallel hook), then ``+ v Bᵀ`` in the swap kernel's epilogue."""
+    if ec_B is None:
+        return run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg)
+    if cfg.variant != "swap" or ec_B.shape[1] > MAX_SWAP_EC_RANK:
+        raise SpearError(f"{WHERE}: {cfg.name} has no EC epilogue (the swap variant has one, rank <= "
+                         f"{MAX_SWAP_EC_RANK}); an EC linear runs the Triton or cuBLAS paths")
+    from .prefill import ec_prologue
+    v = ec_prologue(x2, ec_A, u, gate_w, gate_b, ec_B.shape[1])
+    eb = ec_B if ec_B.stride(1) == 1 else ec_B.contiguous()
+    return run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg, ec=(v, eb))

@@ -232,13 +232,15 @@ def _dispatch_candidates(monkeypatch, m, has_ec, k, n):
 @pytest.mark.parametrize("m,has_ec,switch,expect", [(256, False, "1", True), (17, False, "1", True),
                                                      (1024, False, "1", True), (2, False, "1", True),
                                                      (16, False, "1", True), (1, False, "1", False),
-                                                     (2048, False, "1", False), (256, True, "1", False),
+                                                     (2048, False, "1", False), (256, True, "1", True),
                                                      (256, False, "0", False), (256, False, None, True),
-                                                     (1, False, None, False), (256, True, None, False)])
+                                                     (1, False, None, False), (256, True, None, True),
+                                                     (16, True, None, True), (1, True, None, False),
+                                                     (2048, True, None, False), (256, True, "0", False)])
 def test_dispatch_offers_swap_tiles_unless_switched_off(monkeypatch, m, has_ec, switch, expect):
-    """The swapped-operand tiles join the tuner's candidates for EC-free keys at 2 <= M <= 1024 unless
-    ``SPEAR_GLUON_SWAP=0`` (on by default since session 30's tuned-layer timings); each offered tile divides the
-    shape."""
+    """The swapped-operand tiles join the tuner's candidates at 2 <= M <= 1024 unless ``SPEAR_GLUON_SWAP=0`` (on
+    by default since session 30's tuned-layer timings), EC keys too (session 36: the EC in its epilogue); each
+    offered tile divides the shape."""
     if switch is None:
         monkeypatch.delenv("SPEAR_GLUON_SWAP", raising=False)
     else:
@@ -620,6 +622,38 @@ def test_swap_accumulates_into_y(case):
             errs[cfg.name] = (rel(out, ref_mma + c.double()), rel(out, ref + c.double()))
     bad = {name: e for name, e in errs.items() if not (e[0] < 3e-3 and e[1] < 5e-3)}
     assert not bad, f"swap configs adding into y off the float64 references: {bad}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,r", [(c, r) for c in SWAP_CASES if c[0] in (22, 23, 24, 30) for r in (8, 32, 96)],
+                         ids=lambda v: str(v[0]) if isinstance(v, tuple) else f"r{v}")
+def test_swap_ec_epilogue_vs_float64(case, r):
+    """The swap kernel with a gated EC of rank ``r`` in its epilogue (``run_single``: the EC prologue's v, then
+    ``+ v Bᵀ`` as one more wgmma), B read through a row stride (a merged EC's view, ``EC_LD`` = 2r), against float64;
+    a given u (the tensor-parallel hook) too."""
+    if not _gpu_ok():
+        pytest.skip("needs an sm_90 GPU and Triton's Gluon (3.6 API)")
+    seed, m, k, n, group, dtype, bias, which = case
+    gs = group or k
+    t = problem(m, gs, dtype, True, True, bias, seed, k, n, r)
+    ref = reference(t, gs)
+    wide = torch.zeros(n, 2 * r, dtype=dtype)
+    wide[:, r:] = t["ec_B"]   # B as the second diagonal block's rows of a merged EC: row stride 2r
+    dev = {name: (v.to("cuda") if isinstance(v, torch.Tensor) else v) for name, v in t.items()}
+    eb = wide.to("cuda")[:, r:]
+    u = (t["x"].double() @ t["ec_A"].double().T).float().to("cuda")
+    errs = {}
+    for cfg in ((gluon_w4.SWAP_CONFIGS + SWAP_EXTRA)[i] for i in which):
+        if not gluon_w4.swap_ec_fits(cfg, r):
+            continue
+        for given_u in (None, u):
+            y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+            gluon_w4.run_single(cfg, dev["x"], dev["qdata"], dev["scale"], dev["zero"], dev["bias"], gs, dev["ec_A"],
+                                eb, dev["gate_w"], dev["gate_b"], given_u, y)
+            errs[(cfg.name, given_u is not None)] = rel(y.cpu(), ref)
+    assert errs, "no config of the case takes an EC of this rank"
+    bad = {name: e for name, e in errs.items() if not e < 5e-3}
+    assert not bad, f"swap configs with the EC epilogue off the float64 reference: {bad}"
 
 
 def _index_maps(y, w):

@@ -98,6 +98,25 @@ def test_gluon_base_refuses_other_variants():
                               accumulate=True)
 
 
+def test_gluon_ec_epilogue_refusals():
+    """The Gluon kernels take an EC only in the swap variant, up to ``MAX_SWAP_EC_RANK``: the others are refused by
+    name before any work."""
+    t = problem(64, 128, torch.bfloat16, True, True, False, 6, 256, 128, 8)
+    y = torch.empty(64, 128, dtype=torch.bfloat16)
+    ec = (t["ec_A"], t["ec_B"], t["gate_w"], t["gate_b"], None, y)
+    with pytest.raises(SpearError, match="has no EC epilogue"):
+        gluon_w4.run_single(GluonW4Config(), t["x"], t["qdata"], t["scale"], t["zero"], None, 128, *ec)
+    big = torch.zeros(128, gluon_w4.MAX_SWAP_EC_RANK + 16, dtype=torch.bfloat16)
+    swap = GluonW4Config(16, 128, 64, 4, 4, "swap")
+    with pytest.raises(SpearError, match="has no EC epilogue"):
+        gluon_w4.run_single(swap, t["x"], t["qdata"], t["scale"], t["zero"], None, 128, t["ec_A"], big, None, None,
+                            None, y)
+    with pytest.raises(SpearError, match="the EC epilogue takes v"):   # v of the wrong width
+        gluon_w4.run_gluon_w4(t["x"], t["qdata"], t["scale"], t["zero"], None, 128, y, swap,
+                              ec=(torch.zeros(64, 4, dtype=torch.bfloat16), t["ec_B"]))
+    assert gluon_w4.swap_ec_block(8) == 16 and gluon_w4.swap_ec_block(32) == 32 and gluon_w4.swap_ec_block(96) == 128
+
+
 def test_v64_is_the_term_added():
     """The EC term c_in puts in y first is the prologue's v times Bᵀ: checked alone (y = v Bᵀ) by running a base
     that adds nothing: a zero weight (codes equal to the zero points)."""
