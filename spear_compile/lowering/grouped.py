@@ -29,7 +29,7 @@ from . import batched
 from .candidates import default_grouped_config, grouped_candidates, num_sms
 from .configs import MAX_DECODE_M, MAX_EC_RANK, MAX_GROUP, DequantCublasConfig, GroupedConfig, cdiv
 from .decode import groups_per_block, load_kwargs
-from .dispatch import check_linear, config_for, contiguous_ec, rows_and_out, runner
+from .dispatch import check_linear, choose, config_for, contiguous_ec, rows_and_out, runner
 from .prefill import gemv_ok, run_dequant_cublas
 from .precompile import launcher
 from .runtime import TUNER, WORKSPACES
@@ -370,7 +370,10 @@ def choose_grouped_ec(m: int, k: int, ns, group_size: int, dtype=torch.bfloat16,
     one_linear = "grouped[one linear with the merged EC]"
     if key in TUNER.picks:
         cfg = TUNER.picks[key]
-        return f"{one_linear if getattr(cfg, 'concat', False) else cfg.name}{ec} (tuned, bucket M<={key.m_bucket})"
+        if getattr(cfg, "concat", False):   # and what that linear (N = ΣN, EC rank g·r) runs
+            inner = choose(m, k, sum(ns), group_size, dtype, len(ns) * rank, gated)
+            return f"{one_linear}{ec} (tuned, bucket M<={key.m_bucket}): {inner}"
+        return f"{cfg.name}{ec} (tuned, bucket M<={key.m_bucket})"
     if key.adjacent:
         return f"{one_linear}{ec} (default; tuned on first CUDA call)"
     if not batched.MIN_M <= m <= batched.MAX_M:

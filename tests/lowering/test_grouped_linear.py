@@ -342,10 +342,16 @@ def test_choose_names_the_packed_keys_pick_when_the_layout_is_unknown():
     runtime.TUNER.pin(group_key(20, K, list(ns), K, dt, False, False), G(per_member=True))
     ec_key = grouped.grouped_ec_key(3, K, list(ns), K, dt, False, 8, True, True)
     runtime.TUNER.pin(ec_key, G(concat=True))
+    from spear_compile.lowering.batched import BatchedConfig
+    from spear_compile.lowering.tuner import linear_key
+    inner = configs.CInConfig(BatchedConfig(16, 32, 64, 1))   # the merged linear's own pick (N = 96, rank 16)
+    runtime.TUNER.pin(linear_key(3, K, sum(ns), K, dt, True, True, 16), inner)
     try:
         assert grouped.choose_grouped(20, K, ns, K, dt, adjacent=None).startswith("grouped[one linear")
         assert grouped.choose_grouped(20, K, ns, K, dt).startswith("grouped[per-member")
         assert grouped.choose_grouped_ec(3, K, ns, K, dt, rank=8).startswith("grouped[one linear with the merged")
+        assert grouped.choose_grouped_ec(3, K, ns, K, dt, rank=8).endswith(f"{inner.name} + EC r=16 gated (tuned, "
+                                                                           "bucket M<=4)")
         assert grouped.choose_grouped_ec(3, K, ns, K, dt, rank=8, merged=False).startswith("grouped[per-member")
         assert grouped.choose_grouped_ec(3, K, ns, K, dt, rank=16).startswith("grouped[per-member")
     finally:
