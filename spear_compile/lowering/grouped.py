@@ -400,10 +400,11 @@ def launch_grouped_ec(x, qdatas, scales, zeros, biases, group_size, ec_As, ec_Bs
     if m == 0:
         return y.reshape(*x.shape[:-1], n_total)
     joined = adjacent_members(qdatas, scales, zeros, biases)
-    ec = merged_ec(ec_As, ec_Bs, gate_ws, gate_bs)
+    # (pack_members lays out weights and ECs together: no pointer checks of the ECs where the weights are not)
+    ec = merged_ec(ec_As, ec_Bs, gate_ws, gate_bs) if joined is not None else None
     if ec is not None and ec[1].shape[1] > MAX_EC_RANK:   # past the single-linear kernels' rank
         ec = None
-    one = (*joined, *ec) if joined is not None and ec is not None else None
+    one = (*joined, *ec) if ec is not None else None
     members = [batched.Member(*t) for t in zip(qdatas, scales, zeros, biases, ec_As, ec_Bs, gate_ws, gate_bs)]
     solo = solo_members(members, ec)
     cfg = config or grouped_ec_config_for(x2, members, group_size, y, one, solo)
