@@ -5,7 +5,8 @@ sibling group, dequantize + cuBLAS) have no EC epilogue, so an EC key fell back 
 (sessions 34-35: the EC on all 7 linears cost 1.3-1.9x the EC-off layer). Here the EC term goes first:
 ``v = g(u) ⊙ u`` by the EC prologue, ``y = v Bᵀ (+ bias)`` by cuBLAS (r is tiny: both are small launches), and then
 the EC-free kernel adds ``x Wᵀ`` into y in its epilogue, in fp32, so the output is rounded once as in a fused
-kernel. The tuner offers it over the EC-free key's fastest configs (``candidates``).
+kernel. The tuner offers it over the EC-free key's fastest configs (``candidates``), beside the Gluon swap kernel with
+the EC in its own epilogue (``gluon_w4.run_single``: one launch fewer, where it fits the registers).
 """
 from __future__ import annotations
 

@@ -175,8 +175,7 @@ class CInConfig:
     """An EC linear as the C input of an EC-free W4 kernel (``lowering.c_in``; ``EcStructure.C_IN`` generalised):
     ``v = g(u) ⊙ u`` (``ec_prologue``, ``split`` as ``DequantCublasConfig.split``), ``y = v Bᵀ (+ bias)`` by
     cuBLAS, then ``base`` adds ``x Wᵀ`` into y in its epilogue, rounding once. ``base``: the batched kernel, the
-    Gluon swap kernel or dequantize + cuBLAS (``c_in.accumulates``) - the EC-free winners above M = 16, which have
-    no EC epilogue of their own."""
+    Gluon swap kernel or dequantize + cuBLAS (``c_in.accumulates``), whichever of them won the EC-free key."""
     base: object
     split: bool = False
 
