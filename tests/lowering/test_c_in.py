@@ -38,6 +38,22 @@ def test_c_in_vs_float64(m, k, n, group, dtype, gated, bias, cfg):
     assert rel(out_u, ref) < 1e-2
 
 
+def test_c_in_into_column_slices():
+    """Members of a sibling group launched one by one write column slices of one output (``grouped._members_into``):
+    c_in's ``v Bᵀ`` and the base's add both go through the slice's row stride."""
+    from spear_compile.lowering import grouped
+    m, k, group = 7, 256, 64
+    ts = [problem(m, group, torch.bfloat16, True, True, True, 30 + i, k, n, 8) for i, n in enumerate((48, 32))]
+    x = ts[0]["x"]
+    ref = torch.cat([reference(dict(t, x=x), group) for t in ts], -1)
+    members = [batched.Member(*(t[p] for p in ("qdata", "scale", "zero", "bias", "ec_A", "ec_B", "gate_w", "gate_b")))
+               for t in ts]
+    for cfg in (CInConfig(BC(16, 16, 64, 1)), CInConfig(DequantCublasConfig(), split=True)):
+        y = torch.full((m, 80), float("nan"), dtype=torch.bfloat16)
+        grouped._members_into(x, members, group, y, config=cfg)
+        assert rel(y, ref) < 1e-2
+
+
 @pytest.mark.parametrize("split", [1, 3])
 def test_batched_kernel_adds_into_y_only_when_accumulating(split):
     """``accumulate=True``: y's C input is added (float64 check of C + x Wᵀ); without it y's old content is never
