@@ -316,20 +316,21 @@ def solo_members(members, ec=None):
 
 
 def _run_grouped_ec(cfg, x2, members, group_size, y, one=None, solo=None):
-    """``solo``: ``solo_members(members, ...)``, the members' operands for their own launches."""
+    """``one``: the merged group's joined weights and EC (``launch_grouped_ec``); ``solo``: the members' operands
+    for their own launches when the caller has them (else ``solo_members`` with ``one``'s EC)."""
     if isinstance(cfg, GroupedConfig) and cfg.concat and one is not None:
         return _run_merged(x2, one, group_size, y)
     if isinstance(cfg, batched.BatchedConfig) and batched.applies(x2.shape[0], x2.shape[1], members, group_size):
         return batched.run_members(cfg, x2, members, group_size, y)   # reads merged EC views in place
-    return _members_into(x2, solo or solo_members(members), group_size, y)
+    return _members_into(x2, solo or solo_members(members, one[4:] if one is not None else None), group_size, y)
 
 
-def grouped_ec_config_for(x2, members, group_size, y, one=None, solo=None):
+def grouped_ec_config_for(x2, members, group_size, y, one=None):
     """The config ``launch_grouped_ec`` runs: the tuner's pick between the batched kernel over every member (and
-    its EC), the members' own launches (``GroupedConfig(per_member=True)``; ``solo``: their operands, as
-    ``_run_grouped_ec``) and, for a merged group (``one``: its weights and EC joined, ``merged_ec``), one linear
-    with one EC (``GroupedConfig(concat=True)``). Where nothing can be timed: the merged linear when there is one
-    (one launch instead of g), else the members' own launches."""
+    its EC), the members' own launches (``GroupedConfig(per_member=True)``, ``solo_members``) and, for a merged
+    group (``one``: its weights and EC joined, ``merged_ec``), one linear with one EC (``GroupedConfig(concat=True)``).
+    Where nothing can be timed: the merged linear when there is one (one launch instead of g), else the members' own
+    launches."""
     m, k = x2.shape
     ns = [t.qdata.shape[0] for t in members]
     rank, gated = members[0].ec_B.shape[1], members[0].gate_w is not None
@@ -345,7 +346,7 @@ def grouped_ec_config_for(x2, members, group_size, y, one=None, solo=None):
     if len(cands) == 1:
         return own
     # the members' own keys and the merged linear's tuned first (outside the timing of this key)
-    solo = solo or solo_members(members)
+    solo = solo_members(members, one[4:] if one is not None else None)
     _members_into(x2, solo, group_size, torch.empty_like(y))
     if one is not None:
         _run_merged(x2, one, group_size, torch.empty_like(y))
@@ -406,7 +407,6 @@ def launch_grouped_ec(x, qdatas, scales, zeros, biases, group_size, ec_As, ec_Bs
         ec = None
     one = (*joined, *ec) if ec is not None else None
     members = [batched.Member(*t) for t in zip(qdatas, scales, zeros, biases, ec_As, ec_Bs, gate_ws, gate_bs)]
-    solo = solo_members(members, ec)
-    cfg = config or grouped_ec_config_for(x2, members, group_size, y, one, solo)
-    _run_grouped_ec(cfg, x2, members, group_size, y, one, solo)
+    cfg = config or grouped_ec_config_for(x2, members, group_size, y, one)
+    _run_grouped_ec(cfg, x2, members, group_size, y, one)
     return y.reshape(*x.shape[:-1], n_total)
