@@ -95,7 +95,7 @@ def _compile_sm90(cfg, pc, dtype="bf16", accumulate=False, ec_rank=0):
         options["maxnreg"] = maxnreg
     elif swap:
         consts.update(SPLIT_K=cfg.split_k, ACCUMULATE=accumulate, EC=ec_rank > 0,
-                      BLOCK_R=gluon_w4.swap_ec_block(ec_rank) if ec_rank else 16)
+                      BLOCK_R=gluon_w4.swap_ec_block(ec_rank) if ec_rank else 16, GDC=ec_rank > 0)
     else:
         consts.update(DQ2=cfg.variant == "dq2", GROUP_M=gluon_w4.GROUP_M)
     sig, attrs = {}, {}

@@ -69,6 +69,7 @@ def ec_prologue_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     COPY_X: tl.constexpr, U_GIVEN: tl.constexpr, GATED: tl.constexpr, LOOP: tl.constexpr,
     INTERPRET: tl.constexpr = False, BLOCK_PAD: tl.constexpr = 0, X_IN_OUT: tl.constexpr = False,
+    GDC: tl.constexpr = False,
 ):
     """The x side of the EC on the cuBLAS path, one pass over x: ``u = x Aᵀ`` (fp32; or ``u`` given: the
     tensor-parallel hook), ``v = u ⊙ 2σ(u Wgᵀ + bg)`` (``GATED``; else v = u), written in x's dtype to columns
@@ -76,7 +77,12 @@ def ec_prologue_kernel(
     which makes ``out = [x | v]``, the A operand of the K-concatenated GEMM ``[x | v] [W | B]ᵀ``.
     ``LOOP`` = ``COPY_X or not U_GIVEN`` (the K loop has something to do). ``BLOCK_PAD``: width of the zero store
     for the pad columns past ``BLOCK_R`` (``RP > BLOCK_R``; the gate stays ``BLOCK_R`` wide). ``X_IN_OUT``: x is
-    read from columns ``0 .. K`` of ``out`` itself (``x_ptr`` unused: ``ec_prologue`` copied x there first)."""
+    read from columns ``0 .. K`` of ``out`` itself (``x_ptr`` unused: ``ec_prologue`` copied x there first).
+    ``GDC``: the next launch (the Gluon swap kernel with the EC in its epilogue) depends on this one
+    programmatically: every program lets it start at once, so its K loop runs beside this pass; it waits for v
+    (``griddepcontrol.wait``) only in its epilogue."""
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M

@@ -469,6 +469,8 @@ if AVAILABLE:
 #   bias and stores y (the protocol of ``w4_batched``).
 # * EC (``EC``): after the per-channel scale (and the split-K sum), the tile that stores adds ``B_tile vᵀ``, v being
 #   ``g(u) ⊙ u`` of the EC prologue: one more wgmma, B's rows from registers, v's from shared memory (``_swap_ec``).
+#   ``GDC``: launched dependent on the prologue (programmatic dependent launch), the K loop runs beside it and only
+#   the storing tile waits for v (``griddepcontrol.wait``).
 # * Epilogue: per-channel scale per accumulator row (weight row), bias per row, (``ACCUMULATE``: plus the C input y
 #   holds, ``lowering.c_in``), cast, the yᵀ tile converted to a layout with 8 consecutive n a thread and stored
 #   transposed into y ``[M, N]`` (rows past M masked).
@@ -570,11 +572,16 @@ if AVAILABLE:
         gl.store(ptrs, out, mask=mask)
 
     @gluon.jit
-    def _swap_ec(acc, v_ptr, eb_ptr, M, R, EC_LD, off_m, off_n, BLOCK_R: gl.constexpr, num_warps: gl.constexpr):
+    def _swap_ec(acc, v_ptr, eb_ptr, M, R, EC_LD, off_m, off_n, BLOCK_R: gl.constexpr, GDC: gl.constexpr,
+                 num_warps: gl.constexpr):
         """``acc += B_tile v_tileᵀ``: the EC term as one more wgmma after the K loop. ``v = g(u) ⊙ u`` ``[M, R]``
         (the EC prologue's, x's dtype) is the K-major B operand from shared memory, as x is in the loop; the tile's
         B rows ``[BLOCK_N, R]`` (row stride ``EC_LD``) the A operand from registers, as W is. R is padded with zeros
-        to ``BLOCK_R`` (a multiple of the wgmma's K of 16)."""
+        to ``BLOCK_R`` (a multiple of the wgmma's K of 16). ``GDC``: launched dependent on the prologue (programmatic
+        dependent launch): the K loop ran beside it; wait for its v here."""
+        if GDC:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                      pack=1)
         BLOCK_N: gl.constexpr = acc.type.shape[0]
         BLOCK_M: gl.constexpr = acc.type.shape[1]
         dtype: gl.constexpr = v_ptr.dtype.element_ty
@@ -647,7 +654,8 @@ if AVAILABLE:
         M, N, K, n_groups, stride_ym, K_TILES, R, EC_LD,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, NUM_STAGES: gl.constexpr,
         SPLIT_K: gl.constexpr, GROUP_TILES: gl.constexpr, PER_CHANNEL: gl.constexpr, HAS_BIAS: gl.constexpr,
-        ACCUMULATE: gl.constexpr, EC: gl.constexpr, BLOCK_R: gl.constexpr, num_warps: gl.constexpr,
+        ACCUMULATE: gl.constexpr, EC: gl.constexpr, BLOCK_R: gl.constexpr, GDC: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """``yᵀ`` tiles with W dequantized in registers as the wgmma A operand (see the block comment above). Grid
         (N / BLOCK_N, cdiv(M, BLOCK_M), SPLIT_K); ``K_TILES``: K tiles a split; ``ws`` fp32 slots
@@ -738,9 +746,9 @@ if AVAILABLE:
                     tot += gl.load(slots + sk * (BLOCK_N * BLOCK_M) + offs, volatile=True)  # coherent (L2) reads
                 gl.store(cnt_ptr + tile, 0)
                 if EC:
-                    tot = _swap_ec(tot, v_ptr, eb_ptr, M, R, EC_LD, off_m, off_n, BLOCK_R, num_warps)
+                    tot = _swap_ec(tot, v_ptr, eb_ptr, M, R, EC_LD, off_m, off_n, BLOCK_R, GDC, num_warps)
                 _swap_store(tot, bias_ptr, y_ptr, M, stride_ym, off_m, off_n, HAS_BIAS, ACCUMULATE, num_warps)
         else:
             if EC:
-                acc = _swap_ec(acc, v_ptr, eb_ptr, M, R, EC_LD, off_m, off_n, BLOCK_R, num_warps)
+                acc = _swap_ec(acc, v_ptr, eb_ptr, M, R, EC_LD, off_m, off_n, BLOCK_R, GDC, num_warps)
             _swap_store(acc, bias_ptr, y_ptr, M, stride_ym, off_m, off_n, HAS_BIAS, ACCUMULATE, num_warps)

@@ -331,10 +331,12 @@ def _smem_layout(rows: int, cols: int, dtype):
 
 
 def run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg: GluonW4Config, accumulate: bool = False,
-                 ec=None):
+                 ec=None, gdc: bool = False):
     """``y = x2 @ ((q - zero) * scale)ᵀ (+ bias)`` with the Gluon kernel; returns ``y``. The swap variant also takes
     ``accumulate``: added to what ``y`` holds (its C input, ``lowering.c_in``), rounded once; ``ec = (v, B)``:
-    ``+ v Bᵀ`` in its epilogue (``v = g(u) ⊙ u`` ``[M, r]`` in x's dtype, B ``[N, r]`` with unit column stride)."""
+    ``+ v Bᵀ`` in its epilogue (``v = g(u) ⊙ u`` ``[M, r]`` in x's dtype, B ``[N, r]`` with unit column stride);
+    ``gdc``: v's producer was just launched with ``gdc=True`` (``prefill.ec_prologue``): this launch depends on it
+    programmatically (Hopper), its K loop running beside it."""
     if (accumulate or ec is not None) and cfg.variant != "swap":
         raise SpearError(f"{WHERE}: {cfg.name}: only the swap variant adds into y (accumulate) or takes an EC")
     if ec is not None:
@@ -382,13 +384,14 @@ def run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg: GluonW4Config
             ws, cnt = y, y  # never touched without split-K
         v, eb = ec if ec is not None else (scale, scale)   # (never read without an EC)
         r = eb.shape[1] if ec is not None else 0
+        pdl = gdc and ec is not None
         launcher(w4_gluon_swap_kernel, (n // bn, -(-m // bm), split))(
             x_desc, q_desc, scale, zero, bias if bias is not None else scale, y, ws, cnt, v, eb,
             m, n, k, k // group_size, y.stride(0), k_tiles, r, eb.stride(0) if ec is not None else 0,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=cfg.num_stages, SPLIT_K=split,
             GROUP_TILES=1 if per_channel else group_size // bk, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
             ACCUMULATE=accumulate, EC=ec is not None, BLOCK_R=swap_ec_block(r) if r else 16,
-            num_warps=cfg.num_warps,
+            GDC=pdl, num_warps=cfg.num_warps, **({"launch_pdl": True} if pdl else {}),
         )
         return y
     grid = (-(-m // bm) * (n // bn),)
@@ -420,7 +423,10 @@ def run_single(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w
     if cfg.variant != "swap" or ec_B.shape[1] > MAX_SWAP_EC_RANK:
         raise SpearError(f"{WHERE}: {cfg.name} has no EC epilogue (the swap variant has one, rank <= "
                          f"{MAX_SWAP_EC_RANK}); an EC linear runs the Triton or cuBLAS paths")
+    from .precompile import pdl_ok
     from .prefill import ec_prologue
-    v = ec_prologue(x2, ec_A, u, gate_w, gate_b, ec_B.shape[1])
     eb = ec_B if ec_B.stride(1) == 1 else ec_B.contiguous()
-    return run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg, ec=(v, eb))
+    _check(x2, qdata, scale, zero, bias, group_size, y, cfg)   # before the prologue: nothing launched on bad input
+    gdc = pdl_ok(x2.device)   # the K loop beside the prologue, only the epilogue waiting for v
+    v = ec_prologue(x2, ec_A, u, gate_w, gate_b, ec_B.shape[1], gdc=gdc)
+    return run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg, ec=(v, eb), gdc=gdc)

@@ -138,13 +138,17 @@ def _xpass_grid(m, k, cfg, device, max_splits=None):
 
 
 def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, copy_x=False, split=False,
-                traceable=False):
+                traceable=False, gdc=False):
     """``v = g(u) ⊙ u`` (u = x Aᵀ in fp32, or the given ``u``) into columns ``col0 .. col0 + width`` of ``out``
     (zeros past r; a new ``[M, r]`` tensor by default); ``copy_x``: x into columns ``0 .. K`` too.
     ``split=False``: one launch, one program per 16 rows (``ec_prologue_kernel``); ``split=True``: a split-K
     pass over x with ~2 programs per SM (``ec_xpass_kernel``: copy + fp32 partials) and the gate
     (``ec_gate_kernel``) in a second launch. ``traceable``: launched through ``wrap_triton`` (``_launcher``).
-    (``[x | 0]`` already in ``out``, written by x's producer: ``ec_prologue_in_place``.)"""
+    (``[x | 0]`` already in ``out``, written by x's producer: ``ec_prologue_in_place``.) ``gdc`` (one launch only):
+    the next launch may start at once under programmatic dependent launch and must wait for v itself
+    (``griddepcontrol.wait``: the Gluon swap kernel's EC epilogue)."""
+    if gdc and split:
+        raise SpearError("spear_compile.lowering.prefill.ec_prologue: gdc needs the one-launch prologue (split=False)")
     m, k = x2.shape
     width = r if width is None else width
     if out is None:
@@ -170,7 +174,7 @@ def ec_prologue(x2, ec_A, u, gate_w, gate_b, r, out=None, col0=0, width=None, co
             m, k, r, width, 0 if x_in_out else x2.stride(0), u.stride(0) if u is not None else 0, out.stride(0), col0,
             BLOCK_M=16, BLOCK_K=min(256, max(16, next_pow2(k))), BLOCK_R=br,
             COPY_X=copy_x, U_GIVEN=u is not None, GATED=gate_w is not None, LOOP=copy_x or u is None,
-            INTERPRET=options.interpret(), BLOCK_PAD=pad, X_IN_OUT=x_in_out, num_warps=4, num_stages=3,
+            INTERPRET=options.interpret(), BLOCK_PAD=pad, X_IN_OUT=x_in_out, GDC=gdc, num_warps=4, num_stages=3,
         )
         return out
     part = None

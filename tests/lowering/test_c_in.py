@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spear_compile.errors import SpearError
-from spear_compile.lowering import batched, c_in, dispatch, gluon_w4
+from spear_compile.lowering import batched, c_in, dispatch, gluon_w4, prefill
 from spear_compile.lowering.configs import (CInConfig, DecodeConfig, DequantCublasConfig, GluonW4Config,
                                             PrefillConfig)
 from tests.w4_problems import problem, reference, rel, v64
@@ -131,6 +131,46 @@ def test_gluon_ec_epilogue_refusals():
         gluon_w4.run_gluon_w4(t["x"], t["qdata"], t["scale"], t["zero"], None, 128, y, swap,
                               ec=(torch.zeros(64, 4, dtype=torch.bfloat16), t["ec_B"]))
     assert gluon_w4.swap_ec_block(8) == 16 and gluon_w4.swap_ec_block(32) == 32 and gluon_w4.swap_ec_block(96) == 128
+
+
+def test_prologue_gdc_needs_the_one_launch_prologue():
+    t = problem(4, 128, torch.bfloat16, True, True, False, 7, 128, 32, 8)
+    with pytest.raises(SpearError, match="gdc needs the one-launch prologue"):
+        prefill.ec_prologue(t["x"], t["ec_A"], None, t["gate_w"], t["gate_b"], 8, split=True, gdc=True)
+
+
+_PROLOGUE_SM90 = r"""
+import json
+from spear_compile.kernels.aot import compile_for
+from spear_compile.kernels.ec_prologue import ec_prologue_kernel as kernel
+out = {}
+for gdc in (False, True):
+    types = {n: "*bf16" for n in ("x_ptr", "a_ptr", "gw_ptr", "gb_ptr", "out_ptr")}
+    types["u_ptr"] = "*fp32"
+    consts = dict(BLOCK_M=16, BLOCK_K=256, BLOCK_R=32, COPY_X=False, U_GIVEN=False, GATED=True, LOOP=True,
+                  INTERPRET=False, BLOCK_PAD=0, X_IN_OUT=False, GDC=gdc)
+    values = dict(M=64, K=2048, R=32, RP=32, stride_xm=2048, stride_um=0, stride_om=32, col0=0)
+    ptx = compile_for(kernel, consts, types, values).asm["ptx"]
+    out[str(gdc)] = ptx.count("griddepcontrol.launch_dependents")
+print(json.dumps(out))
+"""
+
+
+def test_prologue_releases_its_dependent_for_sm90():
+    """``ec_prologue_kernel(GDC=True)`` compiled ahead of time for sm_90 (no GPU, no interpreter, in a subprocess)
+    lets the Gluon swap kernel start at once (``griddepcontrol.launch_dependents``); without GDC it does not."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    if not (Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _PROLOGUE_SM90], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["False"] == 0 and got["True"] >= 1, got
 
 
 def test_v64_is_the_term_added():
