@@ -18,7 +18,7 @@ Llama-3.2-1B layer's, r = 32: 1.5 MB); the state dict keeps each member's own va
 Since session 36 none copies: the batched kernel reads B and W_g with their row stride, and a member launched
 alone takes A and the gate whole and its own rows of the merged B (``lowering.grouped.solo_members``; B's zero
 blocks make that its own EC, at rank g·r); only a member's forward outside the group op copies its views
-(``lowering.dispatch.contiguous_ec``). Not yet timed on a GPU, so merging stays opt-in.
+(``lowering.prefill.contiguous_ec``). Not yet timed on a GPU, so merging stays opt-in.
 """
 from __future__ import annotations
 

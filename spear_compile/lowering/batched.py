@@ -20,7 +20,7 @@ from ..errors import SpearError
 from .. import options
 from ..kernels.w4_batched import ec_gu_kernel, w4_batched_kernel
 from .configs import block_r as rank_block, cdiv
-from .prefill import reference_linear
+from .prefill import contiguous_ec, reference_linear
 from .precompile import launcher, pdl_ok
 from .runtime import WORKSPACES
 
@@ -104,11 +104,12 @@ def ec_row_stride(members: Sequence[Member]) -> Optional[int]:
     return ld
 
 
-def _dense_ec(t: Member) -> Member:
-    """``t`` with its EC operands copied to fresh row-major tensors (row stride r)."""
-    fresh = lambda v: None if v is None else torch.empty(v.shape, dtype=v.dtype, device=v.device).copy_(v)  # noqa: E731
-    return dataclasses.replace(t, ec_A=fresh(t.ec_A), ec_B=fresh(t.ec_B), gate_w=fresh(t.gate_w),
-                               gate_b=fresh(t.gate_b))
+def contiguous_members(members: Sequence[Member]) -> list:
+    """``members`` with their EC operands contiguous (``prefill.contiguous_ec``: copies only of views)."""
+    if all(t is None or t.is_contiguous() for m in members for t in (m.ec_A, m.ec_B, m.gate_w, m.gate_b)):
+        return list(members)
+    return [dataclasses.replace(m, **dict(zip(("ec_A", "ec_B", "gate_w", "gate_b"),
+                                                contiguous_ec(m.ec_A, m.ec_B, m.gate_w, m.gate_b)))) for m in members]
 
 
 def _split_ok(cfg, m, n_total):
@@ -270,7 +271,7 @@ def run_members(cfg: BatchedConfig, x2: torch.Tensor, members: Sequence[Member],
     r = members[0].ec_B.shape[1] if has_ec else 0
     ec_ld = ec_row_stride(members)
     if ec_ld is None:   # a layout the kernel cannot read in place: copied (none that spear builds)
-        members = [_dense_ec(t) for t in members]
+        members = contiguous_members(members)
         ec_ld = r
     block_r = rank_block(r)
     ec_pre = has_ec and cfg.ec_pre

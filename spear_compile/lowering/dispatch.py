@@ -37,7 +37,7 @@ from .candidates import (decode_candidates, decode_ec_candidates, default_config
 from .configs import (MAX_DECODE_M, MAX_EC_RANK, CInConfig, DecodeConfig, DequantCublasConfig,  # noqa: F401
                       GluonW4Config, GroupedConfig, PrefillConfig)
 from .decode import project_u, run_decode  # noqa: F401  (project_u: the tensor-parallel hook, public here)
-from .prefill import run_dequant_cublas, run_prefill
+from .prefill import contiguous_ec, run_dequant_cublas, run_prefill
 from .runtime import TUNER
 from .tuner import linear_key
 
@@ -64,12 +64,16 @@ def clear_tuning():
     TUNER.clear()
 
 
-def own_candidates(x2, args, group_size, sms, has_ec=False, gated=False):
-    """The configs whose kernels run ``args``' linear (and its EC, ``has_ec``) in one go, for the tuner."""
+def own_candidates(x2, args, group_size, sms, has_ec=False, gated=False, head=None):
+    """The configs whose kernels run ``args``' linear (and its EC, ``has_ec``) in one go, for the tuner; ``head``:
+    the decode / prefill kernels' own list when the caller has it."""
     m, k = x2.shape
     n = args[1].shape[0]
-    cands = (decode_candidates(k, n, group_size, sms, has_ec, m) if m <= MAX_DECODE_M
-             else prefill_candidates(m, k, group_size, has_ec, gated))
+    if head is not None:
+        cands = head
+    else:
+        cands = (decode_candidates(k, n, group_size, sms, has_ec, m) if m <= MAX_DECODE_M
+                 else prefill_candidates(m, k, group_size, has_ec, gated))
     if args[10] is None:  # the batched tensor-core kernel for 2 <= M <= 512 (not with a given u: the TP hook)
         cands = cands + batched.candidates_for(m, k, [n], group_size, sms, has_ec, args[7].shape[1] if has_ec else 0)
     if not has_ec and MAX_GLUON_M >= m > 64 and options.current().gluon_kernel \
@@ -105,15 +109,12 @@ def config_for(x2, args, k, n, group_size, has_ec, gated):
         free_args = (*args[:6], None, None, None, None, None, torch.empty_like(args[-1]))
         config_for(x2, free_args, k, n, group_size, False, False)
         free_key = linear_key(m, k, n, group_size, x2.dtype, False, False)
-        if m <= MAX_DECODE_M:
-            cands = decode_ec_candidates(TUNER.ranked(free_key, decode_candidates(k, n, group_size, sms, False, m)),
-                                         k, n, sms)
-            if args[10] is None:
-                cands = cands + batched.candidates_for(m, k, [n], group_size, sms, True, args[7].shape[1])
-            cands = cands + _swap_candidates(x2, args, group_size, sms, True)
-        else:
-            cands = own_candidates(x2, args, group_size, sms, True, gated)
-        if m >= 2:   # the EC as the C input of the EC-free winners, which have no EC epilogue (lowering.c_in)
+        head = None   # (above M = 16: the prefill kernels' EC list)
+        if m <= MAX_DECODE_M:   # the GEMV's EC modes over the EC-free key's fastest GEMV configs
+            head = decode_ec_candidates(TUNER.ranked(free_key, decode_candidates(k, n, group_size, sms, False, m)),
+                                        k, n, sms)
+        cands = own_candidates(x2, args, group_size, sms, True, gated, head)
+        if m >= 2:   # the EC as the C input of the EC-free key's fastest kernels (lowering.c_in)
             cands = cands + c_in.candidates(TUNER.ranked(free_key, own_candidates(x2, free_args, group_size, sms)))
     else:
         cands = own_candidates(x2, args, group_size, sms)
@@ -162,13 +163,6 @@ def launch(x, qdata, scale, zero, bias, group_size, ec_A=None, ec_B=None, gate_w
         raise SpearError(f"spear_compile.lowering.dispatch: decode config given for M={m} > {MAX_DECODE_M}")
     runner(cfg)(cfg, *args)
     return y.reshape(*x.shape[:-1], n)
-
-
-def contiguous_ec(*ec):
-    """The EC operands (ec_A, ec_B, gate_w, gate_b; None entries kept) contiguous, as the kernels read them: a
-    member of a merged EC (``grouped.merged_ec``) holds views into its block-diagonal B and gate weight, copied
-    for the paths that launch it alone."""
-    return tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in ec)
 
 
 def check_linear(x, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w, gate_b, u):

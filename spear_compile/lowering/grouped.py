@@ -29,7 +29,7 @@ from . import batched
 from .candidates import default_grouped_config, grouped_candidates, num_sms
 from .configs import MAX_DECODE_M, MAX_EC_RANK, MAX_GROUP, DequantCublasConfig, GroupedConfig, cdiv
 from .decode import groups_per_block, load_kwargs
-from .dispatch import check_linear, choose, config_for, contiguous_ec, rows_and_out, runner
+from .dispatch import check_linear, choose, config_for, rows_and_out, runner
 from .prefill import gemv_ok, run_dequant_cublas
 from .precompile import launcher
 from .runtime import TUNER, WORKSPACES
@@ -303,16 +303,13 @@ def solo_members(members, ec=None):
     """``members`` as each is launched alone (one launch per member). With the group's merged EC (``ec``:
     ``merged_ec``'s ``(A, B, gate_w, gate_b)``), each takes A and the gate whole and its own rows of B: B's zero
     blocks make that its own EC, at rank g·r, read in place. Otherwise their EC operands contiguous
-    (``contiguous_ec``: a copy only for views the kernels cannot read)."""
+    (``batched.contiguous_members``: a copy only for views the kernels cannot read)."""
     if ec is not None:
         a, b, gw, gb = ec
         starts = itertools.accumulate((m.qdata.shape[0] for m in members), initial=0)
         return [dataclasses.replace(m, ec_A=a, ec_B=b[c:c + m.qdata.shape[0]], gate_w=gw, gate_b=gb)
                 for m, c in zip(members, starts)]
-    if all(t is None or t.is_contiguous() for m in members for t in (m.ec_B, m.gate_w)):
-        return members
-    return [dataclasses.replace(m, **dict(zip(("ec_A", "ec_B", "gate_w", "gate_b"),
-                                                contiguous_ec(m.ec_A, m.ec_B, m.gate_w, m.gate_b)))) for m in members]
+    return batched.contiguous_members(members)
 
 
 def _run_grouped_ec(cfg, x2, members, group_size, y, one=None, solo=None):

@@ -243,6 +243,13 @@ def ec_prologue_in_place(out, k, blocks, traceable=False, xpass=None):
     return out
 
 
+def contiguous_ec(*ec):
+    """The EC operands (ec_A, ec_B, gate_w, gate_b; None entries kept) contiguous, as the kernels read them: a
+    member of a merged EC (``grouped.merged_ec``) holds views into its block-diagonal B and gate weight, copied
+    for the paths that launch it alone."""
+    return tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in ec)
+
+
 def mm_into(a, b, bias, y):
     """``y = a bᵀ (+ bias)`` by cuBLAS, written into ``y`` (which may be a column slice)."""
     return torch.addmm(bias, a, b.t(), out=y) if bias is not None else torch.mm(a, b.t(), out=y)

@@ -184,15 +184,6 @@ print(json.dumps(out))
 def test_kernels_compile_for_sm90():
     """Both kernels compiled ahead of time for an H100/H200 (sm_90, bf16, the 1B / 13B / 70B head shapes) in a
     subprocess without the interpreter: they compile, and both products run on tensor cores (mma)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    if not (Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this Triton has no bundled ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    from tests.sm90_aot import run_sm90_script
+    got = run_sm90_script(_SM90_SCRIPT)
     assert len(got) == 6 and all(v["mma"] >= 2 for v in got.values()), got

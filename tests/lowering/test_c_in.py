@@ -159,17 +159,8 @@ print(json.dumps(out))
 def test_prologue_releases_its_dependent_for_sm90():
     """``ec_prologue_kernel(GDC=True)`` compiled ahead of time for sm_90 (no GPU, no interpreter, in a subprocess)
     lets the Gluon swap kernel start at once (``griddepcontrol.launch_dependents``); without GDC it does not."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-    if not (Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this Triton has no bundled ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _PROLOGUE_SM90], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=Path(__file__).resolve().parents[2])
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    from tests.sm90_aot import run_sm90_script
+    got = run_sm90_script(_PROLOGUE_SM90)
     assert got["False"] == 0 and got["True"] >= 1, got
 
 

@@ -58,7 +58,8 @@ from ...errors import SpearError
 from ...lowering import fused_linear  # noqa: F401  (registers spear::fused_linear, spear::grouped_linear)
 from ...lowering import prefill
 from ...lowering.configs import COPY_X_MAX_BLOCK_R, MAX_IN_PLACE_BLOCKS, block_r
-from ...lowering.dispatch import check_linear, contiguous_ec
+from ...lowering.dispatch import check_linear
+from ...lowering.prefill import contiguous_ec
 from ...quant.qlinear import dequantize_packed
 from ..records import PassContext
 from .base import SpearGraphPass
