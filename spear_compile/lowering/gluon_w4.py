@@ -348,6 +348,11 @@ def run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg: GluonW4Config
                              f"[N, r] (r <= {MAX_SWAP_EC_RANK}, unit column stride), got v {tuple(v.shape)} "
                              f"{v.dtype} and B {tuple(eb.shape)}")
     _check(x2, qdata, scale, zero, bias, group_size, y, cfg)
+    return _launch(x2, qdata, scale, zero, bias, group_size, y, cfg, accumulate, ec, gdc)
+
+
+def _launch(x2, qdata, scale, zero, bias, group_size, y, cfg, accumulate=False, ec=None, gdc=False):
+    """``run_gluon_w4`` after its checks (``run_single`` checks once, before its EC prologue)."""
     if not _available():
         raise SpearError(f"{WHERE}: Triton's Gluon Hopper API (3.6) is not available in this Triton")
     from triton.experimental.gluon import language as gl
@@ -425,8 +430,10 @@ def run_single(cfg, x2, qdata, scale, zero, bias, group_size, ec_A, ec_B, gate_w
                          f"{MAX_SWAP_EC_RANK}); an EC linear runs the Triton or cuBLAS paths")
     from .precompile import pdl_ok
     from .prefill import ec_prologue
+    if ec_B.shape[0] != qdata.shape[0]:
+        raise SpearError(f"{WHERE}: ec_B must be [N={qdata.shape[0]}, r], got {tuple(ec_B.shape)}")
     eb = ec_B if ec_B.stride(1) == 1 else ec_B.contiguous()
     _check(x2, qdata, scale, zero, bias, group_size, y, cfg)   # before the prologue: nothing launched on bad input
     gdc = pdl_ok(x2.device)   # the K loop beside the prologue, only the epilogue waiting for v
-    v = ec_prologue(x2, ec_A, u, gate_w, gate_b, ec_B.shape[1], gdc=gdc)
-    return run_gluon_w4(x2, qdata, scale, zero, bias, group_size, y, cfg, ec=(v, eb), gdc=gdc)
+    v = ec_prologue(x2, ec_A, u, gate_w, gate_b, ec_B.shape[1], gdc=gdc)   # [M, r] contiguous, x's dtype
+    return _launch(x2, qdata, scale, zero, bias, group_size, y, cfg, ec=(v, eb), gdc=gdc)

@@ -127,6 +127,9 @@ def test_gluon_ec_epilogue_refusals():
     with pytest.raises(SpearError, match="has no EC epilogue"):
         gluon_w4.run_single(swap, t["x"], t["qdata"], t["scale"], t["zero"], None, 128, t["ec_A"], big, None, None,
                             None, y)
+    with pytest.raises(SpearError, match=r"ec_B must be \[N=128, r\]"):   # B of another linear's rows
+        gluon_w4.run_single(swap, t["x"], t["qdata"], t["scale"], t["zero"], None, 128, t["ec_A"], t["ec_B"][:64],
+                            t["gate_w"], t["gate_b"], None, y)
     with pytest.raises(SpearError, match="the EC epilogue takes v"):   # v of the wrong width
         gluon_w4.run_gluon_w4(t["x"], t["qdata"], t["scale"], t["zero"], None, 128, y, swap,
                               ec=(torch.zeros(64, 4, dtype=torch.bfloat16), t["ec_B"]))
