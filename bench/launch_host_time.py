@@ -61,6 +61,7 @@ def main():
         rows[-1] = (rows[-1][0], per_call_us(op, args.calls))
     with torch.inference_mode():
         rows.append(("`spear::fused_linear` custom op layer (inference_mode)", per_call_us(op, args.calls)))
+    rows += attention_op_rows(args.calls)
     print(f"# Host time of one W4 linear before its kernel (CPU)\n\n{platform.processor() or platform.machine()}, "
           f"{datetime.date.today()}, torch {torch.__version__}, triton {triton.__version__}, Python "
           f"{platform.python_version()}. Command: `python -m bench.launch_host_time {' '.join(sys.argv[1:])}`\n")
@@ -72,6 +73,29 @@ def main():
               "median of 30):\n\n| step | ms |\n|---|---|")
         for what, ms in steps:
             print(f"| {what} | {ms:.2f} |")
+
+
+def attention_op_rows(calls):
+    """The paged-attention ops' own layer and checks (Llama-3.2-1B heads, 8 decode rows; the kernel and the torch
+    fallback stubbed): what a mixed step's eager run and its capture pay per layer on top of the launch."""
+    from spear_compile.lowering import attention
+    b, h, d, kvh, bs, nb = 8, 32, 64, 8, 16, 64
+    q, kc, vc = torch.randn(b, h, d), torch.randn(nb, bs, kvh, d), torch.randn(nb, bs, kvh, d)
+    k, v, cos, sin = torch.randn(b, kvh, d), torch.randn(b, kvh, d), torch.randn(b, d), torch.randn(b, d)
+    slots = torch.zeros(b, dtype=torch.int64)
+    tables, ctx = torch.zeros(b, 4, dtype=torch.int32), torch.full((b,), 10, dtype=torch.int32)
+    out = torch.empty_like(q)
+    attention.kernel_ok = lambda *a: False
+    attention.reference_paged_decode_attention = lambda *a, **kw: out
+    attention.reference_paged_decode_rope_attention = lambda *a, **kw: out
+    rows = []
+    with torch.no_grad():
+        rows.append(("`spear::paged_decode_attention` op layer + checks (no_grad)", per_call_us(
+            lambda: attention.paged_decode_attention(q, kc, vc, tables, ctx, 0.1), calls)))
+        rows.append(("`spear::paged_decode_rope_attention` op layer + checks (no_grad)", per_call_us(
+            lambda: attention.paged_decode_rope_attention(q, k, v, kc, vc, cos, sin, slots, slots, tables, ctx, 0.1),
+            calls)))
+    return rows
 
 
 def step_times():

@@ -71,9 +71,13 @@ def check_inputs(q, k_cache, v_cache, tables, ctx_lens) -> None:
                          f"{tuple(ctx_lens.shape)}")
 
 
-@torch.library.custom_op("spear::paged_decode_attention", mutates_args=(), tags=_ANY_STRIDES)
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                           ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
+# Both ops are registered on a Library fragment (as ``fused_linear``'s are), not with ``torch.library.custom_op``, whose
+# Python autograd, redispatch and aliasing-check layers every eager call pays (a mixed step's first run and its
+# capture: one call a layer; ``bench/results/attention_op_host_time_cpu_s37.md``). Inference ops: no autograd kernel.
+_LIB = torch.library.Library("spear", "FRAGMENT")   # kept alive with the module: dropping it unregisters the ops
+
+
+def _paged_decode_attention(q, k_cache, v_cache, tables, ctx_lens, scale):
     check_inputs(q, k_cache, v_cache, tables, ctx_lens)
     if not kernel_ok(q, k_cache):
         return reference_paged_decode_attention(q, k_cache, v_cache, tables, ctx_lens, scale)
@@ -91,9 +95,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
-@paged_decode_attention.register_fake
+_LIB.define("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor tables, Tensor ctx_lens, "
+            "float scale) -> Tensor", tags=_ANY_STRIDES)
+_LIB.impl("paged_decode_attention", _paged_decode_attention, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("spear::paged_decode_attention", lib=_LIB)
 def _(q, k_cache, v_cache, tables, ctx_lens, scale):
     return torch.empty_like(q)
+
+
+paged_decode_attention = torch.ops.spear.paged_decode_attention.default
 
 
 def rope(x, cos, sin):
@@ -114,11 +126,7 @@ def reference_paged_decode_rope_attention(q, k, v, k_cache, v_cache, cos, sin, s
     return reference_paged_decode_attention(q, k_cache, v_cache, tables, ctx_lens, scale, kv_heads, block_size)
 
 
-@torch.library.custom_op("spear::paged_decode_rope_attention", mutates_args=("k_cache", "v_cache"), tags=_ANY_STRIDES)
-def paged_decode_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                                v_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_block: torch.Tensor,
-                                slot_off: torch.Tensor, tables: torch.Tensor, ctx_lens: torch.Tensor,
-                                scale: float) -> torch.Tensor:
+def _paged_decode_rope_attention(q, k, v, k_cache, v_cache, cos, sin, slot_block, slot_off, tables, ctx_lens, scale):
     check_inputs(q, k_cache, v_cache, tables, ctx_lens)
     b, h, d = q.shape
     kv_heads = k_cache.shape[2]
@@ -143,6 +151,15 @@ def paged_decode_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return out
 
 
-@paged_decode_rope_attention.register_fake
+_LIB.define("paged_decode_rope_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+            "Tensor cos, Tensor sin, Tensor slot_block, Tensor slot_off, Tensor tables, Tensor ctx_lens, float scale) "
+            "-> Tensor", tags=_ANY_STRIDES)
+_LIB.impl("paged_decode_rope_attention", _paged_decode_rope_attention, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("spear::paged_decode_rope_attention", lib=_LIB)
 def _(q, k, v, k_cache, v_cache, cos, sin, slot_block, slot_off, tables, ctx_lens, scale):
     return torch.empty_like(q)
+
+
+paged_decode_rope_attention = torch.ops.spear.paged_decode_rope_attention.default
