@@ -38,6 +38,7 @@ MAX_TOKENS = 8
 MAX_NUM_SEQS = 32        # below the 64 concurrent clients: some wait for a slot
 LONG_MAX_TOKENS = 400   # the disconnecting clients' requests: far more steps than the whole test runs
 PENALTIES = dict(presence_penalty=1.2, frequency_penalty=0.8, repetition_penalty=1.3)
+BATCH_LOGPROB_TOL = 0.02  # |Δ logprob| from bf16 batching here: at most 0.0088 (any arrival order, 0-2 step gaps)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["one-step-at-a-time", "overlapped"])
@@ -208,7 +209,10 @@ def test_logprobs_completion_and_chat(client, served):
     assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(n)]
     for tok, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
         assert value <= 0 and 3 <= len(top) <= 4 and top[tok] == value == max(top.values())
-    assert [round(x.logprob, 4) for x in ref.output_logprobs] == [round(v, 4) for v in lp["token_logprobs"]]
+    # the offline engine's values up to bf16's dependence on the step's batch: the server batches these four requests
+    # as they arrive, and the bf16 engine's logits move with what shares a prefill step (a 39-token prompt beside
+    # PROMPTS[0] moves its first log-probability by 0.008; float32: 3e-6); the tokens above are exact
+    assert lp["token_logprobs"] == pytest.approx([x.logprob for x in ref.output_logprobs], abs=BATCH_LOGPROB_TOL)
     streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
     assert sum((x["tokens"] for x in streamed), []) == lp["tokens"]
     assert sum((x["text_offset"] for x in streamed), []) == lp["text_offset"]
@@ -222,7 +226,13 @@ def test_logprobs_completion_and_chat(client, served):
         assert e["top_logprobs"][0]["logprob"] == e["logprob"] >= e["top_logprobs"][1]["logprob"]
     streamed = sum((c["choices"][0]["logprobs"]["content"] for c in chat_chunks
                     if c["choices"] and c["choices"][0]["logprobs"]), [])
-    assert streamed == content
+    assert _logprob_free(streamed) == _logprob_free(content)   # tokens, bytes, alternatives: exact
+    assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in content], abs=BATCH_LOGPROB_TOL)
+
+
+def _logprob_free(entries):
+    """Chat log-probability entries without their values (which move with the batch, ``BATCH_LOGPROB_TOL``)."""
+    return [(e["token"], e["bytes"], [t["token"] for t in e["top_logprobs"]]) for e in entries]
 
 
 def test_penalties_equal_offline(client, served):
