@@ -72,6 +72,7 @@ def _compile_sm90(cfg, pc, dtype="bf16", accumulate=False, ec_rank=0):
 
     from spear_compile.kernels import w4_gluon
     from spear_compile.lowering import gluon_w4
+    from spear_compile.lowering.configs import block_r
 
     ws = cfg.variant == "ws"
     swap = cfg.variant == "swap"
@@ -95,7 +96,7 @@ def _compile_sm90(cfg, pc, dtype="bf16", accumulate=False, ec_rank=0):
         options["maxnreg"] = maxnreg
     elif swap:
         consts.update(SPLIT_K=cfg.split_k, ACCUMULATE=accumulate, EC=ec_rank > 0,
-                      BLOCK_R=gluon_w4.swap_ec_block(ec_rank) if ec_rank else 16, GDC=ec_rank > 0)
+                      BLOCK_R=block_r(ec_rank), GDC=ec_rank > 0)
     else:
         consts.update(DQ2=cfg.variant == "dq2", GROUP_M=gluon_w4.GROUP_M)
     sig, attrs = {}, {}

@@ -18,7 +18,7 @@ from typing import List
 import torch
 
 from ..errors import SpearError
-from .configs import GluonW4Config
+from .configs import GluonW4Config, block_r
 from .precompile import launcher
 
 WHERE = "spear_compile.lowering.gluon_w4"
@@ -124,11 +124,6 @@ def smem_bytes_swap(cfg: GluonW4Config) -> int:
 MAX_SWAP_EC_RANK = 128  # the swap kernel's EC epilogue (``_swap_ec``): B's rows in registers, v in shared memory
 
 
-def swap_ec_block(r: int) -> int:
-    """The EC rank padded for the epilogue's wgmma (K a multiple of 16, a power of two)."""
-    return max(16, 1 << (r - 1).bit_length())
-
-
 SWAP_EC_REGS = 160  # accumulator + B tile + v tile registers a thread up to which the EC epilogue did not spill
 
 
@@ -137,7 +132,7 @@ def swap_ec_fits(cfg: GluonW4Config, r: int) -> bool:
     accumulator, the B tile and the v tile (16-bit pairs) a thread, against ``SWAP_EC_REGS`` (offline sm_90, Triton
     3.6, all 20 swap configs at r = 32 and 96: no spill at <= 160, spills at >= 168; ``bench/NOTES_kernels.md``,
     session 36)."""
-    rb = swap_ec_block(r)
+    rb = block_r(r)   # the epilogue wgmma's K: the rank padded to a power of two >= 16
     ec_regs = (cfg.block_n + cfg.block_m) * rb // (64 * cfg.num_warps)
     return r <= MAX_SWAP_EC_RANK and _acc_regs(cfg) + ec_regs <= SWAP_EC_REGS
 
@@ -395,7 +390,7 @@ def _launch(x2, qdata, scale, zero, bias, group_size, y, cfg, accumulate=False, 
             m, n, k, k // group_size, y.stride(0), k_tiles, r, eb.stride(0) if ec is not None else 0,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_STAGES=cfg.num_stages, SPLIT_K=split,
             GROUP_TILES=1 if per_channel else group_size // bk, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
-            ACCUMULATE=accumulate, EC=ec is not None, BLOCK_R=swap_ec_block(r) if r else 16,
+            ACCUMULATE=accumulate, EC=ec is not None, BLOCK_R=block_r(r),
             GDC=pdl, num_warps=cfg.num_warps, **({"launch_pdl": True} if pdl else {}),
         )
         return y

@@ -10,7 +10,7 @@ import torch
 from spear_compile.errors import SpearError
 from spear_compile.lowering import batched, c_in, dispatch, gluon_w4, prefill
 from spear_compile.lowering.configs import (CInConfig, DecodeConfig, DequantCublasConfig, GluonW4Config,
-                                            PrefillConfig)
+                                            PrefillConfig, block_r)
 from tests.w4_problems import problem, reference, rel, v64
 
 BC = batched.BatchedConfig
@@ -133,7 +133,7 @@ def test_gluon_ec_epilogue_refusals():
     with pytest.raises(SpearError, match="the EC epilogue takes v"):   # v of the wrong width
         gluon_w4.run_gluon_w4(t["x"], t["qdata"], t["scale"], t["zero"], None, 128, y, swap,
                               ec=(torch.zeros(64, 4, dtype=torch.bfloat16), t["ec_B"]))
-    assert gluon_w4.swap_ec_block(8) == 16 and gluon_w4.swap_ec_block(32) == 32 and gluon_w4.swap_ec_block(96) == 128
+    assert block_r(8) == 16 and block_r(32) == 32 and block_r(96) == 128   # the epilogue's rank block (BLOCK_R)
 
 
 def test_prologue_gdc_needs_the_one_launch_prologue():
